@@ -1,0 +1,10 @@
+// Each part of the extension registers its Python functions from its own file.
+#pragma once
+#include <pybind11/pybind11.h>
+
+namespace mq::bind {
+void register_formats(pybind11::module_& m);   // bind_formats.cpp: type table, backends
+void register_quants(pybind11::module_& m);    // bind_quants.cpp: quantize / dequantize
+void register_cpu(pybind11::module_& m);       // bind_cpu.cpp: matmul, CPU paths, threads
+void register_model(pybind11::module_& m);     // bind_model.cpp: the model forward passes
+}  // namespace mq::bind

@@ -1,0 +1,9 @@
+#include "bindings/bindings.h"
+
+PYBIND11_MODULE(_core, m) {
+    m.doc() = "mllama-q compiled core: GGUF block formats, quantized kernels, model forward passes";
+    mq::bind::register_formats(m);
+    mq::bind::register_quants(m);
+    mq::bind::register_cpu(m);
+    mq::bind::register_model(m);
+}

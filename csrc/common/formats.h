@@ -1,0 +1,88 @@
+// Block formats of the GGUF tensor types mllama-q reads and writes.
+//
+// Every layout here is byte-identical to ggml's (ggml/src/ggml-common.h):
+// same field order, same sizes, little-endian, fp16 scales stored as raw
+// IEEE half bits. This is the ONE place these layouts are declared; Python
+// asks the extension for block and type sizes (mllama_q.quants.type_info()).
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+namespace mq {
+
+// Type ids are ggml's `enum ggml_type` values, which GGUF stores on disk.
+enum class DType : int32_t {
+    F32  = 0,
+    F16  = 1,
+    Q8_0 = 8,
+    Q4_K = 12,
+    Q6_K = 14,
+    Q8_K = 15,   // activation format for the K-quant dot products (never stored in files)
+    BF16 = 30,
+};
+
+constexpr int QK8_0 = 32;        // values per Q8_0 block
+constexpr int QK_K = 256;        // values per K-quant super-block
+constexpr int K_SCALE_SIZE = 12; // packed 6-bit scales+mins of Q4_K
+
+using half_bits = uint16_t;      // IEEE-754 binary16, raw bits
+
+// Q8_0: 32 values = d * qs[i].  34 bytes (8.5 bits/weight).
+struct block_q8_0 {
+    half_bits d;         // scale
+    int8_t qs[QK8_0];    // quants
+};
+static_assert(sizeof(block_q8_0) == sizeof(half_bits) + QK8_0, "wrong q8_0 block size/padding");
+
+// Q4_K: 256 values in 8 sub-blocks of 32. value = d*sc[j]*q - dmin*m[j],
+// q in [0,15], sc/m 6-bit, packed into `scales` (see get_scale_min_k4).
+// qs holds 4-bit quants: byte l of 32-byte group g has value l of sub-block
+// 2g in its low nibble and value l of sub-block 2g+1 in its high nibble.
+// 144 bytes (4.5 bits/weight).
+struct block_q4_K {
+    half_bits d;                   // super-block scale for the quantized scales
+    half_bits dmin;                // super-block scale for the quantized mins
+    uint8_t scales[K_SCALE_SIZE];  // 8 scales + 8 mins, 6 bits each
+    uint8_t qs[QK_K / 2];          // 4-bit quants
+};
+static_assert(sizeof(block_q4_K) == 2 * sizeof(half_bits) + K_SCALE_SIZE + QK_K / 2, "wrong q4_K block size/padding");
+
+// Q6_K: 256 values in 16 sub-blocks of 16. value = d*scales[j]*(q-32),
+// q 6-bit: low 4 bits in ql, high 2 bits in qh. 210 bytes (6.5625 bits/weight).
+struct block_q6_K {
+    uint8_t ql[QK_K / 2];      // lower 4 bits of the quants
+    uint8_t qh[QK_K / 4];      // upper 2 bits of the quants
+    int8_t scales[QK_K / 16];  // 8-bit sub-block scales
+    half_bits d;               // super-block scale
+};
+static_assert(sizeof(block_q6_K) == sizeof(half_bits) + QK_K / 16 + 3 * QK_K / 4, "wrong q6_K block size/padding");
+
+// Q8_K: activations quantized for the K-quant dot products.
+// value = d * qs[i]; bsums[j] = sum of qs[16j .. 16j+15] (lets the Q4_K dot
+// product apply the per-sub-block mins without touching qs again). 292 bytes.
+struct block_q8_K {
+    float d;                   // scale (float, not half)
+    int8_t qs[QK_K];           // quants
+    int16_t bsums[QK_K / 16];  // sums of quants in groups of 16
+};
+static_assert(sizeof(block_q8_K) == sizeof(float) + QK_K + QK_K / 16 * sizeof(int16_t), "wrong q8_K block size/padding");
+
+// Static description of one type. Kernel tables (CPU, CUDA) are indexed by
+// the same DType and live beside their kernels.
+struct TypeInfo {
+    DType type;
+    const char* name;      // lower-case, as used by gguf-py / our Python API ("q4_k")
+    int block_size;        // values per block (1 for float types)
+    int type_size;         // bytes per block
+};
+
+// Table lookup; throws std::invalid_argument for an unknown/unsupported type id.
+const TypeInfo& type_info(DType t);
+const TypeInfo& type_info_by_name(const char* name);   // throws for unknown names
+bool is_supported_type(int32_t ggml_type_id);
+// Bytes of one row of `n` values; throws if n is not a multiple of the block size.
+size_t row_size(DType t, int64_t n);
+// All supported types, for iteration (bindings, tests).
+const TypeInfo* all_types(size_t* count);
+
+}  // namespace mq

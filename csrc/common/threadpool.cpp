@@ -1,0 +1,126 @@
+#include "common/threadpool.h"
+
+#include <cstdlib>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#if defined(__linux__)
+#include <sched.h>
+#endif
+
+namespace mq {
+
+ThreadPool::ThreadPool(int n_threads) : n_threads_(n_threads < 1 ? 1 : n_threads) {
+    for (int i = 1; i < n_threads_; i++) workers_.emplace_back(&ThreadPool::worker, this, i);
+}
+
+ThreadPool::~ThreadPool() {
+    {
+        std::lock_guard<std::mutex> lk(mu_);
+        stop_ = true;
+        generation_.fetch_add(1);
+    }
+    cv_.notify_all();
+    for (auto& t : workers_) t.join();
+}
+
+void ThreadPool::run_tasks(int thread) {
+    for (;;) {
+        const int64_t t = next_task_.fetch_add(1, std::memory_order_relaxed);
+        if (t >= n_tasks_) break;
+        try {
+            (*fn_)(t, thread);
+        } catch (...) {
+            std::lock_guard<std::mutex> lk(error_mu_);
+            if (!error_) error_ = std::current_exception();
+            next_task_.store(n_tasks_, std::memory_order_relaxed);  // stop handing out work
+        }
+    }
+}
+
+void ThreadPool::worker(int index) {
+    uint64_t seen = 0;
+    for (;;) {
+        // Spin a little for the next loop, then sleep on the condition variable.
+        uint64_t g = generation_.load(std::memory_order_acquire);
+        for (int spin = 0; g == seen && spin < 20000; spin++) {
+#if defined(__x86_64__) || defined(_M_X64)
+            __builtin_ia32_pause();
+#endif
+            g = generation_.load(std::memory_order_acquire);
+        }
+        if (g == seen) {
+            std::unique_lock<std::mutex> lk(mu_);
+            cv_.wait(lk, [&] { return generation_.load(std::memory_order_acquire) != seen; });
+            g = generation_.load(std::memory_order_acquire);
+        }
+        seen = g;
+        if (stop_) return;
+        run_tasks(index);
+        active_.fetch_sub(1, std::memory_order_acq_rel);
+    }
+}
+
+void ThreadPool::parallel_for(int64_t n_tasks, const std::function<void(int64_t, int)>& fn) {
+    if (n_tasks <= 0) return;
+    if (n_threads_ == 1 || n_tasks == 1) {
+        for (int64_t t = 0; t < n_tasks; t++) fn(t, 0);
+        return;
+    }
+    std::lock_guard<std::mutex> run_lock(run_mu_);
+    fn_ = &fn;
+    n_tasks_ = n_tasks;
+    error_ = nullptr;
+    next_task_.store(0, std::memory_order_relaxed);
+    active_.store(n_threads_ - 1, std::memory_order_relaxed);
+    {
+        std::lock_guard<std::mutex> lk(mu_);
+        generation_.fetch_add(1, std::memory_order_release);
+    }
+    cv_.notify_all();
+    run_tasks(0);
+    while (active_.load(std::memory_order_acquire) != 0) {
+#if defined(__x86_64__) || defined(_M_X64)
+        __builtin_ia32_pause();
+#endif
+    }
+    fn_ = nullptr;
+    if (error_) std::rethrow_exception(error_);
+}
+
+int ThreadPool::default_threads() {
+    if (const char* env = std::getenv("MLLAMA_Q_NUM_THREADS")) {
+        const int n = std::atoi(env);
+        if (n > 0) return n;
+    }
+#if defined(__linux__)
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof(set), &set) == 0) {
+        const int n = CPU_COUNT(&set);
+        if (n > 0) return n;
+    }
+#endif
+    const unsigned n = std::thread::hardware_concurrency();
+    return n > 0 ? static_cast<int>(n) : 1;
+}
+
+static std::unique_ptr<ThreadPool>& global_slot() {
+    static std::unique_ptr<ThreadPool> pool;
+    return pool;
+}
+static std::mutex g_pool_mu;
+
+ThreadPool& ThreadPool::global() {
+    std::lock_guard<std::mutex> lk(g_pool_mu);
+    auto& p = global_slot();
+    if (!p) p = std::make_unique<ThreadPool>(default_threads());
+    return *p;
+}
+
+void ThreadPool::set_global_threads(int n) {
+    std::lock_guard<std::mutex> lk(g_pool_mu);
+    if (n > 1024) throw std::invalid_argument("n_threads must be <= 1024, got " + std::to_string(n));
+    global_slot() = std::make_unique<ThreadPool>(n > 0 ? n : default_threads());
+}
+
+}  // namespace mq

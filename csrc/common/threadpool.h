@@ -1,0 +1,57 @@
+// A small persistent thread pool for data-parallel loops.
+//
+// parallel_for(n, fn) runs fn(task, thread) for every task in [0, n); the
+// calling thread takes part, so a pool of size 1 has no worker threads at all.
+// Tasks are handed out through one atomic counter (dynamic scheduling), so
+// uneven tasks balance themselves. Workers spin briefly before sleeping: a
+// decode step issues hundreds of short loops and a futex wake per loop costs
+// more than the loop. The first exception thrown by fn is re-thrown on the
+// calling thread after all workers have left the loop.
+#pragma once
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <exception>
+#include <functional>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+namespace mq {
+
+class ThreadPool {
+public:
+    explicit ThreadPool(int n_threads);
+    ~ThreadPool();
+    ThreadPool(const ThreadPool&) = delete;
+    ThreadPool& operator=(const ThreadPool&) = delete;
+
+    int size() const { return n_threads_; }
+    void parallel_for(int64_t n_tasks, const std::function<void(int64_t task, int thread)>& fn);
+
+    // Process-wide pool. Sized from MLLAMA_Q_NUM_THREADS if set, else the
+    // number of CPUs this process may run on.
+    static ThreadPool& global();
+    static void set_global_threads(int n);   // rebuilds the global pool (n <= 0: default)
+    static int default_threads();
+
+private:
+    void worker(int index);
+    void run_tasks(int thread);
+
+    int n_threads_;
+    std::vector<std::thread> workers_;
+    std::mutex mu_;
+    std::condition_variable cv_;
+    std::atomic<uint64_t> generation_{0};
+    std::atomic<int> active_{0};            // workers still inside the current loop
+    std::atomic<int64_t> next_task_{0};
+    int64_t n_tasks_ = 0;
+    const std::function<void(int64_t, int)>* fn_ = nullptr;
+    std::exception_ptr error_;
+    std::mutex error_mu_;
+    bool stop_ = false;
+    std::mutex run_mu_;                     // one parallel_for at a time per pool
+};
+
+}  // namespace mq

@@ -1,0 +1,41 @@
+// CPU matrix multiplication with quantized weights: Y = X · Wᵀ.
+//
+//   X : float32 [M, K], row-major, row stride ldx (floats)
+//   W : [N, K] in GGUF layout: N rows, each row_size(wtype, K) bytes, contiguous
+//   Y : float32 [M, N], row-major, row stride ldy (floats)
+//
+// Fused: W is never dequantized into a full float matrix. Paths (scalar
+// reference, AVX2, AVX-512) are chosen at run time from CPU features; the
+// MLLAMA_Q_CPU_PATH environment variable (scalar|avx2|avx512) or
+// set_cpu_path() forces one (tests use this to cover each path).
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "common/formats.h"
+#include "common/threadpool.h"
+
+namespace mq::cpu {
+
+enum class Path : int { Scalar = 0, AVX2 = 1, AVX512 = 2 };
+
+struct CpuFeatures {
+    bool avx2 = false, fma = false, f16c = false;
+    bool avx512f = false, avx512bw = false, avx512vl = false, avx512dq = false, avx512vnni = false;
+    bool avx512bf16 = false, avxvnni = false;
+};
+const CpuFeatures& cpu_features();
+
+Path best_path();                 // fastest path this CPU supports
+Path active_path();               // path in use (forced or best)
+void set_cpu_path(const std::string& name);   // "", "auto", "scalar", "avx2", "avx512"; throws if unsupported
+const char* path_name(Path p);
+std::vector<std::string> available_paths();
+
+// Throws std::invalid_argument on unsupported wtype or K not a multiple of its block.
+void matmul(const float* x, int64_t M, int64_t K, int64_t ldx,
+            const void* w, DType wtype, int64_t N,
+            float* y, int64_t ldy, ThreadPool& pool);
+
+}  // namespace mq::cpu

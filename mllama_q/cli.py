@@ -1,0 +1,46 @@
+"""Command line: mllama-q {demo,run,chat,bench,convert} ...
+
+Each sub-command lives in its own module and is imported only when used, so
+`mllama-q convert` never loads the runtime and vice versa.
+"""
+from __future__ import annotations
+
+import sys
+
+COMMANDS = {
+    "demo": ("mllama_q.selfcheck", "self-check: quantize and multiply with every format, print throughput"),
+    "convert": ("convert.cli", "convert a Hugging Face Mllama checkpoint to one GGUF file"),
+    "bench": ("mllama_q.bench", "benchmarks (kernels; model speed)"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: mllama-q COMMAND [options]", "", "commands:"]
+    for name, (_, help_) in COMMANDS.items():
+        lines.append(f"  {name:<9} {help_}")
+    lines.append("")
+    lines.append("Run 'mllama-q COMMAND --help' for a command's options.")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from . import __version__
+        print(f"mllama-q {__version__}")
+        return 0
+    cmd, rest = argv[0], argv[1:]
+    if cmd not in COMMANDS:
+        print(f"mllama-q: unknown command {cmd!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    import importlib
+
+    module = importlib.import_module(COMMANDS[cmd][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

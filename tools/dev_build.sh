@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Developer build: compiles mllama_q._core into ./build-dev and copies it into
+# ./mllama_q so that `PYTHONPATH=. python ...` imports the fresh module.
+# Usage: tools/dev_build.sh [extra cmake -D options], e.g. -DMLLAMA_Q_CUDA=OFF
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+BUILD=${BUILD_DIR:-build-dev}
+cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release \
+  -Dpybind11_DIR="$($PY -m pybind11 --cmakedir)" -DPython_EXECUTABLE="$(command -v $PY)" "$@" >/dev/null
+cmake --build "$BUILD" -j"${JOBS:-2}"
+cp "$BUILD"/_core*.so mllama_q/
+echo "built $(ls mllama_q/_core*.so)"
