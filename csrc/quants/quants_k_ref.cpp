@@ -11,6 +11,12 @@
 //    1.5*2^23 trick, quants.h) and RNE float->half (fp16.h);
 //  * the same comparisons (NaN/inf produced by overflow on huge inputs then
 //    take the same branches as in ggml).
+// The vector-typed helpers below are internal to this file (and always
+// inlined), so GCC's warning about the ABI of returning wide vectors does not
+// apply (parameters are passed by reference for the same reason).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
 #include <atomic>
 #include <cmath>
 #include <cstdlib>
@@ -59,9 +65,6 @@ constexpr float kGroupMaxEps = 1e-15f;
 #if !defined(__GNUC__)
 #error "quants_k_ref.cpp needs GCC or clang vector extensions"
 #endif
-// All vector-typed helpers are internal to this file, so the ABI note GCC
-// gives for passing wide vectors by value does not apply.
-#pragma GCC diagnostic ignored "-Wpsabi"
 // Lane vectors of the machine's width: 4 (baseline SSE2 / NEON) or 8 (AVX2).
 // Wider-than-hardware vectors would be lowered element by element (slow).
 typedef float f32x4 __attribute__((vector_size(16)));
@@ -72,14 +75,14 @@ typedef int32_t i32x8 __attribute__((vector_size(32)));
 
 // Per-lane select: m is a comparison result (all ones / all zeros per lane).
 template <class F, class I>
-MQ_INLINE F select(I m, F a, F b) { return reinterpret_cast<F>((m & reinterpret_cast<I>(a)) | (~m & reinterpret_cast<I>(b))); }
+MQ_INLINE F select(const I& m, const F& a, const F& b) { return reinterpret_cast<F>((m & reinterpret_cast<I>(a)) | (~m & reinterpret_cast<I>(b))); }
 template <class I>
-MQ_INLINE I select_i(I m, I a, I b) { return (m & a) | (~m & b); }
+MQ_INLINE I select_i(const I& m, const I& a, const I& b) { return (m & a) | (~m & b); }
 
 // ggml's nearest_int per lane (quants.h), then clamped to [lo, hi], as float.
 // The float -> int -> float round trip is exact for the clamped range.
 template <class F, class I>
-MQ_INLINE F nearest_clamped(F v, int lo, int hi) {
+MQ_INLINE F nearest_clamped(const F& v, int lo, int hi) {
     const F t = v + 12582912.0f;                                   // 1.5 * 2^23
     I i = (reinterpret_cast<I>(t) & 0x007fffff) - 0x00400000;
     i = select_i<I>(i < lo, I{} + lo, i);
