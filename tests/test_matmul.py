@@ -82,18 +82,26 @@ def float_weights(rng, wtype: str, n: int, k: int):
     return b.view(np.uint8).reshape(n, -1), (b.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
 
 
-def q8_K_ref(x: np.ndarray) -> np.ndarray:
-    """Dequantized Q8_K activations, as ggml's quantize_row_q8_K_ref makes them (float32 maths)."""
+def q8_K_blocks(x: np.ndarray):
+    """ggml's quantize_row_q8_K_ref transcribed (float32 maths): (d [nb], qs [nb, 256], bsums [nb, 16])."""
     b = x.reshape(-1, 256).astype(np.float32)
     imax = np.abs(b).argmax(axis=1)                            # first index of the largest |x|
     mx = b[np.arange(len(b)), imax]
-    out = np.zeros_like(b)
+    d = np.zeros(len(b), np.float32)
+    qs = np.zeros(b.shape, np.int8)
     nz = mx != 0
     iscale = (np.float32(-127.0) / mx[nz]).astype(np.float32)
     q = np.minimum(np.rint((iscale[:, None] * b[nz]).astype(np.float32)), 127)   # nearest_int: ties to even
-    d = (np.float32(1.0) / iscale).astype(np.float32)
-    out[nz] = q * d[:, None]
-    return out.reshape(x.shape).astype(np.float64)
+    qs[nz] = q.astype(np.int8)
+    d[nz] = (np.float32(1.0) / iscale).astype(np.float32)
+    bsums = qs.reshape(-1, 16, 16).astype(np.int16).sum(axis=2, dtype=np.int16)
+    return d, qs, bsums
+
+
+def q8_K_ref(x: np.ndarray) -> np.ndarray:
+    """Dequantized Q8_K activations, as ggml's quantize_row_q8_K_ref makes them."""
+    d, qs, _ = q8_K_blocks(x)
+    return (qs.astype(np.float32) * d[:, None]).reshape(x.shape).astype(np.float64)
 
 
 def q8_0_ref(x: np.ndarray) -> np.ndarray:
@@ -177,6 +185,26 @@ def test_simd_paths_match_scalar(wtype):
         for p in PATHS[1:]:
             yp = run(p, x, w, wtype, n, k)
             assert (np.abs(yp - ys) / mag).max() < 1e-5, (p, wtype, m, n, k)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_activation_q8_K_bytes_match_ggml(path):
+    """The activation quantizer of each path gives ggml's quantize_row_q8_K_ref bytes,
+    including zero blocks, ties of |max| with both signs, and huge/tiny magnitudes."""
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal(256 * 8).astype(np.float32)
+    x[256:512] = 0                                              # zero block
+    x[512:768] *= 1e-30                                         # tiny
+    x[768:1024] *= 1e30                                         # huge
+    x[1024 + 5], x[1024 + 9] = -7.0, 7.0                        # |max| tie: the first (negative) wins
+    x[1280:1536] = np.round(x[1280:1536] * 4) / 4               # many exact .5 ties after scaling
+    x[1536:1792] = 3.0                                          # constant block
+    raw = _core.quantize_q8_K_path(x, path)
+    blk = raw.reshape(-1, 292)
+    d, qs, bsums = q8_K_blocks(x)
+    np.testing.assert_array_equal(blk[:, :4].copy().view(np.float32)[:, 0], d)
+    np.testing.assert_array_equal(blk[:, 4:260].view(np.int8), qs)
+    np.testing.assert_array_equal(blk[:, 260:].copy().view(np.int16), bsums)
 
 
 def test_matmul_m0_and_thread_counts():

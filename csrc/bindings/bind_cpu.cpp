@@ -82,6 +82,23 @@ void register_cpu(py::module_& m) {
         py::arg("gib") = 1.0, py::arg("repeats") = 5,
         "Memory read bandwidth (bytes/s): all pool threads sum a `gib` GiB buffer; best of `repeats`.");
 
+    m.def(
+        "quantize_q8_K_path",
+        [](py::array x, const std::string& path) {
+            require_dtype<float>(x, "x", "float32");
+            require_c_contiguous(x, "x");
+            require(x.ndim() == 1 && x.shape(0) % QK_K == 0, "x must be 1-D with a multiple of 256 values");
+            cpu::Path p = path == "avx512" ? cpu::Path::AVX512 : path == "avx2" ? cpu::Path::AVX2 : cpu::Path::Scalar;
+            require(path == "scalar" || path == "avx2" || path == "avx512", "unknown path " + path);
+            const int64_t k = x.shape(0);
+            py::array_t<uint8_t> out(static_cast<py::ssize_t>(k / QK_K * sizeof(block_q8_K)));
+            cpu::quantize_row_q8_K_path(static_cast<const float*>(x.data()),
+                                        reinterpret_cast<block_q8_K*>(out.mutable_data()), k, p);
+            return out;
+        },
+        py::arg("x"), py::arg("path"),
+        "Q8_K activation bytes as the kernels of `path` make them (test hook).");
+
     m.def("cpu_features", [] {
         const auto& f = cpu::cpu_features();
         py::dict d;

@@ -83,17 +83,52 @@ struct FloatTile {
 // rows are prepared with their Q8_K quants in that same order (prep_q8_K_q4),
 // so each 64-byte X load lines up with one nibble vector; bsums stay in
 // natural order (they only meet the mins).
+//
+// The activation quantizer is a vector version of ggml's quantize_row_q8_K_ref
+// giving the same bytes: scale from the first value of largest magnitude
+// (with its sign), iscale = -127 / that value, q = min(127, nearest_int(iscale * x))
+// (round to nearest even: vcvtps2dq with explicit rounding), d = 1 / iscale.
+inline void quantize_q8_K_block(const float* x, block_q8_K* y, bool q4_order) {
+    const __m512 sign = _mm512_set1_ps(-0.0f);
+    __m512 vmax = _mm512_setzero_ps();
+    for (int i = 0; i < 16; i++) vmax = _mm512_max_ps(vmax, _mm512_andnot_ps(sign, _mm512_loadu_ps(x + 16 * i)));
+    const float amax = _mm512_reduce_max_ps(vmax);
+    if (!(amax > 0.0f)) {   // all zero (or NaN): the reference writes an all-zero block
+        std::memset(y, 0, sizeof(*y));
+        return;
+    }
+    float mx = amax;
+    const __m512 va = _mm512_set1_ps(amax);
+    for (int i = 0; i < 16; i++) {
+        const __m512 v = _mm512_loadu_ps(x + 16 * i);
+        const __mmask16 hit = _mm512_cmp_ps_mask(_mm512_andnot_ps(sign, v), va, _CMP_EQ_OQ);
+        if (hit) {
+            mx = x[16 * i + __builtin_ctz(hit)];
+            break;
+        }
+    }
+    const float iscale = -127.0f / mx;
+    const __m512 vs = _mm512_set1_ps(iscale);
+    const __m512i q127 = _mm512_set1_epi32(127);
+    static const int slot[8] = {0, 2, 1, 3, 4, 6, 5, 7};   // sub-block j -> position (q4 order)
+    for (int i = 0; i < 16; i++) {
+        __m512i v = _mm512_cvt_roundps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + 16 * i), vs),
+                                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        v = _mm512_min_epi32(v, q127);
+        y->bsums[i] = static_cast<int16_t>(_mm512_reduce_add_epi32(v));
+        const int pos = q4_order ? 32 * slot[i / 2] + 16 * (i & 1) : 16 * i;
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(y->qs + pos), _mm512_cvtepi32_epi8(v));
+    }
+    y->d = 1.0f / iscale;
+}
 void prep_q8_K_q4(const float* x, void* xq, int64_t K) {
     block_q8_K* y = static_cast<block_q8_K*>(xq);
-    quantize_row_q8_K_ref(x, y, K);
-    static const int order[8] = {0, 2, 1, 3, 4, 6, 5, 7};
-    for (int64_t b = 0; b < K / QK_K; b++) {
-        int8_t tmp[QK_K];
-        std::memcpy(tmp, y[b].qs, QK_K);
-        for (int s = 0; s < 8; s++) std::memcpy(y[b].qs + 32 * s, tmp + 32 * order[s], 32);
-    }
+    for (int64_t b = 0; b < K / QK_K; b++) quantize_q8_K_block(x + QK_K * b, y + b, true);
 }
-void prep_q8_K(const float* x, void* xq, int64_t K) { quantize_row_q8_K_ref(x, static_cast<block_q8_K*>(xq), K); }
+void prep_q8_K(const float* x, void* xq, int64_t K) {
+    block_q8_K* y = static_cast<block_q8_K*>(xq);
+    for (int64_t b = 0; b < K / QK_K; b++) quantize_q8_K_block(x + QK_K * b, y + b, false);
+}
 size_t bytes_q8_K(int64_t K) { return size_t(K / QK_K) * sizeof(block_q8_K); }
 
 // vpermw index vectors: int16 lane t of scale vector v takes sub-block scale
@@ -270,6 +305,8 @@ struct Q80Tile {
 };
 
 }  // namespace
+
+void quantize_row_q8_K_avx512(const float* x, block_q8_K* y, int64_t k) { prep_q8_K(x, y, k); }
 
 uint64_t read_sum_avx512(const uint64_t* p, size_t n) {
     __m512i s0 = _mm512_setzero_si512(), s1 = s0, s2 = s0, s3 = s0;

@@ -14,6 +14,7 @@
 #include <string>
 
 #include "cpu/kernels.h"
+#include "quants/quants.h"
 
 #if defined(MQ_X86)
 #include <cpuid.h>
@@ -237,6 +238,15 @@ void matmul(const float* x, int64_t M, int64_t K, int64_t ldx, const void* w, DT
                     y + m0 * ldy + n, ldy);
         }
     });
+}
+
+void quantize_row_q8_K_path(const float* x, block_q8_K* y, int64_t k, Path path) {
+    if (k % QK_K != 0) throw std::invalid_argument("quantize_row_q8_K_path: k must be a multiple of 256");
+    if (!path_supported(path)) throw std::invalid_argument(std::string("CPU path ") + path_name(path) + " not supported");
+#if defined(MQ_X86)
+    if (path == Path::AVX512) return detail::quantize_row_q8_K_avx512(x, y, k);
+#endif
+    quantize_row_q8_K_ref(x, y, k);
 }
 
 // ------------------------------------------------------------------ bandwidth probe

@@ -38,6 +38,10 @@ void matmul(const float* x, int64_t M, int64_t K, int64_t ldx,
             const void* w, DType wtype, int64_t N,
             float* y, int64_t ldy, ThreadPool& pool);
 
+// The Q8_K activation quantizer that `path` uses inside matmul (bytes as
+// ggml's quantize_row_q8_K_ref, natural value order). For tests.
+void quantize_row_q8_K_path(const float* x, block_q8_K* y, int64_t k, Path path);
+
 // Memory read bandwidth in bytes/s: every thread of `pool` sums its share of
 // a `bytes` buffer; best of `repeats` passes. For benchmark context.
 double measure_read_bandwidth(size_t bytes, int repeats, ThreadPool& pool);
