@@ -207,6 +207,24 @@ def test_activation_q8_K_bytes_match_ggml(path):
     np.testing.assert_array_equal(blk[:, 260:].copy().view(np.int16), bsums)
 
 
+@pytest.mark.parametrize("path", PATHS)
+def test_activation_q8_0_bytes_match_ggml(path):
+    """Q8_0 activations of each path == gguf-py's Q8_0 quantize (bit-exact with ggml's reference),
+    including exact .5 ties (roundf rounds them away from zero), zero and huge/tiny blocks."""
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal(32 * 64).astype(np.float32)
+    x[32:64] = 0
+    x[64:96] *= 1e-30
+    x[96:128] *= 1e30
+    x[128:160] = np.arange(-16, 16) * 0.5                     # amax 8 -> many x*id exactly at .5
+    x[160:192] = np.float32(127 / 2) * np.sign(rng.standard_normal(32))
+    x[192:2048] = np.round(x[192:2048] * 8) / 8
+    raw = _core.quantize_q8_0_path(x, path)
+    with np.errstate(over="ignore"):                           # the 1e30 block's scale is inf in fp16
+        ref = gq.quantize(x.reshape(1, -1), GT.Q8_0).reshape(-1)
+    np.testing.assert_array_equal(raw, ref)
+
+
 def test_matmul_m0_and_thread_counts():
     rng = np.random.default_rng(3)
     w = random_quant_weights(rng, "q4_k", 9, 512)

@@ -82,22 +82,37 @@ void register_cpu(py::module_& m) {
         py::arg("gib") = 1.0, py::arg("repeats") = 5,
         "Memory read bandwidth (bytes/s): all pool threads sum a `gib` GiB buffer; best of `repeats`.");
 
+    // Test hooks: activation bytes as the kernels of a path make them.
+    auto parse = [](const std::string& path) {
+        require(path == "scalar" || path == "avx2" || path == "avx512", "unknown path " + path);
+        return path == "avx512" ? cpu::Path::AVX512 : path == "avx2" ? cpu::Path::AVX2 : cpu::Path::Scalar;
+    };
     m.def(
         "quantize_q8_K_path",
-        [](py::array x, const std::string& path) {
+        [parse](py::array x, const std::string& path) {
             require_dtype<float>(x, "x", "float32");
             require_c_contiguous(x, "x");
             require(x.ndim() == 1 && x.shape(0) % QK_K == 0, "x must be 1-D with a multiple of 256 values");
-            cpu::Path p = path == "avx512" ? cpu::Path::AVX512 : path == "avx2" ? cpu::Path::AVX2 : cpu::Path::Scalar;
-            require(path == "scalar" || path == "avx2" || path == "avx512", "unknown path " + path);
             const int64_t k = x.shape(0);
             py::array_t<uint8_t> out(static_cast<py::ssize_t>(k / QK_K * sizeof(block_q8_K)));
             cpu::quantize_row_q8_K_path(static_cast<const float*>(x.data()),
-                                        reinterpret_cast<block_q8_K*>(out.mutable_data()), k, p);
+                                        reinterpret_cast<block_q8_K*>(out.mutable_data()), k, parse(path));
             return out;
         },
-        py::arg("x"), py::arg("path"),
-        "Q8_K activation bytes as the kernels of `path` make them (test hook).");
+        py::arg("x"), py::arg("path"), "Q8_K activation bytes as the kernels of `path` make them (test hook).");
+    m.def(
+        "quantize_q8_0_path",
+        [parse](py::array x, const std::string& path) {
+            require_dtype<float>(x, "x", "float32");
+            require_c_contiguous(x, "x");
+            require(x.ndim() == 1 && x.shape(0) % QK8_0 == 0, "x must be 1-D with a multiple of 32 values");
+            const int64_t k = x.shape(0);
+            py::array_t<uint8_t> out(static_cast<py::ssize_t>(k / QK8_0 * sizeof(block_q8_0)));
+            cpu::quantize_row_q8_0_path(static_cast<const float*>(x.data()),
+                                        reinterpret_cast<block_q8_0*>(out.mutable_data()), k, parse(path));
+            return out;
+        },
+        py::arg("x"), py::arg("path"), "Q8_0 activation bytes as the kernels of `path` make them (test hook).");
 
     m.def("cpu_features", [] {
         const auto& f = cpu::cpu_features();

@@ -44,6 +44,7 @@ const PathKernels& scalar_kernels();
 const PathKernels& avx2_kernels();
 const PathKernels& avx512_kernels();
 void quantize_row_q8_K_avx512(const float* x, block_q8_K* y, int64_t k);
+void quantize_row_q8_0_avx512(const float* x, block_q8_0* y, int64_t k);
 uint64_t read_sum_avx2(const uint64_t* p, size_t n);
 uint64_t read_sum_avx512(const uint64_t* p, size_t n);
 #endif

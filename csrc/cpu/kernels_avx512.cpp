@@ -253,6 +253,29 @@ struct XQ8Pair {
 };
 static_assert(sizeof(XQ8Pair) == 192, "XQ8Pair layout");
 
+// Vector version of ggml's quantize_row_q8_0_ref, same bytes: d = amax / 127
+// (stored as fp16, round to nearest even as F16C), q = roundf(x * (1 / d)),
+// where roundf rounds halves away from zero: truncate, then step one away
+// from zero when the dropped fraction is >= 0.5 (both steps exact).
+inline void quantize_q8_0_block(const float* x, block_q8_0* y) {
+    const __m512 sign = _mm512_set1_ps(-0.0f);
+    const __m512 v0 = _mm512_loadu_ps(x), v1 = _mm512_loadu_ps(x + 16);
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_andnot_ps(sign, v0), _mm512_andnot_ps(sign, v1)));
+    const float d = amax / 127.0f;
+    const float id = d != 0.0f ? 1.0f / d : 0.0f;
+    y->d = _cvtss_sh(d, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 vid = _mm512_set1_ps(id), half = _mm512_set1_ps(0.5f), one = _mm512_set1_ps(1.0f);
+    const __m512 vs[2] = {v0, v1};
+    for (int h = 0; h < 2; h++) {
+        const __m512 p = _mm512_mul_ps(vs[h], vid);
+        const __m512 t = _mm512_roundscale_ps(p, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+        const __mmask16 up = _mm512_cmp_ps_mask(_mm512_andnot_ps(sign, _mm512_sub_ps(p, t)), half, _CMP_GE_OQ);
+        // t +/- 1 with the sign of p where the fraction was >= 0.5
+        const __m512 r = _mm512_mask_add_ps(t, up, t, _mm512_or_ps(one, _mm512_and_ps(p, sign)));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(y->qs + 16 * h), _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(r)));
+    }
+}
+
 size_t bytes_xq8_pairs(int64_t K) { return size_t((K / QK8_0 + 1) / 2) * sizeof(XQ8Pair); }
 void prep_xq8_pairs(const float* x, void* xq, int64_t K) {
     const int64_t nblk = K / QK8_0;
@@ -260,7 +283,8 @@ void prep_xq8_pairs(const float* x, void* xq, int64_t K) {
     for (int64_t p = 0; p < (nblk + 1) / 2; p++) {
         block_q8_0 blk[2];
         std::memset(blk, 0, sizeof(blk));   // odd tail: block 2p+1 is all zero (scale 0)
-        quantize_row_q8_0_ref(x + 64 * p, blk, 2 * p + 1 < nblk ? 64 : 32);
+        quantize_q8_0_block(x + 64 * p, &blk[0]);
+        if (2 * p + 1 < nblk) quantize_q8_0_block(x + 64 * p + 32, &blk[1]);
         for (int h = 0; h < 2; h++) {
             int sum = 0;
             for (int l = 0; l < 32; l++) sum += blk[h].qs[l];
@@ -307,6 +331,9 @@ struct Q80Tile {
 }  // namespace
 
 void quantize_row_q8_K_avx512(const float* x, block_q8_K* y, int64_t k) { prep_q8_K(x, y, k); }
+void quantize_row_q8_0_avx512(const float* x, block_q8_0* y, int64_t k) {
+    for (int64_t b = 0; b < k / QK8_0; b++) quantize_q8_0_block(x + QK8_0 * b, y + b);
+}
 
 uint64_t read_sum_avx512(const uint64_t* p, size_t n) {
     __m512i s0 = _mm512_setzero_si512(), s1 = s0, s2 = s0, s3 = s0;

@@ -249,6 +249,15 @@ void quantize_row_q8_K_path(const float* x, block_q8_K* y, int64_t k, Path path)
     quantize_row_q8_K_ref(x, y, k);
 }
 
+void quantize_row_q8_0_path(const float* x, block_q8_0* y, int64_t k, Path path) {
+    if (k % QK8_0 != 0) throw std::invalid_argument("quantize_row_q8_0_path: k must be a multiple of 32");
+    if (!path_supported(path)) throw std::invalid_argument(std::string("CPU path ") + path_name(path) + " not supported");
+#if defined(MQ_X86)
+    if (path == Path::AVX512) return detail::quantize_row_q8_0_avx512(x, y, k);
+#endif
+    quantize_row_q8_0_ref(x, y, k);
+}
+
 // ------------------------------------------------------------------ bandwidth probe
 double measure_read_bandwidth(size_t bytes, int repeats, ThreadPool& pool) {
     if (bytes < (1u << 20)) throw std::invalid_argument("measure_read_bandwidth: need at least 1 MiB");

@@ -41,6 +41,7 @@ void matmul(const float* x, int64_t M, int64_t K, int64_t ldx,
 // The Q8_K activation quantizer that `path` uses inside matmul (bytes as
 // ggml's quantize_row_q8_K_ref, natural value order). For tests.
 void quantize_row_q8_K_path(const float* x, block_q8_K* y, int64_t k, Path path);
+void quantize_row_q8_0_path(const float* x, block_q8_0* y, int64_t k, Path path);   // same for Q8_0
 
 // Memory read bandwidth in bytes/s: every thread of `pool` sums its share of
 // a `bytes` buffer; best of `repeats` passes. For benchmark context.
