@@ -417,6 +417,7 @@ enum Isa : int { kScalar = 0, kAVX2 = 1 };
 
 bool isa_supported(int isa) {
 #ifdef MQ_QUANT_X86
+    __builtin_cpu_init();  // may run before the runtime's own initialiser (static init)
     if (isa == kAVX2) return __builtin_cpu_supports("avx2");
 #endif
     return isa == kScalar;
@@ -430,6 +431,7 @@ int parse_isa(const std::string& name) {
     if (name == "scalar") return kScalar;
     bool ok = false;
 #ifdef MQ_QUANT_X86
+    __builtin_cpu_init();
     if (name == "avx2") ok = __builtin_cpu_supports("avx2");
     else if (name == "avx512") ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx2");
 #endif
