@@ -13,6 +13,7 @@ ggml_quantize_chunk (no importance matrix) and with mllama_q on every
 quantizer path this CPU has, and prints how many rows are byte-identical.
 
 --throughput   single-thread MB/s of float32 input, ours (each path) and ggml's
+               (ggml_quantize_chunk runs on the calling thread), then ours on all threads
 --exhaustive-f16  every one of the 2^32 float32 bit patterns through f16 and
                bf16, ours vs ggml (about a minute)
 
@@ -76,6 +77,11 @@ def throughput(g: "G.Ggml") -> None:
             best = min(_timed(lambda: g.quantize(x, t)) for _ in range(3))
             cols.append(f"ggml {mb / best:8.1f}")
             print(f"  {t:5s} " + "   ".join(cols))
+        _core.set_num_threads(n_threads)
+        _core.set_quant_path("auto")
+        print(f"all {n_threads} threads, best path ({_core.quant_path()}), MB/s of float32 input:")
+        print("  " + "   ".join(
+            f"{t} {mb / min(_timed(lambda: quants.quantize(x, t)) for _ in range(3)):.1f}" for t in G.TYPES))
     finally:
         _core.set_num_threads(n_threads)
         _core.set_quant_path("auto")

@@ -216,6 +216,7 @@ def test_thread_count_does_not_change_bytes():
         (lambda: quants.quantize(np.zeros((512, 2), np.float32).T, "q4_k"), "contiguous"),
         (lambda: quants.quantize(np.zeros((4, 512), np.float32)[:, ::2], "q4_k"), "contiguous"),
         (lambda: quants.quantize(np.float32(1.0), "q8_0"), "ndarray|axis"),
+        (lambda: quants.quantize(np.frombuffer(bytes(1025), np.float32, 256, offset=1), "q8_0"), "aligned"),
         (lambda: quants.quantize(np.zeros((2, 0), np.float32), "q8_0"), "non-empty"),
         (lambda: quants.quantize(np.zeros((2, 256), np.float32), "q5_k"), "unknown type"),
         (lambda: quants.quantize(np.zeros((2, 256), np.float32), 12), "string"),

@@ -9,7 +9,8 @@ with a llama.cpp build at hand and its output committed:
 It writes tests/data/ggml_golden.npz holding, per type, the bytes ggml's
 `ggml_quantize_chunk` (no importance matrix: for q8_0 / q4_K / q6_K that is
 quantize_row_*_ref; for f16 ggml_fp32_to_fp16_row; for bf16
-ggml_fp32_to_bf16_row_ref) writes for the rows `make_rows(type, GOLDEN_SEED,
+ggml_fp32_to_bf16_row_ref; for the activation format q8_K, which
+ggml_quantize_chunk does not handle, quantize_row_q8_K_ref) writes for the rows `make_rows(type, GOLDEN_SEED,
 GOLDEN_RANDOM_ROWS[type])` returns, and a sha256 of those input rows.
 
 The input rows are NOT stored: they are regenerated from the seed. To keep
@@ -40,12 +41,13 @@ ROOT = Path(__file__).resolve().parent.parent
 GOLDEN_PATH = ROOT / "tests" / "data" / "ggml_golden.npz"
 GOLDEN_SEED = 20261122
 # random rows per type (plus all adversarial rows); f16/bf16 rows are 512 bytes each
-GOLDEN_RANDOM_ROWS = {"q8_0": 1000, "q4_k": 1000, "q6_k": 1000, "f16": 300, "bf16": 300}
+GOLDEN_RANDOM_ROWS = {"q8_0": 1000, "q4_k": 1000, "q6_k": 1000, "f16": 300, "bf16": 300, "q8_k": 300}
 COLS = 256                     # values per row: one K-quant super-block, 8 q8_0 blocks
 
 # ggml's enum ggml_type ids (ggml.h), which GGUF stores on disk.
-GGML_TYPE_ID = {"f16": 1, "q8_0": 8, "q4_k": 12, "q6_k": 14, "bf16": 30}
-TYPES = ("q8_0", "q4_k", "q6_k", "f16", "bf16")
+GGML_TYPE_ID = {"f16": 1, "q8_0": 8, "q4_k": 12, "q6_k": 14, "q8_k": 15, "bf16": 30}
+# q8_k is the activation format of the K-quant dot products (never stored in files).
+TYPES = ("q8_0", "q4_k", "q6_k", "f16", "bf16", "q8_k")
 
 F32_MAX = float(np.finfo(np.float32).max)
 
@@ -241,6 +243,9 @@ class Ggml:
                       ctypes.c_int64, ctypes.c_void_p]
         self.lib.ggml_row_size.restype = ctypes.c_size_t
         self.lib.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
+        # ggml_quantize_chunk has no Q8_K case: call its reference quantizer directly.
+        self.lib.quantize_row_q8_K_ref.restype = None
+        self.lib.quantize_row_q8_K_ref.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
 
     def row_size(self, qtype: str, n: int) -> int:
         return int(self.lib.ggml_row_size(GGML_TYPE_ID[qtype], n))
@@ -250,6 +255,10 @@ class Ggml:
         x = np.ascontiguousarray(x, dtype=np.float32)
         rows, cols = x.shape
         out = np.zeros((rows, self.row_size(qtype, cols)), dtype=np.uint8)
+        if qtype == "q8_k":
+            # (ggml leaves bsums untouched for an all-zero block: the zeroed buffer keeps them 0)
+            self.lib.quantize_row_q8_K_ref(x.ctypes.data, out.ctypes.data, rows * cols)
+            return out
         n = self.lib.ggml_quantize_chunk(GGML_TYPE_ID[qtype], x.ctypes.data, out.ctypes.data, 0, rows, cols, None)
         assert n == out.nbytes, (n, out.nbytes)
         return out
