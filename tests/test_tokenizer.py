@@ -167,3 +167,65 @@ def test_bad_inputs(tok, tmp_path):
         tok.encode(123)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="tokenizer.json"):
         add_tokenizer_metadata(gguf.GGUFWriter(str(tmp_path / "x.gguf"), arch="mllama"), tmp_path)
+
+
+# ------------------------------------------------------------------ chat template (mllama_q.chat)
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "Hello there"}],
+    [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in this image?"}]}],
+    [{"role": "system", "content": "You are terse."},
+     {"role": "user", "content": [{"type": "text", "text": "Compare "}, {"type": "image"},
+                                  {"type": "text", "text": " and "}, {"type": "image"}]}],
+    [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe."}]},
+     {"role": "assistant", "content": [{"type": "text", "text": "A dog on grass."}]},
+     {"role": "user", "content": "And its colour? ünïcødé 😀"}],
+    [{"role": "system", "content": "  Be nice.  "}, {"role": "user", "content": "Hi"},
+     {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"}],
+]
+
+
+@pytest.mark.parametrize("conv", CONVERSATIONS)
+@pytest.mark.parametrize("gen", [True, False])
+def test_chat_template_matches_apply_chat_template(tok, hf_tok, conv, gen):
+    from mllama_q.chat import ChatTemplate
+
+    chat = ChatTemplate(tok.chat_template, tok)
+    ours = chat.render(conv, add_generation_prompt=gen, date_string="26 Jul 2024")
+    ref = hf_tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=gen, date_string="26 Jul 2024")
+    assert ours == ref
+    ref_ids = hf_tok.apply_chat_template(conv, tokenize=True, add_generation_prompt=gen, date_string="26 Jul 2024",
+                                         return_dict=False)
+    assert tok.encode(ours, add_special_tokens=False) == list(ref_ids)
+
+
+def test_chat_template_default_date_and_images_in_items(tok, hf_tok):
+    """Without date_string the template calls strftime_now(); image items may carry the image."""
+    from PIL import Image
+
+    from mllama_q.chat import ChatTemplate, message_images
+
+    img = Image.new("RGB", (4, 4))
+    conv = [{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": "Hi"}]}]
+    plain = [{"role": "user", "content": "no image"}]
+    chat = ChatTemplate(tok.chat_template, tok)
+    assert chat.render(plain) == hf_tok.apply_chat_template(plain, tokenize=False, add_generation_prompt=True)
+    assert chat.render(conv) == hf_tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+    assert message_images(conv) == [img]
+
+
+def test_chat_template_errors(tok):
+    from mllama_q.chat import ChatTemplate, ChatTemplateError
+
+    chat = ChatTemplate(tok.chat_template, tok)
+    with pytest.raises(ValueError):
+        chat.render([])
+    with pytest.raises(ValueError):
+        chat.render([{"content": "no role"}])
+    with pytest.raises(ValueError):
+        chat.render([{"role": "user", "content": [{"type": "video"}]}])
+    with pytest.raises(ChatTemplateError, match="single tool-calls"):
+        chat.render([{"role": "user", "content": "x"},
+                     {"role": "assistant", "tool_calls": [{"function": {"name": "a", "arguments": {}}}] * 2}])
+    with pytest.raises(ChatTemplateError, match="compile"):
+        ChatTemplate("{% if %}", tok)
