@@ -23,19 +23,11 @@ from mllama_q import gguf_keys as K
 
 from . import mix
 from .errors import ConvertError
-from .hf import Checkpoint, find_chat_template, load_checkpoint
+from .hf import Checkpoint, load_checkpoint
 from .plan import CONST, ONE_MINUS_TANH, PERMUTE_QK, PERMUTE_VEC, TANH, Out, assign_types, build_plan, check_tensors
+from .tokenizer import add_tokenizer_metadata
 
 CHUNK_BYTES = 64 << 20  # float32 bytes per streamed chunk
-
-
-def _tokenizer_fn():
-    """The tokenizer metadata writer: the frontend's convert.tokenizer when present."""
-    try:
-        from .tokenizer import add_tokenizer_metadata  # noqa: F401  (owned by the frontend work)
-    except ImportError:
-        from ._tokenizer_standin import add_tokenizer_metadata
-    return add_tokenizer_metadata
 
 
 def add_metadata(w, ck: Checkpoint, ftype: str) -> None:
@@ -188,11 +180,12 @@ def convert(hf_dir, out_path, ftype: str = "q4_k_m", vision_type: str | None = N
 
         writer = gguf.GGUFWriter(None, K.ARCH)
         add_metadata(writer, ck, ftype)
-        _tokenizer_fn()(writer, ck.dir)
-        if K.TOKENIZER_CHAT_TEMPLATE not in writer.kv_data[0]:
-            tmpl = find_chat_template(ck.dir)
-            if tmpl:
-                writer.add_string(K.TOKENIZER_CHAT_TEMPLATE, tmpl)
+        try:  # llama.cpp's tokenizer keys + chat template (convert/tokenizer.py)
+            add_tokenizer_metadata(writer, ck.dir)
+        except ValueError as e:  # its messages name the file
+            raise ConvertError(str(e)) from None
+        except (KeyError, TypeError) as e:
+            raise ConvertError(f"{ck.dir / 'tokenizer.json'}: malformed ({e!r})") from None
         toks = writer.kv_data[0].get(K.TOKENIZER_TOKENS)
         n_tok = len(toks.value) if toks is not None else 0
         if n_tok > ck.text.vocab_size + 8:

@@ -1,8 +1,8 @@
 """Read a Hugging Face Mllama checkpoint directory (configs + safetensors index), no torch.
 
 Inputs: config.json, model.safetensors or model-0000N-of-0000M.safetensors (+ its
-.index.json), tokenizer.json, tokenizer_config.json / chat_template.json /
-chat_template.jinja, generation_config.json, preprocessor_config.json.
+.index.json), tokenizer.json (read by convert/tokenizer.py), generation_config.json,
+preprocessor_config.json.
 
 Missing hyper-parameters take transformers' MllamaTextConfig / MllamaVisionConfig
 defaults (configuration_mllama.py), since that is what HF itself would run.
@@ -270,26 +270,6 @@ def parse_preprocessor(pp: dict, vision: VisionHP, where: str) -> dict:
         out[k] = [float(x) for x in v]
     out["tile_size"] = int(size["height"])
     return out
-
-
-def find_chat_template(hf_dir: Path) -> str | None:
-    """Chat template from chat_template.jinja, chat_template.json or tokenizer_config.json (first found)."""
-    jinja = hf_dir / "chat_template.jinja"
-    if jinja.is_file():
-        return jinja.read_text(encoding="utf-8")
-    cj = _read_json(hf_dir / "chat_template.json", required=False)
-    if isinstance(cj, dict) and isinstance(cj.get("chat_template"), str):
-        return cj["chat_template"]
-    tc = _read_json(hf_dir / "tokenizer_config.json", required=False)
-    if isinstance(tc, dict):
-        t = tc.get("chat_template")
-        if isinstance(t, str):
-            return t
-        if isinstance(t, list):  # [{"name": "default", "template": ...}, ...]
-            for item in t:
-                if isinstance(item, dict) and item.get("name") == "default":
-                    return item.get("template")
-    return None
 
 
 def normalise_name(name: str) -> str:
