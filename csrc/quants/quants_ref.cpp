@@ -8,6 +8,15 @@
 
 #include "common/fp16.h"
 
+// Dequantizers must compute d*q - m as two rounded operations, as gguf-py's
+// numpy code does: no FMA contraction (GCC contracts only when the target has
+// FMA, i.e. never for the baseline x86-64 build, but it would on aarch64).
+#if defined(__clang__)
+#pragma STDC FP_CONTRACT OFF
+#elif defined(__GNUC__)
+#pragma GCC optimize("fp-contract=off")
+#endif
+
 namespace mq {
 
 static void check_k(int64_t k, int64_t block, const char* name) {
@@ -31,8 +40,15 @@ void quantize_row_q8_0_ref(const float* x, block_q8_0* y, int64_t k) {
         const float d = amax / 127.0f;
         const float id = d != 0.0f ? 1.0f / d : 0.0f;
         y[i].d = fp32_to_fp16(d);
-        // roundf: half away from zero, as ggml's reference does
-        for (int j = 0; j < QK8_0; j++) y[i].qs[j] = static_cast<int8_t>(std::roundf(x[i * QK8_0 + j] * id));
+        for (int j = 0; j < QK8_0; j++) {
+            // roundf: half away from zero, as ggml's reference does. ggml then
+            // converts with (int8_t)roundf(v); when amax < ~3.7e-37, id = 1/d
+            // overflows to inf and v is +-inf or NaN, which x86 converts to
+            // 0x80000000, i.e. int8 0. We spell that out instead of relying on
+            // the undefined float->int conversion. Finite v is within [-127, 127].
+            const float v = std::roundf(x[i * QK8_0 + j] * id);
+            y[i].qs[j] = v >= -128.0f && v <= 127.0f ? static_cast<int8_t>(v) : 0;
+        }
     }
 }
 
