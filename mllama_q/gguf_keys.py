@@ -303,3 +303,22 @@ def rope_freqs_llama3(head_dim: int, theta: float, factor: float, low_freq_facto
 #   vision position embedding:    x = x + s_pos * position_embd + s_tile * tile_position_embd[aspect_id]
 #   vision pre/post tile embd:    x = x + s * pre_tile_position_embd[aspect_id]
 # (text: raw parameters; vision: tanh already applied by the converter, as Ollama.)
+
+
+_MISSING = object()
+
+
+def kv(reader, key: str, default=_MISSING):
+    """Value of metadata `key` from a gguf.GGUFReader: numbers, str, bool or lists.
+
+    Falls back to DEFAULTS_11B (files written by Ollama lack the mllama_q. keys), then to
+    `default`; raises KeyError when neither exists.
+    """
+    field = reader.fields.get(key)
+    if field is not None:
+        return field.contents()
+    if key in DEFAULTS_11B:
+        return DEFAULTS_11B[key]
+    if default is not _MISSING:
+        return default
+    raise KeyError(f"GGUF metadata key {key!r} is missing")

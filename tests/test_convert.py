@@ -370,6 +370,51 @@ def test_vision_type(ckpts, hf_states, tmp_path, config, ftype, vision_type):
         assert {t.tensor_type for t in r.tensors if t.name.startswith("v.blk.")} >= {T.Q4_K}
 
 
+def test_sharded_and_in_memory_names(ckpts, tmp_path):
+    """The sharded fixture really is sharded, and a checkpoint using transformers-5 in-memory
+    names (model.language_model.*, lm_head.weight, model.vision_model.*) converts to the same file."""
+    from safetensors.torch import load_file, save_file
+
+    assert len(list(ckpts["gqa4_sharded"].glob("model-*-of-*.safetensors"))) > 1
+    assert (ckpts["gqa4_sharded"] / "model.safetensors.index.json").is_file()
+    ck = _copy(ckpts["default"], tmp_path / "ck")
+    st = load_file(str(ck / "model.safetensors"))
+    renamed = {}
+    for k, v in st.items():
+        k = k.replace("language_model.model.", "model.language_model.").replace("language_model.lm_head.", "lm_head.")
+        if k.startswith(("vision_model.", "multi_modal_projector.")):
+            k = "model." + k
+        renamed[k] = v
+    assert set(renamed) != set(st)
+    save_file(renamed, str(ck / "model.safetensors"), metadata={"format": "pt"})
+    a, b = tmp_path / "a.gguf", tmp_path / "b.gguf"
+    assert run_convert(ckpts["default"], a, "q4_k_s") == 0
+    assert run_convert(ck, b, "q4_k_s") == 0
+    ra, rb = gguf.GGUFReader(a), gguf.GGUFReader(b)
+    assert [t.name for t in ra.tensors] == [t.name for t in rb.tensors]
+    for ta, tb in zip(ra.tensors, rb.tensors):
+        np.testing.assert_array_equal(np.asarray(ta.data), np.asarray(tb.data), err_msg=ta.name)
+
+
+def test_gguf_keys_helpers(ckpts, tmp_path):
+    from mllama_q import gguf_keys as K
+
+    w = np.arange(6 * 8 * 3, dtype=np.float32).reshape(6 * 8, 3)
+    np.testing.assert_array_equal(K.permute_qk(w, 6), permute_rows_reference(w, 6))
+    np.testing.assert_array_equal(K.unpermute_qk(K.permute_qk(w, 6), 6), w)
+    v = np.arange(16, dtype=np.float32)
+    np.testing.assert_array_equal(K.unpermute_head_vector(K.permute_head_vector(v)), v)
+    out = tmp_path / "k.gguf"
+    assert run_convert(ckpts["mha_f32"], out, "f16") == 0
+    r = gguf.GGUFReader(out)
+    assert K.kv(r, K.BLOCK_COUNT) == 3 and K.kv(r, K.Q_ROPE_SCALING_TYPE) == "none"
+    assert K.kv(r, "mllama_q.not.a.key", 7) == 7
+    with pytest.raises(KeyError):
+        K.kv(r, "mllama_q.not.a.key")
+    # Keys Ollama's files lack fall back to the published 11B values.
+    assert K.DEFAULTS_11B[K.Q_STOP_TOKEN_IDS] == [128001, 128008, 128009]
+
+
 def test_rope_freqs_match_transformers_llama3(ckpts, tmp_path):
     """inv_freq / rope_freqs.weight == transformers' llama3-scaled inv_freq."""
     from transformers import MllamaConfig
@@ -570,6 +615,13 @@ def test_bad_input(ckpts, tmp_path, capsys, case):
     assert len(err.splitlines()) == 1 and err.startswith("mllama-q convert: error: "), err
     assert needle in err, err
     assert list(outdir.iterdir()) == []
+
+
+def test_not_a_directory(tmp_path, capsys):
+    assert run_convert(tmp_path / "nope", tmp_path / "o.gguf", "f16") == 1
+    err = capsys.readouterr().err.strip()
+    assert "nope" in err and len(err.splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_existing_output_needs_force(ckpts, tmp_path, capsys):
