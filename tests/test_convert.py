@@ -32,7 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # chat-template locations.
 CONFIGS = {
     # GQA 2:1, cross layers inside, 56-px tiles (4x4 patches), 4 tiles / 8 default ratios,
-    # bf16 single file, transformers-5 rope_parameters, template in tokenizer_config.json.
+    # bf16 single file, transformers-5 rope_parameters, template in tokenizer_config.json and
+    # chat_template.json (as published).
     "default": dict(seed=0),
     # GQA 4:1, cross-attention first and last layer, 28-px tiles, 2 tiles with custom
     # ratios, f16 checkpoint in shards + index, published rope_theta/rope_scaling spelling.
@@ -45,7 +46,7 @@ CONFIGS = {
     # MHA, rows of 128 / 200 (Q8_0 and F16 fallbacks), plain RoPE, 42-px tiles, 3 tiles,
     # a 256-wide vision tower (real Q4_K blocks with --vision-type q4_k), f32 checkpoint.
     "mha_f32": dict(
-        seed=2, dtype="float32", chat_template_location="chat_template.json",
+        seed=2, dtype="float32", chat_template_location="tokenizer_config",
         text_config=dict(hidden_size=128, intermediate_size=200, num_hidden_layers=3, num_attention_heads=4,
                          num_key_value_heads=4, cross_attention_layers=[2],
                          rope_parameters=dict(rope_type="default", rope_theta=10000.0)),
@@ -714,3 +715,33 @@ def test_real_11b_plan_and_q4_k_m_mix():
     others = {o.gtype for o in outs if o.kind == "text" and o.role == ""}
     assert others == {T.Q4_K}
     assert len(outs) == 1 + 1 + 32 * 9 + 8 * 13 + 2 + (2 + 4 + 4 + 4 + 32 * 12 + 8 * 14 + 2)
+
+
+def test_tiny_checkpoint_is_a_usable_nonvacuous_reference(ckpts, hf_states):
+    """The builder's checkpoints load in transformers with its processor and chat template,
+    every tanh gate is non-zero, and the image changes the logits (runtime parity tests
+    built on them cannot pass with a dead vision path)."""
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    from tests.tiny_models import load_hf_model
+
+    for key, x in hf_states["gqa4_sharded"].items():
+        if key.endswith(("gate", "gate_attn", "gate_ffn", "cross_attn_attn_gate", "cross_attn_mlp_gate")):
+            assert 0.29 <= float(x.abs().min()) and float(x.abs().max()) <= 1.21, key
+    ck = ckpts["gqa4_sharded"]
+    model = load_hf_model(ck)
+    proc = AutoProcessor.from_pretrained(ck)
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe this image."}]}]
+    text = proc.apply_chat_template(msgs, add_generation_prompt=True)
+    assert text.startswith("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n<|image|>")
+    rng = np.random.default_rng(0)
+    logits = []
+    for _ in range(2):
+        img = Image.fromarray((rng.random((40, 70, 3)) * 255).astype(np.uint8))
+        inp = proc(images=img, text=text, return_tensors="pt")
+        assert tuple(inp["pixel_values"].shape) == (1, 1, 2, 3, 28, 28)
+        with torch.no_grad():
+            logits.append(model(**inp).logits)
+    diff = (logits[0] - logits[1]).abs().max().item()
+    assert diff > 1e-2 * logits[0].abs().max().item()
