@@ -92,7 +92,7 @@ def write_shard(path: Path, tensors: list, pool: np.ndarray, rng) -> int:
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(hb)))
         f.write(hb)
-        for name, shape in tensors:
+        for _, shape in tensors:
             left = int(np.prod(shape))
             while left:
                 n = min(left, PIECE)

@@ -118,8 +118,10 @@ TEXT_MAP = [  # (HF regex, GGUF name template, transform)
      "perm_kv"),
     (r"language_model\.model\.layers\.(\d+)\.cross_attn\.v_proj\.weight", "blk.{}.cross_attn_v_proj.weight", None),
     (r"language_model\.model\.layers\.(\d+)\.cross_attn\.o_proj\.weight", "blk.{}.cross_attn_o_proj.weight", None),
-    (r"language_model\.model\.layers\.(\d+)\.cross_attn\.q_norm\.weight", "blk.{}.cross_attn_q_norm.weight", "perm_vec"),
-    (r"language_model\.model\.layers\.(\d+)\.cross_attn\.k_norm\.weight", "blk.{}.cross_attn_k_norm.weight", "perm_vec"),
+    (r"language_model\.model\.layers\.(\d+)\.cross_attn\.q_norm\.weight", "blk.{}.cross_attn_q_norm.weight",
+     "perm_vec"),
+    (r"language_model\.model\.layers\.(\d+)\.cross_attn\.k_norm\.weight", "blk.{}.cross_attn_k_norm.weight",
+     "perm_vec"),
     (r"language_model\.model\.layers\.(\d+)\.cross_attn_attn_gate", "blk.{}.cross_attn_attn_gate", None),
     (r"language_model\.model\.layers\.(\d+)\.cross_attn_mlp_gate", "blk.{}.cross_attn_mlp_gate", None),
     (r"multi_modal_projector\.weight", "mm.0.weight", None),
@@ -258,7 +260,8 @@ def check_values(name, t: T, stored: np.ndarray, ref: np.ndarray):
         rel_max = {T.Q8_0: 0.5 / 127 + 2.0**-11 + 1e-6, T.Q6_K: 0.05, T.Q4_K: 0.2}[t]
         err = np.abs(y - x).reshape(-1, block).max(axis=1)
         amax = np.abs(x).reshape(-1, block).max(axis=1)
-        assert np.all(err <= rel_max * amax + 1e-12), f"{name} {t.name}: max error {np.max(err / np.maximum(amax, 1e-30)):.4f} x block amax"
+        worst = np.max(err / np.maximum(amax, 1e-30))
+        assert np.all(err <= rel_max * amax + 1e-12), f"{name} {t.name}: max error {worst:.4f} x block amax"
         rms = np.sqrt(np.sum((y - x) ** 2) / max(np.sum(x ** 2), 1e-30))
         assert rms <= {T.Q8_0: 0.015, T.Q6_K: 0.04, T.Q4_K: 0.12}[t], f"{name} {t.name}: relative RMS error {rms:.4f}"
 
@@ -393,7 +396,7 @@ def test_sharded_and_in_memory_names(ckpts, tmp_path):
     assert run_convert(ck, b, "q4_k_s") == 0
     ra, rb = gguf.GGUFReader(a), gguf.GGUFReader(b)
     assert [t.name for t in ra.tensors] == [t.name for t in rb.tensors]
-    for ta, tb in zip(ra.tensors, rb.tensors):
+    for ta, tb in zip(ra.tensors, rb.tensors, strict=True):
         np.testing.assert_array_equal(np.asarray(ta.data), np.asarray(tb.data), err_msg=ta.name)
 
 
@@ -498,7 +501,8 @@ def test_attention_scores_equal_hf(ckpts, tmp_path):
     def rms(v, w):
         return v / np.sqrt(np.mean(v * v, axis=-1, keepdims=True) + eps) * w
 
-    qg = rms((xn @ ten[f"blk.{cid}.cross_attn_q_proj.weight"].T).reshape(6, H, hd), ten[f"blk.{cid}.cross_attn_q_norm.weight"])
+    qg = rms((xn @ ten[f"blk.{cid}.cross_attn_q_proj.weight"].T).reshape(6, H, hd),
+             ten[f"blk.{cid}.cross_attn_q_norm.weight"])
     kg = rms((img.numpy() @ ten[f"blk.{cid}.cross_attn_k_proj.weight"].T).reshape(9, Hkv, hd),
              ten[f"blk.{cid}.cross_attn_k_norm.weight"])
     gg_x = np.einsum("thd,shd->hts", qg, np.repeat(kg, H // Hkv, axis=1))
