@@ -166,6 +166,7 @@ def main(argv=None) -> int:
         print(f"synthetic checkpoint: {size / 1e9:.2f} GB in {t_write:.1f} s", file=sys.stderr)
 
         env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        load_before = os.getloadavg()
         t0 = time.perf_counter()
         child = subprocess.Popen([sys.executable, "-m", "convert", str(ck), "-o", str(out), "--type", a.type,
                                   "--force"], cwd=ROOT, env=env)
@@ -175,12 +176,21 @@ def main(argv=None) -> int:
         if child.returncode != 0:
             print(f"conversion failed with exit code {child.returncode}", file=sys.stderr)
             return 1
+        import gguf
+
+        r = gguf.GGUFReader(out)  # the file reads back; bytes per storage type
+        by_type = {}
+        for t in r.tensors:
+            by_type[t.tensor_type.name] = by_type.get(t.tensor_type.name, 0) + int(t.n_bytes)
         res = {
-            "type": a.type, "input_GB": round(size / 1e9, 2), "output_GB": round(out.stat().st_size / 1e9, 2),
+            "type": a.type, "tensors": len(r.tensors),
+            "GB_by_type": {k: round(v / 1e9, 3) for k, v in sorted(by_type.items())},
+            "loadavg_after": os.getloadavg(), "input_GB": round(size / 1e9, 2),
+            "output_GB": round(out.stat().st_size / 1e9, 2),
             "wall_s": round(wall, 1), "input_GB_per_s": round(size / 1e9 / wall, 3),
             "cpu_user_s": round(ru.ru_utime, 1), "cpu_sys_s": round(ru.ru_stime, 1),
             "peak_rss_GiB": round(ru.ru_maxrss * 1024 / 2**30, 3), "cpus": os.cpu_count(),
-            "checkpoint_write_s": round(t_write, 1),
+            "checkpoint_write_s": round(t_write, 1), "loadavg_before": load_before,
         }
         print(json.dumps(res))
     finally:
