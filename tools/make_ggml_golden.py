@@ -125,6 +125,9 @@ def adversarial_rows(qtype: str) -> list[tuple[str, np.ndarray]]:
     for s in (1e-30, 1e-38, 1e-40, 1e-44):
         add(f"tiny {s:g}", s * sign * frac)
     add("huge among tiny", np.where(i == 77, 1e30, 1e-30 * sign * frac))
+    add("tiny with zeros", np.where(i % 2 == 0, 0.0, 1e-38 * sign * frac))   # q8_0: 0 * (id = inf) = NaN
+    for s in (3.6e-37, 3.8e-37):                                            # q8_0: id = 1/d near float max
+        add(f"near id overflow {s:g}", np.where(i % 32 == 0, s, s * sign * frac))
     add("tiny among ones", np.where(i % 9 == 0, 1e-30, sign * frac))
     # Scale fields at the edges of fp16: d overflows (inf) or becomes subnormal / 0.
     for s in (8.4e6, 1e8, 1e12, 1e-5, 1e-7, 1e-9):

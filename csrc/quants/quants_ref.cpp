@@ -26,6 +26,21 @@ static void check_k(int64_t k, int64_t block, const char* name) {
 }
 
 // ---------------------------------------------------------------- Q8_0
+// ggml stores (int8_t)roundf(v): round half away from zero, then x86's
+// float->int conversion (cvttss2si: +-inf, NaN and |v| >= 2^31 give
+// 0x80000000, whose low byte is 0), then truncation to 8 bits. Spelled out
+// here without undefined behaviour and without a libm call, so the loop
+// vectorizes. v - t is exact (t = trunc(v) has v's sign and |v| - |t| < 1).
+// The inf/NaN case is real: when amax < ~3.7e-37, id = 1/d overflows to inf.
+static inline int8_t round_to_int8_like_ggml(float v) {
+    const bool in_range = std::fabs(v) < 2147483648.0f;   // false for inf and NaN
+    const float vv = in_range ? v : 0.0f;
+    const int t = static_cast<int>(vv);                     // truncation toward zero
+    const float f = vv - static_cast<float>(t);
+    const int r = t + (f >= 0.5f) - (f <= -0.5f);
+    return static_cast<int8_t>(static_cast<uint8_t>(in_range ? r : 0));
+}
+
 void quantize_row_q8_0_ref(const float* x, block_q8_0* y, int64_t k) {
     check_k(k, QK8_0, "q8_0");
     const int64_t nb = k / QK8_0;
@@ -40,15 +55,7 @@ void quantize_row_q8_0_ref(const float* x, block_q8_0* y, int64_t k) {
         const float d = amax / 127.0f;
         const float id = d != 0.0f ? 1.0f / d : 0.0f;
         y[i].d = fp32_to_fp16(d);
-        for (int j = 0; j < QK8_0; j++) {
-            // roundf: half away from zero, as ggml's reference does. ggml then
-            // converts with (int8_t)roundf(v); when amax < ~3.7e-37, id = 1/d
-            // overflows to inf and v is +-inf or NaN, which x86 converts to
-            // 0x80000000, i.e. int8 0. We spell that out instead of relying on
-            // the undefined float->int conversion. Finite v is within [-127, 127].
-            const float v = std::roundf(x[i * QK8_0 + j] * id);
-            y[i].qs[j] = v >= -128.0f && v <= 127.0f ? static_cast<int8_t>(v) : 0;
-        }
+        for (int j = 0; j < QK8_0; j++) y[i].qs[j] = round_to_int8_like_ggml(x[i * QK8_0 + j] * id);
     }
 }
 
