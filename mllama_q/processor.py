@@ -337,7 +337,10 @@ class Processor:
             n += 1
         return s.image_token * n + s.bos_token + text
 
-    def __call__(self, text: str | None = None, images: Sequence | None = None) -> dict[str, Any]:
+    def __call__(self, text: str | None = None, images: Sequence | None = None,
+                 add_special_tokens: bool = True) -> dict[str, Any]:
+        """add_special_tokens=False is HF's `processor(..., add_special_tokens=False)`, used for
+        prompts rendered by the chat template (which writes BOS itself)."""
         s = self.settings
         if text is None and images is None:
             raise ValueError("give text, images or both")
@@ -354,7 +357,8 @@ class Processor:
         if text is not None:
             if self.tokenizer is None:
                 raise ValueError("this Processor has no tokenizer")
-            ids = self.tokenizer.encode(self._with_bos(text))  # BOS rule of the checkpoint's tokenizer
+            # BOS text as MllamaProcessor adds it, then the tokenizer's own BOS rule
+            ids = self.tokenizer.encode(self._with_bos(text), add_special_tokens=add_special_tokens)
             out["input_ids"] = np.asarray([ids], dtype=np.int64)
             out["attention_mask"] = np.ones((1, len(ids)), dtype=np.int64)
         if images is not None and len(images) > 0:
