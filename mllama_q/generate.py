@@ -142,8 +142,16 @@ def stop_ids_from_gguf(reader, tokenizer=None) -> list[int]:
 
 
 def _defaults(model) -> dict:
+    """model.generation_defaults if the model has it, else read from its GGUF reader (model._reader)."""
     d = {"temperature": DEFAULT_TEMPERATURE, "top_p": DEFAULT_TOP_P, "top_k": 0}
-    d.update({k: v for k, v in (getattr(model, "generation_defaults", None) or {}).items() if v is not None})
+    given = getattr(model, "generation_defaults", None)
+    if given is None and getattr(model, "_reader", None) is not None:
+        given = generation_defaults_from_gguf(model._reader)
+        try:
+            model.generation_defaults = given  # read the file once
+        except AttributeError:
+            pass
+    d.update({k: v for k, v in (given or {}).items() if v is not None})
     return d
 
 

@@ -329,6 +329,11 @@ class Processor:
         self.tokenizer = tokenizer
         self.settings = settings or ProcessorSettings()
 
+    @classmethod
+    def from_gguf(cls, reader, tokenizer=None) -> "Processor":
+        """Processor with the settings stored in a gguf.GGUFReader (11B values where absent)."""
+        return cls(tokenizer, ProcessorSettings.from_gguf(reader, tokenizer))
+
     def preprocess_images(self, images: Sequence) -> dict[str, Any]:
         return preprocess_images(images, self.settings)
 

@@ -186,7 +186,7 @@ def our_processor(tok_dir):
     w.close()
     reader = gguf.GGUFReader(str(path))
     tok = Tokenizer.from_gguf(reader)
-    return Processor(tok, ProcessorSettings.from_gguf(reader, tok))
+    return Processor.from_gguf(reader, tok)
 
 
 PROMPTS = [
