@@ -112,10 +112,10 @@ def tokenizer(tmp_path_factory):
     import gguf
 
     from convert.tokenizer import add_tokenizer_metadata
-    from tests.real_tokenizer import write_llama32_vision_tokenizer
+    from tests.real_tokenizer import cached_llama32_vision_tokenizer
 
-    d = write_llama32_vision_tokenizer(tmp_path_factory.mktemp("tok"))
-    path = d / "tok.gguf"
+    d = cached_llama32_vision_tokenizer()
+    path = tmp_path_factory.mktemp("gguf") / "tok.gguf"
     w = gguf.GGUFWriter(str(path), arch="mllama")
     add_tokenizer_metadata(w, d)
     w.write_header_to_file()

@@ -158,10 +158,10 @@ def test_custom_settings_match_transformers():
 # ------------------------------------------------------------------ full processor (text + images)
 
 @pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory):
-    from tests.real_tokenizer import write_llama32_vision_tokenizer
+def tok_dir():
+    from tests.real_tokenizer import cached_llama32_vision_tokenizer
 
-    return write_llama32_vision_tokenizer(tmp_path_factory.mktemp("tok"))
+    return cached_llama32_vision_tokenizer()
 
 
 @pytest.fixture(scope="module")
@@ -172,12 +172,12 @@ def hf_processor(tok_dir, hf_image_processor):
 
 
 @pytest.fixture(scope="module")
-def our_processor(tok_dir):
+def our_processor(tok_dir, tmp_path_factory):
     import gguf
 
     from convert.tokenizer import add_tokenizer_metadata
 
-    path = tok_dir / "tok.gguf"
+    path = tmp_path_factory.mktemp("gguf") / "tok.gguf"
     w = gguf.GGUFWriter(str(path), arch="mllama")
     add_tokenizer_metadata(w, tok_dir)
     w.write_header_to_file()

@@ -11,7 +11,7 @@ import pytest
 
 from convert.tokenizer import add_tokenizer_metadata
 from mllama_q.tokenizer import Tokenizer
-from tests.real_tokenizer import CHAT_TEMPLATE, write_llama32_vision_tokenizer
+from tests.real_tokenizer import CHAT_TEMPLATE, cached_llama32_vision_tokenizer
 
 CORPUS = [
     "Hello world!",
@@ -42,8 +42,8 @@ CORPUS = [
 
 
 @pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory) -> Path:
-    return write_llama32_vision_tokenizer(tmp_path_factory.mktemp("llama32v_tok"))
+def hf_dir() -> Path:
+    return cached_llama32_vision_tokenizer()
 
 
 @pytest.fixture(scope="module")
