@@ -281,3 +281,14 @@ def test_settings_from_gguf_keys(tmp_path):
     w = gguf.GGUFWriter(str(path2), arch="mllama")
     w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
     assert ProcessorSettings.from_gguf(gguf.GGUFReader(str(path2))) == ProcessorSettings()
+
+
+def test_numpy_images_match_transformers(hf_image_processor):
+    """uint8 HWC arrays (RGB and RGBA) take transformers' array branch of convert_to_rgb."""
+    rng = np.random.default_rng(11)
+    arrays = [rng.integers(0, 256, size=(300, 700, 3), dtype=np.uint8),
+              rng.integers(0, 256, size=(1300, 500, 4), dtype=np.uint8),
+              rng.integers(0, 256, size=(45, 60, 4), dtype=np.uint8)]
+    ours = preprocess_images(arrays, ProcessorSettings())
+    ref, _ = _hf_images(hf_image_processor, arrays)
+    _assert_same(ours, ref)
