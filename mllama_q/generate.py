@@ -288,5 +288,7 @@ def _run(model, p: Prompt, params: SamplingParams, max_new_tokens: int, stops: l
     timings["decode_tokens_per_s"] = n_decode_evals / max(t_end - t_dec0, 1e-9) if n_decode_evals else 0.0
     timings["time_to_first_token_s"] = (t_first or t_end) - t_start
     timings["total_s"] = t_end - t_start
+    if getattr(model, "load_time_s", None) is not None:  # set by Model if it measures its load
+        timings["load_s"] = float(model.load_time_s)
     return GenerationResult(text=text, tokens=generated, prompt_tokens=int(p.input_ids.size),
                             completion_tokens=len(generated), stop_reason=stop_reason, timings=timings)
