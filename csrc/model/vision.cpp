@@ -163,11 +163,39 @@ void VisionEncoder::encode(const float* pixels_host, const int32_t* ar_ids_host,
                      out + int64_t(b) * T_ * P_ * hp_.out_dim);
 }
 
+// HF's aspect-ratio attention mask (_prepare_aspect_ratio_attention_mask):
+// a position is "padding" if it is a pad row P..Np-1 of a tile or any row of a
+// tile whose aspect_ratio_mask is 0, and the pair (query i, key j) gets
+// finfo(float32).min added iff BOTH are padding. (P = grid^2 + 1 is never a
+// multiple of 8, squares being 0, 1 or 4 mod 8, so HF's `[-pad_patches:]`
+// slice always has pad_patches >= 1.)
+// Returns the runs of equal kind over the S rows in order, each with its
+// place in the gathered order (all real rows first, then all padding rows).
+std::vector<VisionEncoder::Segment> VisionEncoder::segments(const int32_t* tile_mask) const {
+    const int64_t S = T_ * Np_;
+    auto is_pad = [&](int64_t r) { return tile_mask[r / Np_] == 0 || r % Np_ >= P_; };
+    std::vector<Segment> segs;
+    for (int64_t r0 = 0; r0 < S;) {
+        int64_t r1 = r0 + 1;
+        while (r1 < S && is_pad(r1) == is_pad(r0)) r1++;
+        segs.push_back(Segment{r0, r1 - r0, 0, is_pad(r0)});
+        r0 = r1;
+    }
+    int64_t next = 0;
+    for (int pass = 0; pass < 2; pass++)
+        for (Segment& g : segs)
+            if (g.pad == (pass == 1)) {
+                g.perm_row = next;
+                next += g.n;
+            }
+    return segs;
+}
+
 // One encoder layer (HF MllamaVisionEncoderLayer.forward) on x [S, D] in place:
 //   x = x + g_attn * o_proj(attn(LN1(x)));  x = x + g_ffn * fc2(gelu(fc1(LN2(x))))
-// with g = 1 for local layers. tile_mask: [T] (1 = real tile) for the padding mask.
+// with g = 1 for local layers.
 // s: the scratch buffers of encode_image.
-void VisionEncoder::run_layer(const Layer& L, float* x, int64_t S, const int32_t* tile_mask, const Scratch& s) {
+void VisionEncoder::run_layer(const Layer& L, float* x, int64_t S, const Scratch& s) {
     const float eps = hp_.norm_eps;
     be_.layer_norm(x, L.ln1_w, L.ln1_b, s.h, S, D_, eps);
     be_.matmul(s.h, S, D_, L.q, nullptr, s.q, D_);
@@ -175,26 +203,31 @@ void VisionEncoder::run_layer(const Layer& L, float* x, int64_t S, const int32_t
     be_.matmul(s.h, S, D_, L.v, nullptr, s.v, D_);
 
     // Attention over all S positions of the image with HF's aspect-ratio mask
-    // (_prepare_aspect_ratio_attention_mask): the pair (i, j) gets finfo(f32).min
-    // added iff query i AND key j are both padding (a pad row 1601..1607 of a
-    // tile, or any row of a tile whose aspect_ratio_mask is 0). So a real query
-    // row is unmasked, and every padding query row sees the same mask row. We
-    // walk the rows in runs of equal kind: real runs with no mask, padding runs
-    // in chunks of kMaskRows rows against the repeated mask row in s.mask.
-    // When P is a multiple of 8 HF's `attention_mask[:, :, -0:] = 0` marks every
-    // row as padding; is_pad replicates that.
-    const float scale = 1.0f / std::sqrt(float(hd_));
-    auto is_pad = [&](int64_t r) { return Np_ == P_ || tile_mask[r / Np_] == 0 || r % Np_ >= P_; };
-    for (int64_t r0 = 0; r0 < S;) {
-        const bool pad = is_pad(r0);
-        int64_t r1 = r0 + 1;
-        while (r1 < S && is_pad(r1) == pad && (!pad || r1 - r0 < kMaskRows)) r1++;
-        be_.attention(s.q + r0 * D_, s.k, s.v, DType::F32, D_, s.a + r0 * D_, r1 - r0, S, hp_.n_head, hp_.n_head,
-                      int(hd_), scale, pad ? s.mask : nullptr, S, false, 0);
-        r0 = r1;
+    // (see segments()): real query rows are unmasked, padding query rows all
+    // share one mask row. The queries are gathered real rows first, padding
+    // rows last (qp, in h), so the backend sees one unmasked call for every real
+    // row and a few masked calls of <= kMaskRows padding rows (each call
+    // re-reads all S keys, so few calls matter). The output stays in that order
+    // through the row-wise o_proj and is scattered back when added to x.
+    float* qp = s.q;
+    if (!s.identity) {
+        for (const Segment& g : *s.segs)
+            be_.copy(s.h + g.perm_row * D_, s.q + g.row * D_, size_t(g.n * D_) * sizeof(float));
+        qp = s.h;
     }
-    be_.matmul(s.a, S, D_, L.o, nullptr, s.h, D_);
-    be_.add_scaled(x, s.h, L.gate_attn, S * D_);  // gate 1 for local layers: x + 1*h == x + h exactly
+    const float scale = 1.0f / std::sqrt(float(hd_));
+    if (s.n_real > 0)
+        be_.attention(qp, s.k, s.v, DType::F32, D_, s.a, s.n_real, S, hp_.n_head, hp_.n_head, int(hd_), scale,
+                      nullptr, S, false, 0);
+    for (int64_t r0 = s.n_real; r0 < S; r0 += kMaskRows) {
+        const int64_t nr = std::min(kMaskRows, S - r0);
+        be_.attention(qp + r0 * D_, s.k, s.v, DType::F32, D_, s.a + r0 * D_, nr, S, hp_.n_head, hp_.n_head,
+                      int(hd_), scale, s.mask, S, false, 0);
+    }
+    be_.matmul(s.a, S, D_, L.o, nullptr, s.h, D_);  // o_proj, rows in the gathered order
+    // x + g * attn (gate 1 for local layers: x + 1*h == x + h exactly)
+    for (const Segment& g : *s.segs)
+        be_.add_scaled(x + g.row * D_, s.h + g.perm_row * D_, L.gate_attn, g.n * D_);
 
     be_.layer_norm(x, L.ln2_w, L.ln2_b, s.h, S, D_, eps);
     for (int64_t r0 = 0; r0 < S; r0 += kMlpRows) {
@@ -215,7 +248,12 @@ void VisionEncoder::encode_image(const float* px, int32_t ar_id, const int32_t* 
     Buf u(be_, std::min(kMlpRows, S) * F_), mask(be_, kMaskRows * S);
     std::vector<std::unique_ptr<Buf>> inter;
     for (int64_t i = 0; i < K_; i++) inter.push_back(std::make_unique<Buf>(be_, S * D_));
-    const Scratch scratch{h.p, q.p, k.p, v.p, a.p, u.p, mask.p};
+    const std::vector<Segment> segs = segments(tile_mask);
+    Scratch scratch{h.p, q.p, k.p, v.p, a.p, u.p, mask.p, &segs, 0, true};
+    for (const Segment& g : segs) {
+        if (!g.pad) scratch.n_real += g.n;
+        scratch.identity = scratch.identity && g.perm_row == g.row;
+    }
 
     // ---- embeddings (HF: patch conv, + pre-tile, cls, + gated position, layernorm_pre, pad)
     // Per-aspect-ratio rows: tile_rows [T, P, D], pre/post [T, D].
@@ -267,10 +305,8 @@ void VisionEncoder::encode_image(const float* px, int32_t ar_id, const int32_t* 
     {
         std::vector<float> m(size_t(kMaskRows * S));
         const float fmin = std::numeric_limits<float>::lowest();
-        for (int64_t j = 0; j < S; j++) {
-            const bool pad = Np_ == P_ || tile_mask[j / Np_] == 0 || j % Np_ >= P_;
-            m[j] = pad ? fmin : 0.0f;
-        }
+        for (const Segment& g : segs)
+            for (int64_t j = g.row; j < g.row + g.n; j++) m[j] = g.pad ? fmin : 0.0f;
         for (int64_t r = 1; r < kMaskRows; r++) std::memcpy(&m[r * S], &m[0], size_t(S) * sizeof(float));
         be_.to_device(mask.p, m.data(), m.size() * sizeof(float));
     }
@@ -282,7 +318,7 @@ void VisionEncoder::encode_image(const float* px, int32_t ar_id, const int32_t* 
     };
     for (int l = 0; l < hp_.num_layers; l++) {
         if (hp_.intermediate_at_layer_input) collect(l);
-        run_layer(local_[l], x.p, S, tile_mask, scratch);
+        run_layer(local_[l], x.p, S, scratch);
         if (!hp_.intermediate_at_layer_input) collect(l);  // transformers 5.x: hidden_states[l] = output of layer l
     }
 
@@ -291,7 +327,7 @@ void VisionEncoder::encode_image(const float* px, int32_t ar_id, const int32_t* 
     for (int64_t t = 0; t < T_; t++)
         be_.layer_norm(x.p + t * Np_ * D_, post_ln_w_, post_bias.p + t * D_, xg + t * Np_ * D_, Np_, D_, kPrePostLnEps);
     be_.copy(x.p, xg, size_t(S * D_) * sizeof(float));
-    for (int l = 0; l < hp_.num_global_layers; l++) run_layer(global_[l], x.p, S, tile_mask, scratch);
+    for (int l = 0; l < hp_.num_global_layers; l++) run_layer(global_[l], x.p, S, scratch);
 
     // ---- projector on [final (D) | intermediates], rows 0..P-1 of each tile.
     // HF stacks the K intermediates on a new LAST axis and flattens it:

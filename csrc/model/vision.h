@@ -74,15 +74,26 @@ private:
         float gate_attn = 1.0f, gate_ffn = 1.0f;      // tanh(g) for global layers, 1 for local
     };
 
+    // A run of rows [row, row + n) of one image's S positions that are all real
+    // or all padding; perm_row: where the run starts in the gathered query order.
+    struct Segment {
+        int64_t row, n, perm_row;
+        bool pad;
+    };
     // Activation buffers of one encode_image call (backend memory):
-    // h, q, k, v, a: [S, D]; u: [min(S, 1024), F]; mask: [512, S].
+    // h, q, k, v, a: [S, D]; u: [min(S, 1024), F]; mask: [512, S] (one row repeated).
     struct Scratch {
         float *h, *q, *k, *v, *a, *u, *mask;
+        const std::vector<Segment>* segs;
+        int64_t n_real;   // real rows (they come first in the gathered order)
+        bool identity;    // gathered order == natural order (no copies needed)
     };
+
+    std::vector<Segment> segments(const int32_t* tile_mask) const;
 
     const float* vec_f32(const TensorMap& tm, const std::string& name, int64_t n);
     Layer load_layer(const TensorMap& tm, const std::string& prefix, bool gated);
-    void run_layer(const Layer& L, float* x, int64_t S, const int32_t* tile_mask, const Scratch& s);
+    void run_layer(const Layer& L, float* x, int64_t S, const Scratch& s);
     void encode_image(const float* pixels_host, int32_t ar_id, const int32_t* tile_mask, float* out);
 
     Backend& be_;
