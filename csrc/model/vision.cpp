@@ -40,6 +40,29 @@ struct Buf {
 
 }  // namespace
 
+// Backend activation buffers of one encode() call, shared by its images (11B
+// sizes: about 430 MB; no buffer above 34 MB).
+struct VisionEncoder::Work {
+    Buf x, h, q, k, v, a;             // [S, D]: residual stream, scratch, q/k/v, attention out
+    Buf u;                            // [min(S, kMlpRows), F]: MLP hidden rows
+    Buf mask;                         // [kMaskRows, S]: the padding-query mask row, repeated
+    std::vector<std::unique_ptr<Buf>> inter;  // K x [S, D]: intermediate hidden states
+    Buf tile_rows;                    // [T, P, D]: tile position embedding of the aspect ratio
+    Buf pre_rows, post_rows;          // [T, D]: pre/post tile embeddings of the aspect ratio
+    Buf pre_bias, post_bias;          // [T, D]
+    Buf patches;                      // [n_patch, C*p*p]: im2col of one tile
+    Buf dcat;                         // [kProjRows, Dc]: projector input rows
+    Work(Backend& be, const VisionEncoder& e)
+        : x(be, e.S() * e.D_), h(be, e.S() * e.D_), q(be, e.S() * e.D_), k(be, e.S() * e.D_),
+          v(be, e.S() * e.D_), a(be, e.S() * e.D_), u(be, std::min(kMlpRows, e.S()) * e.F_),
+          mask(be, kMaskRows * e.S()), tile_rows(be, e.T_ * e.P_ * e.D_), pre_rows(be, e.T_ * e.D_),
+          post_rows(be, e.T_ * e.D_), pre_bias(be, e.T_ * e.D_), post_bias(be, e.T_ * e.D_),
+          patches(be, e.n_patch_ * e.hp_.num_channels * e.hp_.patch_size * e.hp_.patch_size),
+          dcat(be, kProjRows * e.D_ * (1 + e.K_)) {
+        for (int64_t i = 0; i < e.K_; i++) inter.push_back(std::make_unique<Buf>(be, e.S() * e.D_));
+    }
+};
+
 VisionEncoder::VisionEncoder(Backend& be, const TensorMap& tm, const VisionHParams& hp) : be_(be), hp_(hp) {
     auto need = [](bool ok, const std::string& msg) {
         if (!ok) throw std::invalid_argument("vision hparams: " + msg);
@@ -157,10 +180,12 @@ void VisionEncoder::encode(const float* pixels_host, const int32_t* ar_ids_host,
             if (m != 0 && m != 1) throw std::invalid_argument("vision encode: aspect_ratio_mask values must be 0 or 1");
         }
     }
+    if (n_img == 0) return;
     const int64_t tile_px = int64_t(hp_.num_channels) * hp_.image_size * hp_.image_size;
+    Work w(be_, *this);
     for (int b = 0; b < n_img; b++)
         encode_image(pixels_host + b * T_ * tile_px, ar_ids_host[b], ar_mask_host + b * T_,
-                     out + int64_t(b) * T_ * P_ * hp_.out_dim);
+                     out + int64_t(b) * T_ * P_ * hp_.out_dim, w);
 }
 
 // HF's aspect-ratio attention mask (_prepare_aspect_ratio_attention_mask):
@@ -239,15 +264,13 @@ void VisionEncoder::run_layer(const Layer& L, float* x, int64_t S, const Scratch
     be_.add_scaled(x, s.a, L.gate_ffn, S * D_);
 }
 
-void VisionEncoder::encode_image(const float* px, int32_t ar_id, const int32_t* tile_mask, float* out) {
+void VisionEncoder::encode_image(const float* px, int32_t ar_id, const int32_t* tile_mask, float* out, Work& w) {
     const int64_t S = T_ * Np_, C = hp_.num_channels, p = hp_.patch_size, W = hp_.image_size;
     const int64_t CPP = C * p * p, Dc = D_ * (1 + K_), O = hp_.out_dim;
 
-    // Activations of this image, allocated once and reused by every layer.
-    Buf x(be_, S * D_), h(be_, S * D_), q(be_, S * D_), k(be_, S * D_), v(be_, S * D_), a(be_, S * D_);
-    Buf u(be_, std::min(kMlpRows, S) * F_), mask(be_, kMaskRows * S);
-    std::vector<std::unique_ptr<Buf>> inter;
-    for (int64_t i = 0; i < K_; i++) inter.push_back(std::make_unique<Buf>(be_, S * D_));
+    // Activations, allocated once per encode() call (see Work) and reused by every layer.
+    Buf &x = w.x, &h = w.h, &q = w.q, &k = w.k, &v = w.v, &a = w.a, &u = w.u, &mask = w.mask;
+    auto& inter = w.inter;
     const std::vector<Segment> segs = segments(tile_mask);
     Scratch scratch{h.p, q.p, k.p, v.p, a.p, u.p, mask.p, &segs, 0, true};
     for (const Segment& g : segs) {
@@ -257,7 +280,7 @@ void VisionEncoder::encode_image(const float* px, int32_t ar_id, const int32_t* 
 
     // ---- embeddings (HF: patch conv, + pre-tile, cls, + gated position, layernorm_pre, pad)
     // Per-aspect-ratio rows: tile_rows [T, P, D], pre/post [T, D].
-    Buf tile_rows(be_, T_ * P_ * D_), pre_rows(be_, T_ * D_), post_rows(be_, T_ * D_);
+    Buf &tile_rows = w.tile_rows, &pre_rows = w.pre_rows, &post_rows = w.post_rows;
     be_.get_rows(tile_pos_, &ar_id, 1, tile_rows.p);
     be_.get_rows(pre_tile_, &ar_id, 1, pre_rows.p);
     be_.get_rows(post_tile_, &ar_id, 1, post_rows.p);
@@ -267,14 +290,14 @@ void VisionEncoder::encode_image(const float* px, int32_t ar_id, const int32_t* 
     // embedding is added to every row of tile t right after layernorm_post, so it
     // folds into that LayerNorm's bias. Both [T, D].
     std::vector<float> zeros(std::max<int64_t>(T_ * D_, (Np_ - P_) * D_), 0.0f);
-    Buf pre_bias(be_, T_ * D_), post_bias(be_, T_ * D_);
+    Buf &pre_bias = w.pre_bias, &post_bias = w.post_bias;
     be_.to_device(pre_bias.p, zeros.data(), size_t(T_ * D_) * sizeof(float));
     be_.add_scaled(pre_bias.p, pre_rows.p, g_pre_, T_ * D_);
     for (int64_t t = 0; t < T_; t++) be_.copy(post_bias.p + t * D_, post_ln_b_, size_t(D_) * sizeof(float));
     be_.add_scaled(post_bias.p, post_rows.p, g_post_, T_ * D_);
 
     std::vector<float> cols(size_t(n_patch_ * CPP));  // im2col of one tile [n_patch, C*p*p]
-    Buf patches(be_, n_patch_ * CPP);
+    Buf& patches = w.patches;
     for (int64_t t = 0; t < T_; t++) {
         // cols[gy*grid + gx, (c*p + ky)*p + kx] = pixel[c, gy*p + ky, gx*p + kx]
         // (Conv2d weight [D, C, p, p] flattened row-major matches this column order).
@@ -335,7 +358,7 @@ void VisionEncoder::encode_image(const float* px, int32_t ar_id, const int32_t* 
     // intermediate i at feature d (interleaved, not one block per layer). The
     // backend has no strided copy, so the rows are assembled on the host.
     std::vector<float> cat(size_t(kProjRows * Dc)), tmp(size_t(kProjRows * D_));
-    Buf dcat(be_, kProjRows * Dc);
+    Buf& dcat = w.dcat;
     be_.synchronize();
     for (int64_t t = 0; t < T_; t++) {
         for (int64_t r0 = 0; r0 < P_; r0 += kProjRows) {

@@ -94,7 +94,9 @@ private:
     const float* vec_f32(const TensorMap& tm, const std::string& name, int64_t n);
     Layer load_layer(const TensorMap& tm, const std::string& prefix, bool gated);
     void run_layer(const Layer& L, float* x, int64_t S, const Scratch& s);
-    void encode_image(const float* pixels_host, int32_t ar_id, const int32_t* tile_mask, float* out);
+    struct Work;  // activation buffers of one encode() call (vision.cpp)
+    int64_t S() const { return T_ * Np_; }  // positions per image (all tiles, padded)
+    void encode_image(const float* pixels_host, int32_t ar_id, const int32_t* tile_mask, float* out, Work& w);
 
     Backend& be_;
     VisionHParams hp_;
