@@ -230,6 +230,32 @@ def test_q8_0_weights(tiny, case):
     assert e_f32 < 5e-2, e_f32
 
 
+def test_chunked_sizes(tmp_path):
+    """Sizes where every row chunking of vision.cpp runs more than once (the tiny
+    model fits in one chunk): 238 px tiles -> 17 x 17 patches, P = 290, Np = 296,
+    S = 4 x 296 = 1184 positions (MLP chunks of 1024 rows), projector chunks of
+    256 of the 290 rows, and an image with 3 empty tiles has 6 + 3 x 296 = 894
+    padding query rows (masked attention chunks of 512)."""
+    vc = dict(image_size=238, hidden_size=32, intermediate_size=64, attention_heads=2, num_hidden_layers=2,
+              num_global_layers=1, intermediate_layers_indices=[0, 1], initializer_range=0.15)
+    ckpt = make_tiny_checkpoint(tmp_path / "ckpt", seed=9, dtype="float32", vision_config=vc,
+                                text_config=dict(hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                                                 cross_attention_layers=[1]))
+    convert(ckpt, tmp_path / "m.gguf", ftype="f32", progress=False)
+    model = load_hf_model(ckpt, dtype="float64")
+    rng = np.random.default_rng(3)
+    px = np.zeros((2, 4, 3, 238, 238), np.float32)
+    px[0, :1] = rng.standard_normal((1, 3, 238, 238))
+    px[1, :2] = rng.standard_normal((2, 3, 238, 238))
+    ids = np.array([1, 2], np.int32)  # (1, 1) and (1, 2)
+    mask = np.array([[1, 0, 0, 0], [1, 1, 0, 0]], np.int32)
+    ref = _reference(model, px, ids, mask)
+    enc = _core.VisionEncoder(*_load(tmp_path / "m.gguf"))
+    assert enc.num_patches == 290
+    out = enc.encode(px, ids, mask)
+    assert _rel(out, ref) < 1e-4, _rel(out, ref)
+
+
 def test_bad_input(tiny, case):
     tensors, hp = _load(tiny["files"]["f32"])
     missing = dict(tensors)
