@@ -160,6 +160,25 @@ def test_hf_batch_layout(tiny, case):
     assert out.shape == case["ref"].shape and _rel(out, case["ref"]) < 1e-4
 
 
+def test_tile_table_shapes(tiny, case):
+    """Aspect-ratio tables stored with their natural axes ([A+1, T, P, D], [A+1, T, D])
+    instead of our converter's flattened [A+1, T*P*D] read the same entries."""
+    tensors, hp = _load(tiny["files"]["f32"])
+    T, D = hp["max_num_tiles"], hp["hidden_size"]
+    alt = dict(tensors)
+    for name, shape in (("v.tile_position_embd.weight", (-1, T, 17, D)),
+                        ("v.pre_tile_position_embd.weight", (-1, T, D)),
+                        ("v.post_tile_position_embd.weight", (-1, T, D))):
+        a = tensors[name][0].reshape(shape)
+        alt[name] = (a, GGML_F32, a.shape)
+    out = _core.VisionEncoder(alt, hp).encode(case["px"], case["ids"], case["mask"])
+    assert _rel(out, case["ref"]) < 1e-4
+    a = tensors["v.pre_tile_position_embd.weight"][0][1:]  # one entry short
+    alt["v.pre_tile_position_embd.weight"] = (a, GGML_F32, a.shape)
+    with pytest.raises(RuntimeError, match="v.pre_tile_position_embd.weight"):
+        _core.VisionEncoder(alt, hp)
+
+
 def test_layer_input_convention(tiny, case):
     """intermediate_at_layer_input=True names the INPUT of local layer i (Meta's
     reference, transformers <= 4.53): index i then equals transformers 5.x's i - 1."""

@@ -112,9 +112,9 @@ VisionEncoder::VisionEncoder(Backend& be, const TensorMap& tm, const VisionHPara
         g_tile_ = gate("v.tile_position_embd.gate");  // tanh(g)
         g_pre_ = gate("v.pre_tile_position_embd.gate");
         g_post_ = gate("v.post_tile_position_embd.gate");
-        tile_pos_ = tm.get("v.tile_position_embd.weight", {A1, T_ * P_ * D_});
-        pre_tile_ = tm.get("v.pre_tile_position_embd.weight", {A1, T_ * D_});
-        post_tile_ = tm.get("v.post_tile_position_embd.weight", {A1, T_ * D_});
+        tile_pos_ = table(tm, "v.tile_position_embd.weight", A1, T_ * P_ * D_);
+        pre_tile_ = table(tm, "v.pre_tile_position_embd.weight", A1, T_ * D_);
+        post_tile_ = table(tm, "v.post_tile_position_embd.weight", A1, T_ * D_);
         pre_ln_w_ = vec_f32(tm, "v.pre_ln.weight", D_);
         pre_ln_b_ = vec_f32(tm, "v.pre_ln.bias", D_);
         post_ln_w_ = vec_f32(tm, "v.post_ln.weight", D_);
@@ -143,6 +143,28 @@ const float* VisionEncoder::vec_f32(const TensorMap& tm, const std::string& name
     const int32_t zero = 0;
     be_.get_rows(w, &zero, 1, buf);
     return buf;
+}
+
+// An aspect-ratio embedding table: `entries` entries of `per_entry` values each.
+// Our converter writes [entries, per_entry] (gguf_keys.py); any shape with that
+// leading extent and element count is accepted (e.g. [9, 4, 1601, 1280]): an
+// entry is then per_entry / cols consecutive rows of the stored matrix.
+VisionEncoder::Table VisionEncoder::table(const TensorMap& tm, const std::string& name, int64_t entries,
+                                          int64_t per_entry) const {
+    const NamedTensor& t = tm.at(name);
+    int64_t numel = 1;
+    for (int64_t d : t.shape) numel *= d;
+    if (t.shape.empty() || t.shape[0] != entries || numel != entries * per_entry || per_entry % t.w.cols != 0)
+        throw std::runtime_error("tensor '" + name + "' has shape " + TensorMap::fmt(t.shape) + ", expected [" +
+                                 std::to_string(entries) + ", " + std::to_string(per_entry) + "]");
+    return Table{t.w, per_entry / t.w.cols};
+}
+
+// out[per_entry] = entry `id` of the table, as float32 (backend memory).
+void VisionEncoder::table_entry(const Table& tb, int32_t id, float* out) {
+    std::vector<int32_t> ids(size_t(tb.rows_per_entry));
+    for (int64_t i = 0; i < tb.rows_per_entry; i++) ids[i] = int32_t(int64_t(id) * tb.rows_per_entry + i);
+    be_.get_rows(tb.w, ids.data(), tb.rows_per_entry, out);
 }
 
 VisionEncoder::Layer VisionEncoder::load_layer(const TensorMap& tm, const std::string& pre, bool gated) {
@@ -281,9 +303,9 @@ void VisionEncoder::encode_image(const float* px, int32_t ar_id, const int32_t* 
     // ---- embeddings (HF: patch conv, + pre-tile, cls, + gated position, layernorm_pre, pad)
     // Per-aspect-ratio rows: tile_rows [T, P, D], pre/post [T, D].
     Buf &tile_rows = w.tile_rows, &pre_rows = w.pre_rows, &post_rows = w.post_rows;
-    be_.get_rows(tile_pos_, &ar_id, 1, tile_rows.p);
-    be_.get_rows(pre_tile_, &ar_id, 1, pre_rows.p);
-    be_.get_rows(post_tile_, &ar_id, 1, post_rows.p);
+    table_entry(tile_pos_, ar_id, tile_rows.p);
+    table_entry(pre_tile_, ar_id, pre_rows.p);
+    table_entry(post_tile_, ar_id, post_rows.p);
     // pre_bias[t] = tanh(g_pre) * pre_tile[ar][t]: added to every patch of tile t
     // (before the class token is prepended), here as the bias of the patch matmul.
     // post_bias[t] = post_ln.bias + tanh(g_post) * post_tile[ar][t]: the post-tile

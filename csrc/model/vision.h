@@ -91,6 +91,12 @@ private:
 
     std::vector<Segment> segments(const int32_t* tile_mask) const;
 
+    struct Table {              // aspect-ratio embedding table (see table())
+        Weight w;
+        int64_t rows_per_entry = 1;
+    };
+    Table table(const TensorMap& tm, const std::string& name, int64_t entries, int64_t per_entry) const;
+    void table_entry(const Table& tb, int32_t id, float* out);
     const float* vec_f32(const TensorMap& tm, const std::string& name, int64_t n);
     Layer load_layer(const TensorMap& tm, const std::string& prefix, bool gated);
     void run_layer(const Layer& L, float* x, int64_t S, const Scratch& s);
@@ -104,7 +110,7 @@ private:
     std::vector<void*> owned_;       // backend buffers this encoder allocated
 
     Weight patch_;                   // [Dv, C*p*p] view of the conv weight
-    Weight pre_tile_, post_tile_, tile_pos_;
+    Table pre_tile_, post_tile_, tile_pos_;  // per aspect-ratio id: [T, D], [T, D], [T, P, D]
     const float* class_embd_ = nullptr;   // backend [Dv]
     const float* pos_embd_ = nullptr;     // backend [P, Dv]
     float g_pos_ = 0, g_tile_ = 0, g_pre_ = 0, g_post_ = 0;
