@@ -74,12 +74,15 @@ def _load(path, **over):
 
 
 def _inputs(cfg, rng):
-    """3 images: 3 real tiles + 1 empty (1x3), 1 real + 3 empty (1x1), 4 real (2x2).
-    Empty tiles are zeros, as MllamaImageProcessor pads them."""
+    """4 images: 3 real tiles + 1 empty (1x3), 1 real + 3 empty (1x1), 4 real (2x2),
+    and a padding image (aspect ratio id 0, no real tile: what MllamaProcessor
+    emits to pad num_concurrent_media across a batch; every pair of its positions
+    is masked, so HF attends uniformly). Empty tiles are zeros, as
+    MllamaImageProcessor pads them."""
     vc = cfg.vision_config
     ratios = [list(r) for r in vc.supported_aspect_ratios]
-    n_tiles = [3, 1, 4]
-    ids = np.array([ratios.index([1, 3]) + 1, ratios.index([1, 1]) + 1, ratios.index([2, 2]) + 1], np.int32)
+    n_tiles = [3, 1, 4, 0]
+    ids = np.array([ratios.index([1, 3]) + 1, ratios.index([1, 1]) + 1, ratios.index([2, 2]) + 1, 0], np.int32)
     T, C, S = vc.max_num_tiles, vc.num_channels, vc.image_size
     px = np.zeros((len(n_tiles), T, C, S, S), np.float32)
     mask = np.zeros((len(n_tiles), T), np.int32)
@@ -145,9 +148,9 @@ def test_f32_parity(tiny, case):
     enc = _core.VisionEncoder(tensors, hp)
     assert enc.num_patches == 17
     out = enc.encode(case["px"], case["ids"], case["mask"])
-    assert out.shape == case["ref"].shape == (3, 4, 17, hp["out_dim"])
+    assert out.shape == case["ref"].shape == (4, 4, 17, hp["out_dim"])
     # float32 everywhere vs a float64 reference: a few float32 ulps per op.
-    errs = [_rel(out[i], case["ref"][i]) for i in range(3)]
+    errs = [_rel(out[i], case["ref"][i]) for i in range(4)]
     print("f32 rel err per image:", ", ".join(f"{e:.2e}" for e in errs))
     assert max(errs) < 1e-4, errs
     assert np.abs(out - case["ref"]).max() < 1e-4 * np.abs(case["ref"]).max()
@@ -202,7 +205,7 @@ def test_mask_and_gates_matter(tiny, case):
     assert _rel(alt[0], ref[0]) > 1e-2 and _rel(alt[1], ref[1]) > 1e-2
     # Another aspect-ratio id changes the tile embeddings of every tile.
     alt = _reference(model, px, np.roll(ids, 1), mask)
-    for i in range(3):
+    for i in range(4):
         assert _rel(alt[i], ref[i]) > 1e-2
 
 
@@ -292,7 +295,7 @@ def test_bad_input(tiny, case):
         _core.VisionEncoder(tensors, {k: v for k, v in hp.items() if k != "out_dim"})
     enc = _core.VisionEncoder(tensors, hp)
     with pytest.raises(ValueError, match="aspect_ratio_id"):
-        enc.encode(case["px"], np.array([1, 99, 2], np.int32), case["mask"])
+        enc.encode(case["px"], np.array([1, 99, 2, 0], np.int32), case["mask"])
     with pytest.raises(ValueError, match="aspect_ratio_mask values"):
         enc.encode(case["px"], case["ids"], np.full_like(case["mask"], 2))
     with pytest.raises(ValueError, match="pixel_values"):
