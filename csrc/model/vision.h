@@ -38,9 +38,12 @@ struct VisionHParams {
     int out_dim;                // text hidden size = projector output (4096)
     // Which hidden state an entry i of intermediate_layers names.
     //   false (default): the OUTPUT of local layer i, as transformers 5.x computes it
-    //     (MllamaVisionEncoder collects each layer's output; the project's numerics reference).
-    //   true: the INPUT of local layer i, as Meta's reference code and transformers <= 4.53 did
-    //     (the weights were trained that way). Equal to the default with every index minus one.
+    //     (MllamaVisionEncoder.forward collects each layer's output into hidden_states;
+    //     the project's numerics reference, and what the parity tests compare with).
+    //   true: the INPUT of local layer i, as Meta's reference code does
+    //     (llama_models/llama3/multimodal/model.py, ImageTransformer.forward appends x
+    //     before running resblock idx) and transformers <= 4.53 did: the convention the
+    //     published weights were trained with. Equal to the default with every index - 1.
     bool intermediate_at_layer_input = false;
 };
 
