@@ -6,19 +6,15 @@ computed by transformers in float64 on a tiny random checkpoint whose gates and
 zero-/one-initialised parameters are all randomised (transformers initialises the
 gates to zero, which would make the tile/position paths vanish from the output).
 """
+import gguf
 import numpy as np
 import pytest
 import torch
 
+from convert.converter import convert
 from mllama_q import _core
-
-transformers = pytest.importorskip("transformers")
-
-from mllama_q import gguf_keys as K  # noqa: E402
-from tests.tiny_models import load_hf_model, make_tiny_checkpoint  # noqa: E402
-
-gguf = pytest.importorskip("gguf")
-from convert.converter import convert  # noqa: E402
+from mllama_q import gguf_keys as K
+from tests.tiny_models import load_hf_model, make_tiny_checkpoint
 
 GGML_F32 = 0
 
@@ -30,7 +26,7 @@ GGML_F32 = 0
 # O(1) and make attention peaky, so the padding mask visibly changes the output
 # (test_mask_and_gates_matter checks that). Gates, norms and biases are
 # randomised by make_tiny_checkpoint.
-VISION = dict(num_hidden_layers=5, intermediate_layers_indices=[0, 2, 3], initializer_range=0.15)
+VISION = {"num_hidden_layers": 5, "intermediate_layers_indices": [0, 2, 3], "initializer_range": 0.15}
 
 
 def _rel(a, b):
@@ -48,7 +44,7 @@ def tiny(tmp_path_factory):
     for ftype in ("f32", "f16", "q8_0"):
         files[ftype] = d / f"tiny-{ftype}.gguf"
         convert(ckpt, files[ftype], ftype=ftype, progress=False)
-    return dict(ckpt=ckpt, model=load_hf_model(ckpt, dtype="float64"), files=files)
+    return {"ckpt": ckpt, "model": load_hf_model(ckpt, dtype="float64"), "files": files}
 
 
 def _field(r, key):
@@ -61,14 +57,14 @@ def _load(path, **over):
     r = gguf.GGUFReader(path)
     tensors = {t.name: (t.data, int(t.tensor_type), tuple(int(x) for x in reversed(t.shape)))
                for t in r.tensors if t.name.startswith(("v.", "mm."))}
-    hp = dict(hidden_size=_field(r, K.V_EMBEDDING_LENGTH), intermediate_size=_field(r, K.V_FEED_FORWARD_LENGTH),
-              num_layers=_field(r, K.V_BLOCK_COUNT), num_global_layers=_field(r, K.V_GLOBAL_BLOCK_COUNT),
-              n_head=_field(r, K.V_HEAD_COUNT), image_size=_field(r, K.V_IMAGE_SIZE),
-              patch_size=_field(r, K.V_PATCH_SIZE), num_channels=_field(r, K.V_NUM_CHANNELS),
-              max_num_tiles=_field(r, K.V_MAX_NUM_TILES),
-              max_aspect_ratio_id=len(_field(r, K.Q_V_ASPECT_RATIOS)) // 2, norm_eps=_field(r, K.V_LN_EPS),
-              intermediate_layers=list(_field(r, K.V_INTERMEDIATE_LAYERS)),
-              out_dim=_field(r, K.Q_V_PROJECTION_DIM))
+    hp = {"hidden_size": _field(r, K.V_EMBEDDING_LENGTH), "intermediate_size": _field(r, K.V_FEED_FORWARD_LENGTH),
+              "num_layers": _field(r, K.V_BLOCK_COUNT), "num_global_layers": _field(r, K.V_GLOBAL_BLOCK_COUNT),
+              "n_head": _field(r, K.V_HEAD_COUNT), "image_size": _field(r, K.V_IMAGE_SIZE),
+              "patch_size": _field(r, K.V_PATCH_SIZE), "num_channels": _field(r, K.V_NUM_CHANNELS),
+              "max_num_tiles": _field(r, K.V_MAX_NUM_TILES),
+              "max_aspect_ratio_id": len(_field(r, K.Q_V_ASPECT_RATIOS)) // 2, "norm_eps": _field(r, K.V_LN_EPS),
+              "intermediate_layers": list(_field(r, K.V_INTERMEDIATE_LAYERS)),
+              "out_dim": _field(r, K.Q_V_PROJECTION_DIM)}
     hp.update(over)
     return tensors, hp
 
@@ -107,7 +103,7 @@ def _reference(model, px, ids, mask):
 @pytest.fixture(scope="module")
 def case(tiny):
     px, ids, mask = _inputs(tiny["model"].config, np.random.default_rng(11))
-    return dict(px=px, ids=ids, mask=mask, ref=_reference(tiny["model"], px, ids, mask))
+    return {"px": px, "ids": ids, "mask": mask, "ref": _reference(tiny["model"], px, ids, mask)}
 
 
 def _same_weights_model(tiny, path):
@@ -258,11 +254,11 @@ def test_chunked_sizes(tmp_path):
     S = 4 x 296 = 1184 positions (MLP chunks of 1024 rows), projector chunks of
     256 of the 290 rows, and an image with 3 empty tiles has 6 + 3 x 296 = 894
     padding query rows (masked attention chunks of 512)."""
-    vc = dict(image_size=238, hidden_size=32, intermediate_size=64, attention_heads=2, num_hidden_layers=2,
-              num_global_layers=1, intermediate_layers_indices=[0, 1], initializer_range=0.15)
+    vc = {"image_size": 238, "hidden_size": 32, "intermediate_size": 64, "attention_heads": 2, "num_hidden_layers": 2,
+              "num_global_layers": 1, "intermediate_layers_indices": [0, 1], "initializer_range": 0.15}
     ckpt = make_tiny_checkpoint(tmp_path / "ckpt", seed=9, dtype="float32", vision_config=vc,
-                                text_config=dict(hidden_size=64, intermediate_size=64, num_hidden_layers=2,
-                                                 cross_attention_layers=[1]))
+                                text_config={"hidden_size": 64, "intermediate_size": 64, "num_hidden_layers": 2,
+                                                 "cross_attention_layers": [1]})
     convert(ckpt, tmp_path / "m.gguf", ftype="f32", progress=False)
     model = load_hf_model(ckpt, dtype="float64")
     rng = np.random.default_rng(3)
