@@ -51,6 +51,9 @@ class VisionEncoder {
 public:
     // Validates every tensor name and shape up front (throws std::runtime_error
     // naming the tensor) and checks the hyper-parameters (std::invalid_argument).
+    // Keeps the backend Weights of `tm` (views: the tensor data, e.g. the mapped
+    // GGUF, and the backend must outlive the encoder) plus small owned f32
+    // copies of the 1-D parameters; the TensorMap object itself may go.
     VisionEncoder(Backend& be, const TensorMap& tm, const VisionHParams& hp);
     ~VisionEncoder();
     VisionEncoder(const VisionEncoder&) = delete;
