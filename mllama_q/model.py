@@ -156,30 +156,21 @@ class Model:
         self.device = device
         self.n_ctx = int(n_ctx)
         self.image_token_id = int(_q(reader, K.Q_IMAGE_TOKEN_ID))
-        stop = [int(x) for x in np.asarray(_q(reader, K.Q_STOP_TOKEN_IDS)).reshape(-1)]
-        eos = field_value(reader, K.TOKENIZER_EOS_ID)
-        if eos is not None and int(eos) not in stop:
-            stop.append(int(eos))
-        self.stop_ids = stop
-        self.tokenizer, self.processor = self._frontend(reader)
+        # Tokenizer, processor, stop ids and sampling defaults from the same file (frontend).
+        from .generate import generation_defaults_from_gguf, stop_ids_from_gguf
+        from .processor import Processor, ProcessorSettings
+        from .tokenizer import Tokenizer
 
-    # -- frontend (tokenizer, processor) built from the same file -------------
-    def _frontend(self, reader):
-        try:
-            from .tokenizer import Tokenizer
-        except ImportError:  # frontend not part of this build
-            return None, None
-        if K.TOKENIZER_TOKENS not in reader.fields:
-            return None, None
-        tok = Tokenizer.from_gguf(reader)
-        proc = None
-        try:
-            from .processor import Processor
-        except ImportError:
-            return tok, None
-        if hasattr(Processor, "from_gguf"):
-            proc = Processor.from_gguf(reader, tok)
-        return tok, proc
+        self.tokenizer = None
+        self.processor = None
+        if K.TOKENIZER_TOKENS in reader.fields:
+            try:
+                self.tokenizer = Tokenizer.from_gguf(reader)
+            except (ValueError, KeyError, TypeError) as e:
+                raise ModelFileError(f"{self.path}: bad tokenizer metadata ({e})") from e
+            self.processor = Processor(self.tokenizer, ProcessorSettings.from_gguf(reader, self.tokenizer))
+        self.stop_ids = stop_ids_from_gguf(reader, self.tokenizer)
+        self.generation_defaults = generation_defaults_from_gguf(reader)
 
     # -- session ---------------------------------------------------------------
     @property

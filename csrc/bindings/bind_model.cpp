@@ -45,7 +45,6 @@ TextHParams text_hparams_from(const py::dict& d) {
     return hp;
 }
 
-#if MQ_HAVE_VISION
 VisionHParams vision_hparams_from(const py::dict& d) {
     const char* w = "vision_hparams";
     VisionHParams hp{};
@@ -65,7 +64,6 @@ VisionHParams vision_hparams_from(const py::dict& d) {
     if (d.contains("intermediate_at_layer_input")) hp.intermediate_at_layer_input = get<bool>(d, "intermediate_at_layer_input", w);
     return hp;
 }
-#endif
 
 std::unique_ptr<Backend> make_backend(const std::string& device) {
     if (device == "cpu") return make_cpu_backend(ThreadPool::global());
@@ -108,11 +106,7 @@ public:
         TextHParams thp = text_hparams_from(text_hparams);
         std::optional<VisionHParams> vhp;
         if (vision_hparams) {
-#if MQ_HAVE_VISION
             vhp = vision_hparams_from(*vision_hparams);
-#else
-            throw std::invalid_argument("this build of mllama_q has no vision encoder; pass vision_hparams=None");
-#endif
         }
         auto be = make_backend(device);
         TensorMap tm = tensor_map_from_py(tensors, *be);
@@ -181,7 +175,6 @@ private:
 }  // namespace
 
 void register_model(py::module_& m) {
-    m.attr("have_vision") = bool(MQ_HAVE_VISION);
     py::class_<PyMllamaModel>(m, "MllamaModel",
                               "The compiled mllama model. Built by mllama_q.Model from a GGUF file:\n"
                               "MllamaModel(tensors, text_hparams, vision_hparams, device, n_ctx, kv_type)\n"

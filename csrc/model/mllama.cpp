@@ -19,14 +19,10 @@ MllamaModel::MllamaModel(std::unique_ptr<Backend> be, TensorMap tm, const TextHP
     : be_(std::move(be)), tm_(std::move(tm)), mask_buf_(be_.get()) {
     text_ = std::make_unique<TextDecoder>(*be_, tm_, thp, n_ctx, kv_type);
     if (vhp) {
-#if MQ_HAVE_VISION
         if (vhp->out_dim != thp.hidden_size)
             throw std::invalid_argument("vision out_dim " + std::to_string(vhp->out_dim) + " != text hidden_size " +
                                         std::to_string(thp.hidden_size));
         vision_ = std::make_unique<VisionEncoder>(*be_, tm_, *vhp);
-#else
-        throw std::runtime_error("this build of mllama_q has no vision encoder");
-#endif
     }
 }
 
@@ -42,7 +38,6 @@ void MllamaModel::reset() {
 
 void MllamaModel::encode_images(const float* pixels_host, const int32_t* ar_ids_host, const int32_t* ar_mask_host,
                                 int n_img, int n_tiles, int channels, int height, int width) {
-#if MQ_HAVE_VISION
     if (!vision_) throw std::invalid_argument("the model was loaded without its vision encoder (vision=False)");
     if (n_img <= 0) throw std::invalid_argument("encode_images: no images");
     const VisionHParams& vh = vision_->hparams();
@@ -65,11 +60,6 @@ void MllamaModel::encode_images(const float* pixels_host, const int32_t* ar_ids_
     BackendBuffer states(be_.get());  // f32 [n_img, T, P, D]
     vision_->encode(pixels_host, ar_ids_host, ar_mask_host, n_img, states.f32(int64_t(n_img) * T * P * D));
     set_cross_keys_from_backend(static_cast<const float*>(states.data()), n_img, T, P);
-#else
-    (void)pixels_host; (void)ar_ids_host; (void)ar_mask_host; (void)n_img;
-    (void)n_tiles; (void)channels; (void)height; (void)width;
-    throw std::runtime_error("this build of mllama_q has no vision encoder");
-#endif
 }
 
 void MllamaModel::set_cross_attention_states(const float* states_host, int n_img, int n_tiles, int64_t n_patches) {

@@ -15,21 +15,9 @@
 #include "model/tensors.h"
 #include "model/text.h"
 
-// The vision tower (csrc/model/vision.h) is developed on its own branch; the
-// model compiles without it (text and cross-attention from given states only).
-#if __has_include("model/vision.h")
 #include "model/vision.h"
-#define MQ_HAVE_VISION 1
-#else
-#define MQ_HAVE_VISION 0
-#endif
 
 namespace mq {
-
-#if !MQ_HAVE_VISION
-struct VisionHParams {};
-class VisionEncoder {};  // placeholder: never constructed without vision.h
-#endif
 
 class MllamaModel {
 public:
