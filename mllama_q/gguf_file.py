@@ -71,27 +71,64 @@ def open_gguf(path) -> Any:
     # Each metadata entry takes >= 12 bytes (key length, type, a value) and each
     # tensor-table entry >= 24 bytes: larger counts mean a corrupt header.
     if n_kv * 12 > size or n_tensors * 24 > size:
-        raise ModelFileError(f"{p}: corrupt GGUF header ({n_tensors} tensors, {n_kv} metadata entries "
-                             f"cannot fit in {size} bytes)")
-
-    from gguf import GGUFReader  # gguf-py (runtime dependency; numpy only)
+        raise ModelFileError(f"{p}: corrupt or truncated GGUF header ({n_tensors} tensors, {n_kv} metadata "
+                             f"entries cannot fit in {size} bytes)")
 
     try:
-        reader = GGUFReader(p, "r")
+        reader = _checked_reader_class()(p, "r")
+    except ModelFileError as e:
+        raise ModelFileError(f"{p}: {e}") from None
     except Exception as e:  # gguf-py raises ValueError/IndexError/KeyError/... on bad bytes
         raise ModelFileError(f"{p}: corrupt or truncated GGUF file ({type(e).__name__}: {e})") from e
+    for t in reader.tensors:  # belt and braces: the views gguf-py built cover every byte
+        if t.data.nbytes != int(t.n_bytes):
+            raise ModelFileError(f"{p}: truncated file: tensor '{t.name}' is incomplete")
+    return reader
+
+
+_READER_CLASS = None
+
+
+def _checked_reader_class():
+    """gguf.GGUFReader that checks every tensor's type and byte range after the tensor
+    table is parsed and before gguf-py builds the tensor views (whose errors on a
+    truncated file would otherwise be numpy reshape messages)."""
+    global _READER_CLASS
+    if _READER_CLASS is not None:
+        return _READER_CLASS
+    from gguf import GGUFReader  # gguf-py (runtime dependency; numpy only)
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
     types = _supported_types()
-    for t in reader.tensors:
-        end = int(t.data_offset) + int(t.n_bytes)
-        if end > size or t.data.nbytes != int(t.n_bytes):
-            raise ModelFileError(f"{p}: truncated file: tensor '{t.name}' needs bytes up to {end}, "
-                                 f"the file has {size}")
-        tid = int(t.tensor_type)
-        if tid not in types:
-            raise ModelFileError(f"{p}: tensor '{t.name}' has type {t.tensor_type.name} (ggml type {tid}), "
-                                 f"not supported (supported: {', '.join(sorted(types.values()))})")
-    return reader
+
+    class CheckedReader(GGUFReader):
+        def _build_tensors(self, start_offs, fields):
+            size = len(self.data)
+            for field in fields:
+                _name_len, name_data, _n_dims, dims, raw_dtype, offset_tensor = field.parts
+                name = bytes(name_data).decode("utf-8", errors="replace")
+                tid = int(raw_dtype[0])
+                if tid not in types:
+                    try:
+                        tname = GGMLQuantizationType(tid).name
+                    except ValueError:
+                        tname = "unknown"
+                    raise ModelFileError(f"tensor '{name}' has ggml type {tid} ({tname}), not supported "
+                                         f"(supported: {', '.join(sorted(types.values()))})")
+                n_elems = 1
+                for d in dims.tolist():
+                    n_elems *= int(d)
+                block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(tid)]
+                if n_elems % block:
+                    raise ModelFileError(f"tensor '{name}' has {n_elems} values, not whole {block}-value blocks")
+                end = int(start_offs) + int(offset_tensor[0]) + n_elems // block * type_size
+                if end > size:
+                    raise ModelFileError(f"truncated file: tensor '{name}' needs bytes up to {end}, "
+                                         f"the file has {size}")
+            return super()._build_tensors(start_offs, fields)
+
+    _READER_CLASS = CheckedReader
+    return CheckedReader
 
 
 def field_value(reader, key: str, default: Any = None) -> Any:
