@@ -93,6 +93,7 @@ def hf_with_file_weights(ckpt, path):
                 layer.mlp.fc1.weight.copy_(t(vals[n(K.V_FFN_UP_W)]))
                 layer.mlp.fc2.weight.copy_(t(vals[n(K.V_FFN_DOWN_W)]))
         ref.model.multi_modal_projector.weight.copy_(t(vals[K.MM_PROJ_W]))
+        vm.patch_embedding.weight.copy_(t(vals[K.V_PATCH_EMBD]))  # F16 in quantized files
     return ref.eval()
 
 
