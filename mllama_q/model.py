@@ -104,6 +104,21 @@ def vision_hparams(reader, path, text_hidden: int) -> dict:
     }
 
 
+def required_vision_tensors(vhp: dict) -> list[str]:
+    """Every tensor name the vision tower reads (gguf_keys.py), for the load-time check."""
+    names = [K.V_PATCH_EMBD, K.V_CLASS_EMBD, K.V_POS_EMBD, K.V_POS_EMBD_GATE, K.V_TILE_POS_EMBD,
+             K.V_TILE_POS_EMBD_GATE, K.V_PRE_TILE_EMBD, K.V_PRE_TILE_EMBD_GATE, K.V_POST_TILE_EMBD,
+             K.V_POST_TILE_EMBD_GATE, K.V_PRE_LN_W, K.V_PRE_LN_B, K.V_POST_LN_W, K.V_POST_LN_B,
+             K.MM_PROJ_W, K.MM_PROJ_B]
+    per_layer = [K.V_ATTN_NORM_W, K.V_ATTN_NORM_B, K.V_ATTN_Q, K.V_ATTN_K, K.V_ATTN_V, K.V_ATTN_OUTPUT,
+                 K.V_FFN_NORM_W, K.V_FFN_NORM_B, K.V_FFN_UP_W, K.V_FFN_UP_B, K.V_FFN_DOWN_W, K.V_FFN_DOWN_B]
+    for i in range(vhp["num_layers"]):
+        names += [K.vblk(n, i) for n in per_layer]
+    for i in range(vhp["num_global_layers"]):
+        names += [K.vblk(n, i, True) for n in per_layer + [K.V_ATTN_GATE, K.V_FFN_GATE]]
+    return names
+
+
 class Model:
     """An mllama GGUF model on one device.
 
@@ -140,9 +155,16 @@ class Model:
         elif vision and not has_vision_tensors:
             raise ModelFileError(f"{self.path}: the file has no vision tensors (v.*, mm.*); load it with vision=False")
 
-        # Hand over the mapped arrays (no copy); the vision ones only when used.
+        # Hand over the mapped arrays (no copy); the vision ones only when used. The core
+        # uploads them and builds the vision encoder at the first encode_images, so a
+        # text-only session never reads them; their presence is checked now.
         tensors = {t.name: tensor_entry(t) for t in reader.tensors
                    if vhp is not None or not t.name.startswith(VISION_PREFIXES)}
+        if vhp is not None:
+            missing = [n for n in required_vision_tensors(vhp) if n not in tensors]
+            if missing:
+                raise ModelFileError(f"{self.path}: missing vision tensor(s): {', '.join(missing[:8])}"
+                                     + (" ..." if len(missing) > 8 else ""))
         try:
             self._core = _core.MllamaModel(tensors, thp, vhp, device, int(n_ctx), kv_type)
         except RuntimeError as e:  # a missing or misshaped tensor (TensorMap), or no such device
@@ -191,6 +213,13 @@ class Model:
         the cross-attention K/V every later token reads; replaces the previous image set."""
         if not self.has_vision:
             raise ValueError("this model was loaded with vision=False (or the file has no vision tower)")
+        if not self._core.vision_loaded:
+            try:
+                self._core.load_vision()  # first use: upload the vision weights, build the encoder
+            except RuntimeError as e:  # a misshaped vision tensor
+                if "tensor" in str(e):
+                    raise ModelFileError(f"{self.path}: {e}") from e
+                raise
         self._core.encode_images(np.ascontiguousarray(pixel_values, dtype=np.float32),
                                  np.ascontiguousarray(aspect_ratio_ids, dtype=np.int32),
                                  np.ascontiguousarray(aspect_ratio_mask, dtype=np.int32))

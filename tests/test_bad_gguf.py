@@ -208,6 +208,24 @@ def test_text_only_never_needs_vision_tensors(good, tmp_path):
     expect_error(p, "no vision tensors")
 
 
+def test_missing_vision_tensor(good, tmp_path):
+    name = K.vblk(K.V_FFN_UP_W, 1, True)
+    p = rewrite(good, tmp_path / "novtensor.gguf", drop_tensors=(name,))
+    expect_error(p, "missing vision tensor.*" + name.replace(".", r"\."))
+    mllama_q.Model(p, vision=False)  # the text model alone is fine
+
+
+def test_misshaped_vision_tensor(good, tmp_path):
+    """Checked when the vision weights are first used (they are not read before)."""
+    name = K.V_CLASS_EMBD
+    p = rewrite(good, tmp_path / "vshape.gguf", tensor_override=(name, np.ones(3, dtype=np.float32), None))
+    m = mllama_q.Model(p)
+    T = m.vision_hparams["max_num_tiles"]
+    S = m.vision_hparams["image_size"]
+    with pytest.raises(ModelFileError, match="class_embd"):
+        m.encode_images(np.zeros((1, T, 3, S, S), np.float32), [1], [[1] + [0] * (T - 1)])
+
+
 def test_file_is_not_modified(good):
     before = os.path.getmtime(good), good.stat().st_size
     mllama_q.Model(good, vision=False)

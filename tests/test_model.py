@@ -338,6 +338,10 @@ def test_text_only_model_never_uses_vision(tiny):
     m = mllama_q.Model(tiny["files"]["f32"], vision=False, kv_type="f32")
     assert not m.has_vision
     assert not any(n.startswith(("v.", "mm.")) for n in m._tensors)
+    # vision=True and a text-only prompt: the vision weights are not uploaded either.
+    mv = load(tiny, "f32")
+    mv.forward(tiny["cases"]["text_only"]["input_ids"])
+    assert mv.has_vision and not mv._core.vision_loaded
     assert rel_err(m.forward(tiny["cases"]["text_only"]["input_ids"]), tiny["refs"]["text_only"]) < 1e-4
     c = tiny["cases"]["one_image_1_tile"]
     with pytest.raises(ValueError, match="vision"):

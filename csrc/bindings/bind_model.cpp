@@ -95,6 +95,9 @@ A squeeze_batch(A a, int ndim, const char* what) {
 
 class PyMllamaModel {
 public:
+    // Vision tensors (names starting with "v." or "mm.") are set aside and
+    // uploaded, with the encoder built, only on the first encode_images: a
+    // text-only session never reads (or, on CUDA, copies) the vision weights.
     PyMllamaModel(py::dict tensors, py::dict text_hparams, std::optional<py::dict> vision_hparams,
                   const std::string& device, int64_t n_ctx, const std::string& kv_type)
         : tensors_(tensors) {
@@ -104,19 +107,32 @@ public:
         else throw std::invalid_argument("kv_type must be 'f16' or 'f32', got '" + kv_type + "'");
         require(n_ctx > 0, "n_ctx must be positive");
         TextHParams thp = text_hparams_from(text_hparams);
-        std::optional<VisionHParams> vhp;
-        if (vision_hparams) {
-            vhp = vision_hparams_from(*vision_hparams);
+        if (vision_hparams) vhp_ = vision_hparams_from(*vision_hparams);
+        py::dict text_tensors;
+        for (auto item : tensors) {
+            const std::string name = py::str(item.first);
+            if (name.rfind("v.", 0) == 0 || name.rfind("mm.", 0) == 0) vision_tensors_[item.first] = item.second;
+            else text_tensors[item.first] = item.second;
         }
         auto be = make_backend(device);
-        TensorMap tm = tensor_map_from_py(tensors, *be);
-        model_ = std::make_unique<MllamaModel>(std::move(be), std::move(tm), thp, vhp, n_ctx, kvt);
+        TensorMap tm = tensor_map_from_py(text_tensors, *be);
+        model_ = std::make_unique<MllamaModel>(std::move(be), std::move(tm), thp, n_ctx, kvt);
+    }
+
+    bool has_vision() const { return vhp_.has_value(); }
+
+    // Uploads the vision tensors and builds the encoder (once).
+    void load_vision() {
+        if (model_->has_vision()) return;
+        require(vhp_.has_value(), "the model was loaded without its vision encoder (vision=False)");
+        TensorMap vtm = tensor_map_from_py(vision_tensors_, model_->backend());
+        model_->attach_vision(std::move(vtm), *vhp_);
     }
 
     void reset() { model_->reset(); }
 
     void encode_images(py::array pixel_values, py::array aspect_ratio_ids, py::array aspect_ratio_mask) {
-        require(model_->has_vision(), "the model was loaded without its vision encoder (vision=False)");
+        load_vision();
         F32 px = squeeze_batch(F32(pixel_values), 5, "pixel_values");   // [n_img, T, C, H, W]
         I32 ids = squeeze_batch(I32(aspect_ratio_ids), 1, "aspect_ratio_ids");  // [n_img]
         I32 msk = squeeze_batch(I32(aspect_ratio_mask), 2, "aspect_ratio_mask");  // [n_img, T]
@@ -164,11 +180,13 @@ public:
     int64_t n_past() const { return model_->n_past(); }
     int64_t n_ctx() const { return model_->n_ctx(); }
     int n_images() const { return model_->n_images(); }
-    bool has_vision() const { return model_->has_vision(); }
+    bool vision_loaded() const { return model_->has_vision(); }
     std::string device() const { return model_->backend().name(); }
 
 private:
     py::object tensors_;  // keeps the mapped arrays alive as long as the model
+    py::dict vision_tensors_;
+    std::optional<VisionHParams> vhp_;
     std::unique_ptr<MllamaModel> model_;
 };
 
@@ -194,7 +212,10 @@ void register_model(py::module_& m) {
         .def_property_readonly("n_past", &PyMllamaModel::n_past)
         .def_property_readonly("n_ctx", &PyMllamaModel::n_ctx)
         .def_property_readonly("n_images", &PyMllamaModel::n_images)
-        .def_property_readonly("has_vision", &PyMllamaModel::has_vision)
+        .def_property_readonly("has_vision", &PyMllamaModel::has_vision, "vision_hparams were given")
+        .def_property_readonly("vision_loaded", &PyMllamaModel::vision_loaded,
+                               "the vision weights were uploaded and the encoder built (first encode_images)")
+        .def("load_vision", &PyMllamaModel::load_vision, "Upload the vision weights and build the encoder now.")
         .def_property_readonly("device", &PyMllamaModel::device);
 }
 

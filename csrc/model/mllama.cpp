@@ -14,16 +14,19 @@ namespace mq {
 // the scratch activations and the cross-attention mask ([chunk, n_keys] f32).
 constexpr int64_t kMaxBatch = 512;
 
-MllamaModel::MllamaModel(std::unique_ptr<Backend> be, TensorMap tm, const TextHParams& thp,
-                         const std::optional<VisionHParams>& vhp, int64_t n_ctx, DType kv_type)
+MllamaModel::MllamaModel(std::unique_ptr<Backend> be, TensorMap tm, const TextHParams& thp, int64_t n_ctx,
+                         DType kv_type)
     : be_(std::move(be)), tm_(std::move(tm)), mask_buf_(be_.get()) {
     text_ = std::make_unique<TextDecoder>(*be_, tm_, thp, n_ctx, kv_type);
-    if (vhp) {
-        if (vhp->out_dim != thp.hidden_size)
-            throw std::invalid_argument("vision out_dim " + std::to_string(vhp->out_dim) + " != text hidden_size " +
-                                        std::to_string(thp.hidden_size));
-        vision_ = std::make_unique<VisionEncoder>(*be_, tm_, *vhp);
-    }
+}
+
+void MllamaModel::attach_vision(TensorMap vision_tm, const VisionHParams& vhp) {
+    if (vhp.out_dim != text_->hparams().hidden_size)
+        throw std::invalid_argument("vision out_dim " + std::to_string(vhp.out_dim) + " != text hidden_size " +
+                                    std::to_string(text_->hparams().hidden_size));
+    vision_.reset();
+    vision_tm_ = std::move(vision_tm);
+    vision_ = std::make_unique<VisionEncoder>(*be_, vision_tm_, vhp);
 }
 
 MllamaModel::~MllamaModel() = default;

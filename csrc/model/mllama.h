@@ -21,11 +21,14 @@ namespace mq {
 
 class MllamaModel {
 public:
-    // `tm` must hold every text tensor, and every vision tensor when `vhp` is given
-    // (its weights were uploaded through `be`). Throws when a tensor is missing or misshaped.
-    MllamaModel(std::unique_ptr<Backend> be, TensorMap tm, const TextHParams& thp,
-                const std::optional<VisionHParams>& vhp, int64_t n_ctx, DType kv_type);
+    // `tm` must hold every text tensor (uploaded through `be`). Throws when a
+    // tensor is missing or misshaped. The vision tower is attached separately
+    // (attach_vision), so a text-only session never reads its weights.
+    MllamaModel(std::unique_ptr<Backend> be, TensorMap tm, const TextHParams& thp, int64_t n_ctx, DType kv_type);
     ~MllamaModel();
+
+    // Builds the vision encoder from its own tensors (v.*, mm.*, uploaded through backend()).
+    void attach_vision(TensorMap vision_tm, const VisionHParams& vhp);
 
     Backend& backend() { return *be_; }
     const TextHParams& text_hparams() const { return text_->hparams(); }
@@ -67,6 +70,7 @@ private:
 
     std::unique_ptr<Backend> be_;   // declared first: destroyed last
     TensorMap tm_;
+    TensorMap vision_tm_;
     std::unique_ptr<TextDecoder> text_;
     std::unique_ptr<VisionEncoder> vision_;
     int64_t n_past_ = 0;
