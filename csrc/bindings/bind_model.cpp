@@ -4,6 +4,7 @@
 #include <pybind11/stl.h>
 
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <vector>
@@ -123,13 +124,18 @@ public:
 
     // Uploads the vision tensors and builds the encoder (once).
     void load_vision() {
+        std::lock_guard<std::mutex> lock(mu_);  // the GIL is held too (Python objects are read)
         if (model_->has_vision()) return;
         require(vhp_.has_value(), "the model was loaded without its vision encoder (vision=False)");
         TensorMap vtm = tensor_map_from_py(vision_tensors_, model_->backend());
         model_->attach_vision(std::move(vtm), *vhp_);
     }
 
-    void reset() { model_->reset(); }
+    void reset() {
+        py::gil_scoped_release nogil;
+        std::lock_guard<std::mutex> lock(mu_);
+        model_->reset();
+    }
 
     void encode_images(py::array pixel_values, py::array aspect_ratio_ids, py::array aspect_ratio_mask) {
         load_vision();
@@ -141,6 +147,7 @@ public:
         require(ids.shape(0) == n_img, "aspect_ratio_ids must have one entry per image");
         require(msk.shape(0) == n_img && msk.shape(1) == px.shape(1), "aspect_ratio_mask must be [n_img, max_tiles]");
         py::gil_scoped_release nogil;
+        std::lock_guard<std::mutex> lock(mu_);
         model_->encode_images(px.data(), ids.data(), msk.data(), n_img, int(px.shape(1)), int(px.shape(2)),
                               int(px.shape(3)), int(px.shape(4)));
     }
@@ -149,6 +156,7 @@ public:
         F32 s = squeeze_batch(F32(states), 4, "states");  // [n_img, T, P, D]
         require(s.shape(3) == model_->text_hparams().hidden_size, "states must be [n_img, n_tiles, n_patches, hidden_size]");
         py::gil_scoped_release nogil;
+        std::lock_guard<std::mutex> lock(mu_);
         model_->set_cross_attention_states(s.data(), int(s.shape(0)), int(s.shape(1)), s.shape(2));
     }
 
@@ -172,6 +180,7 @@ public:
         const int32_t* mp = m ? m->data() : nullptr;
         {
             py::gil_scoped_release nogil;
+            std::lock_guard<std::mutex> lock(mu_);
             model_->eval(t.data(), n, model_->n_images() > 0 ? mp : nullptr, all_logits, o);
         }
         return out;
@@ -188,6 +197,7 @@ private:
     py::dict vision_tensors_;
     std::optional<VisionHParams> vhp_;
     std::unique_ptr<MllamaModel> model_;
+    std::mutex mu_;  // one call at a time: the GIL is released while computing
 };
 
 }  // namespace
