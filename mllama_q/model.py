@@ -104,6 +104,23 @@ def vision_hparams(reader, path, text_hidden: int) -> dict:
     }
 
 
+def ollama_norms(tensors: dict, thp: dict) -> None:
+    """Files written by Ollama (no mllama_q.* keys) permuted the cross-attention Q/K rows to
+    llama.cpp's RoPE order but left the per-head q_norm/k_norm vectors in HF order, which
+    changes the maths (gguf_keys.permute_head_vector). Replace them, in `tensors`, by permuted
+    copies (2 x head_dim floats per cross-attention layer) so the result equals HF's."""
+    for i in thp["cross_attention_layers"]:
+        for key in (K.XATTN_Q_NORM, K.XATTN_K_NORM):
+            name = K.blk(key, i)
+            if name not in tensors:
+                continue  # reported by the core with the tensor's name
+            arr, gtype, shape = tensors[name]
+            if gtype != 0 or len(shape) != 1:
+                raise ModelFileError(f"tensor '{name}' must be a 1-D f32 vector")
+            fixed = np.ascontiguousarray(K.permute_head_vector(np.asarray(arr, dtype=np.float32)))
+            tensors[name] = (fixed, gtype, shape)
+
+
 def required_vision_tensors(vhp: dict) -> list[str]:
     """Every tensor name the vision tower reads (gguf_keys.py), for the load-time check."""
     names = [K.V_PATCH_EMBD, K.V_CLASS_EMBD, K.V_POS_EMBD, K.V_POS_EMBD_GATE, K.V_TILE_POS_EMBD,
@@ -160,6 +177,8 @@ class Model:
         # text-only session never reads them; their presence is checked now.
         tensors = {t.name: tensor_entry(t) for t in reader.tensors
                    if vhp is not None or not t.name.startswith(VISION_PREFIXES)}
+        if K.Q_FORMAT_VERSION not in reader.fields:
+            ollama_norms(tensors, thp)
         if vhp is not None:
             missing = [n for n in required_vision_tensors(vhp) if n not in tensors]
             if missing:
@@ -176,6 +195,7 @@ class Model:
         self.text_hparams = thp
         self.vision_hparams = vhp
         self.device = device
+        self.kv_type = kv_type
         self.n_ctx = int(n_ctx)
         self.image_token_id = int(_q(reader, K.Q_IMAGE_TOKEN_ID))
         # Tokenizer, processor, stop ids and sampling defaults from the same file (frontend).

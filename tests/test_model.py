@@ -394,3 +394,28 @@ def test_generate_end_to_end_matches_transformers(tiny):
     else:
         assert n == 12
     assert res.prompt_tokens == case["input_ids"].shape[1]
+
+
+def test_ollama_layout_file(tiny, tmp_path):
+    """A file in Ollama's layout (no mllama_q.* keys; cross-attention q/k norm vectors left in HF
+    order) gives the same logits: the runtime permutes those vectors itself (gguf_keys)."""
+    src = gguf.GGUFReader(str(tiny["files"]["f32"]))
+    dst = tmp_path / "ollama.gguf"
+    w = gguf.GGUFWriter(str(dst), K.ARCH)
+    for key, f in src.fields.items():
+        if key.startswith(("GGUF.", "mllama_q.")) or key == K.GENERAL_ARCHITECTURE:
+            continue
+        vt = f.types[0]
+        w.add_key_value(key, f.contents(), vt, sub_type=f.types[-1] if vt == gguf.GGUFValueType.ARRAY else None)
+    for t in src.tensors:
+        a = np.array(t.data)
+        if t.name.endswith(("cross_attn_q_norm.weight", "cross_attn_k_norm.weight")):
+            a = K.unpermute_head_vector(a)  # what Ollama's converter stored
+        w.add_tensor(t.name, a, raw_dtype=None if a.dtype in (np.float32, np.float16) else t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    m = mllama_q.Model(dst, kv_type="f32")
+    for name in ("two_images_4_and_2_tiles", "text_only"):
+        assert rel_err(our_logits(m, tiny["cases"][name]), tiny["refs"][name]) < 1e-4, name
