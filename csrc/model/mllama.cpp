@@ -107,30 +107,54 @@ void MllamaModel::eval(const int32_t* tokens_host, int64_t n, const int32_t* xma
     std::vector<uint8_t> row_visible;
     for (int64_t b0 = 0; b0 < n; b0 += kMaxBatch) {
         const int64_t nb = std::min(kMaxBatch, n - b0);
-        const float* xmask = nullptr;
-        const uint8_t* rows = nullptr;
+        const float* xmask = nullptr;     // backend f32 [nb, key_count]
+        const uint8_t* rows = nullptr;    // host [nb]
         // The mask rows of this chunk: given ones, else the last one repeated, else none.
         const int32_t* given = xmask_host ? xmask_host + b0 * tiles : nullptr;
+        int64_t key_begin = 0, key_count = nk;
         if (cross && (given || !last_mask_row_.empty())) {
+            auto row = [&](int64_t i) { return given ? given + i * tiles : last_mask_row_.data(); };
             // HF _prepare_cross_attention_mask: each (image, tile) entry repeated over
             // the tile's n_patches vision tokens; 0 -> finfo.min (here -inf: the
             // softmax gives exactly 0 either way), 1 -> 0. A row with no visible
             // tile (full_text_row_masked_out_mask = 0) is multiplied by 0, so it
             // attends to every vision token; its MLP output is zeroed instead.
-            mask_host.assign(size_t(nb) * nk, 0.0f);
             row_visible.assign(nb, 1);
+            int64_t t_lo = tiles, t_hi = -1;  // visible tiles of the chunk: [t_lo, t_hi]
+            bool all_rows_visible = true;
             for (int64_t i = 0; i < nb; i++) {
-                const int32_t* m = given ? given + i * tiles : last_mask_row_.data();
+                const int32_t* m = row(i);
                 bool any = false;
-                for (int64_t t = 0; t < tiles; t++) any = any || m[t] != 0;
-                row_visible[i] = any ? 1 : 0;
-                if (!any) continue;
-                float* row = &mask_host[i * nk];
                 for (int64_t t = 0; t < tiles; t++)
-                    if (!m[t]) std::fill(row + t * n_patches_, row + (t + 1) * n_patches_, -std::numeric_limits<float>::infinity());
+                    if (m[t]) {
+                        any = true;
+                        t_lo = std::min(t_lo, t);
+                        t_hi = std::max(t_hi, t);
+                    }
+                row_visible[i] = any ? 1 : 0;
+                all_rows_visible = all_rows_visible && any;
+            }
+            // Keys masked for every row get probability exactly 0: when every row
+            // sees some tile, attend only over the tiles [t_lo, t_hi] (e.g. a decode
+            // step that sees one 1-tile image reads 1/4 of that image's keys).
+            int64_t tile0 = 0, n_tiles_used = tiles;
+            if (all_rows_visible) {
+                tile0 = t_lo;
+                n_tiles_used = t_hi - t_lo + 1;
+            }
+            key_begin = tile0 * n_patches_;
+            key_count = n_tiles_used * n_patches_;
+            mask_host.assign(size_t(nb) * key_count, 0.0f);  // [nb, key_count]
+            for (int64_t i = 0; i < nb; i++) {
+                if (!row_visible[i]) continue;
+                const int32_t* m = row(i);
+                float* mr = &mask_host[i * key_count];
+                for (int64_t t = 0; t < n_tiles_used; t++)
+                    if (!m[tile0 + t])
+                        std::fill(mr + t * n_patches_, mr + (t + 1) * n_patches_, -std::numeric_limits<float>::infinity());
             }
             if (given) last_mask_row_.assign(given + (nb - 1) * tiles, given + nb * tiles);
-            float* dm = mask_buf_.f32(nb * nk);
+            float* dm = mask_buf_.f32(nb * key_count);
             be_->to_device(dm, mask_host.data(), mask_host.size() * sizeof(float));
             xmask = dm;
             rows = row_visible.data();
@@ -138,7 +162,7 @@ void MllamaModel::eval(const int32_t* tokens_host, int64_t n, const int32_t* xma
         // Without all_logits every chunk writes its last token's logits to the
         // same place; the final chunk's are the ones returned.
         float* out = all_logits ? logits_host + b0 * V : logits_host;
-        text_->forward(tokens_host + b0, nb, n_past_, xmask, rows, all_logits, out);
+        text_->forward(tokens_host + b0, nb, n_past_, key_begin, key_count, xmask, rows, all_logits, out);
         n_past_ += nb;
     }
 }

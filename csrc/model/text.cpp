@@ -159,10 +159,11 @@ void TextDecoder::self_attention(Layer& L, int64_t n, int64_t n_past, const int3
 // HF does NOT multiply this term by full_text_row_masked_out_mask: rows that
 // see no image get a mask row of zeros (attend to every vision token, see
 // _prepare_cross_attention_mask), which the caller encodes in xmask.
-void TextDecoder::cross_attention(Layer& L, int64_t n, const float* xmask) {
+void TextDecoder::cross_attention(Layer& L, int64_t n, int64_t key_begin, int64_t key_count, const float* xmask) {
     CrossLayer& c = L.cross;
     const int64_t D = hp_.hidden_size, hd = hp_.head_dim;
-    const int64_t qdim = int64_t(hp_.n_head) * hd;
+    const int64_t qdim = int64_t(hp_.n_head) * hd, kvdim = int64_t(hp_.n_kv_head) * hd;
+    const size_t off = size_t(key_begin) * kvdim * kv_elem_size(kv_type_);  // bytes to the first key used
     float* x = static_cast<float*>(x_.data());
     float* h = h_.f32(n * D);
     float* q = q_.f32(n * qdim);
@@ -171,8 +172,9 @@ void TextDecoder::cross_attention(Layer& L, int64_t n, const float* xmask) {
     be_.rms_norm(x, static_cast<const float*>(c.attn_norm.data), h, n, D, hp_.rms_eps);
     be_.matmul(h, n, D, c.wq, nullptr, a, qdim);
     be_.rms_norm(a, static_cast<const float*>(c.q_norm.data), q, n * hp_.n_head, hd, hp_.rms_eps);  // per head
-    be_.attention(q, c.k.data(), c.v.data(), kv_type_, int64_t(hp_.n_kv_head) * hd, a, n, n_cross_keys_, hp_.n_head,
-                  hp_.n_kv_head, int(hd), 1.0f / std::sqrt(float(hd)), xmask, n_cross_keys_, false, 0);
+    be_.attention(q, static_cast<const uint8_t*>(c.k.data()) + off, static_cast<const uint8_t*>(c.v.data()) + off,
+                  kv_type_, kvdim, a, n, key_count, hp_.n_head, hp_.n_kv_head, int(hd), 1.0f / std::sqrt(float(hd)),
+                  xmask, key_count, false, 0);
     be_.matmul(a, n, qdim, c.wo, nullptr, h, D);
     be_.add_scaled(x, h, c.attn_gate, n * D);
 }
@@ -191,9 +193,16 @@ void TextDecoder::mlp(Layer& L, int64_t n) {
     be_.matmul(g, n, F, L.ffn_down, nullptr, h, D);
 }
 
-void TextDecoder::forward(const int32_t* tokens_host, int64_t n, int64_t n_past, const float* xmask,
-                          const uint8_t* row_visible_host, bool all_logits, float* logits_host) {
+void TextDecoder::forward(const int32_t* tokens_host, int64_t n, int64_t n_past, int64_t key_begin,
+                          int64_t key_count, const float* xmask, const uint8_t* row_visible_host, bool all_logits,
+                          float* logits_host) {
     if (n <= 0) throw std::invalid_argument("forward: no tokens");
+    if (key_count < 0) {
+        key_begin = 0;
+        key_count = n_cross_keys_;
+    }
+    if (has_cross() && (key_begin < 0 || key_count <= 0 || key_begin + key_count > n_cross_keys_))
+        throw std::invalid_argument("forward: cross-attention key range out of bounds");
     if (n_past < 0 || n_past + n > n_ctx_)
         throw std::invalid_argument("forward: " + std::to_string(n_past) + " cached + " + std::to_string(n) +
                                     " new tokens exceed the context of " + std::to_string(n_ctx_));
@@ -211,7 +220,7 @@ void TextDecoder::forward(const int32_t* tokens_host, int64_t n, int64_t n_past,
     for (Layer& L : layers_) {
         if (L.is_cross) {
             if (!has_cross()) continue;  // text-only: HF MllamaTextModel.forward skips the layer entirely
-            cross_attention(L, n, xmask);
+            cross_attention(L, n, key_begin, key_count, xmask);
             mlp(L, n);
             // HF: mlp_out = full_text_row_masked_out_mask * mlp_out; x = x + tanh(mlp_gate) * mlp_out.
             // A masked row therefore adds exactly 0: skip it, add the rest in contiguous runs.

@@ -93,14 +93,19 @@ public:
     // writing their K/V into the cache, and writes the logits of the last
     // token (or of every token when all_logits) to logits_host:
     //   tokens_host: int32 [n]
-    //   xmask:       backend f32 [n, n_cross_keys] additive cross-attention mask, or nullptr (attend to all)
+    //   key_begin, key_count: the cached cross-attention keys these tokens
+    //                attend to, [key_begin, key_begin + key_count) (key_count < 0:
+    //                all). The caller may leave out keys masked (-inf) for every
+    //                row: they would get probability exactly 0.
+    //   xmask:       backend f32 [n, key_count] additive cross-attention mask over
+    //                those keys, or nullptr (attend to all of them)
     //   row_visible_host: uint8 [n], 0 for text rows that see no image
     //                (HF full_text_row_masked_out_mask), or nullptr (all 1)
     //   logits_host: f32 [all_logits ? n : 1, vocab_size]
     // Cross-attention layers are skipped while no image states are set (HF
     // MllamaTextModel.forward skips them for text-only input).
-    void forward(const int32_t* tokens_host, int64_t n, int64_t n_past, const float* xmask,
-                 const uint8_t* row_visible_host, bool all_logits, float* logits_host);
+    void forward(const int32_t* tokens_host, int64_t n, int64_t n_past, int64_t key_begin, int64_t key_count,
+                 const float* xmask, const uint8_t* row_visible_host, bool all_logits, float* logits_host);
 
 private:
     struct SelfLayer {
@@ -120,7 +125,7 @@ private:
     };
 
     void self_attention(Layer& L, int64_t n, int64_t n_past, const int32_t* pos_host);
-    void cross_attention(Layer& L, int64_t n, const float* xmask);
+    void cross_attention(Layer& L, int64_t n, int64_t key_begin, int64_t key_count, const float* xmask);
     void mlp(Layer& L, int64_t n);
 
     Backend& be_;
