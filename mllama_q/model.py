@@ -70,7 +70,7 @@ def text_hparams(reader, path) -> dict:
     hd = get_int(reader, K.ROPE_DIMENSION_COUNT, D // H)
     out = next((t for t in reader.tensors if t.name == K.OUTPUT), None)
     vocab_default = int(out.shape[1]) if out is not None and len(out.shape) == 2 else None
-    return {
+    hp = {
         "vocab_size": get_int(reader, K.VOCAB_SIZE, vocab_default),
         "hidden_size": D,
         "intermediate_size": get_int(reader, K.FEED_FORWARD_LENGTH),
@@ -80,14 +80,36 @@ def text_hparams(reader, path) -> dict:
         "head_dim": hd,
         "rms_eps": get_float(reader, K.RMS_EPS),
         "cross_attention_layers": get_int_list(reader, K.CROSS_ATTENTION_LAYERS),
-        "rope_inv_freq": rope_inv_freq(reader, hd, get_float(reader, K.ROPE_FREQ_BASE)),
+        "rope_inv_freq": None,
     }
+    # Sanity before anything is sized from these numbers (a corrupt value must not
+    # turn into a huge allocation): every layer has at least 9 tensors.
+    n_layer = hp["n_layer"]
+    for k in ("vocab_size", "hidden_size", "intermediate_size", "n_layer", "n_head", "n_kv_head", "head_dim"):
+        if hp[k] <= 0:
+            raise ModelFileError(f"{path}: hyper-parameter {k} = {hp[k]} must be positive")
+    if n_layer * 9 > len(reader.tensors):
+        raise ModelFileError(f"{path}: {K.BLOCK_COUNT} = {n_layer} but the file has only {len(reader.tensors)} tensors")
+    if H % hp["n_kv_head"]:
+        raise ModelFileError(f"{path}: head_count {H} is not a multiple of head_count_kv {hp['n_kv_head']}")
+    if hd * H != D or hd % 2:
+        raise ModelFileError(f"{path}: rope dimension {hd} must be an even hidden/heads = {D // H}")
+    bad = [c for c in hp["cross_attention_layers"] if not 0 <= c < n_layer]
+    if bad:
+        raise ModelFileError(f"{path}: cross-attention layer indices {bad} outside [0, {n_layer})")
+    if not (hp["rms_eps"] > 0):
+        raise ModelFileError(f"{path}: {K.RMS_EPS} must be positive")
+    theta = get_float(reader, K.ROPE_FREQ_BASE)
+    if not (theta > 1):
+        raise ModelFileError(f"{path}: {K.ROPE_FREQ_BASE} = {theta} must be > 1")
+    hp["rope_inv_freq"] = rope_inv_freq(reader, hd, theta)
+    return hp
 
 
 def vision_hparams(reader, path, text_hidden: int) -> dict:
     require_keys(reader, path, REQUIRED_VISION_KEYS)
     ratios = [int(x) for x in np.asarray(_q(reader, K.Q_V_ASPECT_RATIOS)).reshape(-1)]
-    return {
+    hp = {
         "hidden_size": get_int(reader, K.V_EMBEDDING_LENGTH),
         "intermediate_size": get_int(reader, K.V_FEED_FORWARD_LENGTH),
         "num_layers": get_int(reader, K.V_BLOCK_COUNT),
@@ -102,6 +124,13 @@ def vision_hparams(reader, path, text_hidden: int) -> dict:
         "intermediate_layers": get_int_list(reader, K.V_INTERMEDIATE_LAYERS),
         "out_dim": int(_q(reader, K.Q_V_PROJECTION_DIM) if K.Q_V_PROJECTION_DIM in reader.fields else text_hidden),
     }
+    for k in ("hidden_size", "intermediate_size", "num_layers", "n_head", "image_size", "patch_size",
+              "num_channels", "max_num_tiles", "max_aspect_ratio_id", "out_dim"):
+        if hp[k] <= 0:
+            raise ModelFileError(f"{path}: vision hyper-parameter {k} = {hp[k]} must be positive")
+    if (hp["num_layers"] + max(hp["num_global_layers"], 0)) * 12 > len(reader.tensors):
+        raise ModelFileError(f"{path}: vision layer counts do not match the {len(reader.tensors)} tensors")
+    return hp
 
 
 def ollama_norms(tensors: dict, thp: dict) -> None:

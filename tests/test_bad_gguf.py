@@ -230,3 +230,26 @@ def test_file_is_not_modified(good):
     before = os.path.getmtime(good), good.stat().st_size
     mllama_q.Model(good, vision=False)
     assert (os.path.getmtime(good), good.stat().st_size) == before
+
+
+@pytest.mark.parametrize("key,value", [(K.BLOCK_COUNT, 10 ** 9), (K.HEAD_COUNT, 0), (K.HEAD_COUNT_KV, 3),
+                                       (K.V_BLOCK_COUNT, 10 ** 8)])
+def test_absurd_hyperparameters(good, tmp_path, key, value):
+    """Corrupt hyper-parameters are refused before anything is sized from them."""
+    r = gguf.GGUFReader(str(good))
+    p = tmp_path / "hp.gguf"
+    w = gguf.GGUFWriter(str(p), K.ARCH)
+    for k, f in r.fields.items():
+        if k.startswith("GGUF.") or k == K.GENERAL_ARCHITECTURE:
+            continue
+        vt = f.types[0]
+        val = value if k == key else f.contents()
+        w.add_key_value(k, val, vt, sub_type=f.types[-1] if vt == gguf.GGUFValueType.ARRAY else None)
+    for t in r.tensors:
+        raw = None if t.tensor_type in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16) else t.tensor_type
+        w.add_tensor(t.name, np.array(t.data), raw_dtype=raw)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    expect_error(p, "block_count|head_count|must be positive|vision layer counts")
