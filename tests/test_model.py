@@ -37,7 +37,7 @@ TILE = 56  # tiny_models' image_size
 # Tiny checkpoint (converter's builder) and its GGUFs (our converter)
 # ---------------------------------------------------------------------------
 # --type of the converter -> the text weight type it writes (convert/mix.py).
-FILE_TYPES = {"f32": "f32", "f16": "f16", "q8_0": "q8_0", "q4_k": "q4_k_s"}
+FILE_TYPES = {"f32": "f32", "f16": "f16", "bf16": "bf16", "q8_0": "q8_0", "q4_k": "q4_k_s"}
 
 
 def _np(t) -> np.ndarray:
@@ -98,8 +98,9 @@ def hf_with_file_weights(ckpt, path):
 
 
 def quantized_matrix_names(path) -> list[str]:
+    """Tensors stored with less precision than F32 (F16, BF16, Q8_0, Q4_K, Q6_K)."""
     r = gguf.GGUFReader(str(path))
-    return [t.name for t in r.tensors if int(t.tensor_type) in (8, 12, 14)]
+    return [t.name for t in r.tensors if int(t.tensor_type) in (1, 8, 12, 14, 30)]
 
 
 # ---------------------------------------------------------------------------
@@ -261,6 +262,19 @@ def test_quantized_logits(tiny, wtype):
         assert err_same < 3e-2, f"{wtype} {name}: vs dequantized-weight reference {err_same:.2e}"
         assert err_orig < 8 * e_w + 3e-2, f"{wtype} {name}: vs F32 reference {err_orig:.2e} (e_w {e_w:.2e})"
     print(f"{wtype}: e_w={e_w:.3e}", errs)
+
+
+def test_bf16_logits(tiny):
+    """BF16 weights widen to F32 exactly, so against HF running the same (bf16-rounded) weights
+    the runtime must agree to F32 accuracy (1e-4); against the original F32 model the weight
+    rounding (RMS e_w, measured) bounds the error as in test_quantized_logits: 8 e_w."""
+    m = load(tiny, "bf16")
+    e_w = weight_rel_rms_error(tiny, "bf16")
+    ref_b = hf_with_file_weights(tiny["ckpt"], tiny["files"]["bf16"])
+    for name, case in tiny["cases"].items():
+        ours = our_logits(m, case)
+        assert rel_err(ours, hf_logits(ref_b, case)) < 1e-4, name
+        assert rel_err(ours, tiny["refs"][name]) < 8 * e_w + 1e-4, name
 
 
 def test_eval_incremental_equals_forward(tiny):
