@@ -433,3 +433,32 @@ def test_ollama_layout_file(tiny, tmp_path):
     m = mllama_q.Model(dst, kv_type="f32")
     for name in ("two_images_4_and_2_tiles", "text_only"):
         assert rel_err(our_logits(m, tiny["cases"][name]), tiny["refs"][name]) < 1e-4, name
+
+
+def test_other_shapes_hd128_gqa4_two_tiles(tmp_path):
+    """head_dim 128 and 4:1 GQA as in the 11B, a different cross-attention layer set and a
+    2-tile vision config with its own aspect-ratio list (read from the file's mllama_q keys)."""
+    ckpt = make_tiny_checkpoint(
+        tmp_path / "hf", seed=5, dtype="float32",
+        text_config={"hidden_size": 512, "num_attention_heads": 4, "num_key_value_heads": 1,
+                     "intermediate_size": 256, "num_hidden_layers": 4, "cross_attention_layers": [0, 2]},
+        vision_config={"max_num_tiles": 2, "supported_aspect_ratios": [[1, 1], [1, 2], [2, 1]]})
+    hf = load_hf_model(ckpt)
+    path = tmp_path / "m.gguf"
+    convert(ckpt, path, ftype="f32", progress=False)
+    m = mllama_q.Model(path, kv_type="f32")
+    assert m.vision_hparams["max_num_tiles"] == 2 and m.vision_hparams["max_aspect_ratio_id"] == 3
+    img = int(hf.config.image_token_index)
+    rng = np.random.default_rng(3)
+    tokens = [0, 11, img, 12, 13, img, 14, 15, 16]
+    px = np.zeros((1, 2, 2, 3, TILE, TILE), np.float32)
+    px[0, 0, :2] = rng.standard_normal((2, 3, TILE, TILE))
+    px[0, 1, :1] = rng.standard_normal((1, 3, TILE, TILE))
+    case = {"input_ids": np.asarray([tokens]), "pixel_values": px, "aspect_ratio_ids": np.asarray([[3, 1]]),
+            "aspect_ratio_mask": np.asarray([[[1, 1], [1, 0]]]),
+            "cross_attention_mask": convert_sparse_cross_attention_mask_to_dense(
+                [get_cross_attention_token_mask(tokens, img)], [[2, 1]], 2, len(tokens))}
+    err = rel_err(our_logits(m, case), hf_logits(hf, case))
+    assert err < 1e-4, err
+    text = {"input_ids": np.asarray([[0, 5, 6, 7, 8]])}
+    assert rel_err(our_logits(m, text), hf_logits(hf, text)) < 1e-4
