@@ -149,11 +149,78 @@ def _chunks(o: Out):
     return [(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
 
 
+def _stream_tensor_data(ck: Checkpoint, outs: list, sizes: dict, writer, progress: bool) -> int:
+    """Write every tensor's data, chunk by chunk, after the tensor-info table; returns input bytes.
+
+    Each tensor starts at the writer's alignment and is padded after, matching the offsets
+    GGUFWriter.write_ti_data_to_file recorded (cumulative ggml_pad(nbytes, alignment)).
+    Pipeline: a helper thread reads + widens + transforms chunk i+1 (numpy releases the GIL)
+    while the core quantizes chunk i on all threads, and the kernel reads ahead chunk i+2
+    (posix_fadvise). At most two float32 chunks (2 x CHUNK_BYTES) are alive at once.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm import tqdm
+
+    fout = writer.fout[0]
+    work = []  # (out, r0, r1) in file order
+    for o in outs:
+        work.extend((o, r0, r1) for r0, r1 in _chunks(o))
+    total_in = sum(ck.tensors[o.src].nbytes for o in outs if o.src is not None)
+
+    def prefetch(i):
+        if i < len(work) and work[i][0].src is not None:
+            o, a, b = work[i]
+            e = ck.tensors[o.src]
+            ck.file_of(e).prefetch(e, a, b)
+
+    def load(i):
+        """float32 rows of work item i after the layout transform: [r1 - r0, *shape[1:]]."""
+        o, r0, r1 = work[i]
+        if o.transform == CONST:
+            return o.data
+        e = ck.tensors[o.src]
+        return _transform(o, ck.file_of(e).read_rows(e, r0, r1).reshape((r1 - r0,) + o.shape[1:]))
+
+    bar = tqdm(total=total_in, unit="B", unit_scale=True, unit_divisor=1024, disable=not progress,
+               desc="convert", dynamic_ncols=True, leave=True)
+    written = 0
+    try:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="convert-read") as reader:
+            prefetch(0)
+            prefetch(1)
+            pending = reader.submit(load, 0) if work else None
+            for i, (o, r0, r1) in enumerate(work):
+                x = pending.result()
+                prefetch(i + 2)
+                pending = reader.submit(load, i + 1) if i + 1 < len(work) else None
+                if r0 == 0:
+                    writer.write_padding(fout, fout.tell())
+                    written = 0
+                    bar.set_postfix_str(f"{o.name} {o.gtype.name}", refresh=False)
+                try:
+                    data = encode(x, o.gtype, o.block_row)
+                except (RuntimeError, ValueError) as err:
+                    raise ConvertError(f"tensor {o.src or o.name} -> {o.name} ({o.gtype.name}): {err}") from None
+                fout.write(memoryview(np.ascontiguousarray(data)).cast("B"))
+                written += data.nbytes
+                if o.src is not None:
+                    e = ck.tensors[o.src]
+                    bar.update(x.size * e.nbytes // max(1, e.numel))
+                if r1 == o.rows:
+                    if written != sizes[o.name]:  # internal consistency, never expected
+                        raise ConvertError(f"tensor {o.name}: wrote {written} bytes, expected {sizes[o.name]}")
+                    writer.write_padding(fout, sizes[o.name])
+                del x, data
+    finally:
+        bar.close()
+    return total_in
+
+
 def convert(hf_dir, out_path, ftype: str = "q4_k_m", vision_type: str | None = None, *, force: bool = False,
             progress: bool = True) -> dict:
     """Convert; returns a summary dict (tensors, bytes read/written, seconds). Raises ConvertError."""
     import gguf
-    from tqdm import tqdm
 
     if ftype not in mix.FTYPES:
         raise ConvertError(f"unknown --type {ftype!r}; expected one of {', '.join(mix.FTYPES)}")
@@ -195,6 +262,8 @@ def convert(hf_dir, out_path, ftype: str = "q4_k_m", vision_type: str | None = N
             raise ConvertError(f"{ck.dir / 'config.json'}: image_token_index {ck.image_token_id} is outside "
                                f"embed_tokens ({ck.text.vocab_size + 8} rows)")
 
+        # Tensor infos only (no data: GGUFWriter would keep added tensors in memory). With
+        # raw_dtype set and a non-uint8 numpy dtype, GGUFWriter takes `shape` as the element shape.
         sizes = {}
         for o in outs:
             sizes[o.name] = mix.nbytes(o.gtype, o.shape)
@@ -203,46 +272,8 @@ def convert(hf_dir, out_path, ftype: str = "q4_k_m", vision_type: str | None = N
         writer.write_header_to_file(path=tmp)
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
+        total_in = _stream_tensor_data(ck, outs, sizes, writer, progress)
         fout = writer.fout[0]
-
-        work = []  # (out, r0, r1) in file order
-        for o in outs:
-            work.extend((o, r0, r1) for r0, r1 in _chunks(o))
-        total_in = sum(ck.tensors[o.src].nbytes for o in outs if o.src is not None)
-        bar = tqdm(total=total_in, unit="B", unit_scale=True, unit_divisor=1024, disable=not progress,
-                   desc="convert", dynamic_ncols=True, leave=True)
-        written = {}
-        try:
-            for i, (o, r0, r1) in enumerate(work):
-                if i + 1 < len(work):  # let the kernel read the next chunk while this one is quantized
-                    n, a, b = work[i + 1]
-                    if n.src is not None:
-                        e = ck.tensors[n.src]
-                        ck.file_of(e).prefetch(e, a, b)
-                if r0 == 0:
-                    writer.write_padding(fout, fout.tell())
-                    written[o.name] = 0
-                    bar.set_postfix_str(f"{o.name} {o.gtype.name}", refresh=False)
-                if o.transform == CONST:
-                    x = o.data
-                else:
-                    e = ck.tensors[o.src]
-                    x = ck.file_of(e).read_rows(e, r0, r1) if e.shape else ck.file_of(e).read_rows(e)
-                    x = x.reshape((r1 - r0,) + o.shape[1:])
-                try:
-                    data = encode(_transform(o, x), o.gtype, o.block_row)
-                except (RuntimeError, ValueError) as err:
-                    raise ConvertError(f"tensor {o.src or o.name} -> {o.name} ({o.gtype.name}): {err}") from None
-                fout.write(memoryview(np.ascontiguousarray(data)).cast("B"))
-                written[o.name] += data.nbytes
-                if o.src is not None:
-                    bar.update(x.size * ck.tensors[o.src].nbytes // max(1, ck.tensors[o.src].numel))
-                if r1 == o.rows:
-                    if written[o.name] != sizes[o.name]:  # internal consistency, never expected
-                        raise ConvertError(f"tensor {o.name}: wrote {written[o.name]} bytes, expected {sizes[o.name]}")
-                    writer.write_padding(fout, sizes[o.name])
-        finally:
-            bar.close()
         fout.flush()
         os.fsync(fout.fileno())
         out_bytes = fout.tell()

@@ -239,7 +239,8 @@ def parse_config(cfg: dict, where: str):
     if any(not 0 <= i < vision.n_layer for i in vision.inter_layers):
         raise ConvertError(f"{w}: intermediate_layers_indices {vision.inter_layers} outside [0, {vision.n_layer})")
     if any(r * c > vision.max_tiles for r, c in vision.aspect_ratios):
-        raise ConvertError(f"{w}: supported_aspect_ratios {vision.aspect_ratios} exceed max_num_tiles {vision.max_tiles}")
+        raise ConvertError(f"{w}: supported_aspect_ratios {vision.aspect_ratios} exceed "
+                           f"max_num_tiles {vision.max_tiles}")
     act = vc.get("hidden_act", d["hidden_act"])
     if act != "gelu":
         raise ConvertError(f"{w}: hidden_act {act!r} is not supported (expected 'gelu')")

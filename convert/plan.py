@@ -145,8 +145,8 @@ def build_plan(ck: Checkpoint) -> list:
         for bid in range(n):
             hf = f"{vm}{'global_transformer' if is_global else 'transformer'}.layers.{bid}."
 
-            def vadd(name, shape, kind, src, **kw):
-                add(K.vblk(name, bid, is_global), shape, kind, hf + src, **kw)
+            def vadd(name, shape, kind, src, _bid=bid, _glob=is_global, _hf=hf, **kw):
+                add(K.vblk(name, _bid, _glob), shape, kind, _hf + src, **kw)
 
             vadd(K.V_ATTN_NORM_W, (Dv,), "f32", "input_layernorm.weight")
             vadd(K.V_ATTN_NORM_B, (Dv,), "f32", "input_layernorm.bias")

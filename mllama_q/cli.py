@@ -11,6 +11,8 @@ COMMANDS = {
     "demo": ("mllama_q.selfcheck", "self-check: quantize and multiply with every format, print throughput"),
     "convert": ("convert.cli", "convert a Hugging Face Mllama checkpoint to one GGUF file"),
     "bench": ("mllama_q.bench", "benchmarks (kernels; model speed)"),
+    "run": ("mllama_q.cli_run:run_main", "generate an answer to one prompt (and images), streamed"),
+    "chat": ("mllama_q.cli_run:chat_main", "interactive chat; /image PATH attaches an image"),
 }
 
 
@@ -38,8 +40,10 @@ def main(argv=None) -> int:
         return 2
     import importlib
 
-    module = importlib.import_module(COMMANDS[cmd][0])
-    return int(module.main(rest) or 0)
+    # "package.module" runs its main(); "package.module:func" runs func() (two commands, one module)
+    module_name, _, func = COMMANDS[cmd][0].partition(":")
+    module = importlib.import_module(module_name)
+    return int(getattr(module, func or "main")(rest) or 0)
 
 
 if __name__ == "__main__":

@@ -142,8 +142,16 @@ def stop_ids_from_gguf(reader, tokenizer=None) -> list[int]:
 
 
 def _defaults(model) -> dict:
+    """model.generation_defaults if the model has it, else read from its GGUF reader (model._reader)."""
     d = {"temperature": DEFAULT_TEMPERATURE, "top_p": DEFAULT_TOP_P, "top_k": 0}
-    d.update({k: v for k, v in (getattr(model, "generation_defaults", None) or {}).items() if v is not None})
+    given = getattr(model, "generation_defaults", None)
+    if given is None and getattr(model, "_reader", None) is not None:
+        given = generation_defaults_from_gguf(model._reader)
+        try:
+            model.generation_defaults = given  # read the file once
+        except AttributeError:
+            pass
+    d.update({k: v for k, v in (given or {}).items() if v is not None})
     return d
 
 
@@ -280,5 +288,7 @@ def _run(model, p: Prompt, params: SamplingParams, max_new_tokens: int, stops: l
     timings["decode_tokens_per_s"] = n_decode_evals / max(t_end - t_dec0, 1e-9) if n_decode_evals else 0.0
     timings["time_to_first_token_s"] = (t_first or t_end) - t_start
     timings["total_s"] = t_end - t_start
+    if getattr(model, "load_time_s", None) is not None:  # set by Model if it measures its load
+        timings["load_s"] = float(model.load_time_s)
     return GenerationResult(text=text, tokens=generated, prompt_tokens=int(p.input_ids.size),
                             completion_tokens=len(generated), stop_reason=stop_reason, timings=timings)

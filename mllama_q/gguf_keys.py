@@ -77,7 +77,10 @@ V_NUM_CHANNELS = "mllama.vision.num_channels"  # u32: 3
 # ---------------------------------------------------------------------------
 # Extra keys (mllama_q.), absent from Ollama's files
 # ---------------------------------------------------------------------------
-Q_FORMAT_VERSION = "mllama_q.format_version"  # u32: FORMAT_VERSION
+# u32: FORMAT_VERSION. Absent (kv() gives 0) = a file written by Ollama: its
+# cross_attn_q_norm / cross_attn_k_norm are in HF order, so a reader must apply
+# permute_head_vector to them at load to get the maths of this layout (= HF's).
+Q_FORMAT_VERSION = "mllama_q.format_version"
 Q_IMAGE_TOKEN_ID = "mllama_q.image_token_id"  # u32: config.image_token_index (128256)
 Q_STOP_TOKEN_IDS = "mllama_q.stop_token_ids"  # i32[]: generation_config eos_token_id ([128001, 128008, 128009])
 # Rope scaling. type "llama3": HF `_compute_llama3_parameters`; "none": plain RoPE.
@@ -303,3 +306,22 @@ def rope_freqs_llama3(head_dim: int, theta: float, factor: float, low_freq_facto
 #   vision position embedding:    x = x + s_pos * position_embd + s_tile * tile_position_embd[aspect_id]
 #   vision pre/post tile embd:    x = x + s * pre_tile_position_embd[aspect_id]
 # (text: raw parameters; vision: tanh already applied by the converter, as Ollama.)
+
+
+_MISSING = object()
+
+
+def kv(reader, key: str, default=_MISSING):
+    """Value of metadata `key` from a gguf.GGUFReader: numbers, str, bool or lists.
+
+    Falls back to DEFAULTS_11B (files written by Ollama lack the mllama_q. keys), then to
+    `default`; raises KeyError when neither exists.
+    """
+    field = reader.fields.get(key)
+    if field is not None:
+        return field.contents()
+    if key in DEFAULTS_11B:
+        return DEFAULTS_11B[key]
+    if default is not _MISSING:
+        return default
+    raise KeyError(f"GGUF metadata key {key!r} is missing")

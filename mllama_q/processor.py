@@ -148,8 +148,8 @@ def _key(const_name: str, default: str) -> str:
 # Images
 # ---------------------------------------------------------------------------------------------
 
-def load_image(image) -> Image.Image:
-    """Open a path / bytes / PIL image / uint8 numpy array; clear ValueError if unusable."""
+def load_image(image) -> Image.Image | np.ndarray:
+    """Open a path / bytes / PIL image; uint8 numpy arrays pass through. Clear ValueError if unusable."""
     if isinstance(image, Image.Image):
         img = image
     elif isinstance(image, (str, os.PathLike)):
@@ -170,12 +170,12 @@ def load_image(image) -> Image.Image:
         except (UnidentifiedImageError, OSError, SyntaxError) as e:
             raise ValueError(f"cannot decode image bytes: {e}") from None
     elif isinstance(image, np.ndarray):
-        # (H, W) grey or (H, W, 3|4) uint8, channels last.
+        # (H, W) grey or (H, W, 3|4) uint8, channels last; kept as an array (see to_rgb).
         if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (3, 4)):
             raise ValueError(f"numpy images must be uint8 (H, W), (H, W, 3) or (H, W, 4); got {image.dtype} {image.shape}")
         if image.size == 0:
             raise ValueError(f"image has zero size: {image.shape}")
-        img = Image.fromarray(image)
+        return image
     else:
         raise ValueError(f"unsupported image type {type(image).__name__}: pass a path, bytes, PIL image or uint8 array")
     if img.width == 0 or img.height == 0:
@@ -183,11 +183,19 @@ def load_image(image) -> Image.Image:
     return img
 
 
-def to_rgb(img: Image.Image) -> np.ndarray:
+def to_rgb(img: Image.Image | np.ndarray) -> np.ndarray:
     """uint8 (H, W, 3). Transparency is composited onto WHITE, like transformers'
     image_transforms.convert_to_rgb: any mode with an alpha band (RGBA, LA, PA, ...) or a
     palette/colour-key `transparency` goes through RGBA + alpha_composite; everything else
-    (L, P, CMYK, I;16, YCbCr, ...) uses PIL's own convert("RGB")."""
+    (L, P, CMYK, I;16, YCbCr, ...) uses PIL's own convert("RGB"). numpy arrays follow that
+    function's array branch: grey is repeated, RGBA is blended in float64 and rounded."""
+    if isinstance(img, np.ndarray):
+        if img.ndim == 2:
+            return np.repeat(img[:, :, None], 3, axis=2)
+        if img.shape[2] == 3:
+            return img
+        alpha = img[..., 3:4] / 255
+        return np.round(alpha * img[..., :3] + (1 - alpha) * 255).astype(np.uint8)
     has_alpha = "A" in img.getbands() or img.info.get("transparency") is not None
     if has_alpha:
         rgba = img.convert("RGBA")
@@ -328,6 +336,11 @@ class Processor:
     def __init__(self, tokenizer=None, settings: ProcessorSettings | None = None):
         self.tokenizer = tokenizer
         self.settings = settings or ProcessorSettings()
+
+    @classmethod
+    def from_gguf(cls, reader, tokenizer=None) -> "Processor":
+        """Processor with the settings stored in a gguf.GGUFReader (11B values where absent)."""
+        return cls(tokenizer, ProcessorSettings.from_gguf(reader, tokenizer))
 
     def preprocess_images(self, images: Sequence) -> dict[str, Any]:
         return preprocess_images(images, self.settings)

@@ -118,6 +118,28 @@ def write_llama32_vision_tokenizer(out_dir: Path) -> Path:
     return out_dir
 
 
+def cached_llama32_vision_tokenizer() -> Path:
+    """The directory above, built once per machine under the temp dir and reused (building it
+    derives 280k merges from the ranks: seconds). Keyed by the inputs, written atomically."""
+    import hashlib
+    import os
+    import shutil
+    import tempfile
+
+    model = tiktoken_model_path()
+    key = hashlib.sha1(model.read_bytes() + CHAT_TEMPLATE.encode() + Path(__file__).read_bytes()).hexdigest()[:16]
+    root = Path(tempfile.gettempdir()) / f"mllama_q_test_tokenizer_{key}"
+    if (root / "tokenizer_config.json").is_file():
+        return root
+    tmp = Path(tempfile.mkdtemp(prefix=root.name + ".tmp", dir=root.parent))
+    write_llama32_vision_tokenizer(tmp)
+    try:
+        os.replace(tmp, root)
+    except OSError:  # another process won the race
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
 if __name__ == "__main__":
     import sys
 

@@ -112,10 +112,10 @@ def tokenizer(tmp_path_factory):
     import gguf
 
     from convert.tokenizer import add_tokenizer_metadata
-    from tests.real_tokenizer import write_llama32_vision_tokenizer
+    from tests.real_tokenizer import cached_llama32_vision_tokenizer
 
-    d = write_llama32_vision_tokenizer(tmp_path_factory.mktemp("tok"))
-    path = d / "tok.gguf"
+    d = cached_llama32_vision_tokenizer()
+    path = tmp_path_factory.mktemp("gguf") / "tok.gguf"
     w = gguf.GGUFWriter(str(path), arch="mllama")
     add_tokenizer_metadata(w, d)
     w.write_header_to_file()
@@ -296,3 +296,115 @@ def test_defaults_come_from_model(tokenizer):
     m.generation_defaults = {"temperature": 0.0}
     res = generate(m, prompt="x")  # greedy because of the model's default
     assert res.tokens == [9906]
+
+
+# ------------------------------------------------------------------ CLI (run, chat) with the fake model
+
+@pytest.fixture
+def fake_model_module(tokenizer, monkeypatch):
+    """Installs a stand-in mllama_q.model whose Model answers with a scripted reply."""
+    import sys
+    import types
+
+    made = []
+
+    class Model(FakeModel):
+        def __init__(self, path, device="cpu", n_ctx=4096, n_threads=None, vision=True):
+            if not str(path).endswith(".gguf"):
+                raise ValueError(f"{path}: not a GGUF file")
+            super().__init__(tokenizer, script=tokenizer.encode("Fine, thanks.", add_special_tokens=False),
+                             n_ctx=n_ctx)
+            self.kw = dict(path=path, device=device, n_ctx=n_ctx, n_threads=n_threads, vision=vision)
+            made.append(self)
+
+        def eval(self, tokens, cross_attention_mask):
+            if tokens.size > 1:  # a new prompt: replay the script from its start
+                self.calls = [c for c in self.calls if c[0] != "eval"]
+            return super().eval(tokens, cross_attention_mask)
+
+    mod = types.ModuleType("mllama_q.model")
+    mod.Model = Model
+    monkeypatch.setitem(sys.modules, "mllama_q.model", mod)
+    return made
+
+
+def test_cli_run_streams_answer(fake_model_module, capsys, tmp_path):
+    from mllama_q.cli import main
+
+    img = tmp_path / "a.png"
+    Image.fromarray(np.full((30, 40, 3), 200, np.uint8)).save(img)
+    rc = main(["run", "-m", "x.gguf", "-i", str(img), "-p", "How are you?", "--temperature", "0",
+               "--threads", "2", "-c", "2048", "-v"])
+    cap = capsys.readouterr()
+    assert rc == 0 and cap.out == "Fine, thanks.\n"
+    assert "prompt tokens" in cap.err
+    m = fake_model_module[-1]
+    assert m.kw == dict(path="x.gguf", device="cpu", n_ctx=2048, n_threads=2, vision=True)
+    assert any(c[0] == "encode_images" for c in m.calls)
+    prompt = m.tokenizer.decode([c for c in m.calls if c[0] == "eval"][0][1])
+    assert "<|start_header_id|>user<|end_header_id|>\n\n<|image|>How are you?<|eot_id|>" in prompt
+
+
+def test_cli_run_errors_are_one_line(fake_model_module, capsys, tmp_path):
+    from mllama_q.cli import main
+
+    assert main(["run", "-m", "x.gguf", "-i", str(tmp_path / "nope.jpg"), "-p", "hi"]) == 1
+    assert "error" in capsys.readouterr().err
+    assert main(["run", "-m", "x.bin", "-p", "hi"]) == 1
+    assert "not a GGUF" in capsys.readouterr().err
+    assert main(["run", "-m", "x.gguf", "-p", "hi", "--top-p", "0"]) == 1
+    assert "top_p" in capsys.readouterr().err
+
+
+def test_cli_run_json(fake_model_module, capsys):
+    import json
+
+    from mllama_q.cli import main
+
+    assert main(["run", "-m", "x.gguf", "-p", "hi", "--temperature", "0", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["text"] == "Fine, thanks." and d["stop_reason"] == "stop_token" and d["completion_tokens"] == len(
+        fake_model_module[-1].tokenizer.encode("Fine, thanks.", add_special_tokens=False))
+
+
+def test_cli_chat_keeps_history_and_images(fake_model_module, capsys, tmp_path):
+    from mllama_q.cli_run import chat_main
+
+    img = tmp_path / "b.png"
+    Image.fromarray(np.full((30, 40, 3), 10, np.uint8)).save(img)
+    lines = iter(["/image " + str(img), "What is it?", "/image /no/such/file.png", "And now?", "/reset",
+                  "Hello", "/quit"])
+    rc = chat_main(["-m", "x.gguf", "--temperature", "0"], input_fn=lambda _: next(lines))
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert out.count("Fine, thanks.") == 3 and "image attached" in out and "not found" in out
+    m = fake_model_module[-1]
+    evals = [c for c in m.calls if c[0] == "eval" and c[1].size > 1]
+    prompt = m.tokenizer.decode(evals[-1][1])
+    # after /reset: no image, no earlier turns
+    assert "<|image|>" not in prompt and "What is it?" not in prompt and prompt.count("Hello") == 1
+
+
+def test_cli_chat_second_turn_sees_history(fake_model_module, tmp_path):
+    from mllama_q.cli_run import chat_main
+
+    img = tmp_path / "c.png"
+    Image.fromarray(np.full((30, 40, 3), 10, np.uint8)).save(img)
+    lines = iter(["/image " + str(img), "First?", "Second?"])
+
+    def fake_input(_):
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    assert chat_main(["-m", "x.gguf", "--temperature", "0"], input_fn=fake_input) == 0
+    m = fake_model_module[-1]
+    # the last prompt holds both turns, the first answer and the image once
+    last_prompt = None
+    for c in m.calls:
+        if c[0] == "eval" and c[1].size > 1:
+            last_prompt = m.tokenizer.decode(c[1])
+    assert last_prompt.count("<|image|>") == 1
+    assert "First?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nFine, thanks.<|eot_id|>" in last_prompt
+    assert last_prompt.endswith("Second?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")

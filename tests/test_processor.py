@@ -158,10 +158,10 @@ def test_custom_settings_match_transformers():
 # ------------------------------------------------------------------ full processor (text + images)
 
 @pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory):
-    from tests.real_tokenizer import write_llama32_vision_tokenizer
+def tok_dir():
+    from tests.real_tokenizer import cached_llama32_vision_tokenizer
 
-    return write_llama32_vision_tokenizer(tmp_path_factory.mktemp("tok"))
+    return cached_llama32_vision_tokenizer()
 
 
 @pytest.fixture(scope="module")
@@ -172,12 +172,12 @@ def hf_processor(tok_dir, hf_image_processor):
 
 
 @pytest.fixture(scope="module")
-def our_processor(tok_dir):
+def our_processor(tok_dir, tmp_path_factory):
     import gguf
 
     from convert.tokenizer import add_tokenizer_metadata
 
-    path = tok_dir / "tok.gguf"
+    path = tmp_path_factory.mktemp("gguf") / "tok.gguf"
     w = gguf.GGUFWriter(str(path), arch="mllama")
     add_tokenizer_metadata(w, tok_dir)
     w.write_header_to_file()
@@ -186,7 +186,7 @@ def our_processor(tok_dir):
     w.close()
     reader = gguf.GGUFReader(str(path))
     tok = Tokenizer.from_gguf(reader)
-    return Processor(tok, ProcessorSettings.from_gguf(reader, tok))
+    return Processor.from_gguf(reader, tok)
 
 
 PROMPTS = [
@@ -281,3 +281,14 @@ def test_settings_from_gguf_keys(tmp_path):
     w = gguf.GGUFWriter(str(path2), arch="mllama")
     w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
     assert ProcessorSettings.from_gguf(gguf.GGUFReader(str(path2))) == ProcessorSettings()
+
+
+def test_numpy_images_match_transformers(hf_image_processor):
+    """uint8 HWC arrays (RGB and RGBA) take transformers' array branch of convert_to_rgb."""
+    rng = np.random.default_rng(11)
+    arrays = [rng.integers(0, 256, size=(300, 700, 3), dtype=np.uint8),
+              rng.integers(0, 256, size=(1300, 500, 4), dtype=np.uint8),
+              rng.integers(0, 256, size=(45, 60, 4), dtype=np.uint8)]
+    ours = preprocess_images(arrays, ProcessorSettings())
+    ref, _ = _hf_images(hf_image_processor, arrays)
+    _assert_same(ours, ref)

@@ -11,7 +11,7 @@ import pytest
 
 from convert.tokenizer import add_tokenizer_metadata
 from mllama_q.tokenizer import Tokenizer
-from tests.real_tokenizer import CHAT_TEMPLATE, write_llama32_vision_tokenizer
+from tests.real_tokenizer import CHAT_TEMPLATE, cached_llama32_vision_tokenizer
 
 CORPUS = [
     "Hello world!",
@@ -42,8 +42,8 @@ CORPUS = [
 
 
 @pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory) -> Path:
-    return write_llama32_vision_tokenizer(tmp_path_factory.mktemp("llama32v_tok"))
+def hf_dir() -> Path:
+    return cached_llama32_vision_tokenizer()
 
 
 @pytest.fixture(scope="module")
@@ -229,3 +229,16 @@ def test_chat_template_errors(tok):
                      {"role": "assistant", "tool_calls": [{"function": {"name": "a", "arguments": {}}}] * 2}])
     with pytest.raises(ChatTemplateError, match="compile"):
         ChatTemplate("{% if %}", tok)
+
+
+def test_stream_decoder_equals_decode_on_invalid_utf8(tok, hf_tok):
+    """Random byte tokens make invalid UTF-8: streaming must replace exactly as HF's decode does."""
+    rng = np.random.default_rng(5)
+    byte_ids = [i for i in range(256) if len(tok.token_bytes(i)) == 1]
+    for _ in range(200):
+        ids = rng.choice(byte_ids, size=int(rng.integers(1, 12))).tolist()
+        if rng.random() < 0.5:
+            ids += tok.encode("é😀", add_special_tokens=False)
+        dec = tok.stream_decoder()
+        streamed = "".join([dec.push(i) for i in ids] + [dec.flush()])
+        assert streamed == hf_tok.decode(ids, clean_up_tokenization_spaces=False)

@@ -195,13 +195,13 @@ def _place_chat_template(out_dir: Path, where: str):
     tc_path = out_dir / "tokenizer_config.json"
     tc = json.loads(tc_path.read_text(encoding="utf-8")) if tc_path.is_file() else {}
     tc.pop("chat_template", None)
-    if where == "tokenizer_config":
+    if where in ("tokenizer_config", "published"):
         tc["chat_template"] = CHAT_TEMPLATE
-    elif where == "chat_template.json":
+    if where in ("chat_template.json", "published"):
         (out_dir / "chat_template.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}), encoding="utf-8")
     elif where == "chat_template.jinja":
         (out_dir / "chat_template.jinja").write_text(CHAT_TEMPLATE, encoding="utf-8")
-    elif where != "none":
+    elif where not in ("none", "published", "tokenizer_config", "chat_template.json"):
         raise ValueError(f"chat_template_location {where!r}")
     tc_path.write_text(json.dumps(tc, indent=2), encoding="utf-8")
 
@@ -231,7 +231,7 @@ def randomise_constant_init(model, seed: int) -> None:
 def make_tiny_checkpoint(out_dir, *, seed: int = 0, text_config: dict | None = None,
                          vision_config: dict | None = None, dtype: str = "bfloat16",
                          max_shard_size=None, rope_spelling: str = "rope_parameters",
-                         chat_template_location: str = "tokenizer_config", tokenizer_dir=None,
+                         chat_template_location: str = "published", tokenizer_dir=None,
                          generation: dict | None = None, preprocessor: dict | None = None) -> Path:
     """Build, randomise and save a tiny MllamaForConditionalGeneration; returns out_dir.
 
@@ -243,7 +243,9 @@ def make_tiny_checkpoint(out_dir, *, seed: int = 0, text_config: dict | None = N
     max_shard_size: e.g. "200KB" to get model-0000N-of-0000M.safetensors + index.
     rope_spelling:  "rope_parameters" (transformers 5) or "rope_theta" (published checkpoints:
                     rope_theta + rope_scaling).
-    chat_template_location: "tokenizer_config" | "chat_template.json" | "chat_template.jinja" | "none".
+    chat_template_location: "published" (tokenizer_config.json AND chat_template.json, like the
+                    hub checkpoint; what transformers' MllamaProcessor reads), "tokenizer_config",
+                    "chat_template.json", "chat_template.jinja" or "none".
     tokenizer_dir:  copy a real Llama 3 HF tokenizer directory instead of the tiny BPE
                     (vocab_size becomes 128256, <|image|> 128256).
     generation / preprocessor: overrides merged into generation_config.json /

@@ -10,7 +10,7 @@ It writes tests/data/ggml_golden.npz holding, per type, the bytes ggml's
 `ggml_quantize_chunk` (no importance matrix: for q8_0 / q4_K / q6_K that is
 quantize_row_*_ref; for f16 ggml_fp32_to_fp16_row; for bf16
 ggml_fp32_to_bf16_row_ref) writes for the rows `make_rows(type, GOLDEN_SEED,
-GOLDEN_RANDOM_ROWS)` returns, and a sha256 of those input rows.
+GOLDEN_RANDOM_ROWS[type])` returns, and a sha256 of those input rows.
 
 The input rows are NOT stored: they are regenerated from the seed. To keep
 them identical across numpy versions and platforms, they are built only from
@@ -39,7 +39,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN_PATH = ROOT / "tests" / "data" / "ggml_golden.npz"
 GOLDEN_SEED = 20261122
-GOLDEN_RANDOM_ROWS = 1000      # random rows per type (plus all adversarial rows)
+# random rows per type (plus all adversarial rows); f16/bf16 rows are 512 bytes each
+GOLDEN_RANDOM_ROWS = {"q8_0": 1000, "q4_k": 1000, "q6_k": 1000, "f16": 300, "bf16": 300}
 COLS = 256                     # values per row: one K-quant super-block, 8 q8_0 blocks
 
 # ggml's enum ggml_type ids (ggml.h), which GGUF stores on disk.
@@ -124,6 +125,9 @@ def adversarial_rows(qtype: str) -> list[tuple[str, np.ndarray]]:
     for s in (1e-30, 1e-38, 1e-40, 1e-44):
         add(f"tiny {s:g}", s * sign * frac)
     add("huge among tiny", np.where(i == 77, 1e30, 1e-30 * sign * frac))
+    add("tiny with zeros", np.where(i % 2 == 0, 0.0, 1e-38 * sign * frac))   # q8_0: 0 * (id = inf) = NaN
+    for s in (3.6e-37, 3.8e-37):                                            # q8_0: id = 1/d near float max
+        add(f"near id overflow {s:g}", np.where(i % 32 == 0, s, s * sign * frac))
     add("tiny among ones", np.where(i % 9 == 0, 1e-30, sign * frac))
     # Scale fields at the edges of fp16: d overflows (inf) or becomes subnormal / 0.
     for s in (8.4e6, 1e8, 1e12, 1e-5, 1e-7, 1e-9):
@@ -257,9 +261,10 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(GOLDEN_PATH))
     args = ap.parse_args(argv)
     g = Ggml(args.lib)
-    data = {"seed": np.int64(GOLDEN_SEED), "random_rows": np.int64(GOLDEN_RANDOM_ROWS), "cols": np.int64(COLS)}
+    data = {"seed": np.int64(GOLDEN_SEED), "cols": np.int64(COLS)}
     for t in TYPES:
-        x, labels = make_rows(t, GOLDEN_SEED, GOLDEN_RANDOM_ROWS)
+        x, labels = make_rows(t, GOLDEN_SEED, GOLDEN_RANDOM_ROWS[t])
+        data[f"{t}/random_rows"] = np.int64(GOLDEN_RANDOM_ROWS[t])
         data[f"{t}/bytes"] = g.quantize(x, t)
         data[f"{t}/input_sha256"] = np.array(digest(x))
         print(f"{t}: {x.shape[0]} rows -> {data[f'{t}/bytes'].nbytes} bytes")

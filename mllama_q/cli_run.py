@@ -1,0 +1,212 @@
+"""`mllama-q run` and `mllama-q chat`.
+
+    mllama-q run -m MODEL.gguf [-i IMAGE ...] -p PROMPT [sampling options]
+    mllama-q chat -m MODEL.gguf [-i IMAGE ...] [sampling options]
+
+`run` wraps the prompt as one user message (images first, then the text, as in the model card's
+examples) and streams the answer to stdout; `--raw` sends the prompt as-is (no chat template;
+put `<|image|>` tokens in it yourself). `chat` keeps the conversation; `/image PATH` attaches an
+image to the next message, `/reset` starts over, `/quit` leaves.
+
+The model (mllama_q.model.Model) is imported only here, lazily, so `--help` is instant.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _add_common(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("-m", "--model", required=True, help="the .gguf file")
+    ap.add_argument("-i", "--image", action="append", default=[], metavar="IMAGE",
+                    help="an image file (repeat for several)")
+    ap.add_argument("--system", default=None, help="system message")
+    ap.add_argument("-n", "--max-new-tokens", type=int, default=512, help="at most this many new tokens (512)")
+    ap.add_argument("--temperature", "--temp", type=float, default=None,
+                    help="0 = greedy (default: the model's generation config, 0.6)")
+    ap.add_argument("--top-k", type=int, default=None, help="0 = off (default: the model's, off)")
+    ap.add_argument("--top-p", type=float, default=None, help="1 = off (default: the model's, 0.9)")
+    ap.add_argument("--min-p", type=float, default=0.0, help="0 = off (default 0)")
+    ap.add_argument("--repeat-penalty", type=float, default=1.0, help="HF repetition_penalty, 1 = off")
+    ap.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
+    ap.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
+    ap.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    ap.add_argument("-c", "--ctx", type=int, default=4096, help="context length in tokens (4096)")
+    ap.add_argument("-v", "--verbose", action="store_true", help="print token counts and timings to stderr")
+
+
+def _sampling_kwargs(args) -> dict:
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repeat_penalty, seed=args.seed,
+                stop=args.stop or None)
+
+
+def _load_model(args, want_vision: bool):
+    from .model import Model
+
+    return Model(args.model, device=args.device, n_ctx=args.ctx, n_threads=args.threads, vision=want_vision)
+
+
+def _check_images(paths) -> list[str]:
+    from .processor import load_image
+
+    for p in paths:
+        load_image(p)  # fail before the (slow) model load on a missing or broken file
+    return list(paths)
+
+
+def _user_message(text: str, n_images: int) -> dict:
+    if n_images == 0:
+        return {"role": "user", "content": text}
+    return {"role": "user", "content": [{"type": "image"}] * n_images + [{"type": "text", "text": text}]}
+
+
+def _stream(model, out, **kw):
+    """Generate with streaming; write pieces to `out`; return the GenerationResult."""
+    stream = model.generate(stream=True, **kw) if hasattr(model, "generate") else None
+    if stream is None:
+        from .generate import generate
+
+        stream = generate(model, stream=True, **kw)
+    for piece in stream:
+        out.write(piece)
+        out.flush()
+    return stream.result
+
+
+def _report(res, err) -> None:
+    t = res.timings
+    err.write(
+        f"\n[{res.prompt_tokens} prompt tokens, {res.completion_tokens} generated, stop: {res.stop_reason}; "
+        f"image encode {t.get('image_encode_s', 0):.2f} s, prefill {t.get('prefill_s', 0):.2f} s "
+        f"({t.get('prefill_tokens_per_s', 0):.1f} tok/s), decode {t.get('decode_tokens_per_s', 0):.2f} tok/s, "
+        f"first token after {t.get('time_to_first_token_s', 0):.2f} s]\n")
+    err.flush()
+
+
+def run_main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="mllama-q run", description="Answer one prompt (with optional images).")
+    _add_common(ap)
+    ap.add_argument("-p", "--prompt", required=True, help="the prompt text ('-' reads stdin)")
+    ap.add_argument("--raw", action="store_true",
+                    help="no chat template: the prompt goes to the model as-is (MllamaProcessor rules)")
+    ap.add_argument("--json", action="store_true", help="print one JSON object (text, counts, timings) instead")
+    args = ap.parse_args(argv)
+    out, err = sys.stdout, sys.stderr
+    try:
+        prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+        images = _check_images(args.image)
+        model = _load_model(args, want_vision=bool(images))
+        kw = _sampling_kwargs(args)
+        if args.raw:
+            kw.update(prompt=prompt, images=images or None)
+        else:
+            msgs = ([{"role": "system", "content": args.system}] if args.system else []) + [
+                _user_message(prompt, len(images))]
+            kw.update(messages=msgs, images=images or None)
+        if args.json:
+            from .generate import generate
+
+            res = generate(model, **kw)
+            out.write(json.dumps({"text": res.text, "prompt_tokens": res.prompt_tokens,
+                                  "completion_tokens": res.completion_tokens, "stop_reason": res.stop_reason,
+                                  "timings": res.timings}) + "\n")
+            return 0
+        res = _stream(model, out, **kw)
+        out.write("\n")
+        if args.verbose:
+            _report(res, err)
+        return 0
+    except KeyboardInterrupt:
+        err.write("\ninterrupted\n")
+        return 130
+    except (ValueError, RuntimeError, OSError) as e:
+        err.write(f"mllama-q run: error: {e}\n")
+        return 1
+
+
+CHAT_HELP = """commands: /image PATH  attach an image to your next message
+          /reset       forget the conversation
+          /quit        leave (also Ctrl-D)"""
+
+
+def chat_main(argv=None, input_fn=input) -> int:
+    ap = argparse.ArgumentParser(prog="mllama-q chat", description="Interactive chat. " + CHAT_HELP)
+    _add_common(ap)
+    args = ap.parse_args(argv)
+    out, err = sys.stdout, sys.stderr
+    try:
+        pending = _check_images(args.image)
+        model = _load_model(args, want_vision=True)
+    except ValueError as e:
+        if "vision=False" in str(e):  # a text-only file
+            try:
+                model = _load_model(args, want_vision=False)
+            except (ValueError, RuntimeError, OSError) as e2:
+                err.write(f"mllama-q chat: error: {e2}\n")
+                return 1
+        else:
+            err.write(f"mllama-q chat: error: {e}\n")
+            return 1
+    except (RuntimeError, OSError) as e:
+        err.write(f"mllama-q chat: error: {e}\n")
+        return 1
+
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history: list[dict] = []
+    images: list[str] = []     # every image of the conversation, in prompt order
+    out.write(f"mllama-q chat ({Path(args.model).name}). {CHAT_HELP}\n")
+    out.flush()
+    while True:
+        try:
+            line = input_fn(">>> ")
+        except EOFError:
+            out.write("\n")
+            return 0
+        except KeyboardInterrupt:
+            out.write("\n")
+            return 130
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/quit", "/exit", "/bye"):
+            return 0
+        if text == "/reset":
+            history, images, pending = [], [], []
+            out.write("(conversation cleared)\n")
+            continue
+        if text in ("/help", "/?"):
+            out.write(CHAT_HELP + "\n")
+            continue
+        if text.startswith("/image"):
+            path = text[len("/image"):].strip().strip("'\"")
+            try:
+                _check_images([path])
+            except ValueError as e:
+                out.write(f"error: {e}\n")
+                continue
+            pending.append(path)
+            out.write(f"(image attached: {path})\n")
+            continue
+        if text.startswith("/"):
+            out.write(f"unknown command {text.split()[0]!r}. {CHAT_HELP}\n")
+            continue
+        msg = _user_message(line, len(pending))
+        try:
+            res = _stream(model, out, messages=system + history + [msg], images=(images + pending) or None,
+                          **_sampling_kwargs(args))
+        except KeyboardInterrupt:
+            out.write("\n(interrupted)\n")
+            continue
+        except (ValueError, RuntimeError) as e:
+            out.write(f"\nerror: {e}\n")
+            continue
+        out.write("\n")
+        if args.verbose:
+            _report(res, err)
+        history += [msg, {"role": "assistant", "content": res.text}]
+        images += pending
+        pending = []
