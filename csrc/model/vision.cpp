@@ -40,6 +40,29 @@ struct Buf {
 
 }  // namespace
 
+// Backend activation buffers of one encode() call, shared by its images (11B
+// sizes: about 430 MB; no buffer above 34 MB).
+struct VisionEncoder::Work {
+    Buf x, h, q, k, v, a;             // [S, D]: residual stream, scratch, q/k/v, attention out
+    Buf u;                            // [min(S, kMlpRows), F]: MLP hidden rows
+    Buf mask;                         // [kMaskRows, S]: the padding-query mask row, repeated
+    std::vector<std::unique_ptr<Buf>> inter;  // K x [S, D]: intermediate hidden states
+    Buf tile_rows;                    // [T, P, D]: tile position embedding of the aspect ratio
+    Buf pre_rows, post_rows;          // [T, D]: pre/post tile embeddings of the aspect ratio
+    Buf pre_bias, post_bias;          // [T, D]
+    Buf patches;                      // [n_patch, C*p*p]: im2col of one tile
+    Buf dcat;                         // [kProjRows, Dc]: projector input rows
+    Work(Backend& be, const VisionEncoder& e)
+        : x(be, e.S() * e.D_), h(be, e.S() * e.D_), q(be, e.S() * e.D_), k(be, e.S() * e.D_),
+          v(be, e.S() * e.D_), a(be, e.S() * e.D_), u(be, std::min(kMlpRows, e.S()) * e.F_),
+          mask(be, kMaskRows * e.S()), tile_rows(be, e.T_ * e.P_ * e.D_), pre_rows(be, e.T_ * e.D_),
+          post_rows(be, e.T_ * e.D_), pre_bias(be, e.T_ * e.D_), post_bias(be, e.T_ * e.D_),
+          patches(be, e.n_patch_ * e.hp_.num_channels * e.hp_.patch_size * e.hp_.patch_size),
+          dcat(be, kProjRows * e.D_ * (1 + e.K_)) {
+        for (int64_t i = 0; i < e.K_; i++) inter.push_back(std::make_unique<Buf>(be, e.S() * e.D_));
+    }
+};
+
 VisionEncoder::VisionEncoder(Backend& be, const TensorMap& tm, const VisionHParams& hp) : be_(be), hp_(hp) {
     auto need = [](bool ok, const std::string& msg) {
         if (!ok) throw std::invalid_argument("vision hparams: " + msg);
@@ -89,9 +112,9 @@ VisionEncoder::VisionEncoder(Backend& be, const TensorMap& tm, const VisionHPara
         g_tile_ = gate("v.tile_position_embd.gate");  // tanh(g)
         g_pre_ = gate("v.pre_tile_position_embd.gate");
         g_post_ = gate("v.post_tile_position_embd.gate");
-        tile_pos_ = tm.get("v.tile_position_embd.weight", {A1, T_ * P_ * D_});
-        pre_tile_ = tm.get("v.pre_tile_position_embd.weight", {A1, T_ * D_});
-        post_tile_ = tm.get("v.post_tile_position_embd.weight", {A1, T_ * D_});
+        tile_pos_ = table(tm, "v.tile_position_embd.weight", A1, T_ * P_ * D_);
+        pre_tile_ = table(tm, "v.pre_tile_position_embd.weight", A1, T_ * D_);
+        post_tile_ = table(tm, "v.post_tile_position_embd.weight", A1, T_ * D_);
         pre_ln_w_ = vec_f32(tm, "v.pre_ln.weight", D_);
         pre_ln_b_ = vec_f32(tm, "v.pre_ln.bias", D_);
         post_ln_w_ = vec_f32(tm, "v.post_ln.weight", D_);
@@ -120,6 +143,28 @@ const float* VisionEncoder::vec_f32(const TensorMap& tm, const std::string& name
     const int32_t zero = 0;
     be_.get_rows(w, &zero, 1, buf);
     return buf;
+}
+
+// An aspect-ratio embedding table: `entries` entries of `per_entry` values each.
+// Our converter writes [entries, per_entry] (gguf_keys.py); any shape with that
+// leading extent and element count is accepted (e.g. [9, 4, 1601, 1280]): an
+// entry is then per_entry / cols consecutive rows of the stored matrix.
+VisionEncoder::Table VisionEncoder::table(const TensorMap& tm, const std::string& name, int64_t entries,
+                                          int64_t per_entry) const {
+    const NamedTensor& t = tm.at(name);
+    int64_t numel = 1;
+    for (int64_t d : t.shape) numel *= d;
+    if (t.shape.empty() || t.shape[0] != entries || numel != entries * per_entry || per_entry % t.w.cols != 0)
+        throw std::runtime_error("tensor '" + name + "' has shape " + TensorMap::fmt(t.shape) + ", expected [" +
+                                 std::to_string(entries) + ", " + std::to_string(per_entry) + "]");
+    return Table{t.w, per_entry / t.w.cols};
+}
+
+// out[per_entry] = entry `id` of the table, as float32 (backend memory).
+void VisionEncoder::table_entry(const Table& tb, int32_t id, float* out) {
+    std::vector<int32_t> ids(size_t(tb.rows_per_entry));
+    for (int64_t i = 0; i < tb.rows_per_entry; i++) ids[i] = int32_t(int64_t(id) * tb.rows_per_entry + i);
+    be_.get_rows(tb.w, ids.data(), tb.rows_per_entry, out);
 }
 
 VisionEncoder::Layer VisionEncoder::load_layer(const TensorMap& tm, const std::string& pre, bool gated) {
@@ -157,17 +202,47 @@ void VisionEncoder::encode(const float* pixels_host, const int32_t* ar_ids_host,
             if (m != 0 && m != 1) throw std::invalid_argument("vision encode: aspect_ratio_mask values must be 0 or 1");
         }
     }
+    if (n_img == 0) return;
     const int64_t tile_px = int64_t(hp_.num_channels) * hp_.image_size * hp_.image_size;
+    Work w(be_, *this);
     for (int b = 0; b < n_img; b++)
         encode_image(pixels_host + b * T_ * tile_px, ar_ids_host[b], ar_mask_host + b * T_,
-                     out + int64_t(b) * T_ * P_ * hp_.out_dim);
+                     out + int64_t(b) * T_ * P_ * hp_.out_dim, w);
+}
+
+// HF's aspect-ratio attention mask (_prepare_aspect_ratio_attention_mask):
+// a position is "padding" if it is a pad row P..Np-1 of a tile or any row of a
+// tile whose aspect_ratio_mask is 0, and the pair (query i, key j) gets
+// finfo(float32).min added iff BOTH are padding. (P = grid^2 + 1 is never a
+// multiple of 8, squares being 0, 1 or 4 mod 8, so HF's `[-pad_patches:]`
+// slice always has pad_patches >= 1.)
+// Returns the runs of equal kind over the S rows in order, each with its
+// place in the gathered order (all real rows first, then all padding rows).
+std::vector<VisionEncoder::Segment> VisionEncoder::segments(const int32_t* tile_mask) const {
+    const int64_t S = T_ * Np_;
+    auto is_pad = [&](int64_t r) { return tile_mask[r / Np_] == 0 || r % Np_ >= P_; };
+    std::vector<Segment> segs;
+    for (int64_t r0 = 0; r0 < S;) {
+        int64_t r1 = r0 + 1;
+        while (r1 < S && is_pad(r1) == is_pad(r0)) r1++;
+        segs.push_back(Segment{r0, r1 - r0, 0, is_pad(r0)});
+        r0 = r1;
+    }
+    int64_t next = 0;
+    for (int pass = 0; pass < 2; pass++)
+        for (Segment& g : segs)
+            if (g.pad == (pass == 1)) {
+                g.perm_row = next;
+                next += g.n;
+            }
+    return segs;
 }
 
 // One encoder layer (HF MllamaVisionEncoderLayer.forward) on x [S, D] in place:
 //   x = x + g_attn * o_proj(attn(LN1(x)));  x = x + g_ffn * fc2(gelu(fc1(LN2(x))))
-// with g = 1 for local layers. tile_mask: [T] (1 = real tile) for the padding mask.
+// with g = 1 for local layers.
 // s: the scratch buffers of encode_image.
-void VisionEncoder::run_layer(const Layer& L, float* x, int64_t S, const int32_t* tile_mask, const Scratch& s) {
+void VisionEncoder::run_layer(const Layer& L, float* x, int64_t S, const Scratch& s) {
     const float eps = hp_.norm_eps;
     be_.layer_norm(x, L.ln1_w, L.ln1_b, s.h, S, D_, eps);
     be_.matmul(s.h, S, D_, L.q, nullptr, s.q, D_);
@@ -175,26 +250,31 @@ void VisionEncoder::run_layer(const Layer& L, float* x, int64_t S, const int32_t
     be_.matmul(s.h, S, D_, L.v, nullptr, s.v, D_);
 
     // Attention over all S positions of the image with HF's aspect-ratio mask
-    // (_prepare_aspect_ratio_attention_mask): the pair (i, j) gets finfo(f32).min
-    // added iff query i AND key j are both padding (a pad row 1601..1607 of a
-    // tile, or any row of a tile whose aspect_ratio_mask is 0). So a real query
-    // row is unmasked, and every padding query row sees the same mask row. We
-    // walk the rows in runs of equal kind: real runs with no mask, padding runs
-    // in chunks of kMaskRows rows against the repeated mask row in s.mask.
-    // When P is a multiple of 8 HF's `attention_mask[:, :, -0:] = 0` marks every
-    // row as padding; is_pad replicates that.
-    const float scale = 1.0f / std::sqrt(float(hd_));
-    auto is_pad = [&](int64_t r) { return Np_ == P_ || tile_mask[r / Np_] == 0 || r % Np_ >= P_; };
-    for (int64_t r0 = 0; r0 < S;) {
-        const bool pad = is_pad(r0);
-        int64_t r1 = r0 + 1;
-        while (r1 < S && is_pad(r1) == pad && (!pad || r1 - r0 < kMaskRows)) r1++;
-        be_.attention(s.q + r0 * D_, s.k, s.v, DType::F32, D_, s.a + r0 * D_, r1 - r0, S, hp_.n_head, hp_.n_head,
-                      int(hd_), scale, pad ? s.mask : nullptr, S, false, 0);
-        r0 = r1;
+    // (see segments()): real query rows are unmasked, padding query rows all
+    // share one mask row. The queries are gathered real rows first, padding
+    // rows last (qp, in h), so the backend sees one unmasked call for every real
+    // row and a few masked calls of <= kMaskRows padding rows (each call
+    // re-reads all S keys, so few calls matter). The output stays in that order
+    // through the row-wise o_proj and is scattered back when added to x.
+    float* qp = s.q;
+    if (!s.identity) {
+        for (const Segment& g : *s.segs)
+            be_.copy(s.h + g.perm_row * D_, s.q + g.row * D_, size_t(g.n * D_) * sizeof(float));
+        qp = s.h;
     }
-    be_.matmul(s.a, S, D_, L.o, nullptr, s.h, D_);
-    be_.add_scaled(x, s.h, L.gate_attn, S * D_);  // gate 1 for local layers: x + 1*h == x + h exactly
+    const float scale = 1.0f / std::sqrt(float(hd_));
+    if (s.n_real > 0)
+        be_.attention(qp, s.k, s.v, DType::F32, D_, s.a, s.n_real, S, hp_.n_head, hp_.n_head, int(hd_), scale,
+                      nullptr, S, false, 0);
+    for (int64_t r0 = s.n_real; r0 < S; r0 += kMaskRows) {
+        const int64_t nr = std::min(kMaskRows, S - r0);
+        be_.attention(qp + r0 * D_, s.k, s.v, DType::F32, D_, s.a + r0 * D_, nr, S, hp_.n_head, hp_.n_head,
+                      int(hd_), scale, s.mask, S, false, 0);
+    }
+    be_.matmul(s.a, S, D_, L.o, nullptr, s.h, D_);  // o_proj, rows in the gathered order
+    // x + g * attn (gate 1 for local layers: x + 1*h == x + h exactly)
+    for (const Segment& g : *s.segs)
+        be_.add_scaled(x + g.row * D_, s.h + g.perm_row * D_, L.gate_attn, g.n * D_);
 
     be_.layer_norm(x, L.ln2_w, L.ln2_b, s.h, S, D_, eps);
     for (int64_t r0 = 0; r0 < S; r0 += kMlpRows) {
@@ -206,37 +286,40 @@ void VisionEncoder::run_layer(const Layer& L, float* x, int64_t S, const int32_t
     be_.add_scaled(x, s.a, L.gate_ffn, S * D_);
 }
 
-void VisionEncoder::encode_image(const float* px, int32_t ar_id, const int32_t* tile_mask, float* out) {
+void VisionEncoder::encode_image(const float* px, int32_t ar_id, const int32_t* tile_mask, float* out, Work& w) {
     const int64_t S = T_ * Np_, C = hp_.num_channels, p = hp_.patch_size, W = hp_.image_size;
     const int64_t CPP = C * p * p, Dc = D_ * (1 + K_), O = hp_.out_dim;
 
-    // Activations of this image, allocated once and reused by every layer.
-    Buf x(be_, S * D_), h(be_, S * D_), q(be_, S * D_), k(be_, S * D_), v(be_, S * D_), a(be_, S * D_);
-    Buf u(be_, std::min(kMlpRows, S) * F_), mask(be_, kMaskRows * S);
-    std::vector<std::unique_ptr<Buf>> inter;
-    for (int64_t i = 0; i < K_; i++) inter.push_back(std::make_unique<Buf>(be_, S * D_));
-    const Scratch scratch{h.p, q.p, k.p, v.p, a.p, u.p, mask.p};
+    // Activations, allocated once per encode() call (see Work) and reused by every layer.
+    Buf &x = w.x, &h = w.h, &q = w.q, &k = w.k, &v = w.v, &a = w.a, &u = w.u, &mask = w.mask;
+    auto& inter = w.inter;
+    const std::vector<Segment> segs = segments(tile_mask);
+    Scratch scratch{h.p, q.p, k.p, v.p, a.p, u.p, mask.p, &segs, 0, true};
+    for (const Segment& g : segs) {
+        if (!g.pad) scratch.n_real += g.n;
+        scratch.identity = scratch.identity && g.perm_row == g.row;
+    }
 
     // ---- embeddings (HF: patch conv, + pre-tile, cls, + gated position, layernorm_pre, pad)
     // Per-aspect-ratio rows: tile_rows [T, P, D], pre/post [T, D].
-    Buf tile_rows(be_, T_ * P_ * D_), pre_rows(be_, T_ * D_), post_rows(be_, T_ * D_);
-    be_.get_rows(tile_pos_, &ar_id, 1, tile_rows.p);
-    be_.get_rows(pre_tile_, &ar_id, 1, pre_rows.p);
-    be_.get_rows(post_tile_, &ar_id, 1, post_rows.p);
+    Buf &tile_rows = w.tile_rows, &pre_rows = w.pre_rows, &post_rows = w.post_rows;
+    table_entry(tile_pos_, ar_id, tile_rows.p);
+    table_entry(pre_tile_, ar_id, pre_rows.p);
+    table_entry(post_tile_, ar_id, post_rows.p);
     // pre_bias[t] = tanh(g_pre) * pre_tile[ar][t]: added to every patch of tile t
     // (before the class token is prepended), here as the bias of the patch matmul.
     // post_bias[t] = post_ln.bias + tanh(g_post) * post_tile[ar][t]: the post-tile
     // embedding is added to every row of tile t right after layernorm_post, so it
     // folds into that LayerNorm's bias. Both [T, D].
     std::vector<float> zeros(std::max<int64_t>(T_ * D_, (Np_ - P_) * D_), 0.0f);
-    Buf pre_bias(be_, T_ * D_), post_bias(be_, T_ * D_);
+    Buf &pre_bias = w.pre_bias, &post_bias = w.post_bias;
     be_.to_device(pre_bias.p, zeros.data(), size_t(T_ * D_) * sizeof(float));
     be_.add_scaled(pre_bias.p, pre_rows.p, g_pre_, T_ * D_);
     for (int64_t t = 0; t < T_; t++) be_.copy(post_bias.p + t * D_, post_ln_b_, size_t(D_) * sizeof(float));
     be_.add_scaled(post_bias.p, post_rows.p, g_post_, T_ * D_);
 
     std::vector<float> cols(size_t(n_patch_ * CPP));  // im2col of one tile [n_patch, C*p*p]
-    Buf patches(be_, n_patch_ * CPP);
+    Buf& patches = w.patches;
     for (int64_t t = 0; t < T_; t++) {
         // cols[gy*grid + gx, (c*p + ky)*p + kx] = pixel[c, gy*p + ky, gx*p + kx]
         // (Conv2d weight [D, C, p, p] flattened row-major matches this column order).
@@ -267,10 +350,8 @@ void VisionEncoder::encode_image(const float* px, int32_t ar_id, const int32_t* 
     {
         std::vector<float> m(size_t(kMaskRows * S));
         const float fmin = std::numeric_limits<float>::lowest();
-        for (int64_t j = 0; j < S; j++) {
-            const bool pad = Np_ == P_ || tile_mask[j / Np_] == 0 || j % Np_ >= P_;
-            m[j] = pad ? fmin : 0.0f;
-        }
+        for (const Segment& g : segs)
+            for (int64_t j = g.row; j < g.row + g.n; j++) m[j] = g.pad ? fmin : 0.0f;
         for (int64_t r = 1; r < kMaskRows; r++) std::memcpy(&m[r * S], &m[0], size_t(S) * sizeof(float));
         be_.to_device(mask.p, m.data(), m.size() * sizeof(float));
     }
@@ -282,7 +363,7 @@ void VisionEncoder::encode_image(const float* px, int32_t ar_id, const int32_t* 
     };
     for (int l = 0; l < hp_.num_layers; l++) {
         if (hp_.intermediate_at_layer_input) collect(l);
-        run_layer(local_[l], x.p, S, tile_mask, scratch);
+        run_layer(local_[l], x.p, S, scratch);
         if (!hp_.intermediate_at_layer_input) collect(l);  // transformers 5.x: hidden_states[l] = output of layer l
     }
 
@@ -291,7 +372,7 @@ void VisionEncoder::encode_image(const float* px, int32_t ar_id, const int32_t* 
     for (int64_t t = 0; t < T_; t++)
         be_.layer_norm(x.p + t * Np_ * D_, post_ln_w_, post_bias.p + t * D_, xg + t * Np_ * D_, Np_, D_, kPrePostLnEps);
     be_.copy(x.p, xg, size_t(S * D_) * sizeof(float));
-    for (int l = 0; l < hp_.num_global_layers; l++) run_layer(global_[l], x.p, S, tile_mask, scratch);
+    for (int l = 0; l < hp_.num_global_layers; l++) run_layer(global_[l], x.p, S, scratch);
 
     // ---- projector on [final (D) | intermediates], rows 0..P-1 of each tile.
     // HF stacks the K intermediates on a new LAST axis and flattens it:
@@ -299,7 +380,7 @@ void VisionEncoder::encode_image(const float* px, int32_t ar_id, const int32_t* 
     // intermediate i at feature d (interleaved, not one block per layer). The
     // backend has no strided copy, so the rows are assembled on the host.
     std::vector<float> cat(size_t(kProjRows * Dc)), tmp(size_t(kProjRows * D_));
-    Buf dcat(be_, kProjRows * Dc);
+    Buf& dcat = w.dcat;
     be_.synchronize();
     for (int64_t t = 0; t < T_; t++) {
         for (int64_t r0 = 0; r0 < P_; r0 += kProjRows) {

@@ -38,9 +38,12 @@ struct VisionHParams {
     int out_dim;                // text hidden size = projector output (4096)
     // Which hidden state an entry i of intermediate_layers names.
     //   false (default): the OUTPUT of local layer i, as transformers 5.x computes it
-    //     (MllamaVisionEncoder collects each layer's output; the project's numerics reference).
-    //   true: the INPUT of local layer i, as Meta's reference code and transformers <= 4.53 did
-    //     (the weights were trained that way). Equal to the default with every index minus one.
+    //     (MllamaVisionEncoder.forward collects each layer's output into hidden_states;
+    //     the project's numerics reference, and what the parity tests compare with).
+    //   true: the INPUT of local layer i, as Meta's reference code does
+    //     (llama_models/llama3/multimodal/model.py, ImageTransformer.forward appends x
+    //     before running resblock idx) and transformers <= 4.53 did: the convention the
+    //     published weights were trained with. Equal to the default with every index - 1.
     bool intermediate_at_layer_input = false;
 };
 
@@ -48,6 +51,9 @@ class VisionEncoder {
 public:
     // Validates every tensor name and shape up front (throws std::runtime_error
     // naming the tensor) and checks the hyper-parameters (std::invalid_argument).
+    // Keeps the backend Weights of `tm` (views: the tensor data, e.g. the mapped
+    // GGUF, and the backend must outlive the encoder) plus small owned f32
+    // copies of the 1-D parameters; the TensorMap object itself may go.
     VisionEncoder(Backend& be, const TensorMap& tm, const VisionHParams& hp);
     ~VisionEncoder();
     VisionEncoder(const VisionEncoder&) = delete;
@@ -74,16 +80,35 @@ private:
         float gate_attn = 1.0f, gate_ffn = 1.0f;      // tanh(g) for global layers, 1 for local
     };
 
+    // A run of rows [row, row + n) of one image's S positions that are all real
+    // or all padding; perm_row: where the run starts in the gathered query order.
+    struct Segment {
+        int64_t row, n, perm_row;
+        bool pad;
+    };
     // Activation buffers of one encode_image call (backend memory):
-    // h, q, k, v, a: [S, D]; u: [min(S, 1024), F]; mask: [512, S].
+    // h, q, k, v, a: [S, D]; u: [min(S, 1024), F]; mask: [512, S] (one row repeated).
     struct Scratch {
         float *h, *q, *k, *v, *a, *u, *mask;
+        const std::vector<Segment>* segs;
+        int64_t n_real;   // real rows (they come first in the gathered order)
+        bool identity;    // gathered order == natural order (no copies needed)
     };
 
+    std::vector<Segment> segments(const int32_t* tile_mask) const;
+
+    struct Table {              // aspect-ratio embedding table (see table())
+        Weight w;
+        int64_t rows_per_entry = 1;
+    };
+    Table table(const TensorMap& tm, const std::string& name, int64_t entries, int64_t per_entry) const;
+    void table_entry(const Table& tb, int32_t id, float* out);
     const float* vec_f32(const TensorMap& tm, const std::string& name, int64_t n);
     Layer load_layer(const TensorMap& tm, const std::string& prefix, bool gated);
-    void run_layer(const Layer& L, float* x, int64_t S, const int32_t* tile_mask, const Scratch& s);
-    void encode_image(const float* pixels_host, int32_t ar_id, const int32_t* tile_mask, float* out);
+    void run_layer(const Layer& L, float* x, int64_t S, const Scratch& s);
+    struct Work;  // activation buffers of one encode() call (vision.cpp)
+    int64_t S() const { return T_ * Np_; }  // positions per image (all tiles, padded)
+    void encode_image(const float* pixels_host, int32_t ar_id, const int32_t* tile_mask, float* out, Work& w);
 
     Backend& be_;
     VisionHParams hp_;
@@ -91,7 +116,7 @@ private:
     std::vector<void*> owned_;       // backend buffers this encoder allocated
 
     Weight patch_;                   // [Dv, C*p*p] view of the conv weight
-    Weight pre_tile_, post_tile_, tile_pos_;
+    Table pre_tile_, post_tile_, tile_pos_;  // per aspect-ratio id: [T, D], [T, D], [T, P, D]
     const float* class_embd_ = nullptr;   // backend [Dv]
     const float* pos_embd_ = nullptr;     // backend [P, Dv]
     float g_pos_ = 0, g_tile_ = 0, g_pre_ = 0, g_post_ = 0;
