@@ -13,7 +13,8 @@ for do_sample=True and one sequence:
     softmax -> multinomial
 
 temperature == 0 means greedy: argmax after the repetition penalty (HF's do_sample=False).
-Everything runs in float32 like HF's scores; filtered tokens get -inf.
+Everything runs in float32 like HF's scores (cumulative sums in float64); filtered tokens are
+dropped (HF: -inf, probability 0).
 """
 from __future__ import annotations
 
@@ -79,32 +80,56 @@ def apply_repetition_penalty(scores: np.ndarray, history: Iterable[int], penalty
     return out
 
 
-def filter_logits(scores: np.ndarray, params: SamplingParams) -> np.ndarray:
+def filter_logits(scores: np.ndarray, params: SamplingParams) -> tuple[np.ndarray, np.ndarray]:
     """Temperature, top-k, top-p, min-p on float32 scores [V] (repetition penalty already applied).
-    Returns float32 [V] with -inf for removed tokens."""
-    x = scores.astype(np.float32, copy=True)
+
+    Returns (ids int64 [n], logits float32 [n]): the surviving tokens and their scaled logits;
+    every other token is HF's -inf. Only the survivors of each step are looked at by the next
+    one, so with top-k, or with a peaked distribution under top-p, nothing sorts the whole
+    vocabulary (128k entries; a full sort per token costs tens of ms).
+    """
+    x = scores.astype(np.float32, copy=False)
     if params.temperature != 1.0:
         x = x / np.float32(params.temperature)
+    ids = None  # None = every token
     if params.top_k > 0 and params.top_k < x.size:
-        kth = np.partition(x, x.size - params.top_k)[x.size - params.top_k]
-        x[x < kth] = -np.inf
-    if params.top_p < 1.0:
-        order = np.argsort(x, kind="stable")  # ascending, like HF's sort(descending=False)
-        sx = x[order]
-        cum = np.cumsum(_softmax(sx))
-        remove = cum <= np.float32(1.0 - params.top_p)
-        remove[-1] = False  # min_tokens_to_keep = 1
-        x[order[remove]] = -np.inf
-    if params.min_p > 0.0:
-        p = _softmax(x)
-        remove = p < np.float32(params.min_p) * p.max()
-        remove[int(np.argmax(p))] = False
-        x[remove] = -np.inf
-    return x
+        kth = x[np.argpartition(x, x.size - params.top_k)[x.size - params.top_k:]].min()
+        ids = np.flatnonzero(x >= kth)  # HF: remove s < k-th largest (ties survive)
+    if ids is None:
+        ids = np.arange(x.size)
+    v = x[ids]
+    if params.top_p < 1.0 and v.size > 1:
+        keep = _top_p_keep(_softmax(v), params.top_p)
+        ids, v = ids[keep], v[keep]
+    if params.min_p > 0.0 and v.size > 1:
+        p = _softmax(v)
+        keep = p >= np.float32(params.min_p) * p.max()  # HF: remove p < min_p * max(p)
+        ids, v = ids[keep], v[keep]
+    return ids, v
+
+
+def _top_p_keep(p: np.ndarray, top_p: float, first: int = 1024) -> np.ndarray:
+    """Indices into p to keep. HF sorts ascending and removes tokens whose cumulative probability
+    is <= 1 - top_p; equivalently (the total is 1) a token is kept iff the probability mass of
+    the tokens ranked above it is < top_p. Tries the `first` most likely tokens, falls back to a
+    full sort when they do not hold top_p of the mass."""
+    n = p.size
+    if n > first:
+        part = np.argpartition(p, n - first)[n - first:]
+        order = part[np.argsort(-p[part], kind="stable")]
+    else:
+        order = np.argsort(-p, kind="stable")
+    pd = p[order].astype(np.float64)
+    above = np.cumsum(pd) - pd  # mass strictly above each token
+    if n > first and above[-1] + pd[-1] < top_p:  # the candidates do not reach top_p: sort everything
+        order = np.argsort(-p, kind="stable")
+        pd = p[order].astype(np.float64)
+        above = np.cumsum(pd) - pd
+    return order[above < top_p]
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
-    """float32 softmax; -inf entries give exactly 0."""
+    """float32 softmax."""
     m = np.max(x)
     e = np.exp(x - m, dtype=np.float32)
     return e / e.sum(dtype=np.float32)
@@ -113,7 +138,10 @@ def _softmax(x: np.ndarray) -> np.ndarray:
 def probabilities(scores: np.ndarray, history: Iterable[int], params: SamplingParams) -> np.ndarray:
     """The sampling distribution float32 [V] for these logits (what multinomial draws from)."""
     s = apply_repetition_penalty(np.asarray(scores, dtype=np.float32), history, params.repetition_penalty)
-    return _softmax(filter_logits(s, params))
+    ids, v = filter_logits(s, params)
+    out = np.zeros(s.size, dtype=np.float32)
+    out[ids] = _softmax(v)
+    return out
 
 
 class Sampler:
@@ -133,8 +161,9 @@ class Sampler:
         if p.greedy:
             s = apply_repetition_penalty(logits, history, p.repetition_penalty)
             return int(np.argmax(s))
-        probs = probabilities(logits, history, p).astype(np.float64)
-        cdf = np.cumsum(probs)
+        s = apply_repetition_penalty(logits, history, p.repetition_penalty)
+        ids, v = filter_logits(s, p)
+        cdf = np.cumsum(_softmax(v).astype(np.float64))
         r = self.rng.random() * cdf[-1]
         # side="right" never lands on a zero-probability token
-        return int(min(np.searchsorted(cdf, r, side="right"), probs.size - 1))
+        return int(ids[min(np.searchsorted(cdf, r, side="right"), ids.size - 1)])

@@ -57,10 +57,13 @@ PARAMS = [
 
 @pytest.mark.parametrize("params", PARAMS)
 def test_probabilities_match_transformers(params):
+    # Flat and peaked distributions: top-p takes both its shortcut (the 1024 most likely tokens
+    # hold top_p of the mass) and its full-sort path on these seeds.
     rng = np.random.default_rng(0)
-    for trial in range(4):
-        logits = (rng.standard_normal(32000) * rng.uniform(0.5, 4)).astype(np.float32)
-        history = rng.integers(0, 32000, size=60).tolist()
+    for trial in range(5):
+        vocab = 128256 if trial == 4 else 32000
+        logits = (rng.standard_normal(vocab) * (6.0 if trial == 4 else rng.uniform(0.5, 4))).astype(np.float32)
+        history = rng.integers(0, vocab, size=60).tolist()
         ours = probabilities(logits, history, params)
         ref = _hf_probs(logits, history, params)
         np.testing.assert_array_equal(ours > 0, ref > 0)
