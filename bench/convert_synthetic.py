@@ -110,13 +110,14 @@ def write_checkpoint(d: Path, n_shards: int) -> int:
     (d / "config.json").write_text(json.dumps(CONFIG_11B, indent=2))
     (d / "generation_config.json").write_text(json.dumps(GENERATION, indent=2))
     (d / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR, indent=2))
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # test helpers
     try:
-        from tests.real_tokenizer import write_llama32_vision_tokenizer
+        from real_tokenizer import write_llama32_vision_tokenizer
 
         write_llama32_vision_tokenizer(d)
         print("tokenizer: real Llama 3.2 Vision tokenizer (128257 tokens)", file=sys.stderr)
     except Exception as e:  # llama-models / transformers missing: the small test tokenizer does too
-        from tests.tiny_models import _save_tokenizer
+        from tiny_models import _save_tokenizer
 
         _save_tokenizer(d, None, "tokenizer_config")
         print(f"tokenizer: tiny test tokenizer ({e.__class__.__name__}: {e})", file=sys.stderr)

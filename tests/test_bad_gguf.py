@@ -15,7 +15,7 @@ import mllama_q  # noqa: E402
 from mllama_q import ModelFileError, ModelFileNotFoundError  # noqa: E402
 from mllama_q import gguf_keys as K  # noqa: E402
 from convert import convert  # noqa: E402
-from tests.tiny_models import make_tiny_checkpoint  # noqa: E402
+from tiny_models import make_tiny_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ pytest.importorskip("transformers")
 from gguf import GGMLQuantizationType as T  # noqa: E402
 from gguf.quants import dequantize  # noqa: E402
 
-from tests.tiny_models import make_tiny_checkpoint  # noqa: E402
+from tiny_models import make_tiny_checkpoint  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -728,7 +728,7 @@ def test_tiny_checkpoint_is_a_usable_nonvacuous_reference(ckpts, hf_states):
     from PIL import Image
     from transformers import AutoProcessor
 
-    from tests.tiny_models import load_hf_model
+    from tiny_models import load_hf_model
 
     for key, x in hf_states["gqa4_sharded"].items():
         if key.endswith(("gate", "gate_attn", "gate_ffn", "cross_attn_attn_gate", "cross_attn_mlp_gate")):

@@ -115,7 +115,7 @@ def tokenizer(tmp_path_factory):
     import gguf
 
     from convert.tokenizer import add_tokenizer_metadata
-    from tests.real_tokenizer import cached_llama32_vision_tokenizer
+    from real_tokenizer import cached_llama32_vision_tokenizer
 
     d = cached_llama32_vision_tokenizer()
     path = tmp_path_factory.mktemp("gguf") / "tok.gguf"

@@ -26,7 +26,7 @@ def setup(tmp_path_factory):
 
     import mllama_q
     from convert.converter import convert
-    from tests.tiny_models import load_hf_model, make_tiny_checkpoint
+    from tiny_models import load_hf_model, make_tiny_checkpoint
 
     d = tmp_path_factory.mktemp("gen_e2e")
     ckpt = make_tiny_checkpoint(d / "hf", seed=0, dtype="float32")

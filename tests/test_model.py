@@ -26,7 +26,7 @@ from transformers.models.mllama.processing_mllama import (  # noqa: E402
 
 import mllama_q  # noqa: E402
 from mllama_q import gguf_keys as K  # noqa: E402
-from tests.tiny_models import load_hf_model, make_tiny_checkpoint  # noqa: E402
+from tiny_models import load_hf_model, make_tiny_checkpoint  # noqa: E402
 from convert import convert  # noqa: E402
 
 MAX_TILES = 4

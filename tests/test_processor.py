@@ -159,7 +159,7 @@ def test_custom_settings_match_transformers():
 
 @pytest.fixture(scope="module")
 def tok_dir():
-    from tests.real_tokenizer import cached_llama32_vision_tokenizer
+    from real_tokenizer import cached_llama32_vision_tokenizer
 
     return cached_llama32_vision_tokenizer()
 

@@ -11,7 +11,7 @@ import pytest
 
 from convert.tokenizer import add_tokenizer_metadata
 from mllama_q.tokenizer import Tokenizer
-from tests.real_tokenizer import CHAT_TEMPLATE, cached_llama32_vision_tokenizer
+from real_tokenizer import CHAT_TEMPLATE, cached_llama32_vision_tokenizer
 
 CORPUS = [
     "Hello world!",

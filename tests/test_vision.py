@@ -14,7 +14,7 @@ import torch
 from convert.converter import convert
 from mllama_q import _core
 from mllama_q import gguf_keys as K
-from tests.tiny_models import load_hf_model, make_tiny_checkpoint
+from tiny_models import load_hf_model, make_tiny_checkpoint
 
 GGML_F32 = 0
 

@@ -1,6 +1,6 @@
 """Tiny random Mllama checkpoints saved by transformers, for converter and runtime parity tests.
 
-    from tests.tiny_models import make_tiny_checkpoint, load_hf_model
+    from tiny_models import make_tiny_checkpoint, load_hf_model
     ckpt = make_tiny_checkpoint(tmp_path / "tiny", seed=0)                 # default tiny model
     ckpt = make_tiny_checkpoint(tmp_path / "gqa4", seed=1, text_config={"num_key_value_heads": 1},
                                 vision_config={"max_num_tiles": 2,
