@@ -300,13 +300,48 @@ def make_tiny_checkpoint(out_dir, *, seed: int = 0, text_config: dict | None = N
     return out_dir
 
 
-def load_hf_model(ckpt_dir, dtype: str = "float32"):
-    """The saved checkpoint as a transformers model (reference for parity tests), eval mode."""
+def load_hf_model(ckpt_dir, dtype: str = "float32", intermediate: str = "layer_input"):
+    """The saved checkpoint as a transformers model (reference for parity tests), eval mode.
+
+    `intermediate` fixes which hidden state an entry i of the vision config's
+    intermediate_layers_indices names:
+      "layer_input" (default): the INPUT of local layer i, as Meta's reference
+        (llama_models/llama3/multimodal/model.py, ImageTransformer.forward) and
+        transformers after its fix in PR #39785 compute it: the convention the
+        published weights were trained with, and what mllama-q implements.
+      "installed": whatever the installed transformers does.
+    transformers 5.x's MllamaVisionEncoder.forward collects each layer's OUTPUT
+    again; the output of layer i - 1 is the input of layer i, so the reference
+    selects indices i - 1 there (configs for parity tests avoid index 0).
+    """
     import torch
     from transformers import MllamaForConditionalGeneration
 
-    return MllamaForConditionalGeneration.from_pretrained(
+    model = MllamaForConditionalGeneration.from_pretrained(
         ckpt_dir, dtype=getattr(torch, dtype)).eval()
+    if intermediate == "layer_input" and _hf_collects_layer_outputs(model):
+        vm = model.model.vision_model
+        idx = list(vm.intermediate_layers_indices)
+        if min(idx) < 1:
+            raise ValueError("intermediate_layers_indices must be >= 1 for a layer-input reference "
+                             f"on this transformers version, got {idx}")
+        vm.intermediate_layers_indices = [i - 1 for i in idx]
+    elif intermediate not in ("layer_input", "installed"):
+        raise ValueError(f"intermediate must be 'layer_input' or 'installed', got {intermediate!r}")
+    return model
+
+
+def _hf_collects_layer_outputs(model) -> bool:
+    """True when the installed MllamaVisionEncoder returns one hidden state per
+    layer (each layer's output) rather than the embeddings plus one per layer."""
+    import torch
+
+    enc = model.model.vision_model.transformer
+    d = model.config.vision_config.hidden_size
+    p = next(enc.parameters())
+    with torch.no_grad():
+        out = enc(torch.zeros(1, 8, d, dtype=p.dtype), attention_mask=None)
+    return len(out.hidden_states) == len(enc.layers)
 
 
 def read_hf_state(ckpt_dir) -> dict:

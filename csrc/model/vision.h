@@ -37,14 +37,15 @@ struct VisionHParams {
     std::vector<int> intermediate_layers;  // [3, 7, 15, 23, 30]
     int out_dim;                // text hidden size = projector output (4096)
     // Which hidden state an entry i of intermediate_layers names.
-    //   false (default): the OUTPUT of local layer i, as transformers 5.x computes it
-    //     (MllamaVisionEncoder.forward collects each layer's output into hidden_states;
-    //     the project's numerics reference, and what the parity tests compare with).
-    //   true: the INPUT of local layer i, as Meta's reference code does
-    //     (llama_models/llama3/multimodal/model.py, ImageTransformer.forward appends x
-    //     before running resblock idx) and transformers <= 4.53 did: the convention the
-    //     published weights were trained with. Equal to the default with every index - 1.
-    bool intermediate_at_layer_input = false;
+    //   true (default): the INPUT of local layer i ("the states entering local
+    //     layers 3, 7, 15, 23, 30"), as Meta's reference code computes it
+    //     (llama_models/llama3/multimodal/model.py, ImageTransformer.forward
+    //     appends x before running resblock idx) and transformers did after its
+    //     fix in PR #39785: the convention the published weights were trained with.
+    //   false: the OUTPUT of local layer i, which is what transformers 5.x's
+    //     MllamaVisionEncoder.forward collects again (a regression); equal to
+    //     the default with every index minus one. Kept for comparison tests.
+    bool intermediate_at_layer_input = true;
 };
 
 class VisionEncoder {
