@@ -54,9 +54,10 @@ uint64_t read_sum_avx512(const uint64_t* p, size_t n);
 // an inline function with external linkage could let the linker pick the
 // AVX-512 copy for the portable code.
 
-// Tile runner: splits nx X rows into groups of NXG and calls
-// Impl::template run<NX, NW>(w, ws, x, xs, K, y, ldy) with compile-time
-// tile sizes, so the accumulators of one tile live in registers.
+// Tile runner: splits the nx X rows into groups of NXG and the nw (<= 4) W
+// rows into groups of NWG and calls Impl::template run<NX, NW>(w, ws, x, xs,
+// K, y, ldy) with compile-time tile sizes, so one tile's accumulators live in
+// registers. Remainder groups get the smaller sizes.
 namespace {
 template <class Impl, int NX>
 inline void run_nw(int nw, const uint8_t* w, size_t ws, const uint8_t* x, size_t xs, int64_t K, float* y,
@@ -68,18 +69,28 @@ inline void run_nw(int nw, const uint8_t* w, size_t ws, const uint8_t* x, size_t
         default: Impl::template run<NX, 1>(w, ws, x, xs, K, y, ldy); break;
     }
 }
-template <class Impl, int NXG>
+template <class Impl, int NX, int NWG>
+inline void run_x_group(int nw, const uint8_t* w, size_t ws, const uint8_t* x, size_t xs, int64_t K, float* y,
+                        int64_t ldy) {
+    for (int j = 0; j < nw; j += NWG) run_nw<Impl, NX>(nw - j < NWG ? nw - j : NWG, w + j * ws, ws, x, xs, K, y + j, ldy);
+}
+template <class Impl, int NXG, int NWG = kMaxTileW>
 void run_tile(const void* w, size_t ws, int nw, const void* x, size_t xs, int nx, int64_t K, float* y,
               int64_t ldy) {
+    static_assert(NXG >= 1 && NXG <= 8 && NWG >= 1 && NWG <= kMaxTileW, "tile sizes");
     const uint8_t* wb = static_cast<const uint8_t*>(w);
     const uint8_t* xb = static_cast<const uint8_t*>(x);
     int i = 0;
-    for (; i + NXG <= nx; i += NXG) run_nw<Impl, NXG>(nw, wb, ws, xb + i * xs, xs, K, y + i * ldy, ldy);
-    switch (nx - i) {   // remainder: fewer than NXG (<= 4) rows
-        case 3: if constexpr (NXG > 3) run_nw<Impl, (NXG > 3 ? 3 : 1)>(nw, wb, ws, xb + i * xs, xs, K, y + i * ldy, ldy); break;
-        case 2: if constexpr (NXG > 2) run_nw<Impl, (NXG > 2 ? 2 : 1)>(nw, wb, ws, xb + i * xs, xs, K, y + i * ldy, ldy); break;
-        case 1: run_nw<Impl, 1>(nw, wb, ws, xb + i * xs, xs, K, y + i * ldy, ldy); break;
-        default: break;
+    for (; i + NXG <= nx; i += NXG) run_x_group<Impl, NXG, NWG>(nw, wb, ws, xb + i * xs, xs, K, y + i * ldy, ldy);
+    // remainder (< NXG rows): groups of 4, 2, 1 (each only if smaller than NXG)
+    if constexpr (NXG > 4) {
+        if (nx - i >= 4) { run_x_group<Impl, 4, NWG>(nw, wb, ws, xb + i * xs, xs, K, y + i * ldy, ldy); i += 4; }
+    }
+    if constexpr (NXG > 2) {
+        if (nx - i >= 2) { run_x_group<Impl, 2, NWG>(nw, wb, ws, xb + i * xs, xs, K, y + i * ldy, ldy); i += 2; }
+    }
+    if constexpr (NXG > 1) {
+        if (nx - i >= 1) { run_x_group<Impl, 1, NWG>(nw, wb, ws, xb + i * xs, xs, K, y + i * ldy, ldy); i += 1; }
     }
 }
 }  // namespace

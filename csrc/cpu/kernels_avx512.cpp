@@ -16,6 +16,15 @@
 #include "cpu/kernels.h"
 #include "quants/quants.h"
 
+#ifndef MQ_Q4K_NX
+#define MQ_Q4K_NX 4
+#define MQ_Q4K_NW 4
+#endif
+#ifndef MQ_Q6K_NX
+#define MQ_Q6K_NX 4
+#define MQ_Q6K_NW 4
+#endif
+
 namespace mq::cpu::detail {
 namespace {
 
@@ -121,9 +130,26 @@ inline void quantize_q8_K_block(const float* x, block_q8_K* y, bool q4_order) {
     }
     y->d = 1.0f / iscale;
 }
-void prep_q8_K_q4(const float* x, void* xq, int64_t K) {
-    block_q8_K* y = static_cast<block_q8_K*>(xq);
-    for (int64_t b = 0; b < K / QK_K; b++) quantize_q8_K_block(x + QK_K * b, y + b, true);
+// Q4_K's activations: Q8_K quants in the nibble order above, and instead of
+// bsums the 8 floats dx * (bsum_2s + bsum_2s+1), so the mins term of a block,
+// sum_s (dmin * m_s) * (dx * bsum pair_s), is one float FMA per X row.
+struct XQ4K {
+    float d;          // Q8_K scale dx
+    int8_t qs[QK_K];  // quants, sub-blocks in order 0 2 1 3 4 6 5 7
+    float dm[8];      // dx * (bsums[2s] + bsums[2s+1])
+};
+static_assert(sizeof(XQ4K) == sizeof(block_q8_K), "XQ4K has block_q8_K's size (prepared in place)");
+void prep_xq4k(const float* x, void* xq, int64_t K) {
+    XQ4K* y = static_cast<XQ4K*>(xq);
+    for (int64_t b = 0; b < K / QK_K; b++) {
+        block_q8_K* q = reinterpret_cast<block_q8_K*>(y + b);
+        quantize_q8_K_block(x + QK_K * b, q, true);
+        int16_t bs[16];
+        std::memcpy(bs, q->bsums, sizeof(bs));
+        float dm[8];
+        for (int s = 0; s < 8; s++) dm[s] = q->d * float(bs[2 * s] + bs[2 * s + 1]);
+        std::memcpy(y[b].dm, dm, sizeof(dm));
+    }
 }
 void prep_q8_K(const float* x, void* xq, int64_t K) {
     block_q8_K* y = static_cast<block_q8_K*>(xq);
@@ -160,25 +186,23 @@ struct Q4KTile {
                 const __m512i s16 = _mm512_castsi128_si512(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(int64_t(sc8))));
                 const __m512i sv0 = _mm512_permutexvar_epi16(idx0, s16), sv1 = _mm512_permutexvar_epi16(idx1, s16);
                 const __m512i sv2 = _mm512_permutexvar_epi16(idx2, s16), sv3 = _mm512_permutexvar_epi16(idx3, s16);
-                // mins as 16 int16 [m0,m0,m1,m1,..]: madd with the 16 bsums gives m_j*(bs_2j + bs_2j+1)
-                const __m128i mv = _mm_cvtsi64_si128(int64_t(m8));
-                const __m256i mdup = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(mv, mv));
+                // dmin * m_s for the 8 sub-blocks, lanes 0..7 (8..15 zero)
+                const __m512 wm = _mm512_zextps256_ps512(_mm256_mul_ps(
+                    _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(int64_t(m8)))), _mm256_set1_ps(h2f(wb->dmin))));
                 const __m512i q0 = _mm512_loadu_si512(wb->qs), q1 = _mm512_loadu_si512(wb->qs + 64);
                 const __m512i w0 = _mm512_and_si512(q0, m4), w1 = _mm512_and_si512(_mm512_srli_epi16(q0, 4), m4);
                 const __m512i w2 = _mm512_and_si512(q1, m4), w3 = _mm512_and_si512(_mm512_srli_epi16(q1, 4), m4);
-                const __m512 dw = _mm512_set1_ps(h2f(wb->d)), dmw = _mm512_set1_ps(h2f(wb->dmin));
+                const __m512 dw = _mm512_set1_ps(h2f(wb->d));
                 for (int i = 0; i < NX; i++) {
-                    const block_q8_K* xb = reinterpret_cast<const block_q8_K*>(x + i * xs) + b;
+                    const XQ4K* xb = reinterpret_cast<const XQ4K*>(x + i * xs) + b;
                     __m512i isum = _mm512_dpwssd_epi32(_mm512_setzero_si512(),
                                                        _mm512_maddubs_epi16(w0, _mm512_loadu_si512(xb->qs)), sv0);
                     isum = _mm512_dpwssd_epi32(isum, _mm512_maddubs_epi16(w1, _mm512_loadu_si512(xb->qs + 64)), sv1);
                     isum = _mm512_dpwssd_epi32(isum, _mm512_maddubs_epi16(w2, _mm512_loadu_si512(xb->qs + 128)), sv2);
                     isum = _mm512_dpwssd_epi32(isum, _mm512_maddubs_epi16(w3, _mm512_loadu_si512(xb->qs + 192)), sv3);
-                    const __m256i mins = _mm256_madd_epi16(mdup, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb->bsums)));
-                    const __m512 fm = _mm512_cvtepi32_ps(_mm512_zextsi256_si512(mins));
-                    // dx * (dw * isum - dmin * mins)
-                    const __m512 f = _mm512_fnmadd_ps(dmw, fm, _mm512_mul_ps(dw, _mm512_cvtepi32_ps(isum)));
-                    acc[i][j] = _mm512_fmadd_ps(f, _mm512_set1_ps(xb->d), acc[i][j]);
+                    // + dw * dx * isum  - sum_s (dmin m_s) * (dx bsum pair_s)
+                    acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(dw, _mm512_set1_ps(xb->d)), acc[i][j]);
+                    acc[i][j] = _mm512_fnmadd_ps(wm, _mm512_zextps256_ps512(_mm256_loadu_ps(xb->dm)), acc[i][j]);
                 }
             }
         }
@@ -355,8 +379,8 @@ const PathKernels& avx512_kernels() {
         {nullptr, nullptr, run_tile<FloatTile<LoadF16>, 4>},
         {nullptr, nullptr, run_tile<FloatTile<LoadBF16>, 4>},
         {prep_xq8_pairs, bytes_xq8_pairs, run_tile<Q80Tile, 4>},
-        {prep_q8_K_q4, bytes_q8_K, run_tile<Q4KTile, 4>},
-        {prep_q8_K, bytes_q8_K, run_tile<Q6KTile, 4>},
+        {prep_xq4k, bytes_q8_K, run_tile<Q4KTile, MQ_Q4K_NX, MQ_Q4K_NW>},
+        {prep_q8_K, bytes_q8_K, run_tile<Q6KTile, MQ_Q6K_NX, MQ_Q6K_NW>},
     };
     return k;
 }
