@@ -29,11 +29,27 @@ using TileFn = void (*)(const void* w, size_t w_stride, int nw, const void* x, s
 using PrepFn = void (*)(const float* x, void* xq, int64_t K);
 using RowBytesFn = size_t (*)(int64_t K);
 
+// Optional "panel" GEMM for many X rows (K-quants on AVX-512 VNNI): X is
+// prepared in panels of kPanelRows rows, interleaved so one 64-byte load holds
+// 4 consecutive k of all 16 rows; W rows are unpacked once per task and each
+// group of 4 W codes is broadcast against a panel (vpdpbusd: 64 useful MACs
+// per instruction, no horizontal sums). Same exact int32 block sums as tile().
+constexpr int kPanelRows = 16;
+// Prepare rows [0, rows) (rows <= 16, the rest zero) of X (row stride ldx floats) into one panel.
+using PanelPrepFn = void (*)(const float* x, int64_t ldx, int rows, void* panel, int64_t K);
+// y[i * ldy + j] for the valid X rows i of n_panels panels (m_rows in all) and the nw W rows j.
+using PanelGemmFn = void (*)(const void* w, size_t w_stride, int64_t nw, const void* panels, size_t panel_stride,
+                             int n_panels, int64_t m_rows, int64_t K, float* y, int64_t ldy);
+
 struct TypeKernels {
     PrepFn prep_x = nullptr;          // null: tile() reads float32 X directly
     RowBytesFn x_row_bytes = nullptr; // bytes of one prepared X row (when prep_x)
     TileFn tile = nullptr;
+    PanelPrepFn prep_panel = nullptr; // panel route (optional, used for M >= kPanelMinRows)
+    RowBytesFn panel_bytes = nullptr; // bytes of one prepared panel for K
+    PanelGemmFn panel_gemm = nullptr;
 };
+constexpr int kPanelMinRows = 16;
 
 struct PathKernels {
     TypeKernels f32, f16, bf16, q8_0, q4_K, q6_K;
