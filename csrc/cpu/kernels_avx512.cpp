@@ -33,13 +33,18 @@ inline float h2f(uint16_t h) { return _cvtsh_ss(h); }
 
 // ---------------------------------------------------------------- float weights
 // W rows as float32 / fp16 (F16C) / bf16 (bf16 is the top half of a float32).
+// kPrefetch: software prefetch distance in bytes along each W row; measured
+// here (M = 1, one thread): 2 KiB ahead makes the 2-byte types ~15% faster,
+// while F32 streams best with the hardware prefetcher alone.
 struct LoadF32 {
+    static constexpr int kBytes = 4, kPrefetch = 0;
     static __m512 load(const uint8_t* p, int64_t k) { return _mm512_loadu_ps(reinterpret_cast<const float*>(p) + k); }
     static __m512 load_tail(const uint8_t* p, int64_t k, __mmask16 m) {
         return _mm512_maskz_loadu_ps(m, reinterpret_cast<const float*>(p) + k);
     }
 };
 struct LoadF16 {
+    static constexpr int kBytes = 2, kPrefetch = 2048;
     static __m512 load(const uint8_t* p, int64_t k) {
         return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(reinterpret_cast<const uint16_t*>(p) + k)));
     }
@@ -48,6 +53,7 @@ struct LoadF16 {
     }
 };
 struct LoadBF16 {
+    static constexpr int kBytes = 2, kPrefetch = 2048;
     static __m512 widen(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
     static __m512 load(const uint8_t* p, int64_t k) {
         return widen(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(reinterpret_cast<const uint16_t*>(p) + k)));
@@ -67,7 +73,11 @@ struct FloatTile {
         int64_t k = 0;
         for (; k + 16 <= K; k += 16) {
             __m512 wv[NW];
-            for (int j = 0; j < NW; j++) wv[j] = L::load(w + j * ws, k);
+            for (int j = 0; j < NW; j++) {
+                if constexpr (L::kPrefetch > 0)
+                    _mm_prefetch(reinterpret_cast<const char*>(w + j * ws) + k * L::kBytes + L::kPrefetch, _MM_HINT_T0);
+                wv[j] = L::load(w + j * ws, k);
+            }
             for (int i = 0; i < NX; i++) {
                 const __m512 xv = _mm512_loadu_ps(reinterpret_cast<const float*>(x + i * xs) + k);
                 for (int j = 0; j < NW; j++) acc[i][j] = _mm512_fmadd_ps(wv[j], xv, acc[i][j]);
