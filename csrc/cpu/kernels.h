@@ -71,7 +71,7 @@ uint64_t read_sum_avx512(const uint64_t* p, size_t n);
 // AVX-512 copy for the portable code.
 
 // Tile runner: splits the nx X rows into groups of NXG and the nw (<= 4) W
-// rows into groups of NWG and calls Impl::template run<NX, NW>(w, ws, x, xs,
+// rows into groups of NWG (NWGD when the X group has <= 2 rows) and calls Impl::template run<NX, NW>(w, ws, x, xs,
 // K, y, ldy) with compile-time tile sizes, so one tile's accumulators live in
 // registers. Remainder groups get the smaller sizes.
 namespace {
@@ -85,28 +85,30 @@ inline void run_nw(int nw, const uint8_t* w, size_t ws, const uint8_t* x, size_t
         default: Impl::template run<NX, 1>(w, ws, x, xs, K, y, ldy); break;
     }
 }
-template <class Impl, int NX, int NWG>
+// NX <= 2 (decode) uses W groups of NWGD rows instead of NWG.
+template <class Impl, int NX, int NWG, int NWGD>
 inline void run_x_group(int nw, const uint8_t* w, size_t ws, const uint8_t* x, size_t xs, int64_t K, float* y,
                         int64_t ldy) {
-    for (int j = 0; j < nw; j += NWG) run_nw<Impl, NX>(nw - j < NWG ? nw - j : NWG, w + j * ws, ws, x, xs, K, y + j, ldy);
+    constexpr int G = NX <= 2 ? NWGD : NWG;
+    for (int j = 0; j < nw; j += G) run_nw<Impl, NX>(nw - j < G ? nw - j : G, w + j * ws, ws, x, xs, K, y + j, ldy);
 }
-template <class Impl, int NXG, int NWG = kMaxTileW>
+template <class Impl, int NXG, int NWG = kMaxTileW, int NWGD = NWG>
 void run_tile(const void* w, size_t ws, int nw, const void* x, size_t xs, int nx, int64_t K, float* y,
               int64_t ldy) {
     static_assert(NXG >= 1 && NXG <= 8 && NWG >= 1 && NWG <= kMaxTileW, "tile sizes");
     const uint8_t* wb = static_cast<const uint8_t*>(w);
     const uint8_t* xb = static_cast<const uint8_t*>(x);
     int i = 0;
-    for (; i + NXG <= nx; i += NXG) run_x_group<Impl, NXG, NWG>(nw, wb, ws, xb + i * xs, xs, K, y + i * ldy, ldy);
+    for (; i + NXG <= nx; i += NXG) run_x_group<Impl, NXG, NWG, NWGD>(nw, wb, ws, xb + i * xs, xs, K, y + i * ldy, ldy);
     // remainder (< NXG rows): groups of 4, 2, 1 (each only if smaller than NXG)
     if constexpr (NXG > 4) {
-        if (nx - i >= 4) { run_x_group<Impl, 4, NWG>(nw, wb, ws, xb + i * xs, xs, K, y + i * ldy, ldy); i += 4; }
+        if (nx - i >= 4) { run_x_group<Impl, 4, NWG, NWGD>(nw, wb, ws, xb + i * xs, xs, K, y + i * ldy, ldy); i += 4; }
     }
     if constexpr (NXG > 2) {
-        if (nx - i >= 2) { run_x_group<Impl, 2, NWG>(nw, wb, ws, xb + i * xs, xs, K, y + i * ldy, ldy); i += 2; }
+        if (nx - i >= 2) { run_x_group<Impl, 2, NWG, NWGD>(nw, wb, ws, xb + i * xs, xs, K, y + i * ldy, ldy); i += 2; }
     }
     if constexpr (NXG > 1) {
-        if (nx - i >= 1) { run_x_group<Impl, 1, NWG>(nw, wb, ws, xb + i * xs, xs, K, y + i * ldy, ldy); i += 1; }
+        if (nx - i >= 1) { run_x_group<Impl, 1, NWG, NWGD>(nw, wb, ws, xb + i * xs, xs, K, y + i * ldy, ldy); i += 1; }
     }
 }
 }  // namespace
