@@ -4,7 +4,7 @@
 // kernels`, through ggml's public API only (ggml.h, ggml-cpu.h).
 //
 //   ggml_peer [--threads T] [--types q4_k,q6_k,...] [--shapes 4096x4096,...]
-//             [--m 1,512] [--iters-m1 N] [--iters-big N]
+//             [--m 1,512] [--iters-m1 N] [--iters-big N] [--no-repack] [--cpu-time]
 //
 // Prints one line per case: "type N K M best_ms median_ms buffer".
 //
@@ -21,6 +21,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <math.h>
 #include <time.h>
 
 #include "ggml-alloc.h"
@@ -28,9 +29,10 @@
 #include "ggml-cpu.h"
 #include "ggml.h"
 
+static int use_cpu_time = 0;   // --cpu-time: process CPU time (all threads) instead of wall time
 static double now_s(void) {
     struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
+    clock_gettime(use_cpu_time ? CLOCK_PROCESS_CPUTIME_ID : CLOCK_MONOTONIC, &ts);
     return ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
@@ -113,6 +115,7 @@ int main(int argc, char** argv) {
         else if (!strcmp(argv[i], "--shapes") && i + 1 < argc) shapes_s = argv[++i];
         else if (!strcmp(argv[i], "--m") && i + 1 < argc) m_s = argv[++i];
         else if (!strcmp(argv[i], "--no-repack")) repack = 0;
+        else if (!strcmp(argv[i], "--cpu-time")) use_cpu_time = 1;
         else if (!strcmp(argv[i], "--iters-m1") && i + 1 < argc) iters_m1 = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--iters-big") && i + 1 < argc) iters_big = atoi(argv[++i]);
         else { fprintf(stderr, "unknown argument %s\n", argv[i]); return 2; }
@@ -165,13 +168,10 @@ int main(int argc, char** argv) {
                 where = "CPU";
             }
             if (!wbuf) { fprintf(stderr, "cannot allocate W\n"); return 1; }
-            {
-                const size_t nbytes = ggml_nbytes(w);
-                uint8_t* host = (uint8_t*)malloc(nbytes);
-                fill_weights(host, nbytes, t, N, K);
-                ggml_backend_tensor_set(w, host, 0, nbytes);   // repacks for CPU_REPACK
-                free(host);
-            }
+            const size_t wnbytes = ggml_nbytes(w);
+            uint8_t* whost = (uint8_t*)malloc(wnbytes);   // kept for the spot check below
+            fill_weights(whost, wnbytes, t, N, K);
+            ggml_backend_tensor_set(w, whost, 0, wnbytes);   // repacks for CPU_REPACK
             for (int mi = 0; mi < nm; mi++) {
                 const int64_t M = atoll(ml[mi]);
                 struct ggml_init_params gp = {ggml_tensor_overhead() * 8 + ggml_graph_overhead(), NULL, true};
@@ -187,7 +187,6 @@ int main(int argc, char** argv) {
                 float* xh = (float*)malloc(sizeof(float) * K * M);
                 for (int64_t i = 0; i < K * M; i++) xh[i] = rndf();
                 ggml_backend_tensor_set(x, xh, 0, sizeof(float) * K * M);
-                free(xh);
                 const int iters = M == 1 ? iters_m1 : iters_big;
                 double* ts = (double*)malloc(sizeof(double) * iters);
                 ggml_backend_graph_compute(be, gf);   // warm-up
@@ -197,12 +196,36 @@ int main(int argc, char** argv) {
                     ts[it] = now_s() - t0;
                 }
                 qsort(ts, iters, sizeof(double), cmp_d);
+                // Spot check that real work was done: a few outputs vs to_float(W row) . x row.
+                double max_rel = 0;
+                {
+                    float* wrow = (float*)malloc(sizeof(float) * K);
+                    const struct ggml_type_traits* tr = ggml_get_type_traits(t);
+                    for (int c = 0; c < 4; c++) {
+                        const int64_t n = (int64_t)(rnd() % (uint64_t)N), m = (int64_t)(rnd() % (uint64_t)M);
+                        if (t == GGML_TYPE_F32) memcpy(wrow, whost + n * ggml_row_size(t, K), sizeof(float) * K);
+                        else tr->to_float(whost + n * ggml_row_size(t, K), wrow, K);   // (F32 has no to_float)
+                        double ref = 0, mag = 0;
+                        for (int64_t k = 0; k < K; k++) {
+                            ref += (double)wrow[k] * xh[m * K + k];
+                            mag += fabs((double)wrow[k] * xh[m * K + k]);
+                        }
+                        float got;
+                        ggml_backend_tensor_get(y, &got, (size_t)(m * N + n) * sizeof(float), sizeof(float));
+                        const double rel = fabs(got - ref) / (mag > 0 ? mag : 1);
+                        if (rel > max_rel) max_rel = rel;
+                    }
+                    free(wrow);
+                }
+                if (max_rel > 1e-2) fprintf(stderr, "WARNING: %s %lldx%lld M=%lld spot check error %.3g\n", tl[ti], N, K, (long long)M, max_rel);
+                free(xh);
                 printf("%s %lld %lld %lld %.4f %.4f %s\n", tl[ti], N, K, (long long)M, ts[0] * 1e3, ts[iters / 2] * 1e3, where);
                 fflush(stdout);
                 free(ts);
                 ggml_gallocr_free(ga);
                 ggml_free(gctx);
             }
+            free(whost);
             ggml_backend_buffer_free(wbuf);
             ggml_free(wctx);
         }

@@ -24,6 +24,6 @@ mkdir -p "$OUT"
 BIN="$OUT/ggml_peer_$(echo "$GGML_LIB" | md5sum | cut -c1-8)"
 if [ ! -x "$BIN" ] || [ bench/ggml_peer.c -nt "$BIN" ]; then
   ${CC:-cc} -O2 -std=c11 bench/ggml_peer.c -I"$GGML_INC" -L"$GGML_LIB" -lggml -lggml-base -lggml-cpu \
-    -Wl,-rpath,"$GGML_LIB" -o "$BIN"
+    -Wl,-rpath,"$GGML_LIB" -lm -o "$BIN"
 fi
 exec "$BIN" "$@"

@@ -3,6 +3,7 @@
 #include <pybind11/stl.h>
 
 #include <chrono>
+#include <ctime>
 
 #include "bindings/array_check.h"
 #include "bindings/bindings.h"
@@ -51,7 +52,7 @@ void register_cpu(py::module_& m) {
 
     m.def(
         "bench_matmul",
-        [check](py::array x, py::array w, const std::string& wtype, int64_t n, int64_t k, int iters) {
+        [check](py::array x, py::array w, const std::string& wtype, int64_t n, int64_t k, int iters, bool cpu_time) {
             const DType t = check(x, w, wtype, n, k);
             require(iters >= 1, "iters must be >= 1");
             const int64_t M = x.shape(0);
@@ -61,16 +62,24 @@ void register_cpu(py::module_& m) {
             const void* wp = w.data();
             {
                 py::gil_scoped_release nogil;
+                // cpu_time: CPU seconds of the whole process (all threads) instead of
+                // wall time; with one thread this is immune to other processes.
+                auto now = [cpu_time] {
+                    if (cpu_time) return double(std::clock()) / CLOCKS_PER_SEC;
+                    return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+                };
                 for (int it = 0; it < iters; it++) {
-                    const auto t0 = std::chrono::steady_clock::now();
+                    const double t0 = now();
                     cpu::matmul(xp, M, k, k, wp, t, n, y.data(), n, ThreadPool::global());
-                    times.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+                    times.push_back(now() - t0);
                 }
             }
             return times;
         },
         py::arg("x"), py::arg("w"), py::arg("wtype"), py::arg("n"), py::arg("k"), py::arg("iters"),
-        "Time `iters` calls of matmul (no Python in the loop); returns seconds per call.");
+        py::arg("cpu_time") = false,
+        "Time `iters` calls of matmul (no Python in the loop); returns seconds per call "
+        "(wall clock, or process CPU time with cpu_time=True).");
 
     m.def(
         "measure_read_bandwidth",

@@ -10,6 +10,8 @@
 
 namespace mq {
 
+static constexpr uint64_t kOpen = 1ull << 31;   // admit_: loop open for joining
+
 ThreadPool::ThreadPool(int n_threads) : n_threads_(n_threads < 1 ? 1 : n_threads) {
     for (int i = 1; i < n_threads_; i++) workers_.emplace_back(&ThreadPool::worker, this, i);
 }
@@ -56,8 +58,16 @@ void ThreadPool::worker(int index) {
         }
         seen = g;
         if (stop_) return;
+        // Join the loop of generation g if it is still open.
+        const uint64_t id = (g & 0xffffffffull) << 32;
+        uint64_t a = admit_.load(std::memory_order_acquire);
+        bool joined = false;
+        while ((a & 0xffffffff00000000ull) == id && (a & kOpen)) {
+            if (admit_.compare_exchange_weak(a, a + 1, std::memory_order_acq_rel)) { joined = true; break; }
+        }
+        if (!joined) continue;
         run_tasks(index);
-        active_.fetch_sub(1, std::memory_order_acq_rel);
+        active_.fetch_add(1, std::memory_order_acq_rel);
     }
 }
 
@@ -72,14 +82,22 @@ void ThreadPool::parallel_for(int64_t n_tasks, const std::function<void(int64_t,
     n_tasks_ = n_tasks;
     error_ = nullptr;
     next_task_.store(0, std::memory_order_relaxed);
-    active_.store(n_threads_ - 1, std::memory_order_relaxed);
+    active_.store(0, std::memory_order_relaxed);
     {
         std::lock_guard<std::mutex> lk(mu_);
-        generation_.fetch_add(1, std::memory_order_release);
+        const uint64_t next = generation_.load(std::memory_order_relaxed) + 1;
+        admit_.store(((next & 0xffffffffull) << 32) | kOpen, std::memory_order_release);
+        generation_.store(next, std::memory_order_release);
     }
     cv_.notify_all();
     run_tasks(0);
-    while (active_.load(std::memory_order_acquire) != 0) {
+    // Close the loop, then wait for the workers that joined it (they may still
+    // be finishing a task); late workers see it closed and skip it.
+    uint64_t a = admit_.load(std::memory_order_acquire);
+    while (!admit_.compare_exchange_weak(a, a & ~kOpen, std::memory_order_acq_rel)) {
+    }
+    const int joined = static_cast<int>(a & 0x7fffffffull);
+    while (active_.load(std::memory_order_acquire) != joined) {
 #if defined(__x86_64__) || defined(_M_X64)
         __builtin_ia32_pause();
 #endif

@@ -29,11 +29,27 @@ using TileFn = void (*)(const void* w, size_t w_stride, int nw, const void* x, s
 using PrepFn = void (*)(const float* x, void* xq, int64_t K);
 using RowBytesFn = size_t (*)(int64_t K);
 
+// Optional "panel" GEMM for many X rows (K-quants on AVX-512 VNNI): X is
+// prepared in panels of kPanelRows rows, interleaved so one 64-byte load holds
+// 4 consecutive k of all 16 rows; W rows are unpacked once per task and each
+// group of 4 W codes is broadcast against a panel (vpdpbusd: 64 useful MACs
+// per instruction, no horizontal sums). Same exact int32 block sums as tile().
+constexpr int kPanelRows = 16;
+// Prepare rows [0, rows) (rows <= 16, the rest zero) of X (row stride ldx floats) into one panel.
+using PanelPrepFn = void (*)(const float* x, int64_t ldx, int rows, void* panel, int64_t K);
+// y[i * ldy + j] for the valid X rows i of n_panels panels (m_rows in all) and the nw W rows j.
+using PanelGemmFn = void (*)(const void* w, size_t w_stride, int64_t nw, const void* panels, size_t panel_stride,
+                             int n_panels, int64_t m_rows, int64_t K, float* y, int64_t ldy);
+
 struct TypeKernels {
     PrepFn prep_x = nullptr;          // null: tile() reads float32 X directly
     RowBytesFn x_row_bytes = nullptr; // bytes of one prepared X row (when prep_x)
     TileFn tile = nullptr;
+    PanelPrepFn prep_panel = nullptr; // panel route (optional, used for M >= kPanelMinRows)
+    RowBytesFn panel_bytes = nullptr; // bytes of one prepared panel for K
+    PanelGemmFn panel_gemm = nullptr;
 };
+constexpr int kPanelMinRows = 16;
 
 struct PathKernels {
     TypeKernels f32, f16, bf16, q8_0, q4_K, q6_K;
@@ -54,9 +70,10 @@ uint64_t read_sum_avx512(const uint64_t* p, size_t n);
 // an inline function with external linkage could let the linker pick the
 // AVX-512 copy for the portable code.
 
-// Tile runner: splits nx X rows into groups of NXG and calls
-// Impl::template run<NX, NW>(w, ws, x, xs, K, y, ldy) with compile-time
-// tile sizes, so the accumulators of one tile live in registers.
+// Tile runner: splits the nx X rows into groups of NXG and the nw (<= 4) W
+// rows into groups of NWG (NWGD when the X group has <= 2 rows) and calls Impl::template run<NX, NW>(w, ws, x, xs,
+// K, y, ldy) with compile-time tile sizes, so one tile's accumulators live in
+// registers. Remainder groups get the smaller sizes.
 namespace {
 template <class Impl, int NX>
 inline void run_nw(int nw, const uint8_t* w, size_t ws, const uint8_t* x, size_t xs, int64_t K, float* y,
@@ -68,18 +85,30 @@ inline void run_nw(int nw, const uint8_t* w, size_t ws, const uint8_t* x, size_t
         default: Impl::template run<NX, 1>(w, ws, x, xs, K, y, ldy); break;
     }
 }
-template <class Impl, int NXG>
+// NX <= 2 (decode) uses W groups of NWGD rows instead of NWG.
+template <class Impl, int NX, int NWG, int NWGD>
+inline void run_x_group(int nw, const uint8_t* w, size_t ws, const uint8_t* x, size_t xs, int64_t K, float* y,
+                        int64_t ldy) {
+    constexpr int G = NX <= 2 ? NWGD : NWG;
+    for (int j = 0; j < nw; j += G) run_nw<Impl, NX>(nw - j < G ? nw - j : G, w + j * ws, ws, x, xs, K, y + j, ldy);
+}
+template <class Impl, int NXG, int NWG = kMaxTileW, int NWGD = NWG>
 void run_tile(const void* w, size_t ws, int nw, const void* x, size_t xs, int nx, int64_t K, float* y,
               int64_t ldy) {
+    static_assert(NXG >= 1 && NXG <= 8 && NWG >= 1 && NWG <= kMaxTileW, "tile sizes");
     const uint8_t* wb = static_cast<const uint8_t*>(w);
     const uint8_t* xb = static_cast<const uint8_t*>(x);
     int i = 0;
-    for (; i + NXG <= nx; i += NXG) run_nw<Impl, NXG>(nw, wb, ws, xb + i * xs, xs, K, y + i * ldy, ldy);
-    switch (nx - i) {   // remainder: fewer than NXG (<= 4) rows
-        case 3: if constexpr (NXG > 3) run_nw<Impl, (NXG > 3 ? 3 : 1)>(nw, wb, ws, xb + i * xs, xs, K, y + i * ldy, ldy); break;
-        case 2: if constexpr (NXG > 2) run_nw<Impl, (NXG > 2 ? 2 : 1)>(nw, wb, ws, xb + i * xs, xs, K, y + i * ldy, ldy); break;
-        case 1: run_nw<Impl, 1>(nw, wb, ws, xb + i * xs, xs, K, y + i * ldy, ldy); break;
-        default: break;
+    for (; i + NXG <= nx; i += NXG) run_x_group<Impl, NXG, NWG, NWGD>(nw, wb, ws, xb + i * xs, xs, K, y + i * ldy, ldy);
+    // remainder (< NXG rows): groups of 4, 2, 1 (each only if smaller than NXG)
+    if constexpr (NXG > 4) {
+        if (nx - i >= 4) { run_x_group<Impl, 4, NWG, NWGD>(nw, wb, ws, xb + i * xs, xs, K, y + i * ldy, ldy); i += 4; }
+    }
+    if constexpr (NXG > 2) {
+        if (nx - i >= 2) { run_x_group<Impl, 2, NWG, NWGD>(nw, wb, ws, xb + i * xs, xs, K, y + i * ldy, ldy); i += 2; }
+    }
+    if constexpr (NXG > 1) {
+        if (nx - i >= 1) { run_x_group<Impl, 1, NWG, NWGD>(nw, wb, ws, xb + i * xs, xs, K, y + i * ldy, ldy); i += 1; }
     }
 }
 }  // namespace

@@ -12,24 +12,54 @@
 #include <immintrin.h>
 
 #include <cstring>
+#include <vector>
 
 #include "cpu/kernels.h"
 #include "quants/quants.h"
+
+#ifndef MQ_Q4K_NX
+#define MQ_Q4K_NX 4
+#define MQ_Q4K_NW 4
+#endif
+#ifndef MQ_Q6K_NX
+#define MQ_Q6K_NX 4
+#define MQ_Q6K_NW 4
+#endif
 
 namespace mq::cpu::detail {
 namespace {
 
 inline float h2f(uint16_t h) { return _cvtsh_ss(h); }
 
+// Software prefetch of `bytes` of W, kWPrefetch bytes ahead, for the
+// decode-sized tiles (few X rows: the kernel streams W from DRAM). With the
+// decode tiles taking one W row at a time (NWGD = 1 below) this made M = 1 on
+// 14336 x 4096 / 128256 x 4096 1.3-2.5x faster on one thread here (measured:
+// Q6_K 3.1 -> 1.1 ms, Q8_0 3.5 -> 1.5 ms, Q4_K 1.0 -> 0.9 ms).
+#ifndef MQ_WPF
+#define MQ_WPF 4096
+#endif
+constexpr int kWPrefetch = MQ_WPF;
+template <int BYTES>
+inline void prefetch_w(const void* p) {
+    const char* c = static_cast<const char*>(p) + kWPrefetch;
+    for (int o = 0; o < BYTES; o += 64) _mm_prefetch(c + o, _MM_HINT_T0);
+}
+
 // ---------------------------------------------------------------- float weights
 // W rows as float32 / fp16 (F16C) / bf16 (bf16 is the top half of a float32).
+// kPrefetch: software prefetch distance in bytes along each W row; measured
+// here (M = 1, one thread): 2 KiB ahead makes the 2-byte types ~15% faster,
+// while F32 streams best with the hardware prefetcher alone.
 struct LoadF32 {
+    static constexpr int kBytes = 4, kPrefetch = 0;
     static __m512 load(const uint8_t* p, int64_t k) { return _mm512_loadu_ps(reinterpret_cast<const float*>(p) + k); }
     static __m512 load_tail(const uint8_t* p, int64_t k, __mmask16 m) {
         return _mm512_maskz_loadu_ps(m, reinterpret_cast<const float*>(p) + k);
     }
 };
 struct LoadF16 {
+    static constexpr int kBytes = 2, kPrefetch = 2048;
     static __m512 load(const uint8_t* p, int64_t k) {
         return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(reinterpret_cast<const uint16_t*>(p) + k)));
     }
@@ -38,6 +68,7 @@ struct LoadF16 {
     }
 };
 struct LoadBF16 {
+    static constexpr int kBytes = 2, kPrefetch = 2048;
     static __m512 widen(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
     static __m512 load(const uint8_t* p, int64_t k) {
         return widen(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(reinterpret_cast<const uint16_t*>(p) + k)));
@@ -57,7 +88,11 @@ struct FloatTile {
         int64_t k = 0;
         for (; k + 16 <= K; k += 16) {
             __m512 wv[NW];
-            for (int j = 0; j < NW; j++) wv[j] = L::load(w + j * ws, k);
+            for (int j = 0; j < NW; j++) {
+                if constexpr (L::kPrefetch > 0)
+                    _mm_prefetch(reinterpret_cast<const char*>(w + j * ws) + k * L::kBytes + L::kPrefetch, _MM_HINT_T0);
+                wv[j] = L::load(w + j * ws, k);
+            }
             for (int i = 0; i < NX; i++) {
                 const __m512 xv = _mm512_loadu_ps(reinterpret_cast<const float*>(x + i * xs) + k);
                 for (int j = 0; j < NW; j++) acc[i][j] = _mm512_fmadd_ps(wv[j], xv, acc[i][j]);
@@ -121,9 +156,26 @@ inline void quantize_q8_K_block(const float* x, block_q8_K* y, bool q4_order) {
     }
     y->d = 1.0f / iscale;
 }
-void prep_q8_K_q4(const float* x, void* xq, int64_t K) {
-    block_q8_K* y = static_cast<block_q8_K*>(xq);
-    for (int64_t b = 0; b < K / QK_K; b++) quantize_q8_K_block(x + QK_K * b, y + b, true);
+// Q4_K's activations: Q8_K quants in the nibble order above, and instead of
+// bsums the 8 floats dx * (bsum_2s + bsum_2s+1), so the mins term of a block,
+// sum_s (dmin * m_s) * (dx * bsum pair_s), is one float FMA per X row.
+struct XQ4K {
+    float d;          // Q8_K scale dx
+    int8_t qs[QK_K];  // quants, sub-blocks in order 0 2 1 3 4 6 5 7
+    float dm[8];      // dx * (bsums[2s] + bsums[2s+1])
+};
+static_assert(sizeof(XQ4K) == sizeof(block_q8_K), "XQ4K has block_q8_K's size (prepared in place)");
+void prep_xq4k(const float* x, void* xq, int64_t K) {
+    XQ4K* y = static_cast<XQ4K*>(xq);
+    for (int64_t b = 0; b < K / QK_K; b++) {
+        block_q8_K* q = reinterpret_cast<block_q8_K*>(y + b);
+        quantize_q8_K_block(x + QK_K * b, q, true);
+        int16_t bs[16];
+        std::memcpy(bs, q->bsums, sizeof(bs));
+        float dm[8];
+        for (int s = 0; s < 8; s++) dm[s] = q->d * float(bs[2 * s] + bs[2 * s + 1]);
+        std::memcpy(y[b].dm, dm, sizeof(dm));
+    }
 }
 void prep_q8_K(const float* x, void* xq, int64_t K) {
     block_q8_K* y = static_cast<block_q8_K*>(xq);
@@ -155,30 +207,29 @@ struct Q4KTile {
         for (int64_t b = 0; b < nb; b++) {
             for (int j = 0; j < NW; j++) {
                 const block_q4_K* wb = reinterpret_cast<const block_q4_K*>(w + j * ws) + b;
+                if constexpr (NX <= 2) prefetch_w<sizeof(block_q4_K)>(wb);
                 uint64_t sc8, m8;
                 unpack_q4_K_scales(wb->scales, &sc8, &m8);
                 const __m512i s16 = _mm512_castsi128_si512(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(int64_t(sc8))));
                 const __m512i sv0 = _mm512_permutexvar_epi16(idx0, s16), sv1 = _mm512_permutexvar_epi16(idx1, s16);
                 const __m512i sv2 = _mm512_permutexvar_epi16(idx2, s16), sv3 = _mm512_permutexvar_epi16(idx3, s16);
-                // mins as 16 int16 [m0,m0,m1,m1,..]: madd with the 16 bsums gives m_j*(bs_2j + bs_2j+1)
-                const __m128i mv = _mm_cvtsi64_si128(int64_t(m8));
-                const __m256i mdup = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(mv, mv));
+                // dmin * m_s for the 8 sub-blocks, lanes 0..7 (8..15 zero)
+                const __m512 wm = _mm512_zextps256_ps512(_mm256_mul_ps(
+                    _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(int64_t(m8)))), _mm256_set1_ps(h2f(wb->dmin))));
                 const __m512i q0 = _mm512_loadu_si512(wb->qs), q1 = _mm512_loadu_si512(wb->qs + 64);
                 const __m512i w0 = _mm512_and_si512(q0, m4), w1 = _mm512_and_si512(_mm512_srli_epi16(q0, 4), m4);
                 const __m512i w2 = _mm512_and_si512(q1, m4), w3 = _mm512_and_si512(_mm512_srli_epi16(q1, 4), m4);
-                const __m512 dw = _mm512_set1_ps(h2f(wb->d)), dmw = _mm512_set1_ps(h2f(wb->dmin));
+                const __m512 dw = _mm512_set1_ps(h2f(wb->d));
                 for (int i = 0; i < NX; i++) {
-                    const block_q8_K* xb = reinterpret_cast<const block_q8_K*>(x + i * xs) + b;
+                    const XQ4K* xb = reinterpret_cast<const XQ4K*>(x + i * xs) + b;
                     __m512i isum = _mm512_dpwssd_epi32(_mm512_setzero_si512(),
                                                        _mm512_maddubs_epi16(w0, _mm512_loadu_si512(xb->qs)), sv0);
                     isum = _mm512_dpwssd_epi32(isum, _mm512_maddubs_epi16(w1, _mm512_loadu_si512(xb->qs + 64)), sv1);
                     isum = _mm512_dpwssd_epi32(isum, _mm512_maddubs_epi16(w2, _mm512_loadu_si512(xb->qs + 128)), sv2);
                     isum = _mm512_dpwssd_epi32(isum, _mm512_maddubs_epi16(w3, _mm512_loadu_si512(xb->qs + 192)), sv3);
-                    const __m256i mins = _mm256_madd_epi16(mdup, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb->bsums)));
-                    const __m512 fm = _mm512_cvtepi32_ps(_mm512_zextsi256_si512(mins));
-                    // dx * (dw * isum - dmin * mins)
-                    const __m512 f = _mm512_fnmadd_ps(dmw, fm, _mm512_mul_ps(dw, _mm512_cvtepi32_ps(isum)));
-                    acc[i][j] = _mm512_fmadd_ps(f, _mm512_set1_ps(xb->d), acc[i][j]);
+                    // + dw * dx * isum  - sum_s (dmin m_s) * (dx bsum pair_s)
+                    acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(dw, _mm512_set1_ps(xb->d)), acc[i][j]);
+                    acc[i][j] = _mm512_fnmadd_ps(wm, _mm512_zextps256_ps512(_mm256_loadu_ps(xb->dm)), acc[i][j]);
                 }
             }
         }
@@ -208,6 +259,7 @@ struct Q6KTile {
         for (int64_t b = 0; b < nb; b++) {
             for (int j = 0; j < NW; j++) {
                 const block_q6_K* wb = reinterpret_cast<const block_q6_K*>(w + j * ws) + b;
+                if constexpr (NX <= 2) prefetch_w<sizeof(block_q6_K)>(wb);
                 __m512i q[4];
                 for (int h = 0; h < 2; h++) {
                     const __m512i ql = _mm512_loadu_si512(wb->ql + 64 * h);
@@ -310,6 +362,7 @@ struct Q80Tile {
             const bool full = 2 * p + 1 < nblk;
             for (int j = 0; j < NW; j++) {
                 const block_q8_0* wb = reinterpret_cast<const block_q8_0*>(w + j * ws) + 2 * p;
+                if constexpr (NX <= 2) prefetch_w<2 * sizeof(block_q8_0)>(wb);
                 const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb[0].qs));
                 // never read past the row: the odd last block pairs with zeros
                 const __m256i hi = full ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb[1].qs)) : _mm256_setzero_si256();
@@ -327,6 +380,197 @@ struct Q80Tile {
             for (int j = 0; j < NW; j++) y[i * ldy + j] = _mm512_reduce_add_ps(acc[i][j]);
     }
 };
+
+
+// ---------------------------------------------------------------- panel GEMM (M >= 16)
+// X panel, per 256-value block (kPanelBlock bytes):
+//   q    [64 groups][16 rows][4]  Q8_K quants, 4 consecutive k of each row per group
+//   d    [16] float               Q8_K scale of each row
+//   bs   [8 pairs][16 rows][2]    int16 sub-block sums of the quants (Q4_K: 8 sums
+//                                 of 32 values; Q6_K: 16 sums of 16), two per int32 lane
+// W rows are unpacked per block into WUnp: the 256 codes as bytes in value order
+// (Q4_K 0..15, Q6_K 0..63), the int32 sub-block scales, and int16 pairs of the
+// coefficient of the bsums term (Q4_K: the mins m_s; Q6_K: 32 * sc_s).
+// Per block and W row t, for the 16 X rows at once (one per lane):
+//   s1 = sum_s sc_s * (sum_{k in s} q_k * x_k)      (vpdpbusd, then vpmulld)
+//   s2 = sum_s coef_s * bsum_s                      (vpdpwssd)
+//   Q4_K: y += dx * (d * s1 - dmin * s2)      Q6_K: y += dx * d * (s1 - s2)
+// (the same int32 block sums as the scalar reference, see kernels_scalar.cpp).
+constexpr int kPanelBlock = 4096 + 64 + 512;
+
+struct WUnp {
+    uint8_t q[QK_K];
+    int32_t sc[16];
+    uint32_t cm2[8];
+    float d, dmin;
+    uint8_t pad[24];
+};
+static_assert(sizeof(WUnp) % 64 == 0, "WUnp size");
+
+template <bool Q4>
+void prep_panel(const float* x, int64_t ldx, int rows, void* panel, int64_t K) {
+    uint8_t* P = static_cast<uint8_t*>(panel);
+    const int64_t nb = K / QK_K;
+    for (int r = 0; r < kPanelRows; r++) {
+        for (int64_t b = 0; b < nb; b++) {
+            uint8_t* pb = P + b * kPanelBlock;
+            block_q8_K q;
+            if (r < rows) quantize_q8_K_block(x + r * ldx + QK_K * b, &q, false);
+            else std::memset(&q, 0, sizeof(q));   // padding row: contributes zeros, never written out
+            for (int g = 0; g < 64; g++) std::memcpy(pb + 64 * g + 4 * r, q.qs + 4 * g, 4);
+            reinterpret_cast<float*>(pb + 4096)[r] = q.d;
+            int16_t* bs = reinterpret_cast<int16_t*>(pb + 4096 + 64);
+            for (int pp = 0; pp < 8; pp++) {
+                int16_t lo = 0, hi = 0;
+                if (Q4) {
+                    if (pp < 4) {
+                        lo = int16_t(q.bsums[4 * pp] + q.bsums[4 * pp + 1]);
+                        hi = int16_t(q.bsums[4 * pp + 2] + q.bsums[4 * pp + 3]);
+                    }
+                } else {
+                    lo = q.bsums[2 * pp];
+                    hi = q.bsums[2 * pp + 1];
+                }
+                bs[32 * pp + 2 * r] = lo;
+                bs[32 * pp + 2 * r + 1] = hi;
+            }
+        }
+    }
+}
+size_t panel_bytes(int64_t K) { return size_t(K / QK_K) * kPanelBlock; }
+
+void unpack_w_q4_K(const uint8_t* row, int64_t nb, WUnp* out) {
+    const block_q4_K* wb = reinterpret_cast<const block_q4_K*>(row);
+    for (int64_t b = 0; b < nb; b++) {
+        WUnp& u = out[b];
+        for (int sb = 0; sb < 8; sb++) {
+            const uint8_t* q = wb[b].qs + 32 * (sb / 2);
+            const int shift = 4 * (sb & 1);
+            for (int l = 0; l < 32; l++) u.q[32 * sb + l] = (q[l] >> shift) & 0xF;
+        }
+        uint64_t sc8, m8;
+        unpack_q4_K_scales(wb[b].scales, &sc8, &m8);
+        for (int s = 0; s < 16; s++) u.sc[s] = s < 8 ? int32_t((sc8 >> (8 * s)) & 0xff) : 0;
+        for (int pp = 0; pp < 8; pp++) {
+            const uint32_t lo = pp < 4 ? uint32_t((m8 >> (16 * pp)) & 0xff) : 0;
+            const uint32_t hi = pp < 4 ? uint32_t((m8 >> (16 * pp + 8)) & 0xff) : 0;
+            u.cm2[pp] = lo | (hi << 16);
+        }
+        u.d = h2f(wb[b].d);
+        u.dmin = h2f(wb[b].dmin);
+    }
+}
+
+void unpack_w_q6_K(const uint8_t* row, int64_t nb, WUnp* out) {
+    const block_q6_K* wb = reinterpret_cast<const block_q6_K*>(row);
+    for (int64_t b = 0; b < nb; b++) {
+        WUnp& u = out[b];
+        for (int h = 0; h < 2; h++) {   // value order as ggml's dequantize_row_q6_K
+            const uint8_t* ql = wb[b].ql + 64 * h;
+            const uint8_t* qh = wb[b].qh + 32 * h;
+            uint8_t* o = u.q + 128 * h;
+            for (int l = 0; l < 32; l++) {
+                o[l + 0] = uint8_t((ql[l] & 0xF) | (((qh[l] >> 0) & 3) << 4));
+                o[l + 32] = uint8_t((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4));
+                o[l + 64] = uint8_t((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4));
+                o[l + 96] = uint8_t((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4));
+            }
+        }
+        for (int s = 0; s < 16; s++) u.sc[s] = wb[b].scales[s];
+        for (int pp = 0; pp < 8; pp++) {
+            const uint32_t lo = uint16_t(int16_t(32 * wb[b].scales[2 * pp]));
+            const uint32_t hi = uint16_t(int16_t(32 * wb[b].scales[2 * pp + 1]));
+            u.cm2[pp] = lo | (hi << 16);
+        }
+        u.d = h2f(wb[b].d);
+        u.dmin = 0.0f;
+    }
+}
+
+// NWR W rows (row t: nb unpacked blocks at wu + t * nb) against one panel:
+// out[t * 16 + i] = dot(W row t, X row i).
+template <bool Q4, int NWR>
+void panel_micro(const WUnp* wu, int64_t nb, const uint8_t* panel, float* out) {
+    constexpr int NSUB = Q4 ? 8 : 16;        // sub-blocks per block
+    constexpr int GPS = 64 / NSUB;           // 4-byte groups per sub-block
+    __m512 facc[NWR];
+    for (int t = 0; t < NWR; t++) facc[t] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t* P = panel + b * kPanelBlock;
+        __m512i s1[NWR];
+        for (int t = 0; t < NWR; t++) s1[t] = _mm512_setzero_si512();
+        for (int s = 0; s < NSUB; s++) {
+            __m512i a[NWR];
+            for (int t = 0; t < NWR; t++) a[t] = _mm512_setzero_si512();
+            for (int gg = 0; gg < GPS; gg++) {
+                const int g = s * GPS + gg;
+                const __m512i codes = _mm512_load_si512(P + 64 * g);
+                for (int t = 0; t < NWR; t++) {
+                    int32_t w4;
+                    std::memcpy(&w4, wu[t * nb + b].q + 4 * g, 4);
+                    a[t] = _mm512_dpbusd_epi32(a[t], _mm512_set1_epi32(w4), codes);
+                }
+            }
+            for (int t = 0; t < NWR; t++)
+                s1[t] = _mm512_add_epi32(s1[t], _mm512_mullo_epi32(a[t], _mm512_set1_epi32(wu[t * nb + b].sc[s])));
+        }
+        __m512i s2[NWR];
+        for (int t = 0; t < NWR; t++) s2[t] = _mm512_setzero_si512();
+        for (int pp = 0; pp < NSUB / 2; pp++) {
+            const __m512i bsv = _mm512_load_si512(P + 4096 + 64 + 64 * pp);
+            for (int t = 0; t < NWR; t++)
+                s2[t] = _mm512_dpwssd_epi32(s2[t], bsv, _mm512_set1_epi32(int32_t(wu[t * nb + b].cm2[pp])));
+        }
+        const __m512 dx = _mm512_load_ps(reinterpret_cast<const float*>(P + 4096));
+        for (int t = 0; t < NWR; t++) {
+            const WUnp& u = wu[t * nb + b];
+            if (Q4) {
+                const __m512 f = _mm512_fmsub_ps(_mm512_cvtepi32_ps(s1[t]), _mm512_set1_ps(u.d),
+                                                 _mm512_mul_ps(_mm512_cvtepi32_ps(s2[t]), _mm512_set1_ps(u.dmin)));
+                facc[t] = _mm512_fmadd_ps(f, dx, facc[t]);
+            } else {
+                facc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(s1[t], s2[t])),
+                                          _mm512_mul_ps(_mm512_set1_ps(u.d), dx), facc[t]);
+            }
+        }
+    }
+    for (int t = 0; t < NWR; t++) _mm512_storeu_ps(out + 16 * t, facc[t]);
+}
+
+template <bool Q4>
+void panel_gemm(const void* w, size_t ws, int64_t nw, const void* panels, size_t pstride, int n_panels,
+                int64_t m_rows, int64_t K, float* y, int64_t ldy) {
+    const int64_t nb = K / QK_K;
+    thread_local std::vector<WUnp> scratch;   // 8 unpacked W rows
+    if (scratch.size() < size_t(8 * nb)) scratch.resize(size_t(8 * nb));
+    const uint8_t* wb = static_cast<const uint8_t*>(w);
+    const uint8_t* pp = static_cast<const uint8_t*>(panels);
+    alignas(64) float out[8 * kPanelRows];
+    for (int64_t j0 = 0; j0 < nw; j0 += 8) {
+        const int nwr = int(nw - j0 < 8 ? nw - j0 : 8);
+        for (int t = 0; t < nwr; t++) {
+            if (Q4) unpack_w_q4_K(wb + (j0 + t) * ws, nb, scratch.data() + t * nb);
+            else unpack_w_q6_K(wb + (j0 + t) * ws, nb, scratch.data() + t * nb);
+        }
+        for (int p = 0; p < n_panels; p++) {
+            const uint8_t* P = pp + p * pstride;
+            int t0 = 0;   // W rows in groups of 8 / 4 / 2 / 1
+            while (t0 < nwr) {
+                const int left = nwr - t0;
+                const WUnp* wu = scratch.data() + t0 * nb;
+                float* o = out + 16 * t0;
+                if (left >= 8) { panel_micro<Q4, 8>(wu, nb, P, o); t0 += 8; }
+                else if (left >= 4) { panel_micro<Q4, 4>(wu, nb, P, o); t0 += 4; }
+                else if (left >= 2) { panel_micro<Q4, 2>(wu, nb, P, o); t0 += 2; }
+                else { panel_micro<Q4, 1>(wu, nb, P, o); t0 += 1; }
+            }
+            const int64_t left_rows = m_rows - int64_t(p) * kPanelRows;
+            const int64_t rows = left_rows < kPanelRows ? left_rows : kPanelRows;
+            for (int64_t i = 0; i < rows; i++)
+                for (int t = 0; t < nwr; t++) y[(int64_t(p) * kPanelRows + i) * ldy + j0 + t] = out[16 * t + i];
+        }
+    }
+}
 
 }  // namespace
 
@@ -354,9 +598,9 @@ const PathKernels& avx512_kernels() {
         {nullptr, nullptr, run_tile<FloatTile<LoadF32>, 4>},
         {nullptr, nullptr, run_tile<FloatTile<LoadF16>, 4>},
         {nullptr, nullptr, run_tile<FloatTile<LoadBF16>, 4>},
-        {prep_xq8_pairs, bytes_xq8_pairs, run_tile<Q80Tile, 4>},
-        {prep_q8_K_q4, bytes_q8_K, run_tile<Q4KTile, 4>},
-        {prep_q8_K, bytes_q8_K, run_tile<Q6KTile, 4>},
+        {prep_xq8_pairs, bytes_xq8_pairs, run_tile<Q80Tile, 4, 4, 1>},
+        {prep_xq4k, bytes_q8_K, run_tile<Q4KTile, MQ_Q4K_NX, MQ_Q4K_NW, 1>, prep_panel<true>, panel_bytes, panel_gemm<true>},
+        {prep_q8_K, bytes_q8_K, run_tile<Q6KTile, MQ_Q6K_NX, MQ_Q6K_NW, 1>, prep_panel<false>, panel_bytes, panel_gemm<false>},
     };
     return k;
 }

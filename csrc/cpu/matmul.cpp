@@ -172,6 +172,35 @@ static const detail::TypeKernels& type_kernels(const detail::PathKernels& pk, DT
 
 // ------------------------------------------------------------------ driver
 //
+// Panel route (many X rows, K-quants on AVX-512): X in panels of 16 rows;
+// tasks are (32 W rows) x (up to 8 panels), W-chunk-major like below.
+static void matmul_panels(const detail::TypeKernels& tk, const float* x, int64_t M, int64_t K, int64_t ldx,
+                          const void* w, size_t w_stride, int64_t N, float* y, int64_t ldy, ThreadPool& pool) {
+    constexpr int PR = detail::kPanelRows;
+    const int64_t n_panels = (M + PR - 1) / PR;
+    const size_t pb = (tk.panel_bytes(K) + 63) & ~size_t(63);
+    std::unique_ptr<uint8_t[]> buf(new uint8_t[pb * n_panels + 64]);
+    uint8_t* base = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(buf.get()) + 63) & ~uintptr_t(63));
+    pool.parallel_for(n_panels, [&](int64_t p, int) {
+        const int rows = static_cast<int>(std::min<int64_t>(PR, M - p * PR));
+        tk.prep_panel(x + p * PR * ldx, ldx, rows, base + p * pb, K);
+    });
+    const int64_t pc = 8;                                   // panels per task (128 X rows)
+    const int64_t n_pchunks = (n_panels + pc - 1) / pc;
+    const int64_t nb = 32;                                  // W rows per task
+    const int64_t n_nchunks = (N + nb - 1) / nb;
+    const uint8_t* wb = static_cast<const uint8_t*>(w);
+    pool.parallel_for(n_nchunks * n_pchunks, [&](int64_t t, int) {
+        const int64_t nc = t / n_pchunks, pcix = t % n_pchunks;
+        const int64_t n0 = nc * nb, n1 = std::min(N, n0 + nb);
+        const int64_t p0 = pcix * pc, p1 = std::min(n_panels, p0 + pc);
+        const int64_t m0 = p0 * PR, m1 = std::min(M, p1 * PR);
+        tk.panel_gemm(wb + n0 * w_stride, w_stride, n1 - n0, base + p0 * pb, pb, static_cast<int>(p1 - p0), m1 - m0, K,
+                      y + m0 * ldy + n0, ldy);
+    });
+}
+
+//
 // Work is cut into tasks of (nb W rows) x (mb X rows). Tasks are numbered
 // W-chunk-major, so the threads work on neighbouring X chunks of the same W
 // chunk at the same time: each W chunk comes from memory once and is then
@@ -193,6 +222,10 @@ void matmul(const float* x, int64_t M, int64_t K, int64_t ldx, const void* w, DT
 
     const detail::TypeKernels& tk = type_kernels(kernels_for(active_path()), wtype);
     const size_t w_stride = row_size(wtype, K);
+    if (tk.panel_gemm && M >= detail::kPanelMinRows) {
+        matmul_panels(tk, x, M, K, ldx, w, w_stride, N, y, ldy, pool);
+        return;
+    }
 
     // Activations in the kernel's format: quantized once per matmul, in parallel.
     std::unique_ptr<uint8_t[]> xq_buf;
