@@ -12,6 +12,7 @@ are never read from disk.
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import numpy as np
@@ -190,6 +191,7 @@ class Model:
             if not isinstance(n_threads, (int, np.integer)) or n_threads <= 0:
                 raise ValueError(f"n_threads must be a positive integer or None, got {n_threads!r}")
             _core.set_num_threads(int(n_threads))
+        t_load = time.perf_counter()
         self.path = os.fspath(path)
         reader = open_gguf(self.path)
         check_architecture(reader, self.path)
@@ -242,6 +244,7 @@ class Model:
             self.processor = Processor(self.tokenizer, ProcessorSettings.from_gguf(reader, self.tokenizer))
         self.stop_ids = stop_ids_from_gguf(reader, self.tokenizer)
         self.generation_defaults = generation_defaults_from_gguf(reader)
+        self.load_time_s = time.perf_counter() - t_load  # reported by generate() as timings["load_s"]
 
     # -- session ---------------------------------------------------------------
     @property
