@@ -7,4 +7,5 @@ void register_formats(pybind11::module_& m);   // bind_formats.cpp: type table, 
 void register_quants(pybind11::module_& m);    // bind_quants.cpp: quantize / dequantize
 void register_cpu(pybind11::module_& m);       // bind_cpu.cpp: matmul, CPU paths, threads
 void register_model(pybind11::module_& m);     // bind_model.cpp: the model forward passes
+void register_backend(pybind11::module_& m);   // bind_backend.cpp: Backend test binding
 }  // namespace mq::bind

@@ -5,5 +5,6 @@ PYBIND11_MODULE(_core, m) {
     mq::bind::register_formats(m);
     mq::bind::register_quants(m);
     mq::bind::register_cpu(m);
+    mq::bind::register_backend(m);
     mq::bind::register_model(m);
 }

@@ -1,0 +1,215 @@
+// Backend test binding: `_core.Backend("cpu" | "cuda")` exposes every op of
+// the Backend interface on numpy arrays. Each call copies its inputs into
+// backend memory, runs the op, synchronises and copies the result back. It is
+// for tests (CUDA vs CPU, CPU vs numpy/torch) and micro-benchmarks, not for the
+// model, which keeps its activations on the backend.
+#include <pybind11/numpy.h>
+#include <pybind11/stl.h>
+
+#include <memory>
+#include <string>
+
+#include "backend/backend.h"
+#include "bindings/array_check.h"
+#include "bindings/bindings.h"
+#include "common/threadpool.h"
+
+namespace py = pybind11;
+
+namespace mq::bind {
+namespace {
+
+// Backend memory that frees itself.
+struct DevBuf {
+    Backend* be;
+    void* p;
+    DevBuf(Backend* b, size_t bytes) : be(b), p(b->alloc(bytes)) {}
+    ~DevBuf() { be->free(p); }
+    DevBuf(const DevBuf&) = delete;
+    DevBuf& operator=(const DevBuf&) = delete;
+    float* f() const { return static_cast<float*>(p); }
+};
+
+py::array_t<float> f32_array(py::array a, const char* what) {
+    require_dtype<float>(a, what, "float32");
+    require_c_contiguous(a, what);
+    return py::array_t<float>(a);
+}
+
+class PyBackend {
+public:
+    explicit PyBackend(const std::string& name, int device) {
+        if (name == "cpu") be_ = make_cpu_backend(ThreadPool::global());
+        else if (name == "cuda") be_ = make_cuda_backend(device);
+        else throw std::invalid_argument("unknown backend '" + name + "' (expected 'cpu' or 'cuda')");
+    }
+    std::string name() const { return be_->name(); }
+
+    std::unique_ptr<DevBuf> upload(const py::array& a) {
+        auto b = std::make_unique<DevBuf>(be_.get(), std::max<size_t>(a.nbytes(), 1));
+        if (a.nbytes()) be_->to_device(b->p, a.data(), a.nbytes());
+        return b;
+    }
+    py::array_t<float> download(const DevBuf& b, std::vector<py::ssize_t> shape) {
+        py::array_t<float> out(shape);
+        be_->synchronize();
+        if (out.nbytes()) be_->to_host(out.mutable_data(), b.p, out.nbytes());
+        return out;
+    }
+
+    py::array_t<float> matmul(py::array x, py::array w, const std::string& wtype, int64_t n, int64_t k,
+                              std::optional<py::array> bias) {
+        auto xf = f32_array(x, "x");
+        require(xf.ndim() == 2 && xf.shape(1) == k, "x must be [M, K]");
+        require_c_contiguous(w, "w");
+        const TypeInfo& ti = type_info_by_name(wtype.c_str());
+        require(size_t(w.nbytes()) == row_size(ti.type, k) * size_t(n), "w byte count does not match N rows of K values");
+        const int64_t M = xf.shape(0);
+        Weight W = be_->upload(w.data(), ti.type, n, k);
+        auto dx = upload(xf);
+        std::unique_ptr<DevBuf> db;
+        if (bias) {
+            auto bf = f32_array(*bias, "bias");
+            require(bf.size() == n, "bias must have N elements");
+            db = upload(bf);
+        }
+        DevBuf dy(be_.get(), std::max<int64_t>(M * n, 1) * sizeof(float));
+        {
+            py::gil_scoped_release nogil;
+            be_->matmul(dx->f(), M, k, W, db ? db->f() : nullptr, dy.f(), n);
+        }
+        auto out = download(dy, {M, n});
+        release_weight(W, w.data());
+        return out;
+    }
+
+    py::array_t<float> get_rows(py::array table, const std::string& type, int64_t rows, int64_t cols,
+                                py::array_t<int32_t, py::array::c_style | py::array::forcecast> ids) {
+        require_c_contiguous(table, "table");
+        const TypeInfo& ti = type_info_by_name(type.c_str());
+        require(size_t(table.nbytes()) == row_size(ti.type, cols) * size_t(rows), "table byte count mismatch");
+        Weight W = be_->upload(table.data(), ti.type, rows, cols);
+        DevBuf out(be_.get(), std::max<int64_t>(ids.size() * cols, 1) * sizeof(float));
+        be_->get_rows(W, ids.data(), ids.size(), out.f());
+        auto r = download(out, {ids.size(), cols});
+        release_weight(W, table.data());
+        return r;
+    }
+
+    py::array_t<float> rms_norm(py::array x, py::array w, float eps) {
+        auto xf = f32_array(x, "x"), wf = f32_array(w, "w");
+        require(xf.ndim() == 2 && wf.size() == xf.shape(1), "x must be [rows, cols] and w [cols]");
+        auto dx = upload(xf), dw = upload(wf);
+        DevBuf dy(be_.get(), std::max<size_t>(xf.nbytes(), 4));
+        be_->rms_norm(dx->f(), dw->f(), dy.f(), xf.shape(0), xf.shape(1), eps);
+        return download(dy, {xf.shape(0), xf.shape(1)});
+    }
+
+    py::array_t<float> layer_norm(py::array x, py::array w, py::array b, float eps) {
+        auto xf = f32_array(x, "x"), wf = f32_array(w, "w"), bf = f32_array(b, "b");
+        require(xf.ndim() == 2 && wf.size() == xf.shape(1) && bf.size() == xf.shape(1), "x must be [rows, cols], w and b [cols]");
+        auto dx = upload(xf), dw = upload(wf), dbb = upload(bf);
+        DevBuf dy(be_.get(), std::max<size_t>(xf.nbytes(), 4));
+        be_->layer_norm(dx->f(), dw->f(), dbb->f(), dy.f(), xf.shape(0), xf.shape(1), eps);
+        return download(dy, {xf.shape(0), xf.shape(1)});
+    }
+
+    // Binary/unary elementwise ops share one shape check.
+    py::array_t<float> elementwise(const std::string& op, py::array a, std::optional<py::array> b, float s) {
+        auto af = f32_array(a, "a");
+        std::vector<py::ssize_t> shape(af.shape(), af.shape() + af.ndim());
+        auto da = upload(af);
+        const int64_t n = af.size();
+        std::unique_ptr<DevBuf> dbb;
+        if (b) {
+            auto bf = f32_array(*b, "b");
+            require(bf.size() == n, "a and b must have the same number of elements");
+            dbb = upload(bf);
+        }
+        if (op == "add") { require(bool(dbb), "add needs b"); be_->add(da->f(), dbb->f(), n); }
+        else if (op == "add_scaled") { require(bool(dbb), "add_scaled needs b"); be_->add_scaled(da->f(), dbb->f(), s, n); }
+        else if (op == "silu_mul") { require(bool(dbb), "silu_mul needs b"); be_->silu_mul(da->f(), dbb->f(), da->f(), n); }
+        else if (op == "gelu") be_->gelu(da->f(), n);
+        else throw std::invalid_argument("unknown elementwise op " + op);
+        return download(*da, shape);
+    }
+
+    py::array_t<float> rope(py::array x, py::array_t<int32_t, py::array::c_style | py::array::forcecast> pos,
+                            py::array inv_freq) {
+        auto xf = f32_array(x, "x"), ff = f32_array(inv_freq, "inv_freq");
+        require(xf.ndim() == 3, "x must be [n_tok, n_head, head_dim]");
+        require(pos.size() == xf.shape(0), "pos must have n_tok entries");
+        require(ff.size() * 2 == xf.shape(2), "inv_freq must have head_dim/2 entries");
+        auto dx = upload(xf);
+        be_->rope(dx->f(), xf.shape(0), int(xf.shape(1)), int(xf.shape(2)), pos.data(), ff.data());
+        return download(*dx, {xf.shape(0), xf.shape(1), xf.shape(2)});
+    }
+
+    // q: [nq, n_head, hd] f32; k, v: [nk, n_kv_head, hd] f32 or f16 (uint16 bits or float16)
+    py::array_t<float> attention(py::array q, py::array k, py::array v, float scale, std::optional<py::array> mask,
+                                 bool causal, int64_t q_offset) {
+        auto qf = f32_array(q, "q");
+        require(qf.ndim() == 3 && k.ndim() == 3 && v.ndim() == 3, "q, k, v must be 3-D");
+        require_c_contiguous(k, "k");
+        require_c_contiguous(v, "v");
+        require(k.itemsize() == v.itemsize() && (k.itemsize() == 4 || k.itemsize() == 2), "k and v must both be float32 or both float16");
+        const DType kvt = k.itemsize() == 4 ? DType::F32 : DType::F16;
+        const int64_t nq = qf.shape(0), nk = k.shape(0);
+        const int n_head = int(qf.shape(1)), hd = int(qf.shape(2)), n_kv = int(k.shape(1));
+        require(k.shape(2) == hd && v.shape(0) == nk && v.shape(1) == n_kv && v.shape(2) == hd, "k/v shape mismatch");
+        auto dq = upload(qf), dk = upload(k), dv = upload(v);
+        std::unique_ptr<DevBuf> dm;
+        if (mask) {
+            auto mf = f32_array(*mask, "mask");
+            require(mf.ndim() == 2 && mf.shape(0) == nq && mf.shape(1) == nk, "mask must be [nq, nk]");
+            dm = upload(mf);
+        }
+        DevBuf out(be_.get(), std::max<size_t>(qf.nbytes(), 4));
+        {
+            py::gil_scoped_release nogil;
+            be_->attention(dq->f(), dk->p, dv->p, kvt, int64_t(n_kv) * hd, out.f(), nq, nk, n_head, n_kv, hd, scale,
+                           dm ? dm->f() : nullptr, nk, causal, q_offset);
+        }
+        return download(out, {nq, n_head, hd});
+    }
+
+    py::array store_rows_f16(py::array src) {
+        auto sf = f32_array(src, "src");
+        require(sf.ndim() == 2, "src must be [n, width]");
+        auto ds = upload(sf);
+        DevBuf dd(be_.get(), std::max<int64_t>(sf.size(), 1) * 2);
+        be_->store_rows(ds->f(), dd.p, DType::F16, sf.shape(0), sf.shape(1), sf.shape(1));
+        py::array_t<uint16_t> out({sf.shape(0), sf.shape(1)});
+        be_->synchronize();
+        if (out.nbytes()) be_->to_host(out.mutable_data(), dd.p, out.nbytes());
+        return out;
+    }
+
+private:
+    // Weights uploaded to a device backend are owned by it; the CPU backend's
+    // are views. Nothing to do for either here: device weights live until the
+    // backend is destroyed (the test binding is short-lived).
+    void release_weight(const Weight&, const void*) {}
+
+    std::unique_ptr<Backend> be_;
+};
+
+}  // namespace
+
+void register_backend(py::module_& m) {
+    py::class_<PyBackend>(m, "Backend", "Test binding over one compute backend ('cpu' or 'cuda').")
+        .def(py::init<const std::string&, int>(), py::arg("name") = "cpu", py::arg("device") = 0)
+        .def_property_readonly("name", &PyBackend::name)
+        .def("matmul", &PyBackend::matmul, py::arg("x"), py::arg("w"), py::arg("wtype"), py::arg("n"), py::arg("k"),
+             py::arg("bias") = py::none())
+        .def("get_rows", &PyBackend::get_rows, py::arg("table"), py::arg("type"), py::arg("rows"), py::arg("cols"), py::arg("ids"))
+        .def("rms_norm", &PyBackend::rms_norm, py::arg("x"), py::arg("w"), py::arg("eps"))
+        .def("layer_norm", &PyBackend::layer_norm, py::arg("x"), py::arg("w"), py::arg("b"), py::arg("eps"))
+        .def("elementwise", &PyBackend::elementwise, py::arg("op"), py::arg("a"), py::arg("b") = py::none(), py::arg("s") = 0.0f)
+        .def("rope", &PyBackend::rope, py::arg("x"), py::arg("pos"), py::arg("inv_freq"))
+        .def("attention", &PyBackend::attention, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("scale"),
+             py::arg("mask") = py::none(), py::arg("causal") = false, py::arg("q_offset") = 0)
+        .def("store_rows_f16", &PyBackend::store_rows_f16, py::arg("src"));
+}
+
+}  // namespace mq::bind

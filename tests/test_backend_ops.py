@@ -1,0 +1,128 @@
+"""CPU backend ops (csrc/backend/cpu_backend.cpp) against torch / float64 references."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mllama_q import _core
+
+rng = np.random.default_rng(1234)
+
+
+@pytest.fixture(scope="module")
+def be():
+    return _core.Backend("cpu")
+
+
+def rel(a, b):
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
+
+
+def test_rms_norm(be):
+    x = rng.standard_normal((7, 4096)).astype(np.float32) * 3
+    w = rng.standard_normal(4096).astype(np.float32)
+    xt = torch.from_numpy(x)
+    ref = (xt * torch.rsqrt(xt.pow(2).mean(-1, keepdim=True) + 1e-5)) * torch.from_numpy(w)
+    assert rel(be.rms_norm(x, w, 1e-5), ref.numpy()) < 1e-6
+
+
+def test_layer_norm(be):
+    x = (rng.standard_normal((9, 1280)) * 2 + 0.5).astype(np.float32)
+    w = rng.standard_normal(1280).astype(np.float32)
+    b = rng.standard_normal(1280).astype(np.float32)
+    ref = F.layer_norm(torch.from_numpy(x), (1280,), torch.from_numpy(w), torch.from_numpy(b), 1e-5)
+    assert rel(be.layer_norm(x, w, b, 1e-5), ref.numpy()) < 1e-6
+
+
+def test_elementwise(be):
+    a = rng.standard_normal((3, 5000)).astype(np.float32) * 4
+    b = rng.standard_normal((3, 5000)).astype(np.float32)
+    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+    assert rel(be.elementwise("add", a, b), (ta + tb).numpy()) < 1e-7
+    assert rel(be.elementwise("add_scaled", a, b, -0.37), (ta - 0.37 * tb).numpy()) < 1e-7
+    assert rel(be.elementwise("silu_mul", a, b), (F.silu(ta) * tb).numpy()) < 1e-6
+    assert rel(be.elementwise("gelu", a), F.gelu(ta).numpy()) < 1e-6
+
+
+def test_rope_interleaved(be):
+    n_tok, n_head, hd = 5, 3, 16
+    x = rng.standard_normal((n_tok, n_head, hd)).astype(np.float32)
+    pos = np.array([0, 1, 7, 100, 3000], np.int32)
+    inv = (500000.0 ** (-np.arange(0, hd, 2) / hd)).astype(np.float32)
+    # Rotate each (x[2i], x[2i+1]) pair by pos * inv_freq[i]. The angle is a
+    # float32 product as in HF's MllamaRotaryEmbedding.forward (inv_freq.float()
+    # @ position_ids.float()); the rotation itself in float64.
+    ang = (pos[:, None].astype(np.float32) * inv[None, :]).astype(np.float64)
+    c, s = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
+    a, b = x[..., 0::2].astype(np.float64), x[..., 1::2].astype(np.float64)
+    ref = np.empty_like(x, dtype=np.float64)
+    ref[..., 0::2] = a * c - b * s
+    ref[..., 1::2] = a * s + b * c
+    assert rel(be.rope(x, pos, inv), ref) < 1e-6
+
+
+@pytest.mark.parametrize("nq,nk,n_head,n_kv,hd,causal,use_mask,kv16", [
+    (1, 37, 8, 2, 64, False, False, False),
+    (5, 5, 4, 4, 32, True, False, False),
+    (6, 40, 8, 2, 128, True, False, True),   # prefill after a cached prefix (q_offset)
+    (33, 70, 4, 1, 80, False, True, False),
+    (700, 700, 2, 2, 16, False, True, True),  # more queries than one block
+])
+def test_attention(be, nq, nk, n_head, n_kv, hd, causal, use_mask, kv16):
+    q = rng.standard_normal((nq, n_head, hd)).astype(np.float32)
+    k = rng.standard_normal((nk, n_kv, hd)).astype(np.float32)
+    v = rng.standard_normal((nk, n_kv, hd)).astype(np.float32)
+    if kv16:
+        k, v = k.astype(np.float16), v.astype(np.float16)
+    scale = hd ** -0.5
+    q_offset = nk - nq if causal else 0
+    mask = None
+    if use_mask:
+        mask = np.where(rng.random((nq, nk)) < 0.3, np.finfo(np.float32).min, 0).astype(np.float32)
+        mask[:, 0] = 0
+    out = be.attention(q, k, v, scale, mask, causal, q_offset)
+    # torch reference: [1, heads, seq, hd] with GQA expanded
+    tq = torch.from_numpy(q).double().permute(1, 0, 2)
+    tk = torch.from_numpy(k.astype(np.float32)).double().permute(1, 0, 2).repeat_interleave(n_head // n_kv, 0)
+    tv = torch.from_numpy(v.astype(np.float32)).double().permute(1, 0, 2).repeat_interleave(n_head // n_kv, 0)
+    bias = torch.zeros(nq, nk, dtype=torch.float64)
+    if mask is not None:
+        bias = bias + torch.from_numpy(mask).double()
+    if causal:
+        i = torch.arange(nq)[:, None] + q_offset
+        j = torch.arange(nk)[None, :]
+        bias = bias.masked_fill(j > i, float("-inf"))
+    ref = F.scaled_dot_product_attention(tq, tk, tv, attn_mask=bias, scale=scale).permute(1, 0, 2)
+    assert rel(out, ref.numpy()) < 1e-5
+
+
+def test_attention_fully_masked_row_is_zero(be):
+    q = rng.standard_normal((2, 2, 8)).astype(np.float32)
+    k = rng.standard_normal((3, 2, 8)).astype(np.float32)
+    v = rng.standard_normal((3, 2, 8)).astype(np.float32)
+    mask = np.zeros((2, 3), np.float32)
+    mask[1, :] = -np.inf
+    out = be.attention(q, k, v, 0.5, mask)
+    assert np.all(out[1] == 0) and np.all(np.isfinite(out))
+    assert np.abs(out[0]).sum() > 0
+
+
+def test_get_rows_and_store_rows(be):
+    from mllama_q import quants
+    import gguf
+    table = rng.standard_normal((10, 64)).astype(np.float32)
+    q = quants.quantize(table, "q8_0")
+    ids = np.array([3, 0, 9, 3], np.int32)
+    ref = gguf.quants.dequantize(q, gguf.GGMLQuantizationType.Q8_0)[ids]
+    assert np.array_equal(be.get_rows(q, "q8_0", 10, 64, ids), ref)
+    with pytest.raises(ValueError, match="out of range"):
+        be.get_rows(q, "q8_0", 10, 64, np.array([10], np.int32))
+    src = rng.standard_normal((4, 24)).astype(np.float32)
+    assert np.array_equal(be.store_rows_f16(src), src.astype(np.float16).view(np.uint16))
+
+
+def test_bad_backend_name():
+    with pytest.raises(ValueError, match="unknown backend"):
+        _core.Backend("tpu")
