@@ -7,6 +7,7 @@
 //     On out-of-memory the cache is released and the allocation retried once;
 //     if it still fails a std::runtime_error gives the request and the free /
 //     total VRAM.
+//   * MLLAMA_Q_CUDA_POISON=1 (tests): every alloc() is filled with NaN bytes.
 //   * Weights: upload() copies the GGUF bytes once, unchanged (quantized), into
 //     their own allocation.
 //   * Scratch owned by the backend (8-bit activations for the matrix-vector
@@ -30,6 +31,7 @@
 // for a growing KV cache must be captured for an nk upper bound with a mask, or
 // re-captured per length bucket.
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <memory>
@@ -78,6 +80,8 @@ public:
             throw std::runtime_error(std::string("CUDA device ") + prop.name + " has compute capability " +
                                      std::to_string(prop.major) + "." + std::to_string(prop.minor) +
                                      "; mllama-q needs 8.0 or newer");
+        const char* poison = std::getenv("MLLAMA_Q_CUDA_POISON");
+        poison_ = poison && poison[0] == '1';
         name_ = std::string("cuda:") + std::to_string(device) + " (" + prop.name + ")";
         num_sms_ = prop.multiProcessorCount;
         MQ_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
@@ -111,15 +115,19 @@ public:
     void* alloc(size_t bytes) override {
         activate();
         const size_t size = round_up(std::max<size_t>(bytes, 1), kAlign);
+        void* p = nullptr;
         auto it = cache_.lower_bound(size);
         if (it != cache_.end() && it->first <= 2 * size) {
-            void* p = it->second;
+            p = it->second;
             live_[p] = it->first;
             cache_.erase(it);
-            return p;
+        } else {
+            p = raw_alloc(size);
+            live_[p] = size;
         }
-        void* p = raw_alloc(size);
-        live_[p] = size;
+        // Debug/test hook: fill new allocations with 0xFF bytes (NaN as f32 and f16)
+        // so that an output element a kernel forgot to write shows up as NaN.
+        if (poison_) MQ_CUDA_CHECK(cudaMemsetAsync(p, 0xFF, live_[p], stream_));
         return p;
     }
 
@@ -386,6 +394,7 @@ private:
     }
 
     int device_;
+    bool poison_ = false;   // MLLAMA_Q_CUDA_POISON=1
     std::string name_;
     int num_sms_ = 1;
     cudaStream_t stream_ = nullptr;

@@ -107,17 +107,18 @@ __global__ void gelu_kernel(float* x, int64_t n) {
 // Interleaved pairs (llama.cpp layout): pair i of head h of token t rotates
 // (x[2i], x[2i+1]) by pos[t] * inv_freq[i]. One thread per pair. The angle is
 // computed in float from an integer position times inv_freq, like the CPU
-// backend; sincosf (not the fast-math intrinsic, explicit below) keeps accuracy
-// at large positions.
+// backend and HF (MllamaRotaryEmbedding.forward); its sine and cosine in double
+// (one per pair: negligible cost) so that positions in the thousands stay exact.
 __global__ void rope_kernel(float* x, int64_t n_tok, int n_head, int half_dim, const int32_t* pos,
                             const float* inv_freq) {
     const int64_t n = n_tok * n_head * half_dim;
     MQ_GRID_STRIDE(idx, n) {
         const int i = static_cast<int>(idx % half_dim);
         const int64_t t = idx / (static_cast<int64_t>(half_dim) * n_head);
-        const float ang = static_cast<float>(pos[t]) * inv_freq[i];
-        float s, c;
-        sincosf(ang, &s, &c);
+        const float ang = static_cast<float>(pos[t]) * inv_freq[i];   // float32 product, as HF
+        double sd, cd;
+        sincos(static_cast<double>(ang), &sd, &cd);   // --use_fast_math would turn sincosf into
+        const float s = static_cast<float>(sd), c = static_cast<float>(cd);   // __sincosf: wrong at large angles
         float2* p = reinterpret_cast<float2*>(x) + idx;
         const float2 v = *p;
         *p = make_float2(v.x * c - v.y * s, v.x * s + v.y * c);
