@@ -69,5 +69,10 @@ struct AttnArgs {
 // the backend provides a buffer at least this large.
 size_t attention_scratch_floats(const AttnArgs& a, int num_sms);
 void attention(const AttnArgs& a, float* scratch, int num_sms, cudaStream_t stream);
+// Tensor-core flash attention (kernels_attention_mma.cu), used by attention()
+// when nq >= 64, hd in {64, 80, 128} and q/K/V are 16-byte aligned;
+// MLLAMA_Q_CUDA_ATTN=simt forces the SIMT kernel (for A/B checks).
+bool attention_mma_supported(const AttnArgs& a);
+void attention_mma(const AttnArgs& a, cudaStream_t stream);
 
 }  // namespace mq::cuda

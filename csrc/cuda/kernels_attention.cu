@@ -22,9 +22,9 @@
 //     block and across gridDim.z blocks (flash-decoding); each split writes its
 //     unnormalised (o, m, l) to scratch and attn_combine_kernel merges them.
 //
-// This is a SIMT kernel (CUDA cores). It is the correct, general baseline; the
-// vision tower (nq = nk = 4 * 1608) needs a tensor-core (mma) version of the
-// q·k and p·v products to reach the 50 ms image target: see bench/RESULTS.md.
+// This is a SIMT kernel (CUDA cores, f32 throughout): the path for decode and
+// the general fallback. Many queries (nq >= 64: prefill, the vision tower) with
+// head_dim 64/80/128 go to the tensor-core kernel in kernels_attention_mma.cu.
 #include <algorithm>
 #include <cfloat>
 
@@ -287,6 +287,7 @@ void launch_dc(const AttnArgs& a, const Launch& L, dim3 grid, bool kv_vec, float
 }  // namespace
 
 size_t attention_scratch_floats(const AttnArgs& a, int num_sms) {
+    if (attention_mma_supported(a)) return 0;
     Launch L;
     dim3 grid;
     plan(a, num_sms, L, grid);
@@ -297,6 +298,10 @@ size_t attention_scratch_floats(const AttnArgs& a, int num_sms) {
 
 void attention(const AttnArgs& a, float* scratch, int num_sms, cudaStream_t stream) {
     if (a.nq == 0) return;
+    if (attention_mma_supported(a)) {
+        attention_mma(a, stream);
+        return;
+    }
     Launch L;
     dim3 grid;
     plan(a, num_sms, L, grid);
