@@ -313,6 +313,12 @@ private:
                 std::string(op) + ": unsupported weight type " + type_info(w.type).name);
         require(w.rows >= 0 && w.cols > 0, std::string(op) + ": bad weight shape");
         row_size(w.type, w.cols);   // throws std::invalid_argument when cols is not a multiple of the block
+        // Q4_K blocks are read with 16-byte loads, Q6_K / Q8_0 / 16-bit types with 2-byte loads
+        // (upload() gives 256-byte alignment; a Weight that views into the middle of one must keep this).
+        const uintptr_t addr = reinterpret_cast<uintptr_t>(w.data);
+        const uintptr_t need = w.type == DType::Q4_K ? 16 : (w.type == DType::F32 ? 4 : 2);
+        require(addr % need == 0, std::string(op) + ": " + type_info(w.type).name + " weight data must be " +
+                                      std::to_string(need) + "-byte aligned in device memory");
     }
 
     // cudaMalloc with one retry after releasing the cache, and a clear message.

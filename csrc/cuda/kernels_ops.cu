@@ -23,7 +23,7 @@ unsigned elt_blocks(int64_t n) {
 // chunks of 8 values (cols % 8 == 0, every quantized type satisfies it).
 template <DType T>
 __global__ void get_rows_kernel(const uint8_t* table, size_t row_bytes, int64_t cols, const int32_t* ids,
-                                float* out) {
+                                float* out, bool out_vec) {
     const int64_t i = blockIdx.y;
     const uint8_t* row = table + static_cast<size_t>(ids[i]) * row_bytes;
     float* o = out + i * cols;
@@ -31,9 +31,14 @@ __global__ void get_rows_kernel(const uint8_t* table, size_t row_bytes, int64_t 
          c += static_cast<int64_t>(gridDim.x) * blockDim.x * 8) {
         float v[8];
         Dequant8<T>::run(row, c, v);
-        float4* o4 = reinterpret_cast<float4*>(o + c);   // cols % 8 == 0 and out is 16-byte aligned
-        o4[0] = make_float4(v[0], v[1], v[2], v[3]);
-        o4[1] = make_float4(v[4], v[5], v[6], v[7]);
+        if (out_vec) {   // cols % 8 == 0 and out 16-byte aligned
+            float4* o4 = reinterpret_cast<float4*>(o + c);
+            o4[0] = make_float4(v[0], v[1], v[2], v[3]);
+            o4[1] = make_float4(v[4], v[5], v[6], v[7]);
+        } else {
+#pragma unroll
+            for (int e = 0; e < 8; ++e) o[c + e] = v[e];
+        }
     }
 }
 // Float tables whose width is not a multiple of 8 (or misaligned output).
@@ -157,19 +162,21 @@ void get_rows(DType type, const void* table, int64_t cols, const int32_t* ids, i
     n = std::min<int64_t>(n, 65535);
     const size_t rb = row_size(type, cols);
     const uint8_t* t = static_cast<const uint8_t*>(table);
-    const bool vec = cols % 8 == 0 && (reinterpret_cast<uintptr_t>(out) % 16) == 0 &&
-                     (reinterpret_cast<uintptr_t>(table) % 16) == 0;
+    const bool out_vec = cols % 8 == 0 && (reinterpret_cast<uintptr_t>(out) % 16) == 0;
+    const bool vec = cols % 8 == 0 && (reinterpret_cast<uintptr_t>(table) % 16) == 0;
+    const bool quantized = type != DType::F32 && type != DType::F16 && type != DType::BF16;
     const int threads = 128;
-    if (vec || (type != DType::F32 && type != DType::F16 && type != DType::BF16)) {
-        // quantized rows always have cols % 32 == 0 (row_size checked it); out comes from alloc (256-aligned)
+    if (vec || quantized) {
+        // quantized rows always have cols % 32 == 0 (row_size checked it); Q4_K
+        // needs a 16-byte aligned table (every upload() is 256-byte aligned)
         const dim3 grid(static_cast<unsigned>(ceil_div(cols / 8, threads)), static_cast<unsigned>(n));
         switch (type) {
-            case DType::F32: get_rows_kernel<DType::F32><<<grid, threads, 0, stream>>>(t, rb, cols, ids, out); break;
-            case DType::F16: get_rows_kernel<DType::F16><<<grid, threads, 0, stream>>>(t, rb, cols, ids, out); break;
-            case DType::BF16: get_rows_kernel<DType::BF16><<<grid, threads, 0, stream>>>(t, rb, cols, ids, out); break;
-            case DType::Q8_0: get_rows_kernel<DType::Q8_0><<<grid, threads, 0, stream>>>(t, rb, cols, ids, out); break;
-            case DType::Q4_K: get_rows_kernel<DType::Q4_K><<<grid, threads, 0, stream>>>(t, rb, cols, ids, out); break;
-            case DType::Q6_K: get_rows_kernel<DType::Q6_K><<<grid, threads, 0, stream>>>(t, rb, cols, ids, out); break;
+            case DType::F32: get_rows_kernel<DType::F32><<<grid, threads, 0, stream>>>(t, rb, cols, ids, out, out_vec); break;
+            case DType::F16: get_rows_kernel<DType::F16><<<grid, threads, 0, stream>>>(t, rb, cols, ids, out, out_vec); break;
+            case DType::BF16: get_rows_kernel<DType::BF16><<<grid, threads, 0, stream>>>(t, rb, cols, ids, out, out_vec); break;
+            case DType::Q8_0: get_rows_kernel<DType::Q8_0><<<grid, threads, 0, stream>>>(t, rb, cols, ids, out, out_vec); break;
+            case DType::Q4_K: get_rows_kernel<DType::Q4_K><<<grid, threads, 0, stream>>>(t, rb, cols, ids, out, out_vec); break;
+            case DType::Q6_K: get_rows_kernel<DType::Q6_K><<<grid, threads, 0, stream>>>(t, rb, cols, ids, out, out_vec); break;
             default: throw std::invalid_argument("cuda get_rows: unsupported table type " + std::string(type_info(type).name));
         }
     } else {
