@@ -178,17 +178,16 @@ int main(int argc, char** argv) {
             std::printf("\n");
         }
 
-        // Decode-step estimate, 11B q4_k_m-like: per text layer q,o (4096x4096 q4_k), k,v (1024x4096 q6_k ~ q4_k),
-        // gate,up (14336x4096 q4_k), down (4096x14336 q6_k); 40 layers (32 self + 8 cross; cross-attention
-        // layers have the same projections) + lm_head (q6_k). Matvec time only: no attention, norms or launches.
-        {
-            const double layer = 2 * t_mv[0][0] + 2 * t_mv[0][1] + 2 * t_mv[0][2] + t_mv[1][3];
-            const double step = 40 * layer + t_mv[1][4];
-            if (t_mv[1][4] > 0) {
-                std::printf("\ndecode estimate (matvec only, 11B q4_k_m-like): %.2f ms/token = %.0f tokens/s\n",
-                            step * 1e3, 1.0 / step);
-                jrecord("estimate", "decode_matvec_only_tokens_per_s", 1.0 / step, "tokens/s");
-            }
+        // Decode-step estimate, 11B q4_k_m-like (config.json: 40 text layers, 8 of them cross-attention):
+        // self-attention layer: q,o (4096x4096 q4_k), k,v (1024x4096 q4_k), gate,up (14336x4096 q4_k),
+        // down (4096x14336 q6_k); cross-attention layer: q,o, gate,up, down (its k/v come from the image
+        // cache); + lm_head (128256x4096 q6_k). Matvec time only: no attention, norms or launch gaps.
+        if (t_mv[1][4] > 0 && t_mv[0][0] > 0) {
+            const double mlp = 2 * t_mv[0][2] + t_mv[1][3];
+            const double step = 32 * (2 * t_mv[0][0] + 2 * t_mv[0][1] + mlp) + 8 * (2 * t_mv[0][0] + mlp) + t_mv[1][4];
+            std::printf("\ndecode estimate (matvec only, 11B q4_k_m-like): %.2f ms/token = %.0f tokens/s\n",
+                        step * 1e3, 1.0 / step);
+            jrecord("estimate", "decode_matvec_only_tokens_per_s", 1.0 / step, "tokens/s");
         }
 
         // ---- GEMM -------------------------------------------------------------------------------
