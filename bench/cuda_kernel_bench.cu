@@ -289,6 +289,22 @@ int main(int argc, char** argv) {
             jrecord("sampling", "argmax", ta * 1e6, "us");
             jrecord("sampling", "top_k_top_p", tk * 1e6, "us");
             if (got != want) throw std::runtime_error("argmax mismatch");
+            // Sanity checks of top-k / top-p (no Python binding yet): u = 0 picks the largest logit;
+            // any u picks one of the 40 largest; top_k = 1 is greedy.
+            std::vector<int64_t> order(n);
+            for (int64_t i = 0; i < n; ++i) order[i] = i;
+            std::partial_sort(order.begin(), order.begin() + 40, order.end(),
+                              [&](int64_t a2, int64_t b2) { return hl[a2] > hl[b2] || (hl[a2] == hl[b2] && a2 < b2); });
+            int bad = 0;
+            for (float uu : {0.0f, 0.3f, 0.7f, 0.9999f}) {
+                be->to_device(u, &uu, 4);
+                cuda::sample_top_k_top_p(lg, n, p, u, out, s);
+                be->to_host(&got, out, 4);
+                const bool in_top = std::find(order.begin(), order.begin() + 40, got) != order.begin() + 40;
+                if (!in_top || (uu == 0.0f && got != want)) ++bad;
+            }
+            std::printf("top-k/top-p sanity checks: %s\n", bad ? "FAILED" : "ok");
+            if (bad) throw std::runtime_error("top-k sampling sanity check failed");
         }
         be->synchronize();
     } catch (const std::exception& e) {
