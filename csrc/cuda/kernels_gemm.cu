@@ -28,18 +28,18 @@ namespace mq::cuda {
 namespace {
 
 // Tile shape (compile-time):
-//   BM = 64   rows of x (and y) per block
+//   BM = 64 or 128  rows of x (and y) per block (template parameter: 128 halves
+//                   the dequantization work per FLOP and is used when M > 64)
 //   BN = 128  rows of W (columns of y) per block
 //   BK = 32   values of K per pipeline stage (= one Q4_K/Q8_0 sub-block)
-//   8 warps in a 2 (M) x 4 (N) grid, each computing a 32 x 32 sub-tile as
-//   2 (m16) x 4 (n8) mma tiles = 32 f32 accumulators per thread.
+//   8 warps in a (BM / 32) x (8 / (BM / 32)) grid; each computes a 32 x WN
+//   sub-tile (WN = 32 for BM = 64, 64 for BM = 128) as 2 (m16) x WN / 8 (n8)
+//   mma tiles: 32 or 64 f32 accumulators per thread.
 //   PAD = 8 halves appended to each shared row (row stride 80 bytes) so the
 //   8 row addresses of one ldmatrix fall in distinct bank groups.
-constexpr int BM = 64, BN = 128, BK = 32, PAD = 8, LDS = BK + PAD;
+constexpr int BN = 128, BK = 32, PAD = 8, LDS = BK + PAD;
 constexpr int kGemmThreads = 256;
-constexpr int WARPS_N = 4;
-constexpr int WM = 32, WN = 32;
-constexpr int MI = WM / 16, NJ = WN / 8;
+constexpr int WM = 32, MI = WM / 16;
 
 __device__ __forceinline__ uint32_t pack_half2(float a, float b) {
     const __half2 h = __floats2half2_rn(a, b);
@@ -64,15 +64,19 @@ __device__ __forceinline__ void mma_16816(float* d, const uint32_t* a, const uin
 
 // Template parameters:
 //   T      GGUF type of W (selects the Dequant8 specialisation at compile time)
+//   BM     rows of x per block (64 or 128, see above)
 // Run-time flags:
 //   x_vec  x rows are 16-byte aligned with K % 8 == 0 (float4 loads), else scalar
 //   w_vec  (float W only) rows 16-byte aligned with K % 8 == 0, else per element
-template <DType T>
+template <DType T, int BM>
 __global__ void __launch_bounds__(kGemmThreads) gemm_kernel(const uint8_t* __restrict__ w, size_t row_bytes,
                                                             int64_t N, int64_t K, const float* __restrict__ x,
                                                             int64_t M, int64_t ldx, const float* __restrict__ bias,
                                                             float* __restrict__ y, int64_t ldy, bool x_vec,
                                                             bool w_vec) {
+    constexpr int WARPS_M = BM / WM, WARPS_N = 8 / WARPS_M;
+    constexpr int WN = BN / WARPS_N, NJ = WN / 8;
+    constexpr int XCH = BM / 64;   // x chunks of 8 per thread per slice (W: always 2)
     __shared__ __align__(16) __half As[2][BM][LDS];   // x slice, [row of x][k]
     __shared__ __align__(16) __half Bs[2][BN][LDS];   // W slice, [row of W][k]
 
@@ -82,16 +86,17 @@ __global__ void __launch_bounds__(kGemmThreads) gemm_kernel(const uint8_t* __res
     const int64_t n0 = static_cast<int64_t>(blockIdx.x) * BN;
     const int nk = static_cast<int>(ceil_div(K, BK));
 
-    // Per-thread load assignment: x chunk (1 per thread) and W chunks (2 per thread),
-    // each 8 consecutive k values; 4 threads cover one 32-wide row of the slice.
+    // Per-thread load assignment: chunks of 8 consecutive k values; 4 threads
+    // cover one 32-wide row of the slice; thread t owns rows t/4 + 64 i.
     const int a_row = tid / 4, a_col = (tid % 4) * 8;
-    uint4 a_reg;      // 8 halves of x
-    uint4 b_reg[2];   // 8 halves of W, twice
+    uint4 a_reg[XCH];   // 8 halves of x, per chunk
+    uint4 b_reg[2];     // 8 halves of W, twice
 
     auto load_slice = [&](int kt) {
         const int64_t k = static_cast<int64_t>(kt) * BK + a_col;
-        {
-            const int64_t m = m0 + a_row;
+#pragma unroll
+        for (int c = 0; c < XCH; ++c) {
+            const int64_t m = m0 + a_row + 64 * c;
             float v[8];
             if (m < M && x_vec && k < K) {
                 const float4 p = __ldg(reinterpret_cast<const float4*>(x + m * ldx + k));
@@ -101,8 +106,8 @@ __global__ void __launch_bounds__(kGemmThreads) gemm_kernel(const uint8_t* __res
 #pragma unroll
                 for (int i = 0; i < 8; ++i) v[i] = (m < M && k + i < K) ? x[m * ldx + k + i] : 0.0f;
             }
-            a_reg = make_uint4(pack_half2(v[0], v[1]), pack_half2(v[2], v[3]), pack_half2(v[4], v[5]),
-                               pack_half2(v[6], v[7]));
+            a_reg[c] = make_uint4(pack_half2(v[0], v[1]), pack_half2(v[2], v[3]), pack_half2(v[4], v[5]),
+                                  pack_half2(v[6], v[7]));
         }
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
@@ -119,7 +124,8 @@ __global__ void __launch_bounds__(kGemmThreads) gemm_kernel(const uint8_t* __res
         }
     };
     auto store_slice = [&](int buf) {
-        *reinterpret_cast<uint4*>(&As[buf][a_row][a_col]) = a_reg;
+#pragma unroll
+        for (int c = 0; c < XCH; ++c) *reinterpret_cast<uint4*>(&As[buf][a_row + 64 * c][a_col]) = a_reg[c];
         *reinterpret_cast<uint4*>(&Bs[buf][a_row][a_col]) = b_reg[0];
         *reinterpret_cast<uint4*>(&Bs[buf][a_row + 64][a_col]) = b_reg[1];
     };
@@ -186,16 +192,22 @@ __global__ void __launch_bounds__(kGemmThreads) gemm_kernel(const uint8_t* __res
 void gemm(DType wtype, const void* w, int64_t N, int64_t K, const float* x, int64_t M, int64_t ldx,
           const float* bias, float* y, int64_t ldy, cudaStream_t stream) {
     if (M == 0 || N == 0) return;
-    if (ceil_div(M, BM) > 65535) throw std::invalid_argument("cuda matmul: M too large for one launch");
+    if (ceil_div(M, 128) > 65535) throw std::invalid_argument("cuda matmul: M too large for one launch");
     const uint8_t* wb = static_cast<const uint8_t*>(w);
     const size_t rb = row_size(wtype, K);
     const bool x_vec = K % 8 == 0 && ldx % 4 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
     const bool w_vec = K % 8 == 0 && reinterpret_cast<uintptr_t>(w) % 16 == 0;
-    const dim3 grid(static_cast<unsigned>(ceil_div(N, BN)), static_cast<unsigned>(ceil_div(M, BM)));
+    const dim3 grid64(static_cast<unsigned>(ceil_div(N, BN)), static_cast<unsigned>(ceil_div(M, 64)));
+    const dim3 grid128(static_cast<unsigned>(ceil_div(N, BN)), static_cast<unsigned>(ceil_div(M, 128)));
     switch (wtype) {
-#define MQ_GEMM_CASE(T)                                                                                   \
-    case T:                                                                                               \
-        gemm_kernel<T><<<grid, kGemmThreads, 0, stream>>>(wb, rb, N, K, x, M, ldx, bias, y, ldy, x_vec, w_vec); \
+#define MQ_GEMM_CASE(T)                                                                                          \
+    case T:                                                                                                      \
+        if (M > 64)                                                                                              \
+            gemm_kernel<T, 128><<<grid128, kGemmThreads, 0, stream>>>(wb, rb, N, K, x, M, ldx, bias, y, ldy, x_vec, \
+                                                                       w_vec);                                  \
+        else                                                                                                     \
+            gemm_kernel<T, 64><<<grid64, kGemmThreads, 0, stream>>>(wb, rb, N, K, x, M, ldx, bias, y, ldy, x_vec,  \
+                                                                     w_vec);                                    \
         break;
         MQ_GEMM_CASE(DType::F32)
         MQ_GEMM_CASE(DType::F16)
