@@ -86,15 +86,15 @@ __global__ void __launch_bounds__(kAttnThreads) attn_kernel(const AttnArgs a, co
     const int64_t it0 = (static_cast<int64_t>(blockIdx.x) * (AW / L.ws) + warp / L.ws) * R;
     const int split = blockIdx.z * L.ws + warp % L.ws;
 
-    int64_t qi[R];
-    int hh[R];
+    // 32-bit query indices (nq < 2^31, checked by the launcher) keep registers low.
+    int qi[R], hh[R];
     bool valid[R];
     int64_t imax = -1;
 #pragma unroll
     for (int r = 0; r < R; ++r) {
         const int64_t it = it0 + r;
         valid[r] = it < items;
-        qi[r] = valid[r] ? it / group : 0;
+        qi[r] = valid[r] ? static_cast<int>(it / group) : 0;
         hh[r] = g * group + static_cast<int>(valid[r] ? it % group : 0);
         if (valid[r]) imax = qi[r] > imax ? qi[r] : imax;
     }
@@ -105,7 +105,7 @@ __global__ void __launch_bounds__(kAttnThreads) attn_kernel(const AttnArgs a, co
 #pragma unroll
         for (int c = 0; c < DC; ++c) {
             const int d = lane + 32 * c;
-            qs[warp][r][d] = (valid[r] && d < hd) ? a.q[(qi[r] * a.n_head + hh[r]) * hd + d] * a.scale : 0.0f;
+            qs[warp][r][d] = (valid[r] && d < hd) ? a.q[(static_cast<int64_t>(qi[r]) * a.n_head + hh[r]) * hd + d] * a.scale : 0.0f;
         }
     __syncwarp();
 
@@ -151,7 +151,7 @@ __global__ void __launch_bounds__(kAttnThreads) attn_kernel(const AttnArgs a, co
 #pragma unroll
             for (int r = 0; r < R; ++r) {
                 if (!valid[r]) { s[r] = -INFINITY; continue; }
-                if (a.mask) s[r] += a.mask[qi[r] * a.ld_mask + j];
+                if (a.mask) s[r] += a.mask[static_cast<int64_t>(qi[r]) * a.ld_mask + j];
                 if (a.causal && j > qi[r] + a.q_offset) s[r] = -INFINITY;
             }
         } else {
@@ -192,7 +192,7 @@ __global__ void __launch_bounds__(kAttnThreads) attn_kernel(const AttnArgs a, co
 #pragma unroll
     for (int r = 0; r < R; ++r) {
         if (!valid[r]) continue;
-        const int64_t row = qi[r] * a.n_head + hh[r];
+        const int64_t row = static_cast<int64_t>(qi[r]) * a.n_head + hh[r];
         if (L.splits == 1) {
             const float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
 #pragma unroll
@@ -298,6 +298,7 @@ size_t attention_scratch_floats(const AttnArgs& a, int num_sms) {
 
 void attention(const AttnArgs& a, float* scratch, int num_sms, cudaStream_t stream) {
     if (a.nq == 0) return;
+    if (a.nq > 0x7fffffff) throw std::invalid_argument("cuda attention: nq >= 2^31");
     if (attention_mma_supported(a)) {
         attention_mma(a, stream);
         return;
