@@ -12,7 +12,8 @@
 //   * matvec (M = 1) per weight type: weight bytes / time in GB/s and as a
 //     fraction of that ceiling (weights rotated over several copies so L2
 //     cannot hold them);
-//   * GEMM (M = 512 prefill, M = 6432 vision tower): TFLOP/s;
+//   * GEMM (M = 512 prefill, M = 6432 vision tower): TFLOP/s, with an A/B of
+//     the software-pipelined dequantization (default) against the simple one;
 //   * attention (decode, cross-attention decode, prefill, vision tower): ms;
 //   * sampling (argmax, top-k 40 / top-p 0.9 over 128256 logits): us;
 //   * a decode-step estimate for 11B q4_k_m from the matvec timings.
@@ -34,6 +35,7 @@
 #include "common/fp16.h"
 #include "common/formats.h"
 #include "cuda/cuda_common.cuh"
+#include "cuda/cuda_kernels.h"
 #include "cuda/cuda_sampling.h"
 
 using namespace mq;
@@ -216,6 +218,25 @@ int main(int argc, char** argv) {
                 const double tf = 2.0 * g.m * g.n * g.k / tt * 1e-12;
                 std::printf("%9.1f", tf);
                 jrecord("gemm", std::string(tname(t)) + " " + label, tf, "TFLOP/s");
+                be->free(const_cast<void*>(w.data));
+            }
+            // A/B: the same shape without software pipelining of the dequantization (q4_k, f16)
+            for (DType t : {DType::Q4_K, DType::F16}) {
+                auto hw = random_weight(t, g.n, g.k);
+                Weight w = be->upload(hw.data(), t, g.n, g.k);
+                cuda::gemm_set_prefetch(false);
+                const double tt = time_it(s, 5, [&](int) { be->matmul(gx, g.m, g.k, w, nullptr, gy, g.n); });
+                // the two variants do the same arithmetic: their outputs must be identical
+                std::vector<float> y_simple(g.m * g.n), y_pf(g.m * g.n);
+                be->to_host(y_simple.data(), gy, y_simple.size() * 4);
+                cuda::gemm_set_prefetch(true);
+                be->matmul(gx, g.m, g.k, w, nullptr, gy, g.n);
+                be->to_host(y_pf.data(), gy, y_pf.size() * 4);
+                if (std::memcmp(y_simple.data(), y_pf.data(), y_pf.size() * 4) != 0)
+                    throw std::runtime_error(std::string("GEMM variants disagree for ") + tname(t) + " " + label);
+                const double tf = 2.0 * g.m * g.n * g.k / tt * 1e-12;
+                std::printf("  %s simple: %.1f", tname(t), tf);
+                jrecord("gemm_simple", std::string(tname(t)) + " " + label, tf, "TFLOP/s");
                 be->free(const_cast<void*>(w.data));
             }
             std::printf("\n");

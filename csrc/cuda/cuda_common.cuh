@@ -98,100 +98,128 @@ __device__ __forceinline__ void q4k_scale_min(uint32_t w0, uint32_t w1, uint32_t
 }
 
 // ---- dequantize 8 consecutive values ------------------------------------------
-// dequant8<T>(row, k, out): out[i] = value (k + i) of a row in GGUF type T,
+// Dequant8<T>::run(row, k, out): out[i] = value (k + i) of a row in GGUF type T,
 // k a multiple of 8 (and the row long enough). Matches gguf-py's dequantize.
+// It is split in two so that a pipelined loader can issue the global loads of
+// the next tile (fetch -> Raw, registers) and do the arithmetic later (decode):
+//   run(row, k, out) == decode(fetch(row, k), k, out).
 template <DType T> struct Dequant8;
 
 template <> struct Dequant8<DType::F32> {
-    __device__ __forceinline__ static void run(const uint8_t* row, int64_t k, float* out) {
+    struct Raw { float4 a, b; };
+    __device__ __forceinline__ static Raw fetch(const uint8_t* row, int64_t k) {
         const float4* p = reinterpret_cast<const float4*>(row + k * 4);
-        const float4 a = __ldg(p), b = __ldg(p + 1);
-        out[0] = a.x; out[1] = a.y; out[2] = a.z; out[3] = a.w;
-        out[4] = b.x; out[5] = b.y; out[6] = b.z; out[7] = b.w;
+        return Raw{__ldg(p), __ldg(p + 1)};
     }
+    __device__ __forceinline__ static void decode(const Raw& r, int64_t, float* out) {
+        out[0] = r.a.x; out[1] = r.a.y; out[2] = r.a.z; out[3] = r.a.w;
+        out[4] = r.b.x; out[5] = r.b.y; out[6] = r.b.z; out[7] = r.b.w;
+    }
+    __device__ __forceinline__ static void run(const uint8_t* row, int64_t k, float* out) { decode(fetch(row, k), k, out); }
 };
 template <> struct Dequant8<DType::F16> {
-    __device__ __forceinline__ static void run(const uint8_t* row, int64_t k, float* out) {
-        const uint4 u = __ldg(reinterpret_cast<const uint4*>(row + k * 2));
-        const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+    struct Raw { uint4 u; };
+    __device__ __forceinline__ static Raw fetch(const uint8_t* row, int64_t k) {
+        return Raw{__ldg(reinterpret_cast<const uint4*>(row + k * 2))};
+    }
+    __device__ __forceinline__ static void decode(const Raw& r, int64_t, float* out) {
+        const uint32_t w[4] = {r.u.x, r.u.y, r.u.z, r.u.w};
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
             out[2 * i] = half_to_float(static_cast<uint16_t>(w[i] & 0xffff));
             out[2 * i + 1] = half_to_float(static_cast<uint16_t>(w[i] >> 16));
         }
     }
+    __device__ __forceinline__ static void run(const uint8_t* row, int64_t k, float* out) { decode(fetch(row, k), k, out); }
 };
 template <> struct Dequant8<DType::BF16> {
-    __device__ __forceinline__ static void run(const uint8_t* row, int64_t k, float* out) {
-        const uint4 u = __ldg(reinterpret_cast<const uint4*>(row + k * 2));
-        const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+    struct Raw { uint4 u; };
+    __device__ __forceinline__ static Raw fetch(const uint8_t* row, int64_t k) {
+        return Raw{__ldg(reinterpret_cast<const uint4*>(row + k * 2))};
+    }
+    __device__ __forceinline__ static void decode(const Raw& r, int64_t, float* out) {
+        const uint32_t w[4] = {r.u.x, r.u.y, r.u.z, r.u.w};
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
             out[2 * i] = __uint_as_float(w[i] << 16);
             out[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
         }
     }
+    __device__ __forceinline__ static void run(const uint8_t* row, int64_t k, float* out) { decode(fetch(row, k), k, out); }
 };
 template <> struct Dequant8<DType::Q8_0> {
-    __device__ __forceinline__ static void run(const uint8_t* row, int64_t k, float* out) {
+    struct Raw { uint32_t d, q0, q1; };
+    __device__ __forceinline__ static Raw fetch(const uint8_t* row, int64_t k) {
         const uint8_t* blk = row + (k / QK8_0) * sizeof(block_q8_0);
         const int l = static_cast<int>(k % QK8_0);  // 0, 8, 16, 24
-        const float d = half_to_float(load_u16(blk));
-        const uint32_t q0 = load_u32_a2(blk + 2 + l), q1 = load_u32_a2(blk + 2 + l + 4);
+        return Raw{load_u16(blk), load_u32_a2(blk + 2 + l), load_u32_a2(blk + 2 + l + 4)};
+    }
+    __device__ __forceinline__ static void decode(const Raw& r, int64_t, float* out) {
+        const float d = half_to_float(static_cast<uint16_t>(r.d));
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
-            out[i] = d * static_cast<float>(static_cast<int8_t>(q0 >> (8 * i)));
-            out[4 + i] = d * static_cast<float>(static_cast<int8_t>(q1 >> (8 * i)));
+            out[i] = d * static_cast<float>(static_cast<int8_t>(r.q0 >> (8 * i)));
+            out[4 + i] = d * static_cast<float>(static_cast<int8_t>(r.q1 >> (8 * i)));
         }
     }
+    __device__ __forceinline__ static void run(const uint8_t* row, int64_t k, float* out) { decode(fetch(row, k), k, out); }
 };
 template <> struct Dequant8<DType::Q4_K> {
     // value = d * sc[j] * q - dmin * m[j], sub-block j = (k % 256) / 32; the
     // 32 bytes qs[32g .. 32g+31] (g = j / 2) hold sub-block 2g in the low
     // nibbles and 2g+1 in the high nibbles (dequantize_row_q4_K, ggml-quants.c).
-    __device__ __forceinline__ static void run(const uint8_t* row, int64_t k, float* out) {
+    struct Raw { uint4 hdr; uint2 q; };   // d, dmin, scales[12]; 8 bytes of qs
+    __device__ __forceinline__ static Raw fetch(const uint8_t* row, int64_t k) {
         const uint8_t* blk = row + (k / QK_K) * sizeof(block_q4_K);
         const int jj = static_cast<int>(k % QK_K);
         const int j = jj / 32, l = jj % 32;
-        const uint4 hdr = __ldg(reinterpret_cast<const uint4*>(blk));  // d, dmin, scales[12]
-        const float d = half_to_float(static_cast<uint16_t>(hdr.x & 0xffff));
-        const float dmin = half_to_float(static_cast<uint16_t>(hdr.x >> 16));
+        return Raw{__ldg(reinterpret_cast<const uint4*>(blk)),
+                   __ldg(reinterpret_cast<const uint2*>(blk + 16 + 32 * (j / 2) + l))};
+    }
+    __device__ __forceinline__ static void decode(const Raw& r, int64_t k, float* out) {
+        const int j = static_cast<int>(k % QK_K) / 32;
+        const float d = half_to_float(static_cast<uint16_t>(r.hdr.x & 0xffff));
+        const float dmin = half_to_float(static_cast<uint16_t>(r.hdr.x >> 16));
         int sc, m;
-        q4k_scale_min(hdr.y, hdr.z, hdr.w, j, sc, m);
+        q4k_scale_min(r.hdr.y, r.hdr.z, r.hdr.w, j, sc, m);
         const float d1 = d * sc, m1 = dmin * m;
-        const uint2 q = __ldg(reinterpret_cast<const uint2*>(blk + 16 + 32 * (j / 2) + l));
         const int shift = (j & 1) * 4;
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
-            out[i] = d1 * static_cast<float>((q.x >> (8 * i + shift)) & 0xF) - m1;
-            out[4 + i] = d1 * static_cast<float>((q.y >> (8 * i + shift)) & 0xF) - m1;
+            out[i] = d1 * static_cast<float>((r.q.x >> (8 * i + shift)) & 0xF) - m1;
+            out[4 + i] = d1 * static_cast<float>((r.q.y >> (8 * i + shift)) & 0xF) - m1;
         }
     }
+    __device__ __forceinline__ static void run(const uint8_t* row, int64_t k, float* out) { decode(fetch(row, k), k, out); }
 };
 template <> struct Dequant8<DType::Q6_K> {
     // Value index jj = 128h + 32q + l (q = quarter 0..3, l < 32): low 4 bits in
     // ql[64h + l + 32*(q&1)] (low nibble for q < 2, high nibble for q >= 2),
     // high 2 bits at bit 2q of qh[32h + l]; scale scales[8h + l/16 + 2q]
     // (dequantize_row_q6_K, ggml-quants.c).
-    __device__ __forceinline__ static void run(const uint8_t* row, int64_t k, float* out) {
+    struct Raw { uint32_t lo0, lo1, hi0, hi1, d; int sc; };
+    __device__ __forceinline__ static Raw fetch(const uint8_t* row, int64_t k) {
         const uint8_t* blk = row + (k / QK_K) * sizeof(block_q6_K);
         const int jj = static_cast<int>(k % QK_K);
         const int h = jj / 128, q = (jj % 128) / 32, l = jj % 32;
         const uint8_t* ql = blk + 64 * h + l + 32 * (q & 1);
         const uint8_t* qh = blk + QK_K / 2 + 32 * h + l;
-        const int sc = static_cast<int8_t>(__ldg(blk + QK_K / 2 + QK_K / 4 + 8 * h + l / 16 + 2 * q));
-        const float d = half_to_float(load_u16(blk + 208)) * sc;
-        const uint32_t lo0 = load_u32_a2(ql), lo1 = load_u32_a2(ql + 4);
-        const uint32_t hi0 = load_u32_a2(qh), hi1 = load_u32_a2(qh + 4);
+        return Raw{load_u32_a2(ql), load_u32_a2(ql + 4), load_u32_a2(qh), load_u32_a2(qh + 4), load_u16(blk + 208),
+                   static_cast<int8_t>(__ldg(blk + QK_K / 2 + QK_K / 4 + 8 * h + l / 16 + 2 * q))};
+    }
+    __device__ __forceinline__ static void decode(const Raw& r, int64_t k, float* out) {
+        const int q = static_cast<int>(k % 128) / 32;
+        const float d = half_to_float(static_cast<uint16_t>(r.d)) * r.sc;
         const int lshift = (q >> 1) * 4, hshift = 2 * q;
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
-            const int v0 = static_cast<int>(((lo0 >> (8 * i + lshift)) & 0xF) | (((hi0 >> (8 * i + hshift)) & 3) << 4)) - 32;
-            const int v1 = static_cast<int>(((lo1 >> (8 * i + lshift)) & 0xF) | (((hi1 >> (8 * i + hshift)) & 3) << 4)) - 32;
+            const int v0 = static_cast<int>(((r.lo0 >> (8 * i + lshift)) & 0xF) | (((r.hi0 >> (8 * i + hshift)) & 3) << 4)) - 32;
+            const int v1 = static_cast<int>(((r.lo1 >> (8 * i + lshift)) & 0xF) | (((r.hi1 >> (8 * i + hshift)) & 3) << 4)) - 32;
             out[i] = d * static_cast<float>(v0);
             out[4 + i] = d * static_cast<float>(v1);
         }
     }
+    __device__ __forceinline__ static void run(const uint8_t* row, int64_t k, float* out) { decode(fetch(row, k), k, out); }
 };
 
 // One value (float types only; used when K is not a multiple of 8).

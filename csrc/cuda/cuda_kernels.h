@@ -33,6 +33,9 @@ bool matvec_uses_q8(DType wtype);
 // f16 operands, f32 accumulation), W tiles dequantized into shared memory.
 void gemm(DType wtype, const void* w, int64_t N, int64_t K, const float* x, int64_t M, int64_t ldx,
           const float* bias, float* y, int64_t ldy, cudaStream_t stream);
+// GEMM variant for A/B measurements (default on; MLLAMA_Q_CUDA_GEMM=simple turns it off):
+// dequantize slice k+1 after the mma of slice k instead of before it.
+void gemm_set_prefetch(bool on);
 
 // ---- row ops (kernels_ops.cu) -------------------------------------------------
 void get_rows(DType type, const void* table, int64_t cols, const int32_t* ids, int64_t n, float* out,

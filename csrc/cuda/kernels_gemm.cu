@@ -6,7 +6,8 @@
 //   1. reads its part of x (float32 -> f16) and of W (GGUF blocks ->
 //      dequantized -> f16) into registers,
 //   2. stores them into shared memory (double-buffered: the loads of slice
-//      k+1 are issued before the tensor-core work on slice k),
+//      k+1 are issued before the tensor-core work on slice k and, with PF,
+//      dequantized after it),
 //   3. runs mma.sync.m16n8k16 (f16 x f16 -> f32) from fragments fetched with
 //      ldmatrix.
 // The dequantized weight matrix never exists in device memory; every weight
@@ -17,9 +18,11 @@
 // and SwiGLU stay far below. A bf16 variant (mma ... .bf16) is a one-line
 // change of the operand type if ever needed.
 //
-// Not yet done (perf, see bench/RESULTS.md): cp.async / TMA pipelining of the
-// raw blocks, larger tiles for big M, split-K for tall-skinny shapes, wgmma on
-// sm_90a.
+// Not yet done (perf, see bench/RESULTS.md): cp.async / TMA copies of the raw
+// blocks into shared memory, split-K for tall-skinny shapes, wgmma on sm_90a.
+#include <cstdlib>
+#include <string>
+
 #include "cuda/cuda_common.cuh"
 #include "cuda/cuda_kernels.h"
 
@@ -65,15 +68,22 @@ __device__ __forceinline__ void mma_16816(float* d, const uint32_t* a, const uin
 // Template parameters:
 //   T      GGUF type of W (selects the Dequant8 specialisation at compile time)
 //   BM     rows of x per block (64 or 128, see above)
+//   PF     software pipelining of the global loads: true = the raw loads of
+//          slice k+1 are issued before the mma of slice k and decoded after it
+//          (their latency hides behind the tensor-core work); false = decoded
+//          at once, before the mma (fewer live registers). Default true;
+//          MLLAMA_Q_CUDA_GEMM=simple or gemm_set_prefetch(false) picks false.
 // Run-time flags:
 //   x_vec  x rows are 16-byte aligned with K % 8 == 0 (float4 loads), else scalar
 //   w_vec  (float W only) rows 16-byte aligned with K % 8 == 0, else per element
-template <DType T, int BM>
+template <DType T, int BM, bool PF>
 __global__ void __launch_bounds__(kGemmThreads) gemm_kernel(const uint8_t* __restrict__ w, size_t row_bytes,
                                                             int64_t N, int64_t K, const float* __restrict__ x,
                                                             int64_t M, int64_t ldx, const float* __restrict__ bias,
                                                             float* __restrict__ y, int64_t ldy, bool x_vec,
                                                             bool w_vec) {
+    using DQ = Dequant8<T>;
+    constexpr bool kQuant = T != DType::F32 && T != DType::F16 && T != DType::BF16;
     constexpr int WARPS_M = BM / WM, WARPS_N = 8 / WARPS_M;
     constexpr int WN = BN / WARPS_N, NJ = WN / 8;
     constexpr int XCH = BM / 64;   // x chunks of 8 per thread per slice (W: always 2)
@@ -89,18 +99,41 @@ __global__ void __launch_bounds__(kGemmThreads) gemm_kernel(const uint8_t* __res
     // Per-thread load assignment: chunks of 8 consecutive k values; 4 threads
     // cover one 32-wide row of the slice; thread t owns rows t/4 + 64 i.
     const int a_row = tid / 4, a_col = (tid % 4) * 8;
-    uint4 a_reg[XCH];   // 8 halves of x, per chunk
-    uint4 b_reg[2];     // 8 halves of W, twice
+    float4 x_raw[XCH][2];          // raw x (vector path)
+    bool x_ok[XCH];
+    typename DQ::Raw w_raw[2];     // raw W blocks (vector path)
+    bool w_ok[2];
+    uint4 a_reg[XCH];              // 8 halves of x, per chunk
+    uint4 b_reg[2];                // 8 halves of W, twice
 
-    auto load_slice = [&](int kt) {
+    // 1. global loads only
+    auto fetch_slice = [&](int kt) {
+        const int64_t k = static_cast<int64_t>(kt) * BK + a_col;
+#pragma unroll
+        for (int c = 0; c < XCH; ++c) {
+            const int64_t m = m0 + a_row + 64 * c;
+            x_ok[c] = m < M && x_vec && k < K;
+            if (x_ok[c]) {
+                x_raw[c][0] = __ldg(reinterpret_cast<const float4*>(x + m * ldx + k));
+                x_raw[c][1] = __ldg(reinterpret_cast<const float4*>(x + m * ldx + k + 4));
+            }
+        }
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            const int64_t n = n0 + a_row + 64 * i;
+            w_ok[i] = n < N && k < K && (kQuant || w_vec);
+            if (w_ok[i]) w_raw[i] = DQ::fetch(w + n * row_bytes, k);
+        }
+    };
+    // 2. decode and round to f16 (the scalar fallbacks load here)
+    auto pack_slice = [&](int kt) {
         const int64_t k = static_cast<int64_t>(kt) * BK + a_col;
 #pragma unroll
         for (int c = 0; c < XCH; ++c) {
             const int64_t m = m0 + a_row + 64 * c;
             float v[8];
-            if (m < M && x_vec && k < K) {
-                const float4 p = __ldg(reinterpret_cast<const float4*>(x + m * ldx + k));
-                const float4 q = __ldg(reinterpret_cast<const float4*>(x + m * ldx + k + 4));
+            if (x_ok[c]) {
+                const float4 p = x_raw[c][0], q = x_raw[c][1];
                 v[0] = p.x; v[1] = p.y; v[2] = p.z; v[3] = p.w; v[4] = q.x; v[5] = q.y; v[6] = q.z; v[7] = q.w;
             } else {
 #pragma unroll
@@ -113,16 +146,19 @@ __global__ void __launch_bounds__(kGemmThreads) gemm_kernel(const uint8_t* __res
         for (int i = 0; i < 2; ++i) {
             const int64_t n = n0 + a_row + 64 * i;
             float v[8];
-            if (n < N && k < K && (w_vec || (T != DType::F32 && T != DType::F16 && T != DType::BF16))) {
-                Dequant8<T>::run(w + n * row_bytes, k, v);
+            if (w_ok[i]) {
+                DQ::decode(w_raw[i], k, v);
             } else {
+                // past N or K (zeros), or float W without 16-byte rows (element loads)
 #pragma unroll
-                for (int j = 0; j < 8; ++j) v[j] = (n < N && k + j < K) ? load_float_elem(w + n * row_bytes, k + j, T) : 0.0f;
+                for (int j = 0; j < 8; ++j)
+                    v[j] = (!kQuant && n < N && k + j < K) ? load_float_elem(w + n * row_bytes, k + j, T) : 0.0f;
             }
             b_reg[i] = make_uint4(pack_half2(v[0], v[1]), pack_half2(v[2], v[3]), pack_half2(v[4], v[5]),
                                   pack_half2(v[6], v[7]));
         }
     };
+    // 3. shared-memory stores
     auto store_slice = [&](int buf) {
 #pragma unroll
         for (int c = 0; c < XCH; ++c) *reinterpret_cast<uint4*>(&As[buf][a_row + 64 * c][a_col]) = a_reg[c];
@@ -138,13 +174,18 @@ __global__ void __launch_bounds__(kGemmThreads) gemm_kernel(const uint8_t* __res
 #pragma unroll
             for (int c = 0; c < 4; ++c) acc[i][j][c] = 0.0f;
 
-    load_slice(0);
+    fetch_slice(0);
+    pack_slice(0);
     store_slice(0);
     __syncthreads();
 
     for (int kt = 0; kt < nk; ++kt) {
         const int buf = kt & 1;
-        if (kt + 1 < nk) load_slice(kt + 1);   // global loads in flight during the mma below
+        const bool more = kt + 1 < nk;
+        if (more) {
+            fetch_slice(kt + 1);                 // global loads in flight during the mma below
+            if constexpr (!PF) pack_slice(kt + 1);
+        }
 
 #pragma unroll
         for (int ks = 0; ks < BK / 16; ++ks) {
@@ -170,7 +211,10 @@ __global__ void __launch_bounds__(kGemmThreads) gemm_kernel(const uint8_t* __res
                 for (int j = 0; j < NJ; ++j) mma_16816(acc[i][j], af[i], bf[j]);
         }
 
-        if (kt + 1 < nk) store_slice(buf ^ 1);   // the other buffer: last read before the previous barrier
+        if (more) {
+            if constexpr (PF) pack_slice(kt + 1);
+            store_slice(buf ^ 1);   // the other buffer: last read before the previous barrier
+        }
         __syncthreads();
     }
 
@@ -187,7 +231,19 @@ __global__ void __launch_bounds__(kGemmThreads) gemm_kernel(const uint8_t* __res
             }
 }
 
+// -1: not yet decided (read MLLAMA_Q_CUDA_GEMM on first use); 0 / 1 set by gemm_set_prefetch.
+int g_prefetch = -1;
+bool prefetch_enabled() {
+    if (g_prefetch < 0) {
+        const char* e = std::getenv("MLLAMA_Q_CUDA_GEMM");
+        g_prefetch = (e && std::string(e) == "simple") ? 0 : 1;
+    }
+    return g_prefetch == 1;
+}
+
 }  // namespace
+
+void gemm_set_prefetch(bool on) { g_prefetch = on ? 1 : 0; }
 
 void gemm(DType wtype, const void* w, int64_t N, int64_t K, const float* x, int64_t M, int64_t ldx,
           const float* bias, float* y, int64_t ldy, cudaStream_t stream) {
@@ -199,15 +255,19 @@ void gemm(DType wtype, const void* w, int64_t N, int64_t K, const float* x, int6
     const bool w_vec = K % 8 == 0 && reinterpret_cast<uintptr_t>(w) % 16 == 0;
     const dim3 grid64(static_cast<unsigned>(ceil_div(N, BN)), static_cast<unsigned>(ceil_div(M, 64)));
     const dim3 grid128(static_cast<unsigned>(ceil_div(N, BN)), static_cast<unsigned>(ceil_div(M, 128)));
+    const bool pf = prefetch_enabled();
     switch (wtype) {
-#define MQ_GEMM_CASE(T)                                                                                          \
-    case T:                                                                                                      \
-        if (M > 64)                                                                                              \
-            gemm_kernel<T, 128><<<grid128, kGemmThreads, 0, stream>>>(wb, rb, N, K, x, M, ldx, bias, y, ldy, x_vec, \
-                                                                       w_vec);                                  \
-        else                                                                                                     \
-            gemm_kernel<T, 64><<<grid64, kGemmThreads, 0, stream>>>(wb, rb, N, K, x, M, ldx, bias, y, ldy, x_vec,  \
-                                                                     w_vec);                                    \
+#define MQ_GEMM_LAUNCH(T, BMV, PFV, G) \
+    gemm_kernel<T, BMV, PFV><<<G, kGemmThreads, 0, stream>>>(wb, rb, N, K, x, M, ldx, bias, y, ldy, x_vec, w_vec)
+#define MQ_GEMM_CASE(T)                                                           \
+    case T:                                                                       \
+        if (M > 64) {                                                             \
+            if (pf) MQ_GEMM_LAUNCH(T, 128, true, grid128);                        \
+            else MQ_GEMM_LAUNCH(T, 128, false, grid128);                          \
+        } else {                                                                  \
+            if (pf) MQ_GEMM_LAUNCH(T, 64, true, grid64);                          \
+            else MQ_GEMM_LAUNCH(T, 64, false, grid64);                            \
+        }                                                                         \
         break;
         MQ_GEMM_CASE(DType::F32)
         MQ_GEMM_CASE(DType::F16)
@@ -216,6 +276,7 @@ void gemm(DType wtype, const void* w, int64_t N, int64_t K, const float* x, int6
         MQ_GEMM_CASE(DType::Q4_K)
         MQ_GEMM_CASE(DType::Q6_K)
 #undef MQ_GEMM_CASE
+#undef MQ_GEMM_LAUNCH
         default:
             throw std::invalid_argument(std::string("cuda matmul: unsupported weight type ") + type_info(wtype).name);
     }
