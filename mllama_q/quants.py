@@ -7,6 +7,7 @@ Sizes come from the extension (`type_info()`), never repeated here.
 """
 from __future__ import annotations
 
+import operator
 from functools import lru_cache
 
 import numpy as np
@@ -53,6 +54,8 @@ def quantize(array, qtype: str) -> np.ndarray:
         raise ValueError(f"expected at least one non-empty axis, got shape {array.shape}")
     if not array.flags.c_contiguous:
         raise ValueError("array must be C-contiguous (use numpy.ascontiguousarray)")
+    if not array.flags.aligned:
+        raise ValueError("array must be aligned to its float32 elements (use numpy.array(..., copy=True))")
     rb = row_bytes(qtype, array.shape[-1])
     out = _core.quantize(array.reshape(-1, array.shape[-1]), qtype.lower())
     return out.reshape(*array.shape[:-1], rb)
@@ -61,9 +64,12 @@ def quantize(array, qtype: str) -> np.ndarray:
 def dequantize(data, qtype: str, shape) -> np.ndarray:
     """Dequantize GGUF bytes of `qtype` to a float32 array of `shape` (last axis = row)."""
     _info(qtype)
-    shape = tuple(int(s) for s in (shape if np.iterable(shape) else (shape,)))
+    try:
+        shape = tuple(operator.index(s) for s in (shape if np.iterable(shape) else (shape,)))
+    except TypeError:
+        raise ValueError(f"invalid shape {shape!r}: expected a tuple of integers") from None
     if not shape or any(s < 0 for s in shape):
-        raise ValueError(f"invalid shape {shape}")
+        raise ValueError(f"invalid shape {shape}: expected at least one non-negative dimension")
     if not isinstance(data, np.ndarray):
         raise ValueError(f"expected a numpy.ndarray, got {type(data).__name__}")
     if not data.flags.c_contiguous:

@@ -1,5 +1,6 @@
 // quantize / dequantize: row-parallel on the global thread pool, GIL released.
 #include <pybind11/numpy.h>
+#include <pybind11/stl.h>
 
 #include <string>
 
@@ -69,6 +70,12 @@ void register_quants(py::module_& m) {
         },
         py::arg("data"), py::arg("type"), py::arg("rows"), py::arg("cols"),
         "Dequantize GGUF blocks (any dtype, C-contiguous bytes) to float32 [rows, cols].");
+
+    m.def("quant_path", [] { return std::string(quant_path()); },
+          "Instruction set of the Q4_K/Q6_K quantizer searches (scalar|avx2).");
+    m.def("set_quant_path", &set_quant_path, py::arg("name"),
+          "Force the quantizer path: auto|scalar|avx2|avx512 (ValueError if unsupported). Same bytes on every path.");
+    m.def("quant_paths", &quant_paths, "Quantizer paths this CPU can run.");
 }
 
 }  // namespace mq::bind

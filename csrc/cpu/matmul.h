@@ -38,4 +38,14 @@ void matmul(const float* x, int64_t M, int64_t K, int64_t ldx,
             const void* w, DType wtype, int64_t N,
             float* y, int64_t ldy, ThreadPool& pool);
 
+// The Q8_K activation quantizer that `path` uses inside matmul (bytes as
+// ggml's quantize_row_q8_K_ref, natural value order). For tests.
+void quantize_row_q8_K_path(const float* x, block_q8_K* y, int64_t k, Path path);
+void quantize_row_q8_0_path(const float* x, block_q8_0* y, int64_t k, Path path);   // same for Q8_0
+
+// Memory read bandwidth in bytes/s: every thread of `pool` sums its share of
+// a `bytes` buffer; best of `repeats` passes. For benchmark context.
+double measure_read_bandwidth(size_t bytes, int repeats, ThreadPool& pool);
+uint64_t read_sum(const uint64_t* p, size_t n);   // sum of n words, widest loads available
+
 }  // namespace mq::cpu

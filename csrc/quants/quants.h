@@ -7,6 +7,8 @@
 #pragma once
 #include <cstdint>
 #include <cstring>
+#include <string>
+#include <vector>
 
 #include "common/formats.h"
 
@@ -30,6 +32,15 @@ void dequantize_row_bf16(const uint16_t* x, float* y, int64_t k);
 // for an unsupported type or a k that is not a multiple of the block size.
 void quantize_row(DType t, const float* x, void* y, int64_t k);
 void dequantize_row(DType t, const void* x, float* y, int64_t k);
+
+// Instruction set used by the Q4_K / Q6_K searches: "scalar" (baseline vector
+// code, 4 lanes) or "avx2" (8 lanes; also what "avx512" selects). Every path
+// gives the same bytes. Starts as MLLAMA_Q_CPU_PATH (scalar|avx2|avx512) when
+// set and supported, else the best the CPU has. set_quant_path("auto") picks
+// the best; an unknown or unsupported name throws std::invalid_argument.
+const char* quant_path();
+void set_quant_path(const std::string& name);
+std::vector<std::string> quant_paths();   // paths this CPU can run
 
 // Q4_K packs 8 six-bit scales and 8 six-bit mins into 12 bytes; j in [0, 8).
 inline void get_scale_min_k4(int j, const uint8_t* q, uint8_t* d, uint8_t* m) {

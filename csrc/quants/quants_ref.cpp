@@ -8,6 +8,15 @@
 
 #include "common/fp16.h"
 
+// Dequantizers must compute d*q - m as two rounded operations, as gguf-py's
+// numpy code does: no FMA contraction (GCC contracts only when the target has
+// FMA, i.e. never for the baseline x86-64 build, but it would on aarch64).
+#if defined(__clang__)
+#pragma STDC FP_CONTRACT OFF
+#elif defined(__GNUC__)
+#pragma GCC optimize("fp-contract=off")
+#endif
+
 namespace mq {
 
 static void check_k(int64_t k, int64_t block, const char* name) {
@@ -17,17 +26,36 @@ static void check_k(int64_t k, int64_t block, const char* name) {
 }
 
 // ---------------------------------------------------------------- Q8_0
+// ggml stores (int8_t)roundf(v): round half away from zero, then x86's
+// float->int conversion (cvttss2si: +-inf, NaN and |v| >= 2^31 give
+// 0x80000000, whose low byte is 0), then truncation to 8 bits. Spelled out
+// here without undefined behaviour and without a libm call, so the loop
+// vectorizes. v - t is exact (t = trunc(v) has v's sign and |v| - |t| < 1).
+// The inf/NaN case is real: when amax < ~3.7e-37, id = 1/d overflows to inf.
+static inline int8_t round_to_int8_like_ggml(float v) {
+    const bool in_range = std::fabs(v) < 2147483648.0f;   // false for inf and NaN
+    const float vv = in_range ? v : 0.0f;
+    const int t = static_cast<int>(vv);                     // truncation toward zero
+    const float f = vv - static_cast<float>(t);
+    const int r = t + (f >= 0.5f) - (f <= -0.5f);
+    return static_cast<int8_t>(static_cast<uint8_t>(in_range ? r : 0));
+}
+
 void quantize_row_q8_0_ref(const float* x, block_q8_0* y, int64_t k) {
     check_k(k, QK8_0, "q8_0");
     const int64_t nb = k / QK8_0;
     for (int64_t i = 0; i < nb; i++) {
+        // ggml's MAX(a, b) is (a > b ? a : b); written the same way so a NaN
+        // input propagates exactly as there (std::fmax would drop it).
         float amax = 0.0f;
-        for (int j = 0; j < QK8_0; j++) amax = std::fmax(amax, std::fabs(x[i * QK8_0 + j]));
+        for (int j = 0; j < QK8_0; j++) {
+            const float ax = std::fabs(x[i * QK8_0 + j]);
+            amax = amax > ax ? amax : ax;
+        }
         const float d = amax / 127.0f;
         const float id = d != 0.0f ? 1.0f / d : 0.0f;
         y[i].d = fp32_to_fp16(d);
-        // roundf: half away from zero, as ggml's reference does
-        for (int j = 0; j < QK8_0; j++) y[i].qs[j] = static_cast<int8_t>(std::roundf(x[i * QK8_0 + j] * id));
+        for (int j = 0; j < QK8_0; j++) y[i].qs[j] = round_to_int8_like_ggml(x[i * QK8_0 + j] * id);
     }
 }
 
