@@ -123,7 +123,7 @@ def test_matmul_vs_reference_and_cpu(cu, cpu, wtype, M, K, N):
     ref = x.astype(np.float64) @ dequant(w, wtype, N, K).T
     if bias is not None:
         ref += bias
-    if M == 1:
+    if M == 1 or (AS == "cpu" and wtype in QUANTIZED):   # the CPU backend quantizes x at every M
         tol = 2e-2 if wtype in QUANTIZED else 1e-5
     else:
         tol = 3e-3
@@ -152,7 +152,7 @@ def test_matmul_q8_0_k_not_multiple_of_256(cu):
     for M in (1, 3):
         x = rng.standard_normal((M, K)).astype(np.float32)
         y = cu.matmul(x, w, "q8_0", N, K, None)
-        assert rel(y, x.astype(np.float64) @ dequant(w, "q8_0", N, K).T) < (2e-2 if M == 1 else 3e-3)
+        assert rel(y, x.astype(np.float64) @ dequant(w, "q8_0", N, K).T) < (2e-2 if M == 1 or AS == "cpu" else 3e-3)
 
 
 def test_matmul_real_decode_shapes(cu):
