@@ -196,6 +196,22 @@ def test_get_rows_odd_width_and_errors(cu):
         cu.get_rows(t, "f32", 5, 13, np.array([-1], np.int32))
 
 
+def test_get_rows_many_ids(cu):
+    """70000 ids: more than one launch (65535 rows each) and a staging copy larger than the ring."""
+    t = rng.standard_normal((300, 16)).astype(np.float32)
+    ids = rng.integers(0, 300, 70000).astype(np.int32)
+    assert np.array_equal(cu.get_rows(t, "f32", 300, 16, ids), t[ids])
+
+
+def test_staging_ring_reuse(cu):
+    """Many small host arrays: the pinned staging ring wraps several times (256 B per call, 2 x 256 KiB)."""
+    t = rng.standard_normal((50, 8)).astype(np.float32)
+    for it in range(2500):
+        ids = np.array([it % 50, (7 * it) % 50], np.int32)
+        out = cu.get_rows(t, "f32", 50, 8, ids)
+        assert np.array_equal(out, t[ids]), it
+
+
 def test_store_rows_f16(cu):
     src = (rng.standard_normal((9, 1000)) * 100).astype(np.float32)
     assert np.array_equal(cu.store_rows_f16(src), src.astype(np.float16).view(np.uint16))
