@@ -13,8 +13,10 @@
 # and pass carry=[".whl"] to the device tool (.whl/ is git-ignored).
 #
 # Build: the extension with -DMLLAMA_Q_CUDA=ON -DMLLAMA_Q_CUDA_ARCHS=90 into
-# build-gpu/ (via tools/dev_build.sh, copied into mllama_q/), and the
-# standalone kernel benchmark bench/cuda_kernel_bench.cu with nvcc.
+# build-gpu/ (the steps of tools/dev_build.sh, copied into mllama_q/), and the
+# standalone kernel benchmark bench/cuda_kernel_bench.cu with nvcc. Between
+# calls on a warm machine build-gpu/ and mllama_q/_core*.so are kept, so later
+# steps (test, bench) need no rebuild; on a fresh machine run `build` again.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out}
@@ -43,8 +45,11 @@ fi
 
 if has build; then
   t0=$(date +%s)
-  BUILD_DIR=build-gpu PYTHON=$PY JOBS=$(nproc) tools/dev_build.sh -DMLLAMA_Q_CUDA=ON -DMLLAMA_Q_CUDA_ARCHS="$ARCH" \
-    > "$OUT/build.log" 2>&1
+  # tools/dev_build.sh's steps, without assuming ninja is installed on the device image
+  GEN=""; command -v ninja >/dev/null 2>&1 && GEN="-G Ninja"
+  { cmake -S . -B build-gpu $GEN -DCMAKE_BUILD_TYPE=Release -Dpybind11_DIR="$($PY -m pybind11 --cmakedir)" \
+      -DPython_EXECUTABLE="$(command -v $PY)" -DMLLAMA_Q_CUDA=ON -DMLLAMA_Q_CUDA_ARCHS="$ARCH" \
+    && cmake --build build-gpu -j"$(nproc)" && cp build-gpu/_core*.so mllama_q/; } > "$OUT/build.log" 2>&1
   rc=$?
   note "build extension (sm_$ARCH): rc=$rc in $(( $(date +%s) - t0 )) s"
   [ $rc -eq 0 ] || { tail -30 "$OUT/build.log"; exit 1; }
