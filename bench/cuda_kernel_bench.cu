@@ -133,6 +133,21 @@ int main(int argc, char** argv) {
                     prop.l2CacheSize >> 20, prop.totalGlobalMem / 1073741824.0);
         const double l2 = prop.l2CacheSize;
 
+        // Out-of-memory must be a clear exception, and the backend must keep working after it.
+        {
+            bool ok = false;
+            try {
+                be->alloc(size_t(1) << 48);   // 256 TiB
+            } catch (const std::runtime_error& e) {
+                ok = std::strstr(e.what(), "out of memory") != nullptr;
+                std::printf("out-of-memory check: %s\n", e.what());
+            }
+            void* p = be->alloc(1 << 20);
+            be->free(p);
+            be->synchronize();
+            if (!ok) throw std::runtime_error("alloc of 256 TiB did not raise a clear out-of-memory error");
+        }
+
         // ---- device-to-device bandwidth -------------------------------------------
         const size_t cb = size_t(1) << 30;
         void* c0 = be->alloc(cb);
