@@ -7,8 +7,8 @@
 #                                            but sanitize)
 #
 # Prerequisites on the device machine (CUDA 13, PyTorch, pybind11,
-# scikit-build-core, CMake; no internet): gguf is not installed there, so carry
-# a wheel: on the dev machine run
+# scikit-build-core, CMake; no internet): gguf is not installed there. Optional:
+# carry a wheel; on the dev machine run
 #   /work/venvs/dev/bin/python -m pip download gguf --no-deps -d .whl
 # and pass carry=[".whl"] to the device tool (.whl/ is git-ignored).
 #
@@ -34,13 +34,14 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem,driver_ver
 note "gpu: $(tail -n +2 "$OUT/gpu.csv" | head -1)"
 nvcc --version | tail -1 >> "$SUMMARY"
 
-# gguf (and only gguf) from a carried wheel; numpy, torch are on the image.
+# gguf (and only gguf) from a carried wheel; numpy, torch are on the image. gguf
+# needs pyyaml at import; without a working gguf, tests/test_cuda.py takes its
+# reference dequantization from mllama_q.quants (tied to gguf-py by test_quants.py).
 if ! $PY -c "import gguf" 2>/dev/null; then
   if ls .whl/gguf-*.whl >/dev/null 2>&1; then
-    $PY -m pip install -q --no-index --no-deps .whl/gguf-*.whl > "$OUT/pip_gguf.log" 2>&1 || note "gguf install FAILED (see pip_gguf.log)"
-  else
-    note "WARNING: no .whl/gguf-*.whl carried: tests needing gguf will be skipped"
+    $PY -m pip install -q --no-index --no-deps .whl/*.whl > "$OUT/pip_gguf.log" 2>&1 || note "gguf install FAILED (see pip_gguf.log)"
   fi
+  $PY -c "import gguf" 2>/dev/null || note "NOTE: gguf not importable: references use mllama_q.quants.dequantize"
 fi
 
 if has build; then

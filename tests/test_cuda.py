@@ -7,7 +7,8 @@ fresh random data for every case, and repeated runs must give identical bits.
 
 Weights are random *valid* GGUF blocks (random scales and quants, any bytes
 are a valid block apart from the fp16 scales), dequantized for the reference
-by gguf-py's gguf.quants.dequantize (the formats reference).
+by gguf-py's gguf.quants.dequantize (the formats reference; where gguf is not
+installed, by mllama_q.quants.dequantize, which test_quants.py ties to it).
 
 Tolerances (relative Frobenius error vs float64):
   * M = 1 on Q4_K / Q6_K / Q8_0: x is quantized to 8 bits per 32-value block
@@ -34,20 +35,16 @@ AS = os.environ.get("MLLAMA_Q_TEST_CUDA_AS", "cuda")
 pytestmark = pytest.mark.skipif(AS == "cuda" and not CUDA["usable"],
                                 reason="no usable CUDA device (built=%s)" % CUDA["built"])
 
-gguf = pytest.importorskip("gguf")
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
+try:
+    import gguf
+except ImportError:   # the GPU machine's image may lack gguf (or its pyyaml dependency)
+    gguf = None
 
 rng = np.random.default_rng(20261122)
 
-GG = {
-    "f32": gguf.GGMLQuantizationType.F32,
-    "f16": gguf.GGMLQuantizationType.F16,
-    "bf16": gguf.GGMLQuantizationType.BF16,
-    "q8_0": gguf.GGMLQuantizationType.Q8_0,
-    "q4_k": gguf.GGMLQuantizationType.Q4_K,
-    "q6_k": gguf.GGMLQuantizationType.Q6_K,
-}
+WTYPES = ["f32", "f16", "bf16", "q8_0", "q4_k", "q6_k"]
 QUANTIZED = {"q8_0", "q4_k", "q6_k"}
 
 
@@ -101,7 +98,13 @@ def random_weight(wtype, n, k):
 
 
 def dequant(w, wtype, n, k):
-    return gguf.quants.dequantize(w, GG[wtype]).reshape(n, k).astype(np.float64)
+    """Reference weights: gguf-py's dequantize (the formats reference). Without gguf,
+    mllama_q.quants.dequantize, which tests/test_quants.py checks equals gguf-py's."""
+    if gguf is not None:
+        qt = getattr(gguf.GGMLQuantizationType, wtype.upper())
+        return gguf.quants.dequantize(w, qt).reshape(n, k).astype(np.float64)
+    from mllama_q import quants
+    return quants.dequantize(np.ascontiguousarray(w), wtype, (n, k)).astype(np.float64)
 
 
 # ---- matmul -----------------------------------------------------------------------
@@ -109,7 +112,7 @@ def dequant(w, wtype, n, k):
 SHAPES = [(256, 64), (1024, 200), (2304, 384), (4096, 129)]   # (K, N): K multiples of 256, odd N for tails
 
 
-@pytest.mark.parametrize("wtype", list(GG))
+@pytest.mark.parametrize("wtype", WTYPES)
 @pytest.mark.parametrize("M", [1, 2, 7, 64, 300, 512])
 @pytest.mark.parametrize("K,N", SHAPES)
 def test_matmul_vs_reference_and_cpu(cu, cpu, wtype, M, K, N):
@@ -174,7 +177,7 @@ def test_matmul_rejects_activation_type(cu):
 
 # ---- get_rows / store_rows ------------------------------------------------------------
 
-@pytest.mark.parametrize("wtype", list(GG))
+@pytest.mark.parametrize("wtype", WTYPES)
 def test_get_rows(cu, wtype):
     rows, cols = 37, 512
     t = random_weight(wtype, rows, cols)
