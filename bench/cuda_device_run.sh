@@ -7,10 +7,13 @@
 #                                            but sanitize)
 #
 # Prerequisites on the device machine (CUDA 13, PyTorch, pybind11,
-# scikit-build-core, CMake; no internet): gguf is not installed there. Optional:
-# carry a wheel; on the dev machine run
-#   /work/venvs/dev/bin/python -m pip download gguf --no-deps -d .whl
-# and pass carry=[".whl"] to the device tool (.whl/ is git-ignored).
+# scikit-build-core, CMake; no internet): pytest and gguf may be missing there,
+# so carry pure-Python wheels; on the dev machine, in the repository root:
+#   /work/venvs/dev/bin/python -m pip download gguf pytest pluggy iniconfig packaging \
+#       exceptiongroup typing_extensions --no-deps -d .whl
+#   /work/venvs/dev/bin/python -m pip download tomli --no-deps -d .whl --only-binary=:all: \
+#       --platform any --python-version 3.10 --implementation py
+# and pass carry=[".whl"] to the device tool (.whl/ is git-ignored, ~1 MB).
 #
 # Build: the extension with -DMLLAMA_Q_CUDA=ON -DMLLAMA_Q_CUDA_ARCHS=90 into
 # build-gpu/ (the steps of tools/dev_build.sh, copied into mllama_q/), and the
@@ -34,15 +37,17 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem,driver_ver
 note "gpu: $(tail -n +2 "$OUT/gpu.csv" | head -1)"
 nvcc --version | tail -1 >> "$SUMMARY"
 
-# gguf (and only gguf) from a carried wheel; numpy, torch are on the image. gguf
-# needs pyyaml at import; without a working gguf, tests/test_cuda.py takes its
-# reference dequantization from mllama_q.quants (tied to gguf-py by test_quants.py).
-if ! $PY -c "import gguf" 2>/dev/null; then
-  if ls .whl/gguf-*.whl >/dev/null 2>&1; then
-    $PY -m pip install -q --no-index --no-deps .whl/*.whl > "$OUT/pip_gguf.log" 2>&1 || note "gguf install FAILED (see pip_gguf.log)"
-  fi
-  $PY -c "import gguf" 2>/dev/null || note "NOTE: gguf not importable: references use mllama_q.quants.dequantize"
+# pytest and gguf from carried pure-Python wheels (.whl/, see above) when the image
+# lacks them; numpy and torch are on the image. gguf needs pyyaml at import;
+# without a working gguf, tests/test_cuda.py takes its reference dequantization
+# from mllama_q.quants (tied to gguf-py by test_quants.py).
+if ! $PY -c "import pytest, gguf" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
+  for w in .whl/*.whl; do   # one by one: a wheel the image already has (or cannot use) must not block the rest
+    $PY -m pip install -q --no-index --no-deps "$w" >> "$OUT/pip_wheels.log" 2>&1 || echo "skip $w" >> "$OUT/pip_wheels.log"
+  done
 fi
+$PY -c "import pytest" 2>/dev/null || note "WARNING: pytest not importable (carry .whl/): the test step cannot run"
+$PY -c "import gguf" 2>/dev/null || note "NOTE: gguf not importable: references use mllama_q.quants.dequantize"
 
 if has build; then
   t0=$(date +%s)
