@@ -43,7 +43,7 @@ nvcc --version | tail -1 >> "$SUMMARY"
 # from mllama_q.quants (tied to gguf-py by test_quants.py).
 if ! $PY -c "import pytest, gguf" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
   for w in .whl/*.whl; do   # one by one: a wheel the image already has (or cannot use) must not block the rest
-    $PY -m pip install -q --no-index --no-deps "$w" >> "$OUT/pip_wheels.log" 2>&1 || echo "skip $w" >> "$OUT/pip_wheels.log"
+    PIP_BREAK_SYSTEM_PACKAGES=1 $PY -m pip install -q --no-index --no-deps "$w" >> "$OUT/pip_wheels.log" 2>&1 || echo "skip $w" >> "$OUT/pip_wheels.log"
   done
 fi
 $PY -c "import pytest" 2>/dev/null || note "WARNING: pytest not importable (carry .whl/): the test step cannot run"
