@@ -159,6 +159,15 @@ CHAT_TEMPLATE = """{{- bos_token }}
 """
 
 
+def chat_template() -> str:
+    """The frontend's bundled Llama 3.2 Vision template (mllama_q/assets, the text `mllama-q convert`
+    copies from the real checkpoint); CHAT_TEMPLATE above if that file is not part of this build."""
+    bundled = Path(__file__).parent / "assets" / "llama3_2_vision_chat_template.jinja"
+    if bundled.is_file():
+        return bundled.read_text(encoding="utf-8")
+    return CHAT_TEMPLATE
+
+
 def synthetic_config(size: str) -> SynthConfig:
     if size not in CONFIGS:
         raise ValueError(f"unknown synthetic size {size!r}; choose one of {', '.join(SIZES)}")
@@ -478,7 +487,7 @@ def _add_metadata(w: gguf.GGUFWriter, cfg: SynthConfig, qtype: str) -> None:
     w.add_eom_token_id(ids["<|eom_id|>"])
     w.add_add_bos_token(True)
     w.add_add_eos_token(False)
-    w.add_chat_template(CHAT_TEMPLATE)
+    w.add_chat_template(chat_template())
 
 
 class _Pool:
