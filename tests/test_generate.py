@@ -1,0 +1,298 @@
+"""Sampling (vs transformers' logits processors) and the generate loop (with a fake model that
+implements the low-level model API and records what generate() asks of it)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mllama_q.generate import GenerationStream, build_prompt, generate
+from mllama_q.processor import Processor, ProcessorSettings
+from mllama_q.sampling import Sampler, SamplingParams, probabilities
+from mllama_q.tokenizer import Tokenizer
+
+EOT, EOM, EOS = 128009, 128008, 128001
+
+
+# ------------------------------------------------------------------ sampling vs transformers
+
+def _hf_probs(logits: np.ndarray, history: list[int], p: SamplingParams) -> np.ndarray:
+    from transformers.generation.logits_process import (
+        LogitsProcessorList,
+        MinPLogitsWarper,
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    procs = LogitsProcessorList()
+    if p.repetition_penalty != 1.0:
+        procs.append(RepetitionPenaltyLogitsProcessor(p.repetition_penalty))
+    if p.temperature != 1.0:
+        procs.append(TemperatureLogitsWarper(p.temperature))
+    if p.top_k:
+        procs.append(TopKLogitsWarper(p.top_k))
+    if p.top_p < 1.0:
+        procs.append(TopPLogitsWarper(p.top_p))
+    if p.min_p > 0:
+        procs.append(MinPLogitsWarper(p.min_p))
+    ids = torch.tensor([history], dtype=torch.long)
+    scores = procs(ids, torch.from_numpy(logits.copy())[None])
+    return torch.softmax(scores, dim=-1)[0].numpy()
+
+
+PARAMS = [
+    SamplingParams(temperature=1.0, top_p=1.0),
+    SamplingParams(temperature=0.6, top_p=0.9),
+    SamplingParams(temperature=0.8, top_k=40),
+    SamplingParams(temperature=1.3, top_k=100, top_p=0.5),
+    SamplingParams(temperature=0.7, top_p=1.0, min_p=0.05),
+    SamplingParams(temperature=1.0, top_k=50, top_p=0.95, min_p=0.1, repetition_penalty=1.3),
+    SamplingParams(temperature=0.5, top_p=0.8, repetition_penalty=0.7),
+    SamplingParams(temperature=2.0, top_k=1),
+]
+
+
+@pytest.mark.parametrize("params", PARAMS)
+def test_probabilities_match_transformers(params):
+    rng = np.random.default_rng(0)
+    for trial in range(4):
+        logits = (rng.standard_normal(32000) * rng.uniform(0.5, 4)).astype(np.float32)
+        history = rng.integers(0, 32000, size=60).tolist()
+        ours = probabilities(logits, history, params)
+        ref = _hf_probs(logits, history, params)
+        np.testing.assert_array_equal(ours > 0, ref > 0)
+        np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-7)
+
+
+def test_greedy_is_argmax_after_repetition_penalty():
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        logits = rng.standard_normal(1000).astype(np.float32)
+        hist = rng.integers(0, 1000, size=30).tolist()
+        ref = RepetitionPenaltyLogitsProcessor(1.5)(torch.tensor([hist]), torch.from_numpy(logits.copy())[None])
+        s = Sampler(SamplingParams(temperature=0, repetition_penalty=1.5))
+        assert s(logits, hist) == int(ref.argmax())
+
+
+def test_sampling_follows_the_distribution_and_seed():
+    logits = np.log(np.array([0.5, 0.3, 0.15, 0.05, 1e-9], dtype=np.float32))
+    params = SamplingParams(temperature=1.0, top_p=1.0, seed=42)
+    draws = [Sampler(params)(logits, []) for _ in range(1)]  # a fresh sampler with the seed...
+    s = Sampler(params)
+    many = np.array([s(logits, []) for _ in range(6000)])
+    freq = np.bincount(many, minlength=5) / many.size
+    np.testing.assert_allclose(freq[:4], [0.5, 0.3, 0.15, 0.05], atol=0.025)
+    s2 = Sampler(params)
+    assert [s2(logits, []) for _ in range(50)] == many[:50].tolist()  # same seed, same draws
+    assert draws[0] == many[0]
+    # top_p=0.7 keeps only the two most likely tokens (HF's rule: drop while cumulative <= 0.3)
+    s3 = Sampler(SamplingParams(temperature=1.0, top_p=0.7, seed=1))
+    assert set(s3(logits, []) for _ in range(300)) == {0, 1}
+
+
+@pytest.mark.parametrize("kw", [
+    {"temperature": -0.1}, {"temperature": float("nan")}, {"top_k": -1}, {"top_k": 2.5}, {"top_p": 0.0},
+    {"top_p": 1.5}, {"min_p": -0.1}, {"min_p": 2}, {"repetition_penalty": 0}, {"seed": -3}, {"seed": 1.5},
+    {"temperature": True},
+])
+def test_invalid_sampling_params(kw):
+    with pytest.raises(ValueError):
+        SamplingParams(**kw)
+
+
+# ------------------------------------------------------------------ generate loop with a fake model
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    import gguf
+
+    from convert.tokenizer import add_tokenizer_metadata
+    from tests.real_tokenizer import write_llama32_vision_tokenizer
+
+    d = write_llama32_vision_tokenizer(tmp_path_factory.mktemp("tok"))
+    path = d / "tok.gguf"
+    w = gguf.GGUFWriter(str(path), arch="mllama")
+    add_tokenizer_metadata(w, d)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return Tokenizer.from_gguf(gguf.GGUFReader(str(path)))
+
+
+class FakeModel:
+    """Implements the low-level API. Logits: a scripted reply (one token per step, then EOT), or
+    fixed random logits. Records every call."""
+
+    def __init__(self, tokenizer, script=None, n_ctx=4096, vocab=128256, tile=28):
+        self.tokenizer = tokenizer
+        self.processor = Processor(tokenizer, ProcessorSettings(tile_size=tile))
+        self.stop_ids = [EOS, EOM, EOT]
+        self.n_ctx = n_ctx
+        self.n_past = 0
+        self.vocab = vocab
+        self.script = list(script or [])
+        self.calls = []
+        self.images = None
+
+    def reset(self):
+        self.n_past = 0
+        self.images = None
+        self.calls.append(("reset",))
+
+    def encode_images(self, pixel_values, aspect_ratio_ids, aspect_ratio_mask):
+        self.images = (pixel_values.copy(), aspect_ratio_ids.copy(), aspect_ratio_mask.copy())
+        self.calls.append(("encode_images",))
+
+    def eval(self, tokens, cross_attention_mask):
+        assert tokens.dtype == np.int32 and tokens.ndim == 1
+        if cross_attention_mask is not None:
+            assert cross_attention_mask.shape[0] == tokens.shape[0]
+        if self.n_past + tokens.size > self.n_ctx:
+            raise ValueError("context full")
+        step = sum(1 for c in self.calls if c[0] == "eval")
+        self.calls.append(("eval", tokens.copy(), None if cross_attention_mask is None else cross_attention_mask.copy()))
+        self.n_past += tokens.size
+        logits = np.zeros(self.vocab, dtype=np.float32)
+        tok = self.script[step] if step < len(self.script) else EOT
+        logits[tok] = 10.0
+        return logits
+
+
+def test_greedy_scripted_reply_stops_on_eot(tokenizer):
+    reply = "The dog is brown. Ünïcode 😀 ok"
+    script = tokenizer.encode(reply, add_special_tokens=False)
+    m = FakeModel(tokenizer, script=script)
+    res = generate(m, messages=[{"role": "user", "content": "Hi"}], temperature=0, max_new_tokens=100)
+    assert res.text == reply and res.tokens == script and res.stop_reason == "stop_token"
+    assert res.completion_tokens == len(script)
+    evals = [c for c in m.calls if c[0] == "eval"]
+    prompt_ids = evals[0][1]
+    ref_text = m.processor.tokenizer.decode(prompt_ids)
+    assert ref_text.startswith("<|begin_of_text|><|start_header_id|>system") and ref_text.endswith(
+        "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert (prompt_ids == 128000).sum() == 1  # the template's BOS only
+    assert res.prompt_tokens == prompt_ids.size
+    # decode steps feed back exactly the sampled tokens, one at a time
+    assert [int(c[1][0]) for c in evals[1:]] == script
+    assert m.calls[0] == ("reset",) and not any(c[0] == "encode_images" for c in m.calls)
+    for key in ("image_encode_s", "prefill_s", "decode_s", "decode_tokens_per_s", "time_to_first_token_s"):
+        assert key in res.timings
+
+
+@pytest.mark.parametrize("stop_id", [EOS, EOM, EOT])
+def test_every_stop_id_stops(tokenizer, stop_id):
+    m = FakeModel(tokenizer, script=[9906, 1917, stop_id, 0, 0])
+    res = generate(m, prompt="x", temperature=0)
+    assert res.tokens == [9906, 1917] and res.text == "Hello world" and res.stop_reason == "stop_token"
+
+
+def test_streaming_pieces_are_valid_and_complete(tokenizer):
+    reply = "日本語😀👩‍👩‍👧 and ascii"
+    script = tokenizer.encode(reply, add_special_tokens=False)
+    m = FakeModel(tokenizer, script=script)
+    st = generate(m, prompt="hi", temperature=0, stream=True)
+    assert isinstance(st, GenerationStream)
+    pieces = list(st)
+    assert "".join(pieces) == reply == st.result.text
+    assert all(p and "\ufffd" not in p for p in pieces)
+    assert len(pieces) < len(script)  # multi-byte characters spanned several tokens
+
+
+def test_stop_strings_cut_and_never_leak(tokenizer):
+    reply = "Answer: 42\nUSER: next question"
+    script = tokenizer.encode(reply, add_special_tokens=False)
+    for stream in (False, True):
+        m = FakeModel(tokenizer, script=script)
+        out = generate(m, prompt="q", temperature=0, stop=["\nUSER:", "never"], stream=stream)
+        if stream:
+            text = "".join(out)
+            res = out.result
+            assert text == res.text
+        else:
+            res = out
+        assert res.text == "Answer: 42" and res.stop_reason == "stop_string"
+
+
+def test_max_new_tokens_and_context_limit(tokenizer):
+    script = tokenizer.encode(" a" * 50, add_special_tokens=False)
+    m = FakeModel(tokenizer, script=script)
+    res = generate(m, prompt="x", temperature=0, max_new_tokens=5)
+    assert res.completion_tokens == 5 and res.stop_reason == "length"
+    n_prompt = len(m.processor(text="x")["input_ids"][0])
+    m = FakeModel(tokenizer, script=script, n_ctx=n_prompt + 3)
+    res = generate(m, prompt="x", temperature=0, max_new_tokens=100)
+    assert res.stop_reason == "length" and m.n_past <= m.n_ctx and res.completion_tokens == 4
+    with pytest.raises(ValueError, match="context"):
+        generate(FakeModel(tokenizer, n_ctx=n_prompt), prompt="x")
+
+
+def test_images_and_cross_attention_mask_of_decode_tokens(tokenizer):
+    rng = np.random.default_rng(0)
+    imgs = [Image.fromarray(rng.integers(0, 255, (50, 90, 3), dtype=np.uint8)),
+            Image.fromarray(rng.integers(0, 255, (70, 20, 3), dtype=np.uint8))]
+    msgs = [{"role": "user", "content": [{"type": "image", "image": imgs[0]}, {"type": "text", "text": "and"},
+                                         {"type": "image", "image": imgs[1]}, {"type": "text", "text": "?"}]}]
+    script = tokenizer.encode("two images", add_special_tokens=False)
+    m = FakeModel(tokenizer, script=script)
+    res = generate(m, messages=msgs, temperature=0)
+    assert res.text == "two images"
+    p = build_prompt(m, messages=msgs)
+    ref = m.processor(text=p.text, images=imgs, add_special_tokens=False)
+    np.testing.assert_array_equal(m.images[0], ref["pixel_values"])
+    np.testing.assert_array_equal(m.images[1], ref["aspect_ratio_ids"])
+    np.testing.assert_array_equal(m.images[2], ref["aspect_ratio_mask"])
+    evals = [c for c in m.calls if c[0] == "eval"]
+    np.testing.assert_array_equal(evals[0][2], ref["cross_attention_mask"][0])
+    last_row = ref["cross_attention_mask"][0, -1:]
+    assert last_row.sum() > 0
+    for c in evals[1:]:
+        np.testing.assert_array_equal(c[2], last_row)
+    # the same images passed separately give the same prompt
+    msgs_plain = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "and"},
+                                               {"type": "image"}, {"type": "text", "text": "?"}]}]
+    p2 = build_prompt(m, messages=msgs_plain, images=imgs)
+    np.testing.assert_array_equal(p2.input_ids, p.input_ids)
+    np.testing.assert_array_equal(p2.pixel_values, ref["pixel_values"])
+
+
+def test_text_only_prompt_has_no_mask(tokenizer):
+    m = FakeModel(tokenizer, script=[9906])
+    generate(m, prompt="Hello", temperature=0)
+    assert all(c[2] is None for c in m.calls if c[0] == "eval")
+
+
+def test_bad_requests(tokenizer, tmp_path):
+    m = FakeModel(tokenizer)
+    img = Image.new("RGB", (10, 10))
+    with pytest.raises(ValueError, match="image"):
+        generate(m, prompt="<|image|> x <|image|>", images=[img])
+    with pytest.raises(ValueError, match="image"):
+        generate(m, messages=[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "x"}]}])
+    with pytest.raises(ValueError, match="image"):
+        generate(m, prompt="no image token", images=[img])
+    with pytest.raises(ValueError):
+        generate(m, prompt="<|image|>x", images=[tmp_path / "missing.jpg"])
+    (tmp_path / "empty.png").write_bytes(b"")
+    with pytest.raises(ValueError):
+        generate(m, prompt="<|image|>x", images=[tmp_path / "empty.png"])
+    with pytest.raises(ValueError):
+        generate(m, prompt="x", messages=[{"role": "user", "content": "y"}])
+    with pytest.raises(ValueError):
+        generate(m)
+    for kw in ({"max_new_tokens": 0}, {"temperature": -1}, {"top_p": 0}, {"stop": [""]}, {"top_k": -2},
+               {"repetition_penalty": -1.0}, {"min_p": 3}):
+        with pytest.raises(ValueError):
+            generate(m, prompt="x", **kw)
+
+
+def test_defaults_come_from_model(tokenizer):
+    m = FakeModel(tokenizer, script=[9906])
+    m.generation_defaults = {"temperature": 0.0}
+    res = generate(m, prompt="x")  # greedy because of the model's default
+    assert res.tokens == [9906]
