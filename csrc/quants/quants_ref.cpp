@@ -21,8 +21,13 @@ void quantize_row_q8_0_ref(const float* x, block_q8_0* y, int64_t k) {
     check_k(k, QK8_0, "q8_0");
     const int64_t nb = k / QK8_0;
     for (int64_t i = 0; i < nb; i++) {
+        // ggml's MAX(a, b) is (a > b ? a : b); written the same way so a NaN
+        // input propagates exactly as there (std::fmax would drop it).
         float amax = 0.0f;
-        for (int j = 0; j < QK8_0; j++) amax = std::fmax(amax, std::fabs(x[i * QK8_0 + j]));
+        for (int j = 0; j < QK8_0; j++) {
+            const float ax = std::fabs(x[i * QK8_0 + j]);
+            amax = amax > ax ? amax : ax;
+        }
         const float d = amax / 127.0f;
         const float id = d != 0.0f ? 1.0f / d : 0.0f;
         y[i].d = fp32_to_fp16(d);

@@ -1,0 +1,67 @@
+"""`mllama-q convert HF_DIR -o OUT.gguf --type ...` (also `python -m convert`)."""
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+
+from . import mix
+from .errors import ConvertError
+
+PROG = "mllama-q convert"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Convert a Hugging Face Llama 3.2 Vision (Mllama) checkpoint directory to one GGUF file.",
+        epilog="q4_k_m: Q4_K with Q6_K for output.weight and llama.cpp's choice of attn_v / ffn_down layers; "
+               "q4_k_s: Q4_K throughout. Norms, biases, gates and position/tile embeddings stay F32.")
+    p.add_argument("hf_dir", metavar="HF_DIR", help="checkpoint directory (config.json, *.safetensors, tokenizer...)")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.gguf", help="output file")
+    p.add_argument("--type", dest="ftype", default="q4_k_m", choices=mix.FTYPES,
+                   help="text weights (default: %(default)s)")
+    p.add_argument("--vision-type", default=None, choices=mix.VISION_TYPES,
+                   help="vision tower and projector weights (default: q8_0 for quantized --type, else the --type)")
+    p.add_argument("--force", action="store_true", help="overwrite OUT.gguf if it exists")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def _sigterm(signum, frame):
+    # Turn SIGTERM into an exception so the converter's cleanup removes its temp file.
+    raise SystemExit(128 + signum)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from .converter import convert
+
+    old = signal.signal(signal.SIGTERM, _sigterm) if _is_main_thread() else None
+    try:
+        s = convert(args.hf_dir, args.output, args.ftype, args.vision_type, force=args.force,
+                    progress=not args.quiet)
+    except ConvertError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"{PROG}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted, nothing written", file=sys.stderr)
+        return 130
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
+    if not args.quiet:
+        gib = s["bytes_in"] / 2**30
+        print(f"wrote {s['output']}: {s['tensors']} tensors, {s['bytes_out'] / 2**30:.2f} GiB "
+              f"({s['ftype']}, vision {s['vision_type'] or s['ftype']}) from {gib:.2f} GiB in {s['seconds']:.1f} s "
+              f"({gib / max(s['seconds'], 1e-9):.2f} GiB/s)", file=sys.stderr)
+    return 0
+
+
+def _is_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
