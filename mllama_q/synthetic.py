@@ -91,15 +91,16 @@ class SynthConfig:
 # 11B: ../shared/reference/llama-3.2-11b-vision-instruct/config.json.
 # 90B: the published Llama-3.2-90B-Vision config (100 layers, cross-attention every 5th from 3).
 # tiny: small enough for the demo and tests, with text rows that are multiples of 256 so the
-#       K-quant types (Q4_K/Q6_K) are really exercised, and 56-pixel tiles of 4x4 patches.
+#       K-quant types (Q4_K/Q6_K) are really exercised, and 56-pixel tiles of 4x4 patches; the
+#       same dimensions as the parity tests' tiny checkpoint (tests/tiny_models.py defaults).
 CONFIGS = {
     "11b": SynthConfig("synthetic-11b", vocab_size=128256, hidden=4096, intermediate=14336, n_layer=40,
                        cross_layers=[3, 8, 13, 18, 23, 28, 33, 38], n_head=32, n_head_kv=8),
     "90b": SynthConfig("synthetic-90b", vocab_size=128256, hidden=8192, intermediate=28672, n_layer=100,
                        cross_layers=list(range(3, 100, 5)), n_head=64, n_head_kv=8),
-    "tiny": SynthConfig("synthetic-tiny", vocab_size=1024, hidden=256, intermediate=512, n_layer=4,
-                        cross_layers=[1], n_head=4, n_head_kv=2, context_length=4096,
-                        v_hidden=64, v_intermediate=128, v_layers=4, v_global_layers=2, v_heads=2,
+    "tiny": SynthConfig("synthetic-tiny", vocab_size=1024, hidden=256, intermediate=512, n_layer=5,
+                        cross_layers=[1, 3], n_head=4, n_head_kv=2,
+                        v_hidden=64, v_intermediate=128, v_layers=4, v_global_layers=2, v_heads=4,
                         v_intermediate_indices=[1, 3], image_size=56, patch_size=14),
 }
 
@@ -168,7 +169,10 @@ def chat_template() -> str:
     return CHAT_TEMPLATE
 
 
-def synthetic_config(size: str) -> SynthConfig:
+def synthetic_config(size) -> SynthConfig:
+    """CONFIGS[size]; a SynthConfig passes through (custom shapes, e.g. in tests)."""
+    if isinstance(size, SynthConfig):
+        return size
     if size not in CONFIGS:
         raise ValueError(f"unknown synthetic size {size!r}; choose one of {', '.join(SIZES)}")
     return CONFIGS[size]
@@ -228,7 +232,7 @@ def _filler_pieces(n: int) -> tuple[list[str], list[str]]:
 
 def _vocab(cfg: SynthConfig):
     """tokens, token types, merges, special ids for cfg.vocab_size + 1 tokens (<|image|> last)."""
-    n_special = 256 if cfg.vocab_size >= 128256 else 12  # tiny: the first 12 Llama 3 specials
+    n_special = 256 if cfg.vocab_size >= 128256 else 16  # small vocabularies: the first 16 Llama 3 specials
     n_base = cfg.vocab_size - n_special
     byte_tokens = _bytes_to_unicode()
     fillers, merges = _filler_pieces(n_base - 256)
@@ -521,7 +525,7 @@ def write_synthetic_gguf(path, size: str = "11b", qtype: str = "q4_k_m", seed: i
                          progress: bool = True, vision_type: str | None = None) -> Path:
     """Write a complete synthetic `mllama` GGUF to `path` and return the path.
 
-    size: "tiny" | "11b" | "90b"; qtype: a `mllama-q convert --type` (q4_k_m, q4_k_s, q6_k, q8_0,
+    size: "tiny" | "11b" | "90b" (or a SynthConfig); qtype: a `mllama-q convert --type` (q4_k_m, q4_k_s, q6_k, q8_0,
     f16, bf16, f32). Written to `path`.tmp and renamed on success, so an interrupted run never
     leaves a half-written file under the final name.
     """
@@ -550,7 +554,7 @@ def write_synthetic_gguf(path, size: str = "11b", qtype: str = "q4_k_m", seed: i
         bar = None
         if progress:
             from tqdm import tqdm
-            bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"synthetic {size} {qtype}",
+            bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"synthetic {cfg.name} {qtype}",
                        file=sys.stderr, leave=False)
         for s in specs:
             nb = _nbytes(s.ggml_type, s.shape)
