@@ -30,3 +30,8 @@ def backends() -> dict:
 
 
 __all__ = ["backends", "__version__"]
+
+from .gguf_file import ModelFileError, ModelFileNotFoundError  # noqa: E402
+from .model import Model  # noqa: E402
+
+__all__ += ["Model", "ModelFileError", "ModelFileNotFoundError"]

@@ -117,6 +117,30 @@ def build_prompt(model, messages: Sequence[Mapping] | None = None, prompt: str |
     )
 
 
+def generation_defaults_from_gguf(reader) -> dict:
+    """{"temperature", "top_p", "top_k"} from the GGUF's general.sampling.* keys (the converter
+    copies generation_config.json there); absent keys give Llama 3.2 Vision Instruct's values."""
+    from .tokenizer import gguf_field
+
+    temp = gguf_field(reader, "general.sampling.temp")
+    top_p = gguf_field(reader, "general.sampling.top_p")
+    top_k = gguf_field(reader, "general.sampling.top_k")
+    return {"temperature": DEFAULT_TEMPERATURE if temp is None else float(temp),
+            "top_p": DEFAULT_TOP_P if top_p is None else float(top_p),
+            "top_k": 0 if top_k is None else int(top_k)}
+
+
+def stop_ids_from_gguf(reader, tokenizer=None) -> list[int]:
+    """Every id that ends generation: mllama_q.stop_token_ids (generation_config's eos list),
+    plus the tokenizer's eos / eot / eom ids; Llama 3's [128001, 128008, 128009] if none is known."""
+    from .tokenizer import gguf_field
+
+    ids = [int(i) for i in (gguf_field(reader, "mllama_q.stop_token_ids") or [])]
+    if tokenizer is not None:
+        ids += [i for i in (tokenizer.eos_id, tokenizer.eot_id, tokenizer.eom_id) if i is not None]
+    return sorted(set(ids)) or [128001, 128008, 128009]
+
+
 def _defaults(model) -> dict:
     d = {"temperature": DEFAULT_TEMPERATURE, "top_p": DEFAULT_TOP_P, "top_k": 0}
     d.update({k: v for k, v in (getattr(model, "generation_defaults", None) or {}).items() if v is not None})

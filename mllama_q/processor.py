@@ -87,42 +87,49 @@ class ProcessorSettings:
         """
         from .tokenizer import gguf_field as field_value
 
-        def get(key_name, default_key):
-            return field_value(reader, _key(key_name, default_key))
+        def get(const_name, literal):
+            return field_value(reader, _key(const_name, literal))
 
         kw: dict[str, Any] = {}
-        v = get("KEY_TILE_SIZE", "mllama_q.vision.tile_size")
+        v = get("Q_IMG_TILE_SIZE", "mllama_q.image.tile_size")
         if v is None:
-            v = field_value(reader, "mllama.vision.image_size")
+            v = get("V_IMAGE_SIZE", "mllama.vision.image_size")  # Ollama's files
         if v is not None:
             kw["tile_size"] = int(v)
-        v = field_value(reader, "mllama.vision.max_num_tiles")
+        v = get("Q_IMG_MAX_TILES", "mllama_q.image.max_image_tiles")
+        if v is None:
+            v = get("V_MAX_NUM_TILES", "mllama.vision.max_num_tiles")
         if v is not None:
             kw["max_num_tiles"] = int(v)
-        v = get("KEY_ASPECT_RATIOS", "mllama_q.vision.supported_aspect_ratios")
+        v = get("Q_V_ASPECT_RATIOS", "mllama_q.vision.supported_aspect_ratios")
         if v is not None:
-            flat = [int(x) for x in np.asarray(v).reshape(-1)]
+            flat = [int(x) for x in v]
             if len(flat) % 2:
                 raise ValueError(f"supported aspect ratios must be (rows, cols) pairs, got {len(flat)} values")
             kw["supported_aspect_ratios"] = tuple((flat[i], flat[i + 1]) for i in range(0, len(flat), 2))
         elif "max_num_tiles" in kw:
             kw["supported_aspect_ratios"] = all_aspect_ratios(kw["max_num_tiles"])
-        v = get("KEY_IMAGE_MEAN", "mllama_q.vision.image_mean")
+        v = get("Q_IMG_MEAN", "mllama_q.image.mean")
         if v is not None:
             kw["image_mean"] = tuple(float(x) for x in v)
-        v = get("KEY_IMAGE_STD", "mllama_q.vision.image_std")
+        v = get("Q_IMG_STD", "mllama_q.image.std")
         if v is not None:
             kw["image_std"] = tuple(float(x) for x in v)
-        v = get("KEY_RESCALE_FACTOR", "mllama_q.vision.rescale_factor")
+        v = get("Q_IMG_RESCALE_FACTOR", "mllama_q.image.rescale_factor")
         if v is not None:
             kw["rescale_factor"] = float(v)
-        v = get("KEY_RESAMPLE", "mllama_q.vision.resample")
+        v = get("Q_IMG_RESAMPLE", "mllama_q.image.resample")
         if v is not None:
             kw["resample"] = int(v)
+        v = get("Q_IMAGE_TOKEN_ID", "mllama_q.image_token_id")
+        if v is not None:
+            kw["image_token_id"] = int(v)
         if tokenizer is not None:
             tid = tokenizer.token_to_id("<|image|>")
-            if tid is not None:
+            if "image_token_id" not in kw and tid is not None:
                 kw["image_token_id"] = tid
+            if "image_token_id" in kw:
+                kw["image_token"] = tokenizer.id_to_token(kw["image_token_id"])
             if tokenizer.bos_token is not None:
                 kw["bos_token"] = tokenizer.bos_token
         return cls(**kw)

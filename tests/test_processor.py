@@ -200,14 +200,15 @@ PROMPTS = [
 ]
 
 
+@pytest.mark.parametrize("add_special", [True, False])
 @pytest.mark.parametrize("text,n_images", PROMPTS)
-def test_processor_matches_mllama_processor(hf_processor, our_processor, text, n_images):
+def test_processor_matches_mllama_processor(hf_processor, our_processor, text, n_images, add_special):
     rng = np.random.default_rng(n_images * 17 + len(text))
     sizes = [(1280, 400), (300, 300), (700, 1500)]
     imgs = [_make_image(rng, "RGB", *sizes[i % 3]) for i in range(n_images)]
     kwargs = {"images": [imgs]} if n_images else {}
-    ref = hf_processor(text=text, return_tensors="np", **kwargs)
-    ours = our_processor(text=text, images=imgs if n_images else None)
+    ref = hf_processor(text=text, return_tensors="np", add_special_tokens=add_special, **kwargs)
+    ours = our_processor(text=text, images=imgs if n_images else None, add_special_tokens=add_special)
     assert sorted(ours) == sorted(k for k in ref.keys())
     for k in ours:
         r = np.asarray(ref[k])
@@ -248,3 +249,35 @@ def test_bad_images(our_processor, tmp_path):
         our_processor(text="<|image|> and <|image|>", images=[Image.new("RGB", (9, 9))])
     with pytest.raises(ValueError):
         preprocess_images([], s)
+
+
+def test_settings_from_gguf_keys(tmp_path):
+    """Custom preprocessing stored under the converter's mllama_q.* keys is what the processor uses
+    (checked against transformers with the same settings); Ollama-style files fall back to 11B."""
+    import gguf
+    from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
+
+    path = tmp_path / "s.gguf"
+    w = gguf.GGUFWriter(str(path), arch="mllama")
+    w.add_uint32("mllama_q.image.tile_size", 112)
+    w.add_uint32("mllama_q.image.max_image_tiles", 2)
+    w.add_array("mllama_q.vision.supported_aspect_ratios", [1, 1, 1, 2, 2, 1])
+    w.add_array("mllama_q.image.mean", [0.5, 0.4, 0.3])
+    w.add_array("mllama_q.image.std", [0.2, 0.25, 0.3])
+    w.add_float32("mllama_q.image.rescale_factor", 1 / 255)
+    w.add_uint32("mllama_q.image.resample", 2)
+    w.add_uint32("mllama_q.image_token_id", 128256)
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    s = ProcessorSettings.from_gguf(gguf.GGUFReader(str(path)))
+    assert s.tile_size == 112 and s.max_num_tiles == 2 and s.supported_aspect_ratios == ((1, 1), (1, 2), (2, 1))
+    cfg = dict(PREPROCESSOR_CONFIG, size={"height": 112, "width": 112}, max_image_tiles=2,
+               image_mean=[0.5, 0.4, 0.3], image_std=[0.2, 0.25, 0.3])
+    rng = np.random.default_rng(5)
+    imgs = [_make_image(rng, "RGB", 300, 90), _make_image(rng, "RGBA", 50, 200)]
+    ref, _ = _hf_images(MllamaImageProcessorPil(**cfg), imgs)
+    _assert_same(preprocess_images(imgs, s), ref)
+
+    path2 = tmp_path / "ollama.gguf"
+    w = gguf.GGUFWriter(str(path2), arch="mllama")
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    assert ProcessorSettings.from_gguf(gguf.GGUFReader(str(path2))) == ProcessorSettings()

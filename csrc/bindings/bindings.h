@@ -8,4 +8,5 @@ void register_quants(pybind11::module_& m);    // bind_quants.cpp: quantize / de
 void register_cpu(pybind11::module_& m);       // bind_cpu.cpp: matmul, CPU paths, threads
 void register_model(pybind11::module_& m);     // bind_model.cpp: the model forward passes
 void register_backend(pybind11::module_& m);   // bind_backend.cpp: Backend test binding
+void register_vision(pybind11::module_& m);    // bind_vision.cpp: vision tower test binding
 }  // namespace mq::bind

@@ -7,4 +7,5 @@ PYBIND11_MODULE(_core, m) {
     mq::bind::register_cpu(m);
     mq::bind::register_backend(m);
     mq::bind::register_model(m);
+    mq::bind::register_vision(m);
 }

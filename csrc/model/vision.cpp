@@ -1,0 +1,324 @@
+// Mllama vision tower + projector on the Backend interface (see vision.h).
+//
+// Reference: transformers models/mllama/modeling_mllama.py,
+// MllamaVisionModel.forward and MllamaModel.forward (multi_modal_projector).
+// Sizes used below (11B values in parentheses):
+//   D = hidden (1280), F = intermediate (5120), hd = D / n_head (80),
+//   T = max_num_tiles (4), grid = image_size / patch_size (40),
+//   n_patch = grid^2 (1600), P = n_patch + 1 (1601, class token first),
+//   Np = P rounded up to a multiple of 8 (1608), S = T * Np (6432) positions
+//   per image, K = number of intermediate layers (5), Dc = D * (1 + K) (7680).
+// Images are encoded one at a time: every layer attends across all tiles of
+// one image, and S = 6432 rows already keep the matmul kernels busy.
+#include "model/vision.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <stdexcept>
+
+namespace mq {
+namespace {
+
+constexpr float kPrePostLnEps = 1e-5f;  // HF builds layernorm_pre/post as nn.LayerNorm(hidden): default eps
+constexpr int64_t kMlpRows = 1024;      // MLP row chunk: [1024, F] f32 = 21 MB for the 11B
+constexpr int64_t kMaskRows = 512;      // rows of the padding-query mask buffer [512, S] = 13 MB
+constexpr int64_t kProjRows = 256;      // projector row chunk: [256, Dc] f32 = 7.9 MB
+
+// Backend buffer that frees itself (activations of one encode call).
+struct Buf {
+    Backend& be;
+    float* p;
+    Buf(Backend& b, int64_t n_floats)
+        : be(b), p(static_cast<float*>(b.alloc(size_t(std::max<int64_t>(n_floats, 1)) * sizeof(float)))) {}
+    ~Buf() { be.free(p); }
+    Buf(const Buf&) = delete;
+    Buf& operator=(const Buf&) = delete;
+};
+
+}  // namespace
+
+VisionEncoder::VisionEncoder(Backend& be, const TensorMap& tm, const VisionHParams& hp) : be_(be), hp_(hp) {
+    auto need = [](bool ok, const std::string& msg) {
+        if (!ok) throw std::invalid_argument("vision hparams: " + msg);
+    };
+    need(hp.hidden_size > 0 && hp.intermediate_size > 0 && hp.n_head > 0, "sizes must be positive");
+    need(hp.hidden_size % hp.n_head == 0, "hidden_size must be a multiple of n_head");
+    need(hp.num_layers > 0 && hp.num_global_layers >= 0, "layer counts must be positive");
+    need(hp.patch_size > 0 && hp.image_size >= hp.patch_size, "image_size must be at least patch_size");
+    need(hp.num_channels > 0 && hp.max_num_tiles > 0 && hp.max_aspect_ratio_id > 0 && hp.out_dim > 0,
+         "channels, tiles, aspect ratios and out_dim must be positive");
+    for (int i : hp.intermediate_layers)
+        need(i >= 0 && i < hp.num_layers, "intermediate layer index " + std::to_string(i) + " out of range [0, " +
+                                              std::to_string(hp.num_layers) + ")");
+    D_ = hp.hidden_size;
+    F_ = hp.intermediate_size;
+    hd_ = D_ / hp.n_head;
+    grid_ = hp.image_size / hp.patch_size;  // Conv2d(stride = kernel, padding "valid") floors
+    n_patch_ = grid_ * grid_;
+    P_ = n_patch_ + 1;
+    Np_ = (P_ + 7) / 8 * 8;  // HF: num_padding_patches = (8 - P % 8) % 8
+    T_ = hp.max_num_tiles;
+    K_ = int64_t(hp.intermediate_layers.size());
+    const int64_t A1 = hp.max_aspect_ratio_id + 1, C = hp.num_channels, p = hp.patch_size;
+
+    try {
+        // Patch convolution weight [D, C, p, p] viewed as a [D, C*p*p] matrix: the
+        // conv is then patches[n_patch, C*p*p] . W^T (im2col in encode_image).
+        const NamedTensor& pw = tm.at("v.patch_embd.weight");
+        tm.get("v.patch_embd.weight", {D_, C, p, p});
+        patch_ = be_.upload(pw.host, pw.w.type, D_, C * p * p);
+
+        class_embd_ = vec_f32(tm, "v.class_embd", D_);
+        {
+            const Weight& pos = tm.get("v.position_embd.weight", {P_, D_});
+            std::vector<int32_t> ids(P_);
+            for (int64_t i = 0; i < P_; i++) ids[i] = int32_t(i);
+            float* buf = static_cast<float*>(be_.alloc(size_t(P_ * D_) * sizeof(float)));
+            owned_.push_back(buf);
+            be_.get_rows(pos, ids.data(), P_, buf);
+            pos_embd_ = buf;
+        }
+        auto gate = [&](const std::string& name) {
+            tm.get(name, {1});
+            return tm.host_f32(name)[0];
+        };
+        g_pos_ = gate("v.position_embd.gate");        // 1 - tanh(g)
+        g_tile_ = gate("v.tile_position_embd.gate");  // tanh(g)
+        g_pre_ = gate("v.pre_tile_position_embd.gate");
+        g_post_ = gate("v.post_tile_position_embd.gate");
+        tile_pos_ = tm.get("v.tile_position_embd.weight", {A1, T_ * P_ * D_});
+        pre_tile_ = tm.get("v.pre_tile_position_embd.weight", {A1, T_ * D_});
+        post_tile_ = tm.get("v.post_tile_position_embd.weight", {A1, T_ * D_});
+        pre_ln_w_ = vec_f32(tm, "v.pre_ln.weight", D_);
+        pre_ln_b_ = vec_f32(tm, "v.pre_ln.bias", D_);
+        post_ln_w_ = vec_f32(tm, "v.post_ln.weight", D_);
+        post_ln_b_ = vec_f32(tm, "v.post_ln.bias", D_);
+        for (int l = 0; l < hp.num_layers; l++) local_.push_back(load_layer(tm, "v.blk." + std::to_string(l) + ".", false));
+        for (int l = 0; l < hp.num_global_layers; l++)
+            global_.push_back(load_layer(tm, "v.global.blk." + std::to_string(l) + ".", true));
+        proj_ = tm.get("mm.0.weight", {int64_t(hp.out_dim), D_ * (1 + K_)});
+        proj_b_ = vec_f32(tm, "mm.0.bias", hp.out_dim);
+    } catch (...) {
+        for (void* q : owned_) be_.free(q);
+        throw;
+    }
+}
+
+VisionEncoder::~VisionEncoder() {
+    for (void* q : owned_) be_.free(q);
+}
+
+// A 1-D parameter (norm weight, bias, class embedding) of n values as a backend
+// float32 buffer this encoder owns, whatever its stored type (get_rows converts).
+const float* VisionEncoder::vec_f32(const TensorMap& tm, const std::string& name, int64_t n) {
+    const Weight& w = tm.get(name, {n});
+    float* buf = static_cast<float*>(be_.alloc(size_t(n) * sizeof(float)));
+    owned_.push_back(buf);
+    const int32_t zero = 0;
+    be_.get_rows(w, &zero, 1, buf);
+    return buf;
+}
+
+VisionEncoder::Layer VisionEncoder::load_layer(const TensorMap& tm, const std::string& pre, bool gated) {
+    Layer L;
+    L.ln1_w = vec_f32(tm, pre + "attn_norm.weight", D_);
+    L.ln1_b = vec_f32(tm, pre + "attn_norm.bias", D_);
+    L.ln2_w = vec_f32(tm, pre + "ffn_norm.weight", D_);
+    L.ln2_b = vec_f32(tm, pre + "ffn_norm.bias", D_);
+    L.q = tm.get(pre + "attn_q.weight", {D_, D_});
+    L.k = tm.get(pre + "attn_k.weight", {D_, D_});
+    L.v = tm.get(pre + "attn_v.weight", {D_, D_});
+    L.o = tm.get(pre + "attn_output.weight", {D_, D_});
+    L.up = tm.get(pre + "ffn_up.weight", {F_, D_});
+    L.up_b = vec_f32(tm, pre + "ffn_up.bias", F_);
+    L.down = tm.get(pre + "ffn_down.weight", {D_, F_});
+    L.down_b = vec_f32(tm, pre + "ffn_down.bias", D_);
+    if (gated) {  // stored as tanh(gate) already (gguf_keys.py V_ATTN_GATE / V_FFN_GATE)
+        tm.get(pre + "attn_gate", {1});
+        tm.get(pre + "ffn_gate", {1});
+        L.gate_attn = tm.host_f32(pre + "attn_gate")[0];
+        L.gate_ffn = tm.host_f32(pre + "ffn_gate")[0];
+    }
+    return L;
+}
+
+void VisionEncoder::encode(const float* pixels_host, const int32_t* ar_ids_host, const int32_t* ar_mask_host,
+                           int n_img, float* out) {
+    if (n_img < 0) throw std::invalid_argument("vision encode: negative image count");
+    for (int b = 0; b < n_img; b++) {
+        if (ar_ids_host[b] < 0 || ar_ids_host[b] > hp_.max_aspect_ratio_id)
+            throw std::invalid_argument("vision encode: aspect_ratio_id " + std::to_string(ar_ids_host[b]) +
+                                        " out of range [0, " + std::to_string(hp_.max_aspect_ratio_id) + "]");
+        for (int64_t t = 0; t < T_; t++) {
+            const int32_t m = ar_mask_host[b * T_ + t];
+            if (m != 0 && m != 1) throw std::invalid_argument("vision encode: aspect_ratio_mask values must be 0 or 1");
+        }
+    }
+    const int64_t tile_px = int64_t(hp_.num_channels) * hp_.image_size * hp_.image_size;
+    for (int b = 0; b < n_img; b++)
+        encode_image(pixels_host + b * T_ * tile_px, ar_ids_host[b], ar_mask_host + b * T_,
+                     out + int64_t(b) * T_ * P_ * hp_.out_dim);
+}
+
+// One encoder layer (HF MllamaVisionEncoderLayer.forward) on x [S, D] in place:
+//   x = x + g_attn * o_proj(attn(LN1(x)));  x = x + g_ffn * fc2(gelu(fc1(LN2(x))))
+// with g = 1 for local layers. tile_mask: [T] (1 = real tile) for the padding mask.
+// s: the scratch buffers of encode_image.
+void VisionEncoder::run_layer(const Layer& L, float* x, int64_t S, const int32_t* tile_mask, const Scratch& s) {
+    const float eps = hp_.norm_eps;
+    be_.layer_norm(x, L.ln1_w, L.ln1_b, s.h, S, D_, eps);
+    be_.matmul(s.h, S, D_, L.q, nullptr, s.q, D_);
+    be_.matmul(s.h, S, D_, L.k, nullptr, s.k, D_);
+    be_.matmul(s.h, S, D_, L.v, nullptr, s.v, D_);
+
+    // Attention over all S positions of the image with HF's aspect-ratio mask
+    // (_prepare_aspect_ratio_attention_mask): the pair (i, j) gets finfo(f32).min
+    // added iff query i AND key j are both padding (a pad row 1601..1607 of a
+    // tile, or any row of a tile whose aspect_ratio_mask is 0). So a real query
+    // row is unmasked, and every padding query row sees the same mask row. We
+    // walk the rows in runs of equal kind: real runs with no mask, padding runs
+    // in chunks of kMaskRows rows against the repeated mask row in s.mask.
+    // When P is a multiple of 8 HF's `attention_mask[:, :, -0:] = 0` marks every
+    // row as padding; is_pad replicates that.
+    const float scale = 1.0f / std::sqrt(float(hd_));
+    auto is_pad = [&](int64_t r) { return Np_ == P_ || tile_mask[r / Np_] == 0 || r % Np_ >= P_; };
+    for (int64_t r0 = 0; r0 < S;) {
+        const bool pad = is_pad(r0);
+        int64_t r1 = r0 + 1;
+        while (r1 < S && is_pad(r1) == pad && (!pad || r1 - r0 < kMaskRows)) r1++;
+        be_.attention(s.q + r0 * D_, s.k, s.v, DType::F32, D_, s.a + r0 * D_, r1 - r0, S, hp_.n_head, hp_.n_head,
+                      int(hd_), scale, pad ? s.mask : nullptr, S, false, 0);
+        r0 = r1;
+    }
+    be_.matmul(s.a, S, D_, L.o, nullptr, s.h, D_);
+    be_.add_scaled(x, s.h, L.gate_attn, S * D_);  // gate 1 for local layers: x + 1*h == x + h exactly
+
+    be_.layer_norm(x, L.ln2_w, L.ln2_b, s.h, S, D_, eps);
+    for (int64_t r0 = 0; r0 < S; r0 += kMlpRows) {
+        const int64_t nr = std::min(kMlpRows, S - r0);
+        be_.matmul(s.h + r0 * D_, nr, D_, L.up, L.up_b, s.u, F_);  // fc1 [nr, F]
+        be_.gelu(s.u, nr * F_);                                     // exact erf GELU (ACT2FN["gelu"])
+        be_.matmul(s.u, nr, F_, L.down, L.down_b, s.a + r0 * D_, D_);  // fc2 [nr, D]
+    }
+    be_.add_scaled(x, s.a, L.gate_ffn, S * D_);
+}
+
+void VisionEncoder::encode_image(const float* px, int32_t ar_id, const int32_t* tile_mask, float* out) {
+    const int64_t S = T_ * Np_, C = hp_.num_channels, p = hp_.patch_size, W = hp_.image_size;
+    const int64_t CPP = C * p * p, Dc = D_ * (1 + K_), O = hp_.out_dim;
+
+    // Activations of this image, allocated once and reused by every layer.
+    Buf x(be_, S * D_), h(be_, S * D_), q(be_, S * D_), k(be_, S * D_), v(be_, S * D_), a(be_, S * D_);
+    Buf u(be_, std::min(kMlpRows, S) * F_), mask(be_, kMaskRows * S);
+    std::vector<std::unique_ptr<Buf>> inter;
+    for (int64_t i = 0; i < K_; i++) inter.push_back(std::make_unique<Buf>(be_, S * D_));
+    const Scratch scratch{h.p, q.p, k.p, v.p, a.p, u.p, mask.p};
+
+    // ---- embeddings (HF: patch conv, + pre-tile, cls, + gated position, layernorm_pre, pad)
+    // Per-aspect-ratio rows: tile_rows [T, P, D], pre/post [T, D].
+    Buf tile_rows(be_, T_ * P_ * D_), pre_rows(be_, T_ * D_), post_rows(be_, T_ * D_);
+    be_.get_rows(tile_pos_, &ar_id, 1, tile_rows.p);
+    be_.get_rows(pre_tile_, &ar_id, 1, pre_rows.p);
+    be_.get_rows(post_tile_, &ar_id, 1, post_rows.p);
+    // pre_bias[t] = tanh(g_pre) * pre_tile[ar][t]: added to every patch of tile t
+    // (before the class token is prepended), here as the bias of the patch matmul.
+    // post_bias[t] = post_ln.bias + tanh(g_post) * post_tile[ar][t]: the post-tile
+    // embedding is added to every row of tile t right after layernorm_post, so it
+    // folds into that LayerNorm's bias. Both [T, D].
+    std::vector<float> zeros(std::max<int64_t>(T_ * D_, (Np_ - P_) * D_), 0.0f);
+    Buf pre_bias(be_, T_ * D_), post_bias(be_, T_ * D_);
+    be_.to_device(pre_bias.p, zeros.data(), size_t(T_ * D_) * sizeof(float));
+    be_.add_scaled(pre_bias.p, pre_rows.p, g_pre_, T_ * D_);
+    for (int64_t t = 0; t < T_; t++) be_.copy(post_bias.p + t * D_, post_ln_b_, size_t(D_) * sizeof(float));
+    be_.add_scaled(post_bias.p, post_rows.p, g_post_, T_ * D_);
+
+    std::vector<float> cols(size_t(n_patch_ * CPP));  // im2col of one tile [n_patch, C*p*p]
+    Buf patches(be_, n_patch_ * CPP);
+    for (int64_t t = 0; t < T_; t++) {
+        // cols[gy*grid + gx, (c*p + ky)*p + kx] = pixel[c, gy*p + ky, gx*p + kx]
+        // (Conv2d weight [D, C, p, p] flattened row-major matches this column order).
+        const float* tile = px + t * C * W * W;
+        for (int64_t gy = 0; gy < grid_; gy++)
+            for (int64_t gx = 0; gx < grid_; gx++) {
+                float* dst = &cols[size_t((gy * grid_ + gx) * CPP)];
+                for (int64_t c = 0; c < C; c++)
+                    for (int64_t ky = 0; ky < p; ky++)
+                        std::memcpy(dst + (c * p + ky) * p, tile + (c * W + gy * p + ky) * W + gx * p,
+                                    size_t(p) * sizeof(float));
+            }
+        be_.synchronize();  // the previous tile's matmul may still read `patches`
+        be_.to_device(patches.p, cols.data(), cols.size() * sizeof(float));
+        float* ht = h.p + t * Np_ * D_;  // tile t, pre-LN embeddings [P, D]
+        be_.matmul(patches.p, n_patch_, CPP, patch_, pre_bias.p + t * D_, ht + D_, D_);
+        be_.copy(ht, class_embd_, size_t(D_) * sizeof(float));
+        // MllamaPrecomputedPositionEmbedding: + (1 - tanh g) * pos + tanh g * tile_pos[ar][t]
+        be_.add_scaled(ht, pos_embd_, g_pos_, P_ * D_);
+        be_.add_scaled(ht, tile_rows.p + t * P_ * D_, g_tile_, P_ * D_);
+        be_.layer_norm(ht, pre_ln_w_, pre_ln_b_, x.p + t * Np_ * D_, P_, D_, kPrePostLnEps);
+        if (Np_ > P_)  // F.pad: rows P..Np-1 of every tile are zeros
+            be_.to_device(x.p + (t * Np_ + P_) * D_, zeros.data(), size_t((Np_ - P_) * D_) * sizeof(float));
+    }
+
+    // Mask row for padding queries: finfo(float32).min on padding keys, 0 elsewhere,
+    // repeated kMaskRows times ([kMaskRows, S]).
+    {
+        std::vector<float> m(size_t(kMaskRows * S));
+        const float fmin = std::numeric_limits<float>::lowest();
+        for (int64_t j = 0; j < S; j++) {
+            const bool pad = Np_ == P_ || tile_mask[j / Np_] == 0 || j % Np_ >= P_;
+            m[j] = pad ? fmin : 0.0f;
+        }
+        for (int64_t r = 1; r < kMaskRows; r++) std::memcpy(&m[r * S], &m[0], size_t(S) * sizeof(float));
+        be_.to_device(mask.p, m.data(), m.size() * sizeof(float));
+    }
+
+    // ---- local layers, collecting the intermediate hidden states
+    auto collect = [&](int at) {
+        for (int64_t i = 0; i < K_; i++)
+            if (hp_.intermediate_layers[i] == at) be_.copy(inter[i]->p, x.p, size_t(S * D_) * sizeof(float));
+    };
+    for (int l = 0; l < hp_.num_layers; l++) {
+        if (hp_.intermediate_at_layer_input) collect(l);
+        run_layer(local_[l], x.p, S, tile_mask, scratch);
+        if (!hp_.intermediate_at_layer_input) collect(l);  // transformers 5.x: hidden_states[l] = output of layer l
+    }
+
+    // ---- layernorm_post (+ post-tile embedding folded into its bias), global layers
+    float* xg = h.p;  // h is free between layers
+    for (int64_t t = 0; t < T_; t++)
+        be_.layer_norm(x.p + t * Np_ * D_, post_ln_w_, post_bias.p + t * D_, xg + t * Np_ * D_, Np_, D_, kPrePostLnEps);
+    be_.copy(x.p, xg, size_t(S * D_) * sizeof(float));
+    for (int l = 0; l < hp_.num_global_layers; l++) run_layer(global_[l], x.p, S, tile_mask, scratch);
+
+    // ---- projector on [final (D) | intermediates], rows 0..P-1 of each tile.
+    // HF stacks the K intermediates on a new LAST axis and flattens it:
+    // torch.stack(list, dim=-1).reshape(..., D*K), so column D + d*K + i holds
+    // intermediate i at feature d (interleaved, not one block per layer). The
+    // backend has no strided copy, so the rows are assembled on the host.
+    std::vector<float> cat(size_t(kProjRows * Dc)), tmp(size_t(kProjRows * D_));
+    Buf dcat(be_, kProjRows * Dc);
+    be_.synchronize();
+    for (int64_t t = 0; t < T_; t++) {
+        for (int64_t r0 = 0; r0 < P_; r0 += kProjRows) {
+            const int64_t nr = std::min(kProjRows, P_ - r0), row = t * Np_ + r0;
+            be_.to_host(tmp.data(), x.p + row * D_, size_t(nr * D_) * sizeof(float));
+            for (int64_t r = 0; r < nr; r++) std::memcpy(&cat[r * Dc], &tmp[r * D_], size_t(D_) * sizeof(float));
+            for (int64_t i = 0; i < K_; i++) {
+                be_.to_host(tmp.data(), inter[i]->p + row * D_, size_t(nr * D_) * sizeof(float));
+                for (int64_t r = 0; r < nr; r++) {
+                    float* dst = &cat[r * Dc + D_ + i];
+                    const float* src = &tmp[r * D_];
+                    for (int64_t d = 0; d < D_; d++) dst[d * K_] = src[d];
+                }
+            }
+            be_.to_device(dcat.p, cat.data(), size_t(nr * Dc) * sizeof(float));
+            be_.matmul(dcat.p, nr, Dc, proj_, proj_b_, out + (t * P_ + r0) * O, O);
+            be_.synchronize();  // dcat is rewritten by the next chunk
+        }
+    }
+}
+
+}  // namespace mq

@@ -1,0 +1,261 @@
+"""`Model`: an mllama GGUF file loaded for inference (no torch).
+
+    m = Model("llama-3.2-11b-vision-q4_k_m.gguf")
+    logits = m.forward(input_ids, pixel_values, aspect_ratio_ids, aspect_ratio_mask, cross_attention_mask)
+
+The file is validated (mllama_q.gguf_file) before any tensor is used, then
+memory-mapped by gguf-py's GGUFReader; its tensor arrays are handed to the
+compiled core without copying (the reader stays alive as long as the model).
+With `vision=False` the vision tower's tensors are never handed over, so they
+are never read from disk.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from . import _core
+from . import gguf_keys as K
+from .gguf_file import (ModelFileError, check_architecture, field_value, get_float, get_int, get_int_list,
+                        open_gguf, require_keys, tensor_entry)
+
+# Metadata every mllama file has (Ollama's and ours).
+REQUIRED_TEXT_KEYS = (K.BLOCK_COUNT, K.EMBEDDING_LENGTH, K.FEED_FORWARD_LENGTH, K.HEAD_COUNT, K.HEAD_COUNT_KV,
+                      K.RMS_EPS, K.ROPE_FREQ_BASE, K.CROSS_ATTENTION_LAYERS)
+REQUIRED_VISION_KEYS = (K.V_BLOCK_COUNT, K.V_GLOBAL_BLOCK_COUNT, K.V_INTERMEDIATE_LAYERS, K.V_EMBEDDING_LENGTH,
+                        K.V_FEED_FORWARD_LENGTH, K.V_HEAD_COUNT, K.V_LN_EPS, K.V_IMAGE_SIZE, K.V_PATCH_SIZE,
+                        K.V_MAX_NUM_TILES, K.V_NUM_CHANNELS)
+VISION_PREFIXES = ("v.", "mm.")
+
+
+def _q(reader, key):
+    """A `mllama_q.` key, falling back to the published 11B value (files written by Ollama lack them)."""
+    return field_value(reader, key, K.DEFAULTS_11B.get(key))
+
+
+def rope_inv_freq(reader, head_dim: int, theta: float) -> list[float]:
+    """RoPE inverse frequencies [head_dim/2] with llama3 scaling, as HF's rotary embedding uses.
+
+    inv_freq[i] = theta^(-2i/head_dim) / rope_freqs[i]   (transformers
+    modeling_rope_utils._compute_llama3_parameters; the divisors are the
+    `rope_freqs.weight` tensor, or computed from the mllama_q.rope.scaling.*
+    keys when the file has no such tensor; no scaling when its type is "none").
+    """
+    base = theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    t = next((t for t in reader.tensors if t.name == K.ROPE_FREQS), None)
+    if t is not None:
+        div = np.asarray(t.data, dtype=np.float64).reshape(-1)
+        if div.shape[0] != head_dim // 2 or int(t.tensor_type) != 0:
+            raise ModelFileError(f"tensor '{K.ROPE_FREQS}' must be f32 [{head_dim // 2}]")
+    elif str(_q(reader, K.Q_ROPE_SCALING_TYPE)) == "llama3":
+        div = K.rope_freqs_llama3(head_dim, theta, float(_q(reader, K.Q_ROPE_SCALING_FACTOR)),
+                                  float(_q(reader, K.Q_ROPE_SCALING_LOW_FREQ_FACTOR)),
+                                  float(_q(reader, K.Q_ROPE_SCALING_HIGH_FREQ_FACTOR)),
+                                  int(_q(reader, K.Q_ROPE_SCALING_ORIG_CTX))).astype(np.float64)
+    else:
+        div = np.ones(head_dim // 2)
+    if not np.all(np.isfinite(div)) or np.any(div <= 0):
+        raise ModelFileError(f"'{K.ROPE_FREQS}' must hold positive finite divisors")
+    return [float(x) for x in (base / div).astype(np.float32)]
+
+
+def text_hparams(reader, path) -> dict:
+    require_keys(reader, path, REQUIRED_TEXT_KEYS)
+    D = get_int(reader, K.EMBEDDING_LENGTH)
+    H = get_int(reader, K.HEAD_COUNT)
+    if D <= 0 or H <= 0 or D % H:
+        raise ModelFileError(f"{path}: embedding_length {D} is not a multiple of head_count {H}")
+    hd = get_int(reader, K.ROPE_DIMENSION_COUNT, D // H)
+    out = next((t for t in reader.tensors if t.name == K.OUTPUT), None)
+    vocab_default = int(out.shape[1]) if out is not None and len(out.shape) == 2 else None
+    return {
+        "vocab_size": get_int(reader, K.VOCAB_SIZE, vocab_default),
+        "hidden_size": D,
+        "intermediate_size": get_int(reader, K.FEED_FORWARD_LENGTH),
+        "n_layer": get_int(reader, K.BLOCK_COUNT),
+        "n_head": H,
+        "n_kv_head": get_int(reader, K.HEAD_COUNT_KV),
+        "head_dim": hd,
+        "rms_eps": get_float(reader, K.RMS_EPS),
+        "cross_attention_layers": get_int_list(reader, K.CROSS_ATTENTION_LAYERS),
+        "rope_inv_freq": rope_inv_freq(reader, hd, get_float(reader, K.ROPE_FREQ_BASE)),
+    }
+
+
+def vision_hparams(reader, path, text_hidden: int) -> dict:
+    require_keys(reader, path, REQUIRED_VISION_KEYS)
+    ratios = [int(x) for x in np.asarray(_q(reader, K.Q_V_ASPECT_RATIOS)).reshape(-1)]
+    return {
+        "hidden_size": get_int(reader, K.V_EMBEDDING_LENGTH),
+        "intermediate_size": get_int(reader, K.V_FEED_FORWARD_LENGTH),
+        "num_layers": get_int(reader, K.V_BLOCK_COUNT),
+        "num_global_layers": get_int(reader, K.V_GLOBAL_BLOCK_COUNT),
+        "n_head": get_int(reader, K.V_HEAD_COUNT),
+        "image_size": get_int(reader, K.V_IMAGE_SIZE),
+        "patch_size": get_int(reader, K.V_PATCH_SIZE),
+        "num_channels": get_int(reader, K.V_NUM_CHANNELS),
+        "max_num_tiles": get_int(reader, K.V_MAX_NUM_TILES),
+        "max_aspect_ratio_id": len(ratios) // 2,
+        "norm_eps": get_float(reader, K.V_LN_EPS),
+        "intermediate_layers": get_int_list(reader, K.V_INTERMEDIATE_LAYERS),
+        "out_dim": int(_q(reader, K.Q_V_PROJECTION_DIM) if K.Q_V_PROJECTION_DIM in reader.fields else text_hidden),
+    }
+
+
+class Model:
+    """An mllama GGUF model on one device.
+
+    Args:
+      path: the .gguf file.
+      device: "cpu", "cuda" or "cuda:N".
+      n_ctx: maximum number of tokens in one session (self-attention KV cache length).
+      n_threads: CPU threads (None: all available cores); sets the process-wide pool.
+      vision: False loads the text decoder only (the vision weights stay untouched on disk).
+      kv_type: "f16" (default) or "f32" KV cache and cached cross-attention K/V.
+
+    Raises ModelFileError (a ValueError) for a missing, corrupt, truncated or
+    non-mllama file, before any tensor is used.
+    """
+
+    def __init__(self, path, device: str = "cpu", n_ctx: int = 4096, n_threads: int | None = None,
+                 vision: bool = True, kv_type: str = "f16"):
+        if not isinstance(n_ctx, (int, np.integer)) or n_ctx <= 0:
+            raise ValueError(f"n_ctx must be a positive integer, got {n_ctx!r}")
+        if kv_type not in ("f16", "f32"):
+            raise ValueError(f"kv_type must be 'f16' or 'f32', got {kv_type!r}")
+        if n_threads is not None:
+            if not isinstance(n_threads, (int, np.integer)) or n_threads <= 0:
+                raise ValueError(f"n_threads must be a positive integer or None, got {n_threads!r}")
+            _core.set_num_threads(int(n_threads))
+        self.path = os.fspath(path)
+        reader = open_gguf(self.path)
+        check_architecture(reader, self.path)
+        thp = text_hparams(reader, self.path)
+        has_vision_tensors = any(t.name.startswith(VISION_PREFIXES) for t in reader.tensors)
+        vhp = None
+        if vision and has_vision_tensors:
+            vhp = vision_hparams(reader, self.path, thp["hidden_size"])
+        elif vision and not has_vision_tensors:
+            raise ModelFileError(f"{self.path}: the file has no vision tensors (v.*, mm.*); load it with vision=False")
+
+        # Hand over the mapped arrays (no copy); the vision ones only when used.
+        tensors = {t.name: tensor_entry(t) for t in reader.tensors
+                   if vhp is not None or not t.name.startswith(VISION_PREFIXES)}
+        try:
+            self._core = _core.MllamaModel(tensors, thp, vhp, device, int(n_ctx), kv_type)
+        except RuntimeError as e:  # a missing or misshaped tensor (TensorMap), or no such device
+            if "tensor" in str(e):
+                raise ModelFileError(f"{self.path}: {e}") from e
+            raise
+        self._reader = reader  # keeps the memory map (and so every tensor array) alive
+        self._tensors = tensors
+        self.text_hparams = thp
+        self.vision_hparams = vhp
+        self.device = device
+        self.n_ctx = int(n_ctx)
+        self.image_token_id = int(_q(reader, K.Q_IMAGE_TOKEN_ID))
+        stop = [int(x) for x in np.asarray(_q(reader, K.Q_STOP_TOKEN_IDS)).reshape(-1)]
+        eos = field_value(reader, K.TOKENIZER_EOS_ID)
+        if eos is not None and int(eos) not in stop:
+            stop.append(int(eos))
+        self.stop_ids = stop
+        self.tokenizer, self.processor = self._frontend(reader)
+
+    # -- frontend (tokenizer, processor) built from the same file -------------
+    def _frontend(self, reader):
+        try:
+            from .tokenizer import Tokenizer
+        except ImportError:  # frontend not part of this build
+            return None, None
+        if K.TOKENIZER_TOKENS not in reader.fields:
+            return None, None
+        tok = Tokenizer.from_gguf(reader)
+        proc = None
+        try:
+            from .processor import Processor
+        except ImportError:
+            return tok, None
+        if hasattr(Processor, "from_gguf"):
+            proc = Processor.from_gguf(reader, tok)
+        return tok, proc
+
+    # -- session ---------------------------------------------------------------
+    @property
+    def n_past(self) -> int:
+        """Tokens evaluated since the last reset()."""
+        return self._core.n_past
+
+    @property
+    def has_vision(self) -> bool:
+        return self._core.has_vision
+
+    def reset(self) -> None:
+        """Forget every evaluated token and image."""
+        self._core.reset()
+
+    def encode_images(self, pixel_values, aspect_ratio_ids, aspect_ratio_mask) -> None:
+        """Run the vision tower on a set of images (MllamaProcessor's arrays, batch 1) and cache
+        the cross-attention K/V every later token reads; replaces the previous image set."""
+        if not self.has_vision:
+            raise ValueError("this model was loaded with vision=False (or the file has no vision tower)")
+        self._core.encode_images(np.ascontiguousarray(pixel_values, dtype=np.float32),
+                                 np.ascontiguousarray(aspect_ratio_ids, dtype=np.int32),
+                                 np.ascontiguousarray(aspect_ratio_mask, dtype=np.int32))
+
+    def eval(self, tokens, cross_attention_mask=None) -> np.ndarray:
+        """Evaluate `tokens` after the cached ones; returns float32 logits [vocab] of the last token.
+
+        cross_attention_mask: int [n_tokens, n_images, max_tiles] (MllamaProcessor's
+        rows for these tokens). None repeats the last row given since the images
+        were encoded, as transformers' generate() does for each new token.
+        """
+        toks = self._tokens(tokens)
+        if self.n_past + len(toks) > self.n_ctx:
+            raise ValueError(f"{self.n_past} cached + {len(toks)} new tokens exceed the context n_ctx={self.n_ctx}")
+        mask = None if cross_attention_mask is None else np.ascontiguousarray(cross_attention_mask, dtype=np.int32)
+        return self._core.eval(toks, mask, False)[0]
+
+    def forward(self, input_ids, pixel_values=None, aspect_ratio_ids=None, aspect_ratio_mask=None,
+                cross_attention_mask=None) -> np.ndarray:
+        """Logits float32 [seq, vocab] for one sequence from an empty cache (resets the session).
+
+        Arguments as MllamaProcessor returns them (batch 1; a leading batch axis
+        of 1 is accepted). Without pixel_values the cross-attention layers are
+        skipped, as in transformers for text-only input.
+        """
+        toks = self._tokens(input_ids)
+        if len(toks) > self.n_ctx:
+            raise ValueError(f"prompt of {len(toks)} tokens is longer than the context n_ctx={self.n_ctx}")
+        self.reset()
+        if pixel_values is not None:
+            if aspect_ratio_ids is None or aspect_ratio_mask is None:
+                raise ValueError("pixel_values needs aspect_ratio_ids and aspect_ratio_mask")
+            self.encode_images(pixel_values, aspect_ratio_ids, aspect_ratio_mask)
+        mask = None
+        if cross_attention_mask is not None and pixel_values is not None:
+            mask = np.ascontiguousarray(cross_attention_mask, dtype=np.int32)
+        return self._core.eval(toks, mask, True)
+
+    def generate(self, *args, **kwargs):
+        """Text generation; see mllama_q.generate.generate."""
+        from .generate import generate
+
+        return generate(self, *args, **kwargs)
+
+    @staticmethod
+    def _tokens(tokens) -> np.ndarray:
+        a = np.asarray(tokens)
+        if a.ndim == 2 and a.shape[0] == 1:
+            a = a[0]
+        if a.ndim != 1 or a.size == 0:
+            raise ValueError(f"tokens must be a non-empty 1-D sequence of ids (or [1, n]), got shape {a.shape}")
+        if not np.issubdtype(a.dtype, np.integer):
+            raise ValueError(f"tokens must be integers, got dtype {a.dtype}")
+        return np.ascontiguousarray(a, dtype=np.int32)
+
+    def __repr__(self) -> str:
+        h = self.text_hparams
+        return (f"Model({self.path!r}, device={self.device!r}, layers={h['n_layer']}, hidden={h['hidden_size']}, "
+                f"vision={self.vision_hparams is not None}, n_ctx={self.n_ctx})")
