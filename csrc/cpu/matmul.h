@@ -38,4 +38,9 @@ void matmul(const float* x, int64_t M, int64_t K, int64_t ldx,
             const void* w, DType wtype, int64_t N,
             float* y, int64_t ldy, ThreadPool& pool);
 
+// Memory read bandwidth in bytes/s: every thread of `pool` sums its share of
+// a `bytes` buffer; best of `repeats` passes. For benchmark context.
+double measure_read_bandwidth(size_t bytes, int repeats, ThreadPool& pool);
+uint64_t read_sum(const uint64_t* p, size_t n);   // sum of n words, widest loads available
+
 }  // namespace mq::cpu

@@ -1,0 +1,250 @@
+// AVX2 + FMA + F16C kernels. Compiled with those flags; only called after
+// matmul.cpp has checked the CPU and OS support them.
+//
+// Same scheme as the AVX-512 file with 256-bit vectors and no VNNI:
+// maddubs (u8 x s8 -> int16 pairs) then madd with the int16 sub-block scales
+// (-> int32), as ggml's AVX2 vec_dot_q4_K_q8_K / vec_dot_q6_K_q8_K do.
+// 16 ymm registers: tiles are 2 X rows x up to 4 W rows.
+#include <immintrin.h>
+
+#include <cstring>
+
+#include "cpu/kernels.h"
+#include "quants/quants.h"
+
+namespace mq::cpu::detail {
+namespace {
+
+inline float h2f(uint16_t h) { return _cvtsh_ss(h); }
+inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+// ---------------------------------------------------------------- float weights
+struct LoadF32 {
+    static __m256 load(const uint8_t* p, int64_t k) { return _mm256_loadu_ps(reinterpret_cast<const float*>(p) + k); }
+    static float at(const uint8_t* p, int64_t k) { return reinterpret_cast<const float*>(p)[k]; }
+};
+struct LoadF16 {
+    static __m256 load(const uint8_t* p, int64_t k) {
+        return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(reinterpret_cast<const uint16_t*>(p) + k)));
+    }
+    static float at(const uint8_t* p, int64_t k) { return h2f(reinterpret_cast<const uint16_t*>(p)[k]); }
+};
+struct LoadBF16 {
+    static __m256 load(const uint8_t* p, int64_t k) {
+        const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(reinterpret_cast<const uint16_t*>(p) + k));
+        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    }
+    static float at(const uint8_t* p, int64_t k) {
+        const uint32_t u = uint32_t(reinterpret_cast<const uint16_t*>(p)[k]) << 16;
+        float f;
+        std::memcpy(&f, &u, 4);
+        return f;
+    }
+};
+
+template <class L>
+struct FloatTile {
+    template <int NX, int NW>
+    static void run(const uint8_t* w, size_t ws, const uint8_t* x, size_t xs, int64_t K, float* y, int64_t ldy) {
+        __m256 acc[NX][NW];
+        for (int i = 0; i < NX; i++)
+            for (int j = 0; j < NW; j++) acc[i][j] = _mm256_setzero_ps();
+        int64_t k = 0;
+        for (; k + 8 <= K; k += 8) {
+            __m256 wv[NW];
+            for (int j = 0; j < NW; j++) wv[j] = L::load(w + j * ws, k);
+            for (int i = 0; i < NX; i++) {
+                const __m256 xv = _mm256_loadu_ps(reinterpret_cast<const float*>(x + i * xs) + k);
+                for (int j = 0; j < NW; j++) acc[i][j] = _mm256_fmadd_ps(wv[j], xv, acc[i][j]);
+            }
+        }
+        for (int i = 0; i < NX; i++)
+            for (int j = 0; j < NW; j++) {
+                float s = hsum(acc[i][j]);
+                for (int64_t t = k; t < K; t++) s += L::at(w + j * ws, t) * reinterpret_cast<const float*>(x + i * xs)[t];
+                y[i * ldy + j] = s;
+            }
+    }
+};
+
+// ---------------------------------------------------------------- Q4_K x Q8_K
+// 32 qs bytes g (g = 0..3) hold sub-block 2g in the low nibbles and 2g+1 in
+// the high nibbles; X's Q8_K quants are in natural order.
+struct Q4KTile {
+    template <int NX, int NW>
+    static void run(const uint8_t* w, size_t ws, const uint8_t* x, size_t xs, int64_t K, float* y, int64_t ldy) {
+        const __m256i m4 = _mm256_set1_epi8(0x0F);
+        __m256 acc[NX][NW];
+        for (int i = 0; i < NX; i++)
+            for (int j = 0; j < NW; j++) acc[i][j] = _mm256_setzero_ps();
+        const int64_t nb = K / QK_K;
+        for (int64_t b = 0; b < nb; b++) {
+            for (int j = 0; j < NW; j++) {
+                const block_q4_K* wb = reinterpret_cast<const block_q4_K*>(w + j * ws) + b;
+                uint64_t sc8, m8;
+                unpack_q4_K_scales(wb->scales, &sc8, &m8);
+                const __m128i scv = _mm_cvtsi64_si128(int64_t(sc8));
+                const __m128i mv = _mm_cvtsi64_si128(int64_t(m8));
+                __m256i isum[NX];
+                for (int i = 0; i < NX; i++) isum[i] = _mm256_setzero_si256();
+                for (int g = 0; g < 4; g++) {
+                    const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb->qs + 32 * g));
+                    const __m256i lo = _mm256_and_si256(q, m4), hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+                    // broadcast scale byte 2g / 2g+1 to 16 int16 lanes
+                    const __m256i slo = _mm256_cvtepu8_epi16(_mm_shuffle_epi8(scv, _mm_set1_epi8(char(2 * g))));
+                    const __m256i shi = _mm256_cvtepu8_epi16(_mm_shuffle_epi8(scv, _mm_set1_epi8(char(2 * g + 1))));
+                    for (int i = 0; i < NX; i++) {
+                        const int8_t* xq = reinterpret_cast<const block_q8_K*>(x + i * xs)[b].qs + 64 * g;
+                        const __m256i p0 = _mm256_maddubs_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq)));
+                        const __m256i p1 = _mm256_maddubs_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 32)));
+                        isum[i] = _mm256_add_epi32(isum[i], _mm256_add_epi32(_mm256_madd_epi16(p0, slo), _mm256_madd_epi16(p1, shi)));
+                    }
+                }
+                const __m256i mdup = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(mv, mv));   // m0,m0,m1,m1,..
+                const __m256 dw = _mm256_set1_ps(h2f(wb->d)), dmw = _mm256_set1_ps(h2f(wb->dmin));
+                for (int i = 0; i < NX; i++) {
+                    const block_q8_K* xb = reinterpret_cast<const block_q8_K*>(x + i * xs) + b;
+                    const __m256i mins = _mm256_madd_epi16(mdup, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb->bsums)));
+                    const __m256 f = _mm256_fnmadd_ps(dmw, _mm256_cvtepi32_ps(mins), _mm256_mul_ps(dw, _mm256_cvtepi32_ps(isum[i])));
+                    acc[i][j] = _mm256_fmadd_ps(f, _mm256_set1_ps(xb->d), acc[i][j]);
+                }
+            }
+        }
+        for (int i = 0; i < NX; i++)
+            for (int j = 0; j < NW; j++) y[i * ldy + j] = hsum(acc[i][j]);
+    }
+};
+
+// ---------------------------------------------------------------- Q6_K x Q8_K
+// Per half block h: ql0 = ql[64h..+31], ql1 = ql[64h+32..+63], qh = qh[32h..+31];
+// the four 32-value groups (natural order, see ggml's dequantize_row_q6_K) are
+//   (ql0 & 15) | (qh << 4 & 0x30), (ql1 & 15) | (qh << 2 & 0x30),
+//   (ql0 >> 4) | (qh & 0x30),      (ql1 >> 4) | (qh >> 2 & 0x30).
+// Each group spans two 16-value sub-blocks: int16 scale vector [s_a x8 | s_b x8].
+struct Q6KTile {
+    template <int NX, int NW>
+    static void run(const uint8_t* w, size_t ws, const uint8_t* x, size_t xs, int64_t K, float* y, int64_t ldy) {
+        const __m256i m4 = _mm256_set1_epi8(0x0F), m30 = _mm256_set1_epi8(0x30);
+        __m256 acc[NX][NW];
+        for (int i = 0; i < NX; i++)
+            for (int j = 0; j < NW; j++) acc[i][j] = _mm256_setzero_ps();
+        const int64_t nb = K / QK_K;
+        for (int64_t b = 0; b < nb; b++) {
+            for (int j = 0; j < NW; j++) {
+                const block_q6_K* wb = reinterpret_cast<const block_q6_K*>(w + j * ws) + b;
+                const __m128i scv = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wb->scales));
+                __m256i isum[NX];
+                for (int i = 0; i < NX; i++) isum[i] = _mm256_setzero_si256();
+                for (int h = 0; h < 2; h++) {
+                    const __m256i ql0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb->ql + 64 * h));
+                    const __m256i ql1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb->ql + 64 * h + 32));
+                    const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb->qh + 32 * h));
+                    __m256i q[4];
+                    q[0] = _mm256_or_si256(_mm256_and_si256(ql0, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 4), m30));
+                    q[1] = _mm256_or_si256(_mm256_and_si256(ql1, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 2), m30));
+                    q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4), _mm256_and_si256(qh, m30));
+                    q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
+                                           _mm256_and_si256(_mm256_srli_epi16(qh, 2), m30));
+                    for (int g = 0; g < 4; g++) {
+                        const int s = 8 * h + 2 * g;   // first of the two sub-blocks
+                        const __m128i sel = _mm_set_epi64x(0x0101010101010101ll * (s + 1), 0x0101010101010101ll * s);
+                        const __m256i sv = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(scv, sel));
+                        for (int i = 0; i < NX; i++) {
+                            const int8_t* xq = reinterpret_cast<const block_q8_K*>(x + i * xs)[b].qs + 128 * h + 32 * g;
+                            const __m256i p = _mm256_maddubs_epi16(q[g], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq)));
+                            isum[i] = _mm256_add_epi32(isum[i], _mm256_madd_epi16(p, sv));
+                        }
+                    }
+                }
+                const __m256i s16 = _mm256_cvtepi8_epi16(scv);
+                const float dw = h2f(wb->d);
+                for (int i = 0; i < NX; i++) {
+                    const block_q8_K* xb = reinterpret_cast<const block_q8_K*>(x + i * xs) + b;
+                    // remove the +32 offset of the unsigned quants: 32 * sum_j sc_j * bsum_j
+                    const __m256i corr = _mm256_madd_epi16(s16, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb->bsums)));
+                    const __m256i tot = _mm256_sub_epi32(isum[i], _mm256_slli_epi32(corr, 5));
+                    acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(tot), _mm256_set1_ps(dw * xb->d), acc[i][j]);
+                }
+            }
+        }
+        for (int i = 0; i < NX; i++)
+            for (int j = 0; j < NW; j++) y[i * ldy + j] = hsum(acc[i][j]);
+    }
+};
+
+// ---------------------------------------------------------------- Q8_0 x Q8_0
+// Signed x signed bytes with maddubs: |w| (unsigned) times x carrying w's sign.
+struct Q80Tile {
+    template <int NX, int NW>
+    static void run(const uint8_t* w, size_t ws, const uint8_t* x, size_t xs, int64_t K, float* y, int64_t ldy) {
+        const __m256i ones = _mm256_set1_epi16(1);
+        __m256 acc[NX][NW];
+        for (int i = 0; i < NX; i++)
+            for (int j = 0; j < NW; j++) acc[i][j] = _mm256_setzero_ps();
+        const int64_t nb = K / QK8_0;
+        for (int64_t b = 0; b < nb; b++) {
+            float dx[NX];
+            __m256i xv[NX];
+            for (int i = 0; i < NX; i++) {
+                const block_q8_0* xb = reinterpret_cast<const block_q8_0*>(x + i * xs) + b;
+                dx[i] = h2f(xb->d);
+                xv[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb->qs));
+            }
+            for (int j = 0; j < NW; j++) {
+                const block_q8_0* wb = reinterpret_cast<const block_q8_0*>(w + j * ws) + b;
+                const __m256i wq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb->qs));
+                const __m256i aw = _mm256_sign_epi8(wq, wq);
+                const float dw = h2f(wb->d);
+                for (int i = 0; i < NX; i++) {
+                    const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv[i], wq)), ones);
+                    acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dw * dx[i]), acc[i][j]);
+                }
+            }
+        }
+        for (int i = 0; i < NX; i++)
+            for (int j = 0; j < NW; j++) y[i * ldy + j] = hsum(acc[i][j]);
+    }
+};
+
+void prep_q8_K(const float* x, void* xq, int64_t K) { quantize_row_q8_K_ref(x, static_cast<block_q8_K*>(xq), K); }
+size_t bytes_q8_K(int64_t K) { return size_t(K / QK_K) * sizeof(block_q8_K); }
+void prep_q8_0(const float* x, void* xq, int64_t K) { quantize_row_q8_0_ref(x, static_cast<block_q8_0*>(xq), K); }
+size_t bytes_q8_0(int64_t K) { return size_t(K / QK8_0) * sizeof(block_q8_0); }
+
+}  // namespace
+
+uint64_t read_sum_avx2(const uint64_t* p, size_t n) {
+    __m256i s0 = _mm256_setzero_si256(), s1 = s0, s2 = s0, s3 = s0;
+    size_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        s0 = _mm256_add_epi64(s0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i)));
+        s1 = _mm256_add_epi64(s1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i + 4)));
+        s2 = _mm256_add_epi64(s2, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i + 8)));
+        s3 = _mm256_add_epi64(s3, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i + 12)));
+    }
+    const __m256i s = _mm256_add_epi64(_mm256_add_epi64(s0, s1), _mm256_add_epi64(s2, s3));
+    uint64_t out[4];
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), s);
+    uint64_t r = out[0] + out[1] + out[2] + out[3];
+    for (; i < n; i++) r += p[i];
+    return r;
+}
+
+const PathKernels& avx2_kernels() {
+    static const PathKernels k = {
+        {nullptr, nullptr, run_tile<FloatTile<LoadF32>, 2>},
+        {nullptr, nullptr, run_tile<FloatTile<LoadF16>, 2>},
+        {nullptr, nullptr, run_tile<FloatTile<LoadBF16>, 2>},
+        {prep_q8_0, bytes_q8_0, run_tile<Q80Tile, 2>},
+        {prep_q8_K, bytes_q8_K, run_tile<Q4KTile, 2>},
+        {prep_q8_K, bytes_q8_K, run_tile<Q6KTile, 2>},
+    };
+    return k;
+}
+
+}  // namespace mq::cpu::detail

@@ -1,0 +1,286 @@
+// CPU matmul driver: feature detection, path choice, activation
+// quantization, threading and 2-D tiling. The arithmetic lives in the
+// kernels_*.cpp files behind the interface in kernels.h.
+#include "cpu/matmul.h"
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+
+#include "cpu/kernels.h"
+
+#if defined(MQ_X86)
+#include <cpuid.h>
+#endif
+
+namespace mq::cpu {
+
+// ------------------------------------------------------------------ features
+#if defined(MQ_X86)
+static uint64_t read_xcr0() {
+    uint32_t eax, edx;
+    // xgetbv with ecx = 0: which register states the OS saves on context switch.
+    __asm__ volatile("xgetbv" : "=a"(eax), "=d"(edx) : "c"(0));
+    return (uint64_t(edx) << 32) | eax;
+}
+#endif
+
+static CpuFeatures detect() {
+    CpuFeatures f;
+#if defined(MQ_X86)
+    unsigned a, b, c, d;
+    if (!__get_cpuid(1, &a, &b, &c, &d)) return f;
+    const bool osxsave = (c >> 27) & 1;
+    const bool avx = (c >> 28) & 1;
+    if (!osxsave || !avx) return f;   // no AVX state saved by the OS: SIMD paths unusable
+    const uint64_t xcr0 = read_xcr0();
+    const bool os_avx = (xcr0 & 0x6) == 0x6;        // XMM + YMM state
+    const bool os_avx512 = (xcr0 & 0xe6) == 0xe6;   // + opmask, ZMM_Hi256, Hi16_ZMM
+    if (!os_avx) return f;
+    f.fma = (c >> 12) & 1;
+    f.f16c = (c >> 29) & 1;
+    if (__get_cpuid_count(7, 0, &a, &b, &c, &d)) {
+        f.avx2 = (b >> 5) & 1;
+        const bool bmi2 = (b >> 8) & 1;
+        f.avx2 = f.avx2 && bmi2;   // the AVX2 files are compiled with -mbmi2
+        if (os_avx512) {
+            f.avx512f = (b >> 16) & 1;
+            f.avx512dq = (b >> 17) & 1;
+            f.avx512bw = (b >> 30) & 1;
+            f.avx512vl = (b >> 31) & 1;
+            f.avx512vnni = (c >> 11) & 1;
+        }
+        unsigned a1, b1, c1, d1;
+        if (__get_cpuid_count(7, 1, &a1, &b1, &c1, &d1)) {
+            f.avxvnni = (a1 >> 4) & 1;
+            f.avx512bf16 = os_avx512 && ((a1 >> 5) & 1);
+        }
+    }
+#endif
+    return f;
+}
+
+const CpuFeatures& cpu_features() {
+    static const CpuFeatures f = detect();
+    return f;
+}
+
+static bool path_supported(Path p) {
+    const CpuFeatures& f = cpu_features();
+    const bool avx2 = f.avx2 && f.fma && f.f16c;
+    switch (p) {
+        case Path::Scalar: return true;
+        case Path::AVX2: return avx2;
+        // The AVX-512 file is compiled with VNNI and uses it unconditionally:
+        // CPUs with AVX-512 but no VNNI (Skylake-X) take the AVX2 path.
+        case Path::AVX512: return avx2 && f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq && f.avx512vnni;
+    }
+    return false;
+}
+
+const char* path_name(Path p) {
+    switch (p) {
+        case Path::Scalar: return "scalar";
+        case Path::AVX2: return "avx2";
+        case Path::AVX512: return "avx512";
+    }
+    return "?";
+}
+
+Path best_path() {
+#if defined(MQ_X86)
+    if (path_supported(Path::AVX512)) return Path::AVX512;
+    if (path_supported(Path::AVX2)) return Path::AVX2;
+#endif
+    return Path::Scalar;
+}
+
+std::vector<std::string> available_paths() {
+    std::vector<std::string> out;
+    for (Path p : {Path::Scalar, Path::AVX2, Path::AVX512})
+        if (path_supported(p)) out.push_back(path_name(p));
+    return out;
+}
+
+static Path parse_path(const std::string& name, const char* where) {
+    Path p;
+    if (name == "scalar") p = Path::Scalar;
+    else if (name == "avx2") p = Path::AVX2;
+    else if (name == "avx512") p = Path::AVX512;
+    else
+        throw std::invalid_argument(std::string(where) + ": unknown CPU path '" + name +
+                                    "' (expected auto, scalar, avx2 or avx512)");
+    if (!path_supported(p)) {
+        std::string avail;
+        for (const auto& s : available_paths()) avail += (avail.empty() ? "" : ", ") + s;
+        throw std::invalid_argument(std::string(where) + ": CPU path '" + name +
+                                    "' is not supported by this CPU/build (available: " + avail + ")");
+    }
+    return p;
+}
+
+// -1: not decided yet (read MLLAMA_Q_CPU_PATH on first use).
+static std::atomic<int> g_path{-1};
+
+Path active_path() {
+    int p = g_path.load(std::memory_order_acquire);
+    if (p >= 0) return static_cast<Path>(p);
+    Path chosen = best_path();
+    if (const char* env = std::getenv("MLLAMA_Q_CPU_PATH")) {
+        const std::string s(env);
+        if (!s.empty() && s != "auto") chosen = parse_path(s, "MLLAMA_Q_CPU_PATH");   // throws: clear error
+    }
+    g_path.store(static_cast<int>(chosen), std::memory_order_release);
+    return chosen;
+}
+
+void set_cpu_path(const std::string& name) {
+    if (name.empty() || name == "auto") {
+        g_path.store(static_cast<int>(best_path()), std::memory_order_release);
+        return;
+    }
+    g_path.store(static_cast<int>(parse_path(name, "set_cpu_path")), std::memory_order_release);
+}
+
+static const detail::PathKernels& kernels_for(Path p) {
+#if defined(MQ_X86)
+    if (p == Path::AVX512) return detail::avx512_kernels();
+    if (p == Path::AVX2) return detail::avx2_kernels();
+#endif
+    return detail::scalar_kernels();
+}
+
+static const detail::TypeKernels& type_kernels(const detail::PathKernels& pk, DType t) {
+    switch (t) {
+        case DType::F32: return pk.f32;
+        case DType::F16: return pk.f16;
+        case DType::BF16: return pk.bf16;
+        case DType::Q8_0: return pk.q8_0;
+        case DType::Q4_K: return pk.q4_K;
+        case DType::Q6_K: return pk.q6_K;
+        default: break;
+    }
+    throw std::invalid_argument(std::string("matmul: unsupported weight type ") + type_info(t).name);
+}
+
+// ------------------------------------------------------------------ driver
+//
+// Work is cut into tasks of (nb W rows) x (mb X rows). Tasks are numbered
+// W-chunk-major, so the threads work on neighbouring X chunks of the same W
+// chunk at the same time: each W chunk comes from memory once and is then
+// re-read from cache for every X chunk. Inside a task the kernel takes 4 W
+// rows at a time (kMaxTileW, kept in L1) against all mb X rows (from L2).
+void matmul(const float* x, int64_t M, int64_t K, int64_t ldx, const void* w, DType wtype, int64_t N, float* y,
+            int64_t ldy, ThreadPool& pool) {
+    const TypeInfo& ti = type_info(wtype);
+    if (M < 0 || N < 0 || K <= 0)
+        throw std::invalid_argument("matmul: need M >= 0, N >= 0, K > 0 (got M=" + std::to_string(M) +
+                                    ", N=" + std::to_string(N) + ", K=" + std::to_string(K) + ")");
+    if (K % ti.block_size != 0)
+        throw std::invalid_argument("matmul: K=" + std::to_string(K) + " is not a multiple of the " + ti.name +
+                                    " block size " + std::to_string(ti.block_size));
+    if (ldx < K || ldy < N)
+        throw std::invalid_argument("matmul: row strides must satisfy ldx >= K and ldy >= N");
+    if (M == 0 || N == 0) return;
+    if (!x || !w || !y) throw std::invalid_argument("matmul: null buffer");
+
+    const detail::TypeKernels& tk = type_kernels(kernels_for(active_path()), wtype);
+    const size_t w_stride = row_size(wtype, K);
+
+    // Activations in the kernel's format: quantized once per matmul, in parallel.
+    std::unique_ptr<uint8_t[]> xq_buf;
+    const void* xp = x;
+    size_t x_stride = static_cast<size_t>(ldx) * sizeof(float);
+    if (tk.prep_x) {
+        x_stride = tk.x_row_bytes(K);
+        x_stride = (x_stride + 63) & ~size_t(63);   // 64-byte aligned rows
+        // new[] of uint8_t is not 64-byte aligned: over-allocate and align.
+        xq_buf.reset(new uint8_t[x_stride * M + 64]);
+        uint8_t* base = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(xq_buf.get()) + 63) & ~uintptr_t(63));
+        const int64_t rows_per_task = std::max<int64_t>(1, 16384 / K);
+        const int64_t n_tasks = (M + rows_per_task - 1) / rows_per_task;
+        pool.parallel_for(n_tasks, [&](int64_t t, int) {
+            const int64_t m1 = std::min(M, (t + 1) * rows_per_task);
+            for (int64_t m = t * rows_per_task; m < m1; m++) tk.prep_x(x + m * ldx, base + m * x_stride, K);
+        });
+        xp = base;
+    }
+
+    // X rows per task: as many as fit in ~256 KiB (half a core's L2 here), 4..64.
+    int64_t mb = std::max<int64_t>(4, std::min<int64_t>(64, (256 * 1024) / int64_t(x_stride)));
+    mb = std::min(mb, M);
+    const int64_t n_mchunks = (M + mb - 1) / mb;
+    // W rows per task: a multiple of 4, small enough that every thread gets
+    // several tasks (dynamic balance), large enough to amortise the dispatch.
+    const int64_t threads = pool.size();
+    const int64_t want_nchunks = std::max<int64_t>(1, (threads * 8 + n_mchunks - 1) / n_mchunks);
+    int64_t nb = (N + want_nchunks - 1) / want_nchunks;
+    nb = std::max<int64_t>(detail::kMaxTileW, std::min<int64_t>(nb, M <= 8 ? 256 : 32));
+    nb = (nb + detail::kMaxTileW - 1) / detail::kMaxTileW * detail::kMaxTileW;
+    const int64_t n_nchunks = (N + nb - 1) / nb;
+
+    const uint8_t* wb = static_cast<const uint8_t*>(w);
+    const uint8_t* xb = static_cast<const uint8_t*>(xp);
+    pool.parallel_for(n_nchunks * n_mchunks, [&](int64_t t, int) {
+        const int64_t nc = t / n_mchunks, mc = t % n_mchunks;
+        const int64_t n0 = nc * nb, n1 = std::min(N, n0 + nb);
+        const int64_t m0 = mc * mb, m1 = std::min(M, m0 + mb);
+        for (int64_t n = n0; n < n1; n += detail::kMaxTileW) {
+            const int nw = static_cast<int>(std::min<int64_t>(detail::kMaxTileW, n1 - n));
+            tk.tile(wb + n * w_stride, w_stride, nw, xb + m0 * x_stride, x_stride, static_cast<int>(m1 - m0), K,
+                    y + m0 * ldy + n, ldy);
+        }
+    });
+}
+
+// ------------------------------------------------------------------ bandwidth probe
+double measure_read_bandwidth(size_t bytes, int repeats, ThreadPool& pool) {
+    if (bytes < (1u << 20)) throw std::invalid_argument("measure_read_bandwidth: need at least 1 MiB");
+    if (repeats < 1) repeats = 1;
+    const size_t n = bytes / sizeof(uint64_t);
+    std::unique_ptr<uint64_t[]> buf(new uint64_t[n]);
+    const int64_t n_tasks = pool.size();
+    const size_t per = (n + n_tasks - 1) / n_tasks;
+    // Each thread first touches (and so places) its own part, then reads it.
+    pool.parallel_for(n_tasks, [&](int64_t t, int) {
+        const size_t a = t * per, b = std::min(n, a + per);
+        for (size_t i = a; i < b; i++) buf[i] = i * 0x9e3779b97f4a7c15ull;
+    });
+    std::vector<uint64_t> sink(n_tasks);
+    double best = 0;
+    for (int r = 0; r < repeats; r++) {
+        const auto t0 = std::chrono::steady_clock::now();
+        pool.parallel_for(n_tasks, [&](int64_t t, int) {
+            const size_t a = t * per, b = std::min(n, a + per);
+            sink[t] = read_sum(buf.get() + a, b - a);
+        });
+        const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+        best = std::max(best, double(n * sizeof(uint64_t)) / s);
+    }
+    volatile uint64_t keep = 0;
+    for (auto v : sink) keep = keep + v;
+    (void)keep;
+    return best;
+}
+
+// Sum of n words with the widest loads this CPU has (the loop only has to
+// be faster than memory). Portable version; SIMD ones live in the ISA files.
+uint64_t read_sum(const uint64_t* p, size_t n) {
+#if defined(MQ_X86)
+    if (path_supported(Path::AVX512)) return detail::read_sum_avx512(p, n);
+    if (path_supported(Path::AVX2)) return detail::read_sum_avx2(p, n);
+#endif
+    uint64_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+    size_t i = 0;
+    for (; i + 4 <= n; i += 4) { s0 += p[i]; s1 += p[i + 1]; s2 += p[i + 2]; s3 += p[i + 3]; }
+    for (; i < n; i++) s0 += p[i];
+    return s0 + s1 + s2 + s3;
+}
+
+}  // namespace mq::cpu

@@ -1,0 +1,242 @@
+"""CPU matmul Y = X · Wᵀ on every kernel path this CPU supports.
+
+References (never our own code):
+  * W: `gguf.quants.dequantize` (gguf-py) in float64;
+  * X as the quantized kernels see it: the Q8_0 activations through
+    `gguf.quants.quantize` (bit-exact with ggml's quantize_row_q8_0_ref), the
+    Q8_K activations through `q8_K_ref` below, a line-by-line transcription of
+    ggml's quantize_row_q8_K_ref (ggml-quants.c).
+
+Two checks per case:
+  1. vs the exact float64 product X·Wᵀ, within a bound derived from the
+     activation quantization: each X value moves by at most half a quant step
+     (plus the fp16 rounding of Q8_0's scale), so |Y - Y64| <= sum_k |W_k| * step_k / 2 * c.
+  2. vs float64 (dequantized X)·Wᵀ: the integer part of the kernels is exact,
+     so only float32 rounding is left: a tight relative bound.
+Float weights (F32/F16/BF16) use X as is and the float32 bound of check 2.
+
+Test weights are random VALID blocks (random quant bytes, controlled finite
+fp16 scales) so these tests do not depend on any quantizer.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zlib
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as GT
+from gguf import quants as gq
+
+from mllama_q import _core
+
+PATHS = list(_core.cpu_paths())
+QTYPES = {"q8_0": GT.Q8_0, "q4_k": GT.Q4_K, "q6_k": GT.Q6_K}
+BLOCK = {"q8_0": (32, 34), "q4_k": (256, 144), "q6_k": (256, 210)}
+
+# (M, N, K): every M of the spec, N with tile remainders (1, 5 = 4+1, 250 = 62*4+2),
+# K non-power-of-two multiples of 256; small N for large M to stay fast.
+CASES = [
+    (1, 1, 256), (1, 250, 1280), (2, 5, 768), (3, 96, 1280), (7, 250, 256),
+    (16, 96, 768), (64, 5, 1280), (300, 5, 768), (300, 1, 256),
+]
+
+
+@pytest.fixture(autouse=True)
+def _restore_path():
+    yield
+    _core.set_cpu_path("auto")
+
+
+def random_quant_weights(rng, qtype: str, n: int, k: int) -> np.ndarray:
+    """Random valid blocks: random bytes, then the fp16 scale fields set to finite values."""
+    bs, ts = BLOCK[qtype]
+    nb = n * k // bs
+    raw = rng.integers(0, 256, size=(nb, ts), dtype=np.uint8)
+
+    def put_f16(col, lo, hi):
+        v = (rng.uniform(lo, hi, nb) * rng.choice([-1.0, 1.0], nb)).astype(np.float16)
+        raw[:, col:col + 2] = v.view(np.uint8).reshape(nb, 2)
+
+    if qtype == "q8_0":
+        put_f16(0, 1e-3, 1e-2)                                # d
+    elif qtype == "q4_k":
+        put_f16(0, 1e-4, 1e-3)                                # d
+        put_f16(2, 1e-4, 1e-3)                                # dmin
+    else:
+        put_f16(ts - 2, 1e-4, 1e-3)                           # d (last field)
+    return raw.reshape(n, -1)
+
+
+def float_weights(rng, wtype: str, n: int, k: int):
+    """(bytes [n, row_bytes], exact float64 values [n, k])."""
+    f = rng.standard_normal((n, k)).astype(np.float32)
+    if wtype == "f32":
+        return f.view(np.uint8).reshape(n, -1), f.astype(np.float64)
+    if wtype == "f16":
+        h = f.astype(np.float16)
+        return h.view(np.uint8).reshape(n, -1), h.astype(np.float64)
+    b = (f.view(np.uint32) >> 16).astype(np.uint16)             # bf16 = top half of the float
+    return b.view(np.uint8).reshape(n, -1), (b.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+
+
+def q8_K_ref(x: np.ndarray) -> np.ndarray:
+    """Dequantized Q8_K activations, as ggml's quantize_row_q8_K_ref makes them (float32 maths)."""
+    b = x.reshape(-1, 256).astype(np.float32)
+    imax = np.abs(b).argmax(axis=1)                            # first index of the largest |x|
+    mx = b[np.arange(len(b)), imax]
+    out = np.zeros_like(b)
+    nz = mx != 0
+    iscale = (np.float32(-127.0) / mx[nz]).astype(np.float32)
+    q = np.minimum(np.rint((iscale[:, None] * b[nz]).astype(np.float32)), 127)   # nearest_int: ties to even
+    d = (np.float32(1.0) / iscale).astype(np.float32)
+    out[nz] = q * d[:, None]
+    return out.reshape(x.shape).astype(np.float64)
+
+
+def q8_0_ref(x: np.ndarray) -> np.ndarray:
+    m, k = x.shape
+    q = gq.quantize(x.astype(np.float32), GT.Q8_0)
+    return gq.dequantize(q, GT.Q8_0).reshape(m, k).astype(np.float64)
+
+
+def act_step_bound(x: np.ndarray, block: int, fp16_scale: bool) -> np.ndarray:
+    """Per-value bound on |x - dequant(quant(x))|: half a quant step amax/127,
+    plus, for Q8_0's fp16 scale, |q| <= 127 times its relative rounding 2^-11."""
+    m, k = x.shape
+    amax = np.abs(x.astype(np.float64)).reshape(m, k // block, block).max(axis=2)
+    step = amax / 127.0
+    c = 0.5 + (127 * 2.0 ** -11 if fp16_scale else 1e-6)
+    return np.repeat(step * c, block, axis=1)                 # [m, k]
+
+
+def run(path, x, w, wtype, n, k):
+    _core.set_cpu_path(path)
+    return _core.matmul(x, w, wtype, n, k).astype(np.float64)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("wtype", ["q4_k", "q6_k", "q8_0"])
+def test_quantized_matmul_vs_float64(path, wtype):
+    rng = np.random.default_rng(zlib.crc32(f'{path}/{wtype}'.encode()))
+    for m, n, k in CASES + ([(9, 5, 96), (3, 7, 800)] if wtype == "q8_0" else []):   # odd Q8_0 block counts
+        x = (rng.standard_normal((m, k)) * rng.uniform(0.1, 10)).astype(np.float32)
+        w = random_quant_weights(rng, wtype, n, k)
+        wd = gq.dequantize(w, QTYPES[wtype]).reshape(n, k).astype(np.float64)
+        y = run(path, x, w, wtype, n, k)
+        assert y.shape == (m, n)
+
+        # 1. exact product, within the activation-quantization bound
+        y64 = x.astype(np.float64) @ wd.T
+        blk, fp16 = (32, True) if wtype == "q8_0" else (256, False)
+        bound = act_step_bound(x, blk, fp16) @ np.abs(wd).T
+        absmag = np.abs(x.astype(np.float64)) @ np.abs(wd).T
+        assert np.all(np.abs(y - y64) <= bound * 1.0001 + 1e-5 * absmag), (path, wtype, m, n, k)
+
+        # 2. same activation quants as the kernel: only float32 rounding differs
+        xq = q8_0_ref(x) if wtype == "q8_0" else q8_K_ref(x)
+        yq = xq @ wd.T
+        magq = np.abs(xq) @ np.abs(wd).T
+        err = np.abs(y - yq) / np.maximum(magq, 1e-30)
+        assert err.max() < 1e-5, (path, wtype, m, n, k, err.max())
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("wtype", ["f32", "f16", "bf16"])
+def test_float_matmul_vs_float64(path, wtype):
+    rng = np.random.default_rng(zlib.crc32(f'{path}/{wtype}'.encode()))
+    # K values that are not multiples of 8 / 16 exercise the SIMD tails.
+    for m, n, k in CASES + [(5, 7, 100), (2, 3, 257), (1, 9, 7)]:
+        x = rng.standard_normal((m, k)).astype(np.float32)
+        w, wd = float_weights(rng, wtype, n, k)
+        y = run(path, x, w, wtype, n, k)
+        y64 = x.astype(np.float64) @ wd.T
+        mag = np.abs(x.astype(np.float64)) @ np.abs(wd).T
+        # float32 products are exact in float64; summation error <= K * 2^-24 * sum|x w|
+        bound = k * 2.0 ** -24 * mag
+        assert np.all(np.abs(y - y64) <= bound), (path, wtype, m, n, k)
+        # and in practice far below that worst case (pairwise / lane-split sums)
+        assert (np.abs(y - y64) / np.maximum(mag, 1e-30)).max() < 1e-5
+
+
+@pytest.mark.skipif(len(PATHS) < 2, reason="only the scalar path runs on this CPU")
+@pytest.mark.parametrize("wtype", ["q4_k", "q6_k", "q8_0", "f32", "f16", "bf16"])
+def test_simd_paths_match_scalar(wtype):
+    rng = np.random.default_rng(7)
+    for m, n, k in [(1, 250, 1280), (7, 96, 768), (64, 5, 256)]:
+        x = rng.standard_normal((m, k)).astype(np.float32)
+        if wtype in QTYPES:
+            w = random_quant_weights(rng, wtype, n, k)
+            wd = gq.dequantize(w, QTYPES[wtype]).reshape(n, k).astype(np.float64)
+        else:
+            w, wd = float_weights(rng, wtype, n, k)
+        mag = np.abs(x.astype(np.float64)) @ np.abs(wd).T
+        ys = run("scalar", x, w, wtype, n, k)
+        for p in PATHS[1:]:
+            yp = run(p, x, w, wtype, n, k)
+            assert (np.abs(yp - ys) / mag).max() < 1e-5, (p, wtype, m, n, k)
+
+
+def test_matmul_m0_and_thread_counts():
+    rng = np.random.default_rng(3)
+    w = random_quant_weights(rng, "q4_k", 9, 512)
+    assert _core.matmul(np.zeros((0, 512), np.float32), w, "q4_k", 9, 512).shape == (0, 9)
+    x = rng.standard_normal((5, 512)).astype(np.float32)
+    n0 = _core.num_threads()
+    try:
+        _core.set_num_threads(1)
+        y1 = _core.matmul(x, w, "q4_k", 9, 512)
+        _core.set_num_threads(3)
+        y3 = _core.matmul(x, w, "q4_k", 9, 512)
+    finally:
+        _core.set_num_threads(n0)
+    np.testing.assert_array_equal(y1, y3)   # each output is computed by one thread: no order change
+
+
+def test_bad_input_raises_value_error():
+    rng = np.random.default_rng(5)
+    w = random_quant_weights(rng, "q4_k", 4, 256)
+    x = rng.standard_normal((2, 256)).astype(np.float32)
+    with pytest.raises(ValueError, match="float32"):
+        _core.matmul(x.astype(np.float64), w, "q4_k", 4, 256)
+    with pytest.raises(ValueError, match="2-D"):
+        _core.matmul(x[0], w, "q4_k", 4, 256)
+    with pytest.raises(ValueError, match="columns"):
+        _core.matmul(x[:, :128].copy(), w, "q4_k", 4, 256)
+    with pytest.raises(ValueError, match="multiple"):
+        _core.matmul(rng.standard_normal((2, 100)).astype(np.float32), w, "q4_k", 4, 100)
+    with pytest.raises(ValueError, match="bytes"):
+        _core.matmul(x, w[:3], "q4_k", 4, 256)
+    with pytest.raises(ValueError, match="contiguous"):
+        _core.matmul(np.asfortranarray(rng.standard_normal((3, 256)).astype(np.float32)), w, "q4_k", 4, 256)
+    with pytest.raises(ValueError, match="contiguous"):
+        _core.matmul(x, np.concatenate([w, w], axis=1)[:, ::2], "q4_k", 4, 256)
+    with pytest.raises(ValueError, match="unknown tensor type"):
+        _core.matmul(x, w, "q5_k", 4, 256)
+    with pytest.raises(ValueError, match="activation format"):
+        _core.matmul(x, w, "q8_k", 4, 256)
+    with pytest.raises(ValueError, match="unknown CPU path"):
+        _core.set_cpu_path("sse9")
+
+
+def test_unsupported_forced_path_from_env_is_a_clear_error():
+    """MLLAMA_Q_CPU_PATH naming a path that does not exist raises, never falls back silently."""
+    code = (
+        "import numpy as np\nfrom mllama_q import _core\n"
+        "try:\n"
+        "    _core.matmul(np.zeros((1, 32), np.float32), np.zeros((1, 128), np.uint8), 'f32', 1, 32)\n"
+        "except ValueError as e:\n    print('VE', e)\n"
+    )
+    env = dict(os.environ, MLLAMA_Q_CPU_PATH="neon")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert "VE MLLAMA_Q_CPU_PATH: unknown CPU path 'neon'" in out.stdout, out.stdout + out.stderr
+
+
+def test_feature_detection_is_consistent():
+    f = _core.cpu_features()
+    assert PATHS[0] == "scalar"
+    assert ("avx2" in PATHS) == (f["avx2"] and f["fma"] and f["f16c"])
+    assert ("avx512" in PATHS) == (
+        "avx2" in PATHS and f["avx512f"] and f["avx512bw"] and f["avx512vl"] and f["avx512dq"] and f["avx512vnni"])
