@@ -108,6 +108,9 @@ def _run(args) -> int:
     t0 = time.perf_counter()
     model = Model(str(path), n_threads=args.threads)
     timings["load"] = time.perf_counter() - t0
+    from .bench_model import ensure_processor
+
+    ensure_processor(model)
     if args.image:
         image = Image.open(args.image)
         image.load()
@@ -127,7 +130,7 @@ def _run(args) -> int:
     print("answer: ", end="", flush=True)
     t0 = time.perf_counter()
     stream = model.generate(messages=messages, images=[image], max_new_tokens=args.max_new_tokens,
-                            temperature=0.0, seed=args.seed, stream=True)
+                            temperature=0.8, seed=args.seed, stream=True)
     for piece in stream:
         print(piece, end="", flush=True)
     timings["generate"] = time.perf_counter() - t0
