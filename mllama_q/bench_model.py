@@ -182,10 +182,53 @@ def ensure_processor(model) -> None:
     model.processor = Processor(model.tokenizer, ProcessorSettings.from_gguf(reader, model.tokenizer))
 
 
+def machine_info() -> dict:
+    info = {"cpus": os.cpu_count(), "loadavg_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    info["cpu_model"] = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return info
+
+
+def vision_flops(path, tiles: int) -> float:
+    """Multiply-add FLOPs (2 per MAC) of one image of `tiles` tiles through the vision tower,
+    the projector and the cross-attention K/V projections, from the GGUF hyper-parameters.
+    Sequence per image as HF's MllamaVisionModel: tiles x P padded to a multiple of 8
+    (1601 -> 1608); every layer attends over the whole image (all its tiles)."""
+    import gguf
+    from . import gguf_keys as K
+
+    r = gguf.GGUFReader(str(path))
+
+    def val(key):
+        return r.fields[key].contents()
+
+    Dv, Fv = int(val(K.V_EMBEDDING_LENGTH)), int(val(K.V_FEED_FORWARD_LENGTH))
+    layers = int(val(K.V_BLOCK_COUNT)) + int(val(K.V_GLOBAL_BLOCK_COUNT))
+    ps, img = int(val(K.V_PATCH_SIZE)), int(val(K.V_IMAGE_SIZE))
+    P = (img // ps) ** 2 + 1
+    Pp = (P + 7) // 8 * 8
+    N = tiles * Pp
+    D, Hkv = int(val(K.EMBEDDING_LENGTH)), int(val(K.HEAD_COUNT_KV))
+    hd = D // int(val(K.HEAD_COUNT))
+    n_cross = len(val(K.CROSS_ATTENTION_LAYERS))
+    out_dim = Dv * (1 + len(val(K.V_INTERMEDIATE_LAYERS)))
+    f = 2.0 * tiles * (P - 1) * Dv * 3 * ps * ps  # patch conv
+    f += layers * (2.0 * N * (4 * Dv * Dv + 2 * Dv * Fv) + 4.0 * N * N * Dv)  # projections+MLP, QK^T and PV
+    f += 2.0 * tiles * P * out_dim * D  # projector
+    f += n_cross * 2 * 2.0 * tiles * P * D * Hkv * hd  # cross-attention K and V
+    return f
+
+
 def run_bench(args) -> dict:
     from .model import Model
 
-    res: dict = {"device": args.device}
+    res: dict = {"device": args.device, **machine_info()}
     if args.synthetic:
         from .synthetic import cached_synthetic
 
@@ -229,6 +272,7 @@ def run_bench(args) -> dict:
         t0 = time.perf_counter()
         model.encode_images(pv, proc["aspect_ratio_ids"], proc["aspect_ratio_mask"])
         res["image_encode_s"] = time.perf_counter() - t0
+        res["image_encode_GFLOPs"] = vision_flops(path, res["image_tiles"]) / res["image_encode_s"] / 1e9
     t0 = time.perf_counter()
     logits = model.eval(ids, cross_attention_mask=cam)
     res["prefill_s"] = time.perf_counter() - t0
@@ -260,7 +304,12 @@ def run_bench(args) -> dict:
     kv = kv_cache_bytes(path, args.n_ctx, 1 if image is not None else 0,
                         4 if getattr(model, "kv_type", "f16") == "f32" else 2)
     res["kv_cache_bytes"] = kv
-    res["rss_over_file_and_kv_bytes"] = res["peak_rss_bytes"] - res["file_bytes"] - kv
+    # Weights the run maps and reads: the file minus the vision tower when no image was used
+    # (Model(vision=False) never touches it) minus the unread rows of token_embd (only the
+    # prompt's rows are gathered; we count the whole table to stay conservative).
+    res["weights_in_use_bytes"] = res["tensor_bytes"] - (0 if image is not None else res["vision_bytes"])
+    res["rss_over_weights_and_kv_bytes"] = res["peak_rss_bytes"] - res["weights_in_use_bytes"] - kv
+    res["loadavg_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     for attr in ("peak_vram_bytes", "peak_device_bytes"):
         v = getattr(model, attr, None)
         if v is not None:
@@ -283,10 +332,12 @@ def _fmt(res: dict) -> str:
                                                      if "synthetic" in res else ""),
              f"file             {res['file_bytes'] / 1e9:.2f} GB; decode reads {res['decode_bytes_per_token'] / 1e9:.3f}"
              f" GB/token; vision {res['vision_bytes'] / 1e9:.2f} GB",
-             f"device           {res['device']}, threads {res['threads']}",
+             f"device           {res['device']}, threads {res['threads']}; {res.get('cpu_model', '?')},"
+             f" {res['cpus']} CPUs, load average {res['loadavg_start']:.1f} at start",
              f"load             {res['load_s'] * 1e3:9.1f} ms"]
     if "image_encode_s" in res:
-        lines.append(f"image encode     {res['image_encode_s'] * 1e3:9.1f} ms  ({res['image_tiles']} tiles)")
+        lines.append(f"image encode     {res['image_encode_s'] * 1e3:9.1f} ms  ({res['image_tiles']} tiles,"
+                     f" {res['image_encode_GFLOPs']:.2f} GFLOP/s incl. projector and cross-attn K/V)")
     lines.append(f"prefill          {res['prefill_s'] * 1e3:9.1f} ms  {res['prefill_tok_s']:8.1f} tok/s"
                  f"  ({res['n_prompt']} tokens)")
     lines.append(f"time to 1st tok  {res['ttft_s'] * 1e3:9.1f} ms")
@@ -298,9 +349,8 @@ def _fmt(res: dict) -> str:
         frac = f"  -> decode at {100 * res['decode_bw_fraction']:.0f}% of it" if "decode_bw_fraction" in res else ""
         lines.append(f"memory bandwidth {res['mem_read_GBps']:9.2f} GB/s  ({res['mem_read_method']}){frac}")
     mem = f"peak RSS         {res['peak_rss_bytes'] / gib:9.2f} GiB"
-    if "kv_cache_bytes" in res:
-        mem += (f"  (file {res['file_bytes'] / gib:.2f} GiB + KV {res['kv_cache_bytes'] / gib:.2f} GiB"
-                f" + {res['rss_over_file_and_kv_bytes'] / gib:+.2f} GiB)")
+    mem += (f"  = weights in use {res['weights_in_use_bytes'] / gib:.2f} GiB + KV {res['kv_cache_bytes'] / gib:.2f} GiB"
+            f" {res['rss_over_weights_and_kv_bytes'] / gib:+.2f} GiB  (file {res['file_bytes'] / gib:.2f} GiB)")
     lines.append(mem)
     if "peak_vram_bytes" in res:
         lines.append(f"peak VRAM        {res['peak_vram_bytes'] / gib:9.2f} GiB")
