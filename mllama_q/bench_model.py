@@ -182,6 +182,22 @@ def ensure_processor(model) -> None:
     model.processor = Processor(model.tokenizer, ProcessorSettings.from_gguf(reader, model.tokenizer))
 
 
+def _nvidia_smi_used_bytes() -> int | None:
+    """GPU memory this process holds, from nvidia-smi (None if unavailable)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in out.splitlines():
+        parts = [x.strip() for x in line.split(",")]
+        if len(parts) == 2 and parts[0] == str(os.getpid()) and parts[1].isdigit():
+            return int(parts[1]) << 20  # MiB
+    return None
+
+
 def machine_info() -> dict:
     info = {"cpus": os.cpu_count(), "loadavg_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
     try:
@@ -315,6 +331,10 @@ def run_bench(args) -> dict:
         if v is not None:
             res["peak_vram_bytes"] = int(v() if callable(v) else v)
             break
+    if args.device.startswith("cuda") and "peak_vram_bytes" not in res:
+        used = _nvidia_smi_used_bytes()
+        if used is not None:  # weights, KV cache and scratch are allocated up front: ~ the peak
+            res["vram_used_bytes_after_run"] = used
     del model
 
     if not args.no_bandwidth and args.device == "cpu":
@@ -354,6 +374,8 @@ def _fmt(res: dict) -> str:
     lines.append(mem)
     if "peak_vram_bytes" in res:
         lines.append(f"peak VRAM        {res['peak_vram_bytes'] / gib:9.2f} GiB")
+    elif "vram_used_bytes_after_run" in res:
+        lines.append(f"VRAM in use      {res['vram_used_bytes_after_run'] / gib:9.2f} GiB  (nvidia-smi, after the run)")
     if not res.get("logits_finite", True):
         lines.append("WARNING: non-finite logits during decode")
     return "\n".join(lines)
