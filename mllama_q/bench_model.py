@@ -1,0 +1,399 @@
+"""`mllama-q bench`: model speed (load, image encode, prefill, decode, memory).
+
+    mllama-q bench -m MODEL.gguf | --synthetic 11b|90b|tiny [--type q4_k_m] [--device cpu|cuda]
+                   [--threads N] [--n-prompt 32] [--n-gen 32] [--image PATH | --tiles 4]
+                   [--n-ctx 4096] [--cache-dir DIR] [--json]
+
+What is measured (one sequence, greedy):
+  load            Model(path) construction (GGUF parse + weight upload/mapping)
+  image encode    model.encode_images on one image (a --tiles-tile synthetic image by default)
+  prefill         model.eval on the n_prompt prompt tokens (<|image|> + text), incl. cross-attn
+  ttft            image encode + prefill + picking the first token
+  decode          n_gen single-token model.eval calls
+  weight-read bandwidth during decode = bytes of the tensors ONE decode step reads / time per
+                  token. Counted from the GGUF: every tensor except the vision tower and
+                  projector (run once per image), the cross-attention K/V projections (run once
+                  per image; their outputs are cached) and token_embd, of which one row is read.
+  memory bandwidth  the machine's measured read bandwidth (the extension's
+                  measure_read_bandwidth probe, else a numpy multi-threaded sum), for the ratio.
+  peak RSS        resource.getrusage max RSS (file-backed mmap pages that were touched count),
+                  beside the GGUF size and the KV cache size; peak VRAM for --device cuda.
+
+The synthetic model (`--synthetic`) is written once into the cache directory
+($MLLAMA_Q_CACHE or ~/.cache/mllama-q, or --cache-dir) and reused.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+TILE_GRIDS = {1: (1, 1), 2: (1, 2), 3: (1, 3), 4: (2, 2)}  # tiles -> (rows, cols) of the canvas
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mllama-q bench", description="Benchmark a model (load, image encode, "
+                                "prefill, decode, memory). 'mllama-q bench kernels' benchmarks the kernels.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("-m", "--model", help="GGUF file")
+    src.add_argument("--synthetic", choices=("tiny", "11b", "90b"),
+                     help="generate (once, cached) a synthetic model with real shapes and random weights")
+    p.add_argument("--type", default="q4_k_m", help="--synthetic: weight type mix (default q4_k_m)")
+    p.add_argument("--cache-dir", help="--synthetic: where the generated file is kept")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--n-ctx", type=int, default=4096)
+    p.add_argument("--n-prompt", type=int, default=32, help="prompt tokens, <|image|> included")
+    p.add_argument("--n-gen", type=int, default=32, help="decoded tokens")
+    img = p.add_mutually_exclusive_group()
+    img.add_argument("--image", help="image file (default: a synthetic image of --tiles tiles)")
+    img.add_argument("--tiles", type=int, default=4, choices=(0, 1, 2, 3, 4),
+                     help="tiles of the synthetic image; 0 = text-only prompt")
+    p.add_argument("--no-bandwidth", action="store_true", help="skip the memory bandwidth probe")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    return p
+
+
+# ---------------------------------------------------------------------------
+# Machine measurements
+# ---------------------------------------------------------------------------
+def measure_read_bandwidth(n_threads: int | None = None, gib: float = 1.0) -> tuple[float, str]:
+    """(bytes/s, method). Prefers the extension's probe (kernels helper), else numpy."""
+    try:
+        from . import _core
+        probe = getattr(_core, "measure_read_bandwidth", None)
+    except ImportError:
+        probe = None
+    if probe is not None:
+        return float(probe(gib, 5)), "_core.measure_read_bandwidth"
+    # numpy: each thread sums its slice of a float32 buffer (numpy releases the GIL in the
+    # reduction loop, so the threads run in parallel). Best of 5.
+    n_threads = n_threads or os.cpu_count() or 1
+    buf = np.ones(int(gib * (1 << 30)) // 4, dtype=np.float32)
+    parts = np.array_split(buf, n_threads)
+    best = 0.0
+    with ThreadPoolExecutor(n_threads) as ex:
+        for _ in range(5):
+            t0 = time.perf_counter()
+            list(ex.map(np.sum, parts))
+            best = max(best, buf.nbytes / (time.perf_counter() - t0))
+    return best, f"numpy sum, {n_threads} threads"
+
+
+def peak_rss_bytes() -> int:
+    # ru_maxrss is in KiB on Linux (bytes on macOS).
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(r) if sys.platform == "darwin" else int(r) * 1024
+
+
+def decode_weight_bytes(path) -> dict:
+    """Bytes of the GGUF tensors one decode step reads, and the file's totals (see module doc)."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    total = step = vision = xkv = 0
+    for t in reader.tensors:
+        nb = int(t.n_bytes)
+        total += nb
+        name = t.name
+        if name.startswith("v.") or name.startswith("mm."):
+            vision += nb
+        elif ".cross_attn_k_proj." in name or ".cross_attn_v_proj." in name:
+            xkv += nb
+        elif name == "token_embd.weight":
+            rows = int(t.shape[-1])  # gguf ne order: ne[1] = rows
+            step += nb // rows
+        else:
+            step += nb
+    return {"decode_bytes_per_token": step, "tensor_bytes": total, "vision_bytes": vision,
+            "cross_kv_proj_bytes": xkv, "file_bytes": os.path.getsize(path)}
+
+
+def synthetic_image(tiles: int, tile_size: int, seed: int = 0):
+    """A smooth random RGB PIL image whose best canvas is `tiles` tiles (TILE_GRIDS)."""
+    from PIL import Image
+
+    rows, cols = TILE_GRIDS[tiles]
+    h, w = rows * tile_size, cols * tile_size
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    chans = [127 + 120 * np.sin(xx / (17 + 9 * c) + rng.uniform(0, 6)) * np.cos(yy / (23 + 5 * c)) for c in range(3)]
+    return Image.fromarray(np.clip(np.stack(chans, -1), 0, 255).astype(np.uint8), "RGB")
+
+
+# ---------------------------------------------------------------------------
+# The benchmark
+# ---------------------------------------------------------------------------
+def kv_cache_bytes(path, n_ctx: int, n_images: int, elem_bytes: int = 2) -> int:
+    """Bytes of the self-attention KV cache for n_ctx tokens plus the cached cross-attention
+    K/V of `n_images` images of max_tiles tiles, at `elem_bytes` per value (Model's default
+    kv_type is f16). From the GGUF hyper-parameters (gguf_keys)."""
+    import gguf
+    from . import gguf_keys as K
+
+    r = gguf.GGUFReader(str(path))
+
+    def val(key):
+        return r.fields[key].contents()
+
+    n_layer, n_kv = int(val(K.BLOCK_COUNT)), int(val(K.HEAD_COUNT_KV))
+    hd = int(val(K.EMBEDDING_LENGTH)) // int(val(K.HEAD_COUNT))
+    cross = [int(c) for c in val(K.CROSS_ATTENTION_LAYERS)]
+    self_kv = (n_layer - len(cross)) * 2 * n_ctx * n_kv * hd * elem_bytes
+    cross_kv = 0
+    if n_images and K.V_IMAGE_SIZE in r.fields:
+        patches = (int(val(K.V_IMAGE_SIZE)) // int(val(K.V_PATCH_SIZE))) ** 2 + 1
+        cross_kv = len(cross) * 2 * n_images * int(val(K.V_MAX_NUM_TILES)) * patches * n_kv * hd * elem_bytes
+    return self_kv + cross_kv
+
+
+def _prompt_inputs(model, n_prompt: int, image):
+    """input_ids [n_prompt] int32 starting with BOS (+ <|image|>), and the processor outputs."""
+    text = ("<|image|>" if image is not None else "") + "Describe this picture" + " the" * (2 * n_prompt)
+    out = model.processor(text=text, images=[image] if image is not None else None)
+    ids = np.asarray(out["input_ids"]).reshape(-1)[:n_prompt].astype(np.int32)
+    if ids.size < n_prompt:
+        raise ValueError(f"prompt has only {ids.size} tokens, wanted {n_prompt}")
+    cam = out.get("cross_attention_mask")
+    if cam is not None:  # processor: [1, seq, n_images, max_tiles]; Model.eval: [seq, n_images, max_tiles]
+        cam = np.asarray(cam)
+        cam = (cam[0] if cam.ndim == 4 else cam)[:n_prompt]
+    return ids, out, cam
+
+
+def ensure_processor(model) -> None:
+    """Integration shim: Model builds its processor with Processor.from_gguf when the frontend
+    has one; otherwise build it here from the same GGUF (ProcessorSettings.from_gguf)."""
+    if getattr(model, "processor", None) is not None:
+        return
+    from .processor import Processor, ProcessorSettings
+
+    reader = getattr(model, "_reader", None)
+    if reader is None:
+        import gguf
+        reader = gguf.GGUFReader(model.path)
+    model.processor = Processor(model.tokenizer, ProcessorSettings.from_gguf(reader, model.tokenizer))
+
+
+def _nvidia_smi_used_bytes() -> int | None:
+    """GPU memory this process holds, from nvidia-smi (None if unavailable)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in out.splitlines():
+        parts = [x.strip() for x in line.split(",")]
+        if len(parts) == 2 and parts[0] == str(os.getpid()) and parts[1].isdigit():
+            return int(parts[1]) << 20  # MiB
+    return None
+
+
+def machine_info() -> dict:
+    info = {"cpus": os.cpu_count(), "loadavg_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    info["cpu_model"] = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return info
+
+
+def vision_flops(path, tiles: int) -> float:
+    """Multiply-add FLOPs (2 per MAC) of one image of `tiles` tiles through the vision tower,
+    the projector and the cross-attention K/V projections, from the GGUF hyper-parameters.
+    Sequence per image as HF's MllamaVisionModel: tiles x P padded to a multiple of 8
+    (1601 -> 1608); every layer attends over the whole image (all its tiles)."""
+    import gguf
+    from . import gguf_keys as K
+
+    r = gguf.GGUFReader(str(path))
+
+    def val(key):
+        return r.fields[key].contents()
+
+    Dv, Fv = int(val(K.V_EMBEDDING_LENGTH)), int(val(K.V_FEED_FORWARD_LENGTH))
+    layers = int(val(K.V_BLOCK_COUNT)) + int(val(K.V_GLOBAL_BLOCK_COUNT))
+    ps, img = int(val(K.V_PATCH_SIZE)), int(val(K.V_IMAGE_SIZE))
+    P = (img // ps) ** 2 + 1
+    Pp = (P + 7) // 8 * 8
+    N = tiles * Pp
+    D, Hkv = int(val(K.EMBEDDING_LENGTH)), int(val(K.HEAD_COUNT_KV))
+    hd = D // int(val(K.HEAD_COUNT))
+    n_cross = len(val(K.CROSS_ATTENTION_LAYERS))
+    out_dim = Dv * (1 + len(val(K.V_INTERMEDIATE_LAYERS)))
+    f = 2.0 * tiles * (P - 1) * Dv * 3 * ps * ps  # patch conv
+    f += layers * (2.0 * N * (4 * Dv * Dv + 2 * Dv * Fv) + 4.0 * N * N * Dv)  # projections+MLP, QK^T and PV
+    f += 2.0 * tiles * P * out_dim * D  # projector
+    f += n_cross * 2 * 2.0 * tiles * P * D * Hkv * hd  # cross-attention K and V
+    return f
+
+
+def run_bench(args) -> dict:
+    from .model import Model
+
+    res: dict = {"device": args.device, **machine_info()}
+    if args.synthetic:
+        from .synthetic import cached_synthetic
+
+        t0 = time.perf_counter()
+        path = cached_synthetic(args.synthetic, args.type, cache_dir=args.cache_dir, progress=not args.json)
+        res["synthetic"] = args.synthetic
+        res["type"] = args.type
+        res["synthetic_prepare_s"] = time.perf_counter() - t0
+    else:
+        path = Path(args.model)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such model file")
+    res["model"] = str(path)
+    res.update(decode_weight_bytes(path))
+
+    t0 = time.perf_counter()
+    model = Model(str(path), device=args.device, n_ctx=args.n_ctx, n_threads=args.threads,
+                  vision=(args.image is not None or args.tiles > 0))
+    res["load_s"] = time.perf_counter() - t0
+    ensure_processor(model)
+    res["threads"] = args.threads or getattr(model, "n_threads", None) or os.cpu_count()
+
+    image = None
+    if args.image:
+        from PIL import Image
+        image = Image.open(args.image)
+        image.load()
+    elif args.tiles > 0:
+        tile = int(getattr(getattr(model.processor, "settings", None), "tile_size", 0) or 560)
+        image = synthetic_image(args.tiles, tile)
+
+    vocab = int(model.text_hparams.get("vocab_size", 0)) if hasattr(model, "text_hparams") else 0
+    vocab = vocab or len(model.tokenizer.tokens) - 1
+    ids, proc, cam = _prompt_inputs(model, args.n_prompt, image)
+    res["n_prompt"] = int(ids.size)
+    model.reset()
+    t_start = time.perf_counter()
+    if image is not None:
+        pv = proc["pixel_values"]
+        res["image_tiles"] = int(np.asarray(proc["aspect_ratio_mask"]).sum())
+        t0 = time.perf_counter()
+        model.encode_images(pv, proc["aspect_ratio_ids"], proc["aspect_ratio_mask"])
+        res["image_encode_s"] = time.perf_counter() - t0
+        res["image_encode_GFLOPs"] = vision_flops(path, res["image_tiles"]) / res["image_encode_s"] / 1e9
+    t0 = time.perf_counter()
+    logits = model.eval(ids, cross_attention_mask=cam)
+    res["prefill_s"] = time.perf_counter() - t0
+    tok = int(np.argmax(np.asarray(logits).reshape(-1)[-vocab:]))
+    res["ttft_s"] = time.perf_counter() - t_start
+    res["prefill_tok_s"] = ids.size / res["prefill_s"]
+
+    # Decode: cross_attention_mask=None repeats the prompt's last row (as HF generate does).
+    times = []
+    finite = True
+    for _ in range(args.n_gen):
+        t0 = time.perf_counter()
+        logits = model.eval(np.array([tok], dtype=np.int32))
+        last = np.asarray(logits).reshape(-1)[-vocab:]
+        tok = int(np.argmax(last))
+        times.append(time.perf_counter() - t0)
+        finite = finite and bool(np.isfinite(last).all())
+    res["n_gen"] = len(times)
+    if times:
+        # the first decode step may still fault in pages; report the mean of the rest too
+        res["decode_s"] = float(sum(times))
+        res["decode_tok_s"] = len(times) / sum(times)
+        steady = times[1:] or times
+        res["decode_tok_s_steady"] = len(steady) / sum(steady)
+        res["decode_weight_read_GBps"] = res["decode_bytes_per_token"] * res["decode_tok_s_steady"] / 1e9
+    res["logits_finite"] = finite
+
+    res["peak_rss_bytes"] = peak_rss_bytes()
+    kv = kv_cache_bytes(path, args.n_ctx, 1 if image is not None else 0,
+                        4 if getattr(model, "kv_type", "f16") == "f32" else 2)
+    res["kv_cache_bytes"] = kv
+    # Weights the run maps and reads: the file minus the vision tower when no image was used
+    # (Model(vision=False) never touches it) minus the unread rows of token_embd (only the
+    # prompt's rows are gathered; we count the whole table to stay conservative).
+    res["weights_in_use_bytes"] = res["tensor_bytes"] - (0 if image is not None else res["vision_bytes"])
+    res["rss_over_weights_and_kv_bytes"] = res["peak_rss_bytes"] - res["weights_in_use_bytes"] - kv
+    res["loadavg_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    for attr in ("peak_vram_bytes", "peak_device_bytes"):
+        v = getattr(model, attr, None)
+        if v is not None:
+            res["peak_vram_bytes"] = int(v() if callable(v) else v)
+            break
+    if args.device.startswith("cuda") and "peak_vram_bytes" not in res:
+        used = _nvidia_smi_used_bytes()
+        if used is not None:  # weights, KV cache and scratch are allocated up front: ~ the peak
+            res["vram_used_bytes_after_run"] = used
+    del model
+
+    if not args.no_bandwidth and args.device == "cpu":
+        bw, how = measure_read_bandwidth(args.threads)
+        res["mem_read_GBps"] = bw / 1e9
+        res["mem_read_method"] = how
+        if "decode_weight_read_GBps" in res:
+            res["decode_bw_fraction"] = res["decode_weight_read_GBps"] / res["mem_read_GBps"]
+    return res
+
+
+def _fmt(res: dict) -> str:
+    gib = 1 << 30
+    lines = [f"model            {res['model']}" + (f"  (synthetic {res['synthetic']} {res['type']})"
+                                                     if "synthetic" in res else ""),
+             f"file             {res['file_bytes'] / 1e9:.2f} GB; decode reads {res['decode_bytes_per_token'] / 1e9:.3f}"
+             f" GB/token; vision {res['vision_bytes'] / 1e9:.2f} GB",
+             f"device           {res['device']}, threads {res['threads']}; {res.get('cpu_model', '?')},"
+             f" {res['cpus']} CPUs, load average {res['loadavg_start']:.1f} at start",
+             f"load             {res['load_s'] * 1e3:9.1f} ms"]
+    if "image_encode_s" in res:
+        lines.append(f"image encode     {res['image_encode_s'] * 1e3:9.1f} ms  ({res['image_tiles']} tiles,"
+                     f" {res['image_encode_GFLOPs']:.2f} GFLOP/s incl. projector and cross-attn K/V)")
+    lines.append(f"prefill          {res['prefill_s'] * 1e3:9.1f} ms  {res['prefill_tok_s']:8.1f} tok/s"
+                 f"  ({res['n_prompt']} tokens)")
+    lines.append(f"time to 1st tok  {res['ttft_s'] * 1e3:9.1f} ms")
+    if "decode_tok_s" in res:
+        lines.append(f"decode           {res['decode_tok_s']:9.2f} tok/s  (steady {res['decode_tok_s_steady']:.2f};"
+                     f" {res['n_gen']} tokens)")
+        lines.append(f"decode weights   {res['decode_weight_read_GBps']:9.2f} GB/s read")
+    if "mem_read_GBps" in res:
+        frac = f"  -> decode at {100 * res['decode_bw_fraction']:.0f}% of it" if "decode_bw_fraction" in res else ""
+        lines.append(f"memory bandwidth {res['mem_read_GBps']:9.2f} GB/s  ({res['mem_read_method']}){frac}")
+    mem = f"peak RSS         {res['peak_rss_bytes'] / gib:9.2f} GiB"
+    mem += (f"  = weights in use {res['weights_in_use_bytes'] / gib:.2f} GiB + KV {res['kv_cache_bytes'] / gib:.2f} GiB"
+            f" {res['rss_over_weights_and_kv_bytes'] / gib:+.2f} GiB  (file {res['file_bytes'] / gib:.2f} GiB)")
+    lines.append(mem)
+    if "peak_vram_bytes" in res:
+        lines.append(f"peak VRAM        {res['peak_vram_bytes'] / gib:9.2f} GiB")
+    elif "vram_used_bytes_after_run" in res:
+        lines.append(f"VRAM in use      {res['vram_used_bytes_after_run'] / gib:9.2f} GiB  (nvidia-smi, after the run)")
+    if not res.get("logits_finite", True):
+        lines.append("WARNING: non-finite logits during decode")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    if args.n_prompt < 2 or args.n_gen < 0:
+        print("mllama-q bench: --n-prompt must be >= 2 and --n-gen >= 0", file=sys.stderr)
+        return 2
+    try:
+        res = run_bench(args)
+    except (ValueError, RuntimeError, FileNotFoundError, OSError) as e:
+        print(f"mllama-q bench: error: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(res, indent=2) if args.json else _fmt(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
