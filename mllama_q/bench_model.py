@@ -168,20 +168,6 @@ def _prompt_inputs(model, n_prompt: int, image):
     return ids, out, cam
 
 
-def ensure_processor(model) -> None:
-    """Integration shim: Model builds its processor with Processor.from_gguf when the frontend
-    has one; otherwise build it here from the same GGUF (ProcessorSettings.from_gguf)."""
-    if getattr(model, "processor", None) is not None:
-        return
-    from .processor import Processor, ProcessorSettings
-
-    reader = getattr(model, "_reader", None)
-    if reader is None:
-        import gguf
-        reader = gguf.GGUFReader(model.path)
-    model.processor = Processor(model.tokenizer, ProcessorSettings.from_gguf(reader, model.tokenizer))
-
-
 def _nvidia_smi_used_bytes() -> int | None:
     """GPU memory this process holds, from nvidia-smi (None if unavailable)."""
     import subprocess
@@ -264,7 +250,6 @@ def run_bench(args) -> dict:
     model = Model(str(path), device=args.device, n_ctx=args.n_ctx, n_threads=args.threads,
                   vision=(args.image is not None or args.tiles > 0))
     res["load_s"] = time.perf_counter() - t0
-    ensure_processor(model)
     res["threads"] = args.threads or getattr(model, "n_threads", None) or os.cpu_count()
 
     image = None

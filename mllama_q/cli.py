@@ -8,7 +8,8 @@ from __future__ import annotations
 import sys
 
 COMMANDS = {
-    "demo": ("mllama_q.selfcheck", "self-check: quantize and multiply with every format, print throughput"),
+    "demo": ("mllama_q.demo", "run the whole pipeline on a tiny synthetic model and a bundled photo "
+                              "(--selfcheck: kernel self-check)"),
     "convert": ("convert.cli", "convert a Hugging Face Mllama checkpoint to one GGUF file"),
     "bench": ("mllama_q.bench", "benchmarks (kernels; model speed)"),
     "run": ("mllama_q.cli_run:run_main", "generate an answer to one prompt (and images), streamed"),

@@ -108,9 +108,7 @@ def _run(args) -> int:
     t0 = time.perf_counter()
     model = Model(str(path), n_threads=args.threads)
     timings["load"] = time.perf_counter() - t0
-    from .bench_model import ensure_processor
 
-    ensure_processor(model)
     if args.image:
         image = Image.open(args.image)
         image.load()
@@ -142,7 +140,7 @@ def _run(args) -> int:
     extra = getattr(result, "timings", None) if result is not None else None
     if isinstance(extra, dict):  # GenerationResult.timings: *_s seconds, *_per_s rates
         for k, v in extra.items():
-            if not isinstance(v, (int, float)):
+            if not isinstance(v, (int, float)) or k == "load_s":  # load is printed above
                 continue
             if k.endswith("_per_s"):
                 print(f"  {k[:-6]:<22} {v:9.1f} tok/s")
