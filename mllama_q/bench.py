@@ -91,14 +91,21 @@ def run_peer(args, types, shapes, ms):
     cmd = [str(script), "--threads", str(args.threads), "--types", ",".join(types),
            "--shapes", ",".join(f"{n}x{k}" for n, k in shapes), "--m", ",".join(map(str, ms)),
            "--iters-m1", str(args.iters_m1), "--iters-big", str(args.iters_big)]
+    if args.cpu_time:
+        cmd.append("--cpu-time")
     env = dict(os.environ)
     if args.peer_lib:
         env["GGML_LIB"] = args.peer_lib
-    print(f"running llama.cpp peer: {' '.join(cmd)}" + (f" (GGML_LIB={args.peer_lib})" if args.peer_lib else ""))
     res = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if not getattr(run_peer, "_announced", False):
+        run_peer._announced = True
+        print(f"llama.cpp peer: {' '.join(cmd)}" + (f" (GGML_LIB={args.peer_lib})" if args.peer_lib else ""))
+        for line in res.stderr.splitlines():
+            if line.startswith("ggml peer"):
+                print("  " + line)
     for line in res.stderr.splitlines():
-        if line.startswith("ggml peer"):
-            print("  " + line)
+        if line.startswith("WARNING"):
+            print("  peer " + line)
     if res.returncode != 0:
         print(f"--peer failed (exit {res.returncode}):\n{res.stderr[-2000:]}")
         return None
@@ -124,6 +131,8 @@ def bench_kernels(argv) -> int:
     ap.add_argument("--iters-big", type=int, default=3)
     ap.add_argument("--bw-gib", type=float, default=1.0, help="buffer size of the bandwidth probe")
     ap.add_argument("--path", default="auto", help="force a kernel path (auto, scalar, avx2, avx512)")
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="time with process CPU time instead of wall time (use with --threads 1 on a busy machine)")
     ap.add_argument("--peer", action="store_true", help="also time llama.cpp (bench/run_ggml_peer.sh)")
     ap.add_argument("--peer-lib", default="", help="directory of the ggml libraries for --peer")
     args = ap.parse_args(argv)
@@ -147,11 +156,14 @@ def bench_kernels(argv) -> int:
     bw = _core.measure_read_bandwidth(args.bw_gib, 5)
     print(f"CPU: {_cpu_name()}  threads: {args.threads}  kernel path: {_core.cpu_path()}")
     print(f"measured memory read bandwidth: {bw / 1e9:.1f} GB/s ({args.bw_gib:g} GiB buffer, all threads, best of 5)")
+    if args.cpu_time:
+        print("timing: process CPU time per call (not wall time)")
     print("weights: random valid blocks; time = best of "
           f"{args.iters_m1} (M=1) / {args.iters_big} (M>1) calls, median in brackets")
     print("GB/s = bytes of W / time (above the DRAM figure means W was partly in the 32 MiB L3)")
 
-    peer = run_peer(args, types, shapes, ms) if args.peer else None
+    # The peer runs type by type just before ours, so both see similar machine load.
+    peer = {} if args.peer else None
 
     hdr = f"{'type':<5} {'N x K':>13} {'M':>4} {'ms':>9} {'(median)':>10} {'GFLOP/s':>8} {'W GB/s':>7} {'%BW':>5}"
     if peer is not None:
@@ -160,6 +172,11 @@ def bench_kernels(argv) -> int:
     results = []
     rng = np.random.default_rng(0)
     for t in types:
+        if peer is not None:
+            peer_shapes = [(n, k) for n, k in shapes
+                           if not (t == "f32" and n * k * 4 > args.max_weight_gib * 2**30)]
+            got = run_peer(args, [t], peer_shapes, ms) if peer_shapes else {}
+            peer.update(got or {})
         for n, k in shapes:
             wbytes = n * k * {"f32": 4, "f16": 2, "bf16": 2}.get(t, 0)
             if t == "f32" and wbytes > args.max_weight_gib * 2**30:
@@ -171,7 +188,7 @@ def bench_kernels(argv) -> int:
                 x = rng.standard_normal((m, k), dtype=np.float32)
                 iters = args.iters_m1 if m == 1 else args.iters_big
                 _core.bench_matmul(x, w, t, n, k, 1)   # warm-up (page faults, caches)
-                times = _core.bench_matmul(x, w, t, n, k, iters)
+                times = _core.bench_matmul(x, w, t, n, k, iters, args.cpu_time)
                 best, med = min(times), statistics.median(times)
                 rec = {
                     "type": t, "n": n, "k": k, "m": m, "best_ms": best * 1e3, "median_ms": med * 1e3,

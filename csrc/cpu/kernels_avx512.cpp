@@ -1,14 +1,20 @@
 // AVX-512 (F/BW/VL/DQ + VNNI) kernels. Compiled with AVX-512 flags; only
 // called after matmul.cpp has checked the CPU and OS support them.
 //
-// Tiles are up to 4 X rows x 4 W rows. For each weight block the 4 W rows
-// are unpacked once into registers (nibbles, scale vectors) and reused for
-// all X rows of the tile; that reuse is what makes M >> 1 fast.
-//
-// Integer arithmetic per block (exact, as ggml's vec_dot_*_q8_K):
-//   maddubs(u8 quants, s8 activations) -> int16 pair sums (no saturation:
-//   |15*127*2| and |63*127*2| < 32767), then vpdpwssd with the int16
-//   sub-block scales -> int32 (VNNI), then one float FMA per block.
+// Three kinds of kernels:
+//  * tiles (all types, any M): up to 4 X rows x 4 W rows; for each weight
+//    block a W row is unpacked once into registers (nibbles, scale vectors)
+//    and reused for the X rows of the tile. Decode tiles (<= 2 X rows) of the
+//    quantized types take one W row at a time with software prefetch: that
+//    streams W from DRAM fastest here.
+//    Integer arithmetic per block (exact, as ggml's vec_dot_*_q8_K):
+//    maddubs(u8 quants, s8 activations) -> int16 pair sums (no saturation:
+//    |15*127*2| and |63*127*2| < 32767), then vpdpwssd with the int16
+//    sub-block scales -> int32 (VNNI), then one float FMA per block.
+//  * panel GEMM (Q4_K, Q6_K with M >= 16): see "panel GEMM" below; about
+//    twice the tile kernels' speed at M = 512.
+//  * activation quantizers (Q8_K, Q8_0) giving ggml's reference bytes.
+// MQ_Q4K_NX/NW, MQ_Q6K_NX/NW: tile sizes (4 x 4 measured best here; 8 x 2 was 25% slower).
 #include <immintrin.h>
 
 #include <cstring>
@@ -583,6 +589,11 @@ uint64_t read_sum_avx512(const uint64_t* p, size_t n) {
     __m512i s0 = _mm512_setzero_si512(), s1 = s0, s2 = s0, s3 = s0;
     size_t i = 0;
     for (; i + 32 <= n; i += 32) {
+        // same software prefetch as the decode kernels, so the probe is not the weaker streamer
+        _mm_prefetch(reinterpret_cast<const char*>(p + i) + kWPrefetch, _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(p + i) + kWPrefetch + 64, _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(p + i) + kWPrefetch + 128, _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(p + i) + kWPrefetch + 192, _MM_HINT_T0);
         s0 = _mm512_add_epi64(s0, _mm512_loadu_si512(p + i));
         s1 = _mm512_add_epi64(s1, _mm512_loadu_si512(p + i + 8));
         s2 = _mm512_add_epi64(s2, _mm512_loadu_si512(p + i + 16));

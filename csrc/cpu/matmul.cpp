@@ -200,8 +200,7 @@ static void matmul_panels(const detail::TypeKernels& tk, const float* x, int64_t
     });
 }
 
-//
-// Work is cut into tasks of (nb W rows) x (mb X rows). Tasks are numbered
+// Tile route (every type and path): work is cut into tasks of (nb W rows) x (mb X rows). Tasks are numbered
 // W-chunk-major, so the threads work on neighbouring X chunks of the same W
 // chunk at the same time: each W chunk comes from memory once and is then
 // re-read from cache for every X chunk. Inside a task the kernel takes 4 W
