@@ -87,8 +87,23 @@ void attn_chunk_avx2(const AttnChunk& a, float* s, float* m, float* l, float* ac
     const int hd = a.hd;
     alignas(32) float kb[8 * kAttnDirectMaxHd];   // [8, hd] float32 keys of one block
     // 1. s[r, j] = scale * q_r · k_j + mask[r, j]; -inf after last[r]
+    // Key rows are kv_stride apart (2 KiB in the 11B cache), so every row
+    // starts a new page run the hardware prefetcher does not follow: prefetch
+    // the K rows kPrefetch keys ahead into L1, and this block's V rows into L2
+    // for step 3 (which walks them once per 8-wide slice of the head).
+    const int64_t row_bytes = int64_t(hd) * (a.f16 ? 2 : 4);
+    const int64_t stride_bytes = a.kv_stride * (a.f16 ? 2 : 4);
+    const char* kbytes = static_cast<const char*>(a.k);
+    const char* vbytes = static_cast<const char*>(a.v);
+    constexpr int64_t kPrefetch = 16;
+    for (int64_t j = 0; j < std::min<int64_t>(n, kPrefetch); j++)
+        for (int64_t b = 0; b < row_bytes; b += 64) _mm_prefetch(kbytes + j * stride_bytes + b, _MM_HINT_T0);
     for (int64_t j0 = 0; j0 < n; j0 += 8) {
         const int nb = int(std::min<int64_t>(8, n - j0));
+        for (int64_t j = j0 + kPrefetch; j < std::min(n, j0 + kPrefetch + 8); j++)
+            for (int64_t b = 0; b < row_bytes; b += 64) _mm_prefetch(kbytes + j * stride_bytes + b, _MM_HINT_T0);
+        for (int64_t j = j0; j < j0 + nb; j++)
+            for (int64_t b = 0; b < row_bytes; b += 64) _mm_prefetch(vbytes + j * stride_bytes + b, _MM_HINT_T1);
         const float* kr[8];
         for (int t = 0; t < 8; t++) {
             const int64_t j = j0 + std::min(t, nb - 1);   // a short last block repeats its last key
