@@ -60,19 +60,37 @@ inline float hmax(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-// acc[r, d0:d0+8] = sum_j p[r, j] v[j, d0:d0+8] for every 8-wide slice d0.
+// acc[r, d0:d0+8W] = sum_j p[r, j] v[j, d0:d0+8W] for the slices d0 in
+// [d_begin, d_end) (a multiple of 8W long): R x W accumulators in registers,
+// each broadcast p[r, j] used W times.
+template <int R, int W>
+void pv_slices(const AttnChunk& a, const float* p, float* acc, int d_begin, int d_end) {
+    const int64_t n = a.n;
+    for (int d0 = d_begin; d0 < d_end; d0 += 8 * W) {
+        __m256 o[R][W];
+        for (int r = 0; r < R; r++)
+            for (int w = 0; w < W; w++) o[r][w] = _mm256_setzero_ps();
+        for (int64_t j = 0; j < n; j++) {
+            __m256 vv[W];
+            for (int w = 0; w < W; w++) vv[w] = load8(a.v, a.f16, j * a.kv_stride + d0 + 8 * w);
+            for (int r = 0; r < R; r++) {
+                const __m256 pr = _mm256_broadcast_ss(p + r * n + j);
+                for (int w = 0; w < W; w++) o[r][w] = _mm256_fmadd_ps(pr, vv[w], o[r][w]);
+            }
+        }
+        for (int r = 0; r < R; r++)
+            for (int w = 0; w < W; w++) _mm256_storeu_ps(acc + r * a.hd + d0 + 8 * w, o[r][w]);
+    }
+}
+
+// Widest slice group whose R x W accumulators (+ W loads + 1 broadcast) fit
+// in the 16 ymm registers; a remainder of the head in single slices.
 template <int R>
 void pv(const AttnChunk& a, const float* p, float* acc) {
-    const int64_t n = a.n;
-    for (int d0 = 0; d0 < a.hd; d0 += 8) {
-        __m256 o[R];
-        for (int r = 0; r < R; r++) o[r] = _mm256_setzero_ps();
-        for (int64_t j = 0; j < n; j++) {
-            const __m256 vv = load8(a.v, a.f16, j * a.kv_stride + d0);
-            for (int r = 0; r < R; r++) o[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(p + r * n + j), vv, o[r]);
-        }
-        for (int r = 0; r < R; r++) _mm256_storeu_ps(acc + r * a.hd + d0, o[r]);
-    }
+    constexpr int W = R <= 2 ? 4 : R <= 4 ? 2 : 1;
+    const int main_end = a.hd / (8 * W) * (8 * W);
+    pv_slices<R, W>(a, p, acc, 0, main_end);
+    if (main_end < a.hd) pv_slices<R, 1>(a, p, acc, main_end, a.hd);
 }
 using PvFn = void (*)(const AttnChunk&, const float*, float*);
 constexpr PvFn kPv[kAttnDirectMaxRows] = {pv<1>, pv<2>,  pv<3>,  pv<4>,  pv<5>,  pv<6>,  pv<7>,  pv<8>,
