@@ -126,3 +126,78 @@ def test_get_rows_and_store_rows(be):
 def test_bad_backend_name():
     with pytest.raises(ValueError, match="unknown backend"):
         _core.Backend("tpu")
+
+
+# ---- direct (flash-decoding) attention: nq * n_head / n_kv <= 16 rows per KV
+# group reads K/V in place in chunks of 256 keys (csrc/cpu/attention.cpp), with
+# a scalar kernel and an AVX2 one (used by the avx2 and avx512 paths).
+def _attention_ref(q, k, v, scale, mask, causal, q_offset):
+    """float64 softmax(scale q·k + bias) v with GQA; rows with nothing visible -> 0."""
+    nq, n_head, _ = q.shape
+    nk, n_kv, _ = k.shape
+    tq = torch.from_numpy(q).double().permute(1, 0, 2)
+    tk = torch.from_numpy(k.astype(np.float32)).double().permute(1, 0, 2).repeat_interleave(n_head // n_kv, 0)
+    tv = torch.from_numpy(v.astype(np.float32)).double().permute(1, 0, 2).repeat_interleave(n_head // n_kv, 0)
+    bias = torch.zeros(nq, nk, dtype=torch.float64)
+    if mask is not None:
+        bias = bias + torch.from_numpy(mask).double()
+    if causal:
+        i = torch.arange(nq)[:, None] + q_offset
+        j = torch.arange(nk)[None, :]
+        bias = bias.masked_fill(j > i, float("-inf"))
+    ref = F.scaled_dot_product_attention(tq, tk, tv, attn_mask=bias, scale=scale).permute(1, 0, 2).numpy()
+    dead = torch.isinf(bias).all(dim=1).numpy()   # softmax of all -inf is NaN; the backend gives zeros
+    ref[dead] = 0.0
+    return ref
+
+
+@pytest.fixture(params=list(_core.cpu_paths()))
+def cpu_path(request):
+    _core.set_cpu_path(request.param)
+    yield request.param
+    _core.set_cpu_path("auto")
+
+
+@pytest.mark.parametrize("nq,nk,n_head,n_kv,hd,causal,mask_kind,kv16", [
+    (1, 1, 8, 2, 64, False, None, True),            # one key
+    (1, 600, 32, 8, 128, False, None, True),        # 11B decode shape, 3 chunks, last one partial
+    (1, 6404, 32, 8, 128, False, "min", True),      # cross-attention over one image's keys
+    (3, 300, 8, 2, 80, True, "inf", False),         # causal after a cached prefix, -inf mask, 12 rows
+    (2, 513, 16, 2, 128, True, None, True),         # 16 rows (the limit), causal
+    (1, 259, 4, 4, 64, False, "min", False),
+    (2, 45, 6, 3, 36, True, "min", True),           # hd not a multiple of 8 (scalar kernel on every path)
+])
+def test_attention_direct(be, cpu_path, nq, nk, n_head, n_kv, hd, causal, mask_kind, kv16):
+    q = rng.standard_normal((nq, n_head, hd)).astype(np.float32)
+    k = rng.standard_normal((nk, n_kv, hd)).astype(np.float32)
+    v = rng.standard_normal((nk, n_kv, hd)).astype(np.float32)
+    if kv16:
+        k, v = k.astype(np.float16), v.astype(np.float16)
+    scale = hd ** -0.5
+    q_offset = nk - nq if causal else 0
+    mask = None
+    if mask_kind is not None:
+        fill = -np.inf if mask_kind == "inf" else np.finfo(np.float32).min
+        mask = np.where(rng.random((nq, nk)) < 0.3, fill, 0).astype(np.float32)
+        mask[:, 0] = 0
+    out = be.attention(q, k, v, scale, mask, causal, q_offset)
+    assert rel(out, _attention_ref(q, k, v, scale, mask, causal, q_offset)) < 1e-5
+
+
+def test_attention_direct_masked_rows(be, cpu_path):
+    # Over 3 chunks: query 0 fully -inf (zeros), query 1 fully finfo.min (the
+    # uniform average of V over the visible keys, as HF's softmax gives), query
+    # 2 sees only keys in the last chunk (whole chunks masked out).
+    nq, nk, n_head, n_kv, hd = 3, 700, 8, 2, 128
+    q = rng.standard_normal((nq, n_head, hd)).astype(np.float32)
+    k = rng.standard_normal((nk, n_kv, hd)).astype(np.float16)
+    v = rng.standard_normal((nk, n_kv, hd)).astype(np.float16)
+    mask = np.zeros((nq, nk), np.float32)
+    mask[0, :] = -np.inf
+    mask[1, :] = np.finfo(np.float32).min
+    mask[2, :600] = -np.inf
+    out = be.attention(q, k, v, 0.125, mask, True, nk - nq)
+    assert np.all(out[0] == 0)
+    mean = v.astype(np.float64)[: nk - 1].mean(axis=0)          # query 1 sees keys 0 .. nk-2
+    assert rel(out[1], np.repeat(mean, n_head // n_kv, axis=0)) < 1e-5
+    assert rel(out, _attention_ref(q, k, v, 0.125, mask, True, nk - nq)) < 1e-5

@@ -3,9 +3,10 @@
 // Memory is ordinary host memory; weights are zero-copy views of the mapped
 // GGUF. Matrix products go through the fused kernels in csrc/cpu (SIMD paths
 // chosen at run time); elementwise ops are row- or chunk-parallel on the pool.
-// Attention is computed per KV head group as two matrix products through the
-// same kernels (S = Q·Kᵀ, O = softmax(S)·V), in query blocks so the score
-// matrix stays small (a 4-tile image has 6432 queries and keys).
+// Attention for a few queries (decode) reads the KV cache in place
+// (csrc/cpu/attention.h); otherwise it is computed per KV head group as two
+// matrix products through the same kernels (S = Q·Kᵀ, O = softmax(S)·V), in
+// query blocks so the score matrix stays small (a 4-tile image has 6432 queries and keys).
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
@@ -19,6 +20,7 @@
 #include "backend/backend.h"
 #include "common/fp16.h"
 #include "common/threadpool.h"
+#include "cpu/attention.h"
 #include "cpu/matmul.h"
 #include "quants/quants.h"
 
@@ -234,6 +236,14 @@ public:
         if (n_kv_head <= 0 || n_head % n_kv_head) throw std::invalid_argument("attention: n_head must be a multiple of n_kv_head");
         if (kv_type != DType::F32 && kv_type != DType::F16) throw std::invalid_argument("attention: KV type must be f32 or f16");
         if (nq <= 0) return;
+        // Decode (a few queries): read the KV cache in place, no conversion
+        // buffers (csrc/cpu/attention.h). MLLAMA_Q_ATTN_DIRECT=0 forces the
+        // matrix-product path below (for benchmarks comparing the two).
+        if (cpu::attention_direct_supported(nq, n_head, n_kv_head, hd) && direct_enabled()) {
+            cpu::attention_direct(q, k, v, kv_type, kv_stride, out, nq, nk, n_head, n_kv_head, hd, scale, mask,
+                                  ld_mask, causal, q_offset, pool_);
+            return;
+        }
         const int G = n_head / n_kv_head;   // query heads per KV head
         const int64_t rows = nq * G;        // query rows of one group, ordered (i, r)
         const int64_t bq = std::max<int64_t>(G, std::min<int64_t>(rows, 512) / G * G);  // block of whole queries
@@ -280,6 +290,11 @@ public:
                 });
             }
         }
+    }
+
+    static bool direct_enabled() {
+        const char* e = std::getenv("MLLAMA_Q_ATTN_DIRECT");
+        return !(e && std::string(e) == "0");
     }
 
     // Softmax over one row of scores in place: p_j ∝ exp(scale*s_j + mask_j)

@@ -4,9 +4,11 @@
 
 #include <chrono>
 #include <ctime>
+#include <vector>
 
 #include "bindings/array_check.h"
 #include "bindings/bindings.h"
+#include "backend/backend.h"
 #include "common/threadpool.h"
 #include "cpu/matmul.h"
 
@@ -80,6 +82,37 @@ void register_cpu(py::module_& m) {
         py::arg("cpu_time") = false,
         "Time `iters` calls of matmul (no Python in the loop); returns seconds per call "
         "(wall clock, or process CPU time with cpu_time=True).");
+
+    m.def(
+        "bench_attention",
+        [](py::array q, py::array k, py::array v, float scale, int iters) {
+            // The CPU backend's attention on the arrays in place (Backend.attention
+            // copies its inputs into fresh buffers per call, which would dominate).
+            require_dtype<float>(q, "q", "float32");
+            require(q.ndim() == 3 && k.ndim() == 3 && v.ndim() == 3, "q, k, v must be 3-D");
+            require_c_contiguous(q, "q");
+            require_c_contiguous(k, "k");
+            require_c_contiguous(v, "v");
+            require(k.itemsize() == v.itemsize() && (k.itemsize() == 4 || k.itemsize() == 2), "k and v must both be float32 or both float16");
+            const int64_t nq = q.shape(0), nk = k.shape(0);
+            const int n_head = int(q.shape(1)), hd = int(q.shape(2)), n_kv = int(k.shape(1));
+            require(k.shape(2) == hd && v.shape(0) == nk && v.shape(1) == n_kv && v.shape(2) == hd, "k/v shape mismatch");
+            require(iters > 0, "iters must be positive");
+            auto be = make_cpu_backend(ThreadPool::global());
+            std::vector<float> out(size_t(nq) * n_head * hd);
+            py::gil_scoped_release nogil;
+            const DType kvt = k.itemsize() == 4 ? DType::F32 : DType::F16;
+            auto call = [&] {
+                be->attention(static_cast<const float*>(q.data()), k.data(), v.data(), kvt, int64_t(n_kv) * hd,
+                              out.data(), nq, nk, n_head, n_kv, hd, scale, nullptr, 0, false, 0);
+            };
+            call();   // warm-up
+            const auto t0 = std::chrono::steady_clock::now();
+            for (int i = 0; i < iters; i++) call();
+            return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / iters;
+        },
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("scale"), py::arg("iters") = 10,
+        "Time `iters` calls of the CPU backend's attention on the given arrays (no copies); seconds per call.");
 
     m.def(
         "measure_read_bandwidth",
