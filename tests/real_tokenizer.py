@@ -144,3 +144,20 @@ if __name__ == "__main__":
     import sys
 
     print(write_llama32_vision_tokenizer(Path(sys.argv[1] if len(sys.argv) > 1 else "llama32v-tokenizer")))
+
+
+def write_tokenizer_gguf(hf_dir, path) -> Path:
+    """A GGUF holding only the tokenizer metadata that our converter writes for
+    `hf_dir` (convert.tokenizer.add_tokenizer_metadata); returns `path`."""
+    import gguf
+
+    from convert.tokenizer import add_tokenizer_metadata
+
+    path = Path(path)
+    w = gguf.GGUFWriter(str(path), arch="mllama")
+    add_tokenizer_metadata(w, hf_dir)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

@@ -114,17 +114,9 @@ def test_invalid_sampling_params(kw):
 def tokenizer(tmp_path_factory):
     import gguf
 
-    from convert.tokenizer import add_tokenizer_metadata
-    from real_tokenizer import cached_llama32_vision_tokenizer
+    from real_tokenizer import cached_llama32_vision_tokenizer, write_tokenizer_gguf
 
-    d = cached_llama32_vision_tokenizer()
-    path = tmp_path_factory.mktemp("gguf") / "tok.gguf"
-    w = gguf.GGUFWriter(str(path), arch="mllama")
-    add_tokenizer_metadata(w, d)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    path = write_tokenizer_gguf(cached_llama32_vision_tokenizer(), tmp_path_factory.mktemp("gguf") / "tok.gguf")
     return Tokenizer.from_gguf(gguf.GGUFReader(str(path)))
 
 

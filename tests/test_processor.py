@@ -175,15 +175,9 @@ def hf_processor(tok_dir, hf_image_processor):
 def our_processor(tok_dir, tmp_path_factory):
     import gguf
 
-    from convert.tokenizer import add_tokenizer_metadata
+    from real_tokenizer import write_tokenizer_gguf
 
-    path = tmp_path_factory.mktemp("gguf") / "tok.gguf"
-    w = gguf.GGUFWriter(str(path), arch="mllama")
-    add_tokenizer_metadata(w, tok_dir)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    path = write_tokenizer_gguf(tok_dir, tmp_path_factory.mktemp("gguf") / "tok.gguf")
     reader = gguf.GGUFReader(str(path))
     tok = Tokenizer.from_gguf(reader)
     return Processor.from_gguf(reader, tok)

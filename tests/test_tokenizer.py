@@ -11,7 +11,7 @@ import pytest
 
 from convert.tokenizer import add_tokenizer_metadata
 from mllama_q.tokenizer import Tokenizer
-from real_tokenizer import CHAT_TEMPLATE, cached_llama32_vision_tokenizer
+from real_tokenizer import CHAT_TEMPLATE, cached_llama32_vision_tokenizer, write_tokenizer_gguf
 
 CORPUS = [
     "Hello world!",
@@ -55,13 +55,7 @@ def hf_tok(hf_dir):
 
 @pytest.fixture(scope="module")
 def gguf_path(hf_dir, tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("gguf") / "tok.gguf"
-    w = gguf.GGUFWriter(str(path), arch="mllama")
-    add_tokenizer_metadata(w, hf_dir)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    path = write_tokenizer_gguf(hf_dir, tmp_path_factory.mktemp("gguf") / "tok.gguf")
     return path
 
 
