@@ -527,7 +527,7 @@ def test_cli_entry_points(ckpts, tmp_path):
     """`python -m convert` and `mllama-q convert` (mllama_q.cli) both work."""
     out = tmp_path / "m.gguf"
     res = subprocess.run([sys.executable, "-m", "convert", str(ckpts["mha_f32"]), "-o", str(out), "--type", "q8_0"],
-                         cwd=ROOT, capture_output=True, text=True, env=_env())
+                         cwd=tmp_path, capture_output=True, text=True, env=_env())
     assert res.returncode == 0, res.stderr
     assert "wrote" in res.stderr and out.is_file()
     from mllama_q.cli import main as mq_main
@@ -538,10 +538,16 @@ def test_cli_entry_points(ckpts, tmp_path):
 
 
 def _env():
+    """The child imports the same mllama_q / convert as this process (installed, or the
+    source tree with an in-place build), whatever its working directory."""
     import os
 
+    import convert
+    import mllama_q
+
+    roots = [str(Path(m.__file__).resolve().parents[1]) for m in (mllama_q, convert)]
     env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = os.pathsep.join(roots + [env.get("PYTHONPATH", "")])
     return env
 
 

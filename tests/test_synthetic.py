@@ -24,7 +24,7 @@ from mllama_q.synthetic import CONFIGS, WEIGHT_STD, random_blocks, write_synthet
 def converted_tiny(tmp_path_factory):
     """The converter's q4_k_m output for the default tiny checkpoint (same dims as CONFIGS['tiny'])."""
     from convert.converter import convert
-    from tests.tiny_models import make_tiny_checkpoint
+    from tiny_models import make_tiny_checkpoint
 
     d = tmp_path_factory.mktemp("conv")
     ckpt = make_tiny_checkpoint(d / "hf", seed=0)
