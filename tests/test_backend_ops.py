@@ -201,3 +201,54 @@ def test_attention_direct_masked_rows(be, cpu_path):
     mean = v.astype(np.float64)[: nk - 1].mean(axis=0)          # query 1 sees keys 0 .. nk-2
     assert rel(out[1], np.repeat(mean, n_head // n_kv, axis=0)) < 1e-5
     assert rel(out, _attention_ref(q, k, v, 0.125, mask, True, nk - nq)) < 1e-5
+
+
+# ---- flash attention: more than 16 query rows per KV group goes through the
+# fused kernel (csrc/cpu/attention_flash*.cpp: key blocks of 16 / 32 / 64 keys
+# on the scalar / avx2 / avx512 paths, tasks of 32 query rows, online softmax).
+@pytest.mark.parametrize("nq,nk,n_head,n_kv,hd,causal,mask_kind,kv16", [
+    (70, 70, 2, 2, 80, False, None, False),          # vision shape (hd 80), partial key block and row task
+    (33, 130, 4, 1, 80, True, "inf", True),          # GQA 4, causal after a cached prefix, -inf mask
+    (40, 200, 8, 2, 128, False, "min", True),        # hd 128, finfo.min mask
+    (17, 65, 3, 3, 7, True, "min", False),           # odd small hd, 65 keys (one past a block)
+    (9, 300, 4, 2, 80, True, "inf", False),          # 18 rows: a task with rows of different queries
+    (96, 64, 1, 1, 80, True, None, True),            # causal, exactly one 64-key block
+])
+def test_attention_flash(be, cpu_path, nq, nk, n_head, n_kv, hd, causal, mask_kind, kv16):
+    q = rng.standard_normal((nq, n_head, hd)).astype(np.float32)
+    k = rng.standard_normal((nk, n_kv, hd)).astype(np.float32)
+    v = rng.standard_normal((nk, n_kv, hd)).astype(np.float32)
+    if kv16:
+        k, v = k.astype(np.float16), v.astype(np.float16)
+    scale = hd ** -0.5
+    q_offset = nk - nq if causal else 0
+    mask = None
+    if mask_kind is not None:
+        fill = -np.inf if mask_kind == "inf" else np.finfo(np.float32).min
+        mask = np.where(rng.random((nq, nk)) < 0.3, fill, 0).astype(np.float32)
+        mask[:, 0] = 0
+    out = be.attention(q, k, v, scale, mask, causal, q_offset)
+    assert rel(out, _attention_ref(q, k, v, scale, mask, causal, q_offset)) < 1e-5
+
+
+def test_attention_flash_masked_rows(be, cpu_path):
+    # 40 queries (beyond the direct path) over 300 keys: query 0 fully -inf
+    # (zeros), query 1 fully finfo.min (the uniform average of V over its
+    # visible keys, as HF's softmax gives), query 2 sees only keys >= 250 (whole
+    # key blocks masked out before the first visible one), query 3 sees keys
+    # < 10 (finfo.min after: blocks of only finfo.min after real scores).
+    nq, nk, n_head, n_kv, hd = 40, 300, 4, 2, 80
+    q = rng.standard_normal((nq, n_head, hd)).astype(np.float32)
+    k = rng.standard_normal((nk, n_kv, hd)).astype(np.float32)
+    v = rng.standard_normal((nk, n_kv, hd)).astype(np.float32)
+    mask = np.zeros((nq, nk), np.float32)
+    mask[0, :] = -np.inf
+    mask[1, :] = np.finfo(np.float32).min
+    mask[2, :250] = -np.inf
+    mask[3, 10:] = np.finfo(np.float32).min
+    q_offset = nk - nq
+    out = be.attention(q, k, v, 0.125, mask, True, q_offset)
+    assert np.all(out[0] == 0)
+    mean = v.astype(np.float64)[: 1 + q_offset + 1].mean(axis=0)   # query 1 sees keys 0 .. 1 + q_offset
+    assert rel(out[1], np.repeat(mean, n_head // n_kv, axis=0)) < 1e-5
+    assert rel(out, _attention_ref(q, k, v, 0.125, mask, True, q_offset)) < 1e-5

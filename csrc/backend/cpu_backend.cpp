@@ -4,9 +4,11 @@
 // GGUF. Matrix products go through the fused kernels in csrc/cpu (SIMD paths
 // chosen at run time); elementwise ops are row- or chunk-parallel on the pool.
 // Attention for a few queries (decode) reads the KV cache in place
-// (csrc/cpu/attention.h); otherwise it is computed per KV head group as two
-// matrix products through the same kernels (S = Q·Kᵀ, O = softmax(S)·V), in
-// query blocks so the score matrix stays small (a 4-tile image has 6432 queries and keys).
+// (csrc/cpu/attention.h); otherwise by the fused flash kernel
+// (csrc/cpu/attention_flash.h: online softmax over key blocks, scores never
+// leave L1; a 4-tile image has 6432 queries and keys). The older path, per KV
+// head group two matrix products (S = Q·Kᵀ, O = softmax(S)·V) in query
+// blocks, stays behind MLLAMA_Q_ATTN_FLASH=0 for comparison.
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
@@ -21,6 +23,7 @@
 #include "common/fp16.h"
 #include "common/threadpool.h"
 #include "cpu/attention.h"
+#include "cpu/attention_flash.h"
 #include "cpu/matmul.h"
 #include "quants/quants.h"
 
@@ -244,6 +247,14 @@ public:
                                   ld_mask, causal, q_offset, pool_);
             return;
         }
+        // Many queries: the fused flash kernel (csrc/cpu/attention_flash.h).
+        // MLLAMA_Q_ATTN_FLASH=0 forces the two-matrix-product path below
+        // (kept for benchmarks comparing the two).
+        if (flash_enabled()) {
+            cpu::attention_flash(q, k, v, kv_type, kv_stride, out, nq, nk, n_head, n_kv_head, hd, scale, mask,
+                                 ld_mask, causal, q_offset, pool_);
+            return;
+        }
         const int G = n_head / n_kv_head;   // query heads per KV head
         const int64_t rows = nq * G;        // query rows of one group, ordered (i, r)
         const int64_t bq = std::max<int64_t>(G, std::min<int64_t>(rows, 512) / G * G);  // block of whole queries
@@ -292,6 +303,10 @@ public:
         }
     }
 
+    static bool flash_enabled() {
+        const char* e = std::getenv("MLLAMA_Q_ATTN_FLASH");
+        return !(e && std::string(e) == "0");
+    }
     static bool direct_enabled() {
         const char* e = std::getenv("MLLAMA_Q_ATTN_DIRECT");
         return !(e && std::string(e) == "0");
