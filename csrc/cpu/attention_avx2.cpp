@@ -16,6 +16,7 @@
 #include <limits>
 
 #include "cpu/attention.h"
+#include "cpu/simd_exp_avx2.h"
 
 namespace mq::cpu::detail {
 namespace {
@@ -23,28 +24,6 @@ namespace {
 inline __m256 load8(const void* base, bool f16, int64_t off) {
     if (f16) return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(base) + off)));
     return _mm256_loadu_ps(static_cast<const float*>(base) + off);
-}
-
-// exp(x) for x <= 0, 8 lanes: the polynomial of cpu_backend.cpp's exp_nonpos
-// (x = n ln2 + r, |r| <= ln2/2, degree-6 Taylor for e^r, 2^n in the exponent
-// bits); x < -87.3 (incl. -inf) gives 0.
-inline __m256 exp8_nonpos(__m256 x) {
-    const __m256 lo = _mm256_set1_ps(-87.3f);
-    const __m256 xc = _mm256_max_ps(x, lo);
-    const __m256 n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504088896341f)),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), xc);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-06f), r);
-    __m256 p = _mm256_set1_ps(1.0f / 720.0f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-    const __m256i bits = _mm256_add_epi32(_mm256_castps_si256(p), _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23));
-    const __m256 e = _mm256_castsi256_ps(bits);
-    return _mm256_andnot_ps(_mm256_cmp_ps(x, lo, _CMP_LT_OQ), e);   // 0 where x < -87.3
 }
 
 inline float hsum(__m256 v) {

@@ -7,6 +7,7 @@
 #include <cstring>
 
 #include "cpu/attention_flash_impl.h"
+#include "cpu/simd_exp_avx2.h"
 
 namespace mq::cpu::detail {
 namespace {
@@ -23,26 +24,7 @@ struct V256 {
     static T add(T a, T b) { return _mm256_add_ps(a, b); }
     static T sub(T a, T b) { return _mm256_sub_ps(a, b); }
     static T max(T a, T b) { return _mm256_max_ps(a, b); }
-    // exp(x) for x <= 0: cpu_backend.cpp's exp_nonpos on 8 lanes; x < -87.3
-    // (including -inf) gives 0.
-    static T exp(T x) {
-        const T lo = _mm256_set1_ps(-87.3f);
-        const T xc = _mm256_max_ps(x, lo);
-        const T n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504088896341f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        T r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), xc);
-        r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-06f), r);
-        T p = _mm256_set1_ps(1.0f / 720.0f);
-        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
-        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
-        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
-        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
-        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-        const __m256i bits = _mm256_add_epi32(_mm256_castps_si256(p), _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23));
-        const T dead = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
-        return _mm256_andnot_ps(dead, _mm256_castsi256_ps(bits));
-    }
+    static T exp(T x) { return exp8_nonpos(x); }  // simd_exp_avx2.h
     static float exp1(float x) { return _mm256_cvtss_f32(exp(_mm256_set1_ps(x))); }
     static float hmax(T x) {
         __m128 m = _mm_max_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
