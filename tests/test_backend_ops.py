@@ -158,16 +158,9 @@ def cpu_path(request):
     _core.set_cpu_path("auto")
 
 
-@pytest.mark.parametrize("nq,nk,n_head,n_kv,hd,causal,mask_kind,kv16", [
-    (1, 1, 8, 2, 64, False, None, True),            # one key
-    (1, 600, 32, 8, 128, False, None, True),        # 11B decode shape, 3 chunks, last one partial
-    (1, 6404, 32, 8, 128, False, "min", True),      # cross-attention over one image's keys
-    (3, 300, 8, 2, 80, True, "inf", False),         # causal after a cached prefix, -inf mask, 12 rows
-    (2, 513, 16, 2, 128, True, None, True),         # 16 rows (the limit), causal
-    (1, 259, 4, 4, 64, False, "min", False),
-    (2, 45, 6, 3, 36, True, "min", True),           # hd not a multiple of 8 (scalar kernel on every path)
-])
-def test_attention_direct(be, cpu_path, nq, nk, n_head, n_kv, hd, causal, mask_kind, kv16):
+def _check_random_attention(be, nq, nk, n_head, n_kv, hd, causal, mask_kind, kv16):
+    """Random q/k/v (F16 or F32 K/V), an optional random -inf / finfo.min mask and
+    causal masking after a cached prefix, against torch in float64."""
     q = rng.standard_normal((nq, n_head, hd)).astype(np.float32)
     k = rng.standard_normal((nk, n_kv, hd)).astype(np.float32)
     v = rng.standard_normal((nk, n_kv, hd)).astype(np.float32)
@@ -182,6 +175,19 @@ def test_attention_direct(be, cpu_path, nq, nk, n_head, n_kv, hd, causal, mask_k
         mask[:, 0] = 0
     out = be.attention(q, k, v, scale, mask, causal, q_offset)
     assert rel(out, _attention_ref(q, k, v, scale, mask, causal, q_offset)) < 1e-5
+
+
+@pytest.mark.parametrize("nq,nk,n_head,n_kv,hd,causal,mask_kind,kv16", [
+    (1, 1, 8, 2, 64, False, None, True),            # one key
+    (1, 600, 32, 8, 128, False, None, True),        # 11B decode shape, 3 chunks, last one partial
+    (1, 6404, 32, 8, 128, False, "min", True),      # cross-attention over one image's keys
+    (3, 300, 8, 2, 80, True, "inf", False),         # causal after a cached prefix, -inf mask, 12 rows
+    (2, 513, 16, 2, 128, True, None, True),         # 16 rows (the limit), causal
+    (1, 259, 4, 4, 64, False, "min", False),
+    (2, 45, 6, 3, 36, True, "min", True),           # hd not a multiple of 8 (scalar kernel on every path)
+])
+def test_attention_direct(be, cpu_path, nq, nk, n_head, n_kv, hd, causal, mask_kind, kv16):
+    _check_random_attention(be, nq, nk, n_head, n_kv, hd, causal, mask_kind, kv16)
 
 
 def test_attention_direct_masked_rows(be, cpu_path):
@@ -215,20 +221,7 @@ def test_attention_direct_masked_rows(be, cpu_path):
     (96, 64, 1, 1, 80, True, None, True),            # causal, exactly one 64-key block
 ])
 def test_attention_flash(be, cpu_path, nq, nk, n_head, n_kv, hd, causal, mask_kind, kv16):
-    q = rng.standard_normal((nq, n_head, hd)).astype(np.float32)
-    k = rng.standard_normal((nk, n_kv, hd)).astype(np.float32)
-    v = rng.standard_normal((nk, n_kv, hd)).astype(np.float32)
-    if kv16:
-        k, v = k.astype(np.float16), v.astype(np.float16)
-    scale = hd ** -0.5
-    q_offset = nk - nq if causal else 0
-    mask = None
-    if mask_kind is not None:
-        fill = -np.inf if mask_kind == "inf" else np.finfo(np.float32).min
-        mask = np.where(rng.random((nq, nk)) < 0.3, fill, 0).astype(np.float32)
-        mask[:, 0] = 0
-    out = be.attention(q, k, v, scale, mask, causal, q_offset)
-    assert rel(out, _attention_ref(q, k, v, scale, mask, causal, q_offset)) < 1e-5
+    _check_random_attention(be, nq, nk, n_head, n_kv, hd, causal, mask_kind, kv16)
 
 
 def test_attention_flash_masked_rows(be, cpu_path):
