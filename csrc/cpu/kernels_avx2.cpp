@@ -16,6 +16,21 @@ namespace mq::cpu::detail {
 namespace {
 
 inline float h2f(uint16_t h) { return _cvtsh_ss(h); }
+
+// Decode (<= 2 X rows): the quantized tiles take one W row at a time
+// (NWGD = 1 in avx2_kernels() below) and prefetch that row kWPrefetch bytes
+// ahead, the scheme of the AVX-512 decode tiles (kernels_avx512.cpp): a single
+// sequential stream that the software prefetch keeps ahead of the arithmetic.
+#ifndef MQ_WPF
+#define MQ_WPF 4096
+#endif
+constexpr int kWPrefetch = MQ_WPF;
+
+template <int BYTES>
+inline void prefetch_w(const void* p) {
+    const char* c = static_cast<const char*>(p) + kWPrefetch;
+    for (int o = 0; o < BYTES; o += 64) _mm_prefetch(c + o, _MM_HINT_T0);
+}
 inline float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -75,6 +90,7 @@ struct FloatTile {
 // ---------------------------------------------------------------- Q4_K x Q8_K
 // 32 qs bytes g (g = 0..3) hold sub-block 2g in the low nibbles and 2g+1 in
 // the high nibbles; X's Q8_K quants are in natural order.
+template <bool PF>
 struct Q4KTile {
     template <int NX, int NW>
     static void run(const uint8_t* w, size_t ws, const uint8_t* x, size_t xs, int64_t K, float* y, int64_t ldy) {
@@ -86,6 +102,7 @@ struct Q4KTile {
         for (int64_t b = 0; b < nb; b++) {
             for (int j = 0; j < NW; j++) {
                 const block_q4_K* wb = reinterpret_cast<const block_q4_K*>(w + j * ws) + b;
+                if constexpr (PF) prefetch_w<sizeof(block_q4_K)>(wb);
                 uint64_t sc8, m8;
                 unpack_q4_K_scales(wb->scales, &sc8, &m8);
                 const __m128i scv = _mm_cvtsi64_si128(int64_t(sc8));
@@ -126,6 +143,7 @@ struct Q4KTile {
 //   (ql0 & 15) | (qh << 4 & 0x30), (ql1 & 15) | (qh << 2 & 0x30),
 //   (ql0 >> 4) | (qh & 0x30),      (ql1 >> 4) | (qh >> 2 & 0x30).
 // Each group spans two 16-value sub-blocks: int16 scale vector [s_a x8 | s_b x8].
+template <bool PF>
 struct Q6KTile {
     template <int NX, int NW>
     static void run(const uint8_t* w, size_t ws, const uint8_t* x, size_t xs, int64_t K, float* y, int64_t ldy) {
@@ -137,6 +155,7 @@ struct Q6KTile {
         for (int64_t b = 0; b < nb; b++) {
             for (int j = 0; j < NW; j++) {
                 const block_q6_K* wb = reinterpret_cast<const block_q6_K*>(w + j * ws) + b;
+                if constexpr (PF) prefetch_w<sizeof(block_q6_K)>(wb);
                 const __m128i scv = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wb->scales));
                 __m256i isum[NX];
                 for (int i = 0; i < NX; i++) isum[i] = _mm256_setzero_si256();
@@ -179,6 +198,7 @@ struct Q6KTile {
 
 // ---------------------------------------------------------------- Q8_0 x Q8_0
 // Signed x signed bytes with maddubs: |w| (unsigned) times x carrying w's sign.
+template <bool PF>
 struct Q80Tile {
     template <int NX, int NW>
     static void run(const uint8_t* w, size_t ws, const uint8_t* x, size_t xs, int64_t K, float* y, int64_t ldy) {
@@ -197,6 +217,7 @@ struct Q80Tile {
             }
             for (int j = 0; j < NW; j++) {
                 const block_q8_0* wb = reinterpret_cast<const block_q8_0*>(w + j * ws) + b;
+                if constexpr (PF) prefetch_w<sizeof(block_q8_0)>(wb);
                 const __m256i wq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb->qs));
                 const __m256i aw = _mm256_sign_epi8(wq, wq);
                 const float dw = h2f(wb->d);
@@ -210,6 +231,15 @@ struct Q80Tile {
             for (int j = 0; j < NW; j++) y[i * ldy + j] = hsum(acc[i][j]);
     }
 };
+
+// Decode-sized calls (nx <= 2 X rows) stream W: one W row at a time with
+// prefetch. Larger calls keep 4-row W groups and no prefetch (W is re-read
+// from cache for every pair of X rows).
+template <template <bool> class T>
+void tile_q(const void* w, size_t ws, int nw, const void* x, size_t xs, int nx, int64_t K, float* y, int64_t ldy) {
+    if (nx <= 2) run_tile<T<true>, 2, 1>(w, ws, nw, x, xs, nx, K, y, ldy);
+    else run_tile<T<false>, 2, 4>(w, ws, nw, x, xs, nx, K, y, ldy);
+}
 
 void prep_q8_K(const float* x, void* xq, int64_t K) { quantize_row_q8_K_ref(x, static_cast<block_q8_K*>(xq), K); }
 size_t bytes_q8_K(int64_t K) { return size_t(K / QK_K) * sizeof(block_q8_K); }
@@ -240,9 +270,9 @@ const PathKernels& avx2_kernels() {
         {nullptr, nullptr, run_tile<FloatTile<LoadF32>, 2>},
         {nullptr, nullptr, run_tile<FloatTile<LoadF16>, 2>},
         {nullptr, nullptr, run_tile<FloatTile<LoadBF16>, 2>},
-        {prep_q8_0, bytes_q8_0, run_tile<Q80Tile, 2>},
-        {prep_q8_K, bytes_q8_K, run_tile<Q4KTile, 2>},
-        {prep_q8_K, bytes_q8_K, run_tile<Q6KTile, 2>},
+        {prep_q8_0, bytes_q8_0, tile_q<Q80Tile>},
+        {prep_q8_K, bytes_q8_K, tile_q<Q4KTile>},
+        {prep_q8_K, bytes_q8_K, tile_q<Q6KTile>},
     };
     return k;
 }
