@@ -25,6 +25,17 @@ inline float h2f(uint16_t h) { return _cvtsh_ss(h); }
 #define MQ_WPF 4096
 #endif
 constexpr int kWPrefetch = MQ_WPF;
+// Prefill tile sizes (X rows x W rows), measured here at M = 512, 4096 x 4096,
+// one thread. Q4_K/Q6_K keep no X in registers across W rows, so one W row
+// against 8 X rows shares each W unpack 8 ways (Q4_K 130 -> 111 ms, Q6_K
+// 152 -> 136 ms vs 2 x 4; 4 x 2 spilled and was slower). Q8_0 reuses X across
+// W rows, so it keeps 2 x 4 (4 x 1: 168 -> 183 ms).
+#ifndef MQ_PNX
+#define MQ_PNX 8
+#define MQ_PNW 1
+#define MQ_P8NX 2
+#define MQ_P8NW 4
+#endif
 
 template <int BYTES>
 inline void prefetch_w(const void* p) {
@@ -235,10 +246,10 @@ struct Q80Tile {
 // Decode-sized calls (nx <= 2 X rows) stream W: one W row at a time with
 // prefetch. Larger calls keep 4-row W groups and no prefetch (W is re-read
 // from cache for every pair of X rows).
-template <template <bool> class T>
+template <template <bool> class T, int PNX, int PNW>
 void tile_q(const void* w, size_t ws, int nw, const void* x, size_t xs, int nx, int64_t K, float* y, int64_t ldy) {
     if (nx <= 2) run_tile<T<true>, 2, 1>(w, ws, nw, x, xs, nx, K, y, ldy);
-    else run_tile<T<false>, 2, 4>(w, ws, nw, x, xs, nx, K, y, ldy);
+    else run_tile<T<false>, PNX, PNW>(w, ws, nw, x, xs, nx, K, y, ldy);
 }
 
 void prep_q8_K(const float* x, void* xq, int64_t K) { quantize_row_q8_K_ref(x, static_cast<block_q8_K*>(xq), K); }
@@ -270,9 +281,9 @@ const PathKernels& avx2_kernels() {
         {nullptr, nullptr, run_tile<FloatTile<LoadF32>, 2>},
         {nullptr, nullptr, run_tile<FloatTile<LoadF16>, 2>},
         {nullptr, nullptr, run_tile<FloatTile<LoadBF16>, 2>},
-        {prep_q8_0, bytes_q8_0, tile_q<Q80Tile>},
-        {prep_q8_K, bytes_q8_K, tile_q<Q4KTile>},
-        {prep_q8_K, bytes_q8_K, tile_q<Q6KTile>},
+        {prep_q8_0, bytes_q8_0, tile_q<Q80Tile, MQ_P8NX, MQ_P8NW>},
+        {prep_q8_K, bytes_q8_K, tile_q<Q4KTile, MQ_PNX, MQ_PNW>},
+        {prep_q8_K, bytes_q8_K, tile_q<Q6KTile, MQ_PNX, MQ_PNW>},
     };
     return k;
 }
