@@ -219,11 +219,11 @@ struct Q80Tile {
             for (int j = 0; j < NW; j++) acc[i][j] = _mm256_setzero_ps();
         const int64_t nb = K / QK8_0;
         for (int64_t b = 0; b < nb; b++) {
-            float dx[NX];
+            __m256 dx[NX];   // X block scales, broadcast (one vector multiply per tile entry below)
             __m256i xv[NX];
             for (int i = 0; i < NX; i++) {
                 const block_q8_0* xb = reinterpret_cast<const block_q8_0*>(x + i * xs) + b;
-                dx[i] = h2f(xb->d);
+                dx[i] = _mm256_set1_ps(h2f(xb->d));
                 xv[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb->qs));
             }
             for (int j = 0; j < NW; j++) {
@@ -231,10 +231,10 @@ struct Q80Tile {
                 if constexpr (PF) prefetch_w<sizeof(block_q8_0)>(wb);
                 const __m256i wq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb->qs));
                 const __m256i aw = _mm256_sign_epi8(wq, wq);
-                const float dw = h2f(wb->d);
+                const __m256 dw = _mm256_set1_ps(h2f(wb->d));
                 for (int i = 0; i < NX; i++) {
                     const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv[i], wq)), ones);
-                    acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dw * dx[i]), acc[i][j]);
+                    acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(dw, dx[i]), acc[i][j]);
                 }
             }
         }
