@@ -170,7 +170,10 @@ struct Q6KTile {
                 const __m128i scv = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wb->scales));
                 __m256i isum[NX];
                 for (int i = 0; i < NX; i++) isum[i] = _mm256_setzero_si256();
+                const __m256i s16 = _mm256_cvtepi8_epi16(scv);   // the 16 sub-block scales as int16
                 for (int h = 0; h < 2; h++) {
+                    // scales 8h..8h+7 in both 128-bit halves
+                    const __m256i sh = h ? _mm256_permute2x128_si256(s16, s16, 0x11) : _mm256_permute2x128_si256(s16, s16, 0x00);
                     const __m256i ql0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb->ql + 64 * h));
                     const __m256i ql1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb->ql + 64 * h + 32));
                     const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb->qh + 32 * h));
@@ -181,9 +184,10 @@ struct Q6KTile {
                     q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
                                            _mm256_and_si256(_mm256_srli_epi16(qh, 2), m30));
                     for (int g = 0; g < 4; g++) {
-                        const int s = 8 * h + 2 * g;   // first of the two sub-blocks
-                        const __m128i sel = _mm_set_epi64x(0x0101010101010101ll * (s + 1), 0x0101010101010101ll * s);
-                        const __m256i sv = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(scv, sel));
+                        // [scale 8h+2g x8 | scale 8h+2g+1 x8]: int16 lanes 2g / 2g+1 of sh
+                        const __m256i sel = _mm256_setr_m128i(_mm_set1_epi16(short(((4 * g + 1) << 8) | (4 * g))),
+                                                              _mm_set1_epi16(short(((4 * g + 3) << 8) | (4 * g + 2))));
+                        const __m256i sv = _mm256_shuffle_epi8(sh, sel);
                         for (int i = 0; i < NX; i++) {
                             const int8_t* xq = reinterpret_cast<const block_q8_K*>(x + i * xs)[b].qs + 128 * h + 32 * g;
                             const __m256i p = _mm256_maddubs_epi16(q[g], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq)));
@@ -191,7 +195,6 @@ struct Q6KTile {
                         }
                     }
                 }
-                const __m256i s16 = _mm256_cvtepi8_epi16(scv);
                 const float dw = h2f(wb->d);
                 for (int i = 0; i < NX; i++) {
                     const block_q8_K* xb = reinterpret_cast<const block_q8_K*>(x + i * xs) + b;
