@@ -4,7 +4,12 @@
 // Same scheme as the AVX-512 file with 256-bit vectors and no VNNI:
 // maddubs (u8 x s8 -> int16 pairs) then madd with the int16 sub-block scales
 // (-> int32), as ggml's AVX2 vec_dot_q4_K_q8_K / vec_dot_q6_K_q8_K do.
-// 16 ymm registers: tiles are 2 X rows x up to 4 W rows.
+// 16 ymm registers. Tiles: decode (<= 2 X rows) one W row at a time with
+// software prefetch; larger M: Q4_K/Q6_K 8 X rows x 1 W row, Q8_0 and the float
+// types 2 X rows x 4 W rows (see tile_q and MQ_PNX below). No panel kernel
+// yet: the tiles spend a maddubs + a madd per 32 MACs; a broadcast-W panel
+// (as on AVX-512) could add several maddubs of one sub-block in int16 before a
+// single madd (no overflow: Q4_K pair sums are <= 3840), about halving that.
 #include <immintrin.h>
 
 #include <cstring>
