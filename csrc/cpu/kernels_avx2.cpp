@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "cpu/kernels.h"
+#include "cpu/panel_pack.h"
 #include "quants/quants.h"
 
 namespace mq::cpu::detail {
@@ -253,13 +254,9 @@ struct Q80Tile {
 
 
 // ---------------------------------------------------------------- panel GEMM (M >= 16)
-// Same X panel layout as the AVX-512 file (kernels_avx512.cpp, "panel GEMM"),
-// per 256-value block (kPanelBlock bytes):
-//   q    [64 groups][16 rows][4]  Q8_K quants, 4 consecutive k of each row per group
-//   d    [16] float               Q8_K scale of each row
-//   bs   [8 pairs][16 rows][2]    int16 sub-block sums (Q4_K: 8 sums of 32; Q6_K: 16 of 16)
+// X panel layout and W unpacking: panel_pack.h (shared with the AVX-512 file).
 // One ymm holds 4 k of 8 rows, so a panel is worked as two halves of 8 rows.
-// W rows are unpacked once per task (codes as bytes in value order, scales).
+// W rows are unpacked once per task.
 // Per W row t, sub-block s and 8 X rows (one per int32 lane):
 //   maddubs(4 W codes broadcast, 4 k of 8 rows) -> int16 pair sums; CH of them
 //   are added in int16 before one madd with the sub-block scale -> int32.
@@ -268,94 +265,8 @@ struct Q80Tile {
 //   12 (Q6_K) multiply-port ops per 256 MACs where the tiles need 16.
 // The int32 block sums are the scalar reference's; only float order differs:
 //   Q4_K: y += dx * (d * s1 - dmin * s2)      Q6_K: y += dx * d * (s1 - s2)
-constexpr int kPanelBlock = 4096 + 64 + 512;
-
-struct WUnp {
-    uint8_t q[QK_K];
-    int16_t sc[16];
-    uint32_t cm2[8];   // int16 pairs: coefficient of the bsums term (Q4_K m_s, Q6_K 32 * sc_s)
-    float d, dmin;
-};
-
-template <bool Q4>
-void prep_panel(const float* x, int64_t ldx, int rows, void* panel, int64_t K) {
-    uint8_t* P = static_cast<uint8_t*>(panel);
-    const int64_t nb = K / QK_K;
-    for (int r = 0; r < kPanelRows; r++) {
-        for (int64_t b = 0; b < nb; b++) {
-            uint8_t* pb = P + b * kPanelBlock;
-            block_q8_K q;
-            if (r < rows) quantize_row_q8_K_ref(x + r * ldx + QK_K * b, &q, QK_K);
-            else std::memset(&q, 0, sizeof(q));   // padding row: contributes zeros, never written out
-            for (int g = 0; g < 64; g++) std::memcpy(pb + 64 * g + 4 * r, q.qs + 4 * g, 4);
-            reinterpret_cast<float*>(pb + 4096)[r] = q.d;
-            int16_t* bs = reinterpret_cast<int16_t*>(pb + 4096 + 64);
-            for (int pp = 0; pp < 8; pp++) {
-                int16_t lo = 0, hi = 0;
-                if (Q4) {
-                    if (pp < 4) {
-                        lo = int16_t(q.bsums[4 * pp] + q.bsums[4 * pp + 1]);
-                        hi = int16_t(q.bsums[4 * pp + 2] + q.bsums[4 * pp + 3]);
-                    }
-                } else {
-                    lo = q.bsums[2 * pp];
-                    hi = q.bsums[2 * pp + 1];
-                }
-                bs[32 * pp + 2 * r] = lo;
-                bs[32 * pp + 2 * r + 1] = hi;
-            }
-        }
-    }
-}
-size_t panel_bytes(int64_t K) { return size_t(K / QK_K) * kPanelBlock; }
-
-void unpack_w_q4_K(const uint8_t* row, int64_t nb, WUnp* out) {
-    const block_q4_K* wb = reinterpret_cast<const block_q4_K*>(row);
-    for (int64_t b = 0; b < nb; b++) {
-        WUnp& u = out[b];
-        for (int sb = 0; sb < 8; sb++) {
-            const uint8_t* q = wb[b].qs + 32 * (sb / 2);
-            const int shift = 4 * (sb & 1);
-            for (int l = 0; l < 32; l++) u.q[32 * sb + l] = (q[l] >> shift) & 0xF;
-        }
-        uint64_t sc8, m8;
-        unpack_q4_K_scales(wb[b].scales, &sc8, &m8);
-        for (int s = 0; s < 16; s++) u.sc[s] = s < 8 ? int16_t((sc8 >> (8 * s)) & 0xff) : 0;
-        for (int pp = 0; pp < 8; pp++) {
-            const uint32_t lo = pp < 4 ? uint32_t((m8 >> (16 * pp)) & 0xff) : 0;
-            const uint32_t hi = pp < 4 ? uint32_t((m8 >> (16 * pp + 8)) & 0xff) : 0;
-            u.cm2[pp] = lo | (hi << 16);
-        }
-        u.d = h2f(wb[b].d);
-        u.dmin = h2f(wb[b].dmin);
-    }
-}
-
-void unpack_w_q6_K(const uint8_t* row, int64_t nb, WUnp* out) {
-    const block_q6_K* wb = reinterpret_cast<const block_q6_K*>(row);
-    for (int64_t b = 0; b < nb; b++) {
-        WUnp& u = out[b];
-        for (int h = 0; h < 2; h++) {   // value order as ggml's dequantize_row_q6_K
-            const uint8_t* ql = wb[b].ql + 64 * h;
-            const uint8_t* qh = wb[b].qh + 32 * h;
-            uint8_t* o = u.q + 128 * h;
-            for (int l = 0; l < 32; l++) {
-                o[l + 0] = uint8_t((ql[l] & 0xF) | (((qh[l] >> 0) & 3) << 4));
-                o[l + 32] = uint8_t((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4));
-                o[l + 64] = uint8_t((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4));
-                o[l + 96] = uint8_t((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4));
-            }
-        }
-        for (int s = 0; s < 16; s++) u.sc[s] = wb[b].scales[s];
-        for (int pp = 0; pp < 8; pp++) {
-            const uint32_t lo = uint16_t(int16_t(32 * wb[b].scales[2 * pp]));
-            const uint32_t hi = uint16_t(int16_t(32 * wb[b].scales[2 * pp + 1]));
-            u.cm2[pp] = lo | (hi << 16);
-        }
-        u.d = h2f(wb[b].d);
-        u.dmin = 0.0f;
-    }
-}
+using WUnp = WUnpT<int16_t>;
+void quantize_block_ref(const float* x, block_q8_K* y) { quantize_row_q8_K_ref(x, y, QK_K); }
 
 // NWR W rows (row t: nb unpacked blocks at wu + t * nb) against half `hf` (rows 8hf..8hf+7)
 // of one panel: out[t * 16 + 8 * hf + i] = dot(W row t, X row 8hf + i).
@@ -485,8 +396,8 @@ const PathKernels& avx2_kernels() {
         {nullptr, nullptr, run_tile<FloatTile<LoadF16>, 2>},
         {nullptr, nullptr, run_tile<FloatTile<LoadBF16>, 2>},
         {prep_q8_0, bytes_q8_0, tile_q<Q80Tile, MQ_P8NX, MQ_P8NW>},
-        {prep_q8_K, bytes_q8_K, tile_q<Q4KTile, MQ_PNX, MQ_PNW>, prep_panel<true>, panel_bytes, panel_gemm<true>},
-        {prep_q8_K, bytes_q8_K, tile_q<Q6KTile, MQ_PNX, MQ_PNW>, prep_panel<false>, panel_bytes, panel_gemm<false>},
+        {prep_q8_K, bytes_q8_K, tile_q<Q4KTile, MQ_PNX, MQ_PNW>, prep_panel<true, quantize_block_ref>, panel_bytes, panel_gemm<true>},
+        {prep_q8_K, bytes_q8_K, tile_q<Q6KTile, MQ_PNX, MQ_PNW>, prep_panel<false, quantize_block_ref>, panel_bytes, panel_gemm<false>},
     };
     return k;
 }
