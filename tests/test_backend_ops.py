@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from mllama_q import _core
+from op_refs import attention_ref as _attention_ref
+from op_refs import rel, rope_ref
 
 rng = np.random.default_rng(1234)
 
@@ -12,12 +14,6 @@ rng = np.random.default_rng(1234)
 @pytest.fixture(scope="module")
 def be():
     return _core.Backend("cpu")
-
-
-def rel(a, b):
-    a = np.asarray(a, np.float64)
-    b = np.asarray(b, np.float64)
-    return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
 
 
 def test_rms_norm(be):
@@ -51,16 +47,7 @@ def test_rope_interleaved(be):
     x = rng.standard_normal((n_tok, n_head, hd)).astype(np.float32)
     pos = np.array([0, 1, 7, 100, 3000], np.int32)
     inv = (500000.0 ** (-np.arange(0, hd, 2) / hd)).astype(np.float32)
-    # Rotate each (x[2i], x[2i+1]) pair by pos * inv_freq[i]. The angle is a
-    # float32 product as in HF's MllamaRotaryEmbedding.forward (inv_freq.float()
-    # @ position_ids.float()); the rotation itself in float64.
-    ang = (pos[:, None].astype(np.float32) * inv[None, :]).astype(np.float64)
-    c, s = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
-    a, b = x[..., 0::2].astype(np.float64), x[..., 1::2].astype(np.float64)
-    ref = np.empty_like(x, dtype=np.float64)
-    ref[..., 0::2] = a * c - b * s
-    ref[..., 1::2] = a * s + b * c
-    assert rel(be.rope(x, pos, inv), ref) < 1e-6
+    assert rel(be.rope(x, pos, inv), rope_ref(x, pos, inv)) < 1e-6
 
 
 @pytest.mark.parametrize("nq,nk,n_head,n_kv,hd,causal,use_mask,kv16", [
@@ -71,31 +58,7 @@ def test_rope_interleaved(be):
     (700, 700, 2, 2, 16, False, True, True),  # more queries than one block
 ])
 def test_attention(be, nq, nk, n_head, n_kv, hd, causal, use_mask, kv16):
-    q = rng.standard_normal((nq, n_head, hd)).astype(np.float32)
-    k = rng.standard_normal((nk, n_kv, hd)).astype(np.float32)
-    v = rng.standard_normal((nk, n_kv, hd)).astype(np.float32)
-    if kv16:
-        k, v = k.astype(np.float16), v.astype(np.float16)
-    scale = hd ** -0.5
-    q_offset = nk - nq if causal else 0
-    mask = None
-    if use_mask:
-        mask = np.where(rng.random((nq, nk)) < 0.3, np.finfo(np.float32).min, 0).astype(np.float32)
-        mask[:, 0] = 0
-    out = be.attention(q, k, v, scale, mask, causal, q_offset)
-    # torch reference: [1, heads, seq, hd] with GQA expanded
-    tq = torch.from_numpy(q).double().permute(1, 0, 2)
-    tk = torch.from_numpy(k.astype(np.float32)).double().permute(1, 0, 2).repeat_interleave(n_head // n_kv, 0)
-    tv = torch.from_numpy(v.astype(np.float32)).double().permute(1, 0, 2).repeat_interleave(n_head // n_kv, 0)
-    bias = torch.zeros(nq, nk, dtype=torch.float64)
-    if mask is not None:
-        bias = bias + torch.from_numpy(mask).double()
-    if causal:
-        i = torch.arange(nq)[:, None] + q_offset
-        j = torch.arange(nk)[None, :]
-        bias = bias.masked_fill(j > i, float("-inf"))
-    ref = F.scaled_dot_product_attention(tq, tk, tv, attn_mask=bias, scale=scale).permute(1, 0, 2)
-    assert rel(out, ref.numpy()) < 1e-5
+    _check_random_attention(be, nq, nk, n_head, n_kv, hd, causal, "min" if use_mask else None, kv16)
 
 
 def test_attention_fully_masked_row_is_zero(be):
@@ -131,26 +94,6 @@ def test_bad_backend_name():
 # ---- direct (flash-decoding) attention: nq * n_head / n_kv <= 16 rows per KV
 # group reads K/V in place in chunks of 256 keys (csrc/cpu/attention.cpp), with
 # a scalar kernel and an AVX2 one (used by the avx2 and avx512 paths).
-def _attention_ref(q, k, v, scale, mask, causal, q_offset):
-    """float64 softmax(scale q·k + bias) v with GQA; rows with nothing visible -> 0."""
-    nq, n_head, _ = q.shape
-    nk, n_kv, _ = k.shape
-    tq = torch.from_numpy(q).double().permute(1, 0, 2)
-    tk = torch.from_numpy(k.astype(np.float32)).double().permute(1, 0, 2).repeat_interleave(n_head // n_kv, 0)
-    tv = torch.from_numpy(v.astype(np.float32)).double().permute(1, 0, 2).repeat_interleave(n_head // n_kv, 0)
-    bias = torch.zeros(nq, nk, dtype=torch.float64)
-    if mask is not None:
-        bias = bias + torch.from_numpy(mask).double()
-    if causal:
-        i = torch.arange(nq)[:, None] + q_offset
-        j = torch.arange(nk)[None, :]
-        bias = bias.masked_fill(j > i, float("-inf"))
-    ref = F.scaled_dot_product_attention(tq, tk, tv, attn_mask=bias, scale=scale).permute(1, 0, 2).numpy()
-    dead = torch.isinf(bias).all(dim=1).numpy()   # softmax of all -inf is NaN; the backend gives zeros
-    ref[dead] = 0.0
-    return ref
-
-
 @pytest.fixture(params=list(_core.cpu_paths()))
 def cpu_path(request):
     _core.set_cpu_path(request.param)

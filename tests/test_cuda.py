@@ -36,6 +36,7 @@ pytestmark = pytest.mark.skipif(AS == "cuda" and not CUDA["usable"],
                                 reason="no usable CUDA device (built=%s)" % CUDA["built"])
 
 torch = pytest.importorskip("torch")
+from op_refs import attention_ref, rel, rope_ref  # noqa: E402
 F = torch.nn.functional
 try:
     import gguf
@@ -56,12 +57,6 @@ def cu():
 @pytest.fixture(scope="module")
 def cpu():
     return _core.Backend("cpu")
-
-
-def rel(a, b):
-    a = np.asarray(a, np.float64)
-    b = np.asarray(b, np.float64)
-    return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
 
 
 def scales_f16(shape, lo=0.5, hi=1.5, exp=-7):
@@ -258,15 +253,7 @@ def test_rope_interleaved(cu):
     x = rng.standard_normal((n_tok, n_head, hd)).astype(np.float32)
     pos = np.array([0, 1, 7, 100, 3000, 131000], np.int32)
     inv = (500000.0 ** (-np.arange(0, hd, 2) / hd)).astype(np.float32)
-    # angle = float32 product (HF MllamaRotaryEmbedding.forward), rotation in float64
-    ang = (pos[:, None].astype(np.float32) * inv[None, :]).astype(np.float64)
-    c, s = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
-    a, b = x[..., 0::2].astype(np.float64), x[..., 1::2].astype(np.float64)
-    ref = np.empty_like(x, dtype=np.float64)
-    ref[..., 0::2] = a * c - b * s
-    ref[..., 1::2] = a * s + b * c
-    out = cu.rope(x, pos, inv)
-    assert rel(out, ref) < 1e-6
+    assert rel(cu.rope(x, pos, inv), rope_ref(x, pos, inv)) < 1e-6
 
 
 # ---- attention ------------------------------------------------------------------------------
@@ -274,22 +261,6 @@ def test_rope_interleaved(cu):
 def attn_tol(nq, hd):
     """The tensor-core kernel (nq >= 64, hd 64/80/128) rounds q, k, v, p to f16."""
     return 5e-3 if AS == "cuda" and nq >= 64 and hd in (64, 80, 128) else 1e-4
-
-
-def attention_ref(q, k, v, scale, mask, causal, q_offset):
-    nq, n_head, hd = q.shape
-    n_kv = k.shape[1]
-    tq = torch.from_numpy(q).double().permute(1, 0, 2)
-    tk = torch.from_numpy(k.astype(np.float32)).double().permute(1, 0, 2).repeat_interleave(n_head // n_kv, 0)
-    tv = torch.from_numpy(v.astype(np.float32)).double().permute(1, 0, 2).repeat_interleave(n_head // n_kv, 0)
-    bias = torch.zeros(nq, k.shape[0], dtype=torch.float64)
-    if mask is not None:
-        bias = bias + torch.from_numpy(mask).double()
-    if causal:
-        i = torch.arange(nq)[:, None] + q_offset
-        j = torch.arange(k.shape[0])[None, :]
-        bias = bias.masked_fill(j > i, float("-inf"))
-    return F.scaled_dot_product_attention(tq, tk, tv, attn_mask=bias, scale=scale).permute(1, 0, 2).numpy()
 
 
 @pytest.mark.parametrize("nq,nk,n_head,n_kv,hd,causal,use_mask,kv16", [
