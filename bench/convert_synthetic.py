@@ -67,8 +67,8 @@ PIECE = 16 << 20  # values written per write() call
 
 def hf_tensors(cfg: dict) -> list:
     """[(hub name, shape)] for every tensor of the checkpoint, derived from the converter's plan."""
-    from convert.hf import Checkpoint, parse_config
-    from convert.plan import build_plan
+    from mllama_q.convert.hf import Checkpoint, parse_config
+    from mllama_q.convert.plan import build_plan
 
     text, vision, img = parse_config(cfg, "config.json")
     ck = Checkpoint(dir=Path("."), text=text, vision=vision, image_token_id=img, preprocessor={}, generation={},

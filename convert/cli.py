@@ -1,11 +1,11 @@
-"""`mllama-q convert HF_DIR -o OUT.gguf --type ...` (also `python -m convert`)."""
+"""`mllama-q convert HF_DIR -o OUT.gguf --type ...` (also `python -m mllama_q.convert`)."""
 from __future__ import annotations
 
 import argparse
 import signal
 import sys
 
-from . import mix
+from mllama_q import gguf_keys as K
 from .errors import ConvertError
 
 PROG = "mllama-q convert"
@@ -19,9 +19,9 @@ def build_parser() -> argparse.ArgumentParser:
                "q4_k_s: Q4_K throughout. Norms, biases, gates and position/tile embeddings stay F32.")
     p.add_argument("hf_dir", metavar="HF_DIR", help="checkpoint directory (config.json, *.safetensors, tokenizer...)")
     p.add_argument("-o", "--output", required=True, metavar="OUT.gguf", help="output file")
-    p.add_argument("--type", dest="ftype", default="q4_k_m", choices=mix.FTYPES,
+    p.add_argument("--type", dest="ftype", default="q4_k_m", choices=K.FTYPES,
                    help="text weights (default: %(default)s)")
-    p.add_argument("--vision-type", default=None, choices=mix.VISION_TYPES,
+    p.add_argument("--vision-type", default=None, choices=K.VISION_TYPES,
                    help="vision tower and projector weights (default: q8_0 for quantized --type, else the --type)")
     p.add_argument("--force", action="store_true", help="overwrite OUT.gguf if it exists")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

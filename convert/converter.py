@@ -21,7 +21,6 @@ import numpy as np
 
 from mllama_q import gguf_keys as K
 
-from . import mix
 from .errors import ConvertError
 from .hf import Checkpoint, load_checkpoint
 from .plan import CONST, ONE_MINUS_TANH, PERMUTE_QK, PERMUTE_VEC, TANH, Out, assign_types, build_plan, check_tensors
@@ -34,7 +33,7 @@ def add_metadata(w, ck: Checkpoint, ftype: str) -> None:
     """All non-tokenizer KV pairs (see gguf_keys for each key)."""
     t, v, pp = ck.text, ck.vision, ck.preprocessor
     w.add_name(ck.dir.resolve().name)
-    w.add_uint32(K.GENERAL_FILE_TYPE, int(mix.FILE_TYPE[ftype]))
+    w.add_uint32(K.GENERAL_FILE_TYPE, int(K.FILE_TYPE[ftype]))
     w.add_uint32(K.GENERAL_QUANTIZATION_VERSION, 2)
     gen = ck.generation
     for key, name, cast in ((K.GENERAL_SAMPLING_TEMP, "temperature", float),
@@ -121,7 +120,7 @@ def encode(x: np.ndarray, gtype, block_row: int) -> np.ndarray:
         return f32_to_bf16(np.ascontiguousarray(x, dtype=np.float32))
     from mllama_q import quants
 
-    return quants.quantize(np.ascontiguousarray(x, dtype=np.float32).reshape(-1, block_row), mix.QUANT_NAME[gtype])
+    return quants.quantize(np.ascontiguousarray(x, dtype=np.float32).reshape(-1, block_row), K.QUANT_NAME[gtype])
 
 
 def _transform(o: Out, x: np.ndarray) -> np.ndarray:
@@ -222,12 +221,12 @@ def convert(hf_dir, out_path, ftype: str = "q4_k_m", vision_type: str | None = N
     """Convert; returns a summary dict (tensors, bytes read/written, seconds). Raises ConvertError."""
     import gguf
 
-    if ftype not in mix.FTYPES:
-        raise ConvertError(f"unknown --type {ftype!r}; expected one of {', '.join(mix.FTYPES)}")
-    if vision_type is not None and vision_type not in mix.VISION_TYPES:
-        raise ConvertError(f"unknown --vision-type {vision_type!r}; expected one of {', '.join(mix.VISION_TYPES)}")
+    if ftype not in K.FTYPES:
+        raise ConvertError(f"unknown --type {ftype!r}; expected one of {', '.join(K.FTYPES)}")
+    if vision_type is not None and vision_type not in K.VISION_TYPES:
+        raise ConvertError(f"unknown --vision-type {vision_type!r}; expected one of {', '.join(K.VISION_TYPES)}")
     if vision_type is None:
-        vision_type = mix.default_vision_type(ftype)
+        vision_type = K.default_vision_type(ftype)
     out_path = Path(out_path)
     if out_path.exists() and not force:
         raise ConvertError(f"{out_path}: already exists (use --force to overwrite)")
@@ -266,7 +265,7 @@ def convert(hf_dir, out_path, ftype: str = "q4_k_m", vision_type: str | None = N
         # raw_dtype set and a non-uint8 numpy dtype, GGUFWriter takes `shape` as the element shape.
         sizes = {}
         for o in outs:
-            sizes[o.name] = mix.nbytes(o.gtype, o.shape)
+            sizes[o.name] = K.nbytes(o.gtype, o.shape)
             writer.add_tensor_info(o.name, o.shape, np.dtype(np.float32), sizes[o.name], raw_dtype=o.gtype)
 
         writer.write_header_to_file(path=tmp)

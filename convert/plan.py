@@ -23,7 +23,6 @@ import numpy as np
 
 from mllama_q import gguf_keys as K
 
-from . import mix
 from .errors import ConvertError
 from .hf import Checkpoint
 
@@ -195,5 +194,5 @@ def check_tensors(ck: Checkpoint, outs: list) -> None:
 def assign_types(outs: list, ck: Checkpoint, ftype: str, vision_type: str | None) -> None:
     n_self = ck.text.n_layer - len(ck.text.cross_layers)
     for o in outs:
-        o.gtype = mix.tensor_type(o.kind, o.role, o.block_row, ftype, vision_type, layer=o.layer,
+        o.gtype = K.tensor_type(o.kind, o.role, o.block_row, ftype, vision_type, layer=o.layer,
                                   n_layer=ck.text.n_layer, v_index=o.v_index, n_v=n_self)

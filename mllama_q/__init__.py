@@ -1,9 +1,28 @@
-"""mllama-q: a quantized runtime for Llama 3.2 Vision (mllama)."""
+"""mllama-q: a quantized runtime for Llama 3.2 Vision (mllama).
+
+    from mllama_q import Model
+    with Model("llama-3.2-11b-vision-q4_k_m.gguf") as model:
+        print(model.generate(messages=[...], images=[...]).text)
+
+Package layout: the runtime (model, gguf_file, gguf_keys, processor, tokenizer, chat,
+generate, sampling, quants; the compiled core `_core`) is the library. The converter is
+`mllama_q.convert`; the command line and developer tools (demo, bench, self-check,
+synthetic models) are `mllama_q.cli`, which the runtime never imports.
+
+`import mllama_q` is cheap: the names below are imported on first use (PEP 562).
+"""
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from . import _core  # noqa: E402  (compiled extension)
+# name -> (module, attribute); resolved lazily by __getattr__
+_LAZY = {
+    "Model": ("mllama_q.model", "Model"),
+    "ModelFileError": ("mllama_q.gguf_file", "ModelFileError"),
+    "ModelFileNotFoundError": ("mllama_q.gguf_file", "ModelFileNotFoundError"),
+}
+
+__all__ = ["backends", "__version__", *_LAZY]
 
 
 def backends() -> dict:
@@ -12,6 +31,8 @@ def backends() -> dict:
     Returns ``{"cpu": {...}, "cuda": {...}}`` where each entry has ``built`` and
     ``usable`` booleans plus details (CPU kernel paths, CUDA device names).
     """
+    from . import _core
+
     n_dev = _core.cuda_device_count() if _core.cuda_built() else 0
     return {
         "cpu": {
@@ -29,9 +50,16 @@ def backends() -> dict:
     }
 
 
-__all__ = ["backends", "__version__"]
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
 
-from .gguf_file import ModelFileError, ModelFileNotFoundError  # noqa: E402
-from .model import Model  # noqa: E402
+        module, attr = _LAZY[name]
+        value = getattr(importlib.import_module(module), attr)
+        globals()[name] = value  # next access skips __getattr__
+        return value
+    raise AttributeError(f"module 'mllama_q' has no attribute {name!r}")
 
-__all__ += ["Model", "ModelFileError", "ModelFileNotFoundError"]
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

@@ -151,7 +151,7 @@ def write_tokenizer_gguf(hf_dir, path) -> Path:
     `hf_dir` (convert.tokenizer.add_tokenizer_metadata); returns `path`."""
     import gguf
 
-    from convert.tokenizer import add_tokenizer_metadata
+    from mllama_q.convert.tokenizer import add_tokenizer_metadata
 
     path = Path(path)
     w = gguf.GGUFWriter(str(path), arch="mllama")

@@ -14,7 +14,7 @@ pytest.importorskip("transformers")
 import mllama_q  # noqa: E402
 from mllama_q import ModelFileError, ModelFileNotFoundError  # noqa: E402
 from mllama_q import gguf_keys as K  # noqa: E402
-from convert import convert  # noqa: E402
+from mllama_q.convert import convert  # noqa: E402
 from tiny_models import make_tiny_checkpoint  # noqa: E402
 
 

@@ -24,6 +24,7 @@ from gguf import GGMLQuantizationType as T  # noqa: E402
 from gguf.quants import dequantize  # noqa: E402
 
 from tiny_models import make_tiny_checkpoint  # noqa: E402
+from mllama_q import gguf_keys as K  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,7 +79,7 @@ def hf_states(ckpts):
 
 
 def run_convert(ckpt, out, ftype, vision_type=None, extra=()):
-    from convert.cli import main
+    from mllama_q.convert.cli import main
 
     argv = [str(ckpt), "-o", str(out), "--type", ftype, "-q", *extra]
     if vision_type:
@@ -400,6 +401,22 @@ def test_sharded_and_in_memory_names(ckpts, tmp_path):
         np.testing.assert_array_equal(np.asarray(ta.data), np.asarray(tb.data), err_msg=ta.name)
 
 
+def test_spec_type_tables_match_gguf_py():
+    """gguf_keys declares ggml's type ids, block sizes and llama.cpp's file types itself (so the
+    runtime never imports gguf-py); they must equal gguf-py's tables."""
+    from gguf.constants import GGML_QUANT_SIZES, LlamaFileType
+
+    for t in K.GGMLType:
+        assert T[t.name] == int(t), t
+        assert GGML_QUANT_SIZES[T[t.name]] == K.BLOCK_SIZES[t], t
+    assert set(K.BLOCK_SIZES) == set(K.GGMLType)
+    expected_ftype = {"f32": LlamaFileType.ALL_F32, "f16": LlamaFileType.MOSTLY_F16,
+                      "bf16": LlamaFileType.MOSTLY_BF16, "q8_0": LlamaFileType.MOSTLY_Q8_0,
+                      "q6_k": LlamaFileType.MOSTLY_Q6_K, "q4_k_m": LlamaFileType.MOSTLY_Q4_K_M,
+                      "q4_k_s": LlamaFileType.MOSTLY_Q4_K_S}
+    assert K.FILE_TYPE == {k: int(v) for k, v in expected_ftype.items()}
+
+
 def test_gguf_keys_helpers(ckpts, tmp_path):
     from mllama_q import gguf_keys as K
 
@@ -514,7 +531,7 @@ def test_attention_scores_equal_hf(ckpts, tmp_path):
 
 def test_chunked_streaming_gives_identical_file(ckpts, tmp_path, monkeypatch):
     """Tiny chunks (a few rows, whole heads for Q/K) produce the same bytes as whole tensors."""
-    from convert import converter
+    from mllama_q.convert import converter
 
     a, b = tmp_path / "a.gguf", tmp_path / "b.gguf"
     assert run_convert(ckpts["gqa4_sharded"], a, "q4_k_m") == 0
@@ -524,9 +541,9 @@ def test_chunked_streaming_gives_identical_file(ckpts, tmp_path, monkeypatch):
 
 
 def test_cli_entry_points(ckpts, tmp_path):
-    """`python -m convert` and `mllama-q convert` (mllama_q.cli) both work."""
+    """`python -m mllama_q.convert` and `mllama-q convert` (mllama_q.cli) both work."""
     out = tmp_path / "m.gguf"
-    res = subprocess.run([sys.executable, "-m", "convert", str(ckpts["mha_f32"]), "-o", str(out), "--type", "q8_0"],
+    res = subprocess.run([sys.executable, "-m", "mllama_q.convert", str(ckpts["mha_f32"]), "-o", str(out), "--type", "q8_0"],
                          cwd=tmp_path, capture_output=True, text=True, env=_env())
     assert res.returncode == 0, res.stderr
     assert "wrote" in res.stderr and out.is_file()
@@ -538,16 +555,15 @@ def test_cli_entry_points(ckpts, tmp_path):
 
 
 def _env():
-    """The child imports the same mllama_q / convert as this process (installed, or the
-    source tree with an in-place build), whatever its working directory."""
+    """The child imports the same mllama_q (and so mllama_q.convert) as this process
+    (installed, or the source tree with an in-place build), whatever its working directory."""
     import os
 
-    import convert
     import mllama_q
 
-    roots = [str(Path(m.__file__).resolve().parents[1]) for m in (mllama_q, convert)]
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(roots + [env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(mllama_q.__file__).resolve().parents[1]),
+                                         env.get("PYTHONPATH", "")])
     return env
 
 
@@ -651,7 +667,7 @@ def test_existing_output_needs_force(ckpts, tmp_path, capsys):
 def test_failure_mid_write_leaves_nothing(ckpts, tmp_path, monkeypatch, capsys, exc, rc):
     """A failure (or Ctrl-C) while tensor data are being written removes the temp file and
     never creates OUT.gguf, even with --force over an existing file (which is kept)."""
-    from convert import converter
+    from mllama_q.convert import converter
 
     calls = {"n": 0}
     real = converter.encode
@@ -696,8 +712,8 @@ REAL_11B_CONFIG = {  # published Llama-3.2-11B-Vision-Instruct config.json (size
 
 
 def test_real_11b_plan_and_q4_k_m_mix():
-    from convert.hf import Checkpoint, parse_config
-    from convert.plan import assign_types, build_plan
+    from mllama_q.convert.hf import Checkpoint, parse_config
+    from mllama_q.convert.plan import assign_types, build_plan
 
     text, vision, img = parse_config(REAL_11B_CONFIG, "config.json")
     ck = Checkpoint(dir=Path("."), text=text, vision=vision, image_token_id=img, preprocessor={}, generation={},

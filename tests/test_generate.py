@@ -363,7 +363,7 @@ def test_cli_run_json(fake_model_module, capsys):
 
 
 def test_cli_chat_keeps_history_and_images(fake_model_module, capsys, tmp_path):
-    from mllama_q.cli_run import chat_main
+    from mllama_q.cli.run import chat_main
 
     img = tmp_path / "b.png"
     Image.fromarray(np.full((30, 40, 3), 10, np.uint8)).save(img)
@@ -381,7 +381,7 @@ def test_cli_chat_keeps_history_and_images(fake_model_module, capsys, tmp_path):
 
 
 def test_cli_chat_second_turn_sees_history(fake_model_module, tmp_path):
-    from mllama_q.cli_run import chat_main
+    from mllama_q.cli.run import chat_main
 
     img = tmp_path / "c.png"
     Image.fromarray(np.full((30, 40, 3), 10, np.uint8)).save(img)

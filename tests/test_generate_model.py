@@ -25,7 +25,7 @@ def setup(tmp_path_factory):
     from transformers import MllamaProcessor
 
     import mllama_q
-    from convert.converter import convert
+    from mllama_q.convert.converter import convert
     from tiny_models import load_hf_model, make_tiny_checkpoint
 
     d = tmp_path_factory.mktemp("gen_e2e")

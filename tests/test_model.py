@@ -27,7 +27,7 @@ from transformers.models.mllama.processing_mllama import (  # noqa: E402
 import mllama_q  # noqa: E402
 from mllama_q import gguf_keys as K  # noqa: E402
 from tiny_models import load_hf_model, make_tiny_checkpoint  # noqa: E402
-from convert import convert  # noqa: E402
+from mllama_q.convert import convert  # noqa: E402
 
 MAX_TILES = 4
 TILE = 56  # tiny_models' image_size
@@ -36,7 +36,7 @@ TILE = 56  # tiny_models' image_size
 # ---------------------------------------------------------------------------
 # Tiny checkpoint (converter's builder) and its GGUFs (our converter)
 # ---------------------------------------------------------------------------
-# --type of the converter -> the text weight type it writes (convert/mix.py).
+# --type of the converter -> the text weight type it writes (gguf_keys.tensor_type).
 FILE_TYPES = {"f32": "f32", "f16": "f16", "bf16": "bf16", "q8_0": "q8_0", "q4_k": "q4_k_s"}
 
 

@@ -17,13 +17,13 @@ from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize
 
 from mllama_q import gguf_keys as K
-from mllama_q.synthetic import CONFIGS, WEIGHT_STD, random_blocks, write_synthetic_gguf
+from mllama_q.cli.synthetic import CONFIGS, WEIGHT_STD, random_blocks, write_synthetic_gguf
 
 
 @pytest.fixture(scope="module")
 def converted_tiny(tmp_path_factory):
     """The converter's q4_k_m output for the default tiny checkpoint (same dims as CONFIGS['tiny'])."""
-    from convert.converter import convert
+    from mllama_q.convert.converter import convert
     from tiny_models import make_tiny_checkpoint
 
     d = tmp_path_factory.mktemp("conv")
@@ -96,7 +96,7 @@ def test_tiny_vocabulary_and_special_ids(tiny):
 
 def test_real_11b_vocabulary_layout():
     """The 11B synthetic vocabulary puts Llama 3's specials at their real ids."""
-    from mllama_q.synthetic import _vocab
+    from mllama_q.cli.synthetic import _vocab
 
     tokens, types, merges, ids = _vocab(CONFIGS["11b"])
     assert len(tokens) == 128257 and len(set(tokens)) == len(tokens)

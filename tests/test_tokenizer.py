@@ -9,7 +9,7 @@ import gguf
 import numpy as np
 import pytest
 
-from convert.tokenizer import add_tokenizer_metadata
+from mllama_q.convert.tokenizer import add_tokenizer_metadata
 from mllama_q.tokenizer import Tokenizer
 from real_tokenizer import CHAT_TEMPLATE, cached_llama32_vision_tokenizer, write_tokenizer_gguf
 

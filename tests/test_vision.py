@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from convert.converter import convert
+from mllama_q.convert.converter import convert
 from mllama_q import _core
 from mllama_q import gguf_keys as K
 from tiny_models import load_hf_model, make_tiny_checkpoint

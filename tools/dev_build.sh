@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Developer build: compiles mllama_q._core into ./build-dev and copies it into
-# ./mllama_q so that `PYTHONPATH=. python ...` imports the fresh module.
+# ./mllama_q so that `PYTHONPATH=. python ...` imports the fresh module. Also links
+# mllama_q/convert -> ../convert (git-ignored), the path the wheel installs the
+# converter at (pyproject.toml [tool.scikit-build.wheel.packages]).
 # Usage: tools/dev_build.sh [extra cmake -D options], e.g. -DMLLAMA_Q_CUDA=OFF
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,4 +12,5 @@ cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release \
   -Dpybind11_DIR="$($PY -m pybind11 --cmakedir)" -DPython_EXECUTABLE="$(command -v $PY)" "$@" >/dev/null
 cmake --build "$BUILD" -j"${JOBS:-2}"
 cp "$BUILD"/_core*.so mllama_q/
+[ -e mllama_q/convert ] || ln -s ../convert mllama_q/convert
 echo "built $(ls mllama_q/_core*.so)"

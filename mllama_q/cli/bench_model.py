@@ -67,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
 def measure_read_bandwidth(n_threads: int | None = None, gib: float = 1.0) -> tuple[float, str]:
     """(bytes/s, method). Prefers the extension's probe (kernels helper), else numpy."""
     try:
-        from . import _core
+        from mllama_q import _core
         probe = getattr(_core, "measure_read_bandwidth", None)
     except ImportError:
         probe = None
@@ -136,7 +136,7 @@ def kv_cache_bytes(path, n_ctx: int, n_images: int, elem_bytes: int = 2) -> int:
     K/V of `n_images` images of max_tiles tiles, at `elem_bytes` per value (Model's default
     kv_type is f16). From the GGUF hyper-parameters (gguf_keys)."""
     import gguf
-    from . import gguf_keys as K
+    from mllama_q import gguf_keys as K
 
     r = gguf.GGUFReader(str(path))
 
@@ -203,7 +203,7 @@ def vision_flops(path, tiles: int) -> float:
     Sequence per image as HF's MllamaVisionModel: tiles x P padded to a multiple of 8
     (1601 -> 1608); every layer attends over the whole image (all its tiles)."""
     import gguf
-    from . import gguf_keys as K
+    from mllama_q import gguf_keys as K
 
     r = gguf.GGUFReader(str(path))
 
@@ -228,11 +228,11 @@ def vision_flops(path, tiles: int) -> float:
 
 
 def run_bench(args) -> dict:
-    from .model import Model
+    from mllama_q.model import Model
 
     res: dict = {"device": args.device, **machine_info()}
     if args.synthetic:
-        from .synthetic import cached_synthetic
+        from mllama_q.cli.synthetic import cached_synthetic
 
         t0 = time.perf_counter()
         path = cached_synthetic(args.synthetic, args.type, cache_dir=args.cache_dir, progress=not args.json)

@@ -5,8 +5,8 @@ Why: anyone can measure the runtime's speed on the 11B/90B shapes without downlo
 pipeline in well under a second.
 
 The file is a COMPLETE model in the layout of `mllama_q.gguf_keys` (same metadata keys,
-tensor names, shapes and type mix as `mllama-q convert` writes; the mix is the converter's
-own rule, `convert.mix.tensor_type`). Quantized tensors are not produced by quantizing
+tensor names, shapes and type mix as `mllama-q convert` writes: the mix rule is
+`gguf_keys.tensor_type`). Quantized tensors are not produced by quantizing
 floats: each block is built directly from random bits with a chosen fp16 scale, so that
 the dequantized weights look like N(0, 0.02)-ish values (llama-style init) and the
 activations of a forward pass stay finite. Block layouts (ggml-common.h):
@@ -38,8 +38,7 @@ import gguf
 from gguf import GGMLQuantizationType as T
 from gguf.constants import GGML_QUANT_SIZES
 
-from . import gguf_keys as K
-from convert import mix
+from mllama_q import gguf_keys as K
 
 SIZES = ("tiny", "11b", "90b")
 # Target standard deviation of dequantized weight matrices (llama-style init).
@@ -259,7 +258,7 @@ def _vocab(cfg: SynthConfig):
 class TensorSpec:
     name: str
     shape: tuple  # numpy order [rows, cols]
-    kind: str  # convert.mix kinds: "f32" | "conv" | "text" | "vision"
+    kind: str  # gguf_keys mix kinds: "f32" | "conv" | "text" | "vision"
     role: str = ""  # "output" | "attn_v" | "ffn_down" | ""
     layer: int = -1
     v_index: int = -1
@@ -269,10 +268,10 @@ class TensorSpec:
 
 def tensor_plan(cfg: SynthConfig, qtype: str, vision_type: str | None = None) -> list[TensorSpec]:
     """Every tensor `mllama-q convert --type qtype` writes for an HF checkpoint of this config."""
-    if qtype not in mix.FTYPES:
-        raise ValueError(f"unknown --type {qtype!r}; choose one of {', '.join(mix.FTYPES)}")
+    if qtype not in K.FTYPES:
+        raise ValueError(f"unknown --type {qtype!r}; choose one of {', '.join(K.FTYPES)}")
     if vision_type is None:
-        vision_type = mix.default_vision_type(qtype)
+        vision_type = K.default_vision_type(qtype)
     D, F, V = cfg.hidden, cfg.intermediate, cfg.vocab_size
     hd, H, Hkv = cfg.head_dim, cfg.n_head, cfg.n_head_kv
     Dv, Fv, P, T_, A = cfg.v_hidden, cfg.v_intermediate, cfg.n_patches, cfg.max_tiles, len(cfg.aspect_ratios)
@@ -344,7 +343,7 @@ def tensor_plan(cfg: SynthConfig, qtype: str, vision_type: str | None = None) ->
     add(K.MM_PROJ_B, (D,), "f32", "zeros")
 
     for s in specs:
-        s.ggml_type = mix.tensor_type(s.kind, s.role, s.shape[-1], qtype, vision_type, layer=s.layer,
+        s.ggml_type = K.tensor_type(s.kind, s.role, s.shape[-1], qtype, vision_type, layer=s.layer,
                                       n_layer=cfg.n_layer, v_index=s.v_index, n_v=len(self_layers))
     return specs
 
@@ -420,7 +419,7 @@ def _small_values(spec: TensorSpec, cfg: SynthConfig, rng: np.random.Generator) 
 
 
 def _nbytes(t: T, shape) -> int:
-    return mix.nbytes(t, shape)
+    return K.nbytes(t, shape)
 
 
 # ---------------------------------------------------------------------------
@@ -428,7 +427,7 @@ def _nbytes(t: T, shape) -> int:
 # ---------------------------------------------------------------------------
 def _add_metadata(w: gguf.GGUFWriter, cfg: SynthConfig, qtype: str) -> None:
     w.add_name(cfg.name)
-    w.add_file_type(int(mix.FILE_TYPE[qtype]))
+    w.add_file_type(int(K.FILE_TYPE[qtype]))
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     w.add_float32(K.GENERAL_SAMPLING_TEMP, 0.6)
     w.add_float32(K.GENERAL_SAMPLING_TOP_P, 0.9)

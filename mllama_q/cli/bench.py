@@ -1,7 +1,7 @@
 """Benchmarks: `mllama-q bench kernels ...` (this file) and model speed
-(`mllama-q bench <anything else>`, delegated to mllama_q.bench_model).
+(`mllama-q bench <anything else>`, delegated to mllama_q.cli.bench_model).
 
-    python -m mllama_q.bench kernels [--threads N] [--types q4_k,q6_k] [--shapes 4096x4096]
+    python -m mllama_q.cli.bench kernels [--threads N] [--types q4_k,q6_k] [--shapes 4096x4096]
                                      [--m 1,512] [--quick] [--json out.json] [--peer]
 
 For every weight type and 11B shape (N x K, rows x columns of W) it times
@@ -48,7 +48,7 @@ def _cpu_name() -> str:
 
 def random_weights(rng: np.random.Generator, wtype: str, n: int, k: int) -> np.ndarray:
     """[n, row_bytes] uint8 of valid `wtype` rows: random bytes, scale fields set to 1e-3."""
-    from . import quants
+    from mllama_q import quants
 
     info = quants.type_info()[wtype]
     row = quants.row_bytes(wtype, k)
@@ -137,7 +137,7 @@ def bench_kernels(argv) -> int:
     ap.add_argument("--peer-lib", default="", help="directory of the ggml libraries for --peer")
     args = ap.parse_args(argv)
 
-    from . import _core
+    from mllama_q import _core
 
     if args.quick:
         args.shapes = "4096x4096,1024x4096" if args.shapes == ",".join(SHAPES_11B) else args.shapes
@@ -221,16 +221,10 @@ def main(argv=None) -> int:
         return bench_kernels(argv[1:])
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: mllama-q bench kernels [options]   CPU matmul kernels (see 'kernels --help')\n"
-              "       mllama-q bench ...                  model speed (mllama_q.bench_model)")
+              "       mllama-q bench ...                  model speed (mllama_q.cli.bench_model)")
         return 0
-    import importlib
-    import importlib.util
+    from mllama_q.cli import bench_model
 
-    if importlib.util.find_spec("mllama_q.bench_model") is None:
-        print("mllama-q bench: the model benchmark (mllama_q.bench_model) is not part of this build yet; "
-              "'mllama-q bench kernels' times the CPU kernels.", file=sys.stderr)
-        return 2
-    bench_model = importlib.import_module("mllama_q.bench_model")
     return int(bench_model.main(argv) or 0)
 
 

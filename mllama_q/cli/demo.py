@@ -2,10 +2,10 @@
 
     mllama-q demo [--model MODEL.gguf] [--image PATH] [--prompt TEXT] [--max-new-tokens N]
                   [--cache-dir DIR] [--threads N]
-    mllama-q demo --selfcheck [...]    the kernel self-check (mllama_q.selfcheck)
+    mllama-q demo --selfcheck [...]    the kernel self-check (mllama_q.cli.selfcheck)
 
 Default: generate (once; cached in $MLLAMA_Q_CACHE or ~/.cache/mllama-q) the tiny synthetic
-model (mllama_q.synthetic, random weights, real layout), load it with mllama_q.Model, run the
+model (mllama_q.cli.synthetic, random weights, real layout), load it with mllama_q.Model, run the
 bundled photo through the processor and the vision tower, stream a short answer and print the
 timings. With random weights the answer is gibberish: the demo shows that every stage runs,
 not what the model knows. Give --model to run a real converted checkpoint instead.
@@ -78,7 +78,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--selfcheck" in argv:
-        from . import selfcheck
+        from mllama_q.cli import selfcheck
 
         return int(selfcheck.main([a for a in argv if a != "--selfcheck"]) or 0)
     args = _parser().parse_args(argv)
@@ -92,13 +92,13 @@ def main(argv=None) -> int:
 def _run(args) -> int:
     from PIL import Image
 
-    from . import Model
+    from mllama_q import Model
 
     timings = {}
     synthetic = args.model is None
     t0 = time.perf_counter()
     if synthetic:
-        from .synthetic import cached_synthetic
+        from mllama_q.cli.synthetic import cached_synthetic
 
         path = cached_synthetic("tiny", "q4_k_m", cache_dir=args.cache_dir, progress=False)
     else:

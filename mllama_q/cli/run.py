@@ -45,13 +45,13 @@ def _sampling_kwargs(args) -> dict:
 
 
 def _load_model(args, want_vision: bool):
-    from .model import Model
+    from mllama_q.model import Model
 
     return Model(args.model, device=args.device, n_ctx=args.ctx, n_threads=args.threads, vision=want_vision)
 
 
 def _check_images(paths) -> list[str]:
-    from .processor import load_image
+    from mllama_q.processor import load_image
 
     for p in paths:
         load_image(p)  # fail before the (slow) model load on a missing or broken file
@@ -68,7 +68,7 @@ def _stream(model, out, **kw):
     """Generate with streaming; write pieces to `out`; return the GenerationResult."""
     stream = model.generate(stream=True, **kw) if hasattr(model, "generate") else None
     if stream is None:
-        from .generate import generate
+        from mllama_q.generate import generate
 
         stream = generate(model, stream=True, **kw)
     for piece in stream:
@@ -108,7 +108,7 @@ def run_main(argv=None) -> int:
                 _user_message(prompt, len(images))]
             kw.update(messages=msgs, images=images or None)
         if args.json:
-            from .generate import generate
+            from mllama_q.generate import generate
 
             res = generate(model, **kw)
             out.write(json.dumps({"text": res.text, "prompt_tokens": res.prompt_tokens,

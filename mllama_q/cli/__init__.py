@@ -8,12 +8,12 @@ from __future__ import annotations
 import sys
 
 COMMANDS = {
-    "demo": ("mllama_q.demo", "run the whole pipeline on a tiny synthetic model and a bundled photo "
+    "demo": ("mllama_q.cli.demo", "run the whole pipeline on a tiny synthetic model and a bundled photo "
                               "(--selfcheck: kernel self-check)"),
-    "convert": ("convert.cli", "convert a Hugging Face Mllama checkpoint to one GGUF file"),
-    "bench": ("mllama_q.bench", "benchmarks (kernels; model speed)"),
-    "run": ("mllama_q.cli_run:run_main", "generate an answer to one prompt (and images), streamed"),
-    "chat": ("mllama_q.cli_run:chat_main", "interactive chat; /image PATH attaches an image"),
+    "convert": ("mllama_q.convert.cli", "convert a Hugging Face Mllama checkpoint to one GGUF file"),
+    "bench": ("mllama_q.cli.bench", "benchmarks (kernels; model speed)"),
+    "run": ("mllama_q.cli.run:run_main", "generate an answer to one prompt (and images), streamed"),
+    "chat": ("mllama_q.cli.run:chat_main", "interactive chat; /image PATH attaches an image"),
 }
 
 
@@ -32,7 +32,7 @@ def main(argv=None) -> int:
         print(_usage())
         return 0
     if argv[0] in ("-V", "--version"):
-        from . import __version__
+        from mllama_q import __version__
         print(f"mllama-q {__version__}")
         return 0
     cmd, rest = argv[0], argv[1:]

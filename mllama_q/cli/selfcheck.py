@@ -3,7 +3,7 @@ matrix with every weight format, multiply with the CPU kernels, compare with
 a float64 numpy reference and print a small throughput table. Takes a few
 seconds; exit code 0 when every available format checks out.
 
-    python -m mllama_q.selfcheck [--threads N] [--path auto|scalar|avx2|avx512]
+    python -m mllama_q.cli.selfcheck [--threads N] [--path auto|scalar|avx2|avx512]
 
 Checks per format (W: N x K random normal, X: M x K random normal):
   * kernel vs float64 dequantize(W) @ X.T: only the on-the-fly 8-bit
@@ -24,7 +24,7 @@ FORMATS = ["f32", "f16", "bf16", "q8_0", "q6_k", "q4_k"]
 
 
 def _check_one(fmt, rng, n, k, m):
-    from . import _core, quants
+    from mllama_q import _core, quants
 
     w = (rng.standard_normal((n, k)) * 0.02).astype(np.float32)
     x = rng.standard_normal((m, k)).astype(np.float32)
@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     import mllama_q
-    from . import _core
+    from mllama_q import _core
 
     if args.threads > 0:
         _core.set_num_threads(args.threads)
