@@ -19,15 +19,16 @@ import numpy as np
 
 from . import _core
 from . import gguf_keys as K
+from . import ollama
 from .gguf_file import (ModelFileError, check_architecture, field_value, get_float, get_int, get_int_list,
-                        open_gguf, require_keys, tensor_entry)
+                        open_gguf, require_keys)
 
 # Metadata every mllama file has (Ollama's and ours).
 REQUIRED_TEXT_KEYS = (K.BLOCK_COUNT, K.EMBEDDING_LENGTH, K.FEED_FORWARD_LENGTH, K.HEAD_COUNT, K.HEAD_COUNT_KV,
                       K.RMS_EPS, K.ROPE_FREQ_BASE, K.CROSS_ATTENTION_LAYERS)
 REQUIRED_VISION_KEYS = (K.V_BLOCK_COUNT, K.V_GLOBAL_BLOCK_COUNT, K.V_INTERMEDIATE_LAYERS, K.V_EMBEDDING_LENGTH,
                         K.V_FEED_FORWARD_LENGTH, K.V_HEAD_COUNT, K.V_LN_EPS, K.V_IMAGE_SIZE, K.V_PATCH_SIZE,
-                        K.V_MAX_NUM_TILES, K.V_NUM_CHANNELS)
+                        K.V_MAX_NUM_TILES)  # num_channels: 3 if absent (mllama.cpp never read it from a projector)
 VISION_PREFIXES = ("v.", "mm.")
 
 
@@ -44,7 +45,6 @@ def rope_inv_freq(reader, head_dim: int, theta: float) -> list[float]:
     `rope_freqs.weight` tensor, or computed from the mllama_q.rope.scaling.*
     keys when the file has no such tensor; no scaling when its type is "none").
     """
-    base = theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
     t = next((t for t in reader.tensors if t.name == K.ROPE_FREQS), None)
     if t is not None:
         div = np.asarray(t.data, dtype=np.float64).reshape(-1)
@@ -59,7 +59,7 @@ def rope_inv_freq(reader, head_dim: int, theta: float) -> list[float]:
         div = np.ones(head_dim // 2)
     if not np.all(np.isfinite(div)) or np.any(div <= 0):
         raise ModelFileError(f"'{K.ROPE_FREQS}' must hold positive finite divisors")
-    return [float(x) for x in (base / div).astype(np.float32)]
+    return K.rope_inv_freq(head_dim, theta, div)
 
 
 def text_hparams(reader, path) -> dict:
@@ -118,7 +118,7 @@ def vision_hparams(reader, path, text_hidden: int) -> dict:
         "n_head": get_int(reader, K.V_HEAD_COUNT),
         "image_size": get_int(reader, K.V_IMAGE_SIZE),
         "patch_size": get_int(reader, K.V_PATCH_SIZE),
-        "num_channels": get_int(reader, K.V_NUM_CHANNELS),
+        "num_channels": get_int(reader, K.V_NUM_CHANNELS, 3),
         "max_num_tiles": get_int(reader, K.V_MAX_NUM_TILES),
         "max_aspect_ratio_id": len(ratios) // 2,
         "norm_eps": get_float(reader, K.V_LN_EPS),
@@ -132,23 +132,6 @@ def vision_hparams(reader, path, text_hidden: int) -> dict:
     if (hp["num_layers"] + max(hp["num_global_layers"], 0)) * 12 > len(reader.tensors):
         raise ModelFileError(f"{path}: vision layer counts do not match the {len(reader.tensors)} tensors")
     return hp
-
-
-def ollama_norms(tensors: dict, thp: dict) -> None:
-    """Files written by Ollama (no mllama_q.* keys) permuted the cross-attention Q/K rows to
-    llama.cpp's RoPE order but left the per-head q_norm/k_norm vectors in HF order, which
-    changes the maths (gguf_keys.permute_head_vector). Replace them, in `tensors`, by permuted
-    copies (2 x head_dim floats per cross-attention layer) so the result equals HF's."""
-    for i in thp["cross_attention_layers"]:
-        for key in (K.XATTN_Q_NORM, K.XATTN_K_NORM):
-            name = K.blk(key, i)
-            if name not in tensors:
-                continue  # reported by the core with the tensor's name
-            arr, gtype, shape = tensors[name]
-            if gtype != 0 or len(shape) != 1:
-                raise ModelFileError(f"tensor '{name}' must be a 1-D f32 vector")
-            fixed = np.ascontiguousarray(K.permute_head_vector(np.asarray(arr, dtype=np.float32)))
-            tensors[name] = (fixed, gtype, shape)
 
 
 def required_vision_tensors(vhp: dict) -> list[str]:
@@ -170,7 +153,14 @@ class Model:
     """An mllama GGUF model on one device.
 
     Args:
-      path: the .gguf file.
+      path: the .gguf file, or an Ollama model name ("llama3.2-vision", "llama3.2-vision:11b", ...)
+        resolved through the local Ollama store (mllama_q.store.resolve_model; its params layer
+        becomes the sampling defaults). Files Ollama wrote are read as they are (mllama_q.ollama).
+      projector: Ollama's two-file layout (v0.4 - v0.6): the projector blob beside the text blob
+        `path` (found by itself when `path` is a name or a blob inside an Ollama store).
+      ollama_converter: "auto" (default) or which Ollama converter wrote a one-file blob
+        ("v0.7.0", "v0.7.1-rc0", "v0.7.1"), for the files whose generation cannot be told
+        (mllama_q.ollama explains which).
       device: "cpu", "cuda" or "cuda:N".
       n_ctx: maximum number of tokens in one session (self-attention KV cache length).
       n_threads: CPU threads (None: all available cores); sets the process-wide pool.
@@ -182,7 +172,7 @@ class Model:
     """
 
     def __init__(self, path, device: str = "cpu", n_ctx: int = 4096, n_threads: int | None = None,
-                 vision: bool = True, kv_type: str = "f16"):
+                 vision: bool = True, kv_type: str = "f16", projector=None, ollama_converter: str | None = None):
         if not isinstance(n_ctx, (int, np.integer)) or n_ctx <= 0:
             raise ValueError(f"n_ctx must be a positive integer, got {n_ctx!r}")
         if kv_type not in ("f16", "f32"):
@@ -192,28 +182,36 @@ class Model:
                 raise ValueError(f"n_threads must be a positive integer or None, got {n_threads!r}")
             _core.set_num_threads(int(n_threads))
         t_load = time.perf_counter()
-        self.path = os.fspath(path)
+        from .store import apply_defaults, resolve_model
+
+        model_path, store_projector, store_defaults = resolve_model(path)
+        self.path = os.fspath(model_path)
         reader = open_gguf(self.path)
         check_architecture(reader, self.path)
+        # Which layout (ours, Ollama's one-file or two-file) and what load must undo (mllama_q.ollama).
+        entries = ollama.tensor_entries(reader)
+        layout = ollama.detect_layout(reader, self.path, entries, projector=projector or store_projector,
+                                      converter=ollama_converter)
         thp = text_hparams(reader, self.path)
-        has_vision_tensors = any(t.name.startswith(VISION_PREFIXES) for t in reader.tensors)
+        vreader, vpath, vnames = reader, self.path, entries
+        if layout.projector_reader is not None:
+            vreader, vpath, vnames = layout.projector_reader, layout.projector_path, layout.projector_tensors
+        has_vision_tensors = any(n.startswith(VISION_PREFIXES) for n in vnames)
         vhp = None
         if vision and has_vision_tensors:
-            vhp = vision_hparams(reader, self.path, thp["hidden_size"])
+            vhp = vision_hparams(vreader, vpath, thp["hidden_size"])
         elif vision and not has_vision_tensors:
-            raise ModelFileError(f"{self.path}: the file has no vision tensors (v.*, mm.*); load it with vision=False")
+            raise ModelFileError(f"{self.path}: the file has no vision tensors (v.*, mm.*); {layout.no_vision_hint()}")
 
         # Hand over the mapped arrays (no copy); the vision ones only when used. The core
         # uploads them and builds the vision encoder at the first encode_images, so a
         # text-only session never reads them; their presence is checked now.
-        tensors = {t.name: tensor_entry(t) for t in reader.tensors
-                   if vhp is not None or not t.name.startswith(VISION_PREFIXES)}
-        if K.Q_FORMAT_VERSION not in reader.fields:
-            ollama_norms(tensors, thp)
+        tensors = {n: e for n, e in entries.items() if vhp is not None or not n.startswith(VISION_PREFIXES)}
+        ollama.apply_layout(layout, reader, tensors, thp, vhp)
         if vhp is not None:
             missing = [n for n in required_vision_tensors(vhp) if n not in tensors]
             if missing:
-                raise ModelFileError(f"{self.path}: missing vision tensor(s): {', '.join(missing[:8])}"
+                raise ModelFileError(f"{vpath}: missing vision tensor(s): {', '.join(missing[:8])}"
                                      + (" ..." if len(missing) > 8 else ""))
         try:
             self._core = _core.MllamaModel(tensors, thp, vhp, device, int(n_ctx), kv_type)
@@ -222,6 +220,9 @@ class Model:
                 raise ModelFileError(f"{self.path}: {e}") from e
             raise
         self._reader = reader  # keeps the memory map (and so every tensor array) alive
+        self._projector_reader = layout.projector_reader  # likewise for a two-file pair's projector
+        self.layout = layout
+        self._vision_path = vpath  # the file the vision tensors come from (the projector of a two-file pair)
         self._tensors = tensors
         self.text_hparams = thp
         self.vision_hparams = vhp
@@ -242,8 +243,13 @@ class Model:
             except (ValueError, KeyError, TypeError) as e:
                 raise ModelFileError(f"{self.path}: bad tokenizer metadata ({e})") from e
             self.processor = Processor(self.tokenizer, ProcessorSettings.from_gguf(reader, self.tokenizer))
-        self.stop_ids = stop_ids_from_gguf(reader, self.tokenizer)
+        self.stop_ids = ollama.frontend(layout, reader, self.tokenizer, stop_ids_from_gguf(reader, self.tokenizer))
+        if self.processor is not None:
+            self.image_token_id = self.processor.settings.image_token_id
         self.generation_defaults = generation_defaults_from_gguf(reader)
+        # The Ollama manifest's params layer (resolve_model): sampling defaults and stop strings.
+        self.store_defaults = dict(store_defaults)
+        self.stop_ids = apply_defaults(self.generation_defaults, self.stop_ids, self.tokenizer, store_defaults)
         self.load_time_s = time.perf_counter() - t_load  # reported by generate() as timings["load_s"]
 
     # -- session ---------------------------------------------------------------
@@ -270,7 +276,7 @@ class Model:
                 self._core.load_vision()  # first use: upload the vision weights, build the encoder
             except RuntimeError as e:  # a misshaped vision tensor
                 if "tensor" in str(e):
-                    raise ModelFileError(f"{self.path}: {e}") from e
+                    raise ModelFileError(f"{self._vision_path}: {e}") from e
                 raise
         self._core.encode_images(np.ascontiguousarray(pixel_values, dtype=np.float32),
                                  np.ascontiguousarray(aspect_ratio_ids, dtype=np.int32),
