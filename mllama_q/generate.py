@@ -178,8 +178,9 @@ def generate(model, messages: Sequence[Mapping] | None = None, prompt: str | Non
 
     Sampling defaults (temperature, top_p, top_k) come from the GGUF's generation config
     (model.generation_defaults; Llama 3.2 Vision Instruct: 0.6 / 0.9 / off). temperature=0 is greedy.
-    Generation stops at any of model.stop_ids, at any `stop` string (cut from the text), after
-    max_new_tokens, or when the context (model.n_ctx) is full.
+    Generation stops at any of model.stop_ids, at any `stop` string (cut from the text; default:
+    model.generation_defaults["stop"] if set), after max_new_tokens, or when the context
+    (model.n_ctx) is full.
     """
     d = _defaults(model)
     params = SamplingParams(
@@ -189,7 +190,7 @@ def generate(model, messages: Sequence[Mapping] | None = None, prompt: str | Non
         min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
     if not _is_int(max_new_tokens) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-    stops = _stop_strings(stop)
+    stops = _stop_strings(d.get("stop") if stop is None else stop)  # default: the model's (an Ollama params layer)
 
     t_start = time.perf_counter()
     p = build_prompt(model, messages=messages, prompt=prompt, images=images,

@@ -307,3 +307,18 @@ def test_list_store(blobs, root):
     assert two.size == os.path.getsize(blobs["text"]) + os.path.getsize(blobs["proj"])
     assert not entries["qwen:latest"].is_mllama
     assert "not valid JSON" in entries["broken:latest"].problem
+
+
+def test_params_stop_string_ends_generation(blobs, root, tmp_path):
+    """A stop string from the manifest's params layer is a generate() default: find text the tiny
+    model really produces (greedy), make part of it the params' stop string, and generation
+    must end there with stop_reason "stop_string"."""
+    free = mllama_q.Model(blobs["one"], vision=False).generate(prompt="Hello", max_new_tokens=24, temperature=0)
+    text = free.text
+    assert len(text) >= 8
+    stop = text[4:8]
+    make_store(root, "s", model=blobs["one"], params={"stop": [stop], "temperature": 0})
+    m = mllama_q.Model("s", vision=False)
+    res = m.generate(prompt="Hello", max_new_tokens=24)
+    assert res.stop_reason == "stop_string" and res.text == text[:text.find(stop)]
+    assert m.generate(prompt="Hello", max_new_tokens=24, stop=["\x00never"]).text == text  # explicit wins
