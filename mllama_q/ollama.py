@@ -66,6 +66,7 @@ from typing import Any
 
 import numpy as np
 
+from . import gguf_file
 from . import gguf_keys as K
 from .gguf_file import ModelFileError, field_value, open_gguf, tensor_entry
 
@@ -219,6 +220,9 @@ def detect_layout(reader, path, tensors: dict, projector=None, converter: str | 
                       "text-only file)", permute_xattn_norms=True, assumed=True)
     ppath = str(projector)
     preader = open_gguf(ppath)
+    check_types = getattr(gguf_file, "check_tensor_types", None)  # a separate step with the reader of CONTRACTS A
+    if check_types is not None:
+        check_types(preader)
     ptensors = tensor_entries(preader)
     _check_projector(preader, ppath, ptensors)
     return Layout(TWO_FILE, evidence=f"text blob + projector {ppath}", permute_xattn_norms=True, assumed=True,
