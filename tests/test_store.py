@@ -322,3 +322,53 @@ def test_params_stop_string_ends_generation(blobs, root, tmp_path):
     res = m.generate(prompt="Hello", max_new_tokens=24)
     assert res.stop_reason == "stop_string" and res.text == text[:text.find(stop)]
     assert m.generate(prompt="Hello", max_new_tokens=24, stop=["\x00never"]).text == text  # explicit wins
+
+
+# ---------------------------------------------------------------------------
+# Command line: mllama-q list / run NAME
+# ---------------------------------------------------------------------------
+def test_cli_list(blobs, root, tmp_path, monkeypatch, capsys):
+    from mllama_q.cli import main
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    os.link(blobs["one"], cache / "mine.gguf")
+    (cache / "junk.gguf").write_bytes(b"GGUF" + b"\0" * 40)
+    monkeypatch.setenv("MLLAMA_Q_CACHE", str(cache))
+    make_store(root, "llama3.2-vision", "latest", model=blobs["one"], file_type="Q4_K_M")
+    make_store(root, "llama3.2-vision", "old", model=blobs["text"], projector=blobs["proj"])
+    make_store(root, "qwen", "latest", model=blobs["one"], family="qwen2")
+    make_store(root, "gone", "latest", model=blobs["one"])
+    doc = json.loads(_manifest(root, "gone").read_text())
+    doc["layers"][0]["size"] += 1
+    _manifest(root, "gone").write_text(json.dumps(doc))
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    lines = {ln.split()[0]: ln for ln in out.splitlines() if ln and not ln.startswith(("NAME", "("))}
+    assert "Q4_K_M" in lines["llama3.2-vision:latest"] and "ollama one-file" in lines["llama3.2-vision:latest"]
+    assert "ollama two-file" in lines["llama3.2-vision:old"]
+    assert "PROBLEM" in lines["gone:latest"] and "manifest says" in lines["gone:latest"]
+    assert "Ollama one-file" in lines[str(cache / "mine.gguf")] and "F16" in lines[str(cache / "mine.gguf")]
+    assert "PROBLEM" in lines[str(cache / "junk.gguf")]
+    assert "qwen:latest" not in lines and "1 other Ollama model" in out
+    assert main(["list", "--json", "--all"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    names = {m["name"] for m in doc["models"]}
+    assert "qwen:latest" in names and doc["other_ollama_models"] == 0
+
+
+def test_cli_run_by_name(blobs, root, capsys):
+    from mllama_q.cli import main
+
+    make_store(root, "llama3.2-vision", "latest", model=blobs["one"], system="Answer in one word.",
+               params={"temperature": 0})
+    assert main(["run", "llama3.2-vision", "-p", "Hello there", "-n", "6", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    m = mllama_q.Model(blobs["one"], vision=False)
+    ref = m.generate(messages=[{"role": "system", "content": "Answer in one word."},
+                               {"role": "user", "content": "Hello there"}], max_new_tokens=6, temperature=0)
+    assert got["text"] == ref.text and got["prompt_tokens"] == ref.prompt_tokens
+    assert main(["run", "no-such-model", "-p", "x"]) == 1
+    assert "no Ollama model no-such-model:latest" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["run", "-p", "x"])  # no model at all

@@ -1,4 +1,4 @@
-"""Command line: mllama-q {demo,run,chat,bench,convert} ...
+"""Command line: mllama-q {demo,run,chat,list,bench,convert} ...
 
 Each sub-command lives in its own module and is imported only when used, so
 `mllama-q convert` never loads the runtime and vice versa.
@@ -14,6 +14,7 @@ COMMANDS = {
     "bench": ("mllama_q.cli.bench", "benchmarks (kernels; model speed)"),
     "run": ("mllama_q.cli.run:run_main", "generate an answer to one prompt (and images), streamed"),
     "chat": ("mllama_q.cli.run:chat_main", "interactive chat; /image PATH attaches an image"),
+    "list": ("mllama_q.cli.models", "llama3.2-vision models found in the Ollama store and mllama-q's cache"),
 }
 
 

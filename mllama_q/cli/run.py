@@ -1,7 +1,10 @@
 """`mllama-q run` and `mllama-q chat`.
 
-    mllama-q run -m MODEL.gguf [-i IMAGE ...] -p PROMPT [sampling options]
-    mllama-q chat -m MODEL.gguf [-i IMAGE ...] [sampling options]
+    mllama-q run [-m] MODEL [-i IMAGE ...] -p PROMPT [sampling options]
+    mllama-q chat [-m] MODEL [-i IMAGE ...] [sampling options]
+
+MODEL is a .gguf file or an Ollama model name (llama3.2-vision, llama3.2-vision:11b, ...) found
+in the local Ollama store (mllama_q.store; `mllama-q list` shows what is there).
 
 `run` wraps the prompt as one user message (images first, then the text, as in the model card's
 examples) and streams the answer to stdout; `--raw` sends the prompt as-is (no chat template;
@@ -19,7 +22,11 @@ from pathlib import Path
 
 
 def _add_common(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("-m", "--model", required=True, help="the .gguf file")
+    ap.add_argument("model_arg", nargs="?", metavar="MODEL", help="a .gguf file or an Ollama model name")
+    ap.add_argument("-m", "--model", help="the same as MODEL")
+    ap.add_argument("--projector", help="Ollama's two-file layout: the projector blob (found by itself by name)")
+    ap.add_argument("--ollama-converter", choices=("auto", "v0.7.0", "v0.7.1-rc0", "v0.7.1"), default="auto",
+                    help="which Ollama converter wrote a one-file blob, when the file cannot tell (default auto)")
     ap.add_argument("-i", "--image", action="append", default=[], metavar="IMAGE",
                     help="an image file (repeat for several)")
     ap.add_argument("--system", default=None, help="system message")
@@ -38,6 +45,19 @@ def _add_common(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("-v", "--verbose", action="store_true", help="print token counts and timings to stderr")
 
 
+def _parse(ap: argparse.ArgumentParser, argv):
+    args = ap.parse_args(argv)
+    if (args.model is None) == (args.model_arg is None):
+        ap.error("give the model once: MODEL or -m MODEL")
+    args.model = args.model or args.model_arg
+    return args
+
+
+def _system(args, model) -> str | None:
+    """--system, else the system message of the model's Ollama manifest (if any)."""
+    return args.system or (getattr(model, "store_defaults", None) or {}).get("system")
+
+
 def _sampling_kwargs(args) -> dict:
     return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                 top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repeat_penalty, seed=args.seed,
@@ -47,7 +67,8 @@ def _sampling_kwargs(args) -> dict:
 def _load_model(args, want_vision: bool):
     from mllama_q.model import Model
 
-    return Model(args.model, device=args.device, n_ctx=args.ctx, n_threads=args.threads, vision=want_vision)
+    return Model(args.model, device=args.device, n_ctx=args.ctx, n_threads=args.threads, vision=want_vision,
+                 projector=args.projector, ollama_converter=args.ollama_converter)
 
 
 def _check_images(paths) -> list[str]:
@@ -94,7 +115,7 @@ def run_main(argv=None) -> int:
     ap.add_argument("--raw", action="store_true",
                     help="no chat template: the prompt goes to the model as-is (MllamaProcessor rules)")
     ap.add_argument("--json", action="store_true", help="print one JSON object (text, counts, timings) instead")
-    args = ap.parse_args(argv)
+    args = _parse(ap, argv)
     out, err = sys.stdout, sys.stderr
     try:
         prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
@@ -104,7 +125,8 @@ def run_main(argv=None) -> int:
         if args.raw:
             kw.update(prompt=prompt, images=images or None)
         else:
-            msgs = ([{"role": "system", "content": args.system}] if args.system else []) + [
+            system = _system(args, model)
+            msgs = ([{"role": "system", "content": system}] if system else []) + [
                 _user_message(prompt, len(images))]
             kw.update(messages=msgs, images=images or None)
         if args.json:
@@ -136,7 +158,7 @@ CHAT_HELP = """commands: /image PATH  attach an image to your next message
 def chat_main(argv=None, input_fn=input) -> int:
     ap = argparse.ArgumentParser(prog="mllama-q chat", description="Interactive chat. " + CHAT_HELP)
     _add_common(ap)
-    args = ap.parse_args(argv)
+    args = _parse(ap, argv)
     out, err = sys.stdout, sys.stderr
     try:
         pending = _check_images(args.image)
@@ -155,7 +177,7 @@ def chat_main(argv=None, input_fn=input) -> int:
         err.write(f"mllama-q chat: error: {e}\n")
         return 1
 
-    system = [{"role": "system", "content": args.system}] if args.system else []
+    system = [{"role": "system", "content": _system(args, model)}] if _system(args, model) else []
     history: list[dict] = []
     images: list[str] = []     # every image of the conversation, in prompt order
     out.write(f"mllama-q chat ({Path(args.model).name}). {CHAT_HELP}\n")
