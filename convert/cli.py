@@ -14,13 +14,18 @@ PROG = "mllama-q convert"
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG,
-        description="Convert a Hugging Face Llama 3.2 Vision (Mllama) checkpoint directory to one GGUF file.",
+        description="Convert a Hugging Face Llama 3.2 Vision (Mllama) checkpoint directory to one GGUF file, "
+                    "or (--from-ollama) re-quantize the vision tower of a llama3.2-vision that Ollama pulled.",
         epilog="q4_k_m: Q4_K with Q6_K for output.weight and llama.cpp's choice of attn_v / ffn_down layers; "
                "q4_k_s: Q4_K throughout. Norms, biases, gates and position/tile embeddings stay F32.")
-    p.add_argument("hf_dir", metavar="HF_DIR", help="checkpoint directory (config.json, *.safetensors, tokenizer...)")
+    p.add_argument("hf_dir", metavar="HF_DIR", nargs="?",
+                   help="checkpoint directory (config.json, *.safetensors, tokenizer...)")
+    p.add_argument("--from-ollama", metavar="NAME", help="instead of HF_DIR: an Ollama model name (or blob path); "
+                   "its text weights are kept, its F16 vision tower becomes --vision-type (default q8_0)")
+    p.add_argument("--projector", help="--from-ollama with a two-file blob path: its projector blob")
     p.add_argument("-o", "--output", required=True, metavar="OUT.gguf", help="output file")
-    p.add_argument("--type", dest="ftype", default="q4_k_m", choices=K.FTYPES,
-                   help="text weights (default: %(default)s)")
+    p.add_argument("--type", dest="ftype", default=None, choices=K.FTYPES,
+                   help="text weights (default: q4_k_m; --from-ollama keeps them as they are)")
     p.add_argument("--vision-type", default=None, choices=K.VISION_TYPES,
                    help="vision tower and projector weights (default: q8_0 for quantized --type, else the --type)")
     p.add_argument("--force", action="store_true", help="overwrite OUT.gguf if it exists")
@@ -34,13 +39,27 @@ def _sigterm(signum, frame):
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if (args.hf_dir is None) == (args.from_ollama is None):
+        ap.error("give HF_DIR or --from-ollama NAME (one of them)")
+    if args.from_ollama is not None and args.ftype is not None:
+        ap.error("--from-ollama keeps the text weights as Ollama stored them: --type does not apply")
+    if args.from_ollama is None and args.projector is not None:
+        ap.error("--projector goes with --from-ollama")
     from .converter import convert
 
     old = signal.signal(signal.SIGTERM, _sigterm) if _is_main_thread() else None
     try:
-        s = convert(args.hf_dir, args.output, args.ftype, args.vision_type, force=args.force,
-                    progress=not args.quiet)
+        if args.from_ollama is not None:
+            from .from_ollama import convert_from_ollama
+
+            s = convert_from_ollama(args.from_ollama, args.output, args.vision_type or "q8_0",
+                                    projector=args.projector, force=args.force, progress=not args.quiet)
+            s["ftype"] = "as stored"
+        else:
+            s = convert(args.hf_dir, args.output, args.ftype or "q4_k_m", args.vision_type, force=args.force,
+                        progress=not args.quiet)
     except ConvertError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 1

@@ -216,6 +216,19 @@ def _stream_tensor_data(ck: Checkpoint, outs: list, sizes: dict, writer, progres
     return total_in
 
 
+def check_output_path(out_path, force: bool) -> Path:
+    """The output path as a Path; ConvertError if it exists (without force), is a directory, or
+    its directory does not exist."""
+    out_path = Path(out_path)
+    if out_path.exists() and not force:
+        raise ConvertError(f"{out_path}: already exists (use --force to overwrite)")
+    if out_path.is_dir():
+        raise ConvertError(f"{out_path}: is a directory")
+    if not out_path.parent.is_dir():
+        raise ConvertError(f"{out_path.parent}: output directory does not exist")
+    return out_path
+
+
 def convert(hf_dir, out_path, ftype: str = "q4_k_m", vision_type: str | None = None, *, force: bool = False,
             progress: bool = True) -> dict:
     """Convert; returns a summary dict (tensors, bytes read/written, seconds). Raises ConvertError."""
@@ -227,13 +240,7 @@ def convert(hf_dir, out_path, ftype: str = "q4_k_m", vision_type: str | None = N
         raise ConvertError(f"unknown --vision-type {vision_type!r}; expected one of {', '.join(K.VISION_TYPES)}")
     if vision_type is None:
         vision_type = K.default_vision_type(ftype)
-    out_path = Path(out_path)
-    if out_path.exists() and not force:
-        raise ConvertError(f"{out_path}: already exists (use --force to overwrite)")
-    if out_path.is_dir():
-        raise ConvertError(f"{out_path}: is a directory")
-    if not out_path.parent.is_dir():
-        raise ConvertError(f"{out_path.parent}: output directory does not exist")
+    out_path = check_output_path(out_path, force)
 
     t0 = time.perf_counter()
     ck = load_checkpoint(hf_dir)

@@ -434,3 +434,59 @@ def test_bad_rope_scaling_keys(big, tmp_path):
                                K.OLLAMA_ROPE_SCALING_FACTOR: (factor, gguf.GGUFValueType.FLOAT32)})
         with pytest.raises(ModelFileError, match=match):
             load(bad)
+
+
+# ---------------------------------------------------------------------------
+# mllama-q convert --from-ollama (vision F16 -> Q8_0, text as stored)
+# ---------------------------------------------------------------------------
+def test_convert_from_ollama(big, tmp_path):
+    from mllama_q.convert import ConvertError
+    from mllama_q.convert.from_ollama import convert_from_ollama
+
+    src = write_one_file(big["ckpt"], tmp_path / "o.gguf", quantize="q4_k_m")
+    out = tmp_path / "c.gguf"
+    convert_from_ollama(str(src), out, "q8_0", progress=False)
+    a = {t.name: t for t in gguf.GGUFReader(str(src)).tensors}
+    b = {t.name: t for t in gguf.GGUFReader(str(out)).tensors}
+    assert set(b) == set(a)
+    for name, t in a.items():
+        if not name.startswith(("v.", "mm.")) and "cross_attn_q_norm" not in name and "cross_attn_k_norm" not in name:
+            assert b[name].tensor_type == t.tensor_type and np.array_equal(np.asarray(b[name].data), np.asarray(t.data))
+    assert b["v.blk.0.attn_q.weight"].tensor_type.name == "Q8_0" and b["mm.0.weight"].tensor_type.name == "Q8_0"
+    assert b["v.position_embd.weight"].tensor_type.name == "F32" and b["v.patch_embd.weight"].tensor_type.name == "F16"
+    m = load(out, kv_type="f32")
+    assert m.layout.kind == ollama.OURS and m.tokenizer.add_bos
+    assert m.stop_ids == load(src).stop_ids
+    ref = hf_with_file_weights(big["ckpt"], out)
+    for name in ("text_only", "two_images_4_and_2_tiles", "one_image_3_tiles"):
+        case = big["cases"][name]
+        assert rel_err(our_logits(m, case), hf_logits(ref, case)) < 3e-2, name
+    with pytest.raises(ConvertError, match="already exists"):
+        convert_from_ollama(str(src), out, progress=False)
+    with pytest.raises(ConvertError, match="already mllama-q's layout"):
+        convert_from_ollama(str(out), tmp_path / "again.gguf", progress=False)
+
+
+def test_convert_from_ollama_two_file_pair_without_rope_freqs(tmp_path, monkeypatch):
+    """A two-file pair by name, from a plain-RoPE checkpoint: the output carries its projector's
+    vision tower under mllama-q's names and a rope_freqs.weight of ones (no 11B default)."""
+    from mllama_q.cli import main
+    from ollama_writer import make_store
+
+    ck = make_tiny_checkpoint(tmp_path / "hf", seed=2, dtype="float32", rope_spelling="rope_theta",
+                              text_config={"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}})
+    ref = _reference(ck)
+    text, proj = write_two_files(ck, tmp_path / "t.gguf", tmp_path / "p.gguf")
+    monkeypatch.setenv("OLLAMA_MODELS", str(tmp_path / "store"))
+    make_store(tmp_path / "store", "llama3.2-vision", "old", model=text, projector=proj)
+    out = tmp_path / "c.gguf"
+    assert main(["convert", "--from-ollama", "llama3.2-vision:old", "-o", str(out), "-q"]) == 0
+    r = gguf.GGUFReader(str(out))
+    rope = next(t for t in r.tensors if t.name == K.ROPE_FREQS)
+    assert np.array_equal(np.asarray(rope.data), np.ones(32, np.float32))
+    assert r.fields[K.Q_ROPE_SCALING_TYPE].contents() == "none"
+    assert max_error(ref, out, ["text_only", "one_image_3_tiles"]) < 3e-2
+    with pytest.raises(SystemExit):
+        main(["convert", "--from-ollama", "llama3.2-vision:old", "-o", str(tmp_path / "x.gguf"), "--type", "q8_0"])
+    with pytest.raises(SystemExit):
+        main(["convert", "-o", str(tmp_path / "x.gguf")])
