@@ -151,3 +151,9 @@ def test_random_blocks_decode_like_ggml(qtype):
         d = blocks[:, 208:210].copy().view(np.float16).astype(np.float32)
         assert np.all(np.abs(y) <= 32 * 127 * d + 1e-9)
     assert 0.7 * WEIGHT_STD < float(y.std()) < 1.3 * WEIGHT_STD
+
+
+def test_chat_template_is_the_real_one(tiny, real_chat_template):
+    """The synthetic file carries Llama 3.2 Vision Instruct's template (the hub text, as the
+    converter copies it), not a shortened stand-in."""
+    assert tiny.fields[K.TOKENIZER_CHAT_TEMPLATE].contents() == real_chat_template
