@@ -347,8 +347,10 @@ def test_cli_run_errors_are_one_line(fake_model_module, capsys, tmp_path):
     assert "error" in capsys.readouterr().err
     assert main(["run", "-m", "x.bin", "-p", "hi"]) == 1
     assert "not a GGUF" in capsys.readouterr().err
-    assert main(["run", "-m", "x.gguf", "-p", "hi", "--top-p", "0"]) == 1
-    assert "top_p" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # an argument error: argparse's status 2, in CLI words
+        main(["run", "-m", "x.gguf", "-p", "hi", "--top-p", "0"])
+    assert e.value.code == 2 and "--top-p must be in (0, 1]" in capsys.readouterr().err
+    assert not fake_model_module  # reported before any model was made
 
 
 def test_cli_run_json(fake_model_module, capsys):
