@@ -10,7 +10,6 @@ from PIL import Image
 from mllama_q.generate import GenerationStream, build_prompt, generate
 from mllama_q.processor import Processor, ProcessorSettings
 from mllama_q.sampling import Sampler, SamplingParams, probabilities
-from mllama_q.tokenizer import Tokenizer
 
 EOT, EOM, EOS = 128009, 128008, 128001
 
@@ -109,16 +108,6 @@ def test_invalid_sampling_params(kw):
 
 
 # ------------------------------------------------------------------ generate loop with a fake model
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    import gguf
-
-    from real_tokenizer import cached_llama32_vision_tokenizer, write_tokenizer_gguf
-
-    path = write_tokenizer_gguf(cached_llama32_vision_tokenizer(), tmp_path_factory.mktemp("gguf") / "tok.gguf")
-    return Tokenizer.from_gguf(gguf.GGUFReader(str(path)))
-
 
 class FakeModel:
     """Implements the low-level API. Logits: a scripted reply (one token per step, then EOT), or

@@ -158,27 +158,17 @@ def test_custom_settings_match_transformers():
 # ------------------------------------------------------------------ full processor (text + images)
 
 @pytest.fixture(scope="module")
-def tok_dir():
-    from real_tokenizer import cached_llama32_vision_tokenizer
-
-    return cached_llama32_vision_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def hf_processor(tok_dir, hf_image_processor):
+def hf_processor(tokenizer_dir, hf_image_processor):
     from transformers import AutoTokenizer, MllamaProcessor
 
-    return MllamaProcessor(image_processor=hf_image_processor, tokenizer=AutoTokenizer.from_pretrained(str(tok_dir)))
+    return MllamaProcessor(image_processor=hf_image_processor, tokenizer=AutoTokenizer.from_pretrained(str(tokenizer_dir)))
 
 
 @pytest.fixture(scope="module")
-def our_processor(tok_dir, tmp_path_factory):
+def our_processor(tokenizer_gguf):
     import gguf
 
-    from real_tokenizer import write_tokenizer_gguf
-
-    path = write_tokenizer_gguf(tok_dir, tmp_path_factory.mktemp("gguf") / "tok.gguf")
-    reader = gguf.GGUFReader(str(path))
+    reader = gguf.GGUFReader(str(tokenizer_gguf))
     tok = Tokenizer.from_gguf(reader)
     return Processor.from_gguf(reader, tok)
 
