@@ -352,3 +352,13 @@ def test_tool_assets_are_found():
     src = Path(__file__).resolve().parents[1]
     if Path(mllama_q.__file__).resolve().parent == src / "mllama_q":  # running from the source tree
         assert bench.PEER_SCRIPT == src / "bench" / "run_ggml_peer.sh" and bench.PEER_SCRIPT.is_file()
+
+
+def test_backends_state_cuda_is_unverified():
+    """Until bench/RESULTS.md holds GPU measurements, backends() says plainly that the CUDA
+    backend is not verified (README.md, "CUDA status")."""
+    b = mllama_q.backends()
+    assert b["cpu"]["usable"] and b["cpu"]["verified"]
+    cuda = b["cuda"]
+    assert cuda["verified"] is False
+    assert ("NOT YET VERIFIED" in cuda["status"]) if cuda["built"] else cuda["status"].startswith("not built")
