@@ -8,6 +8,7 @@ import sys
 from collections import defaultdict
 
 from mllama_q import gguf_keys as K
+
 from .errors import ConvertError
 
 PROG = "mllama-q convert"
@@ -37,7 +38,7 @@ def fallback_notes(fallbacks, ftype: str, vision_type) -> list[str]:
     for name, wanted, got, row in fallbacks:
         groups[(name.startswith(K.VISION_PREFIXES), wanted, got, row)].append(name)
     lines = []
-    for (vision, wanted, got, row), names in groups.items():
+    for (vision, wanted, _got, row), names in groups.items():
         option = f"--vision-type {vision_type}" if vision and vision_type else f"--type {ftype}"
         folded = defaultdict(int)
         for n in names:

@@ -13,14 +13,22 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any
 
 import numpy as np
 
 from . import _core
 from . import gguf_keys as K
-from .gguf_file import (ModelFileError, check_architecture, field_value, get_float, get_int, get_int_list,
-                        open_gguf, require_keys, tensor_entry)
+from .gguf_file import (
+    ModelFileError,
+    check_architecture,
+    field_value,
+    get_float,
+    get_int,
+    get_int_list,
+    open_gguf,
+    require_keys,
+    tensor_entry,
+)
 
 # Metadata every mllama file has (Ollama's and ours).
 REQUIRED_TEXT_KEYS = (K.BLOCK_COUNT, K.EMBEDDING_LENGTH, K.FEED_FORWARD_LENGTH, K.HEAD_COUNT, K.HEAD_COUNT_KV,

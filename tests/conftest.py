@@ -57,7 +57,8 @@ def tiny_gguf(tmp_path_factory):
     def make(ckpt, ftype: str, vision_type: str | None = None):
         key = (str(ckpt), ftype, vision_type)
         if key not in written:
-            path = tmp_path_factory.mktemp("tiny_gguf") / f"tiny-{ftype}{'-v' + vision_type if vision_type else ''}.gguf"
+            name = f"tiny-{ftype}" + (f"-v{vision_type}" if vision_type else "") + ".gguf"
+            path = tmp_path_factory.mktemp("tiny_gguf") / name
             convert(ckpt, path, ftype=ftype, vision_type=vision_type, progress=False)
             written[key] = path
         return written[key]

@@ -541,7 +541,8 @@ def test_chunked_streaming_gives_identical_file(ckpts, tmp_path, monkeypatch):
 def test_cli_entry_points(ckpts, tmp_path):
     """`python -m mllama_q.convert` and `mllama-q convert` (mllama_q.cli) both work."""
     out = tmp_path / "m.gguf"
-    res = subprocess.run([sys.executable, "-m", "mllama_q.convert", str(ckpts["mha_f32"]), "-o", str(out), "--type", "q8_0"],
+    res = subprocess.run([sys.executable, "-m", "mllama_q.convert", str(ckpts["mha_f32"]), "-o", str(out),
+                          "--type", "q8_0"],
                          cwd=tmp_path, capture_output=True, text=True, env=_env())
     assert res.returncode == 0, res.stderr
     assert "wrote" in res.stderr and out.is_file()

@@ -18,7 +18,8 @@ STUB = Path(mllama_q.__file__).with_name("_core.pyi")
 def _stub():
     """{name: FunctionDef | ClassDef} of the stub's public top-level definitions."""
     tree = ast.parse(STUB.read_text(encoding="utf-8"))
-    return {n.name: n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and not n.name.startswith("_")}
+    return {n.name: n for n in tree.body
+            if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and not n.name.startswith("_")}
 
 
 def _public(obj) -> set[str]:

@@ -140,7 +140,8 @@ class FakeModel:
         if self.n_past + tokens.size > self.n_ctx:
             raise ValueError("context full")
         step = sum(1 for c in self.calls if c[0] == "eval")
-        self.calls.append(("eval", tokens.copy(), None if cross_attention_mask is None else cross_attention_mask.copy()))
+        mask = None if cross_attention_mask is None else cross_attention_mask.copy()
+        self.calls.append(("eval", tokens.copy(), mask))
         self.n_past += tokens.size
         logits = np.zeros(self.vocab, dtype=np.float32)
         tok = self.script[step] if step < len(self.script) else EOT

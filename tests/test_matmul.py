@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import os
 import subprocess
-import tempfile
 import sys
+import tempfile
 import zlib
 from pathlib import Path
 

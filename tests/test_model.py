@@ -20,9 +20,10 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
 
-from transformers import MllamaConfig, MllamaForConditionalGeneration  # noqa: E402
 from transformers.models.mllama.processing_mllama import (  # noqa: E402
-    convert_sparse_cross_attention_mask_to_dense, get_cross_attention_token_mask)
+    convert_sparse_cross_attention_mask_to_dense,
+    get_cross_attention_token_mask,
+)
 
 import mllama_q  # noqa: E402
 from mllama_q import gguf_keys as K  # noqa: E402

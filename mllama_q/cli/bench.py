@@ -80,7 +80,7 @@ def _parse_shapes(s: str):
             n, k = item.lower().split("x")
             out.append((int(n), int(k)))
         except ValueError:
-            raise SystemExit(f"bad shape {item!r}: expected NxK, e.g. 4096x14336")
+            raise SystemExit(f"bad shape {item!r}: expected NxK, e.g. 4096x14336") from None
     return out
 
 
@@ -143,7 +143,8 @@ def bench_kernels(argv) -> int:
 
     if args.quick:
         args.shapes = "4096x4096,1024x4096" if args.shapes == ",".join(SHAPES_11B) else args.shapes
-        args.iters_m1, args.iters_big, args.bw_gib = min(args.iters_m1, 20), min(args.iters_big, 2), min(args.bw_gib, 0.25)
+        args.iters_m1, args.iters_big = min(args.iters_m1, 20), min(args.iters_big, 2)
+        args.bw_gib = min(args.bw_gib, 0.25)
     if args.threads > 0:
         _core.set_num_threads(args.threads)
     args.threads = _core.num_threads()

@@ -352,7 +352,8 @@ def _fmt(res: dict) -> str:
     gib = 1 << 30
     lines = [f"model            {res['model']}" + (f"  (synthetic {res['synthetic']} {res['type']})"
                                                      if "synthetic" in res else ""),
-             f"file             {res['file_bytes'] / 1e9:.2f} GB; decode reads {res['decode_bytes_per_token'] / 1e9:.3f}"
+             f"file             {res['file_bytes'] / 1e9:.2f} GB; decode reads "
+             f"{res['decode_bytes_per_token'] / 1e9:.3f}"
              f" GB/token; vision {res['vision_bytes'] / 1e9:.2f} GB",
              f"device           {res['device']}, threads {res['threads']}; {res.get('cpu_model', '?')},"
              f" {res['cpus']} CPUs, load average {res['loadavg_start']:.1f} at start",

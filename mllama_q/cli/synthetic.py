@@ -33,8 +33,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import gguf
+import numpy as np
 from gguf import GGMLQuantizationType as T
 from gguf.constants import GGML_QUANT_SIZES
 
@@ -72,7 +72,8 @@ class SynthConfig:
     image_size: int = 560  # tile side
     patch_size: int = 14
     max_tiles: int = 4
-    aspect_ratios: list = field(default_factory=lambda: [[1, 1], [1, 2], [1, 3], [1, 4], [2, 1], [2, 2], [3, 1], [4, 1]])
+    aspect_ratios: list = field(
+        default_factory=lambda: [[1, 1], [1, 2], [1, 3], [1, 4], [2, 1], [2, 2], [3, 1], [4, 1]])
     v_eps: float = 1e-5
 
     @property
