@@ -9,9 +9,9 @@
 # Prerequisites on the device machine (CUDA 13, PyTorch, pybind11,
 # scikit-build-core, CMake; no internet): pytest and gguf may be missing there,
 # so carry pure-Python wheels; on the dev machine, in the repository root:
-#   /work/venvs/dev/bin/python -m pip download gguf pytest pluggy iniconfig packaging \
+#   python -m pip download gguf pytest pluggy iniconfig packaging \
 #       exceptiongroup typing_extensions --no-deps -d .whl
-#   /work/venvs/dev/bin/python -m pip download tomli --no-deps -d .whl --only-binary=:all: \
+#   python -m pip download tomli --no-deps -d .whl --only-binary=:all: \
 #       --platform any --python-version 3.10 --implementation py
 # and pass carry=[".whl"] to the device tool (.whl/ is git-ignored, ~1 MB).
 #
@@ -61,7 +61,7 @@ if has build; then
   [ $rc -eq 0 ] || { tail -30 "$OUT/build.log"; exit 1; }
   t0=$(date +%s)
   nvcc -O3 --use_fast_math -std=c++17 -arch=sm_$ARCH -lineinfo -Icsrc --threads 0 bench/cuda_kernel_bench.cu \
-    csrc/cuda/cuda_backend.cu csrc/cuda/kernels_*.cu csrc/cuda/cuda_sampling.cu csrc/common/formats.cpp \
+    csrc/cuda/cuda_backend.cu csrc/cuda/kernels_*.cu csrc/cuda/cuda_sampling.cu csrc/common/formats.cpp csrc/common/env.cpp \
     -o build-gpu/cuda_kernel_bench > "$OUT/build_bench.log" 2>&1
   note "build cuda_kernel_bench: rc=$? in $(( $(date +%s) - t0 )) s"
   $PY -c "import mllama_q, json; print(json.dumps(mllama_q.backends()['cuda']))" 2>&1 | tee -a "$SUMMARY"

@@ -11,7 +11,7 @@ What is measured (one sequence, greedy):
   ttft            image encode + prefill + picking the first token, and nothing else (the FLOP
                   count and the KV size come from the hyper-parameters read at load; before
                   2026-12-03 the FLOP count re-opened the GGUF inside this interval, ~15 s with
-                  a real tokenizer: see bench/results/)
+                  a real tokenizer: see bench/results/2026-11-22-epyc-zen5-2c.md)
   decode          n_gen single-token model.eval calls
   weight-read bandwidth during decode = bytes of the tensors ONE decode step reads / time per
                   token. Counted from the GGUF: every tensor except the vision tower and
