@@ -13,6 +13,7 @@ worker) instead of once per module:
     hf = hf_model(ckpt)                                  # load_hf_model(ckpt), cached: do not modify
     hf = hf_model(ckpt, fresh=True)                      # a private copy that may be modified
     tokenizer_dir / tokenizer_gguf / tokenizer           # the real tokenizer: HF dir, GGUF, ours
+    child_env(MLLAMA_Q_CPU_PATH="avx2")                  # env for a child python importing this mllama_q
 
 torch and transformers are imported only by the fixtures that need them, so modules that do
 not use them (the CPU op and quantizer tests) run without.
@@ -111,6 +112,24 @@ def tokenizer(tokenizer_gguf):
     from mllama_q.tokenizer import Tokenizer
 
     return Tokenizer.from_gguf(gguf.GGUFReader(str(tokenizer_gguf)))
+
+
+@pytest.fixture(scope="session")
+def child_env():
+    """`child_env(**extra)` -> environment for a child Python that imports the same mllama_q as
+    this process (installed, or the source tree with an in-place build), whatever its working
+    directory, plus the `extra` variables."""
+    import os
+    from pathlib import Path
+
+    import mllama_q
+
+    root = str(Path(mllama_q.__file__).resolve().parents[1])
+
+    def make(**extra) -> dict:
+        return dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]), **extra)
+
+    return make
 
 
 @pytest.fixture(scope="session")

@@ -538,12 +538,12 @@ def test_chunked_streaming_gives_identical_file(ckpts, tmp_path, monkeypatch):
     assert a.read_bytes() == b.read_bytes()
 
 
-def test_cli_entry_points(ckpts, tmp_path):
+def test_cli_entry_points(ckpts, tmp_path, child_env):
     """`python -m mllama_q.convert` and `mllama-q convert` (mllama_q.cli) both work."""
     out = tmp_path / "m.gguf"
     res = subprocess.run([sys.executable, "-m", "mllama_q.convert", str(ckpts["mha_f32"]), "-o", str(out),
                           "--type", "q8_0"],
-                         cwd=tmp_path, capture_output=True, text=True, env=_env())
+                         cwd=tmp_path, capture_output=True, text=True, env=child_env())
     assert res.returncode == 0, res.stderr
     assert "wrote" in res.stderr and out.is_file()
     from mllama_q.cli import main as mq_main
@@ -551,19 +551,6 @@ def test_cli_entry_points(ckpts, tmp_path):
     out2 = tmp_path / "m2.gguf"
     assert mq_main(["convert", str(ckpts["mha_f32"]), "-o", str(out2), "--type", "q8_0", "-q"]) == 0
     assert out.read_bytes() == out2.read_bytes()
-
-
-def _env():
-    """The child imports the same mllama_q (and so mllama_q.convert) as this process
-    (installed, or the source tree with an in-place build), whatever its working directory."""
-    import os
-
-    import mllama_q
-
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(mllama_q.__file__).resolve().parents[1]),
-                                         env.get("PYTHONPATH", "")])
-    return env
 
 
 # ---------------------------------------------------------------------------------------------
