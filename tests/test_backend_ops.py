@@ -407,7 +407,8 @@ def cpu_path(request):
     _core.set_cpu_path("auto")
 
 
-@pytest.mark.parametrize("nq,nk,n_head,n_kv,hd,causal,mask_kind,kv16", [
+# nq * n_head / n_kv <= 16 query rows per KV group: the direct path
+DIRECT_CASES = [
     (1, 1, 8, 2, 64, False, None, True),            # one key
     (1, 600, 32, 8, 128, False, None, True),        # 11B decode shape, 3 chunks, last one partial
     (1, 6404, 32, 8, 128, False, "min", True),      # cross-attention over one image's keys
@@ -415,61 +416,51 @@ def cpu_path(request):
     (2, 513, 16, 2, 128, True, None, True),         # 16 rows (the limit), causal
     (1, 259, 4, 4, 64, False, "min", False),
     (2, 45, 6, 3, 36, True, "min", True),           # hd not a multiple of 8 (scalar kernel on every path)
-])
-def test_attention_direct(cpu, cpu_path, rng, nq, nk, n_head, n_kv, hd, causal, mask_kind, kv16):
-    q, k, v, scale, mask, q_offset = random_attention(rng, nq, nk, n_head, n_kv, hd, causal, mask_kind, kv16)
-    out = cpu.attention(q, k, v, scale, mask, causal, q_offset)
-    assert rel(out, attention_ref(q, k, v, scale, mask, causal, q_offset)) < 1e-5
-
-
-def test_attention_direct_masked_rows(cpu, cpu_path, rng):
-    # Over 3 chunks: query 0 fully -inf (zeros), query 1 fully finfo.min (the
-    # uniform average of V over the visible keys, as HF's softmax gives), query
-    # 2 sees only keys in the last chunk (whole chunks masked out).
-    nq, nk, n_head, n_kv, hd = 3, 700, 8, 2, 128
-    q = rng.standard_normal((nq, n_head, hd)).astype(np.float32)
-    k = rng.standard_normal((nk, n_kv, hd)).astype(np.float16)
-    v = rng.standard_normal((nk, n_kv, hd)).astype(np.float16)
-    mask = np.zeros((nq, nk), np.float32)
-    mask[0, :] = -np.inf
-    mask[1, :] = np.finfo(np.float32).min
-    mask[2, :600] = -np.inf
-    out = cpu.attention(q, k, v, 0.125, mask, True, nk - nq)
-    assert np.all(out[0] == 0)
-    mean = v.astype(np.float64)[: nk - 1].mean(axis=0)          # query 1 sees keys 0 .. nk-2
-    assert rel(out[1], np.repeat(mean, n_head // n_kv, axis=0)) < 1e-5
-    assert rel(out, attention_ref(q, k, v, 0.125, mask, True, nk - nq)) < 1e-5
-
-
-@pytest.mark.parametrize("nq,nk,n_head,n_kv,hd,causal,mask_kind,kv16", [
+]
+# more rows: the flash kernel
+FLASH_CASES = [
     (70, 70, 2, 2, 80, False, None, False),          # vision shape (hd 80), partial key block and row task
     (33, 130, 4, 1, 80, True, "inf", True),          # GQA 4, causal after a cached prefix, -inf mask
     (40, 200, 8, 2, 128, False, "min", True),        # hd 128, finfo.min mask
     (17, 65, 3, 3, 7, True, "min", False),           # odd small hd, 65 keys (one past a block)
     (9, 300, 4, 2, 80, True, "inf", False),          # 18 rows: a task with rows of different queries
     (96, 64, 1, 1, 80, True, None, True),            # causal, exactly one 64-key block
-])
-def test_attention_flash(cpu, cpu_path, rng, nq, nk, n_head, n_kv, hd, causal, mask_kind, kv16):
+]
+
+
+PATH_IDS = [f"direct{i}" for i in range(len(DIRECT_CASES))] + [f"flash{i}" for i in range(len(FLASH_CASES))]
+
+
+@pytest.mark.parametrize("nq,nk,n_head,n_kv,hd,causal,mask_kind,kv16", DIRECT_CASES + FLASH_CASES, ids=PATH_IDS)
+def test_attention_cpu_paths(cpu, cpu_path, rng, nq, nk, n_head, n_kv, hd, causal, mask_kind, kv16):
     q, k, v, scale, mask, q_offset = random_attention(rng, nq, nk, n_head, n_kv, hd, causal, mask_kind, kv16)
     out = cpu.attention(q, k, v, scale, mask, causal, q_offset)
     assert rel(out, attention_ref(q, k, v, scale, mask, causal, q_offset)) < 1e-5
 
 
-def test_attention_flash_masked_rows(cpu, cpu_path, rng):
-    # 40 queries (beyond the direct path) over 300 keys: query 0 fully -inf
-    # (zeros), query 1 fully finfo.min (the uniform average of V over its
-    # visible keys, as HF's softmax gives), query 2 sees only keys >= 250 (whole
-    # key blocks masked out before the first visible one), query 3 sees keys
-    # < 10 (finfo.min after: blocks of only finfo.min after real scores).
-    nq, nk, n_head, n_kv, hd = 40, 300, 4, 2, 80
+MIN = np.finfo(np.float32).min
+
+
+@pytest.mark.parametrize("nq,nk,n_head,n_kv,hd,kv_dtype,rows", [
+    # direct path (3 queries), keys in 3 chunks of 256: query 2 sees only keys in the last
+    # chunk (whole chunks masked out)
+    (3, 700, 8, 2, 128, np.float16, {2: (slice(0, 600), -np.inf)}),
+    # flash path (40 queries): query 2 sees only keys >= 250 (whole key blocks masked out before
+    # the first visible one), query 3 sees keys < 10 (finfo.min after: blocks of only finfo.min
+    # after real scores)
+    (40, 300, 4, 2, 80, np.float32, {2: (slice(0, 250), -np.inf), 3: (slice(10, None), MIN)}),
+], ids=["direct", "flash"])
+def test_attention_masked_rows(cpu, cpu_path, rng, nq, nk, n_head, n_kv, hd, kv_dtype, rows):
+    """Causal after a cached prefix; query 0 fully -inf (zeros), query 1 fully finfo.min (the
+    uniform average of V over its visible keys, as HF's softmax gives), plus `rows`."""
     q = rng.standard_normal((nq, n_head, hd)).astype(np.float32)
-    k = rng.standard_normal((nk, n_kv, hd)).astype(np.float32)
-    v = rng.standard_normal((nk, n_kv, hd)).astype(np.float32)
+    k = rng.standard_normal((nk, n_kv, hd)).astype(kv_dtype)
+    v = rng.standard_normal((nk, n_kv, hd)).astype(kv_dtype)
     mask = np.zeros((nq, nk), np.float32)
     mask[0, :] = -np.inf
-    mask[1, :] = np.finfo(np.float32).min
-    mask[2, :250] = -np.inf
-    mask[3, 10:] = np.finfo(np.float32).min
+    mask[1, :] = MIN
+    for r, (cols, fill) in rows.items():
+        mask[r, cols] = fill
     q_offset = nk - nq
     out = cpu.attention(q, k, v, 0.125, mask, True, q_offset)
     assert np.all(out[0] == 0)
