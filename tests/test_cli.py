@@ -111,6 +111,16 @@ def test_bench_rejects_bad_arguments_before_loading(no_model_load, capsys, extra
     assert f"mllama-q bench: error: {message}" in err
 
 
+@pytest.mark.parametrize("extra,message", [
+    (["--threads", "0"], "--threads must be >= 1, got 0"),
+    (["-n", "0"], "-n/--max-new-tokens must be >= 1, got 0"),
+    (["--seed", "-1"], "--seed must be >= 0, got -1"),
+])
+def test_demo_rejects_bad_arguments_before_loading(no_model_load, capsys, extra, message):
+    err = _usage_error(capsys, ["demo"] + extra)
+    assert f"mllama-q demo: error: {message}" in err
+
+
 def test_bench_missing_model_file(no_model_load, capsys, tmp_path):
     err = _usage_error(capsys, ["bench", "-m", str(tmp_path / "nope.gguf")])
     assert f"mllama-q bench: error: --model {tmp_path / 'nope.gguf'}: no such file" in err

@@ -89,6 +89,9 @@ def _stream(model, out, err=None, **kw):
         from mllama_q.generate import generate
 
         stream = generate(model, stream=True, **kw)
+    # generate() reports nothing before its first piece today, so the wait is one ticking line;
+    # with the core's progress callback (CONTRACTS.md B) pass progress=PhaseProgress(...)
+    # (mllama_q.cli.progress) instead and show the image encode / prefill counts.
     label = "reading the image and the prompt" if kw.get("images") else "reading the prompt"
     with Progress(label, stream=sys.stderr if err is None else err, ticker=True) as wait:
         for piece in stream:
