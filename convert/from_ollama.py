@@ -24,7 +24,6 @@ from __future__ import annotations
 import os
 import time
 import warnings
-from pathlib import Path
 
 import numpy as np
 
@@ -153,7 +152,7 @@ def convert_from_ollama(source, out_path, vision_type: str = "q8_0", *, projecto
         w.write_ti_data_to_file()
         fout = w.fout[0]
         bytes_in = 0
-        for name, t, shape, (arr, gtype, _) in plan:
+        for _name, t, shape, (arr, gtype, _) in plan:
             w.write_padding(fout, fout.tell())
             if t == gtype:  # copied as stored (the text weights: byte for byte)
                 a = np.asarray(arr)

@@ -73,7 +73,7 @@ from .gguf_file import ModelFileError, field_value, open_gguf, tensor_entry
 OURS = "mllama-q"         # mllama_q.format_version present
 ONE_FILE = "ollama"       # Ollama v0.7+: one blob
 TWO_FILE = "ollama-v0.4"  # Ollama v0.4 - v0.6: text blob (+ projector blob)
-VISION_PREFIXES = ("v.", "mm.")
+VISION_PREFIXES = K.VISION_PREFIXES
 
 # The published checkpoints' generation_config.json eos_token_id [128001, 128008, 128009], by
 # token text so that any vocabulary size resolves them.

@@ -470,7 +470,7 @@ def list_store(roots: list[Path] | None = None, verify: bool = False, progress=N
     roots = store_roots() if roots is None else [Path(r) for r in roots]
     out = []
     for root in roots:
-        for name, mpath in iter_manifests(root):
+        for name, _path in iter_manifests(root):
             e = StoreEntry(name, root)
             try:
                 r = resolve_name(str(name), [root], verify=verify, progress=progress)

@@ -10,6 +10,7 @@ check, so the check is not vacuous.
 from __future__ import annotations
 
 import json
+import shutil
 import warnings
 
 import numpy as np
@@ -19,12 +20,14 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
 
+from ollama_writer import write_one_file, write_two_files  # noqa: E402
+from test_model import hf_logits, hf_with_file_weights, make_cases, our_logits, rel_err  # noqa: E402
+
 import mllama_q  # noqa: E402
 from mllama_q import gguf_keys as K  # noqa: E402
 from mllama_q import ollama  # noqa: E402
 from mllama_q.gguf_file import ModelFileError  # noqa: E402
-from ollama_writer import write_one_file, write_two_files  # noqa: E402
-from test_model import hf_logits, hf_with_file_weights, make_cases, our_logits, rel_err  # noqa: E402
+
 from tiny_models import load_hf_model, make_tiny_checkpoint  # noqa: E402
 
 F16_TOL = 5e-3  # test_model.test_f16_logits_match_transformers
@@ -49,8 +52,8 @@ def _set_large_gates(ckpt, seed: int) -> None:
         save_file(st, str(f), metadata={"format": "pt"})
 
 
-def _reference(ckpt) -> dict:
-    hf = load_hf_model(ckpt)
+def _reference(ckpt, hf=None) -> dict:
+    hf = load_hf_model(ckpt) if hf is None else hf
     cases = make_cases(int(hf.config.image_token_index))
     return {"ckpt": ckpt, "hf": hf, "cases": cases, "refs": {k: hf_logits(hf, c) for k, c in cases.items()}}
 
@@ -68,12 +71,10 @@ def big(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def small(tmp_path_factory):
+def small(tiny_checkpoint, hf_model):
     """The default random gates (every vision global gate of seed 0 is inside (-1, 1))."""
-    d = tmp_path_factory.mktemp("ollama_small")
-    r = _reference(make_tiny_checkpoint(d / "hf", seed=0, dtype="float32", rope_spelling="rope_theta"))
-    r["dir"] = d
-    return r
+    ck = tiny_checkpoint(seed=0, dtype="float32", rope_spelling="rope_theta")
+    return _reference(ck, hf_model(ck))
 
 
 def load(path, **kw) -> mllama_q.Model:
@@ -178,11 +179,10 @@ def test_wrong_variants_fail_the_check(big, tmp_path, name):
     assert err > 1.5 * F16_TOL, f"{name}: the wrong variant passes THE check ({err:.2e})"
 
 
-def test_fc_swap_with_square_mlp_gives_wrong_numbers(tmp_path):
+def test_fc_swap_with_square_mlp_gives_wrong_numbers(tmp_path, tiny_checkpoint, hf_model):
     """With fc1 and fc2 of the same shape a missing swap cannot fail on shapes: it must fail on numbers."""
-    ck = make_tiny_checkpoint(tmp_path / "hf", seed=4, dtype="float32", rope_spelling="rope_theta",
-                              vision_config={"intermediate_size": 64})
-    ref = _reference(ck)
+    ck = tiny_checkpoint(seed=4, dtype="float32", rope_spelling="rope_theta", vision_config={"intermediate_size": 64})
+    ref = _reference(ck, hf_model(ck))
     good = write_two_files(ck, tmp_path / "t.gguf", tmp_path / "p.gguf")
     bad = write_two_files(ck, tmp_path / "tb.gguf", tmp_path / "pb.gguf", bug="fc_not_swapped")
     assert max_error(ref, good[0], projector=good[1]) < F16_TOL
@@ -206,30 +206,24 @@ def test_generation_that_cannot_be_told_warns_and_override_fixes(small, tmp_path
 def test_current_blob_without_eos_list_warns_and_loads(small, tmp_path):
     """A checkpoint whose generation_config.json has one eos id gives no eos_token_ids (convert/
     tokenizer.go keeps only lists); the assumed current generation is then right."""
-    ck = small["ckpt"]
+    ck = shutil.copytree(small["ckpt"], tmp_path / "hf")  # the shared checkpoint is read-only
     gen = json.loads((ck / "generation_config.json").read_text())
     (ck / "generation_config.json").write_text(json.dumps(dict(gen, eos_token_id=gen["eos_token_id"][-1])))
-    try:
-        p = write_one_file(ck, tmp_path / "single_eos.gguf")
-    finally:
-        (ck / "generation_config.json").write_text(json.dumps(gen))
+    p = write_one_file(ck, tmp_path / "single_eos.gguf")
     assert K.OLLAMA_EOS_TOKEN_IDS not in gguf.GGUFReader(str(p)).fields
     with pytest.warns(ollama.OllamaLayoutWarning):
         mllama_q.Model(p)
     assert max_error(small, p) < F16_TOL
 
 
-def test_our_own_files_are_not_touched(big, tmp_path):
-    from mllama_q.convert import convert
-
-    ck = make_tiny_checkpoint(tmp_path / "hf", seed=3, dtype="float32")
-    convert(ck, tmp_path / "ours.gguf", ftype="f16", progress=False)
-    m = load(tmp_path / "ours.gguf")
+def test_our_own_files_are_not_touched(tiny_checkpoint, tiny_gguf):
+    ours = tiny_gguf(tiny_checkpoint(seed=0, dtype="float32"), "f16")
+    m = load(ours)
     assert m.layout.kind == ollama.OURS
     with pytest.raises(ValueError, match="Ollama"):
-        load(tmp_path / "ours.gguf", ollama_converter="v0.7.0")
+        load(ours, ollama_converter="v0.7.0")
     with pytest.raises(ModelFileError, match="projector="):
-        load(tmp_path / "ours.gguf", projector=tmp_path / "ours.gguf")
+        load(ours, projector=ours)
 
 
 def test_bad_converter_name(big, tmp_path):
@@ -275,7 +269,7 @@ def test_greedy_matches_transformers(big, tmp_path):
     p = write_one_file(big["ckpt"], tmp_path / "m.gguf", position_embd_f32=True)
     m = load(p, kv_type="f32", n_ctx=128)
     case = big["cases"]["two_images_4_and_2_tiles"]
-    assert our_greedy(m, case, 32) == hf_greedy(hf_with_file_weights(big["ckpt"], p), case, 32)
+    assert our_greedy(m, case, 32) == hf_greedy(hf_with_file_weights(load_hf_model(big["ckpt"]), p), case, 32)
 
 
 # ---------------------------------------------------------------------------
@@ -306,27 +300,24 @@ def test_rope_without_rope_freqs(tmp_path, rope):
 # ---------------------------------------------------------------------------
 # Quantized text weights (the published blob is Q4_K_M)
 # ---------------------------------------------------------------------------
-def test_q4_k_m_blob_has_our_q4_k_m_mix_and_runs(big, tmp_path):
+def test_q4_k_m_blob_has_our_q4_k_m_mix_and_runs(big, tmp_path, tiny_checkpoint, tiny_gguf):
     """server/quantization.go's Q4_K_M picks the same type as mllama-q's q4_k_m (gguf_keys.tensor_type)
     for every text tensor except WHICH attn_v layers get Q6_K: Ollama counts the vision towers'
     attn_v tensors into n_attn_v (GroupLayers counts every name containing "attn_v.weight") while
     only text ones advance the counter, so use_more_bits picks other layers (11B: 16 of 32 either
     way). Same kernels, same bytes per token. The blob's logits match HF running the same (gguf-py
     dequantized) weights, as in test_model.test_quantized_logits."""
-    from mllama_q.convert import convert
-
-    ck = make_tiny_checkpoint(tmp_path / "hf_ours", seed=3, dtype="float32")
-    convert(ck, tmp_path / "ours.gguf", ftype="q4_k_m", progress=False)
+    ours_path = tiny_gguf(tiny_checkpoint(seed=0, dtype="float32"), "q4_k_m")  # the same shapes
     p = write_one_file(big["ckpt"], tmp_path / "q.gguf", quantize="q4_k_m", position_embd_f32=True)
     theirs = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(p)).tensors}
-    ours = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(tmp_path / "ours.gguf")).tensors}
+    ours = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(ours_path)).tensors}
     text = [n for n in ours if not n.startswith(("v.", "mm."))]
     other = [n for n in text if "attn_v.weight" not in n]
     assert {n: theirs[n] for n in other} == {n: ours[n] for n in other}
     attn_v = [n for n in text if "attn_v.weight" in n]  # blk.0, 2, 4; n_attn_v = 3 text + 6 vision = 9
     assert [theirs[n] for n in attn_v] == ["Q6_K", "Q4_K", "Q4_K"]  # use_more_bits(i, 9): i < 9 // 8
     assert [ours[n] for n in attn_v] == ["Q4_K", "Q4_K", "Q6_K"]    # use_more_bits(i, 3): i >= 7 * 3 // 8
-    ref_q = hf_with_file_weights(big["ckpt"], p)
+    ref_q = hf_with_file_weights(load_hf_model(big["ckpt"]), p)
     m = load(p, kv_type="f32")
     for name in ("text_only", "two_images_4_and_2_tiles"):
         case = big["cases"][name]
@@ -457,7 +448,7 @@ def test_convert_from_ollama(big, tmp_path):
     m = load(out, kv_type="f32")
     assert m.layout.kind == ollama.OURS and m.tokenizer.add_bos
     assert m.stop_ids == load(src).stop_ids
-    ref = hf_with_file_weights(big["ckpt"], out)
+    ref = hf_with_file_weights(load_hf_model(big["ckpt"]), out)
     for name in ("text_only", "two_images_4_and_2_tiles", "one_image_3_tiles"):
         case = big["cases"][name]
         assert rel_err(our_logits(m, case), hf_logits(ref, case)) < 3e-2, name
@@ -467,15 +458,16 @@ def test_convert_from_ollama(big, tmp_path):
         convert_from_ollama(str(out), tmp_path / "again.gguf", progress=False)
 
 
-def test_convert_from_ollama_two_file_pair_without_rope_freqs(tmp_path, monkeypatch):
+def test_convert_from_ollama_two_file_pair_without_rope_freqs(tmp_path, monkeypatch, tiny_checkpoint, hf_model):
     """A two-file pair by name, from a plain-RoPE checkpoint: the output carries its projector's
     vision tower under mllama-q's names and a rope_freqs.weight of ones (no 11B default)."""
-    from mllama_q.cli import main
     from ollama_writer import make_store
 
-    ck = make_tiny_checkpoint(tmp_path / "hf", seed=2, dtype="float32", rope_spelling="rope_theta",
-                              text_config={"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}})
-    ref = _reference(ck)
+    from mllama_q.cli import main
+
+    ck = tiny_checkpoint(seed=2, dtype="float32", rope_spelling="rope_theta",
+                         text_config={"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}})
+    ref = _reference(ck, hf_model(ck))
     text, proj = write_two_files(ck, tmp_path / "t.gguf", tmp_path / "p.gguf")
     monkeypatch.setenv("OLLAMA_MODELS", str(tmp_path / "store"))
     make_store(tmp_path / "store", "llama3.2-vision", "old", model=text, projector=proj)

@@ -16,13 +16,13 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+from ollama_writer import add_blob, make_store, write_one_file, write_two_files  # noqa: E402
+from test_model import make_cases, our_logits  # noqa: E402
+
 import mllama_q  # noqa: E402
 from mllama_q import store  # noqa: E402
 from mllama_q.gguf_file import ModelFileError, ModelFileNotFoundError  # noqa: E402
 from mllama_q.store import StoreError, parse_name, resolve_model  # noqa: E402
-from ollama_writer import add_blob, make_store, write_one_file, write_two_files  # noqa: E402
-from test_model import make_cases, our_logits  # noqa: E402
-from tiny_models import make_tiny_checkpoint  # noqa: E402
 
 PART80 = "8" * 80
 PART350 = "3" * 350
@@ -82,9 +82,9 @@ def test_names_cannot_leave_the_store(tmp_path, monkeypatch, name):
 # Resolving and loading by name
 # ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def blobs(tmp_path_factory):
+def blobs(tmp_path_factory, tiny_checkpoint):
     d = tmp_path_factory.mktemp("ollama_blobs")
-    ck = make_tiny_checkpoint(d / "hf", seed=1, dtype="float32", rope_spelling="rope_theta")
+    ck = tiny_checkpoint(seed=1, dtype="float32", rope_spelling="rope_theta")
     one = write_one_file(ck, d / "one.gguf")
     text, proj = write_two_files(ck, d / "text.gguf", d / "proj.gguf")
     return {"one": one, "text": text, "proj": proj}
