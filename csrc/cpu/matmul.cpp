@@ -185,10 +185,13 @@ void set_cpu_path(const std::string& name) {
     g_path.store(static_cast<int>(parse_path(name, "set_cpu_path")), std::memory_order_release);
 }
 
-// The kernels of weight type t on path p (looked up once per matmul call).
+// The kernels of weight type t on path p, looked up once per matmul call. A
+// type a SIMD path has no entry for runs the scalar reference kernels (so a new
+// weight type works on every path as soon as it has its scalar entry).
 static const detail::TypeKernels& type_kernels(Path p, DType t) {
     const PathEntry& e = entry(p);
     const detail::TypeKernels* tk = e.kernels ? e.kernels().find(t) : nullptr;
+    if (!tk) tk = detail::scalar_kernels().find(t);
     if (!tk || !tk->tile)
         throw std::invalid_argument(std::string("matmul: unsupported weight type ") + type_info(t).name);
     return *tk;
