@@ -15,21 +15,15 @@
 
 #include "cpu/kernels.h"
 #include "cpu/panel_gemm.h"
+#include "cpu/simd_x86.h"
 #include "quants/quants.h"
 
 namespace mq::cpu::detail {
 namespace {
 
-inline float h2f(uint16_t h) { return _cvtsh_ss(h); }
-
 // Decode (<= 2 X rows): the quantized tiles take one W row at a time
-// (NWGD = 1 in avx2_kernels() below) and prefetch that row kWPrefetch bytes
-// ahead, the scheme of the AVX-512 decode tiles (kernels_avx512.cpp): a single
-// sequential stream that the software prefetch keeps ahead of the arithmetic.
-#ifndef MQ_WPF
-#define MQ_WPF 4096
-#endif
-constexpr int kWPrefetch = MQ_WPF;
+// (tile_q below) and prefetch that row kWPrefetch bytes ahead (simd_x86.h),
+// the scheme of the AVX-512 decode tiles.
 // Prefill tile sizes (X rows x W rows), measured here at M = 512, 4096 x 4096,
 // one thread. Q4_K/Q6_K keep no X in registers across W rows, so one W row
 // against 8 X rows shares each W unpack 8 ways (Q4_K 130 -> 111 ms, Q6_K
@@ -42,11 +36,6 @@ constexpr int kWPrefetch = MQ_WPF;
 #define MQ_P8NW 4
 #endif
 
-template <int BYTES>
-inline void prefetch_w(const void* p) {
-    const char* c = static_cast<const char*>(p) + kWPrefetch;
-    for (int o = 0; o < BYTES; o += 64) _mm_prefetch(c + o, _MM_HINT_T0);
-}
 inline float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));

@@ -21,6 +21,7 @@
 
 #include "cpu/kernels.h"
 #include "cpu/panel_gemm.h"
+#include "cpu/simd_x86.h"
 #include "quants/quants.h"
 
 #ifndef MQ_Q4K_NX
@@ -35,22 +36,8 @@
 namespace mq::cpu::detail {
 namespace {
 
-inline float h2f(uint16_t h) { return _cvtsh_ss(h); }
-
-// Software prefetch of `bytes` of W, kWPrefetch bytes ahead, for the
-// decode-sized tiles (few X rows: the kernel streams W from DRAM). With the
-// decode tiles taking one W row at a time (NWGD = 1 below) this made M = 1 on
-// 14336 x 4096 / 128256 x 4096 1.3-2.5x faster on one thread here (measured:
-// Q6_K 3.1 -> 1.1 ms, Q8_0 3.5 -> 1.5 ms, Q4_K 1.0 -> 0.9 ms).
-#ifndef MQ_WPF
-#define MQ_WPF 4096
-#endif
-constexpr int kWPrefetch = MQ_WPF;
-template <int BYTES>
-inline void prefetch_w(const void* p) {
-    const char* c = static_cast<const char*>(p) + kWPrefetch;
-    for (int o = 0; o < BYTES; o += 64) _mm_prefetch(c + o, _MM_HINT_T0);
-}
+// Decode tiles (<= 2 X rows) take one W row at a time (NWGD = 1 below) with
+// software prefetch (prefetch_w, simd_x86.h).
 
 // ---------------------------------------------------------------- float weights
 // W rows as float32 / fp16 (F16C) / bf16 (bf16 is the top half of a float32).
