@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "backend/backend.h"
+#include "common/env.h"
 #include "common/fp16.h"
 #include "common/threadpool.h"
 #include "cpu/attention.h"
@@ -177,10 +178,7 @@ public:
                              causal, q_offset, pool_);
     }
 
-    static bool direct_enabled() {
-        const char* e = std::getenv("MLLAMA_Q_ATTN_DIRECT");
-        return !(e && std::string(e) == "0");
-    }
+    static bool direct_enabled() { return env::cpu_attn_direct(); }   // read at every call (benchmarks flip it)
 
     void store_rows(const float* src, void* dst, DType dst_type, int64_t n, int64_t width,
                     int64_t dst_stride) override {
