@@ -48,9 +48,9 @@ def main() -> None:
             os.environ["MLLAMA_Q_ATTN_DIRECT"] = flag
             times[label] = _core.bench_attention(q, k, v, hd ** -0.5, args.iters)
         os.environ.pop("MLLAMA_Q_ATTN_DIRECT")
-        print(f"{name:>14} {kv_bytes / 1e6:7.1f} | {times['flash'] * 1e3:8.3f} {kv_bytes / times['flash'] / 1e9:8.1f} | "
-              f"{times['direct'] * 1e3:9.3f} {kv_bytes / times['direct'] / 1e9:8.1f} | "
-              f"{times['flash'] / times['direct']:6.1f}x")
+        fl, di = times["flash"], times["direct"]
+        print(f"{name:>14} {kv_bytes / 1e6:7.1f} | {fl * 1e3:8.3f} {kv_bytes / fl / 1e9:8.1f} | "
+              f"{di * 1e3:9.3f} {kv_bytes / di / 1e9:8.1f} | {fl / di:6.1f}x")
 
 
 if __name__ == "__main__":

@@ -15,8 +15,8 @@ _F32 = npt.NDArray[np.float32]
 
 # ---- block formats (bind_formats.cpp) --------------------------------------------------------
 
-def type_info() -> dict[str, dict[str, int]]:
-    """Block formats compiled into the extension: {name: {ggml_type, block_size, type_size}}."""
+def type_info() -> dict[str, dict[str, int | bool]]:
+    """Block formats compiled into the extension: {name: {ggml_type, block_size, type_size, weight}}."""
 
 def cuda_built() -> bool:
     """True when the CUDA backend was compiled in."""

@@ -9,7 +9,7 @@
 namespace mq::cpu::detail {
 namespace {
 
-inline float h2f(uint16_t h) { return _cvtsh_ss(h); }   // fp16 bits -> float (F16C)
+inline float h2f(uint16_t h) { return _cvtsh_ss(h); }  // fp16 bits -> float (F16C)
 
 // Software prefetch of BYTES of W, kWPrefetch bytes ahead, for the decode-sized
 // tiles (few X rows: the kernel streams W from DRAM; the tiles then take one W
