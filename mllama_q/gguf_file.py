@@ -38,7 +38,7 @@ def _supported_types() -> dict[int, str]:
     """ggml type id -> name of the tensor types the compiled core reads."""
     from . import _core
 
-    return {int(v["ggml_type"]): name for name, v in _core.type_info().items() if name != "q8_k"}
+    return {int(v["ggml_type"]): name for name, v in _core.type_info().items() if v["weight"]}
 
 
 def open_gguf(path) -> Any:
