@@ -1,4 +1,4 @@
-"""Command line: mllama-q {demo,run,chat,bench,convert} ...
+"""Command line: mllama-q {demo,run,chat,serve,bench,convert} ...
 
 Each sub-command lives in its own module and is imported only when used, so
 `mllama-q convert` never loads the runtime and vice versa.
@@ -14,6 +14,7 @@ COMMANDS = {
     "bench": ("mllama_q.cli.bench", "benchmarks (kernels; model speed)"),
     "run": ("mllama_q.cli.run:run_main", "generate an answer to one prompt (and images), streamed"),
     "chat": ("mllama_q.cli.run:chat_main", "interactive chat; /image PATH attaches an image"),
+    "serve": ("mllama_q.cli.serve", "OpenAI- and Ollama-compatible HTTP server (/v1/..., /api/...)"),
 }
 
 

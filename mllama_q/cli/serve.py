@@ -1,0 +1,151 @@
+"""`mllama-q serve`: an OpenAI- and Ollama-compatible HTTP server for one model.
+
+    mllama-q serve -m MODEL.gguf [--host 127.0.0.1] [--port 8080] [--parallel 2] [--n-ctx 4096]
+                   [--api-key KEY] [--device cpu|cuda] [--alias NAME ...]
+
+The socket is bound first (so a busy port fails at once and `--port 0` picks a free one, which
+the start-up line reports), then the model loads in the background while /health answers 503.
+The server library is mllama_q.server; Starlette and uvicorn are imported only here.
+"""
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import os
+import socket
+import sys
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="mllama-q serve", description=(
+        "Serve a model over the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models) and the "
+        "Ollama API (/api/chat, /api/generate, /api/tags, ...), so their clients work unchanged."))
+    ap.add_argument("-m", "--model", required=True, help="the .gguf file")
+    ap.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    ap.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
+    ap.add_argument("--parallel", "-np", type=int, default=2,
+                    help="slots: conversations kept and generated at once; more requests queue (default 2)")
+    ap.add_argument("--n-ctx", "-c", type=int, default=4096, help="context length of each slot in tokens (4096)")
+    ap.add_argument("--api-key", default=os.environ.get("MLLAMA_Q_API_KEY"),
+                    help="require 'Authorization: Bearer KEY' (default: $MLLAMA_Q_API_KEY; none: no check)")
+    ap.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    ap.add_argument("--alias", action="append", default=[], metavar="NAME",
+                    help="the model's name in the APIs (default: the file name without .gguf); repeat to "
+                         "accept more names, e.g. --alias llama3.2-vision for apps configured for Ollama")
+    ap.add_argument("--max-queue", type=int, default=64,
+                    help="requests allowed to wait for a slot; beyond that: 503 (default 64)")
+    ap.add_argument("--max-body-mb", type=float, default=64.0, help="largest request body in MiB (default 64)")
+    ap.add_argument("--max-image-mb", type=float, default=20.0, help="largest image (encoded) in MiB (default 20)")
+    ap.add_argument("--max-image-pixels", type=int, default=40_000_000,
+                    help="largest image in pixels, width x height (default 40000000)")
+    ap.add_argument("--max-images", type=int, default=4, help="images per request, history included (default 4)")
+    ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return ap
+
+
+def _check(ap, args) -> None:
+    if not 0 <= args.port <= 65535:
+        ap.error(f"--port must be in 0..65535, got {args.port}")
+    for name in ("parallel", "max_images"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.max_queue < 0:
+        ap.error(f"--max-queue must be >= 0, got {args.max_queue}")
+    if args.n_ctx < 16:
+        ap.error(f"--n-ctx must be >= 16, got {args.n_ctx}")
+    if args.threads is not None and args.threads < 1:
+        ap.error(f"--threads must be >= 1, got {args.threads}")
+    for name in ("max_body_mb", "max_image_mb"):
+        if not getattr(args, name) > 0:
+            ap.error(f"--{name.replace('_', '-')} must be > 0")
+    if args.max_image_pixels < 1:
+        ap.error("--max-image-pixels must be >= 1")
+    if args.api_key is not None and not args.api_key.strip():
+        args.api_key = None
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, kind, proto, _, addr = infos[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    sock.bind(addr)
+    sock.listen(128)
+    sock.set_inheritable(True)
+    return sock
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def main(argv=None) -> int:
+    ap = _parser()
+    args = ap.parse_args(argv)
+    _check(ap, args)
+    err = sys.stderr
+    if not os.path.isfile(args.model):
+        err.write(f"mllama-q serve: error: model file not found: {args.model}\n")
+        return 1
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()), stream=err,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log = logging.getLogger("mllama_q.server")
+
+    import uvicorn
+
+    from mllama_q.server import Engine, ImageLimits, ModelInfo, ServerConfig, create_app, load_model
+
+    try:
+        sock = _bind(args.host, args.port)
+    except OSError as e:
+        err.write(f"mllama-q serve: error: cannot listen on {args.host}:{args.port}: {e.strerror or e}\n")
+        return 1
+    host, port = sock.getsockname()[:2]
+    if not _is_loopback(args.host) and args.api_key is None:
+        log.warning("listening on %s without --api-key: anyone who can reach this address can use the model",
+                    args.host)
+
+    engine = Engine(load=lambda: load_model(args.model, device=args.device, n_ctx=args.n_ctx,
+                                            parallel=args.parallel, n_threads=args.threads),
+                    parallel=args.parallel, max_queue=args.max_queue)
+    names = args.alias or [None]
+    info = ModelInfo.from_path(args.model, name=names[0], aliases=names[1:])
+    config = ServerConfig(api_key=args.api_key, max_body_bytes=int(args.max_body_mb * 2**20),
+                          image_limits=ImageLimits(max_images=args.max_images,
+                                                   max_bytes=int(args.max_image_mb * 2**20),
+                                                   max_pixels=args.max_image_pixels))
+    failed: list[str] = []
+    server = None
+
+    def load_failed(message: str) -> None:
+        failed.append(message)
+        if server is not None:
+            server.should_exit = True
+
+    app = create_app(engine, info, config, on_load_failed=load_failed)
+    server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, access_log=False, lifespan="on",
+                                           timeout_graceful_shutdown=5))
+    shown = f"[{host}]" if ":" in host else host
+    log.info("listening on http://%s:%d (OpenAI API: /v1, Ollama API: /api); loading %s as %r",
+             shown, port, args.model, info.name)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+    if failed:
+        err.write(f"mllama-q serve: error: {failed[0]}\n")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
