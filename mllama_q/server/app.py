@@ -60,6 +60,14 @@ async def health(request: Request):
                                                       f"{engine.error}", "type": "server_error"}}, status_code=500)
 
 
+async def slots(request: Request):
+    """Slot states and the queue (llama.cpp's server: GET /slots)."""
+    engine: Engine = request.app.state.server.engine
+    if engine.pool is None:
+        return JSONResponse({"slots": [], "queued": 0})
+    return JSONResponse({"slots": [s.status() for s in engine.pool.slots], "queued": engine.pool.n_waiting})
+
+
 class Gate:
     """Outermost middleware: the access log line (method, path, status, token counts, timings)
     and, when an API key is set, `Authorization: Bearer KEY` on every non-public path."""
@@ -86,6 +94,9 @@ class Gate:
         async def send_(message):
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
+                if "slot" in st:   # which slot served the request (debugging, tests)
+                    message = {**message, "headers": [*message.get("headers", []),
+                                                      (b"x-mllama-q-slot", str(st["slot"]).encode())]}
             await send(message)
 
         try:
@@ -164,6 +175,7 @@ def create_app(engine: Engine, info: ModelInfo, config: ServerConfig | None = No
         Route("/", ollama_api.root, methods=["GET", "HEAD"]),
         Route("/health", health, methods=["GET"]),
         Route("/v1/health", health, methods=["GET"]),
+        Route("/slots", slots, methods=["GET"]),
         Route("/v1/chat/completions", openai_api.chat_completions, methods=["POST"]),
         Route("/v1/completions", openai_api.completions, methods=["POST"]),
         Route("/v1/models", openai_api.list_models, methods=["GET"]),

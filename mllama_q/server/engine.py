@@ -72,6 +72,13 @@ class Slot:
         self._tokens: list[int] = []     # adapter only: what the last turn left (prompt + answer)
         self.last_used = -1.0
         self.requests = 0
+        self.busy = False
+        self.last: dict = {}             # outcome of the last request: stop reason, tokens generated
+
+    def status(self) -> dict:
+        """GET /slots entry (llama.cpp's server has the same endpoint)."""
+        return {"id": self.id, "busy": self.busy, "n_tokens": len(self.tokens), "n_images": len(self.digests),
+                "requests": self.requests, "last": self.last}
 
     @property
     def tokens(self):
@@ -137,6 +144,7 @@ class SlotPool:
     def _take(self, ids, digests) -> tuple[Slot, int]:
         slot, lcp = self.choose(ids, digests)
         self._idle.discard(slot.id)
+        slot.busy = True
         return slot, lcp
 
     async def acquire(self, ids: list[int], digests: list[str]) -> tuple[Slot, int]:
@@ -163,6 +171,7 @@ class SlotPool:
     def release(self, slot: Slot, used: bool = True) -> None:
         if used:
             slot.last_used = time.monotonic()
+        slot.busy = False
         self._idle.add(slot.id)
         while self._waiters and self._idle:
             fut, ids, digests = self._waiters.popleft()
@@ -424,6 +433,8 @@ class Engine:
         slot, prep = run.slot, run.prepared
         req = prep.request
         result = None
+        n_pieces = 0
+        stop = "error"
         try:
             kw: dict = dict(max_new_tokens=prep.max_new_tokens, stop=req.stop, stream=True, **req.sampling)
             if req.messages is not None:
@@ -442,13 +453,16 @@ class Engine:
                     if run.cancelled:
                         break
                     if piece:
+                        n_pieces += 1
                         run.post(("text", piece))
             finally:
                 if run.cancelled:
                     stream.close()
-            result = stream.result
+            result = None if run.cancelled else stream.result
+            stop = "cancelled" if result is None else result.stop_reason
             run.post(("done", result))
         except (_Cancelled, KeyboardInterrupt):
+            stop = "cancelled"
             run.post(("done", None))
         except ValueError as e:  # the request's content (e.g. an image the processor rejects)
             run.post(("error", APIError(400, str(e))))
@@ -459,6 +473,9 @@ class Engine:
             run.post(("error", APIError(500, f"generation failed: {type(e).__name__}: {e}")))
         finally:
             slot.requests += 1
+            # generated: the result's count, or for a cancelled run the text pieces sent (about one per token)
+            slot.last = {"stop": stop, "generated": result.completion_tokens if result is not None else n_pieces,
+                         "max_new_tokens": prep.max_new_tokens}
             slot.digests = [im.digest for im in req.images]
             slot._tokens = list(prep.ids) + (list(result.tokens) if result is not None else [])
             try:

@@ -101,7 +101,9 @@ class RunStream(Response):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         async def watch():
             await _disconnected(receive)
-            self.run.cancel()
+            if not self.run.finished:
+                self.run.cancel()
+                scope.setdefault(STATS_KEY, {})["disconnected"] = True
 
         watcher = asyncio.ensure_future(watch())
         try:

@@ -1,0 +1,497 @@
+"""`mllama-q serve` against the real client libraries (`openai`, `ollama`) and raw HTTP (httpx),
+with a live server process on 127.0.0.1 (a free port) serving the tiny synthetic model.
+
+References: the Python API's own greedy (or seeded) output for the same conversation
+(`Model.generate`) is the expected text ("HTTP equals Python API"); the response shapes are
+what the real clients parse (their pydantic models) and the documented formats (OpenAI's SSE
+ending in `data: [DONE]`, Ollama's NDJSON with nanosecond durations); model facts come from
+gguf-py reading the file.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+N_CTX = 2048
+MAX_IMAGES = 3
+MAX_BODY_MB = 2
+
+
+def _env():
+    """The child imports the same mllama_q as this process, whatever its working directory."""
+    import mllama_q
+
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(mllama_q.__file__).resolve().parents[1]),
+                                         env.get("PYTHONPATH", "")])
+    return env
+
+
+class LiveServer:
+    """`python -m mllama_q serve ... --port 0` in a child process; its stderr is collected."""
+
+    def __init__(self, model: Path, *args: str, wait_ready: bool = True):
+        cmd = [sys.executable, "-m", "mllama_q", "serve", "-m", str(model), "--host", "127.0.0.1",
+               "--port", "0", *args]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env())
+        self.lines: list[str] = []
+        self._port = threading.Event()
+        self.port = None
+        threading.Thread(target=self._read, daemon=True).start()
+        if not self._port.wait(60):
+            self.stop()
+            raise RuntimeError("server did not start:\n" + "".join(self.lines))
+        self.url = f"http://127.0.0.1:{self.port}"
+        if wait_ready:
+            self.wait_ready()
+
+    def _read(self):
+        for line in self.proc.stderr:
+            self.lines.append(line)
+            if self.port is None and "listening on http://" in line:
+                self.port = int(line.split("listening on http://", 1)[1].split()[0].rsplit(":", 1)[1])
+                self._port.set()
+
+    def wait_ready(self, timeout: float = 60):
+        t_end = time.monotonic() + timeout
+        while time.monotonic() < t_end:
+            if self.proc.poll() is not None:
+                raise RuntimeError("server exited:\n" + "".join(self.lines))
+            try:
+                if httpx.get(self.url + "/health", timeout=5).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError("server not ready:\n" + "".join(self.lines))
+
+    def log_lines(self, needle: str) -> list[str]:
+        return [ln for ln in list(self.lines) if needle in ln]
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tmp_path_factory) -> Path:
+    from mllama_q.cli.synthetic import write_synthetic_gguf
+
+    return write_synthetic_gguf(tmp_path_factory.mktemp("serve") / "tiny.gguf", "tiny", "q4_k_m", progress=False)
+
+
+@pytest.fixture(scope="module")
+def ref(tiny_path):
+    """The Python API on the same file: the reference outputs."""
+    from mllama_q import Model
+
+    return Model(tiny_path, n_ctx=N_CTX)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_path):
+    s = LiveServer(tiny_path, "--parallel", "2", "--n-ctx", str(N_CTX), "--max-images", str(MAX_IMAGES),
+                   "--max-body-mb", str(MAX_BODY_MB), "--alias", "tiny", "--alias", "llama3.2-vision")
+    yield s
+    s.stop()
+
+
+MODEL = "tiny"
+
+
+@pytest.fixture
+def oai(server):
+    import openai
+
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+@pytest.fixture
+def oll(server):
+    import ollama
+
+    return ollama.Client(host=server.url, timeout=60)
+
+
+def _image_bytes(seed: int, size=(90, 70), fmt="PNG") -> bytes:
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def _data_url(data: bytes, mime="image/png") -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+def _pil(data: bytes) -> Image.Image:
+    return Image.open(io.BytesIO(data))
+
+
+def _expect(ref, messages=None, prompt=None, images=(), **kw):
+    """The Python API's answer for the same request (greedy unless told)."""
+    kw.setdefault("temperature", 0)
+    return ref.generate(messages=messages, prompt=prompt, images=[_pil(b) for b in images] or None, **kw)
+
+
+# --------------------------------------------------------------------------------------------
+# OpenAI API through the `openai` client
+# --------------------------------------------------------------------------------------------
+
+def test_openai_chat_equals_python_api(oai, ref):
+    msgs = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name three colours."}]
+    want = _expect(ref, msgs, max_new_tokens=24)
+    got = oai.chat.completions.create(model=MODEL, messages=msgs, max_tokens=24, temperature=0)
+    assert got.object == "chat.completion" and got.id.startswith("chatcmpl-")
+    assert got.model == MODEL and len(got.choices) == 1
+    c = got.choices[0]
+    assert c.message.role == "assistant" and c.message.content == want.text
+    assert c.finish_reason == {"length": "length", "stop_token": "stop"}[want.stop_reason]
+    assert (got.usage.prompt_tokens, got.usage.completion_tokens) == (want.prompt_tokens, want.completion_tokens)
+    assert got.usage.total_tokens == want.prompt_tokens + want.completion_tokens
+
+
+def test_openai_chat_stream_with_images(oai, ref):
+    img1, img2 = _image_bytes(1), _image_bytes(2, (60, 120), "JPEG")
+    msgs = [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": _data_url(img1)}},
+        {"type": "text", "text": "Compare this"},
+        {"type": "image_url", "image_url": {"url": _data_url(img2, "image/jpeg"), "detail": "high"}},
+        {"type": "text", "text": "with this."}]}]
+    ref_msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Compare this"},
+                                             {"type": "image"}, {"type": "text", "text": "with this."}]}]
+    want = _expect(ref, ref_msgs, images=[img1, img2], max_new_tokens=20)
+    chunks = list(oai.chat.completions.create(model=MODEL, messages=msgs, max_completion_tokens=20, temperature=0,
+                                              stream=True, stream_options={"include_usage": True}))
+    assert all(ch.object == "chat.completion.chunk" for ch in chunks)
+    assert len({ch.id for ch in chunks}) == 1
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text == want.text
+    finish = [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason]
+    assert finish == ["length"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == want.completion_tokens
+    assert chunks[-1].usage.prompt_tokens == want.prompt_tokens
+    assert all(ch.usage is None for ch in chunks[:-1])
+
+
+def test_openai_sse_wire_format(server, ref):
+    """The raw stream: `data: {json}` events and a final `data: [DONE]`; no usage chunk unless asked."""
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "temperature": 0,
+            "stream": True}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = [ln for ln in r.iter_lines() if ln]
+    assert events[-1] == "data: [DONE]"
+    objs = [json.loads(e[len("data: "):]) for e in events[:-1]]
+    assert all(e.startswith("data: ") for e in events)
+    assert all("usage" not in o for o in objs)
+    assert "".join(o["choices"][0]["delta"].get("content", "") for o in objs) == \
+        _expect(ref, body["messages"], max_new_tokens=5).text
+
+
+def test_openai_completions(oai, ref):
+    prompt = "Once upon a time"
+    want = _expect(ref, prompt=prompt, max_new_tokens=12)
+    got = oai.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0)
+    assert got.object == "text_completion" and got.choices[0].text == want.text
+    assert got.usage.prompt_tokens == want.prompt_tokens
+    streamed = list(oai.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0, stream=True))
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == want.text
+    assert streamed[-1].choices[0].finish_reason == "length"
+    # OpenAI's default max_tokens for completions is 16
+    assert oai.completions.create(model=MODEL, prompt=prompt, temperature=0).usage.completion_tokens == 16
+
+
+def test_openai_seeded_sampling_equals_python_api(oai, ref):
+    msgs = [{"role": "user", "content": "Tell me a story."}]
+    want = _expect(ref, msgs, max_new_tokens=16, temperature=0.9, top_p=0.95, seed=1234)
+    got = oai.chat.completions.create(model=MODEL, messages=msgs, max_tokens=16, temperature=0.9, top_p=0.95,
+                                      seed=1234)
+    assert got.choices[0].message.content == want.text
+    other = _expect(ref, msgs, max_new_tokens=16, temperature=0.9, top_p=0.95, seed=1235)
+    assert other.text != want.text   # the seed is really used
+
+
+def test_openai_stop_string(oai, ref):
+    msgs = [{"role": "user", "content": "Count."}]
+    full = _expect(ref, msgs, max_new_tokens=24).text
+    stop = full[6:9]
+    want = _expect(ref, msgs, max_new_tokens=24, stop=[stop])
+    assert want.stop_reason == "stop_string" and want.text == full[:full.index(stop)]
+    got = oai.chat.completions.create(model=MODEL, messages=msgs, max_tokens=24, temperature=0, stop=stop)
+    assert got.choices[0].message.content == want.text and got.choices[0].finish_reason == "stop"
+
+
+def test_openai_models(oai, server, tiny_path):
+    models = oai.models.list().data
+    assert [m.id for m in models] == [MODEL] and models[0].object == "model"
+    assert oai.models.retrieve("llama3.2-vision").id == MODEL
+    import openai
+
+    with pytest.raises(openai.NotFoundError):
+        oai.models.retrieve("gpt-4o")
+
+
+# --------------------------------------------------------------------------------------------
+# Ollama API through the `ollama` client
+# --------------------------------------------------------------------------------------------
+
+def test_ollama_chat_with_image(oll, ref):
+    img = _image_bytes(3)
+    msgs = [{"role": "user", "content": "What is in this picture?", "images": [img]}]
+    ref_msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in this picture?"}]}]
+    want = _expect(ref, ref_msgs, images=[img], max_new_tokens=18)
+    r = oll.chat(model="llama3.2-vision", messages=msgs, options={"num_predict": 18, "temperature": 0}, stream=False)
+    assert r.message.role == "assistant" and r.message.content == want.text
+    assert r.done is True and r.done_reason == "length"
+    assert r.model == "llama3.2-vision"
+    assert (r.prompt_eval_count, r.eval_count) == (want.prompt_tokens, want.completion_tokens)
+    for k in ("total_duration", "load_duration", "prompt_eval_duration", "eval_duration"):
+        assert isinstance(getattr(r, k), int) and getattr(r, k) > 0, k
+    assert r.total_duration >= r.eval_duration + r.prompt_eval_duration
+    # streaming (the default): pieces, then one final chunk with the stats
+    parts = list(oll.chat(model="llama3.2-vision", messages=msgs, options={"num_predict": 18, "temperature": 0},
+                          stream=True))
+    assert all(not p.done for p in parts[:-1]) and parts[-1].done and parts[-1].done_reason == "length"
+    assert "".join(p.message.content for p in parts) == want.text
+    assert parts[-1].eval_count == want.completion_tokens
+
+
+def test_ollama_generate(oll, ref):
+    img = _image_bytes(4)
+    want = _expect(ref, [{"role": "system", "content": "Be brief."},
+                         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe."}]}],
+                   images=[img], max_new_tokens=10)
+    r = oll.generate(model=MODEL, prompt="Describe.", system="Be brief.", images=[img],
+                     options={"num_predict": 10, "temperature": 0})
+    assert r.response == want.text and r.done and r.eval_count == want.completion_tokens
+    # raw: the prompt as-is, the image token placed first
+    raw_want = _expect(ref, prompt="<|image|>raw text", images=[img], max_new_tokens=7)
+    r = oll.generate(model=MODEL, prompt="raw text", raw=True, images=[img], options={"num_predict": 7, "temperature": 0})
+    assert r.response == raw_want.text
+    streamed = list(oll.generate(model=MODEL, prompt="raw text", raw=True, images=[img], stream=True,
+                                 options={"num_predict": 7, "temperature": 0}))
+    assert "".join(p.response for p in streamed) == raw_want.text and streamed[-1].done
+
+
+def test_ollama_options_map_to_sampling(oll, ref):
+    msgs = [{"role": "user", "content": "Sample something."}]
+    opts = {"num_predict": 14, "temperature": 0.8, "top_k": 50, "top_p": 0.9, "min_p": 0.05, "repeat_penalty": 1.1,
+            "seed": 77, "num_thread": 3, "unknown_option": True}
+    want = _expect(ref, msgs, max_new_tokens=14, temperature=0.8, top_k=50, top_p=0.9, min_p=0.05,
+                   repetition_penalty=1.1, seed=77)
+    r = oll.chat(model=MODEL, messages=msgs, options=opts)
+    assert r.message.content == want.text
+
+
+def test_ollama_num_ctx_limits_the_answer(oll, ref):
+    msgs = [{"role": "user", "content": "hello"}]
+    n_prompt = _expect(ref, msgs, max_new_tokens=1).prompt_tokens
+    r = oll.chat(model=MODEL, messages=msgs, options={"num_ctx": n_prompt + 5, "temperature": 0, "num_predict": 50})
+    assert r.eval_count == 5 and r.done_reason == "length"
+
+
+def test_ollama_load_and_unload_answers(server):
+    r = httpx.post(server.url + "/api/chat", json={"model": MODEL, "messages": []}, timeout=30).json()
+    assert r["done"] is True and r["done_reason"] == "load" and r["message"] == {"role": "assistant", "content": ""}
+    r = httpx.post(server.url + "/api/generate", json={"model": MODEL, "keep_alive": 0}, timeout=30).json()
+    assert r["done_reason"] == "unload" and r["response"] == ""
+
+
+def test_ollama_listing(oll, server, tiny_path):
+    import gguf
+
+    reader = gguf.GGUFReader(str(tiny_path))
+    n_params = sum(int(t.n_elements) for t in reader.tensors)
+    ftype = int(reader.fields["general.file_type"].contents())
+    quant = gguf.LlamaFileType(ftype).name.removeprefix("MOSTLY_")
+
+    tags = oll.list().models
+    assert len(tags) == 1 and tags[0].model == "tiny:latest"
+    assert tags[0].size == tiny_path.stat().st_size
+    d = tags[0].details
+    assert (d.format, d.family, d.families, d.quantization_level) == ("gguf", "mllama", ["mllama"], quant)
+    assert abs(tags[0].modified_at.timestamp() - tiny_path.stat().st_mtime) < 1e-3
+
+    show = oll.show("tiny")
+    assert show.modelinfo["general.architecture"] == "mllama"
+    assert show.modelinfo["general.parameter_count"] == n_params
+    assert show.modelinfo["mllama.block_count"] == int(reader.fields["mllama.block_count"].contents())
+    assert show.modelinfo["tokenizer.ggml.tokens"] == []   # arrays only with verbose, as Ollama does
+    assert "vision" in show.capabilities and "completion" in show.capabilities
+    assert show.template == reader.fields["tokenizer.chat_template"].contents()
+    verbose = httpx.post(server.url + "/api/show", json={"model": "tiny", "verbose": True}, timeout=30).json()
+    assert verbose["model_info"]["tokenizer.ggml.tokens"] == reader.fields["tokenizer.ggml.tokens"].contents()
+
+    ps = oll.ps().models
+    assert len(ps) == 1 and ps[0].model == "tiny:latest" and ps[0].context_length == N_CTX and ps[0].size_vram == 0
+    assert ps[0].expires_at.year > 2100   # never unloaded (Ollama's keep_alive < 0)
+
+    import ollama
+
+    with pytest.raises(ollama.ResponseError) as e:
+        oll.show("llava")
+    assert e.value.status_code == 404 and e.value.error == "model 'llava' not found"
+
+    v = httpx.get(server.url + "/api/version", timeout=10)
+    assert v.status_code == 200 and isinstance(v.json()["version"], str)
+    head = httpx.head(server.url + "/", timeout=10)
+    assert head.status_code == 200 and head.content == b""
+    assert "Ollama is running" in httpx.get(server.url + "/", timeout=10).text
+
+
+def test_ollama_ndjson_wire_format(server, ref):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "options": {"num_predict": 4,
+                                                                                      "temperature": 0}}
+    with httpx.stream("POST", server.url + "/api/chat", json=body, timeout=60) as r:
+        assert r.status_code == 200 and r.headers["content-type"] == "application/x-ndjson"
+        lines = [json.loads(ln) for ln in r.iter_lines() if ln]
+    assert all(ln["created_at"].endswith("Z") for ln in lines)
+    assert [ln["done"] for ln in lines] == [False] * (len(lines) - 1) + [True]
+    final = lines[-1]
+    assert final["message"] == {"role": "assistant", "content": ""}
+    assert {"total_duration", "load_duration", "prompt_eval_count", "prompt_eval_duration", "eval_count",
+            "eval_duration", "done_reason"} <= set(final)
+    assert "".join(ln["message"]["content"] for ln in lines) == _expect(ref, body["messages"], max_new_tokens=4).text
+
+
+# --------------------------------------------------------------------------------------------
+# Concurrency, slots, disconnects
+# --------------------------------------------------------------------------------------------
+
+def _conversations(n):
+    return [[{"role": "user", "content": f"Question number {i}: " + "why " * (i % 5)}] for i in range(n)]
+
+
+def test_concurrent_clients_equal_one_by_one(server, ref):
+    import ollama
+    import openai
+
+    convs = _conversations(8)
+    want = [_expect(ref, c, max_new_tokens=20 + 3 * i).text for i, c in enumerate(convs)]
+
+    def ask(i):
+        c, n = convs[i], 20 + 3 * i
+        if i % 3 == 0:
+            cl = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=120)
+            return cl.chat.completions.create(model=MODEL, messages=c, max_tokens=n, temperature=0).choices[0].message.content
+        if i % 3 == 1:
+            cl = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=120)
+            s = cl.chat.completions.create(model=MODEL, messages=c, max_tokens=n, temperature=0, stream=True)
+            return "".join(ch.choices[0].delta.content or "" for ch in s if ch.choices)
+        cl = ollama.Client(host=server.url, timeout=120)
+        return "".join(p.message.content for p in cl.chat(model=MODEL, messages=c, stream=True,
+                                                           options={"num_predict": n, "temperature": 0}))
+
+    with ThreadPoolExecutor(8) as ex:
+        got = list(ex.map(ask, range(8)))
+    assert got == want
+
+
+def test_follow_up_turn_goes_to_its_slot(server):
+    """Open WebUI resends the whole conversation: turn 2 must land on the slot holding turn 1,
+    even after another conversation ran in between."""
+    img = _image_bytes(5)
+
+    def post(messages):
+        r = httpx.post(server.url + "/v1/chat/completions", timeout=60, json={
+            "model": MODEL, "messages": messages, "max_tokens": 8, "temperature": 0})
+        assert r.status_code == 200, r.text
+        return int(r.headers["x-mllama-q-slot"]), r.json()["choices"][0]["message"]["content"]
+
+    conv = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": _data_url(img)}},
+                                         {"type": "text", "text": "A long first question about this image " * 8}]}]
+    slot1, answer = post(conv)
+    other = [{"role": "user", "content": "Something unrelated entirely, " * 6}]
+    slot_other, _ = post(other)
+    assert slot_other != slot1   # LRU: the idle slot that does not hold the conversation
+    conv2 = conv + [{"role": "assistant", "content": answer}, {"role": "user", "content": "And then?"}]
+    slot2, _ = post(conv2)
+    assert slot2 == slot1
+    # The same text with a different image is another conversation: its common prefix with that
+    # slot ends at the image, so it goes to the least recently used slot (the other one) instead
+    # of the most similar token sequence.
+    conv3 = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": _data_url(_image_bytes(6))}},
+                                          conv[0]["content"][1]]}] + conv2[1:]
+    slot3, _ = post(conv3)
+    assert slot3 == slot_other
+
+
+def _slots(server):
+    return httpx.get(server.url + "/slots", timeout=10).json()
+
+
+def test_disconnect_mid_stream_frees_the_slot(server):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Go on forever."}], "max_tokens": N_CTX - 100,
+            "temperature": 0, "stream": True}
+    before = {s["id"]: s["requests"] for s in _slots(server)["slots"]}
+    with httpx.Client(timeout=60) as c:
+        with c.stream("POST", server.url + "/v1/chat/completions", json=body) as r:
+            slot = int(r.headers["x-mllama-q-slot"])
+            it = r.iter_lines()
+            next(it)
+            next(it)   # the role chunk and at least one token
+        # leaving the block closes the connection mid-stream
+    t_end = time.monotonic() + 30
+    while time.monotonic() < t_end:
+        st = {s["id"]: s for s in _slots(server)["slots"]}
+        if st[slot]["requests"] > before[slot] and not st[slot]["busy"]:
+            break
+        time.sleep(0.02)
+    s = st[slot]
+    assert s["requests"] == before[slot] + 1 and not s["busy"]
+    assert s["last"]["stop"] == "cancelled" and s["last"]["generated"] < s["last"]["max_new_tokens"]
+    # Ollama NDJSON stream too
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Again, forever."}],
+            "options": {"num_predict": N_CTX - 100, "temperature": 0}}
+    with httpx.Client(timeout=60) as c:
+        with c.stream("POST", server.url + "/api/chat", json=body) as r:
+            slot = int(r.headers["x-mllama-q-slot"])
+            next(r.iter_lines())
+    t_end = time.monotonic() + 30
+    while time.monotonic() < t_end and (_slots(server)["slots"][slot]["busy"]):
+        time.sleep(0.02)
+    last = _slots(server)["slots"][slot]["last"]
+    assert last["stop"] == "cancelled" and last["generated"] < last["max_new_tokens"]
+    t_end = time.monotonic() + 30   # the access log line is written when the response ends
+    while time.monotonic() < t_end and not server.log_lines("client-disconnected"):
+        time.sleep(0.02)
+    assert any("POST /api/chat" in ln for ln in server.log_lines("client-disconnected"))
+
+
+def test_queued_requests_beyond_the_slots(server, ref):
+    """More concurrent requests than slots: all are served (queued FIFO), none fails."""
+    convs = _conversations(6)
+    want = [_expect(ref, c, max_new_tokens=40).text for c in convs]
+
+    def ask(c):
+        r = httpx.post(server.url + "/api/chat", timeout=120, json={
+            "model": MODEL, "messages": c, "stream": False, "options": {"num_predict": 40, "temperature": 0}})
+        return r.status_code, r.json()["message"]["content"]
+
+    with ThreadPoolExecutor(6) as ex:
+        got = list(ex.map(ask, convs))
+    assert got == [(200, w) for w in want]
