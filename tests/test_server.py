@@ -495,3 +495,365 @@ def test_queued_requests_beyond_the_slots(server, ref):
     with ThreadPoolExecutor(6) as ex:
         got = list(ex.map(ask, convs))
     assert got == [(200, w) for w in want]
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input: the right status and error body, and the server keeps serving
+# --------------------------------------------------------------------------------------------
+
+def _png_declaring(w: int, h: int) -> bytes:
+    """A valid PNG header (CRCs right) declaring a w x h canvas with almost no data: a
+    decompression bomb's shape, refused from the header before any pixel buffer exists."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def _oai_img(url):
+    return {"model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "?"}]}]}
+
+
+def _oll_img(b64):
+    return {"model": MODEL, "stream": False, "options": {"num_predict": 2},
+            "messages": [{"role": "user", "content": "?", "images": [b64]}]}
+
+
+_PNG = _image_bytes(9)
+_B64 = base64.b64encode(_PNG).decode()
+CHAT, OCHAT, GEN, COMP = "/v1/chat/completions", "/api/chat", "/api/generate", "/v1/completions"
+_OK = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+_OOK = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": False, "options": {"num_predict": 2}}
+
+BAD = {
+    # malformed bodies
+    "json_syntax": (CHAT, b'{"model": "tiny", "messages": [', 400, "invalid JSON"),
+    "json_syntax_ollama": (OCHAT, b"{bad json", 400, "invalid JSON"),
+    "empty_body": (OCHAT, b"", 400, "missing request body"),
+    "not_an_object": (CHAT, b"[1, 2]", 400, "must be a JSON object"),
+    "nan": (CHAT, b'{"model": "tiny", "messages": [], "temperature": NaN}', 400, "NaN"),
+    "deep_nesting": (CHAT, b"[" * 100000 + b"]" * 100000, 400, "invalid JSON"),
+    "not_utf8": (CHAT, b'{"model": "\xff\xfe"}', 400, "UTF-8"),
+    # wrong types
+    "messages_string": (CHAT, {"model": MODEL, "messages": "hello"}, 400, "'messages' must be an array"),
+    "message_not_object": (CHAT, {"model": MODEL, "messages": [1]}, 400, "messages[0]"),
+    "content_number": (CHAT, {"model": MODEL, "messages": [{"role": "user", "content": 5}]}, 400,
+                       "messages[0].content"),
+    "max_tokens_string": (CHAT, {**_OK, "max_tokens": "10"}, 400, "'max_tokens' must be an integer"),
+    "stream_string": (CHAT, {**_OK, "stream": "yes"}, 400, "'stream' must be a boolean"),
+    "model_number": (CHAT, {**_OK, "model": 5}, 400, "'model' must be a string"),
+    "ollama_option_type": (OCHAT, {**_OOK, "options": {"temperature": "hot"}}, 400, "options.temperature"),
+    "ollama_content_list": (OCHAT, {**_OOK, "messages": [{"role": "user", "content": ["a"]}]}, 400,
+                            "messages[0].content"),
+    "unknown_part": (CHAT, {"model": MODEL, "messages": [{"role": "user", "content": [
+        {"type": "input_audio", "input_audio": {}}]}]}, 400, "input_audio"),
+    "bad_role": (CHAT, {"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, 400, "role"),
+    # model names
+    "model_missing": (CHAT, {"messages": _OK["messages"]}, 400, "model"),
+    "model_missing_ollama": (OCHAT, {"messages": _OOK["messages"]}, 400, "model is required"),
+    "model_unknown": (CHAT, {**_OK, "model": "gpt-4o"}, 404, "gpt-4o"),
+    "model_unknown_ollama": (OCHAT, {**_OOK, "model": "llava:13b"}, 404, "model 'llava:13b' not found"),
+    "model_unknown_generate": (GEN, {"model": "llava", "prompt": "x"}, 404, "model 'llava' not found"),
+    # sampling values out of range / unsupported parameters
+    "temperature_high": (CHAT, {**_OK, "temperature": 2.5}, 400, "'temperature' must be between 0 and 2"),
+    "top_p_high": (CHAT, {**_OK, "top_p": 1.5}, 400, "'top_p'"),
+    "max_tokens_zero": (CHAT, {**_OK, "max_tokens": 0}, 400, "'max_tokens' must be >= 1"),
+    "n_two": (CHAT, {**_OK, "n": 2}, 400, "'n'"),
+    "presence_penalty": (CHAT, {**_OK, "presence_penalty": 0.5}, 400, "presence_penalty"),
+    "logprobs": (CHAT, {**_OK, "logprobs": True}, 400, "logprobs"),
+    "tools": (CHAT, {**_OK, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
+    "json_mode": (CHAT, {**_OK, "response_format": {"type": "json_object"}}, 400, "response_format"),
+    "too_many_stops": (CHAT, {**_OK, "stop": ["a"] * 17}, 400, "'stop'"),
+    "ollama_temperature_negative": (OCHAT, {**_OOK, "options": {"temperature": -1}}, 400, "temperature"),
+    "ollama_top_p_high": (OCHAT, {**_OOK, "options": {"top_p": 3}}, 400, "top_p"),
+    "ollama_repeat_penalty_zero": (OCHAT, {**_OOK, "options": {"repeat_penalty": 0}}, 400, "repeat_penalty"),
+    "ollama_num_ctx_zero": (OCHAT, {**_OOK, "options": {"num_ctx": 0}}, 400, "num_ctx"),
+    "ollama_tools": (OCHAT, {**_OOK, "tools": [{"type": "function"}]}, 400, "does not support tools"),
+    "ollama_think": (OCHAT, {**_OOK, "think": True}, 400, "does not support thinking"),
+    "ollama_format": (OCHAT, {**_OOK, "format": "json"}, 400, "format"),
+    "ollama_suffix": (GEN, {"model": MODEL, "prompt": "x", "suffix": "y"}, 400, "does not support insert"),
+    "ollama_raw_system": (GEN, {"model": MODEL, "prompt": "x", "raw": True, "system": "s"}, 400, "raw mode"),
+    "completions_token_prompt": (COMP, {"model": MODEL, "prompt": [[1, 2, 3]]}, 400, "'prompt'"),
+    "completions_image_token": (COMP, {"model": MODEL, "prompt": "<|image|> x"}, 400, "image"),
+    # images
+    "image_http_url": (CHAT, _oai_img("https://example.com/cat.png"), 400, "never reaches the network"),
+    "image_file_url": (CHAT, _oai_img("file:///etc/passwd"), 400, "unsupported image URL"),
+    "image_not_base64_url": (CHAT, _oai_img("data:image/png,rawbytes"), 400, "only base64 data URLs"),
+    "image_not_an_image_type": (CHAT, _oai_img("data:text/plain;base64,aGVsbG8="), 400, "not an image"),
+    "image_bad_base64": (OCHAT, _oll_img("!!!not base64!!!"), 400, "not valid base64"),
+    "image_garbage": (OCHAT, _oll_img(base64.b64encode(os.urandom(3000)).decode()), 400, "cannot decode the image"),
+    "image_truncated": (CHAT, _oai_img(_data_url(_PNG[: len(_PNG) // 2])), 400, "cannot decode the image"),
+    "image_empty": (OCHAT, _oll_img("===="), 400, "image"),
+    "image_pixels": (OCHAT, _oll_img(base64.b64encode(_png_declaring(8000, 8000)).decode()), 400,
+                     "more than the limit of 40000000"),
+    "image_bomb": (CHAT, _oai_img(_data_url(_png_declaring(60000, 60000))), 400, "cannot decode the image"),
+    "too_many_images": (OCHAT, {**_OOK, "messages": [{"role": "user", "content": "x", "images": [_B64] * 4}]},
+                        400, "too many images"),
+    "too_many_images_openai": (CHAT, {"model": MODEL, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": _data_url(_PNG)}}] * 4}]}, 400, "too many images"),
+    "image_in_assistant": (OCHAT, {**_OOK, "messages": [{"role": "assistant", "content": "x", "images": [_B64]}]},
+                           400, "only supported in user messages"),
+    # routes
+    "unknown_route": ("/v1/embeddings", _OK, 404, "no route"),
+    "unknown_route_ollama": ("/api/pull", {"model": "x"}, 404, "no route"),
+}
+
+
+def _post(server, path, body, **kw):
+    if isinstance(body, (bytes, bytearray)):
+        return httpx.post(server.url + path, content=body, timeout=60, **kw)
+    return httpx.post(server.url + path, json=body, timeout=60, **kw)
+
+
+def _error_message(path: str, r) -> str:
+    body = r.json()
+    if path.startswith("/api/"):
+        assert isinstance(body["error"], str)        # Ollama: {"error": "..."}
+        return body["error"]
+    err = body["error"]                              # OpenAI: the error object
+    assert set(err) == {"message", "type", "param", "code"}
+    return err["message"]
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_request(server, case):
+    path, body, status, needle = BAD[case]
+    r = _post(server, path, body)
+    assert r.status_code == status, r.text
+    assert needle in _error_message(path, r)
+
+
+def test_bad_requests_leave_the_server_serving(server, ref):
+    for path, body, _, _ in BAD.values():
+        _post(server, path, body)
+    assert server.proc.poll() is None
+    assert httpx.get(server.url + "/health", timeout=10).status_code == 200
+    r = _post(server, CHAT, {**_OK, "temperature": 0, "max_tokens": 6})
+    assert r.status_code == 200
+    assert r.json()["choices"][0]["message"]["content"] == _expect(ref, _OK["messages"], max_new_tokens=6).text
+    assert all(not s["busy"] for s in _slots(server)["slots"])
+
+
+def test_errors_through_the_real_clients(oai, oll, server):
+    import ollama
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as e:
+        oai.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], temperature=5)
+    assert e.value.status_code == 400 and e.value.body["param"] == "temperature"
+    with pytest.raises(openai.NotFoundError) as e:
+        oai.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "x"}])
+    assert e.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as e:   # the error must come before the stream starts
+        list(oai.chat.completions.create(model=MODEL, stream=True, messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "http://example.com/x.png"}}]}]))
+    assert "never reaches the network" in e.value.body["message"]
+    with pytest.raises(ollama.ResponseError) as e:
+        oll.chat(model="nope", messages=[{"role": "user", "content": "x"}])
+    assert e.value.status_code == 404 and e.value.error == "model 'nope' not found"
+    with pytest.raises(ollama.ResponseError) as e:
+        list(oll.chat(model=MODEL, stream=True, messages=[{"role": "user", "content": "x", "images": [b"\0" * 50]}]))
+    assert e.value.status_code == 400 and "cannot decode the image" in e.value.error
+
+
+def test_unknown_fields_are_ignored(server, ref):
+    r = _post(server, CHAT, {**_OK, "temperature": 0, "user": "u1", "metadata": {"a": "b"}, "frobnicate": [1],
+                             "messages": [{"role": "user", "content": "hi", "name": "bob", "weird": 1}]})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == _expect(ref, _OK["messages"], max_new_tokens=2).text
+    r = _post(server, OCHAT, {**_OOK, "keep_alive": "5m", "frobnicate": True,
+                              "options": {"num_predict": 2, "temperature": 0, "mirostat_zeta": 1}})
+    assert r.status_code == 200, r.text
+
+
+def test_prompt_longer_than_the_context(server, ref):
+    words = "alpha beta gamma delta " * 50
+    n = len(ref.tokenizer.encode(words))
+    text = words * (N_CTX // n + 2)
+    r = _post(server, CHAT, {"model": MODEL, "messages": [{"role": "user", "content": text}]})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    r = _post(server, OCHAT, {"model": MODEL, "messages": [{"role": "user", "content": text}]})
+    assert r.status_code == 400 and "context" in r.json()["error"]
+
+
+def test_oversized_bodies(server):
+    big = {"model": MODEL, "messages": [{"role": "user", "content": "x" * (MAX_BODY_MB * 2**20 + 10)}]}
+    r = _post(server, CHAT, big)
+    assert r.status_code == 413 and "--max-body-mb" in r.json()["error"]["message"]
+
+    def chunked():   # no Content-Length: the limit applies while reading
+        yield b'{"model": "tiny", "messages": [{"role": "user", "content": "'
+        for _ in range(MAX_BODY_MB * 4 + 1):
+            yield b"y" * (256 * 1024)
+        yield b'"}]}'
+
+    r = httpx.post(server.url + OCHAT, content=chunked(), timeout=60)
+    assert r.status_code == 413 and "--max-body-mb" in r.json()["error"]
+    assert httpx.get(server.url + "/health", timeout=10).status_code == 200
+
+
+def test_wrong_method_is_json(server):
+    r = httpx.get(server.url + CHAT, timeout=10)
+    assert r.status_code == 405 and "not allowed" in r.json()["error"]["message"]
+
+
+# --------------------------------------------------------------------------------------------
+# API key, loading, start-up failures
+# --------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def keyed(tiny_path):
+    s = LiveServer(tiny_path, "--parallel", "1", "--n-ctx", "256", "--api-key", "s3cret")
+    yield s
+    s.stop()
+
+
+def test_api_key(keyed):
+    import ollama
+    import openai
+
+    msgs = [{"role": "user", "content": "hi"}]
+    ok = openai.OpenAI(base_url=keyed.url + "/v1", api_key="s3cret", max_retries=0, timeout=60)
+    name = ok.models.list().data[0].id
+    assert ok.chat.completions.create(model=name, messages=msgs, max_tokens=2).choices[0].message.content is not None
+    bad = openai.OpenAI(base_url=keyed.url + "/v1", api_key="wrong", max_retries=0, timeout=60)
+    with pytest.raises(openai.AuthenticationError) as e:
+        bad.chat.completions.create(model=name, messages=msgs, max_tokens=2)
+    assert e.value.status_code == 401 and e.value.body["code"] == "invalid_api_key"
+    r = httpx.post(keyed.url + "/v1/chat/completions", json={"model": name, "messages": msgs}, timeout=30)
+    assert r.status_code == 401 and "missing API key" in r.json()["error"]["message"]
+    assert r.headers["www-authenticate"] == "Bearer"
+    r = httpx.get(keyed.url + "/api/tags", timeout=30)
+    assert r.status_code == 401 and isinstance(r.json()["error"], str)
+    with pytest.raises(ollama.ResponseError) as e:
+        ollama.Client(host=keyed.url).chat(model=name, messages=msgs)
+    assert e.value.status_code == 401
+    oll = ollama.Client(host=keyed.url, headers={"Authorization": "Bearer s3cret"})
+    assert oll.chat(model=name, messages=msgs, options={"num_predict": 2}).done
+    for public in ("/health", "/", "/api/version"):   # probes work without the key
+        assert httpx.get(keyed.url + public, timeout=30).status_code == 200, public
+
+
+def test_health_while_loading(tiny_path):
+    """/health is 503 until the model is loaded; generation routes answer 503 meanwhile."""
+    from starlette.testclient import TestClient
+
+    from mllama_q import Model
+    from mllama_q.server import Engine, ModelInfo, create_app
+
+    gate = threading.Event()
+
+    def load():
+        assert gate.wait(60)
+        return Model(tiny_path, n_ctx=256)
+
+    engine = Engine(load=load, parallel=1)
+    app = create_app(engine, ModelInfo.from_path(tiny_path, name="tiny"))
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    with TestClient(app) as c:
+        r = c.get("/health")
+        assert r.status_code == 503 and r.json()["error"]["type"] == "unavailable_error"
+        r = c.post("/v1/chat/completions", json=body)
+        assert r.status_code == 503 and "loading" in r.json()["error"]["message"]
+        r = c.post("/api/chat", json={**body, "stream": False})
+        assert r.status_code == 503 and "loading" in r.json()["error"]
+        assert c.get("/api/tags").json() == {"models": []}
+        gate.set()
+        t_end = time.monotonic() + 60
+        while c.get("/health").status_code != 200 and time.monotonic() < t_end:
+            time.sleep(0.02)
+        assert c.get("/health").json() == {"status": "ok"}
+        assert c.post("/v1/chat/completions", json=body).status_code == 200
+
+
+def test_cli_exits_on_a_bad_model(tmp_path):
+    missing = subprocess.run([sys.executable, "-m", "mllama_q", "serve", "-m", str(tmp_path / "nope.gguf")],
+                             capture_output=True, text=True, timeout=60, env=_env())
+    assert missing.returncode == 1 and "model file not found" in missing.stderr
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 10**9, 10**9) + os.urandom(64))
+    s = LiveServer(bad, wait_ready=False)
+    try:
+        assert s.proc.wait(60) == 1
+    finally:
+        s.stop()
+    assert any("mllama-q serve: error:" in ln and "bad.gguf" in ln for ln in s.lines), "".join(s.lines)
+    args = [sys.executable, "-m", "mllama_q", "serve", "-m", str(bad)]
+    for extra in (["--port", "70000"], ["--parallel", "0"], ["--n-ctx", "4"]):
+        r = subprocess.run(args + extra, capture_output=True, text=True, timeout=60, env=_env())
+        assert r.returncode == 2 and "error" in r.stderr, extra
+
+
+def test_busy_port(tiny_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "mllama_q", "serve", "-m", str(tiny_path), "--port", str(port)],
+                           capture_output=True, text=True, timeout=60, env=_env())
+    assert r.returncode == 1 and f"cannot listen on 127.0.0.1:{port}" in r.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# Bounded load test: every response checked, memory back near its baseline
+# --------------------------------------------------------------------------------------------
+
+def test_load_200_requests_16_clients(tiny_path, ref):
+    import ollama
+    import openai
+    import psutil
+
+    s = LiveServer(tiny_path, "--parallel", "4", "--n-ctx", "512", "--alias", "tiny")
+    try:
+        proc = psutil.Process(s.proc.pid)
+        images = [_image_bytes(100 + k) for k in range(3)]
+        convs = _conversations(10)
+
+        def spec(i):
+            conv, imgs = convs[i % 10], []
+            if i % 10 == 7:   # some requests carry an image
+                imgs = [images[i % 3]]
+            sampling = {"temperature": 0} if i % 2 == 0 else {"temperature": 0.8, "top_p": 0.9, "seed": i}
+            return i % 4, conv, imgs, sampling, 6 + i % 9
+
+        def expected(i):
+            _, conv, imgs, sampling, n = spec(i)
+            msgs = conv if not imgs else [{"role": "user", "content": [{"type": "image"},
+                                                                       {"type": "text", "text": conv[0]["content"]}]}]
+            return _expect(ref, msgs, images=imgs, max_new_tokens=n, **sampling).text
+
+        def ask(i):
+            kind, conv, imgs, sampling, n = spec(i)
+            if kind < 2:
+                cl = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0, timeout=120)
+                msgs = conv if not imgs else [{"role": "user", "content": [
+                    {"type": "image_url", "image_url": {"url": _data_url(imgs[0])}},
+                    {"type": "text", "text": conv[0]["content"]}]}]
+                if kind == 0:
+                    return cl.chat.completions.create(model="tiny", messages=msgs, max_tokens=n,
+                                                      **sampling).choices[0].message.content
+                st = cl.chat.completions.create(model="tiny", messages=msgs, max_tokens=n, stream=True, **sampling)
+                return "".join(ch.choices[0].delta.content or "" for ch in st if ch.choices)
+            cl = ollama.Client(host=s.url, timeout=120)
+            msgs = [{**conv[0], "images": imgs}] if imgs else conv
+            opts = {"num_predict": n, **sampling}
+            if kind == 2:
+                return cl.chat(model="tiny", messages=msgs, options=opts).message.content
+            return "".join(p.message.content for p in cl.chat(model="tiny", messages=msgs, options=opts, stream=True))
+
+        want = [expected(i) for i in range(200)]
+        with ThreadPoolExecutor(16) as ex:
+            assert list(ex.map(ask, range(32))) == want[:32]    # warm-up
+            baseline = proc.memory_info().rss
+            got = list(ex.map(ask, range(200)))
+        assert got == want
+        after = proc.memory_info().rss
+        assert after - baseline < 64 * 2**20, (baseline, after)
+        st = httpx.get(s.url + "/slots", timeout=10).json()
+        assert st["queued"] == 0 and not any(x["busy"] for x in st["slots"])
+        assert sum(x["requests"] for x in st["slots"]) == 232
+        assert len(s.log_lines("POST /v1/chat/completions 200")) + len(s.log_lines("POST /api/chat 200")) == 232
+    finally:
+        s.stop()

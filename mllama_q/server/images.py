@@ -23,10 +23,10 @@ import io
 import warnings
 from dataclasses import dataclass
 
-from .errors import bad_request
+from .errors import APIError, bad_request
 
-# PIL plugins tried on request images (MPO: the JPEG variant phones write).
-FORMATS = ("PNG", "JPEG", "MPO", "WEBP", "GIF", "BMP")
+# PIL plugins tried on request images (JPEG also opens MPO, the multi-picture JPEG phones write).
+FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
 
 
 @dataclass(frozen=True)
@@ -115,9 +115,13 @@ def decode_image(data: bytes, where: str, limits: ImageLimits) -> RequestImage:
             img.load()   # decode now: a truncated or corrupt file fails here
     except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise bad_request(f"'{where}': cannot decode the image ({_short(e)}); supported formats: "
-                          f"{', '.join(f for f in FORMATS if f != 'MPO')}", param=where) from None
-    except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as e:
-        raise bad_request(f"'{where}': cannot decode the image ({_short(e)})", param=where) from None
+                          f"{', '.join(FORMATS)}", param=where) from None
+    except APIError:
+        raise
+    except Exception as e:  # PIL's decoders fail in many ways on hostile files (OSError, SyntaxError,
+        #                     struct.error, IndexError, MemoryError, ...): all mean "not a usable image"
+        raise bad_request(f"'{where}': cannot decode the image ({type(e).__name__}: {_short(e)})",
+                          param=where) from None
     return RequestImage(image=img, digest=hashlib.sha256(data).hexdigest(), width=w, height=h)
 
 
