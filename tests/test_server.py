@@ -43,55 +43,10 @@ def _env():
     return env
 
 
-class LiveServer:
-    """`python -m mllama_q serve ... --port 0` in a child process; its stderr is collected."""
+def LiveServer(model, *args, **kw):
+    from mllama_q.cli.serve import ServerProcess
 
-    def __init__(self, model: Path, *args: str, wait_ready: bool = True):
-        cmd = [sys.executable, "-m", "mllama_q", "serve", "-m", str(model), "--host", "127.0.0.1",
-               "--port", "0", *args]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env())
-        self.lines: list[str] = []
-        self._port = threading.Event()
-        self.port = None
-        threading.Thread(target=self._read, daemon=True).start()
-        if not self._port.wait(60):
-            self.stop()
-            raise RuntimeError("server did not start:\n" + "".join(self.lines))
-        self.url = f"http://127.0.0.1:{self.port}"
-        if wait_ready:
-            self.wait_ready()
-
-    def _read(self):
-        for line in self.proc.stderr:
-            self.lines.append(line)
-            if self.port is None and "listening on http://" in line:
-                self.port = int(line.split("listening on http://", 1)[1].split()[0].rsplit(":", 1)[1])
-                self._port.set()
-
-    def wait_ready(self, timeout: float = 60):
-        t_end = time.monotonic() + timeout
-        while time.monotonic() < t_end:
-            if self.proc.poll() is not None:
-                raise RuntimeError("server exited:\n" + "".join(self.lines))
-            try:
-                if httpx.get(self.url + "/health", timeout=5).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.05)
-        raise RuntimeError("server not ready:\n" + "".join(self.lines))
-
-    def log_lines(self, needle: str) -> list[str]:
-        return [ln for ln in list(self.lines) if needle in ln]
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+    return ServerProcess(model, *args, **kw)
 
 
 @pytest.fixture(scope="module")

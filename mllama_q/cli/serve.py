@@ -14,7 +14,11 @@ import ipaddress
 import logging
 import os
 import socket
+import subprocess
 import sys
+import threading
+import time
+from pathlib import Path
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -145,6 +149,75 @@ def main(argv=None) -> int:
         err.write(f"mllama-q serve: error: {failed[0]}\n")
         return 1
     return 0
+
+
+class ServerProcess:
+    """`mllama-q serve` in a child process on a free port of 127.0.0.1, for tests, benchmarks and
+    scripts: waits until it listens (and, by default, until /health is 200); `.url`, `.lines`
+    (its stderr so far), `.stop()`. The child imports the same mllama_q as this process."""
+
+    def __init__(self, model, *args: str, wait_ready: bool = True, timeout: float = 120, env=None):
+        import mllama_q
+
+        env = dict(os.environ if env is None else env)
+        env["PYTHONPATH"] = os.pathsep.join([str(Path(mllama_q.__file__).resolve().parents[1]),
+                                             env.get("PYTHONPATH", "")])
+        cmd = [sys.executable, "-m", "mllama_q", "serve", "-m", str(model), "--host", "127.0.0.1", "--port", "0",
+               *args]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+        self.lines: list[str] = []
+        self.port: int | None = None
+        self._listening = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()   # keeps the pipe drained
+        if not self._listening.wait(timeout):
+            self.stop()
+            raise RuntimeError("the server did not start:\n" + "".join(self.lines))
+        self.url = f"http://127.0.0.1:{self.port}"
+        if wait_ready:
+            self.wait_ready(timeout)
+
+    def _read(self):
+        for line in self.proc.stderr:
+            self.lines.append(line)
+            if self.port is None and "listening on http://" in line:
+                self.port = int(line.split("listening on http://", 1)[1].split()[0].rsplit(":", 1)[1])
+                self._listening.set()
+        self._listening.set()
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        import urllib.error
+        import urllib.request
+
+        t_end = time.monotonic() + timeout
+        while time.monotonic() < t_end:
+            if self.proc.poll() is not None:
+                raise RuntimeError("the server exited:\n" + "".join(self.lines))
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=5) as r:
+                    if r.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.05)
+        raise RuntimeError("the server is not ready:\n" + "".join(self.lines))
+
+    def log_lines(self, needle: str) -> list[str]:
+        return [ln for ln in list(self.lines) if needle in ln]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
 
 
 if __name__ == "__main__":
