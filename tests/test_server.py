@@ -812,3 +812,71 @@ def test_load_200_requests_16_clients(tiny_path, ref):
         assert len(s.log_lines("POST /v1/chat/completions 200")) + len(s.log_lines("POST /api/chat 200")) == 232
     finally:
         s.stop()
+
+
+# --------------------------------------------------------------------------------------------
+# Slot choice and the queue (no server)
+# --------------------------------------------------------------------------------------------
+
+def test_common_prefix_stops_at_a_different_image():
+    from mllama_q.server.engine import common_prefix
+
+    IMG = 99
+    cached, ids = [1, 2, IMG, 3, 4, IMG, 5], [1, 2, IMG, 3, 4, IMG, 5, 6]
+    assert common_prefix(cached, ["a", "b"], ids, ["a", "b"], IMG) == 7
+    assert common_prefix(cached, ["a", "b"], ids, ["a", "c"], IMG) == 5    # the second image differs
+    assert common_prefix(cached, ["a", "b"], ids, ["z", "b"], IMG) == 2    # the first one does
+    assert common_prefix([1, 2, 7], [], [1, 2, 8], [], IMG) == 2
+    assert common_prefix([], [], [1], [], IMG) == 0
+
+
+def _pool(n, max_queue=8):
+    from mllama_q.server.engine import Slot, SlotPool
+
+    return SlotPool([Slot(i, session=None) for i in range(n)], image_token_id=99, max_queue=max_queue)
+
+
+def test_slot_choice_longest_prefix_then_lru():
+    pool = _pool(3)
+    a, b, c = pool.slots
+    a._tokens, b._tokens = [1, 2, 3, 4, 5, 6, 7, 8], [1, 2, 9, 9]
+    a.last_used, b.last_used = 5.0, 6.0
+    assert pool.choose([1, 2, 3, 4, 5, 6, 7, 8, 10], [])[0] is a          # extends a's history
+    assert pool.choose([1, 2, 9, 9, 11], [])[0] is b
+    assert pool.choose([50, 51, 52], [])[0] is c                          # nothing shared: never-used c
+    c._tokens, c.last_used = [7], 7.0
+    # 1 token of 20 in common (5 %) is under llama.cpp's 10 % threshold: least recently used instead
+    assert pool.choose([1] + [60] * 19, [])[0] is a
+
+
+def test_queue_is_fifo_and_a_cancelled_waiter_leaves_it():
+    import asyncio
+
+    from mllama_q.server.errors import APIError
+
+    async def main():
+        pool = _pool(1, max_queue=2)
+        slot, _ = await pool.acquire([1], [])
+        order = []
+
+        async def waiter(tag):
+            s, _ = await pool.acquire([2], [])
+            order.append(tag)
+            pool.release(s)
+
+        t1 = asyncio.ensure_future(waiter("first"))
+        t2 = asyncio.ensure_future(waiter("gone"))
+        t3 = asyncio.ensure_future(waiter("second"))
+        await asyncio.sleep(0)
+        assert pool.n_waiting == 2 and t3.done() and isinstance(t3.exception(), APIError)  # queue full: 503
+        assert t3.exception().status == 503
+        t2.cancel()
+        await asyncio.sleep(0)
+        assert pool.n_waiting == 1
+        t4 = asyncio.ensure_future(waiter("second"))
+        await asyncio.sleep(0)
+        pool.release(slot)
+        await asyncio.gather(t1, t4)
+        assert order == ["first", "second"] and pool.n_busy == 0
+
+    asyncio.run(main())

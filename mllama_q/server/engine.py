@@ -186,12 +186,17 @@ class _Cancelled(BaseException):
 
 class Run:
     """One generation in flight. Events, in order: ("start",) once the session accepted the
-    request, ("text", str)*, then ("done", GenerationResult | None) or ("error", APIError)."""
+    request, ("text", str)*, then ("done", GenerationResult | None) or ("error", APIError).
+
+    The generation thread appends events to a deque and wakes the event loop only when the
+    loop is waiting for one (one `call_soon_threadsafe`, i.e. one self-pipe write, per wake-up
+    instead of per token); the loop then takes everything queued at once."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, slot: Slot, prepared: Prepared, cached_prefix: int):
         self._loop = loop
-        self._q: asyncio.Queue = asyncio.Queue()
-        self._held: tuple | None = None   # an event taken from the queue while merging text
+        self._items: collections.deque = collections.deque()
+        self._lock = threading.Lock()
+        self._waiter: asyncio.Future | None = None
         self._cancel = threading.Event()
         self.slot = slot
         self.prepared = prepared
@@ -201,10 +206,14 @@ class Run:
 
     # -- generation thread side
     def post(self, event: tuple) -> None:
-        try:
-            self._loop.call_soon_threadsafe(self._q.put_nowait, event)
-        except RuntimeError:  # the event loop is gone (server shutting down)
-            pass
+        with self._lock:
+            self._items.append(event)
+            waiter, self._waiter = self._waiter, None
+        if waiter is not None:
+            try:
+                self._loop.call_soon_threadsafe(_wake, waiter)
+            except RuntimeError:  # the event loop is gone (server shutting down)
+                pass
 
     def check(self, *_args) -> None:
         """Progress callback for the session: stop promptly when cancelled."""
@@ -219,33 +228,49 @@ class Run:
     def cancel(self) -> None:
         self._cancel.set()
 
+    async def _take(self) -> list:
+        """Every queued event (at least one), waiting if there is none."""
+        while True:
+            with self._lock:
+                if self._items:
+                    items = list(self._items)
+                    self._items.clear()
+                    return items
+                fut = self._waiter = self._loop.create_future()
+            await fut
+
     async def next(self) -> tuple:
-        if self._held is not None:
-            ev, self._held = self._held, None
-        else:
-            ev = await self._q.get()
+        with self._lock:
+            ev = self._items.popleft() if self._items else None
+        if ev is None:
+            items = await self._take()
+            ev = items[0]
+            with self._lock:
+                self._items.extendleft(reversed(items[1:]))
         if ev[0] in ("done", "error"):
             self.finished = True
         return ev
 
     async def events(self) -> AsyncIterator[tuple]:
-        """The remaining events; text pieces already queued are merged into one (a client that
+        """The remaining events; text pieces queued together are merged into one (a client that
         reads slower than the model generates gets fewer, longer chunks)."""
         while True:
-            ev = await self.next()
-            if ev[0] == "text":
-                parts = [ev[1]]
-                while not self._q.empty():
-                    nxt = self._q.get_nowait()
-                    if nxt[0] != "text":
-                        self._held = nxt
-                        break
-                    parts.append(nxt[1])
-                yield ("text", "".join(parts))
-                continue
-            yield ev
-            if ev[0] in ("done", "error"):
-                return
+            items = await self._take()
+            text = [ev[1] for ev in items if ev[0] == "text"]
+            if text:
+                yield ("text", "".join(text))
+            for ev in items:
+                if ev[0] in ("done", "error"):
+                    self.finished = True
+                    yield ev
+                    return
+                if ev[0] != "text":
+                    yield ev
+
+
+def _wake(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 class LockedSession:
