@@ -135,14 +135,13 @@ def overhead(args) -> dict:
             j = client.post(srv.url + "/v1/chat/completions", json={**body, "stream": False}).json()
             runs["openai_nonstream"].append(j["usage"]["completion_tokens"] / (time.perf_counter() - t0))
     out: dict = {"n_gen": n_tok, "repeat": args.repeat}
-    py = statistics.median(runs["python_api"])
     for k, v in runs.items():
         out[f"{k}_tok_s"] = statistics.median(v)
         out[f"{k}_tok_s_all"] = [round(x, 1) for x in v]
         if k != "python_api":
             # each HTTP run is paired with the Python API run just before it: the median of those
             # ratios is less sensitive to the machine's load drifting during the benchmark
-            out[f"{k}_fraction_of_python_api"] = statistics.median(h / p for h, p in zip(v, runs["python_api"]))
+            out[f"{k}_fraction_of_python_api"] = statistics.median(h / p for h, p in zip(v, runs["python_api"], strict=True))
     return out
 
 
@@ -160,7 +159,7 @@ def concurrency(args) -> dict:
             results: list = [None] * n
             barrier = threading.Barrier(n)
 
-            def client(i):
+            def client(i, barrier=barrier, results=results):
                 with httpx.Client(timeout=3600) as c:
                     barrier.wait()
                     results[i] = (time.perf_counter(), _stream_openai(
@@ -181,7 +180,7 @@ def concurrency(args) -> dict:
             print(json.dumps(out["runs"][n]), file=sys.stderr, flush=True)
     one = out["runs"].get(1)
     if one:
-        for n, r in out["runs"].items():
+        for r in out["runs"].values():
             r["speedup_vs_1"] = r["aggregate_tok_s"] / one["aggregate_tok_s"]
     return out
 

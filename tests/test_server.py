@@ -880,3 +880,12 @@ def test_queue_is_fifo_and_a_cancelled_waiter_leaves_it():
         assert order == ["first", "second"] and pool.n_busy == 0
 
     asyncio.run(main())
+
+
+def test_library_and_other_commands_do_not_load_the_server_stack():
+    code = ("import sys, mllama_q, mllama_q.model, mllama_q.generate, mllama_q.cli, mllama_q.cli.run, "
+            "mllama_q.cli.serve\n"
+            "bad = [m for m in ('starlette', 'uvicorn', 'mllama_q.server') if m in sys.modules]\n"
+            "assert not bad, bad")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=_env())
+    assert r.returncode == 0, r.stderr

@@ -128,10 +128,13 @@ class Fields:
             return None
         if not isinstance(v, list):
             raise self._fail(key, "an array", v)
-        if max_len is not None and len(v) > max_len:
-            raise bad_request(f"'{self._name(key)}' has {len(v)} entries, at most {max_len} are allowed",
-                              param=self._name(key))
+        self._check_len(key, v, max_len)
         return v
+
+    def _check_len(self, key: str, items: list, max_len: int | None) -> None:
+        if max_len is not None and len(items) > max_len:
+            raise bad_request(f"'{self._name(key)}' has {len(items)} entries, at most {max_len} are allowed",
+                              param=self._name(key))
 
     def object(self, key: str) -> "Fields | None":
         v = self.obj.get(key)
@@ -149,9 +152,7 @@ class Fields:
         items = [v] if isinstance(v, str) else v
         if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
             raise self._fail(key, "a string or an array of strings", v)
-        if max_len is not None and len(items) > max_len:
-            raise bad_request(f"'{self._name(key)}' has {len(items)} entries, at most {max_len} are allowed",
-                              param=self._name(key))
+        self._check_len(key, items, max_len)
         return [s for s in items if s] or None
 
 

@@ -44,6 +44,13 @@ class RequestImage:
     height: int
 
 
+def check_image_count(n: int, limits: ImageLimits, param: str) -> None:
+    """Before decoding anything: at most limits.max_images per request, history included."""
+    if n > limits.max_images:
+        raise bad_request(f"too many images: {n} in the request, at most {limits.max_images} per request, "
+                          "history included (--max-images)", param=param)
+
+
 def image_from_url(url, where: str, limits: ImageLimits) -> RequestImage:
     """An OpenAI `image_url.url`: a base64 data URL."""
     if not isinstance(url, str) or not url:

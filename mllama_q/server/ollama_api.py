@@ -33,10 +33,9 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from .engine import GenRequest
 from .errors import APIError, bad_request
 from .fields import Fields
-from .images import ImageLimits, image_from_base64
+from .images import ImageLimits, check_image_count, image_from_base64
 from .info import rfc3339
-from .transport import (RunStream, api_route, collect, ollama_error, read_json, record_result,
-                        start_generation, stats)
+from .transport import RunStream, api_route, collect, ollama_error, read_json, render_events, start_generation
 
 # The Ollama API level answered by /api/version: the last release that served mllama
 # (v0.30.0 removed it). Clients gate features on this number.
@@ -142,10 +141,7 @@ def _chat_request(body: dict, model: str, limits: ImageLimits) -> GenRequest:
     msgs = f.list("messages") or []
     if f.list("tools"):
         raise bad_request(f"\"{model}\" does not support tools", param="tools")
-    n = _count_images(msgs)
-    if n > limits.max_images:
-        raise bad_request(f"too many images: {n} in the conversation, at most {limits.max_images} per request "
-                          "(--max-images)", param="messages")
+    check_image_count(_count_images(msgs), limits, "messages")
     out, images = [], []
     for i, m in enumerate(msgs):
         mf = Fields(m, f"messages[{i}].")
@@ -184,10 +180,7 @@ def _generate_request(body: dict, model: str, limits: ImageLimits, image_token: 
     if raw and system:
         raise bad_request("raw mode does not support template, system, or context", param="raw")
     raw_images = f.raw("images")
-    n = len(raw_images) if isinstance(raw_images, list) else 0
-    if n > limits.max_images:
-        raise bad_request(f"too many images: {n}, at most {limits.max_images} per request (--max-images)",
-                          param="images")
+    check_image_count(len(raw_images) if isinstance(raw_images, list) else 0, limits, "images")
     images = _images(raw_images, "images", limits)
     sampling, stop, max_new, num_ctx = _options(f)
     common = dict(images=images, max_new_tokens=max_new, sampling=sampling, stop=stop, n_ctx=num_ctx)
@@ -228,21 +221,13 @@ async def _ndjson(request: Request, run, model: str, chat: bool, t_request: floa
         body.update(extra)
         return body
 
-    async for ev in run.events():
-        if ev[0] == "text":
-            yield _line(chunk(ev[1]))
-        elif ev[0] == "error":
-            stats(request)["error"] = ev[1].message
-            yield _line(ev[1].ollama_body())
-            return
-        else:
-            result = ev[1]
-            if result is None:
-                return
-            record_result(request, run, result)
-            yield _line(chunk("", done=True, done_reason=DONE_REASON.get(result.stop_reason, "stop"),
-                              **_metrics(result, run, t_request)))
-            return
+    def done(result) -> list[bytes]:
+        return [_line(chunk("", done=True, done_reason=DONE_REASON.get(result.stop_reason, "stop"),
+                            **_metrics(result, run, t_request)))]
+
+    async for b in render_events(request, run, lambda piece: _line(chunk(piece)), lambda e: _line(e.ollama_body()),
+                                 done):
+        yield b
 
 
 def _load_response(model: str, chat: bool, unload: bool) -> JSONResponse:

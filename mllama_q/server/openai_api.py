@@ -33,9 +33,8 @@ from starlette.responses import JSONResponse
 from .engine import GenRequest
 from .errors import APIError, bad_request
 from .fields import Fields
-from .images import ImageLimits, image_from_url
-from .transport import (RunStream, api_route, collect, openai_error, read_json, record_result,
-                        start_generation, stats)
+from .images import ImageLimits, check_image_count, image_from_url
+from .transport import RunStream, api_route, collect, openai_error, read_json, render_events, start_generation
 
 FINISH_REASON = {"stop_token": "stop", "stop_string": "stop", "length": "length", "context_full": "length"}
 MAX_STOP = 16   # OpenAI allows 4; llama.cpp has no limit
@@ -112,9 +111,7 @@ def _messages(f: Fields, limits: ImageLimits) -> tuple[list, list]:
         raise bad_request("'messages' must not be empty", param="messages")
     n_images = sum(1 for m in msgs if isinstance(m, dict) and isinstance(m.get("content"), list)
                    for p in m["content"] if isinstance(p, dict) and p.get("type") == "image_url")
-    if n_images > limits.max_images:
-        raise bad_request(f"too many images: {n_images} in the conversation, at most {limits.max_images} "
-                          "per request (--max-images)", param="messages")
+    check_image_count(n_images, limits, "messages")
     out, images = [], []
     for i, m in enumerate(msgs):
         mf = Fields(m, f"messages[{i}].")
@@ -214,50 +211,51 @@ class _Ids:
 async def _stream_body(request: Request, run, ids: _Ids, include_usage: bool, chat: bool):
     usage_null = {"usage": None} if include_usage else {}
 
-    def choice(piece, finish):
-        if chat:
-            return {"index": 0, "delta": piece, "logprobs": None, "finish_reason": finish}
-        return {"index": 0, "text": piece, "logprobs": None, "finish_reason": finish}
+    def chunk(piece, finish=None, **kw) -> bytes:
+        c = ({"index": 0, "delta": piece, "logprobs": None, "finish_reason": finish} if chat else
+             {"index": 0, "text": piece, "logprobs": None, "finish_reason": finish})
+        return _sse(ids.make(choices=[c], **{**usage_null, **kw}))
+
+    def done(result) -> list[bytes]:
+        out = [chunk({} if chat else "", FINISH_REASON.get(result.stop_reason, "stop"))]
+        if include_usage:
+            out.append(_sse(ids.make(choices=[], usage=_usage(result))))
+        return out + [b"data: [DONE]\n\n"]
 
     if chat:
-        yield _sse(ids.make(choices=[choice({"role": "assistant", "content": ""}, None)], **usage_null))
-    async for ev in run.events():
-        if ev[0] == "text":
-            yield _sse(ids.make(choices=[choice({"content": ev[1]} if chat else ev[1], None)], **usage_null))
-        elif ev[0] == "error":
-            stats(request)["error"] = ev[1].message
-            yield _sse(ev[1].openai_body())
-            return
-        else:
-            result = ev[1]
-            if result is None:
-                return
-            record_result(request, run, result)
-            finish = FINISH_REASON.get(result.stop_reason, "stop")
-            yield _sse(ids.make(choices=[choice({} if chat else "", finish)], **usage_null))
-            if include_usage:
-                yield _sse(ids.make(choices=[], usage=_usage(result)))
-            yield b"data: [DONE]\n\n"
-            return
+        yield chunk({"role": "assistant", "content": ""})
+    async for b in render_events(request, run, lambda piece: chunk({"content": piece} if chat else piece),
+                                 lambda e: _sse(e.openai_body()), done):
+        yield b
 
 
-@api_route(openai_error)
-async def chat_completions(request: Request):
+async def _complete(request: Request, chat: bool):
     srv = _ctx(request)
     body = await read_json(request, srv.config.max_body_bytes)
     model = _check_model(request, Fields(body))
     srv.engine.require_ready()
-    req, stream, include_usage = await asyncio.to_thread(_chat_request, body, srv.config.image_limits)
+    if chat:   # images are decoded here: off the event loop
+        req, stream, include_usage = await asyncio.to_thread(_chat_request, body, srv.config.image_limits)
+    else:
+        req, stream, include_usage = _completion_request(body)
     run = await start_generation(request, srv.engine, req)
-    ids = _Ids("chatcmpl", "chat.completion.chunk" if stream else "chat.completion", model)
+    if chat:
+        ids = _Ids("chatcmpl", "chat.completion.chunk" if stream else "chat.completion", model)
+    else:
+        ids = _Ids("cmpl", "text_completion", model)
     if stream:
-        return RunStream(_stream_body(request, run, ids, include_usage, chat=True), run, "text/event-stream",
-                         SSE_HEADERS)
+        return RunStream(_stream_body(request, run, ids, include_usage, chat), run, "text/event-stream", SSE_HEADERS)
     text, result = await collect(request, run)
-    return JSONResponse(ids.make(
-        choices=[{"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
-                  "logprobs": None, "finish_reason": FINISH_REASON.get(result.stop_reason, "stop")}],
-        usage=_usage(result)))
+    finish = FINISH_REASON.get(result.stop_reason, "stop")
+    choice = ({"index": 0, "message": {"role": "assistant", "content": text, "refusal": None}, "logprobs": None,
+               "finish_reason": finish} if chat else
+              {"index": 0, "text": text, "logprobs": None, "finish_reason": finish})
+    return JSONResponse(ids.make(choices=[choice], usage=_usage(result)))
+
+
+@api_route(openai_error)
+async def chat_completions(request: Request):
+    return await _complete(request, chat=True)
 
 
 def _completion_request(body: dict) -> tuple[GenRequest, bool, bool]:
@@ -287,21 +285,7 @@ def _completion_request(body: dict) -> tuple[GenRequest, bool, bool]:
 
 @api_route(openai_error)
 async def completions(request: Request):
-    srv = _ctx(request)
-    body = await read_json(request, srv.config.max_body_bytes)
-    model = _check_model(request, Fields(body))
-    srv.engine.require_ready()
-    req, stream, include_usage = _completion_request(body)
-    run = await start_generation(request, srv.engine, req)
-    ids = _Ids("cmpl", "text_completion", model)
-    if stream:
-        return RunStream(_stream_body(request, run, ids, include_usage, chat=False), run, "text/event-stream",
-                         SSE_HEADERS)
-    text, result = await collect(request, run)
-    return JSONResponse(ids.make(
-        choices=[{"index": 0, "text": text, "logprobs": None,
-                  "finish_reason": FINISH_REASON.get(result.stop_reason, "stop")}],
-        usage=_usage(result)))
+    return await _complete(request, chat=False)
 
 
 def _model_object(info) -> dict:

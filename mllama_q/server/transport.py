@@ -217,3 +217,23 @@ def record_result(request: Request, run, result) -> None:
     st.update(gen=result.completion_tokens, stop=result.stop_reason,
               cached=getattr(result, "cached_tokens", None),
               ttft=t.get("time_to_first_token_s"), tps=t.get("decode_tokens_per_s"))
+
+
+async def render_events(request: Request, run, text: Callable[[str], bytes], error: Callable[[APIError], bytes],
+                        done: Callable[[object], list[bytes]]) -> AsyncIterator[bytes]:
+    """A run's remaining events as response bytes in one API's stream format: `text(piece)` per
+    text chunk, `error(APIError)` for a failure (then the stream ends), `done(result)` at the end
+    (nothing for a cancelled run: its client is gone)."""
+    async for ev in run.events():
+        if ev[0] == "text":
+            yield text(ev[1])
+        elif ev[0] == "error":
+            stats(request)["error"] = ev[1].message
+            yield error(ev[1])
+            return
+        else:
+            if ev[1] is not None:
+                record_result(request, run, ev[1])
+                for chunk in done(ev[1]):
+                    yield chunk
+            return
