@@ -425,7 +425,8 @@ def test_disconnect_mid_stream_frees_the_slot(server):
     with httpx.Client(timeout=60) as c:
         with c.stream("POST", server.url + "/api/chat", json=body) as r:
             slot = int(r.headers["x-mllama-q-slot"])
-            next(r.iter_lines())
+            lines = r.iter_lines()
+            next(lines)
     t_end = time.monotonic() + 30
     while time.monotonic() < t_end and (_slots(server)["slots"][slot]["busy"]):
         time.sleep(0.02)
@@ -889,3 +890,47 @@ def test_library_and_other_commands_do_not_load_the_server_stack():
             "assert not bad, bad")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=_env())
     assert r.returncode == 0, r.stderr
+
+
+def _wait_idle(server, timeout=30):
+    t_end = time.monotonic() + timeout
+    while time.monotonic() < t_end:
+        st = _slots(server)
+        if st["queued"] == 0 and not any(s["busy"] for s in st["slots"]):
+            return st
+        time.sleep(0.02)
+    raise AssertionError(f"slots still busy: {_slots(server)}")
+
+
+def test_disconnect_of_a_non_streaming_request(server):
+    _wait_idle(server)
+    long = {"model": MODEL, "messages": [{"role": "user", "content": "Write forever."}],
+            "max_tokens": N_CTX - 100, "temperature": 0}
+    # the client gives up (its read timeout closes the connection): the run is cancelled
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + CHAT, json=long, timeout=httpx.Timeout(30, read=0.05))
+    st = _wait_idle(server)
+    assert any(s["last"].get("stop") == "cancelled" and s["last"]["generated"] < s["last"]["max_new_tokens"]
+               for s in st["slots"])
+
+
+def test_disconnect_while_queued(tiny_path):
+    """One slot busy with a long generation, a second request waits, then its client leaves: it
+    leaves the queue without ever taking the slot."""
+    n_ctx = 16384
+    with LiveServer(tiny_path, "--parallel", "1", "--n-ctx", str(n_ctx), "--alias", "tiny") as srv:
+        long = {"model": MODEL, "messages": [{"role": "user", "content": "Write forever."}],
+                "max_tokens": n_ctx - 100, "temperature": 0}
+        with httpx.Client(timeout=60) as c, c.stream("POST", srv.url + CHAT, json={**long, "stream": True}) as r:
+            lines = r.iter_lines()   # kept: a dropped iterator makes httpx close the response
+            next(lines)
+            with pytest.raises(httpx.ReadTimeout):   # queued behind it; the client gives up
+                httpx.post(srv.url + CHAT, json={**long, "max_tokens": 3}, timeout=httpx.Timeout(30, read=0.3))
+            t_end = time.monotonic() + 10
+            while _slots(srv)["queued"] and time.monotonic() < t_end:
+                time.sleep(0.01)
+            st = _slots(srv)
+            assert st["queued"] == 0 and st["slots"][0]["busy"] and st["slots"][0]["requests"] == 0
+        st = _wait_idle(srv)
+        assert st["slots"][0]["requests"] == 1 and st["slots"][0]["last"]["stop"] == "cancelled"
+        assert any("client-disconnected" in ln for ln in srv.log_lines("POST /v1/chat/completions 499"))

@@ -136,8 +136,11 @@ def main(argv=None) -> int:
             server.should_exit = True
 
     app = create_app(engine, info, config, on_load_failed=load_failed)
+    # limit_concurrency bounds the requests in flight (each may hold a request body of up to
+    # --max-body-mb): beyond the slots, the queue and a margin for status probes, uvicorn answers 503.
     server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, access_log=False, lifespan="on",
-                                           timeout_graceful_shutdown=5))
+                                           timeout_graceful_shutdown=5,
+                                           limit_concurrency=args.parallel + args.max_queue + 16))
     shown = f"[{host}]" if ":" in host else host
     log.info("listening on http://%s:%d (OpenAI API: /v1, Ollama API: /api); loading %s as %r",
              shown, port, args.model, info.name)
