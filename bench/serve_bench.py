@@ -10,7 +10,8 @@ overhead     tokens/s of one streaming generation through HTTP (OpenAI SSE, Olla
              Issue 11's target: HTTP >= 90 % of the Python API for the tiny model.
 concurrency  aggregate generated tokens/s with C clients streaming at once (each its own
              conversation; C slots): total completion tokens / wall time from the first request
-             to the last [DONE]. Target: 4 clients >= 3x one client (needs batched decode).
+             to the last [DONE] (prompts included), and in the steady state (every client past
+             its prompt). Target: 4 clients >= 3x one client (needs batched decode).
 followup     time to first token of an Open WebUI-style follow-up turn (whole history resent,
              with the same image) against the first turn's. Target: <= 5 %.
 
@@ -54,7 +55,7 @@ def _uptime() -> str:
 def _stream_openai(url: str, body: dict, client: httpx.Client) -> dict:
     """One streaming chat completion: (ttft, wall, completion tokens, text)."""
     t0 = time.perf_counter()
-    ttft, parts, usage = None, [], None
+    ttft, parts, usage, times = None, [], None, []
     with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
         r.raise_for_status()
         for line in r.iter_lines():
@@ -69,11 +70,14 @@ def _stream_openai(url: str, body: dict, client: httpx.Client) -> dict:
             for ch in obj.get("choices", []):
                 piece = ch["delta"].get("content")
                 if piece:
+                    now = time.perf_counter()
                     if ttft is None:
-                        ttft = time.perf_counter() - t0
+                        ttft = now - t0
                     parts.append(piece)
+                    times.append(now)
     wall = time.perf_counter() - t0
     return {"ttft": ttft or wall, "wall": wall, "tokens": usage["completion_tokens"] if usage else None,
+            "chunk_times": times,
             "prompt_tokens": usage["prompt_tokens"] if usage else None,
             "cached": (usage.get("prompt_tokens_details") or {}).get("cached_tokens") if usage else None,
             "text": "".join(parts)}
@@ -173,15 +177,25 @@ def concurrency(args) -> dict:
             t_first = min(r[0] for r in results)
             t_last = max(r[2] for r in results)
             tokens = sum(r[1]["tokens"] for r in results)
+            # steady state: the window in which every client is past its prompt and still
+            # generating; chunks received in it (one per token unless a client lags, which at
+            # these rates it does not) over its length
+            w0 = max(r[1]["chunk_times"][0] for r in results)
+            w1 = min(r[1]["chunk_times"][-1] for r in results)
+            in_window = sum(sum(1 for t in r[1]["chunk_times"] if w0 < t <= w1) for r in results)
             out["runs"][n] = {"clients": n, "tokens": tokens, "wall_s": t_last - t_first,
                               "aggregate_tok_s": tokens / (t_last - t_first),
+                              "steady_window_s": w1 - w0,
+                              "steady_aggregate_tok_s": in_window / (w1 - w0) if w1 > w0 else None,
                               "mean_ttft_s": statistics.mean(r[1]["ttft"] for r in results),
                               "per_client_tok_s": [r[1]["tokens"] / r[1]["wall"] for r in results]}
-            print(json.dumps(out["runs"][n]), file=sys.stderr, flush=True)
+            print(json.dumps({k: v for k, v in out["runs"][n].items()}), file=sys.stderr, flush=True)
     one = out["runs"].get(1)
     if one:
         for r in out["runs"].values():
             r["speedup_vs_1"] = r["aggregate_tok_s"] / one["aggregate_tok_s"]
+            if r["steady_aggregate_tok_s"] and one["steady_aggregate_tok_s"]:
+                r["steady_speedup_vs_1"] = r["steady_aggregate_tok_s"] / one["steady_aggregate_tok_s"]
     return out
 
 
