@@ -51,7 +51,10 @@ async def read_json(request: Request, limit: int) -> dict:
             chunks.append(chunk)
     except ClientDisconnect:
         raise ClientGone() from None
-    return parse_json_object(b"".join(chunks))
+    body = b"".join(chunks)
+    if len(body) > 1 << 20:   # parsing megabytes (inline images) takes long enough to stall other streams
+        return await asyncio.to_thread(parse_json_object, body)
+    return parse_json_object(body)
 
 
 async def _disconnected(receive: Receive) -> None:
