@@ -33,16 +33,6 @@ MAX_IMAGES = 3
 MAX_BODY_MB = 2
 
 
-def _env():
-    """The child imports the same mllama_q as this process, whatever its working directory."""
-    import mllama_q
-
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(mllama_q.__file__).resolve().parents[1]),
-                                         env.get("PYTHONPATH", "")])
-    return env
-
-
 def LiveServer(model, *args, **kw):
     from mllama_q.cli.serve import ServerProcess
 
@@ -724,9 +714,9 @@ def test_health_while_loading(tiny_path):
         assert c.post("/v1/chat/completions", json=body).status_code == 200
 
 
-def test_cli_exits_on_a_bad_model(tmp_path):
+def test_cli_exits_on_a_bad_model(tmp_path, child_env):
     missing = subprocess.run([sys.executable, "-m", "mllama_q", "serve", "-m", str(tmp_path / "nope.gguf")],
-                             capture_output=True, text=True, timeout=60, env=_env())
+                             capture_output=True, text=True, timeout=60, env=child_env())
     assert missing.returncode == 1 and "model file not found" in missing.stderr
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 10**9, 10**9) + os.urandom(64))
@@ -738,17 +728,17 @@ def test_cli_exits_on_a_bad_model(tmp_path):
     assert any("mllama-q serve: error:" in ln and "bad.gguf" in ln for ln in s.lines), "".join(s.lines)
     args = [sys.executable, "-m", "mllama_q", "serve", "-m", str(bad)]
     for extra in (["--port", "70000"], ["--parallel", "0"], ["--n-ctx", "4"]):
-        r = subprocess.run(args + extra, capture_output=True, text=True, timeout=60, env=_env())
+        r = subprocess.run(args + extra, capture_output=True, text=True, timeout=60, env=child_env())
         assert r.returncode == 2 and "error" in r.stderr, extra
 
 
-def test_busy_port(tiny_path):
+def test_busy_port(tiny_path, child_env):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)
         port = taken.getsockname()[1]
         r = subprocess.run([sys.executable, "-m", "mllama_q", "serve", "-m", str(tiny_path), "--port", str(port)],
-                           capture_output=True, text=True, timeout=60, env=_env())
+                           capture_output=True, text=True, timeout=60, env=child_env())
     assert r.returncode == 1 and f"cannot listen on 127.0.0.1:{port}" in r.stderr
 
 
@@ -883,12 +873,12 @@ def test_queue_is_fifo_and_a_cancelled_waiter_leaves_it():
     asyncio.run(main())
 
 
-def test_library_and_other_commands_do_not_load_the_server_stack():
+def test_library_and_other_commands_do_not_load_the_server_stack(child_env):
     code = ("import sys, mllama_q, mllama_q.model, mllama_q.generate, mllama_q.cli, mllama_q.cli.run, "
             "mllama_q.cli.serve\n"
             "bad = [m for m in ('starlette', 'uvicorn', 'mllama_q.server') if m in sys.modules]\n"
             "assert not bad, bad")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=_env())
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=child_env())
     assert r.returncode == 0, r.stderr
 
 

@@ -50,22 +50,19 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _check(ap, args) -> None:
+    """Option checks before anything loads (mllama_q.cli.args: argparse errors, exit status 2)."""
+    from mllama_q.cli.args import check_device, check_min
+
     if not 0 <= args.port <= 65535:
         ap.error(f"--port must be in 0..65535, got {args.port}")
-    for name in ("parallel", "max_images"):
-        if getattr(args, name) < 1:
-            ap.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.max_queue < 0:
-        ap.error(f"--max-queue must be >= 0, got {args.max_queue}")
-    if args.n_ctx < 16:
-        ap.error(f"--n-ctx must be >= 16, got {args.n_ctx}")
-    if args.threads is not None and args.threads < 1:
-        ap.error(f"--threads must be >= 1, got {args.threads}")
-    for name in ("max_body_mb", "max_image_mb"):
-        if not getattr(args, name) > 0:
-            ap.error(f"--{name.replace('_', '-')} must be > 0")
-    if args.max_image_pixels < 1:
-        ap.error("--max-image-pixels must be >= 1")
+    for flag, value, minimum in (("--parallel", args.parallel, 1), ("--max-images", args.max_images, 1),
+                                 ("--max-queue", args.max_queue, 0), ("--n-ctx", args.n_ctx, 16),
+                                 ("--threads", args.threads, 1), ("--max-image-pixels", args.max_image_pixels, 1)):
+        check_min(ap, flag, value, minimum)
+    for flag, value in (("--max-body-mb", args.max_body_mb), ("--max-image-mb", args.max_image_mb)):
+        if not value > 0:
+            ap.error(f"{flag} must be > 0, got {value}")
+    check_device(ap, args.device)
     if args.api_key is not None and not args.api_key.strip():
         args.api_key = None
 

@@ -417,7 +417,14 @@ class Engine:
         """Tokenise the prompt (no image processing) and check it fits. Blocking: call in a thread."""
         from mllama_q.generate import prompt_text
 
+        from mllama_q.sampling import check_value
+
         self.require_ready()
+        for name, value in req.sampling.items():   # the library's ranges (each API checked its own first)
+            try:
+                check_value(name, value)
+            except ValueError as e:
+                raise APIError(400, str(e), param=name) from None
         model = self.model
         if req.images and not self.has_vision:
             raise APIError(400, "this model has no vision tower: images are not supported", param="images")
