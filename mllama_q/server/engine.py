@@ -474,7 +474,7 @@ class Engine:
             else:
                 kw["prompt"] = req.prompt
             if req.images:
-                kw["images"] = [im.image for im in req.images]
+                kw["images"] = [im.open() for im in req.images]   # decoded only now: queued requests hold bytes
             if self._progress_kw:
                 kw["progress"] = run.check
             run.check()

@@ -38,10 +38,17 @@ class ImageLimits:
 
 @dataclass
 class RequestImage:
-    image: object        # PIL.Image.Image, decoded (first frame)
+    """A checked image: its encoded bytes (decoded once to check them, then dropped, so a queued
+    request holds no pixel buffers) and what identifies it."""
+
+    data: bytes
     digest: str          # sha256 of the encoded bytes: identifies the image for slot choice
     width: int
     height: int
+
+    def open(self):
+        """The decoded image (PIL, first frame), for the generation thread."""
+        return _decode(self.data)
 
 
 def check_image_count(n: int, limits: ImageLimits, param: str) -> None:
@@ -118,8 +125,8 @@ def decode_image(data: bytes, where: str, limits: ImageLimits) -> RequestImage:
             if w * h > limits.max_pixels:
                 raise bad_request(f"'{where}': the image is {w}x{h} = {w * h} pixels, more than the limit of "
                                   f"{limits.max_pixels} (--max-image-pixels)", param=where)
-            img.seek(0)  # animations: the first frame
-            img.load()   # decode now: a truncated or corrupt file fails here
+            _load(img)   # decode now: a truncated or corrupt file fails here
+            del img
     except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise bad_request(f"'{where}': cannot decode the image ({_short(e)}); supported formats: "
                           f"{', '.join(FORMATS)}", param=where) from None
@@ -129,7 +136,20 @@ def decode_image(data: bytes, where: str, limits: ImageLimits) -> RequestImage:
         #                     struct.error, IndexError, MemoryError, ...): all mean "not a usable image"
         raise bad_request(f"'{where}': cannot decode the image ({type(e).__name__}: {_short(e)})",
                           param=where) from None
-    return RequestImage(image=img, digest=hashlib.sha256(data).hexdigest(), width=w, height=h)
+    return RequestImage(data=data, digest=hashlib.sha256(data).hexdigest(), width=w, height=h)
+
+
+def _load(img):
+    img.seek(0)  # animations: the first frame
+    img.load()
+    return img
+
+
+def _decode(data: bytes):
+    """Decode bytes that decode_image() accepted (same plugins, same frame)."""
+    from PIL import Image
+
+    return _load(Image.open(io.BytesIO(data), formats=list(FORMATS)))
 
 
 def _short(e: Exception) -> str:

@@ -260,6 +260,7 @@ async def _generate(request: Request, chat: bool):
     else:
         token = srv.engine.model.processor.settings.image_token
         req = await asyncio.to_thread(_generate_request, body, model, limits, token)
+    del body, f   # the request holds what it needs; the parsed body (base64 images) can go while it waits
     run = await start_generation(request, srv.engine, req)
     if stream:
         return RunStream(_ndjson(request, run, model, chat, t_request), run, NDJSON)

@@ -234,10 +234,11 @@ async def _complete(request: Request, chat: bool):
     body = await read_json(request, srv.config.max_body_bytes)
     model = _check_model(request, Fields(body))
     srv.engine.require_ready()
-    if chat:   # images are decoded here: off the event loop
+    if chat:   # images are checked here: off the event loop
         req, stream, include_usage = await asyncio.to_thread(_chat_request, body, srv.config.image_limits)
     else:
         req, stream, include_usage = _completion_request(body)
+    del body   # the request holds what it needs; the parsed body (base64 images) can go while it waits
     run = await start_generation(request, srv.engine, req)
     if chat:
         ids = _Ids("chatcmpl", "chat.completion.chunk" if stream else "chat.completion", model)
