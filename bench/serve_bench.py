@@ -159,7 +159,9 @@ def concurrency(args) -> dict:
                        *(["--threads", str(args.threads)] if args.threads else [])) as srv:
         with httpx.Client(timeout=3600) as c:
             _stream_openai(srv.url, _chat_body(2, "warm up"), c)
-        for n in counts:
+        # rounds of 1, 4, 8, 1, 4, 8, ...: on a shared machine the load drifts; the best round
+        # of each count is kept (the least disturbed)
+        for n in counts * args.rounds:
             results: list = [None] * n
             barrier = threading.Barrier(n)
 
@@ -183,13 +185,17 @@ def concurrency(args) -> dict:
             w0 = max(r[1]["chunk_times"][0] for r in results)
             w1 = min(r[1]["chunk_times"][-1] for r in results)
             in_window = sum(sum(1 for t in r[1]["chunk_times"] if w0 < t <= w1) for r in results)
-            out["runs"][n] = {"clients": n, "tokens": tokens, "wall_s": t_last - t_first,
-                              "aggregate_tok_s": tokens / (t_last - t_first),
-                              "steady_window_s": w1 - w0,
-                              "steady_aggregate_tok_s": in_window / (w1 - w0) if w1 > w0 else None,
-                              "mean_ttft_s": statistics.mean(r[1]["ttft"] for r in results),
-                              "per_client_tok_s": [r[1]["tokens"] / r[1]["wall"] for r in results]}
-            print(json.dumps({k: v for k, v in out["runs"][n].items()}), file=sys.stderr, flush=True)
+            run = {"clients": n, "tokens": tokens, "wall_s": t_last - t_first,
+                   "aggregate_tok_s": tokens / (t_last - t_first),
+                   "steady_window_s": w1 - w0,
+                   "steady_aggregate_tok_s": in_window / (w1 - w0) if w1 > w0 else None,
+                   "mean_ttft_s": statistics.mean(r[1]["ttft"] for r in results),
+                   "per_client_tok_s": [r[1]["tokens"] / r[1]["wall"] for r in results]}
+            print(json.dumps(run), file=sys.stderr, flush=True)
+            out.setdefault("all_rounds", []).append(run)
+            best = out["runs"].get(n)
+            if best is None or run["aggregate_tok_s"] > best["aggregate_tok_s"]:
+                out["runs"][n] = run
     one = out["runs"].get(1)
     if one:
         for r in out["runs"].values():
@@ -243,6 +249,7 @@ def main(argv=None) -> int:
     ap.add_argument("--n-ctx", type=int, default=2048)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--clients", default="1,4,8")
+    ap.add_argument("--rounds", type=int, default=1, help="concurrency: repeat the client counts; keep the best")
     ap.add_argument("--tiles", type=int, default=4, choices=[1, 2, 4])
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", default=None, help="also write the result here")
