@@ -18,6 +18,7 @@ followup     time to first token of an Open WebUI-style follow-up turn (whole hi
 The server runs in a child process (mllama_q.cli.serve.ServerProcess); the clients are httpx
 streams in this process (the JSON of each event is parsed, as a client would).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -76,11 +77,15 @@ def _stream_openai(url: str, body: dict, client: httpx.Client) -> dict:
                     parts.append(piece)
                     times.append(now)
     wall = time.perf_counter() - t0
-    return {"ttft": ttft or wall, "wall": wall, "tokens": usage["completion_tokens"] if usage else None,
-            "chunk_times": times,
-            "prompt_tokens": usage["prompt_tokens"] if usage else None,
-            "cached": (usage.get("prompt_tokens_details") or {}).get("cached_tokens") if usage else None,
-            "text": "".join(parts)}
+    return {
+        "ttft": ttft or wall,
+        "wall": wall,
+        "tokens": usage["completion_tokens"] if usage else None,
+        "chunk_times": times,
+        "prompt_tokens": usage["prompt_tokens"] if usage else None,
+        "cached": (usage.get("prompt_tokens_details") or {}).get("cached_tokens") if usage else None,
+        "text": "".join(parts),
+    }
 
 
 def _stream_ollama(url: str, body: dict, client: httpx.Client) -> dict:
@@ -103,8 +108,14 @@ def _stream_ollama(url: str, body: dict, client: httpx.Client) -> dict:
 
 
 def _chat_body(n_gen: int, content, stream=True) -> dict:
-    return {"model": "bench", "messages": [{"role": "user", "content": content}], "max_tokens": n_gen,
-            "temperature": 0, "stream": stream, "stream_options": {"include_usage": True}}
+    return {
+        "model": "bench",
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": n_gen,
+        "temperature": 0,
+        "stream": stream,
+        "stream_options": {"include_usage": True},
+    }
 
 
 def overhead(args) -> dict:
@@ -118,9 +129,11 @@ def overhead(args) -> dict:
     model = Model(path, n_ctx=args.n_ctx)
     body = _chat_body(args.n_gen, PROMPT)
     runs: dict = {"python_api": [], "openai_sse": [], "ollama_ndjson": [], "openai_nonstream": []}
-    with ServerProcess(path, "--parallel", "1", "--n-ctx", str(args.n_ctx), "--alias", "bench") as srv, \
-            httpx.Client(timeout=600) as client:
-        model.generate(messages=msgs, max_new_tokens=8, temperature=0)   # warm-up both
+    with (
+        ServerProcess(path, "--parallel", "1", "--n-ctx", str(args.n_ctx), "--alias", "bench") as srv,
+        httpx.Client(timeout=600) as client,
+    ):
+        model.generate(messages=msgs, max_new_tokens=8, temperature=0)  # warm-up both
         _stream_openai(srv.url, {**body, "max_tokens": 8}, client)
         for _ in range(args.repeat):
             t0 = time.perf_counter()
@@ -131,8 +144,11 @@ def overhead(args) -> dict:
             r = _stream_openai(srv.url, body, client)
             assert r["tokens"] == n_tok and r["text"] == text, "HTTP and Python API disagree"
             runs["openai_sse"].append(r["tokens"] / r["wall"])
-            o = _stream_ollama(srv.url, {"model": "bench", "messages": msgs,
-                                         "options": {"num_predict": args.n_gen, "temperature": 0}}, client)
+            o = _stream_ollama(
+                srv.url,
+                {"model": "bench", "messages": msgs, "options": {"num_predict": args.n_gen, "temperature": 0}},
+                client,
+            )
             assert o["tokens"] == n_tok and o["text"] == text
             runs["ollama_ndjson"].append(o["tokens"] / o["wall"])
             t0 = time.perf_counter()
@@ -145,7 +161,9 @@ def overhead(args) -> dict:
         if k != "python_api":
             # each HTTP run is paired with the Python API run just before it: the median of those
             # ratios is less sensitive to the machine's load drifting during the benchmark
-            out[f"{k}_fraction_of_python_api"] = statistics.median(h / p for h, p in zip(v, runs["python_api"], strict=True))
+            out[f"{k}_fraction_of_python_api"] = statistics.median(
+                h / p for h, p in zip(v, runs["python_api"], strict=True)
+            )
     return out
 
 
@@ -155,8 +173,16 @@ def concurrency(args) -> dict:
     path = _model_path(args)
     counts = [int(c) for c in args.clients.split(",")]
     out: dict = {"n_gen": args.n_gen, "runs": {}}
-    with ServerProcess(path, "--parallel", str(max(counts)), "--n-ctx", str(args.n_ctx), "--alias", "bench",
-                       *(["--threads", str(args.threads)] if args.threads else [])) as srv:
+    with ServerProcess(
+        path,
+        "--parallel",
+        str(max(counts)),
+        "--n-ctx",
+        str(args.n_ctx),
+        "--alias",
+        "bench",
+        *(["--threads", str(args.threads)] if args.threads else []),
+    ) as srv:
         with httpx.Client(timeout=3600) as c:
             _stream_openai(srv.url, _chat_body(2, "warm up"), c)
         # rounds of 1, 4, 8, 1, 4, 8, ...: on a shared machine the load drifts; the best round
@@ -168,8 +194,11 @@ def concurrency(args) -> dict:
             def client(i, barrier=barrier, results=results):
                 with httpx.Client(timeout=3600) as c:
                     barrier.wait()
-                    results[i] = (time.perf_counter(), _stream_openai(
-                        srv.url, _chat_body(args.n_gen, f"Client {i}: {PROMPT}"), c), time.perf_counter())
+                    results[i] = (
+                        time.perf_counter(),
+                        _stream_openai(srv.url, _chat_body(args.n_gen, f"Client {i}: {PROMPT}"), c),
+                        time.perf_counter(),
+                    )
 
             threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
             for t in threads:
@@ -185,12 +214,16 @@ def concurrency(args) -> dict:
             w0 = max(r[1]["chunk_times"][0] for r in results)
             w1 = min(r[1]["chunk_times"][-1] for r in results)
             in_window = sum(sum(1 for t in r[1]["chunk_times"] if w0 < t <= w1) for r in results)
-            run = {"clients": n, "tokens": tokens, "wall_s": t_last - t_first,
-                   "aggregate_tok_s": tokens / (t_last - t_first),
-                   "steady_window_s": w1 - w0,
-                   "steady_aggregate_tok_s": in_window / (w1 - w0) if w1 > w0 else None,
-                   "mean_ttft_s": statistics.mean(r[1]["ttft"] for r in results),
-                   "per_client_tok_s": [r[1]["tokens"] / r[1]["wall"] for r in results]}
+            run = {
+                "clients": n,
+                "tokens": tokens,
+                "wall_s": t_last - t_first,
+                "aggregate_tok_s": tokens / (t_last - t_first),
+                "steady_window_s": w1 - w0,
+                "steady_aggregate_tok_s": in_window / (w1 - w0) if w1 > w0 else None,
+                "mean_ttft_s": statistics.mean(r[1]["ttft"] for r in results),
+                "per_client_tok_s": [r[1]["tokens"] / r[1]["wall"] for r in results],
+            }
             print(json.dumps(run), file=sys.stderr, flush=True)
             out.setdefault("all_rounds", []).append(run)
             best = out["runs"].get(n)
@@ -224,20 +257,49 @@ def followup(args) -> dict:
 
     path = _model_path(args)
     url = _photo_data_url(args.tiles)
-    turn1 = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
-                                          {"type": "text", "text": "Describe this picture in detail."}]}]
-    with ServerProcess(path, "--parallel", "2", "--n-ctx", str(args.n_ctx), "--alias", "bench",
-                       *(["--threads", str(args.threads)] if args.threads else [])) as srv, \
-            httpx.Client(timeout=3600) as c:
-        body = {"model": "bench", "max_tokens": args.n_gen, "temperature": 0, "stream": True,
-                "stream_options": {"include_usage": True}}
+    turn1 = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": url}},
+                {"type": "text", "text": "Describe this picture in detail."},
+            ],
+        }
+    ]
+    with (
+        ServerProcess(
+            path,
+            "--parallel",
+            "2",
+            "--n-ctx",
+            str(args.n_ctx),
+            "--alias",
+            "bench",
+            *(["--threads", str(args.threads)] if args.threads else []),
+        ) as srv,
+        httpx.Client(timeout=3600) as c,
+    ):
+        body = {
+            "model": "bench",
+            "max_tokens": args.n_gen,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
         r1 = _stream_openai(srv.url, {**body, "messages": turn1}, c)
-        turn2 = turn1 + [{"role": "assistant", "content": r1["text"]},
-                         {"role": "user", "content": "And what colour is the sky in it, exactly? Answer briefly."}]
-        r2 = _stream_openai(srv.url, {**body, "messages": turn2}, c)   # Open WebUI resends everything
-    return {"tiles": args.tiles, "turn1_ttft_s": r1["ttft"], "turn2_ttft_s": r2["ttft"],
-            "ratio": r2["ttft"] / r1["ttft"], "turn2_prompt_tokens": r2["prompt_tokens"],
-            "turn2_cached_tokens": r2["cached"]}
+        turn2 = turn1 + [
+            {"role": "assistant", "content": r1["text"]},
+            {"role": "user", "content": "And what colour is the sky in it, exactly? Answer briefly."},
+        ]
+        r2 = _stream_openai(srv.url, {**body, "messages": turn2}, c)  # Open WebUI resends everything
+    return {
+        "tiles": args.tiles,
+        "turn1_ttft_s": r1["ttft"],
+        "turn2_ttft_s": r2["ttft"],
+        "ratio": r2["ttft"] / r1["ttft"],
+        "turn2_prompt_tokens": r2["prompt_tokens"],
+        "turn2_cached_tokens": r2["cached"],
+    }
 
 
 def main(argv=None) -> int:
@@ -258,8 +320,13 @@ def main(argv=None) -> int:
     args.n_gen = args.n_gen or {"overhead": 512, "concurrency": 32, "followup": 16}[args.mode]
     load_before = _uptime()
     result = {"overhead": overhead, "concurrency": concurrency, "followup": followup}[args.mode](args)
-    result.update(mode=args.mode, model=str(_model_path(args)), machine=platform.processor() or platform.machine(),
-                  uptime_before=load_before, uptime_after=_uptime())
+    result.update(
+        mode=args.mode,
+        model=str(_model_path(args)),
+        machine=platform.processor() or platform.machine(),
+        uptime_before=load_before,
+        uptime_after=_uptime(),
+    )
     text = json.dumps(result, indent=2)
     print(text)
     if args.json:

@@ -7,6 +7,7 @@ what the real clients parse (their pydantic models) and the documented formats (
 ending in `data: [DONE]`, Ollama's NDJSON with nanosecond durations); model facts come from
 gguf-py reading the file.
 """
+
 from __future__ import annotations
 
 import base64
@@ -56,8 +57,21 @@ def ref(tiny_path):
 
 @pytest.fixture(scope="module")
 def server(tiny_path):
-    s = LiveServer(tiny_path, "--parallel", "2", "--n-ctx", str(N_CTX), "--max-images", str(MAX_IMAGES),
-                   "--max-body-mb", str(MAX_BODY_MB), "--alias", "tiny", "--alias", "llama3.2-vision")
+    s = LiveServer(
+        tiny_path,
+        "--parallel",
+        "2",
+        "--n-ctx",
+        str(N_CTX),
+        "--max-images",
+        str(MAX_IMAGES),
+        "--max-body-mb",
+        str(MAX_BODY_MB),
+        "--alias",
+        "tiny",
+        "--alias",
+        "llama3.2-vision",
+    )
     yield s
     s.stop()
 
@@ -105,6 +119,7 @@ def _expect(ref, messages=None, prompt=None, images=(), **kw):
 # OpenAI API through the `openai` client
 # --------------------------------------------------------------------------------------------
 
+
 def test_openai_chat_equals_python_api(oai, ref):
     msgs = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name three colours."}]
     want = _expect(ref, msgs, max_new_tokens=24)
@@ -120,16 +135,39 @@ def test_openai_chat_equals_python_api(oai, ref):
 
 def test_openai_chat_stream_with_images(oai, ref):
     img1, img2 = _image_bytes(1), _image_bytes(2, (60, 120), "JPEG")
-    msgs = [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": _data_url(img1)}},
-        {"type": "text", "text": "Compare this"},
-        {"type": "image_url", "image_url": {"url": _data_url(img2, "image/jpeg"), "detail": "high"}},
-        {"type": "text", "text": "with this."}]}]
-    ref_msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Compare this"},
-                                             {"type": "image"}, {"type": "text", "text": "with this."}]}]
+    msgs = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": _data_url(img1)}},
+                {"type": "text", "text": "Compare this"},
+                {"type": "image_url", "image_url": {"url": _data_url(img2, "image/jpeg"), "detail": "high"}},
+                {"type": "text", "text": "with this."},
+            ],
+        }
+    ]
+    ref_msgs = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image"},
+                {"type": "text", "text": "Compare this"},
+                {"type": "image"},
+                {"type": "text", "text": "with this."},
+            ],
+        }
+    ]
     want = _expect(ref, ref_msgs, images=[img1, img2], max_new_tokens=20)
-    chunks = list(oai.chat.completions.create(model=MODEL, messages=msgs, max_completion_tokens=20, temperature=0,
-                                              stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        oai.chat.completions.create(
+            model=MODEL,
+            messages=msgs,
+            max_completion_tokens=20,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert all(ch.object == "chat.completion.chunk" for ch in chunks)
     assert len({ch.id for ch in chunks}) == 1
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -144,17 +182,24 @@ def test_openai_chat_stream_with_images(oai, ref):
 
 def test_openai_sse_wire_format(server, ref):
     """The raw stream: `data: {json}` events and a final `data: [DONE]`; no usage chunk unless asked."""
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "temperature": 0,
-            "stream": True}
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 5,
+        "temperature": 0,
+        "stream": True,
+    }
     with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         events = [ln for ln in r.iter_lines() if ln]
     assert events[-1] == "data: [DONE]"
-    objs = [json.loads(e[len("data: "):]) for e in events[:-1]]
+    objs = [json.loads(e[len("data: ") :]) for e in events[:-1]]
     assert all(e.startswith("data: ") for e in events)
     assert all("usage" not in o for o in objs)
-    assert "".join(o["choices"][0]["delta"].get("content", "") for o in objs) == \
-        _expect(ref, body["messages"], max_new_tokens=5).text
+    assert (
+        "".join(o["choices"][0]["delta"].get("content", "") for o in objs)
+        == _expect(ref, body["messages"], max_new_tokens=5).text
+    )
 
 
 def test_openai_completions(oai, ref):
@@ -173,11 +218,10 @@ def test_openai_completions(oai, ref):
 def test_openai_seeded_sampling_equals_python_api(oai, ref):
     msgs = [{"role": "user", "content": "Tell me a story."}]
     want = _expect(ref, msgs, max_new_tokens=16, temperature=0.9, top_p=0.95, seed=1234)
-    got = oai.chat.completions.create(model=MODEL, messages=msgs, max_tokens=16, temperature=0.9, top_p=0.95,
-                                      seed=1234)
+    got = oai.chat.completions.create(model=MODEL, messages=msgs, max_tokens=16, temperature=0.9, top_p=0.95, seed=1234)
     assert got.choices[0].message.content == want.text
     other = _expect(ref, msgs, max_new_tokens=16, temperature=0.9, top_p=0.95, seed=1235)
-    assert other.text != want.text   # the seed is really used
+    assert other.text != want.text  # the seed is really used
 
 
 def test_openai_stop_string(oai, ref):
@@ -185,7 +229,7 @@ def test_openai_stop_string(oai, ref):
     full = _expect(ref, msgs, max_new_tokens=24).text
     stop = full[6:9]
     want = _expect(ref, msgs, max_new_tokens=24, stop=[stop])
-    assert want.stop_reason == "stop_string" and want.text == full[:full.index(stop)]
+    assert want.stop_reason == "stop_string" and want.text == full[: full.index(stop)]
     got = oai.chat.completions.create(model=MODEL, messages=msgs, max_tokens=24, temperature=0, stop=stop)
     assert got.choices[0].message.content == want.text and got.choices[0].finish_reason == "stop"
 
@@ -204,6 +248,7 @@ def test_openai_models(oai, server, tiny_path):
 # Ollama API through the `ollama` client
 # --------------------------------------------------------------------------------------------
 
+
 def test_ollama_chat_with_image(oll, ref):
     img = _image_bytes(3)
     msgs = [{"role": "user", "content": "What is in this picture?", "images": [img]}]
@@ -218,8 +263,9 @@ def test_ollama_chat_with_image(oll, ref):
         assert isinstance(getattr(r, k), int) and getattr(r, k) > 0, k
     assert r.total_duration >= r.eval_duration + r.prompt_eval_duration
     # streaming (the default): pieces, then one final chunk with the stats
-    parts = list(oll.chat(model="llama3.2-vision", messages=msgs, options={"num_predict": 18, "temperature": 0},
-                          stream=True))
+    parts = list(
+        oll.chat(model="llama3.2-vision", messages=msgs, options={"num_predict": 18, "temperature": 0}, stream=True)
+    )
     assert all(not p.done for p in parts[:-1]) and parts[-1].done and parts[-1].done_reason == "length"
     assert "".join(p.message.content for p in parts) == want.text
     assert parts[-1].eval_count == want.completion_tokens
@@ -227,27 +273,54 @@ def test_ollama_chat_with_image(oll, ref):
 
 def test_ollama_generate(oll, ref):
     img = _image_bytes(4)
-    want = _expect(ref, [{"role": "system", "content": "Be brief."},
-                         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe."}]}],
-                   images=[img], max_new_tokens=10)
-    r = oll.generate(model=MODEL, prompt="Describe.", system="Be brief.", images=[img],
-                     options={"num_predict": 10, "temperature": 0})
+    want = _expect(
+        ref,
+        [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe."}]},
+        ],
+        images=[img],
+        max_new_tokens=10,
+    )
+    r = oll.generate(
+        model=MODEL, prompt="Describe.", system="Be brief.", images=[img], options={"num_predict": 10, "temperature": 0}
+    )
     assert r.response == want.text and r.done and r.eval_count == want.completion_tokens
     # raw: the prompt as-is, the image token placed first
     raw_want = _expect(ref, prompt="<|image|>raw text", images=[img], max_new_tokens=7)
-    r = oll.generate(model=MODEL, prompt="raw text", raw=True, images=[img], options={"num_predict": 7, "temperature": 0})
+    r = oll.generate(
+        model=MODEL, prompt="raw text", raw=True, images=[img], options={"num_predict": 7, "temperature": 0}
+    )
     assert r.response == raw_want.text
-    streamed = list(oll.generate(model=MODEL, prompt="raw text", raw=True, images=[img], stream=True,
-                                 options={"num_predict": 7, "temperature": 0}))
+    streamed = list(
+        oll.generate(
+            model=MODEL,
+            prompt="raw text",
+            raw=True,
+            images=[img],
+            stream=True,
+            options={"num_predict": 7, "temperature": 0},
+        )
+    )
     assert "".join(p.response for p in streamed) == raw_want.text and streamed[-1].done
 
 
 def test_ollama_options_map_to_sampling(oll, ref):
     msgs = [{"role": "user", "content": "Sample something."}]
-    opts = {"num_predict": 14, "temperature": 0.8, "top_k": 50, "top_p": 0.9, "min_p": 0.05, "repeat_penalty": 1.1,
-            "seed": 77, "num_thread": 3, "unknown_option": True}
-    want = _expect(ref, msgs, max_new_tokens=14, temperature=0.8, top_k=50, top_p=0.9, min_p=0.05,
-                   repetition_penalty=1.1, seed=77)
+    opts = {
+        "num_predict": 14,
+        "temperature": 0.8,
+        "top_k": 50,
+        "top_p": 0.9,
+        "min_p": 0.05,
+        "repeat_penalty": 1.1,
+        "seed": 77,
+        "num_thread": 3,
+        "unknown_option": True,
+    }
+    want = _expect(
+        ref, msgs, max_new_tokens=14, temperature=0.8, top_k=50, top_p=0.9, min_p=0.05, repetition_penalty=1.1, seed=77
+    )
     r = oll.chat(model=MODEL, messages=msgs, options=opts)
     assert r.message.content == want.text
 
@@ -285,7 +358,7 @@ def test_ollama_listing(oll, server, tiny_path):
     assert show.modelinfo["general.architecture"] == "mllama"
     assert show.modelinfo["general.parameter_count"] == n_params
     assert show.modelinfo["mllama.block_count"] == int(reader.fields["mllama.block_count"].contents())
-    assert show.modelinfo["tokenizer.ggml.tokens"] == []   # arrays only with verbose, as Ollama does
+    assert show.modelinfo["tokenizer.ggml.tokens"] == []  # arrays only with verbose, as Ollama does
     assert "vision" in show.capabilities and "completion" in show.capabilities
     assert show.template == reader.fields["tokenizer.chat_template"].contents()
     verbose = httpx.post(server.url + "/api/show", json={"model": "tiny", "verbose": True}, timeout=30).json()
@@ -293,7 +366,7 @@ def test_ollama_listing(oll, server, tiny_path):
 
     ps = oll.ps().models
     assert len(ps) == 1 and ps[0].model == "tiny:latest" and ps[0].context_length == N_CTX and ps[0].size_vram == 0
-    assert ps[0].expires_at.year > 2100   # never unloaded (Ollama's keep_alive < 0)
+    assert ps[0].expires_at.year > 2100  # never unloaded (Ollama's keep_alive < 0)
 
     import ollama
 
@@ -309,8 +382,11 @@ def test_ollama_listing(oll, server, tiny_path):
 
 
 def test_ollama_ndjson_wire_format(server, ref):
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "options": {"num_predict": 4,
-                                                                                      "temperature": 0}}
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "hi"}],
+        "options": {"num_predict": 4, "temperature": 0},
+    }
     with httpx.stream("POST", server.url + "/api/chat", json=body, timeout=60) as r:
         assert r.status_code == 200 and r.headers["content-type"] == "application/x-ndjson"
         lines = [json.loads(ln) for ln in r.iter_lines() if ln]
@@ -318,14 +394,22 @@ def test_ollama_ndjson_wire_format(server, ref):
     assert [ln["done"] for ln in lines] == [False] * (len(lines) - 1) + [True]
     final = lines[-1]
     assert final["message"] == {"role": "assistant", "content": ""}
-    assert {"total_duration", "load_duration", "prompt_eval_count", "prompt_eval_duration", "eval_count",
-            "eval_duration", "done_reason"} <= set(final)
+    assert {
+        "total_duration",
+        "load_duration",
+        "prompt_eval_count",
+        "prompt_eval_duration",
+        "eval_count",
+        "eval_duration",
+        "done_reason",
+    } <= set(final)
     assert "".join(ln["message"]["content"] for ln in lines) == _expect(ref, body["messages"], max_new_tokens=4).text
 
 
 # --------------------------------------------------------------------------------------------
 # Concurrency, slots, disconnects
 # --------------------------------------------------------------------------------------------
+
 
 def _conversations(n):
     return [[{"role": "user", "content": f"Question number {i}: " + "why " * (i % 5)}] for i in range(n)]
@@ -342,14 +426,20 @@ def test_concurrent_clients_equal_one_by_one(server, ref):
         c, n = convs[i], 20 + 3 * i
         if i % 3 == 0:
             cl = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=120)
-            return cl.chat.completions.create(model=MODEL, messages=c, max_tokens=n, temperature=0).choices[0].message.content
+            return (
+                cl.chat.completions.create(model=MODEL, messages=c, max_tokens=n, temperature=0)
+                .choices[0]
+                .message.content
+            )
         if i % 3 == 1:
             cl = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=120)
             s = cl.chat.completions.create(model=MODEL, messages=c, max_tokens=n, temperature=0, stream=True)
             return "".join(ch.choices[0].delta.content or "" for ch in s if ch.choices)
         cl = ollama.Client(host=server.url, timeout=120)
-        return "".join(p.message.content for p in cl.chat(model=MODEL, messages=c, stream=True,
-                                                           options={"num_predict": n, "temperature": 0}))
+        return "".join(
+            p.message.content
+            for p in cl.chat(model=MODEL, messages=c, stream=True, options={"num_predict": n, "temperature": 0})
+        )
 
     with ThreadPoolExecutor(8) as ex:
         got = list(ex.map(ask, range(8)))
@@ -362,25 +452,39 @@ def test_follow_up_turn_goes_to_its_slot(server):
     img = _image_bytes(5)
 
     def post(messages):
-        r = httpx.post(server.url + "/v1/chat/completions", timeout=60, json={
-            "model": MODEL, "messages": messages, "max_tokens": 8, "temperature": 0})
+        r = httpx.post(
+            server.url + "/v1/chat/completions",
+            timeout=60,
+            json={"model": MODEL, "messages": messages, "max_tokens": 8, "temperature": 0},
+        )
         assert r.status_code == 200, r.text
         return int(r.headers["x-mllama-q-slot"]), r.json()["choices"][0]["message"]["content"]
 
-    conv = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": _data_url(img)}},
-                                         {"type": "text", "text": "A long first question about this image " * 8}]}]
+    conv = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": _data_url(img)}},
+                {"type": "text", "text": "A long first question about this image " * 8},
+            ],
+        }
+    ]
     slot1, answer = post(conv)
     other = [{"role": "user", "content": "Something unrelated entirely, " * 6}]
     slot_other, _ = post(other)
-    assert slot_other != slot1   # LRU: the idle slot that does not hold the conversation
+    assert slot_other != slot1  # LRU: the idle slot that does not hold the conversation
     conv2 = conv + [{"role": "assistant", "content": answer}, {"role": "user", "content": "And then?"}]
     slot2, _ = post(conv2)
     assert slot2 == slot1
     # The same text with a different image is another conversation: its common prefix with that
     # slot ends at the image, so it goes to the least recently used slot (the other one) instead
     # of the most similar token sequence.
-    conv3 = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": _data_url(_image_bytes(6))}},
-                                          conv[0]["content"][1]]}] + conv2[1:]
+    conv3 = [
+        {
+            "role": "user",
+            "content": [{"type": "image_url", "image_url": {"url": _data_url(_image_bytes(6))}}, conv[0]["content"][1]],
+        }
+    ] + conv2[1:]
     slot3, _ = post(conv3)
     assert slot3 == slot_other
 
@@ -390,15 +494,20 @@ def _slots(server):
 
 
 def test_disconnect_mid_stream_frees_the_slot(server):
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "Go on forever."}], "max_tokens": N_CTX - 100,
-            "temperature": 0, "stream": True}
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Go on forever."}],
+        "max_tokens": N_CTX - 100,
+        "temperature": 0,
+        "stream": True,
+    }
     before = {s["id"]: s["requests"] for s in _slots(server)["slots"]}
     with httpx.Client(timeout=60) as c:
         with c.stream("POST", server.url + "/v1/chat/completions", json=body) as r:
             slot = int(r.headers["x-mllama-q-slot"])
             it = r.iter_lines()
             next(it)
-            next(it)   # the role chunk and at least one token
+            next(it)  # the role chunk and at least one token
         # leaving the block closes the connection mid-stream
     t_end = time.monotonic() + 30
     while time.monotonic() < t_end:
@@ -410,8 +519,11 @@ def test_disconnect_mid_stream_frees_the_slot(server):
     assert s["requests"] == before[slot] + 1 and not s["busy"]
     assert s["last"]["stop"] == "cancelled" and s["last"]["generated"] < s["last"]["max_new_tokens"]
     # Ollama NDJSON stream too
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "Again, forever."}],
-            "options": {"num_predict": N_CTX - 100, "temperature": 0}}
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Again, forever."}],
+        "options": {"num_predict": N_CTX - 100, "temperature": 0},
+    }
     with httpx.Client(timeout=60) as c:
         with c.stream("POST", server.url + "/api/chat", json=body) as r:
             slot = int(r.headers["x-mllama-q-slot"])
@@ -422,7 +534,7 @@ def test_disconnect_mid_stream_frees_the_slot(server):
         time.sleep(0.02)
     last = _slots(server)["slots"][slot]["last"]
     assert last["stop"] == "cancelled" and last["generated"] < last["max_new_tokens"]
-    t_end = time.monotonic() + 30   # the access log line is written when the response ends
+    t_end = time.monotonic() + 30  # the access log line is written when the response ends
     while time.monotonic() < t_end and not server.log_lines("client-disconnected"):
         time.sleep(0.02)
     assert any("POST /api/chat" in ln for ln in server.log_lines("client-disconnected"))
@@ -434,8 +546,11 @@ def test_queued_requests_beyond_the_slots(server, ref):
     want = [_expect(ref, c, max_new_tokens=40).text for c in convs]
 
     def ask(c):
-        r = httpx.post(server.url + "/api/chat", timeout=120, json={
-            "model": MODEL, "messages": c, "stream": False, "options": {"num_predict": 40, "temperature": 0}})
+        r = httpx.post(
+            server.url + "/api/chat",
+            timeout=120,
+            json={"model": MODEL, "messages": c, "stream": False, "options": {"num_predict": 40, "temperature": 0}},
+        )
         return r.status_code, r.json()["message"]["content"]
 
     with ThreadPoolExecutor(6) as ex:
@@ -447,9 +562,11 @@ def test_queued_requests_beyond_the_slots(server, ref):
 # Bad input: the right status and error body, and the server keeps serving
 # --------------------------------------------------------------------------------------------
 
+
 def _png_declaring(w: int, h: int) -> bytes:
     """A valid PNG header (CRCs right) declaring a w x h canvas with almost no data: a
     decompression bomb's shape, refused from the header before any pixel buffer exists."""
+
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
@@ -458,13 +575,25 @@ def _png_declaring(w: int, h: int) -> bytes:
 
 
 def _oai_img(url):
-    return {"model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "?"}]}]}
+    return {
+        "model": MODEL,
+        "max_tokens": 2,
+        "messages": [
+            {
+                "role": "user",
+                "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "?"}],
+            }
+        ],
+    }
 
 
 def _oll_img(b64):
-    return {"model": MODEL, "stream": False, "options": {"num_predict": 2},
-            "messages": [{"role": "user", "content": "?", "images": [b64]}]}
+    return {
+        "model": MODEL,
+        "stream": False,
+        "options": {"num_predict": 2},
+        "messages": [{"role": "user", "content": "?", "images": [b64]}],
+    }
 
 
 _PNG = _image_bytes(9)
@@ -485,16 +614,28 @@ BAD = {
     # wrong types
     "messages_string": (CHAT, {"model": MODEL, "messages": "hello"}, 400, "'messages' must be an array"),
     "message_not_object": (CHAT, {"model": MODEL, "messages": [1]}, 400, "messages[0]"),
-    "content_number": (CHAT, {"model": MODEL, "messages": [{"role": "user", "content": 5}]}, 400,
-                       "messages[0].content"),
+    "content_number": (
+        CHAT,
+        {"model": MODEL, "messages": [{"role": "user", "content": 5}]},
+        400,
+        "messages[0].content",
+    ),
     "max_tokens_string": (CHAT, {**_OK, "max_tokens": "10"}, 400, "'max_tokens' must be an integer"),
     "stream_string": (CHAT, {**_OK, "stream": "yes"}, 400, "'stream' must be a boolean"),
     "model_number": (CHAT, {**_OK, "model": 5}, 400, "'model' must be a string"),
     "ollama_option_type": (OCHAT, {**_OOK, "options": {"temperature": "hot"}}, 400, "options.temperature"),
-    "ollama_content_list": (OCHAT, {**_OOK, "messages": [{"role": "user", "content": ["a"]}]}, 400,
-                            "messages[0].content"),
-    "unknown_part": (CHAT, {"model": MODEL, "messages": [{"role": "user", "content": [
-        {"type": "input_audio", "input_audio": {}}]}]}, 400, "input_audio"),
+    "ollama_content_list": (
+        OCHAT,
+        {**_OOK, "messages": [{"role": "user", "content": ["a"]}]},
+        400,
+        "messages[0].content",
+    ),
+    "unknown_part": (
+        CHAT,
+        {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}]},
+        400,
+        "input_audio",
+    ),
     "bad_role": (CHAT, {"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, 400, "role"),
     # model names
     "model_missing": (CHAT, {"messages": _OK["messages"]}, 400, "model"),
@@ -532,15 +673,36 @@ BAD = {
     "image_garbage": (OCHAT, _oll_img(base64.b64encode(os.urandom(3000)).decode()), 400, "cannot decode the image"),
     "image_truncated": (CHAT, _oai_img(_data_url(_PNG[: len(_PNG) // 2])), 400, "cannot decode the image"),
     "image_empty": (OCHAT, _oll_img("===="), 400, "image"),
-    "image_pixels": (OCHAT, _oll_img(base64.b64encode(_png_declaring(8000, 8000)).decode()), 400,
-                     "more than the limit of 40000000"),
+    "image_pixels": (
+        OCHAT,
+        _oll_img(base64.b64encode(_png_declaring(8000, 8000)).decode()),
+        400,
+        "more than the limit of 40000000",
+    ),
     "image_bomb": (CHAT, _oai_img(_data_url(_png_declaring(60000, 60000))), 400, "cannot decode the image"),
-    "too_many_images": (OCHAT, {**_OOK, "messages": [{"role": "user", "content": "x", "images": [_B64] * 4}]},
-                        400, "too many images"),
-    "too_many_images_openai": (CHAT, {"model": MODEL, "messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": _data_url(_PNG)}}] * 4}]}, 400, "too many images"),
-    "image_in_assistant": (OCHAT, {**_OOK, "messages": [{"role": "assistant", "content": "x", "images": [_B64]}]},
-                           400, "only supported in user messages"),
+    "too_many_images": (
+        OCHAT,
+        {**_OOK, "messages": [{"role": "user", "content": "x", "images": [_B64] * 4}]},
+        400,
+        "too many images",
+    ),
+    "too_many_images_openai": (
+        CHAT,
+        {
+            "model": MODEL,
+            "messages": [
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": _data_url(_PNG)}}] * 4}
+            ],
+        },
+        400,
+        "too many images",
+    ),
+    "image_in_assistant": (
+        OCHAT,
+        {**_OOK, "messages": [{"role": "assistant", "content": "x", "images": [_B64]}]},
+        400,
+        "only supported in user messages",
+    ),
     # routes
     "unknown_route": ("/v1/embeddings", _OK, 404, "no route"),
     "unknown_route_ollama": ("/api/pull", {"model": "x"}, 404, "no route"),
@@ -556,9 +718,9 @@ def _post(server, path, body, **kw):
 def _error_message(path: str, r) -> str:
     body = r.json()
     if path.startswith("/api/"):
-        assert isinstance(body["error"], str)        # Ollama: {"error": "..."}
+        assert isinstance(body["error"], str)  # Ollama: {"error": "..."}
         return body["error"]
-    err = body["error"]                              # OpenAI: the error object
+    err = body["error"]  # OpenAI: the error object
     assert set(err) == {"message", "type", "param", "code"}
     return err["message"]
 
@@ -592,9 +754,19 @@ def test_errors_through_the_real_clients(oai, oll, server):
     with pytest.raises(openai.NotFoundError) as e:
         oai.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "x"}])
     assert e.value.body["code"] == "model_not_found"
-    with pytest.raises(openai.BadRequestError) as e:   # the error must come before the stream starts
-        list(oai.chat.completions.create(model=MODEL, stream=True, messages=[{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": "http://example.com/x.png"}}]}]))
+    with pytest.raises(openai.BadRequestError) as e:  # the error must come before the stream starts
+        list(
+            oai.chat.completions.create(
+                model=MODEL,
+                stream=True,
+                messages=[
+                    {
+                        "role": "user",
+                        "content": [{"type": "image_url", "image_url": {"url": "http://example.com/x.png"}}],
+                    }
+                ],
+            )
+        )
     assert "never reaches the network" in e.value.body["message"]
     with pytest.raises(ollama.ResponseError) as e:
         oll.chat(model="nope", messages=[{"role": "user", "content": "x"}])
@@ -605,12 +777,30 @@ def test_errors_through_the_real_clients(oai, oll, server):
 
 
 def test_unknown_fields_are_ignored(server, ref):
-    r = _post(server, CHAT, {**_OK, "temperature": 0, "user": "u1", "metadata": {"a": "b"}, "frobnicate": [1],
-                             "messages": [{"role": "user", "content": "hi", "name": "bob", "weird": 1}]})
+    r = _post(
+        server,
+        CHAT,
+        {
+            **_OK,
+            "temperature": 0,
+            "user": "u1",
+            "metadata": {"a": "b"},
+            "frobnicate": [1],
+            "messages": [{"role": "user", "content": "hi", "name": "bob", "weird": 1}],
+        },
+    )
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["message"]["content"] == _expect(ref, _OK["messages"], max_new_tokens=2).text
-    r = _post(server, OCHAT, {**_OOK, "keep_alive": "5m", "frobnicate": True,
-                              "options": {"num_predict": 2, "temperature": 0, "mirostat_zeta": 1}})
+    r = _post(
+        server,
+        OCHAT,
+        {
+            **_OOK,
+            "keep_alive": "5m",
+            "frobnicate": True,
+            "options": {"num_predict": 2, "temperature": 0, "mirostat_zeta": 1},
+        },
+    )
     assert r.status_code == 200, r.text
 
 
@@ -629,7 +819,7 @@ def test_oversized_bodies(server):
     r = _post(server, CHAT, big)
     assert r.status_code == 413 and "--max-body-mb" in r.json()["error"]["message"]
 
-    def chunked():   # no Content-Length: the limit applies while reading
+    def chunked():  # no Content-Length: the limit applies while reading
         yield b'{"model": "tiny", "messages": [{"role": "user", "content": "'
         for _ in range(MAX_BODY_MB * 4 + 1):
             yield b"y" * (256 * 1024)
@@ -648,6 +838,7 @@ def test_wrong_method_is_json(server):
 # --------------------------------------------------------------------------------------------
 # API key, loading, start-up failures
 # --------------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def keyed(tiny_path):
@@ -678,7 +869,7 @@ def test_api_key(keyed):
     assert e.value.status_code == 401
     oll = ollama.Client(host=keyed.url, headers={"Authorization": "Bearer s3cret"})
     assert oll.chat(model=name, messages=msgs, options={"num_predict": 2}).done
-    for public in ("/health", "/", "/api/version"):   # probes work without the key
+    for public in ("/health", "/", "/api/version"):  # probes work without the key
         assert httpx.get(keyed.url + public, timeout=30).status_code == 200, public
 
 
@@ -715,8 +906,13 @@ def test_health_while_loading(tiny_path):
 
 
 def test_cli_exits_on_a_bad_model(tmp_path, child_env):
-    missing = subprocess.run([sys.executable, "-m", "mllama_q", "serve", "-m", str(tmp_path / "nope.gguf")],
-                             capture_output=True, text=True, timeout=60, env=child_env())
+    missing = subprocess.run(
+        [sys.executable, "-m", "mllama_q", "serve", "-m", str(tmp_path / "nope.gguf")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=child_env(),
+    )
     assert missing.returncode == 1 and "model file not found" in missing.stderr
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 10**9, 10**9) + os.urandom(64))
@@ -737,14 +933,20 @@ def test_busy_port(tiny_path, child_env):
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)
         port = taken.getsockname()[1]
-        r = subprocess.run([sys.executable, "-m", "mllama_q", "serve", "-m", str(tiny_path), "--port", str(port)],
-                           capture_output=True, text=True, timeout=60, env=child_env())
+        r = subprocess.run(
+            [sys.executable, "-m", "mllama_q", "serve", "-m", str(tiny_path), "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=child_env(),
+        )
     assert r.returncode == 1 and f"cannot listen on 127.0.0.1:{port}" in r.stderr
 
 
 # --------------------------------------------------------------------------------------------
 # Bounded load test: every response checked, memory back near its baseline
 # --------------------------------------------------------------------------------------------
+
 
 def test_load_200_requests_16_clients(tiny_path, ref):
     import ollama
@@ -759,15 +961,18 @@ def test_load_200_requests_16_clients(tiny_path, ref):
 
         def spec(i):
             conv, imgs = convs[i % 10], []
-            if i % 10 == 7:   # some requests carry an image
+            if i % 10 == 7:  # some requests carry an image
                 imgs = [images[i % 3]]
             sampling = {"temperature": 0} if i % 2 == 0 else {"temperature": 0.8, "top_p": 0.9, "seed": i}
             return i % 4, conv, imgs, sampling, 6 + i % 9
 
         def expected(i):
             _, conv, imgs, sampling, n = spec(i)
-            msgs = conv if not imgs else [{"role": "user", "content": [{"type": "image"},
-                                                                       {"type": "text", "text": conv[0]["content"]}]}]
+            msgs = (
+                conv
+                if not imgs
+                else [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": conv[0]["content"]}]}]
+            )
             r = _expect(ref, msgs, images=imgs, max_new_tokens=n, **sampling)
             return r.text, r.completion_tokens
 
@@ -776,15 +981,35 @@ def test_load_200_requests_16_clients(tiny_path, ref):
             kind, conv, imgs, sampling, n = spec(i)
             if kind < 2:
                 cl = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0, timeout=120)
-                msgs = conv if not imgs else [{"role": "user", "content": [
-                    {"type": "image_url", "image_url": {"url": _data_url(imgs[0])}},
-                    {"type": "text", "text": conv[0]["content"]}]}]
+                msgs = (
+                    conv
+                    if not imgs
+                    else [
+                        {
+                            "role": "user",
+                            "content": [
+                                {"type": "image_url", "image_url": {"url": _data_url(imgs[0])}},
+                                {"type": "text", "text": conv[0]["content"]},
+                            ],
+                        }
+                    ]
+                )
                 if kind == 0:
                     r = cl.chat.completions.create(model="tiny", messages=msgs, max_tokens=n, **sampling)
                     return r.choices[0].message.content, r.usage.completion_tokens
-                st = list(cl.chat.completions.create(model="tiny", messages=msgs, max_tokens=n, stream=True,
-                                                     stream_options={"include_usage": True}, **sampling))
-                return "".join(ch.choices[0].delta.content or "" for ch in st if ch.choices), st[-1].usage.completion_tokens
+                st = list(
+                    cl.chat.completions.create(
+                        model="tiny",
+                        messages=msgs,
+                        max_tokens=n,
+                        stream=True,
+                        stream_options={"include_usage": True},
+                        **sampling,
+                    )
+                )
+                return "".join(ch.choices[0].delta.content or "" for ch in st if ch.choices), st[
+                    -1
+                ].usage.completion_tokens
             cl = ollama.Client(host=s.url, timeout=120)
             msgs = [{**conv[0], "images": imgs}] if imgs else conv
             opts = {"num_predict": n, **sampling}
@@ -805,12 +1030,12 @@ def test_load_200_requests_16_clients(tiny_path, ref):
             for i in range(n):
                 if greedy[i]:
                     assert got[i] == want[i], i
-                else:   # at most the tokens asked for (an end-of-turn token may come first)
+                else:  # at most the tokens asked for (an end-of-turn token may come first)
                     text, count = got[i]
                     assert isinstance(text, str) and 0 <= count <= spec(i)[4], i
 
         with ThreadPoolExecutor(16) as ex:
-            check(list(ex.map(ask, range(32))), 32)    # warm-up
+            check(list(ex.map(ask, range(32))), 32)  # warm-up
             baseline = proc.memory_info().rss
             got = list(ex.map(ask, range(200)))
         check(got, 200)
@@ -828,14 +1053,15 @@ def test_load_200_requests_16_clients(tiny_path, ref):
 # Slot choice and the queue (no server)
 # --------------------------------------------------------------------------------------------
 
+
 def test_common_prefix_stops_at_a_different_image():
     from mllama_q.server.engine import common_prefix
 
     IMG = 99
     cached, ids = [1, 2, IMG, 3, 4, IMG, 5], [1, 2, IMG, 3, 4, IMG, 5, 6]
     assert common_prefix(cached, ["a", "b"], ids, ["a", "b"], IMG) == 7
-    assert common_prefix(cached, ["a", "b"], ids, ["a", "c"], IMG) == 5    # the second image differs
-    assert common_prefix(cached, ["a", "b"], ids, ["z", "b"], IMG) == 2    # the first one does
+    assert common_prefix(cached, ["a", "b"], ids, ["a", "c"], IMG) == 5  # the second image differs
+    assert common_prefix(cached, ["a", "b"], ids, ["z", "b"], IMG) == 2  # the first one does
     assert common_prefix([1, 2, 7], [], [1, 2, 8], [], IMG) == 2
     assert common_prefix([], [], [1], [], IMG) == 0
 
@@ -846,8 +1072,9 @@ def _pool(n, max_queue=8):
     from mllama_q.server.engine import Slot, SlotPool
 
     # a session stand-in: the pool only reads `tokens`
-    return SlotPool([Slot(i, session=SimpleNamespace(tokens=())) for i in range(n)], image_token_id=99,
-                    max_queue=max_queue)
+    return SlotPool(
+        [Slot(i, session=SimpleNamespace(tokens=())) for i in range(n)], image_token_id=99, max_queue=max_queue
+    )
 
 
 def test_slot_choice_longest_prefix_then_lru():
@@ -855,9 +1082,9 @@ def test_slot_choice_longest_prefix_then_lru():
     a, b, c = pool.slots
     a.session.tokens, b.session.tokens = (1, 2, 3, 4, 5, 6, 7, 8), (1, 2, 9, 9)
     a.last_used, b.last_used = 5.0, 6.0
-    assert pool.choose([1, 2, 3, 4, 5, 6, 7, 8, 10], [])[0] is a          # extends a's history
+    assert pool.choose([1, 2, 3, 4, 5, 6, 7, 8, 10], [])[0] is a  # extends a's history
     assert pool.choose([1, 2, 9, 9, 11], [])[0] is b
-    assert pool.choose([50, 51, 52], [])[0] is c                          # nothing shared: never-used c
+    assert pool.choose([50, 51, 52], [])[0] is c  # nothing shared: never-used c
     c.session.tokens, c.last_used = (7,), 7.0
     # 1 token of 20 in common (5 %) is under llama.cpp's 10 % threshold: least recently used instead
     assert pool.choose([1] + [60] * 19, [])[0] is a
@@ -897,10 +1124,12 @@ def test_queue_is_fifo_and_a_cancelled_waiter_leaves_it():
 
 
 def test_library_and_other_commands_do_not_load_the_server_stack(child_env):
-    code = ("import sys, mllama_q, mllama_q.model, mllama_q.generate, mllama_q.cli, mllama_q.cli.run, "
-            "mllama_q.cli.serve\n"
-            "bad = [m for m in ('starlette', 'uvicorn', 'mllama_q.server') if m in sys.modules]\n"
-            "assert not bad, bad")
+    code = (
+        "import sys, mllama_q, mllama_q.model, mllama_q.generate, mllama_q.cli, mllama_q.cli.run, "
+        "mllama_q.cli.serve\n"
+        "bad = [m for m in ('starlette', 'uvicorn', 'mllama_q.server') if m in sys.modules]\n"
+        "assert not bad, bad"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=child_env())
     assert r.returncode == 0, r.stderr
 
@@ -917,14 +1146,20 @@ def _wait_idle(server, timeout=30):
 
 def test_disconnect_of_a_non_streaming_request(server):
     _wait_idle(server)
-    long = {"model": MODEL, "messages": [{"role": "user", "content": "Write forever."}],
-            "max_tokens": N_CTX - 100, "temperature": 0}
+    long = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Write forever."}],
+        "max_tokens": N_CTX - 100,
+        "temperature": 0,
+    }
     # the client gives up (its read timeout closes the connection): the run is cancelled
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(server.url + CHAT, json=long, timeout=httpx.Timeout(30, read=0.05))
     st = _wait_idle(server)
-    assert any(s["last"].get("stop") == "cancelled" and s["last"]["generated"] < s["last"]["max_new_tokens"]
-               for s in st["slots"])
+    assert any(
+        s["last"].get("stop") == "cancelled" and s["last"]["generated"] < s["last"]["max_new_tokens"]
+        for s in st["slots"]
+    )
 
 
 def test_disconnect_while_queued(tiny_path):
@@ -932,12 +1167,16 @@ def test_disconnect_while_queued(tiny_path):
     leaves the queue without ever taking the slot."""
     n_ctx = 16384
     with LiveServer(tiny_path, "--parallel", "1", "--n-ctx", str(n_ctx), "--alias", "tiny") as srv:
-        long = {"model": MODEL, "messages": [{"role": "user", "content": "Write forever."}],
-                "max_tokens": n_ctx - 100, "temperature": 0}
+        long = {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "Write forever."}],
+            "max_tokens": n_ctx - 100,
+            "temperature": 0,
+        }
         with httpx.Client(timeout=60) as c, c.stream("POST", srv.url + CHAT, json={**long, "stream": True}) as r:
-            lines = r.iter_lines()   # kept: a dropped iterator makes httpx close the response
+            lines = r.iter_lines()  # kept: a dropped iterator makes httpx close the response
             next(lines)
-            with pytest.raises(httpx.ReadTimeout):   # queued behind it; the client gives up
+            with pytest.raises(httpx.ReadTimeout):  # queued behind it; the client gives up
                 httpx.post(srv.url + CHAT, json={**long, "max_tokens": 3}, timeout=httpx.Timeout(30, read=0.3))
             t_end = time.monotonic() + 10
             while _slots(srv)["queued"] and time.monotonic() < t_end:

@@ -23,6 +23,7 @@ Modules:
 Only `mllama_q.cli.serve` imports this package: `import mllama_q` and the other commands never
 load Starlette or uvicorn.
 """
+
 from .app import ServerConfig, create_app
 from .engine import Engine, load_model
 from .images import ImageLimits

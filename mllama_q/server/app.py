@@ -6,6 +6,7 @@
 The model loads in a thread started at application start-up; /health answers 503 until it is
 ready (llama.cpp's server does the same), and generation routes answer 503 meanwhile.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -54,10 +55,17 @@ async def health(request: Request):
     if engine.state == "ready":
         return JSONResponse({"status": "ok"})
     if engine.state == "loading":
-        return JSONResponse({"status": "loading", "error": {"code": 503, "message": "Loading model",
-                                                            "type": "unavailable_error"}}, status_code=503)
-    return JSONResponse({"status": "error", "error": {"code": 500, "message": f"the model failed to load: "
-                                                      f"{engine.error}", "type": "server_error"}}, status_code=500)
+        return JSONResponse(
+            {"status": "loading", "error": {"code": 503, "message": "Loading model", "type": "unavailable_error"}},
+            status_code=503,
+        )
+    return JSONResponse(
+        {
+            "status": "error",
+            "error": {"code": 500, "message": f"the model failed to load: {engine.error}", "type": "server_error"},
+        },
+        status_code=500,
+    )
 
 
 async def slots(request: Request):
@@ -94,17 +102,22 @@ class Gate:
         async def send_(message):
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
-                if "slot" in st:   # which slot served the request (debugging, tests)
-                    message = {**message, "headers": [*message.get("headers", []),
-                                                      (b"x-mllama-q-slot", str(st["slot"]).encode())]}
+                if "slot" in st:  # which slot served the request (debugging, tests)
+                    message = {
+                        **message,
+                        "headers": [*message.get("headers", []), (b"x-mllama-q-slot", str(st["slot"]).encode())],
+                    }
             await send(message)
 
         try:
             path = scope.get("path", "")
             if self.key is not None and path not in PUBLIC_PATHS and not self._authorized(scope):
                 has = any(n == b"authorization" for n, _ in scope.get("headers", ()))
-                err = APIError(401, "invalid API key" if has else
-                               "missing API key: send the header 'Authorization: Bearer KEY'", code="invalid_api_key")
+                err = APIError(
+                    401,
+                    "invalid API key" if has else "missing API key: send the header 'Authorization: Bearer KEY'",
+                    code="invalid_api_key",
+                )
                 st["error"] = err.message
                 await error_for_path(path, err)(scope, receive, send_)
                 return
@@ -119,8 +132,9 @@ def _log_line(scope: Scope, status: int, dt: float, st: dict) -> str:
     parts = [who, scope.get("method", "-"), scope.get("path", "-"), str(status or "-"), f"{dt:.3f}s"]
     if "prompt" in st:
         cached = st.get("cached")
-        parts.append(f"prompt={st['prompt']}" + (f" cached={cached}" if cached is not None else
-                                                 f" reused~{st.get('reused', 0)}"))
+        parts.append(
+            f"prompt={st['prompt']}" + (f" cached={cached}" if cached is not None else f" reused~{st.get('reused', 0)}")
+        )
     if "gen" in st:
         parts.append(f"gen={st['gen']}")
         if st.get("ttft") is not None:
@@ -139,14 +153,21 @@ def _log_line(scope: Scope, status: int, dt: float, st: dict) -> str:
 
 def _not_found(request: Request, exc):
     status = getattr(exc, "status_code", 404)
-    msg = (f"no route {request.method} {request.url.path}" if status == 404 else
-           f"method {request.method} is not allowed on {request.url.path}")
+    msg = (
+        f"no route {request.method} {request.url.path}"
+        if status == 404
+        else f"method {request.method} is not allowed on {request.url.path}"
+    )
     request.scope.setdefault(STATS_KEY, {})["error"] = msg
     return error_for_path(request.url.path, APIError(status, msg))
 
 
-def create_app(engine: Engine, info: ModelInfo, config: ServerConfig | None = None,
-               on_load_failed: Callable[[str], None] | None = None) -> ASGIApp:
+def create_app(
+    engine: Engine,
+    info: ModelInfo,
+    config: ServerConfig | None = None,
+    on_load_failed: Callable[[str], None] | None = None,
+) -> ASGIApp:
     """The application. If the engine is still loading, loading starts (in a thread) when the
     app starts; `on_load_failed(message)` is called if it fails (the CLI then exits)."""
     config = config or ServerConfig()
@@ -157,12 +178,18 @@ def create_app(engine: Engine, info: ModelInfo, config: ServerConfig | None = No
     @contextlib.asynccontextmanager
     async def lifespan(app):
         if engine.state == "loading":
+
             def load():
                 try:
                     engine.load()
                     info.describe(engine.model)
-                    log.info("model ready: %s (%d slots, n_ctx %d, loaded in %.1f s)", info.name, engine.parallel,
-                             engine.n_ctx, engine.load_s or 0.0)
+                    log.info(
+                        "model ready: %s (%d slots, n_ctx %d, loaded in %.1f s)",
+                        info.name,
+                        engine.parallel,
+                        engine.n_ctx,
+                        engine.load_s or 0.0,
+                    )
                 except Exception as e:
                     log.error("cannot load the model: %s", engine.error or e)
                     if on_load_failed is not None:

@@ -23,6 +23,7 @@ whole conversation and every image each turn, so a follow-up lands on the slot t
 history. Token ids alone cannot tell two images apart (each is one `<|image|>` id), so the
 prefix also stops at the first image whose content digest differs.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -46,39 +47,45 @@ log = logging.getLogger("mllama_q.server")
 class GenRequest:
     """One generation, API-neutral (the OpenAI and Ollama routes both build this)."""
 
-    messages: list | None = None          # chat messages; image items are {"type": "image"}
-    prompt: str | None = None             # or a raw prompt (no template)
-    images: list[RequestImage] = field(default_factory=list)   # in prompt order
-    max_new_tokens: int | None = None     # None: until a stop or the context is full
-    sampling: dict = field(default_factory=dict)   # generate() kwargs: temperature, top_k, top_p, min_p,
+    messages: list | None = None  # chat messages; image items are {"type": "image"}
+    prompt: str | None = None  # or a raw prompt (no template)
+    images: list[RequestImage] = field(default_factory=list)  # in prompt order
+    max_new_tokens: int | None = None  # None: until a stop or the context is full
+    sampling: dict = field(default_factory=dict)  # generate() kwargs: temperature, top_k, top_p, min_p,
     #                                                repetition_penalty, seed (only those given)
     stop: list[str] | None = None
-    n_ctx: int | None = None              # a smaller context for this request (Ollama num_ctx)
+    n_ctx: int | None = None  # a smaller context for this request (Ollama num_ctx)
 
 
 @dataclass
 class Prepared:
     request: GenRequest
-    ids: list[int]          # prompt token ids (image tokens included), for slot choice
-    n_ctx: int              # the context this request may fill
-    max_new_tokens: int     # capped so prompt + answer fit n_ctx
+    ids: list[int]  # prompt token ids (image tokens included), for slot choice
+    n_ctx: int  # the context this request may fill
+    max_new_tokens: int  # capped so prompt + answer fit n_ctx
 
 
 class Slot:
     def __init__(self, slot_id: int, session):
         self.id = slot_id
         self.session = session
-        self.digests: list[str] = []     # image digests of the slot's last prompt, in order
-        self._tokens: list[int] = []     # adapter only: what the last turn left (prompt + answer)
+        self.digests: list[str] = []  # image digests of the slot's last prompt, in order
+        self._tokens: list[int] = []  # adapter only: what the last turn left (prompt + answer)
         self.last_used = -1.0
         self.requests = 0
         self.busy = False
-        self.last: dict = {}             # outcome of the last request: stop reason, tokens generated
+        self.last: dict = {}  # outcome of the last request: stop reason, tokens generated
 
     def status(self) -> dict:
         """GET /slots entry (llama.cpp's server has the same endpoint)."""
-        return {"id": self.id, "busy": self.busy, "n_tokens": len(self.tokens), "n_images": len(self.digests),
-                "requests": self.requests, "last": self.last}
+        return {
+            "id": self.id,
+            "busy": self.busy,
+            "n_tokens": len(self.tokens),
+            "n_images": len(self.digests),
+            "requests": self.requests,
+            "last": self.last,
+        }
 
     @property
     def tokens(self):
@@ -88,8 +95,9 @@ class Slot:
         return self._tokens if t is None else t
 
 
-def common_prefix(cached: Any, cached_digests: list[str], ids: list[int], digests: list[str],
-                  image_token_id: int) -> int:
+def common_prefix(
+    cached: Any, cached_digests: list[str], ids: list[int], digests: list[str], image_token_id: int
+) -> int:
     """Length of the common prefix of a slot's tokens and a prompt, stopping at the first image
     token whose image differs (by digest)."""
     a = np.asarray(cached, dtype=np.int64)
@@ -111,7 +119,7 @@ class SlotPool:
     def __init__(self, slots: list[Slot], image_token_id: int, max_queue: int, similarity: float = 0.1):
         self.slots = slots
         self._idle: set[int] = {s.id for s in slots}
-        self._waiters: collections.deque = collections.deque()   # (future, ids, digests)
+        self._waiters: collections.deque = collections.deque()  # (future, ids, digests)
         self.image_token_id = image_token_id
         self.max_queue = max_queue
         self.similarity = similarity
@@ -151,15 +159,19 @@ class SlotPool:
         if self._idle and not self._waiters:
             return self._take(ids, digests)
         if len(self._waiters) >= self.max_queue:
-            raise APIError(503, f"server busy: {self.n_busy} requests running and {len(self._waiters)} queued "
-                                f"(the limit, --max-queue); try again later", type="server_busy")
+            raise APIError(
+                503,
+                f"server busy: {self.n_busy} requests running and {len(self._waiters)} queued "
+                f"(the limit, --max-queue); try again later",
+                type="server_busy",
+            )
         fut = asyncio.get_running_loop().create_future()
         entry = (fut, ids, digests)
         self._waiters.append(entry)
         try:
             return await fut
         except asyncio.CancelledError:
-            if fut.done() and not fut.cancelled():   # a slot was handed over as we were cancelled
+            if fut.done() and not fut.cancelled():  # a slot was handed over as we were cancelled
                 self.release(fut.result()[0], used=False)
             else:
                 try:
@@ -200,8 +212,8 @@ class Run:
         self._cancel = threading.Event()
         self.slot = slot
         self.prepared = prepared
-        self.cached_prefix = cached_prefix   # prefix shared with the slot's cache when it was chosen
-        self.t_start = time.perf_counter()   # generation started (slot acquired)
+        self.cached_prefix = cached_prefix  # prefix shared with the slot's cache when it was chosen
+        self.t_start = time.perf_counter()  # generation started (slot acquired)
         self.finished = False
 
     # -- generation thread side
@@ -348,8 +360,15 @@ class Engine:
     """Owns the model (loaded in the background: /health answers 503 until it is ready), its
     slots and the queue."""
 
-    def __init__(self, load: Callable[[], Any] | None = None, *, model=None, parallel: int = 1,
-                 max_queue: int = 64, similarity: float = 0.1):
+    def __init__(
+        self,
+        load: Callable[[], Any] | None = None,
+        *,
+        model=None,
+        parallel: int = 1,
+        max_queue: int = 64,
+        similarity: float = 0.1,
+    ):
         if (load is None) == (model is None):
             raise ValueError("give exactly one of load= or model=")
         if parallel < 1:
@@ -399,8 +418,11 @@ class Engine:
 
     def require_ready(self) -> None:
         if self.state == "loading":
-            raise APIError(503, "the model is still loading; try again shortly (GET /health says when it is ready)",
-                           type="unavailable_error")
+            raise APIError(
+                503,
+                "the model is still loading; try again shortly (GET /health says when it is ready)",
+                type="unavailable_error",
+            )
         if self.state != "ready":
             raise APIError(503, f"the model failed to load: {self.error}", type="unavailable_error")
 
@@ -416,11 +438,10 @@ class Engine:
     def prepare(self, req: GenRequest) -> Prepared:
         """Tokenise the prompt (no image processing) and check it fits. Blocking: call in a thread."""
         from mllama_q.generate import prompt_text
-
         from mllama_q.sampling import check_value
 
         self.require_ready()
-        for name, value in req.sampling.items():   # the library's ranges (each API checked its own first)
+        for name, value in req.sampling.items():  # the library's ranges (each API checked its own first)
             try:
                 check_value(name, value)
             except ValueError as e:
@@ -434,15 +455,22 @@ class Engine:
             raise APIError(400, str(e), param="messages" if req.messages is not None else "prompt") from None
         token = model.processor.settings.image_token
         if text.count(token) != len(req.images):
-            raise APIError(400, f"the prompt has {text.count(token)} {token} token(s) but {len(req.images)} "
-                                "image(s) were given", param="prompt" if req.prompt is not None else "messages")
+            raise APIError(
+                400,
+                f"the prompt has {text.count(token)} {token} token(s) but {len(req.images)} image(s) were given",
+                param="prompt" if req.prompt is not None else "messages",
+            )
         ids = model.processor(text=text, add_special_tokens=add_special)["input_ids"][0].tolist()
         n_ctx = self.n_ctx if req.n_ctx is None else min(req.n_ctx, self.n_ctx)
         if len(ids) >= n_ctx:
-            raise APIError(400, f"the prompt is {len(ids)} tokens but the context holds {n_ctx} "
-                                f"({'--n-ctx' if n_ctx == self.n_ctx else 'num_ctx'}), and at least one more "
-                                "is needed to answer: shorten the conversation", code="context_length_exceeded",
-                           param="messages" if req.messages is not None else "prompt")
+            raise APIError(
+                400,
+                f"the prompt is {len(ids)} tokens but the context holds {n_ctx} "
+                f"({'--n-ctx' if n_ctx == self.n_ctx else 'num_ctx'}), and at least one more "
+                "is needed to answer: shorten the conversation",
+                code="context_length_exceeded",
+                param="messages" if req.messages is not None else "prompt",
+            )
         room = n_ctx - len(ids)
         max_new = room if req.max_new_tokens is None else min(req.max_new_tokens, room)
         return Prepared(request=req, ids=ids, n_ctx=n_ctx, max_new_tokens=max_new)
@@ -474,7 +502,7 @@ class Engine:
             else:
                 kw["prompt"] = req.prompt
             if req.images:
-                kw["images"] = [im.open() for im in req.images]   # decoded only now: queued requests hold bytes
+                kw["images"] = [im.open() for im in req.images]  # decoded only now: queued requests hold bytes
             if self._progress_kw:
                 kw["progress"] = run.check
             run.check()
@@ -506,8 +534,11 @@ class Engine:
         finally:
             slot.requests += 1
             # generated: the result's count, or for a cancelled run the text pieces sent (about one per token)
-            slot.last = {"stop": stop, "generated": result.completion_tokens if result is not None else n_pieces,
-                         "max_new_tokens": prep.max_new_tokens}
+            slot.last = {
+                "stop": stop,
+                "generated": result.completion_tokens if result is not None else n_pieces,
+                "max_new_tokens": prep.max_new_tokens,
+            }
             slot.digests = [im.digest for im in req.images]
             slot._tokens = list(prep.ids) + (list(result.tokens) if result is not None else [])
             try:

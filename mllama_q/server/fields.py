@@ -6,6 +6,7 @@ raises `APIError(400)` naming the field (OpenAI's `param`) for a value of the wr
 of range. Unknown keys are never looked at, so they are ignored as both reference APIs ignore
 them.
 """
+
 from __future__ import annotations
 
 import json
@@ -92,8 +93,15 @@ class Fields:
             raise self._fail(key, "a boolean", v)
         return v
 
-    def int(self, key: str, default: int | None = None, *, lo: int | None = None, hi: int | None = None,
-            truncate: bool = False) -> int | None:
+    def int(
+        self,
+        key: str,
+        default: int | None = None,
+        *,
+        lo: int | None = None,
+        hi: int | None = None,
+        truncate: bool = False,
+    ) -> int | None:
         """An integer; an integral float (5.0) is accepted, and with `truncate` any finite float
         is cut toward zero (Ollama: api/types.go Options.FromMap does int64(float64))."""
         v = self.obj.get(key)
@@ -104,14 +112,15 @@ class Fields:
         if isinstance(v, float):
             if not math.isfinite(v) or (not truncate and not v.is_integer()):
                 raise self._fail(key, "an integer", v)
-            if abs(v) >= 2.0 ** 63:
+            if abs(v) >= 2.0**63:
                 raise self._fail(key, "an integer within 64 bits", v)
             v = int(v)
         _check_range(self._name(key), v, lo, hi)
         return v
 
-    def num(self, key: str, default: float | None = None, *, lo: float | None = None, hi: float | None = None
-            ) -> float | None:
+    def num(
+        self, key: str, default: float | None = None, *, lo: float | None = None, hi: float | None = None
+    ) -> float | None:
         v = self.obj.get(key)
         if v is None:
             return default
@@ -133,8 +142,9 @@ class Fields:
 
     def _check_len(self, key: str, items: list, max_len: int | None) -> None:
         if max_len is not None and len(items) > max_len:
-            raise bad_request(f"'{self._name(key)}' has {len(items)} entries, at most {max_len} are allowed",
-                              param=self._name(key))
+            raise bad_request(
+                f"'{self._name(key)}' has {len(items)} entries, at most {max_len} are allowed", param=self._name(key)
+            )
 
     def object(self, key: str) -> "Fields | None":
         v = self.obj.get(key)

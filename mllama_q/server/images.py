@@ -14,6 +14,7 @@ Only raster formats PIL decodes in-process are tried (`formats=`): EPS, for one,
 Ghostscript. Truncated or corrupt files, decompression bombs (a tiny file declaring a huge
 canvas) and animations (first frame used) are handled; every failure is an APIError(400).
 """
+
 from __future__ import annotations
 
 import base64
@@ -31,9 +32,9 @@ FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
 
 @dataclass(frozen=True)
 class ImageLimits:
-    max_images: int = 4                 # per request, counting every message (history included)
-    max_bytes: int = 20 * 1024 * 1024   # encoded size of one image
-    max_pixels: int = 40_000_000        # width x height of one image
+    max_images: int = 4  # per request, counting every message (history included)
+    max_bytes: int = 20 * 1024 * 1024  # encoded size of one image
+    max_pixels: int = 40_000_000  # width x height of one image
 
 
 @dataclass
@@ -42,7 +43,7 @@ class RequestImage:
     request holds no pixel buffers) and what identifies it."""
 
     data: bytes
-    digest: str          # sha256 of the encoded bytes: identifies the image for slot choice
+    digest: str  # sha256 of the encoded bytes: identifies the image for slot choice
     width: int
     height: int
 
@@ -54,8 +55,11 @@ class RequestImage:
 def check_image_count(n: int, limits: ImageLimits, param: str) -> None:
     """Before decoding anything: at most limits.max_images per request, history included."""
     if n > limits.max_images:
-        raise bad_request(f"too many images: {n} in the request, at most {limits.max_images} per request, "
-                          "history included (--max-images)", param=param)
+        raise bad_request(
+            f"too many images: {n} in the request, at most {limits.max_images} per request, "
+            "history included (--max-images)",
+            param=param,
+        )
 
 
 def image_from_url(url, where: str, limits: ImageLimits) -> RequestImage:
@@ -64,20 +68,25 @@ def image_from_url(url, where: str, limits: ImageLimits) -> RequestImage:
         raise bad_request(f"'{where}' must be a non-empty string", param=where)
     head = url[:16].lower()
     if head.startswith(("http://", "https://")):
-        raise bad_request(f"'{where}': image URLs are not fetched (this server never reaches the network); "
-                          "send the image inline as a data URL: data:image/png;base64,...", param=where,
-                          code="image_url_not_supported")
+        raise bad_request(
+            f"'{where}': image URLs are not fetched (this server never reaches the network); "
+            "send the image inline as a data URL: data:image/png;base64,...",
+            param=where,
+            code="image_url_not_supported",
+        )
     if not head.startswith("data:"):
         scheme = url.split(":", 1)[0][:20] if ":" in url else url[:20]
-        raise bad_request(f"'{where}': unsupported image URL {scheme!r}...; send the image inline as a "
-                          "data URL: data:image/png;base64,...", param=where)
+        raise bad_request(
+            f"'{where}': unsupported image URL {scheme!r}...; send the image inline as a "
+            "data URL: data:image/png;base64,...",
+            param=where,
+        )
     meta, sep, payload = url[5:].partition(",")
     if not sep:
         raise bad_request(f"'{where}': malformed data URL (no ',' after the media type)", param=where)
     parts = [p.strip().lower() for p in meta.split(";")]
     if "base64" not in parts[1:]:
-        raise bad_request(f"'{where}': only base64 data URLs are supported (data:image/...;base64,...)",
-                          param=where)
+        raise bad_request(f"'{where}': only base64 data URLs are supported (data:image/...;base64,...)", param=where)
     if parts[0] and not parts[0].startswith("image/"):
         raise bad_request(f"'{where}': the data URL's media type is {parts[0]!r}, not an image", param=where)
     return decode_image(_b64decode(payload, where, limits), where, limits)
@@ -95,8 +104,11 @@ def image_from_base64(data, where: str, limits: ImageLimits) -> RequestImage:
 def _b64decode(s: str, where: str, limits: ImageLimits) -> bytes:
     s = "".join(s.split())  # base64 may be wrapped (MIME): whitespace is not data
     if len(s) // 4 * 3 > limits.max_bytes:
-        raise bad_request(f"'{where}': the image is about {len(s) // 4 * 3 / 2**20:.1f} MiB, more than the "
-                          f"{limits.max_bytes / 2**20:.1f} MiB limit per image (--max-image-mb)", param=where)
+        raise bad_request(
+            f"'{where}': the image is about {len(s) // 4 * 3 / 2**20:.1f} MiB, more than the "
+            f"{limits.max_bytes / 2**20:.1f} MiB limit per image (--max-image-mb)",
+            param=where,
+        )
     s += "=" * (-len(s) % 4)  # tolerate missing padding
     try:
         return base64.b64decode(s, validate=True)
@@ -111,8 +123,11 @@ def decode_image(data: bytes, where: str, limits: ImageLimits) -> RequestImage:
     from PIL import Image, UnidentifiedImageError
 
     if len(data) > limits.max_bytes:
-        raise bad_request(f"'{where}': the image is {len(data) / 2**20:.1f} MiB, more than the "
-                          f"{limits.max_bytes / 2**20:.1f} MiB limit per image (--max-image-mb)", param=where)
+        raise bad_request(
+            f"'{where}': the image is {len(data) / 2**20:.1f} MiB, more than the "
+            f"{limits.max_bytes / 2**20:.1f} MiB limit per image (--max-image-mb)",
+            param=where,
+        )
     if not data:
         raise bad_request(f"'{where}': the image is empty", param=where)
     try:
@@ -123,19 +138,24 @@ def decode_image(data: bytes, where: str, limits: ImageLimits) -> RequestImage:
             if w <= 0 or h <= 0:
                 raise bad_request(f"'{where}': the image has zero size ({w}x{h})", param=where)
             if w * h > limits.max_pixels:
-                raise bad_request(f"'{where}': the image is {w}x{h} = {w * h} pixels, more than the limit of "
-                                  f"{limits.max_pixels} (--max-image-pixels)", param=where)
-            _load(img)   # decode now: a truncated or corrupt file fails here
+                raise bad_request(
+                    f"'{where}': the image is {w}x{h} = {w * h} pixels, more than the limit of "
+                    f"{limits.max_pixels} (--max-image-pixels)",
+                    param=where,
+                )
+            _load(img)  # decode now: a truncated or corrupt file fails here
             del img
     except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise bad_request(f"'{where}': cannot decode the image ({_short(e)}); supported formats: "
-                          f"{', '.join(FORMATS)}", param=where) from None
+        raise bad_request(
+            f"'{where}': cannot decode the image ({_short(e)}); supported formats: {', '.join(FORMATS)}", param=where
+        ) from None
     except APIError:
         raise
     except Exception as e:  # PIL's decoders fail in many ways on hostile files (OSError, SyntaxError,
         #                     struct.error, IndexError, MemoryError, ...): all mean "not a usable image"
-        raise bad_request(f"'{where}': cannot decode the image ({type(e).__name__}: {_short(e)})",
-                          param=where) from None
+        raise bad_request(
+            f"'{where}': cannot decode the image ({type(e).__name__}: {_short(e)})", param=where
+        ) from None
     return RequestImage(data=data, digest=hashlib.sha256(data).hexdigest(), width=w, height=h)
 
 

@@ -1,5 +1,6 @@
 """What the server says about its model: names it answers to, and the descriptions the model
 listing endpoints return (Ollama /api/tags, /api/show, /api/ps; OpenAI /v1/models)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -46,7 +47,7 @@ def _jsonable(v, verbose: bool):
         return v.item()
     if hasattr(v, "tolist") or isinstance(v, (list, tuple)) or hasattr(v, "__len__"):
         if not verbose:
-            return []   # Ollama: arrays are only populated with "verbose": true
+            return []  # Ollama: arrays are only populated with "verbose": true
         seq = v.tolist() if hasattr(v, "tolist") else list(v)
         return [_jsonable(x, True) for x in seq]
     return str(v)
@@ -55,7 +56,7 @@ def _jsonable(v, verbose: bool):
 @dataclass
 class ModelInfo:
     path: str
-    name: str                              # the name listings show
+    name: str  # the name listings show
     aliases: list[str] = field(default_factory=list)
     size: int = 0
     modified: float = 0.0
@@ -71,8 +72,7 @@ class ModelInfo:
         # Ollama's digest names the manifest blob; hashing a 7 GB file at start-up would take
         # a minute, so this identifies the file by path, size and modification time instead.
         digest = hashlib.sha256(f"{p.resolve()}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()
-        return cls(path=str(p), name=name, aliases=list(aliases), size=st.st_size, modified=st.st_mtime,
-                   digest=digest)
+        return cls(path=str(p), name=name, aliases=list(aliases), size=st.st_size, modified=st.st_mtime, digest=digest)
 
     def describe(self, model) -> None:
         """Details and capabilities from the loaded model."""
@@ -83,10 +83,14 @@ class ModelInfo:
         n_params = int(sum(int(np.prod(t.shape)) for t in _tensors(reader)))
         inv = {v: k for k, v in K.FILE_TYPE.items()}
         ftype = meta.get(K.GENERAL_FILE_TYPE)
-        self.details = {"parent_model": "", "format": "gguf", "family": K.ARCH, "families": [K.ARCH],
-                        "parameter_size": human_number(n_params),
-                        "quantization_level": inv.get(int(ftype), f"type {ftype}").upper()
-                        if ftype is not None else "unknown"}
+        self.details = {
+            "parent_model": "",
+            "format": "gguf",
+            "family": K.ARCH,
+            "families": [K.ARCH],
+            "parameter_size": human_number(n_params),
+            "quantization_level": inv.get(int(ftype), f"type {ftype}").upper() if ftype is not None else "unknown",
+        }
         self.capabilities = ["completion"] + (["vision"] if getattr(model, "has_vision", False) else [])
         self._meta = meta
         self._n_params = n_params
@@ -94,9 +98,10 @@ class ModelInfo:
     def matches(self, requested: str) -> bool:
         """Does a request's model name mean this model? The name, an alias, the path given, the
         file name or its stem; ":latest" is implied as in Ollama names; case-insensitive."""
+
         def norm(s: str) -> str:
             s = s.strip().casefold()
-            return s[:-len(":latest")] if s.endswith(":latest") else s
+            return s[: -len(":latest")] if s.endswith(":latest") else s
 
         p = Path(self.path)
         known = {norm(x) for x in [self.name, *self.aliases, self.path, p.name, p.stem]}

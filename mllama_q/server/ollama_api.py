@@ -21,6 +21,7 @@ ProcessResponse; server/routes.go handlers) at commit fb30760996871fa9460115c753
 - an empty conversation / prompt answers the "load" (or, with keep_alive 0, "unload")
   response without generating; the model stays loaded whatever keep_alive says.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -44,7 +45,7 @@ OLLAMA_API_VERSION = "0.29.0"
 DONE_REASON = {"stop_token": "stop", "stop_string": "stop", "length": "length", "context_full": "length"}
 NDJSON = "application/x-ndjson"
 # Go's MaxInt64 nanoseconds: what Ollama's expires_at is for a model kept loaded forever.
-_FOREVER_S = (2 ** 63 - 1) / 1e9
+_FOREVER_S = (2**63 - 1) / 1e9
 
 
 def _ctx(request: Request):
@@ -70,17 +71,17 @@ def _options(f: Fields) -> tuple[dict, list[str] | None, int | None, int | None]
     t = o.num("temperature")
     if t is not None:
         if t < 0:
-            raise bad_request("option \"temperature\" must be >= 0 (0 is greedy)", param="options.temperature")
+            raise bad_request('option "temperature" must be >= 0 (0 is greedy)', param="options.temperature")
         out["temperature"] = t
     top_k = o.int("top_k", truncate=True)
     if top_k is not None:
-        out["top_k"] = max(top_k, 0)          # llama.cpp: <= 0 disables top-k
+        out["top_k"] = max(top_k, 0)  # llama.cpp: <= 0 disables top-k
     top_p = o.num("top_p")
     if top_p is not None:
         if not 0 <= top_p <= 1:
-            raise bad_request(f"option \"top_p\" must be between 0 and 1, got {top_p}", param="options.top_p")
+            raise bad_request(f'option "top_p" must be between 0 and 1, got {top_p}', param="options.top_p")
         if top_p == 0:
-            out["temperature"] = 0.0          # only the most likely token survives: greedy
+            out["temperature"] = 0.0  # only the most likely token survives: greedy
         elif top_p < 1:
             out["top_p"] = top_p
         else:
@@ -88,13 +89,14 @@ def _options(f: Fields) -> tuple[dict, list[str] | None, int | None, int | None]
     min_p = o.num("min_p")
     if min_p is not None:
         if not 0 <= min_p <= 1:
-            raise bad_request(f"option \"min_p\" must be between 0 and 1, got {min_p}", param="options.min_p")
+            raise bad_request(f'option "min_p" must be between 0 and 1, got {min_p}', param="options.min_p")
         out["min_p"] = min_p
     rp = o.num("repeat_penalty")
     if rp is not None:
         if rp <= 0:
-            raise bad_request(f"option \"repeat_penalty\" must be > 0 (1 disables it), got {rp}",
-                              param="options.repeat_penalty")
+            raise bad_request(
+                f'option "repeat_penalty" must be > 0 (1 disables it), got {rp}', param="options.repeat_penalty"
+            )
         out["repetition_penalty"] = rp
     seed = o.int("seed", truncate=True)
     if seed is not None and seed >= 0:
@@ -103,18 +105,17 @@ def _options(f: Fields) -> tuple[dict, list[str] | None, int | None, int | None]
     max_new = num_predict if num_predict is not None and num_predict > 0 else None
     num_ctx = o.int("num_ctx", truncate=True)
     if num_ctx is not None and num_ctx < 1:
-        raise bad_request(f"option \"num_ctx\" must be >= 1, got {num_ctx}", param="options.num_ctx")
+        raise bad_request(f'option "num_ctx" must be >= 1, got {num_ctx}', param="options.num_ctx")
     return out, o.stop("stop"), max_new, num_ctx
 
 
 def _unsupported(f: Fields, model: str) -> None:
     fmt = f.raw("format")
     if fmt not in (None, ""):
-        raise bad_request("'format' (JSON mode / structured outputs) is not supported by this server",
-                          param="format")
+        raise bad_request("'format' (JSON mode / structured outputs) is not supported by this server", param="format")
     think = f.raw("think")
     if think is True or (isinstance(think, str) and think):
-        raise bad_request(f"\"{model}\" does not support thinking", param="think")
+        raise bad_request(f'"{model}" does not support thinking', param="think")
     if f.bool("logprobs"):
         raise bad_request("'logprobs' is not supported by this server", param="logprobs")
 
@@ -140,29 +141,29 @@ def _chat_request(body: dict, model: str, limits: ImageLimits) -> GenRequest:
     f = Fields(body)
     msgs = f.list("messages") or []
     if f.list("tools"):
-        raise bad_request(f"\"{model}\" does not support tools", param="tools")
+        raise bad_request(f'"{model}" does not support tools', param="tools")
     check_image_count(_count_images(msgs), limits, "messages")
     out, images = [], []
     for i, m in enumerate(msgs):
         mf = Fields(m, f"messages[{i}].")
-        role = (mf.str("role") or "").lower()   # api/types.go Message.UnmarshalJSON lowercases the role
+        role = (mf.str("role") or "").lower()  # api/types.go Message.UnmarshalJSON lowercases the role
         if not role:
             raise bad_request(f"'messages[{i}].role' is required", param=f"messages[{i}].role")
         content = mf.str("content", "")
         if mf.list("tool_calls"):
-            raise bad_request(f"\"{model}\" does not support tools", param=f"messages[{i}].tool_calls")
+            raise bad_request(f'"{model}" does not support tools', param=f"messages[{i}].tool_calls")
         imgs = _images(mf.raw("images"), f"messages[{i}].images", limits)
         if imgs:
             if role != "user":
-                raise bad_request(f"'messages[{i}].images': images are only supported in user messages",
-                                  param=f"messages[{i}].images")
+                raise bad_request(
+                    f"'messages[{i}].images': images are only supported in user messages", param=f"messages[{i}].images"
+                )
             images += imgs
             out.append({"role": role, "content": [{"type": "image"}] * len(imgs) + [{"type": "text", "text": content}]})
         else:
             out.append({"role": role, "content": content})
     sampling, stop, max_new, num_ctx = _options(f)
-    return GenRequest(messages=out, images=images, max_new_tokens=max_new, sampling=sampling, stop=stop,
-                      n_ctx=num_ctx)
+    return GenRequest(messages=out, images=images, max_new_tokens=max_new, sampling=sampling, stop=stop, n_ctx=num_ctx)
 
 
 def _generate_request(body: dict, model: str, limits: ImageLimits, image_token: str) -> GenRequest:
@@ -171,10 +172,12 @@ def _generate_request(body: dict, model: str, limits: ImageLimits, image_token: 
     system = f.str("system")
     raw = bool(f.bool("raw", False))
     if f.str("suffix"):
-        raise bad_request(f"\"{model}\" does not support insert", param="suffix")
+        raise bad_request(f'"{model}" does not support insert', param="suffix")
     if f.str("template"):
-        raise bad_request("'template' is not supported: Ollama's Go templates do not apply; the model file's "
-                          "chat template is used", param="template")
+        raise bad_request(
+            "'template' is not supported: Ollama's Go templates do not apply; the model file's chat template is used",
+            param="template",
+        )
     if f.list("context"):
         raise bad_request("'context' is not supported: send the conversation with /api/chat", param="context")
     if raw and system:
@@ -186,7 +189,7 @@ def _generate_request(body: dict, model: str, limits: ImageLimits, image_token: 
     common = dict(images=images, max_new_tokens=max_new, sampling=sampling, stop=stop, n_ctx=num_ctx)
     if raw:
         if images and image_token not in prompt:
-            prompt = image_token * len(images) + prompt   # images first, as the chat template places them
+            prompt = image_token * len(images) + prompt  # images first, as the chat template places them
         return GenRequest(prompt=prompt, **common)
     content = [{"type": "image"}] * len(images) + [{"type": "text", "text": prompt}] if images else prompt
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
@@ -197,12 +200,14 @@ def _metrics(result, run, t_request: float) -> dict:
     """Ollama's Metrics (nanoseconds; zero values omitted as Go's omitempty does)."""
     t = result.timings
     now = time.perf_counter()
-    m = {"total_duration": int((now - t_request) * 1e9),
-         "load_duration": int((run.t_start - t_request) * 1e9),   # waiting for a slot + preparing the request
-         "prompt_eval_count": int(result.prompt_tokens),
-         "prompt_eval_duration": int((t.get("image_encode_s", 0.0) + t.get("prefill_s", 0.0)) * 1e9),
-         "eval_count": int(result.completion_tokens),
-         "eval_duration": int(t.get("decode_s", 0.0) * 1e9)}
+    m = {
+        "total_duration": int((now - t_request) * 1e9),
+        "load_duration": int((run.t_start - t_request) * 1e9),  # waiting for a slot + preparing the request
+        "prompt_eval_count": int(result.prompt_tokens),
+        "prompt_eval_duration": int((t.get("image_encode_s", 0.0) + t.get("prefill_s", 0.0)) * 1e9),
+        "eval_count": int(result.completion_tokens),
+        "eval_duration": int(t.get("decode_s", 0.0) * 1e9),
+    }
     return {k: v for k, v in m.items() if v}
 
 
@@ -222,11 +227,20 @@ async def _ndjson(request: Request, run, model: str, chat: bool, t_request: floa
         return body
 
     def done(result) -> list[bytes]:
-        return [_line(chunk("", done=True, done_reason=DONE_REASON.get(result.stop_reason, "stop"),
-                            **_metrics(result, run, t_request)))]
+        return [
+            _line(
+                chunk(
+                    "",
+                    done=True,
+                    done_reason=DONE_REASON.get(result.stop_reason, "stop"),
+                    **_metrics(result, run, t_request),
+                )
+            )
+        ]
 
-    async for b in render_events(request, run, lambda piece: _line(chunk(piece)), lambda e: _line(e.ollama_body()),
-                                 done):
+    async for b in render_events(
+        request, run, lambda piece: _line(chunk(piece)), lambda e: _line(e.ollama_body()), done
+    ):
         yield b
 
 
@@ -249,8 +263,8 @@ async def _generate(request: Request, chat: bool):
     _unsupported(f, model)
     stream = f.bool("stream", True)
     empty = not (f.list("messages") if chat else (f.str("prompt") or f.list("images")))
-    if empty:   # Ollama loads (or unloads) the model and answers without generating
-        _options(f)   # still a 400 for bad options
+    if empty:  # Ollama loads (or unloads) the model and answers without generating
+        _options(f)  # still a 400 for bad options
         srv.engine.require_ready()
         return _load_response(model, chat, _keep_alive_zero(f))
     srv.engine.require_ready()
@@ -260,7 +274,7 @@ async def _generate(request: Request, chat: bool):
     else:
         token = srv.engine.model.processor.settings.image_token
         req = await asyncio.to_thread(_generate_request, body, model, limits, token)
-    del body, f   # the request holds what it needs; the parsed body (base64 images) can go while it waits
+    del body, f  # the request holds what it needs; the parsed body (base64 images) can go while it waits
     run = await start_generation(request, srv.engine, req)
     if stream:
         return RunStream(_ndjson(request, run, model, chat, t_request), run, NDJSON)
@@ -289,8 +303,14 @@ def _tag(name: str) -> str:
 
 
 def _listing(info) -> dict:
-    return {"name": _tag(info.name), "model": _tag(info.name), "modified_at": rfc3339(info.modified, local=True),
-            "size": info.size, "digest": info.digest, "details": info.details}
+    return {
+        "name": _tag(info.name),
+        "model": _tag(info.name),
+        "modified_at": rfc3339(info.modified, local=True),
+        "size": info.size,
+        "digest": info.digest,
+        "details": info.details,
+    }
 
 
 @api_route(ollama_error)
@@ -307,8 +327,11 @@ async def ps(request: Request):
     entry = _listing(srv.info)
     del entry["modified_at"]
     on_gpu = str(getattr(srv.engine.model, "device", "cpu")).startswith("cuda")
-    entry.update(expires_at=rfc3339(time.time() + _FOREVER_S), size_vram=srv.info.size if on_gpu else 0,
-                 context_length=srv.engine.n_ctx)
+    entry.update(
+        expires_at=rfc3339(time.time() + _FOREVER_S),
+        size_vram=srv.info.size if on_gpu else 0,
+        context_length=srv.engine.n_ctx,
+    )
     return JSONResponse({"models": [entry]})
 
 
@@ -335,13 +358,20 @@ async def show(request: Request):
     model = srv.engine.model
     template = (model.tokenizer.chat_template if model.tokenizer is not None else None) or ""
     params = _parameters(model, srv.engine.n_ctx)
-    modelfile = (f"# Modelfile generated by mllama-q\n# FROM {srv.info.path}\nFROM {srv.info.path}\n"
-                 + "".join(f"PARAMETER {line.split(None, 1)[0]} {line.split(None, 1)[1]}\n"
-                           for line in params.splitlines()))
-    return JSONResponse({"modelfile": modelfile, "parameters": params, "template": template,
-                         "details": srv.info.details, "model_info": srv.info.model_info(bool(f.bool("verbose"))),
-                         "capabilities": srv.info.capabilities,
-                         "modified_at": rfc3339(srv.info.modified, local=True)})
+    modelfile = f"# Modelfile generated by mllama-q\n# FROM {srv.info.path}\nFROM {srv.info.path}\n" + "".join(
+        f"PARAMETER {line.split(None, 1)[0]} {line.split(None, 1)[1]}\n" for line in params.splitlines()
+    )
+    return JSONResponse(
+        {
+            "modelfile": modelfile,
+            "parameters": params,
+            "template": template,
+            "details": srv.info.details,
+            "model_info": srv.info.model_info(bool(f.bool("verbose"))),
+            "capabilities": srv.info.capabilities,
+            "modified_at": rfc3339(srv.info.modified, local=True),
+        }
+    )
 
 
 @api_route(ollama_error)

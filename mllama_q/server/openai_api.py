@@ -20,6 +20,7 @@ llama.cpp's and vLLM's servers accept them. Parameters this server cannot honour
 logprobs, tools, presence/frequency penalties, JSON response formats, echo, suffix, best_of)
 are refused with a 400 naming them rather than silently ignored; unknown fields are ignored.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -37,7 +38,7 @@ from .images import ImageLimits, check_image_count, image_from_url
 from .transport import RunStream, api_route, collect, openai_error, read_json, render_events, start_generation
 
 FINISH_REASON = {"stop_token": "stop", "stop_string": "stop", "length": "length", "context_full": "length"}
-MAX_STOP = 16   # OpenAI allows 4; llama.cpp has no limit
+MAX_STOP = 16  # OpenAI allows 4; llama.cpp has no limit
 
 
 def _ctx(request: Request):
@@ -50,8 +51,12 @@ def _check_model(request: Request, f: Fields) -> str:
     if not name:
         raise bad_request("you must provide a model parameter", param="model")
     if not srv.info.matches(name):
-        raise APIError(404, f"The model `{name}` does not exist: this server serves `{srv.info.name}`",
-                       param="model", code="model_not_found")
+        raise APIError(
+            404,
+            f"The model `{name}` does not exist: this server serves `{srv.info.name}`",
+            param="model",
+            code="model_not_found",
+        )
     return name
 
 
@@ -64,12 +69,12 @@ def _sampling(f: Fields) -> dict:
     top_p = f.num("top_p", lo=0, hi=1)
     if top_p is not None:
         if top_p == 0:
-            out["temperature"] = 0.0   # only the most likely token survives: greedy
+            out["temperature"] = 0.0  # only the most likely token survives: greedy
         else:
             out["top_p"] = top_p
     top_k = f.int("top_k", lo=-1)
     if top_k is not None:
-        out["top_k"] = max(top_k, 0)   # llama.cpp: <= 0 disables
+        out["top_k"] = max(top_k, 0)  # llama.cpp: <= 0 disables
     min_p = f.num("min_p", lo=0, hi=1)
     if min_p is not None:
         out["min_p"] = min_p
@@ -80,7 +85,7 @@ def _sampling(f: Fields) -> dict:
         out["repetition_penalty"] = rp
     seed = f.int("seed")
     if seed is not None:
-        out["seed"] = seed % (1 << 64)   # OpenAI seeds are signed 64-bit; numpy's RNG wants >= 0
+        out["seed"] = seed % (1 << 64)  # OpenAI seeds are signed 64-bit; numpy's RNG wants >= 0
     for key in ("presence_penalty", "frequency_penalty"):
         v = f.num(key, lo=-2, hi=2)
         if v:
@@ -109,21 +114,30 @@ def _messages(f: Fields, limits: ImageLimits) -> tuple[list, list]:
     msgs = f.list("messages", required=True)
     if not msgs:
         raise bad_request("'messages' must not be empty", param="messages")
-    n_images = sum(1 for m in msgs if isinstance(m, dict) and isinstance(m.get("content"), list)
-                   for p in m["content"] if isinstance(p, dict) and p.get("type") == "image_url")
+    n_images = sum(
+        1
+        for m in msgs
+        if isinstance(m, dict) and isinstance(m.get("content"), list)
+        for p in m["content"]
+        if isinstance(p, dict) and p.get("type") == "image_url"
+    )
     check_image_count(n_images, limits, "messages")
     out, images = [], []
     for i, m in enumerate(msgs):
         mf = Fields(m, f"messages[{i}].")
         role = mf.str("role", required=True)
         if role == "developer":
-            role = "system"   # OpenAI's newer name for system instructions
+            role = "system"  # OpenAI's newer name for system instructions
         if role not in ("system", "user", "assistant", "tool"):
-            raise bad_request(f"'messages[{i}].role' must be one of system, developer, user, assistant, tool; "
-                              f"got {role!r}", param=f"messages[{i}].role")
+            raise bad_request(
+                f"'messages[{i}].role' must be one of system, developer, user, assistant, tool; got {role!r}",
+                param=f"messages[{i}].role",
+            )
         if mf.list("tool_calls"):
-            raise bad_request(f"'messages[{i}].tool_calls': tool calls are not supported by this server",
-                              param=f"messages[{i}].tool_calls")
+            raise bad_request(
+                f"'messages[{i}].tool_calls': tool calls are not supported by this server",
+                param=f"messages[{i}].tool_calls",
+            )
         content = mf.raw("content")
         if content is None:
             content = ""
@@ -131,8 +145,9 @@ def _messages(f: Fields, limits: ImageLimits) -> tuple[list, list]:
             out.append({"role": role, "content": content})
             continue
         if not isinstance(content, list):
-            raise bad_request(f"'messages[{i}].content' must be a string or an array of content parts",
-                              param=f"messages[{i}].content")
+            raise bad_request(
+                f"'messages[{i}].content' must be a string or an array of content parts", param=f"messages[{i}].content"
+            )
         items, has_image = [], False
         for j, part in enumerate(content):
             where = f"messages[{i}].content[{j}]"
@@ -144,16 +159,17 @@ def _messages(f: Fields, limits: ImageLimits) -> tuple[list, list]:
                 if role != "user":
                     raise bad_request(f"'{where}': images are only supported in user messages", param=where)
                 iu = pf.raw("image_url")
-                url = iu.get("url") if isinstance(iu, dict) else iu   # {"url": ...}; some clients send the string
+                url = iu.get("url") if isinstance(iu, dict) else iu  # {"url": ...}; some clients send the string
                 images.append(image_from_url(url, f"{where}.image_url.url", limits))
                 items.append({"type": "image"})
                 has_image = True
             else:
-                raise bad_request(f"'{where}.type' {kind!r} is not supported (text and image_url are)",
-                                  param=f"{where}.type")
+                raise bad_request(
+                    f"'{where}.type' {kind!r} is not supported (text and image_url are)", param=f"{where}.type"
+                )
         if has_image:
             out.append({"role": role, "content": items})
-        else:   # the template concatenates text parts; a string also suits the system-message path
+        else:  # the template concatenates text parts; a string also suits the system-message path
             out.append({"role": role, "content": "".join(it["text"] for it in items)})
     return out, images
 
@@ -167,8 +183,9 @@ def _unsupported_chat(f: Fields) -> None:
         raise bad_request("tools (function calling) are not supported by this server", param="tools")
     rf = f.object("response_format")
     if rf is not None and rf.str("type", "text") != "text":
-        raise bad_request(f"'response_format' {rf.str('type')!r} is not supported (only 'text')",
-                          param="response_format")
+        raise bad_request(
+            f"'response_format' {rf.str('type')!r} is not supported (only 'text')", param="response_format"
+        )
 
 
 def _chat_request(body: dict, limits: ImageLimits) -> tuple[GenRequest, bool, bool]:
@@ -176,16 +193,24 @@ def _chat_request(body: dict, limits: ImageLimits) -> tuple[GenRequest, bool, bo
     _unsupported_chat(f)
     messages, images = _messages(f, limits)
     stream, include_usage = _stream_options(f)
-    req = GenRequest(messages=messages, images=images, max_new_tokens=_max_tokens(f), sampling=_sampling(f),
-                     stop=f.stop("stop", MAX_STOP))
+    req = GenRequest(
+        messages=messages,
+        images=images,
+        max_new_tokens=_max_tokens(f),
+        sampling=_sampling(f),
+        stop=f.stop("stop", MAX_STOP),
+    )
     return req, stream, include_usage
 
 
 def _usage(result) -> dict:
     cached = getattr(result, "cached_tokens", None)
-    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
-            "total_tokens": result.prompt_tokens + result.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": int(cached or 0)}}
+    return {
+        "prompt_tokens": result.prompt_tokens,
+        "completion_tokens": result.completion_tokens,
+        "total_tokens": result.prompt_tokens + result.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": int(cached or 0)},
+    }
 
 
 def _sse(obj) -> bytes:
@@ -201,8 +226,13 @@ class _Ids:
     def __init__(self, prefix: str, obj: str, model: str):
         from mllama_q import __version__
 
-        self.base = {"id": f"{prefix}-{uuid.uuid4().hex}", "object": obj, "created": int(time.time()),
-                     "model": model, "system_fingerprint": f"mllama-q-{__version__}"}
+        self.base = {
+            "id": f"{prefix}-{uuid.uuid4().hex}",
+            "object": obj,
+            "created": int(time.time()),
+            "model": model,
+            "system_fingerprint": f"mllama-q-{__version__}",
+        }
 
     def make(self, **kw) -> dict:
         return {**self.base, **kw}
@@ -212,8 +242,11 @@ async def _stream_body(request: Request, run, ids: _Ids, include_usage: bool, ch
     usage_null = {"usage": None} if include_usage else {}
 
     def chunk(piece, finish=None, **kw) -> bytes:
-        c = ({"index": 0, "delta": piece, "logprobs": None, "finish_reason": finish} if chat else
-             {"index": 0, "text": piece, "logprobs": None, "finish_reason": finish})
+        c = (
+            {"index": 0, "delta": piece, "logprobs": None, "finish_reason": finish}
+            if chat
+            else {"index": 0, "text": piece, "logprobs": None, "finish_reason": finish}
+        )
         return _sse(ids.make(choices=[c], **{**usage_null, **kw}))
 
     def done(result) -> list[bytes]:
@@ -224,8 +257,9 @@ async def _stream_body(request: Request, run, ids: _Ids, include_usage: bool, ch
 
     if chat:
         yield chunk({"role": "assistant", "content": ""})
-    async for b in render_events(request, run, lambda piece: chunk({"content": piece} if chat else piece),
-                                 lambda e: _sse(e.openai_body()), done):
+    async for b in render_events(
+        request, run, lambda piece: chunk({"content": piece} if chat else piece), lambda e: _sse(e.openai_body()), done
+    ):
         yield b
 
 
@@ -234,11 +268,11 @@ async def _complete(request: Request, chat: bool):
     body = await read_json(request, srv.config.max_body_bytes)
     model = _check_model(request, Fields(body))
     srv.engine.require_ready()
-    if chat:   # images are checked here: off the event loop
+    if chat:  # images are checked here: off the event loop
         req, stream, include_usage = await asyncio.to_thread(_chat_request, body, srv.config.image_limits)
     else:
         req, stream, include_usage = _completion_request(body)
-    del body   # the request holds what it needs; the parsed body (base64 images) can go while it waits
+    del body  # the request holds what it needs; the parsed body (base64 images) can go while it waits
     run = await start_generation(request, srv.engine, req)
     if chat:
         ids = _Ids("chatcmpl", "chat.completion.chunk" if stream else "chat.completion", model)
@@ -248,9 +282,16 @@ async def _complete(request: Request, chat: bool):
         return RunStream(_stream_body(request, run, ids, include_usage, chat), run, "text/event-stream", SSE_HEADERS)
     text, result = await collect(request, run)
     finish = FINISH_REASON.get(result.stop_reason, "stop")
-    choice = ({"index": 0, "message": {"role": "assistant", "content": text, "refusal": None}, "logprobs": None,
-               "finish_reason": finish} if chat else
-              {"index": 0, "text": text, "logprobs": None, "finish_reason": finish})
+    choice = (
+        {
+            "index": 0,
+            "message": {"role": "assistant", "content": text, "refusal": None},
+            "logprobs": None,
+            "finish_reason": finish,
+        }
+        if chat
+        else {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+    )
     return JSONResponse(ids.make(choices=[choice], usage=_usage(result)))
 
 
@@ -264,8 +305,11 @@ def _completion_request(body: dict) -> tuple[GenRequest, bool, bool]:
     prompt = f.raw("prompt")
     if isinstance(prompt, list):
         if len(prompt) != 1 or not isinstance(prompt[0], str):
-            raise bad_request("'prompt' must be a string (or an array of exactly one string; token arrays "
-                              "and batches are not supported)", param="prompt")
+            raise bad_request(
+                "'prompt' must be a string (or an array of exactly one string; token arrays "
+                "and batches are not supported)",
+                param="prompt",
+            )
         prompt = prompt[0]
     if not isinstance(prompt, str):
         raise bad_request("'prompt' must be a string", param="prompt")
@@ -279,8 +323,12 @@ def _completion_request(body: dict) -> tuple[GenRequest, bool, bool]:
         raise bad_request("'logprobs' is not supported by this server", param="logprobs")
     stream, include_usage = _stream_options(f)
     max_new = _max_tokens(f)
-    req = GenRequest(prompt=prompt, max_new_tokens=16 if max_new is None else max_new,  # OpenAI's default: 16
-                     sampling=_sampling(f), stop=f.stop("stop", MAX_STOP))
+    req = GenRequest(
+        prompt=prompt,
+        max_new_tokens=16 if max_new is None else max_new,  # OpenAI's default: 16
+        sampling=_sampling(f),
+        stop=f.stop("stop", MAX_STOP),
+    )
     return req, stream, include_usage
 
 
@@ -303,6 +351,10 @@ async def get_model(request: Request):
     info = _ctx(request).info
     name = request.path_params["model"]
     if not info.matches(name):
-        raise APIError(404, f"The model `{name}` does not exist: this server serves `{info.name}`",
-                       param="model", code="model_not_found")
+        raise APIError(
+            404,
+            f"The model `{name}` does not exist: this server serves `{info.name}`",
+            param="model",
+            code="model_not_found",
+        )
     return JSONResponse(_model_object(info))

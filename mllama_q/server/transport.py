@@ -1,6 +1,7 @@
 """HTTP plumbing shared by the OpenAI and Ollama routes: bounded body reading, running a
 request while watching for the client to go away, and the streaming response that frees the
 slot when it does."""
+
 from __future__ import annotations
 
 import asyncio
@@ -18,7 +19,7 @@ from .fields import parse_json_object
 
 log = logging.getLogger("mllama_q.server")
 
-STATS_KEY = "mllama_q.stats"   # per-request figures for the access log line (scope entry)
+STATS_KEY = "mllama_q.stats"  # per-request figures for the access log line (scope entry)
 
 
 class ClientGone(Exception):
@@ -39,20 +40,24 @@ async def read_json(request: Request, limit: int) -> dict:
         except ValueError:
             raise APIError(400, f"invalid Content-Length header {declared[:40]!r}") from None
         if n > limit:
-            raise APIError(413, f"the request body is {n / 2**20:.1f} MiB, more than the server's "
-                                f"{limit / 2**20:.1f} MiB limit (--max-body-mb)")
+            raise APIError(
+                413,
+                f"the request body is {n / 2**20:.1f} MiB, more than the server's "
+                f"{limit / 2**20:.1f} MiB limit (--max-body-mb)",
+            )
     chunks, size = [], 0
     try:
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
-                raise APIError(413, f"the request body is more than the server's {limit / 2**20:.1f} MiB "
-                                    "limit (--max-body-mb)")
+                raise APIError(
+                    413, f"the request body is more than the server's {limit / 2**20:.1f} MiB limit (--max-body-mb)"
+                )
             chunks.append(chunk)
     except ClientDisconnect:
         raise ClientGone() from None
     body = b"".join(chunks)
-    if len(body) > 1 << 20:   # parsing megabytes (inline images) takes long enough to stall other streams
+    if len(body) > 1 << 20:  # parsing megabytes (inline images) takes long enough to stall other streams
         return await asyncio.to_thread(parse_json_object, body)
     return parse_json_object(body)
 
@@ -94,7 +99,7 @@ class RunStream(Response):
     a disconnect at its next send under ASGI 2.4, which a slow prefill would delay.)"""
 
     def __init__(self, chunks: AsyncIterator[bytes], run, media_type: str, headers: dict | None = None):
-        self.chunks = chunks   # (not `body`: Response.init_headers would take its length)
+        self.chunks = chunks  # (not `body`: Response.init_headers would take its length)
         self.run = run
         self.status_code = 200
         self.media_type = media_type
@@ -185,7 +190,7 @@ async def start_generation(request: Request, engine, req):
         raise
     if ev[0] == "error":
         raise ev[1]
-    if ev[0] == "done":   # cancelled before it started
+    if ev[0] == "done":  # cancelled before it started
         raise ClientGone()
     return run
 
@@ -193,6 +198,7 @@ async def start_generation(request: Request, engine, req):
 async def collect(request: Request, run) -> tuple[str, object]:
     """Run to the end (non-streaming): (text, GenerationResult). A client that disconnects
     meanwhile cancels the run."""
+
     async def drain():
         parts = []
         async for ev in run.events():
@@ -205,7 +211,7 @@ async def collect(request: Request, run) -> tuple[str, object]:
 
     try:
         text, result = await until_disconnect(request, drain())
-    except BaseException:   # client gone, or a failure: the run must not go on without a reader
+    except BaseException:  # client gone, or a failure: the run must not go on without a reader
         run.cancel()
         raise
     if result is None:
@@ -217,13 +223,22 @@ async def collect(request: Request, run) -> tuple[str, object]:
 def record_result(request: Request, run, result) -> None:
     st = stats(request)
     t = result.timings
-    st.update(gen=result.completion_tokens, stop=result.stop_reason,
-              cached=getattr(result, "cached_tokens", None),
-              ttft=t.get("time_to_first_token_s"), tps=t.get("decode_tokens_per_s"))
+    st.update(
+        gen=result.completion_tokens,
+        stop=result.stop_reason,
+        cached=getattr(result, "cached_tokens", None),
+        ttft=t.get("time_to_first_token_s"),
+        tps=t.get("decode_tokens_per_s"),
+    )
 
 
-async def render_events(request: Request, run, text: Callable[[str], bytes], error: Callable[[APIError], bytes],
-                        done: Callable[[object], list[bytes]]) -> AsyncIterator[bytes]:
+async def render_events(
+    request: Request,
+    run,
+    text: Callable[[str], bytes],
+    error: Callable[[APIError], bytes],
+    done: Callable[[object], list[bytes]],
+) -> AsyncIterator[bytes]:
     """A run's remaining events as response bytes in one API's stream format: `text(piece)` per
     text chunk, `error(APIError)` for a failure (then the stream ends), `done(result)` at the end
     (nothing for a cancelled run: its client is gone)."""
