@@ -72,33 +72,42 @@ class Prompt:
     text: str
 
 
+def prompt_text(model, messages: Sequence[Mapping] | None = None, prompt: str | None = None,
+                add_generation_prompt: bool = True, chat_kwargs: Mapping[str, Any] | None = None) -> tuple[str, bool]:
+    """(text, add_special_tokens) the processor tokenises: messages rendered with the GGUF's chat
+    template (which writes BOS itself: False), or a raw prompt as given (True: MllamaProcessor's
+    BOS rules apply). Images are not looked at, so this is cheap (the server counts prompt tokens
+    with it before choosing a slot)."""
+    if (messages is None) == (prompt is None):
+        raise ValueError("give exactly one of messages= or prompt=")
+    if messages is not None:
+        from .chat import ChatTemplate
+
+        template = getattr(model, "chat_template", None)
+        if template is None:
+            template = ChatTemplate(model.tokenizer.chat_template, model.tokenizer)
+        return template.render(messages, add_generation_prompt=add_generation_prompt, **dict(chat_kwargs or {})), False
+    if not isinstance(prompt, str):
+        raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
+    return prompt, True
+
+
 def build_prompt(model, messages: Sequence[Mapping] | None = None, prompt: str | None = None,
                  images: Sequence | None = None, add_generation_prompt: bool = True,
                  chat_kwargs: Mapping[str, Any] | None = None) -> Prompt:
     """messages (rendered with the GGUF's chat template, no extra BOS) or a raw prompt
     (MllamaProcessor's rules: BOS text added unless present, tokenizer adds its BOS)."""
-    if (messages is None) == (prompt is None):
-        raise ValueError("give exactly one of messages= or prompt=")
-    proc = model.processor
-    if messages is not None:
-        from .chat import ChatTemplate, message_images
+    if messages is not None and images is None:
+        from .chat import message_images
 
         embedded = message_images(messages)
-        if images is None:
-            if any(img is not None for img in embedded):
-                if any(img is None for img in embedded):
-                    raise ValueError("some image items carry an image and some do not; pass images= instead")
-                images = embedded
-        template = getattr(model, "chat_template", None)
-        if template is None:
-            template = ChatTemplate(model.tokenizer.chat_template, model.tokenizer)
-        text = template.render(messages, add_generation_prompt=add_generation_prompt, **dict(chat_kwargs or {}))
-        add_special = False  # the template writes <|begin_of_text|> itself
-    else:
-        if not isinstance(prompt, str):
-            raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
-        text = prompt
-        add_special = True
+        if any(img is not None for img in embedded):
+            if any(img is None for img in embedded):
+                raise ValueError("some image items carry an image and some do not; pass images= instead")
+            images = embedded
+    proc = model.processor
+    text, add_special = prompt_text(model, messages=messages, prompt=prompt,
+                                    add_generation_prompt=add_generation_prompt, chat_kwargs=chat_kwargs)
     images = list(images) if images is not None else []
     image_token = proc.settings.image_token
     if text.count(image_token) != len(images):
