@@ -427,11 +427,17 @@ def test_gguf_keys_helpers(ckpts, tmp_path):
     np.testing.assert_array_equal(K.unpermute_head_vector(K.permute_head_vector(v)), v)
     out = tmp_path / "k.gguf"
     assert run_convert(ckpts["mha_f32"], out, "f16") == 0
-    r = gguf.GGUFReader(out)
-    assert K.kv(r, K.BLOCK_COUNT) == 3 and K.kv(r, K.Q_ROPE_SCALING_TYPE) == "none"
-    assert K.kv(r, "mllama_q.not.a.key", 7) == 7
-    with pytest.raises(KeyError):
-        K.kv(r, "mllama_q.not.a.key")
+    from mllama_q.gguf_file import ModelFileError, kv, open_gguf
+
+    r = open_gguf(out)
+    assert kv(r, K.BLOCK_COUNT) == 3 and kv(r, K.Q_ROPE_SCALING_TYPE) == "none"
+    assert kv(r, "mllama_q.not.a.key", 7) == 7
+    bare = tmp_path / "bare.gguf"  # an Ollama-like file without the mllama_q.* keys: 11B values
+    w = gguf.GGUFWriter(str(bare), K.ARCH)
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    assert kv(open_gguf(bare), K.Q_IMAGE_TOKEN_ID) == 128256
+    with pytest.raises(ModelFileError, match="mllama_q.not.a.key"):
+        kv(r, "mllama_q.not.a.key")
     # Keys Ollama's files lack fall back to the published 11B values.
     assert K.DEFAULTS_11B[K.Q_STOP_TOKEN_IDS] == [128001, 128008, 128009]
 

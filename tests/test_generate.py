@@ -112,12 +112,11 @@ def test_invalid_sampling_params(kw):
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    import gguf
-
+    from mllama_q.gguf_file import open_gguf
     from real_tokenizer import cached_llama32_vision_tokenizer, write_tokenizer_gguf
 
     path = write_tokenizer_gguf(cached_llama32_vision_tokenizer(), tmp_path_factory.mktemp("gguf") / "tok.gguf")
-    return Tokenizer.from_gguf(gguf.GGUFReader(str(path)))
+    return Tokenizer.from_gguf(open_gguf(path))
 
 
 class FakeModel:

@@ -173,12 +173,11 @@ def hf_processor(tok_dir, hf_image_processor):
 
 @pytest.fixture(scope="module")
 def our_processor(tok_dir, tmp_path_factory):
-    import gguf
-
+    from mllama_q.gguf_file import open_gguf
     from real_tokenizer import write_tokenizer_gguf
 
     path = write_tokenizer_gguf(tok_dir, tmp_path_factory.mktemp("gguf") / "tok.gguf")
-    reader = gguf.GGUFReader(str(path))
+    reader = open_gguf(path)
     tok = Tokenizer.from_gguf(reader)
     return Processor.from_gguf(reader, tok)
 
@@ -262,7 +261,9 @@ def test_settings_from_gguf_keys(tmp_path):
     w.add_uint32("mllama_q.image.resample", 2)
     w.add_uint32("mllama_q.image_token_id", 128256)
     w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
-    s = ProcessorSettings.from_gguf(gguf.GGUFReader(str(path)))
+    from mllama_q.gguf_file import open_gguf
+
+    s = ProcessorSettings.from_gguf(open_gguf(path))
     assert s.tile_size == 112 and s.max_num_tiles == 2 and s.supported_aspect_ratios == ((1, 1), (1, 2), (2, 1))
     cfg = dict(PREPROCESSOR_CONFIG, size={"height": 112, "width": 112}, max_image_tiles=2,
                image_mean=[0.5, 0.4, 0.3], image_std=[0.2, 0.25, 0.3])
@@ -274,7 +275,7 @@ def test_settings_from_gguf_keys(tmp_path):
     path2 = tmp_path / "ollama.gguf"
     w = gguf.GGUFWriter(str(path2), arch="mllama")
     w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
-    assert ProcessorSettings.from_gguf(gguf.GGUFReader(str(path2))) == ProcessorSettings()
+    assert ProcessorSettings.from_gguf(open_gguf(path2)) == ProcessorSettings()
 
 
 def test_numpy_images_match_transformers(hf_image_processor):

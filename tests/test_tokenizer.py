@@ -65,8 +65,10 @@ def reader(gguf_path):
 
 
 @pytest.fixture(scope="module")
-def tok(reader) -> Tokenizer:
-    return Tokenizer.from_gguf(reader)
+def tok(gguf_path) -> Tokenizer:
+    from mllama_q.gguf_file import open_gguf
+
+    return Tokenizer.from_gguf(open_gguf(gguf_path))
 
 
 def test_metadata_matches_llama_cpp_layout(reader, hf_dir):
