@@ -142,6 +142,18 @@ class _Metadata(Mapping):
         return self._r.kv_offset(self._index[key])
 
 
+class _Closed(Mapping):
+    """GGUFFile.metadata after close(): every access says so."""
+
+    def __init__(self, path):
+        self._path = path
+
+    def _fail(self, *_):
+        raise ValueError(f"{self._path}: the GGUF file is closed")
+
+    __getitem__ = __iter__ = __len__ = __contains__ = type_of = offset_of = _fail
+
+
 class GGUFFile:
     """A GGUF file opened by `open_gguf` (CONTRACTS.md section A).
 
@@ -177,7 +189,7 @@ class GGUFFile:
         if self._r is not None:
             self._r.close()
             self._r = None
-            self.metadata = {}
+            self.metadata = _Closed(self.path)
             self.tensors = {}
 
     def __enter__(self) -> "GGUFFile":

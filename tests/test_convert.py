@@ -23,6 +23,7 @@ pytest.importorskip("transformers")
 from gguf import GGMLQuantizationType as T  # noqa: E402
 from gguf.quants import dequantize  # noqa: E402
 
+from gguf_reference import assert_matches_gguf_py  # noqa: E402
 from tiny_models import make_tiny_checkpoint  # noqa: E402
 from mllama_q import gguf_keys as K  # noqa: E402
 
@@ -353,6 +354,7 @@ def check_file(path: Path, ckpt: Path, state: dict, ftype: str, vision_type=None
         want_t = expected_type(name, ref.shape, ftype, vision_type, cfg)
         assert t.tensor_type == want_t, (name, t.tensor_type.name, want_t.name)
         check_values(name, want_t, np.asarray(t.data), ref)
+    assert_matches_gguf_py(path)  # the runtime's reader sees exactly what gguf-py sees
     return r
 
 

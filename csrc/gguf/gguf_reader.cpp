@@ -279,21 +279,28 @@ void Parser::tensor_table(uint64_t n_tensors) {
         const uint64_t dims_at = pos_;
         ti.n_dims = rd<uint32_t>("n_dims");
         if (ti.n_dims > 4) fail(std::to_string(ti.n_dims) + " dimensions (at most 4, GGML_MAX_DIMS)", dims_at);
-        uint64_t n = 1;
-        bool overflow = false;
+        // Element count, overflow-checked (gguf.cpp). Zero dimensions are skipped in the product:
+        // a zero-element tensor whose other extents multiply past 2^60 cannot be viewed by
+        // numpy either (its array-size check ignores zeros), so it is refused like an overflow.
+        constexpr uint64_t kMaxExtent = uint64_t(std::numeric_limits<int64_t>::max()) / 8;  // 8 = largest itemsize
+        uint64_t nz = 1;
+        bool overflow = false, any_zero = false;
         for (uint32_t j = 0; j < ti.n_dims; j++) {
             const uint64_t at = pos_;
             const uint64_t d = rd<uint64_t>("dimension");
             if (d > uint64_t(std::numeric_limits<int64_t>::max()))
                 fail("dimension " + std::to_string(j) + " = " + std::to_string(d) + " is >= 2^63", at);
             ti.ne[j] = static_cast<int64_t>(d);
-            if (d != 0 && n > uint64_t(std::numeric_limits<int64_t>::max()) / d) overflow = true;
-            n *= d;  // only used when no overflow happened
+            if (d == 0) {
+                any_zero = true;
+            } else if (nz > kMaxExtent / d) {
+                overflow = true;
+            } else {
+                nz *= d;
+            }
         }
-        // A zero dimension makes the product 0 whatever the others are (gguf.cpp skips the check then).
-        const bool any_zero = std::any_of(ti.ne, ti.ne + ti.n_dims, [](int64_t d) { return d == 0; });
-        if (overflow && !any_zero) fail("the element count of its shape overflows int64", dims_at);
-        ti.n_elements = any_zero ? 0 : n;
+        if (overflow) fail("the element count of its shape overflows int64", dims_at);
+        ti.n_elements = any_zero ? 0 : nz;
         const uint64_t type_at = pos_;
         const uint32_t tid = rd<uint32_t>("ggml type");
         const TypeLayout* lay = type_layout(static_cast<int32_t>(tid));
