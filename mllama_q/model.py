@@ -221,10 +221,14 @@ class Model:
                                      + (" ..." if len(missing) > 8 else ""))
         try:
             self._core = _core.MllamaModel(tensors, thp, vhp, device, int(n_ctx), kv_type)
-        except RuntimeError as e:  # a missing or misshaped tensor (TensorMap), or no such device
-            if "tensor" in str(e):
-                raise ModelFileError(f"{self.path}: {e}") from e
-            raise
+        except (RuntimeError, ValueError) as e:
+            # Everything the core is given comes from the file (tensors, hyper-parameters) except
+            # the device: a missing / misshaped tensor or an unusable hyper-parameter is the
+            # file's fault, a missing CUDA build or GPU is not.
+            msg = str(e)
+            if "cuda" in msg.lower() or "device" in msg.lower():
+                raise
+            raise ModelFileError(f"{self.path}: {msg}") from e
         self._reader = f  # the GGUFFile (metadata); the tensor arrays keep the mapping alive
         self._tensors = tensors
         self.text_hparams = thp
@@ -248,7 +252,7 @@ class Model:
             self.generation_defaults = generation_defaults_from_gguf(f)
         except ModelFileError:
             raise
-        except (ValueError, TypeError) as e:  # the frontends' own checks of what the file says
+        except (ValueError, TypeError, OverflowError) as e:  # the frontends' checks of what the file says
             raise ModelFileError(f"{self.path}: bad tokenizer / processor / generation metadata ({e})") from e
         self.load_time_s = time.perf_counter() - t_load  # reported by generate() as timings["load_s"]
 

@@ -200,18 +200,30 @@ private:
     }
 };
 
-std::string type_string(const File& f, const Value& v) {
-    if (!v.is_array) return value_type_name(v.type);
-    if (v.type == ValueType::ARRAY)  // nested: name the first element's type (empty: unknown)
-        return v.count ? "array[" + type_string(f, f.children[v.first]) + "]" : "array[array]";
-    return std::string("array[") + value_type_name(v.type) + "]";
-}
-
 template <typename T>
 T load(const uint8_t* p) {
     T v;
     std::memcpy(&v, p, sizeof(T));
     return v;
+}
+
+// Nested arrays are named by their first element's type (empty: "array[array]"), read straight
+// from the element headers: each is u32 element type + u64 count (+ elements).
+std::string type_string(const File& f, const Value& v) {
+    if (!v.is_array) return value_type_name(v.type);
+    if (v.type != ValueType::ARRAY) return std::string("array[") + value_type_name(v.type) + "]";
+    std::string out = "array[", close = "]";
+    uint64_t at = v.offset;  // first element: an array header
+    uint64_t count = v.count;
+    for (int depth = 0; count > 0; depth++) {
+        const ValueType et = static_cast<ValueType>(load<uint32_t>(f.map().data() + at));
+        std::memcpy(&count, f.map().data() + at + 4, 8);
+        out += "array[";
+        close += "]";
+        if (et != ValueType::ARRAY) return out + value_type_name(et) + close;
+        at += 12;
+    }
+    return out + "array" + close;
 }
 
 py::object scalar(const Reader& r, const Value& v, const std::string& key) {
@@ -235,12 +247,18 @@ py::object scalar(const Reader& r, const Value& v, const std::string& key) {
     throw FormatError(r.f->path() + ": metadata '" + key + "': unexpected value type");
 }
 
-py::object to_py(const Reader& r, const Value& v, const std::string& key) {
+py::object to_py(const Reader& r, const Value& v, const std::string& key, bool expanded = false) {
     if (!v.is_array) return scalar(r, v, key);
     if (v.type == ValueType::STRING) return py::cast(StringArray(r.f, v, "'" + key + "'"));
     if (v.type == ValueType::ARRAY) {
+        if (!expanded) {  // a top-level nested array: parse its elements now (gguf_reader.h Value)
+            Value root;
+            Reader sub{r.f->expand(v, &root), r.buffer};
+            return to_py(sub, root, key, true);
+        }
         py::list out(static_cast<size_t>(v.count));
-        for (uint64_t i = 0; i < v.count; i++) out[i] = to_py(r, r.f->children[v.first + i], key + "[" + std::to_string(i) + "]");
+        for (uint64_t i = 0; i < v.count; i++)
+            out[i] = to_py(r, r.f->children[v.first + i], key + "[" + std::to_string(i) + "]", true);
         return std::move(out);
     }
     // Numeric / bool array: a read-only slice of the buffer viewed as the element type.

@@ -86,6 +86,13 @@ public:
     Parser(const Mapping& m, File& f) : d_(m.data()), size_(m.size()), path_(m.path()), f_(f) {}
 
     void run();
+    // Re-parse, recording everything, the (already validated) nested array whose header
+    // (element type, count) is at `header` (File::expand).
+    Value nested_at(uint64_t header) {
+        pos_ = header;
+        expanding_ = true;
+        return value(ValueType::ARRAY, 0);
+    }
 
 private:
     const uint8_t* d_;
@@ -94,6 +101,11 @@ private:
     const std::string& path_;
     File& f_;
     std::string ctx_;  // the entry being read, for messages: "metadata key 'x' (entry 3 at byte 120)"
+    // false while the elements of a nested array are validated at open: nothing is recorded for
+    // them (File::expand re-parses one when it is read), so memory for the parsed structure is
+    // at most one uint64 per string of a top-level string array (each takes >= 8 file bytes).
+    bool record_ = true;
+    bool expanding_ = false;  // set by nested_at()
 
     uint64_t left() const { return size_ - pos_; }
 
@@ -181,7 +193,7 @@ Value Parser::value(ValueType t, int depth) {
              count_at);
     if (v.type == ValueType::STRING) {
         v.first = f_.string_offsets.size();
-        f_.string_offsets.reserve(f_.string_offsets.size() + v.count);
+        if (record_) f_.string_offsets.reserve(f_.string_offsets.size() + v.count);
         for (uint64_t i = 0; i < v.count; i++) {
             const uint64_t at = pos_;
             const uint64_t n = left() < 8 ? ~uint64_t(0) : rd<uint64_t>("string length");
@@ -191,11 +203,19 @@ Value Parser::value(ValueType t, int depth) {
                 truncated("string of " + std::to_string(n) + " bytes", n, pos_);
             }
             pos_ += n;
-            f_.string_offsets.push_back(at);
+            if (record_) f_.string_offsets.push_back(at);
         }
     } else if (v.type == ValueType::ARRAY) {
-        // Each element is an array header (element type, count) + its elements. Reserve the
-        // slots first: the recursion appends grandchildren after them.
+        // Each element is an array header (element type, count) + its elements.
+        if (!record_ || !expanding_) {  // at open: validate only, record nothing (see record_)
+            const bool was = record_;
+            record_ = false;
+            for (uint64_t i = 0; i < v.count; i++) value(ValueType::ARRAY, depth + 1);
+            record_ = was;
+            return v;
+        }
+        // File::expand: record the elements. Reserve their slots first: the recursion appends
+        // grandchildren after them.
         v.first = f_.children.size();
         f_.children.resize(f_.children.size() + v.count);
         for (uint64_t i = 0; i < v.count; i++) {
@@ -473,6 +493,16 @@ std::shared_ptr<const File> File::parse(std::shared_ptr<const Mapping> map) {
     std::shared_ptr<File> f(new File());
     f->map_ = std::move(map);
     Parser(*f->map_, *f).run();
+    return f;
+}
+
+std::shared_ptr<const File> File::expand(const Value& nested, Value* root) const {
+    std::shared_ptr<File> f(new File());
+    f->map_ = map_;
+    f->version = version;
+    f->alignment = alignment;
+    // The array header (element type u32, count u64) sits just before the first element.
+    *root = Parser(*map_, *f).nested_at(nested.offset - 12);
     return f;
 }
 

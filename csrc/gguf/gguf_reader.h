@@ -61,10 +61,13 @@ private:
 
 // One metadata value, located in the mapping.
 //   scalar:          type, offset = its first byte (a string: its uint64 length field)
-//   array:           is_array, type = element type, count elements;
-//                    fixed-size elements: offset = first element, count * size bytes
+//   array:           is_array, type = element type, count elements, offset = first element
+//                    (its 12-byte header, element type + count, just before);
+//                    fixed-size elements: count * size bytes
 //                    strings: first = index of element 0 in File::string_offsets (count entries)
-//                    arrays (nested): first = index of element 0 in File::children (count entries)
+//                    arrays (nested): nothing more is recorded at open; File::expand() re-parses
+//                    one, giving a File whose `children` hold its elements (first = index of
+//                    element 0, count entries) and whose string_offsets its strings
 struct Value {
     ValueType type = ValueType::U8;
     bool is_array = false;
@@ -104,8 +107,12 @@ public:
     uint64_t data_offset = 0;   // start of the tensor data section (aligned end of the tensor table)
     std::vector<KV> kvs;        // file order
     std::vector<TensorInfo> tensors;  // file order
-    std::vector<uint64_t> string_offsets;  // length field of every string inside an array
-    std::vector<Value> children;           // elements of nested arrays
+    std::vector<uint64_t> string_offsets;  // length field of every string of a top-level string array
+    std::vector<Value> children;           // elements of nested arrays (in expand()ed Files only)
+
+    // The nested array `nested` (a Value of this file with type ARRAY) parsed in full: the
+    // returned File (sharing the mapping) holds its elements; *root is the array itself.
+    std::shared_ptr<const File> expand(const Value& nested, Value* root) const;
 
     // The bytes of a string whose uint64 length field is at `offset` (already bounds-checked).
     std::string_view string_at(uint64_t offset) const;

@@ -44,10 +44,43 @@ def _sampling_kwargs(args) -> dict:
                 stop=args.stop or None)
 
 
+class _Status:
+    """One status line on stderr, shown only when stderr is a terminal (a pipe or a log file
+    gets nothing). A private stand-in for mllama_q/cli/progress.py (CONTRACTS.md section C),
+    which is not on main yet: replace it by Progress once that lands."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        isatty = getattr(stream, "isatty", None)
+        self.on = bool(isatty and isatty())
+
+    def show(self, text: str) -> None:
+        if self.on:
+            self.stream.write("\r" + text + "\x1b[K")
+            self.stream.flush()
+
+    def clear(self) -> None:
+        if self.on:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+
+
 def _load_model(args, want_vision: bool):
+    """Model(...) with a "loading FILE ..." line on a terminal; -v reports the load time."""
     from mllama_q.model import Model
 
-    return Model(args.model, device=args.device, n_ctx=args.ctx, n_threads=args.threads, vision=want_vision)
+    status = _Status(sys.stderr)
+    status.show(f"loading {Path(args.model).name} …")
+    try:
+        model = Model(args.model, device=args.device, n_ctx=args.ctx, n_threads=args.threads, vision=want_vision)
+    finally:
+        status.clear()
+    load_s = getattr(model, "load_time_s", None)
+    if args.verbose and load_s is not None:
+        sys.stderr.write(f"[loaded {args.model} in {load_s:.2f} s"
+                         f"{'' if getattr(model, 'vision_hparams', None) else ', text only'}]\n")
+        sys.stderr.flush()
+    return model
 
 
 def _check_images(paths) -> list[str]:
