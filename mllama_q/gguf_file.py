@@ -265,70 +265,46 @@ def _is_int(v) -> bool:
     return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
 
 
-def get_int(f: GGUFFile, key: str, default: Any = None) -> int:
-    """An integer scalar (any GGUF integer type); `default` when absent; else ModelFileError."""
+def _typed(f: GGUFFile, key: str, default: Any, ok, what: str) -> Any:
+    """The value of `key` (`default` when absent) if ok(value), else a ModelFileError."""
     v = field_value(f, key, default)
     if v is None:
         raise ModelFileError(f"{f.path}: missing metadata key '{key}'")
-    if not _is_int(v):
-        raise ModelFileError(f"{_where(f, key)} must be an integer, got {_short(v)}")
-    return int(v)
+    if not ok(v):
+        raise ModelFileError(f"{_where(f, key)} must be {what}, got {_short(v)}")
+    return v
+
+
+def _is_number(v) -> bool:
+    return _is_int(v) or isinstance(v, (float, np.floating))
+
+
+def get_int(f: GGUFFile, key: str, default: Any = None) -> int:
+    """An integer scalar (any GGUF integer type); `default` when absent; else ModelFileError."""
+    return int(_typed(f, key, default, _is_int, "an integer"))
 
 
 def get_float(f: GGUFFile, key: str, default: Any = None) -> float:
     """A number (float or integer scalar); `default` when absent; else ModelFileError."""
-    v = field_value(f, key, default)
-    if v is None:
-        raise ModelFileError(f"{f.path}: missing metadata key '{key}'")
-    if not (_is_int(v) or isinstance(v, (float, np.floating))):
-        raise ModelFileError(f"{_where(f, key)} must be a number, got {_short(v)}")
-    return float(v)
+    return float(_typed(f, key, default, _is_number, "a number"))
 
 
 def get_bool(f: GGUFFile, key: str, default: Any = None) -> bool:
-    v = field_value(f, key, default)
-    if v is None:
-        raise ModelFileError(f"{f.path}: missing metadata key '{key}'")
-    if not isinstance(v, (bool, np.bool_)):
-        raise ModelFileError(f"{_where(f, key)} must be a bool, got {_short(v)}")
-    return bool(v)
+    return bool(_typed(f, key, default, lambda v: isinstance(v, (bool, np.bool_)), "a bool"))
 
 
 def get_str(f: GGUFFile, key: str, default: Any = None) -> str:
-    v = field_value(f, key, default)
-    if v is None:
-        raise ModelFileError(f"{f.path}: missing metadata key '{key}'")
-    if not isinstance(v, str):
-        raise ModelFileError(f"{_where(f, key)} must be a string, got {_short(v)}")
-    return v
+    return _typed(f, key, default, lambda v: isinstance(v, str), "a string")
 
 
 def get_int_list(f: GGUFFile, key: str, default: Any = None) -> list[int]:
     """An integer array (or scalar) as a list of ints; `default` when absent."""
-    v = field_value(f, key, default)
-    if v is None:
-        raise ModelFileError(f"{f.path}: missing metadata key '{key}'")
-    if _is_int(v):
-        return [int(v)]
-    if isinstance(v, np.ndarray) and np.issubdtype(v.dtype, np.integer):
-        return [int(x) for x in v]
-    if isinstance(v, (list, tuple)) and all(_is_int(x) for x in v):
-        return [int(x) for x in v]
-    raise ModelFileError(f"{_where(f, key)} must be a list of integers, got {_short(v)}")
+    def ok(v):
+        return (_is_int(v) or (isinstance(v, np.ndarray) and np.issubdtype(v.dtype, np.integer))
+                or (isinstance(v, (list, tuple)) and all(_is_int(x) for x in v)))
 
-
-def get_float_array(f: GGUFFile, key: str, default: Any = None) -> np.ndarray:
-    """A numeric array (or scalar) as float64 [n]; `default` when absent."""
-    v = field_value(f, key, default)
-    if v is None:
-        raise ModelFileError(f"{f.path}: missing metadata key '{key}'")
-    if _is_int(v) or isinstance(v, (float, np.floating)):
-        return np.array([float(v)])
-    if isinstance(v, np.ndarray) and v.dtype != np.bool_:
-        return v.astype(np.float64)
-    if isinstance(v, (list, tuple)) and all(_is_int(x) or isinstance(x, float) for x in v):
-        return np.array(v, dtype=np.float64)
-    raise ModelFileError(f"{_where(f, key)} must be a list of numbers, got {_short(v)}")
+    v = _typed(f, key, default, ok, "a list of integers")
+    return [int(v)] if _is_int(v) else [int(x) for x in v]
 
 
 def get_string_array(f: GGUFFile, key: str):

@@ -152,6 +152,19 @@ private:
             if (d_[at + i] > 1)
                 fail("bool byte " + std::to_string(d_[at + i]) + " is neither 0 nor 1 (docs/gguf.md)", at + i);
     }
+    // The name that starts entry i of a section ("metadata" key / "tensor" name), checked to be
+    // valid UTF-8 (and non-empty for keys, as gguf.cpp); from then on ctx_ names the entry.
+    std::string_view entry_name(const char* section, const char* what, uint64_t i, bool empty_ok) {
+        const uint64_t at = pos_;
+        const std::string where = "(entry " + std::to_string(i) + " at byte " + std::to_string(at) + ")";
+        ctx_ = std::string(section) + " entry " + std::to_string(i) + " at byte " + std::to_string(at);
+        const std::string_view s = str(what);
+        if (s.empty() && !empty_ok) fail(std::string("empty ") + what, at);
+        if (size_t bad = utf8_error_at(s); bad != std::string_view::npos)
+            fail(std::string(what) + " is not valid UTF-8", at + 8 + bad);
+        ctx_ = std::string(section) + (section[0] == 'm' ? " key " : " ") + quoted(s) + " " + where;
+        return s;
+    }
     Value value(ValueType t, int depth);
     void metadata(uint64_t n_kv);
     void alignment();
@@ -255,13 +268,7 @@ void Parser::metadata(uint64_t n_kv) {
     for (uint64_t i = 0; i < n_kv; i++) {
         KV kv;
         kv.offset = pos_;
-        ctx_ = "metadata entry " + std::to_string(i) + " at byte " + std::to_string(kv.offset);
-        kv.key = str("key");
-        if (kv.key.empty()) fail("empty key", kv.offset);
-        if (size_t bad = utf8_error_at(kv.key); bad != std::string_view::npos)
-            fail("key is not valid UTF-8", kv.offset + 8 + bad);
-        ctx_ = "metadata key " + quoted(kv.key) + " (entry " + std::to_string(i) + " at byte " +
-               std::to_string(kv.offset) + ")";
+        kv.key = entry_name("metadata", "key", i, false);
         kv.value = value(type_id("value type"), 0);
         f_.kvs.push_back(kv);
     }
@@ -290,12 +297,7 @@ void Parser::tensor_table(uint64_t n_tensors) {
     for (uint64_t i = 0; i < n_tensors; i++) {
         TensorInfo ti;
         ti.info_offset = pos_;
-        ctx_ = "tensor entry " + std::to_string(i) + " at byte " + std::to_string(ti.info_offset);
-        ti.name = str("tensor name");
-        if (size_t bad = utf8_error_at(ti.name); bad != std::string_view::npos)
-            fail("tensor name is not valid UTF-8", ti.info_offset + 8 + bad);
-        ctx_ = "tensor " + quoted(ti.name) + " (entry " + std::to_string(i) + " at byte " +
-               std::to_string(ti.info_offset) + ")";
+        ti.name = entry_name("tensor", "tensor name", i, true);
         const uint64_t dims_at = pos_;
         ti.n_dims = rd<uint32_t>("n_dims");
         if (ti.n_dims > 4) fail(std::to_string(ti.n_dims) + " dimensions (at most 4, GGML_MAX_DIMS)", dims_at);

@@ -161,16 +161,21 @@ def _walk(data: bytes) -> Layout:
         pos += 8 + n
         return s
 
+    def u32(kind):
+        nonlocal pos
+        fields.append(Field(pos, 4, kind))
+        pos += 4
+        return struct.unpack_from("<I", data, pos - 4)[0]
+
     def value(vt):
         nonlocal pos
         if vt == 8:
             string()
         elif vt == 9:
-            fields.append(Field(pos, 4, "etype"))
-            et = struct.unpack_from("<I", data, pos)[0]
-            fields.append(Field(pos + 4, 8, "count"))
-            n = struct.unpack_from("<Q", data, pos + 4)[0]
-            pos += 12
+            et = u32("etype")
+            fields.append(Field(pos, 8, "count"))
+            n = struct.unpack_from("<Q", data, pos)[0]
+            pos += 8
             for _ in range(n):
                 value(et)
         else:
@@ -181,9 +186,7 @@ def _walk(data: bytes) -> Layout:
     for _ in range(n_kv):
         start = pos
         key = string().decode()
-        fields.append(Field(pos, 4, "vtype"))
-        vt = struct.unpack_from("<I", data, pos)[0]
-        pos += 4
+        vt = u32("vtype")
         if key == "general.alignment":
             alignment = struct.unpack_from("<I", data, pos)[0]
         value(vt)
@@ -193,15 +196,12 @@ def _walk(data: bytes) -> Layout:
     for _ in range(n_t):
         start = pos
         name = string().decode()
-        fields.append(Field(pos, 4, "ndims"))
-        nd = struct.unpack_from("<I", data, pos)[0]
-        pos += 4
-        for _ in range(nd):
+        for _ in range(u32("ndims")):
             fields.append(Field(pos, 8, "dim"))
             pos += 8
-        fields.append(Field(pos, 4, "ggml_type"))
-        fields.append(Field(pos + 4, 8, "toffset"))
-        pos += 12
+        u32("ggml_type")
+        fields.append(Field(pos, 8, "toffset"))
+        pos += 8
         tis.append((start, pos, name))
     data_start = pos + (-pos) % alignment
     return Layout(data, version, kvs, tis, fields, 24, ti_start, pos, data_start, alignment,
