@@ -14,14 +14,25 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any
 
 import numpy as np
 
 from . import _core
 from . import gguf_keys as K
-from .gguf_file import (GGUFFile, ModelFileError, check_architecture, check_tensor_types, get_float, get_int,
-                        get_int_list, get_str, open_gguf, require_keys, tensor_entry)
+from .gguf_file import (
+    GGUFFile,
+    ModelFileError,
+    check_architecture,
+    check_tensor_types,
+    field_value,
+    get_float,
+    get_int,
+    get_int_list,
+    get_str,
+    open_gguf,
+    require_keys,
+    tensor_entry,
+)
 
 # Metadata every mllama file has (Ollama's and ours).
 REQUIRED_TEXT_KEYS = (K.BLOCK_COUNT, K.EMBEDDING_LENGTH, K.FEED_FORWARD_LENGTH, K.HEAD_COUNT, K.HEAD_COUNT_KV,
@@ -29,7 +40,7 @@ REQUIRED_TEXT_KEYS = (K.BLOCK_COUNT, K.EMBEDDING_LENGTH, K.FEED_FORWARD_LENGTH, 
 REQUIRED_VISION_KEYS = (K.V_BLOCK_COUNT, K.V_GLOBAL_BLOCK_COUNT, K.V_INTERMEDIATE_LAYERS, K.V_EMBEDDING_LENGTH,
                         K.V_FEED_FORWARD_LENGTH, K.V_HEAD_COUNT, K.V_LN_EPS, K.V_IMAGE_SIZE, K.V_PATCH_SIZE,
                         K.V_MAX_NUM_TILES, K.V_NUM_CHANNELS)
-VISION_PREFIXES = ("v.", "mm.")
+VISION_PREFIXES = K.VISION_PREFIXES
 
 
 def _d(key):
@@ -52,10 +63,11 @@ def rope_inv_freq(f: GGUFFile, head_dim: int, theta: float) -> list[float]:
             raise ModelFileError(f"tensor '{K.ROPE_FREQS}' must be f32 [{head_dim // 2}]")
         div = np.asarray(t.data, dtype=np.float64).reshape(-1)
     elif get_str(f, K.Q_ROPE_SCALING_TYPE, _d(K.Q_ROPE_SCALING_TYPE)) == "llama3":
-        div = K.rope_freqs_llama3(head_dim, theta,
-                                  get_float(f, K.Q_ROPE_SCALING_FACTOR, _d(K.Q_ROPE_SCALING_FACTOR)),
-                                  get_float(f, K.Q_ROPE_SCALING_LOW_FREQ_FACTOR, _d(K.Q_ROPE_SCALING_LOW_FREQ_FACTOR)),
-                                  get_float(f, K.Q_ROPE_SCALING_HIGH_FREQ_FACTOR, _d(K.Q_ROPE_SCALING_HIGH_FREQ_FACTOR)),
+        def num(key):
+            return get_float(f, key, _d(key))
+
+        div = K.rope_freqs_llama3(head_dim, theta, num(K.Q_ROPE_SCALING_FACTOR),
+                                  num(K.Q_ROPE_SCALING_LOW_FREQ_FACTOR), num(K.Q_ROPE_SCALING_HIGH_FREQ_FACTOR),
                                   get_int(f, K.Q_ROPE_SCALING_ORIG_CTX, _d(K.Q_ROPE_SCALING_ORIG_CTX))
                                   ).astype(np.float64)
     else:
@@ -236,6 +248,11 @@ class Model:
         self.device = device
         self.kv_type = kv_type
         self.n_ctx = int(n_ctx)
+        # the context length the model was trained for (None if the file does not say); the
+        # command line warns when n_ctx exceeds it
+        n_train = field_value(f, K.CONTEXT_LENGTH)
+        ok = isinstance(n_train, (int, np.integer)) and not isinstance(n_train, bool) and n_train > 0
+        self.n_ctx_train = int(n_train) if ok else None
         self.image_token_id = get_int(f, K.Q_IMAGE_TOKEN_ID, K.DEFAULTS_11B[K.Q_IMAGE_TOKEN_ID])
         # Tokenizer, processor, stop ids and sampling defaults from the same file (frontend).
         from .generate import generation_defaults_from_gguf, stop_ids_from_gguf

@@ -28,8 +28,7 @@ from tokenizers import Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as _HFTokenizer
 
 from . import gguf_keys as K
-from .gguf_file import (ModelFileError, field_value, get_bool, get_int, get_str, get_string_array,
-                        open_gguf)
+from .gguf_file import ModelFileError, field_value, get_bool, get_int, get_str, get_string_array, open_gguf
 
 LLAMA3_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -43,7 +42,8 @@ PRE_TOKENIZERS = ("llama-bpe", "llama3", "default")
 
 def _byte_decoder() -> dict[str, int]:
     """Inverse of GPT-2's bytes_to_unicode: the printable char standing for each byte."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+                 + list(range(ord("®"), ord("ÿ") + 1)))
     chars = {b: b for b in printable}
     n = 0
     for b in range(256):

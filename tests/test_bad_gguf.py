@@ -11,21 +11,17 @@ gguf = pytest.importorskip("gguf")
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+from gguf_reference import assert_matches_gguf_py  # noqa: E402
+
 import mllama_q  # noqa: E402
 from mllama_q import ModelFileError, ModelFileNotFoundError  # noqa: E402
 from mllama_q import gguf_keys as K  # noqa: E402
-from mllama_q.convert import convert  # noqa: E402
-from gguf_reference import assert_matches_gguf_py  # noqa: E402
-from tiny_models import make_tiny_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def good(tmp_path_factory):
+def good(tiny_checkpoint, tiny_gguf):
     """A valid tiny mllama GGUF written by our converter."""
-    d = tmp_path_factory.mktemp("bad_gguf")
-    ckpt = make_tiny_checkpoint(d / "hf", seed=3, dtype="float32")
-    path = d / "good.gguf"
-    convert(ckpt, path, ftype="q8_0", progress=False)
+    path = tiny_gguf(tiny_checkpoint(seed=3, dtype="float32"), "q8_0")
     assert_matches_gguf_py(path)
     return path
 
@@ -313,7 +309,8 @@ BAD_TOKENIZER = {
     "chat template not a string": ({K.TOKENIZER_CHAT_TEMPLATE: (7, V.UINT32, None)}, "chat_template.*must be a string"),
     "image token past tokens": ({K.Q_IMAGE_TOKEN_ID: (10 ** 6, V.UINT32, None)},
                                 "token id 1000000 outside the vocabulary"),
-    "stop ids not ints": ({K.Q_STOP_TOKEN_IDS: (["a"], V.ARRAY, V.STRING)}, "stop_token_ids.*must be a list of integers"),
+    "stop ids not ints": ({K.Q_STOP_TOKEN_IDS: (["a"], V.ARRAY, V.STRING)},
+                          "stop_token_ids.*must be a list of integers"),
 }
 
 

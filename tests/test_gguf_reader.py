@@ -14,6 +14,7 @@ import pytest
 gguf = pytest.importorskip("gguf")
 
 from gguf_reference import assert_matches_gguf_py  # noqa: E402
+
 from mllama_q import _core  # noqa: E402
 from mllama_q.gguf_file import ModelFileError, open_gguf  # noqa: E402
 
@@ -237,20 +238,24 @@ MALFORMED = {
     "version 1": (gguf_bytes(version=1), "unsupported GGUF version 1"),
     "version 99": (gguf_bytes(version=99), "unsupported GGUF version 99"),
     "big-endian": (gguf_bytes(version=0x03000000), "big-endian GGUF file"),
-    "kv count": (gguf_bytes([u32("a", 1)], n_kv=2 ** 40), "corrupt or truncated GGUF header: 0 tensors and 1099511627776"),
+    "kv count": (gguf_bytes([u32("a", 1)], n_kv=2 ** 40),
+                 "corrupt or truncated GGUF header: 0 tensors and 1099511627776"),
     "tensor count": (gguf_bytes(n_tensors=2 ** 61), "corrupt or truncated GGUF header: 2305843009213693952 tensors"),
     "huge array": (gguf_bytes([kv("a.b", 9, struct.pack("<IQ", 4, 2 ** 62))]),
-                   r"metadata key 'a.b' \(entry 0 at byte 24\): array of 4611686018427387904 uint32 elements cannot fit"),
+                   r"metadata key 'a.b' \(entry 0 at byte 24\): array of 4611686018427387904"
+                   r" uint32 elements cannot fit"),
     "huge string array": (gguf_bytes([u32("x", 1), kv("tok", 9, struct.pack("<IQ", 8, 2 ** 40))]),
                           r"metadata key 'tok' \(entry 1 at byte \d+\): array of 1099511627776 string elements"),
     "huge nested array": (gguf_bytes([kv("n", 9, struct.pack("<IQ", 9, 2 ** 50))]), "array of 1125899906842624 array"),
     "huge string": (gguf_bytes([kv("k", 8, struct.pack("<Q", 2 ** 63))]),
-                    r"metadata key 'k' .*string value of 9223372036854775808 bytes needs 9223372036854775808 bytes at byte"),
+                    r"metadata key 'k' .*string value of 9223372036854775808 bytes"
+                    r" needs 9223372036854775808 bytes at byte"),
     "string element": (gguf_bytes([kv("arr", 9, struct.pack("<IQ", 8, 3) + gstr("a") + struct.pack("<Q", 10 ** 9))]),
                        r"metadata key 'arr' .*, element 1 of 3: string of 1000000000 bytes"),
     "huge key": (gguf_bytes([struct.pack("<Q", 2 ** 64 - 1)]) + bytes(40),
                  r"metadata entry 0 at byte 24: key of 18446744073709551615 bytes"),
-    "value type": (gguf_bytes([kv("k", 13, b"")]) + bytes(8), r"metadata key 'k' .*unknown value type 13 \(valid: 0-12\)"),
+    "value type": (gguf_bytes([kv("k", 13, b"")]) + bytes(8),
+                   r"metadata key 'k' .*unknown value type 13 \(valid: 0-12\)"),
     "element type": (gguf_bytes([kv("k", 9, struct.pack("<IQ", 99, 1))]), "unknown array element type 99"),
     "too deep": (gguf_bytes([kv("deep", 9, nested(17))]), r"metadata key 'deep' .*arrays nested more than 16 deep"),
     "bool": (gguf_bytes([kv("flag", 7, b"\x02")]), r"metadata key 'flag' .*bool byte 2 is neither 0 nor 1"),
@@ -268,16 +273,20 @@ MALFORMED = {
     "element overflow": (gguf_bytes(tensors=[tinfo("w", [2 ** 32, 2 ** 32])]), "element count of its shape overflows"),
     "removed type": (gguf_bytes(tensors=[tinfo("w", [4], 4)]), r"tensor 'w' .*unknown ggml type 4"),
     "unknown type": (gguf_bytes(tensors=[tinfo("w", [4], 2 ** 31 + 5)]), "unknown ggml type 2147483653"),
-    "partial block": (gguf_bytes(tensors=[tinfo("w", [33, 2], 8)]), "rows of 33 values are not whole q8_0 blocks of 32"),
+    "partial block": (gguf_bytes(tensors=[tinfo("w", [33, 2], 8)]),
+                      "rows of 33 values are not whole q8_0 blocks of 32"),
     "byte size overflow": (gguf_bytes(tensors=[tinfo("w", [2 ** 62, 2], 0)]), "element count of its shape overflows"),
     "empty but huge": (gguf_bytes(tensors=[tinfo("w", [0, 2 ** 62], 0)]), "element count of its shape overflows"),
-    "misaligned": (gguf_bytes(tensors=[tinfo("w", [4], 0, 4)], data=DATA16), "data offset 4 is not a multiple of the alignment 32"),
+    "misaligned": (gguf_bytes(tensors=[tinfo("w", [4], 0, 4)], data=DATA16),
+                   "data offset 4 is not a multiple of the alignment 32"),
     "past end": (gguf_bytes(tensors=[tinfo("w", [1000], 0, 0)], data=DATA16),
-                 r"tensor 'w' .*its 4000 bytes of data at offset 0 in the data section .* run past the end of the file"),
+                 r"tensor 'w' .*its 4000 bytes of data at offset 0 in the data"
+                 r" section .* run past the end of the file"),
     "offset huge": (gguf_bytes(tensors=[tinfo("w", [4], 0, 2 ** 63)], data=DATA16), "run past the end of the file"),
     "duplicate tensor": (gguf_bytes(tensors=[OK_TENSOR, tinfo("v", [4], 0, 32), OK_TENSOR], data=bytes(64)),
                          r"duplicate tensor name 'w' \(entries 0 and 2\)"),
-    "tensor name utf-8": (gguf_bytes(tensors=[tinfo(b"\xed\xa0\x80", [4])], data=DATA16), "tensor name is not valid UTF-8"),
+    "tensor name utf-8": (gguf_bytes(tensors=[tinfo(b"\xed\xa0\x80", [4])], data=DATA16),
+                          "tensor name is not valid UTF-8"),
     "truncated scalar": (b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + gstr("k") + struct.pack("<I", 10) + bytes(3),
                          r"metadata key 'k' \(entry 0 at byte 24\): uint64 needs 8 bytes at byte 37, only 3 remain"),
 }

@@ -302,7 +302,7 @@ void register_gguf(py::module_& m) {
             if (i >= s.size()) throw py::index_error("string index out of range");
             const auto b = s.raw(i);
             return py::bytes(b.data(), b.size());
-        }, "The undecoded bytes of element i.")
+        }, py::arg("i"), "The undecoded bytes of element i.")
         .def("json_list", &StringArray::json_list, "JSON list of the strings.")
         .def("json_vocab", &StringArray::json_vocab,
              "JSON object {string: index}; ModelFileError on a repeated string.")
@@ -328,17 +328,17 @@ void register_gguf(py::module_& m) {
             const File& f = *open_reader(r).f;
             if (i >= f.kvs.size()) throw py::index_error("metadata index out of range");
             return type_string(f, f.kvs[i].value);
-        }, "Type of metadata entry i: 'uint32', 'string', 'array[string]', 'array[array[int32]]', ...")
+        }, py::arg("i"), "Type of metadata entry i: 'uint32', 'string', 'array[string]', 'array[array[int32]]', ...")
         .def("kv_offset", [](const Reader& r, size_t i) {
             const File& f = *open_reader(r).f;
             if (i >= f.kvs.size()) throw py::index_error("metadata index out of range");
             return f.kvs[i].offset;
-        }, "Byte offset of metadata entry i (its key's length field).")
+        }, py::arg("i"), "Byte offset of metadata entry i (its key's length field).")
         .def("kv_value", [](const Reader& r, size_t i) {
             const File& f = *open_reader(r).f;
             if (i >= f.kvs.size()) throw py::index_error("metadata index out of range");
             return to_py(r, f.kvs[i].value, std::string(f.kvs[i].key));
-        }, "Value of metadata entry i: int / float / bool / str, a read-only numpy view (numeric arrays), "
+        }, py::arg("i"), "Value of metadata entry i: int / float / bool / str, a read-only numpy view (numeric arrays), "
            "a GGUFStringArray (string arrays) or a list (nested arrays).")
         .def("tensors", [](const Reader& r) {
             const File& f = *open_reader(r).f;

@@ -128,7 +128,8 @@ def _save(out_dir: Path, family: str, seed: int, index: int, outcome: str, detai
     with open(stem.with_suffix(".pkl"), "wb") as f:
         pickle.dump({"family": family, "seed": seed, "index": index, "outcome": outcome, "detail": detail,
                      "case": case}, f)
-    stem.with_suffix(".txt").write_text(f"{family} seed {seed} case {index}: {outcome}\n{_describe(case)}\n\n{detail}\n")
+    stem.with_suffix(".txt").write_text(
+        f"{family} seed {seed} case {index}: {outcome}\n{_describe(case)}\n\n{detail}\n")
     mat = getattr(case, "materialize", None)
     if callable(mat):
         stem.with_suffix(getattr(mod, "FILE_SUFFIX", ".bin")).write_bytes(mat())
