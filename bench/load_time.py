@@ -3,8 +3,8 @@
     python bench/load_time.py [--model PATH] [--real-tokenizer] [--runs 5] [--keep] [--workdir DIR]
 
 Each run is a fresh Python process (`import mllama_q.model` done before the clock starts) that
-times `Model(path, vision=False)` or `Model(path, vision=True)`: wall time and the process's
-CPU time (on a shared 2-core machine the CPU time is the figure other jobs do not inflate;
+times `Model(path, vision=False)` or `Model(path, vision=True)`: wall time, the process's
+peak-RSS growth, and its CPU time (on a shared 2-core machine the CPU time is the figure other jobs do not inflate;
 loading is single-threaded). The file is read once before (`cat > /dev/null`) so the page
 cache is warm, as the target (< 2 s) asks.
 
@@ -33,11 +33,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 CHILD = r"""
-import sys, time
+import resource, sys, time
 import mllama_q.model
+rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t, c = time.perf_counter(), time.process_time()
 m = mllama_q.model.Model(sys.argv[1], vision=sys.argv[2] == "1")
-print(time.perf_counter() - t, time.process_time() - c)
+wall, cpu = time.perf_counter() - t, time.process_time() - c
+print(wall, cpu, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024)
 """
 
 
@@ -89,15 +91,14 @@ def build_real_tokenizer_file(src: Path, dst: Path) -> Path:
     return dst
 
 
-def time_load(path: Path, vision: bool, runs: int) -> list[tuple[float, float]]:
-    """[(wall s, CPU s)] of `runs` fresh processes."""
+def time_load(path: Path, vision: bool, runs: int) -> list[tuple[float, float, float]]:
+    """[(wall s, CPU s, peak RSS growth MiB)] of `runs` fresh processes."""
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     out = []
     for _ in range(runs):
         p = subprocess.run([sys.executable, "-c", CHILD, str(path), "1" if vision else "0"], env=env,
                            capture_output=True, text=True, check=True)
-        wall, cpu = p.stdout.strip().splitlines()[-1].split()
-        out.append((float(wall), float(cpu)))
+        out.append(tuple(float(x) for x in p.stdout.strip().splitlines()[-1].split()))
     return out
 
 
@@ -126,10 +127,10 @@ def main(argv=None) -> int:
     try:
         for vision in (False, True):
             ts = time_load(path, vision, args.runs)
-            wall, cpu = [t[0] for t in ts], [t[1] for t in ts]
+            wall, cpu, rss = ([t[i] for t in ts] for i in range(3))
             print(f"Model(vision={vision}): wall median {statistics.median(wall):.2f} s, min {min(wall):.2f} s; "
-                  f"CPU median {statistics.median(cpu):.2f} s, min {min(cpu):.2f} s "
-                  f"(wall/CPU: {', '.join(f'{w:.2f}/{c:.2f}' for w, c in ts)})")
+                  f"CPU median {statistics.median(cpu):.2f} s, min {min(cpu):.2f} s; peak RSS +{max(rss):.0f} MiB "
+                  f"(wall/CPU: {', '.join(f'{w:.2f}/{c:.2f}' for w, c, _ in ts)})")
     finally:
         if built is not None and not args.keep:
             built.unlink(missing_ok=True)

@@ -336,7 +336,7 @@ def check_architecture(f: GGUFFile, path=None) -> None:
     path = f.path if path is None else path
     if K.GENERAL_ARCHITECTURE not in f.metadata:
         raise ModelFileError(f"{path}: no '{K.GENERAL_ARCHITECTURE}' key: not a model GGUF")
-    arch = f.metadata[K.GENERAL_ARCHITECTURE]
+    arch = get_str(f, K.GENERAL_ARCHITECTURE)
     if arch != K.ARCH:
         raise ModelFileError(f"{path}: architecture is {arch!r}, expected '{K.ARCH}' "
                              "(Llama 3.2 Vision); this runtime reads only mllama files")

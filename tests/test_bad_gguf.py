@@ -160,6 +160,12 @@ def test_wrong_architecture(tmp_path):
     expect_error(p, "architecture is 'llama', expected 'mllama'")
 
 
+def test_architecture_not_a_string(good, tmp_path):
+    p = rewrite(good, tmp_path / "arch.gguf", arch="x",
+                set_keys={K.GENERAL_ARCHITECTURE: ([1, 2], gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.INT32)})
+    expect_error(p, "general.architecture.*must be a string, got an array of 2 int32")
+
+
 def test_no_architecture_key(tmp_path):
     p = tmp_path / "noarch.gguf"
     w = gguf.GGUFWriter(str(p), "mllama")
