@@ -339,3 +339,21 @@ def test_not_a_regular_file(tmp_path):
         _core.gguf_open(str(fifo))  # the core itself never waits on a FIFO
     with pytest.raises(ModelFileError, match="not a regular file"):
         open_gguf(tmp_path)
+
+
+def test_runtime_never_imports_gguf_py(tmp_path, child_env):
+    """Loading a model, tokenizing and generating import neither gguf-py nor torch (a fresh
+    interpreter: this test process has gguf-py loaded already)."""
+    import subprocess
+    import sys
+
+    from mllama_q.cli.synthetic import write_synthetic_gguf
+
+    path = write_synthetic_gguf(tmp_path / "tiny.gguf", "tiny", "q4_k_m", progress=False)
+    code = ("import sys\nfrom mllama_q.model import Model\n"
+            f"m = Model({str(path)!r})\n"
+            "m.generate(prompt='Hello', max_new_tokens=2, temperature=0)\n"
+            "bad = sorted(k for k in sys.modules if k.split('.')[0] in ('gguf', 'torch', 'transformers'))\n"
+            "assert not bad, bad\nprint('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], env=child_env(), capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
