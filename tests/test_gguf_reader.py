@@ -108,8 +108,12 @@ def test_values_and_types(files):
     strings = md["t.big.strings"]
     assert len(strings) == 100_000 and strings[12_345] == "s12345" and strings[-1] == "s99999"
     assert strings[10:13] == ["s10", "s11", "s12"] and strings[::50_000] == ["s0", "s50000"]
-    with pytest.raises(IndexError):
-        strings[100_000]
+    assert strings[np.int64(7)] == "s7" and strings[-100_000] == "s0"
+    for bad in (100_000, -100_001, 2 ** 70, -(2 ** 70)):
+        with pytest.raises(IndexError):
+            strings[bad]
+    with pytest.raises(TypeError):
+        strings["1"]
     assert f.tensors["f32.4d"].shape == (2, 3, 4, 5) and f.tensors["raw.Q4_K"].type_name == "q4_k"
     assert f.tensors["raw.Q8_0"].shape == (2, 64) and f.tensors["raw.Q8_0"].data.shape == (2, 68)
     assert f.tensors["raw.BF16"].data.dtype == np.uint16 and f.tensors["raw.BF16"].shape == (3, 2)

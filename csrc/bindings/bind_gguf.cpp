@@ -90,9 +90,14 @@ public:
             for (size_t k = 0; k < n; k++) out[k] = get(start + k * step);
             return std::move(out);
         }
-        int64_t i = index.cast<int64_t>();
-        if (i < 0) i += static_cast<int64_t>(size());
-        if (i < 0 || static_cast<uint64_t>(i) >= count_)
+        // Any integer-like index (numpy ints too); one beyond int64 is simply out of range.
+        auto as_int = py::reinterpret_steal<py::object>(PyNumber_Index(index.ptr()));
+        if (!as_int) throw py::error_already_set();  // TypeError: not an integer
+        long long i = PyLong_AsLongLong(as_int.ptr());
+        const bool overflow = i == -1 && PyErr_Occurred();
+        if (overflow) PyErr_Clear();
+        if (!overflow && i < 0) i += static_cast<long long>(size());
+        if (overflow || i < 0 || static_cast<uint64_t>(i) >= count_)
             throw py::index_error("index " + py::str(index).cast<std::string>() + " out of range for " + key_ +
                                   " (" + std::to_string(count_) + " strings)");
         return get(static_cast<size_t>(i));
