@@ -129,22 +129,21 @@ def build_prompt(model, messages: Sequence[Mapping] | None = None, prompt: str |
 def generation_defaults_from_gguf(reader) -> dict:
     """{"temperature", "top_p", "top_k"} from the GGUF's general.sampling.* keys (the converter
     copies generation_config.json there); absent keys give Llama 3.2 Vision Instruct's values."""
-    from .tokenizer import gguf_field
+    from . import gguf_keys as K
+    from .gguf_file import get_float, get_int
 
-    temp = gguf_field(reader, "general.sampling.temp")
-    top_p = gguf_field(reader, "general.sampling.top_p")
-    top_k = gguf_field(reader, "general.sampling.top_k")
-    return {"temperature": DEFAULT_TEMPERATURE if temp is None else float(temp),
-            "top_p": DEFAULT_TOP_P if top_p is None else float(top_p),
-            "top_k": 0 if top_k is None else int(top_k)}
+    return {"temperature": get_float(reader, K.GENERAL_SAMPLING_TEMP, DEFAULT_TEMPERATURE),
+            "top_p": get_float(reader, K.GENERAL_SAMPLING_TOP_P, DEFAULT_TOP_P),
+            "top_k": get_int(reader, K.GENERAL_SAMPLING_TOP_K, 0)}
 
 
 def stop_ids_from_gguf(reader, tokenizer=None) -> list[int]:
     """Every id that ends generation: mllama_q.stop_token_ids (generation_config's eos list),
     plus the tokenizer's eos / eot / eom ids; Llama 3's [128001, 128008, 128009] if none is known."""
-    from .tokenizer import gguf_field
+    from . import gguf_keys as K
+    from .gguf_file import get_int_list
 
-    ids = [int(i) for i in (gguf_field(reader, "mllama_q.stop_token_ids") or [])]
+    ids = get_int_list(reader, K.Q_STOP_TOKEN_IDS, [])
     if tokenizer is not None:
         ids += [i for i in (tokenizer.eos_id, tokenizer.eot_id, tokenizer.eom_id) if i is not None]
     return sorted(set(ids)) or [128001, 128008, 128009]

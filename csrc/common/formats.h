@@ -182,4 +182,19 @@ decltype(auto) dispatch_weight_type(DType t, const char* what, F&& f) {
     throw std::invalid_argument(std::string(what) + type_info(t).name);
 }
 
+// Block layout of EVERY tensor type id a GGUF file may carry, supported or not: the file
+// reader (csrc/gguf) needs it to locate any tensor's bytes, as gguf-py and ggml do. Values
+// are ggml's type_traits (ggml/src/ggml.c) = gguf-py's GGML_QUANT_SIZES; ids ggml removed
+// (4, 5, 31-33, 36-38) are absent. The supported types above are checked against this
+// table at compile time (formats.cpp), so their sizes are declared once.
+struct TypeLayout {
+    int32_t id;            // ggml_type
+    const char* name;      // lower-case ggml name ("q4_k", "iq2_xxs")
+    int block_size;        // values per block
+    int type_size;         // bytes per block
+};
+// nullptr for an id no ggml version defines.
+const TypeLayout* type_layout(int32_t ggml_type_id);
+const TypeLayout* all_type_layouts(size_t* count);
+
 }  // namespace mq
