@@ -66,9 +66,8 @@ from typing import Any
 
 import numpy as np
 
-from . import gguf_file
 from . import gguf_keys as K
-from .gguf_file import ModelFileError, field_value, open_gguf, tensor_entry
+from .gguf_file import ModelFileError, check_tensor_types, field_value, open_gguf, tensor_entry
 
 OURS = "mllama-q"         # mllama_q.format_version present
 ONE_FILE = "ollama"       # Ollama v0.7+: one blob
@@ -133,10 +132,9 @@ class Layout:
         return "load it with vision=False"
 
 
-def tensor_entries(reader) -> dict:
-    """{name: (array, ggml_type, numpy_shape)} of every tensor (views of the mapping, no copy)."""
-    ts = reader.tensors
-    return {t.name: tensor_entry(t) for t in (ts.values() if isinstance(ts, dict) else ts)}
+def tensor_entries(f) -> dict:
+    """{name: (array, ggml_type, numpy_shape)} of every tensor of a GGUFFile (views of the mapping, no copy)."""
+    return {name: tensor_entry(t) for name, t in f.tensors.items()}
 
 
 # ---------------------------------------------------------------------------
@@ -220,9 +218,7 @@ def detect_layout(reader, path, tensors: dict, projector=None, converter: str | 
                       "text-only file)", permute_xattn_norms=True, assumed=True)
     ppath = str(projector)
     preader = open_gguf(ppath)
-    check_types = getattr(gguf_file, "check_tensor_types", None)  # a separate step with the reader of CONTRACTS A
-    if check_types is not None:
-        check_types(preader)
+    check_tensor_types(preader)
     ptensors = tensor_entries(preader)
     _check_projector(preader, ppath, ptensors)
     return Layout(TWO_FILE, evidence=f"text blob + projector {ppath}", permute_xattn_norms=True, assumed=True,
