@@ -263,7 +263,8 @@ class Model:
         try:
             if any(k.startswith(K.TOKENIZER_PREFIX) for k in f.metadata):
                 self.tokenizer = Tokenizer.from_gguf(f)
-                self.processor = Processor(self.tokenizer, ProcessorSettings.from_gguf(f, self.tokenizer))
+                settings = ProcessorSettings.from_gguf(f, self.tokenizer, vfile if vfile is not f else None)
+                self.processor = Processor(self.tokenizer, settings)
             self.stop_ids = ollama.frontend(layout, f, self.tokenizer, stop_ids_from_gguf(f, self.tokenizer))
             self.generation_defaults = generation_defaults_from_gguf(f)
         except ModelFileError:

@@ -81,16 +81,19 @@ class ProcessorSettings:
             raise ValueError("image_mean and image_std need 3 values")
 
     @classmethod
-    def from_gguf(cls, reader, tokenizer=None) -> "ProcessorSettings":
+    def from_gguf(cls, reader, tokenizer=None, vision_reader=None) -> "ProcessorSettings":
         """Read the settings from a GGUFFile (mllama_q.gguf_file); keys that are absent fall back to
         11B values.
 
         `tokenizer` (our Tokenizer) supplies the `<|image|>` id and the BOS text when given.
+        `vision_reader`: the file holding the mllama.vision.* keys when it is another one (the
+        projector blob of Ollama's two-file layout).
         """
         from .gguf_file import field_value
 
         def get(const_name, literal):
-            return field_value(reader, _key(const_name, literal))
+            r = vision_reader if vision_reader is not None and literal.startswith("mllama.vision.") else reader
+            return field_value(r, _key(const_name, literal))
 
         kw: dict[str, Any] = {}
         v = get("Q_IMG_TILE_SIZE", "mllama_q.image.tile_size")

@@ -155,6 +155,13 @@ class Manifest:
     root: Path
     layers: list[Layer]
     config: Layer | None
+    digest: str = ""  # sha256 of the manifest file: the model's digest in Ollama's listings (manifest.go)
+    modified: float = 0.0  # the manifest file's mtime: the model's modified_at there
+
+    @property
+    def size(self) -> int:
+        """Every layer and the config, as Ollama's listings count it (manifest.go Size)."""
+        return sum(la.size for la in self.layers) + (self.config.size if self.config is not None else 0)
 
     def of_type(self, media_type: str) -> list[Layer]:
         return [la for la in self.layers if la.media_type == media_type]
@@ -208,7 +215,7 @@ def _read_manifest(root: Path, name: OllamaName, path: Path) -> Manifest:
     layers = [_layer(d, root, where) for d in doc["layers"]]
     cfg = doc.get("config")
     config = _layer(cfg, root, where + " (config)") if isinstance(cfg, dict) and cfg.get("digest") else None
-    return Manifest(name, path, root, layers, config)
+    return Manifest(name, path, root, layers, config, hashlib.sha256(raw).hexdigest(), st.st_mtime)
 
 
 def _find_manifest(name: OllamaName, roots: list[Path]) -> tuple[Path, Path] | None:
@@ -398,28 +405,36 @@ def _blob_manifest(path: Path) -> Resolved | None:
     return None
 
 
-def resolve_model(name_or_path, roots: list[Path] | None = None, verify: bool = False):
-    """(model_path, projector_path | None, defaults) for a GGUF path or an Ollama model name.
-
-    An existing path passes through (with its projector and defaults when it is a blob inside an
-    Ollama store); anything else is looked up as a name. defaults: what the manifest sets, in
-    generate()/Model's vocabulary (temperature, top_p, top_k, min_p, repetition_penalty, seed,
-    stop, n_ctx, max_new_tokens, system). Raises ModelFileNotFoundError / StoreError.
-    """
+def find_model(name_or_path, roots: list[Path] | None = None, verify: bool = False) -> Resolved | None:
+    """The store's model behind an Ollama model name, or behind a path that is a model blob inside
+    an Ollama store; None for any other existing file (a GGUF given by path). Raises
+    ModelFileNotFoundError (no such file or name) / StoreError (a broken store entry)."""
     s = os.fspath(name_or_path)
     p = Path(s)
     if p.exists() or p.is_symlink():
         if p.is_dir():
             raise ModelFileError(f"{s} is a directory, not a GGUF file (an Ollama model is given by name, "
                                  "a Hugging Face checkpoint is converted with `mllama-q convert`)")
-        found = _blob_manifest(p.resolve() if p.is_symlink() else p) if p.exists() else None
-        if found is not None:
-            return s, (str(found.projector_path) if found.projector_path else None), found.defaults
-        return s, None, {}
+        return _blob_manifest(p.resolve() if p.is_symlink() else p) if p.exists() else None
     if s.endswith(".gguf") or s.startswith((os.sep, ".", "~")):
         raise ModelFileNotFoundError(f"model file not found: {s}")
-    r = resolve_name(s, roots, verify=verify)
-    return str(r.model_path), (str(r.projector_path) if r.projector_path else None), r.defaults
+    return resolve_name(s, roots, verify=verify)
+
+
+def resolve_model(name_or_path, roots: list[Path] | None = None, verify: bool = False):
+    """(model_path, projector_path | None, defaults) for a GGUF path or an Ollama model name.
+
+    An existing path passes through (with its projector and defaults when it is a blob inside an
+    Ollama store); anything else is looked up as a name (find_model). defaults: what the manifest
+    sets, in generate()/Model's vocabulary (temperature, top_p, top_k, min_p, repetition_penalty,
+    seed, stop, n_ctx, max_new_tokens, system). Raises ModelFileNotFoundError / StoreError.
+    """
+    s = os.fspath(name_or_path)
+    r = find_model(s, roots, verify=verify)
+    if r is None:
+        return s, None, {}
+    model_path = s if Path(s).exists() else str(r.model_path)  # a blob path given stays as given
+    return model_path, (str(r.projector_path) if r.projector_path else None), r.defaults
 
 
 def iter_manifests(root: Path):

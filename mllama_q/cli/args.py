@@ -24,6 +24,27 @@ SAMPLING_FLAGS = {
 }
 
 
+def add_model_options(ap: argparse.ArgumentParser) -> None:
+    """MODEL (positional) or -m MODEL: a .gguf file or an Ollama model name (mllama_q.store), and
+    --projector / --ollama-converter for the files Ollama wrote (mllama_q.ollama); shared by every
+    command that loads a model (run, chat, serve). model_option() picks the one given."""
+    from mllama_q.ollama import CONVERTERS
+
+    ap.add_argument("model_arg", nargs="?", metavar="MODEL", help="a .gguf file or an Ollama model name")
+    ap.add_argument("-m", "--model", metavar="MODEL", help="the same as MODEL")
+    ap.add_argument("--projector", metavar="PATH",
+                    help="Ollama's two-file layout: the projector blob (found by itself from a model name)")
+    ap.add_argument("--ollama-converter", choices=("auto", *CONVERTERS), default="auto",
+                    help="which Ollama converter wrote a one-file blob, when the file cannot tell (default auto)")
+
+
+def model_option(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """args.model := MODEL or -m MODEL (exactly one of them)."""
+    if (args.model is None) == (args.model_arg is None):
+        ap.error("give the model once: MODEL or -m MODEL")
+    args.model = args.model or args.model_arg
+
+
 def lower(s: str) -> str:
     """argparse `type=` for case-insensitive choices (`--type Q4_K_M`)."""
     return s.lower()

@@ -22,16 +22,12 @@ import json
 import sys
 from pathlib import Path
 
-from mllama_q.cli.args import check_device, check_min, check_sampling, warn_context
+from mllama_q.cli.args import add_model_options, check_device, check_min, check_sampling, model_option, warn_context
 from mllama_q.cli.progress import Progress
 
 
 def _add_common(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("model_arg", nargs="?", metavar="MODEL", help="a .gguf file or an Ollama model name")
-    ap.add_argument("-m", "--model", help="the same as MODEL")
-    ap.add_argument("--projector", help="Ollama's two-file layout: the projector blob (found by itself by name)")
-    ap.add_argument("--ollama-converter", choices=("auto", "v0.7.0", "v0.7.1-rc0", "v0.7.1"), default="auto",
-                    help="which Ollama converter wrote a one-file blob, when the file cannot tell (default auto)")
+    add_model_options(ap)
     ap.add_argument("-i", "--image", action="append", default=[], metavar="IMAGE",
                     help="an image file (repeat for several)")
     ap.add_argument("--system", default=None, help="system message")
@@ -52,9 +48,7 @@ def _add_common(ap: argparse.ArgumentParser) -> None:
 
 def _parse(ap: argparse.ArgumentParser, argv):
     args = ap.parse_args(argv)
-    if (args.model is None) == (args.model_arg is None):
-        ap.error("give the model once: MODEL or -m MODEL")
-    args.model = args.model or args.model_arg
+    model_option(ap, args)
     return args
 
 
