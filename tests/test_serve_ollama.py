@@ -26,7 +26,7 @@ pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("ollama")
 
-from ollama_writer import make_store, write_one_file, write_two_files  # noqa: E402
+from ollama_writer import make_store  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import mllama_q  # noqa: E402
@@ -43,12 +43,8 @@ def _serve(model, env, *args, **kw):
 
 
 @pytest.fixture(scope="module")
-def blobs(tmp_path_factory, tiny_checkpoint):
-    d = tmp_path_factory.mktemp("serve_ollama_blobs")
-    ck = tiny_checkpoint(seed=3, dtype="float32", rope_spelling="rope_theta")
-    one = write_one_file(ck, d / "one.gguf")
-    text, proj = write_two_files(ck, d / "text.gguf", d / "proj.gguf")
-    return {"one": one, "text": text, "proj": proj}
+def blobs(ollama_blobs):
+    return ollama_blobs(3)
 
 
 @pytest.fixture(scope="module")

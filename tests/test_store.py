@@ -16,7 +16,7 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from ollama_writer import add_blob, make_store, write_one_file, write_two_files  # noqa: E402
+from ollama_writer import add_blob, make_store  # noqa: E402
 from test_model import make_cases, our_logits  # noqa: E402
 
 import mllama_q  # noqa: E402
@@ -82,12 +82,8 @@ def test_names_cannot_leave_the_store(tmp_path, monkeypatch, name):
 # Resolving and loading by name
 # ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def blobs(tmp_path_factory, tiny_checkpoint):
-    d = tmp_path_factory.mktemp("ollama_blobs")
-    ck = tiny_checkpoint(seed=1, dtype="float32", rope_spelling="rope_theta")
-    one = write_one_file(ck, d / "one.gguf")
-    text, proj = write_two_files(ck, d / "text.gguf", d / "proj.gguf")
-    return {"one": one, "text": text, "proj": proj}
+def blobs(ollama_blobs):
+    return ollama_blobs(1)
 
 
 PARAMS = {"temperature": 0.25, "top_p": 0.8, "top_k": 7, "repeat_penalty": 1.1, "num_ctx": 2048,
