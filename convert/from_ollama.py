@@ -7,7 +7,8 @@ or `mllama-q convert --from-ollama NAME -o OUT.gguf [--vision-type q8_0]`.
 
 Why: Ollama never quantized the vision tower (server/quantization.go skips v.* / mm.*), so its
 blobs carry it in F16 (1.8 GB for 11B); Q8_0 halves that memory and the CPU encodes an image
-faster with it on AVX-512 (bench/results/2026-12-03-epyc-zen5-2c-ollama.md). The text weights are copied byte for byte.
+faster with it on AVX-512 (bench/results/2026-12-03-epyc-zen5-2c-ollama.md). The text
+weights are copied byte for byte.
 
 What is written: the file as mllama-q's loader sees it after undoing Ollama's layout
 (mllama_q.ollama.apply_layout: cross-attention norms permuted like their q/k rows, vision gates
