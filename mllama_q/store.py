@@ -348,7 +348,13 @@ def params_defaults(params: dict, where: str) -> dict:
 
 
 def manifest_defaults(m: Manifest) -> dict:
-    """Sampling defaults / stop strings (params layer) and the system message (system layer)."""
+    """Sampling defaults / stop strings (params layer) and the system message (system layer).
+
+    The MEDIA_TEMPLATE layer is not read: it is a Go text/template for Ollama's own prompt
+    rendering, and sets no stop strings or options (server/images.go GetModel takes the options
+    from the params layer only). Prompts are rendered with the GGUF's chat template
+    (tokenizer.chat_template, the checkpoint's Jinja template that Ollama's converter copied), or
+    the embedded Llama 3.2 Vision one."""
     out: dict = {}
     for layer in m.of_type(MEDIA_PARAMS)[-1:]:  # GetModel: the last one wins
         out.update(params_defaults(_json_layer(layer, m.name), f"params layer of {m.name}"))
