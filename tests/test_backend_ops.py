@@ -188,3 +188,52 @@ def test_attention_flash_masked_rows(be, cpu_path):
     mean = v.astype(np.float64)[: 1 + q_offset + 1].mean(axis=0)   # query 1 sees keys 0 .. 1 + q_offset
     assert rel(out[1], np.repeat(mean, n_head // n_kv, axis=0)) < 1e-5
     assert rel(out, _attention_ref(q, k, v, 0.125, mask, True, q_offset)) < 1e-5
+
+
+# ---- attention_segments: the text decoder's attention (csrc/cpu/attention.h).
+# Batch invariance is what exact prefix reuse and batching rest on: a query row
+# gets the same bits alone (a decode step), in any chunk of a prefill, next to
+# other sequences' segments, and with keys after its last visible one in the call.
+@pytest.mark.parametrize("kv16", [False, True])
+def test_attention_segments_batch_invariant(be, cpu_path, kv16):
+    n_head, n_kv, hd, nk, nq = 8, 2, 64, 700, 40   # 700 keys: three 256-key chunks, the last partial
+    dt = np.float16 if kv16 else np.float32
+    k = rng.standard_normal((nk, n_kv, hd)).astype(dt)
+    v = rng.standard_normal((nk, n_kv, hd)).astype(dt)
+    q = rng.standard_normal((nq, n_head, hd)).astype(np.float32)
+    scale = hd ** -0.5
+    p0 = nk - nq   # position of query 0 (a cached prefix of p0 keys)
+    full = be.attention_segments(q, [(0, nq, k, v, p0, True)], scale)
+    assert rel(full, _attention_ref(q, k, v, scale, None, True, p0)) < 1e-5
+    for i in (0, 1, 17, nq - 1):   # alone, with exactly its visible keys
+        n_vis = p0 + i + 1
+        kv = (np.ascontiguousarray(k[:n_vis]), np.ascontiguousarray(v[:n_vis]))
+        one = be.attention_segments(q[i:i + 1], [(0, 1, *kv, n_vis - 1, True)], scale)
+        assert np.array_equal(one[0], full[i]), i
+    # the prefill in chunks of 3, 16 and 21 queries (keys up to each chunk's last row)
+    start = 0
+    for n in (3, 16, 21):
+        n_k = p0 + start + n
+        part = be.attention_segments(np.ascontiguousarray(q[start:start + n]),
+                                     [(0, n, np.ascontiguousarray(k[:n_k]), np.ascontiguousarray(v[:n_k]),
+                                       p0 + start, True)], scale)
+        assert np.array_equal(part, full[start:start + n])
+        start += n
+    # next to another sequence (its own keys, non-causal: a cross-attention run), in one call
+    k2 = rng.standard_normal((300, n_kv, hd)).astype(dt)
+    v2 = rng.standard_normal((300, n_kv, hd)).astype(dt)
+    q2 = rng.standard_normal((5, n_head, hd)).astype(np.float32)
+    both = be.attention_segments(np.concatenate([q2, q]), [(0, 5, k2, v2, 0, False), (5, nq, k, v, p0, True)], scale)
+    assert np.array_equal(both[5:], full)
+    assert rel(both[:5], _attention_ref(q2, k2, v2, scale, None, False, 0)) < 1e-5
+
+
+def test_attention_segments_bad_arguments(be):
+    q = np.zeros((2, 4, 16), np.float32)
+    k = np.zeros((3, 2, 16), np.float32)
+    with pytest.raises(ValueError, match="rows out of range"):
+        be.attention_segments(q, [(1, 2, k, k, 0, False)], 0.25)
+    with pytest.raises(ValueError, match="k/v"):
+        be.attention_segments(q, [(0, 2, k, k.astype(np.float16), 0, False)], 0.25)
+    with pytest.raises(ValueError):
+        be.attention_segments(q, [(0, 2, np.zeros((3, 2, 8), np.float32), k, 0, False)], 0.25)
