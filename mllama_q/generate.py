@@ -31,7 +31,6 @@ import numpy as np
 
 from .sampling import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, Sampler, SamplingParams, _is_int
 
-
 STOP_REASONS = ("stop_token", "stop_string", "length", "context_full", "cancelled")
 
 

@@ -20,8 +20,17 @@ import numpy as np
 
 from . import _core
 from . import gguf_keys as K
-from .gguf_file import (ModelFileError, check_architecture, field_value, get_float, get_int, get_int_list,
-                        open_gguf, require_keys, tensor_entry)
+from .gguf_file import (
+    ModelFileError,
+    check_architecture,
+    field_value,
+    get_float,
+    get_int,
+    get_int_list,
+    open_gguf,
+    require_keys,
+    tensor_entry,
+)
 
 # Metadata every mllama file has (Ollama's and ours).
 REQUIRED_TEXT_KEYS = (K.BLOCK_COUNT, K.EMBEDDING_LENGTH, K.FEED_FORWARD_LENGTH, K.HEAD_COUNT, K.HEAD_COUNT_KV,
@@ -29,7 +38,7 @@ REQUIRED_TEXT_KEYS = (K.BLOCK_COUNT, K.EMBEDDING_LENGTH, K.FEED_FORWARD_LENGTH, 
 REQUIRED_VISION_KEYS = (K.V_BLOCK_COUNT, K.V_GLOBAL_BLOCK_COUNT, K.V_INTERMEDIATE_LAYERS, K.V_EMBEDDING_LENGTH,
                         K.V_FEED_FORWARD_LENGTH, K.V_HEAD_COUNT, K.V_LN_EPS, K.V_IMAGE_SIZE, K.V_PATCH_SIZE,
                         K.V_MAX_NUM_TILES, K.V_NUM_CHANNELS)
-VISION_PREFIXES = ("v.", "mm.")
+VISION_PREFIXES = K.VISION_PREFIXES
 
 
 def _q(reader, key):
@@ -217,7 +226,8 @@ class Model:
         self._scheduler = None
         if not isinstance(n_ctx, (int, np.integer)) or isinstance(n_ctx, bool) or n_ctx <= 0:
             raise ValueError(f"n_ctx must be a positive integer, got {n_ctx!r}")
-        if not isinstance(max_sessions, (int, np.integer)) or isinstance(max_sessions, bool) or not 1 <= max_sessions <= 256:
+        if (not isinstance(max_sessions, (int, np.integer)) or isinstance(max_sessions, bool)
+                or not 1 <= max_sessions <= 256):
             raise ValueError(f"max_sessions must be an integer in [1, 256], got {max_sessions!r}")
         if int(n_ctx) * int(max_sessions) >= 1 << 31:
             raise ValueError(f"n_ctx x max_sessions = {int(n_ctx) * int(max_sessions)} cache rows is too many")
@@ -286,6 +296,11 @@ class Model:
         self.kv_type = kv_type
         self.n_ctx = int(n_ctx)
         self.max_sessions = int(max_sessions)
+        # the context length the model was trained for (None if the file does not say); the
+        # command line warns when n_ctx exceeds it
+        n_train = field_value(reader, K.CONTEXT_LENGTH)
+        ok = isinstance(n_train, (int, np.integer)) and not isinstance(n_train, bool) and n_train > 0
+        self.n_ctx_train = int(n_train) if ok else None
         self.image_token_id = int(_q(reader, K.Q_IMAGE_TOKEN_ID))
         # Tokenizer, processor, stop ids and sampling defaults from the same file (frontend).
         from .generate import generation_defaults_from_gguf, stop_ids_from_gguf

@@ -17,26 +17,20 @@ from PIL import Image
 
 pytest.importorskip("transformers")
 from transformers.models.mllama.processing_mllama import (  # noqa: E402
-    convert_sparse_cross_attention_mask_to_dense, get_cross_attention_token_mask)
+    convert_sparse_cross_attention_mask_to_dense,
+    get_cross_attention_token_mask,
+)
 
 import mllama_q  # noqa: E402
-from mllama_q import _core  # noqa: E402
-from tiny_models import make_tiny_checkpoint  # noqa: E402
-from mllama_q.convert import convert  # noqa: E402
 
 MAX_TILES, TILE = 4, 56  # tiny_models' vision config
 RATIOS = [(1, 1), (1, 2), (1, 3), (1, 4), (2, 1), (2, 2), (3, 1), (4, 1)]
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    d = tmp_path_factory.mktemp("sess")
-    ckpt = make_tiny_checkpoint(d / "hf", seed=0, dtype="float32")
-    out = {}
-    for name, ftype in (("f32", "f32"), ("q4_k", "q4_k_s")):
-        out[name] = d / f"tiny-{name}.gguf"
-        convert(ckpt, out[name], ftype=ftype, progress=False)
-    return out
+def files(tiny_checkpoint, tiny_gguf):
+    ckpt = tiny_checkpoint(seed=0, dtype="float32")
+    return {"f32": tiny_gguf(ckpt, "f32"), "q4_k": tiny_gguf(ckpt, "q4_k_s")}
 
 
 def load(files, wtype="f32", **kw):
@@ -149,7 +143,7 @@ def test_batched_steps_equal_each_sequence_alone(files, wtype):
         return full, (None if grids is None else xmask(full, img, grids))
 
     alone = {}
-    for k, (toks, hs, _) in seqs.items():
+    for k, (_, hs, _) in seqs.items():
         core.seq_truncate(3, 0)
         core.seq_set_images(3, hs)
         full, mk = rows(k)
