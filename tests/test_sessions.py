@@ -449,3 +449,40 @@ def test_close_releases_the_model(files):
     with load(files) as m2:
         assert m2.generate(prompt="x", max_new_tokens=1).completion_tokens == 1
     assert mapped() == 0
+
+
+def test_chat_cli_on_a_session(files, tmp_path, capsys, monkeypatch):
+    """`mllama-q chat` on the tiny model: turn 2 reuses turn 1's tokens and image, a message of
+    several lines is one message, Ctrl-C during an image encode drops that turn and its image."""
+    from mllama_q.cli import progress as progress_mod
+    from mllama_q.cli.run import chat_main
+
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    photo(11).save(a)
+    photo(12, 70, 30).save(b)
+    calls = {"n": 0}
+    real_call = progress_mod.PhaseProgress.__call__
+
+    def interrupt_second_image(self, phase, done, total):   # Ctrl-C during the 2nd image's encode
+        if phase == "image_encode":
+            calls["n"] += 1
+            if calls["n"] > total + 1:
+                raise KeyboardInterrupt
+        return real_call(self, phase, done, total)
+
+    monkeypatch.setattr(progress_mod.PhaseProgress, "__call__", interrupt_second_image)
+    lines = iter(["/image " + str(a), "What is it?", '"""', "And now,", 'in two lines?"""',
+                  "/image " + str(b), "Compare", "Last one?", "/quit"])
+    rc = chat_main(["-m", str(files["f32"]), "--temperature", "0", "-n", "3", "-c", "512", "-v"],
+                   input_fn=lambda _: next(lines))
+    cap = capsys.readouterr()
+    assert rc == 0
+    reports = [ln for ln in cap.err.splitlines() if ln.startswith("[")]
+    assert len(reports) == 3   # turns 1, 2 and 4 (turn 3 was interrupted)
+    assert "0 image(s) reused, 1 encoded" in reports[0]
+    prompt_tokens = [int(r[1:].split(" prompt")[0]) for r in reports]
+    for prev, r in zip(prompt_tokens, reports[1:]):   # turn 1's image, never encoded again
+        assert "1 image(s) reused, 0 encoded" in r
+        reused = int(r.split("cache: ")[1].split(" of ")[0])
+        assert reused >= prev   # (at least) the whole previous prompt came from the cache
+    assert "(interrupted: message and its images dropped)" in cap.out
