@@ -477,7 +477,7 @@ def test_chat_cli_on_a_session(files, tmp_path, capsys, monkeypatch):
                    input_fn=lambda _: next(lines))
     cap = capsys.readouterr()
     assert rc == 0
-    reports = [ln for ln in cap.err.splitlines() if ln.startswith("[")]
+    reports = [ln for ln in cap.err.splitlines() if ln.startswith("[") and " prompt tokens" in ln]
     assert len(reports) == 3   # turns 1, 2 and 4 (turn 3 was interrupted)
     assert "0 image(s) reused, 1 encoded" in reports[0]
     prompt_tokens = [int(r[1:].split(" prompt")[0]) for r in reports]
