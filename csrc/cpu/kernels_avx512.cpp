@@ -2,11 +2,11 @@
 // called after matmul.cpp has checked the CPU and OS support them.
 //
 // Three kinds of kernels:
-//  * tiles (all types, any M): up to 4 X rows x 4 W rows; for each weight
+//  * tiles (all types, any M): up to 8 X rows x 4 W rows; for each weight
 //    block a W row is unpacked once into registers (nibbles, scale vectors)
-//    and reused for the X rows of the tile. Decode tiles (<= 2 X rows) of the
-//    quantized types take one W row at a time with software prefetch: that
-//    streams W from DRAM fastest here.
+//    and reused for the X rows of the tile. Tiles of one W row (decode, and
+//    Q4_K / Q6_K for any M < 16) use software prefetch: that streams W from
+//    DRAM fastest here.
 //    Integer arithmetic per block (exact, as ggml's vec_dot_*_q8_K):
 //    maddubs(u8 quants, s8 activations) -> int16 pair sums (no saturation:
 //    |15*127*2| and |63*127*2| < 32767), then vpdpwssd with the int16
@@ -15,10 +15,13 @@
 //    twice the tile kernels' speed at M = 512.
 //  * activation quantizers (Q8_K, Q8_0) giving ggml's reference bytes.
 // MQ_Q4K_NX/NW, MQ_Q6K_NX/NW: tile sizes. With the panel GEMM taking M >= 16, the
-// tiles serve M < 16: a batched decode step of several sequences. 2 X rows (the decode
-// tiles: one W row at a time) beat the earlier 4 x 4 there (its 16 accumulators plus an
-// unpacked W block spill): 14336 x 4096, one thread, M = 4: Q4_K 7.3 -> 2.7 ms, Q6_K
-// 4.5 -> 3.3 ms; M = 8: Q4_K 8.9 -> 6.2 ms, Q6_K 5.0 -> 5.8 ms; M <= 2 unchanged.
+// tiles serve M < 16: a batched decode step of several sequences. Tiles of up to 8 X
+// rows x ONE W row (with software prefetch) are fastest there: the W block's unpack
+// (scales, mins, nibbles: ~25 instructions) is shared by 8 rows, and 8 accumulators plus
+// the unpacked block fit the 32 zmm registers, where 4 x 4 (16 accumulators) spilled and
+// 4 x 2 still did. Measured (bench kernels, 2 threads, load ~1): M = 4, 2 x 1 -> 8 x 1:
+// Q4_K 14336x4096 1.27 -> 1.07 ms, 4096x14336 1.35 -> 1.04 ms; Q6_K 128256x4096
+// 15.8 -> 10.4 ms; M = 8: Q6_K 128256x4096 29.5 -> 18.4 ms; M <= 2 unchanged.
 #include <immintrin.h>
 
 #include <cstring>
@@ -29,19 +32,19 @@
 #include "quants/quants.h"
 
 #ifndef MQ_Q4K_NX
-#define MQ_Q4K_NX 2
-#define MQ_Q4K_NW 4
+#define MQ_Q4K_NX 8
+#define MQ_Q4K_NW 1
 #endif
 #ifndef MQ_Q6K_NX
-#define MQ_Q6K_NX 2
-#define MQ_Q6K_NW 4
+#define MQ_Q6K_NX 8
+#define MQ_Q6K_NW 1
 #endif
 
 namespace mq::cpu::detail {
 namespace {
 
-// Decode tiles (<= 2 X rows) take one W row at a time (NWGD = 1 below) with
-// software prefetch (prefetch_w, simd_x86.h).
+// Decode tiles (<= 2 X rows) take one W row at a time (NWGD = 1 below), the quantized
+// K tiles always do (NW = 1); one-W-row tiles use software prefetch (prefetch_w, simd_x86.h).
 
 // ---------------------------------------------------------------- float weights
 // W rows as float32 / fp16 (F16C) / bf16 (bf16 is the top half of a float32).
@@ -203,7 +206,7 @@ struct Q4KTile {
         for (int64_t b = 0; b < nb; b++) {
             for (int j = 0; j < NW; j++) {
                 const block_q4_K* wb = reinterpret_cast<const block_q4_K*>(w + j * ws) + b;
-                if constexpr (NX <= 2) prefetch_w<sizeof(block_q4_K)>(wb);
+                if constexpr (NW == 1) prefetch_w<sizeof(block_q4_K)>(wb);
                 uint64_t sc8, m8;
                 unpack_q4_K_scales(wb->scales, &sc8, &m8);
                 const __m512i s16 = _mm512_castsi128_si512(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(int64_t(sc8))));
@@ -255,7 +258,7 @@ struct Q6KTile {
         for (int64_t b = 0; b < nb; b++) {
             for (int j = 0; j < NW; j++) {
                 const block_q6_K* wb = reinterpret_cast<const block_q6_K*>(w + j * ws) + b;
-                if constexpr (NX <= 2) prefetch_w<sizeof(block_q6_K)>(wb);
+                if constexpr (NW == 1) prefetch_w<sizeof(block_q6_K)>(wb);
                 __m512i q[4];
                 for (int h = 0; h < 2; h++) {
                     const __m512i ql = _mm512_loadu_si512(wb->ql + 64 * h);
