@@ -602,6 +602,12 @@ class Scheduler:
             text=out.text, tokens=list(t.generated), prompt_tokens=int(t.ids.size),
             completion_tokens=len(t.generated), stop_reason=reason, timings=timings, cached_tokens=int(t.keep),
             images_encoded=len(t.images) - t.images_cached, images_cached=t.images_cached)
+        self._retire(t)
+        self._post(t, "done", t.result)
+        t.finished.set()
+
+    def _retire(self, t: _Turn) -> None:
+        """The turn is over: out of the scheduler's list and its session's, waiters woken."""
         t.state = "done"
         with self._sh.cv:
             if t in self._sh.turns:
@@ -609,21 +615,13 @@ class Scheduler:
             if t.session._turn is t:
                 t.session._turn = None
             self._sh.cv.notify_all()
-        self._post(t, "done", t.result)
-        t.finished.set()
 
     def _fail(self, t: _Turn, e: BaseException) -> None:
         try:
             self._rollback(t)
         except Exception:
             pass
-        t.state = "done"
-        with self._sh.cv:
-            if t in self._sh.turns:
-                self._sh.turns.remove(t)
-            if t.session._turn is t:
-                t.session._turn = None
-            self._sh.cv.notify_all()
+        self._retire(t)
         self._post(t, "error", e)
         t.finished.set()
 

@@ -320,8 +320,12 @@ def test_interrupting_an_image_encode_or_a_prefill_leaves_the_session_as_before(
         with pytest.raises(KeyboardInterrupt):   # the encode runs to its end this time, the prefill is cut
             s.generate(messages=msgs2, images=[photo(5)], max_new_tokens=4, temperature=0,
                        progress=stop_at("prefill", 8))
+        # Progress events reach the caller asynchronously: on this tiny model the scheduler may
+        # have finished the first encode before the interrupt reached it, and the image is
+        # then in the shared cache (not in the session) and is not encoded again.
         enc = [p for p in seen if p[0] == "image_encode"]
-        assert enc[-1][1] == enc[-1][2] and [p for p in seen if p[0] == "prefill"][-1][1] == 8
+        assert not enc or enc[-1][1] == enc[-1][2]
+        assert [p for p in seen if p[0] == "prefill"][-1][1] == 8
         assert s.tokens == before and s.n_images == 0
         # a stream closed during the prefill: cancelled, session as before
         st = s.generate(messages=msgs2, images=[photo(5)], max_new_tokens=4, temperature=0, stream=True)

@@ -529,13 +529,19 @@ def _render(model, messages) -> str:
     return ChatTemplate(model.tokenizer.chat_template, model.tokenizer).render(messages, add_generation_prompt=True)
 
 
+def _model_line(res: dict) -> str:
+    synth = f"  (synthetic {res['synthetic']} {res['type']})" if "synthetic" in res else ""
+    return f"model            {res['model']}{synth}"
+
+
+def _device_line(res: dict) -> str:
+    return (f"device           {res['device']}, threads {res['threads']}; {res.get('cpu_model', '?')},"
+            f" {res['cpus']} CPUs, load average {res['loadavg_start']:.1f} at start")
+
+
 def _fmt_sessions(res: dict) -> str:
     gib = 1 << 30
-    lines = [f"model            {res['model']}" + (f"  (synthetic {res['synthetic']} {res['type']})"
-                                                     if "synthetic" in res else ""),
-             f"device           {res['device']}, threads {res['threads']}; {res.get('cpu_model', '?')},"
-             f" {res['cpus']} CPUs, load average {res['loadavg_start']:.1f} at start, "
-             f"{res['loadavg_end']:.1f} at end"]
+    lines = [_model_line(res), _device_line(res) + f", {res['loadavg_end']:.1f} at end"]
     if res["mode"] == "sessions":
         for r in res["runs"]:
             sp = f"  x{r['speedup_vs_1']:.2f} of 1 session" if r.get("speedup_vs_1") else ""
@@ -557,13 +563,11 @@ def _fmt_sessions(res: dict) -> str:
 
 def _fmt(res: dict) -> str:
     gib = 1 << 30
-    lines = [f"model            {res['model']}" + (f"  (synthetic {res['synthetic']} {res['type']})"
-                                                     if "synthetic" in res else ""),
+    lines = [_model_line(res),
              f"file             {res['file_bytes'] / 1e9:.2f} GB; decode reads "
              f"{res['decode_bytes_per_token'] / 1e9:.3f}"
              f" GB/token; vision {res['vision_bytes'] / 1e9:.2f} GB",
-             f"device           {res['device']}, threads {res['threads']}; {res.get('cpu_model', '?')},"
-             f" {res['cpus']} CPUs, load average {res['loadavg_start']:.1f} at start",
+             _device_line(res),
              f"load             {res['load_s'] * 1e3:9.1f} ms"]
     if "image_encode_s" in res:
         lines.append(f"image encode     {res['image_encode_s'] * 1e3:9.1f} ms  ({res['image_tiles']} tiles,"
