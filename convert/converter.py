@@ -229,6 +229,31 @@ def check_output_path(out_path, force: bool) -> Path:
     return out_path
 
 
+def write_gguf(writer, out_path: Path, write_data) -> int:
+    """Writes `writer` (a gguf.GGUFWriter holding metadata and tensor infos, no data) to a
+    temporary file beside out_path: header, metadata, tensor infos, then write_data(fout) writes
+    the tensor data. The file is fsynced and renamed over out_path, so a failed or interrupted
+    conversion never leaves a partial file under the output name (the temporary one is removed).
+    Returns the bytes written."""
+    tmp = out_path.parent / f".{out_path.name}.{os.getpid()}.tmp"
+    try:
+        writer.write_header_to_file(path=tmp)
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        fout = writer.fout[0]
+        write_data(fout)
+        fout.flush()
+        os.fsync(fout.fileno())
+        out_bytes = fout.tell()
+        writer.close()
+        os.replace(tmp, out_path)
+    except BaseException:
+        writer.close()  # idempotent
+        tmp.unlink(missing_ok=True)
+        raise
+    return out_bytes
+
+
 def convert(hf_dir, out_path, ftype: str = "q4_k_m", vision_type: str | None = None, *, force: bool = False,
             progress: bool = True) -> dict:
     """Convert; returns a summary dict (tensors, bytes read/written, seconds, and `fallbacks`: the
@@ -245,8 +270,6 @@ def convert(hf_dir, out_path, ftype: str = "q4_k_m", vision_type: str | None = N
 
     t0 = time.perf_counter()
     ck = load_checkpoint(hf_dir)
-    tmp = out_path.parent / f".{out_path.name}.{os.getpid()}.tmp"
-    writer = None
     try:
         outs = build_plan(ck)
         check_tensors(ck, outs)
@@ -276,25 +299,13 @@ def convert(hf_dir, out_path, ftype: str = "q4_k_m", vision_type: str | None = N
             sizes[o.name] = K.nbytes(o.gtype, o.shape)
             writer.add_tensor_info(o.name, o.shape, np.dtype(np.float32), sizes[o.name], raw_dtype=o.gtype)
 
-        writer.write_header_to_file(path=tmp)
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        total_in = _stream_tensor_data(ck, outs, sizes, writer, progress)
-        fout = writer.fout[0]
-        fout.flush()
-        os.fsync(fout.fileno())
-        out_bytes = fout.tell()
-        writer.close()
-        writer = None
-        os.replace(tmp, out_path)
-    except BaseException:
-        if writer is not None:
-            writer.close()
-        try:
-            tmp.unlink()
-        except FileNotFoundError:
-            pass
-        raise
+        total_in = 0
+
+        def write_data(_fout):
+            nonlocal total_in
+            total_in = _stream_tensor_data(ck, outs, sizes, writer, progress)
+
+        out_bytes = write_gguf(writer, out_path, write_data)
     finally:
         ck.close()
     dt = time.perf_counter() - t0

@@ -22,7 +22,6 @@ for the Ollama file itself. Streaming: one tensor in memory at a time.
 """
 from __future__ import annotations
 
-import os
 import time
 import warnings
 
@@ -74,7 +73,7 @@ def convert_from_ollama(source, out_path, vision_type: str = "q8_0", *, projecto
     from mllama_q.store import resolve_model
     from mllama_q.tokenizer import Tokenizer
 
-    from .converter import check_output_path
+    from .converter import check_output_path, encode, write_gguf
 
     if vision_type not in K.VISION_TYPES:
         raise ConvertError(f"unknown --vision-type {vision_type!r}; expected one of {', '.join(K.VISION_TYPES)}")
@@ -143,16 +142,13 @@ def convert_from_ollama(source, out_path, vision_type: str = "q8_0", *, projecto
         plan.append((name, _out_type(name, gtype, shape, vision_type), tuple(shape), (arr, gtype, shape)))
     for name, t, shape, _ in plan:
         w.add_tensor_info(name, shape, np.dtype(np.float32), K.nbytes(t, shape), raw_dtype=t)
-    tmp = out_path.parent / f".{out_path.name}.{os.getpid()}.tmp"
     total = sum(K.nbytes(t, shape) for _, t, shape, _ in plan)
     bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, disable=not progress,
                desc="convert --from-ollama", dynamic_ncols=True)
-    try:
-        w.write_header_to_file(path=tmp)
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
-        fout = w.fout[0]
-        bytes_in = 0
+    bytes_in = 0
+
+    def write_data(fout):
+        nonlocal bytes_in
         for _name, t, shape, (arr, gtype, _) in plan:
             w.write_padding(fout, fout.tell())
             if t == gtype:  # copied as stored (the text weights: byte for byte)
@@ -161,23 +157,15 @@ def convert_from_ollama(source, out_path, vision_type: str = "q8_0", *, projecto
                 for r in range(0, len(a), rows):
                     fout.write(memoryview(np.ascontiguousarray(a[r:r + rows])).cast("B"))
             else:
-                from .converter import encode
-
                 vals = _floats(arr, gtype, shape)
                 data = encode(vals, t, int(shape[-1]))
                 fout.write(memoryview(np.ascontiguousarray(data)).cast("B"))
             bytes_in += np.asarray(arr).nbytes
             w.write_padding(fout, K.nbytes(t, shape))
             bar.update(K.nbytes(t, shape))
-        fout.flush()
-        os.fsync(fout.fileno())
-        out_bytes = fout.tell()
-        w.close()
-        os.replace(tmp, out_path)
-    except BaseException:
-        w.close()
-        tmp.unlink(missing_ok=True)
-        raise
+
+    try:
+        out_bytes = write_gguf(w, out_path, write_data)
     finally:
         bar.close()
     return {"tensors": len(plan), "bytes_in": bytes_in, "bytes_out": out_bytes, "seconds": time.perf_counter() - t0,

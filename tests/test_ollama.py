@@ -458,6 +458,31 @@ def test_convert_from_ollama(big, tmp_path):
         convert_from_ollama(str(out), tmp_path / "again.gguf", progress=False)
 
 
+def test_convert_from_ollama_failure_leaves_no_file(big, tmp_path, monkeypatch):
+    """A conversion that fails while writing tensor data (here: the re-quantizer raising at its
+    third vision tensor, as an interrupt or a full disk would) leaves neither the output nor its
+    temporary file (converter.write_gguf, shared with the HF converter)."""
+    from mllama_q.convert import converter
+    from mllama_q.convert.from_ollama import convert_from_ollama
+
+    src = write_one_file(big["ckpt"], tmp_path / "o.gguf")
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    calls = []
+    real = converter.encode
+
+    def failing(*a, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(converter, "encode", failing)
+    with pytest.raises(KeyboardInterrupt):
+        convert_from_ollama(str(src), out_dir / "c.gguf", "q8_0", progress=False)
+    assert len(calls) == 3 and list(out_dir.iterdir()) == []
+
+
 def test_convert_from_ollama_two_file_pair_without_rope_freqs(tmp_path, monkeypatch, tiny_checkpoint, hf_model):
     """A two-file pair by name, from a plain-RoPE checkpoint: the output carries its projector's
     vision tower under mllama-q's names and a rope_freqs.weight of ones (no 11B default)."""
