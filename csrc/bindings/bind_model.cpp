@@ -11,6 +11,7 @@
 
 #include "bindings/array_check.h"
 #include "bindings/bindings.h"
+#include "bindings/hparams_py.h"
 #include "bindings/tensor_map_py.h"
 #include "common/threadpool.h"
 #include "model/mllama.h"
@@ -19,52 +20,6 @@ namespace py = pybind11;
 
 namespace mq::bind {
 namespace {
-
-template <typename T>
-T get(const py::dict& d, const char* key, const char* what) {
-    if (!d.contains(key)) throw std::invalid_argument(std::string(what) + " is missing '" + key + "'");
-    try {
-        return d[key].cast<T>();
-    } catch (const py::cast_error&) {
-        throw std::invalid_argument(std::string(what) + "['" + key + "'] has the wrong type");
-    }
-}
-
-TextHParams text_hparams_from(const py::dict& d) {
-    const char* w = "text_hparams";
-    TextHParams hp;
-    hp.vocab_size = get<int64_t>(d, "vocab_size", w);
-    hp.hidden_size = get<int64_t>(d, "hidden_size", w);
-    hp.intermediate_size = get<int64_t>(d, "intermediate_size", w);
-    hp.n_layer = get<int>(d, "n_layer", w);
-    hp.n_head = get<int>(d, "n_head", w);
-    hp.n_kv_head = get<int>(d, "n_kv_head", w);
-    hp.head_dim = get<int>(d, "head_dim", w);
-    hp.rms_eps = get<float>(d, "rms_eps", w);
-    hp.cross_attention_layers = get<std::vector<int>>(d, "cross_attention_layers", w);
-    hp.rope_inv_freq = get<std::vector<float>>(d, "rope_inv_freq", w);
-    return hp;
-}
-
-VisionHParams vision_hparams_from(const py::dict& d) {
-    const char* w = "vision_hparams";
-    VisionHParams hp{};
-    hp.hidden_size = get<int>(d, "hidden_size", w);
-    hp.intermediate_size = get<int>(d, "intermediate_size", w);
-    hp.num_layers = get<int>(d, "num_layers", w);
-    hp.num_global_layers = get<int>(d, "num_global_layers", w);
-    hp.n_head = get<int>(d, "n_head", w);
-    hp.image_size = get<int>(d, "image_size", w);
-    hp.patch_size = get<int>(d, "patch_size", w);
-    hp.num_channels = get<int>(d, "num_channels", w);
-    hp.max_num_tiles = get<int>(d, "max_num_tiles", w);
-    hp.max_aspect_ratio_id = get<int>(d, "max_aspect_ratio_id", w);
-    hp.norm_eps = get<float>(d, "norm_eps", w);
-    hp.intermediate_layers = get<std::vector<int>>(d, "intermediate_layers", w);
-    hp.out_dim = get<int>(d, "out_dim", w);
-    if (d.contains("intermediate_at_layer_input")) hp.intermediate_at_layer_input = get<bool>(d, "intermediate_at_layer_input", w);
-    return hp;
-}
 
 std::unique_ptr<Backend> make_backend(const std::string& device) {
     if (device == "cpu") return make_cpu_backend(ThreadPool::global());
@@ -138,35 +93,45 @@ public:
     }
 
     void encode_images(py::array pixel_values, py::array aspect_ratio_ids, py::array aspect_ratio_mask) {
-        load_vision();
+        require(vhp_.has_value(), "the model was loaded without its vision encoder (vision=False)");
         F32 px = squeeze_batch(F32(pixel_values), 5, "pixel_values");   // [n_img, T, C, H, W]
-        I32 ids = squeeze_batch(I32(aspect_ratio_ids), 1, "aspect_ratio_ids");  // [n_img]
-        I32 msk = squeeze_batch(I32(aspect_ratio_mask), 2, "aspect_ratio_mask");  // [n_img, T]
-        const int n_img = int(px.shape(0));
+        const int n_img = dim_int(px, 0, "pixel_values n_img");
         require(n_img > 0, "pixel_values holds no image");
+        require_finite(px.data(), px.size(), "pixel_values");
+        // [n_img] ids in [0, max_aspect_ratio_id] and [n_img, T] 0/1 flags, checked before narrowing
+        I32 ids = squeeze_batch(int32_checked(aspect_ratio_ids, "aspect_ratio_ids", 0, vhp_->max_aspect_ratio_id), 1,
+                                "aspect_ratio_ids");
+        I32 msk = squeeze_batch(int32_checked(aspect_ratio_mask, "aspect_ratio_mask", 0, 1), 2, "aspect_ratio_mask");
         require(ids.shape(0) == n_img, "aspect_ratio_ids must have one entry per image");
         require(msk.shape(0) == n_img && msk.shape(1) == px.shape(1), "aspect_ratio_mask must be [n_img, max_tiles]");
+        const int tiles = dim_int(px, 1, "pixel_values tiles"), ch = dim_int(px, 2, "pixel_values channels"),
+                  h = dim_int(px, 3, "pixel_values height"), w = dim_int(px, 4, "pixel_values width");
+        load_vision();
         py::gil_scoped_release nogil;
         std::lock_guard<std::mutex> lock(mu_);
-        model_->encode_images(px.data(), ids.data(), msk.data(), n_img, int(px.shape(1)), int(px.shape(2)),
-                              int(px.shape(3)), int(px.shape(4)));
+        model_->encode_images(px.data(), ids.data(), msk.data(), n_img, tiles, ch, h, w);
     }
 
     void set_cross_attention_states(py::array states) {
         F32 s = squeeze_batch(F32(states), 4, "states");  // [n_img, T, P, D]
         require(s.shape(3) == model_->text_hparams().hidden_size, "states must be [n_img, n_tiles, n_patches, hidden_size]");
+        const int n_img = dim_int(s, 0, "states n_img"), tiles = dim_int(s, 1, "states tiles");
+        require_finite(s.data(), s.size(), "states");
         py::gil_scoped_release nogil;
         std::lock_guard<std::mutex> lock(mu_);
-        model_->set_cross_attention_states(s.data(), int(s.shape(0)), int(s.shape(1)), s.shape(2));
+        model_->set_cross_attention_states(s.data(), n_img, tiles, s.shape(2));
     }
 
     py::array_t<float> eval(py::array tokens, std::optional<py::array> cross_attention_mask, bool all_logits) {
-        I32 t = squeeze_batch(I32(tokens), 1, "tokens");
+        const int64_t V = model_->text_hparams().vocab_size;
+        // ids index token_embd (vocab_size + 8 rows, <|image|> = vocab_size); checked before narrowing
+        I32 t = squeeze_batch(int32_checked(tokens, "tokens", 0, V + 8 - 1), 1, "tokens");
         const int64_t n = t.shape(0);
         require(n > 0, "tokens is empty");
         std::optional<I32> m;
         if (cross_attention_mask && !cross_attention_mask->is_none()) {
-            m = squeeze_batch(I32(*cross_attention_mask), 3, "cross_attention_mask");
+            m = squeeze_batch(int32_checked(*cross_attention_mask, "cross_attention_mask", 0, 1), 3,
+                              "cross_attention_mask");
             if (model_->n_images() > 0)
                 require(m->shape(0) == n && m->shape(1) == model_->n_images() && m->shape(2) == model_->n_tiles(),
                         "cross_attention_mask must be [n_tokens, n_images, max_tiles] = [" + std::to_string(n) + ", " +
@@ -174,7 +139,6 @@ public:
             else
                 require(m->shape(0) == n, "cross_attention_mask must have one row per token");
         }
-        const int64_t V = model_->text_hparams().vocab_size;
         py::array_t<float> out({all_logits ? n : int64_t(1), V});
         float* o = out.mutable_data();
         const int32_t* mp = m ? m->data() : nullptr;

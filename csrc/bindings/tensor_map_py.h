@@ -33,10 +33,10 @@ inline TensorMap tensor_map_from_py(const pybind11::dict& tensors, Backend& be) 
         int64_t rows = 1;
         for (size_t i = 0; i + 1 < shape.size(); i++) {
             require(shape[i] >= 0, "tensor '" + name + "' has a negative extent");
-            rows *= shape[i];
+            rows = checked_mul(rows, shape[i], "tensor rows");
         }
         const int64_t cols = shape.back();
-        const size_t expect = row_size(t, cols) * size_t(rows);
+        const size_t expect = checked_bytes(rows, row_size(t, cols), "tensor bytes");
         require(size_t(arr.nbytes()) == expect, "tensor '" + name + "' has " + std::to_string(arr.nbytes()) +
                                                     " bytes, expected " + std::to_string(expect) + " for shape " +
                                                     TensorMap::fmt(shape) + " of " + type_info(t).name);

@@ -7,6 +7,8 @@
 #include <stdexcept>
 #include <string>
 
+#include "common/checked.h"
+
 namespace mq {
 namespace {
 
@@ -83,8 +85,10 @@ TextDecoder::TextDecoder(Backend& be, const TensorMap& tm, const TextHParams& hp
             s.wo = tm.get(blk(i, "attn_output.weight"), {D, qdim});
             s.k_cache = BackendBuffer(&be);
             s.v_cache = BackendBuffer(&be);
-            s.k_cache.reserve(size_t(n_ctx) * kvdim * es);
-            s.v_cache.reserve(size_t(n_ctx) * kvdim * es);
+            const size_t cache_bytes = checked_bytes(checked_mul(n_ctx, kvdim, "KV cache [n_ctx, kv_dim]"), es,
+                                                     "KV cache bytes");
+            s.k_cache.reserve(cache_bytes);
+            s.v_cache.reserve(cache_bytes);
         }
         L.ffn_norm = f32_vec(tm, blk(i, "ffn_norm.weight"), D);
         L.ffn_gate = tm.get(blk(i, "ffn_gate.weight"), {F, D});
