@@ -11,7 +11,9 @@ are never read from disk.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 import time
 from typing import Any
 
@@ -19,6 +21,7 @@ import numpy as np
 
 from . import _core
 from . import gguf_keys as K
+from . import hparams as HP
 from .gguf_file import (ModelFileError, check_architecture, field_value, get_float, get_int, get_int_list,
                         open_gguf, require_keys, tensor_entry)
 
@@ -29,6 +32,7 @@ REQUIRED_VISION_KEYS = (K.V_BLOCK_COUNT, K.V_GLOBAL_BLOCK_COUNT, K.V_INTERMEDIAT
                         K.V_FEED_FORWARD_LENGTH, K.V_HEAD_COUNT, K.V_LN_EPS, K.V_IMAGE_SIZE, K.V_PATCH_SIZE,
                         K.V_MAX_NUM_TILES, K.V_NUM_CHANNELS)
 VISION_PREFIXES = ("v.", "mm.")
+MAX_N_CTX = 1 << 24  # 128x Llama 3.2's 131072 positions; beyond it the KV cache size alone is absurd
 
 
 def _q(reader, key):
@@ -51,10 +55,15 @@ def rope_inv_freq(reader, head_dim: int, theta: float) -> list[float]:
         if div.shape[0] != head_dim // 2 or int(t.tensor_type) != 0:
             raise ModelFileError(f"tensor '{K.ROPE_FREQS}' must be f32 [{head_dim // 2}]")
     elif str(_q(reader, K.Q_ROPE_SCALING_TYPE)) == "llama3":
-        div = K.rope_freqs_llama3(head_dim, theta, float(_q(reader, K.Q_ROPE_SCALING_FACTOR)),
-                                  float(_q(reader, K.Q_ROPE_SCALING_LOW_FREQ_FACTOR)),
-                                  float(_q(reader, K.Q_ROPE_SCALING_HIGH_FREQ_FACTOR)),
-                                  int(_q(reader, K.Q_ROPE_SCALING_ORIG_CTX))).astype(np.float64)
+        rs = {"factor": _q(reader, K.Q_ROPE_SCALING_FACTOR), "low_freq_factor": _q(reader, K.Q_ROPE_SCALING_LOW_FREQ_FACTOR),
+              "high_freq_factor": _q(reader, K.Q_ROPE_SCALING_HIGH_FREQ_FACTOR),
+              "original_context_length": _q(reader, K.Q_ROPE_SCALING_ORIG_CTX)}
+        HP.check_rope_scaling(rs, {"factor": K.Q_ROPE_SCALING_FACTOR, "low_freq_factor": K.Q_ROPE_SCALING_LOW_FREQ_FACTOR,
+                                   "high_freq_factor": K.Q_ROPE_SCALING_HIGH_FREQ_FACTOR,
+                                   "original_context_length": K.Q_ROPE_SCALING_ORIG_CTX})  # HParamError
+        div = K.rope_freqs_llama3(head_dim, theta, float(rs["factor"]), float(rs["low_freq_factor"]),
+                                  float(rs["high_freq_factor"]), int(rs["original_context_length"])
+                                  ).astype(np.float64)
     else:
         div = np.ones(head_dim // 2)
     if not np.all(np.isfinite(div)) or np.any(div <= 0):
@@ -62,13 +71,31 @@ def rope_inv_freq(reader, head_dim: int, theta: float) -> list[float]:
     return [float(x) for x in (base / div).astype(np.float32)]
 
 
+# GGUF key of each hyper-parameter, for the messages of mllama_q.hparams' range checks.
+TEXT_LABELS = {"vocab_size": K.VOCAB_SIZE, "hidden_size": K.EMBEDDING_LENGTH, "intermediate_size": K.FEED_FORWARD_LENGTH,
+               "n_layer": K.BLOCK_COUNT, "n_head": K.HEAD_COUNT, "n_kv_head": K.HEAD_COUNT_KV,
+               "head_dim": K.ROPE_DIMENSION_COUNT, "rms_eps": K.RMS_EPS, "rope_theta": K.ROPE_FREQ_BASE,
+               "cross_attention_layers": K.CROSS_ATTENTION_LAYERS}
+VISION_LABELS = {"hidden_size": K.V_EMBEDDING_LENGTH, "intermediate_size": K.V_FEED_FORWARD_LENGTH,
+                 "num_layers": K.V_BLOCK_COUNT, "num_global_layers": K.V_GLOBAL_BLOCK_COUNT, "n_head": K.V_HEAD_COUNT,
+                 "image_size": K.V_IMAGE_SIZE, "patch_size": K.V_PATCH_SIZE, "num_channels": K.V_NUM_CHANNELS,
+                 "max_num_tiles": K.V_MAX_NUM_TILES, "norm_eps": K.V_LN_EPS,
+                 "intermediate_layers": K.V_INTERMEDIATE_LAYERS, "out_dim": K.Q_V_PROJECTION_DIM}
+
+
+def _check(fn, *args, path=None):
+    """Run a mllama_q.hparams check; its HParamError becomes a ModelFileError naming the file."""
+    try:
+        return fn(*args)
+    except HP.HParamError as e:
+        raise ModelFileError(f"{path}: {e}" if path else str(e)) from None
+
+
 def text_hparams(reader, path) -> dict:
     require_keys(reader, path, REQUIRED_TEXT_KEYS)
     D = get_int(reader, K.EMBEDDING_LENGTH)
     H = get_int(reader, K.HEAD_COUNT)
-    if D <= 0 or H <= 0 or D % H:
-        raise ModelFileError(f"{path}: embedding_length {D} is not a multiple of head_count {H}")
-    hd = get_int(reader, K.ROPE_DIMENSION_COUNT, D // H)
+    hd = get_int(reader, K.ROPE_DIMENSION_COUNT, D // H if H > 0 else 0)
     out = next((t for t in reader.tensors if t.name == K.OUTPUT), None)
     vocab_default = int(out.shape[1]) if out is not None and len(out.shape) == 2 else None
     hp = {
@@ -83,33 +110,22 @@ def text_hparams(reader, path) -> dict:
         "cross_attention_layers": get_int_list(reader, K.CROSS_ATTENTION_LAYERS),
         "rope_inv_freq": None,
     }
-    # Sanity before anything is sized from these numbers (a corrupt value must not
-    # turn into a huge allocation): every layer has at least 9 tensors.
+    theta = get_float(reader, K.ROPE_FREQ_BASE)
+    # Ranges (mllama_q/hparams.py) before anything is sized from these numbers.
+    _check(HP.check_text, dict(hp, rope_theta=theta), TEXT_LABELS, path=path)
+    # Structure: the file must hold every layer (at least 9 tensors each) and consistent heads.
     n_layer = hp["n_layer"]
-    for k in ("vocab_size", "hidden_size", "intermediate_size", "n_layer", "n_head", "n_kv_head", "head_dim"):
-        if hp[k] <= 0:
-            raise ModelFileError(f"{path}: hyper-parameter {k} = {hp[k]} must be positive")
     if n_layer * 9 > len(reader.tensors):
         raise ModelFileError(f"{path}: {K.BLOCK_COUNT} = {n_layer} but the file has only {len(reader.tensors)} tensors")
-    if H % hp["n_kv_head"]:
-        raise ModelFileError(f"{path}: head_count {H} is not a multiple of head_count_kv {hp['n_kv_head']}")
-    if hd * H != D or hd % 2:
-        raise ModelFileError(f"{path}: rope dimension {hd} must be an even hidden/heads = {D // H}")
-    bad = [c for c in hp["cross_attention_layers"] if not 0 <= c < n_layer]
-    if bad:
-        raise ModelFileError(f"{path}: cross-attention layer indices {bad} outside [0, {n_layer})")
-    if not (hp["rms_eps"] > 0):
-        raise ModelFileError(f"{path}: {K.RMS_EPS} must be positive")
-    theta = get_float(reader, K.ROPE_FREQ_BASE)
-    if not (theta > 1):
-        raise ModelFileError(f"{path}: {K.ROPE_FREQ_BASE} = {theta} must be > 1")
-    hp["rope_inv_freq"] = rope_inv_freq(reader, hd, theta)
+    if hd * H != D:
+        raise ModelFileError(f"{path}: rope dimension {hd} x head_count {H} != embedding_length {D}")
+    hp["rope_inv_freq"] = _check(rope_inv_freq, reader, hd, theta, path=path)
     return hp
 
 
 def vision_hparams(reader, path, text_hidden: int) -> dict:
     require_keys(reader, path, REQUIRED_VISION_KEYS)
-    ratios = [int(x) for x in np.asarray(_q(reader, K.Q_V_ASPECT_RATIOS)).reshape(-1)]
+    flat = np.asarray(_q(reader, K.Q_V_ASPECT_RATIOS)).reshape(-1)
     hp = {
         "hidden_size": get_int(reader, K.V_EMBEDDING_LENGTH),
         "intermediate_size": get_int(reader, K.V_FEED_FORWARD_LENGTH),
@@ -120,16 +136,19 @@ def vision_hparams(reader, path, text_hidden: int) -> dict:
         "patch_size": get_int(reader, K.V_PATCH_SIZE),
         "num_channels": get_int(reader, K.V_NUM_CHANNELS),
         "max_num_tiles": get_int(reader, K.V_MAX_NUM_TILES),
-        "max_aspect_ratio_id": len(ratios) // 2,
+        "max_aspect_ratio_id": 0,
         "norm_eps": get_float(reader, K.V_LN_EPS),
         "intermediate_layers": get_int_list(reader, K.V_INTERMEDIATE_LAYERS),
         "out_dim": int(_q(reader, K.Q_V_PROJECTION_DIM) if K.Q_V_PROJECTION_DIM in reader.fields else text_hidden),
     }
-    for k in ("hidden_size", "intermediate_size", "num_layers", "n_head", "image_size", "patch_size",
-              "num_channels", "max_num_tiles", "max_aspect_ratio_id", "out_dim"):
-        if hp[k] <= 0:
-            raise ModelFileError(f"{path}: vision hyper-parameter {k} = {hp[k]} must be positive")
-    if (hp["num_layers"] + max(hp["num_global_layers"], 0)) * 12 > len(reader.tensors):
+    _check(HP.check_vision, {k: v for k, v in hp.items() if k != "max_aspect_ratio_id"}, VISION_LABELS, path=path)
+    if flat.size % 2 or flat.size > 2 * len(HP.all_aspect_ratios(hp["max_num_tiles"])):
+        raise ModelFileError(f"{path}: {K.Q_V_ASPECT_RATIOS} has {flat.size} values; expected (rows, cols) pairs "
+                             f"of at most {hp['max_num_tiles']} tiles")
+    ratios = _check(HP.check_aspect_ratios, flat.reshape(-1, 2).tolist(), hp["max_num_tiles"], K.Q_V_ASPECT_RATIOS,
+                    path=path)
+    hp["max_aspect_ratio_id"] = len(ratios)
+    if (hp["num_layers"] + hp["num_global_layers"]) * 12 > len(reader.tensors):
         raise ModelFileError(f"{path}: vision layer counts do not match the {len(reader.tensors)} tensors")
     return hp
 
@@ -179,12 +198,21 @@ class Model:
 
     Raises ModelFileError (a ValueError) for a missing, corrupt, truncated or
     non-mllama file, before any tensor is used.
+
+    Threads: one Model holds ONE sequence (its KV cache), so calls from several threads are
+    serialised by a lock, never interleaved. `generate()` and `forward()` hold the model for
+    their whole sequence (a stream from its first item until it is exhausted or closed), so
+    concurrent calls return exactly what they would return one after another; the others
+    wait. `reset()`, `encode_images()` and `eval()` are each atomic, but a sequence of them is
+    the caller's: do not mix them from several threads. A thread that starts a call while its
+    own stream is still unfinished gets a RuntimeError (instead of waiting for itself).
+    (Sessions, later, will run several sequences at once.)
     """
 
     def __init__(self, path, device: str = "cpu", n_ctx: int = 4096, n_threads: int | None = None,
                  vision: bool = True, kv_type: str = "f16"):
-        if not isinstance(n_ctx, (int, np.integer)) or n_ctx <= 0:
-            raise ValueError(f"n_ctx must be a positive integer, got {n_ctx!r}")
+        if isinstance(n_ctx, bool) or not isinstance(n_ctx, (int, np.integer)) or not 0 < n_ctx <= MAX_N_CTX:
+            raise ValueError(f"n_ctx must be an integer in [1, {MAX_N_CTX}], got {n_ctx!r}")
         if kv_type not in ("f16", "f32"):
             raise ValueError(f"kv_type must be 'f16' or 'f32', got {kv_type!r}")
         if n_threads is not None:
@@ -228,10 +256,14 @@ class Model:
         self.device = device
         self.kv_type = kv_type
         self.n_ctx = int(n_ctx)
-        self.image_token_id = int(_q(reader, K.Q_IMAGE_TOKEN_ID))
+        n_embd_rows = thp["vocab_size"] + 8  # token_embd rows (HF: vocab_size + 8; <|image|> = vocab_size)
+        # Files without the key (Ollama's) use HF's convention: <|image|> = vocab_size (11B: 128256).
+        self.image_token_id = _check(HP.check_token_id, field_value(reader, K.Q_IMAGE_TOKEN_ID, thp["vocab_size"]),
+                                     n_embd_rows, K.Q_IMAGE_TOKEN_ID, path=self.path)
         # Tokenizer, processor, stop ids and sampling defaults from the same file (frontend).
         from .generate import generation_defaults_from_gguf, stop_ids_from_gguf
         from .processor import Processor, ProcessorSettings
+        from .sampling import SamplingParams
         from .tokenizer import Tokenizer
 
         self.tokenizer = None
@@ -241,9 +273,19 @@ class Model:
                 self.tokenizer = Tokenizer.from_gguf(reader)
             except (ValueError, KeyError, TypeError) as e:
                 raise ModelFileError(f"{self.path}: bad tokenizer metadata ({e})") from e
-            self.processor = Processor(self.tokenizer, ProcessorSettings.from_gguf(reader, self.tokenizer))
+            try:
+                self.processor = Processor(self.tokenizer, ProcessorSettings.from_gguf(reader, self.tokenizer))
+            except (ValueError, TypeError) as e:  # out-of-range mllama_q.image.* settings (mllama_q/hparams.py)
+                raise ModelFileError(f"{self.path}: bad image settings ({e})") from e
         self.stop_ids = stop_ids_from_gguf(reader, self.tokenizer)
-        self.generation_defaults = generation_defaults_from_gguf(reader)
+        try:
+            self.generation_defaults = generation_defaults_from_gguf(reader)
+            SamplingParams(**self.generation_defaults)  # a NaN temperature in the file fails here, not per call
+        except (ValueError, TypeError) as e:
+            raise ModelFileError(f"{self.path}: bad general.sampling.* value ({e})") from e
+        self.max_images = HP.MAX_IMAGES_PER_PROMPT
+        self._lock = threading.Lock()   # the one sequence (see the class docstring)
+        self._holder = None             # thread ident holding _lock (for the same-thread error)
         self.load_time_s = time.perf_counter() - t_load  # reported by generate() as timings["load_s"]
 
     # -- session ---------------------------------------------------------------
@@ -256,25 +298,37 @@ class Model:
     def has_vision(self) -> bool:
         return self._core.has_vision
 
+    # -- the lock (see the class docstring) --------------------------------------
+    def _acquire(self) -> None:
+        if self._holder == threading.get_ident():
+            raise RuntimeError("this thread is still generating with this Model (an unfinished stream?): "
+                               "exhaust it or call its close() before the next call")
+        self._lock.acquire()
+        self._holder = threading.get_ident()
+
+    def _release(self) -> None:
+        self._holder = None
+        self._lock.release()
+
+    @contextlib.contextmanager
+    def _held(self):
+        self._acquire()
+        try:
+            yield _HeldModel(self)
+        finally:
+            self._release()
+
     def reset(self) -> None:
         """Forget every evaluated token and image."""
-        self._core.reset()
+        with self._held() as m:
+            m.reset()
 
     def encode_images(self, pixel_values, aspect_ratio_ids, aspect_ratio_mask) -> None:
         """Run the vision tower on a set of images (MllamaProcessor's arrays, batch 1) and cache
-        the cross-attention K/V every later token reads; replaces the previous image set."""
-        if not self.has_vision:
-            raise ValueError("this model was loaded with vision=False (or the file has no vision tower)")
-        if not self._core.vision_loaded:
-            try:
-                self._core.load_vision()  # first use: upload the vision weights, build the encoder
-            except RuntimeError as e:  # a misshaped vision tensor
-                if "tensor" in str(e):
-                    raise ModelFileError(f"{self.path}: {e}") from e
-                raise
-        self._core.encode_images(np.ascontiguousarray(pixel_values, dtype=np.float32),
-                                 np.ascontiguousarray(aspect_ratio_ids, dtype=np.int32),
-                                 np.ascontiguousarray(aspect_ratio_mask, dtype=np.int32))
+        the cross-attention K/V every later token reads; replaces the previous image set.
+        Ids and masks are range-checked by the core (any integer dtype); NaN/inf pixels are refused."""
+        with self._held() as m:
+            m.encode_images(pixel_values, aspect_ratio_ids, aspect_ratio_mask)
 
     def eval(self, tokens, cross_attention_mask=None) -> np.ndarray:
         """Evaluate `tokens` after the cached ones; returns float32 logits [vocab] of the last token.
@@ -283,11 +337,8 @@ class Model:
         rows for these tokens). None repeats the last row given since the images
         were encoded, as transformers' generate() does for each new token.
         """
-        toks = self._tokens(tokens)
-        if self.n_past + len(toks) > self.n_ctx:
-            raise ValueError(f"{self.n_past} cached + {len(toks)} new tokens exceed the context n_ctx={self.n_ctx}")
-        mask = None if cross_attention_mask is None else np.ascontiguousarray(cross_attention_mask, dtype=np.int32)
-        return self._core.eval(toks, mask, False)[0]
+        with self._held() as m:
+            return m.eval(tokens, cross_attention_mask)
 
     def forward(self, input_ids, pixel_values=None, aspect_ratio_ids=None, aspect_ratio_mask=None,
                 cross_attention_mask=None) -> np.ndarray:
@@ -300,21 +351,66 @@ class Model:
         toks = self._tokens(input_ids)
         if len(toks) > self.n_ctx:
             raise ValueError(f"prompt of {len(toks)} tokens is longer than the context n_ctx={self.n_ctx}")
-        self.reset()
-        if pixel_values is not None:
-            if aspect_ratio_ids is None or aspect_ratio_mask is None:
-                raise ValueError("pixel_values needs aspect_ratio_ids and aspect_ratio_mask")
-            self.encode_images(pixel_values, aspect_ratio_ids, aspect_ratio_mask)
-        mask = None
-        if cross_attention_mask is not None and pixel_values is not None:
-            mask = np.ascontiguousarray(cross_attention_mask, dtype=np.int32)
-        return self._core.eval(toks, mask, True)
+        with self._held() as m:
+            m.reset()
+            if pixel_values is not None:
+                if aspect_ratio_ids is None or aspect_ratio_mask is None:
+                    raise ValueError("pixel_values needs aspect_ratio_ids and aspect_ratio_mask")
+                m.encode_images(pixel_values, aspect_ratio_ids, aspect_ratio_mask)
+            mask = None
+            if cross_attention_mask is not None and pixel_values is not None:
+                mask = np.ascontiguousarray(cross_attention_mask)
+            return self._core.eval(toks, mask, True)
 
-    def generate(self, *args, **kwargs):
-        """Text generation; see mllama_q.generate.generate."""
-        from .generate import generate
+    def generate(self, *args, stream: bool = False, **kwargs):
+        """Text generation; see mllama_q.generate.generate. Holds the model for the whole
+        generation (a stream: from its first item until it ends or is closed)."""
+        from .generate import GenerationStream, generate
 
-        return generate(self, *args, **kwargs)
+        if not stream:
+            with self._held() as m:
+                return generate(m, *args, **kwargs)
+        inner = generate(_HeldModel(self), *args, stream=True, **kwargs)  # builds the prompt now
+
+        def held():
+            self._acquire()  # at the first item: a stream never iterated holds nothing
+            try:
+                for piece in inner:
+                    yield piece
+                return inner.result
+            finally:
+                inner.close()
+                self._release()
+
+        return GenerationStream(held())
+
+    # -- the operations, for a caller holding the lock ----------------------------
+    def _reset(self) -> None:
+        self._core.reset()
+
+    def _encode_images(self, pixel_values, aspect_ratio_ids, aspect_ratio_mask) -> None:
+        if not self.has_vision:
+            raise ValueError("this model was loaded with vision=False (or the file has no vision tower)")
+        px = np.asarray(pixel_values)
+        if px.ndim >= 5:  # [(1,) n_images, max_tiles, C, H, W]
+            _check(HP.check_image_count, int(px.shape[-5]), self.max_images)
+        if not self._core.vision_loaded:
+            try:
+                self._core.load_vision()  # first use: upload the vision weights, build the encoder
+            except RuntimeError as e:  # a misshaped vision tensor
+                if "tensor" in str(e):
+                    raise ModelFileError(f"{self.path}: {e}") from e
+                raise
+        # ids and masks keep their integer dtype: the core range-checks them before narrowing
+        self._core.encode_images(np.ascontiguousarray(px, dtype=np.float32), np.ascontiguousarray(aspect_ratio_ids),
+                                 np.ascontiguousarray(aspect_ratio_mask))
+
+    def _eval(self, tokens, cross_attention_mask=None) -> np.ndarray:
+        toks = self._tokens(tokens)
+        if self.n_past + len(toks) > self.n_ctx:
+            raise ValueError(f"{self.n_past} cached + {len(toks)} new tokens exceed the context n_ctx={self.n_ctx}")
+        mask = None if cross_attention_mask is None else np.ascontiguousarray(cross_attention_mask)
+        return self._core.eval(toks, mask, False)[0]
 
     @staticmethod
     def _tokens(tokens) -> np.ndarray:
@@ -325,9 +421,29 @@ class Model:
             raise ValueError(f"tokens must be a non-empty 1-D sequence of ids (or [1, n]), got shape {a.shape}")
         if not np.issubdtype(a.dtype, np.integer):
             raise ValueError(f"tokens must be integers, got dtype {a.dtype}")
-        return np.ascontiguousarray(a, dtype=np.int32)
+        return np.ascontiguousarray(a)  # any integer dtype: the core range-checks before narrowing
 
     def __repr__(self) -> str:
         h = self.text_hparams
         return (f"Model({self.path!r}, device={self.device!r}, layers={h['n_layer']}, hidden={h['hidden_size']}, "
                 f"vision={self.vision_hparams is not None}, n_ctx={self.n_ctx})")
+
+
+class _HeldModel:
+    """The model API that generate() drives (mllama_q/generate.py's docstring), for a caller
+    that holds the Model's lock: the same object with the unlocked operations."""
+
+    def __init__(self, model: Model):
+        self._model = model
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def reset(self) -> None:
+        self._model._reset()
+
+    def encode_images(self, pixel_values, aspect_ratio_ids, aspect_ratio_mask) -> None:
+        self._model._encode_images(pixel_values, aspect_ratio_ids, aspect_ratio_mask)
+
+    def eval(self, tokens, cross_attention_mask=None) -> np.ndarray:
+        return self._model._eval(tokens, cross_attention_mask)

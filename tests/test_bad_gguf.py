@@ -28,17 +28,21 @@ def good(tmp_path_factory):
     return path
 
 
-def rewrite(src, dst, *, arch=None, drop_keys=(), drop_tensors=(), tensor_override=None):
+def rewrite(src, dst, *, arch=None, drop_keys=(), drop_tensors=(), tensor_override=None, set_keys=None):
     """Copy a GGUF with gguf-py, optionally changing the architecture, dropping metadata keys or
-    tensors, or replacing one tensor: tensor_override = (name, array, raw_dtype or None)."""
+    tensors, replacing one tensor: tensor_override = (name, array, raw_dtype or None), or
+    changing metadata values: set_keys = {key: value} (the key's own type; new keys: float32)."""
     r = gguf.GGUFReader(str(src))
     w = gguf.GGUFWriter(str(dst), arch or r.fields[K.GENERAL_ARCHITECTURE].contents())
+    set_keys = dict(set_keys or {})
     for key, f in r.fields.items():
         if key.startswith("GGUF.") or key == K.GENERAL_ARCHITECTURE or key in drop_keys:
             continue
         vtype = f.types[0]
         sub = f.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-        w.add_key_value(key, f.contents(), vtype, sub_type=sub)
+        w.add_key_value(key, set_keys.pop(key) if key in set_keys else f.contents(), vtype, sub_type=sub)
+    for key, value in set_keys.items():
+        w.add_key_value(key, value, gguf.GGUFValueType.FLOAT32)
     for t in r.tensors:
         if t.name in drop_tensors:
             continue
@@ -232,24 +236,59 @@ def test_file_is_not_modified(good):
     assert (os.path.getmtime(good), good.stat().st_size) == before
 
 
-@pytest.mark.parametrize("key,value", [(K.BLOCK_COUNT, 10 ** 9), (K.HEAD_COUNT, 0), (K.HEAD_COUNT_KV, 3),
-                                       (K.V_BLOCK_COUNT, 10 ** 8)])
-def test_absurd_hyperparameters(good, tmp_path, key, value):
-    """Corrupt hyper-parameters are refused before anything is sized from them."""
-    r = gguf.GGUFReader(str(good))
-    p = tmp_path / "hp.gguf"
-    w = gguf.GGUFWriter(str(p), K.ARCH)
-    for k, f in r.fields.items():
-        if k.startswith("GGUF.") or k == K.GENERAL_ARCHITECTURE:
-            continue
-        vt = f.types[0]
-        val = value if k == key else f.contents()
-        w.add_key_value(k, val, vt, sub_type=f.types[-1] if vt == gguf.GGUFValueType.ARRAY else None)
-    for t in r.tensors:
-        raw = None if t.tensor_type in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16) else t.tensor_type
-        w.add_tensor(t.name, np.array(t.data), raw_dtype=raw)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    expect_error(p, "block_count|head_count|must be positive|vision layer counts")
+# Hyper-parameters out of range (mllama_q/hparams.py), refused at load before anything is sized
+# from them. Regressions: max_image_tiles = 100000 without an aspect-ratio list built the grid
+# list in O(n^2) (a hang); a 20000-px tile made every image 19 GB of pixel_values; rms_eps = inf
+# made every logit equal; an <|image|> id past the embedding read no row at all.
+ABSURD = [
+    (K.BLOCK_COUNT, 10 ** 9, "block_count"), (K.HEAD_COUNT, 0, "head_count"), (K.HEAD_COUNT_KV, 3, "head_count_kv"),
+    (K.V_BLOCK_COUNT, 10 ** 8, "vision.block_count"), (K.BLOCK_COUNT, 2 ** 31, "block_count"),
+    (K.VOCAB_SIZE, 2 ** 31, "vocab_size"), (K.EMBEDDING_LENGTH, 0, "embedding_length"),
+    (K.RMS_EPS, float("inf"), "rms_epsilon"), (K.RMS_EPS, float("nan"), "rms_epsilon"), (K.RMS_EPS, 0.0, "rms_epsilon"),
+    (K.ROPE_FREQ_BASE, float("inf"), "freq_base"), (K.V_LN_EPS, -1.0, "layer_norm_epsilon"),
+    (K.CROSS_ATTENTION_LAYERS, [1, 1], "not distinct"), (K.CROSS_ATTENTION_LAYERS, [99], "cross_attention_layers"),
+    (K.Q_ROPE_SCALING_FACTOR, float("nan"), "scaling.factor"), (K.Q_ROPE_SCALING_HIGH_FREQ_FACTOR, 1.0, "must differ"),
+    (K.V_PATCH_SIZE, 0, "patch_size"), (K.V_IMAGE_SIZE, 100000, "image_size"),
+    (K.V_MAX_NUM_TILES, 100000, "max_num_tiles"), (K.Q_IMG_MAX_TILES, 100000, "max_image_tiles"),
+    (K.Q_IMG_TILE_SIZE, 20000, "tile_size"), (K.Q_IMG_STD, [0.0, 0.5, 0.5], "std"),
+    (K.Q_IMG_MEAN, [float("nan"), 0.5, 0.5], "mean"), (K.Q_IMG_RESCALE_FACTOR, float("inf"), "rescale_factor"),
+    (K.Q_IMG_RESAMPLE, 77, "resample"), (K.Q_IMAGE_TOKEN_ID, 10 ** 9, "image_token_id"),
+    (K.Q_V_ASPECT_RATIOS, [1, 1, 9, 9], "supported_aspect_ratios"),
+    (K.GENERAL_SAMPLING_TEMP, float("nan"), "temperature"),
+]
+
+
+@pytest.mark.parametrize("key,value,match", ABSURD, ids=[f"{k}={v}" for k, v, _ in ABSURD])
+def test_absurd_hyperparameters(good, tmp_path, key, value, match):
+    """Corrupt hyper-parameters are refused before anything is sized from them (within
+    seconds: the hangs they caused are regressions)."""
+    # the llama3 scaling keys are read only when the file has no rope_freqs tensor
+    drop = (K.ROPE_FREQS,) if key.startswith("mllama_q.rope.scaling") else ()
+    p = rewrite(good, tmp_path / "hp.gguf", set_keys={key: value}, drop_tensors=drop)
+    _within(30, lambda: expect_error(p, match))
+
+
+def test_huge_tile_count_without_aspect_ratio_list_is_refused_fast(good, tmp_path):
+    p = rewrite(good, tmp_path / "tiles.gguf", drop_keys=(K.Q_V_ASPECT_RATIOS,),
+                set_keys={K.Q_IMG_MAX_TILES: 100000, K.V_MAX_NUM_TILES: 100000})
+    _within(30, lambda: expect_error(p, "max_num_tiles|max_image_tiles"))
+
+
+def _within(seconds, fn):
+    """fn() in a helper thread; a hang fails the test instead of blocking the session."""
+    import threading
+
+    box = {}
+
+    def run():
+        try:
+            fn()
+        except BaseException as e:  # noqa: BLE001  re-raised below
+            box["error"] = e
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(seconds)
+    assert not t.is_alive(), f"did not finish within {seconds} s"
+    if "error" in box:
+        raise box["error"]
