@@ -68,10 +68,15 @@ class SamplingParams:
 
 
 def apply_repetition_penalty(scores: np.ndarray, history: Iterable[int], penalty: float) -> np.ndarray:
-    """scores float32 [V]; every id seen in `history` is penalised once (HF gathers unique ids)."""
+    """scores float32 [V]; every id seen in `history` is penalised once (HF gathers unique ids).
+
+    Ids outside the logits (mllama's <|image|> = vocab_size, an embedding row with no output
+    row) take no penalty: transformers' RepetitionPenaltyLogitsProcessor clamps them to an extra
+    padded column and drops it (generation/logits_process.py, transformers 5)."""
     if penalty == 1.0:
         return scores
     ids = np.unique(np.fromiter(history, dtype=np.int64))
+    ids = ids[(ids >= 0) & (ids < scores.shape[-1])]
     if ids.size == 0:
         return scores
     out = scores.copy()
@@ -138,8 +143,11 @@ def _softmax(x: np.ndarray) -> np.ndarray:
 def probabilities(scores: np.ndarray, history: Iterable[int], params: SamplingParams) -> np.ndarray:
     """The sampling distribution float32 [V] for these logits (what multinomial draws from)."""
     s = apply_repetition_penalty(np.asarray(scores, dtype=np.float32), history, params.repetition_penalty)
-    ids, v = filter_logits(s, params)
     out = np.zeros(s.size, dtype=np.float32)
+    if params.greedy:  # temperature 0: all the mass on the argmax (dividing by 0 gave NaNs)
+        out[int(np.argmax(s))] = 1.0
+        return out
+    ids, v = filter_logits(s, params)
     out[ids] = _softmax(v)
     return out
 

@@ -70,6 +70,28 @@ def test_probabilities_match_transformers(params):
         np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("params", [SamplingParams(temperature=1.0, top_p=1.0, repetition_penalty=1.3),
+                                    SamplingParams(temperature=0.7, top_k=50, repetition_penalty=0.6)])
+def test_repetition_penalty_ignores_ids_past_the_logits_like_transformers(params):
+    # mllama's <|image|> id is the vocabulary size (the 11B: 128256 with 128256 logits): it was an
+    # IndexError. transformers' RepetitionPenaltyLogitsProcessor clamps such ids to a padded
+    # column it drops, so they take no penalty and change nothing else.
+    rng = np.random.default_rng(5)
+    V = 1000
+    logits = rng.standard_normal(V).astype(np.float32) * 3
+    history = [V, 5, V, 17, 999, V + 7] + rng.integers(0, V, size=20).tolist()
+    ours = probabilities(logits, history, params)
+    ref = _hf_probs(logits, history, params)
+    np.testing.assert_array_equal(ours > 0, ref > 0)
+    np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-7)
+    s = Sampler(SamplingParams(temperature=0, repetition_penalty=params.repetition_penalty))
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    want = RepetitionPenaltyLogitsProcessor(params.repetition_penalty)(torch.tensor([history]),
+                                                                       torch.from_numpy(logits.copy())[None])
+    assert s(logits, history) == int(want.argmax())
+
+
 def test_greedy_is_argmax_after_repetition_penalty():
     from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
@@ -378,6 +400,60 @@ def test_cli_chat_keeps_history_and_images(fake_model_module, capsys, tmp_path):
     prompt = m.tokenizer.decode(evals[-1][1])
     # after /reset: no image, no earlier turns
     assert "<|image|>" not in prompt and "What is it?" not in prompt and prompt.count("Hello") == 1
+
+
+def _bomb_png(path, w=20000, h=20000):
+    import importlib.util
+    from pathlib import Path as _P
+
+    spec = importlib.util.spec_from_file_location("fuzz_inputs", _P(__file__).resolve().parents[1] / "tools" /
+                                                  "fuzz" / "inputs.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    path.write_bytes(mod.bomb_png(w, h))
+    return path
+
+
+def test_cli_run_decompression_bomb_is_one_error_line(fake_model_module, capsys, tmp_path):
+    from mllama_q.cli import main
+
+    bomb = _bomb_png(tmp_path / "bomb.png")
+    assert main(["run", "-m", "x.gguf", "-i", str(bomb), "-p", "hi"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("mllama-q run: error: ") and "pixels" in err, err
+    assert not fake_model_module  # refused before the model was loaded
+    many = ["-i", str(tmp_path / "nope.png")] * 17  # the per-prompt cap, before any file is read
+    assert main(["run", "-m", "x.gguf", *many, "-p", "hi"]) == 1
+    assert "17 images in one prompt" in capsys.readouterr().err
+
+
+def test_cli_chat_survives_bad_images(fake_model_module, capsys, tmp_path):
+    """A bomb (or a file that breaks later) is an error line; the conversation goes on.
+    Regression: DecompressionBombError was not a ValueError and ended chat with a traceback."""
+    from mllama_q.cli.run import chat_main
+
+    bomb = _bomb_png(tmp_path / "bomb.png")
+    good = tmp_path / "ok.png"
+    Image.fromarray(np.full((30, 40, 3), 10, np.uint8)).save(good)
+    late = tmp_path / "late.png"
+    Image.fromarray(np.full((30, 40, 3), 99, np.uint8)).save(late)
+
+    def break_late():
+        late.write_bytes(b"\x89PNG broken")  # replaced after it was attached
+        return "Look at this."
+
+    lines = iter(["First?", "/image " + str(bomb), "/image " + str(late), break_late, "/image " + str(good),
+                  "Second?", "/quit"])
+    rc = chat_main(["-m", "x.gguf", "--temperature", "0"],
+                   input_fn=lambda _: (lambda x: x() if callable(x) else x)(next(lines)))
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert out.count("Fine, thanks.") == 2
+    assert "pixels" in out and "decompression bomb" in out          # the bomb, at /image
+    assert "cannot" in out and "attached image(s) dropped" in out    # the broken file, at its turn
+    m = fake_model_module[-1]
+    last = [m.tokenizer.decode(c[1]) for c in m.calls if c[0] == "eval" and c[1].size > 1][-1]
+    assert "First?" in last and "Look at this." not in last and last.count("<|image|>") == 1
 
 
 def test_cli_chat_second_turn_sees_history(fake_model_module, tmp_path):
