@@ -145,6 +145,13 @@ def add_tokenizer_metadata(writer: gguf.GGUFWriter, hf_dir: Path, max_tokens: in
 
     # tokenizers >= 0.20 writes merges as [left, right] pairs, older files as "left right".
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    # Every merge joins two tokens of the vocabulary into a third (what tokenizers' BPE checks
+    # when it loads, so the runtime could not build a tokenizer from a file that breaks it).
+    vocab = model["vocab"]
+    for m in merges:
+        parts = m.split(" ")
+        if len(parts) != 2 or parts[0] not in vocab or parts[1] not in vocab or parts[0] + parts[1] not in vocab:
+            raise ValueError(f"{tj_path}: merge {m[:80]!r} does not join two vocabulary tokens into a third")
 
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("llama-bpe")
