@@ -96,16 +96,20 @@ def _label(rule: str, label: str | None) -> str:
     return label or rule.split(".", 1)[1]
 
 
+def _as_int(value: Any, label: str, what: str = "an integer") -> int:
+    """An int (or numpy integer); bools, floats (a 1e9 in JSON is a float) and strings refused."""
+    if not isinstance(value, bool):
+        try:
+            return operator.index(value)
+        except TypeError:
+            pass
+    raise HParamError(f"{label} must be {what}, got {value!r}")
+
+
 def check_int(value: Any, rule: str, label: str | None = None, lo: int | None = None, hi: int | None = None) -> int:
-    """`value` as an int within INT_BOUNDS[rule] (narrowed by lo / hi). Rejects bools, floats
-    (a 1e9 in JSON is a float) and strings."""
+    """`value` as an int within INT_BOUNDS[rule] (narrowed by lo / hi)."""
     name = _label(rule, label)
-    if isinstance(value, bool):
-        raise HParamError(f"{name} must be an integer, got {value!r}")
-    try:
-        v = operator.index(value)
-    except TypeError:
-        raise HParamError(f"{name} must be an integer, got {value!r}") from None
+    v = _as_int(value, name)
     b_lo, b_hi = INT_BOUNDS[rule]
     b_lo = b_lo if lo is None else max(b_lo, lo)
     b_hi = b_hi if hi is None else min(b_hi, hi)
@@ -139,12 +143,7 @@ def check_index_list(values: Any, n: int, label: str, distinct: bool = False) ->
         raise HParamError(f"{label} has {len(items)} entries, more than the {n} layers")
     out = []
     for x in items:
-        if isinstance(x, bool):
-            raise HParamError(f"{label} must be a list of integers, got {values!r}")
-        try:
-            i = operator.index(x)
-        except TypeError:
-            raise HParamError(f"{label} must be a list of integers, got {values!r}") from None
+        i = _as_int(x, label, "a list of integers")
         if not 0 <= i < n:
             raise HParamError(f"{label}: index {i} is outside [0, {n})")
         out.append(i)
@@ -291,12 +290,7 @@ def check_image(tile_size: Any, max_num_tiles: Any, image_mean: Any, image_std: 
 
 def check_token_id(value: Any, n_embd_rows: int, label: str) -> int:
     """A token id that indexes the embedding table (vocab_size + 8 rows in mllama)."""
-    if isinstance(value, bool):
-        raise HParamError(f"{label} must be an integer, got {value!r}")
-    try:
-        v = operator.index(value)
-    except TypeError:
-        raise HParamError(f"{label} must be an integer, got {value!r}") from None
+    v = _as_int(value, label)
     if not 0 <= v < n_embd_rows:
         raise HParamError(f"{label} = {v} is outside the {n_embd_rows} embedding rows")
     return v
