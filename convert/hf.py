@@ -45,7 +45,8 @@ TEXT_LABELS = {"vocab_size": "vocab_size", "hidden_size": "hidden_size", "interm
                "low_freq_factor": "rope low_freq_factor", "high_freq_factor": "rope high_freq_factor",
                "original_context_length": "rope original_max_position_embeddings"}
 VISION_LABELS = {"hidden_size": "hidden_size", "intermediate_size": "intermediate_size",
-                 "num_layers": "num_hidden_layers", "num_global_layers": "num_global_layers", "n_head": "attention_heads",
+                 "num_layers": "num_hidden_layers", "num_global_layers": "num_global_layers",
+                 "n_head": "attention_heads",
                  "image_size": "image_size", "patch_size": "patch_size", "num_channels": "num_channels",
                  "max_num_tiles": "max_num_tiles", "norm_eps": "norm_eps",
                  "intermediate_layers": "intermediate_layers_indices", "out_dim": "vision_output_dim"}

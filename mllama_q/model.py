@@ -15,15 +15,23 @@ import contextlib
 import os
 import threading
 import time
-from typing import Any
 
 import numpy as np
 
 from . import _core
 from . import gguf_keys as K
 from . import hparams as HP
-from .gguf_file import (ModelFileError, check_architecture, field_value, get_float, get_int, get_int_list,
-                        open_gguf, require_keys, tensor_entry)
+from .gguf_file import (
+    ModelFileError,
+    check_architecture,
+    field_value,
+    get_float,
+    get_int,
+    get_int_list,
+    open_gguf,
+    require_keys,
+    tensor_entry,
+)
 
 # Metadata every mllama file has (Ollama's and ours).
 REQUIRED_TEXT_KEYS = (K.BLOCK_COUNT, K.EMBEDDING_LENGTH, K.FEED_FORWARD_LENGTH, K.HEAD_COUNT, K.HEAD_COUNT_KV,
@@ -31,7 +39,7 @@ REQUIRED_TEXT_KEYS = (K.BLOCK_COUNT, K.EMBEDDING_LENGTH, K.FEED_FORWARD_LENGTH, 
 REQUIRED_VISION_KEYS = (K.V_BLOCK_COUNT, K.V_GLOBAL_BLOCK_COUNT, K.V_INTERMEDIATE_LAYERS, K.V_EMBEDDING_LENGTH,
                         K.V_FEED_FORWARD_LENGTH, K.V_HEAD_COUNT, K.V_LN_EPS, K.V_IMAGE_SIZE, K.V_PATCH_SIZE,
                         K.V_MAX_NUM_TILES, K.V_NUM_CHANNELS)
-VISION_PREFIXES = ("v.", "mm.")
+VISION_PREFIXES = K.VISION_PREFIXES
 MAX_N_CTX = 1 << 24  # 128x Llama 3.2's 131072 positions; beyond it the KV cache size alone is absurd
 
 
@@ -55,12 +63,11 @@ def rope_inv_freq(reader, head_dim: int, theta: float) -> list[float]:
         if div.shape[0] != head_dim // 2 or int(t.tensor_type) != 0:
             raise ModelFileError(f"tensor '{K.ROPE_FREQS}' must be f32 [{head_dim // 2}]")
     elif str(_q(reader, K.Q_ROPE_SCALING_TYPE)) == "llama3":
-        rs = {"factor": _q(reader, K.Q_ROPE_SCALING_FACTOR), "low_freq_factor": _q(reader, K.Q_ROPE_SCALING_LOW_FREQ_FACTOR),
-              "high_freq_factor": _q(reader, K.Q_ROPE_SCALING_HIGH_FREQ_FACTOR),
-              "original_context_length": _q(reader, K.Q_ROPE_SCALING_ORIG_CTX)}
-        HP.check_rope_scaling(rs, {"factor": K.Q_ROPE_SCALING_FACTOR, "low_freq_factor": K.Q_ROPE_SCALING_LOW_FREQ_FACTOR,
-                                   "high_freq_factor": K.Q_ROPE_SCALING_HIGH_FREQ_FACTOR,
-                                   "original_context_length": K.Q_ROPE_SCALING_ORIG_CTX})  # HParamError
+        keys = {"factor": K.Q_ROPE_SCALING_FACTOR, "low_freq_factor": K.Q_ROPE_SCALING_LOW_FREQ_FACTOR,
+                "high_freq_factor": K.Q_ROPE_SCALING_HIGH_FREQ_FACTOR,
+                "original_context_length": K.Q_ROPE_SCALING_ORIG_CTX}
+        rs = {name: _q(reader, key) for name, key in keys.items()}
+        HP.check_rope_scaling(rs, keys)  # HParamError
         div = K.rope_freqs_llama3(head_dim, theta, float(rs["factor"]), float(rs["low_freq_factor"]),
                                   float(rs["high_freq_factor"]), int(rs["original_context_length"])
                                   ).astype(np.float64)
@@ -72,8 +79,9 @@ def rope_inv_freq(reader, head_dim: int, theta: float) -> list[float]:
 
 
 # GGUF key of each hyper-parameter, for the messages of mllama_q.hparams' range checks.
-TEXT_LABELS = {"vocab_size": K.VOCAB_SIZE, "hidden_size": K.EMBEDDING_LENGTH, "intermediate_size": K.FEED_FORWARD_LENGTH,
-               "n_layer": K.BLOCK_COUNT, "n_head": K.HEAD_COUNT, "n_kv_head": K.HEAD_COUNT_KV,
+TEXT_LABELS = {"vocab_size": K.VOCAB_SIZE, "hidden_size": K.EMBEDDING_LENGTH,
+               "intermediate_size": K.FEED_FORWARD_LENGTH, "n_layer": K.BLOCK_COUNT, "n_head": K.HEAD_COUNT,
+               "n_kv_head": K.HEAD_COUNT_KV,
                "head_dim": K.ROPE_DIMENSION_COUNT, "rms_eps": K.RMS_EPS, "rope_theta": K.ROPE_FREQ_BASE,
                "cross_attention_layers": K.CROSS_ATTENTION_LAYERS}
 VISION_LABELS = {"hidden_size": K.V_EMBEDDING_LENGTH, "intermediate_size": K.V_FEED_FORWARD_LENGTH,
@@ -256,6 +264,11 @@ class Model:
         self.device = device
         self.kv_type = kv_type
         self.n_ctx = int(n_ctx)
+        # the context length the model was trained for (None if the file does not say); the
+        # command line warns when n_ctx exceeds it
+        n_train = field_value(reader, K.CONTEXT_LENGTH)
+        ok = isinstance(n_train, (int, np.integer)) and not isinstance(n_train, bool) and n_train > 0
+        self.n_ctx_train = int(n_train) if ok else None
         n_embd_rows = thp["vocab_size"] + 8  # token_embd rows (HF: vocab_size + 8; <|image|> = vocab_size)
         # Files without the key (Ollama's) use HF's convention: <|image|> = vocab_size (11B: 128256).
         self.image_token_id = _check(HP.check_token_id, field_value(reader, K.Q_IMAGE_TOKEN_ID, thp["vocab_size"]),

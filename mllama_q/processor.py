@@ -194,11 +194,13 @@ def load_image(image) -> Image.Image | np.ndarray:
     elif isinstance(image, np.ndarray):
         # (H, W) grey or (H, W, 3|4) uint8, channels last; kept as an array (see to_rgb).
         if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (3, 4)):
-            raise ImageError(f"numpy images must be uint8 (H, W), (H, W, 3) or (H, W, 4); got {image.dtype} {image.shape}")
+            raise ImageError(f"numpy images must be uint8 (H, W), (H, W, 3) or (H, W, 4); "
+                             f"got {image.dtype} {image.shape}")
         _check_size(image.shape[1], image.shape[0], "image array")
         return image
     else:
-        raise ImageError(f"unsupported image type {type(image).__name__}: pass a path, bytes, PIL image or uint8 array")
+        raise ImageError(f"unsupported image type {type(image).__name__}: "
+                         "pass a path, bytes, PIL image or uint8 array")
     _check_size(img.width, img.height, "image")
     return img
 

@@ -14,18 +14,12 @@ pytest.importorskip("transformers")
 import mllama_q  # noqa: E402
 from mllama_q import ModelFileError, ModelFileNotFoundError  # noqa: E402
 from mllama_q import gguf_keys as K  # noqa: E402
-from mllama_q.convert import convert  # noqa: E402
-from tiny_models import make_tiny_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def good(tmp_path_factory):
+def good(tiny_checkpoint, tiny_gguf):
     """A valid tiny mllama GGUF written by our converter."""
-    d = tmp_path_factory.mktemp("bad_gguf")
-    ckpt = make_tiny_checkpoint(d / "hf", seed=3, dtype="float32")
-    path = d / "good.gguf"
-    convert(ckpt, path, ftype="q8_0", progress=False)
-    return path
+    return tiny_gguf(tiny_checkpoint(seed=3, dtype="float32"), "q8_0")
 
 
 def rewrite(src, dst, *, arch=None, drop_keys=(), drop_tensors=(), tensor_override=None, set_keys=None):
@@ -259,36 +253,16 @@ ABSURD = [
 
 
 @pytest.mark.parametrize("key,value,match", ABSURD, ids=[f"{k}={v}" for k, v, _ in ABSURD])
-def test_absurd_hyperparameters(good, tmp_path, key, value, match):
+def test_absurd_hyperparameters(good, tmp_path, key, value, match, within):
     """Corrupt hyper-parameters are refused before anything is sized from them (within
     seconds: the hangs they caused are regressions)."""
     # the llama3 scaling keys are read only when the file has no rope_freqs tensor
     drop = (K.ROPE_FREQS,) if key.startswith("mllama_q.rope.scaling") else ()
     p = rewrite(good, tmp_path / "hp.gguf", set_keys={key: value}, drop_tensors=drop)
-    _within(30, lambda: expect_error(p, match))
+    within(30, lambda: expect_error(p, match))
 
 
-def test_huge_tile_count_without_aspect_ratio_list_is_refused_fast(good, tmp_path):
+def test_huge_tile_count_without_aspect_ratio_list_is_refused_fast(good, tmp_path, within):
     p = rewrite(good, tmp_path / "tiles.gguf", drop_keys=(K.Q_V_ASPECT_RATIOS,),
                 set_keys={K.Q_IMG_MAX_TILES: 100000, K.V_MAX_NUM_TILES: 100000})
-    _within(30, lambda: expect_error(p, "max_num_tiles|max_image_tiles"))
-
-
-def _within(seconds, fn):
-    """fn() in a helper thread; a hang fails the test instead of blocking the session."""
-    import threading
-
-    box = {}
-
-    def run():
-        try:
-            fn()
-        except BaseException as e:  # noqa: BLE001  re-raised below
-            box["error"] = e
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    t.join(seconds)
-    assert not t.is_alive(), f"did not finish within {seconds} s"
-    if "error" in box:
-        raise box["error"]
+    within(30, lambda: expect_error(p, "max_num_tiles|max_image_tiles"))

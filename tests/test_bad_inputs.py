@@ -5,7 +5,6 @@ and asserts a clear exception (a ValueError subclass naming the argument) instea
 GGUF files themselves are tests/test_bad_gguf.py's; converter inputs are in test_convert.py."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import tempfile
@@ -20,11 +19,9 @@ import mllama_q
 from mllama_q import _core, quants
 
 
-def _run_child(code: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    """Run `code` in a fresh interpreter that imports this process's mllama_q (a crash or a
-    hang there must not take the test session with it)."""
-    root = str(Path(mllama_q.__file__).resolve().parents[1])
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+def _run_child(env: dict, code: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run `code` in a fresh interpreter (a crash or a hang there must not take the test
+    session with it); env from the child_env fixture."""
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
                           timeout=timeout, cwd=tempfile.gettempdir())
 
@@ -82,14 +79,15 @@ def test_backend_zero_size_arrays_with_huge_extents():
     with pytest.raises(ValueError, match="pos values must lie in"):
         b.rope(np.zeros((1, 1, 2), np.float32), np.array([2**31]), np.ones(1, np.float32))
     with pytest.raises(ValueError, match="at least one key"):
-        b.attention(np.zeros((1, 1, 2), np.float32), np.zeros((0, 1, 2), np.float32), np.zeros((0, 1, 2), np.float32), 1.0)
+        no_keys = np.zeros((0, 1, 2), np.float32)
+        b.attention(np.zeros((1, 1, 2), np.float32), no_keys, no_keys, 1.0)
 
 
 # ------------------------------------------------------------------ thread pool
-def test_set_num_threads_while_kernels_run_is_safe():
+def test_set_num_threads_while_kernels_run_is_safe(child_env):
     # Resizing destroyed the pool under kernels running in other threads: a hang (deadlock)
     # or a use-after-free. Now it resizes in place between loops; results stay exact.
-    res = _run_child("""
+    res = _run_child(child_env(), """
         import threading, numpy as np
         from mllama_q import _core, quants
         rng = np.random.default_rng(0)

@@ -27,8 +27,7 @@ inline void require_c_contiguous(const pybind11::array& a, const char* what) {
 template <typename T>
 inline void require_dtype(const pybind11::array& a, const char* what, const char* dtype_name) {
     require(pybind11::dtype::of<T>().is(a.dtype()) || a.dtype().equal(pybind11::dtype::of<T>()),
-            std::string(what) + " must have dtype " + dtype_name + ", got " +
-                std::string(pybind11::str(a.dtype())));
+            std::string(what) + " must have dtype " + dtype_name + ", got " + std::string(pybind11::str(a.dtype())));
 }
 
 // An integer (or bool) array of ids / flags -> a C-contiguous int32 array,

@@ -58,7 +58,8 @@ inline VisionHParams vision_hparams_from(const pybind11::dict& d) {
     hp.norm_eps = hparam_get<float>(d, "norm_eps", w);
     hp.intermediate_layers = hparam_get<std::vector<int>>(d, "intermediate_layers", w);
     hp.out_dim = hparam_get<int>(d, "out_dim", w);
-    if (d.contains("intermediate_at_layer_input")) hp.intermediate_at_layer_input = hparam_get<bool>(d, "intermediate_at_layer_input", w);
+    if (d.contains("intermediate_at_layer_input"))
+        hp.intermediate_at_layer_input = hparam_get<bool>(d, "intermediate_at_layer_input", w);
     return hp;
 }
 

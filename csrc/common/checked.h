@@ -54,7 +54,8 @@ inline size_t checked_bytes(int64_t count, size_t elem_bytes, const char* what) 
 // A count that must fit an `int` (kernel arguments): throws instead of narrowing.
 inline int checked_int(int64_t v, const char* what) {
     if (v < 0 || v > std::numeric_limits<int>::max())
-        size_error(what, std::to_string(v) + " is outside [0, " + std::to_string(std::numeric_limits<int>::max()) + "]");
+        size_error(what,
+                   std::to_string(v) + " is outside [0, " + std::to_string(std::numeric_limits<int>::max()) + "]");
     return static_cast<int>(v);
 }
 
