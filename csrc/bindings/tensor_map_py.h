@@ -21,11 +21,18 @@ inline TensorMap tensor_map_from_py(const pybind11::dict& tensors, Backend& be) 
     TensorMap tm;
     for (auto item : tensors) {
         const std::string name = pybind11::str(item.first);
-        auto tup = item.second.cast<pybind11::tuple>();
-        require(tup.size() == 3, "tensor '" + name + "': expected (array, ggml_type, shape)");
-        auto arr = tup[0].cast<pybind11::array>();
-        const int type_id = tup[1].cast<int>();
-        auto shape = tup[2].cast<std::vector<int64_t>>();
+        pybind11::array arr;
+        int type_id = 0;
+        std::vector<int64_t> shape;
+        try {
+            auto tup = item.second.cast<pybind11::tuple>();
+            require(tup.size() == 3, "tensor '" + name + "': expected (array, ggml_type, shape)");
+            arr = tup[0].cast<pybind11::array>();
+            type_id = tup[1].cast<int>();
+            shape = tup[2].cast<std::vector<int64_t>>();
+        } catch (const pybind11::cast_error&) {  // a ValueError naming the tensor, not RuntimeError
+            throw std::invalid_argument("tensor '" + name + "': expected (array, ggml_type int, shape tuple)");
+        }
         require_c_contiguous(arr, ("tensor '" + name + "'").c_str());
         require(is_supported_type(type_id), "tensor '" + name + "' has unsupported ggml type " + std::to_string(type_id));
         require(!shape.empty(), "tensor '" + name + "' has an empty shape");
