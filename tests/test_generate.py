@@ -183,6 +183,27 @@ def test_repetition_penalty_ignores_ids_past_the_logits_like_transformers(params
     assert s(logits, history) == int(want.argmax())
 
 
+def test_overflowing_temperature_and_nan_logits_give_a_distribution():
+    """Found by the inputs fuzzer: temperature 1e-45 overflows x / T to inf and inf - inf made
+    every probability NaN; a NaN logit poisoned the softmax (and was numpy's argmax). Now the
+    tiny temperature gives the right (here: greedy, ties shared) distribution, +inf logits share
+    the mass, and NaN scores are never drawn."""
+    x = np.array([-1e30, 9e29, 3.0, 9e29, 9.0e29 * (1 - 1e-6)], np.float32)
+    p = SamplingParams(temperature=1e-45, top_p=1.0)
+    np.testing.assert_array_equal(probabilities(x, [], p), [0, 0.5, 0, 0.5, 0])
+    assert Sampler(p)(x, []) in (1, 3)
+    inf = np.array([1.0, np.inf, 2.0, np.inf], np.float32)
+    np.testing.assert_array_equal(probabilities(inf, [], SamplingParams(temperature=0.7, top_p=1.0)), [0, .5, 0, .5])
+    y = np.array([0.5, np.nan, 2.0, -1.0], np.float32)
+    ref = np.exp(np.array([0.5, 2.0, -1.0]) - 2.0)
+    ref /= ref.sum()
+    np.testing.assert_allclose(probabilities(y, [], SamplingParams(temperature=1.0, top_p=1.0))[[0, 2, 3]], ref,
+                               rtol=1e-6)
+    assert probabilities(y, [], SamplingParams(temperature=1.0, top_p=1.0))[1] == 0
+    assert Sampler(SamplingParams(temperature=0))(y, []) == 2
+    assert {Sampler(SamplingParams(temperature=1.0, top_p=1.0, seed=s))(y, []) for s in range(200)} == {0, 2, 3}
+
+
 def test_greedy_is_argmax_after_repetition_penalty():
     from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
