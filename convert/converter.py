@@ -262,6 +262,9 @@ def convert(hf_dir, out_path, ftype: str = "q4_k_m", vision_type: str | None = N
         if not ck.image_token_id < ck.text.vocab_size + 8:
             raise ConvertError(f"{ck.dir / 'config.json'}: image_token_index {ck.image_token_id} is outside "
                                f"embed_tokens ({ck.text.vocab_size + 8} rows)")
+        if n_tok and not ck.image_token_id < n_tok:  # the processor writes this token for every image
+            raise ConvertError(f"{ck.dir / 'config.json'}: image_token_index {ck.image_token_id} is not a token of "
+                               f"tokenizer.json ({n_tok} tokens)")
 
         # Tensor infos only (no data: GGUFWriter would keep added tensors in memory). With
         # raw_dtype set and a non-uint8 numpy dtype, GGUFWriter takes `shape` as the element shape.

@@ -221,7 +221,7 @@ def parse_rope(tc: dict, where: str):
             "high_freq_factor": float(scaling["high_freq_factor"]),
             "original_context_length": int(scaling["original_max_position_embeddings"]),
         }
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, OverflowError) as e:  # OverflowError: int(inf)
         raise ConvertError(f"{where}: llama3 rope scaling is missing or has a bad {e}") from None
     if out["high_freq_factor"] == out["low_freq_factor"]:
         raise ConvertError(f"{where}: llama3 rope scaling needs high_freq_factor != low_freq_factor")

@@ -121,6 +121,9 @@ class ProcessorSettings:
             if "image_token_id" not in kw and tid is not None:
                 kw["image_token_id"] = tid
             if "image_token_id" in kw:
+                if not 0 <= kw["image_token_id"] < len(tokenizer.tokens):
+                    raise ValueError(f"image token id {kw['image_token_id']} is not one of the tokenizer's "
+                                     f"{len(tokenizer.tokens)} tokens")
                 kw["image_token"] = tokenizer.id_to_token(kw["image_token_id"])
             if tokenizer.bos_token is not None:
                 kw["bos_token"] = tokenizer.bos_token

@@ -266,3 +266,11 @@ def test_huge_tile_count_without_aspect_ratio_list_is_refused_fast(good, tmp_pat
     p = rewrite(good, tmp_path / "tiles.gguf", drop_keys=(K.Q_V_ASPECT_RATIOS,),
                 set_keys={K.Q_IMG_MAX_TILES: 100000, K.V_MAX_NUM_TILES: 100000})
     within(30, lambda: expect_error(p, "max_num_tiles|max_image_tiles"))
+
+
+def test_image_token_outside_the_tokenizer(good, tmp_path):
+    """Found by the inputs fuzzer: an <|image|> id inside the embedding table but past the
+    tokenizer's tokens was an IndexError in the processor."""
+    vocab = int(gguf.GGUFReader(str(good)).fields[K.VOCAB_SIZE].contents())
+    p = rewrite(good, tmp_path / "img.gguf", set_keys={K.Q_IMAGE_TOKEN_ID: vocab + 7})
+    expect_error(p, "not one of the tokenizer")

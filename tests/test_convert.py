@@ -662,6 +662,11 @@ BAD_CASES = {
         {"id": 1e9, "content": "<|far|>", "special": True})), "token id"),
     "tokenizer model list": (lambda ck: _edit_json(ck / "tokenizer.json", lambda d: d.update(pre_tokenizer=[1])),
                              "tokenizer.json"),
+    "image token past the tokenizer": (lambda ck: _edit_json(ck / "config.json", lambda d: d.update(
+        image_token_index=d["text_config"]["vocab_size"] + 7)), "is not a token of tokenizer.json"),
+    "rope original context inf": (lambda ck: _edit_text(ck, rope_parameters=dict(
+        rope_type="llama3", rope_theta=5e5, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=float("inf"))), "llama3 rope scaling"),
     "index escapes the directory": (lambda ck: (ck / "model.safetensors.index.json").write_text(
         json.dumps({"weight_map": {"x": "../../outside.safetensors"}})), "weight_map"),
 }
