@@ -13,8 +13,8 @@ the largest published Llama 3.2 Vision model, so every real or plausible future 
 passes, while a corrupt or hostile value (a flipped byte, 2**31 layers, 100000 tiles, 20000-px
 tiles, eps = inf) is refused before it turns into a loop of billions of steps, an allocation
 of terabytes, or logits that are silently all equal. Real values (11B / 90B) from the
-published config.json files (11B: /work/shared/reference/llama-3.2-11b-vision-instruct; the
-90B differs only in the text sizes):
+published config.json / preprocessor_config.json of meta-llama/Llama-3.2-11B-Vision-Instruct
+and -90B-Vision-Instruct on the Hugging Face hub (the 90B differs only in the text sizes):
 
     text    vocab 128256, hidden 4096 / 8192, ffn 14336 / 28672, layers 40 / 100 (8 / 20 cross),
             heads 32 / 64, kv heads 8, head_dim 128, rms_eps 1e-5, rope_theta 500000,
