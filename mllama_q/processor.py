@@ -264,7 +264,10 @@ def fit_to_canvas(height: int, width: int, canvas_h: int, canvas_w: int, tile: i
 def preprocess_image(image, settings: ProcessorSettings) -> tuple[np.ndarray, tuple[int, int]]:
     """One image -> (tiles float32 [rows*cols, 3, T, T], (rows, cols))."""
     img = load_image(image)
-    rgb = to_rgb(img)  # uint8 (H, W, 3)
+    try:
+        rgb = to_rgb(img)  # uint8 (H, W, 3); a caller's lazily opened PIL image decodes here
+    except Exception as e:  # noqa: BLE001  PIL on untrusted bytes (a truncated file: OSError)
+        raise ImageError(f"cannot decode image: {type(e).__name__}: {e}") from None
     h, w = rgb.shape[:2]
     t = settings.tile_size
     canvas_h, canvas_w = optimal_canvas(h, w, settings)

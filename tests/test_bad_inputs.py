@@ -343,6 +343,11 @@ def test_corrupt_and_truncated_images_are_clear_errors(tmp_path):
             pass
     with pytest.raises(ImageError):
         preprocess_images([tmp_path], s)  # a directory
+    buf = _io.BytesIO()
+    img.save(buf, format="PNG")
+    lazy = Image.open(_io.BytesIO(buf.getvalue()[:200]))  # opened by the caller, not yet decoded
+    with pytest.raises(ImageError, match="cannot decode"):  # was PIL's OSError
+        preprocess_images([lazy], s)
     (tmp_path / "empty.png").write_bytes(b"")
     with pytest.raises(ImageError, match="cannot"):
         preprocess_images([tmp_path / "empty.png"], s)
