@@ -90,7 +90,8 @@ def apply_repetition_penalty(scores: np.ndarray, history: Iterable[int], penalty
         return scores
     out = scores.copy()
     s = out[ids]
-    out[ids] = np.where(s < 0, s * np.float32(penalty), s / np.float32(penalty))
+    with np.errstate(over="ignore"):  # a score pushed to +-inf is handled by filter_logits
+        out[ids] = np.where(s < 0, s * np.float32(penalty), s / np.float32(penalty))
     return out
 
 
@@ -115,6 +116,10 @@ def filter_logits(scores: np.ndarray, params: SamplingParams) -> tuple[np.ndarra
         s64 = scores.astype(np.float64)
         with np.errstate(over="ignore"):  # far below the max: -inf, probability 0
             x = ((s64 - s64.max()) / params.temperature).astype(np.float32)
+    elif np.isneginf(x.max()):
+        # every score went to -inf (a huge repetition penalty or a tiny temperature on finite
+        # logits overflowed): nothing tells them apart any more, so they share the mass
+        return np.arange(x.size), np.zeros(x.size, dtype=np.float32)
     ids = None  # None = every token
     if params.top_k > 0 and params.top_k < x.size:
         kth = x[np.argpartition(x, x.size - params.top_k)[x.size - params.top_k:]].min()

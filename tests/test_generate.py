@@ -192,6 +192,8 @@ def test_overflowing_temperature_and_nan_logits_give_a_distribution():
     p = SamplingParams(temperature=1e-45, top_p=1.0)
     np.testing.assert_array_equal(probabilities(x, [], p), [0, 0.5, 0, 0.5, 0])
     assert Sampler(p)(x, []) in (1, 3)
+    huge = SamplingParams(temperature=0.6, top_k=5, top_p=0.1, repetition_penalty=2.0 ** 31)
+    np.testing.assert_array_equal(probabilities(np.array([-2.2e29], np.float32), [0], huge), [1.0])  # was NaN
     inf = np.array([1.0, np.inf, 2.0, np.inf], np.float32)
     np.testing.assert_array_equal(probabilities(inf, [], SamplingParams(temperature=0.7, top_p=1.0)), [0, .5, 0, .5])
     y = np.array([0.5, np.nan, 2.0, -1.0], np.float32)
