@@ -146,9 +146,6 @@ def read_json(path: Path, required: bool = True, kind: type | None = dict):
     return data
 
 
-_read_json = read_json
-
-
 def _int(cfg: dict, key: str, defaults: dict, where: str) -> int:
     v = cfg.get(key, defaults.get(key))
     if isinstance(v, bool) or not isinstance(v, int) or v < 0:
@@ -378,7 +375,7 @@ def normalise_name(name: str) -> str:
 def weight_files(hf_dir: Path) -> list:
     index = hf_dir / "model.safetensors.index.json"
     if index.is_file():
-        idx = _read_json(index)
+        idx = read_json(index)
         wm = idx.get("weight_map") if isinstance(idx, dict) else None
         if not isinstance(wm, dict) or not wm:
             raise ConvertError(f"{index}: no weight_map")
@@ -407,13 +404,13 @@ def load_checkpoint(hf_dir) -> Checkpoint:
     if not hf_dir.is_dir():
         raise ConvertError(f"{hf_dir}: not a directory")
     cfg_path = hf_dir / "config.json"
-    text, vision, image_token = parse_config(_read_json(cfg_path), str(cfg_path))
+    text, vision, image_token = parse_config(read_json(cfg_path), str(cfg_path))
     pp_path = hf_dir / "preprocessor_config.json"
-    pre = parse_preprocessor(_read_json(pp_path), vision, str(pp_path))
+    pre = parse_preprocessor(read_json(pp_path), vision, str(pp_path))
     if not (hf_dir / "tokenizer.json").is_file():
         raise ConvertError(f"{hf_dir / 'tokenizer.json'}: missing file")
     gen_path = hf_dir / "generation_config.json"
-    gen = _read_json(gen_path, required=False) or {}
+    gen = read_json(gen_path, required=False) or {}
     stop_ids = _ids(gen.get("eos_token_id"), "eos_token_id", str(gen_path)) or text.eos_ids
     for i in stop_ids:
         _hp(HP.check_token_id, i, text.vocab_size + 8, "eos_token_id", where=str(gen_path))
