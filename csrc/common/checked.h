@@ -30,15 +30,6 @@ inline int64_t checked_mul(int64_t a, int64_t b, const char* what) {
     return r;
 }
 
-// a + b for non-negative counts; throws on a negative term or int64 overflow.
-inline int64_t checked_add(int64_t a, int64_t b, const char* what) {
-    if (a < 0 || b < 0) size_error(what, "negative size " + std::to_string(a < 0 ? a : b));
-    int64_t r;
-    if (__builtin_add_overflow(a, b, &r))
-        size_error(what, std::to_string(a) + " + " + std::to_string(b) + " overflows a 64-bit size");
-    return r;
-}
-
 // Product of all factors (1 for none), checked.
 inline int64_t checked_product(std::initializer_list<int64_t> factors, const char* what) {
     int64_t r = 1;
