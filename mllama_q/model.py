@@ -3,9 +3,10 @@
     m = Model("llama-3.2-11b-vision-q4_k_m.gguf")
     logits = m.forward(input_ids, pixel_values, aspect_ratio_ids, aspect_ratio_mask, cross_attention_mask)
 
-The file is validated (mllama_q.gguf_file) before any tensor is used, then
-memory-mapped by gguf-py's GGUFReader; its tensor arrays are handed to the
-compiled core without copying (the reader stays alive as long as the model).
+The file is memory-mapped and validated by our own reader (mllama_q.gguf_file,
+csrc/gguf) before any tensor is used; its tensor arrays are views of the mapping
+handed to the compiled core without copying (they keep the mapping alive as long
+as the model).
 With `vision=False` the vision tower's tensors are never handed over, so they
 are never read from disk.
 """
@@ -22,12 +23,15 @@ from . import _core
 from . import gguf_keys as K
 from . import hparams as HP
 from .gguf_file import (
+    GGUFFile,
     ModelFileError,
     check_architecture,
+    check_tensor_types,
     field_value,
     get_float,
     get_int,
     get_int_list,
+    get_str,
     open_gguf,
     require_keys,
     tensor_entry,
@@ -43,12 +47,12 @@ VISION_PREFIXES = K.VISION_PREFIXES
 MAX_N_CTX = 1 << 24  # 128x Llama 3.2's 131072 positions; beyond it the KV cache size alone is absurd
 
 
-def _q(reader, key):
-    """A `mllama_q.` key, falling back to the published 11B value (files written by Ollama lack them)."""
-    return field_value(reader, key, K.DEFAULTS_11B.get(key))
+def _d(key):
+    """The published 11B value of a `mllama_q.` key (files written by Ollama lack them)."""
+    return K.DEFAULTS_11B.get(key)
 
 
-def rope_inv_freq(reader, head_dim: int, theta: float) -> list[float]:
+def rope_inv_freq(f: GGUFFile, head_dim: int, theta: float) -> list[float]:
     """RoPE inverse frequencies [head_dim/2] with llama3 scaling, as HF's rotary embedding uses.
 
     inv_freq[i] = theta^(-2i/head_dim) / rope_freqs[i]   (transformers
@@ -57,17 +61,17 @@ def rope_inv_freq(reader, head_dim: int, theta: float) -> list[float]:
     keys when the file has no such tensor; no scaling when its type is "none").
     """
     base = theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
-    t = next((t for t in reader.tensors if t.name == K.ROPE_FREQS), None)
+    t = f.tensors.get(K.ROPE_FREQS)
     if t is not None:
-        div = np.asarray(t.data, dtype=np.float64).reshape(-1)
-        if div.shape[0] != head_dim // 2 or int(t.tensor_type) != 0:
+        if t.ggml_type != 0 or t.n_elements != head_dim // 2:
             raise ModelFileError(f"tensor '{K.ROPE_FREQS}' must be f32 [{head_dim // 2}]")
-    elif str(_q(reader, K.Q_ROPE_SCALING_TYPE)) == "llama3":
+        div = np.asarray(t.data, dtype=np.float64).reshape(-1)
+    elif get_str(f, K.Q_ROPE_SCALING_TYPE, _d(K.Q_ROPE_SCALING_TYPE)) == "llama3":
         keys = {"factor": K.Q_ROPE_SCALING_FACTOR, "low_freq_factor": K.Q_ROPE_SCALING_LOW_FREQ_FACTOR,
                 "high_freq_factor": K.Q_ROPE_SCALING_HIGH_FREQ_FACTOR,
                 "original_context_length": K.Q_ROPE_SCALING_ORIG_CTX}
-        rs = {name: _q(reader, key) for name, key in keys.items()}
-        HP.check_rope_scaling(rs, keys)  # HParamError
+        rs = {name: field_value(f, key, _d(key)) for name, key in keys.items()}
+        HP.check_rope_scaling(rs, keys)  # HParamError: types and ranges
         div = K.rope_freqs_llama3(head_dim, theta, float(rs["factor"]), float(rs["low_freq_factor"]),
                                   float(rs["high_freq_factor"]), int(rs["original_context_length"])
                                   ).astype(np.float64)
@@ -99,65 +103,65 @@ def _check(fn, *args, path=None):
         raise ModelFileError(f"{path}: {e}" if path else str(e)) from None
 
 
-def text_hparams(reader, path) -> dict:
-    require_keys(reader, path, REQUIRED_TEXT_KEYS)
-    D = get_int(reader, K.EMBEDDING_LENGTH)
-    H = get_int(reader, K.HEAD_COUNT)
-    hd = get_int(reader, K.ROPE_DIMENSION_COUNT, D // H if H > 0 else 0)
-    out = next((t for t in reader.tensors if t.name == K.OUTPUT), None)
-    vocab_default = int(out.shape[1]) if out is not None and len(out.shape) == 2 else None
+def text_hparams(f: GGUFFile, path) -> dict:
+    require_keys(f, path, REQUIRED_TEXT_KEYS)
+    D = get_int(f, K.EMBEDDING_LENGTH)
+    H = get_int(f, K.HEAD_COUNT)
+    hd = get_int(f, K.ROPE_DIMENSION_COUNT, D // H if H > 0 else 0)
+    out = f.tensors.get(K.OUTPUT)
+    vocab_default = out.shape[0] if out is not None and len(out.shape) == 2 else None  # [vocab, hidden]
     hp = {
-        "vocab_size": get_int(reader, K.VOCAB_SIZE, vocab_default),
+        "vocab_size": get_int(f, K.VOCAB_SIZE, vocab_default),
         "hidden_size": D,
-        "intermediate_size": get_int(reader, K.FEED_FORWARD_LENGTH),
-        "n_layer": get_int(reader, K.BLOCK_COUNT),
+        "intermediate_size": get_int(f, K.FEED_FORWARD_LENGTH),
+        "n_layer": get_int(f, K.BLOCK_COUNT),
         "n_head": H,
-        "n_kv_head": get_int(reader, K.HEAD_COUNT_KV),
+        "n_kv_head": get_int(f, K.HEAD_COUNT_KV),
         "head_dim": hd,
-        "rms_eps": get_float(reader, K.RMS_EPS),
-        "cross_attention_layers": get_int_list(reader, K.CROSS_ATTENTION_LAYERS),
+        "rms_eps": get_float(f, K.RMS_EPS),
+        "cross_attention_layers": get_int_list(f, K.CROSS_ATTENTION_LAYERS),
         "rope_inv_freq": None,
     }
-    theta = get_float(reader, K.ROPE_FREQ_BASE)
+    theta = get_float(f, K.ROPE_FREQ_BASE)
     # Ranges (mllama_q/hparams.py) before anything is sized from these numbers.
     _check(HP.check_text, dict(hp, rope_theta=theta), TEXT_LABELS, path=path)
     # Structure: the file must hold every layer (at least 9 tensors each) and consistent heads.
     n_layer = hp["n_layer"]
-    if n_layer * 9 > len(reader.tensors):
-        raise ModelFileError(f"{path}: {K.BLOCK_COUNT} = {n_layer} but the file has only {len(reader.tensors)} tensors")
+    if n_layer * 9 > len(f.tensors):
+        raise ModelFileError(f"{path}: {K.BLOCK_COUNT} = {n_layer} but the file has only {len(f.tensors)} tensors")
     if hd * H != D:
         raise ModelFileError(f"{path}: rope dimension {hd} x head_count {H} != embedding_length {D}")
-    hp["rope_inv_freq"] = _check(rope_inv_freq, reader, hd, theta, path=path)
+    hp["rope_inv_freq"] = _check(rope_inv_freq, f, hd, theta, path=path)
     return hp
 
 
-def vision_hparams(reader, path, text_hidden: int) -> dict:
-    require_keys(reader, path, REQUIRED_VISION_KEYS)
-    flat = np.asarray(_q(reader, K.Q_V_ASPECT_RATIOS)).reshape(-1)
+def vision_hparams(f: GGUFFile, path, text_hidden: int) -> dict:
+    require_keys(f, path, REQUIRED_VISION_KEYS)
+    flat = get_int_list(f, K.Q_V_ASPECT_RATIOS, _d(K.Q_V_ASPECT_RATIOS))
     hp = {
-        "hidden_size": get_int(reader, K.V_EMBEDDING_LENGTH),
-        "intermediate_size": get_int(reader, K.V_FEED_FORWARD_LENGTH),
-        "num_layers": get_int(reader, K.V_BLOCK_COUNT),
-        "num_global_layers": get_int(reader, K.V_GLOBAL_BLOCK_COUNT),
-        "n_head": get_int(reader, K.V_HEAD_COUNT),
-        "image_size": get_int(reader, K.V_IMAGE_SIZE),
-        "patch_size": get_int(reader, K.V_PATCH_SIZE),
-        "num_channels": get_int(reader, K.V_NUM_CHANNELS),
-        "max_num_tiles": get_int(reader, K.V_MAX_NUM_TILES),
+        "hidden_size": get_int(f, K.V_EMBEDDING_LENGTH),
+        "intermediate_size": get_int(f, K.V_FEED_FORWARD_LENGTH),
+        "num_layers": get_int(f, K.V_BLOCK_COUNT),
+        "num_global_layers": get_int(f, K.V_GLOBAL_BLOCK_COUNT),
+        "n_head": get_int(f, K.V_HEAD_COUNT),
+        "image_size": get_int(f, K.V_IMAGE_SIZE),
+        "patch_size": get_int(f, K.V_PATCH_SIZE),
+        "num_channels": get_int(f, K.V_NUM_CHANNELS),
+        "max_num_tiles": get_int(f, K.V_MAX_NUM_TILES),
         "max_aspect_ratio_id": 0,
-        "norm_eps": get_float(reader, K.V_LN_EPS),
-        "intermediate_layers": get_int_list(reader, K.V_INTERMEDIATE_LAYERS),
-        "out_dim": int(_q(reader, K.Q_V_PROJECTION_DIM) if K.Q_V_PROJECTION_DIM in reader.fields else text_hidden),
+        "norm_eps": get_float(f, K.V_LN_EPS),
+        "intermediate_layers": get_int_list(f, K.V_INTERMEDIATE_LAYERS),
+        "out_dim": get_int(f, K.Q_V_PROJECTION_DIM, text_hidden),
     }
     _check(HP.check_vision, {k: v for k, v in hp.items() if k != "max_aspect_ratio_id"}, VISION_LABELS, path=path)
-    if flat.size % 2 or flat.size > 2 * len(HP.all_aspect_ratios(hp["max_num_tiles"])):
-        raise ModelFileError(f"{path}: {K.Q_V_ASPECT_RATIOS} has {flat.size} values; expected (rows, cols) pairs "
+    if len(flat) % 2 or len(flat) > 2 * len(HP.all_aspect_ratios(hp["max_num_tiles"])):
+        raise ModelFileError(f"{path}: {K.Q_V_ASPECT_RATIOS} has {len(flat)} values; expected (rows, cols) pairs "
                              f"of at most {hp['max_num_tiles']} tiles")
-    ratios = _check(HP.check_aspect_ratios, flat.reshape(-1, 2).tolist(), hp["max_num_tiles"], K.Q_V_ASPECT_RATIOS,
-                    path=path)
+    pairs = [flat[i:i + 2] for i in range(0, len(flat), 2)]
+    ratios = _check(HP.check_aspect_ratios, pairs, hp["max_num_tiles"], K.Q_V_ASPECT_RATIOS, path=path)
     hp["max_aspect_ratio_id"] = len(ratios)
-    if (hp["num_layers"] + hp["num_global_layers"]) * 12 > len(reader.tensors):
-        raise ModelFileError(f"{path}: vision layer counts do not match the {len(reader.tensors)} tensors")
+    if (hp["num_layers"] + hp["num_global_layers"]) * 12 > len(f.tensors):
+        raise ModelFileError(f"{path}: vision layer counts do not match the {len(f.tensors)} tensors")
     return hp
 
 
@@ -229,22 +233,23 @@ class Model:
             _core.set_num_threads(int(n_threads))
         t_load = time.perf_counter()
         self.path = os.fspath(path)
-        reader = open_gguf(self.path)
-        check_architecture(reader, self.path)
-        thp = text_hparams(reader, self.path)
-        has_vision_tensors = any(t.name.startswith(VISION_PREFIXES) for t in reader.tensors)
+        f = open_gguf(self.path)
+        check_architecture(f, self.path)
+        check_tensor_types(f)
+        thp = text_hparams(f, self.path)
+        has_vision_tensors = any(name.startswith(VISION_PREFIXES) for name in f.tensors)
         vhp = None
         if vision and has_vision_tensors:
-            vhp = vision_hparams(reader, self.path, thp["hidden_size"])
+            vhp = vision_hparams(f, self.path, thp["hidden_size"])
         elif vision and not has_vision_tensors:
             raise ModelFileError(f"{self.path}: the file has no vision tensors (v.*, mm.*); load it with vision=False")
 
         # Hand over the mapped arrays (no copy); the vision ones only when used. The core
         # uploads them and builds the vision encoder at the first encode_images, so a
         # text-only session never reads them; their presence is checked now.
-        tensors = {t.name: tensor_entry(t) for t in reader.tensors
-                   if vhp is not None or not t.name.startswith(VISION_PREFIXES)}
-        if K.Q_FORMAT_VERSION not in reader.fields:
+        tensors = {name: tensor_entry(t) for name, t in f.tensors.items()
+                   if vhp is not None or not name.startswith(VISION_PREFIXES)}
+        if K.Q_FORMAT_VERSION not in f.metadata:
             ollama_norms(tensors, thp)
         if vhp is not None:
             missing = [n for n in required_vision_tensors(vhp) if n not in tensors]
@@ -253,11 +258,15 @@ class Model:
                                      + (" ..." if len(missing) > 8 else ""))
         try:
             self._core = _core.MllamaModel(tensors, thp, vhp, device, int(n_ctx), kv_type)
-        except RuntimeError as e:  # a missing or misshaped tensor (TensorMap), or no such device
-            if "tensor" in str(e):
-                raise ModelFileError(f"{self.path}: {e}") from e
-            raise
-        self._reader = reader  # keeps the memory map (and so every tensor array) alive
+        except (RuntimeError, ValueError) as e:
+            # Everything the core is given comes from the file (tensors, hyper-parameters) except
+            # the device: a missing / misshaped tensor or an unusable hyper-parameter is the
+            # file's fault, a missing CUDA build or GPU is not.
+            msg = str(e)
+            if "cuda" in msg.lower() or "device" in msg.lower():
+                raise
+            raise ModelFileError(f"{self.path}: {msg}") from e
+        self._reader = f  # the GGUFFile (metadata); the tensor arrays keep the mapping alive
         self._tensors = tensors
         self.text_hparams = thp
         self.vision_hparams = vhp
@@ -266,12 +275,12 @@ class Model:
         self.n_ctx = int(n_ctx)
         # the context length the model was trained for (None if the file does not say); the
         # command line warns when n_ctx exceeds it
-        n_train = field_value(reader, K.CONTEXT_LENGTH)
+        n_train = field_value(f, K.CONTEXT_LENGTH)
         ok = isinstance(n_train, (int, np.integer)) and not isinstance(n_train, bool) and n_train > 0
         self.n_ctx_train = int(n_train) if ok else None
         n_embd_rows = thp["vocab_size"] + 8  # token_embd rows (HF: vocab_size + 8; <|image|> = vocab_size)
         # Files without the key (Ollama's) use HF's convention: <|image|> = vocab_size (11B: 128256).
-        self.image_token_id = _check(HP.check_token_id, field_value(reader, K.Q_IMAGE_TOKEN_ID, thp["vocab_size"]),
+        self.image_token_id = _check(HP.check_token_id, field_value(f, K.Q_IMAGE_TOKEN_ID, thp["vocab_size"]),
                                      n_embd_rows, K.Q_IMAGE_TOKEN_ID, path=self.path)
         # Tokenizer, processor, stop ids and sampling defaults from the same file (frontend).
         from .generate import generation_defaults_from_gguf, stop_ids_from_gguf
@@ -281,21 +290,18 @@ class Model:
 
         self.tokenizer = None
         self.processor = None
-        if K.TOKENIZER_TOKENS in reader.fields:
-            try:
-                self.tokenizer = Tokenizer.from_gguf(reader)
-            except (ValueError, KeyError, TypeError) as e:
-                raise ModelFileError(f"{self.path}: bad tokenizer metadata ({e})") from e
-            try:
-                self.processor = Processor(self.tokenizer, ProcessorSettings.from_gguf(reader, self.tokenizer))
-            except (ValueError, TypeError) as e:  # out-of-range mllama_q.image.* settings (mllama_q/hparams.py)
-                raise ModelFileError(f"{self.path}: bad image settings ({e})") from e
-        self.stop_ids = stop_ids_from_gguf(reader, self.tokenizer)
         try:
-            self.generation_defaults = generation_defaults_from_gguf(reader)
+            if any(k.startswith(K.TOKENIZER_PREFIX) for k in f.metadata):
+                self.tokenizer = Tokenizer.from_gguf(f)
+                self.processor = Processor(self.tokenizer, ProcessorSettings.from_gguf(f, self.tokenizer))
+            self.stop_ids = stop_ids_from_gguf(f, self.tokenizer)
+            self.generation_defaults = generation_defaults_from_gguf(f)
             SamplingParams(**self.generation_defaults)  # a NaN temperature in the file fails here, not per call
-        except (ValueError, TypeError) as e:
-            raise ModelFileError(f"{self.path}: bad general.sampling.* value ({e})") from e
+        except ModelFileError:
+            raise
+        except (ValueError, TypeError, OverflowError) as e:  # the frontends' checks (out-of-range mllama_q.image.*
+            # settings: mllama_q/hparams.py; general.sampling.* values) of what the file says
+            raise ModelFileError(f"{self.path}: bad tokenizer / processor / generation metadata ({e})") from e
         self.max_images = HP.MAX_IMAGES_PER_PROMPT
         self._lock = threading.Lock()   # the one sequence (see the class docstring)
         self._holder = None             # thread ident holding _lock (for the same-thread error)

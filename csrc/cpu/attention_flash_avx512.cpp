@@ -23,7 +23,7 @@ struct V512 {
     static T add(T a, T b) { return _mm512_add_ps(a, b); }
     static T sub(T a, T b) { return _mm512_sub_ps(a, b); }
     static T max(T a, T b) { return _mm512_max_ps(a, b); }
-    // exp(x) for x <= 0: cpu_backend.cpp's exp_nonpos on 16 lanes (x = n ln2 + r,
+    // exp(x) for x <= 0: simd_exp_avx2.h's exp8_nonpos on 16 lanes (x = n ln2 + r,
     // |r| <= ln2/2, degree-6 Taylor polynomial for e^r, 2^n added to the
     // exponent bits); x < -87.3 (including -inf) gives 0.
     static T exp(T x) {

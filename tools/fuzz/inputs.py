@@ -38,10 +38,9 @@ Needs numpy, PIL, mllama_q; the `config` kind also torch + transformers (it buil
 checkpoint once with tests/tiny_models.py, cached under $MLLAMA_Q_CACHE) and is left out of
 generate() without them.
 
-Stand-alone driver (until the common runner `python -m tools.fuzz` is on main):
-    python tools/fuzz/inputs.py --seed 0 -n 10000 [--timeout 20] [--kinds image,chat]
-runs the cases in worker processes, restarts a worker after a crash or a hang, and prints the
-counts of ok / clean / unclean / crash / hang and the first failing cases.
+Run by the common runner (tools/fuzz/runner.py), which counts ok / clean / unclean / crash /
+hang per kind (kind_of) and builds the config checkpoint first in a child (prepare):
+    python -m tools.fuzz --family inputs -n 10000 --seed 0
 """
 from __future__ import annotations
 
@@ -84,6 +83,21 @@ def generate(seed: int, n: int, kinds=None) -> Iterator[dict]:
     pool = [k for k in kinds for _ in range(WEIGHTS[k])]
     for i in range(n):
         yield {"kind": rng.choice(pool), "seed": rng.getrandbits(48), "index": i}
+
+
+def kind_of(case: dict) -> str:
+    """The runner's per-kind breakdown."""
+    return case["kind"]
+
+
+def prepare() -> None:
+    """Once per run, before the cases (the runner calls it in a child of its own): the tiny
+    checkpoint of the config cases, so that the children do not race to build it."""
+    if _has_torch():
+        fuzz_checkpoint()
+    from mllama_q.cli.synthetic import cached_synthetic
+
+    cached_synthetic("tiny", "q8_0", progress=False)
 
 
 def run(case: dict) -> None:
@@ -685,138 +699,3 @@ def _run_config(rng: random.Random) -> None:
 
 _RUN = {"image": _run_image, "sampling": _run_sampling, "generate": _run_generate, "tokens": _run_tokens,
         "quants": _run_quants, "backend": _run_backend, "chat": _run_chat, "config": _run_config}
-
-
-# ---------------------------------------------------------------------------------------------
-# stand-alone driver
-# ---------------------------------------------------------------------------------------------
-def classify(case: dict) -> tuple[str, str]:
-    """("ok" | "clean" | "unclean", detail) for one case, in this process."""
-    try:
-        run(case)
-        return "ok", ""
-    except ValueError as e:
-        return "clean", f"{type(e).__name__}: {str(e)[:200]}"
-    except BaseException as e:  # noqa: BLE001  everything else is what the fuzzer looks for
-        if isinstance(e, KeyboardInterrupt):
-            raise
-        return "unclean", f"{type(e).__name__}: {str(e)[:300]}"
-
-
-def _worker() -> None:
-    """Reads cases (JSON lines) on stdin, writes one result line per case on stdout."""
-    out = sys.stdout
-    sys.stdout = sys.stderr  # stray prints must not corrupt the protocol
-    for line in sys.stdin:
-        case = json.loads(line)
-        status, detail = classify(case)
-        out.write(json.dumps({"index": case["index"], "status": status, "detail": detail}) + "\n")
-        out.flush()
-
-
-def drive(seed: int, n: int, timeout: float, kinds=None, jobs: int = 1, log=sys.stderr) -> dict:
-    """Run n cases in worker processes; returns the counts and the failing cases."""
-    import queue
-    import subprocess
-    import threading
-    import time
-
-    cases = list(generate(seed, n, kinds))
-    todo: "queue.Queue[dict]" = queue.Queue()
-    for c in cases:
-        todo.put(c)
-    counts = {"ok": 0, "clean": 0, "unclean": 0, "crash": 0, "hang": 0}
-    by_kind: dict = {}
-    failures: list = []
-    lock = threading.Lock()
-    import mllama_q
-
-    # the workers import the same mllama_q as this process (a source tree with its build, or
-    # the installed package), whatever their working directory
-    here = str(Path(mllama_q.__file__).resolve().parents[1])
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([here, os.environ.get("PYTHONPATH", "")]))
-
-    def start():
-        return subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker"], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
-                                cwd=tempfile.gettempdir())
-
-    def record(case, status, detail):
-        with lock:
-            counts[status] += 1
-            by_kind.setdefault(case["kind"], {}).setdefault(status, 0)
-            by_kind[case["kind"]][status] += 1
-            if status in ("unclean", "crash", "hang"):
-                failures.append({"case": case, "status": status, "detail": detail})
-            done = sum(counts.values())
-            if done % 500 == 0:
-                log.write(f"[inputs fuzz] {done}/{n} {counts}\n")
-                log.flush()
-
-    def lane():
-        proc = start()
-        while True:
-            try:
-                case = todo.get_nowait()
-            except queue.Empty:
-                break
-            proc.stdin.write(json.dumps(case) + "\n")
-            proc.stdin.flush()
-            box = {}
-            reader = threading.Thread(target=lambda: box.setdefault("line", proc.stdout.readline()), daemon=True)
-            reader.start()
-            reader.join(timeout)
-            if reader.is_alive():
-                proc.kill()
-                proc.wait()
-                record(case, "hang", f"no result within {timeout} s")
-                proc = start()
-                continue
-            line = box.get("line", "")
-            if not line:
-                rc = proc.wait()
-                record(case, "crash", f"worker died (exit {rc})")
-                proc = start()
-                continue
-            res = json.loads(line)
-            record(case, res["status"], res["detail"])
-        proc.stdin.close()
-        proc.wait()
-
-    t0 = time.time()
-    lanes = [threading.Thread(target=lane) for _ in range(jobs)]
-    for t in lanes:
-        t.start()
-    for t in lanes:
-        t.join()
-    return {"seed": seed, "cases": n, "seconds": round(time.time() - t0, 1), "counts": counts, "by_kind": by_kind,
-            "failures": failures}
-
-
-def main(argv=None) -> int:
-    import argparse
-
-    if argv is None and sys.argv[1:2] == ["--worker"]:
-        _worker()
-        return 0
-    ap = argparse.ArgumentParser(prog="tools/fuzz/inputs.py", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("-n", type=int, default=1000)
-    ap.add_argument("--timeout", type=float, default=20.0, help="seconds per case before it counts as a hang")
-    ap.add_argument("--kinds", default=None, help=f"comma-separated subset of {','.join(KINDS)}")
-    ap.add_argument("-j", "--jobs", type=int, default=1, help="worker processes")
-    ap.add_argument("--json", default=None, help="write the summary here")
-    args = ap.parse_args(argv)
-    if "config" in (args.kinds or "config") and _has_torch():
-        fuzz_checkpoint()  # once, before the workers race for it
-    res = drive(args.seed, args.n, args.timeout, args.kinds.split(",") if args.kinds else None, args.jobs)
-    print(json.dumps({k: v for k, v in res.items() if k != "failures"}, indent=1))
-    for f in res["failures"][:30]:
-        print(f"{f['status']}: {json.dumps(f['case'])} {f['detail']}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=1))
-    return 0 if not res["failures"] else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
