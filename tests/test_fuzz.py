@@ -36,7 +36,7 @@ def test_gguf_mutants_fail_cleanly(tmp_path):
     assert s.counts[runner.CLEAN] > N_CASES // 3 and s.counts[runner.OK] > N_CASES // 10, s.line()
 
 
-N_INPUTS = 600
+N_INPUTS = 1500
 SEED_INPUTS = 8
 
 
