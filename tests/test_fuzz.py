@@ -24,13 +24,18 @@ N_CASES = 3000
 SEED = 20260311
 
 
-def test_gguf_mutants_fail_cleanly(tmp_path):
-    s = runner.fuzz("gguf", seed=SEED, n=N_CASES, jobs=2, timeout=20, out_dir=tmp_path / "failures",
-                    progress=False)
+def bounded_run(family: str, seed: int, n: int, tmp_path):
+    """n cases of `family` on 2 children: every one ran, none crashed, hung or failed uncleanly."""
+    s = runner.fuzz(family, seed=seed, n=n, jobs=2, timeout=20, out_dir=tmp_path / "failures", progress=False)
     detail = "\n".join(f"case {i}: {kind}: {d[-600:]}" for i, kind, d in s.failures[:5])
-    assert s.cases == N_CASES
+    assert s.cases == n
     assert (s.counts[runner.CRASH], s.counts[runner.HANG], s.counts[runner.UNCLEAN]) == (0, 0, 0), \
         s.line() + "\n" + detail
+    return s
+
+
+def test_gguf_mutants_fail_cleanly(tmp_path):
+    s = bounded_run("gguf", SEED, N_CASES, tmp_path)
     # Not vacuous: the mutations must both break files (clean refusals) and leave loadable ones
     # (which then run a forward pass).
     assert s.counts[runner.CLEAN] > N_CASES // 3 and s.counts[runner.OK] > N_CASES // 10, s.line()
@@ -44,12 +49,7 @@ def test_inputs_fail_cleanly(tmp_path):
     pytest.importorskip("torch")  # the config cases build their tiny checkpoint with transformers
     from tools.fuzz import inputs
 
-    s = runner.fuzz("inputs", seed=SEED_INPUTS, n=N_INPUTS, jobs=2, timeout=20, out_dir=tmp_path / "failures",
-                    progress=False)
-    detail = "\n".join(f"case {i}: {kind}: {d[-600:]}" for i, kind, d in s.failures[:5])
-    assert s.cases == N_INPUTS
-    assert (s.counts[runner.CRASH], s.counts[runner.HANG], s.counts[runner.UNCLEAN]) == (0, 0, 0), \
-        s.line() + "\n" + detail
+    s = bounded_run("inputs", SEED_INPUTS, N_INPUTS, tmp_path)
     assert set(s.by_kind) == set(inputs.KINDS), s.kinds_line()  # every kind ran
     # both outcomes are exercised: the cases are not all trivially refused, nor all harmless
     assert s.counts[runner.OK] > N_INPUTS // 10 and s.counts[runner.CLEAN] > N_INPUTS // 3, s.line()
