@@ -62,7 +62,9 @@ def _load_model(args, want_vision: bool, err=None):
     from mllama_q.model import Model
 
     err = sys.stderr if err is None else err
-    with Progress(f"loading {Path(args.model).name}", stream=err, ticker=True):
+    # The load status shows at once (issue 8: a one-line "loading ..." on a terminal), not
+    # after the 2 s other phases wait: a user who just typed the command sees it is working.
+    with Progress(f"loading {Path(args.model).name}", stream=err, delay=0, ticker=True):
         model = Model(args.model, device=args.device, n_ctx=args.ctx, n_threads=args.threads, vision=want_vision)
     load_s = getattr(model, "load_time_s", None)
     if args.verbose and load_s is not None:
