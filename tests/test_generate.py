@@ -485,7 +485,9 @@ def test_cli_loading_status_on_a_terminal(fake_model_module, monkeypatch):
     monkeypatch.setattr(sys, "stderr", err)
     assert main(["run", "-m", "dir/x.gguf", "-p", "hi", "--temperature", "0"]) == 0
     text = err.getvalue()
-    assert text.startswith("\rloading x.gguf …\x1b[K\r\x1b[K") and "[loaded" not in text
+    # drawn at once (before the load returns), then wiped: spaces over it and a carriage return
+    assert text.startswith("\rloading x.gguf  0 s") and text.endswith("\r" + " " * len("loading x.gguf  0 s") + "\r")
+    assert "[loaded" not in text
 
 
 def test_cli_run_errors_are_one_line(fake_model_module, capsys, tmp_path):

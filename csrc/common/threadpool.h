@@ -14,6 +14,12 @@
 // and every later loop runs on the new number of threads. A model forward pass
 // in progress therefore finishes its remaining kernels with the new count.
 // Never call it from inside a parallel_for task (it would wait for itself).
+//
+// fork(): a child process (multiprocessing's default start method on Linux, a
+// pre-forking server, the fuzz runner) inherits the pool's state but none of its
+// threads; a loop there would wait forever for workers that do not exist. The
+// global pool registers a pthread_atfork child handler that makes the child's
+// pool single-threaded (forget_workers_after_fork).
 #pragma once
 #include <atomic>
 #include <condition_variable>
@@ -43,6 +49,11 @@ public:
     static ThreadPool& global();
     static void set_global_threads(int n);   // resizes the global pool in place (n <= 0: default)
     static int default_threads();
+
+    // Called in the child of fork() (pthread_atfork, registered with the global pool):
+    // the child has only the forking thread, so the workers are gone. Forget them and
+    // run loops on the calling thread until set_global_threads() sizes the pool again.
+    void forget_workers_after_fork();
 
 private:
     void worker(int index, uint64_t seen);
