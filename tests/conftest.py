@@ -130,7 +130,11 @@ def child_env():
     root = str(Path(mllama_q.__file__).resolve().parents[1])
 
     def make(**extra) -> dict:
-        return dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]), **extra)
+        # PYTHONSAFEPATH (Python >= 3.11): `python -c` / `-m` must not put the working directory
+        # first on sys.path, or a child started in a source checkout without a built _core
+        # imports that tree instead of the installed package (CI runs the tests from the clone).
+        return dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
+                    PYTHONSAFEPATH="1", **extra)
 
     return make
 

@@ -393,9 +393,10 @@ def test_attention_matches_cpu_backend(be, cpu, rng):
 # on the scalar / avx2 / avx512 paths, tasks of 32 query rows, online softmax).
 @pytest.fixture(params=list(_core.cpu_paths()))
 def cpu_path(request):
+    before = _core.cpu_path()   # restored after: a suite forced to one path stays on it
     _core.set_cpu_path(request.param)
     yield request.param
-    _core.set_cpu_path("auto")
+    _core.set_cpu_path(before)
 
 
 # nq * n_head / n_kv <= 16 query rows per KV group: the direct path

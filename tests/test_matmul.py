@@ -46,8 +46,11 @@ CASES = [
 
 @pytest.fixture(autouse=True)
 def _restore_path():
+    # Restore the path the process started with (MLLAMA_Q_CPU_PATH may have forced one:
+    # "auto" here would switch a forced-avx2 suite to avx512 for every later test).
+    before = _core.cpu_path()
     yield
-    _core.set_cpu_path("auto")
+    _core.set_cpu_path(before)
 
 
 def random_quant_weights(rng, qtype: str, n: int, k: int) -> np.ndarray:

@@ -229,11 +229,19 @@ class ServerProcess:
         import mllama_q
 
         env = dict(os.environ if env is None else env)
+        env["PYTHONSAFEPATH"] = "1"  # Python >= 3.11; for 3.10 the cwd below does the same
         env["PYTHONPATH"] = os.pathsep.join(
             [str(Path(mllama_q.__file__).resolve().parents[1]), env.get("PYTHONPATH", "")]
         )
-        cmd = [sys.executable, "-m", "mllama_q", "serve", "-m", str(model), "--host", "127.0.0.1", "--port", "0", *args]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+        # `python -m` puts the working directory first on sys.path: run the child from the
+        # directory that holds this mllama_q, so a source checkout in the caller's working
+        # directory (without a built _core) is not imported instead of the installed package.
+        home = str(Path(mllama_q.__file__).resolve().parents[1])
+        m = Path(model)
+        model = str(m.resolve()) if m.exists() else str(model)  # relative to the caller, not to `home`
+        cmd = [sys.executable, "-m", "mllama_q", "serve", "-m", model, "--host", "127.0.0.1", "--port", "0", *args]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+                                     cwd=home)
         self.lines: list[str] = []
         self.port: int | None = None
         self._listening = threading.Event()
