@@ -419,6 +419,7 @@ class Model:
                 out.close()
                 sess.close()
                 return out.result
+            sess._abandoned = True   # no caller waits on it (acquire_slot's same-thread check)
             out.__del__()   # cancel without waiting; the slot is freed when the turn ends
             return None
 

@@ -67,9 +67,12 @@ from .sampling import core_params
 _SKIP = 0
 
 
-def _running(turn) -> bool:
-    """A turn still generating for its caller (not finished, not cancelled by a dropped stream)."""
-    return turn is not None and not turn.cancelled and not turn.finished.is_set()
+def _held_for_caller(session) -> bool:
+    """A one-shot call's session still holds its slot for its caller: its stream was not
+    dropped (a finished turn's stream may still be unread; a dropped one's slot is freed
+    when the engine lets go of the turn)."""
+    turn = getattr(session, "_turn", None)
+    return not session._abandoned and (turn is None or not turn.cancelled)
 
 
 def checked_int32(a, name: str, lo: int, hi: int) -> np.ndarray:
@@ -245,11 +248,14 @@ class Scheduler:
                 live = [h() for h in self._holders.values() if h is not _LOW_LEVEL]
                 me = threading.get_ident()
                 if any(getattr(h, "_temporary", False) and getattr(h, "_owner_thread", None) == me
-                       and _running(getattr(h, "_turn", None)) for h in live):
-                    # waiting would wait for this very thread (harden: never a hang)
+                       and _held_for_caller(h) for h in live):
+                    # Waiting would wait for this very thread: its stream keeps the slot until it
+                    # is exhausted or closed, also when every token is already computed.
                     raise RuntimeError("this thread is still generating with this Model (an unfinished stream?): "
                                        "exhaust it or call its close() before the next call")
-                if wait_for_temporary and any(getattr(h, "_temporary", False) for h in live):
+                temporary = any(getattr(h, "_temporary", False) for h in live)
+                del live   # no strong reference while waiting: a dropped session's weakref must die
+                if wait_for_temporary and temporary:
                     self._sh.cv.wait(0.5)
                     continue
                 raise RuntimeError(
@@ -666,6 +672,7 @@ class Session:
         self._sched: Scheduler = model._scheduler
         self._temporary = _temporary
         self._owner_thread = threading.get_ident()  # a one-shot call's thread (acquire_slot's same-thread check)
+        self._abandoned = False   # set when a one-shot call's stream is dropped unread
         self._closed = True
         self._turn: _Turn | None = None
         self._tok = np.zeros(0, dtype=np.int32)
