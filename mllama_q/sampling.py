@@ -187,8 +187,10 @@ def probabilities(scores: np.ndarray, history: Iterable[int], params: SamplingPa
 def core_params(params: SamplingParams, u: float) -> tuple:
     """The parameter tuple the compiled sampler takes (_core: MllamaModel.step, Backend.sample,
     sample_probs): (temperature, top_k, top_p, min_p, repetition_penalty, u)."""
-    return (float(params.temperature), int(params.top_k), float(params.top_p), float(params.min_p),
-            float(params.repetition_penalty), float(u))
+    # top_k >= the vocabulary keeps every token (as 0 does): any value past int32 means the same
+    # and must not overflow the core's int32 field.
+    return (float(params.temperature), min(int(params.top_k), 2**31 - 1), float(params.top_p),
+            float(params.min_p), float(params.repetition_penalty), float(u))
 
 
 class Sampler:

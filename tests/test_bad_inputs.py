@@ -156,6 +156,24 @@ def test_token_ids_are_not_narrowed(tiny_model):
     np.testing.assert_array_equal(m.forward(np.array([0, 5], np.uint16)), ref)  # any integer dtype is fine
 
 
+def test_step_integers_are_checked_not_cast(tiny_model):
+    """slot / logits / top_k past int32 were pybind11 'Unable to cast' RuntimeErrors (the fuzzer's
+    case: top_k=2**32 through generate); now ValueErrors naming the field, and a legal huge top_k
+    means 'keep every token' like 0."""
+    m = tiny_model
+    m.reset()
+    for slot in (2**31, -1, m._core.n_seq, "0", 0.0):
+        with pytest.raises(ValueError, match="slot"):
+            m._core.step([(slot, np.array([0, 5]), None, 1, None)])
+    for logits in (3, -1, 2**40):
+        with pytest.raises(ValueError, match="logits"):
+            m._core.step([(0, np.array([0, 5]), None, logits, None)])
+    with pytest.raises(ValueError, match="top_k"):
+        m._core.step([(0, np.array([0, 5]), None, 1, (1.0, 2**32, 1.0, 0.0, 1.0, 0.5))])
+    kw = dict(prompt="hi", max_new_tokens=4, temperature=1.0, seed=3)
+    assert m.generate(top_k=2**32, **kw).text == m.generate(top_k=0, **kw).text
+
+
 def test_aspect_ratio_ids_masks_and_pixels_are_checked(tiny_model):
     m = tiny_model
     px, ids, mask = _image_inputs(m)

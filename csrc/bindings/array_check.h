@@ -19,6 +19,20 @@ inline void require(bool ok, const std::string& msg) {
     if (!ok) throw std::invalid_argument(msg);
 }
 
+// A Python int as an int in [lo, hi]: a clear ValueError for a huge or negative value, where
+// a plain cast<int> fails with pybind11's "Unable to cast" RuntimeError.
+inline int int_in_range(const pybind11::handle& v, const char* what, int64_t lo, int64_t hi) {
+    // __index__: Python and numpy integers (not floats, not strings)
+    auto i = pybind11::reinterpret_steal<pybind11::object>(PyNumber_Index(v.ptr()));
+    if (!i) PyErr_Clear();
+    require(bool(i), std::string(what) + " must be an integer");
+    int overflow = 0;
+    const long long x = PyLong_AsLongLongAndOverflow(i.ptr(), &overflow);
+    require(overflow == 0 && x >= lo && x <= hi,
+            std::string(what) + " must be in [" + std::to_string(lo) + ", " + std::to_string(hi) + "]");
+    return static_cast<int>(x);
+}
+
 inline void require_c_contiguous(const pybind11::array& a, const char* what) {
     require((a.flags() & pybind11::array::c_style) != 0,
             std::string(what) + " must be C-contiguous (use numpy.ascontiguousarray)");

@@ -204,7 +204,7 @@ public:
             auto t = entries[i].cast<py::tuple>();
             require(t.size() == 5, "step entries are (slot, tokens, mask, logits, sample)");
             MllamaModel::Entry& e = es[i];
-            e.slot = t[0].cast<int>();
+            e.slot = int_in_range(t[0], "slot", 0, model_->n_seq() - 1);
             // ids index token_embd (vocab_size + 8 rows, <|image|> = vocab_size); checked before narrowing
             held[i].tokens = squeeze_batch(int32_checked(t[1].cast<py::array>(), "tokens", 0, V + 8 - 1), 1, "tokens");
             e.tokens = held[i].tokens.data();
@@ -230,8 +230,7 @@ public:
                     require(m.shape(0) == e.n, "cross_attention_mask must have one row per token");
                 }
             }
-            e.logits = t[3].cast<int>();
-            require(e.logits >= 0 && e.logits <= 2, "logits must be 0 (none), 1 (last row) or 2 (every row)");
+            e.logits = int_in_range(t[3], "logits (0 none, 1 last row, 2 every row)", 0, 2);
             if (e.logits == 2) held[i].logits = py::array_t<float>({e.n, V});
             else if (e.logits == 1) held[i].logits = py::array_t<float>({V});
             if (e.logits) e.logits_out = held[i].logits.cast<py::array_t<float>>().mutable_data();

@@ -16,7 +16,7 @@ Kinds:
     generate   Model.generate on a tiny synthetic model with bad parameters, messages, prompts
                and image counts
     tokens     token, aspect-ratio, mask and pixel arrays of every dtype, shape and range to
-               Model.forward / eval / encode_images and _core.MllamaModel.eval
+               Model.forward / eval / encode_images and _core.MllamaModel.step
     quants     quants.quantize / dequantize / row_bytes and _core.quantize / dequantize with odd
                shapes (zero-size next to huge extents), types, dtypes, strides
     backend    _core.Backend("cpu") ops and _core.matmul with odd sizes and ids
@@ -412,8 +412,9 @@ def _run_tokens(rng: random.Random) -> None:
         m.forward(toks)
         return
     if v < 0.45:
-        m.reset()
-        m._core.eval(toks, None, rng.random() < 0.5)
+        m.reset()   # gives the low-level slot back: the raw step below may use any slot
+        slot = rng.choice([0, 0, 0, m._core.n_seq, -1, 2**31])
+        m._core.step([(slot, toks, None, rng.choice([0, 1, 1, 2, -1]), None)])
         return
     n_img = rng.choice([1, 1, 2, 0, 17])
     px_shape = rng.choice([(1, n_img, T, 3, S, S), (n_img, T, 3, S, S), (1, n_img, T, 3, S, S - 1),
