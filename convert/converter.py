@@ -14,6 +14,7 @@ the last byte is flushed; any exception (incl. KeyboardInterrupt) removes it.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -234,7 +235,7 @@ def write_gguf(writer, out_path: Path, write_data) -> int:
     temporary file beside out_path: header, metadata, tensor infos, then write_data(fout) writes
     the tensor data. The file is fsynced and renamed over out_path, so a failed or interrupted
     conversion never leaves a partial file under the output name (the temporary one is removed).
-    Returns the bytes written."""
+    Returns the bytes written; an OSError while writing (ENOSPC, EIO) is a ConvertError."""
     tmp = out_path.parent / f".{out_path.name}.{os.getpid()}.tmp"
     try:
         writer.write_header_to_file(path=tmp)
@@ -248,8 +249,16 @@ def write_gguf(writer, out_path: Path, write_data) -> int:
         writer.close()
         os.replace(tmp, out_path)
     except BaseException:
-        writer.close()  # idempotent
+        # Closing flushes the write buffer, which fails again on a full disk (ENOSPC):
+        # that second error must not skip the removal of the temp file.
+        try:
+            writer.close()
+        except Exception:  # noqa: BLE001  the first error is the one reported
+            pass
         tmp.unlink(missing_ok=True)
+        err = sys.exc_info()[1]
+        if isinstance(err, OSError) and not isinstance(err, FileNotFoundError):  # e.g. ENOSPC, EIO
+            raise ConvertError(f"{out_path}: conversion failed ({err}); nothing was written") from None
         raise
     return out_bytes
 
@@ -278,11 +287,11 @@ def convert(hf_dir, out_path, ftype: str = "q4_k_m", vision_type: str | None = N
         writer = gguf.GGUFWriter(None, K.ARCH)
         add_metadata(writer, ck, ftype)
         try:  # llama.cpp's tokenizer keys + chat template (convert/tokenizer.py)
-            add_tokenizer_metadata(writer, ck.dir)
+            add_tokenizer_metadata(writer, ck.dir, max_tokens=ck.text.vocab_size + 8)
         except ValueError as e:  # its messages name the file
             raise ConvertError(str(e)) from None
-        except (KeyError, TypeError) as e:
-            raise ConvertError(f"{ck.dir / 'tokenizer.json'}: malformed ({e!r})") from None
+        except (KeyError, TypeError, AttributeError, IndexError, RecursionError) as e:  # a wrong JSON shape
+            raise ConvertError(f"{ck.dir / 'tokenizer.json'}: malformed ({type(e).__name__}: {e})") from None
         toks = writer.kv_data[0].get(K.TOKENIZER_TOKENS)
         n_tok = len(toks.value) if toks is not None else 0
         if n_tok > ck.text.vocab_size + 8:
@@ -291,6 +300,9 @@ def convert(hf_dir, out_path, ftype: str = "q4_k_m", vision_type: str | None = N
         if not ck.image_token_id < ck.text.vocab_size + 8:
             raise ConvertError(f"{ck.dir / 'config.json'}: image_token_index {ck.image_token_id} is outside "
                                f"embed_tokens ({ck.text.vocab_size + 8} rows)")
+        if n_tok and not ck.image_token_id < n_tok:  # the processor writes this token for every image
+            raise ConvertError(f"{ck.dir / 'config.json'}: image_token_index {ck.image_token_id} is not a token of "
+                               f"tokenizer.json ({n_tok} tokens)")
 
         # Tensor infos only (no data: GGUFWriter would keep added tensors in memory). With
         # raw_dtype set and a non-uint8 numpy dtype, GGUFWriter takes `shape` as the element shape.

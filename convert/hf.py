@@ -14,6 +14,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mllama_q import hparams as HP
+
 from .errors import ConvertError
 from .safetensors_io import SafetensorsFile, TensorEntry
 
@@ -34,6 +36,22 @@ _IMAGE_DEFAULTS = dict(do_convert_rgb=True, do_resize=True, size={"height": 224,
                        do_rescale=True, rescale_factor=1 / 255, do_normalize=True, image_mean=[0.5, 0.5, 0.5],
                        image_std=[0.5, 0.5, 0.5], do_pad=True, max_image_tiles=4)
 
+# config.json names of the hyper-parameters, for mllama_q.hparams' messages.
+TEXT_LABELS = {"vocab_size": "vocab_size", "hidden_size": "hidden_size", "intermediate_size": "intermediate_size",
+               "n_layer": "num_hidden_layers", "n_head": "num_attention_heads", "n_kv_head": "num_key_value_heads",
+               "head_dim": "head_dim (hidden_size / num_attention_heads)", "rms_eps": "rms_norm_eps",
+               "rope_theta": "rope_theta", "cross_attention_layers": "cross_attention_layers",
+               "context_length": "max_position_embeddings", "factor": "rope factor",
+               "low_freq_factor": "rope low_freq_factor", "high_freq_factor": "rope high_freq_factor",
+               "original_context_length": "rope original_max_position_embeddings"}
+VISION_LABELS = {"hidden_size": "hidden_size", "intermediate_size": "intermediate_size",
+                 "num_layers": "num_hidden_layers", "num_global_layers": "num_global_layers",
+                 "n_head": "attention_heads",
+                 "image_size": "image_size", "patch_size": "patch_size", "num_channels": "num_channels",
+                 "max_num_tiles": "max_num_tiles", "norm_eps": "norm_eps",
+                 "intermediate_layers": "intermediate_layers_indices", "out_dim": "vision_output_dim"}
+
+SAFE_NAME_RE = re.compile(r"^[^/\\\x00]+\.safetensors$")  # a file in the checkpoint directory, no path
 SHARD_RE = re.compile(r"^model-(\d+)-of-(\d+)\.safetensors$")
 
 
@@ -102,15 +120,30 @@ class Checkpoint:
             f.close()
 
 
-def _read_json(path: Path, required: bool = True):
+MAX_JSON_BYTES = 256 << 20  # config files are KBs, the real tokenizer.json 9 MB
+
+
+def read_json(path: Path, required: bool = True, kind: type | None = dict):
+    """A checkpoint JSON file; ConvertError (one line, naming the file) if it is missing (and
+    required), larger than MAX_JSON_BYTES, not UTF-8, not JSON, nested too deep for the parser,
+    or (kind) not of that top-level type."""
     if not path.is_file():
         if required:
             raise ConvertError(f"{path}: missing file")
         return None
+    size = path.stat().st_size
+    if size > MAX_JSON_BYTES:
+        raise ConvertError(f"{path}: {size} bytes, too large for a JSON config (limit {MAX_JSON_BYTES})")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:  # JSONDecodeError, ints beyond 4300 digits
         raise ConvertError(f"{path}: invalid JSON ({e})") from None
+    except RecursionError:
+        raise ConvertError(f"{path}: invalid JSON (nested too deeply)") from None
+    if kind is not None and not isinstance(data, kind):
+        raise ConvertError(f"{path}: expected a JSON {'object' if kind is dict else kind.__name__}, "
+                           f"got {type(data).__name__}")
+    return data
 
 
 def _int(cfg: dict, key: str, defaults: dict, where: str) -> int:
@@ -127,16 +160,27 @@ def _float(cfg: dict, key: str, defaults: dict, where: str) -> float:
     return float(v)
 
 
+def _hp(fn, *args, where: str):
+    """Run a mllama_q.hparams range check; HParamError -> ConvertError naming the file."""
+    try:
+        return fn(*args)
+    except HP.HParamError as e:
+        raise ConvertError(f"{where}: {e}") from None
+
+
 def _int_list(v, key: str, where: str) -> list:
     if not isinstance(v, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in v):
         raise ConvertError(f"{where}: {key} must be a list of integers, got {v!r}")
     return list(v)
 
 
-def _ids(v) -> list:
+def _ids(v, key: str = "eos_token_id", where: str = "config") -> list:
     if v is None:
         return []
-    return [int(x) for x in (v if isinstance(v, list) else [v])]
+    ids = v if isinstance(v, list) else [v]
+    if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in ids):
+        raise ConvertError(f"{where}: {key} must be a token id or a list of them, got {v!r}")
+    return list(ids)
 
 
 def parse_rope(tc: dict, where: str):
@@ -174,7 +218,7 @@ def parse_rope(tc: dict, where: str):
             "high_freq_factor": float(scaling["high_freq_factor"]),
             "original_context_length": int(scaling["original_max_position_embeddings"]),
         }
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, OverflowError) as e:  # OverflowError: int(inf)
         raise ConvertError(f"{where}: llama3 rope scaling is missing or has a bad {e}") from None
     if out["high_freq_factor"] == out["low_freq_factor"]:
         raise ConvertError(f"{where}: llama3 rope scaling needs high_freq_factor != low_freq_factor")
@@ -212,8 +256,14 @@ def parse_config(cfg: dict, where: str):
         context_length=_int(tc, "max_position_embeddings", d, w), rms_eps=_float(tc, "rms_norm_eps", d, w),
         rope_theta=theta, rope_scaling=scaling, cross_layers=sorted(cross),
         tie_word_embeddings=bool(tc.get("tie_word_embeddings", cfg.get("tie_word_embeddings", False))),
-        bos_id=tc.get("bos_token_id", d["bos_token_id"]), eos_ids=_ids(tc.get("eos_token_id", d["eos_token_id"])),
+        bos_id=tc.get("bos_token_id", d["bos_token_id"]),
+        eos_ids=_ids(tc.get("eos_token_id", d["eos_token_id"]), "eos_token_id", w),
         pad_id=tc.get("pad_token_id", d["pad_token_id"]))
+    # Ranges (mllama_q/hparams.py) before anything is planned or sized from them.
+    _hp(HP.check_text, dict(vocab_size=text.vocab_size, hidden_size=hidden, intermediate_size=text.intermediate,
+                            n_layer=n_layer, n_head=n_head, n_kv_head=n_head_kv, head_dim=text.head_dim,
+                            rms_eps=text.rms_eps, rope_theta=theta, cross_attention_layers=cross,
+                            context_length=text.context_length, rope_scaling=scaling), TEXT_LABELS, where=w)
     w = f"{where} vision_config"
     d = _VISION_DEFAULTS
     ar = vc.get("supported_aspect_ratios") or d["supported_aspect_ratios"]
@@ -229,6 +279,13 @@ def parse_config(cfg: dict, where: str):
         inter_layers=_int_list(vc.get("intermediate_layers_indices") or d["intermediate_layers_indices"],
                                "intermediate_layers_indices", w),
         output_dim=_int(vc, "vision_output_dim", d, w), aspect_ratios=[list(p) for p in ar])
+    _hp(HP.check_vision, dict(hidden_size=vision.hidden, intermediate_size=vision.intermediate,
+                              num_layers=vision.n_layer, num_global_layers=vision.n_global, n_head=vision.n_head,
+                              image_size=vision.image_size, patch_size=vision.patch_size,
+                              num_channels=vision.n_channels, max_num_tiles=vision.max_tiles, norm_eps=vision.norm_eps,
+                              intermediate_layers=vision.inter_layers, out_dim=vision.output_dim),
+        VISION_LABELS, where=w)
+    _hp(HP.check_aspect_ratios, vision.aspect_ratios, vision.max_tiles, "supported_aspect_ratios", where=w)
     if vision.n_head == 0 or vision.hidden % vision.n_head or (vision.hidden // vision.n_head) % 2:
         raise ConvertError(f"{w}: hidden_size {vision.hidden} is not attention_heads {vision.n_head} x an even size")
     if vision.patch_size == 0 or vision.image_size % vision.patch_size:
@@ -245,8 +302,7 @@ def parse_config(cfg: dict, where: str):
     if act != "gelu":
         raise ConvertError(f"{w}: hidden_act {act!r} is not supported (expected 'gelu')")
     image_token = cfg.get("image_token_index", cfg.get("image_token_id", 128256))
-    if isinstance(image_token, bool) or not isinstance(image_token, int) or image_token < 0:
-        raise ConvertError(f"{where}: image_token_index must be a non-negative integer")
+    _hp(HP.check_token_id, image_token, text.vocab_size + 8, "image_token_index", where=where)
     return text, vision, image_token
 
 
@@ -264,13 +320,38 @@ def parse_preprocessor(pp: dict, vision: VisionHP, where: str) -> dict:
                            f"{vision.image_size}")
     for k in ("image_mean", "image_std"):
         v = out[k]
-        if isinstance(v, (int, float)):
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
             v = [float(v)] * vision.n_channels
         if not isinstance(v, list) or len(v) != vision.n_channels:
             raise ConvertError(f"{where}: {k} must have {vision.n_channels} values, got {v!r}")
-        out[k] = [float(x) for x in v]
-    out["tile_size"] = int(size["height"])
+        out[k] = v
+    for k in ("do_convert_rgb", "do_resize", "do_rescale", "do_normalize", "do_pad"):
+        if not isinstance(out[k], bool):
+            raise ConvertError(f"{where}: {k} must be true or false, got {out[k]!r}")
+    out["tile_size"] = size["height"]
+    _hp(HP.check_image, out["tile_size"], out["max_image_tiles"], out["image_mean"], out["image_std"],
+        out["rescale_factor"], out["resample"], {"tile_size": "size.height", "max_num_tiles": "max_image_tiles"},
+        vision.n_channels, where=where)
+    if out["max_image_tiles"] != vision.max_tiles:
+        raise ConvertError(f"{where}: max_image_tiles {out['max_image_tiles']} differs from vision_config "
+                           f"max_num_tiles {vision.max_tiles}")
+    out["image_mean"] = [float(x) for x in out["image_mean"]]
+    out["image_std"] = [float(x) for x in out["image_std"]]
     return out
+
+
+def _check_sampling(gen: dict, where: str) -> None:
+    """generation_config.json's sampling values, as generate() will validate them at run time
+    (mllama_q.sampling.SamplingParams): a NaN temperature must not reach the file."""
+    from mllama_q.sampling import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, SamplingParams
+
+    num = lambda k: isinstance(gen.get(k), (int, float)) and not isinstance(gen.get(k), bool)  # noqa: E731
+    try:
+        SamplingParams(temperature=gen["temperature"] if num("temperature") else DEFAULT_TEMPERATURE,
+                       top_p=gen["top_p"] if num("top_p") else DEFAULT_TOP_P,
+                       top_k=gen["top_k"] if num("top_k") else 0)
+    except ValueError as e:
+        raise ConvertError(f"{where}: {e}") from None
 
 
 def normalise_name(name: str) -> str:
@@ -294,10 +375,12 @@ def normalise_name(name: str) -> str:
 def weight_files(hf_dir: Path) -> list:
     index = hf_dir / "model.safetensors.index.json"
     if index.is_file():
-        idx = _read_json(index)
+        idx = read_json(index)
         wm = idx.get("weight_map") if isinstance(idx, dict) else None
         if not isinstance(wm, dict) or not wm:
             raise ConvertError(f"{index}: no weight_map")
+        if not all(isinstance(n, str) and SAFE_NAME_RE.match(n) for n in wm.values()):
+            raise ConvertError(f"{index}: weight_map values must be plain *.safetensors file names")
         names = sorted(set(wm.values()))
         files = [hf_dir / n for n in names]
         for f in files:
@@ -321,13 +404,17 @@ def load_checkpoint(hf_dir) -> Checkpoint:
     if not hf_dir.is_dir():
         raise ConvertError(f"{hf_dir}: not a directory")
     cfg_path = hf_dir / "config.json"
-    text, vision, image_token = parse_config(_read_json(cfg_path), str(cfg_path))
+    text, vision, image_token = parse_config(read_json(cfg_path), str(cfg_path))
     pp_path = hf_dir / "preprocessor_config.json"
-    pre = parse_preprocessor(_read_json(pp_path), vision, str(pp_path))
+    pre = parse_preprocessor(read_json(pp_path), vision, str(pp_path))
     if not (hf_dir / "tokenizer.json").is_file():
         raise ConvertError(f"{hf_dir / 'tokenizer.json'}: missing file")
-    gen = _read_json(hf_dir / "generation_config.json", required=False) or {}
-    stop_ids = _ids(gen.get("eos_token_id")) or text.eos_ids
+    gen_path = hf_dir / "generation_config.json"
+    gen = read_json(gen_path, required=False) or {}
+    stop_ids = _ids(gen.get("eos_token_id"), "eos_token_id", str(gen_path)) or text.eos_ids
+    for i in stop_ids:
+        _hp(HP.check_token_id, i, text.vocab_size + 8, "eos_token_id", where=str(gen_path))
+    _check_sampling(gen, str(gen_path))
     ck = Checkpoint(dir=hf_dir, text=text, vision=vision, image_token_id=image_token, preprocessor=pre,
                     generation=gen, stop_ids=stop_ids)
     try:

@@ -84,8 +84,8 @@ class SafetensorsFile:
             raise ConvertError(f"{p}: corrupt safetensors header (header length {n}, file size {self.size})")
         try:
             header = json.loads(os.pread(self._fd, n, 8).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ConvertError(f"{p}: corrupt safetensors header (invalid JSON: {e})") from None
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:  # JSONDecodeError; nesting too deep
+            raise ConvertError(f"{p}: corrupt safetensors header (invalid JSON: {type(e).__name__}: {e})") from None
         if not isinstance(header, dict):
             raise ConvertError(f"{p}: corrupt safetensors header (not a JSON object)")
         base = 8 + n

@@ -17,7 +17,6 @@ mllama_q/tokenizer.py rebuilds an identical `tokenizers.Tokenizer` from these ke
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import gguf
@@ -31,10 +30,9 @@ LLAMA3_PATTERN = (
 
 
 def _load_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON ({e})") from None
+    from .hf import read_json  # one JSON reader for the checkpoint (size, nesting, type checked)
+
+    return read_json(path)
 
 
 def _token_text(value) -> str | None:
@@ -95,8 +93,19 @@ def read_chat_template(hf_dir: Path) -> str | None:
     return None
 
 
-def add_tokenizer_metadata(writer: gguf.GGUFWriter, hf_dir: Path) -> None:
-    """Write the tokenizer of the checkpoint in `hf_dir` into `writer` (llama.cpp keys)."""
+def _token_id(value, max_tokens: int | None, where: str) -> int:
+    """A token id from tokenizer.json, checked BEFORE the token list is sized from the largest
+    one (an id of 1e9 would make a billion-entry list)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{where}: token id {value!r} is not a non-negative integer")
+    if max_tokens is not None and value >= max_tokens:
+        raise ValueError(f"{where}: token id {value} is outside the {max_tokens} rows of embed_tokens")
+    return value
+
+
+def add_tokenizer_metadata(writer: gguf.GGUFWriter, hf_dir: Path, max_tokens: int | None = None) -> None:
+    """Write the tokenizer of the checkpoint in `hf_dir` into `writer` (llama.cpp keys).
+    `max_tokens`: the embedding rows (vocab_size + 8); every token id must be below it."""
     hf_dir = Path(hf_dir)
     tj_path = hf_dir / "tokenizer.json"
     if not tj_path.is_file():
@@ -112,13 +121,17 @@ def add_tokenizer_metadata(writer: gguf.GGUFWriter, hf_dir: Path) -> None:
         raise ValueError(f"{tj_path}: pre-tokenizer is not Llama 3's (llama-bpe) split regex; got {patterns!r}")
 
     # id -> token text. Base vocab first, then added tokens (special ones and <|image|>).
-    id_to_tok: dict[int, str] = {int(i): t for t, i in model["vocab"].items()}
+    id_to_tok: dict[int, str] = {_token_id(i, max_tokens, str(tj_path)): t for t, i in model["vocab"].items()}
     special_ids: set[int] = set()
     user_ids: set[int] = set()
     for added in tj.get("added_tokens", []):
-        tid = int(added["id"])
+        tid = _token_id(added["id"], max_tokens, str(tj_path))
+        if not isinstance(added["content"], str):
+            raise ValueError(f"{tj_path}: added token {tid} has no string content")
         id_to_tok[tid] = added["content"]
         (special_ids if added.get("special", False) else user_ids).add(tid)
+    if not id_to_tok:
+        raise ValueError(f"{tj_path}: the vocabulary is empty")
     n_vocab = max(id_to_tok) + 1
     tokens, types = [], []
     for i in range(n_vocab):
@@ -132,6 +145,13 @@ def add_tokenizer_metadata(writer: gguf.GGUFWriter, hf_dir: Path) -> None:
 
     # tokenizers >= 0.20 writes merges as [left, right] pairs, older files as "left right".
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    # Every merge joins two tokens of the vocabulary into a third (what tokenizers' BPE checks
+    # when it loads, so the runtime could not build a tokenizer from a file that breaks it).
+    vocab = model["vocab"]
+    for m in merges:
+        parts = m.split(" ")
+        if len(parts) != 2 or parts[0] not in vocab or parts[1] not in vocab or parts[0] + parts[1] not in vocab:
+            raise ValueError(f"{tj_path}: merge {m[:80]!r} does not join two vocabulary tokens into a third")
 
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("llama-bpe")

@@ -148,7 +148,9 @@ def num_threads() -> int:
     """Threads of the global pool (MLLAMA_Q_NUM_THREADS, else the CPUs available to the process)."""
 
 def set_num_threads(n: int) -> None:
-    """Resize the global thread pool (n <= 0: one per available CPU)."""
+    """Resize the global thread pool (n <= 0: one per available CPU; at most 1024). Safe while
+    other threads run kernels: it waits for the parallel loop in progress, if any, and every later
+    loop (also of a forward pass already running) uses n threads."""
 
 # ---- backends (bind_backend.cpp; csrc/backend/backend.h) ------------------------------------
 
@@ -164,8 +166,8 @@ class Backend:
                bias: np.ndarray | None = None) -> _F32:
         """x float32 [M, K] · Wᵀ (+ bias [N]) with W as GGUF bytes of N rows of K values -> [M, N]."""
     def get_rows(self, table: np.ndarray, type: str, rows: int, cols: int, ids: npt.ArrayLike) -> _F32:
-        """Rows `ids` (int32; ValueError when out of range) of a [rows, cols] table in GGUF bytes,
-        as float32 [len(ids), cols]."""
+        """Rows `ids` (any integer dtype, every id checked in [0, rows) before narrowing to int32;
+        ValueError otherwise) of a [rows, cols] table in GGUF bytes, as float32 [len(ids), cols]."""
     def rms_norm(self, x: np.ndarray, w: np.ndarray, eps: float) -> _F32:
         """x [rows, cols] / rms(x) * w, per row."""
     def layer_norm(self, x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float) -> _F32:
@@ -173,7 +175,8 @@ class Backend:
     def elementwise(self, op: str, a: np.ndarray, b: np.ndarray | None = None, s: float = 0.0) -> _F32:
         """op: 'add' (a + b), 'add_scaled' (a + s b), 'silu_mul' (silu(a) b) or 'gelu' (erf gelu of a)."""
     def rope(self, x: np.ndarray, pos: npt.ArrayLike, inv_freq: np.ndarray) -> _F32:
-        """Interleaved-pair RoPE of x [n_tok, n_head, hd] at positions pos [n_tok] (int32)."""
+        """Interleaved-pair RoPE of x [n_tok, n_head, hd] at positions pos [n_tok] (integers in
+        [0, 2**31))."""
     def attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float,
                   mask: np.ndarray | None = None, causal: bool = False, q_offset: int = 0) -> _F32:
         """softmax(scale q·kᵀ + mask) v with GQA: q [nq, n_head, hd], k/v [nk, n_kv, hd] (float16 or

@@ -203,6 +203,8 @@ def _stop_strings(stop) -> list[str]:
         return []
     if isinstance(stop, str):
         stop = [stop]
+    if not isinstance(stop, (list, tuple)):
+        raise ValueError(f"stop must be a string or a list of strings, got {type(stop).__name__}")
     out = list(stop)
     for s in out:
         if not isinstance(s, str) or not s:

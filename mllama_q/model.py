@@ -21,6 +21,7 @@ import numpy as np
 
 from . import _core, ollama
 from . import gguf_keys as K
+from . import hparams as HP
 from .gguf_file import (
     GGUFFile,
     ModelFileError,
@@ -42,6 +43,7 @@ REQUIRED_VISION_KEYS = (K.V_BLOCK_COUNT, K.V_GLOBAL_BLOCK_COUNT, K.V_INTERMEDIAT
                         K.V_FEED_FORWARD_LENGTH, K.V_HEAD_COUNT, K.V_LN_EPS, K.V_IMAGE_SIZE, K.V_PATCH_SIZE,
                         K.V_MAX_NUM_TILES)  # num_channels: 3 if absent (mllama.cpp never read it from a projector)
 VISION_PREFIXES = K.VISION_PREFIXES
+MAX_N_CTX = 1 << 24  # 128x Llama 3.2's 131072 positions; beyond it the KV cache size alone is absurd
 
 
 def _d(key):
@@ -63,12 +65,13 @@ def rope_inv_freq(f: GGUFFile, head_dim: int, theta: float) -> list[float]:
             raise ModelFileError(f"tensor '{K.ROPE_FREQS}' must be f32 [{head_dim // 2}]")
         div = np.asarray(t.data, dtype=np.float64).reshape(-1)
     elif get_str(f, K.Q_ROPE_SCALING_TYPE, _d(K.Q_ROPE_SCALING_TYPE)) == "llama3":
-        def num(key):
-            return get_float(f, key, _d(key))
-
-        div = K.rope_freqs_llama3(head_dim, theta, num(K.Q_ROPE_SCALING_FACTOR),
-                                  num(K.Q_ROPE_SCALING_LOW_FREQ_FACTOR), num(K.Q_ROPE_SCALING_HIGH_FREQ_FACTOR),
-                                  get_int(f, K.Q_ROPE_SCALING_ORIG_CTX, _d(K.Q_ROPE_SCALING_ORIG_CTX))
+        keys = {"factor": K.Q_ROPE_SCALING_FACTOR, "low_freq_factor": K.Q_ROPE_SCALING_LOW_FREQ_FACTOR,
+                "high_freq_factor": K.Q_ROPE_SCALING_HIGH_FREQ_FACTOR,
+                "original_context_length": K.Q_ROPE_SCALING_ORIG_CTX}
+        rs = {name: field_value(f, key, _d(key)) for name, key in keys.items()}
+        HP.check_rope_scaling(rs, keys)  # HParamError: types and ranges
+        div = K.rope_freqs_llama3(head_dim, theta, float(rs["factor"]), float(rs["low_freq_factor"]),
+                                  float(rs["high_freq_factor"]), int(rs["original_context_length"])
                                   ).astype(np.float64)
     else:
         div = np.ones(head_dim // 2)
@@ -77,13 +80,32 @@ def rope_inv_freq(f: GGUFFile, head_dim: int, theta: float) -> list[float]:
     return K.rope_inv_freq(head_dim, theta, div)
 
 
+# GGUF key of each hyper-parameter, for the messages of mllama_q.hparams' range checks.
+TEXT_LABELS = {"vocab_size": K.VOCAB_SIZE, "hidden_size": K.EMBEDDING_LENGTH,
+               "intermediate_size": K.FEED_FORWARD_LENGTH, "n_layer": K.BLOCK_COUNT, "n_head": K.HEAD_COUNT,
+               "n_kv_head": K.HEAD_COUNT_KV,
+               "head_dim": K.ROPE_DIMENSION_COUNT, "rms_eps": K.RMS_EPS, "rope_theta": K.ROPE_FREQ_BASE,
+               "cross_attention_layers": K.CROSS_ATTENTION_LAYERS}
+VISION_LABELS = {"hidden_size": K.V_EMBEDDING_LENGTH, "intermediate_size": K.V_FEED_FORWARD_LENGTH,
+                 "num_layers": K.V_BLOCK_COUNT, "num_global_layers": K.V_GLOBAL_BLOCK_COUNT, "n_head": K.V_HEAD_COUNT,
+                 "image_size": K.V_IMAGE_SIZE, "patch_size": K.V_PATCH_SIZE, "num_channels": K.V_NUM_CHANNELS,
+                 "max_num_tiles": K.V_MAX_NUM_TILES, "norm_eps": K.V_LN_EPS,
+                 "intermediate_layers": K.V_INTERMEDIATE_LAYERS, "out_dim": K.Q_V_PROJECTION_DIM}
+
+
+def _check(fn, *args, path=None):
+    """Run a mllama_q.hparams check; its HParamError becomes a ModelFileError naming the file."""
+    try:
+        return fn(*args)
+    except HP.HParamError as e:
+        raise ModelFileError(f"{path}: {e}" if path else str(e)) from None
+
+
 def text_hparams(f: GGUFFile, path) -> dict:
     require_keys(f, path, REQUIRED_TEXT_KEYS)
     D = get_int(f, K.EMBEDDING_LENGTH)
     H = get_int(f, K.HEAD_COUNT)
-    if D <= 0 or H <= 0 or D % H:
-        raise ModelFileError(f"{path}: embedding_length {D} is not a multiple of head_count {H}")
-    hd = get_int(f, K.ROPE_DIMENSION_COUNT, D // H)
+    hd = get_int(f, K.ROPE_DIMENSION_COUNT, D // H if H > 0 else 0)
     out = f.tensors.get(K.OUTPUT)
     vocab_default = out.shape[0] if out is not None and len(out.shape) == 2 else None  # [vocab, hidden]
     hp = {
@@ -98,33 +120,22 @@ def text_hparams(f: GGUFFile, path) -> dict:
         "cross_attention_layers": get_int_list(f, K.CROSS_ATTENTION_LAYERS),
         "rope_inv_freq": None,
     }
-    # Sanity before anything is sized from these numbers (a corrupt value must not
-    # turn into a huge allocation): every layer has at least 9 tensors.
+    theta = get_float(f, K.ROPE_FREQ_BASE)
+    # Ranges (mllama_q/hparams.py) before anything is sized from these numbers.
+    _check(HP.check_text, dict(hp, rope_theta=theta), TEXT_LABELS, path=path)
+    # Structure: the file must hold every layer (at least 9 tensors each) and consistent heads.
     n_layer = hp["n_layer"]
-    for k in ("vocab_size", "hidden_size", "intermediate_size", "n_layer", "n_head", "n_kv_head", "head_dim"):
-        if hp[k] <= 0:
-            raise ModelFileError(f"{path}: hyper-parameter {k} = {hp[k]} must be positive")
     if n_layer * 9 > len(f.tensors):
         raise ModelFileError(f"{path}: {K.BLOCK_COUNT} = {n_layer} but the file has only {len(f.tensors)} tensors")
-    if H % hp["n_kv_head"]:
-        raise ModelFileError(f"{path}: head_count {H} is not a multiple of head_count_kv {hp['n_kv_head']}")
-    if hd * H != D or hd % 2:
-        raise ModelFileError(f"{path}: rope dimension {hd} must be an even hidden/heads = {D // H}")
-    bad = [c for c in hp["cross_attention_layers"] if not 0 <= c < n_layer]
-    if bad:
-        raise ModelFileError(f"{path}: cross-attention layer indices {bad} outside [0, {n_layer})")
-    if not (hp["rms_eps"] > 0):
-        raise ModelFileError(f"{path}: {K.RMS_EPS} must be positive")
-    theta = get_float(f, K.ROPE_FREQ_BASE)
-    if not (theta > 1):
-        raise ModelFileError(f"{path}: {K.ROPE_FREQ_BASE} = {theta} must be > 1")
-    hp["rope_inv_freq"] = rope_inv_freq(f, hd, theta)
+    if hd * H != D:
+        raise ModelFileError(f"{path}: rope dimension {hd} x head_count {H} != embedding_length {D}")
+    hp["rope_inv_freq"] = _check(rope_inv_freq, f, hd, theta, path=path)
     return hp
 
 
 def vision_hparams(f: GGUFFile, path, text_hidden: int) -> dict:
     require_keys(f, path, REQUIRED_VISION_KEYS)
-    ratios = get_int_list(f, K.Q_V_ASPECT_RATIOS, _d(K.Q_V_ASPECT_RATIOS))
+    flat = get_int_list(f, K.Q_V_ASPECT_RATIOS, _d(K.Q_V_ASPECT_RATIOS))
     hp = {
         "hidden_size": get_int(f, K.V_EMBEDDING_LENGTH),
         "intermediate_size": get_int(f, K.V_FEED_FORWARD_LENGTH),
@@ -135,16 +146,19 @@ def vision_hparams(f: GGUFFile, path, text_hidden: int) -> dict:
         "patch_size": get_int(f, K.V_PATCH_SIZE),
         "num_channels": get_int(f, K.V_NUM_CHANNELS, 3),
         "max_num_tiles": get_int(f, K.V_MAX_NUM_TILES),
-        "max_aspect_ratio_id": len(ratios) // 2,
+        "max_aspect_ratio_id": 0,
         "norm_eps": get_float(f, K.V_LN_EPS),
         "intermediate_layers": get_int_list(f, K.V_INTERMEDIATE_LAYERS),
         "out_dim": get_int(f, K.Q_V_PROJECTION_DIM, text_hidden),
     }
-    for k in ("hidden_size", "intermediate_size", "num_layers", "n_head", "image_size", "patch_size",
-              "num_channels", "max_num_tiles", "max_aspect_ratio_id", "out_dim"):
-        if hp[k] <= 0:
-            raise ModelFileError(f"{path}: vision hyper-parameter {k} = {hp[k]} must be positive")
-    if (hp["num_layers"] + max(hp["num_global_layers"], 0)) * 12 > len(f.tensors):
+    _check(HP.check_vision, {k: v for k, v in hp.items() if k != "max_aspect_ratio_id"}, VISION_LABELS, path=path)
+    if len(flat) % 2 or len(flat) > 2 * len(HP.all_aspect_ratios(hp["max_num_tiles"])):
+        raise ModelFileError(f"{path}: {K.Q_V_ASPECT_RATIOS} has {len(flat)} values; expected (rows, cols) pairs "
+                             f"of at most {hp['max_num_tiles']} tiles")
+    pairs = [flat[i:i + 2] for i in range(0, len(flat), 2)]
+    ratios = _check(HP.check_aspect_ratios, pairs, hp["max_num_tiles"], K.Q_V_ASPECT_RATIOS, path=path)
+    hp["max_aspect_ratio_id"] = len(ratios)
+    if (hp["num_layers"] + hp["num_global_layers"]) * 12 > len(f.tensors):
         raise ModelFileError(f"{path}: vision layer counts do not match the {len(f.tensors)} tensors")
     return hp
 
@@ -219,8 +233,8 @@ class Model:
                  n_batch: int = 512, prefill_chunk: int = 64, projector=None, ollama_converter: str | None = None):
         self._core = None
         self._scheduler = None
-        if not isinstance(n_ctx, (int, np.integer)) or isinstance(n_ctx, bool) or n_ctx <= 0:
-            raise ValueError(f"n_ctx must be a positive integer, got {n_ctx!r}")
+        if isinstance(n_ctx, bool) or not isinstance(n_ctx, (int, np.integer)) or not 0 < n_ctx <= MAX_N_CTX:
+            raise ValueError(f"n_ctx must be an integer in [1, {MAX_N_CTX}], got {n_ctx!r}")
         if (not isinstance(max_sessions, (int, np.integer)) or isinstance(max_sessions, bool)
                 or not 1 <= max_sessions <= 256):
             raise ValueError(f"max_sessions must be an integer in [1, 256], got {max_sessions!r}")
@@ -313,10 +327,14 @@ class Model:
         n_train = field_value(f, K.CONTEXT_LENGTH)
         ok = isinstance(n_train, (int, np.integer)) and not isinstance(n_train, bool) and n_train > 0
         self.n_ctx_train = int(n_train) if ok else None
-        self.image_token_id = get_int(f, K.Q_IMAGE_TOKEN_ID, K.DEFAULTS_11B[K.Q_IMAGE_TOKEN_ID])
+        n_embd_rows = thp["vocab_size"] + 8  # token_embd rows (HF: vocab_size + 8; <|image|> = vocab_size)
+        # Files without the key (Ollama's) use HF's convention: <|image|> = vocab_size (11B: 128256).
+        self.image_token_id = _check(HP.check_token_id, field_value(f, K.Q_IMAGE_TOKEN_ID, thp["vocab_size"]),
+                                     n_embd_rows, K.Q_IMAGE_TOKEN_ID, path=self.path)
         # Tokenizer, processor, stop ids and sampling defaults from the same file (frontend).
         from .generate import generation_defaults_from_gguf, stop_ids_from_gguf
         from .processor import Processor, ProcessorSettings
+        from .sampling import SamplingParams
         from .tokenizer import Tokenizer
 
         self.tokenizer = None
@@ -328,15 +346,19 @@ class Model:
                 self.processor = Processor(self.tokenizer, settings)
             self.stop_ids = ollama.frontend(layout, f, self.tokenizer, stop_ids_from_gguf(f, self.tokenizer))
             self.generation_defaults = generation_defaults_from_gguf(f)
+            SamplingParams(**self.generation_defaults)  # a NaN temperature in the file fails here, not per call
         except ModelFileError:
             raise
-        except (ValueError, TypeError, OverflowError) as e:  # the frontends' checks of what the file says
+        except (ValueError, TypeError, OverflowError) as e:  # the frontends' checks (out-of-range mllama_q.image.*
+            # settings: mllama_q/hparams.py; general.sampling.* values) of what the file says
             raise ModelFileError(f"{self.path}: bad tokenizer / processor / generation metadata ({e})") from e
         if self.processor is not None:
             self.image_token_id = self.processor.settings.image_token_id
         # The Ollama manifest's params layer (resolve_model): sampling defaults and stop strings.
         self.store_defaults = dict(store_defaults)
         self.stop_ids = apply_defaults(self.generation_defaults, self.stop_ids, self.tokenizer, store_defaults)
+
+        self.max_images = HP.MAX_IMAGES_PER_PROMPT
 
         from .session import ImageCache, Scheduler
 
@@ -402,6 +424,7 @@ class Model:
                 out.close()
                 sess.close()
                 return out.result
+            sess._abandoned = True   # no caller waits on it (acquire_slot's same-thread check)
             out.__del__()   # cancel without waiting; the slot is freed when the turn ends
             return None
 
@@ -481,7 +504,7 @@ class Model:
         if self._ll_slot is None:
             from .session import _LOW_LEVEL
 
-            self._ll_slot = self._scheduler.acquire_slot(_LOW_LEVEL)
+            self._ll_slot = self._scheduler.acquire_slot(_LOW_LEVEL, wait_for_temporary=True)
             self._ll_handles = []
         return self._ll_slot
 
@@ -511,8 +534,13 @@ class Model:
         from .session import image_key
 
         px = np.ascontiguousarray(pixel_values, dtype=np.float32)
-        ids = np.ascontiguousarray(aspect_ratio_ids, dtype=np.int32)
-        msk = np.ascontiguousarray(aspect_ratio_mask, dtype=np.int32)
+        # ids and masks keep their integer dtype: the core range-checks them before narrowing
+        # (an int64 2**32 + 5 must not become 5)
+        from .session import checked_int32
+
+        max_id = int(self.vision_hparams["max_aspect_ratio_id"]) if self.vision_hparams else 0
+        ids = checked_int32(aspect_ratio_ids, "aspect_ratio_ids", 0, max_id)
+        msk = checked_int32(aspect_ratio_mask, "aspect_ratio_mask", 0, 1)
         while px.ndim > 5 and px.shape[0] == 1:
             px = px[0]
         while ids.ndim > 1 and ids.shape[0] == 1:
@@ -523,6 +551,8 @@ class Model:
             raise ValueError(f"pixel_values must be [n_img, max_tiles, C, H, W] (plus a batch of 1), got {px.shape}")
         if ids.shape != (px.shape[0],) or msk.shape != px.shape[:2]:
             raise ValueError("aspect_ratio_ids must be [n_img] and aspect_ratio_mask [n_img, max_tiles]")
+        _check(HP.check_image_count, int(px.shape[0]), self.max_images)
+
         if not self._core.vision_loaded:
             self._load_vision()
         out = []
@@ -557,7 +587,7 @@ class Model:
         were encoded, as transformers' generate() does for each new token.
         """
         toks = self._tokens(tokens)
-        mask = None if cross_attention_mask is None else np.ascontiguousarray(cross_attention_mask, dtype=np.int32)
+        mask = None if cross_attention_mask is None else np.ascontiguousarray(cross_attention_mask)
         with self._ll_lock:
             slot = self._ll()
             n_past = int(self._core.seq_len(slot))
@@ -583,7 +613,7 @@ class Model:
             self.encode_images(pixel_values, aspect_ratio_ids, aspect_ratio_mask)
         mask = None
         if cross_attention_mask is not None and pixel_values is not None:
-            mask = np.ascontiguousarray(cross_attention_mask, dtype=np.int32)
+            mask = np.ascontiguousarray(cross_attention_mask)
         with self._ll_lock:
             slot = self._ll()
             return self._core.step([(slot, toks, mask, 2, None)])[0][0]
@@ -597,7 +627,7 @@ class Model:
             raise ValueError(f"tokens must be a non-empty 1-D sequence of ids (or [1, n]), got shape {a.shape}")
         if not np.issubdtype(a.dtype, np.integer):
             raise ValueError(f"tokens must be integers, got dtype {a.dtype}")
-        return np.ascontiguousarray(a, dtype=np.int32)
+        return np.ascontiguousarray(a)  # any integer dtype: the core range-checks before narrowing
 
     def __repr__(self) -> str:
         h = self.text_hparams

@@ -31,24 +31,13 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from . import hparams
+from .hparams import all_aspect_ratios  # noqa: F401  (re-exported: HF's get_all_supported_aspect_ratios)
+
 # CLIP's normalisation constants (OpenAI CLIP), used by the Llama 3.2 Vision checkpoints'
 # preprocessor_config.json.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-def all_aspect_ratios(max_num_tiles: int) -> tuple[tuple[int, int], ...]:
-    """Every (rows, cols) tile grid with rows * cols <= max_num_tiles, in HF's order.
-
-    transformers: image_processing_mllama.get_all_supported_aspect_ratios (outer loop over the
-    first element). For 4 tiles: (1,1) (1,2) (1,3) (1,4) (2,1) (2,2) (3,1) (4,1).
-    """
-    return tuple(
-        (a, b)
-        for a in range(1, max_num_tiles + 1)
-        for b in range(1, max_num_tiles + 1)
-        if a * b <= max_num_tiles
-    )
 
 
 @dataclass(frozen=True)
@@ -68,17 +57,15 @@ class ProcessorSettings:
     image_token_id: int = 128256
     bos_token: str = "<|begin_of_text|>"
 
+    max_images: int = hparams.MAX_IMAGES_PER_PROMPT  # per prompt, checked before any image is decoded
+
     def __post_init__(self):
-        if self.tile_size <= 0 or self.max_num_tiles <= 0:
-            raise ValueError(f"tile_size and max_num_tiles must be positive, "
-                             f"got {self.tile_size}, {self.max_num_tiles}")
-        if not self.supported_aspect_ratios:
-            raise ValueError("supported_aspect_ratios is empty")
-        for r, c in self.supported_aspect_ratios:
-            if r < 1 or c < 1 or r * c > self.max_num_tiles:
-                raise ValueError(f"aspect ratio {(r, c)} does not fit max_num_tiles={self.max_num_tiles}")
-        if len(self.image_mean) != 3 or len(self.image_std) != 3:
-            raise ValueError("image_mean and image_std need 3 values")
+        # Range rules: mllama_q/hparams.py (HParamError is a ValueError naming the setting).
+        hparams.check_image(self.tile_size, self.max_num_tiles, self.image_mean, self.image_std,
+                            self.rescale_factor, self.resample)
+        hparams.check_aspect_ratios(self.supported_aspect_ratios, self.max_num_tiles)
+        if isinstance(self.max_images, bool) or not isinstance(self.max_images, int) or self.max_images < 1:
+            raise ValueError(f"max_images must be a positive integer, got {self.max_images!r}")
 
     @classmethod
     def from_gguf(cls, reader, tokenizer=None, vision_reader=None) -> "ProcessorSettings":
@@ -106,8 +93,12 @@ class ProcessorSettings:
             v = get("V_MAX_NUM_TILES", "mllama.vision.max_num_tiles")
         if v is not None:
             kw["max_num_tiles"] = int(v)
+        if "max_num_tiles" in kw:  # before all_aspect_ratios is sized from it
+            hparams.check_int(kw["max_num_tiles"], "image.max_num_tiles", "max_image_tiles")
         v = get("Q_V_ASPECT_RATIOS", "mllama_q.vision.supported_aspect_ratios")
         if v is not None:
+            if len(v) > 2 * len(all_aspect_ratios(kw.get("max_num_tiles", cls.max_num_tiles))):
+                raise ValueError(f"{len(v)} aspect-ratio values: more grids than max_num_tiles allows")
             flat = [int(x) for x in v]
             if len(flat) % 2:
                 raise ValueError(f"supported aspect ratios must be (rows, cols) pairs, got {len(flat)} values")
@@ -134,6 +125,9 @@ class ProcessorSettings:
             if "image_token_id" not in kw and tid is not None:
                 kw["image_token_id"] = tid
             if "image_token_id" in kw:
+                if not 0 <= kw["image_token_id"] < len(tokenizer.tokens):
+                    raise ValueError(f"image token id {kw['image_token_id']} is not one of the tokenizer's "
+                                     f"{len(tokenizer.tokens)} tokens")
                 kw["image_token"] = tokenizer.id_to_token(kw["image_token_id"])
             if tokenizer.bos_token is not None:
                 kw["bos_token"] = tokenizer.bos_token
@@ -153,39 +147,68 @@ def _key(const_name: str, default: str) -> str:
 # Images
 # ---------------------------------------------------------------------------------------------
 
+# Largest image decoded: PIL's own default Image.MAX_IMAGE_PIXELS (89,478,485, a 0.25 GB 24-bit
+# image; PIL only warns up to twice that, and its global can be switched off). Checked from the
+# header, before any pixel is decoded, so a small file claiming 20000 x 20000 pixels (a
+# decompression bomb) costs nothing. The model never needs this much: the largest canvas is
+# max_num_tiles x 560 px on its long side.
+MAX_IMAGE_PIXELS = 89_478_485
+
+
+class ImageError(ValueError):
+    """An image that cannot be used: unreadable, corrupt, truncated, zero-size or too large."""
+
+
+def _check_size(width: int, height: int, what: str) -> None:
+    if width <= 0 or height <= 0:
+        raise ImageError(f"{what} has zero size: {width}x{height}")
+    if width * height > MAX_IMAGE_PIXELS:
+        raise ImageError(f"{what} is {width}x{height} = {width * height:,} pixels, more than the "
+                         f"{MAX_IMAGE_PIXELS:,} this reader decodes (a decompression bomb?); downscale it first")
+
+
+def _decode(src, what: str) -> Image.Image:
+    """Decode one image file (path or file object) fully, refusing bombs before decoding."""
+    try:
+        with Image.open(src) as f:
+            _check_size(f.width, f.height, what)  # header only: nothing decoded yet
+            f.load()  # decode now so a truncated file fails here, not later
+            return f.copy()
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"{what}: {e}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise ImageError(f"cannot read {what}: {e}") from None
+    except Exception as e:  # noqa: BLE001  third-party decoders on untrusted bytes: ValueError,
+        # struct.error, EOFError, zlib.error, IndexError, ... all mean a corrupt file
+        raise ImageError(f"cannot decode {what}: {type(e).__name__}: {e}") from None
+
+
 def load_image(image) -> Image.Image | np.ndarray:
-    """Open a path / bytes / PIL image; uint8 numpy arrays pass through. Clear ValueError if unusable."""
+    """Open a path / bytes / PIL image; uint8 numpy arrays pass through. ImageError (a
+    ValueError) if unusable: missing, not an image, corrupt or truncated, zero-size, or more
+    than MAX_IMAGE_PIXELS pixels."""
     if isinstance(image, Image.Image):
         img = image
     elif isinstance(image, (str, os.PathLike)):
         path = Path(image)
         if not path.is_file():
-            raise ValueError(f"image file not found: {path}")
-        try:
-            with Image.open(path) as f:
-                f.load()  # decode now so a truncated file fails here, not later
-                img = f.copy()
-        except (UnidentifiedImageError, OSError, SyntaxError) as e:
-            raise ValueError(f"cannot read image {path}: {e}") from None
+            raise ImageError(f"image file not found: {path}")
+        img = _decode(path, f"image {path}")
     elif isinstance(image, (bytes, bytearray, memoryview)):
-        try:
-            with Image.open(io.BytesIO(bytes(image))) as f:
-                f.load()
-                img = f.copy()
-        except (UnidentifiedImageError, OSError, SyntaxError) as e:
-            raise ValueError(f"cannot decode image bytes: {e}") from None
+        img = _decode(io.BytesIO(bytes(image)), "image bytes")
     elif isinstance(image, np.ndarray):
         # (H, W) grey or (H, W, 3|4) uint8, channels last; kept as an array (see to_rgb).
         if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (3, 4)):
-            raise ValueError(f"numpy images must be uint8 (H, W), (H, W, 3) or (H, W, 4); "
+            raise ImageError(f"numpy images must be uint8 (H, W), (H, W, 3) or (H, W, 4); "
                              f"got {image.dtype} {image.shape}")
-        if image.size == 0:
-            raise ValueError(f"image has zero size: {image.shape}")
+        _check_size(image.shape[1], image.shape[0], "image array")
         return image
     else:
-        raise ValueError(f"unsupported image type {type(image).__name__}: pass a path, bytes, PIL image or uint8 array")
-    if img.width == 0 or img.height == 0:
-        raise ValueError(f"image has zero size: {img.width}x{img.height}")
+        raise ImageError(f"unsupported image type {type(image).__name__}: "
+                         "pass a path, bytes, PIL image or uint8 array")
+    _check_size(img.width, img.height, "image")
     return img
 
 
@@ -245,7 +268,10 @@ def fit_to_canvas(height: int, width: int, canvas_h: int, canvas_w: int, tile: i
 def preprocess_image(image, settings: ProcessorSettings) -> tuple[np.ndarray, tuple[int, int]]:
     """One image -> (tiles float32 [rows*cols, 3, T, T], (rows, cols))."""
     img = load_image(image)
-    rgb = to_rgb(img)  # uint8 (H, W, 3)
+    try:
+        rgb = to_rgb(img)  # uint8 (H, W, 3); a caller's lazily opened PIL image decodes here
+    except Exception as e:  # noqa: BLE001  PIL on untrusted bytes (a truncated file: OSError)
+        raise ImageError(f"cannot decode image: {type(e).__name__}: {e}") from None
     h, w = rgb.shape[:2]
     t = settings.tile_size
     canvas_h, canvas_w = optimal_canvas(h, w, settings)
@@ -273,6 +299,7 @@ def preprocess_images(images: Sequence, settings: ProcessorSettings) -> dict[str
     [1, n], aspect_ratio_mask [1, n, max_tiles] and num_tiles (list of ints)."""
     if len(images) == 0:
         raise ValueError("no images given")
+    hparams.check_image_count(len(images), settings.max_images)  # before any image is decoded
     t, mt = settings.tile_size, settings.max_num_tiles
     n = len(images)
     pixel_values = np.zeros((1, n, mt, 3, t, t), dtype=np.float32)

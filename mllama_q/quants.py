@@ -7,6 +7,7 @@ Sizes come from the extension (`type_info()`), never repeated here.
 """
 from __future__ import annotations
 
+import math
 import operator
 from functools import lru_cache
 
@@ -34,6 +35,8 @@ def _info(qtype: str) -> dict:
 def row_bytes(qtype: str, n: int) -> int:
     """Bytes of one row of n values of `qtype` (n must be a multiple of the block size)."""
     info = _info(qtype)
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+        raise ValueError(f"row length must be a non-negative integer, got {n!r}")
     if n % info["block_size"]:
         raise ValueError(f"row length {n} is not a multiple of the {qtype} block size {info['block_size']}")
     return n // info["block_size"] * info["type_size"]
@@ -75,9 +78,11 @@ def dequantize(data, qtype: str, shape) -> np.ndarray:
     if not data.flags.c_contiguous:
         raise ValueError("data must be C-contiguous (use numpy.ascontiguousarray)")
     cols = shape[-1]
-    rows = int(np.prod(shape[:-1], dtype=np.int64)) if len(shape) > 1 else 1
+    rows = math.prod(shape[:-1])  # exact (numpy's int64 product would wrap for huge shapes)
     expected = rows * row_bytes(qtype, cols)
     if data.nbytes != expected:
         raise ValueError(f"data has {data.nbytes} bytes, expected {expected} for shape {shape} of {qtype}")
+    if rows == 0 or cols == 0:  # no values: nothing to decode, whatever the other extents
+        return np.zeros(shape, dtype=np.float32)
     out = _core.dequantize(data, qtype.lower(), rows, cols)
     return out.reshape(shape)

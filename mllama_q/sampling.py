@@ -77,16 +77,21 @@ class SamplingParams:
 
 
 def apply_repetition_penalty(scores: np.ndarray, history: Iterable[int], penalty: float) -> np.ndarray:
-    """scores float32 [V]; every id seen in `history` is penalised once (HF gathers unique ids)."""
+    """scores float32 [V]; every id seen in `history` is penalised once (HF gathers unique ids).
+
+    Ids outside the logits (mllama's <|image|> = vocab_size, an embedding row with no output
+    row) take no penalty: transformers' RepetitionPenaltyLogitsProcessor clamps them to an extra
+    padded column and drops it (generation/logits_process.py, transformers 5)."""
     if penalty == 1.0:
         return scores
     ids = np.unique(np.fromiter(history, dtype=np.int64))
-    ids = ids[(ids >= 0) & (ids < scores.size)]  # the <|image|> token (embedding row vocab_size) has no score
+    ids = ids[(ids >= 0) & (ids < scores.shape[-1])]  # the <|image|> token (embedding row vocab_size) has no score
     if ids.size == 0:
         return scores
     out = scores.copy()
     s = out[ids]
-    out[ids] = np.where(s < 0, s * np.float32(penalty), s / np.float32(penalty))
+    with np.errstate(over="ignore"):  # a score pushed to +-inf is handled by filter_logits
+        out[ids] = np.where(s < 0, s * np.float32(penalty), s / np.float32(penalty))
     return out
 
 
@@ -100,7 +105,21 @@ def filter_logits(scores: np.ndarray, params: SamplingParams) -> tuple[np.ndarra
     """
     x = scores.astype(np.float32, copy=False)
     if params.temperature != 1.0:
-        x = x / np.float32(params.temperature)
+        with np.errstate(over="ignore"):
+            x = x / np.float32(params.temperature)
+    if np.isposinf(x.max()):  # exp(inf - inf) would make every probability NaN
+        if np.isposinf(scores.max()):  # infinite scores: the limit is uniform over them
+            ids = np.flatnonzero(np.isposinf(scores))
+            return ids, np.zeros(ids.size, dtype=np.float32)
+        # a tiny temperature (1e-45) overflowed float32: scale the max-shifted scores instead
+        # (softmax and every filter below are shift-invariant; the scaled values stay <= 0)
+        s64 = scores.astype(np.float64)
+        with np.errstate(over="ignore"):  # far below the max: -inf, probability 0
+            x = ((s64 - s64.max()) / params.temperature).astype(np.float32)
+    elif np.isneginf(x.max()):
+        # every score went to -inf (a huge repetition penalty or a tiny temperature on finite
+        # logits overflowed): nothing tells them apart any more, so they share the mass
+        return np.arange(x.size), np.zeros(x.size, dtype=np.float32)
     ids = None  # None = every token
     if params.top_k > 0 and params.top_k < x.size:
         kth = x[np.argpartition(x, x.size - params.top_k)[x.size - params.top_k:]].min()
@@ -145,11 +164,22 @@ def _softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(dtype=np.float32)
 
 
+def _without_nan(logits: np.ndarray) -> np.ndarray:
+    """NaN scores (a broken logit row) become -inf: never sampled, never the argmax (numpy's
+    argmax would pick the first NaN; a NaN in the softmax makes every probability NaN)."""
+    nan = np.isnan(logits)
+    return np.where(nan, np.float32(-np.inf), logits) if nan.any() else logits
+
+
 def probabilities(scores: np.ndarray, history: Iterable[int], params: SamplingParams) -> np.ndarray:
     """The sampling distribution float32 [V] for these logits (what multinomial draws from)."""
-    s = apply_repetition_penalty(np.asarray(scores, dtype=np.float32), history, params.repetition_penalty)
-    ids, v = filter_logits(s, params)
+    s = _without_nan(np.asarray(scores, dtype=np.float32))
+    s = apply_repetition_penalty(s, history, params.repetition_penalty)
     out = np.zeros(s.size, dtype=np.float32)
+    if params.greedy:  # temperature 0: all the mass on the argmax (dividing by 0 gave NaNs)
+        out[int(np.argmax(s))] = 1.0
+        return out
+    ids, v = filter_logits(s, params)
     out[ids] = _softmax(v)
     return out
 
@@ -157,8 +187,10 @@ def probabilities(scores: np.ndarray, history: Iterable[int], params: SamplingPa
 def core_params(params: SamplingParams, u: float) -> tuple:
     """The parameter tuple the compiled sampler takes (_core: MllamaModel.step, Backend.sample,
     sample_probs): (temperature, top_k, top_p, min_p, repetition_penalty, u)."""
-    return (float(params.temperature), int(params.top_k), float(params.top_p), float(params.min_p),
-            float(params.repetition_penalty), float(u))
+    # top_k >= the vocabulary keeps every token (as 0 does): any value past int32 means the same
+    # and must not overflow the core's int32 field.
+    return (float(params.temperature), min(int(params.top_k), 2**31 - 1), float(params.top_p),
+            float(params.min_p), float(params.repetition_penalty), float(u))
 
 
 class Sampler:
@@ -174,6 +206,7 @@ class Sampler:
             raise ValueError(f"logits must be a non-empty 1-D array, got shape {logits.shape}")
         if not np.isfinite(logits).any():
             raise RuntimeError("the model returned no finite logit")
+        logits = _without_nan(logits)
         p = self.params
         if p.greedy:
             s = apply_repetition_penalty(logits, history, p.repetition_penalty)

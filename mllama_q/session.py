@@ -67,6 +67,26 @@ from .sampling import core_params
 _SKIP = 0
 
 
+def _held_for_caller(session) -> bool:
+    """A one-shot call's session still holds its slot for its caller: its stream was not
+    dropped (a finished turn's stream may still be unread; a dropped one's slot is freed
+    when the engine lets go of the turn)."""
+    turn = getattr(session, "_turn", None)
+    return not session._abandoned and (turn is None or not turn.cancelled)
+
+
+def checked_int32(a, name: str, lo: int, hi: int) -> np.ndarray:
+    """`a` as int32 after checking it is an integer array with every value in [lo, hi]: a
+    caller's int64 2**32 + 5 must be an error, not token 5 (the same rule as the core's
+    bindings, which a cached image or a queued turn would otherwise never reach)."""
+    arr = np.asarray(a)
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"{name} must be an integer array, got dtype {arr.dtype}")
+    if arr.size and (int(arr.min()) < lo or int(arr.max()) > hi):
+        raise ValueError(f"{name} values must lie in [{lo}, {hi}]")
+    return np.ascontiguousarray(arr, dtype=np.int32)
+
+
 def image_key(pixel_values: np.ndarray, aspect_ratio_id: int, aspect_ratio_mask: np.ndarray) -> bytes:
     """Identity of one processed image: a hash of its pixels [max_tiles, C, H, W] (float32),
     aspect-ratio id and tile mask -- everything the vision tower reads."""
@@ -126,14 +146,19 @@ class _Turn:
         self.in_step = False
         self.state = "queued"     # queued -> images -> prefill -> decode -> done
         self.result: GenerationResult | None = None
-        self.ids = np.ascontiguousarray(p.input_ids, dtype=np.int32)
-        self.mask = None if p.cross_attention_mask is None else np.ascontiguousarray(p.cross_attention_mask,
-                                                                                    dtype=np.int32)
+        model = session._model
+        # ids index token_embd (vocab_size + 8 rows; <|image|> = vocab_size)
+        self.ids = checked_int32(p.input_ids, "input_ids", 0, int(model.text_hparams["vocab_size"]) + 7)
+        self.mask = None if p.cross_attention_mask is None else checked_int32(p.cross_attention_mask,
+                                                                               "cross_attention_mask", 0, 1)
         # images: (pixels [T, C, H, W], aspect-ratio id, tile mask [T]) and their keys, prompt order
         self.images: list[tuple[np.ndarray, int, np.ndarray]] = []
         if p.pixel_values is not None:
+            vhp = model.vision_hparams or {}
+            ar_ids = checked_int32(p.aspect_ratio_ids, "aspect_ratio_ids", 0, int(vhp.get("max_aspect_ratio_id", 0)))
+            ar_mask = checked_int32(p.aspect_ratio_mask, "aspect_ratio_mask", 0, 1)
             for i in range(p.pixel_values.shape[1]):
-                self.images.append((p.pixel_values[0, i], int(p.aspect_ratio_ids[0, i]), p.aspect_ratio_mask[0, i]))
+                self.images.append((p.pixel_values[0, i], int(ar_ids[0, i]), ar_mask[0, i]))
         self.keys = [image_key(*im) for im in self.images]   # in the caller's thread (~10 ms per image)
         self.handles: list[Any] = [None] * len(self.images)
         self.todo: list[int] = []                            # images still to encode
@@ -221,7 +246,16 @@ class Scheduler:
                     slot = ll[0]
                     break
                 live = [h() for h in self._holders.values() if h is not _LOW_LEVEL]
-                if wait_for_temporary and any(getattr(h, "_temporary", False) for h in live):
+                me = threading.get_ident()
+                if any(getattr(h, "_temporary", False) and getattr(h, "_owner_thread", None) == me
+                       and _held_for_caller(h) for h in live):
+                    # Waiting would wait for this very thread: its stream keeps the slot until it
+                    # is exhausted or closed, also when every token is already computed.
+                    raise RuntimeError("this thread is still generating with this Model (an unfinished stream?): "
+                                       "exhaust it or call its close() before the next call")
+                temporary = any(getattr(h, "_temporary", False) for h in live)
+                del live   # no strong reference while waiting: a dropped session's weakref must die
+                if wait_for_temporary and temporary:
                     self._sh.cv.wait(0.5)
                     continue
                 raise RuntimeError(
@@ -637,6 +671,8 @@ class Session:
         self._model = model
         self._sched: Scheduler = model._scheduler
         self._temporary = _temporary
+        self._owner_thread = threading.get_ident()  # a one-shot call's thread (acquire_slot's same-thread check)
+        self._abandoned = False   # set when a one-shot call's stream is dropped unread
         self._closed = True
         self._turn: _Turn | None = None
         self._tok = np.zeros(0, dtype=np.int32)

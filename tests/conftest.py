@@ -15,6 +15,7 @@ worker) instead of once per module:
     tokenizer_dir / tokenizer_gguf / tokenizer           # the real tokenizer: HF dir, GGUF, ours
     child_env(MLLAMA_Q_CPU_PATH="avx2")                  # env for a child python importing this mllama_q
     ollama_blobs(seed)                                   # Ollama's one-file blob and two-file pair of a checkpoint
+    within(30, fn)                                       # fn() in a helper thread; a hang fails the test
 
 torch and transformers are imported only by the fixtures that need them, so modules that do
 not use them (the CPU op and quantizer tests) run without.
@@ -165,3 +166,30 @@ def real_chat_template() -> str:
     from real_tokenizer import CHAT_TEMPLATE
 
     return CHAT_TEMPLATE
+
+
+@pytest.fixture(scope="session")
+def within():
+    """`within(seconds, fn)` -> fn()'s result, computed in a helper thread: a hang (the
+    regression a test guards against) fails that test after `seconds` instead of blocking the
+    session. fn's exception is re-raised."""
+    import threading
+
+    def run(seconds: float, fn):
+        box: dict = {}
+
+        def target():
+            try:
+                box["value"] = fn()
+            except BaseException as e:  # noqa: BLE001  re-raised below
+                box["error"] = e
+
+        t = threading.Thread(target=target, daemon=True)
+        t.start()
+        t.join(seconds)
+        assert not t.is_alive(), f"did not finish within {seconds} s"
+        if "error" in box:
+            raise box["error"]
+        return box.get("value")
+
+    return run

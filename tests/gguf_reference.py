@@ -57,11 +57,12 @@ def assert_matches_gguf_py(path, check_data: bool = True) -> None:
                 if field.types != [gguf.GGUFValueType.ARRAY]:
                     assert v.dtype == ref.gguf_scalar_to_np[field.types[-1]], key
                 assert not v.flags.writeable and not v.flags.owndata, key
-                assert v.tolist() == want, key
+                assert np.array_equal(v, np.asarray(want, dtype=v.dtype), equal_nan=v.dtype.kind == "f"), key
             elif isinstance(v, list):
                 assert flatten(v) == want, key
             elif isinstance(v, (str, bool, int, float)):
-                assert type(v) is type(want) and v == want, (key, v, want)
+                same = v == want or (isinstance(v, float) and v != v and want != want)  # NaN is NaN here
+                assert type(v) is type(want) and same, (key, v, want)
             else:  # string array
                 assert len(v) == len(want) and v.tolist() == want, key
                 if want:

@@ -26,13 +26,22 @@ def good(tiny_checkpoint, tiny_gguf):
     return path
 
 
+def _typed_value(v, vtype, sub):
+    """set_keys entry -> (value, GGUFValueType, sub-type): a (value, type, sub) triple as given,
+    a plain value with the key's own type (vtype, sub)."""
+    if isinstance(v, tuple) and len(v) == 3 and isinstance(v[1], gguf.GGUFValueType):
+        return v
+    return v, vtype, sub
+
+
 def rewrite(src, dst, *, arch=None, drop_keys=(), drop_tensors=(), tensor_override=None, set_keys=None,
             compare=True):
     """Copy a GGUF with gguf-py, optionally changing the architecture, dropping metadata keys or
     tensors, replacing one tensor (tensor_override = (name, array, raw_dtype or None)) or
-    setting metadata values (set_keys = {key: (value, GGUFValueType, array sub-type or None)};
-    value may be a function of the current value). compare: check our reader against gguf-py
-    on the result (gguf-py cannot decode a string that is not UTF-8)."""
+    setting metadata values: set_keys = {key: (value, GGUFValueType, array sub-type or None)}
+    (value may be a function of the current value) or {key: value} (the key's own type; new
+    keys: float32). compare: check our reader against gguf-py on the result (gguf-py cannot
+    decode a string that is not UTF-8)."""
     r = gguf.GGUFReader(str(src))
     w = gguf.GGUFWriter(str(dst), arch or r.fields[K.GENERAL_ARCHITECTURE].contents())
     set_keys = dict(set_keys or {})
@@ -43,10 +52,11 @@ def rewrite(src, dst, *, arch=None, drop_keys=(), drop_tensors=(), tensor_overri
         sub = f.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
         value = f.contents()
         if key in set_keys:
-            new, vtype, sub = set_keys.pop(key)
+            new, vtype, sub = _typed_value(set_keys.pop(key), vtype, sub)
             value = new(value) if callable(new) else new
         w.add_key_value(key, value, vtype, sub_type=sub)
-    for key, (value, vtype, sub) in set_keys.items():
+    for key, v in set_keys.items():
+        value, vtype, sub = _typed_value(v, gguf.GGUFValueType.FLOAT32, None)
         w.add_key_value(key, value, vtype, sub_type=sub)
     for t in r.tensors:
         if t.name in drop_tensors:
@@ -250,27 +260,50 @@ def test_file_is_not_modified(good):
     assert (os.path.getmtime(good), good.stat().st_size) == before
 
 
-@pytest.mark.parametrize("key,value", [(K.BLOCK_COUNT, 10 ** 9), (K.HEAD_COUNT, 0), (K.HEAD_COUNT_KV, 3),
-                                       (K.V_BLOCK_COUNT, 10 ** 8)])
-def test_absurd_hyperparameters(good, tmp_path, key, value):
-    """Corrupt hyper-parameters are refused before anything is sized from them."""
-    r = gguf.GGUFReader(str(good))
-    p = tmp_path / "hp.gguf"
-    w = gguf.GGUFWriter(str(p), K.ARCH)
-    for k, f in r.fields.items():
-        if k.startswith("GGUF.") or k == K.GENERAL_ARCHITECTURE:
-            continue
-        vt = f.types[0]
-        val = value if k == key else f.contents()
-        w.add_key_value(k, val, vt, sub_type=f.types[-1] if vt == gguf.GGUFValueType.ARRAY else None)
-    for t in r.tensors:
-        raw = None if t.tensor_type in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16) else t.tensor_type
-        w.add_tensor(t.name, np.array(t.data), raw_dtype=raw)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    expect_error(p, "block_count|head_count|must be positive|vision layer counts")
+# Hyper-parameters out of range (mllama_q/hparams.py), refused at load before anything is sized
+# from them. Regressions: max_image_tiles = 100000 without an aspect-ratio list built the grid
+# list in O(n^2) (a hang); a 20000-px tile made every image 19 GB of pixel_values; rms_eps = inf
+# made every logit equal; an <|image|> id past the embedding read no row at all.
+ABSURD = [
+    (K.BLOCK_COUNT, 10 ** 9, "block_count"), (K.HEAD_COUNT, 0, "head_count"), (K.HEAD_COUNT_KV, 3, "head_count_kv"),
+    (K.V_BLOCK_COUNT, 10 ** 8, "vision.block_count"), (K.BLOCK_COUNT, 2 ** 31, "block_count"),
+    (K.VOCAB_SIZE, 2 ** 31, "vocab_size"), (K.EMBEDDING_LENGTH, 0, "embedding_length"),
+    (K.RMS_EPS, float("inf"), "rms_epsilon"), (K.RMS_EPS, float("nan"), "rms_epsilon"), (K.RMS_EPS, 0.0, "rms_epsilon"),
+    (K.ROPE_FREQ_BASE, float("inf"), "freq_base"), (K.V_LN_EPS, -1.0, "layer_norm_epsilon"),
+    (K.CROSS_ATTENTION_LAYERS, [1, 1], "not distinct"), (K.CROSS_ATTENTION_LAYERS, [99], "cross_attention_layers"),
+    (K.Q_ROPE_SCALING_FACTOR, float("nan"), "scaling.factor"), (K.Q_ROPE_SCALING_HIGH_FREQ_FACTOR, 1.0, "must differ"),
+    (K.V_PATCH_SIZE, 0, "patch_size"), (K.V_IMAGE_SIZE, 100000, "image_size"),
+    (K.V_MAX_NUM_TILES, 100000, "max_num_tiles"), (K.Q_IMG_MAX_TILES, 100000, "max_image_tiles"),
+    (K.Q_IMG_TILE_SIZE, 20000, "tile_size"), (K.Q_IMG_STD, [0.0, 0.5, 0.5], "std"),
+    (K.Q_IMG_MEAN, [float("nan"), 0.5, 0.5], "mean"), (K.Q_IMG_RESCALE_FACTOR, float("inf"), "rescale_factor"),
+    (K.Q_IMG_RESAMPLE, 77, "resample"), (K.Q_IMAGE_TOKEN_ID, 10 ** 9, "image_token_id"),
+    (K.Q_V_ASPECT_RATIOS, [1, 1, 9, 9], "supported_aspect_ratios"),
+    (K.GENERAL_SAMPLING_TEMP, float("nan"), "temperature"),
+]
+
+
+@pytest.mark.parametrize("key,value,match", ABSURD, ids=[f"{k}={v}" for k, v, _ in ABSURD])
+def test_absurd_hyperparameters(good, tmp_path, key, value, match, within):
+    """Corrupt hyper-parameters are refused before anything is sized from them (within
+    seconds: the hangs they caused are regressions)."""
+    # the llama3 scaling keys are read only when the file has no rope_freqs tensor
+    drop = (K.ROPE_FREQS,) if key.startswith("mllama_q.rope.scaling") else ()
+    p = rewrite(good, tmp_path / "hp.gguf", set_keys={key: value}, drop_tensors=drop)
+    within(30, lambda: expect_error(p, match))
+
+
+def test_huge_tile_count_without_aspect_ratio_list_is_refused_fast(good, tmp_path, within):
+    p = rewrite(good, tmp_path / "tiles.gguf", drop_keys=(K.Q_V_ASPECT_RATIOS,),
+                set_keys={K.Q_IMG_MAX_TILES: 100000, K.V_MAX_NUM_TILES: 100000})
+    within(30, lambda: expect_error(p, "max_num_tiles|max_image_tiles"))
+
+
+def test_image_token_outside_the_tokenizer(good, tmp_path):
+    """Found by the inputs fuzzer: an <|image|> id inside the embedding table but past the
+    tokenizer's tokens was an IndexError in the processor."""
+    vocab = int(gguf.GGUFReader(str(good)).fields[K.VOCAB_SIZE].contents())
+    p = rewrite(good, tmp_path / "img.gguf", set_keys={K.Q_IMAGE_TOKEN_ID: vocab + 7})
+    expect_error(p, "not one of the tokenizer")
 
 
 V = gguf.GGUFValueType
@@ -315,7 +348,7 @@ BAD_TOKENIZER = {
     "add_bos not bool": ({K.TOKENIZER_ADD_BOS: (1, V.UINT8, None)}, "add_bos_token.*must be a bool"),
     "chat template not a string": ({K.TOKENIZER_CHAT_TEMPLATE: (7, V.UINT32, None)}, "chat_template.*must be a string"),
     "image token past tokens": ({K.Q_IMAGE_TOKEN_ID: (10 ** 6, V.UINT32, None)},
-                                "token id 1000000 outside the vocabulary"),
+                                r"image_token_id = 1000000 is outside the \d+ embedding rows"),
     "stop ids not ints": ({K.Q_STOP_TOKEN_IDS: (["a"], V.ARRAY, V.STRING)},
                           "stop_token_ids.*must be a list of integers"),
 }

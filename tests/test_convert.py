@@ -623,22 +623,126 @@ BAD_CASES = {
     "truncated file": (_truncate, "model.safetensors"),
     "bad rope type": (lambda ck: _edit_json(ck / "config.json", lambda d: d["text_config"].update(
         rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0})), "yarn"),
+    # Malformed JSON, wrong value types and out-of-range values (mllama_q/hparams.py): one
+    # `error:` line each. Regressions: tracebacks (RecursionError, ValueError from int("x"),
+    # AttributeError on a list), and hangs / unbounded memory (2**31 layers planned one by one,
+    # a token id of 1e9 sizing the token list).
+    "malformed json": (lambda ck: (ck / "config.json").write_text('{"model_type": "mllama",'), "invalid JSON"),
+    "deeply nested json": (lambda ck: (ck / "config.json").write_text("[" * 200000 + "]" * 200000),
+                           "nested too deeply"),
+    "json not an object": (lambda ck: (ck / "preprocessor_config.json").write_text("[1, 2]"),
+                           "expected a JSON object"),
+    "generation config list": (lambda ck: (ck / "generation_config.json").write_text("[]"), "generation_config.json"),
+    "string layer count": (lambda ck: _edit_text(ck, num_hidden_layers="40"), "num_hidden_layers"),
+    "float layer count": (lambda ck: _edit_text(ck, num_hidden_layers=5.0), "num_hidden_layers"),
+    "2**31 layers": (lambda ck: _edit_text(ck, num_hidden_layers=2**31), "num_hidden_layers = 2147483648"),
+    "2**40 heads": (lambda ck: _edit_text(ck, num_attention_heads=2**40, hidden_size=2**46),
+                    "hidden_size = 70368744177664"),
+    "vocab 2**40": (lambda ck: _edit_text(ck, vocab_size=2**40), "vocab_size"),
+    "rms eps nan": (lambda ck: _edit_text(ck, rms_norm_eps=float("nan")), "rms_norm_eps"),
+    "rms eps inf": (lambda ck: _edit_text(ck, rms_norm_eps=float("inf")), "rms_norm_eps"),
+    "rms eps zero": (lambda ck: _edit_text(ck, rms_norm_eps=0), "rms_norm_eps"),
+    "rope factor inf": (lambda ck: _edit_text(ck, rope_parameters=dict(
+        rope_type="llama3", rope_theta=5e5, factor=float("inf"), low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=8192)), "rope factor"),
+    "context 2**40": (lambda ck: _edit_text(ck, max_position_embeddings=2**40), "max_position_embeddings"),
+    "vision layers 2**31": (lambda ck: _edit_vision(ck, num_hidden_layers=2**31), "num_hidden_layers"),
+    "tiles 100000": (lambda ck: _edit_vision(ck, max_num_tiles=100000), "max_num_tiles"),
+    "repeated aspect ratio": (lambda ck: _edit_vision(ck, supported_aspect_ratios=[[1, 1], [1, 1]]), "repeats"),
+    "tile 20000 px": (lambda ck: (_edit_vision(ck, image_size=20000), _edit_json(
+        ck / "preprocessor_config.json", lambda d: d.update(size={"height": 20000, "width": 20000}))), "image_size"),
+    "image std zero": (lambda ck: _edit_json(ck / "preprocessor_config.json",
+                                             lambda d: d.update(image_std=[0.0, 0.26, 0.27])), "image_std"),
+    "image mean strings": (lambda ck: _edit_json(ck / "preprocessor_config.json",
+                                                 lambda d: d.update(image_mean=["a", "b", "c"])), "image_mean"),
+    "max_image_tiles 100000": (lambda ck: _edit_json(ck / "preprocessor_config.json",
+                                                     lambda d: d.update(max_image_tiles=100000)), "max_image_tiles"),
+    "do_resize string": (lambda ck: _edit_json(ck / "preprocessor_config.json",
+                                               lambda d: d.update(do_resize="no")), "do_resize"),
+    "image token 1e9": (lambda ck: _edit_json(ck / "config.json", lambda d: d.update(image_token_index=10**9)),
+                        "image_token_index"),
+    "eos id string": (lambda ck: _edit_json(ck / "generation_config.json",
+                                            lambda d: d.update(eos_token_id=["x"])), "eos_token_id"),
+    "eos id 2**40": (lambda ck: _edit_json(ck / "generation_config.json",
+                                           lambda d: d.update(eos_token_id=[2**40])), "eos_token_id"),
+    "temperature nan": (lambda ck: _edit_json(ck / "generation_config.json",
+                                              lambda d: d.update(temperature=float("nan"))), "temperature"),
+    "vocab id 1e9": (lambda ck: _edit_json(ck / "tokenizer.json", lambda d: d["added_tokens"].append(
+        {"id": 10**9, "content": "<|far|>", "special": True})), "1000000000"),
+    "vocab id float": (lambda ck: _edit_json(ck / "tokenizer.json", lambda d: d["added_tokens"].append(
+        {"id": 1e9, "content": "<|far|>", "special": True})), "token id"),
+    "tokenizer model list": (lambda ck: _edit_json(ck / "tokenizer.json", lambda d: d.update(pre_tokenizer=[1])),
+                             "tokenizer.json"),
+    "image token past the tokenizer": (lambda ck: _edit_json(ck / "config.json", lambda d: d.update(
+        image_token_index=d["text_config"]["vocab_size"] + 7)), "is not a token of tokenizer.json"),
+    "rope original context inf": (lambda ck: _edit_text(ck, rope_parameters=dict(
+        rope_type="llama3", rope_theta=5e5, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=float("inf"))), "llama3 rope scaling"),
+    "index escapes the directory": (lambda ck: (ck / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"x": "../../outside.safetensors"}})), "weight_map"),
 }
 
 
+def _edit_text(ck: Path, **kw):
+    _edit_json(ck / "config.json", lambda d: d["text_config"].update(kw))
+
+
+def _edit_vision(ck: Path, **kw):
+    _edit_json(ck / "config.json", lambda d: d["vision_config"].update(kw))
+
+
 @pytest.mark.parametrize("case", list(BAD_CASES))
-def test_bad_input(ckpts, tmp_path, capsys, case):
+def test_bad_input(ckpts, tmp_path, capsys, case, within):
     ck = _copy(ckpts["default"], tmp_path / "ck")
     breaker, needle = BAD_CASES[case]
     breaker(ck)
     outdir = tmp_path / "out"
     outdir.mkdir()
-    rc = run_convert(ck, outdir / "o.gguf", "q8_0")
+    rc = within(60, lambda: run_convert(ck, outdir / "o.gguf", "q8_0"))  # a hang is a regression
     err = capsys.readouterr().err.strip()
     assert rc == 1
     assert len(err.splitlines()) == 1 and err.startswith("mllama-q convert: error: "), err
     assert needle in err, err
     assert list(outdir.iterdir()) == []
+
+
+def test_disk_full_leaves_no_temp_file(ckpts, tmp_path, monkeypatch, capsys):
+    """ENOSPC while writing: one error line, no OUT.gguf and no .tmp file. Regression: closing
+    the writer flushed its buffer, failed again on the full disk, and skipped the removal."""
+    import errno
+
+    import gguf.gguf_writer as gw
+
+    class FullDisk:
+        """A file that takes `room` bytes, then fails every write and the final flush."""
+
+        def __init__(self, f, room):
+            self.f, self.room = f, room
+
+        def write(self, b):
+            n = memoryview(b).nbytes
+            if n > self.room:
+                self.room = 0
+                raise OSError(errno.ENOSPC, "No space left on device")
+            self.room -= n
+            return self.f.write(b)
+
+        def close(self):
+            self.f.close()
+            if self.room == 0:
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    for room in (100, 200_000, 2_000_000):  # in the header, the metadata, the tensor data
+        monkeypatch.setattr(gw, "open", lambda path, mode="r", *a, _room=room: FullDisk(open(path, mode, *a), _room),
+                            raising=False)
+        out = tmp_path / "o.gguf"
+        assert run_convert(ckpts["default"], out, "q8_0") == 1
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "No space left on device" in err and str(out) in err, err
+        assert list(tmp_path.iterdir()) == [], room
 
 
 def test_not_a_directory(tmp_path, capsys):

@@ -1,7 +1,10 @@
-"""Bounded fuzz run in the default test suite: a few thousand mutated GGUF files (tools/fuzz,
-family `gguf`, fixed seed), each loaded in a forked child by the bare reader and by Model():
-no crash, no hang, no exception other than ModelFileError. The long run is
-`python -m tools.fuzz -n 100000` (see tools/fuzz/__init__.py)."""
+"""Bounded fuzz run in the default test suite (tools/fuzz, fixed seeds, each case in a forked
+child): a few thousand mutated GGUF files (family `gguf`), each loaded by the bare reader and
+by Model(), and several hundred odd images, bad sampling / generate parameters, bad token /
+mask / pixel arrays, bad quants and backend arguments, hostile chat templates and mutated
+converter configs (family `inputs`): no crash, no hang, no exception other than a ValueError
+(ModelFileError, ImageError, ...). The long run is `python -m tools.fuzz -n 100000` (see
+tools/fuzz/__init__.py)."""
 from __future__ import annotations
 
 import sys
@@ -21,16 +24,42 @@ N_CASES = 3000
 SEED = 20260311
 
 
-def test_gguf_mutants_fail_cleanly(tmp_path):
-    s = runner.fuzz("gguf", seed=SEED, n=N_CASES, jobs=2, timeout=20, out_dir=tmp_path / "failures",
-                    progress=False)
+def bounded_run(family: str, seed: int, n: int, tmp_path):
+    """n cases of `family` on 2 children: every one ran, none crashed, hung or failed uncleanly."""
+    s = runner.fuzz(family, seed=seed, n=n, jobs=2, timeout=20, out_dir=tmp_path / "failures", progress=False)
     detail = "\n".join(f"case {i}: {kind}: {d[-600:]}" for i, kind, d in s.failures[:5])
-    assert s.cases == N_CASES
+    assert s.cases == n
     assert (s.counts[runner.CRASH], s.counts[runner.HANG], s.counts[runner.UNCLEAN]) == (0, 0, 0), \
         s.line() + "\n" + detail
+    return s
+
+
+def test_gguf_mutants_fail_cleanly(tmp_path):
+    s = bounded_run("gguf", SEED, N_CASES, tmp_path)
     # Not vacuous: the mutations must both break files (clean refusals) and leave loadable ones
     # (which then run a forward pass).
     assert s.counts[runner.CLEAN] > N_CASES // 3 and s.counts[runner.OK] > N_CASES // 10, s.line()
+
+
+N_INPUTS = 1500
+SEED_INPUTS = 8
+
+
+def test_inputs_fail_cleanly(tmp_path):
+    pytest.importorskip("torch")  # the config cases build their tiny checkpoint with transformers
+    from tools.fuzz import inputs
+
+    s = bounded_run("inputs", SEED_INPUTS, N_INPUTS, tmp_path)
+    assert set(s.by_kind) == set(inputs.KINDS), s.kinds_line()  # every kind ran
+    # both outcomes are exercised: the cases are not all trivially refused, nor all harmless
+    assert s.counts[runner.OK] > N_INPUTS // 10 and s.counts[runner.CLEAN] > N_INPUTS // 3, s.line()
+
+
+def test_inputs_cases_are_deterministic():
+    from tools.fuzz import inputs
+
+    assert list(inputs.generate(3, 50)) == list(inputs.generate(3, 50))
+    assert list(inputs.generate(3, 50)) != list(inputs.generate(4, 50))
 
 
 def test_runner_counts_crashes_hangs_and_unclean(tmp_path, monkeypatch):

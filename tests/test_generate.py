@@ -16,7 +16,8 @@ EOT, EOM, EOS = 128009, 128008, 128001
 
 # ------------------------------------------------------------------ sampling vs transformers
 
-def _hf_probs(logits: np.ndarray, history: list[int], p: SamplingParams) -> np.ndarray:
+def _hf_scores(logits: np.ndarray, history: list[int], p: SamplingParams) -> np.ndarray:
+    """transformers' logits processors, in generate()'s order: float32 scores [V], -inf = filtered."""
     from transformers.generation.logits_process import (
         LogitsProcessorList,
         MinPLogitsWarper,
@@ -38,8 +39,81 @@ def _hf_probs(logits: np.ndarray, history: list[int], p: SamplingParams) -> np.n
     if p.min_p > 0:
         procs.append(MinPLogitsWarper(p.min_p))
     ids = torch.tensor([history], dtype=torch.long)
-    scores = procs(ids, torch.from_numpy(logits.copy())[None])
-    return torch.softmax(scores, dim=-1)[0].numpy()
+    return procs(ids, torch.from_numpy(logits.copy())[None])[0].numpy()
+
+
+def _hf_probs(logits: np.ndarray, history: list[int], p: SamplingParams) -> np.ndarray:
+    """The distribution transformers samples from: softmax of its processed scores, computed in
+    float64 (exact to ~1e-16, so no float32 summation error of torch's kernel enters the test)."""
+    z = _hf_scores(logits, history, p).astype(np.float64)
+    e = np.exp(z - z.max())
+    return e / e.sum()
+
+
+# Tolerance of our float32 probabilities, derived (not tuned). Ours (sampling._softmax) computes,
+# for the n surviving float32 scores z (bit-identical to transformers' processed scores: the
+# penalty and the temperature are the same single IEEE float32 operations, asserted below),
+#     d_i = fl(z_i - m)        m = max z;  |error| <= u |z_i - m|                     (u = 2^-24)
+#     e_i = fl(exp(d_i))       numpy's SIMD float32 exp is within EXP_ULPS ulp and 1 ulp <= 2u of
+#                              the value, so e_i = exp(z_i - m)(1 + eps_i), |eps_i| <= u|z_i - m| + 2 EXP_ULPS u
+#     S   = fl(sum_j e_j)      numpy's pairwise summation: each term passes at most k(n) roundings
+#                              (_pairwise_roundings), so |S / sum_j e_j - 1| <= k(n) u, and
+#                              sum_j e_j = sum_j exp(z_j - m) (1 + sum_j p_j eps_j)
+#     p_i = fl(e_i / S)        one more rounding: u
+# hence, to first order,  |ours_i - p_i| / p_i <= u (|z_i - m| + E_p|z - m| + 4 EXP_ULPS + k(n) + 1)
+# with E_p the mean under the exact distribution p. Below the smallest normal float32 (2^-126)
+# gradual underflow loses relative accuracy: that much absolute error is allowed. For the
+# 128,256-token case the bound is ~3e-6 for the likely tokens. The former flat rtol = 1e-5 against
+# torch's float32 softmax failed on an AVX2-only machine: torch's kernel sums the vocabulary
+# lane by lane, sequentially (relative error ~1.2e-5 there, common to every token), which is why
+# the reference is now transformers' processed scores with the softmax taken in float64.
+U = 2.0 ** -24
+EXP_ULPS = 4  # numpy documents <= 2.52 ulp for its AVX2 / AVX-512F float32 exp; checked on the inputs
+
+
+def _pairwise_roundings(n: int) -> int:
+    """Most roundings any term sees in numpy's float32 pairwise sum of n values
+    (numpy/_core/src/umath/loops_utils.h.src, pairwise_sum: below 8 values a plain loop; up to
+    PW_BLOCKSIZE = 128 eight accumulators of n // 8 values each, combined by a 3-level tree, then
+    the n % 8 rest added one by one; above, two halves split at a multiple of 8, then added)."""
+    if n < 8:
+        return max(n - 1, 0)
+    if n <= 128:
+        return (n // 8 - 1) + 3 + n % 8
+    n2 = n // 2
+    n2 -= n2 % 8
+    return 1 + max(_pairwise_roundings(n2), _pairwise_roundings(n - n2))
+
+
+def _check_probs(ours: np.ndarray, logits: np.ndarray, history: list[int], params: SamplingParams) -> None:
+    """ours against transformers within the derived bound (AssertionError otherwise)."""
+    from mllama_q.sampling import apply_repetition_penalty, filter_logits
+
+    scores = _hf_scores(logits, history, params)
+    keep = np.isfinite(scores)
+    z32 = scores[keep]
+    exact = _hf_probs(logits, history, params)[keep]
+    # support: no filtered token has probability, every kept one has (unless float32 underflows)
+    assert not np.any(ours[~keep] > 0), "a token transformers filtered has probability"
+    assert np.all(ours[keep][exact >= 2.0 ** -126] > 0), "a token transformers kept has none"
+    # the survivors and their scaled logits are bit-identical to transformers' processed scores
+    ids, v = filter_logits(apply_repetition_penalty(logits, history, params.repetition_penalty), params)
+    order = np.argsort(ids)
+    np.testing.assert_array_equal(ids[order], np.flatnonzero(keep))
+    np.testing.assert_array_equal(v[order], z32)
+    # the exp accuracy the bound assumes, on these very arguments
+    d = z32 - z32.max()
+    e32, e64 = np.exp(d), np.exp(d.astype(np.float64))
+    normal = e64 >= 2.0 ** -126
+    ulps = np.abs(e32[normal] - e64[normal]) / np.spacing(e64[normal].astype(np.float32))
+    assert ulps.max(initial=0) <= EXP_ULPS, f"numpy's float32 exp is off by {ulps.max()} ulp here"
+    gap = float(z32.max()) - z32.astype(np.float64)
+    rtol = U * (gap + float(np.sum(exact * gap)) + 4 * EXP_ULPS + _pairwise_roundings(int(keep.sum())) + 1)
+    err = np.abs(ours[keep].astype(np.float64) - exact)
+    worst = int(np.argmax(err - rtol * exact))
+    assert np.all(err <= rtol * exact + 2.0 ** -126), (
+        f"p = {exact[worst]:.6g}, ours {ours[keep][worst]:.6g}: relative error {err[worst] / exact[worst]:.3g} "
+        f"> bound {rtol[worst]:.3g}")
 
 
 PARAMS = [
@@ -62,22 +136,86 @@ def _core_probs(logits, history, params):
     return _core.sample_probs(logits, np.asarray(history, np.int32), core_params(params, 0.0))
 
 
-@pytest.mark.parametrize("impl", ["python", "core"])
-@pytest.mark.parametrize("params", PARAMS)
-def test_probabilities_match_transformers(params, impl):
-    # Flat and peaked distributions: top-p takes both its shortcut (the 1024 most likely tokens
-    # hold top_p of the mass) and its full-sort path on these seeds. "python" is
-    # mllama_q.sampling (the reference path), "core" the compiled sampler the scheduler uses.
+def _cases():
+    """(logits, history): flat and peaked distributions; top-p takes both its shortcut (the
+    1024 most likely tokens hold top_p of the mass) and its full-sort path on these seeds."""
     rng = np.random.default_rng(0)
-    dist = probabilities if impl == "python" else _core_probs
     for trial in range(5):
         vocab = 128256 if trial == 4 else 32000
         logits = (rng.standard_normal(vocab) * (6.0 if trial == 4 else rng.uniform(0.5, 4))).astype(np.float32)
-        history = rng.integers(0, vocab, size=60).tolist()
-        ours = dist(logits, history, params)
-        ref = _hf_probs(logits, history, params)
-        np.testing.assert_array_equal(ours > 0, ref > 0)
-        np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-7)
+        yield logits, rng.integers(0, vocab, size=60).tolist()
+
+
+@pytest.mark.parametrize("impl", ["python", "core"])
+@pytest.mark.parametrize("params", PARAMS)
+def test_probabilities_match_transformers(params, impl):
+    # "python" is mllama_q.sampling (the reference path), "core" the compiled sampler the
+    # scheduler uses; both within the bound derived from float32 error (_check_probs).
+    dist = probabilities if impl == "python" else _core_probs
+    for logits, history in _cases():
+        _check_probs(dist(logits, history, params), logits, history, params)
+
+
+def test_probability_check_still_catches_real_errors():
+    """The derived bound is tight enough to see real mistakes: a temperature 16 float32 ulps
+    off, a repetition penalty off by 1e-4, or one logit nudged by 1e-5 each fail it."""
+    import dataclasses
+
+    logits, history = list(_cases())[4]  # the 128,256-token case
+    history = history + [int(np.argmax(logits))]  # the penalty reaches the top token
+    p = SamplingParams(temperature=2.0, top_p=0.95, repetition_penalty=0.95)  # 12,431 survivors
+    _check_probs(probabilities(logits, history, p), logits, history, p)  # as is: passes
+    assert (probabilities(logits, history, p) > 0).sum() > 1000
+    wrong_t = dataclasses.replace(p, temperature=float(np.float32(2.0) * np.float32(1 + 2.0 ** -19)))
+    wrong_r = dataclasses.replace(p, repetition_penalty=0.95 * (1 + 1e-4))
+    nudged = logits.copy()
+    nudged[int(np.argmax(logits))] += 1e-5
+    for bad in (probabilities(logits, history, wrong_t), probabilities(logits, history, wrong_r),
+                probabilities(nudged, history, p)):
+        with pytest.raises(AssertionError):
+            _check_probs(bad, logits, history, p)
+
+
+@pytest.mark.parametrize("params", [SamplingParams(temperature=1.0, top_p=1.0, repetition_penalty=1.3),
+                                    SamplingParams(temperature=0.7, top_k=50, repetition_penalty=0.6)])
+def test_repetition_penalty_ignores_ids_past_the_logits_like_transformers(params):
+    # mllama's <|image|> id is the vocabulary size (the 11B: 128256 with 128256 logits): it was an
+    # IndexError. transformers' RepetitionPenaltyLogitsProcessor clamps such ids to a padded
+    # column it drops, so they take no penalty and change nothing else.
+    rng = np.random.default_rng(5)
+    V = 1000
+    logits = rng.standard_normal(V).astype(np.float32) * 3
+    history = [V, 5, V, 17, 999, V + 7] + rng.integers(0, V, size=20).tolist()
+    _check_probs(probabilities(logits, history, params), logits, history, params)
+    s = Sampler(SamplingParams(temperature=0, repetition_penalty=params.repetition_penalty))
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    want = RepetitionPenaltyLogitsProcessor(params.repetition_penalty)(torch.tensor([history]),
+                                                                       torch.from_numpy(logits.copy())[None])
+    assert s(logits, history) == int(want.argmax())
+
+
+def test_overflowing_temperature_and_nan_logits_give_a_distribution():
+    """Found by the inputs fuzzer: temperature 1e-45 overflows x / T to inf and inf - inf made
+    every probability NaN; a NaN logit poisoned the softmax (and was numpy's argmax). Now the
+    tiny temperature gives the right (here: greedy, ties shared) distribution, +inf logits share
+    the mass, and NaN scores are never drawn."""
+    x = np.array([-1e30, 9e29, 3.0, 9e29, 9.0e29 * (1 - 1e-6)], np.float32)
+    p = SamplingParams(temperature=1e-45, top_p=1.0)
+    np.testing.assert_array_equal(probabilities(x, [], p), [0, 0.5, 0, 0.5, 0])
+    assert Sampler(p)(x, []) in (1, 3)
+    huge = SamplingParams(temperature=0.6, top_k=5, top_p=0.1, repetition_penalty=2.0 ** 31)
+    np.testing.assert_array_equal(probabilities(np.array([-2.2e29], np.float32), [0], huge), [1.0])  # was NaN
+    inf = np.array([1.0, np.inf, 2.0, np.inf], np.float32)
+    np.testing.assert_array_equal(probabilities(inf, [], SamplingParams(temperature=0.7, top_p=1.0)), [0, .5, 0, .5])
+    y = np.array([0.5, np.nan, 2.0, -1.0], np.float32)
+    ref = np.exp(np.array([0.5, 2.0, -1.0]) - 2.0)
+    ref /= ref.sum()
+    np.testing.assert_allclose(probabilities(y, [], SamplingParams(temperature=1.0, top_p=1.0))[[0, 2, 3]], ref,
+                               rtol=1e-6)
+    assert probabilities(y, [], SamplingParams(temperature=1.0, top_p=1.0))[1] == 0
+    assert Sampler(SamplingParams(temperature=0))(y, []) == 2
+    assert {Sampler(SamplingParams(temperature=1.0, top_p=1.0, seed=s))(y, []) for s in range(200)} == {0, 2, 3}
 
 
 @pytest.mark.parametrize("params", PARAMS + [SamplingParams(temperature=0, repetition_penalty=1.5)])
@@ -433,6 +571,60 @@ def test_cli_chat_keeps_history_and_images(fake_model_module, capsys, tmp_path):
     prompt = m.tokenizer.decode(evals[-1][1])
     # after /reset: no image, no earlier turns
     assert "<|image|>" not in prompt and "What is it?" not in prompt and prompt.count("Hello") == 1
+
+
+def _bomb_png(path, w=20000, h=20000):
+    import importlib.util
+    from pathlib import Path as _P
+
+    spec = importlib.util.spec_from_file_location("fuzz_inputs", _P(__file__).resolve().parents[1] / "tools" /
+                                                  "fuzz" / "inputs.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    path.write_bytes(mod.bomb_png(w, h))
+    return path
+
+
+def test_cli_run_decompression_bomb_is_one_error_line(fake_model_module, capsys, tmp_path):
+    from mllama_q.cli import main
+
+    bomb = _bomb_png(tmp_path / "bomb.png")
+    assert main(["run", "-m", "x.gguf", "-i", str(bomb), "-p", "hi"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("mllama-q run: error: ") and "pixels" in err, err
+    assert not fake_model_module  # refused before the model was loaded
+    many = ["-i", str(tmp_path / "nope.png")] * 17  # the per-prompt cap, before any file is read
+    assert main(["run", "-m", "x.gguf", *many, "-p", "hi"]) == 1
+    assert "17 images in one prompt" in capsys.readouterr().err
+
+
+def test_cli_chat_survives_bad_images(fake_model_module, capsys, tmp_path):
+    """A bomb (or a file that breaks later) is an error line; the conversation goes on.
+    Regression: DecompressionBombError was not a ValueError and ended chat with a traceback."""
+    from mllama_q.cli.run import chat_main
+
+    bomb = _bomb_png(tmp_path / "bomb.png")
+    good = tmp_path / "ok.png"
+    Image.fromarray(np.full((30, 40, 3), 10, np.uint8)).save(good)
+    late = tmp_path / "late.png"
+    Image.fromarray(np.full((30, 40, 3), 99, np.uint8)).save(late)
+
+    def break_late():
+        late.write_bytes(b"\x89PNG broken")  # replaced after it was attached
+        return "Look at this."
+
+    lines = iter(["First?", "/image " + str(bomb), "/image " + str(late), break_late, "/image " + str(good),
+                  "Second?", "/quit"])
+    rc = chat_main(["-m", "x.gguf", "--temperature", "0"],
+                   input_fn=lambda _: (lambda x: x() if callable(x) else x)(next(lines)))
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert out.count("Fine, thanks.") == 2
+    assert "pixels" in out and "decompression bomb" in out          # the bomb, at /image
+    assert "cannot" in out and "attached image(s) dropped" in out    # the broken file, at its turn
+    m = fake_model_module[-1]
+    last = [m.tokenizer.decode(c[1]) for c in m.calls if c[0] == "eval" and c[1].size > 1][-1]
+    assert "First?" in last and "Look at this." not in last and last.count("<|image|>") == 1
 
 
 def test_cli_chat_second_turn_sees_history(fake_model_module, tmp_path):

@@ -30,14 +30,14 @@ def setup(tiny_checkpoint, tiny_gguf, hf_model):
             "model": mllama_q.Model(tiny_gguf(ckpt, "f32"), n_ctx=256, kv_type="f32")}
 
 
-def _hf_reply(setup, messages, images, n_new):
+def _hf_reply(setup, messages, images, n_new, **gen_kw):
     proc, hf = setup["proc"], setup["hf"]
     text = proc.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, date_string=DATE)
     kw = {"images": [images]} if images else {}
     inp = proc(text=text, add_special_tokens=False, return_tensors="pt", **kw)
     inp["attention_mask"] = torch.ones_like(inp["input_ids"])
     with torch.no_grad():
-        out = hf.generate(**inp, max_new_tokens=n_new, do_sample=False)
+        out = hf.generate(**inp, max_new_tokens=n_new, do_sample=False, **gen_kw)
     return inp["input_ids"].shape[1], out[0, inp["input_ids"].shape[1]:].tolist()
 
 
@@ -80,3 +80,21 @@ def test_sampling_is_seeded(setup):
     b = generate(m, messages=msgs, max_new_tokens=12, seed=7, temperature=1.0, top_k=20, top_p=0.95)
     assert a.tokens == b.tokens and a.completion_tokens >= 1
     assert np.isfinite(a.timings["prefill_s"])
+
+
+@pytest.mark.parametrize("penalty", [1.3, 0.8])
+def test_repetition_penalty_with_an_image_matches_transformers(setup, penalty):
+    """The prompt holds <|image|> = vocab_size, an id with no logit: transformers' processor
+    gives it no penalty; ours raised IndexError (issue 8)."""
+    messages, photos, n_new = CASES["two_photos"]
+    images = [_photo(p) for p in photos]
+    m = setup["model"]
+    assert m.image_token_id == m.text_hparams["vocab_size"]  # as in the real 11B (128256)
+    _, ref = _hf_reply(setup, messages, images, 24, repetition_penalty=penalty)
+    res = m.generate(messages=messages, images=images, temperature=0, max_new_tokens=24, repetition_penalty=penalty,
+                     chat_kwargs={"date_string": DATE})
+    cut = next((i for i, t in enumerate(ref) if t in set(m.stop_ids)), len(ref))
+    assert res.tokens == ref[:cut]
+    plain = m.generate(messages=messages, images=images, temperature=0, max_new_tokens=24,
+                       chat_kwargs={"date_string": DATE})
+    assert plain.tokens != res.tokens  # the penalty changed the reply: the comparison means something

@@ -6,6 +6,7 @@
 #include <pybind11/numpy.h>
 #include <pybind11/stl.h>
 
+#include <limits>
 #include <memory>
 #include <string>
 
@@ -61,11 +62,14 @@ public:
     py::array_t<float> matmul(py::array x, py::array w, const std::string& wtype, int64_t n, int64_t k,
                               std::optional<py::array> bias) {
         auto xf = f32_array(x, "x");
+        require(n >= 0 && k > 0, "need n >= 0 and k > 0");
         require(xf.ndim() == 2 && xf.shape(1) == k, "x must be [M, K]");
         require_c_contiguous(w, "w");
         const TypeInfo& ti = type_info_by_name(wtype.c_str());
-        require(size_t(w.nbytes()) == row_size(ti.type, k) * size_t(n), "w byte count does not match N rows of K values");
+        require(size_t(w.nbytes()) == checked_bytes(n, row_size(ti.type, k), "w bytes"),
+                "w byte count does not match N rows of K values");
         const int64_t M = xf.shape(0);
+        const int64_t n_out = checked_mul(M, n, "matmul output [M, N]");
         Weight W = be_->upload(w.data(), ti.type, n, k);
         auto dx = upload(xf);
         std::unique_ptr<DevBuf> db;
@@ -74,8 +78,8 @@ public:
             require(bf.size() == n, "bias must have N elements");
             db = upload(bf);
         }
-        DevBuf dy(be_.get(), std::max<int64_t>(M * n, 1) * sizeof(float));
-        {
+        DevBuf dy(be_.get(), checked_bytes(std::max<int64_t>(n_out, 1), sizeof(float), "matmul output bytes"));
+        if (n_out > 0) {
             py::gil_scoped_release nogil;
             be_->matmul(dx->f(), M, k, W, db ? db->f() : nullptr, dy.f(), n);
         }
@@ -84,19 +88,20 @@ public:
         return out;
     }
 
-    py::array_t<float> get_rows(py::array table, const std::string& type, int64_t rows, int64_t cols,
-                                py::array_t<int32_t, py::array::c_style | py::array::forcecast> ids) {
+    py::array_t<float> get_rows(py::array table, const std::string& type, int64_t rows, int64_t cols, py::array ids) {
         require_c_contiguous(table, "table");
+        require(rows >= 0 && cols >= 0, "rows and cols must be non-negative");
         const TypeInfo& ti = type_info_by_name(type.c_str());
-        require(size_t(table.nbytes()) == row_size(ti.type, cols) * size_t(rows), "table byte count mismatch");
+        require(size_t(table.nbytes()) == checked_bytes(rows, row_size(ti.type, cols), "table bytes"),
+                "table byte count mismatch");
+        auto id32 = int32_checked(ids, "ids", 0, rows - 1);  // every id a row of the table
+        const int64_t n = id32.size();
+        const int64_t n_out = checked_mul(n, cols, "get_rows output [n_ids, cols]");
         Weight W = be_->upload(table.data(), ti.type, rows, cols);
-        for (py::ssize_t i = 0; i < ids.size(); i++)   // a device backend cannot check them
-            require(ids.data()[i] >= 0 && ids.data()[i] < rows,
-                    "get_rows: id " + std::to_string(ids.data()[i]) + " out of range [0, " + std::to_string(rows) + ")");
-        auto dids = upload(ids);
-        DevBuf out(be_.get(), std::max<int64_t>(ids.size() * cols, 1) * sizeof(float));
-        be_->get_rows(W, static_cast<const int32_t*>(dids->p), ids.size(), out.f());
-        auto r = download(out, {ids.size(), cols});
+        auto dids = upload(id32);  // checked on the host above: a device backend cannot check them
+        DevBuf out(be_.get(), checked_bytes(std::max<int64_t>(n_out, 1), sizeof(float), "get_rows output bytes"));
+        if (n_out > 0) be_->get_rows(W, static_cast<const int32_t*>(dids->p), n, out.f());
+        auto r = download(out, {n, cols});
         release_weight(W, table.data());
         return r;
     }
@@ -139,15 +144,16 @@ public:
         return download(*da, shape);
     }
 
-    py::array_t<float> rope(py::array x, py::array_t<int32_t, py::array::c_style | py::array::forcecast> pos,
-                            py::array inv_freq) {
+    py::array_t<float> rope(py::array x, py::array pos, py::array inv_freq) {
         auto xf = f32_array(x, "x"), ff = f32_array(inv_freq, "inv_freq");
         require(xf.ndim() == 3, "x must be [n_tok, n_head, head_dim]");
-        require(pos.size() == xf.shape(0), "pos must have n_tok entries");
+        auto p32 = int32_checked(pos, "pos", 0, std::numeric_limits<int32_t>::max());
+        require(p32.size() == xf.shape(0), "pos must have n_tok entries");
         require(ff.size() * 2 == xf.shape(2), "inv_freq must have head_dim/2 entries");
-        auto dx = upload(xf), dpos = upload(pos), dinv = upload(ff);
-        be_->rope(dx->f(), xf.shape(0), int(xf.shape(1)), int(xf.shape(2)), static_cast<const int32_t*>(dpos->p),
-                  dinv->f());
+        const int n_head = dim_int(xf, 1, "x n_head"), hd = dim_int(xf, 2, "x head_dim");
+        auto dx = upload(xf), dpos = upload(p32), dinv = upload(ff);
+        if (xf.size() > 0)
+            be_->rope(dx->f(), xf.shape(0), n_head, hd, static_cast<const int32_t*>(dpos->p), dinv->f());
         return download(*dx, {xf.shape(0), xf.shape(1), xf.shape(2)});
     }
 
@@ -161,8 +167,12 @@ public:
         require(k.itemsize() == v.itemsize() && (k.itemsize() == 4 || k.itemsize() == 2), "k and v must both be float32 or both float16");
         const DType kvt = k.itemsize() == 4 ? DType::F32 : DType::F16;
         const int64_t nq = qf.shape(0), nk = k.shape(0);
-        const int n_head = int(qf.shape(1)), hd = int(qf.shape(2)), n_kv = int(k.shape(1));
+        const int n_head = dim_int(qf, 1, "q n_head"), hd = dim_int(qf, 2, "q head_dim"),
+                  n_kv = dim_int(k, 1, "k n_kv_head");
         require(k.shape(2) == hd && v.shape(0) == nk && v.shape(1) == n_kv && v.shape(2) == hd, "k/v shape mismatch");
+        require(n_head > 0 && n_kv > 0 && hd > 0 && n_head % n_kv == 0,
+                "need n_head, n_kv_head, head_dim > 0 and n_head a multiple of n_kv_head");
+        require(nk > 0, "attention needs at least one key");
         auto dq = upload(qf), dk = upload(k), dv = upload(v);
         std::unique_ptr<DevBuf> dm;
         if (mask) {
@@ -288,7 +298,8 @@ void register_backend(py::module_& m) {
         .def_property_readonly("name", &PyBackend::name)
         .def("matmul", &PyBackend::matmul, py::arg("x"), py::arg("w"), py::arg("wtype"), py::arg("n"), py::arg("k"),
              py::arg("bias") = py::none())
-        .def("get_rows", &PyBackend::get_rows, py::arg("table"), py::arg("type"), py::arg("rows"), py::arg("cols"), py::arg("ids"))
+        .def("get_rows", &PyBackend::get_rows, py::arg("table"), py::arg("type"), py::arg("rows"), py::arg("cols"),
+             py::arg("ids"))
         .def("rms_norm", &PyBackend::rms_norm, py::arg("x"), py::arg("w"), py::arg("eps"))
         .def("layer_norm", &PyBackend::layer_norm, py::arg("x"), py::arg("w"), py::arg("b"), py::arg("eps"))
         .def("elementwise", &PyBackend::elementwise, py::arg("op"), py::arg("a"), py::arg("b") = py::none(), py::arg("s") = 0.0f)

@@ -30,8 +30,9 @@ void register_cpu(py::module_& m) {
         const TypeInfo& ti = type_info_by_name(wtype.c_str());
         require(ti.weight, std::string(ti.name) + " is an activation format, not a weight type");
         const size_t rs = row_size(ti.type, k);   // throws if k is not a multiple of the block
-        require(static_cast<size_t>(w.nbytes()) == rs * static_cast<size_t>(n),
-                "w has " + std::to_string(w.nbytes()) + " bytes, expected " + std::to_string(rs * n) +
+        const size_t expect = checked_bytes(n, rs, "w bytes");
+        require(static_cast<size_t>(w.nbytes()) == expect,
+                "w has " + std::to_string(w.nbytes()) + " bytes, expected " + std::to_string(expect) +
                     " for N=" + std::to_string(n) + " rows of K=" + std::to_string(k) + " " + wtype + " values");
         return ti.type;
     };
@@ -41,7 +42,9 @@ void register_cpu(py::module_& m) {
         [check](py::array x, py::array w, const std::string& wtype, int64_t n, int64_t k) {
             const DType t = check(x, w, wtype, n, k);
             const int64_t M = x.shape(0);
+            checked_mul(M, n, "matmul output [M, N]");
             py::array_t<float> y({M, n});
+            if (M == 0 || n == 0) return y;
             const float* xp = static_cast<const float*>(x.data());
             const void* wp = w.data();
             float* yp = y.mutable_data();
@@ -60,7 +63,7 @@ void register_cpu(py::module_& m) {
             const DType t = check(x, w, wtype, n, k);
             require(iters >= 1, "iters must be >= 1");
             const int64_t M = x.shape(0);
-            std::vector<float> y(static_cast<size_t>(M * n));
+            std::vector<float> y(static_cast<size_t>(checked_mul(M, n, "matmul output [M, N]")));
             std::vector<double> times;
             const float* xp = static_cast<const float*>(x.data());
             const void* wp = w.data();
@@ -97,8 +100,11 @@ void register_cpu(py::module_& m) {
             require_c_contiguous(v, "v");
             require(k.itemsize() == v.itemsize() && (k.itemsize() == 4 || k.itemsize() == 2), "k and v must both be float32 or both float16");
             const int64_t nq = q.shape(0), nk = k.shape(0);
-            const int n_head = int(q.shape(1)), hd = int(q.shape(2)), n_kv = int(k.shape(1));
+            const int n_head = dim_int(q, 1, "q n_head"), hd = dim_int(q, 2, "q head_dim"),
+                      n_kv = dim_int(k, 1, "k n_kv_head");
             require(k.shape(2) == hd && v.shape(0) == nk && v.shape(1) == n_kv && v.shape(2) == hd, "k/v shape mismatch");
+            require(n_head > 0 && n_kv > 0 && hd > 0 && nk > 0 && n_head % n_kv == 0,
+                    "need n_head, n_kv_head, head_dim and the key count > 0, n_head a multiple of n_kv_head");
             require(iters > 0, "iters must be positive");
             auto be = make_cpu_backend(ThreadPool::global());
             std::vector<float> out(size_t(nq) * n_head * hd);
@@ -192,8 +198,9 @@ void register_cpu(py::module_& m) {
           "Force a kernel path: 'auto', 'scalar', 'avx2' or 'avx512'.");
     m.def("cpu_paths", &cpu::available_paths, "Kernel paths this CPU can run.");
     m.def("num_threads", [] { return ThreadPool::global().size(); });
-    m.def("set_num_threads", &ThreadPool::set_global_threads, py::arg("n"),
-          "Resize the global thread pool (n <= 0: one per available CPU).");
+    m.def("set_num_threads", &ThreadPool::set_global_threads, py::arg("n"), py::call_guard<py::gil_scoped_release>(),
+          "Resize the global thread pool (n <= 0: one per available CPU; at most 1024). Safe while other threads "
+          "run kernels: it waits for the parallel loop in progress (if any) and every later loop uses n threads.");
 }
 
 }  // namespace mq::bind

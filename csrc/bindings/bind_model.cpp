@@ -11,6 +11,7 @@
 
 #include "bindings/array_check.h"
 #include "bindings/bindings.h"
+#include "bindings/hparams_py.h"
 #include "bindings/sample_params_py.h"
 #include "bindings/tensor_map_py.h"
 #include "common/threadpool.h"
@@ -20,52 +21,6 @@ namespace py = pybind11;
 
 namespace mq::bind {
 namespace {
-
-template <typename T>
-T get(const py::dict& d, const char* key, const char* what) {
-    if (!d.contains(key)) throw std::invalid_argument(std::string(what) + " is missing '" + key + "'");
-    try {
-        return d[key].cast<T>();
-    } catch (const py::cast_error&) {
-        throw std::invalid_argument(std::string(what) + "['" + key + "'] has the wrong type");
-    }
-}
-
-TextHParams text_hparams_from(const py::dict& d) {
-    const char* w = "text_hparams";
-    TextHParams hp;
-    hp.vocab_size = get<int64_t>(d, "vocab_size", w);
-    hp.hidden_size = get<int64_t>(d, "hidden_size", w);
-    hp.intermediate_size = get<int64_t>(d, "intermediate_size", w);
-    hp.n_layer = get<int>(d, "n_layer", w);
-    hp.n_head = get<int>(d, "n_head", w);
-    hp.n_kv_head = get<int>(d, "n_kv_head", w);
-    hp.head_dim = get<int>(d, "head_dim", w);
-    hp.rms_eps = get<float>(d, "rms_eps", w);
-    hp.cross_attention_layers = get<std::vector<int>>(d, "cross_attention_layers", w);
-    hp.rope_inv_freq = get<std::vector<float>>(d, "rope_inv_freq", w);
-    return hp;
-}
-
-VisionHParams vision_hparams_from(const py::dict& d) {
-    const char* w = "vision_hparams";
-    VisionHParams hp{};
-    hp.hidden_size = get<int>(d, "hidden_size", w);
-    hp.intermediate_size = get<int>(d, "intermediate_size", w);
-    hp.num_layers = get<int>(d, "num_layers", w);
-    hp.num_global_layers = get<int>(d, "num_global_layers", w);
-    hp.n_head = get<int>(d, "n_head", w);
-    hp.image_size = get<int>(d, "image_size", w);
-    hp.patch_size = get<int>(d, "patch_size", w);
-    hp.num_channels = get<int>(d, "num_channels", w);
-    hp.max_num_tiles = get<int>(d, "max_num_tiles", w);
-    hp.max_aspect_ratio_id = get<int>(d, "max_aspect_ratio_id", w);
-    hp.norm_eps = get<float>(d, "norm_eps", w);
-    hp.intermediate_layers = get<std::vector<int>>(d, "intermediate_layers", w);
-    hp.out_dim = get<int>(d, "out_dim", w);
-    if (d.contains("intermediate_at_layer_input")) hp.intermediate_at_layer_input = get<bool>(d, "intermediate_at_layer_input", w);
-    return hp;
-}
 
 std::unique_ptr<Backend> make_backend(const std::string& device) {
     if (device == "cpu") return make_cpu_backend(ThreadPool::global());
@@ -163,22 +118,31 @@ public:
     // its aspect-ratio id, aspect_ratio_mask [T].
     PyImageJob begin_image(py::object self, py::array pixel_values, int aspect_ratio_id, py::array aspect_ratio_mask) {
         load_vision();
+        require(vhp_.has_value(), "the model was loaded without its vision encoder (vision=False)");
         F32 px = squeeze_batch(F32(pixel_values), 4, "pixel_values");   // [T, C, H, W]
-        I32 msk = squeeze_batch(I32(aspect_ratio_mask), 1, "aspect_ratio_mask");  // [T]
+        require(px.shape(0) > 0, "pixel_values holds no tile");
+        require_finite(px.data(), px.size(), "pixel_values");
+        require(aspect_ratio_id >= 0 && aspect_ratio_id <= vhp_->max_aspect_ratio_id,
+                "aspect_ratio_id " + std::to_string(aspect_ratio_id) + " is outside [0, " +
+                    std::to_string(vhp_->max_aspect_ratio_id) + "]");
+        // [T] 0/1 flags, checked before narrowing to int32
+        I32 msk = squeeze_batch(int32_checked(aspect_ratio_mask, "aspect_ratio_mask", 0, 1), 1, "aspect_ratio_mask");
         require(msk.shape(0) == px.shape(0), "aspect_ratio_mask must have one entry per tile");
+        const int tiles = dim_int(px, 0, "pixel_values tiles"), ch = dim_int(px, 1, "pixel_values channels"),
+                  h = dim_int(px, 2, "pixel_values height"), w = dim_int(px, 3, "pixel_values width");
         PyImageJob j;
         j.model = this;
         j.owner = self;
         py::gil_scoped_release nogil;
         std::lock_guard<std::mutex> lock(mu_);
-        j.job = model_->begin_image(px.data(), aspect_ratio_id, msk.data(), int(px.shape(0)), int(px.shape(1)),
-                                    int(px.shape(2)), int(px.shape(3)));
+        j.job = model_->begin_image(px.data(), aspect_ratio_id, msk.data(), tiles, ch, h, w);
         return j;
     }
 
     PyImage image_from_states(py::object self, py::array states) {
         F32 s = squeeze_batch(F32(states), 3, "states");  // [T, P, D]
         require(s.shape(2) == model_->text_hparams().hidden_size, "states must be [n_tiles, n_patches, hidden_size]");
+        require_finite(s.data(), s.size(), "states");
         PyImage im;
         im.owner = self;
         py::gil_scoped_release nogil;
@@ -240,13 +204,15 @@ public:
             auto t = entries[i].cast<py::tuple>();
             require(t.size() == 5, "step entries are (slot, tokens, mask, logits, sample)");
             MllamaModel::Entry& e = es[i];
-            e.slot = t[0].cast<int>();
-            held[i].tokens = squeeze_batch(I32(t[1].cast<py::array>()), 1, "tokens");
+            e.slot = int_in_range(t[0], "slot", 0, model_->n_seq() - 1);
+            // ids index token_embd (vocab_size + 8 rows, <|image|> = vocab_size); checked before narrowing
+            held[i].tokens = squeeze_batch(int32_checked(t[1].cast<py::array>(), "tokens", 0, V + 8 - 1), 1, "tokens");
             e.tokens = held[i].tokens.data();
             e.n = held[i].tokens.shape(0);
             require(e.n > 0, "tokens is empty");
             if (!t[2].is_none()) {
-                held[i].mask = squeeze_batch(I32(t[2].cast<py::array>()), 3, "cross_attention_mask");
+                held[i].mask = squeeze_batch(int32_checked(t[2].cast<py::array>(), "cross_attention_mask", 0, 1), 3,
+                                             "cross_attention_mask");
                 const I32& m = *held[i].mask;
                 int n_img = 0, n_tiles = 0;
                 {
@@ -264,8 +230,7 @@ public:
                     require(m.shape(0) == e.n, "cross_attention_mask must have one row per token");
                 }
             }
-            e.logits = t[3].cast<int>();
-            require(e.logits >= 0 && e.logits <= 2, "logits must be 0 (none), 1 (last row) or 2 (every row)");
+            e.logits = int_in_range(t[3], "logits (0 none, 1 last row, 2 every row)", 0, 2);
             if (e.logits == 2) held[i].logits = py::array_t<float>({e.n, V});
             else if (e.logits == 1) held[i].logits = py::array_t<float>({V});
             if (e.logits) e.logits_out = held[i].logits.cast<py::array_t<float>>().mutable_data();

@@ -29,6 +29,7 @@ void register_quants(py::module_& m) {
             const int64_t rows = x.shape(0), cols = x.shape(1);
             const size_t rs = row_size(ti.type, cols);
             py::array_t<uint8_t> out({rows, static_cast<int64_t>(rs)});
+            if (rows == 0 || cols == 0) return out;  // nothing to do (a zero-size axis may sit beside a huge one)
             const float* src = static_cast<const float*>(x.data());
             uint8_t* dst = out.mutable_data();
             {
@@ -51,11 +52,14 @@ void register_quants(py::module_& m) {
             const TypeInfo& ti = type_info_by_name(type.c_str());
             require(rows >= 0 && cols >= 0, "rows and cols must be non-negative");
             const size_t rs = row_size(ti.type, cols);
-            require(static_cast<size_t>(data.nbytes()) == rs * static_cast<size_t>(rows),
+            const size_t expect = checked_bytes(rows, rs, "dequantize data bytes");
+            require(static_cast<size_t>(data.nbytes()) == expect,
                     "data has " + std::to_string(data.nbytes()) + " bytes, expected " +
-                        std::to_string(rs * rows) + " for " + std::to_string(rows) + " rows of " +
+                        std::to_string(expect) + " for " + std::to_string(rows) + " rows of " +
                         std::to_string(cols) + " " + type + " values");
+            checked_mul(rows, cols, "dequantize output [rows, cols]");
             py::array_t<float> out({rows, cols});
+            if (rows == 0 || cols == 0) return out;  // 2**40 rows of 0 values: no 2**40-step loop
             const uint8_t* src = static_cast<const uint8_t*>(data.data());
             float* dst = out.mutable_data();
             {

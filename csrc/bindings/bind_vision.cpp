@@ -15,6 +15,7 @@
 #include "backend/backend.h"
 #include "bindings/array_check.h"
 #include "bindings/bindings.h"
+#include "bindings/hparams_py.h"
 #include "bindings/tensor_map_py.h"
 #include "common/threadpool.h"
 #include "model/vision.h"
@@ -24,31 +25,6 @@ namespace py = pybind11;
 namespace mq::bind {
 namespace {
 
-VisionHParams hparams_from_py(const py::dict& d) {
-    auto get_int = [&](const char* k) {
-        require(d.contains(k), std::string("vision hparams: missing key '") + k + "'");
-        return d[k].cast<int>();
-    };
-    VisionHParams hp;
-    hp.hidden_size = get_int("hidden_size");
-    hp.intermediate_size = get_int("intermediate_size");
-    hp.num_layers = get_int("num_layers");
-    hp.num_global_layers = get_int("num_global_layers");
-    hp.n_head = get_int("n_head");
-    hp.image_size = get_int("image_size");
-    hp.patch_size = get_int("patch_size");
-    hp.num_channels = get_int("num_channels");
-    hp.max_num_tiles = get_int("max_num_tiles");
-    hp.max_aspect_ratio_id = get_int("max_aspect_ratio_id");
-    require(d.contains("norm_eps"), "vision hparams: missing key 'norm_eps'");
-    hp.norm_eps = d["norm_eps"].cast<float>();
-    require(d.contains("intermediate_layers"), "vision hparams: missing key 'intermediate_layers'");
-    hp.intermediate_layers = d["intermediate_layers"].cast<std::vector<int>>();
-    hp.out_dim = get_int("out_dim");
-    if (d.contains("intermediate_at_layer_input")) hp.intermediate_at_layer_input = d["intermediate_at_layer_input"].cast<bool>();
-    return hp;
-}
-
 class PyVisionEncoder {
 public:
     PyVisionEncoder(py::dict tensors, py::dict hparams, const std::string& device, int device_id)
@@ -57,7 +33,7 @@ public:
         else if (device == "cuda") be_ = make_cuda_backend(device_id);
         else throw std::invalid_argument("unknown device '" + device + "' (expected 'cpu' or 'cuda')");
         tm_ = tensor_map_from_py(tensors, *be_);
-        enc_ = std::make_unique<VisionEncoder>(*be_, tm_, hparams_from_py(hparams));
+        enc_ = std::make_unique<VisionEncoder>(*be_, tm_, vision_hparams_from(hparams));
     }
     ~PyVisionEncoder() {
         enc_.reset();  // frees its backend buffers before the backend goes
@@ -65,9 +41,7 @@ public:
 
     int64_t num_patches() const { return enc_->num_patches(); }
 
-    py::array_t<float> encode(py::array pixel_values,
-                              py::array_t<int32_t, py::array::c_style | py::array::forcecast> ar_ids,
-                              py::array_t<int32_t, py::array::c_style | py::array::forcecast> ar_mask) {
+    py::array_t<float> encode(py::array pixel_values, py::array aspect_ratio_ids, py::array aspect_ratio_mask) {
         const VisionHParams& hp = enc_->hparams();
         require_dtype<float>(pixel_values, "pixel_values", "float32");
         require_c_contiguous(pixel_values, "pixel_values");
@@ -80,13 +54,18 @@ public:
                     std::to_string(hp.num_channels) + ", " + std::to_string(hp.image_size) + ", " +
                     std::to_string(hp.image_size) + "]");
         int64_t n_img = 1;
-        for (int i = 0; i < nd - 4; i++) n_img *= s[i];
+        for (int i = 0; i < nd - 4; i++) n_img = checked_mul(n_img, s[i], "pixel_values images");
+        checked_int(n_img, "pixel_values images");
+        require_finite(static_cast<const float*>(pixel_values.data()), pixel_values.size(), "pixel_values");
+        auto ar_ids = int32_checked(aspect_ratio_ids, "aspect_ratio_ids", 0, hp.max_aspect_ratio_id);
+        auto ar_mask = int32_checked(aspect_ratio_mask, "aspect_ratio_mask", 0, 1);
         require(ar_ids.size() == n_img, "aspect_ratio_ids must have one entry per image");
-        require(ar_mask.size() == n_img * hp.max_num_tiles, "aspect_ratio_mask must be [n_img, max_tiles]");
+        require(ar_mask.size() == checked_mul(n_img, hp.max_num_tiles, "aspect_ratio_mask size"),
+                "aspect_ratio_mask must be [n_img, max_tiles]");
         const int64_t P = enc_->num_patches(), O = enc_->out_dim();
-        const int64_t n_out = n_img * hp.max_num_tiles * P * O;
+        const int64_t n_out = checked_product({n_img, hp.max_num_tiles, P, O}, "vision output size");
         py::array_t<float> out({py::ssize_t(n_img), py::ssize_t(hp.max_num_tiles), py::ssize_t(P), py::ssize_t(O)});
-        float* dout = static_cast<float*>(be_->alloc(size_t(std::max<int64_t>(n_out, 1)) * sizeof(float)));
+        float* dout = static_cast<float*>(be_->alloc(checked_bytes(std::max<int64_t>(n_out, 1), sizeof(float), "vision output bytes")));
         try {
             py::gil_scoped_release nogil;
             enc_->encode(static_cast<const float*>(pixel_values.data()), ar_ids.data(), ar_mask.data(), int(n_img),

@@ -1,5 +1,7 @@
 #include "common/formats.h"
 
+#include "common/checked.h"
+
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -86,7 +88,7 @@ size_t row_size(DType t, int64_t n) {
     if (n < 0 || n % ti.block_size != 0)
         throw std::invalid_argument(std::string("row length ") + std::to_string(n) + " is not a multiple of the " +
                                     ti.name + " block size " + std::to_string(ti.block_size));
-    return static_cast<size_t>(n / ti.block_size) * ti.type_size;
+    return checked_bytes(n / ti.block_size, size_t(ti.type_size), "row size");
 }
 
 }  // namespace mq

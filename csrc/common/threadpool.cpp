@@ -17,19 +17,41 @@
 namespace mq {
 
 static constexpr uint64_t kOpen = 1ull << 31;   // admit_: loop open for joining
+static constexpr int kMaxThreads = 1024;         // more is a typo, not a machine
 
-ThreadPool::ThreadPool(int n_threads) : n_threads_(n_threads < 1 ? 1 : n_threads) {
-    for (int i = 1; i < n_threads_; i++) workers_.emplace_back(&ThreadPool::worker, this, i);
+ThreadPool::ThreadPool(int n_threads) : n_threads_(n_threads < 1 ? 1 : n_threads) { start_workers(); }
+
+ThreadPool::~ThreadPool() { stop_workers(); }
+
+void ThreadPool::start_workers() {
+    stop_.store(false, std::memory_order_release);
+    // New workers start from the current generation: they must not mistake the
+    // last (finished) loop for a new one.
+    const uint64_t g = generation_.load(std::memory_order_acquire);
+    const int n = n_threads_.load(std::memory_order_relaxed);
+    for (int i = 1; i < n; i++) workers_.emplace_back(&ThreadPool::worker, this, i, g);
 }
 
-ThreadPool::~ThreadPool() {
+void ThreadPool::stop_workers() {
     {
         std::lock_guard<std::mutex> lk(mu_);
-        stop_ = true;
+        stop_.store(true, std::memory_order_release);
         generation_.fetch_add(1);
     }
     cv_.notify_all();
     for (auto& t : workers_) t.join();
+    workers_.clear();
+}
+
+void ThreadPool::resize(int n_threads) {
+    if (n_threads < 1) n_threads = 1;
+    // Holding run_mu_ means no loop is running (parallel_for holds it for the
+    // whole loop), so no worker is inside a task while they are replaced.
+    std::lock_guard<std::mutex> run_lock(run_mu_);
+    if (n_threads == n_threads_.load(std::memory_order_relaxed)) return;
+    stop_workers();
+    n_threads_.store(n_threads, std::memory_order_release);
+    start_workers();
 }
 
 void ThreadPool::run_tasks(int thread) {
@@ -46,8 +68,7 @@ void ThreadPool::run_tasks(int thread) {
     }
 }
 
-void ThreadPool::worker(int index) {
-    uint64_t seen = 0;
+void ThreadPool::worker(int index, uint64_t seen) {
     for (;;) {
         // Spin a little for the next loop, then sleep on the condition variable.
         uint64_t g = generation_.load(std::memory_order_acquire);
@@ -63,7 +84,7 @@ void ThreadPool::worker(int index) {
             g = generation_.load(std::memory_order_acquire);
         }
         seen = g;
-        if (stop_) return;
+        if (stop_.load(std::memory_order_acquire)) return;
         // Join the loop of generation g if it is still open.
         const uint64_t id = (g & 0xffffffffull) << 32;
         uint64_t a = admit_.load(std::memory_order_acquire);
@@ -79,11 +100,15 @@ void ThreadPool::worker(int index) {
 
 void ThreadPool::parallel_for(int64_t n_tasks, const std::function<void(int64_t, int)>& fn) {
     if (n_tasks <= 0) return;
-    if (n_threads_ == 1 || n_tasks == 1) {
+    if (n_threads_.load(std::memory_order_acquire) == 1 || n_tasks == 1) {
         for (int64_t t = 0; t < n_tasks; t++) fn(t, 0);
         return;
     }
     std::lock_guard<std::mutex> run_lock(run_mu_);
+    if (workers_.empty()) {  // resized to one thread meanwhile
+        for (int64_t t = 0; t < n_tasks; t++) fn(t, 0);
+        return;
+    }
     fn_ = &fn;
     n_tasks_ = n_tasks;
     error_ = nullptr;
@@ -113,7 +138,7 @@ void ThreadPool::parallel_for(int64_t n_tasks, const std::function<void(int64_t,
 }
 
 int ThreadPool::default_threads() {
-    if (const int n = env::num_threads(); n > 0) return n;
+    if (const int n = env::num_threads(); n > 0) return n < kMaxThreads ? n : kMaxThreads;
 #if defined(__linux__)
     cpu_set_t set;
     if (sched_getaffinity(0, sizeof(set), &set) == 0) {
@@ -163,9 +188,11 @@ ThreadPool& ThreadPool::global() {
 }
 
 void ThreadPool::set_global_threads(int n) {
-    std::lock_guard<std::mutex> lk(g_pool_mu);
-    if (n > 1024) throw std::invalid_argument("n_threads must be <= 1024, got " + std::to_string(n));
-    global_slot() = std::make_unique<ThreadPool>(n > 0 ? n : default_threads());
+    if (n > kMaxThreads)
+        throw std::invalid_argument("n_threads must be <= " + std::to_string(kMaxThreads) + ", got " + std::to_string(n));
+    // In place, never a new pool: backends keep a reference to global() and
+    // other threads may be inside one of its loops right now (see resize).
+    global().resize(n > 0 ? n : default_threads());
 }
 
 }  // namespace mq

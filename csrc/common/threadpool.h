@@ -8,6 +8,13 @@
 // more than the loop. The first exception thrown by fn is re-thrown on the
 // calling thread after all workers have left the loop.
 //
+// Resizing (resize(), set_global_threads()) is safe while other threads run
+// loops on the pool: the pool object stays the same (so references held by
+// backends remain valid), the resize waits for the loop in progress, if any,
+// and every later loop runs on the new number of threads. A model forward pass
+// in progress therefore finishes its remaining kernels with the new count.
+// Never call it from inside a parallel_for task (it would wait for itself).
+//
 // fork(): a child process (multiprocessing's default start method on Linux, a
 // pre-forking server, the fuzz runner) inherits the pool's state but none of its
 // threads; a loop there would wait forever for workers that do not exist. The
@@ -32,13 +39,15 @@ public:
     ThreadPool(const ThreadPool&) = delete;
     ThreadPool& operator=(const ThreadPool&) = delete;
 
-    int size() const { return n_threads_; }
+    int size() const { return n_threads_.load(std::memory_order_acquire); }
     void parallel_for(int64_t n_tasks, const std::function<void(int64_t task, int thread)>& fn);
+    // Change the number of threads (>= 1); waits for the loop in progress.
+    void resize(int n_threads);
 
     // Process-wide pool. Sized from MLLAMA_Q_NUM_THREADS if set, else the
     // number of CPUs this process may run on.
     static ThreadPool& global();
-    static void set_global_threads(int n);   // rebuilds the global pool (n <= 0: default)
+    static void set_global_threads(int n);   // resizes the global pool in place (n <= 0: default)
     static int default_threads();
 
     // Called in the child of fork() (pthread_atfork, registered with the global pool):
@@ -47,10 +56,12 @@ public:
     void forget_workers_after_fork();
 
 private:
-    void worker(int index);
+    void worker(int index, uint64_t seen);
     void run_tasks(int thread);
+    void start_workers();   // spawns n_threads_ - 1 workers; run_mu_ held (or constructing)
+    void stop_workers();    // stops and joins them; run_mu_ held (or destroying)
 
-    int n_threads_;
+    std::atomic<int> n_threads_;
     std::vector<std::thread> workers_;
     std::mutex mu_;
     std::condition_variable cv_;
@@ -68,8 +79,8 @@ private:
     const std::function<void(int64_t, int)>* fn_ = nullptr;
     std::exception_ptr error_;
     std::mutex error_mu_;
-    bool stop_ = false;
-    std::mutex run_mu_;                     // one parallel_for at a time per pool
+    std::atomic<bool> stop_{false};
+    std::mutex run_mu_;                     // one parallel_for (or resize) at a time per pool
 };
 
 }  // namespace mq

@@ -7,6 +7,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "common/checked.h"
 #include "model/step_block.h"
 
 namespace mq {
@@ -95,15 +96,19 @@ TextDecoder::TextDecoder(Backend& be, const TensorMap& tm, const TextHParams& hp
         L.ffn_down = tm.get(blk(i, "ffn_down.weight"), {D, F});
     }
     // The caches last: every tensor was found first (a bad file fails before the big allocations).
-    const size_t slot_bytes = size_t(n_ctx) * kvdim * kv_elem_size(kv_type);
+    // n_ctx and n_seq come from the caller: every product is checked (common/checked.h).
+    const size_t slot_bytes = checked_bytes(checked_mul(n_ctx, kvdim, "KV cache [n_ctx, kv_dim]"),
+                                            kv_elem_size(kv_type), "KV cache bytes per sequence");
+    const size_t cache_bytes = checked_bytes(n_seq, slot_bytes, "KV cache bytes [n_seq, n_ctx, kv_dim]");
     for (Layer& L : layers_)
         if (!L.is_cross) {
             L.self.k_cache = BackendBuffer(&be);
             L.self.v_cache = BackendBuffer(&be);
-            L.self.k_cache.reserve(slot_bytes * n_seq);
-            L.self.v_cache.reserve(slot_bytes * n_seq);
+            L.self.k_cache.reserve(cache_bytes);
+            L.self.v_cache.reserve(cache_bytes);
         }
-    hist_.reserve(size_t(n_seq) * n_ctx * sizeof(int32_t));
+    hist_.reserve(checked_bytes(checked_mul(n_seq, n_ctx, "token history [n_seq, n_ctx]"), sizeof(int32_t),
+                                "token history bytes"));
     be_.to_device(inv_freq_.f32(int64_t(hp_.rope_inv_freq.size())), hp_.rope_inv_freq.data(),
                   hp_.rope_inv_freq.size() * sizeof(float));
     be_.synchronize();

@@ -96,11 +96,16 @@ def _load_model(args, want_vision: bool, err=None):
     return model
 
 
-def _check_images(paths) -> list[str]:
+def _check_images(paths, already: int = 0) -> list[str]:
+    """Decode each image once now: a missing, corrupt or oversized file (a decompression bomb)
+    fails before the slow model load, with a clear ValueError. `already`: images the
+    conversation holds (the per-prompt cap counts them too)."""
+    from mllama_q.hparams import check_image_count
     from mllama_q.processor import load_image
 
+    check_image_count(already + len(paths))  # before decoding any of them
     for p in paths:
-        load_image(p)  # fail before the (slow) model load on a missing or broken file
+        load_image(p)
     return list(paths)
 
 
@@ -321,7 +326,7 @@ def chat_main(argv=None, input_fn=None) -> int:
             if text.startswith("/image"):
                 path = text[len("/image"):].strip().strip("'\"")
                 try:
-                    _check_images([path])
+                    _check_images([path], already=len(images) + len(pending))
                 except ValueError as e:
                     out.write(f"error: {e}\n")
                     continue
@@ -355,8 +360,13 @@ def chat_main(argv=None, input_fn=None) -> int:
                 images += pending
                 pending = []
                 continue
-            except (ValueError, RuntimeError) as e:
+            except (ValueError, RuntimeError, OSError, MemoryError) as e:
+                # The conversation stays as it was before this message; its attached images are
+                # dropped (a bad one would fail every later turn too).
                 out.write(f"\nerror: {e}\n")
+                if pending:
+                    out.write(f"({len(pending)} attached image(s) dropped; /image to attach again)\n")
+                    pending = []
                 continue
             out.write("\n")
             if args.verbose:

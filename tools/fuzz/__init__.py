@@ -2,6 +2,7 @@
 
     python -m tools.fuzz                            # every family, 1000 cases each
     python -m tools.fuzz --family gguf -n 100000 --seed 7 --jobs 2 --out /tmp/fuzz-failures
+    python -m tools.fuzz --family inputs -n 10000   # images, parameters, arrays, quants, templates, configs
     python -m tools.fuzz --replay /tmp/fuzz-failures/gguf-7-1234-crash.pkl     # rerun one case here
 
 A FAMILY is a module `tools/fuzz/<family>.py` listed in FAMILIES below, exposing
@@ -9,6 +10,9 @@ A FAMILY is a module `tools/fuzz/<family>.py` listed in FAMILIES below, exposing
     generate(seed: int, n: int) -> Iterator[case]   # n cases, deterministic in (seed, index);
                                                     # a case is any picklable object
     run(case) -> None                               # exercise the library with it
+    prepare() -> None                               # optional: once per run, in a child of its
+                                                    # own, before the cases (build shared inputs)
+    kind_of(case) -> str                            # optional: per-kind counts in the summary
 
 `run` returning or raising a ValueError subclass (ModelFileError and the other documented
 clean errors) is a clean outcome; any other exception is UNCLEAN, a signal (segfault, abort)
@@ -20,4 +24,4 @@ the input file itself when the case has `materialize()`) for reproduction.
 """
 
 # Family name -> module tools.fuzz.<name>. Add a family by adding its module and its name here.
-FAMILIES = ("gguf",)
+FAMILIES = ("gguf", "inputs")

@@ -51,6 +51,8 @@ class Summary:
     counts: collections.Counter = field(default_factory=collections.Counter)
     wall_s: float = 0.0
     failures: list = field(default_factory=list)  # (index, outcome, detail) of every failing case
+    by_kind: dict = field(default_factory=dict)   # kind -> Counter of outcomes (families with kind_of)
+    interrupted: bool = False                     # stopped early (Ctrl-C / SIGTERM): the counts so far
 
     @property
     def failed(self) -> int:
@@ -60,12 +62,37 @@ class Summary:
         rate = self.cases / self.wall_s if self.wall_s > 0 else 0.0
         return (f"{self.family}: {self.cases} cases in {self.wall_s:.0f} s ({rate:.1f} cases/s): "
                 f"{self.counts[OK]} ok, {self.counts[CLEAN]} clean errors, {self.counts[UNCLEAN]} unclean, "
-                f"{self.counts[CRASH]} crashes, {self.counts[HANG]} hangs")
+                f"{self.counts[CRASH]} crashes, {self.counts[HANG]} hangs"
+                + (" (interrupted)" if self.interrupted else ""))
+
+    def kinds_line(self) -> str:
+        return ", ".join(f"{k} {sum(c.values())} ({c[OK]} ok, {c[CLEAN]} clean, {c[UNCLEAN]} unclean, "
+                         f"{c[CRASH]} crash, {c[HANG]} hang)" for k, c in sorted(self.by_kind.items()))
 
 
 def outcome_of(exc: BaseException) -> str:
     """A ValueError (ModelFileError and the library's other documented errors) is clean."""
     return CLEAN if isinstance(exc, ValueError) else UNCLEAN
+
+
+def _prepare(mod) -> None:
+    """The family's prepare() in a forked child (the parent must not start library threads
+    before it forks the case children); its failure stops the run."""
+    if not callable(getattr(mod, "prepare", None)):
+        return
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            mod.prepare()
+        except BaseException:  # noqa: BLE001
+            traceback.print_exc()
+            code = 1
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{mod.__name__}.prepare() failed (status {status})")
 
 
 def load_family(name: str):
@@ -140,6 +167,8 @@ def fuzz(family: str, seed: int = 0, n: int = 1000, *, jobs: int = 2, timeout: f
     """Run n cases of `family` (cases `only` if given: an iterable of indices); returns the Summary."""
     mod = load_family(family)
     summary = Summary(family, seed)
+    kind_of = getattr(mod, "kind_of", None)
+    _prepare(mod)
     only = None if only is None else set(int(i) for i in only)
     cases = ((i, c) for i, c in enumerate(mod.generate(seed, n)) if only is None or i in only)
     by_index: dict[int, object] = {}  # cases of running batches, for saving failures
@@ -155,6 +184,8 @@ def fuzz(family: str, seed: int = 0, n: int = 1000, *, jobs: int = 2, timeout: f
         summary.cases += 1
         summary.counts[outcome] += 1
         case = by_index.pop(index, None)
+        if kind_of is not None and case is not None:
+            summary.by_kind.setdefault(kind_of(case), collections.Counter())[outcome] += 1
         if outcome in FAILURES:
             summary.failures.append((index, outcome, detail))
             if out is not None:
@@ -240,6 +271,8 @@ def fuzz(family: str, seed: int = 0, n: int = 1000, *, jobs: int = 2, timeout: f
                 last = now
                 summary.wall_s = now - t0
                 print("  " + summary.line(), file=sys.stderr, flush=True)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM (main): stop, keep what was counted
+        summary.interrupted = True
     finally:
         for wk in list(workers.values()):
             try:
@@ -286,6 +319,10 @@ def main(argv=None) -> int:
     ap.add_argument("--replay", default=None, help="a saved .pkl case: run it in this process")
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     args = ap.parse_args(argv)
+    # Stoppable with Ctrl-C and SIGTERM even when started in the background (where the shell
+    # leaves SIGINT ignored): the children are killed and the counts so far printed.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     if args.replay:
         return replay(args.replay)
     only = [int(x) for x in args.only.split(",")] if args.only else None
@@ -295,8 +332,12 @@ def main(argv=None) -> int:
                  out_dir=args.out, mem_mb=args.mem_mb, progress=not args.quiet, only=only)
         summaries.append(s)
         print(s.line(), flush=True)
+        if s.by_kind:
+            print("  by kind: " + s.kinds_line(), flush=True)
         for index, outcome, detail in s.failures[:20]:
             print(f"  case {index}: {outcome}: {detail.strip().splitlines()[-1] if detail.strip() else ''}")
         if s.failures:
             print(f"  failing cases saved under {args.out}/ (replay: python -m tools.fuzz --replay FILE.pkl)")
+        if s.interrupted:
+            return 130
     return 1 if any(s.failed for s in summaries) else 0
