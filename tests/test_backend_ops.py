@@ -188,3 +188,38 @@ def test_attention_flash_masked_rows(be, cpu_path):
     mean = v.astype(np.float64)[: 1 + q_offset + 1].mean(axis=0)   # query 1 sees keys 0 .. 1 + q_offset
     assert rel(out[1], np.repeat(mean, n_head // n_kv, axis=0)) < 1e-5
     assert rel(out, _attention_ref(q, k, v, 0.125, mask, True, q_offset)) < 1e-5
+
+
+def test_profiler_records_ops_only_when_on(be):
+    # The opt-in per-op profiler (csrc/common/profile.h): off -> nothing recorded;
+    # on -> one entry per (region, op, detail) with the call count, the FLOP of a
+    # matmul (2 M N K) and the attention's phase shares inside its time.
+    from mllama_q import quants
+    x = rng.standard_normal((9, 1280)).astype(np.float32)
+    w = rng.standard_normal(1280).astype(np.float32)
+    _core.profile_enable(False)
+    _core.profile_reset()
+    be.layer_norm(x, w, w, 1e-5)
+    assert _core.profile_report() == []
+    _core.profile_enable(True)
+    try:
+        be.layer_norm(x, w, w, 1e-5)
+        be.layer_norm(x, w, w, 1e-5)
+        wq = quants.quantize(rng.standard_normal((48, 256)).astype(np.float32), "q8_0")
+        be.matmul(rng.standard_normal((5, 256)).astype(np.float32), wq, "q8_0", 48, 256)
+        q = rng.standard_normal((70, 2, 80)).astype(np.float32)
+        be.attention(q, q, q, 0.1)
+    finally:
+        _core.profile_enable(False)
+    rep = {(e["op"], e["detail"]): e for e in _core.profile_report()}
+    ln = rep[("layer_norm", "cols=1280")]
+    assert ln["calls"] == 2 and ln["seconds"] > 0 and ln["bytes"] == 2 * 8 * 9 * 1280
+    mm = rep[("matmul", "q8_0 48x256")]
+    assert mm["calls"] == 1 and mm["flop"] == 2 * 5 * 48 * 256
+    att = rep[("attention", "heads=2/2 hd=80")]
+    assert att["calls"] == 1 and att["flop"] == 4 * 70 * 70 * 80 * 2
+    phases = [e for (op, _), e in rep.items() if op.startswith("attention:")]
+    assert {e["op"] for e in phases} == {"attention:pack K/V", "attention:score", "attention:softmax", "attention:P.V"}
+    assert 0 < sum(e["seconds"] for e in phases) <= att["seconds"]
+    _core.profile_reset()
+    assert _core.profile_report() == []

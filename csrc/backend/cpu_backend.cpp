@@ -21,6 +21,7 @@
 
 #include "backend/backend.h"
 #include "common/fp16.h"
+#include "common/profile.h"
 #include "common/threadpool.h"
 #include "cpu/attention.h"
 #include "cpu/attention_flash.h"
@@ -31,6 +32,17 @@ namespace mq {
 namespace {
 
 constexpr int64_t kChunk = 16384;  // elements per task of elementwise ops
+
+// Profiling of one op (common/profile.h): `Timed t; ...; t.done("op", [&] { return detail; }, flop, bytes);`
+// reads the clock and builds the detail string only when profiling is on.
+struct Timed {
+    uint64_t t0 = prof::start();
+    template <class F>
+    void done(const char* op, F&& detail, double flop, double bytes) const {
+        if (t0) prof::record(op, detail(), t0, flop, bytes);
+    }
+};
+std::string str(int64_t v) { return std::to_string(v); }
 
 // The softmax of the vision tower evaluates ~26 billion exponentials for one
 // 4-tile image, so these loops are written to vectorise: the compiler builds
@@ -118,9 +130,21 @@ public:
         return p;
     }
     void free(void* p) override { std::free(p); }
-    void to_device(void* dst, const void* src, size_t bytes) override { std::memcpy(dst, src, bytes); }
-    void to_host(void* dst, const void* src, size_t bytes) override { std::memcpy(dst, src, bytes); }
-    void copy(void* dst, const void* src, size_t bytes) override { std::memmove(dst, src, bytes); }
+    void to_device(void* dst, const void* src, size_t bytes) override {
+        Timed t;
+        std::memcpy(dst, src, bytes);
+        t.done("copy", [] { return std::string("to_device"); }, 0, 2.0 * bytes);
+    }
+    void to_host(void* dst, const void* src, size_t bytes) override {
+        Timed t;
+        std::memcpy(dst, src, bytes);
+        t.done("copy", [] { return std::string("to_host"); }, 0, 2.0 * bytes);
+    }
+    void copy(void* dst, const void* src, size_t bytes) override {
+        Timed t;
+        std::memmove(dst, src, bytes);
+        t.done("copy", [] { return std::string("device"); }, 0, 2.0 * bytes);
+    }
     Weight upload(const void* host, DType type, int64_t rows, int64_t cols) override {
         row_size(type, cols);  // validates the row length against the block size
         if (rows < 0) throw std::invalid_argument("upload: negative row count");
@@ -132,12 +156,19 @@ public:
     void matmul(const float* x, int64_t M, int64_t ldx, const Weight& w, const float* bias, float* y,
                 int64_t ldy) override {
         if (ldx < w.cols || ldy < w.rows) throw std::invalid_argument("matmul: row stride smaller than the row");
+        uint64_t t0 = prof::start();
         cpu::matmul(x, M, w.cols, ldx, w.data, w.type, w.rows, y, ldy, pool_);
+        if (t0)
+            prof::record("matmul", std::string(type_info(w.type).name) + " " + std::to_string(w.rows) + "x" +
+                                       std::to_string(w.cols), t0, 2.0 * double(M) * w.rows * w.cols,
+                         double(M) * w.cols * 4 + double(w.rows) * row_size(w.type, w.cols) + double(M) * w.rows * 4);
         if (bias) {
+            t0 = prof::start();
             pool_.parallel_for(M, [&](int64_t m, int) {
                 float* yr = y + m * ldy;
                 for (int64_t n = 0; n < w.rows; n++) yr[n] += bias[n];
             });
+            if (t0) prof::record("bias", "N=" + std::to_string(w.rows), t0, double(M) * w.rows, 8.0 * M * w.rows);
         }
     }
 
@@ -147,15 +178,19 @@ public:
             if (ids[i] < 0 || ids[i] >= table.rows)
                 throw std::invalid_argument("get_rows: id " + std::to_string(ids[i]) + " out of range [0, " +
                                             std::to_string(table.rows) + ")");
+        Timed t;
         pool_.parallel_for(n, [&](int64_t i, int) {
             dequantize_row(table.type, static_cast<const uint8_t*>(table.data) + ids[i] * rs, out + i * table.cols,
                            table.cols);
         });
+        t.done("get_rows", [&] { return std::string(type_info(table.type).name) + " cols=" + str(table.cols); }, 0,
+               double(n) * (rs + 4.0 * table.cols));
     }
 
     // ---- elementwise and normalisation ------------------------------------
     void rms_norm(const float* x, const float* w, float* y, int64_t rows, int64_t cols, float eps) override {
         // HF MllamaTextRMSNorm: x * rsqrt(mean(x^2) + eps) * weight, in float32.
+        Timed t;
         pool_.parallel_for(rows, [&](int64_t r, int) {
             const float* xr = x + r * cols;
             float* yr = y + r * cols;
@@ -164,10 +199,12 @@ public:
             const float inv = 1.0f / std::sqrt(float(ss / cols) + eps);
             for (int64_t i = 0; i < cols; i++) yr[i] = (xr[i] * inv) * w[i];
         });
+        t.done("rms_norm", [&] { return "cols=" + str(cols); }, 4.0 * rows * cols, 8.0 * rows * cols);
     }
 
     void layer_norm(const float* x, const float* w, const float* b, float* y, int64_t rows, int64_t cols,
                     float eps) override {
+        Timed t;
         pool_.parallel_for(rows, [&](int64_t r, int) {
             const float* xr = x + r * cols;
             float* yr = y + r * cols;
@@ -180,6 +217,7 @@ public:
             const float fm = float(mean);
             for (int64_t i = 0; i < cols; i++) yr[i] = (xr[i] - fm) * inv * w[i] + b[i];
         });
+        t.done("layer_norm", [&] { return "cols=" + str(cols); }, 8.0 * rows * cols, 8.0 * rows * cols);
     }
 
     template <typename F>
@@ -191,27 +229,36 @@ public:
     }
 
     void add(float* y, const float* x, int64_t n) override {
+        Timed t;
         for_chunks(n, [&](int64_t lo, int64_t hi) { for (int64_t i = lo; i < hi; i++) y[i] += x[i]; });
+        t.done("add", [] { return std::string(); }, double(n), 12.0 * n);
     }
     void add_scaled(float* y, const float* x, float s, int64_t n) override {
+        Timed t;
         for_chunks(n, [&](int64_t lo, int64_t hi) { for (int64_t i = lo; i < hi; i++) y[i] += s * x[i]; });
+        t.done("add_scaled", [] { return std::string(); }, 2.0 * n, 12.0 * n);
     }
     void silu_mul(const float* gate, const float* up, float* out, int64_t n) override {
+        Timed t;
         for_chunks(n, [&](int64_t lo, int64_t hi) {
             for (int64_t i = lo; i < hi; i++) out[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
         });
+        t.done("silu_mul", [] { return std::string(); }, 0, 12.0 * n);
     }
     void gelu(float* x, int64_t n) override {
         // torch.nn.functional.gelu default (approximate='none'): 0.5 x (1 + erf(x / sqrt 2))
+        Timed t;
         for_chunks(n, [&](int64_t lo, int64_t hi) {
             for (int64_t i = lo; i < hi; i++) x[i] = 0.5f * x[i] * (1.0f + std::erf(x[i] * 0.70710678118654752f));
         });
+        t.done("gelu", [] { return std::string(); }, 0, 8.0 * n);
     }
 
     void rope(float* x, int64_t n_tok, int n_head, int head_dim, const int32_t* pos,
               const float* inv_freq) override {
         if (head_dim % 2) throw std::invalid_argument("rope: head_dim must be even");
         const int half = head_dim / 2;
+        Timed t;
         pool_.parallel_for(n_tok, [&](int64_t t, int) {
             // Angles in float32 like HF (inv_freq float32 times float position),
             // cos/sin evaluated in double and rounded once.
@@ -230,12 +277,29 @@ public:
                 }
             }
         });
+        t.done("rope", [&] { return "heads=" + str(n_head) + " hd=" + str(head_dim); }, 0,
+               8.0 * n_tok * n_head * head_dim);
     }
 
     // ---- attention ------------------------------------------------------
     void attention(const float* q, const void* k, const void* v, DType kv_type, int64_t kv_stride, float* out,
                    int64_t nq, int64_t nk, int n_head, int n_kv_head, int hd, float scale, const float* mask,
                    int64_t ld_mask, bool causal, int64_t q_offset) override {
+        Timed t;
+        attention_impl(q, k, v, kv_type, kv_stride, out, nq, nk, n_head, n_kv_head, hd, scale, mask, ld_mask, causal,
+                       q_offset);
+        // FLOP of the two products (q·k, p·v) over all nq x nk pairs (causal masking not subtracted)
+        t.done("attention",
+               [&] {
+                   return "heads=" + str(n_head) + "/" + str(n_kv_head) + " hd=" + str(hd) + (mask ? " masked" : "") +
+                          (causal ? " causal" : "");
+               },
+               4.0 * nq * nk * hd * n_head, 4.0 * (2.0 * nq * n_head * hd + 2.0 * nk * n_kv_head * hd));
+    }
+
+    void attention_impl(const float* q, const void* k, const void* v, DType kv_type, int64_t kv_stride, float* out,
+                        int64_t nq, int64_t nk, int n_head, int n_kv_head, int hd, float scale, const float* mask,
+                        int64_t ld_mask, bool causal, int64_t q_offset) {
         if (n_kv_head <= 0 || n_head % n_kv_head) throw std::invalid_argument("attention: n_head must be a multiple of n_kv_head");
         if (kv_type != DType::F32 && kv_type != DType::F16) throw std::invalid_argument("attention: KV type must be f32 or f16");
         if (nq <= 0) return;
@@ -330,12 +394,15 @@ public:
                     int64_t dst_stride) override {
         if (dst_type != DType::F32 && dst_type != DType::F16)
             throw std::invalid_argument("store_rows: destination type must be f32 or f16");
+        Timed t;
         pool_.parallel_for(n, [&](int64_t j, int) {
             if (dst_type == DType::F32)
                 std::memcpy(static_cast<float*>(dst) + j * dst_stride, src + j * width, width * sizeof(float));
             else
                 quantize_row_f16(src + j * width, static_cast<uint16_t*>(dst) + j * dst_stride, width);
         });
+        t.done("store_rows", [&] { return std::string(type_info(dst_type).name); }, 0,
+               double(n) * width * (4 + type_info(dst_type).type_size));
     }
 
 private:

@@ -9,6 +9,7 @@
 #include <stdexcept>
 #include <vector>
 
+#include "common/profile.h"
 #include "quants/quants.h"
 #include "cpu/attention_flash_impl.h"
 #include "cpu/matmul.h"
@@ -66,7 +67,14 @@ void attention_flash(const float* q, const void* k, const void* v, DType kv_type
     const int64_t n_tasks = (rows + detail::kFlashRows - 1) / detail::kFlashRows;
     // kp: [n_blocks][hdp][KB] (K transposed per block), vp: [nkp][hdp]; zero padded
     std::vector<float> kp(n_blocks * hdp * KB), vp(nkp * hdp);
+    // Profiling (common/profile.h): wall time of the K/V packing and of the row
+    // tasks; the latter is split into score / softmax / P·V in proportion to
+    // the threads' time in each (prof_ns: [threads][3]).
+    const bool prof_on = prof::enabled();
+    std::vector<uint64_t> prof_ns(prof_on ? size_t(pool.size()) * 3 : 0, 0);
+    uint64_t pack_ns = 0, rows_ns = 0;
     for (int g = 0; g < n_kv_head; g++) {
+        uint64_t t0 = prof_on ? prof::now_ns() : 0;
         pool.parallel_for(n_blocks, [&](int64_t b, int) {
             float row[2048];
             std::vector<float> big;
@@ -92,10 +100,31 @@ void attention_flash(const float* q, const void* k, const void* v, DType kv_type
         });
         const detail::FlashArgs a{kp.data(), vp.data(), nk, nkp, hd, hdp, KB, scale, q, n_head, G, g,
                                   mask, ld_mask, causal, q_offset, out};
-        pool.parallel_for(n_tasks, [&](int64_t t, int) {
+        if (prof_on) {
+            const uint64_t t1 = prof::now_ns();
+            pack_ns += t1 - t0;
+            t0 = t1;
+        }
+        pool.parallel_for(n_tasks, [&](int64_t t, int thread) {
             const int64_t r0 = t * detail::kFlashRows;
-            kern.rows(a, r0, int(std::min<int64_t>(detail::kFlashRows, rows - r0)));
+            kern.rows(a, r0, int(std::min<int64_t>(detail::kFlashRows, rows - r0)),
+                      prof_on ? &prof_ns[size_t(thread) * 3] : nullptr);
         });
+        if (prof_on) rows_ns += prof::now_ns() - t0;
+    }
+    if (prof_on) {
+        double ph[3] = {0, 0, 0}, tot = 0;
+        for (size_t i = 0; i < prof_ns.size(); i++) {
+            ph[i % 3] += double(prof_ns[i]);
+            tot += double(prof_ns[i]);
+        }
+        const std::string det = "hd=" + std::to_string(hd);
+        const double f = tot > 0 ? rows_ns * 1e-9 / tot : 0;
+        const double flop = 2.0 * nq * nk * hd * n_head;   // each product
+        prof::record_seconds("attention:pack K/V", det, pack_ns * 1e-9, 0, 8.0 * nk * n_kv_head * hd);
+        prof::record_seconds("attention:score", det, ph[0] * f, flop);
+        prof::record_seconds("attention:softmax", det, ph[1] * f, 0);
+        prof::record_seconds("attention:P.V", det, ph[2] * f, flop);
     }
 }
 

@@ -52,9 +52,11 @@ struct FlashArgs {
     float* out;        // [nq, n_head, hd]
 };
 // Vector width W and key block KB of a kernel (hdp = hd rounded up to W, nkp to KB).
+// prof: null, or 3 nanosecond counters of the calling thread that the kernel
+// adds its score / softmax / P·V time to (profiling on, common/profile.h).
 struct FlashKernel {
     int W, KB;
-    void (*rows)(const FlashArgs& a, int64_t r0, int nr);
+    void (*rows)(const FlashArgs& a, int64_t r0, int nr, uint64_t* prof);
 };
 FlashKernel flash_kernel_scalar();
 FlashKernel flash_kernel_avx2();

@@ -14,6 +14,7 @@
 #include <limits>
 #include <vector>
 
+#include "common/profile.h"
 #include "cpu/attention_flash.h"
 
 namespace mq::cpu::detail {
@@ -82,7 +83,7 @@ inline void flash_pv_all(float* o, int hdp, const float* p, int KB, const float*
 // micro-kernel call; NVMAX vectors of the head per PV call (MRO*NVMAX
 // accumulators must fit the register file).
 template <class V, int KBV, int MRS, int MRO, int NVMAX>
-void flash_rows(const FlashArgs& a, int64_t r0, int nr) {
+void flash_rows(const FlashArgs& a, int64_t r0, int nr, uint64_t* prof) {
     constexpr int KB = KBV * V::W;
     constexpr float ninf = -std::numeric_limits<float>::infinity();
     const int hdp = a.hdp, hd = a.hd;
@@ -107,10 +108,18 @@ void flash_rows(const FlashArgs& a, int64_t r0, int nr) {
     for (int64_t b = 0; b < n_blocks; b++) {
         const int64_t j0 = b * KB;
         const float* kp = a.kp + b * hdp * KB;
+        uint64_t tp = prof ? prof::now_ns() : 0;
+        auto lap = [&](int phase) {   // profiling: time since the last lap -> counter `phase`
+            if (!prof) return;
+            const uint64_t t = prof::now_ns();
+            prof[phase] += t - tp;
+            tp = t;
+        };
         // 1. raw scores
         int r = 0;
         for (; r + MRS <= nr; r += MRS) flash_scores<V, KBV, MRS>(qs + size_t(r) * hdp, hdp, hd, kp, s + r * KB);
         for (; r < nr; r++) flash_scores<V, KBV, 1>(qs + size_t(r) * hdp, hdp, hd, kp, s + r * KB);
+        lap(0);
         // 2. online softmax per row
         for (r = 0; r < nr; r++) {
             float* sr = s + r * KB;
@@ -148,11 +157,13 @@ void flash_rows(const FlashArgs& a, int64_t r0, int nr) {
             l[r] = l[r] * alpha[r] + V::hsum(sum);
             m[r] = mnew;
         }
+        lap(1);
         // 3. O = alpha O + P · V
         const float* vp = a.vp + j0 * hdp;
         for (r = 0; r + MRO <= nr; r += MRO)
             flash_pv_all<V, MRO, NVMAX>(o + size_t(r) * hdp, hdp, s + r * KB, KB, vp, alpha + r);
         for (; r < nr; r++) flash_pv_all<V, 1, NVMAX>(o + size_t(r) * hdp, hdp, s + r * KB, KB, vp, alpha + r);
+        lap(2);
     }
     // 4. out = O / l; nothing visible (l = 0) -> zeros
     for (int r = 0; r < nr; r++) {

@@ -8,6 +8,8 @@
 #include <stdexcept>
 #include <string>
 
+#include "common/profile.h"
+
 namespace mq {
 
 // Prompts are evaluated in chunks of at most this many tokens, which bounds
@@ -62,6 +64,7 @@ void MllamaModel::encode_images(const float* pixels_host, const int32_t* ar_ids_
     const int64_t P = vision_->num_patches(), D = text_->hparams().hidden_size;
     BackendBuffer states(be_.get());  // f32 [n_img, T, P, D]
     vision_->encode(pixels_host, ar_ids_host, ar_mask_host, n_img, states.f32(int64_t(n_img) * T * P * D));
+    prof::Region region("cross_kv");   // profiling label (common/profile.h)
     set_cross_keys_from_backend(static_cast<const float*>(states.data()), n_img, T, P);
 }
 

@@ -17,7 +17,10 @@
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <optional>
 #include <stdexcept>
+
+#include "common/profile.h"
 
 namespace mq {
 namespace {
@@ -301,6 +304,9 @@ void VisionEncoder::encode_image(const float* px, int32_t ar_id, const int32_t* 
     }
 
     // ---- embeddings (HF: patch conv, + pre-tile, cls, + gated position, layernorm_pre, pad)
+    // Profiling regions (common/profile.h; no cost when profiling is off):
+    // vision.embed, vision.local, vision.global, vision.post_ln, projector.
+    std::optional<prof::Region> region(std::in_place, "vision.embed");
     // Per-aspect-ratio rows: tile_rows [T, P, D], pre/post [T, D].
     Buf &tile_rows = w.tile_rows, &pre_rows = w.pre_rows, &post_rows = w.post_rows;
     table_entry(tile_pos_, ar_id, tile_rows.p);
@@ -323,6 +329,7 @@ void VisionEncoder::encode_image(const float* px, int32_t ar_id, const int32_t* 
     for (int64_t t = 0; t < T_; t++) {
         // cols[gy*grid + gx, (c*p + ky)*p + kx] = pixel[c, gy*p + ky, gx*p + kx]
         // (Conv2d weight [D, C, p, p] flattened row-major matches this column order).
+        const uint64_t t_im2col = prof::start();
         const float* tile = px + t * C * W * W;
         for (int64_t gy = 0; gy < grid_; gy++)
             for (int64_t gx = 0; gx < grid_; gx++) {
@@ -332,6 +339,7 @@ void VisionEncoder::encode_image(const float* px, int32_t ar_id, const int32_t* 
                         std::memcpy(dst + (c * p + ky) * p, tile + (c * W + gy * p + ky) * W + gx * p,
                                     size_t(p) * sizeof(float));
             }
+        if (t_im2col) prof::record("im2col (host)", "", t_im2col, 0, 8.0 * cols.size());
         be_.synchronize();  // the previous tile's matmul may still read `patches`
         be_.to_device(patches.p, cols.data(), cols.size() * sizeof(float));
         float* ht = h.p + t * Np_ * D_;  // tile t, pre-LN embeddings [P, D]
@@ -348,11 +356,13 @@ void VisionEncoder::encode_image(const float* px, int32_t ar_id, const int32_t* 
     // Mask row for padding queries: finfo(float32).min on padding keys, 0 elsewhere,
     // repeated kMaskRows times ([kMaskRows, S]).
     {
+        const uint64_t t_mask = prof::start();
         std::vector<float> m(size_t(kMaskRows * S));
         const float fmin = std::numeric_limits<float>::lowest();
         for (const Segment& g : segs)
             for (int64_t j = g.row; j < g.row + g.n; j++) m[j] = g.pad ? fmin : 0.0f;
         for (int64_t r = 1; r < kMaskRows; r++) std::memcpy(&m[r * S], &m[0], size_t(S) * sizeof(float));
+        if (t_mask) prof::record("mask (host)", "", t_mask, 0, 4.0 * m.size());
         be_.to_device(mask.p, m.data(), m.size() * sizeof(float));
     }
 
@@ -361,6 +371,7 @@ void VisionEncoder::encode_image(const float* px, int32_t ar_id, const int32_t* 
         for (int64_t i = 0; i < K_; i++)
             if (hp_.intermediate_layers[i] == at) be_.copy(inter[i]->p, x.p, size_t(S * D_) * sizeof(float));
     };
+    region.emplace("vision.local");
     for (int l = 0; l < hp_.num_layers; l++) {
         if (hp_.intermediate_at_layer_input) collect(l);
         run_layer(local_[l], x.p, S, scratch);
@@ -368,10 +379,12 @@ void VisionEncoder::encode_image(const float* px, int32_t ar_id, const int32_t* 
     }
 
     // ---- layernorm_post (+ post-tile embedding folded into its bias), global layers
+    region.emplace("vision.post_ln");
     float* xg = h.p;  // h is free between layers
     for (int64_t t = 0; t < T_; t++)
         be_.layer_norm(x.p + t * Np_ * D_, post_ln_w_, post_bias.p + t * D_, xg + t * Np_ * D_, Np_, D_, kPrePostLnEps);
     be_.copy(x.p, xg, size_t(S * D_) * sizeof(float));
+    region.emplace("vision.global");
     for (int l = 0; l < hp_.num_global_layers; l++) run_layer(global_[l], x.p, S, scratch);
 
     // ---- projector on [final (D) | intermediates], rows 0..P-1 of each tile.
@@ -379,6 +392,7 @@ void VisionEncoder::encode_image(const float* px, int32_t ar_id, const int32_t* 
     // torch.stack(list, dim=-1).reshape(..., D*K), so column D + d*K + i holds
     // intermediate i at feature d (interleaved, not one block per layer). The
     // backend has no strided copy, so the rows are assembled on the host.
+    region.emplace("projector");
     std::vector<float> cat(size_t(kProjRows * Dc)), tmp(size_t(kProjRows * D_));
     Buf& dcat = w.dcat;
     be_.synchronize();
@@ -386,14 +400,18 @@ void VisionEncoder::encode_image(const float* px, int32_t ar_id, const int32_t* 
         for (int64_t r0 = 0; r0 < P_; r0 += kProjRows) {
             const int64_t nr = std::min(kProjRows, P_ - r0), row = t * Np_ + r0;
             be_.to_host(tmp.data(), x.p + row * D_, size_t(nr * D_) * sizeof(float));
+            uint64_t t_cat = prof::start();
             for (int64_t r = 0; r < nr; r++) std::memcpy(&cat[r * Dc], &tmp[r * D_], size_t(D_) * sizeof(float));
+            if (t_cat) prof::record("concat (host)", "", t_cat, 0, 8.0 * nr * D_);
             for (int64_t i = 0; i < K_; i++) {
                 be_.to_host(tmp.data(), inter[i]->p + row * D_, size_t(nr * D_) * sizeof(float));
+                t_cat = prof::start();
                 for (int64_t r = 0; r < nr; r++) {
                     float* dst = &cat[r * Dc + D_ + i];
                     const float* src = &tmp[r * D_];
                     for (int64_t d = 0; d < D_; d++) dst[d * K_] = src[d];
                 }
+                if (t_cat) prof::record("concat (host)", "", t_cat, 0, 8.0 * nr * D_);
             }
             be_.to_device(dcat.p, cat.data(), size_t(nr * Dc) * sizeof(float));
             be_.matmul(dcat.p, nr, Dc, proj_, proj_b_, out + (t * P_ + r0) * O, O);
