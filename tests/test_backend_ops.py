@@ -153,8 +153,10 @@ def test_attention_direct_masked_rows(be, cpu_path):
 
 
 # ---- flash attention: more than 16 query rows per KV group goes through the
-# fused kernel (csrc/cpu/attention_flash*.cpp: key blocks of 16 / 32 / 64 keys
-# on the scalar / avx2 / avx512 paths, tasks of 32 query rows, online softmax).
+# fused kernel (csrc/cpu/attention_flash*.cpp: query rows as vector lanes;
+# tasks of 16 / 48 / 64 rows and key blocks of 16 / 128 / 128 keys on the
+# scalar / avx2 / avx512 paths; score tiles of 4 / 8 keys, P.V tiles of 4 / 8
+# head dims with smaller tiles for the remainders; online softmax).
 @pytest.mark.parametrize("nq,nk,n_head,n_kv,hd,causal,mask_kind,kv16", [
     (70, 70, 2, 2, 80, False, None, False),          # vision shape (hd 80), partial key block and row task
     (33, 130, 4, 1, 80, True, "inf", True),          # GQA 4, causal after a cached prefix, -inf mask
@@ -162,6 +164,9 @@ def test_attention_direct_masked_rows(be, cpu_path):
     (17, 65, 3, 3, 7, True, "min", False),           # odd small hd, 65 keys (one past a block)
     (9, 300, 4, 2, 80, True, "inf", False),          # 18 rows: a task with rows of different queries
     (96, 64, 1, 1, 80, True, None, True),            # causal, exactly one 64-key block
+    (150, 300, 2, 2, 80, False, None, False),        # several row tasks, the last partial; 3 key blocks (128, 128, 44)
+    (100, 257, 4, 1, 36, True, "min", True),         # GQA 4: 400 rows; hd 36 (P.V tile remainders); causal + finfo.min
+    (61, 130, 3, 3, 13, True, "inf", False),         # hd 13 (tiles 8 + 4 + 1 / 4 x 3 + 1), 2-key score remainder
 ])
 def test_attention_flash(be, cpu_path, nq, nk, n_head, n_kv, hd, causal, mask_kind, kv16):
     _check_random_attention(be, nq, nk, n_head, n_kv, hd, causal, mask_kind, kv16)
