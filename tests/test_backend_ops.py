@@ -86,6 +86,20 @@ def test_get_rows_and_store_rows(be):
     assert np.array_equal(be.store_rows_f16(src), src.astype(np.float16).view(np.uint16))
 
 
+def test_get_rows_long_rows(be):
+    # rows longer than one task (64K values): split at block boundaries
+    from mllama_q import quants
+    import gguf
+    cols = 3 * 65536 + 96
+    table = rng.standard_normal((3, cols)).astype(np.float32)
+    ids = np.array([2, 0], np.int32)
+    q = quants.quantize(table, "q8_0")
+    ref = gguf.quants.dequantize(q, gguf.GGMLQuantizationType.Q8_0)[ids]
+    assert np.array_equal(be.get_rows(q, "q8_0", 3, cols, ids), ref)
+    h = table.astype(np.float16)
+    assert np.array_equal(be.get_rows(h.view(np.uint8), "f16", 3, cols, ids), h[ids].astype(np.float32))
+
+
 def test_bad_backend_name():
     with pytest.raises(ValueError, match="unknown backend"):
         _core.Backend("tpu")
@@ -228,3 +242,48 @@ def test_profiler_records_ops_only_when_on(be):
     assert 0 < sum(e["seconds"] for e in phases) <= att["seconds"]
     _core.profile_reset()
     assert _core.profile_report() == []
+
+
+# ---- row kernels on every CPU path (csrc/cpu/rowops*.cpp: the scalar
+# reference with std::erf / std::exp / double sums, AVX2 and AVX-512 versions
+# with polynomial erf / exp), against float64 references, on lengths that are
+# not multiples of the vector widths.
+def test_gelu_every_path(be, cpu_path):
+    import math
+    x = np.concatenate([np.linspace(-14, 14, 20011), rng.standard_normal(4099) * 3,
+                        [0.0, -0.0, 0.353, -0.354, 0.7071, -0.7072, 1e-30, -1e-30]]).astype(np.float32)
+    ref = np.array([0.5 * v * math.erfc(-v / math.sqrt(2)) for v in x.astype(np.float64)])
+    out = be.elementwise("gelu", x.reshape(1, -1))[0].astype(np.float64)
+    # relative accuracy everywhere, up to the float32 rounding of x^2 / 2 in
+    # e^{-x^2/2} (~x^2 6e-8 relative) in the negative tail; x < -13 (|gelu| <
+    # 1e-37, where e^{-x^2/2} underflows) only absolutely
+    err = np.abs(out - ref) / np.maximum(np.abs(ref), 1e-36)
+    live = x > -13
+    tol = 1e-6 + 1e-7 * x.astype(np.float64) ** 2
+    assert (err[live] < tol[live]).all(), (x[live][(err / tol)[live].argmax()], (err / tol)[live].max())
+    assert np.abs(out - ref)[~live].max() < 1e-36
+    assert np.all(out[x == 0] == 0)
+
+
+def test_silu_mul_every_path(be, cpu_path):
+    g = np.concatenate([np.linspace(-95, 95, 10007), rng.standard_normal(1001) * 4]).astype(np.float32)
+    u = rng.standard_normal(g.size).astype(np.float32)
+    g64, u64 = g.astype(np.float64), u.astype(np.float64)
+    ref = g64 / (1 + np.exp(-g64)) * u64
+    out = be.elementwise("silu_mul", g.reshape(1, -1), u.reshape(1, -1))[0].astype(np.float64)
+    err = np.abs(out - ref) / np.maximum(np.abs(ref), 1e-30)
+    live = g > -80
+    assert err[live].max() < 2e-6 and np.abs(out - ref)[~live].max() < 1e-30
+
+
+@pytest.mark.parametrize("rows,cols", [(5, 1283), (3, 37), (2, 7), (4, 1280)])
+def test_norms_every_path(be, cpu_path, rows, cols):
+    x = (rng.standard_normal((rows, cols)) * 2 + 3).astype(np.float32)
+    w = rng.standard_normal(cols).astype(np.float32)
+    b = rng.standard_normal(cols).astype(np.float32)
+    x64 = x.astype(np.float64)
+    mean = x64.mean(1, keepdims=True)
+    ln = (x64 - mean) / np.sqrt(((x64 - mean) ** 2).mean(1, keepdims=True) + 1e-5) * w + b
+    rms = x64 / np.sqrt((x64 ** 2).mean(1, keepdims=True) + 1e-6) * w
+    assert rel(be.layer_norm(x, w, b, 1e-5), ln) < 1e-6
+    assert rel(be.rms_norm(x, w, 1e-6), rms) < 1e-6

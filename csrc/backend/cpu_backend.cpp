@@ -26,6 +26,7 @@
 #include "cpu/attention.h"
 #include "cpu/attention_flash.h"
 #include "cpu/matmul.h"
+#include "cpu/rowops.h"
 #include "quants/quants.h"
 
 namespace mq {
@@ -130,19 +131,34 @@ public:
         return p;
     }
     void free(void* p) override { std::free(p); }
+    // Copies of more than a few MiB (the vision tower moves [6432, 1280]
+    // activations) are split over the pool; overlapping ranges use one memmove.
+    void copy_bytes(void* dst, const void* src, size_t bytes) {
+        constexpr size_t kPart = size_t(1) << 20;
+        const auto* s = static_cast<const uint8_t*>(src);
+        auto* d = static_cast<uint8_t*>(dst);
+        if (bytes < 4 * kPart || pool_.size() == 1 || (d < s + bytes && s < d + bytes)) {
+            std::memmove(dst, src, bytes);
+            return;
+        }
+        pool_.parallel_for(int64_t((bytes + kPart - 1) / kPart), [&](int64_t t, int) {
+            const size_t lo = size_t(t) * kPart;
+            std::memcpy(d + lo, s + lo, std::min(kPart, bytes - lo));
+        });
+    }
     void to_device(void* dst, const void* src, size_t bytes) override {
         Timed t;
-        std::memcpy(dst, src, bytes);
+        copy_bytes(dst, src, bytes);
         t.done("copy", [] { return std::string("to_device"); }, 0, 2.0 * bytes);
     }
     void to_host(void* dst, const void* src, size_t bytes) override {
         Timed t;
-        std::memcpy(dst, src, bytes);
+        copy_bytes(dst, src, bytes);
         t.done("copy", [] { return std::string("to_host"); }, 0, 2.0 * bytes);
     }
     void copy(void* dst, const void* src, size_t bytes) override {
         Timed t;
-        std::memmove(dst, src, bytes);
+        copy_bytes(dst, src, bytes);
         t.done("copy", [] { return std::string("device"); }, 0, 2.0 * bytes);
     }
     Weight upload(const void* host, DType type, int64_t rows, int64_t cols) override {
@@ -178,10 +194,18 @@ public:
             if (ids[i] < 0 || ids[i] >= table.rows)
                 throw std::invalid_argument("get_rows: id " + std::to_string(ids[i]) + " out of range [0, " +
                                             std::to_string(table.rows) + ")");
+        // Tasks of up to 64K values (whole blocks): a table entry can be one long
+        // row (the vision tile position embedding: 8.2M values per aspect ratio).
+        const TypeInfo& ti = type_info(table.type);
+        const int64_t chunk = std::max<int64_t>(1, 65536 / ti.block_size) * ti.block_size;
+        const int64_t per_row = (table.cols + chunk - 1) / chunk;
         Timed t;
-        pool_.parallel_for(n, [&](int64_t i, int) {
-            dequantize_row(table.type, static_cast<const uint8_t*>(table.data) + ids[i] * rs, out + i * table.cols,
-                           table.cols);
+        pool_.parallel_for(n * per_row, [&](int64_t task, int) {
+            const int64_t i = task / per_row, c0 = (task % per_row) * chunk;
+            const int64_t len = std::min(chunk, table.cols - c0);
+            dequantize_row(table.type,
+                           static_cast<const uint8_t*>(table.data) + ids[i] * rs + c0 / ti.block_size * ti.type_size,
+                           out + i * table.cols + c0, len);
         });
         t.done("get_rows", [&] { return std::string(type_info(table.type).name) + " cols=" + str(table.cols); }, 0,
                double(n) * (rs + 4.0 * table.cols));
@@ -191,33 +215,26 @@ public:
     void rms_norm(const float* x, const float* w, float* y, int64_t rows, int64_t cols, float eps) override {
         // HF MllamaTextRMSNorm: x * rsqrt(mean(x^2) + eps) * weight, in float32.
         Timed t;
-        pool_.parallel_for(rows, [&](int64_t r, int) {
-            const float* xr = x + r * cols;
-            float* yr = y + r * cols;
-            double ss = 0.0;
-            for (int64_t i = 0; i < cols; i++) ss += double(xr[i]) * xr[i];
-            const float inv = 1.0f / std::sqrt(float(ss / cols) + eps);
-            for (int64_t i = 0; i < cols; i++) yr[i] = (xr[i] * inv) * w[i];
-        });
+        const auto& ops = cpu::row_ops();
+        for_rows(rows, cols, [&](int64_t r) { ops.rms_norm(x + r * cols, w, y + r * cols, cols, eps); });
         t.done("rms_norm", [&] { return "cols=" + str(cols); }, 4.0 * rows * cols, 8.0 * rows * cols);
     }
 
     void layer_norm(const float* x, const float* w, const float* b, float* y, int64_t rows, int64_t cols,
                     float eps) override {
         Timed t;
-        pool_.parallel_for(rows, [&](int64_t r, int) {
-            const float* xr = x + r * cols;
-            float* yr = y + r * cols;
-            double s = 0.0;
-            for (int64_t i = 0; i < cols; i++) s += xr[i];
-            const double mean = s / cols;
-            double v = 0.0;
-            for (int64_t i = 0; i < cols; i++) v += (xr[i] - mean) * (xr[i] - mean);
-            const float inv = float(1.0 / std::sqrt(v / cols + eps));
-            const float fm = float(mean);
-            for (int64_t i = 0; i < cols; i++) yr[i] = (xr[i] - fm) * inv * w[i] + b[i];
-        });
+        const auto& ops = cpu::row_ops();
+        for_rows(rows, cols, [&](int64_t r) { ops.layer_norm(x + r * cols, w, b, y + r * cols, cols, eps); });
         t.done("layer_norm", [&] { return "cols=" + str(cols); }, 8.0 * rows * cols, 8.0 * rows * cols);
+    }
+
+    // f(r) for every row r < rows, in tasks of about kChunk elements.
+    template <typename F>
+    void for_rows(int64_t rows, int64_t cols, F&& f) {
+        const int64_t per = std::max<int64_t>(1, kChunk / std::max<int64_t>(cols, 1));
+        pool_.parallel_for((rows + per - 1) / per, [&](int64_t t, int) {
+            for (int64_t r = t * per; r < std::min(rows, (t + 1) * per); r++) f(r);
+        });
     }
 
     template <typename F>
@@ -240,17 +257,15 @@ public:
     }
     void silu_mul(const float* gate, const float* up, float* out, int64_t n) override {
         Timed t;
-        for_chunks(n, [&](int64_t lo, int64_t hi) {
-            for (int64_t i = lo; i < hi; i++) out[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
-        });
+        const auto& ops = cpu::row_ops();
+        for_chunks(n, [&](int64_t lo, int64_t hi) { ops.silu_mul(gate + lo, up + lo, out + lo, hi - lo); });
         t.done("silu_mul", [] { return std::string(); }, 0, 12.0 * n);
     }
     void gelu(float* x, int64_t n) override {
         // torch.nn.functional.gelu default (approximate='none'): 0.5 x (1 + erf(x / sqrt 2))
         Timed t;
-        for_chunks(n, [&](int64_t lo, int64_t hi) {
-            for (int64_t i = lo; i < hi; i++) x[i] = 0.5f * x[i] * (1.0f + std::erf(x[i] * 0.70710678118654752f));
-        });
+        const auto& ops = cpu::row_ops();
+        for_chunks(n, [&](int64_t lo, int64_t hi) { ops.gelu(x + lo, hi - lo); });
         t.done("gelu", [] { return std::string(); }, 0, 8.0 * n);
     }
 

@@ -12,30 +12,12 @@
 
 #include "common/profile.h"
 #include "cpu/attention_flash_impl.h"
+#include "cpu/simd_scalar.h"
 #include "cpu/matmul.h"
 #include "quants/quants.h"
 
 namespace mq::cpu {
 namespace detail {
-namespace {
-
-// One lane: the kernel template becomes plain scalar code.
-struct VScalar {
-    using T = float;
-    static constexpr int W = 1;
-    static T load(const float* p) { return *p; }
-    static void store(float* p, T x) { *p = x; }
-    static T set1(float f) { return f; }
-    static T zero() { return 0.0f; }
-    static T fma(T a, T b, T c) { return a * b + c; }
-    static T mul(T a, T b) { return a * b; }
-    static T add(T a, T b) { return a + b; }
-    static T sub(T a, T b) { return a - b; }
-    static T max(T a, T b) { return a > b ? a : b; }
-    static T exp(T x) { return std::exp(x); }    // exp(-inf) = 0
-};
-
-}  // namespace
 
 // 4 rows per group, 4 groups per task, key blocks of 16, 4 x 4 tiles.
 FlashKernel flash_kernel_scalar() { return {16, flash_rows<VScalar, 4, 4, 16, 4, 4>}; }
@@ -66,39 +48,49 @@ void attention_flash(const float* q, const void* k, const void* v, DType kv_type
     // float32 [nk][hd] arrays: read in place, the rows of one head lie
     // kv_stride apart (5 KiB in the vision tower), so the 32 rows of a key
     // block fall into a few L1 sets and evict each other (measured: 136 vs
-    // 175 GFLOP/s on one AVX-512 thread).
-    std::vector<float> kp(size_t(nk) * hd), vp(size_t(nk) * hd);
+    // 175 GFLOP/s on one AVX-512 thread). With one task per group (few query
+    // rows, e.g. the vision tower's padding rows) every key is read once
+    // anyway, so float32 K/V are then read in place and all groups run in one
+    // parallel loop.
+    const bool pack = kv_type == DType::F16 || n_tasks > 1;
     // Profiling (common/profile.h): wall time of the packing, and of the row
     // tasks split into score / softmax / P·V in proportion to the threads'
     // time in each (prof_ns: [threads][3]).
     std::vector<uint64_t> prof_ns(prof_on ? size_t(pool.size()) * 3 : 0, 0);
     uint64_t pack_ns = 0, rows_ns = 0;
-    for (int g = 0; g < n_kv_head; g++) {
-        uint64_t t0 = prof_on ? prof::now_ns() : 0;
-        pool.parallel_for((nk + 255) / 256, [&](int64_t t, int) {
-            for (int64_t j = t * 256; j < std::min(nk, t * 256 + 256); j++) {
-                const int64_t off = j * kv_stride + int64_t(g) * hd;
-                if (kv_type == DType::F32) {
-                    std::memcpy(&kp[j * hd], static_cast<const float*>(k) + off, size_t(hd) * sizeof(float));
-                    std::memcpy(&vp[j * hd], static_cast<const float*>(v) + off, size_t(hd) * sizeof(float));
-                } else {
-                    dequantize_row_f16(static_cast<const uint16_t*>(k) + off, &kp[j * hd], hd);
-                    dequantize_row_f16(static_cast<const uint16_t*>(v) + off, &vp[j * hd], hd);
-                }
-            }
-        });
-        const detail::FlashArgs a{kp.data(), vp.data(), hd, nk, hd, scale, q, n_head, G, g,
-                                  mask, ld_mask, causal, q_offset, out};
-        if (prof_on) {
-            const uint64_t t1 = prof::now_ns();
-            pack_ns += t1 - t0;
-            t0 = t1;
-        }
-        pool.parallel_for(n_tasks, [&](int64_t t, int thread) {
-            const int64_t r0 = t * kern.rows;
+    auto run_tasks = [&](const float* kg, const float* vg, int64_t stride, int g0, int n_groups) {
+        const uint64_t t0 = prof_on ? prof::now_ns() : 0;
+        pool.parallel_for(n_groups * n_tasks, [&](int64_t t, int thread) {
+            const int g = g0 + int(t / n_tasks);
+            const int64_t r0 = (t % n_tasks) * kern.rows;
+            const int64_t goff = pack ? 0 : int64_t(g) * hd;
+            const detail::FlashArgs a{kg + goff, vg + goff, stride, nk, hd, scale, q, n_head, G, g,
+                                      mask, ld_mask, causal, q_offset, out};
             kern.run(a, r0, int(std::min<int64_t>(kern.rows, rows - r0)), prof_on ? &prof_ns[size_t(thread) * 3] : nullptr);
         });
         if (prof_on) rows_ns += prof::now_ns() - t0;
+    };
+    if (!pack) {
+        run_tasks(static_cast<const float*>(k), static_cast<const float*>(v), kv_stride, 0, n_kv_head);
+    } else {
+        std::vector<float> kp(size_t(nk) * hd), vp(size_t(nk) * hd);   // [nk][hd] of one group
+        for (int g = 0; g < n_kv_head; g++) {
+            const uint64_t t0 = prof_on ? prof::now_ns() : 0;
+            pool.parallel_for((nk + 255) / 256, [&](int64_t t, int) {
+                for (int64_t j = t * 256; j < std::min(nk, t * 256 + 256); j++) {
+                    const int64_t off = j * kv_stride + int64_t(g) * hd;
+                    if (kv_type == DType::F32) {
+                        std::memcpy(&kp[j * hd], static_cast<const float*>(k) + off, size_t(hd) * sizeof(float));
+                        std::memcpy(&vp[j * hd], static_cast<const float*>(v) + off, size_t(hd) * sizeof(float));
+                    } else {
+                        dequantize_row_f16(static_cast<const uint16_t*>(k) + off, &kp[j * hd], hd);
+                        dequantize_row_f16(static_cast<const uint16_t*>(v) + off, &vp[j * hd], hd);
+                    }
+                }
+            });
+            if (prof_on) pack_ns += prof::now_ns() - t0;
+            run_tasks(kp.data(), vp.data(), hd, g, 1);
+        }
     }
     if (prof_on) {
         double ph[3] = {0, 0, 0}, tot = 0;
@@ -109,8 +101,9 @@ void attention_flash(const float* q, const void* k, const void* v, DType kv_type
         const std::string det = "hd=" + std::to_string(hd);
         const double f = tot > 0 ? rows_ns * 1e-9 / tot : 0;
         const double flop = 2.0 * nq * nk * hd * n_head;   // each product
-        prof::record_seconds("attention:pack K/V", det, pack_ns * 1e-9, 0,
-                             (kv_type == DType::F16 ? 12.0 : 16.0) * nk * n_kv_head * hd);
+        if (pack)
+            prof::record_seconds("attention:pack K/V", det, pack_ns * 1e-9, 0,
+                                 (kv_type == DType::F16 ? 12.0 : 16.0) * nk * n_kv_head * hd);
         prof::record_seconds("attention:score", det, ph[0] * f, flop);
         prof::record_seconds("attention:softmax", det, ph[1] * f, 0);
         prof::record_seconds("attention:P.V", det, ph[2] * f, flop);
