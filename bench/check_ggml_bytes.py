@@ -17,8 +17,9 @@ quantizer path this CPU has, and prints how many rows are byte-identical.
 --exhaustive-f16  every one of the 2^32 float32 bit patterns through f16 and
                bf16, ours vs ggml (about a minute)
 
-ggml's library: --lib, $MLLAMA_Q_GGML_LIB, or the llama_cpp package of
-/work/venvs/llcpp (llama-cpp-python built from source); never a dependency.
+ggml's library: --lib, $MLLAMA_Q_GGML_LIB, or the llama_cpp package (llama-cpp-python built
+from source) importable by this Python (tools/make_ggml_golden.py find_ggml_lib); never a
+dependency.
 Exit status 1 when any row differs.
 """
 from __future__ import annotations

@@ -8,7 +8,7 @@
    `--shards` safetensors shards + index (~21 GB). Writing is streaming: one reusable 128 MB
    pool of random bf16, so memory stays small. Each shard is fsync'ed and dropped from the
    page cache (posix_fadvise DONTNEED) so the conversion reads it from disk, as a first run would.
-2. Converts it with `python -m convert` in a child process; reports wall time, input
+2. Converts it with `python -m mllama_q.convert` in a child process; reports wall time, input
    throughput, CPU time and the child's peak RSS (ru_maxrss from wait4).
 3. Removes the synthetic checkpoint and the output (unless --keep).
 
@@ -169,7 +169,7 @@ def main(argv=None) -> int:
         env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         load_before = os.getloadavg()
         t0 = time.perf_counter()
-        child = subprocess.Popen([sys.executable, "-m", "convert", str(ck), "-o", str(out), "--type", a.type,
+        child = subprocess.Popen([sys.executable, "-m", "mllama_q.convert", str(ck), "-o", str(out), "--type", a.type,
                                   "--force"], cwd=ROOT, env=env)
         _, status, ru = os.wait4(child.pid, 0)
         child.returncode = os.waitstatus_to_exitcode(status)

@@ -9,9 +9,9 @@
 # Prerequisites on the device machine (CUDA 13, PyTorch, pybind11,
 # scikit-build-core, CMake; no internet): pytest and gguf may be missing there,
 # so carry pure-Python wheels; on the dev machine, in the repository root:
-#   /work/venvs/dev/bin/python -m pip download gguf pytest pluggy iniconfig packaging \
+#   python -m pip download gguf pytest pluggy iniconfig packaging \
 #       exceptiongroup typing_extensions --no-deps -d .whl
-#   /work/venvs/dev/bin/python -m pip download tomli --no-deps -d .whl --only-binary=:all: \
+#   python -m pip download tomli --no-deps -d .whl --only-binary=:all: \
 #       --platform any --python-version 3.10 --implementation py
 # and pass carry=[".whl"] to the device tool (.whl/ is git-ignored, ~1 MB).
 #
@@ -39,7 +39,7 @@ nvcc --version | tail -1 >> "$SUMMARY"
 
 # pytest and gguf from carried pure-Python wheels (.whl/, see above) when the image
 # lacks them; numpy and torch are on the image. gguf needs pyyaml at import;
-# without a working gguf, tests/test_cuda.py takes its reference dequantization
+# without a working gguf, tests/test_backend_ops.py takes its reference dequantization
 # from mllama_q.quants (tied to gguf-py by test_quants.py).
 if ! $PY -c "import pytest, gguf" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
   for w in .whl/*.whl; do   # one by one: a wheel the image already has (or cannot use) must not block the rest
@@ -61,7 +61,7 @@ if has build; then
   [ $rc -eq 0 ] || { tail -30 "$OUT/build.log"; exit 1; }
   t0=$(date +%s)
   nvcc -O3 --use_fast_math -std=c++17 -arch=sm_$ARCH -lineinfo -Icsrc --threads 0 bench/cuda_kernel_bench.cu \
-    csrc/cuda/cuda_backend.cu csrc/cuda/kernels_*.cu csrc/cuda/cuda_sampling.cu csrc/common/formats.cpp \
+    csrc/cuda/cuda_backend.cu csrc/cuda/kernels_*.cu csrc/cuda/cuda_sampling.cu csrc/common/formats.cpp csrc/common/env.cpp \
     -o build-gpu/cuda_kernel_bench > "$OUT/build_bench.log" 2>&1
   note "build cuda_kernel_bench: rc=$? in $(( $(date +%s) - t0 )) s"
   $PY -c "import mllama_q, json; print(json.dumps(mllama_q.backends()['cuda']))" 2>&1 | tee -a "$SUMMARY"
@@ -84,19 +84,19 @@ if has test; then
   # Every CUDA op vs float64 references and the CPU backend (outputs NaN-poisoned).
   t0=$(date +%s)
   XDIST=""; $PY -c "import xdist" 2>/dev/null && XDIST="-n 4"
-  MLLAMA_Q_CUDA_POISON=1 PYTHONPATH=. timeout 540 $PY -m pytest -q -rs $XDIST tests/test_cuda.py \
+  MLLAMA_Q_CUDA_POISON=1 PYTHONPATH=. timeout 540 $PY -m pytest -q -rs $XDIST tests/test_backend_ops.py -k cuda \
     --junitxml="$OUT/test_cuda.xml" > "$OUT/test_cuda.log" 2>&1
-  note "tests/test_cuda.py: rc=$? in $(( $(date +%s) - t0 )) s: $(tail -1 "$OUT/test_cuda.log")"
+  note "tests/test_backend_ops.py -k cuda: rc=$? in $(( $(date +%s) - t0 )) s: $(tail -1 "$OUT/test_cuda.log")"
   grep -E "^(FAILED|ERROR)" "$OUT/test_cuda.log" | head -20 | tee -a "$SUMMARY"
 fi
 
 if has sanitize; then
   # Out-of-bounds / race checks on a small subset (slow under the sanitizer).
-  PYTHONPATH=. timeout 500 compute-sanitizer --tool memcheck --error-exitcode 9 $PY -m pytest -q -x tests/test_cuda.py \
-    -k "attention or get_rows or rms_norm or (matmul_vs and 1024-200 and (-1- or -7-))" > "$OUT/memcheck.log" 2>&1
+  PYTHONPATH=. timeout 500 compute-sanitizer --tool memcheck --error-exitcode 9 $PY -m pytest -q -x tests/test_backend_ops.py \
+    -k "cuda and (attention or get_rows or rms_norm or (matmul_vs and 1024-200 and (-1- or -7-)))" > "$OUT/memcheck.log" 2>&1
   note "compute-sanitizer memcheck: rc=$? ($(grep -c 'Invalid' "$OUT/memcheck.log") invalid accesses)"
-  PYTHONPATH=. timeout 300 compute-sanitizer --tool racecheck --error-exitcode 9 $PY -m pytest -q -x tests/test_cuda.py \
-    -k "matmul_vs and 256-64 and -64-" > "$OUT/racecheck.log" 2>&1
+  PYTHONPATH=. timeout 300 compute-sanitizer --tool racecheck --error-exitcode 9 $PY -m pytest -q -x tests/test_backend_ops.py \
+    -k "cuda and matmul_vs and 256-64 and -64-" > "$OUT/racecheck.log" 2>&1
   note "compute-sanitizer racecheck (gemm): rc=$?"
 fi
 

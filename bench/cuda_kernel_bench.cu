@@ -4,7 +4,7 @@
 // Built straight from the backend sources, without Python:
 //   nvcc -O3 --use_fast_math -std=c++17 -arch=sm_90 -Icsrc bench/cuda_kernel_bench.cu \
 //        csrc/cuda/cuda_backend.cu csrc/cuda/kernels_*.cu csrc/cuda/cuda_sampling.cu \
-//        csrc/common/formats.cpp -o cuda_kernel_bench
+//        csrc/common/formats.cpp csrc/common/env.cpp -o cuda_kernel_bench
 //
 // Reports, on the real Llama 3.2 11B shapes:
 //   * device-to-device copy bandwidth (bytes read + written per second): the

@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import re
 import signal
 import sys
+from collections import defaultdict
 
 from mllama_q import gguf_keys as K
+
 from .errors import ConvertError
 
 PROG = "mllama-q convert"
@@ -19,13 +22,31 @@ def build_parser() -> argparse.ArgumentParser:
                "q4_k_s: Q4_K throughout. Norms, biases, gates and position/tile embeddings stay F32.")
     p.add_argument("hf_dir", metavar="HF_DIR", help="checkpoint directory (config.json, *.safetensors, tokenizer...)")
     p.add_argument("-o", "--output", required=True, metavar="OUT.gguf", help="output file")
-    p.add_argument("--type", dest="ftype", default="q4_k_m", choices=K.FTYPES,
-                   help="text weights (default: %(default)s)")
-    p.add_argument("--vision-type", default=None, choices=K.VISION_TYPES,
+    p.add_argument("--type", dest="ftype", type=str.lower, default="q4_k_m", choices=K.FTYPES,
+                   help="text weights (default: %(default)s; any case)")
+    p.add_argument("--vision-type", type=str.lower, default=None, choices=K.VISION_TYPES,
                    help="vision tower and projector weights (default: q8_0 for quantized --type, else the --type)")
     p.add_argument("--force", action="store_true", help="overwrite OUT.gguf if it exists")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return p
+
+
+def fallback_notes(fallbacks, ftype: str, vision_type) -> list[str]:
+    """One line per (requested type, stored type, row length): which tensors the requested block
+    type could not tile, and why (gguf_keys.fallback). Layer numbers are folded: blk.*.attn_q."""
+    groups = defaultdict(list)
+    for name, wanted, got, row in fallbacks:
+        groups[(name.startswith(K.VISION_PREFIXES), wanted, got, row)].append(name)
+    lines = []
+    for (vision, wanted, _got, row), names in groups.items():
+        option = f"--vision-type {vision_type}" if vision and vision_type else f"--type {ftype}"
+        folded = defaultdict(int)
+        for n in names:
+            folded[re.sub(r"\.\d+\.", ".*.", n)] += 1
+        listed = ", ".join(f"{n} (x{c})" if c > 1 else n for n, c in folded.items())
+        lines.append(f"{PROG}: note: {option}: {len(names)} tensor(s) stored as "
+                     f"{K.fallback_reason(wanted, row)}: {listed}")
+    return lines
 
 
 def _sigterm(signum, frame):
@@ -53,6 +74,8 @@ def main(argv=None) -> int:
     finally:
         if old is not None:
             signal.signal(signal.SIGTERM, old)
+    for line in fallback_notes(s.get("fallbacks", ()), s["ftype"], s["vision_type"]):
+        print(line, file=sys.stderr)
     if not args.quiet:
         gib = s["bytes_in"] / 2**30
         print(f"wrote {s['output']}: {s['tensors']} tensors, {s['bytes_out'] / 2**30:.2f} GiB "

@@ -218,7 +218,8 @@ def _stream_tensor_data(ck: Checkpoint, outs: list, sizes: dict, writer, progres
 
 def convert(hf_dir, out_path, ftype: str = "q4_k_m", vision_type: str | None = None, *, force: bool = False,
             progress: bool = True) -> dict:
-    """Convert; returns a summary dict (tensors, bytes read/written, seconds). Raises ConvertError."""
+    """Convert; returns a summary dict (tensors, bytes read/written, seconds, and `fallbacks`: the
+    tensors stored in another type than the mix asked for, from plan.assign_types). Raises ConvertError."""
     import gguf
 
     if ftype not in K.FTYPES:
@@ -242,7 +243,7 @@ def convert(hf_dir, out_path, ftype: str = "q4_k_m", vision_type: str | None = N
     try:
         outs = build_plan(ck)
         check_tensors(ck, outs)
-        assign_types(outs, ck, ftype, vision_type)
+        fallbacks = assign_types(outs, ck, ftype, vision_type)
 
         writer = gguf.GGUFWriter(None, K.ARCH)
         add_metadata(writer, ck, ftype)
@@ -291,4 +292,4 @@ def convert(hf_dir, out_path, ftype: str = "q4_k_m", vision_type: str | None = N
         ck.close()
     dt = time.perf_counter() - t0
     return {"tensors": len(outs), "bytes_in": total_in, "bytes_out": out_bytes, "seconds": dt,
-            "ftype": ftype, "vision_type": vision_type, "output": str(out_path)}
+            "ftype": ftype, "vision_type": vision_type, "output": str(out_path), "fallbacks": fallbacks}

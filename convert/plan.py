@@ -191,8 +191,15 @@ def check_tensors(ck: Checkpoint, outs: list) -> None:
                                f"for this config.json)")
 
 
-def assign_types(outs: list, ck: Checkpoint, ftype: str, vision_type: str | None) -> None:
+def assign_types(outs: list, ck: Checkpoint, ftype: str, vision_type: str | None) -> list:
+    """Set every Out's gtype (gguf_keys.tensor_type). Returns the fallbacks: [(name, requested,
+    stored, row)] for each tensor whose rows the requested block type cannot tile."""
     n_self = ck.text.n_layer - len(ck.text.cross_layers)
+    fell_back = []
     for o in outs:
-        o.gtype = K.tensor_type(o.kind, o.role, o.block_row, ftype, vision_type, layer=o.layer,
-                                  n_layer=ck.text.n_layer, v_index=o.v_index, n_v=n_self)
+        kw = dict(layer=o.layer, n_layer=ck.text.n_layer, v_index=o.v_index, n_v=n_self)
+        o.gtype = K.tensor_type(o.kind, o.role, o.block_row, ftype, vision_type, **kw)
+        wanted = K.requested_type(o.kind, o.role, ftype, vision_type, **kw)
+        if o.gtype != wanted:
+            fell_back.append((o.name, wanted, o.gtype, o.block_row))
+    return fell_back

@@ -25,26 +25,44 @@ _LAZY = {
 __all__ = ["backends", "__version__", *_LAZY]
 
 
+# False until bench/RESULTS.md holds results measured on a GPU: the CUDA backend compiles, but
+# none of its kernels has run on a device yet (README.md, "CUDA status").
+_CUDA_VERIFIED = False
+
+
 def backends() -> dict:
     """What was built into the extension and what can run now.
 
-    Returns ``{"cpu": {...}, "cuda": {...}}`` where each entry has ``built`` and
-    ``usable`` booleans plus details (CPU kernel paths, CUDA device names).
+    Returns ``{"cpu": {...}, "cuda": {...}}`` where each entry has ``built``, ``usable`` and
+    ``verified`` booleans plus details (CPU kernel paths, CUDA device names) and a one-line
+    ``status``. The CUDA backend is built but not yet verified on a GPU (``verified`` False).
     """
     from . import _core
 
-    n_dev = _core.cuda_device_count() if _core.cuda_built() else 0
+    built = bool(_core.cuda_built())
+    n_dev = _core.cuda_device_count() if built else 0
+    if not built:
+        cuda_status = "not built (no nvcc at build time)"
+    elif _CUDA_VERIFIED:
+        cuda_status = "built and verified on a GPU (bench/RESULTS.md)"
+    else:
+        cuda_status = ("built but NOT YET VERIFIED on a GPU: no kernel has run on a device; "
+                       "correctness and speed unknown until bench/RESULTS.md holds measured results")
     return {
         "cpu": {
             "built": True,
             "usable": True,
+            "verified": True,
+            "status": "built and tested (tests/ on every kernel path)",
             "paths": list(_core.cpu_paths()),
             "active_path": _core.cpu_path(),
             "threads": _core.num_threads(),
         },
         "cuda": {
-            "built": bool(_core.cuda_built()),
+            "built": built,
             "usable": n_dev > 0,
+            "verified": built and _CUDA_VERIFIED,
+            "status": cuda_status,
             "devices": [_core.cuda_device_name(i) for i in range(n_dev)],
         },
     }

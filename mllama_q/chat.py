@@ -117,7 +117,8 @@ def validate_messages(messages: Sequence[Mapping]) -> None:
         if isinstance(content, (list, tuple)):
             for item in content:
                 if not isinstance(item, Mapping) or item.get("type") not in ("text", "image"):
-                    raise ValueError(f"message {i}: content items must be {{'type': 'text'|'image', ...}}, got {item!r}")
+                    raise ValueError(f"message {i}: content items must be {{'type': 'text'|'image', ...}}, "
+                                     f"got {item!r}")
                 if item["type"] == "text" and not isinstance(item.get("text"), str):
                     raise ValueError(f"message {i}: a text item needs a 'text' string")
         elif content is not None and not isinstance(content, str) and "tool_calls" not in m:

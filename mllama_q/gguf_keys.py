@@ -185,7 +185,8 @@ XATTN_K_NORM = "blk.{bid}.cross_attn_k_norm.weight"  # [hd] F32, permuted: permu
 XATTN_ATTN_GATE = "blk.{bid}.cross_attn_attn_gate"  # [1] F32, RAW g: runtime applies tanh(g)
 XATTN_MLP_GATE = "blk.{bid}.cross_attn_mlp_gate"  # [1] F32, RAW g: runtime applies tanh(g)
 
-# Vision tower (prefix v.) and projector (mm.0).
+# Vision tower (prefix v.) and projector (mm.0): run once per image.
+VISION_PREFIXES = ("v.", "mm.")
 V_PATCH_EMBD = "v.patch_embd.weight"  # [Dv, C, p, p] conv weight, no bias (F16/BF16/F32, never block-quantized)
 V_CLASS_EMBD = "v.class_embd"  # [Dv] F32
 V_POS_EMBD = "v.position_embd.weight"  # [P, Dv] F32 (gated_positional_embedding.embedding)
@@ -413,22 +414,22 @@ def fallback(t: GGMLType, row: int) -> GGMLType:
     return GGMLType.F16
 
 
-def tensor_type(kind: str, role: str, row: int, ftype: str, vision_type: str | None, *,
-                layer: int = -1, n_layer: int = 0, v_index: int = -1, n_v: int = 0) -> GGMLType:
-    """GGML type of one output tensor.
+def fallback_reason(wanted: GGMLType, row: int) -> str:
+    """Why `fallback(wanted, row)` is not `wanted`, in words for the converter's report."""
+    got = fallback(wanted, row)
+    return (f"{got.name} instead of {wanted.name}: rows of {row} values are not a multiple of "
+            f"{wanted.name}'s {BLOCK_SIZES[wanted][0]}-value blocks")
 
-    kind: "f32" | "conv" | "text" | "vision" (see module doc); role: "output", "attn_v",
-    "ffn_down" or "" (anything else); row: elements per row (last numpy axis);
-    layer/n_layer: block index and block count (ffn_down); v_index/n_v: ordinal among
-    self-attention layers and their count (attn_v).
-    """
+
+def requested_type(kind: str, role: str, ftype: str, vision_type: str | None, *,
+                   layer: int = -1, n_layer: int = 0, v_index: int = -1, n_v: int = 0) -> GGMLType:
+    """GGML type the mix asks for, before `fallback` (arguments as tensor_type)."""
     if kind == "f32":
         return GGMLType.F32
     if kind == "conv":
         return FLOAT_TYPE.get(ftype, GGMLType.F16)
     if kind == "vision":
-        t = VISION_TYPE[vision_type] if vision_type else BASE_TYPE[ftype]
-        return fallback(t, row)
+        return VISION_TYPE[vision_type] if vision_type else BASE_TYPE[ftype]
     if kind != "text":
         raise ValueError(f"unknown tensor kind {kind!r}")
     t = BASE_TYPE[ftype]
@@ -439,7 +440,20 @@ def tensor_type(kind: str, role: str, row: int, ftype: str, vision_type: str | N
             t = GGMLType.Q6_K
         elif role == "ffn_down" and use_more_bits(layer, n_layer):
             t = GGMLType.Q6_K
-    return fallback(t, row)
+    return t
+
+
+def tensor_type(kind: str, role: str, row: int, ftype: str, vision_type: str | None, *,
+                layer: int = -1, n_layer: int = 0, v_index: int = -1, n_v: int = 0) -> GGMLType:
+    """GGML type of one output tensor.
+
+    kind: "f32" | "conv" | "text" | "vision" (see module doc); role: "output", "attn_v",
+    "ffn_down" or "" (anything else); row: elements per row (last numpy axis);
+    layer/n_layer: block index and block count (ffn_down); v_index/n_v: ordinal among
+    self-attention layers and their count (attn_v).
+    """
+    t = requested_type(kind, role, ftype, vision_type, layer=layer, n_layer=n_layer, v_index=v_index, n_v=n_v)
+    return t if kind in ("f32", "conv") else fallback(t, row)
 
 
 def nbytes(t: GGMLType, shape) -> int:

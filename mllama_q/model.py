@@ -13,14 +13,22 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any
 
 import numpy as np
 
 from . import _core
 from . import gguf_keys as K
-from .gguf_file import (ModelFileError, check_architecture, field_value, get_float, get_int, get_int_list,
-                        open_gguf, require_keys, tensor_entry)
+from .gguf_file import (
+    ModelFileError,
+    check_architecture,
+    field_value,
+    get_float,
+    get_int,
+    get_int_list,
+    open_gguf,
+    require_keys,
+    tensor_entry,
+)
 
 # Metadata every mllama file has (Ollama's and ours).
 REQUIRED_TEXT_KEYS = (K.BLOCK_COUNT, K.EMBEDDING_LENGTH, K.FEED_FORWARD_LENGTH, K.HEAD_COUNT, K.HEAD_COUNT_KV,
@@ -28,7 +36,7 @@ REQUIRED_TEXT_KEYS = (K.BLOCK_COUNT, K.EMBEDDING_LENGTH, K.FEED_FORWARD_LENGTH, 
 REQUIRED_VISION_KEYS = (K.V_BLOCK_COUNT, K.V_GLOBAL_BLOCK_COUNT, K.V_INTERMEDIATE_LAYERS, K.V_EMBEDDING_LENGTH,
                         K.V_FEED_FORWARD_LENGTH, K.V_HEAD_COUNT, K.V_LN_EPS, K.V_IMAGE_SIZE, K.V_PATCH_SIZE,
                         K.V_MAX_NUM_TILES, K.V_NUM_CHANNELS)
-VISION_PREFIXES = ("v.", "mm.")
+VISION_PREFIXES = K.VISION_PREFIXES
 
 
 def _q(reader, key):
@@ -228,6 +236,11 @@ class Model:
         self.device = device
         self.kv_type = kv_type
         self.n_ctx = int(n_ctx)
+        # the context length the model was trained for (None if the file does not say); the
+        # command line warns when n_ctx exceeds it
+        n_train = field_value(reader, K.CONTEXT_LENGTH)
+        ok = isinstance(n_train, (int, np.integer)) and not isinstance(n_train, bool) and n_train > 0
+        self.n_ctx_train = int(n_train) if ok else None
         self.image_token_id = int(_q(reader, K.Q_IMAGE_TOKEN_ID))
         # Tokenizer, processor, stop ids and sampling defaults from the same file (frontend).
         from .generate import generation_defaults_from_gguf, stop_ids_from_gguf

@@ -70,7 +70,8 @@ class ProcessorSettings:
 
     def __post_init__(self):
         if self.tile_size <= 0 or self.max_num_tiles <= 0:
-            raise ValueError(f"tile_size and max_num_tiles must be positive, got {self.tile_size}, {self.max_num_tiles}")
+            raise ValueError(f"tile_size and max_num_tiles must be positive, "
+                             f"got {self.tile_size}, {self.max_num_tiles}")
         if not self.supported_aspect_ratios:
             raise ValueError("supported_aspect_ratios is empty")
         for r, c in self.supported_aspect_ratios:
@@ -172,7 +173,8 @@ def load_image(image) -> Image.Image | np.ndarray:
     elif isinstance(image, np.ndarray):
         # (H, W) grey or (H, W, 3|4) uint8, channels last; kept as an array (see to_rgb).
         if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (3, 4)):
-            raise ValueError(f"numpy images must be uint8 (H, W), (H, W, 3) or (H, W, 4); got {image.dtype} {image.shape}")
+            raise ValueError(f"numpy images must be uint8 (H, W), (H, W, 3) or (H, W, 4); "
+                             f"got {image.dtype} {image.shape}")
         if image.size == 0:
             raise ValueError(f"image has zero size: {image.shape}")
         return image

@@ -37,6 +37,25 @@ def _is_num(x) -> bool:
     return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+# What each sampling option accepts: (test, requirement). SamplingParams and the command line
+# (mllama_q/cli/args.py, in its own flag names) both check values through this one table.
+LIMITS = {
+    "temperature": (lambda v: _is_num(v) and v >= 0, "a finite number >= 0"),
+    "top_k": (lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0 disables it)"),
+    "top_p": (lambda v: _is_num(v) and 0.0 < v <= 1.0, "in (0, 1]"),
+    "min_p": (lambda v: _is_num(v) and 0.0 <= v <= 1.0, "in [0, 1]"),
+    "repetition_penalty": (lambda v: _is_num(v) and v > 0, "a finite number > 0"),
+    "seed": (lambda v: v is None or (_is_int(v) and v >= 0), "an integer >= 0"),  # None: random
+}
+
+
+def check_value(name: str, value, label: str | None = None) -> None:
+    """Raise ValueError "<label> must be <requirement>, got <value>" unless LIMITS[name] accepts it."""
+    ok, need = LIMITS[name]
+    if not ok(value):
+        raise ValueError(f"{label or name} must be {need}, got {value!r}")
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """temperature 0 = greedy; top_k 0 = off; top_p 1 = off; min_p 0 = off; repetition_penalty 1 = off."""
@@ -49,18 +68,8 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self):
-        if not _is_num(self.temperature) or self.temperature < 0:
-            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
-        if not _is_int(self.top_k) or self.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
-        if not _is_num(self.top_p) or not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not _is_num(self.min_p) or not 0.0 <= self.min_p <= 1.0:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
-        if not _is_num(self.repetition_penalty) or self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty!r}")
-        if self.seed is not None and (not _is_int(self.seed) or self.seed < 0):
-            raise ValueError(f"seed must be an integer >= 0 or None, got {self.seed!r}")
+        for name in LIMITS:
+            check_value(name, getattr(self, name))
 
     @property
     def greedy(self) -> bool:

@@ -1,5 +1,5 @@
-"""float64 references for the backend ops, shared by test_backend_ops.py (CPU backend)
-and test_cuda.py (CUDA backend). Test-only: imports torch."""
+"""float64 references for the backend ops (tests/test_backend_ops.py, on every backend).
+Test-only: imports torch."""
 import numpy as np
 import torch
 import torch.nn.functional as F

@@ -14,18 +14,12 @@ pytest.importorskip("transformers")
 import mllama_q  # noqa: E402
 from mllama_q import ModelFileError, ModelFileNotFoundError  # noqa: E402
 from mllama_q import gguf_keys as K  # noqa: E402
-from mllama_q.convert import convert  # noqa: E402
-from tiny_models import make_tiny_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def good(tmp_path_factory):
+def good(tiny_checkpoint, tiny_gguf):
     """A valid tiny mllama GGUF written by our converter."""
-    d = tmp_path_factory.mktemp("bad_gguf")
-    ckpt = make_tiny_checkpoint(d / "hf", seed=3, dtype="float32")
-    path = d / "good.gguf"
-    convert(ckpt, path, ftype="q8_0", progress=False)
-    return path
+    return tiny_gguf(tiny_checkpoint(seed=3, dtype="float32"), "q8_0")
 
 
 def rewrite(src, dst, *, arch=None, drop_keys=(), drop_tensors=(), tensor_override=None):

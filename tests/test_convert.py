@@ -23,7 +23,6 @@ pytest.importorskip("transformers")
 from gguf import GGMLQuantizationType as T  # noqa: E402
 from gguf.quants import dequantize  # noqa: E402
 
-from tiny_models import make_tiny_checkpoint  # noqa: E402
 from mllama_q import gguf_keys as K  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,9 +59,8 @@ TYPES = ["f32", "f16", "bf16", "q8_0", "q6_k", "q4_k_m", "q4_k_s"]
 
 
 @pytest.fixture(scope="module")
-def ckpts(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ckpts")
-    return {name: make_tiny_checkpoint(root / name, **kw) for name, kw in CONFIGS.items()}
+def ckpts(tiny_checkpoint):
+    return {name: tiny_checkpoint(**kw) for name, kw in CONFIGS.items()}
 
 
 @pytest.fixture(scope="module")
@@ -540,11 +538,12 @@ def test_chunked_streaming_gives_identical_file(ckpts, tmp_path, monkeypatch):
     assert a.read_bytes() == b.read_bytes()
 
 
-def test_cli_entry_points(ckpts, tmp_path):
+def test_cli_entry_points(ckpts, tmp_path, child_env):
     """`python -m mllama_q.convert` and `mllama-q convert` (mllama_q.cli) both work."""
     out = tmp_path / "m.gguf"
-    res = subprocess.run([sys.executable, "-m", "mllama_q.convert", str(ckpts["mha_f32"]), "-o", str(out), "--type", "q8_0"],
-                         cwd=tmp_path, capture_output=True, text=True, env=_env())
+    res = subprocess.run([sys.executable, "-m", "mllama_q.convert", str(ckpts["mha_f32"]), "-o", str(out),
+                          "--type", "q8_0"],
+                         cwd=tmp_path, capture_output=True, text=True, env=child_env())
     assert res.returncode == 0, res.stderr
     assert "wrote" in res.stderr and out.is_file()
     from mllama_q.cli import main as mq_main
@@ -552,19 +551,6 @@ def test_cli_entry_points(ckpts, tmp_path):
     out2 = tmp_path / "m2.gguf"
     assert mq_main(["convert", str(ckpts["mha_f32"]), "-o", str(out2), "--type", "q8_0", "-q"]) == 0
     assert out.read_bytes() == out2.read_bytes()
-
-
-def _env():
-    """The child imports the same mllama_q (and so mllama_q.convert) as this process
-    (installed, or the source tree with an in-place build), whatever its working directory."""
-    import os
-
-    import mllama_q
-
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(mllama_q.__file__).resolve().parents[1]),
-                                         env.get("PYTHONPATH", "")])
-    return env
 
 
 # ---------------------------------------------------------------------------------------------
@@ -743,20 +729,18 @@ def test_real_11b_plan_and_q4_k_m_mix():
     assert len(outs) == 1 + 1 + 32 * 9 + 8 * 13 + 2 + (2 + 4 + 4 + 4 + 32 * 12 + 8 * 14 + 2)
 
 
-def test_tiny_checkpoint_is_a_usable_nonvacuous_reference(ckpts, hf_states):
+def test_tiny_checkpoint_is_a_usable_nonvacuous_reference(ckpts, hf_states, hf_model):
     """The builder's checkpoints load in transformers with its processor and chat template,
     every tanh gate is non-zero, and the image changes the logits (runtime parity tests
     built on them cannot pass with a dead vision path)."""
     from PIL import Image
     from transformers import AutoProcessor
 
-    from tiny_models import load_hf_model
-
     for key, x in hf_states["gqa4_sharded"].items():
         if key.endswith(("gate", "gate_attn", "gate_ffn", "cross_attn_attn_gate", "cross_attn_mlp_gate")):
             assert 0.29 <= float(x.abs().min()) and float(x.abs().max()) <= 1.21, key
     ck = ckpts["gqa4_sharded"]
-    model = load_hf_model(ck, intermediate="installed")  # checks the checkpoint, not our runtime
+    model = hf_model(ck, intermediate="installed")  # checks the checkpoint, not our runtime
     proc = AutoProcessor.from_pretrained(ck)
     msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe this image."}]}]
     text = proc.apply_chat_template(msgs, add_generation_prompt=True)

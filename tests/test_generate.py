@@ -10,7 +10,6 @@ from PIL import Image
 from mllama_q.generate import GenerationStream, build_prompt, generate
 from mllama_q.processor import Processor, ProcessorSettings
 from mllama_q.sampling import Sampler, SamplingParams, probabilities
-from mllama_q.tokenizer import Tokenizer
 
 EOT, EOM, EOS = 128009, 128008, 128001
 
@@ -110,16 +109,6 @@ def test_invalid_sampling_params(kw):
 
 # ------------------------------------------------------------------ generate loop with a fake model
 
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    import gguf
-
-    from real_tokenizer import cached_llama32_vision_tokenizer, write_tokenizer_gguf
-
-    path = write_tokenizer_gguf(cached_llama32_vision_tokenizer(), tmp_path_factory.mktemp("gguf") / "tok.gguf")
-    return Tokenizer.from_gguf(gguf.GGUFReader(str(path)))
-
-
 class FakeModel:
     """Implements the low-level API. Logits: a scripted reply (one token per step, then EOT), or
     fixed random logits. Records every call."""
@@ -151,7 +140,8 @@ class FakeModel:
         if self.n_past + tokens.size > self.n_ctx:
             raise ValueError("context full")
         step = sum(1 for c in self.calls if c[0] == "eval")
-        self.calls.append(("eval", tokens.copy(), None if cross_attention_mask is None else cross_attention_mask.copy()))
+        mask = None if cross_attention_mask is None else cross_attention_mask.copy()
+        self.calls.append(("eval", tokens.copy(), mask))
         self.n_past += tokens.size
         logits = np.zeros(self.vocab, dtype=np.float32)
         tok = self.script[step] if step < len(self.script) else EOT
@@ -347,8 +337,10 @@ def test_cli_run_errors_are_one_line(fake_model_module, capsys, tmp_path):
     assert "error" in capsys.readouterr().err
     assert main(["run", "-m", "x.bin", "-p", "hi"]) == 1
     assert "not a GGUF" in capsys.readouterr().err
-    assert main(["run", "-m", "x.gguf", "-p", "hi", "--top-p", "0"]) == 1
-    assert "top_p" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # an argument error: argparse's status 2, in CLI words
+        main(["run", "-m", "x.gguf", "-p", "hi", "--top-p", "0"])
+    assert e.value.code == 2 and "--top-p must be in (0, 1]" in capsys.readouterr().err
+    assert not fake_model_module  # reported before any model was made
 
 
 def test_cli_run_json(fake_model_module, capsys):

@@ -1,7 +1,6 @@
 """End to end through the public API: chat messages + real photos -> our processor, chat template,
 generate() loop and the compiled model, against transformers' MllamaProcessor + generate()
-(greedy, F32 tiny checkpoint from the converter). Needs the converter (convert.converter),
-the model (mllama_q.model) and the tiny-checkpoint builder (tests/tiny_models.py)."""
+(greedy, F32 tiny checkpoint from the converter; fixtures from conftest.py)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -21,18 +20,14 @@ def _photo(name: str) -> Image.Image:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tiny_checkpoint, tiny_gguf, hf_model):
     from transformers import MllamaProcessor
 
     import mllama_q
-    from mllama_q.convert.converter import convert
-    from tiny_models import load_hf_model, make_tiny_checkpoint
 
-    d = tmp_path_factory.mktemp("gen_e2e")
-    ckpt = make_tiny_checkpoint(d / "hf", seed=0, dtype="float32")
-    convert(ckpt, d / "f32.gguf", ftype="f32", progress=False)
-    return {"hf": load_hf_model(ckpt), "proc": MllamaProcessor.from_pretrained(str(ckpt)),
-            "model": mllama_q.Model(d / "f32.gguf", n_ctx=256, kv_type="f32")}
+    ckpt = tiny_checkpoint(seed=0, dtype="float32")
+    return {"hf": hf_model(ckpt), "proc": MllamaProcessor.from_pretrained(str(ckpt)),
+            "model": mllama_q.Model(tiny_gguf(ckpt, "f32"), n_ctx=256, kv_type="f32")}
 
 
 def _hf_reply(setup, messages, images, n_new):

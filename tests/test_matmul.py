@@ -20,19 +20,16 @@ fp16 scales) so these tests do not depend on any quantizer.
 """
 from __future__ import annotations
 
-import os
 import subprocess
-import tempfile
 import sys
+import tempfile
 import zlib
-from pathlib import Path
 
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as GT
 from gguf import quants as gq
 
-import mllama_q
 from mllama_q import _core
 
 PATHS = list(_core.cpu_paths())
@@ -270,7 +267,7 @@ def test_bad_input_raises_value_error():
         _core.set_cpu_path("sse9")
 
 
-def test_unsupported_forced_path_from_env_is_a_clear_error():
+def test_unsupported_forced_path_from_env_is_a_clear_error(child_env):
     """MLLAMA_Q_CPU_PATH naming a path that does not exist raises, never falls back silently."""
     code = (
         "import numpy as np\nfrom mllama_q import _core\n"
@@ -278,13 +275,10 @@ def test_unsupported_forced_path_from_env_is_a_clear_error():
         "    _core.matmul(np.zeros((1, 32), np.float32), np.zeros((1, 128), np.uint8), 'f32', 1, 32)\n"
         "except ValueError as e:\n    print('VE', e)\n"
     )
-    # The child must import this process's mllama_q (installed or in-place build), not a
-    # source tree without _core that happens to be its working directory.
-    root = str(Path(mllama_q.__file__).resolve().parents[1])
-    env = dict(os.environ, MLLAMA_Q_CPU_PATH="neon",
-               PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60,
-                         cwd=tempfile.gettempdir())
+    # The child imports this process's mllama_q (child_env), not a source tree without _core
+    # that happens to be its working directory.
+    out = subprocess.run([sys.executable, "-c", code], env=child_env(MLLAMA_Q_CPU_PATH="neon"), capture_output=True,
+                         text=True, timeout=60, cwd=tempfile.gettempdir())
     assert "VE MLLAMA_Q_CPU_PATH: unknown CPU path 'neon'" in out.stdout, out.stdout + out.stderr
 
 

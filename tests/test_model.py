@@ -20,14 +20,13 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
 
-from transformers import MllamaConfig, MllamaForConditionalGeneration  # noqa: E402
 from transformers.models.mllama.processing_mllama import (  # noqa: E402
-    convert_sparse_cross_attention_mask_to_dense, get_cross_attention_token_mask)
+    convert_sparse_cross_attention_mask_to_dense,
+    get_cross_attention_token_mask,
+)
 
 import mllama_q  # noqa: E402
 from mllama_q import gguf_keys as K  # noqa: E402
-from tiny_models import load_hf_model, make_tiny_checkpoint  # noqa: E402
-from mllama_q.convert import convert  # noqa: E402
 
 MAX_TILES = 4
 TILE = 56  # tiny_models' image_size
@@ -54,10 +53,9 @@ def gguf_values(path) -> dict[str, np.ndarray]:
     return out
 
 
-def hf_with_file_weights(ckpt, path):
-    """The HF model with the text weights replaced by the values the GGUF holds (Q/K rows
-    un-permuted with gguf_keys.unpermute_qk): the same weights the runtime reads."""
-    ref = load_hf_model(ckpt)
+def hf_with_file_weights(ref, path):
+    """`ref` (a private HF model) with the text weights replaced by the values the GGUF holds
+    (Q/K rows un-permuted with gguf_keys.unpermute_qk): the same weights the runtime reads."""
     vals = gguf_values(path)
     tc = ref.config.text_config
     H, Hkv = tc.num_attention_heads, tc.num_key_value_heads
@@ -168,19 +166,15 @@ def rel_err(ours: np.ndarray, ref: np.ndarray) -> float:
 # Fixtures
 # ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny_mllama")
-    ckpt = make_tiny_checkpoint(d / "hf", seed=0, dtype="float32")
-    hf = load_hf_model(ckpt)
-    files = {}
-    for name, ftype in FILE_TYPES.items():
-        files[name] = d / f"tiny-{name}.gguf"
-        convert(ckpt, files[name], ftype=ftype, progress=False)
+def tiny(tiny_checkpoint, tiny_gguf, hf_model):
+    ckpt = tiny_checkpoint(seed=0, dtype="float32")
+    hf = hf_model(ckpt)
+    files = {name: tiny_gguf(ckpt, ftype) for name, ftype in FILE_TYPES.items()}
     img = int(hf.config.image_token_index)
     cases = make_cases(img)
     refs = {name: hf_logits(hf, c) for name, c in cases.items()}
     return {"ckpt": ckpt, "hf": hf, "files": files, "img": img, "vocab": int(hf.config.text_config.vocab_size),
-            "cases": cases, "refs": refs}
+            "cases": cases, "refs": refs, "hf_fresh": lambda: hf_model(ckpt, fresh=True)}
 
 
 def load(tiny, wtype, **kw):
@@ -252,7 +246,7 @@ def test_quantized_logits(tiny, wtype):
     """
     m = load(tiny, wtype)
     e_w = weight_rel_rms_error(tiny, wtype)
-    ref_q = hf_with_file_weights(tiny["ckpt"], tiny["files"][wtype])
+    ref_q = hf_with_file_weights(tiny["hf_fresh"](), tiny["files"][wtype])
     errs = []
     for name, case in tiny["cases"].items():
         ours = our_logits(m, case)
@@ -270,7 +264,7 @@ def test_bf16_logits(tiny):
     rounding (RMS e_w, measured) bounds the error as in test_quantized_logits: 8 e_w."""
     m = load(tiny, "bf16")
     e_w = weight_rel_rms_error(tiny, "bf16")
-    ref_b = hf_with_file_weights(tiny["ckpt"], tiny["files"]["bf16"])
+    ref_b = hf_with_file_weights(tiny["hf_fresh"](), tiny["files"]["bf16"])
     for name, case in tiny["cases"].items():
         ours = our_logits(m, case)
         assert rel_err(ours, hf_logits(ref_b, case)) < 1e-4, name
@@ -435,17 +429,16 @@ def test_ollama_layout_file(tiny, tmp_path):
         assert rel_err(our_logits(m, tiny["cases"][name]), tiny["refs"][name]) < 1e-4, name
 
 
-def test_other_shapes_hd128_gqa4_two_tiles(tmp_path):
+def test_other_shapes_hd128_gqa4_two_tiles(tiny_checkpoint, tiny_gguf, hf_model):
     """head_dim 128 and 4:1 GQA as in the 11B, a different cross-attention layer set and a
     2-tile vision config with its own aspect-ratio list (read from the file's mllama_q keys)."""
-    ckpt = make_tiny_checkpoint(
-        tmp_path / "hf", seed=5, dtype="float32",
+    ckpt = tiny_checkpoint(
+        seed=5, dtype="float32",
         text_config={"hidden_size": 512, "num_attention_heads": 4, "num_key_value_heads": 1,
                      "intermediate_size": 256, "num_hidden_layers": 4, "cross_attention_layers": [0, 2]},
         vision_config={"max_num_tiles": 2, "supported_aspect_ratios": [[1, 1], [1, 2], [2, 1]]})
-    hf = load_hf_model(ckpt)
-    path = tmp_path / "m.gguf"
-    convert(ckpt, path, ftype="f32", progress=False)
+    hf = hf_model(ckpt)
+    path = tiny_gguf(ckpt, "f32")
     m = mllama_q.Model(path, kv_type="f32")
     assert m.vision_hparams["max_num_tiles"] == 2 and m.vision_hparams["max_aspect_ratio_id"] == 3
     img = int(hf.config.image_token_index)

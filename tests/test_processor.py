@@ -158,27 +158,18 @@ def test_custom_settings_match_transformers():
 # ------------------------------------------------------------------ full processor (text + images)
 
 @pytest.fixture(scope="module")
-def tok_dir():
-    from real_tokenizer import cached_llama32_vision_tokenizer
-
-    return cached_llama32_vision_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def hf_processor(tok_dir, hf_image_processor):
+def hf_processor(tokenizer_dir, hf_image_processor):
     from transformers import AutoTokenizer, MllamaProcessor
 
-    return MllamaProcessor(image_processor=hf_image_processor, tokenizer=AutoTokenizer.from_pretrained(str(tok_dir)))
+    return MllamaProcessor(image_processor=hf_image_processor,
+                           tokenizer=AutoTokenizer.from_pretrained(str(tokenizer_dir)))
 
 
 @pytest.fixture(scope="module")
-def our_processor(tok_dir, tmp_path_factory):
+def our_processor(tokenizer_gguf):
     import gguf
 
-    from real_tokenizer import write_tokenizer_gguf
-
-    path = write_tokenizer_gguf(tok_dir, tmp_path_factory.mktemp("gguf") / "tok.gguf")
-    reader = gguf.GGUFReader(str(path))
+    reader = gguf.GGUFReader(str(tokenizer_gguf))
     tok = Tokenizer.from_gguf(reader)
     return Processor.from_gguf(reader, tok)
 
@@ -261,7 +252,10 @@ def test_settings_from_gguf_keys(tmp_path):
     w.add_float32("mllama_q.image.rescale_factor", 1 / 255)
     w.add_uint32("mllama_q.image.resample", 2)
     w.add_uint32("mllama_q.image_token_id", 128256)
-    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
     s = ProcessorSettings.from_gguf(gguf.GGUFReader(str(path)))
     assert s.tile_size == 112 and s.max_num_tiles == 2 and s.supported_aspect_ratios == ((1, 1), (1, 2), (2, 1))
     cfg = dict(PREPROCESSOR_CONFIG, size={"height": 112, "width": 112}, max_image_tiles=2,
@@ -273,7 +267,10 @@ def test_settings_from_gguf_keys(tmp_path):
 
     path2 = tmp_path / "ollama.gguf"
     w = gguf.GGUFWriter(str(path2), arch="mllama")
-    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
     assert ProcessorSettings.from_gguf(gguf.GGUFReader(str(path2))) == ProcessorSettings()
 
 

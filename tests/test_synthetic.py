@@ -21,16 +21,9 @@ from mllama_q.cli.synthetic import CONFIGS, WEIGHT_STD, random_blocks, write_syn
 
 
 @pytest.fixture(scope="module")
-def converted_tiny(tmp_path_factory):
+def converted_tiny(tiny_checkpoint, tiny_gguf):
     """The converter's q4_k_m output for the default tiny checkpoint (same dims as CONFIGS['tiny'])."""
-    from mllama_q.convert.converter import convert
-    from tiny_models import make_tiny_checkpoint
-
-    d = tmp_path_factory.mktemp("conv")
-    ckpt = make_tiny_checkpoint(d / "hf", seed=0)
-    out = d / "tiny-q4_k_m.gguf"
-    convert(ckpt, out, "q4_k_m", progress=False)
-    return gguf.GGUFReader(str(out))
+    return gguf.GGUFReader(str(tiny_gguf(tiny_checkpoint(seed=0), "q4_k_m")))
 
 
 @pytest.fixture(scope="module")
@@ -151,3 +144,9 @@ def test_random_blocks_decode_like_ggml(qtype):
         d = blocks[:, 208:210].copy().view(np.float16).astype(np.float32)
         assert np.all(np.abs(y) <= 32 * 127 * d + 1e-9)
     assert 0.7 * WEIGHT_STD < float(y.std()) < 1.3 * WEIGHT_STD
+
+
+def test_chat_template_is_the_real_one(tiny, real_chat_template):
+    """The synthetic file carries Llama 3.2 Vision Instruct's template (the hub text, as the
+    converter copies it), not a shortened stand-in."""
+    assert tiny.fields[K.TOKENIZER_CHAT_TEMPLATE].contents() == real_chat_template

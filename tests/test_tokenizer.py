@@ -3,7 +3,6 @@ must give the ids of transformers' tokenizer for the real Llama 3 vocabulary."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import gguf
 import numpy as np
@@ -11,7 +10,6 @@ import pytest
 
 from mllama_q.convert.tokenizer import add_tokenizer_metadata
 from mllama_q.tokenizer import Tokenizer
-from real_tokenizer import CHAT_TEMPLATE, cached_llama32_vision_tokenizer, write_tokenizer_gguf
 
 CORPUS = [
     "Hello world!",
@@ -42,26 +40,15 @@ CORPUS = [
 
 
 @pytest.fixture(scope="module")
-def hf_dir() -> Path:
-    return cached_llama32_vision_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def hf_tok(hf_dir):
+def hf_tok(tokenizer_dir):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(hf_dir))
+    return AutoTokenizer.from_pretrained(str(tokenizer_dir))
 
 
 @pytest.fixture(scope="module")
-def gguf_path(hf_dir, tmp_path_factory) -> Path:
-    path = write_tokenizer_gguf(hf_dir, tmp_path_factory.mktemp("gguf") / "tok.gguf")
-    return path
-
-
-@pytest.fixture(scope="module")
-def reader(gguf_path):
-    return gguf.GGUFReader(str(gguf_path))
+def reader(tokenizer_gguf):
+    return gguf.GGUFReader(str(tokenizer_gguf))
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +56,7 @@ def tok(reader) -> Tokenizer:
     return Tokenizer.from_gguf(reader)
 
 
-def test_metadata_matches_llama_cpp_layout(reader, hf_dir):
+def test_metadata_matches_llama_cpp_layout(reader, tokenizer_dir, real_chat_template):
     f = lambda k: reader.fields[k].contents()  # noqa: E731
     assert f("tokenizer.ggml.model") == "gpt2"
     assert f("tokenizer.ggml.pre") == "llama-bpe"
@@ -79,7 +66,7 @@ def test_metadata_matches_llama_cpp_layout(reader, hf_dir):
     types = f("tokenizer.ggml.token_type")
     assert types[:128000] == [gguf.TokenType.NORMAL] * 128000
     assert types[128000:] == [gguf.TokenType.CONTROL] * 257
-    tj = json.loads((hf_dir / "tokenizer.json").read_text())
+    tj = json.loads((tokenizer_dir / "tokenizer.json").read_text())
     merges = [m if isinstance(m, str) else " ".join(m) for m in tj["model"]["merges"]]
     assert f("tokenizer.ggml.merges") == merges
     assert f("tokenizer.ggml.bos_token_id") == 128000
@@ -89,7 +76,7 @@ def test_metadata_matches_llama_cpp_layout(reader, hf_dir):
     assert f("tokenizer.ggml.eom_token_id") == 128008
     assert f("tokenizer.ggml.add_bos_token") is True
     assert f("tokenizer.ggml.add_eos_token") is False
-    assert f("tokenizer.chat_template") == CHAT_TEMPLATE
+    assert f("tokenizer.chat_template") == real_chat_template
 
 
 def test_hello_world(tok, hf_tok):

@@ -11,10 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from mllama_q.convert.converter import convert
 from mllama_q import _core
 from mllama_q import gguf_keys as K
-from tiny_models import load_hf_model, make_tiny_checkpoint
 
 GGML_F32 = 0
 
@@ -25,7 +23,7 @@ GGML_F32 = 0
 # initializer_range 0.15 instead of 0.02: weights ~ N(0, 0.15^2) keep activations
 # O(1) and make attention peaky, so the padding mask visibly changes the output
 # (test_mask_and_gates_matter checks that). Gates, norms and biases are
-# randomised by make_tiny_checkpoint.
+# randomised by the tiny_checkpoint fixture (tiny_models.make_tiny_checkpoint).
 VISION = {"num_hidden_layers": 5, "intermediate_layers_indices": [1, 2, 4], "initializer_range": 0.15}
 
 
@@ -36,15 +34,12 @@ def _rel(a, b):
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tiny_checkpoint, tiny_gguf, hf_model):
     """The tiny checkpoint, its float64 HF reference model and GGUFs from our converter."""
-    d = tmp_path_factory.mktemp("vision")
-    ckpt = make_tiny_checkpoint(d / "ckpt", seed=5, dtype="float32", vision_config=VISION)
-    files = {}
-    for ftype in ("f32", "f16", "q8_0"):
-        files[ftype] = d / f"tiny-{ftype}.gguf"
-        convert(ckpt, files[ftype], ftype=ftype, progress=False)
-    return {"ckpt": ckpt, "model": load_hf_model(ckpt, dtype="float64"), "files": files}
+    ckpt = tiny_checkpoint(seed=5, dtype="float32", vision_config=VISION)
+    files = {ftype: tiny_gguf(ckpt, ftype) for ftype in ("f32", "f16", "q8_0")}
+    return {"ckpt": ckpt, "model": hf_model(ckpt, dtype="float64"), "files": files,
+            "hf": lambda fresh=False, **kw: hf_model(ckpt, fresh=fresh, **{"dtype": "float64", **kw})}
 
 
 def _field(r, key):
@@ -112,7 +107,7 @@ def _same_weights_model(tiny, path):
     weight rounding of F16 / Q8_0 is then in both, and only arithmetic differs."""
     from gguf.quants import dequantize
 
-    model = load_hf_model(tiny["ckpt"], dtype="float64")
+    model = tiny["hf"](fresh=True)  # modified below
     vm = model.model.vision_model
     heads = model.config.vision_config.attention_heads
     hf_name = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
@@ -185,7 +180,7 @@ def test_layer_input_convention(tiny, case):
     OUTPUT, as the installed transformers 5.x computes it: compare that with the
     unadjusted transformers model, and check the two conventions really differ."""
     tensors, hp = _load(tiny["files"]["f32"])
-    installed = load_hf_model(tiny["ckpt"], dtype="float64", intermediate="installed")
+    installed = tiny["hf"](intermediate="installed")
     ref_installed = _reference(installed, case["px"], case["ids"], case["mask"])
     enc = _core.VisionEncoder(tensors, dict(hp, intermediate_at_layer_input=False))
     out = enc.encode(case["px"], case["ids"], case["mask"])
@@ -255,7 +250,7 @@ def test_q8_0_weights(tiny, case):
     assert e_f32 < 5e-2, e_f32
 
 
-def test_chunked_sizes(tmp_path):
+def test_chunked_sizes(tiny_checkpoint, tiny_gguf, hf_model):
     """Sizes where every row chunking of vision.cpp runs more than once (the tiny
     model fits in one chunk): 238 px tiles -> 17 x 17 patches, P = 290, Np = 296,
     S = 4 x 296 = 1184 positions (MLP chunks of 1024 rows), projector chunks of
@@ -263,11 +258,11 @@ def test_chunked_sizes(tmp_path):
     padding query rows (masked attention chunks of 512)."""
     vc = {"image_size": 238, "hidden_size": 32, "intermediate_size": 64, "attention_heads": 2, "num_hidden_layers": 3,
               "num_global_layers": 1, "intermediate_layers_indices": [1, 2], "initializer_range": 0.15}
-    ckpt = make_tiny_checkpoint(tmp_path / "ckpt", seed=9, dtype="float32", vision_config=vc,
-                                text_config={"hidden_size": 64, "intermediate_size": 64, "num_hidden_layers": 2,
-                                                 "cross_attention_layers": [1]})
-    convert(ckpt, tmp_path / "m.gguf", ftype="f32", progress=False)
-    model = load_hf_model(ckpt, dtype="float64")
+    ckpt = tiny_checkpoint(seed=9, dtype="float32", vision_config=vc,
+                           text_config={"hidden_size": 64, "intermediate_size": 64, "num_hidden_layers": 2,
+                                        "cross_attention_layers": [1]})
+    path = tiny_gguf(ckpt, "f32")
+    model = hf_model(ckpt, dtype="float64")
     rng = np.random.default_rng(3)
     px = np.zeros((2, 4, 3, 238, 238), np.float32)
     px[0, :1] = rng.standard_normal((1, 3, 238, 238))
@@ -275,7 +270,7 @@ def test_chunked_sizes(tmp_path):
     ids = np.array([1, 2], np.int32)  # (1, 1) and (1, 2)
     mask = np.array([[1, 0, 0, 0], [1, 1, 0, 0]], np.int32)
     ref = _reference(model, px, ids, mask)
-    enc = _core.VisionEncoder(*_load(tmp_path / "m.gguf"))
+    enc = _core.VisionEncoder(*_load(path))
     assert enc.num_patches == 290
     out = enc.encode(px, ids, mask)
     assert _rel(out, ref) < 1e-4, _rel(out, ref)

@@ -4,7 +4,7 @@
 CI cannot build llama.cpp (~10 min), so this script is run ONCE by a developer
 with a llama.cpp build at hand and its output committed:
 
-    /work/venvs/dev/bin/python tools/make_ggml_golden.py [--lib path/to/libggml-base.so]
+    python tools/make_ggml_golden.py [--lib path/to/libggml-base.so]
 
 It writes tests/data/ggml_golden.npz holding, per type, the bytes ggml's
 `ggml_quantize_chunk` (no importance matrix: for q8_0 / q4_K / q6_K that is
@@ -21,16 +21,17 @@ functions, no Generator distribution methods (whose streams may change).
 The test checks the stored sha256 first, so a drift in inputs is reported as
 such, not as a quantizer mismatch.
 
-The ggml library is found, in order: --lib, $MLLAMA_Q_GGML_LIB, the
-llama_cpp package of /work/venvs/llcpp (llama-cpp-python 0.3.36 built from
-source with GGML_NATIVE=OFF). It is never a dependency of mllama-q.
+The ggml library is found, in order: --lib, $MLLAMA_Q_GGML_LIB, the lib/ of a
+llama_cpp package importable by this Python (the golden data came from
+llama-cpp-python 0.3.36 built from source with GGML_NATIVE=OFF). It is never a
+dependency of mllama-q.
 """
 from __future__ import annotations
 
 import argparse
 import ctypes
-import glob
 import hashlib
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -223,12 +224,17 @@ def digest(a: np.ndarray) -> str:
 
 # --------------------------------------------------------------------- ggml
 def find_ggml_lib(path: str | None = None) -> str:
+    """--lib, else $MLLAMA_Q_GGML_LIB, else the libggml-base.so of a llama_cpp package
+    (llama-cpp-python) importable by this Python."""
     cands = [path, os.environ.get("MLLAMA_Q_GGML_LIB")]
-    cands += sorted(glob.glob("/work/venvs/llcpp/lib/python3*/site-packages/llama_cpp/lib/libggml-base.so"))
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is not None and spec.origin:
+        cands.append(os.path.join(os.path.dirname(spec.origin), "lib", "libggml-base.so"))
     for c in cands:
         if c and os.path.exists(c):
             return c
-    raise FileNotFoundError("libggml-base.so not found: pass --lib or set MLLAMA_Q_GGML_LIB")
+    raise FileNotFoundError("libggml-base.so not found: pass --lib, set MLLAMA_Q_GGML_LIB, or install "
+                            "llama-cpp-python into this Python")
 
 
 class Ggml:

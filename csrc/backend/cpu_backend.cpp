@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "backend/backend.h"
+#include "common/env.h"
 #include "common/fp16.h"
 #include "common/profile.h"
 #include "common/threadpool.h"
@@ -382,14 +383,8 @@ public:
         }
     }
 
-    static bool flash_enabled() {
-        const char* e = std::getenv("MLLAMA_Q_ATTN_FLASH");
-        return !(e && std::string(e) == "0");
-    }
-    static bool direct_enabled() {
-        const char* e = std::getenv("MLLAMA_Q_ATTN_DIRECT");
-        return !(e && std::string(e) == "0");
-    }
+    static bool flash_enabled() { return env::cpu_attn_flash(); }    // read at every call (benchmarks flip it)
+    static bool direct_enabled() { return env::cpu_attn_direct(); }
 
     // Softmax over one row of scores in place: p_j ∝ exp(scale*s_j + mask_j)
     // for j <= last (later keys get p = 0). A row with nothing visible (all

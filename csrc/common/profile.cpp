@@ -1,7 +1,8 @@
 // Opt-in per-op profiler (profile.h).
 #include "common/profile.h"
 
-#include <cstdlib>
+#include "common/env.h"
+
 #include <map>
 #include <mutex>
 #include <string>
@@ -13,8 +14,7 @@ namespace detail {
 std::atomic<int> g_state{-1};
 
 int init_from_env() {
-    const char* e = std::getenv("MLLAMA_Q_PROFILE");
-    const int on = (e && *e && std::string(e) != "0") ? 1 : 0;
+    const int on = env::profile() ? 1 : 0;
     int expected = -1;
     g_state.compare_exchange_strong(expected, on, std::memory_order_relaxed);
     return g_state.load(std::memory_order_relaxed);

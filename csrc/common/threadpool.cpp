@@ -1,5 +1,7 @@
 #include "common/threadpool.h"
 
+#include "common/env.h"
+
 #include <cstdlib>
 #include <memory>
 #include <stdexcept>
@@ -107,10 +109,7 @@ void ThreadPool::parallel_for(int64_t n_tasks, const std::function<void(int64_t,
 }
 
 int ThreadPool::default_threads() {
-    if (const char* env = std::getenv("MLLAMA_Q_NUM_THREADS")) {
-        const int n = std::atoi(env);
-        if (n > 0) return n;
-    }
+    if (const int n = env::num_threads(); n > 0) return n;
 #if defined(__linux__)
     cpu_set_t set;
     if (sched_getaffinity(0, sizeof(set), &set) == 0) {

@@ -13,6 +13,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "common/env.h"
 #include "cpu/kernels.h"
 #include "quants/quants.h"
 
@@ -133,7 +134,7 @@ Path active_path() {
     int p = g_path.load(std::memory_order_acquire);
     if (p >= 0) return static_cast<Path>(p);
     Path chosen = best_path();
-    if (const char* env = std::getenv("MLLAMA_Q_CPU_PATH")) {
+    if (const char* env = env::cpu_path()) {
         const std::string s(env);
         if (!s.empty() && s != "auto") chosen = parse_path(s, "MLLAMA_Q_CPU_PATH");   // throws: clear error
     }

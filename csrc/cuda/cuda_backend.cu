@@ -40,6 +40,7 @@
 #include <unordered_map>
 
 #include "backend/backend.h"
+#include "common/env.h"
 #include "cuda/cuda_common.cuh"
 #include "cuda/cuda_kernels.h"
 
@@ -80,8 +81,7 @@ public:
             throw std::runtime_error(std::string("CUDA device ") + prop.name + " has compute capability " +
                                      std::to_string(prop.major) + "." + std::to_string(prop.minor) +
                                      "; mllama-q needs 8.0 or newer");
-        const char* poison = std::getenv("MLLAMA_Q_CUDA_POISON");
-        poison_ = poison && poison[0] == '1';
+        poison_ = env::cuda_poison();
         name_ = std::string("cuda:") + std::to_string(device) + " (" + prop.name + ")";
         num_sms_ = prop.multiProcessorCount;
         MQ_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));

@@ -22,6 +22,7 @@
 #include <cstdlib>
 #include <string>
 
+#include "common/env.h"
 #include "cuda/cuda_common.cuh"
 #include "cuda/cuda_kernels.h"
 
@@ -244,10 +245,7 @@ void launch_hd(const AttnArgs& a, cudaStream_t stream) {
 }  // namespace
 
 bool attention_mma_supported(const AttnArgs& a) {
-    static const bool force_simt = [] {
-        const char* e = std::getenv("MLLAMA_Q_CUDA_ATTN");
-        return e && std::string(e) == "simt";
-    }();
+    static const bool force_simt = env::cuda_attn_simt();
     if (force_simt || a.nq < 64 || a.n_head > 65535) return false;
     if (a.hd != 64 && a.hd != 80 && a.hd != 128) return false;
     const size_t elt = a.kv_type == DType::F16 ? 2 : 4;

@@ -23,6 +23,7 @@
 #include <cstdlib>
 #include <string>
 
+#include "common/env.h"
 #include "cuda/cuda_common.cuh"
 #include "cuda/cuda_kernels.h"
 
@@ -235,8 +236,7 @@ __global__ void __launch_bounds__(kGemmThreads) gemm_kernel(const uint8_t* __res
 int g_prefetch = -1;
 bool prefetch_enabled() {
     if (g_prefetch < 0) {
-        const char* e = std::getenv("MLLAMA_Q_CUDA_GEMM");
-        g_prefetch = (e && std::string(e) == "simple") ? 0 : 1;
+        g_prefetch = env::cuda_gemm_simple() ? 0 : 1;
     }
     return g_prefetch == 1;
 }

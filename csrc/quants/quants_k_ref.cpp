@@ -25,6 +25,7 @@
 #include <string>
 #include <vector>
 
+#include "common/env.h"
 #include "common/fp16.h"
 #include "quants/quants.h"
 
@@ -445,7 +446,7 @@ int parse_isa(const std::string& name) {
 
 // Initial choice: MLLAMA_Q_CPU_PATH (the kernels' variable) when set and usable, else the best.
 int initial_isa() {
-    const char* env = std::getenv("MLLAMA_Q_CPU_PATH");
+    const char* env = env::cpu_path();
     try {
         return parse_isa(env ? env : "");
     } catch (const std::invalid_argument&) {

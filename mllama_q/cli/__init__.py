@@ -11,7 +11,8 @@ COMMANDS = {
     "demo": ("mllama_q.cli.demo", "run the whole pipeline on a tiny synthetic model and a bundled photo "
                               "(--selfcheck: kernel self-check)"),
     "convert": ("mllama_q.convert.cli", "convert a Hugging Face Mllama checkpoint to one GGUF file"),
-    "bench": ("mllama_q.cli.bench", "benchmarks (kernels; model speed)"),
+    "bench": ("mllama_q.cli.bench", "model speed: load, image encode, prefill, decode, memory "
+                                    "('bench kernels': the matmul kernels)"),
     "run": ("mllama_q.cli.run:run_main", "generate an answer to one prompt (and images), streamed"),
     "chat": ("mllama_q.cli.run:chat_main", "interactive chat; /image PATH attaches an image"),
 }
@@ -28,7 +29,10 @@ def _usage() -> str:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
+    if not argv:  # no command: the help, as an error (a script calling a bare mllama-q is wrong)
+        print(_usage(), file=sys.stderr)
+        return 2
+    if argv[0] in ("-h", "--help"):
         print(_usage())
         return 0
     if argv[0] in ("-V", "--version"):

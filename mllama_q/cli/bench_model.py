@@ -1,6 +1,6 @@
 """`mllama-q bench`: model speed (load, image encode, prefill, decode, memory).
 
-    mllama-q bench -m MODEL.gguf | --synthetic 11b|90b|tiny [--type q4_k_m] [--device cpu|cuda]
+    mllama-q bench -m MODEL.gguf | --synthetic 11b|90b|tiny [--type q4_k_m] [--device cpu|cuda[:N]]
                    [--threads N] [--n-prompt 32] [--n-gen 32] [--image PATH | --tiles 4]
                    [--n-ctx 4096] [--cache-dir DIR] [--json]
 
@@ -8,7 +8,10 @@ What is measured (one sequence, greedy):
   load            Model(path) construction (GGUF parse + weight upload/mapping)
   image encode    model.encode_images on one image (a --tiles-tile synthetic image by default)
   prefill         model.eval on the n_prompt prompt tokens (<|image|> + text), incl. cross-attn
-  ttft            image encode + prefill + picking the first token
+  ttft            image encode + prefill + picking the first token, and nothing else (the FLOP
+                  count and the KV size come from the hyper-parameters read at load; before
+                  2026-12-03 the FLOP count re-opened the GGUF inside this interval, ~15 s with
+                  a real tokenizer: see bench/results/2026-11-22-epyc-zen5-2c.md)
   decode          n_gen single-token model.eval calls
   weight-read bandwidth during decode = bytes of the tensors ONE decode step reads / time per
                   token. Counted from the GGUF: every tensor except the vision tower and
@@ -35,30 +38,51 @@ from pathlib import Path
 
 import numpy as np
 
+from mllama_q import gguf_keys as K
+from mllama_q.cli.args import check_device, check_min, lower, warn_context
+from mllama_q.cli.progress import Progress
+
 TILE_GRIDS = {1: (1, 1), 2: (1, 2), 3: (1, 3), 4: (2, 2)}  # tiles -> (rows, cols) of the canvas
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mllama-q bench", description="Benchmark a model (load, image encode, "
-                                "prefill, decode, memory). 'mllama-q bench kernels' benchmarks the kernels.")
+                                "prefill, decode, memory).",
+                                epilog="'mllama-q bench kernels --help' lists the options of the matmul kernel "
+                                "benchmark.")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("-m", "--model", help="GGUF file")
-    src.add_argument("--synthetic", choices=("tiny", "11b", "90b"),
+    src.add_argument("--synthetic", type=lower, choices=("tiny", "11b", "90b"),
                      help="generate (once, cached) a synthetic model with real shapes and random weights")
-    p.add_argument("--type", default="q4_k_m", help="--synthetic: weight type mix (default q4_k_m)")
+    p.add_argument("--type", type=lower, default="q4_k_m", choices=K.FTYPES,
+                   help="--synthetic: weight type mix, as mllama-q convert --type (default q4_k_m)")
     p.add_argument("--cache-dir", help="--synthetic: where the generated file is kept")
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
-    p.add_argument("--n-ctx", type=int, default=4096)
-    p.add_argument("--n-prompt", type=int, default=32, help="prompt tokens, <|image|> included")
-    p.add_argument("--n-gen", type=int, default=32, help="decoded tokens")
+    p.add_argument("--n-ctx", type=int, default=4096, help="context length in tokens (4096)")
+    p.add_argument("--n-prompt", type=int, default=32, help="prompt tokens, <|image|> included (32)")
+    p.add_argument("--n-gen", type=int, default=32, help="decoded tokens (32)")
     img = p.add_mutually_exclusive_group()
     img.add_argument("--image", help="image file (default: a synthetic image of --tiles tiles)")
     img.add_argument("--tiles", type=int, default=4, choices=(0, 1, 2, 3, 4),
-                     help="tiles of the synthetic image; 0 = text-only prompt")
+                     help="tiles of the synthetic image; 0 = text-only prompt (4)")
     p.add_argument("--no-bandwidth", action="store_true", help="skip the memory bandwidth probe")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     return p
+
+
+def _check_args(p: argparse.ArgumentParser, args) -> None:
+    """Every option before the model file is generated or loaded (argparse error, exit 2)."""
+    check_device(p, args.device)
+    check_min(p, "--threads", args.threads, 1)
+    check_min(p, "--n-prompt", args.n_prompt, 2)
+    check_min(p, "--n-gen", args.n_gen, 0)
+    if args.n_ctx < args.n_prompt + args.n_gen:
+        p.error(f"--n-ctx must be >= --n-prompt + --n-gen = {args.n_prompt + args.n_gen}, got {args.n_ctx}")
+    if args.image is not None and not Path(args.image).is_file():
+        p.error(f"--image {args.image}: no such file")
+    if args.model is not None and not Path(args.model).is_file():
+        p.error(f"--model {args.model}: no such file")
 
 
 # ---------------------------------------------------------------------------
@@ -103,7 +127,7 @@ def decode_weight_bytes(path) -> dict:
         nb = int(t.n_bytes)
         total += nb
         name = t.name
-        if name.startswith("v.") or name.startswith("mm."):
+        if name.startswith(K.VISION_PREFIXES):
             vision += nb
         elif ".cross_attn_k_proj." in name or ".cross_attn_v_proj." in name:
             xkv += nb
@@ -131,26 +155,18 @@ def synthetic_image(tiles: int, tile_size: int, seed: int = 0):
 # ---------------------------------------------------------------------------
 # The benchmark
 # ---------------------------------------------------------------------------
-def kv_cache_bytes(path, n_ctx: int, n_images: int, elem_bytes: int = 2) -> int:
+def kv_cache_bytes(thp: dict, vhp: dict | None, n_ctx: int, n_images: int, elem_bytes: int = 2) -> int:
     """Bytes of the self-attention KV cache for n_ctx tokens plus the cached cross-attention
     K/V of `n_images` images of max_tiles tiles, at `elem_bytes` per value (Model's default
-    kv_type is f16). From the GGUF hyper-parameters (gguf_keys)."""
-    import gguf
-    from mllama_q import gguf_keys as K
-
-    r = gguf.GGUFReader(str(path))
-
-    def val(key):
-        return r.fields[key].contents()
-
-    n_layer, n_kv = int(val(K.BLOCK_COUNT)), int(val(K.HEAD_COUNT_KV))
-    hd = int(val(K.EMBEDDING_LENGTH)) // int(val(K.HEAD_COUNT))
-    cross = [int(c) for c in val(K.CROSS_ATTENTION_LAYERS)]
-    self_kv = (n_layer - len(cross)) * 2 * n_ctx * n_kv * hd * elem_bytes
+    kv_type is f16). From the loaded model's hyper-parameters (Model.text_hparams /
+    vision_hparams, read from the GGUF at load: the file is not opened again)."""
+    n_layer, n_kv, hd = thp["n_layer"], thp["n_kv_head"], thp["head_dim"]
+    n_cross = len(thp["cross_attention_layers"])
+    self_kv = (n_layer - n_cross) * 2 * n_ctx * n_kv * hd * elem_bytes
     cross_kv = 0
-    if n_images and K.V_IMAGE_SIZE in r.fields:
-        patches = (int(val(K.V_IMAGE_SIZE)) // int(val(K.V_PATCH_SIZE))) ** 2 + 1
-        cross_kv = len(cross) * 2 * n_images * int(val(K.V_MAX_NUM_TILES)) * patches * n_kv * hd * elem_bytes
+    if n_images and vhp is not None:
+        patches = (vhp["image_size"] // vhp["patch_size"]) ** 2 + 1
+        cross_kv = n_cross * 2 * n_images * vhp["max_num_tiles"] * patches * n_kv * hd * elem_bytes
     return self_kv + cross_kv
 
 
@@ -197,29 +213,21 @@ def machine_info() -> dict:
     return info
 
 
-def vision_flops(path, tiles: int) -> float:
+def vision_flops(thp: dict, vhp: dict, tiles: int) -> float:
     """Multiply-add FLOPs (2 per MAC) of one image of `tiles` tiles through the vision tower,
-    the projector and the cross-attention K/V projections, from the GGUF hyper-parameters.
-    Sequence per image as HF's MllamaVisionModel: tiles x P padded to a multiple of 8
-    (1601 -> 1608); every layer attends over the whole image (all its tiles)."""
-    import gguf
-    from mllama_q import gguf_keys as K
-
-    r = gguf.GGUFReader(str(path))
-
-    def val(key):
-        return r.fields[key].contents()
-
-    Dv, Fv = int(val(K.V_EMBEDDING_LENGTH)), int(val(K.V_FEED_FORWARD_LENGTH))
-    layers = int(val(K.V_BLOCK_COUNT)) + int(val(K.V_GLOBAL_BLOCK_COUNT))
-    ps, img = int(val(K.V_PATCH_SIZE)), int(val(K.V_IMAGE_SIZE))
+    the projector and the cross-attention K/V projections, from the loaded model's
+    hyper-parameters (Model.text_hparams / vision_hparams: no file access, so it can never
+    add to a timed phase). Sequence per image as HF's MllamaVisionModel: tiles x P padded to
+    a multiple of 8 (1601 -> 1608); every layer attends over the whole image (all its tiles)."""
+    Dv, Fv = vhp["hidden_size"], vhp["intermediate_size"]
+    layers = vhp["num_layers"] + vhp["num_global_layers"]
+    ps, img = vhp["patch_size"], vhp["image_size"]
     P = (img // ps) ** 2 + 1
     Pp = (P + 7) // 8 * 8
     N = tiles * Pp
-    D, Hkv = int(val(K.EMBEDDING_LENGTH)), int(val(K.HEAD_COUNT_KV))
-    hd = D // int(val(K.HEAD_COUNT))
-    n_cross = len(val(K.CROSS_ATTENTION_LAYERS))
-    out_dim = Dv * (1 + len(val(K.V_INTERMEDIATE_LAYERS)))
+    D, Hkv, hd = thp["hidden_size"], thp["n_kv_head"], thp["head_dim"]
+    n_cross = len(thp["cross_attention_layers"])
+    out_dim = Dv * (1 + len(vhp["intermediate_layers"]))
     f = 2.0 * tiles * (P - 1) * Dv * 3 * ps * ps  # patch conv
     f += layers * (2.0 * N * (4 * Dv * Dv + 2 * Dv * Fv) + 4.0 * N * N * Dv)  # projections+MLP, QK^T and PV
     f += 2.0 * tiles * P * out_dim * D  # projector
@@ -241,16 +249,16 @@ def run_bench(args) -> dict:
         res["synthetic_prepare_s"] = time.perf_counter() - t0
     else:
         path = Path(args.model)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such model file")
     res["model"] = str(path)
     res.update(decode_weight_bytes(path))
 
     t0 = time.perf_counter()
-    model = Model(str(path), device=args.device, n_ctx=args.n_ctx, n_threads=args.threads,
-                  vision=(args.image is not None or args.tiles > 0))
+    with Progress(f"loading {path.name}", ticker=True):
+        model = Model(str(path), device=args.device, n_ctx=args.n_ctx, n_threads=args.threads,
+                      vision=(args.image is not None or args.tiles > 0))
     res["load_s"] = time.perf_counter() - t0
     res["threads"] = args.threads or getattr(model, "n_threads", None) or os.cpu_count()
+    warn_context(args.n_ctx, model, sys.stderr, "--n-ctx")
 
     image = None
     if args.image:
@@ -265,32 +273,41 @@ def run_bench(args) -> dict:
     vocab = vocab or len(model.tokenizer.tokens) - 1
     ids, proc, cam = _prompt_inputs(model, args.n_prompt, image)
     res["n_prompt"] = int(ids.size)
+    flops = None
+    if image is not None:
+        res["image_tiles"] = int(np.asarray(proc["aspect_ratio_mask"]).sum())
+        flops = vision_flops(model.text_hparams, model.vision_hparams, res["image_tiles"])
     model.reset()
+    # Timed from here to the first token: image encode + prefill + picking the token, nothing
+    # else (no file access, no FLOP counting; the status lines only draw on a terminal).
     t_start = time.perf_counter()
     if image is not None:
-        pv = proc["pixel_values"]
-        res["image_tiles"] = int(np.asarray(proc["aspect_ratio_mask"]).sum())
         t0 = time.perf_counter()
-        model.encode_images(pv, proc["aspect_ratio_ids"], proc["aspect_ratio_mask"])
+        with Progress(f"image encode ({res['image_tiles']} tiles)", ticker=True):
+            model.encode_images(proc["pixel_values"], proc["aspect_ratio_ids"], proc["aspect_ratio_mask"])
         res["image_encode_s"] = time.perf_counter() - t0
-        res["image_encode_GFLOPs"] = vision_flops(path, res["image_tiles"]) / res["image_encode_s"] / 1e9
     t0 = time.perf_counter()
-    logits = model.eval(ids, cross_attention_mask=cam)
+    with Progress(f"prefill ({ids.size} tokens)", ticker=True):
+        logits = model.eval(ids, cross_attention_mask=cam)
     res["prefill_s"] = time.perf_counter() - t0
     tok = int(np.argmax(np.asarray(logits).reshape(-1)[-vocab:]))
     res["ttft_s"] = time.perf_counter() - t_start
     res["prefill_tok_s"] = ids.size / res["prefill_s"]
+    if flops is not None:
+        res["image_encode_GFLOPs"] = flops / res["image_encode_s"] / 1e9
 
     # Decode: cross_attention_mask=None repeats the prompt's last row (as HF generate does).
     times = []
     finite = True
-    for _ in range(args.n_gen):
-        t0 = time.perf_counter()
-        logits = model.eval(np.array([tok], dtype=np.int32))
-        last = np.asarray(logits).reshape(-1)[-vocab:]
-        tok = int(np.argmax(last))
-        times.append(time.perf_counter() - t0)
-        finite = finite and bool(np.isfinite(last).all())
+    with Progress("decode") as bar:
+        for i in range(args.n_gen):
+            t0 = time.perf_counter()
+            logits = model.eval(np.array([tok], dtype=np.int32))
+            last = np.asarray(logits).reshape(-1)[-vocab:]
+            tok = int(np.argmax(last))
+            times.append(time.perf_counter() - t0)
+            finite = finite and bool(np.isfinite(last).all())
+            bar.update(i + 1, args.n_gen)
     res["n_gen"] = len(times)
     if times:
         # the first decode step may still fault in pages; report the mean of the rest too
@@ -302,7 +319,7 @@ def run_bench(args) -> dict:
     res["logits_finite"] = finite
 
     res["peak_rss_bytes"] = peak_rss_bytes()
-    kv = kv_cache_bytes(path, args.n_ctx, 1 if image is not None else 0,
+    kv = kv_cache_bytes(model.text_hparams, model.vision_hparams, args.n_ctx, 1 if image is not None else 0,
                         4 if getattr(model, "kv_type", "f16") == "f32" else 2)
     res["kv_cache_bytes"] = kv
     # Weights the run maps and reads: the file minus the vision tower when no image was used
@@ -335,7 +352,8 @@ def _fmt(res: dict) -> str:
     gib = 1 << 30
     lines = [f"model            {res['model']}" + (f"  (synthetic {res['synthetic']} {res['type']})"
                                                      if "synthetic" in res else ""),
-             f"file             {res['file_bytes'] / 1e9:.2f} GB; decode reads {res['decode_bytes_per_token'] / 1e9:.3f}"
+             f"file             {res['file_bytes'] / 1e9:.2f} GB; decode reads "
+             f"{res['decode_bytes_per_token'] / 1e9:.3f}"
              f" GB/token; vision {res['vision_bytes'] / 1e9:.2f} GB",
              f"device           {res['device']}, threads {res['threads']}; {res.get('cpu_model', '?')},"
              f" {res['cpus']} CPUs, load average {res['loadavg_start']:.1f} at start",
@@ -367,13 +385,15 @@ def _fmt(res: dict) -> str:
 
 
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
-    if args.n_prompt < 2 or args.n_gen < 0:
-        print("mllama-q bench: --n-prompt must be >= 2 and --n-gen >= 0", file=sys.stderr)
-        return 2
+    p = _parser()
+    args = p.parse_args(argv)
+    _check_args(p, args)
     try:
         res = run_bench(args)
-    except (ValueError, RuntimeError, FileNotFoundError, OSError) as e:
+    except KeyboardInterrupt:
+        print("mllama-q bench: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, RuntimeError, OSError) as e:
         print(f"mllama-q bench: error: {e}", file=sys.stderr)
         return 1
     print(json.dumps(res, indent=2) if args.json else _fmt(res))

@@ -22,7 +22,10 @@ import sys
 import time
 from pathlib import Path
 
-ASSETS = Path(__file__).parent / "assets"
+from mllama_q.cli.args import check_min
+from mllama_q.cli.progress import Progress
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"  # mllama_q/assets
 DEMO_IMAGE = ASSETS / "demo_scene.jpg"
 
 
@@ -81,7 +84,11 @@ def main(argv=None) -> int:
         from mllama_q.cli import selfcheck
 
         return int(selfcheck.main([a for a in argv if a != "--selfcheck"]) or 0)
-    args = _parser().parse_args(argv)
+    ap = _parser()
+    args = ap.parse_args(argv)
+    check_min(ap, "--threads", args.threads, 1)
+    check_min(ap, "-n/--max-new-tokens", args.max_new_tokens, 1)
+    check_min(ap, "--seed", args.seed, 0)
     try:
         return _run(args)
     except (ValueError, RuntimeError, OSError) as e:
@@ -106,7 +113,8 @@ def _run(args) -> int:
     timings["model file"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    model = Model(str(path), n_threads=args.threads)
+    with Progress(f"loading {path.name}", ticker=True):
+        model = Model(str(path), n_threads=args.threads)
     timings["load"] = time.perf_counter() - t0
 
     if args.image:

@@ -8,7 +8,9 @@ examples) and streams the answer to stdout; `--raw` sends the prompt as-is (no c
 put `<|image|>` tokens in it yourself). `chat` keeps the conversation; `/image PATH` attaches an
 image to the next message, `/reset` starts over, `/quit` leaves.
 
-The model (mllama_q.model.Model) is imported only here, lazily, so `--help` is instant.
+The model (mllama_q.model.Model) is imported only here, lazily, so `--help` is instant. Every
+option is checked (mllama_q.cli.args) before the model loads; on a terminal, the load and the
+wait for the first token show a status line on stderr (mllama_q.cli.progress).
 """
 from __future__ import annotations
 
@@ -16,6 +18,9 @@ import argparse
 import json
 import sys
 from pathlib import Path
+
+from mllama_q.cli.args import check_device, check_min, check_sampling, warn_context
+from mllama_q.cli.progress import Progress
 
 
 def _add_common(ap: argparse.ArgumentParser) -> None:
@@ -38,16 +43,28 @@ def _add_common(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("-v", "--verbose", action="store_true", help="print token counts and timings to stderr")
 
 
+def _check_common(ap: argparse.ArgumentParser, args) -> None:
+    """Every option, before anything slow: argparse errors (exit 2) in the CLI's own words."""
+    check_device(ap, args.device)
+    check_min(ap, "--threads", args.threads, 1)
+    check_min(ap, "-c/--ctx", args.ctx, 1)
+    check_sampling(ap, args)
+
+
 def _sampling_kwargs(args) -> dict:
     return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                 top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repeat_penalty, seed=args.seed,
                 stop=args.stop or None)
 
 
-def _load_model(args, want_vision: bool):
+def _load_model(args, want_vision: bool, err=None):
     from mllama_q.model import Model
 
-    return Model(args.model, device=args.device, n_ctx=args.ctx, n_threads=args.threads, vision=want_vision)
+    err = sys.stderr if err is None else err
+    with Progress(f"loading {Path(args.model).name}", stream=err, ticker=True):
+        model = Model(args.model, device=args.device, n_ctx=args.ctx, n_threads=args.threads, vision=want_vision)
+    warn_context(args.ctx, model, err, "-c/--ctx")
+    return model
 
 
 def _check_images(paths) -> list[str]:
@@ -64,16 +81,23 @@ def _user_message(text: str, n_images: int) -> dict:
     return {"role": "user", "content": [{"type": "image"}] * n_images + [{"type": "text", "text": text}]}
 
 
-def _stream(model, out, **kw):
-    """Generate with streaming; write pieces to `out`; return the GenerationResult."""
+def _stream(model, out, err=None, **kw):
+    """Generate with streaming; write pieces to `out`; return the GenerationResult. Until the
+    first piece (image encode + prefill) a status line ticks on `err` if it is a terminal."""
     stream = model.generate(stream=True, **kw) if hasattr(model, "generate") else None
     if stream is None:
         from mllama_q.generate import generate
 
         stream = generate(model, stream=True, **kw)
-    for piece in stream:
-        out.write(piece)
-        out.flush()
+    # generate() reports nothing before its first piece today, so the wait is one ticking line;
+    # with the core's progress callback (CONTRACTS.md B) pass progress=PhaseProgress(...)
+    # (mllama_q.cli.progress) instead and show the image encode / prefill counts.
+    label = "reading the image and the prompt" if kw.get("images") else "reading the prompt"
+    with Progress(label, stream=sys.stderr if err is None else err, ticker=True) as wait:
+        for piece in stream:
+            wait.done()  # clears the status line before the answer appears
+            out.write(piece)
+            out.flush()
     return stream.result
 
 
@@ -95,11 +119,12 @@ def run_main(argv=None) -> int:
                     help="no chat template: the prompt goes to the model as-is (MllamaProcessor rules)")
     ap.add_argument("--json", action="store_true", help="print one JSON object (text, counts, timings) instead")
     args = ap.parse_args(argv)
+    _check_common(ap, args)
     out, err = sys.stdout, sys.stderr
     try:
         prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
         images = _check_images(args.image)
-        model = _load_model(args, want_vision=bool(images))
+        model = _load_model(args, want_vision=bool(images), err=err)
         kw = _sampling_kwargs(args)
         if args.raw:
             kw.update(prompt=prompt, images=images or None)
@@ -110,12 +135,13 @@ def run_main(argv=None) -> int:
         if args.json:
             from mllama_q.generate import generate
 
-            res = generate(model, **kw)
+            with Progress("generating", stream=err, ticker=True):
+                res = generate(model, **kw)
             out.write(json.dumps({"text": res.text, "prompt_tokens": res.prompt_tokens,
                                   "completion_tokens": res.completion_tokens, "stop_reason": res.stop_reason,
                                   "timings": res.timings}) + "\n")
             return 0
-        res = _stream(model, out, **kw)
+        res = _stream(model, out, err, **kw)
         out.write("\n")
         if args.verbose:
             _report(res, err)
@@ -137,14 +163,15 @@ def chat_main(argv=None, input_fn=input) -> int:
     ap = argparse.ArgumentParser(prog="mllama-q chat", description="Interactive chat. " + CHAT_HELP)
     _add_common(ap)
     args = ap.parse_args(argv)
+    _check_common(ap, args)
     out, err = sys.stdout, sys.stderr
     try:
         pending = _check_images(args.image)
-        model = _load_model(args, want_vision=True)
+        model = _load_model(args, want_vision=True, err=err)
     except ValueError as e:
         if "vision=False" in str(e):  # a text-only file
             try:
-                model = _load_model(args, want_vision=False)
+                model = _load_model(args, want_vision=False, err=err)
             except (ValueError, RuntimeError, OSError) as e2:
                 err.write(f"mllama-q chat: error: {e2}\n")
                 return 1
@@ -196,7 +223,7 @@ def chat_main(argv=None, input_fn=input) -> int:
             continue
         msg = _user_message(line, len(pending))
         try:
-            res = _stream(model, out, messages=system + history + [msg], images=(images + pending) or None,
+            res = _stream(model, out, err, messages=system + history + [msg], images=(images + pending) or None,
                           **_sampling_kwargs(args))
         except KeyboardInterrupt:
             out.write("\n(interrupted)\n")

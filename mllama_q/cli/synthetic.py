@@ -33,12 +33,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import gguf
+import numpy as np
 from gguf import GGMLQuantizationType as T
 from gguf.constants import GGML_QUANT_SIZES
 
 from mllama_q import gguf_keys as K
+from mllama_q.chat import default_template
 
 SIZES = ("tiny", "11b", "90b")
 # Target standard deviation of dequantized weight matrices (llama-style init).
@@ -71,7 +72,8 @@ class SynthConfig:
     image_size: int = 560  # tile side
     patch_size: int = 14
     max_tiles: int = 4
-    aspect_ratios: list = field(default_factory=lambda: [[1, 1], [1, 2], [1, 3], [1, 4], [2, 1], [2, 2], [3, 1], [4, 1]])
+    aspect_ratios: list = field(
+        default_factory=lambda: [[1, 1], [1, 2], [1, 3], [1, 4], [2, 1], [2, 2], [3, 1], [4, 1]])
     v_eps: float = 1e-5
 
     @property
@@ -108,64 +110,6 @@ CONFIGS = {
 _NAMED_SPECIALS = {0: "<|begin_of_text|>", 1: "<|end_of_text|>", 4: "<|finetune_right_pad_id|>",
                    6: "<|start_header_id|>", 7: "<|end_header_id|>", 8: "<|eom_id|>", 9: "<|eot_id|>",
                    10: "<|python_tag|>"}
-
-# Llama 3.2 Vision Instruct chat format (llama_models/llama3_2/vision_prompt_format.md and the
-# hub checkpoint's chat_template.json), without the tool-calling branches: BOS, a system header
-# when the user gives a system message or there are no images, then one header + content +
-# <|eot_id|> per message, images rendered as <|image|> in content order.
-CHAT_TEMPLATE = """{{- bos_token }}
-{%- if not date_string is defined %}{%- set date_string = "26 Jul 2024" %}{%- endif %}
-{%- if messages[0]['role'] == 'system' %}
-    {%- set system_message = messages[0]['content']|trim %}
-    {%- set messages = messages[1:] %}
-    {%- set user_supplied_system_message = true %}
-{%- else %}
-    {%- set system_message = "" %}
-    {%- set user_supplied_system_message = false %}
-{%- endif %}
-{%- set image_ns = namespace(has_images=false) %}
-{%- for message in messages %}
-    {%- if message['content'] is not string %}
-        {%- for content in message['content'] %}
-            {%- if content['type'] == 'image' %}{%- set image_ns.has_images = true %}{%- endif %}
-        {%- endfor %}
-    {%- endif %}
-{%- endfor %}
-{%- if user_supplied_system_message or not image_ns.has_images %}
-    {{- "<|start_header_id|>system<|end_header_id|>\\n\\n" }}
-    {{- "Cutting Knowledge Date: December 2023\\n" }}
-    {{- "Today Date: " + date_string + "\\n\\n" }}
-    {{- system_message }}
-    {{- "<|eot_id|>" }}
-{%- endif %}
-{%- for message in messages %}
-    {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}
-    {%- if message['content'] is string %}
-        {{- message['content'] }}
-    {%- else %}
-        {%- for content in message['content'] %}
-            {%- if content['type'] == 'image' %}
-                {{- '<|image|>' }}
-            {%- elif content['type'] == 'text' %}
-                {{- content['text'] }}
-            {%- endif %}
-        {%- endfor %}
-    {%- endif %}
-    {{- '<|eot_id|>' }}
-{%- endfor %}
-{%- if add_generation_prompt %}
-    {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}
-{%- endif %}
-"""
-
-
-def chat_template() -> str:
-    """The frontend's bundled Llama 3.2 Vision template (mllama_q/assets, the text `mllama-q convert`
-    copies from the real checkpoint); CHAT_TEMPLATE above if that file is not part of this build."""
-    bundled = Path(__file__).parent / "assets" / "llama3_2_vision_chat_template.jinja"
-    if bundled.is_file():
-        return bundled.read_text(encoding="utf-8")
-    return CHAT_TEMPLATE
 
 
 def synthetic_config(size) -> SynthConfig:
@@ -490,7 +434,7 @@ def _add_metadata(w: gguf.GGUFWriter, cfg: SynthConfig, qtype: str) -> None:
     w.add_eom_token_id(ids["<|eom_id|>"])
     w.add_add_bos_token(True)
     w.add_add_eos_token(False)
-    w.add_chat_template(chat_template())
+    w.add_chat_template(default_template())  # the bundled real template (mllama_q/assets)
 
 
 class _Pool:

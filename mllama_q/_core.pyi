@@ -1,0 +1,187 @@
+"""Type stub of the compiled core `mllama_q._core` (pybind11; csrc/bindings/).
+
+Kept in sync with the bindings by tests/test_core_stub.py, which compares every name and every
+parameter name here with the built module. Arrays are numpy arrays; "GGUF bytes" are the raw
+blocks of a tensor as stored in the file (uint8 [rows, row_bytes] or any C-contiguous view).
+Type names are the lower-case ggml names of type_info(): f32, f16, bf16, q8_0, q4_k, q6_k
+(q8_k: activations only).
+"""
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+_F32 = npt.NDArray[np.float32]
+
+# ---- block formats (bind_formats.cpp) --------------------------------------------------------
+
+def type_info() -> dict[str, dict[str, int]]:
+    """Block formats compiled into the extension: {name: {ggml_type, block_size, type_size}}."""
+
+def cuda_built() -> bool:
+    """True when the CUDA backend was compiled in."""
+
+def cuda_device_count() -> int:
+    """Usable CUDA devices now (0 without a driver or GPU, or without CUDA in the build)."""
+
+def cuda_device_name(device: int = 0) -> str:
+    """Name of CUDA device `device` (RuntimeError without CUDA)."""
+
+# ---- quantizers (bind_quants.cpp; csrc/quants/, bit-exact with ggml) ------------------------
+
+def quantize(x: np.ndarray, type: str) -> npt.NDArray[np.uint8]:
+    """Quantize float32 [rows, cols] to GGUF blocks: uint8 [rows, row_bytes]."""
+
+def dequantize(data: np.ndarray, type: str, rows: int, cols: int) -> _F32:
+    """Dequantize GGUF blocks (any dtype, C-contiguous bytes) to float32 [rows, cols]."""
+
+def quant_path() -> str:
+    """Instruction set of the Q4_K/Q6_K quantizer searches (scalar|avx2)."""
+
+def set_quant_path(name: str) -> None:
+    """Force the quantizer path: auto|scalar|avx2|avx512 (ValueError if unsupported). Same bytes
+    on every path."""
+
+def quant_paths() -> list[str]:
+    """Quantizer paths this CPU can run."""
+
+# ---- CPU kernels and the thread pool (bind_cpu.cpp; csrc/cpu/) ------------------------------
+
+def matmul(x: np.ndarray, w: np.ndarray, wtype: str, n: int, k: int) -> _F32:
+    """Y[M, N] = X[M, K] · Wᵀ on the CPU, with W given as GGUF bytes of N rows of K values."""
+
+def bench_matmul(x: np.ndarray, w: np.ndarray, wtype: str, n: int, k: int, iters: int,
+                 cpu_time: bool = False) -> list[float]:
+    """Time `iters` calls of matmul (no Python in the loop); returns seconds per call (wall
+    clock, or process CPU time with cpu_time=True)."""
+
+def bench_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, iters: int = 10) -> float:
+    """Time `iters` calls of the CPU backend's attention on the given arrays (no copies);
+    seconds per call."""
+
+def measure_read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
+    """Memory read bandwidth (bytes/s): all pool threads sum a `gib` GiB buffer; best of `repeats`."""
+
+def quantize_q8_0_path(x: np.ndarray, path: str) -> npt.NDArray[np.uint8]:
+    """Q8_0 activation bytes as the kernels of `path` make them (test hook)."""
+
+def quantize_q8_K_path(x: np.ndarray, path: str) -> npt.NDArray[np.uint8]:
+    """Q8_K activation bytes as the kernels of `path` make them (test hook)."""
+
+def cpu_features() -> dict[str, bool]:
+    """Instruction-set extensions of this CPU: avx2, fma, f16c, avx512f/bw/vl/dq/vnni/bf16, avxvnni."""
+
+def profile_enable(on: bool = True) -> None:
+    """Turn the per-op profiler on or off (also MLLAMA_Q_PROFILE=1 at start)."""
+
+def profile_enabled() -> bool:
+    """Whether the per-op profiler is on."""
+
+def profile_reset() -> None:
+    """Clear the profiler's entries."""
+
+def profile_report() -> list[dict]:
+    """Profiler entries: list of {region, op, detail, calls, seconds, flop, bytes} (ops named 'x:y' are
+    phases of op x, already inside its time)."""
+
+def cpu_path() -> str:
+    """The kernel path in use: scalar, avx2 or avx512 (MLLAMA_Q_CPU_PATH or the best supported)."""
+
+def set_cpu_path(name: str) -> None:
+    """Force a kernel path: 'auto', 'scalar', 'avx2' or 'avx512' (ValueError if unsupported)."""
+
+def cpu_paths() -> list[str]:
+    """Kernel paths this CPU can run."""
+
+def num_threads() -> int:
+    """Threads of the global pool (MLLAMA_Q_NUM_THREADS, else the CPUs available to the process)."""
+
+def set_num_threads(n: int) -> None:
+    """Resize the global thread pool (n <= 0: one per available CPU)."""
+
+# ---- backends (bind_backend.cpp; csrc/backend/backend.h) ------------------------------------
+
+class Backend:
+    """Test binding over one compute backend ('cpu' or 'cuda'). Every call copies its inputs
+    into backend memory, runs the op, synchronises and copies the result back."""
+
+    def __init__(self, name: str = "cpu", device: int = 0) -> None: ...
+    @property
+    def name(self) -> str:
+        """'cpu', or 'cuda:N (device name)'."""
+    def matmul(self, x: np.ndarray, w: np.ndarray, wtype: str, n: int, k: int,
+               bias: np.ndarray | None = None) -> _F32:
+        """x float32 [M, K] · Wᵀ (+ bias [N]) with W as GGUF bytes of N rows of K values -> [M, N]."""
+    def get_rows(self, table: np.ndarray, type: str, rows: int, cols: int, ids: npt.ArrayLike) -> _F32:
+        """Rows `ids` (int32; ValueError when out of range) of a [rows, cols] table in GGUF bytes,
+        as float32 [len(ids), cols]."""
+    def rms_norm(self, x: np.ndarray, w: np.ndarray, eps: float) -> _F32:
+        """x [rows, cols] / rms(x) * w, per row."""
+    def layer_norm(self, x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float) -> _F32:
+        """(x - mean) / sqrt(var + eps) * w + b, per row."""
+    def elementwise(self, op: str, a: np.ndarray, b: np.ndarray | None = None, s: float = 0.0) -> _F32:
+        """op: 'add' (a + b), 'add_scaled' (a + s b), 'silu_mul' (silu(a) b) or 'gelu' (erf gelu of a)."""
+    def rope(self, x: np.ndarray, pos: npt.ArrayLike, inv_freq: np.ndarray) -> _F32:
+        """Interleaved-pair RoPE of x [n_tok, n_head, hd] at positions pos [n_tok] (int32)."""
+    def attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float,
+                  mask: np.ndarray | None = None, causal: bool = False, q_offset: int = 0) -> _F32:
+        """softmax(scale q·kᵀ + mask) v with GQA: q [nq, n_head, hd], k/v [nk, n_kv, hd] (float16 or
+        float32), mask [nq, nk] additive; causal: key j visible iff j <= i + q_offset. A row with
+        nothing visible is zeros."""
+    def store_rows_f16(self, src: np.ndarray) -> npt.NDArray[np.uint16]:
+        """float32 rows stored as IEEE half bits (the KV cache format)."""
+
+# ---- the model (bind_model.cpp; csrc/model/) -------------------------------------------------
+
+class MllamaModel:
+    """The compiled mllama model. Built by mllama_q.Model from a GGUF file:
+    MllamaModel(tensors, text_hparams, vision_hparams, device, n_ctx, kv_type)
+      tensors: {name: (array, ggml_type, shape)} (mapped GGUF data, not copied)."""
+
+    def __init__(self, tensors: dict[str, tuple[np.ndarray, int, tuple[int, ...]]], text_hparams: dict[str, Any],
+                 vision_hparams: dict[str, Any] | None = None, device: str = "cpu", n_ctx: int = 4096,
+                 kv_type: str = "f16") -> None: ...
+    def reset(self) -> None:
+        """Forget every evaluated token and image."""
+    def encode_images(self, pixel_values: np.ndarray, aspect_ratio_ids: np.ndarray,
+                      aspect_ratio_mask: np.ndarray) -> None:
+        """Run the vision tower and cache the cross-attention K/V of this image set (replaces any
+        previous set)."""
+    def set_cross_attention_states(self, states: np.ndarray) -> None:
+        """Cache cross-attention K/V from ready projector outputs f32 [n_img, n_tiles, n_patches, hidden]."""
+    def eval(self, tokens: np.ndarray, cross_attention_mask: np.ndarray | None = None,
+             all_logits: bool = False) -> _F32:
+        """Evaluate tokens after the cached ones; returns f32 logits [n or 1, vocab]."""
+    def load_vision(self) -> None:
+        """Upload the vision weights and build the encoder now."""
+    @property
+    def n_past(self) -> int:
+        """Tokens in the KV cache."""
+    @property
+    def n_ctx(self) -> int:
+        """KV cache length in tokens."""
+    @property
+    def n_images(self) -> int:
+        """Images whose cross-attention K/V are cached."""
+    @property
+    def has_vision(self) -> bool:
+        """vision_hparams were given."""
+    @property
+    def vision_loaded(self) -> bool:
+        """The vision weights were uploaded and the encoder built (first encode_images)."""
+    @property
+    def device(self) -> str:
+        """The backend's name ('cpu', 'cuda:N (...)')."""
+
+class VisionEncoder:
+    """Mllama vision tower + projector (test binding over one backend)."""
+
+    def __init__(self, tensors: dict[str, tuple[np.ndarray, int, tuple[int, ...]]], hparams: dict[str, Any],
+                 device: str = "cpu", device_id: int = 0) -> None: ...
+    def encode(self, pixel_values: np.ndarray, aspect_ratio_ids: npt.ArrayLike,
+               aspect_ratio_mask: npt.ArrayLike) -> _F32:
+        """pixel_values float32 [n_img, max_tiles, C, H, W] -> projector outputs
+        [n_img, max_tiles, n_patches, out_dim]."""
+    @property
+    def num_patches(self) -> int:
+        """Positions per tile: (image_size / patch_size)^2 + 1 (the class token)."""
