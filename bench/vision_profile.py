@@ -12,15 +12,19 @@ packing and the score / softmax / P·V phases of the fused kernel (the threads'
 time in each phase, scaled to the wall time of the row tasks). "other" is the
 encode's wall time outside every recorded op (Python, allocation, waits).
 
+--cpu-time: one thread and thread CPU time for everything (the profiler's
+'thread_cpu' clock, time.thread_time for the encode and torch), so other
+processes on a busy machine do not enter; otherwise wall clock.
+
 --torch also times, in the same run and with the same thread count, torch
 float32 GEMM on every matmul shape of the profile (X [M, K] · W [K, N], M = the
 rows per call) and torch SDPA on the attention shape, and prints what the whole
 encode would take at those rates next to ours: the issue-13 target is an encode
 rate >= 1.5x torch's float32 GEMM rate on the same shapes.
 
-Default model: the synthetic 11B ($MLLAMA_Q_CACHE/synthetic-11b-q4_k_m-s0-v1.gguf,
-vision tower in Q8_0). Run under `flock /work/locks/bench.lock` on a shared machine
-and record `uptime`.
+Default model: the synthetic 11B q4_k_m (vision tower in Q8_0) from mllama-q's cache
+($MLLAMA_Q_CACHE, made on first use). On a shared machine run it alone (a lock) and
+record `uptime`.
 """
 from __future__ import annotations
 
@@ -42,8 +46,9 @@ from mllama_q import _core  # noqa: E402
 
 
 def default_model() -> str:
-    cache = os.environ.get("MLLAMA_Q_CACHE", "/work/cache")
-    return str(Path(cache) / "synthetic-11b-q4_k_m-s0-v1.gguf")
+    """The synthetic 11B q4_k_m (vision tower Q8_0) in mllama-q's cache, generated on first use."""
+    from mllama_q.cli.synthetic import cached_synthetic
+    return str(cached_synthetic("11b", "q4_k_m"))
 
 
 def category(e: dict) -> str:
@@ -86,7 +91,7 @@ def mm_shape(e: dict, m_cap: int) -> tuple[int, int, int]:
     return min(m_cap, int(round(e["flop"] / (2.0 * n * k)))), k, n
 
 
-def torch_rates(entries: list[dict], threads: int, m_cap: int, reps: int = 3) -> dict:
+def torch_rates(entries: list[dict], threads: int, m_cap: int, clock, reps: int = 3) -> dict:
     """GFLOP/s of torch float32 GEMM per matmul shape (mm_shape), best of `reps`."""
     import torch
     torch.set_num_threads(threads)
@@ -103,14 +108,14 @@ def torch_rates(entries: list[dict], threads: int, m_cap: int, reps: int = 3) ->
         torch.matmul(x, w)
         best = 1e30
         for _ in range(reps):
-            t0 = time.perf_counter()
+            t0 = clock()
             torch.matmul(x, w)
-            best = min(best, time.perf_counter() - t0)
+            best = min(best, clock() - t0)
         out[key] = 2.0 * m * n * k / best / 1e9
     return out
 
 
-def torch_sdpa_rate(nq: int, nk: int, heads: int, hd: int, threads: int) -> float:
+def torch_sdpa_rate(nq: int, nk: int, heads: int, hd: int, threads: int, clock) -> float:
     import torch
     import torch.nn.functional as F
 
@@ -119,18 +124,20 @@ def torch_sdpa_rate(nq: int, nk: int, heads: int, hd: int, threads: int) -> floa
     k = torch.randn(1, heads, nk, hd)
     v = torch.randn(1, heads, nk, hd)
     F.scaled_dot_product_attention(q[:, :, :64], k, v)   # warm-up
-    t0 = time.perf_counter()
+    t0 = clock()
     F.scaled_dot_product_attention(q, k, v)
-    s = time.perf_counter() - t0
+    s = clock() - t0
     return 4.0 * nq * nk * hd * heads / s / 1e9
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default=default_model())
+    ap.add_argument("--model", help="GGUF file (default: the cached synthetic 11B q4_k_m, made on first use)")
     ap.add_argument("--path", default="auto", help="CPU kernel path (MLLAMA_Q_CPU_PATH): auto, scalar, avx2, avx512")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tiles", type=int, default=4, choices=(1, 2, 3, 4))
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="one thread, every time in thread CPU time (ours and torch's): for a busy machine")
     ap.add_argument("--torch", action="store_true", help="also time torch float32 GEMM / SDPA on the same shapes")
     ap.add_argument("--json", help="write the raw entries and totals here")
     ap.add_argument("--markdown", action="store_true", help="print markdown tables")
@@ -139,6 +146,10 @@ def main() -> None:
     from mllama_q.cli.bench_model import _prompt_inputs, synthetic_image, vision_flops
     from mllama_q.model import Model
 
+    args.model = args.model or default_model()
+    if args.cpu_time:
+        args.threads = 1
+    clock = time.thread_time if args.cpu_time else time.perf_counter
     _core.set_cpu_path(args.path)
     load0 = os.getloadavg()[0]
     model = Model(args.model, n_ctx=512, n_threads=args.threads)
@@ -147,20 +158,21 @@ def main() -> None:
     _, proc, _ = _prompt_inputs(model, 8, image)
     model._core.load_vision()
     _core.profile_reset()
-    _core.profile_enable(True)
-    t0 = time.perf_counter()
+    _core.profile_enable(True, "thread_cpu" if args.cpu_time else "wall")
+    t0 = clock()
     model.encode_images(proc["pixel_values"], proc["aspect_ratio_ids"], proc["aspect_ratio_mask"])
-    total = time.perf_counter() - t0
+    total = clock() - t0
     _core.profile_enable(False)
     entries = _core.profile_report()
     load1 = os.getloadavg()[0]
-    flop_total = vision_flops(args.model, args.tiles)
+    flop_total = vision_flops(model.text_hparams, model.vision_hparams, args.tiles)
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=Path(__file__).resolve().parents[1]).stdout.strip()
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
                            cwd=Path(__file__).resolve().parents[1]).stdout.strip()
-    head = (f"{Path(args.model).name}, path {_core.cpu_path()}, {_core.num_threads()} threads, "
+    head = (f"{Path(args.model).name}, path {_core.cpu_path()}, {_core.num_threads()} threads"
+            f"{' (thread CPU time)' if args.cpu_time else ' (wall clock)'}, "
             f"{args.tiles} tiles, commit {commit}{'+dirty' if dirty else ''}, load avg {load0:.2f} -> {load1:.2f}")
     print(head)
     print(f"encode: {total:.2f} s, {flop_total / total / 1e9:.1f} GFLOP/s ({flop_total / 1e12:.2f} TFLOP)")
@@ -214,7 +226,7 @@ def main() -> None:
     if args.torch:
         vh = model.vision_hparams
         S = vh["max_num_tiles"] * (((vh["image_size"] // vh["patch_size"]) ** 2 + 1 + 7) // 8 * 8)   # positions
-        rates = torch_rates(entries, args.threads, S)
+        rates = torch_rates(entries, args.threads, S, clock)
         att = [e for e in entries if e["op"] == "attention" and e["calls"]]
         # the vision attention: S x S over all positions, 16 heads of 80 (from the largest entry)
         big = max(att, key=lambda e: e["flop"]) if att else None
@@ -222,7 +234,7 @@ def main() -> None:
         if big:
             hm = re.search(r"heads=(\d+)/\d+ hd=(\d+)", big["detail"])
             heads, hd = int(hm.group(1)), int(hm.group(2))
-            sdpa = torch_sdpa_rate(S, S, heads, hd, args.threads)
+            sdpa = torch_sdpa_rate(S, S, heads, hd, args.threads, clock)
         t_torch = 0.0
         print()
         w3 = [34, 7, 12, 12, 10]

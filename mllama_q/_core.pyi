@@ -71,8 +71,10 @@ def quantize_q8_K_path(x: np.ndarray, path: str) -> npt.NDArray[np.uint8]:
 def cpu_features() -> dict[str, bool]:
     """Instruction-set extensions of this CPU: avx2, fma, f16c, avx512f/bw/vl/dq/vnni/bf16, avxvnni."""
 
-def profile_enable(on: bool = True) -> None:
-    """Turn the per-op profiler on or off (also MLLAMA_Q_PROFILE=1 at start)."""
+def profile_enable(on: bool = True, clock: str = "wall") -> None:
+    """Turn the per-op profiler on or off (also MLLAMA_Q_PROFILE=1 at start). clock: 'wall', or
+    'thread_cpu' (the calling thread's CPU time: immune to other processes, the whole op cost
+    only with one thread)."""
 
 def profile_enabled() -> bool:
     """Whether the per-op profiler is on."""

@@ -518,6 +518,18 @@ def test_profiler_records_ops_only_when_on(cpu, rng):
     assert 0 < sum(e["seconds"] for e in phases) <= att["seconds"]
     _core.profile_reset()
     assert _core.profile_report() == []
+    # the thread-CPU-time clock records the same ops; a bad clock name is an error
+    _core.profile_enable(True, "thread_cpu")
+    try:
+        cpu.layer_norm(x, w, w, 1e-5)
+    finally:
+        _core.profile_enable(False)
+    (e,) = [e for e in _core.profile_report() if e["op"] == "layer_norm"]
+    assert e["calls"] == 1 and 0 < e["seconds"] < 1
+    with pytest.raises(ValueError, match="clock"):
+        _core.profile_enable(True, "cycles")
+    assert not _core.profile_enabled()
+    _core.profile_reset()
 
 
 # ---- row kernels on every CPU path (csrc/cpu/rowops*.cpp: the scalar

@@ -168,8 +168,17 @@ void register_cpu(py::module_& m) {
     });
 
     // Opt-in per-op profiler (common/profile.h), for bench/vision_profile.py.
-    m.def("profile_enable", &prof::set_enabled, py::arg("on") = true,
-          "Turn the per-op profiler on or off (also MLLAMA_Q_PROFILE=1 at start).");
+    m.def(
+        "profile_enable",
+        [](bool on, const std::string& clock) {
+            require(clock == "wall" || clock == "thread_cpu", "clock must be 'wall' or 'thread_cpu', got '" + clock + "'");
+            prof::set_clock(clock == "wall" ? prof::Clock::Wall : prof::Clock::ThreadCpu);
+            prof::set_enabled(on);
+        },
+        py::arg("on") = true, py::arg("clock") = "wall",
+        "Turn the per-op profiler on or off (also MLLAMA_Q_PROFILE=1 at start). clock: 'wall', or "
+        "'thread_cpu' (the calling thread's CPU time: immune to other processes, the whole op cost "
+        "only with one thread).");
     m.def("profile_enabled", &prof::enabled);
     m.def("profile_reset", &prof::reset, "Clear the profiler's entries.");
     m.def(

@@ -3,6 +3,7 @@
 
 #include "common/env.h"
 
+#include <ctime>
 #include <map>
 #include <mutex>
 #include <string>
@@ -56,8 +57,20 @@ void add(const char* op, const std::string& detail, double seconds, double flop,
 
 void set_enabled(bool on) { detail::g_state.store(on ? 1 : 0, std::memory_order_relaxed); }
 
+static std::atomic<int> g_clock{int(Clock::Wall)};
+void set_clock(Clock c) { g_clock.store(int(c), std::memory_order_relaxed); }
+
+uint64_t op_now_ns() {
+    if (g_clock.load(std::memory_order_relaxed) == int(Clock::ThreadCpu)) {
+        timespec ts;
+        clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+        return (uint64_t(ts.tv_sec) * 1000000000u + uint64_t(ts.tv_nsec)) | 1u;
+    }
+    return now_ns();
+}
+
 void record(const char* op, const std::string& detail, uint64_t t0, double flop, double bytes) {
-    add(op, detail, double(now_ns() - t0) * 1e-9, flop, bytes, 1);
+    add(op, detail, double(op_now_ns() - t0) * 1e-9, flop, bytes, 1);
 }
 
 void record_seconds(const char* op, const std::string& detail, double seconds, double flop, double bytes) {

@@ -39,13 +39,20 @@ static inline bool enabled() {
 }
 void set_enabled(bool on);
 
-// Monotonic nanoseconds (never 0).
+// Monotonic wall-clock nanoseconds (never 0): cheap (vDSO), for splitting an op
+// into phases (shares only, see record_seconds).
 static inline uint64_t now_ns() {
     return uint64_t(std::chrono::duration_cast<std::chrono::nanoseconds>(
                         std::chrono::steady_clock::now().time_since_epoch()).count()) | 1u;
 }
-// Start of a timed op: now_ns() when profiling is on, else 0.
-static inline uint64_t start() { return enabled() ? now_ns() : 0; }
+// The clock of op times: wall clock (default), or the calling thread's CPU time
+// (a system call per read), which other processes on a busy machine do not
+// inflate; the latter is the op's whole cost only with a one-thread pool.
+enum class Clock { Wall, ThreadCpu };
+void set_clock(Clock c);
+uint64_t op_now_ns();   // nanoseconds on the op clock (never 0)
+// Start of a timed op: op_now_ns() when profiling is on, else 0.
+static inline uint64_t start() { return enabled() ? op_now_ns() : 0; }
 
 // Adds one call of `op` (in the current region) that started at t0 (from start()).
 void record(const char* op, const std::string& detail, uint64_t t0, double flop = 0, double bytes = 0);

@@ -59,7 +59,7 @@ void attention_flash(const float* q, const void* k, const void* v, DType kv_type
     std::vector<uint64_t> prof_ns(prof_on ? size_t(pool.size()) * 3 : 0, 0);
     uint64_t pack_ns = 0, rows_ns = 0;
     auto run_tasks = [&](const float* kg, const float* vg, int64_t stride, int g0, int n_groups) {
-        const uint64_t t0 = prof_on ? prof::now_ns() : 0;
+        const uint64_t t0 = prof_on ? prof::op_now_ns() : 0;
         pool.parallel_for(n_groups * n_tasks, [&](int64_t t, int thread) {
             const int g = g0 + int(t / n_tasks);
             const int64_t r0 = (t % n_tasks) * kern.rows;
@@ -68,14 +68,14 @@ void attention_flash(const float* q, const void* k, const void* v, DType kv_type
                                       mask, ld_mask, causal, q_offset, out};
             kern.run(a, r0, int(std::min<int64_t>(kern.rows, rows - r0)), prof_on ? &prof_ns[size_t(thread) * 3] : nullptr);
         });
-        if (prof_on) rows_ns += prof::now_ns() - t0;
+        if (prof_on) rows_ns += prof::op_now_ns() - t0;
     };
     if (!pack) {
         run_tasks(static_cast<const float*>(k), static_cast<const float*>(v), kv_stride, 0, n_kv_head);
     } else {
         std::vector<float> kp(size_t(nk) * hd), vp(size_t(nk) * hd);   // [nk][hd] of one group
         for (int g = 0; g < n_kv_head; g++) {
-            const uint64_t t0 = prof_on ? prof::now_ns() : 0;
+            const uint64_t t0 = prof_on ? prof::op_now_ns() : 0;
             pool.parallel_for((nk + 255) / 256, [&](int64_t t, int) {
                 for (int64_t j = t * 256; j < std::min(nk, t * 256 + 256); j++) {
                     const int64_t off = j * kv_stride + int64_t(g) * hd;
@@ -88,7 +88,7 @@ void attention_flash(const float* q, const void* k, const void* v, DType kv_type
                     }
                 }
             });
-            if (prof_on) pack_ns += prof::now_ns() - t0;
+            if (prof_on) pack_ns += prof::op_now_ns() - t0;
             run_tasks(kp.data(), vp.data(), hd, g, 1);
         }
     }
