@@ -5,14 +5,14 @@
 16 heads of 80 (no GQA), F32 K/V as the vision encoder has them. Shapes:
 nq = 512 and (with --full) nq = 6432 queries against nk = 6432 keys (one
 4-tile image: 4 x 1608 patches). Times the CPU backend's attention() through
-_core.bench_attention (arrays in place) with the fused flash kernel
-(csrc/cpu/attention_flash.cpp) and with the previous two-matrix-product path
-(MLLAMA_Q_ATTN_FLASH=0), in GFLOP/s counting 4 * nq * nk * hd * heads FLOP.
+_core.bench_attention (arrays in place): the fused flash kernel
+(csrc/cpu/attention_flash.cpp), in GFLOP/s counting 4 * nq * nk * hd * heads
+FLOP. (bench/results/attn_vision.txt also has the former two-matrix-product
+path, since removed.)
 """
 from __future__ import annotations
 
 import argparse
-import os
 
 import numpy as np
 
@@ -24,7 +24,7 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=1)
     ap.add_argument("--threads", type=int, default=0, help="thread pool size (0: default)")
     ap.add_argument("--path", default="auto", help="CPU kernel path: auto, scalar, avx2, avx512")
-    ap.add_argument("--full", action="store_true", help="also nq = 6432 (slow on the old path)")
+    ap.add_argument("--full", action="store_true", help="also nq = 6432")
     args = ap.parse_args()
     _core.set_cpu_path(args.path)
     if args.threads:
@@ -32,19 +32,14 @@ def main() -> None:
     heads, hd, nk = 16, 80, 6432
     rng = np.random.default_rng(0)
     print(f"cpu path {_core.cpu_path()}, {_core.num_threads()} threads")
-    print(f"{'nq x nk':>12} | {'old s':>8} {'GFLOP/s':>8} | {'new s':>8} {'GFLOP/s':>8} | speed-up")
+    print(f"{'nq x nk':>12} | {'s':>8} {'GFLOP/s':>8}")
     for nq in [512] + ([6432] if args.full else []):
         q = rng.standard_normal((nq, heads, hd)).astype(np.float32)
         k = rng.standard_normal((nk, heads, hd)).astype(np.float32)
         v = rng.standard_normal((nk, heads, hd)).astype(np.float32)
         flop = 4.0 * nq * nk * hd * heads
-        times = {}
-        for mode in ("0", "1"):
-            os.environ["MLLAMA_Q_ATTN_FLASH"] = mode
-            times[mode] = _core.bench_attention(q, k, v, hd ** -0.5, args.iters)
-        os.environ.pop("MLLAMA_Q_ATTN_FLASH")
-        print(f"{nq:>5} x {nk:<5} | {times['0']:8.3f} {flop / times['0'] / 1e9:8.1f} | "
-              f"{times['1']:8.3f} {flop / times['1'] / 1e9:8.1f} | {times['0'] / times['1']:.2f}x")
+        t = _core.bench_attention(q, k, v, hd ** -0.5, args.iters)
+        print(f"{nq:>5} x {nk:<5} | {t:8.3f} {flop / t / 1e9:8.1f}")
 
 
 if __name__ == "__main__":

@@ -15,8 +15,8 @@ _F32 = npt.NDArray[np.float32]
 
 # ---- block formats (bind_formats.cpp) --------------------------------------------------------
 
-def type_info() -> dict[str, dict[str, int]]:
-    """Block formats compiled into the extension: {name: {ggml_type, block_size, type_size}}."""
+def type_info() -> dict[str, dict[str, int | bool]]:
+    """Block formats compiled into the extension: {name: {ggml_type, block_size, type_size, weight}}."""
 
 def cuda_built() -> bool:
     """True when the CUDA backend was compiled in."""
@@ -26,6 +26,66 @@ def cuda_device_count() -> int:
 
 def cuda_device_name(device: int = 0) -> str:
     """Name of CUDA device `device` (RuntimeError without CUDA)."""
+
+# ---- the GGUF reader (bind_gguf.cpp; csrc/gguf/) ----------------------------------------------
+# mllama_q.gguf_file.open_gguf wraps these into GGUFFile; malformed bytes raise
+# mllama_q.gguf_file.ModelFileError naming the file, the entry and the byte offset.
+
+def gguf_open(path: str) -> GGUFReader:
+    """Map and parse a GGUF file (every count, length, offset and dimension bounds-checked)."""
+
+def ggml_type_layouts() -> dict[int, tuple[str, int, int]]:
+    """{ggml type id: (name, block size, bytes per block)} for every type a GGUF may carry."""
+
+class GGUFReader:
+    """A parsed, memory-mapped GGUF file. Arrays it returns are read-only views of one buffer
+    over the mapping, which stays mapped while any of them lives (close() is always safe)."""
+
+    @property
+    def path(self) -> str:
+        """The file's path."""
+    @property
+    def version(self) -> int:
+        """GGUF version (2 or 3)."""
+    @property
+    def alignment(self) -> int:
+        """general.alignment (32 when absent)."""
+    @property
+    def data_offset(self) -> int:
+        """Byte offset of the tensor data section."""
+    @property
+    def size(self) -> int:
+        """File size in bytes."""
+    @property
+    def buffer(self) -> npt.NDArray[np.uint8]:
+        """Read-only uint8 [size] over the whole mapped file."""
+    def keys(self) -> list[str]:
+        """Metadata keys in file order."""
+    def kv_type(self, i: int) -> str:
+        """Type of metadata entry i: 'uint32', 'string', 'array[string]', 'array[array[int32]]', ..."""
+    def kv_offset(self, i: int) -> int:
+        """Byte offset of metadata entry i (its key's length field)."""
+    def kv_value(self, i: int) -> Any:
+        """int / float / bool / str; a read-only numpy view (numeric arrays); a GGUFStringArray
+        (string arrays); a list (nested arrays)."""
+    def tensors(self) -> list[tuple[str, int, tuple[int, ...], int, int, int, int]]:
+        """(name, ggml_type, ne in GGUF order, absolute offset, nbytes, n_elements, table entry offset)."""
+    def close(self) -> None:
+        """Drop this reader's reference to the mapping."""
+
+class GGUFStringArray:
+    """A metadata array of strings, decoded one element at a time (len, [i], slices, iteration)."""
+
+    def tolist(self) -> list[str]:
+        """Every string as a Python list."""
+    def raw(self, i: int) -> bytes:
+        """The undecoded bytes of element i."""
+    def json_list(self) -> str:
+        """JSON list of the strings."""
+    def json_vocab(self) -> str:
+        """JSON object {string: index} (ModelFileError on a repeated string)."""
+    def json_merges(self) -> str:
+        """JSON list of [left, right] pairs, each element split at its first space."""
 
 # ---- quantizers (bind_quants.cpp; csrc/quants/, bit-exact with ggml) ------------------------
 

@@ -72,33 +72,42 @@ class Prompt:
     text: str
 
 
+def prompt_text(model, messages: Sequence[Mapping] | None = None, prompt: str | None = None,
+                add_generation_prompt: bool = True, chat_kwargs: Mapping[str, Any] | None = None) -> tuple[str, bool]:
+    """(text, add_special_tokens) the processor tokenises: messages rendered with the GGUF's chat
+    template (which writes BOS itself: False), or a raw prompt as given (True: MllamaProcessor's
+    BOS rules apply). Images are not looked at, so this is cheap (the server counts prompt tokens
+    with it before choosing a slot)."""
+    if (messages is None) == (prompt is None):
+        raise ValueError("give exactly one of messages= or prompt=")
+    if messages is not None:
+        from .chat import ChatTemplate
+
+        template = getattr(model, "chat_template", None)
+        if template is None:
+            template = ChatTemplate(model.tokenizer.chat_template, model.tokenizer)
+        return template.render(messages, add_generation_prompt=add_generation_prompt, **dict(chat_kwargs or {})), False
+    if not isinstance(prompt, str):
+        raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
+    return prompt, True
+
+
 def build_prompt(model, messages: Sequence[Mapping] | None = None, prompt: str | None = None,
                  images: Sequence | None = None, add_generation_prompt: bool = True,
                  chat_kwargs: Mapping[str, Any] | None = None) -> Prompt:
     """messages (rendered with the GGUF's chat template, no extra BOS) or a raw prompt
     (MllamaProcessor's rules: BOS text added unless present, tokenizer adds its BOS)."""
-    if (messages is None) == (prompt is None):
-        raise ValueError("give exactly one of messages= or prompt=")
-    proc = model.processor
-    if messages is not None:
-        from .chat import ChatTemplate, message_images
+    if messages is not None and images is None:
+        from .chat import message_images
 
         embedded = message_images(messages)
-        if images is None:
-            if any(img is not None for img in embedded):
-                if any(img is None for img in embedded):
-                    raise ValueError("some image items carry an image and some do not; pass images= instead")
-                images = embedded
-        template = getattr(model, "chat_template", None)
-        if template is None:
-            template = ChatTemplate(model.tokenizer.chat_template, model.tokenizer)
-        text = template.render(messages, add_generation_prompt=add_generation_prompt, **dict(chat_kwargs or {}))
-        add_special = False  # the template writes <|begin_of_text|> itself
-    else:
-        if not isinstance(prompt, str):
-            raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
-        text = prompt
-        add_special = True
+        if any(img is not None for img in embedded):
+            if any(img is None for img in embedded):
+                raise ValueError("some image items carry an image and some do not; pass images= instead")
+            images = embedded
+    proc = model.processor
+    text, add_special = prompt_text(model, messages=messages, prompt=prompt,
+                                    add_generation_prompt=add_generation_prompt, chat_kwargs=chat_kwargs)
     images = list(images) if images is not None else []
     image_token = proc.settings.image_token
     if text.count(image_token) != len(images):
@@ -120,22 +129,21 @@ def build_prompt(model, messages: Sequence[Mapping] | None = None, prompt: str |
 def generation_defaults_from_gguf(reader) -> dict:
     """{"temperature", "top_p", "top_k"} from the GGUF's general.sampling.* keys (the converter
     copies generation_config.json there); absent keys give Llama 3.2 Vision Instruct's values."""
-    from .tokenizer import gguf_field
+    from . import gguf_keys as K
+    from .gguf_file import get_float, get_int
 
-    temp = gguf_field(reader, "general.sampling.temp")
-    top_p = gguf_field(reader, "general.sampling.top_p")
-    top_k = gguf_field(reader, "general.sampling.top_k")
-    return {"temperature": DEFAULT_TEMPERATURE if temp is None else float(temp),
-            "top_p": DEFAULT_TOP_P if top_p is None else float(top_p),
-            "top_k": 0 if top_k is None else int(top_k)}
+    return {"temperature": get_float(reader, K.GENERAL_SAMPLING_TEMP, DEFAULT_TEMPERATURE),
+            "top_p": get_float(reader, K.GENERAL_SAMPLING_TOP_P, DEFAULT_TOP_P),
+            "top_k": get_int(reader, K.GENERAL_SAMPLING_TOP_K, 0)}
 
 
 def stop_ids_from_gguf(reader, tokenizer=None) -> list[int]:
     """Every id that ends generation: mllama_q.stop_token_ids (generation_config's eos list),
     plus the tokenizer's eos / eot / eom ids; Llama 3's [128001, 128008, 128009] if none is known."""
-    from .tokenizer import gguf_field
+    from . import gguf_keys as K
+    from .gguf_file import get_int_list
 
-    ids = [int(i) for i in (gguf_field(reader, "mllama_q.stop_token_ids") or [])]
+    ids = get_int_list(reader, K.Q_STOP_TOKEN_IDS, [])
     if tokenizer is not None:
         ids += [i for i in (tokenizer.eos_id, tokenizer.eot_id, tokenizer.eom_id) if i is not None]
     return sorted(set(ids)) or [128001, 128008, 128009]

@@ -21,7 +21,8 @@ Shapes below are numpy (row-major) shapes, `[rows, cols]`, i.e. HF's
 `nn.Linear.weight` shape `[out_features, in_features]`. GGUF lists dimensions
 in the reverse order (`ne[0]` = cols = the contiguous axis, which is also the
 axis quantization blocks run along); `gguf.GGUFReader` reports `tensor.shape`
-in that reversed (ne) order and `tensor.data` in numpy order.
+in that reversed (ne) order and `tensor.data` in numpy order; mllama_q.gguf_file's
+`TensorInfo.shape` is the numpy order.
 """
 from __future__ import annotations
 
@@ -112,6 +113,7 @@ Q_IMG_DO_NORMALIZE = "mllama_q.image.do_normalize"  # bool
 Q_IMG_DO_PAD = "mllama_q.image.do_pad"  # bool
 
 # Tokenizer keys (llama.cpp's; written by convert/tokenizer.py).
+TOKENIZER_PREFIX = "tokenizer.ggml."  # a file with any such key must carry a complete tokenizer
 TOKENIZER_MODEL = "tokenizer.ggml.model"  # "gpt2"
 TOKENIZER_PRE = "tokenizer.ggml.pre"  # "llama-bpe"
 TOKENIZER_TOKENS = "tokenizer.ggml.tokens"  # str[] (128257: <|image|> = 128256)
@@ -120,6 +122,10 @@ TOKENIZER_MERGES = "tokenizer.ggml.merges"  # str[] "a b"
 TOKENIZER_BOS_ID = "tokenizer.ggml.bos_token_id"  # u32
 TOKENIZER_EOS_ID = "tokenizer.ggml.eos_token_id"  # u32
 TOKENIZER_PAD_ID = "tokenizer.ggml.padding_token_id"  # u32
+TOKENIZER_EOT_ID = "tokenizer.ggml.eot_token_id"  # u32
+TOKENIZER_EOM_ID = "tokenizer.ggml.eom_token_id"  # u32
+TOKENIZER_ADD_BOS = "tokenizer.ggml.add_bos_token"  # bool
+TOKENIZER_ADD_EOS = "tokenizer.ggml.add_eos_token"  # bool
 TOKENIZER_CHAT_TEMPLATE = "tokenizer.chat_template"  # str (jinja)
 
 # Values for a file without the mllama_q. keys (Ollama's): the published 11B/90B ones.
@@ -309,25 +315,6 @@ def rope_freqs_llama3(head_dim: int, theta: float, factor: float, low_freq_facto
 #   vision position embedding:    x = x + s_pos * position_embd + s_tile * tile_position_embd[aspect_id]
 #   vision pre/post tile embd:    x = x + s * pre_tile_position_embd[aspect_id]
 # (text: raw parameters; vision: tanh already applied by the converter, as Ollama.)
-
-
-_MISSING = object()
-
-
-def kv(reader, key: str, default=_MISSING):
-    """Value of metadata `key` from a gguf.GGUFReader: numbers, str, bool or lists.
-
-    Falls back to DEFAULTS_11B (files written by Ollama lack the mllama_q. keys), then to
-    `default`; raises KeyError when neither exists.
-    """
-    field = reader.fields.get(key)
-    if field is not None:
-        return field.contents()
-    if key in DEFAULTS_11B:
-        return DEFAULTS_11B[key]
-    if default is not _MISSING:
-        return default
-    raise KeyError(f"GGUF metadata key {key!r} is missing")
 
 
 # ---------------------------------------------------------------------------

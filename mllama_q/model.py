@@ -3,9 +3,10 @@
     m = Model("llama-3.2-11b-vision-q4_k_m.gguf")
     logits = m.forward(input_ids, pixel_values, aspect_ratio_ids, aspect_ratio_mask, cross_attention_mask)
 
-The file is validated (mllama_q.gguf_file) before any tensor is used, then
-memory-mapped by gguf-py's GGUFReader; its tensor arrays are handed to the
-compiled core without copying (the reader stays alive as long as the model).
+The file is memory-mapped and validated by our own reader (mllama_q.gguf_file,
+csrc/gguf) before any tensor is used; its tensor arrays are views of the mapping
+handed to the compiled core without copying (they keep the mapping alive as long
+as the model).
 With `vision=False` the vision tower's tensors are never handed over, so they
 are never read from disk.
 """
@@ -19,12 +20,15 @@ import numpy as np
 from . import _core
 from . import gguf_keys as K
 from .gguf_file import (
+    GGUFFile,
     ModelFileError,
     check_architecture,
+    check_tensor_types,
     field_value,
     get_float,
     get_int,
     get_int_list,
+    get_str,
     open_gguf,
     require_keys,
     tensor_entry,
@@ -39,12 +43,12 @@ REQUIRED_VISION_KEYS = (K.V_BLOCK_COUNT, K.V_GLOBAL_BLOCK_COUNT, K.V_INTERMEDIAT
 VISION_PREFIXES = K.VISION_PREFIXES
 
 
-def _q(reader, key):
-    """A `mllama_q.` key, falling back to the published 11B value (files written by Ollama lack them)."""
-    return field_value(reader, key, K.DEFAULTS_11B.get(key))
+def _d(key):
+    """The published 11B value of a `mllama_q.` key (files written by Ollama lack them)."""
+    return K.DEFAULTS_11B.get(key)
 
 
-def rope_inv_freq(reader, head_dim: int, theta: float) -> list[float]:
+def rope_inv_freq(f: GGUFFile, head_dim: int, theta: float) -> list[float]:
     """RoPE inverse frequencies [head_dim/2] with llama3 scaling, as HF's rotary embedding uses.
 
     inv_freq[i] = theta^(-2i/head_dim) / rope_freqs[i]   (transformers
@@ -53,16 +57,19 @@ def rope_inv_freq(reader, head_dim: int, theta: float) -> list[float]:
     keys when the file has no such tensor; no scaling when its type is "none").
     """
     base = theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
-    t = next((t for t in reader.tensors if t.name == K.ROPE_FREQS), None)
+    t = f.tensors.get(K.ROPE_FREQS)
     if t is not None:
-        div = np.asarray(t.data, dtype=np.float64).reshape(-1)
-        if div.shape[0] != head_dim // 2 or int(t.tensor_type) != 0:
+        if t.ggml_type != 0 or t.n_elements != head_dim // 2:
             raise ModelFileError(f"tensor '{K.ROPE_FREQS}' must be f32 [{head_dim // 2}]")
-    elif str(_q(reader, K.Q_ROPE_SCALING_TYPE)) == "llama3":
-        div = K.rope_freqs_llama3(head_dim, theta, float(_q(reader, K.Q_ROPE_SCALING_FACTOR)),
-                                  float(_q(reader, K.Q_ROPE_SCALING_LOW_FREQ_FACTOR)),
-                                  float(_q(reader, K.Q_ROPE_SCALING_HIGH_FREQ_FACTOR)),
-                                  int(_q(reader, K.Q_ROPE_SCALING_ORIG_CTX))).astype(np.float64)
+        div = np.asarray(t.data, dtype=np.float64).reshape(-1)
+    elif get_str(f, K.Q_ROPE_SCALING_TYPE, _d(K.Q_ROPE_SCALING_TYPE)) == "llama3":
+        def num(key):
+            return get_float(f, key, _d(key))
+
+        div = K.rope_freqs_llama3(head_dim, theta, num(K.Q_ROPE_SCALING_FACTOR),
+                                  num(K.Q_ROPE_SCALING_LOW_FREQ_FACTOR), num(K.Q_ROPE_SCALING_HIGH_FREQ_FACTOR),
+                                  get_int(f, K.Q_ROPE_SCALING_ORIG_CTX, _d(K.Q_ROPE_SCALING_ORIG_CTX))
+                                  ).astype(np.float64)
     else:
         div = np.ones(head_dim // 2)
     if not np.all(np.isfinite(div)) or np.any(div <= 0):
@@ -70,25 +77,25 @@ def rope_inv_freq(reader, head_dim: int, theta: float) -> list[float]:
     return [float(x) for x in (base / div).astype(np.float32)]
 
 
-def text_hparams(reader, path) -> dict:
-    require_keys(reader, path, REQUIRED_TEXT_KEYS)
-    D = get_int(reader, K.EMBEDDING_LENGTH)
-    H = get_int(reader, K.HEAD_COUNT)
+def text_hparams(f: GGUFFile, path) -> dict:
+    require_keys(f, path, REQUIRED_TEXT_KEYS)
+    D = get_int(f, K.EMBEDDING_LENGTH)
+    H = get_int(f, K.HEAD_COUNT)
     if D <= 0 or H <= 0 or D % H:
         raise ModelFileError(f"{path}: embedding_length {D} is not a multiple of head_count {H}")
-    hd = get_int(reader, K.ROPE_DIMENSION_COUNT, D // H)
-    out = next((t for t in reader.tensors if t.name == K.OUTPUT), None)
-    vocab_default = int(out.shape[1]) if out is not None and len(out.shape) == 2 else None
+    hd = get_int(f, K.ROPE_DIMENSION_COUNT, D // H)
+    out = f.tensors.get(K.OUTPUT)
+    vocab_default = out.shape[0] if out is not None and len(out.shape) == 2 else None  # [vocab, hidden]
     hp = {
-        "vocab_size": get_int(reader, K.VOCAB_SIZE, vocab_default),
+        "vocab_size": get_int(f, K.VOCAB_SIZE, vocab_default),
         "hidden_size": D,
-        "intermediate_size": get_int(reader, K.FEED_FORWARD_LENGTH),
-        "n_layer": get_int(reader, K.BLOCK_COUNT),
+        "intermediate_size": get_int(f, K.FEED_FORWARD_LENGTH),
+        "n_layer": get_int(f, K.BLOCK_COUNT),
         "n_head": H,
-        "n_kv_head": get_int(reader, K.HEAD_COUNT_KV),
+        "n_kv_head": get_int(f, K.HEAD_COUNT_KV),
         "head_dim": hd,
-        "rms_eps": get_float(reader, K.RMS_EPS),
-        "cross_attention_layers": get_int_list(reader, K.CROSS_ATTENTION_LAYERS),
+        "rms_eps": get_float(f, K.RMS_EPS),
+        "cross_attention_layers": get_int_list(f, K.CROSS_ATTENTION_LAYERS),
         "rope_inv_freq": None,
     }
     # Sanity before anything is sized from these numbers (a corrupt value must not
@@ -97,8 +104,8 @@ def text_hparams(reader, path) -> dict:
     for k in ("vocab_size", "hidden_size", "intermediate_size", "n_layer", "n_head", "n_kv_head", "head_dim"):
         if hp[k] <= 0:
             raise ModelFileError(f"{path}: hyper-parameter {k} = {hp[k]} must be positive")
-    if n_layer * 9 > len(reader.tensors):
-        raise ModelFileError(f"{path}: {K.BLOCK_COUNT} = {n_layer} but the file has only {len(reader.tensors)} tensors")
+    if n_layer * 9 > len(f.tensors):
+        raise ModelFileError(f"{path}: {K.BLOCK_COUNT} = {n_layer} but the file has only {len(f.tensors)} tensors")
     if H % hp["n_kv_head"]:
         raise ModelFileError(f"{path}: head_count {H} is not a multiple of head_count_kv {hp['n_kv_head']}")
     if hd * H != D or hd % 2:
@@ -108,37 +115,37 @@ def text_hparams(reader, path) -> dict:
         raise ModelFileError(f"{path}: cross-attention layer indices {bad} outside [0, {n_layer})")
     if not (hp["rms_eps"] > 0):
         raise ModelFileError(f"{path}: {K.RMS_EPS} must be positive")
-    theta = get_float(reader, K.ROPE_FREQ_BASE)
+    theta = get_float(f, K.ROPE_FREQ_BASE)
     if not (theta > 1):
         raise ModelFileError(f"{path}: {K.ROPE_FREQ_BASE} = {theta} must be > 1")
-    hp["rope_inv_freq"] = rope_inv_freq(reader, hd, theta)
+    hp["rope_inv_freq"] = rope_inv_freq(f, hd, theta)
     return hp
 
 
-def vision_hparams(reader, path, text_hidden: int) -> dict:
-    require_keys(reader, path, REQUIRED_VISION_KEYS)
-    ratios = [int(x) for x in np.asarray(_q(reader, K.Q_V_ASPECT_RATIOS)).reshape(-1)]
+def vision_hparams(f: GGUFFile, path, text_hidden: int) -> dict:
+    require_keys(f, path, REQUIRED_VISION_KEYS)
+    ratios = get_int_list(f, K.Q_V_ASPECT_RATIOS, _d(K.Q_V_ASPECT_RATIOS))
     hp = {
-        "hidden_size": get_int(reader, K.V_EMBEDDING_LENGTH),
-        "intermediate_size": get_int(reader, K.V_FEED_FORWARD_LENGTH),
-        "num_layers": get_int(reader, K.V_BLOCK_COUNT),
-        "num_global_layers": get_int(reader, K.V_GLOBAL_BLOCK_COUNT),
-        "n_head": get_int(reader, K.V_HEAD_COUNT),
-        "image_size": get_int(reader, K.V_IMAGE_SIZE),
-        "patch_size": get_int(reader, K.V_PATCH_SIZE),
-        "num_channels": get_int(reader, K.V_NUM_CHANNELS),
-        "max_num_tiles": get_int(reader, K.V_MAX_NUM_TILES),
+        "hidden_size": get_int(f, K.V_EMBEDDING_LENGTH),
+        "intermediate_size": get_int(f, K.V_FEED_FORWARD_LENGTH),
+        "num_layers": get_int(f, K.V_BLOCK_COUNT),
+        "num_global_layers": get_int(f, K.V_GLOBAL_BLOCK_COUNT),
+        "n_head": get_int(f, K.V_HEAD_COUNT),
+        "image_size": get_int(f, K.V_IMAGE_SIZE),
+        "patch_size": get_int(f, K.V_PATCH_SIZE),
+        "num_channels": get_int(f, K.V_NUM_CHANNELS),
+        "max_num_tiles": get_int(f, K.V_MAX_NUM_TILES),
         "max_aspect_ratio_id": len(ratios) // 2,
-        "norm_eps": get_float(reader, K.V_LN_EPS),
-        "intermediate_layers": get_int_list(reader, K.V_INTERMEDIATE_LAYERS),
-        "out_dim": int(_q(reader, K.Q_V_PROJECTION_DIM) if K.Q_V_PROJECTION_DIM in reader.fields else text_hidden),
+        "norm_eps": get_float(f, K.V_LN_EPS),
+        "intermediate_layers": get_int_list(f, K.V_INTERMEDIATE_LAYERS),
+        "out_dim": get_int(f, K.Q_V_PROJECTION_DIM, text_hidden),
     }
     for k in ("hidden_size", "intermediate_size", "num_layers", "n_head", "image_size", "patch_size",
               "num_channels", "max_num_tiles", "max_aspect_ratio_id", "out_dim"):
         if hp[k] <= 0:
             raise ModelFileError(f"{path}: vision hyper-parameter {k} = {hp[k]} must be positive")
-    if (hp["num_layers"] + max(hp["num_global_layers"], 0)) * 12 > len(reader.tensors):
-        raise ModelFileError(f"{path}: vision layer counts do not match the {len(reader.tensors)} tensors")
+    if (hp["num_layers"] + max(hp["num_global_layers"], 0)) * 12 > len(f.tensors):
+        raise ModelFileError(f"{path}: vision layer counts do not match the {len(f.tensors)} tensors")
     return hp
 
 
@@ -201,22 +208,23 @@ class Model:
             _core.set_num_threads(int(n_threads))
         t_load = time.perf_counter()
         self.path = os.fspath(path)
-        reader = open_gguf(self.path)
-        check_architecture(reader, self.path)
-        thp = text_hparams(reader, self.path)
-        has_vision_tensors = any(t.name.startswith(VISION_PREFIXES) for t in reader.tensors)
+        f = open_gguf(self.path)
+        check_architecture(f, self.path)
+        check_tensor_types(f)
+        thp = text_hparams(f, self.path)
+        has_vision_tensors = any(name.startswith(VISION_PREFIXES) for name in f.tensors)
         vhp = None
         if vision and has_vision_tensors:
-            vhp = vision_hparams(reader, self.path, thp["hidden_size"])
+            vhp = vision_hparams(f, self.path, thp["hidden_size"])
         elif vision and not has_vision_tensors:
             raise ModelFileError(f"{self.path}: the file has no vision tensors (v.*, mm.*); load it with vision=False")
 
         # Hand over the mapped arrays (no copy); the vision ones only when used. The core
         # uploads them and builds the vision encoder at the first encode_images, so a
         # text-only session never reads them; their presence is checked now.
-        tensors = {t.name: tensor_entry(t) for t in reader.tensors
-                   if vhp is not None or not t.name.startswith(VISION_PREFIXES)}
-        if K.Q_FORMAT_VERSION not in reader.fields:
+        tensors = {name: tensor_entry(t) for name, t in f.tensors.items()
+                   if vhp is not None or not name.startswith(VISION_PREFIXES)}
+        if K.Q_FORMAT_VERSION not in f.metadata:
             ollama_norms(tensors, thp)
         if vhp is not None:
             missing = [n for n in required_vision_tensors(vhp) if n not in tensors]
@@ -225,11 +233,15 @@ class Model:
                                      + (" ..." if len(missing) > 8 else ""))
         try:
             self._core = _core.MllamaModel(tensors, thp, vhp, device, int(n_ctx), kv_type)
-        except RuntimeError as e:  # a missing or misshaped tensor (TensorMap), or no such device
-            if "tensor" in str(e):
-                raise ModelFileError(f"{self.path}: {e}") from e
-            raise
-        self._reader = reader  # keeps the memory map (and so every tensor array) alive
+        except (RuntimeError, ValueError) as e:
+            # Everything the core is given comes from the file (tensors, hyper-parameters) except
+            # the device: a missing / misshaped tensor or an unusable hyper-parameter is the
+            # file's fault, a missing CUDA build or GPU is not.
+            msg = str(e)
+            if "cuda" in msg.lower() or "device" in msg.lower():
+                raise
+            raise ModelFileError(f"{self.path}: {msg}") from e
+        self._reader = f  # the GGUFFile (metadata); the tensor arrays keep the mapping alive
         self._tensors = tensors
         self.text_hparams = thp
         self.vision_hparams = vhp
@@ -238,10 +250,10 @@ class Model:
         self.n_ctx = int(n_ctx)
         # the context length the model was trained for (None if the file does not say); the
         # command line warns when n_ctx exceeds it
-        n_train = field_value(reader, K.CONTEXT_LENGTH)
+        n_train = field_value(f, K.CONTEXT_LENGTH)
         ok = isinstance(n_train, (int, np.integer)) and not isinstance(n_train, bool) and n_train > 0
         self.n_ctx_train = int(n_train) if ok else None
-        self.image_token_id = int(_q(reader, K.Q_IMAGE_TOKEN_ID))
+        self.image_token_id = get_int(f, K.Q_IMAGE_TOKEN_ID, K.DEFAULTS_11B[K.Q_IMAGE_TOKEN_ID])
         # Tokenizer, processor, stop ids and sampling defaults from the same file (frontend).
         from .generate import generation_defaults_from_gguf, stop_ids_from_gguf
         from .processor import Processor, ProcessorSettings
@@ -249,14 +261,16 @@ class Model:
 
         self.tokenizer = None
         self.processor = None
-        if K.TOKENIZER_TOKENS in reader.fields:
-            try:
-                self.tokenizer = Tokenizer.from_gguf(reader)
-            except (ValueError, KeyError, TypeError) as e:
-                raise ModelFileError(f"{self.path}: bad tokenizer metadata ({e})") from e
-            self.processor = Processor(self.tokenizer, ProcessorSettings.from_gguf(reader, self.tokenizer))
-        self.stop_ids = stop_ids_from_gguf(reader, self.tokenizer)
-        self.generation_defaults = generation_defaults_from_gguf(reader)
+        try:
+            if any(k.startswith(K.TOKENIZER_PREFIX) for k in f.metadata):
+                self.tokenizer = Tokenizer.from_gguf(f)
+                self.processor = Processor(self.tokenizer, ProcessorSettings.from_gguf(f, self.tokenizer))
+            self.stop_ids = stop_ids_from_gguf(f, self.tokenizer)
+            self.generation_defaults = generation_defaults_from_gguf(f)
+        except ModelFileError:
+            raise
+        except (ValueError, TypeError, OverflowError) as e:  # the frontends' checks of what the file says
+            raise ModelFileError(f"{self.path}: bad tokenizer / processor / generation metadata ({e})") from e
         self.load_time_s = time.perf_counter() - t_load  # reported by generate() as timings["load_s"]
 
     # -- session ---------------------------------------------------------------

@@ -82,11 +82,12 @@ class ProcessorSettings:
 
     @classmethod
     def from_gguf(cls, reader, tokenizer=None) -> "ProcessorSettings":
-        """Read the settings from a gguf.GGUFReader; keys that are absent fall back to 11B values.
+        """Read the settings from a GGUFFile (mllama_q.gguf_file); keys that are absent fall back to
+        11B values.
 
         `tokenizer` (our Tokenizer) supplies the `<|image|>` id and the BOS text when given.
         """
-        from .tokenizer import gguf_field as field_value
+        from .gguf_file import field_value
 
         def get(const_name, literal):
             return field_value(reader, _key(const_name, literal))

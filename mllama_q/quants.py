@@ -17,7 +17,7 @@ from . import _core
 
 @lru_cache(maxsize=None)
 def type_info() -> dict:
-    """{name: {"ggml_type", "block_size", "type_size"}} as compiled into the core."""
+    """{name: {"ggml_type", "block_size", "type_size", "weight"}} as compiled into the core."""
     return {k: dict(v) for k, v in _core.type_info().items()}
 
 

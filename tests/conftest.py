@@ -51,6 +51,8 @@ def tiny_checkpoint(tmp_path_factory):
 def tiny_gguf(tmp_path_factory):
     """`tiny_gguf(ckpt, ftype, vision_type=None)` -> path of the GGUF our converter writes
     (mllama_q.convert.convert), once per session for each (checkpoint, types). Read-only."""
+    from gguf_reference import assert_matches_gguf_py
+
     from mllama_q.convert import convert
 
     written: dict = {}
@@ -61,6 +63,7 @@ def tiny_gguf(tmp_path_factory):
             name = f"tiny-{ftype}" + (f"-v{vision_type}" if vision_type else "") + ".gguf"
             path = tmp_path_factory.mktemp("tiny_gguf") / name
             convert(ckpt, path, ftype=ftype, vision_type=vision_type, progress=False)
+            assert_matches_gguf_py(path)  # the runtime's reader sees what gguf-py sees
             written[key] = path
         return written[key]
 
@@ -107,11 +110,10 @@ def tokenizer_gguf(tokenizer_dir, tmp_path_factory):
 @pytest.fixture(scope="session")
 def tokenizer(tokenizer_gguf):
     """Our Tokenizer rebuilt from tokenizer_gguf (mllama_q.tokenizer)."""
-    import gguf
-
+    from mllama_q.gguf_file import open_gguf
     from mllama_q.tokenizer import Tokenizer
 
-    return Tokenizer.from_gguf(gguf.GGUFReader(str(tokenizer_gguf)))
+    return Tokenizer.from_gguf(open_gguf(tokenizer_gguf))
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,8 @@ gguf = pytest.importorskip("gguf")
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+from gguf_reference import assert_matches_gguf_py  # noqa: E402
+
 import mllama_q  # noqa: E402
 from mllama_q import ModelFileError, ModelFileNotFoundError  # noqa: E402
 from mllama_q import gguf_keys as K  # noqa: E402
@@ -19,20 +21,33 @@ from mllama_q import gguf_keys as K  # noqa: E402
 @pytest.fixture(scope="module")
 def good(tiny_checkpoint, tiny_gguf):
     """A valid tiny mllama GGUF written by our converter."""
-    return tiny_gguf(tiny_checkpoint(seed=3, dtype="float32"), "q8_0")
+    path = tiny_gguf(tiny_checkpoint(seed=3, dtype="float32"), "q8_0")
+    assert_matches_gguf_py(path)
+    return path
 
 
-def rewrite(src, dst, *, arch=None, drop_keys=(), drop_tensors=(), tensor_override=None):
+def rewrite(src, dst, *, arch=None, drop_keys=(), drop_tensors=(), tensor_override=None, set_keys=None,
+            compare=True):
     """Copy a GGUF with gguf-py, optionally changing the architecture, dropping metadata keys or
-    tensors, or replacing one tensor: tensor_override = (name, array, raw_dtype or None)."""
+    tensors, replacing one tensor (tensor_override = (name, array, raw_dtype or None)) or
+    setting metadata values (set_keys = {key: (value, GGUFValueType, array sub-type or None)};
+    value may be a function of the current value). compare: check our reader against gguf-py
+    on the result (gguf-py cannot decode a string that is not UTF-8)."""
     r = gguf.GGUFReader(str(src))
     w = gguf.GGUFWriter(str(dst), arch or r.fields[K.GENERAL_ARCHITECTURE].contents())
+    set_keys = dict(set_keys or {})
     for key, f in r.fields.items():
         if key.startswith("GGUF.") or key == K.GENERAL_ARCHITECTURE or key in drop_keys:
             continue
         vtype = f.types[0]
         sub = f.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-        w.add_key_value(key, f.contents(), vtype, sub_type=sub)
+        value = f.contents()
+        if key in set_keys:
+            new, vtype, sub = set_keys.pop(key)
+            value = new(value) if callable(new) else new
+        w.add_key_value(key, value, vtype, sub_type=sub)
+    for key, (value, vtype, sub) in set_keys.items():
+        w.add_key_value(key, value, vtype, sub_type=sub)
     for t in r.tensors:
         if t.name in drop_tensors:
             continue
@@ -46,6 +61,8 @@ def rewrite(src, dst, *, arch=None, drop_keys=(), drop_tensors=(), tensor_overri
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+    if compare:
+        assert_matches_gguf_py(dst)  # a valid GGUF: both readers agree before Model() judges it
     return dst
 
 
@@ -141,6 +158,12 @@ def test_wrong_architecture(tmp_path):
     w.write_tensors_to_file()
     w.close()
     expect_error(p, "architecture is 'llama', expected 'mllama'")
+
+
+def test_architecture_not_a_string(good, tmp_path):
+    p = rewrite(good, tmp_path / "arch.gguf", arch="x",
+                set_keys={K.GENERAL_ARCHITECTURE: ([1, 2], gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.INT32)})
+    expect_error(p, "general.architecture.*must be a string, got an array of 2 int32")
 
 
 def test_no_architecture_key(tmp_path):
@@ -247,3 +270,74 @@ def test_absurd_hyperparameters(good, tmp_path, key, value):
     w.write_tensors_to_file()
     w.close()
     expect_error(p, "block_count|head_count|must be positive|vision layer counts")
+
+
+V = gguf.GGUFValueType
+
+
+def _with(i, value):
+    def edit(tokens):
+        tokens = list(tokens)
+        tokens[i] = value
+        return tokens
+    return edit
+
+
+# Corrupt tokenizer metadata: a ModelFileError naming the key at load, never an IndexError /
+# AttributeError later (each would otherwise surface at the first encode or decode).
+BAD_TOKENIZER = {
+    "bos past tokens": ({K.TOKENIZER_BOS_ID: (10 ** 6, V.UINT32, None)}, "bos_token_id = 1000000 is outside the"),
+    "eos past tokens": ({K.TOKENIZER_EOS_ID: (2 ** 32 - 1, V.UINT32, None)}, "eos_token_id = 4294967295 is outside"),
+    "eot negative": ({K.TOKENIZER_EOT_ID: (-1, V.INT32, None)}, "eot_token_id = -1 is outside"),
+    "pad past tokens": ({K.TOKENIZER_PAD_ID: (10 ** 9, V.UINT64, None)}, "padding_token_id = 1000000000"),
+    "bos not an int": ({K.TOKENIZER_BOS_ID: ("0", V.STRING, None)}, "bos_token_id.*must be an integer"),
+    "tokens not strings": ({K.TOKENIZER_TOKENS: ([1, 2, 3], V.ARRAY, V.INT32)},
+                           r"tokenizer\.ggml\.tokens.*must be an array of strings"),
+    "tokens a string": ({K.TOKENIZER_TOKENS: ("abc", V.STRING, None)}, "must be an array of strings"),
+    "tokens nested": ({K.TOKENIZER_TOKENS: ([["a"], ["b"]], V.ARRAY, V.ARRAY)}, "must be an array of strings"),
+    "duplicate token": ({K.TOKENIZER_TOKENS: (lambda t: _with(7, t[6])(t), V.ARRAY, V.STRING)},
+                        r"tokenizer\.ggml\.tokens', element 7 of \d+: duplicate of element 6"),
+    "token not utf-8": ({K.TOKENIZER_TOKENS: (_with(9, b"\xff\xfe"), V.ARRAY, V.STRING)},
+                        r"tokenizer\.ggml\.tokens', element 9 of \d+: the string is not valid UTF-8"),
+    "merges not strings": ({K.TOKENIZER_MERGES: ([1.5, 2.5], V.ARRAY, V.FLOAT32)},
+                           r"tokenizer\.ggml\.merges.*must be an array of strings"),
+    "merge without space": ({K.TOKENIZER_MERGES: (_with(3, "abc"), V.ARRAY, V.STRING)},
+                            r"merges', element 3 of \d+: merge abc has no space"),
+    "merge of unknown tokens": ({K.TOKENIZER_MERGES: (_with(0, "nosuch token"), V.ARRAY, V.STRING)},
+                                "bad tokenizer metadata"),
+    "types wrong length": ({K.TOKENIZER_TOKEN_TYPE: ([1, 1, 3], V.ARRAY, V.INT32)}, "token_type has 3 entries for"),
+    "types not ints": ({K.TOKENIZER_TOKEN_TYPE: (lambda t: ["x"] * len(t), V.ARRAY, V.STRING)},
+                       "token_type must be an array of integers, not array.string"),
+    "model not gpt2": ({K.TOKENIZER_MODEL: ("llama", V.STRING, None)}, "tokenizer model is 'llama'; expected 'gpt2'"),
+    "model not a string": ({K.TOKENIZER_MODEL: (2, V.UINT32, None)}, "tokenizer.ggml.model.*must be a string"),
+    "pre-tokenizer": ({K.TOKENIZER_PRE: ("qwen2", V.STRING, None)}, "unsupported pre-tokenizer"),
+    "add_bos not bool": ({K.TOKENIZER_ADD_BOS: (1, V.UINT8, None)}, "add_bos_token.*must be a bool"),
+    "chat template not a string": ({K.TOKENIZER_CHAT_TEMPLATE: (7, V.UINT32, None)}, "chat_template.*must be a string"),
+    "image token past tokens": ({K.Q_IMAGE_TOKEN_ID: (10 ** 6, V.UINT32, None)},
+                                "token id 1000000 outside the vocabulary"),
+    "stop ids not ints": ({K.Q_STOP_TOKEN_IDS: (["a"], V.ARRAY, V.STRING)},
+                          "stop_token_ids.*must be a list of integers"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_TOKENIZER))
+def test_corrupt_tokenizer_metadata(good, tmp_path, case):
+    set_keys, match = BAD_TOKENIZER[case]
+    p = rewrite(good, tmp_path / "tok.gguf", set_keys=set_keys, compare=case != "token not utf-8")
+    expect_error(p, match)
+    expect_error(p, match, vision=False)
+
+
+@pytest.mark.parametrize("key", [K.TOKENIZER_TOKENS, K.TOKENIZER_MERGES, K.TOKENIZER_MODEL])
+def test_missing_tokenizer_key(good, tmp_path, key):
+    """A file with tokenizer keys but without the vocabulary / merges / model is refused."""
+    p = rewrite(good, tmp_path / "notok.gguf", drop_keys=(key,))
+    expect_error(p, "tokenizer")
+
+
+def test_no_tokenizer_at_all_loads(good, tmp_path):
+    """Without any tokenizer.ggml.* key the model loads (no tokenizer, ids in and out)."""
+    r = gguf.GGUFReader(str(good))
+    p = rewrite(good, tmp_path / "none.gguf", drop_keys=tuple(k for k in r.fields if k.startswith("tokenizer.ggml.")))
+    m = mllama_q.Model(p, vision=False)
+    assert m.tokenizer is None and m.forward([1, 2]).shape[0] == 2

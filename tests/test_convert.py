@@ -22,6 +22,7 @@ pytest.importorskip("transformers")
 
 from gguf import GGMLQuantizationType as T  # noqa: E402
 from gguf.quants import dequantize  # noqa: E402
+from gguf_reference import assert_matches_gguf_py  # noqa: E402
 
 from mllama_q import gguf_keys as K  # noqa: E402
 
@@ -351,6 +352,7 @@ def check_file(path: Path, ckpt: Path, state: dict, ftype: str, vision_type=None
         want_t = expected_type(name, ref.shape, ftype, vision_type, cfg)
         assert t.tensor_type == want_t, (name, t.tensor_type.name, want_t.name)
         check_values(name, want_t, np.asarray(t.data), ref)
+    assert_matches_gguf_py(path)  # the runtime's reader sees exactly what gguf-py sees
     return r
 
 
@@ -425,11 +427,20 @@ def test_gguf_keys_helpers(ckpts, tmp_path):
     np.testing.assert_array_equal(K.unpermute_head_vector(K.permute_head_vector(v)), v)
     out = tmp_path / "k.gguf"
     assert run_convert(ckpts["mha_f32"], out, "f16") == 0
-    r = gguf.GGUFReader(out)
-    assert K.kv(r, K.BLOCK_COUNT) == 3 and K.kv(r, K.Q_ROPE_SCALING_TYPE) == "none"
-    assert K.kv(r, "mllama_q.not.a.key", 7) == 7
-    with pytest.raises(KeyError):
-        K.kv(r, "mllama_q.not.a.key")
+    from mllama_q.gguf_file import ModelFileError, kv, open_gguf
+
+    r = open_gguf(out)
+    assert kv(r, K.BLOCK_COUNT) == 3 and kv(r, K.Q_ROPE_SCALING_TYPE) == "none"
+    assert kv(r, "mllama_q.not.a.key", 7) == 7
+    bare = tmp_path / "bare.gguf"  # an Ollama-like file without the mllama_q.* keys: 11B values
+    w = gguf.GGUFWriter(str(bare), K.ARCH)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    assert kv(open_gguf(bare), K.Q_IMAGE_TOKEN_ID) == 128256
+    with pytest.raises(ModelFileError, match="mllama_q.not.a.key"):
+        kv(r, "mllama_q.not.a.key")
     # Keys Ollama's files lack fall back to the published 11B values.
     assert K.DEFAULTS_11B[K.Q_STOP_TOKEN_IDS] == [128001, 128008, 128009]
 

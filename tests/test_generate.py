@@ -300,6 +300,7 @@ def fake_model_module(tokenizer, monkeypatch):
             super().__init__(tokenizer, script=tokenizer.encode("Fine, thanks.", add_special_tokens=False),
                              n_ctx=n_ctx)
             self.kw = dict(path=path, device=device, n_ctx=n_ctx, n_threads=n_threads, vision=vision)
+            self.load_time_s, self.vision_hparams = 0.25, {"image_size": 560} if vision else None
             made.append(self)
 
         def eval(self, tokens, cross_attention_mask):
@@ -323,11 +324,31 @@ def test_cli_run_streams_answer(fake_model_module, capsys, tmp_path):
     cap = capsys.readouterr()
     assert rc == 0 and cap.out == "Fine, thanks.\n"
     assert "prompt tokens" in cap.err
+    assert "[loaded x.gguf in 0.25 s]" in cap.err  # -v reports the load time
+    assert "loading" not in cap.err  # the status line is for terminals only
     m = fake_model_module[-1]
     assert m.kw == dict(path="x.gguf", device="cpu", n_ctx=2048, n_threads=2, vision=True)
     assert any(c[0] == "encode_images" for c in m.calls)
     prompt = m.tokenizer.decode([c for c in m.calls if c[0] == "eval"][0][1])
     assert "<|start_header_id|>user<|end_header_id|>\n\n<|image|>How are you?<|eot_id|>" in prompt
+
+
+def test_cli_loading_status_on_a_terminal(fake_model_module, monkeypatch):
+    """On a terminal, "loading FILE ..." shows while the model loads and is erased after."""
+    import io
+    import sys
+
+    from mllama_q.cli import main
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    err = Tty()
+    monkeypatch.setattr(sys, "stderr", err)
+    assert main(["run", "-m", "dir/x.gguf", "-p", "hi", "--temperature", "0"]) == 0
+    text = err.getvalue()
+    assert text.startswith("\rloading x.gguf …\x1b[K\r\x1b[K") and "[loaded" not in text
 
 
 def test_cli_run_errors_are_one_line(fake_model_module, capsys, tmp_path):

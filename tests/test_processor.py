@@ -167,9 +167,9 @@ def hf_processor(tokenizer_dir, hf_image_processor):
 
 @pytest.fixture(scope="module")
 def our_processor(tokenizer_gguf):
-    import gguf
+    from mllama_q.gguf_file import open_gguf
 
-    reader = gguf.GGUFReader(str(tokenizer_gguf))
+    reader = open_gguf(tokenizer_gguf)
     tok = Tokenizer.from_gguf(reader)
     return Processor.from_gguf(reader, tok)
 
@@ -256,7 +256,9 @@ def test_settings_from_gguf_keys(tmp_path):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    s = ProcessorSettings.from_gguf(gguf.GGUFReader(str(path)))
+    from mllama_q.gguf_file import open_gguf
+
+    s = ProcessorSettings.from_gguf(open_gguf(path))
     assert s.tile_size == 112 and s.max_num_tiles == 2 and s.supported_aspect_ratios == ((1, 1), (1, 2), (2, 1))
     cfg = dict(PREPROCESSOR_CONFIG, size={"height": 112, "width": 112}, max_image_tiles=2,
                image_mean=[0.5, 0.4, 0.3], image_std=[0.2, 0.25, 0.3])
@@ -271,7 +273,7 @@ def test_settings_from_gguf_keys(tmp_path):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    assert ProcessorSettings.from_gguf(gguf.GGUFReader(str(path2))) == ProcessorSettings()
+    assert ProcessorSettings.from_gguf(open_gguf(path2)) == ProcessorSettings()
 
 
 def test_numpy_images_match_transformers(hf_image_processor):

@@ -44,6 +44,9 @@ def test_type_sizes_match_gguf():
         gt = GT[name.upper()]
         assert v["ggml_type"] == int(gt), name
         assert (v["block_size"], v["type_size"]) == gguf.GGML_QUANT_SIZES[gt], name
+    # the weight types are exactly the tensor types we store; q8_k is only an activation format
+    assert {name for name, v in info.items() if v["weight"]} == set(GGUF_TYPE)
+    assert info["q8_k"]["weight"] is False
 
 
 @pytest.mark.parametrize("qtype", STORED_TYPES)

@@ -52,8 +52,10 @@ def reader(tokenizer_gguf):
 
 
 @pytest.fixture(scope="module")
-def tok(reader) -> Tokenizer:
-    return Tokenizer.from_gguf(reader)
+def tok(gguf_path) -> Tokenizer:
+    from mllama_q.gguf_file import open_gguf
+
+    return Tokenizer.from_gguf(open_gguf(gguf_path))
 
 
 def test_metadata_matches_llama_cpp_layout(reader, tokenizer_dir, real_chat_template):

@@ -6,14 +6,12 @@
 // Attention for a few queries (decode) reads the KV cache in place
 // (csrc/cpu/attention.h); otherwise by the fused flash kernel
 // (csrc/cpu/attention_flash.h: online softmax over key blocks, scores never
-// leave L1; a 4-tile image has 6432 queries and keys). The older path, per KV
-// head group two matrix products (S = Q·Kᵀ, O = softmax(S)·V) in query
-// blocks, stays behind MLLAMA_Q_ATTN_FLASH=0 for comparison.
+// leave L1; a 4-tile image has 6432 queries and keys). Both have scalar
+// reference kernels (the scalar CPU path) beside the SIMD ones.
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
-#include <limits>
 #include <new>
 #include <stdexcept>
 #include <string>
@@ -45,79 +43,6 @@ struct Timed {
     }
 };
 std::string str(int64_t v) { return std::to_string(v); }
-
-// The softmax of the vision tower evaluates ~26 billion exponentials for one
-// 4-tile image, so these loops are written to vectorise: the compiler builds
-// AVX-512, AVX2 and baseline clones and the loader picks one for this CPU.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define MQ_VEC_CLONES __attribute__((target_clones("avx512f", "arch=x86-64-v3", "default")))
-#else
-#define MQ_VEC_CLONES
-#endif
-
-// exp(x) for x <= 0 (softmax arguments after subtracting the row max), within
-// 2 ulp of std::exp: x = n·ln2 + r with |r| <= ln2/2, exp(r) by a degree-6
-// polynomial (Taylor coefficients; the truncation error < 2e-8 there), times
-// 2^n built in the exponent bits. Arguments below -87.3 (including -inf and
-// masked scores near -FLT_MAX) give exactly 0.
-static inline float exp_nonpos(float x) {
-    const float xc = x < -87.3f ? -87.3f : x;
-    const float n = std::nearbyint(xc * 1.44269504088896341f);
-    const float r = (xc - n * 0.693145751953125f) - n * 1.428606765330187e-06f;  // ln2 split hi + lo
-    float p = 1.0f / 720.0f;
-    p = p * r + 1.0f / 120.0f;
-    p = p * r + 1.0f / 24.0f;
-    p = p * r + 1.0f / 6.0f;
-    p = p * r + 0.5f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
-    int32_t bits;
-    std::memcpy(&bits, &p, 4);
-    bits += static_cast<int32_t>(n) << 23;
-    float out;
-    std::memcpy(&out, &bits, 4);
-    return x < -87.3f ? 0.0f : out;
-}
-
-// s[j] = s[j]*scale + mask[j] for j < n; returns the max (-inf when n == 0).
-MQ_VEC_CLONES static float scale_mask_max(float* s, int64_t n, float scale, const float* mask) {
-    float mx[16];
-    for (int l = 0; l < 16; l++) mx[l] = -std::numeric_limits<float>::infinity();
-    int64_t j = 0;
-    for (; j + 16 <= n; j += 16)
-        for (int l = 0; l < 16; l++) {
-            const float v = s[j + l] * scale + (mask ? mask[j + l] : 0.0f);
-            s[j + l] = v;
-            mx[l] = v > mx[l] ? v : mx[l];
-        }
-    for (; j < n; j++) {
-        s[j] = s[j] * scale + (mask ? mask[j] : 0.0f);
-        mx[0] = s[j] > mx[0] ? s[j] : mx[0];
-    }
-    float m = mx[0];
-    for (int l = 1; l < 16; l++) m = mx[l] > m ? mx[l] : m;
-    return m;
-}
-
-// s[j] = exp(s[j] - mx) for j < n; returns the sum (16 partial sums, then a
-// fixed-order total, so the result does not depend on the clone chosen).
-MQ_VEC_CLONES static float exp_sub_sum(float* s, int64_t n, float mx) {
-    float acc[16] = {0};
-    int64_t j = 0;
-    for (; j + 16 <= n; j += 16)
-        for (int l = 0; l < 16; l++) {
-            const float e = exp_nonpos(s[j + l] - mx);
-            s[j + l] = e;
-            acc[l] += e;
-        }
-    for (; j < n; j++) {
-        s[j] = exp_nonpos(s[j] - mx);
-        acc[j % 16] += s[j];
-    }
-    double total = 0.0;
-    for (int l = 0; l < 16; l++) total += acc[l];
-    return float(total);
-}
 
 class CpuBackend final : public Backend {
 public:
@@ -321,85 +246,19 @@ public:
         if (nq <= 0) return;
         // Decode (a few queries): read the KV cache in place, no conversion
         // buffers (csrc/cpu/attention.h). MLLAMA_Q_ATTN_DIRECT=0 forces the
-        // matrix-product path below (for benchmarks comparing the two).
+        // flash kernel below (for benchmarks comparing the two).
         if (cpu::attention_direct_supported(nq, n_head, n_kv_head, hd) && direct_enabled()) {
             cpu::attention_direct(q, k, v, kv_type, kv_stride, out, nq, nk, n_head, n_kv_head, hd, scale, mask,
                                   ld_mask, causal, q_offset, pool_);
             return;
         }
         // Many queries: the fused flash kernel (csrc/cpu/attention_flash.h).
-        // MLLAMA_Q_ATTN_FLASH=0 forces the two-matrix-product path below
-        // (kept for benchmarks comparing the two).
-        if (flash_enabled()) {
-            cpu::attention_flash(q, k, v, kv_type, kv_stride, out, nq, nk, n_head, n_kv_head, hd, scale, mask,
-                                 ld_mask, causal, q_offset, pool_);
-            return;
-        }
-        const int G = n_head / n_kv_head;   // query heads per KV head
-        const int64_t rows = nq * G;        // query rows of one group, ordered (i, r)
-        const int64_t bq = std::max<int64_t>(G, std::min<int64_t>(rows, 512) / G * G);  // block of whole queries
-        std::vector<float> qg(rows * hd), kf(std::max<int64_t>(nk, 1) * hd), vt(hd * std::max<int64_t>(nk, 1));
-        std::vector<float> s(bq * std::max<int64_t>(nk, 1)), o(bq * hd);
-        auto load = [&](const void* base, int64_t j, int g, float* dst) {
-            const int64_t off = j * kv_stride + int64_t(g) * hd;
-            if (kv_type == DType::F32) std::memcpy(dst, static_cast<const float*>(base) + off, hd * sizeof(float));
-            else dequantize_row_f16(static_cast<const uint16_t*>(base) + off, dst, hd);
-        };
-        for (int g = 0; g < n_kv_head; g++) {
-            // Qg[(i, r), :] = q[i, g*G + r, :]            [rows, hd]
-            // Kf[j, :]      = k[j, g, :] as float32        [nk, hd]
-            // Vt[d, j]      = v[j, g, d] as float32        [hd, nk] (transposed: the PV product reads rows)
-            pool_.parallel_for(nq, [&](int64_t i, int) {
-                std::memcpy(&qg[i * G * hd], q + (i * n_head + int64_t(g) * G) * hd, size_t(G) * hd * sizeof(float));
-            });
-            pool_.parallel_for(nk, [&](int64_t j, int) { load(k, j, g, &kf[j * hd]); });
-            pool_.parallel_for((nk + 63) / 64, [&](int64_t t, int) {
-                std::vector<float> row(hd);
-                for (int64_t j = t * 64; j < std::min(nk, t * 64 + 64); j++) {
-                    load(v, j, g, row.data());
-                    for (int d = 0; d < hd; d++) vt[d * nk + j] = row[d];
-                }
-            });
-            for (int64_t r0 = 0; r0 < rows; r0 += bq) {
-                const int64_t nr = std::min(bq, rows - r0);
-                if (nk == 0) {
-                    for (int64_t r = 0; r < nr; r++) std::fill(&o[r * hd], &o[r * hd] + hd, 0.0f);
-                } else {
-                    // S[r, j] = Qg[r] · Kf[j]
-                    cpu::matmul(&qg[r0 * hd], nr, hd, hd, kf.data(), DType::F32, nk, s.data(), nk, pool_);
-                    pool_.parallel_for(nr, [&](int64_t r, int) {
-                        const int64_t i = (r0 + r) / G;  // query index
-                        softmax_row(&s[r * nk], nk, scale, mask ? mask + i * ld_mask : nullptr,
-                                    causal ? i + q_offset : nk - 1);
-                    });
-                    // O[r, d] = sum_j P[r, j] V[j, d]  =  P · Vtᵀ
-                    cpu::matmul(s.data(), nr, nk, nk, vt.data(), DType::F32, hd, o.data(), hd, pool_);
-                }
-                pool_.parallel_for(nr, [&](int64_t r, int) {
-                    const int64_t i = (r0 + r) / G, h = int64_t(g) * G + (r0 + r) % G;
-                    std::memcpy(out + (i * n_head + h) * hd, &o[r * hd], size_t(hd) * sizeof(float));
-                });
-            }
-        }
+        cpu::attention_flash(q, k, v, kv_type, kv_stride, out, nq, nk, n_head, n_kv_head, hd, scale, mask, ld_mask,
+                             causal, q_offset, pool_);
     }
 
-    static bool flash_enabled() { return env::cpu_attn_flash(); }    // read at every call (benchmarks flip it)
-    static bool direct_enabled() { return env::cpu_attn_direct(); }
+    static bool direct_enabled() { return env::cpu_attn_direct(); }   // read at every call (benchmarks flip it)
 
-    // Softmax over one row of scores in place: p_j ∝ exp(scale*s_j + mask_j)
-    // for j <= last (later keys get p = 0). A row with nothing visible (all
-    // -inf) becomes all zeros rather than NaN.
-    static void softmax_row(float* s, int64_t nk, float scale, const float* mask, int64_t last) {
-        const int64_t n = std::min(nk, last + 1);
-        const float mx = scale_mask_max(s, n, scale, mask);
-        if (n <= 0 || mx == -std::numeric_limits<float>::infinity()) {
-            std::fill(s, s + nk, 0.0f);
-            return;
-        }
-        const float inv = 1.0f / exp_sub_sum(s, n, mx);
-        for (int64_t j = 0; j < n; j++) s[j] *= inv;
-        for (int64_t j = n; j < nk; j++) s[j] = 0.0f;
-    }
     void store_rows(const float* src, void* dst, DType dst_type, int64_t n, int64_t width,
                     int64_t dst_stride) override {
         if (dst_type != DType::F32 && dst_type != DType::F16)

@@ -27,7 +27,7 @@ void register_cpu(py::module_& m) {
         require(n >= 0 && k > 0, "need n >= 0 and k > 0");
         require(x.shape(1) == k, "x has " + std::to_string(x.shape(1)) + " columns, expected K=" + std::to_string(k));
         const TypeInfo& ti = type_info_by_name(wtype.c_str());
-        require(ti.type != DType::Q8_K, "q8_k is an activation format, not a weight type");
+        require(ti.weight, std::string(ti.name) + " is an activation format, not a weight type");
         const size_t rs = row_size(ti.type, k);   // throws if k is not a multiple of the block
         require(static_cast<size_t>(w.nbytes()) == rs * static_cast<size_t>(n),
                 "w has " + std::to_string(w.nbytes()) + " bytes, expected " + std::to_string(rs * n) +
@@ -126,10 +126,7 @@ void register_cpu(py::module_& m) {
         "Memory read bandwidth (bytes/s): all pool threads sum a `gib` GiB buffer; best of `repeats`.");
 
     // Test hooks: activation bytes as the kernels of a path make them.
-    auto parse = [](const std::string& path) {
-        require(path == "scalar" || path == "avx2" || path == "avx512", "unknown path " + path);
-        return path == "avx512" ? cpu::Path::AVX512 : path == "avx2" ? cpu::Path::AVX2 : cpu::Path::Scalar;
-    };
+    auto parse = [](const std::string& path) { return cpu::path_by_name(path); };
     m.def(
         "quantize_q8_K_path",
         [parse](py::array x, const std::string& path) {

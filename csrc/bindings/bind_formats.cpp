@@ -18,10 +18,11 @@ void register_formats(py::module_& m) {
             d["ggml_type"] = static_cast<int>(t[i].type);
             d["block_size"] = t[i].block_size;
             d["type_size"] = t[i].type_size;
+            d["weight"] = t[i].weight;   // False: an activation format (q8_k), never a tensor type
             out[t[i].name] = d;
         }
         return out;
-    }, "Block formats compiled into the extension: {name: {ggml_type, block_size, type_size}}.");
+    }, "Block formats compiled into the extension: {name: {ggml_type, block_size, type_size, weight}}.");
 
     m.def("cuda_built", &mq::cuda::built, "True when the CUDA backend was compiled in.");
     m.def("cuda_device_count", &mq::cuda::device_count, "Usable CUDA devices now (0 without a driver or GPU).");

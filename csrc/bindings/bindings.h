@@ -9,4 +9,5 @@ void register_cpu(pybind11::module_& m);       // bind_cpu.cpp: matmul, CPU path
 void register_model(pybind11::module_& m);     // bind_model.cpp: the model forward passes
 void register_backend(pybind11::module_& m);   // bind_backend.cpp: Backend test binding
 void register_vision(pybind11::module_& m);    // bind_vision.cpp: vision tower test binding
+void register_gguf(pybind11::module_& m);      // bind_gguf.cpp: the GGUF reader
 }  // namespace mq::bind

@@ -22,7 +22,6 @@ int num_threads() {
     return n > 0 ? n : 0;
 }
 
-bool cpu_attn_flash() { return !equals("MLLAMA_Q_ATTN_FLASH", "0"); }
 bool cpu_attn_direct() { return !equals("MLLAMA_Q_ATTN_DIRECT", "0"); }
 
 bool profile() {

@@ -15,9 +15,8 @@ const char* cpu_path();
 // MLLAMA_Q_NUM_THREADS: size of the global CPU thread pool; 0 if unset or not a positive integer.
 int num_threads();
 
-// MLLAMA_Q_ATTN_FLASH=0 turns off the CPU's fused (flash) attention for many queries
-// (the two-matmul path runs instead); MLLAMA_Q_ATTN_DIRECT=0 the direct path for few queries.
-bool cpu_attn_flash();
+// MLLAMA_Q_ATTN_DIRECT=0 turns off the CPU's direct attention for few queries (the fused
+// flash kernel runs instead).
 bool cpu_attn_direct();
 
 // MLLAMA_Q_PROFILE=1 (any value but "" and "0"): the per-op profiler (common/profile.h)

@@ -1,11 +1,16 @@
 // Internal interface between the matmul driver (matmul.cpp) and the per-ISA
 // kernel files (kernels_scalar.cpp, kernels_avx2.cpp, kernels_avx512.cpp).
 //
-// The driver owns threading and tiling; a path only supplies, per weight type,
+// The driver owns threading and tiling; a CPU path supplies ONE KernelTable:
+// per weight type (a TypeTable indexed by DType, as ggml's type_traits_cpu) a
+// TypeKernels entry of
 //   prep_x : turn one float32 row of X into the path's activation format
 //            (Q8_K for Q4_K/Q6_K, Q8_0-like for Q8_0; null = X used as float32)
 //   tile   : a small dense block of outputs, nw (<= kMaxTileW) rows of W
-//            against nx (any count) prepared rows of X.
+//            against nx (any count) prepared rows of X
+//   panel_*: optionally, the panel GEMM for many X rows (below).
+// Types a path leaves out of its table are not supported on it. The driver
+// looks the entry up once per matmul call (never per row).
 // Integer parts of every quantized dot product are exact in all paths (the
 // same X quants, the same int32 sums as ggml's vec_dot_*), so paths differ
 // only in the order of the float additions.
@@ -14,6 +19,7 @@
 #include <cstdint>
 
 #include "common/formats.h"
+#include "quants/quants.h"
 
 namespace mq::cpu::detail {
 
@@ -51,14 +57,14 @@ struct TypeKernels {
 };
 constexpr int kPanelMinRows = 16;
 
-struct PathKernels {
-    TypeKernels f32, f16, bf16, q8_0, q4_K, q6_K;
-};
+// One CPU path's kernels, per weight type.
+using KernelTable = TypeTable<TypeKernels>;
 
-const PathKernels& scalar_kernels();
+// The paths' tables (matmul.cpp's path table lists them with their CPU checks).
+const KernelTable& scalar_kernels();
 #if defined(MQ_X86)
-const PathKernels& avx2_kernels();
-const PathKernels& avx512_kernels();
+const KernelTable& avx2_kernels();
+const KernelTable& avx512_kernels();
 void quantize_row_q8_K_avx512(const float* x, block_q8_K* y, int64_t k);
 void quantize_row_q8_0_avx512(const float* x, block_q8_0* y, int64_t k);
 uint64_t read_sum_avx2(const uint64_t* p, size_t n);
@@ -114,6 +120,19 @@ void run_tile(const void* w, size_t ws, int nw, const void* x, size_t xs, int nx
 }  // namespace
 
 // Scalar helpers -----------------------------------------------------
+
+// X rows in ggml's reference activation formats (the bytes of
+// quantize_row_q8_K_ref / quantize_row_q8_0_ref), for the paths whose tiles
+// read them as they are (prep_x / x_row_bytes of a TypeKernels entry).
+static inline void prep_q8_K_ref(const float* x, void* xq, int64_t K) {
+    quantize_row_q8_K_ref(x, static_cast<block_q8_K*>(xq), K);
+}
+static inline void prep_q8_0_ref(const float* x, void* xq, int64_t K) {
+    quantize_row_q8_0_ref(x, static_cast<block_q8_0*>(xq), K);
+}
+static inline size_t bytes_q8_K(int64_t K) { return size_t(K / QK_K) * sizeof(block_q8_K); }
+static inline size_t bytes_q8_0(int64_t K) { return size_t(K / QK8_0) * sizeof(block_q8_0); }
+
 
 // Q4_K's 12 packed bytes -> 8 six-bit scales and 8 six-bit mins, as two
 // little-endian 64-bit words (byte j = value j). Same values as

@@ -12,25 +12,18 @@
 #include <immintrin.h>
 
 #include <cstring>
-#include <vector>
 
 #include "cpu/kernels.h"
-#include "cpu/panel_pack.h"
+#include "cpu/panel_gemm.h"
+#include "cpu/simd_x86.h"
 #include "quants/quants.h"
 
 namespace mq::cpu::detail {
 namespace {
 
-inline float h2f(uint16_t h) { return _cvtsh_ss(h); }
-
 // Decode (<= 2 X rows): the quantized tiles take one W row at a time
-// (NWGD = 1 in avx2_kernels() below) and prefetch that row kWPrefetch bytes
-// ahead, the scheme of the AVX-512 decode tiles (kernels_avx512.cpp): a single
-// sequential stream that the software prefetch keeps ahead of the arithmetic.
-#ifndef MQ_WPF
-#define MQ_WPF 4096
-#endif
-constexpr int kWPrefetch = MQ_WPF;
+// (tile_q below) and prefetch that row kWPrefetch bytes ahead (simd_x86.h),
+// the scheme of the AVX-512 decode tiles.
 // Prefill tile sizes (X rows x W rows), measured here at M = 512, 4096 x 4096,
 // one thread. Q4_K/Q6_K keep no X in registers across W rows, so one W row
 // against 8 X rows shares each W unpack 8 ways (Q4_K 130 -> 111 ms, Q6_K
@@ -43,11 +36,6 @@ constexpr int kWPrefetch = MQ_WPF;
 #define MQ_P8NW 4
 #endif
 
-template <int BYTES>
-inline void prefetch_w(const void* p) {
-    const char* c = static_cast<const char*>(p) + kWPrefetch;
-    for (int o = 0; o < BYTES; o += 64) _mm_prefetch(c + o, _MM_HINT_T0);
-}
 inline float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -254,7 +242,7 @@ struct Q80Tile {
 
 
 // ---------------------------------------------------------------- panel GEMM (M >= 16)
-// X panel layout and W unpacking: panel_pack.h (shared with the AVX-512 file).
+// X panel layout, W unpacking and the driver: panel_gemm.h (shared with the AVX-512 file).
 // One ymm holds 4 k of 8 rows, so a panel is worked as two halves of 8 rows.
 // W rows are unpacked once per task.
 // Per W row t, sub-block s and 8 X rows (one per int32 lane):
@@ -321,41 +309,15 @@ void panel_micro(const WUnp* wu, int64_t nb, const uint8_t* panel, int hf, float
     for (int t = 0; t < NWR; t++) _mm256_storeu_ps(out + 16 * t + 8 * hf, facc[t]);
 }
 
-template <bool Q4>
-void panel_gemm(const void* w, size_t ws, int64_t nw, const void* panels, size_t pstride, int n_panels,
-                int64_t m_rows, int64_t K, float* y, int64_t ldy) {
-    const int64_t nb = K / QK_K;
-    thread_local std::vector<WUnp> scratch;   // 4 unpacked W rows
-    if (scratch.size() < size_t(4 * nb)) scratch.resize(size_t(4 * nb));
-    const uint8_t* wb = static_cast<const uint8_t*>(w);
-    const uint8_t* pp = static_cast<const uint8_t*>(panels);
-    alignas(32) float out[4 * kPanelRows];
-    for (int64_t j0 = 0; j0 < nw; j0 += 4) {
-        const int nwr = int(nw - j0 < 4 ? nw - j0 : 4);
-        for (int t = 0; t < nwr; t++) {
-            if (Q4) unpack_w_q4_K(wb + (j0 + t) * ws, nb, scratch.data() + t * nb);
-            else unpack_w_q6_K(wb + (j0 + t) * ws, nb, scratch.data() + t * nb);
-        }
-        for (int p = 0; p < n_panels; p++) {
-            const uint8_t* P = pp + p * pstride;
-            const int64_t left_rows = m_rows - int64_t(p) * kPanelRows;
-            const int64_t rows = left_rows < kPanelRows ? left_rows : kPanelRows;
-            for (int hf = 0; hf < (rows > 8 ? 2 : 1); hf++) {
-                int t0 = 0;   // W rows in groups of 4 / 2 / 1
-                while (t0 < nwr) {
-                    const int left = nwr - t0;
-                    const WUnp* wu = scratch.data() + t0 * nb;
-                    float* o = out + 16 * t0;
-                    if (left >= 4) { panel_micro<Q4, 4>(wu, nb, P, hf, o); t0 += 4; }
-                    else if (left >= 2) { panel_micro<Q4, 2>(wu, nb, P, hf, o); t0 += 2; }
-                    else { panel_micro<Q4, 1>(wu, nb, P, hf, o); t0 += 1; }
-                }
-            }
-            for (int64_t i = 0; i < rows; i++)
-                for (int t = 0; t < nwr; t++) y[(int64_t(p) * kPanelRows + i) * ldy + j0 + t] = out[16 * t + i];
-        }
+// The micro-kernel of panel_gemm.h's driver: a ymm holds half a panel (8 rows).
+struct PanelMicro {
+    using WUnp = WUnpT<int16_t>;
+    static constexpr int kMaxRows = 4, kLanes = 8;
+    template <bool Q4, int NWR>
+    static void run(const WUnp* wu, int64_t nb, const uint8_t* panel, int part, float* out) {
+        panel_micro<Q4, NWR>(wu, nb, panel, part, out);
     }
-}
+};
 
 // Decode-sized calls (nx <= 2 X rows) stream W: one W row at a time with
 // prefetch. Larger calls keep 4-row W groups and no prefetch (W is re-read
@@ -365,11 +327,6 @@ void tile_q(const void* w, size_t ws, int nw, const void* x, size_t xs, int nx, 
     if (nx <= 2) run_tile<T<true>, 2, 1>(w, ws, nw, x, xs, nx, K, y, ldy);
     else run_tile<T<false>, PNX, PNW>(w, ws, nw, x, xs, nx, K, y, ldy);
 }
-
-void prep_q8_K(const float* x, void* xq, int64_t K) { quantize_row_q8_K_ref(x, static_cast<block_q8_K*>(xq), K); }
-size_t bytes_q8_K(int64_t K) { return size_t(K / QK_K) * sizeof(block_q8_K); }
-void prep_q8_0(const float* x, void* xq, int64_t K) { quantize_row_q8_0_ref(x, static_cast<block_q8_0*>(xq), K); }
-size_t bytes_q8_0(int64_t K) { return size_t(K / QK8_0) * sizeof(block_q8_0); }
 
 }  // namespace
 
@@ -390,14 +347,16 @@ uint64_t read_sum_avx2(const uint64_t* p, size_t n) {
     return r;
 }
 
-const PathKernels& avx2_kernels() {
-    static const PathKernels k = {
-        {nullptr, nullptr, run_tile<FloatTile<LoadF32>, 2>},
-        {nullptr, nullptr, run_tile<FloatTile<LoadF16>, 2>},
-        {nullptr, nullptr, run_tile<FloatTile<LoadBF16>, 2>},
-        {prep_q8_0, bytes_q8_0, tile_q<Q80Tile, MQ_P8NX, MQ_P8NW>},
-        {prep_q8_K, bytes_q8_K, tile_q<Q4KTile, MQ_PNX, MQ_PNW>, prep_panel<true, quantize_block_ref>, panel_bytes, panel_gemm<true>},
-        {prep_q8_K, bytes_q8_K, tile_q<Q6KTile, MQ_PNX, MQ_PNW>, prep_panel<false, quantize_block_ref>, panel_bytes, panel_gemm<false>},
+const KernelTable& avx2_kernels() {
+    static const KernelTable k = {
+        {DType::F32, {nullptr, nullptr, run_tile<FloatTile<LoadF32>, 2>}},
+        {DType::F16, {nullptr, nullptr, run_tile<FloatTile<LoadF16>, 2>}},
+        {DType::BF16, {nullptr, nullptr, run_tile<FloatTile<LoadBF16>, 2>}},
+        {DType::Q8_0, {prep_q8_0_ref, bytes_q8_0, tile_q<Q80Tile, MQ_P8NX, MQ_P8NW>}},
+        {DType::Q4_K, {prep_q8_K_ref, bytes_q8_K, tile_q<Q4KTile, MQ_PNX, MQ_PNW>,
+                       prep_panel<true, quantize_block_ref>, panel_bytes, panel_gemm<true, PanelMicro>}},
+        {DType::Q6_K, {prep_q8_K_ref, bytes_q8_K, tile_q<Q6KTile, MQ_PNX, MQ_PNW>,
+                       prep_panel<false, quantize_block_ref>, panel_bytes, panel_gemm<false, PanelMicro>}},
     };
     return k;
 }

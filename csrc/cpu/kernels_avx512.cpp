@@ -18,10 +18,10 @@
 #include <immintrin.h>
 
 #include <cstring>
-#include <vector>
 
 #include "cpu/kernels.h"
-#include "cpu/panel_pack.h"
+#include "cpu/panel_gemm.h"
+#include "cpu/simd_x86.h"
 #include "quants/quants.h"
 
 #ifndef MQ_Q4K_NX
@@ -36,22 +36,8 @@
 namespace mq::cpu::detail {
 namespace {
 
-inline float h2f(uint16_t h) { return _cvtsh_ss(h); }
-
-// Software prefetch of `bytes` of W, kWPrefetch bytes ahead, for the
-// decode-sized tiles (few X rows: the kernel streams W from DRAM). With the
-// decode tiles taking one W row at a time (NWGD = 1 below) this made M = 1 on
-// 14336 x 4096 / 128256 x 4096 1.3-2.5x faster on one thread here (measured:
-// Q6_K 3.1 -> 1.1 ms, Q8_0 3.5 -> 1.5 ms, Q4_K 1.0 -> 0.9 ms).
-#ifndef MQ_WPF
-#define MQ_WPF 4096
-#endif
-constexpr int kWPrefetch = MQ_WPF;
-template <int BYTES>
-inline void prefetch_w(const void* p) {
-    const char* c = static_cast<const char*>(p) + kWPrefetch;
-    for (int o = 0; o < BYTES; o += 64) _mm_prefetch(c + o, _MM_HINT_T0);
-}
+// Decode tiles (<= 2 X rows) take one W row at a time (NWGD = 1 below) with
+// software prefetch (prefetch_w, simd_x86.h).
 
 // ---------------------------------------------------------------- float weights
 // W rows as float32 / fp16 (F16C) / bf16 (bf16 is the top half of a float32).
@@ -188,7 +174,6 @@ void prep_q8_K(const float* x, void* xq, int64_t K) {
     block_q8_K* y = static_cast<block_q8_K*>(xq);
     for (int64_t b = 0; b < K / QK_K; b++) quantize_q8_K_block(x + QK_K * b, y + b, false);
 }
-size_t bytes_q8_K(int64_t K) { return size_t(K / QK_K) * sizeof(block_q8_K); }
 
 // vpermw index vectors: int16 lane t of scale vector v takes sub-block scale
 // idx(v, t) from the 8 (Q4_K) or 16 (Q6_K) int16 scales.
@@ -390,7 +375,7 @@ struct Q80Tile {
 
 
 // ---------------------------------------------------------------- panel GEMM (M >= 16)
-// X panel layout and W unpacking (int32 sub-block scales here): panel_pack.h.
+// X panel layout, W unpacking (int32 sub-block scales here) and the driver: panel_gemm.h.
 // Per block and W row t, for the 16 X rows at once (one per lane):
 //   s1 = sum_s sc_s * (sum_{k in s} q_k * x_k)      (vpdpbusd, then vpmulld)
 //   s2 = sum_s coef_s * bsum_s                      (vpdpwssd)
@@ -450,40 +435,15 @@ void panel_micro(const WUnp* wu, int64_t nb, const uint8_t* panel, float* out) {
     for (int t = 0; t < NWR; t++) _mm512_storeu_ps(out + 16 * t, facc[t]);
 }
 
-template <bool Q4>
-void panel_gemm(const void* w, size_t ws, int64_t nw, const void* panels, size_t pstride, int n_panels,
-                int64_t m_rows, int64_t K, float* y, int64_t ldy) {
-    const int64_t nb = K / QK_K;
-    thread_local std::vector<WUnp> scratch;   // 8 unpacked W rows
-    if (scratch.size() < size_t(8 * nb)) scratch.resize(size_t(8 * nb));
-    const uint8_t* wb = static_cast<const uint8_t*>(w);
-    const uint8_t* pp = static_cast<const uint8_t*>(panels);
-    alignas(64) float out[8 * kPanelRows];
-    for (int64_t j0 = 0; j0 < nw; j0 += 8) {
-        const int nwr = int(nw - j0 < 8 ? nw - j0 : 8);
-        for (int t = 0; t < nwr; t++) {
-            if (Q4) unpack_w_q4_K(wb + (j0 + t) * ws, nb, scratch.data() + t * nb);
-            else unpack_w_q6_K(wb + (j0 + t) * ws, nb, scratch.data() + t * nb);
-        }
-        for (int p = 0; p < n_panels; p++) {
-            const uint8_t* P = pp + p * pstride;
-            int t0 = 0;   // W rows in groups of 8 / 4 / 2 / 1
-            while (t0 < nwr) {
-                const int left = nwr - t0;
-                const WUnp* wu = scratch.data() + t0 * nb;
-                float* o = out + 16 * t0;
-                if (left >= 8) { panel_micro<Q4, 8>(wu, nb, P, o); t0 += 8; }
-                else if (left >= 4) { panel_micro<Q4, 4>(wu, nb, P, o); t0 += 4; }
-                else if (left >= 2) { panel_micro<Q4, 2>(wu, nb, P, o); t0 += 2; }
-                else { panel_micro<Q4, 1>(wu, nb, P, o); t0 += 1; }
-            }
-            const int64_t left_rows = m_rows - int64_t(p) * kPanelRows;
-            const int64_t rows = left_rows < kPanelRows ? left_rows : kPanelRows;
-            for (int64_t i = 0; i < rows; i++)
-                for (int t = 0; t < nwr; t++) y[(int64_t(p) * kPanelRows + i) * ldy + j0 + t] = out[16 * t + i];
-        }
+// The micro-kernel of panel_gemm.h's driver: a zmm holds a whole panel (16 rows).
+struct PanelMicro {
+    using WUnp = WUnpT<int32_t>;
+    static constexpr int kMaxRows = 8, kLanes = 16;
+    template <bool Q4, int NWR>
+    static void run(const WUnp* wu, int64_t nb, const uint8_t* panel, int /*part: always 0*/, float* out) {
+        panel_micro<Q4, NWR>(wu, nb, panel, out);
     }
-}
+};
 
 }  // namespace
 
@@ -511,14 +471,16 @@ uint64_t read_sum_avx512(const uint64_t* p, size_t n) {
     return s;
 }
 
-const PathKernels& avx512_kernels() {
-    static const PathKernels k = {
-        {nullptr, nullptr, run_tile<FloatTile<LoadF32>, 4>},
-        {nullptr, nullptr, run_tile<FloatTile<LoadF16>, 4>},
-        {nullptr, nullptr, run_tile<FloatTile<LoadBF16>, 4>},
-        {prep_xq8_pairs, bytes_xq8_pairs, run_tile<Q80Tile, 4, 4, 1>},
-        {prep_xq4k, bytes_q8_K, run_tile<Q4KTile, MQ_Q4K_NX, MQ_Q4K_NW, 1>, prep_panel<true, quantize_block_simd>, panel_bytes, panel_gemm<true>},
-        {prep_q8_K, bytes_q8_K, run_tile<Q6KTile, MQ_Q6K_NX, MQ_Q6K_NW, 1>, prep_panel<false, quantize_block_simd>, panel_bytes, panel_gemm<false>},
+const KernelTable& avx512_kernels() {
+    static const KernelTable k = {
+        {DType::F32, {nullptr, nullptr, run_tile<FloatTile<LoadF32>, 4>}},
+        {DType::F16, {nullptr, nullptr, run_tile<FloatTile<LoadF16>, 4>}},
+        {DType::BF16, {nullptr, nullptr, run_tile<FloatTile<LoadBF16>, 4>}},
+        {DType::Q8_0, {prep_xq8_pairs, bytes_xq8_pairs, run_tile<Q80Tile, 4, 4, 1>}},
+        {DType::Q4_K, {prep_xq4k, bytes_q8_K, run_tile<Q4KTile, MQ_Q4K_NX, MQ_Q4K_NW, 1>,
+                       prep_panel<true, quantize_block_simd>, panel_bytes, panel_gemm<true, PanelMicro>}},
+        {DType::Q6_K, {prep_q8_K, bytes_q8_K, run_tile<Q6KTile, MQ_Q6K_NX, MQ_Q6K_NW, 1>,
+                       prep_panel<false, quantize_block_simd>, panel_bytes, panel_gemm<false, PanelMicro>}},
     };
     return k;
 }

@@ -19,12 +19,12 @@
 namespace mq::cpu::detail {
 namespace {
 
-template <typename Dot>
-void tile_generic(const void* w, size_t ws, int nw, const void* x, size_t xs, int nx, int64_t K, float* y,
-                  int64_t ldy, Dot dot) {
+// One dot product per output: y[i * ldy + j] = Dot(W row j, X row i, K).
+template <float (*Dot)(const uint8_t* w, const uint8_t* x, int64_t K)>
+void tile(const void* w, size_t ws, int nw, const void* x, size_t xs, int nx, int64_t K, float* y, int64_t ldy) {
     for (int i = 0; i < nx; i++)
         for (int j = 0; j < nw; j++)
-            y[i * ldy + j] = dot(static_cast<const uint8_t*>(w) + j * ws, static_cast<const uint8_t*>(x) + i * xs, K);
+            y[i * ldy + j] = Dot(static_cast<const uint8_t*>(w) + j * ws, static_cast<const uint8_t*>(x) + i * xs, K);
 }
 
 // ---------------------------------------------------------------- float weights
@@ -119,31 +119,16 @@ float dot_q6_K(const uint8_t* w, const uint8_t* x, int64_t K) {
     return s;
 }
 
-void prep_q8_K(const float* x, void* xq, int64_t K) { quantize_row_q8_K_ref(x, static_cast<block_q8_K*>(xq), K); }
-size_t bytes_q8_K(int64_t K) { return size_t(K / QK_K) * sizeof(block_q8_K); }
-void prep_q8_0(const float* x, void* xq, int64_t K) { quantize_row_q8_0_ref(x, static_cast<block_q8_0*>(xq), K); }
-size_t bytes_q8_0(int64_t K) { return size_t(K / QK8_0) * sizeof(block_q8_0); }
-
-#define MQ_SCALAR_TILE(NAME)                                                                                     \
-    void tile_##NAME(const void* w, size_t ws, int nw, const void* x, size_t xs, int nx, int64_t K, float* y,   \
-                     int64_t ldy) {                                                                              \
-        tile_generic(w, ws, nw, x, xs, nx, K, y, ldy, dot_##NAME);                                               \
-    }
-MQ_SCALAR_TILE(f32)
-MQ_SCALAR_TILE(f16)
-MQ_SCALAR_TILE(bf16)
-MQ_SCALAR_TILE(q8_0)
-MQ_SCALAR_TILE(q4_K)
-MQ_SCALAR_TILE(q6_K)
-#undef MQ_SCALAR_TILE
-
 }  // namespace
 
-const PathKernels& scalar_kernels() {
-    static const PathKernels k = {
-        {nullptr, nullptr, tile_f32},           {nullptr, nullptr, tile_f16},
-        {nullptr, nullptr, tile_bf16},          {prep_q8_0, bytes_q8_0, tile_q8_0},
-        {prep_q8_K, bytes_q8_K, tile_q4_K},     {prep_q8_K, bytes_q8_K, tile_q6_K},
+const KernelTable& scalar_kernels() {
+    static const KernelTable k = {
+        {DType::F32, {nullptr, nullptr, tile<dot_f32>}},
+        {DType::F16, {nullptr, nullptr, tile<dot_f16>}},
+        {DType::BF16, {nullptr, nullptr, tile<dot_bf16>}},
+        {DType::Q8_0, {prep_q8_0_ref, bytes_q8_0, tile<dot_q8_0>}},
+        {DType::Q4_K, {prep_q8_K_ref, bytes_q8_K, tile<dot_q4_K>}},
+        {DType::Q6_K, {prep_q8_K_ref, bytes_q8_K, tile<dot_q6_K>}},
     };
     return k;
 }

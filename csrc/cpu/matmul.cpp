@@ -73,59 +73,95 @@ const CpuFeatures& cpu_features() {
     return f;
 }
 
-static bool path_supported(Path p) {
-    const CpuFeatures& f = cpu_features();
-    const bool avx2 = f.avx2 && f.fma && f.f16c;
-    switch (p) {
-        case Path::Scalar: return true;
-        case Path::AVX2: return avx2;
-        // The AVX-512 file is compiled with VNNI and uses it unconditionally:
-        // CPUs with AVX-512 but no VNNI (Skylake-X) take the AVX2 path.
-        case Path::AVX512: return avx2 && f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq && f.avx512vnni;
-    }
-    return false;
-}
+// ------------------------------------------------------------------ paths
+// THE list of CPU paths, slowest first (best_path() takes the last one this
+// CPU runs). Adding a path (say "avxvnni"): a Path value (matmul.h), a kernel
+// file with its KernelTable (kernels.h), and one row here.
+struct PathEntry {
+    Path path;
+    const char* name;
+    // The CPU and OS can run the path's file; null: not in this build (SIMD paths off x86).
+    bool (*supported)(const CpuFeatures&);
+    const detail::KernelTable& (*kernels)();
+    // The activation quantizers the path's matmul uses (quantize_row_*_path, for tests).
+    void (*quantize_q8_K)(const float* x, block_q8_K* y, int64_t k);
+    void (*quantize_q8_0)(const float* x, block_q8_0* y, int64_t k);
+    uint64_t (*read_sum)(const uint64_t* p, size_t n);   // bandwidth probe loop
+};
 
-const char* path_name(Path p) {
-    switch (p) {
-        case Path::Scalar: return "scalar";
-        case Path::AVX2: return "avx2";
-        case Path::AVX512: return "avx512";
-    }
-    return "?";
+static bool scalar_ok(const CpuFeatures&) { return true; }
+static uint64_t read_sum_portable(const uint64_t* p, size_t n);
+#if defined(MQ_X86)
+static bool avx2_ok(const CpuFeatures& f) { return f.avx2 && f.fma && f.f16c; }
+// The AVX-512 file is compiled with VNNI and uses it unconditionally:
+// CPUs with AVX-512 but no VNNI (Skylake-X) take the AVX2 path.
+static bool avx512_ok(const CpuFeatures& f) {
+    return avx2_ok(f) && f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq && f.avx512vnni;
 }
+#define MQ_X86_ONLY(...) __VA_ARGS__
+#else
+#define MQ_X86_ONLY(...) nullptr
+#endif
+
+static const PathEntry kPaths[] = {
+    {Path::Scalar, "scalar", scalar_ok, detail::scalar_kernels, quantize_row_q8_K_ref, quantize_row_q8_0_ref,
+     read_sum_portable},
+    {Path::AVX2, "avx2", MQ_X86_ONLY(avx2_ok), MQ_X86_ONLY(detail::avx2_kernels), quantize_row_q8_K_ref,
+     quantize_row_q8_0_ref, MQ_X86_ONLY(detail::read_sum_avx2)},
+    {Path::AVX512, "avx512", MQ_X86_ONLY(avx512_ok), MQ_X86_ONLY(detail::avx512_kernels),
+     MQ_X86_ONLY(detail::quantize_row_q8_K_avx512), MQ_X86_ONLY(detail::quantize_row_q8_0_avx512),
+     MQ_X86_ONLY(detail::read_sum_avx512)},
+};
+#undef MQ_X86_ONLY
+
+static const PathEntry& entry(Path p) {
+    for (const PathEntry& e : kPaths)
+        if (e.path == p) return e;
+    throw std::invalid_argument("unknown CPU path id " + std::to_string(static_cast<int>(p)));
+}
+static bool path_supported(const PathEntry& e) { return e.supported && e.supported(cpu_features()); }
+static bool path_supported(Path p) { return path_supported(entry(p)); }
+
+const char* path_name(Path p) { return entry(p).name; }
 
 Path best_path() {
-#if defined(MQ_X86)
-    if (path_supported(Path::AVX512)) return Path::AVX512;
-    if (path_supported(Path::AVX2)) return Path::AVX2;
-#endif
-    return Path::Scalar;
+    Path best = Path::Scalar;
+    for (const PathEntry& e : kPaths)
+        if (path_supported(e)) best = e.path;
+    return best;
 }
 
 std::vector<std::string> available_paths() {
     std::vector<std::string> out;
-    for (Path p : {Path::Scalar, Path::AVX2, Path::AVX512})
-        if (path_supported(p)) out.push_back(path_name(p));
+    for (const PathEntry& e : kPaths)
+        if (path_supported(e)) out.push_back(e.name);
     return out;
 }
 
+static std::string path_names() {   // "scalar, avx2 or avx512"
+    std::string s;
+    const size_t n = sizeof(kPaths) / sizeof(kPaths[0]);
+    for (size_t i = 0; i < n; i++) s += std::string(i == 0 ? "" : i + 1 == n ? " or " : ", ") + kPaths[i].name;
+    return s;
+}
+
 static Path parse_path(const std::string& name, const char* where) {
-    Path p;
-    if (name == "scalar") p = Path::Scalar;
-    else if (name == "avx2") p = Path::AVX2;
-    else if (name == "avx512") p = Path::AVX512;
-    else
-        throw std::invalid_argument(std::string(where) + ": unknown CPU path '" + name +
-                                    "' (expected auto, scalar, avx2 or avx512)");
-    if (!path_supported(p)) {
+    const PathEntry* found = nullptr;
+    for (const PathEntry& e : kPaths)
+        if (name == e.name) found = &e;
+    if (!found)
+        throw std::invalid_argument(std::string(where) + ": unknown CPU path '" + name + "' (expected auto, " +
+                                    path_names() + ")");
+    if (!path_supported(*found)) {
         std::string avail;
         for (const auto& s : available_paths()) avail += (avail.empty() ? "" : ", ") + s;
         throw std::invalid_argument(std::string(where) + ": CPU path '" + name +
                                     "' is not supported by this CPU/build (available: " + avail + ")");
     }
-    return p;
+    return found->path;
 }
+
+Path path_by_name(const std::string& name) { return parse_path(name, "CPU path"); }
 
 // -1: not decided yet (read MLLAMA_Q_CPU_PATH on first use).
 static std::atomic<int> g_path{-1};
@@ -150,25 +186,16 @@ void set_cpu_path(const std::string& name) {
     g_path.store(static_cast<int>(parse_path(name, "set_cpu_path")), std::memory_order_release);
 }
 
-static const detail::PathKernels& kernels_for(Path p) {
-#if defined(MQ_X86)
-    if (p == Path::AVX512) return detail::avx512_kernels();
-    if (p == Path::AVX2) return detail::avx2_kernels();
-#endif
-    return detail::scalar_kernels();
-}
-
-static const detail::TypeKernels& type_kernels(const detail::PathKernels& pk, DType t) {
-    switch (t) {
-        case DType::F32: return pk.f32;
-        case DType::F16: return pk.f16;
-        case DType::BF16: return pk.bf16;
-        case DType::Q8_0: return pk.q8_0;
-        case DType::Q4_K: return pk.q4_K;
-        case DType::Q6_K: return pk.q6_K;
-        default: break;
-    }
-    throw std::invalid_argument(std::string("matmul: unsupported weight type ") + type_info(t).name);
+// The kernels of weight type t on path p, looked up once per matmul call. A
+// type a SIMD path has no entry for runs the scalar reference kernels (so a new
+// weight type works on every path as soon as it has its scalar entry).
+static const detail::TypeKernels& type_kernels(Path p, DType t) {
+    const PathEntry& e = entry(p);
+    const detail::TypeKernels* tk = e.kernels ? e.kernels().find(t) : nullptr;
+    if (!tk) tk = detail::scalar_kernels().find(t);
+    if (!tk || !tk->tile)
+        throw std::invalid_argument(std::string("matmul: unsupported weight type ") + type_info(t).name);
+    return *tk;
 }
 
 // ------------------------------------------------------------------ driver
@@ -220,7 +247,7 @@ void matmul(const float* x, int64_t M, int64_t K, int64_t ldx, const void* w, DT
     if (M == 0 || N == 0) return;
     if (!x || !w || !y) throw std::invalid_argument("matmul: null buffer");
 
-    const detail::TypeKernels& tk = type_kernels(kernels_for(active_path()), wtype);
+    const detail::TypeKernels& tk = type_kernels(active_path(), wtype);
     const size_t w_stride = row_size(wtype, K);
     if (tk.panel_gemm && M >= detail::kPanelMinRows) {
         matmul_panels(tk, x, M, K, ldx, w, w_stride, N, y, ldy, pool);
@@ -276,19 +303,13 @@ void matmul(const float* x, int64_t M, int64_t K, int64_t ldx, const void* w, DT
 void quantize_row_q8_K_path(const float* x, block_q8_K* y, int64_t k, Path path) {
     if (k % QK_K != 0) throw std::invalid_argument("quantize_row_q8_K_path: k must be a multiple of 256");
     if (!path_supported(path)) throw std::invalid_argument(std::string("CPU path ") + path_name(path) + " not supported");
-#if defined(MQ_X86)
-    if (path == Path::AVX512) return detail::quantize_row_q8_K_avx512(x, y, k);
-#endif
-    quantize_row_q8_K_ref(x, y, k);
+    entry(path).quantize_q8_K(x, y, k);
 }
 
 void quantize_row_q8_0_path(const float* x, block_q8_0* y, int64_t k, Path path) {
     if (k % QK8_0 != 0) throw std::invalid_argument("quantize_row_q8_0_path: k must be a multiple of 32");
     if (!path_supported(path)) throw std::invalid_argument(std::string("CPU path ") + path_name(path) + " not supported");
-#if defined(MQ_X86)
-    if (path == Path::AVX512) return detail::quantize_row_q8_0_avx512(x, y, k);
-#endif
-    quantize_row_q8_0_ref(x, y, k);
+    entry(path).quantize_q8_0(x, y, k);
 }
 
 // ------------------------------------------------------------------ bandwidth probe
@@ -323,11 +344,9 @@ double measure_read_bandwidth(size_t bytes, int repeats, ThreadPool& pool) {
 
 // Sum of n words with the widest loads this CPU has (the loop only has to
 // be faster than memory). Portable version; SIMD ones live in the ISA files.
-uint64_t read_sum(const uint64_t* p, size_t n) {
-#if defined(MQ_X86)
-    if (path_supported(Path::AVX512)) return detail::read_sum_avx512(p, n);
-    if (path_supported(Path::AVX2)) return detail::read_sum_avx2(p, n);
-#endif
+uint64_t read_sum(const uint64_t* p, size_t n) { return entry(best_path()).read_sum(p, n); }
+
+static uint64_t read_sum_portable(const uint64_t* p, size_t n) {
     uint64_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
     size_t i = 0;
     for (; i + 4 <= n; i += 4) { s0 += p[i]; s1 += p[i + 1]; s2 += p[i + 2]; s3 += p[i + 3]; }

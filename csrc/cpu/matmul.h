@@ -18,6 +18,7 @@
 
 namespace mq::cpu {
 
+// The kernel paths; their names, CPU checks and kernel tables are the path table in matmul.cpp.
 enum class Path : int { Scalar = 0, AVX2 = 1, AVX512 = 2 };
 
 struct CpuFeatures {
@@ -31,6 +32,7 @@ Path best_path();                 // fastest path this CPU supports
 Path active_path();               // path in use (forced or best)
 void set_cpu_path(const std::string& name);   // "", "auto", "scalar", "avx2", "avx512"; throws if unsupported
 const char* path_name(Path p);
+Path path_by_name(const std::string& name);   // throws for unknown or unsupported names
 std::vector<std::string> available_paths();
 
 // Throws std::invalid_argument on unsupported wtype or K not a multiple of its block.

@@ -165,7 +165,7 @@ public:
     Weight upload(const void* host, DType type, int64_t rows, int64_t cols) override {
         require(host != nullptr, "upload() of a null buffer");
         require(rows >= 0 && cols >= 0, "upload(): negative shape");
-        require(type != DType::Q8_K, "q8_k is an activation format, not a weight type");
+        require(type_info(type).weight, std::string(type_info(type).name) + " is an activation format, not a weight type");
         const size_t bytes = static_cast<size_t>(rows) * row_size(type, cols);   // throws on a bad cols
         Weight w;
         w.type = type;
@@ -308,15 +308,16 @@ private:
 
     void check_weight(const Weight& w, const char* op) {
         require(w.data != nullptr, std::string(op) + ": weight has no data (not uploaded?)");
-        require(w.type == DType::F32 || w.type == DType::F16 || w.type == DType::BF16 || w.type == DType::Q8_0 ||
-                    w.type == DType::Q4_K || w.type == DType::Q6_K,
-                std::string(op) + ": unsupported weight type " + type_info(w.type).name);
+        require(type_info(w.type).weight, std::string(op) + ": unsupported weight type " + type_info(w.type).name);
         require(w.rows >= 0 && w.cols > 0, std::string(op) + ": bad weight shape");
         row_size(w.type, w.cols);   // throws std::invalid_argument when cols is not a multiple of the block
-        // Q4_K blocks are read with 16-byte loads, Q6_K / Q8_0 / 16-bit types with 2-byte loads
-        // (upload() gives 256-byte alignment; a Weight that views into the middle of one must keep this).
+        // The loads of each type need Dequant8<T>::kAlign (Q4_K blocks are read with 16-byte loads,
+        // Q6_K / Q8_0 / 16-bit types with 2-byte loads; upload() gives 256-byte alignment, a Weight
+        // that views into the middle of one must keep this).
         const uintptr_t addr = reinterpret_cast<uintptr_t>(w.data);
-        const uintptr_t need = w.type == DType::Q4_K ? 16 : (w.type == DType::F32 ? 4 : 2);
+        const uintptr_t need = dispatch_weight_type(w.type, "unsupported weight type ", [](auto type) {
+            return uintptr_t(Dequant8<decltype(type)::value>::kAlign);
+        });
         require(addr % need == 0, std::string(op) + ": " + type_info(w.type).name + " weight data must be " +
                                       std::to_string(need) + "-byte aligned in device memory");
     }

@@ -1,6 +1,9 @@
 // Shared device helpers of the CUDA backend: error checks, warp reductions,
-// aligned loads of GGUF blocks, and per-type "dequantize 8 consecutive values"
-// functions used by the GEMM tile loader and get_rows.
+// aligned loads of GGUF blocks, and the per-type traits of the kernels:
+// Dequant8<T> ("dequantize 8 consecutive values", used by the GEMM tile loader,
+// get_rows and the float matvec) and MmvDot<T> (the quantized matvec's block
+// dot product). Adding a weight type to the CUDA backend = one specialisation
+// of each (csrc/README.md).
 //
 // GGUF rows are stored exactly as in the file (csrc/common/formats.h, ggml's
 // ggml-common.h). Their alignment in VRAM, with every tensor starting on a
@@ -100,12 +103,14 @@ __device__ __forceinline__ void q4k_scale_min(uint32_t w0, uint32_t w1, uint32_t
 // ---- dequantize 8 consecutive values ------------------------------------------
 // Dequant8<T>::run(row, k, out): out[i] = value (k + i) of a row in GGUF type T,
 // k a multiple of 8 (and the row long enough). Matches gguf-py's dequantize.
+// kAlign: the alignment (bytes) the loads need at the start of a row.
 // It is split in two so that a pipelined loader can issue the global loads of
 // the next tile (fetch -> Raw, registers) and do the arithmetic later (decode):
 //   run(row, k, out) == decode(fetch(row, k), k, out).
 template <DType T> struct Dequant8;
 
 template <> struct Dequant8<DType::F32> {
+    static constexpr int kAlign = 4;   // bytes of alignment a row start needs (see the top of the file)
     struct Raw { float4 a, b; };
     __device__ __forceinline__ static Raw fetch(const uint8_t* row, int64_t k) {
         const float4* p = reinterpret_cast<const float4*>(row + k * 4);
@@ -118,6 +123,7 @@ template <> struct Dequant8<DType::F32> {
     __device__ __forceinline__ static void run(const uint8_t* row, int64_t k, float* out) { decode(fetch(row, k), k, out); }
 };
 template <> struct Dequant8<DType::F16> {
+    static constexpr int kAlign = 2;
     struct Raw { uint4 u; };
     __device__ __forceinline__ static Raw fetch(const uint8_t* row, int64_t k) {
         return Raw{__ldg(reinterpret_cast<const uint4*>(row + k * 2))};
@@ -133,6 +139,7 @@ template <> struct Dequant8<DType::F16> {
     __device__ __forceinline__ static void run(const uint8_t* row, int64_t k, float* out) { decode(fetch(row, k), k, out); }
 };
 template <> struct Dequant8<DType::BF16> {
+    static constexpr int kAlign = 2;
     struct Raw { uint4 u; };
     __device__ __forceinline__ static Raw fetch(const uint8_t* row, int64_t k) {
         return Raw{__ldg(reinterpret_cast<const uint4*>(row + k * 2))};
@@ -148,6 +155,7 @@ template <> struct Dequant8<DType::BF16> {
     __device__ __forceinline__ static void run(const uint8_t* row, int64_t k, float* out) { decode(fetch(row, k), k, out); }
 };
 template <> struct Dequant8<DType::Q8_0> {
+    static constexpr int kAlign = 2;
     struct Raw { uint32_t d, q0, q1; };
     __device__ __forceinline__ static Raw fetch(const uint8_t* row, int64_t k) {
         const uint8_t* blk = row + (k / QK8_0) * sizeof(block_q8_0);
@@ -165,6 +173,7 @@ template <> struct Dequant8<DType::Q8_0> {
     __device__ __forceinline__ static void run(const uint8_t* row, int64_t k, float* out) { decode(fetch(row, k), k, out); }
 };
 template <> struct Dequant8<DType::Q4_K> {
+    static constexpr int kAlign = 16;
     // value = d * sc[j] * q - dmin * m[j], sub-block j = (k % 256) / 32; the
     // 32 bytes qs[32g .. 32g+31] (g = j / 2) hold sub-block 2g in the low
     // nibbles and 2g+1 in the high nibbles (dequantize_row_q4_K, ggml-quants.c).
@@ -193,6 +202,7 @@ template <> struct Dequant8<DType::Q4_K> {
     __device__ __forceinline__ static void run(const uint8_t* row, int64_t k, float* out) { decode(fetch(row, k), k, out); }
 };
 template <> struct Dequant8<DType::Q6_K> {
+    static constexpr int kAlign = 2;
     // Value index jj = 128h + 32q + l (q = quarter 0..3, l < 32): low 4 bits in
     // ql[64h + l + 32*(q&1)] (low nibble for q < 2, high nibble for q >= 2),
     // high 2 bits at bit 2q of qh[32h + l]; scale scales[8h + l/16 + 2q]
@@ -220,6 +230,117 @@ template <> struct Dequant8<DType::Q6_K> {
         }
     }
     __device__ __forceinline__ static void run(const uint8_t* row, int64_t k, float* out) { decode(fetch(row, k), k, out); }
+};
+
+// ---- quantized dot products of the matrix-vector kernel ------------------------
+// MmvDot<T> (T quantized): one lane's share of one weight block times the 8-bit
+// activations of quantize_act_q8 (cuda_kernels.h: xq int8 [Kp], xds float2
+// [Kp / 32] = (d, d * sum of the 32 quants)). The kernel (kernels_mmv.cu) gives
+// each weight row one warp, whose lanes split the row's blocks kLanes per block
+// (32 / kLanes blocks per warp iteration, block loop unrolled kUnroll times):
+//   kLanes = 1 << kLaneShift
+//   lane(t)                  what lane t (0 .. kLanes-1) of a block precomputes, once
+//   dot(ln, blk, b, xq, xds) its part of sum_i w_i x_i over block b (bytes at blk)
+// Integer products with dp4a (4 int8 MACs per instruction), scales in float.
+template <DType T> struct MmvDot;
+
+template <> struct MmvDot<DType::Q4_K> {
+    // 4 lanes per 256-value super-block: lane g owns the 32-byte nibble group g,
+    // i.e. sub-blocks 2g (low nibbles of qs[32g .. 32g+31]) and 2g+1 (high
+    // nibbles); 16-byte loads of qs, header and activations. Over a sub-block j
+    //   sum_i w_i x_i = d*sc_j * d_x * sum(q * xq) - dmin*m_j * sum(x)   with sum(x) = xds.y.
+    static constexpr int kLaneShift = 2, kLanes = 1 << kLaneShift, kUnroll = 2;
+    struct Lane { int g; };
+    __device__ __forceinline__ static Lane lane(int t) { return Lane{t}; }
+    __device__ __forceinline__ static float dot(const Lane& ln, const uint8_t* blk, int b, const int8_t* xq,
+                                                const float2* xds) {
+        const int g = ln.g;
+        const uint4 hdr = __ldg(reinterpret_cast<const uint4*>(blk));
+        const uint4 q0 = __ldg(reinterpret_cast<const uint4*>(blk + 16 + 32 * g));
+        const uint4 q1 = __ldg(reinterpret_cast<const uint4*>(blk + 32 + 32 * g));
+        const int4* xb = reinterpret_cast<const int4*>(xq + static_cast<int64_t>(b) * QK_K + 64 * g);
+        const int4 x0 = __ldg(xb), x1 = __ldg(xb + 1), x2 = __ldg(xb + 2), x3 = __ldg(xb + 3);
+        const float2 ds0 = __ldg(xds + b * 8 + 2 * g), ds1 = __ldg(xds + b * 8 + 2 * g + 1);
+        constexpr uint32_t lo = 0x0F0F0F0Fu;
+        int slo = 0, shi = 0;
+        slo = __dp4a(static_cast<int>(q0.x & lo), x0.x, slo);
+        slo = __dp4a(static_cast<int>(q0.y & lo), x0.y, slo);
+        slo = __dp4a(static_cast<int>(q0.z & lo), x0.z, slo);
+        slo = __dp4a(static_cast<int>(q0.w & lo), x0.w, slo);
+        slo = __dp4a(static_cast<int>(q1.x & lo), x1.x, slo);
+        slo = __dp4a(static_cast<int>(q1.y & lo), x1.y, slo);
+        slo = __dp4a(static_cast<int>(q1.z & lo), x1.z, slo);
+        slo = __dp4a(static_cast<int>(q1.w & lo), x1.w, slo);
+        shi = __dp4a(static_cast<int>((q0.x >> 4) & lo), x2.x, shi);
+        shi = __dp4a(static_cast<int>((q0.y >> 4) & lo), x2.y, shi);
+        shi = __dp4a(static_cast<int>((q0.z >> 4) & lo), x2.z, shi);
+        shi = __dp4a(static_cast<int>((q0.w >> 4) & lo), x2.w, shi);
+        shi = __dp4a(static_cast<int>((q1.x >> 4) & lo), x3.x, shi);
+        shi = __dp4a(static_cast<int>((q1.y >> 4) & lo), x3.y, shi);
+        shi = __dp4a(static_cast<int>((q1.z >> 4) & lo), x3.z, shi);
+        shi = __dp4a(static_cast<int>((q1.w >> 4) & lo), x3.w, shi);
+        int sc0, m0, sc1, m1;
+        q4k_scale_min(hdr.y, hdr.z, hdr.w, 2 * g, sc0, m0);
+        q4k_scale_min(hdr.y, hdr.z, hdr.w, 2 * g + 1, sc1, m1);
+        const float d = half_to_float(static_cast<uint16_t>(hdr.x & 0xffff));
+        const float dmin = half_to_float(static_cast<uint16_t>(hdr.x >> 16));
+        return d * (static_cast<float>(sc0) * ds0.x * static_cast<float>(slo) +
+                    static_cast<float>(sc1) * ds1.x * static_cast<float>(shi)) -
+               dmin * (static_cast<float>(m0) * ds0.y + static_cast<float>(m1) * ds1.y);
+    }
+};
+
+template <> struct MmvDot<DType::Q6_K> {
+    // 8 lanes per super-block: lane t has half h = t / 4 and positions l0 .. l0+7
+    // with l0 = 8 * (t % 4); it covers value indices 128h + 32q + l0 + i for the
+    // four quarters q (layout: Dequant8<Q6_K> above). 6-bit q - 32 is formed per
+    // byte (__vsub4) and multiplied with dp4a; 16-bit loads (210-byte blocks are
+    // only 2-byte aligned).
+    static constexpr int kLaneShift = 3, kLanes = 1 << kLaneShift, kUnroll = 2;
+    struct Lane { int h, l0; };
+    __device__ __forceinline__ static Lane lane(int t) { return Lane{t >> 2, (t & 3) * 8}; }
+    __device__ __forceinline__ static float dot(const Lane& ln, const uint8_t* blk, int b, const int8_t* xq,
+                                                const float2* xds) {
+        const int h = ln.h, l0 = ln.l0;
+        const uint8_t* ql = blk + 64 * h + l0;
+        const uint8_t* qh = blk + QK_K / 2 + 32 * h + l0;
+        const int8_t* sc = reinterpret_cast<const int8_t*>(blk + QK_K / 2 + QK_K / 4 + 8 * h + l0 / 16);
+        const uint32_t qa0 = load_u32_a2(ql), qa1 = load_u32_a2(ql + 4);
+        const uint32_t qb0 = load_u32_a2(ql + 32), qb1 = load_u32_a2(ql + 36);
+        const uint32_t h0 = load_u32_a2(qh), h1 = load_u32_a2(qh + 4);
+        const float d = half_to_float(load_u16(blk + 208));
+        const int8_t* xb = xq + static_cast<int64_t>(b) * QK_K + 128 * h + l0;
+        float sacc = 0.0f;
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+            const uint32_t la = (q & 1) ? qb0 : qa0, lb = (q & 1) ? qb1 : qa1;
+            const int ls = (q >> 1) * 4, hs = 2 * q;
+            const uint32_t v0 = ((la >> ls) & 0x0F0F0F0Fu) | (((h0 >> hs) & 0x03030303u) << 4);
+            const uint32_t v1 = ((lb >> ls) & 0x0F0F0F0Fu) | (((h1 >> hs) & 0x03030303u) << 4);
+            const int2 xv = __ldg(reinterpret_cast<const int2*>(xb + 32 * q));
+            int s = __dp4a(static_cast<int>(__vsub4(v0, 0x20202020u)), xv.x, 0);
+            s = __dp4a(static_cast<int>(__vsub4(v1, 0x20202020u)), xv.y, s);
+            const float dx = __ldg(xds + b * 8 + 4 * h + q).x;
+            sacc += static_cast<float>(__ldg(sc + 2 * q)) * dx * static_cast<float>(s);
+        }
+        return d * sacc;
+    }
+};
+
+template <> struct MmvDot<DType::Q8_0> {
+    // 4 lanes per 32-value block (8 quants each); 16-bit loads (34-byte blocks).
+    static constexpr int kLaneShift = 2, kLanes = 1 << kLaneShift, kUnroll = 4;
+    struct Lane { int l0; };
+    __device__ __forceinline__ static Lane lane(int t) { return Lane{t * 8}; }
+    __device__ __forceinline__ static float dot(const Lane& ln, const uint8_t* blk, int b, const int8_t* xq,
+                                                const float2* xds) {
+        const int l0 = ln.l0;
+        const float d = half_to_float(load_u16(blk));
+        const uint32_t q0 = load_u32_a2(blk + 2 + l0), q1 = load_u32_a2(blk + 6 + l0);
+        const int2 xv = __ldg(reinterpret_cast<const int2*>(xq + static_cast<int64_t>(b) * QK8_0 + l0));
+        const int s = __dp4a(static_cast<int>(q0), xv.x, __dp4a(static_cast<int>(q1), xv.y, 0));
+        return d * __ldg(xds + b).x * static_cast<float>(s);
+    }
 };
 
 // One value (float types only; used when K is not a multiple of 8).

@@ -25,6 +25,7 @@
 #include "common/env.h"
 #include "cuda/cuda_common.cuh"
 #include "cuda/cuda_kernels.h"
+#include "cuda/mma.cuh"
 
 namespace mq::cuda {
 
@@ -35,33 +36,11 @@ constexpr int BKV = 64;     // keys per tile
 constexpr int kThreads = 128;
 constexpr float kLog2e = 1.4426950408889634f;
 
-__device__ __forceinline__ uint32_t pack_h2(float a, float b) {
-    const __half2 h = __floats2half2_rn(a, b);
-    return *reinterpret_cast<const uint32_t*>(&h);
-}
-__device__ __forceinline__ void ldsm_x4(uint32_t* r, const __half* p) {
-    const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(p));
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
-}
-__device__ __forceinline__ void ldsm_x4_trans(uint32_t* r, const __half* p) {
-    const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(p));
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
-}
-__device__ __forceinline__ void mma16816(float* d, const uint32_t* a, uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
 // 8 consecutive K/V elements as 8 halves (16 bytes).
 __device__ __forceinline__ uint4 load8_h(const __half* p) { return __ldg(reinterpret_cast<const uint4*>(p)); }
 __device__ __forceinline__ uint4 load8_h(const float* p) {
     const float4 a = __ldg(reinterpret_cast<const float4*>(p)), b = __ldg(reinterpret_cast<const float4*>(p) + 1);
-    return make_uint4(pack_h2(a.x, a.y), pack_h2(a.z, a.w), pack_h2(b.x, b.y), pack_h2(b.z, b.w));
+    return make_uint4(pack_half2(a.x, a.y), pack_half2(a.z, a.w), pack_half2(b.x, b.y), pack_half2(b.z, b.w));
 }
 
 // Template parameters:
@@ -95,15 +74,15 @@ __global__ void __launch_bounds__(kThreads) flash_attn_mma_kernel(const AttnArgs
         if (i < a.nq) {
             const float* qp = a.q + (i * a.n_head + h) * HD + cc;
             const float4 x = __ldg(reinterpret_cast<const float4*>(qp)), y = __ldg(reinterpret_cast<const float4*>(qp) + 1);
-            v = make_uint4(pack_h2(x.x * qscale, x.y * qscale), pack_h2(x.z * qscale, x.w * qscale),
-                           pack_h2(y.x * qscale, y.y * qscale), pack_h2(y.z * qscale, y.w * qscale));
+            v = make_uint4(pack_half2(x.x * qscale, x.y * qscale), pack_half2(x.z * qscale, x.w * qscale),
+                           pack_half2(y.x * qscale, y.y * qscale), pack_half2(y.z * qscale, y.w * qscale));
         }
         *reinterpret_cast<uint4*>(&Ks[r][cc]) = v;
     }
     __syncthreads();
     uint32_t qf[KS][4];
 #pragma unroll
-    for (int ks = 0; ks < KS; ++ks) ldsm_x4(qf[ks], &Ks[warp * 16 + (lane & 15)][16 * ks + (lane >> 4) * 8]);
+    for (int ks = 0; ks < KS; ++ks) ldmatrix_x4(qf[ks], &Ks[warp * 16 + (lane & 15)][16 * ks + (lane >> 4) * 8]);
     __syncthreads();
 
     // This thread's two query rows (m16n8 accumulator layout: lane/4 and lane/4 + 8).
@@ -145,9 +124,9 @@ __global__ void __launch_bounds__(kThreads) flash_attn_mma_kernel(const AttnArgs
             for (int p = 0; p < NT / 2; ++p) {
                 const int mat = lane >> 3;
                 uint32_t r[4];
-                ldsm_x4(r, &Ks[16 * p + (mat >> 1) * 8 + (lane & 7)][16 * ks + (mat & 1) * 8]);
-                mma16816(s[2 * p], qf[ks], r[0], r[1]);
-                mma16816(s[2 * p + 1], qf[ks], r[2], r[3]);
+                ldmatrix_x4(r, &Ks[16 * p + (mat >> 1) * 8 + (lane & 7)][16 * ks + (mat & 1) * 8]);
+                mma_m16n8k16(s[2 * p], qf[ks], r[0], r[1]);
+                mma_m16n8k16(s[2 * p + 1], qf[ks], r[2], r[3]);
             }
 
         // ---- mask, bounds, causal; online softmax ----------------------------------------------
@@ -198,19 +177,19 @@ __global__ void __launch_bounds__(kThreads) flash_attn_mma_kernel(const AttnArgs
 #pragma unroll
         for (int kk = 0; kk < BKV / 16; ++kk) {
             uint32_t pa[4];
-            pa[0] = pack_h2(s[2 * kk][0], s[2 * kk][1]);
-            pa[1] = pack_h2(s[2 * kk][2], s[2 * kk][3]);
-            pa[2] = pack_h2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-            pa[3] = pack_h2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+            pa[0] = pack_half2(s[2 * kk][0], s[2 * kk][1]);
+            pa[1] = pack_half2(s[2 * kk][2], s[2 * kk][3]);
+            pa[2] = pack_half2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+            pa[3] = pack_half2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
 #pragma unroll
             for (int dp = 0; dp < KS; ++dp) {
                 // matrices (keys 0-7, d 0-7), (keys 8-15, d 0-7), (keys 0-7, d 8-15), (keys 8-15, d 8-15),
                 // transposed: b0, b1 of d-tile 2dp, then of d-tile 2dp+1.
                 const int mat = lane >> 3;
                 uint32_t r[4];
-                ldsm_x4_trans(r, &Vs[16 * kk + (mat & 1) * 8 + (lane & 7)][16 * dp + (mat >> 1) * 8]);
-                mma16816(o[2 * dp], pa, r[0], r[1]);
-                mma16816(o[2 * dp + 1], pa, r[2], r[3]);
+                ldmatrix_x4_trans(r, &Vs[16 * kk + (mat & 1) * 8 + (lane & 7)][16 * dp + (mat >> 1) * 8]);
+                mma_m16n8k16(o[2 * dp], pa, r[0], r[1]);
+                mma_m16n8k16(o[2 * dp + 1], pa, r[2], r[3]);
             }
         }
         __syncthreads();   // Ks / Vs are overwritten by the next tile

@@ -26,6 +26,7 @@
 #include "common/env.h"
 #include "cuda/cuda_common.cuh"
 #include "cuda/cuda_kernels.h"
+#include "cuda/mma.cuh"
 
 namespace mq::cuda {
 
@@ -45,27 +46,6 @@ constexpr int BN = 128, BK = 32, PAD = 8, LDS = BK + PAD;
 constexpr int kGemmThreads = 256;
 constexpr int WM = 32, MI = WM / 16;
 
-__device__ __forceinline__ uint32_t pack_half2(float a, float b) {
-    const __half2 h = __floats2half2_rn(a, b);
-    return *reinterpret_cast<const uint32_t*>(&h);
-}
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t* r, const __half* p) {
-    const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(p));
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(addr));
-}
-
-// d = a (16x16, row) * b (16x8, col) + d, f16 operands, f32 accumulators.
-__device__ __forceinline__ void mma_16816(float* d, const uint32_t* a, const uint32_t* b) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
-
 // Template parameters:
 //   T      GGUF type of W (selects the Dequant8 specialisation at compile time)
 //   BM     rows of x per block (64 or 128, see above)
@@ -84,7 +64,7 @@ __global__ void __launch_bounds__(kGemmThreads) gemm_kernel(const uint8_t* __res
                                                             float* __restrict__ y, int64_t ldy, bool x_vec,
                                                             bool w_vec) {
     using DQ = Dequant8<T>;
-    constexpr bool kQuant = T != DType::F32 && T != DType::F16 && T != DType::BF16;
+    constexpr bool kQuant = TypeTraits<T>::quantized;
     constexpr int WARPS_M = BM / WM, WARPS_N = 8 / WARPS_M;
     constexpr int WN = BN / WARPS_N, NJ = WN / 8;
     constexpr int XCH = BM / 64;   // x chunks of 8 per thread per slice (W: always 2)
@@ -209,7 +189,7 @@ __global__ void __launch_bounds__(kGemmThreads) gemm_kernel(const uint8_t* __res
 #pragma unroll
             for (int i = 0; i < MI; ++i)
 #pragma unroll
-                for (int j = 0; j < NJ; ++j) mma_16816(acc[i][j], af[i], bf[j]);
+                for (int j = 0; j < NJ; ++j) mma_m16n8k16(acc[i][j], af[i], bf[j][0], bf[j][1]);
         }
 
         if (more) {
@@ -256,30 +236,14 @@ void gemm(DType wtype, const void* w, int64_t N, int64_t K, const float* x, int6
     const dim3 grid64(static_cast<unsigned>(ceil_div(N, BN)), static_cast<unsigned>(ceil_div(M, 64)));
     const dim3 grid128(static_cast<unsigned>(ceil_div(N, BN)), static_cast<unsigned>(ceil_div(M, 128)));
     const bool pf = prefetch_enabled();
-    switch (wtype) {
-#define MQ_GEMM_LAUNCH(T, BMV, PFV, G) \
-    gemm_kernel<T, BMV, PFV><<<G, kGemmThreads, 0, stream>>>(wb, rb, N, K, x, M, ldx, bias, y, ldy, x_vec, w_vec)
-#define MQ_GEMM_CASE(T)                                                           \
-    case T:                                                                       \
-        if (M > 64) {                                                             \
-            if (pf) MQ_GEMM_LAUNCH(T, 128, true, grid128);                        \
-            else MQ_GEMM_LAUNCH(T, 128, false, grid128);                          \
-        } else {                                                                  \
-            if (pf) MQ_GEMM_LAUNCH(T, 64, true, grid64);                          \
-            else MQ_GEMM_LAUNCH(T, 64, false, grid64);                            \
-        }                                                                         \
-        break;
-        MQ_GEMM_CASE(DType::F32)
-        MQ_GEMM_CASE(DType::F16)
-        MQ_GEMM_CASE(DType::BF16)
-        MQ_GEMM_CASE(DType::Q8_0)
-        MQ_GEMM_CASE(DType::Q4_K)
-        MQ_GEMM_CASE(DType::Q6_K)
-#undef MQ_GEMM_CASE
-#undef MQ_GEMM_LAUNCH
-        default:
-            throw std::invalid_argument(std::string("cuda matmul: unsupported weight type ") + type_info(wtype).name);
-    }
+    auto launch = [&](auto kernel, dim3 grid) {
+        kernel<<<grid, kGemmThreads, 0, stream>>>(wb, rb, N, K, x, M, ldx, bias, y, ldy, x_vec, w_vec);
+    };
+    dispatch_weight_type(wtype, "cuda matmul: unsupported weight type ", [&](auto type) {
+        constexpr DType T = decltype(type)::value;
+        if (M > 64) launch(pf ? gemm_kernel<T, 128, true> : gemm_kernel<T, 128, false>, grid128);
+        else launch(pf ? gemm_kernel<T, 64, true> : gemm_kernel<T, 64, false>, grid64);
+    });
     MQ_CUDA_CHECK_LAUNCH();
 }
 

@@ -10,17 +10,15 @@
 // 128 threads; grid = ceil(N / 4) blocks, so an 11B layer's 4096-row matrices
 // give 1024 blocks, several per SM.
 //
-// Lane -> data mapping per type (one warp iteration covers):
-//   Q4_K: 4 lanes per 256-value super-block (lane owns the 32-byte nibble group
-//         g = lane % 4, i.e. sub-blocks 2g and 2g+1), 8 super-blocks per
-//         iteration; 16-byte loads of qs, header and activations.
-//   Q6_K: 8 lanes per super-block (lane owns 8 positions l in one 128-value half,
-//         all four quarters), 4 super-blocks per iteration; 16-bit loads
-//         (210-byte blocks are only 2-byte aligned).
-//   Q8_0: 4 lanes per 32-value block (8 quants each), 8 blocks per iteration;
-//         16-bit loads (34-byte blocks).
-//   F16/BF16/F32: lane owns 8 consecutive values (one 16-byte load for 16-bit
-//         types), 256 values per iteration; x stays float32.
+// The quantized types share one kernel (mmv_q_kernel<T>); the lane -> data
+// mapping and the block dot product of each type are its MmvDot<T> trait, beside
+// Dequant8<T> in cuda_common.cuh:
+//   Q4_K: 4 lanes per 256-value super-block, 8 super-blocks per warp iteration;
+//   Q6_K: 8 lanes per super-block, 4 super-blocks per iteration;
+//   Q8_0: 4 lanes per 32-value block, 8 blocks per iteration.
+//   F16/BF16/F32 (mmv_float_kernel<T>, Dequant8<T>): lane owns 8 consecutive
+//         values (one 16-byte load for 16-bit types), 256 values per iteration;
+//         x stays float32.
 #include "cuda/cuda_common.cuh"
 #include "cuda/cuda_kernels.h"
 
@@ -56,123 +54,26 @@ __device__ __forceinline__ void store_row_result(float acc, const float* bias, f
     if ((threadIdx.x & 31) == 0) y[n] = acc + (bias ? bias[n] : 0.0f);
 }
 
-// ---- Q4_K ---------------------------------------------------------------------------
-// Super-block b, lane group g: sub-block 2g = low nibbles of qs[32g .. 32g+31],
-// sub-block 2g+1 = high nibbles. sum_i w_i x_i over a sub-block j
-//   = d*sc_j * d_x * sum(q * xq) - dmin*m_j * sum(x)   with sum(x) = xds.y.
-__global__ void __launch_bounds__(kMmvThreads) mmv_q4_k_kernel(const uint8_t* __restrict__ w, size_t row_bytes,
-                                                               int64_t N, int nb, const int8_t* __restrict__ xq,
-                                                               const float2* __restrict__ xds,
-                                                               const float* __restrict__ bias, float* __restrict__ y) {
+// ---- quantized weights (Q4_K, Q6_K, Q8_0, ...) --------------------------------------
+// One warp per weight row of nb blocks; lane `lane` takes part lane % kLanes of
+// blocks lane / kLanes, lane / kLanes + 32 / kLanes, ... (MmvDot<T>). Index
+// arithmetic as the former per-type kernels had it (same SASS).
+template <DType T>
+__global__ void __launch_bounds__(kMmvThreads) mmv_q_kernel(const uint8_t* __restrict__ w, size_t row_bytes,
+                                                            int64_t N, int nb, const int8_t* __restrict__ xq,
+                                                            const float2* __restrict__ xds,
+                                                            const float* __restrict__ bias, float* __restrict__ y) {
+    using D = MmvDot<T>;
+    static_assert(32 % D::kLanes == 0, "lanes per block must divide the warp");
     const int lane = threadIdx.x & 31;
     const int64_t n = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / 32;
     if (n >= N) return;
     const uint8_t* row = w + n * row_bytes;
-    const int g = lane & 3;
+    const typename D::Lane ln = D::lane(lane & (D::kLanes - 1));
     float acc = 0.0f;
-#pragma unroll 2
-    for (int b = lane >> 2; b < nb; b += 8) {
-        const uint8_t* blk = row + static_cast<size_t>(b) * sizeof(block_q4_K);
-        const uint4 hdr = __ldg(reinterpret_cast<const uint4*>(blk));
-        const uint4 q0 = __ldg(reinterpret_cast<const uint4*>(blk + 16 + 32 * g));
-        const uint4 q1 = __ldg(reinterpret_cast<const uint4*>(blk + 32 + 32 * g));
-        const int4* xb = reinterpret_cast<const int4*>(xq + static_cast<int64_t>(b) * QK_K + 64 * g);
-        const int4 x0 = __ldg(xb), x1 = __ldg(xb + 1), x2 = __ldg(xb + 2), x3 = __ldg(xb + 3);
-        const float2 ds0 = __ldg(xds + b * 8 + 2 * g), ds1 = __ldg(xds + b * 8 + 2 * g + 1);
-        constexpr uint32_t lo = 0x0F0F0F0Fu;
-        int slo = 0, shi = 0;
-        slo = __dp4a(static_cast<int>(q0.x & lo), x0.x, slo);
-        slo = __dp4a(static_cast<int>(q0.y & lo), x0.y, slo);
-        slo = __dp4a(static_cast<int>(q0.z & lo), x0.z, slo);
-        slo = __dp4a(static_cast<int>(q0.w & lo), x0.w, slo);
-        slo = __dp4a(static_cast<int>(q1.x & lo), x1.x, slo);
-        slo = __dp4a(static_cast<int>(q1.y & lo), x1.y, slo);
-        slo = __dp4a(static_cast<int>(q1.z & lo), x1.z, slo);
-        slo = __dp4a(static_cast<int>(q1.w & lo), x1.w, slo);
-        shi = __dp4a(static_cast<int>((q0.x >> 4) & lo), x2.x, shi);
-        shi = __dp4a(static_cast<int>((q0.y >> 4) & lo), x2.y, shi);
-        shi = __dp4a(static_cast<int>((q0.z >> 4) & lo), x2.z, shi);
-        shi = __dp4a(static_cast<int>((q0.w >> 4) & lo), x2.w, shi);
-        shi = __dp4a(static_cast<int>((q1.x >> 4) & lo), x3.x, shi);
-        shi = __dp4a(static_cast<int>((q1.y >> 4) & lo), x3.y, shi);
-        shi = __dp4a(static_cast<int>((q1.z >> 4) & lo), x3.z, shi);
-        shi = __dp4a(static_cast<int>((q1.w >> 4) & lo), x3.w, shi);
-        int sc0, m0, sc1, m1;
-        q4k_scale_min(hdr.y, hdr.z, hdr.w, 2 * g, sc0, m0);
-        q4k_scale_min(hdr.y, hdr.z, hdr.w, 2 * g + 1, sc1, m1);
-        const float d = half_to_float(static_cast<uint16_t>(hdr.x & 0xffff));
-        const float dmin = half_to_float(static_cast<uint16_t>(hdr.x >> 16));
-        acc += d * (static_cast<float>(sc0) * ds0.x * static_cast<float>(slo) +
-                    static_cast<float>(sc1) * ds1.x * static_cast<float>(shi)) -
-               dmin * (static_cast<float>(m0) * ds0.y + static_cast<float>(m1) * ds1.y);
-    }
-    store_row_result(acc, bias, y, n);
-}
-
-// ---- Q6_K ---------------------------------------------------------------------------
-// Lane t = lane % 8 of a super-block: half h = t / 4, positions l0 .. l0+7 with
-// l0 = 8 * (t % 4); it covers value indices 128h + 32q + l0 + i for the four
-// quarters q (layout: Dequant8<Q6_K> in cuda_common.cuh). 6-bit q - 32 is
-// formed per byte (__vsub4) and multiplied with dp4a.
-__global__ void __launch_bounds__(kMmvThreads) mmv_q6_k_kernel(const uint8_t* __restrict__ w, size_t row_bytes,
-                                                               int64_t N, int nb, const int8_t* __restrict__ xq,
-                                                               const float2* __restrict__ xds,
-                                                               const float* __restrict__ bias, float* __restrict__ y) {
-    const int lane = threadIdx.x & 31;
-    const int64_t n = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / 32;
-    if (n >= N) return;
-    const uint8_t* row = w + n * row_bytes;
-    const int t = lane & 7, h = t >> 2, l0 = (t & 3) * 8;
-    float acc = 0.0f;
-#pragma unroll 2
-    for (int b = lane >> 3; b < nb; b += 4) {
-        const uint8_t* blk = row + static_cast<size_t>(b) * sizeof(block_q6_K);
-        const uint8_t* ql = blk + 64 * h + l0;
-        const uint8_t* qh = blk + QK_K / 2 + 32 * h + l0;
-        const int8_t* sc = reinterpret_cast<const int8_t*>(blk + QK_K / 2 + QK_K / 4 + 8 * h + l0 / 16);
-        const uint32_t qa0 = load_u32_a2(ql), qa1 = load_u32_a2(ql + 4);
-        const uint32_t qb0 = load_u32_a2(ql + 32), qb1 = load_u32_a2(ql + 36);
-        const uint32_t h0 = load_u32_a2(qh), h1 = load_u32_a2(qh + 4);
-        const float d = half_to_float(load_u16(blk + 208));
-        const int8_t* xb = xq + static_cast<int64_t>(b) * QK_K + 128 * h + l0;
-        float sacc = 0.0f;
-#pragma unroll
-        for (int q = 0; q < 4; ++q) {
-            const uint32_t la = (q & 1) ? qb0 : qa0, lb = (q & 1) ? qb1 : qa1;
-            const int ls = (q >> 1) * 4, hs = 2 * q;
-            const uint32_t v0 = ((la >> ls) & 0x0F0F0F0Fu) | (((h0 >> hs) & 0x03030303u) << 4);
-            const uint32_t v1 = ((lb >> ls) & 0x0F0F0F0Fu) | (((h1 >> hs) & 0x03030303u) << 4);
-            const int2 xv = __ldg(reinterpret_cast<const int2*>(xb + 32 * q));
-            int s = __dp4a(static_cast<int>(__vsub4(v0, 0x20202020u)), xv.x, 0);
-            s = __dp4a(static_cast<int>(__vsub4(v1, 0x20202020u)), xv.y, s);
-            const float dx = __ldg(xds + b * 8 + 4 * h + q).x;
-            sacc += static_cast<float>(__ldg(sc + 2 * q)) * dx * static_cast<float>(s);
-        }
-        acc += d * sacc;
-    }
-    store_row_result(acc, bias, y, n);
-}
-
-// ---- Q8_0 ---------------------------------------------------------------------------
-__global__ void __launch_bounds__(kMmvThreads) mmv_q8_0_kernel(const uint8_t* __restrict__ w, size_t row_bytes,
-                                                               int64_t N, int nb, const int8_t* __restrict__ xq,
-                                                               const float2* __restrict__ xds,
-                                                               const float* __restrict__ bias, float* __restrict__ y) {
-    const int lane = threadIdx.x & 31;
-    const int64_t n = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / 32;
-    if (n >= N) return;
-    const uint8_t* row = w + n * row_bytes;
-    const int l0 = (lane & 3) * 8;
-    float acc = 0.0f;
-#pragma unroll 4
-    for (int b = lane >> 2; b < nb; b += 8) {
-        const uint8_t* blk = row + static_cast<size_t>(b) * sizeof(block_q8_0);
-        const float d = half_to_float(load_u16(blk));
-        const uint32_t q0 = load_u32_a2(blk + 2 + l0), q1 = load_u32_a2(blk + 6 + l0);
-        const int2 xv = __ldg(reinterpret_cast<const int2*>(xq + static_cast<int64_t>(b) * QK8_0 + l0));
-        const int s = __dp4a(static_cast<int>(q0), xv.x, __dp4a(static_cast<int>(q1), xv.y, 0));
-        acc += d * __ldg(xds + b).x * static_cast<float>(s);
-    }
+#pragma unroll (D::kUnroll)
+    for (int b = lane >> D::kLaneShift; b < nb; b += 32 / D::kLanes)
+        acc += D::dot(ln, row + static_cast<size_t>(b) * TypeTraits<T>::type_size, b, xq, xds);
     store_row_result(acc, bias, y, n);
 }
 
@@ -217,7 +118,12 @@ __global__ void __launch_bounds__(kMmvThreads) mmv_float_scalar_kernel(const uin
 
 }  // namespace
 
-bool matvec_uses_q8(DType t) { return t == DType::Q4_K || t == DType::Q6_K || t == DType::Q8_0; }
+bool matvec_uses_q8(DType t) {
+    const int i = type_index(t);
+    if (i < 0) return false;
+    const TypeInfo& ti = type_info(t);
+    return ti.weight && ti.block_size > 1;   // the quantized weight types (mmv_q_kernel)
+}
 
 void quantize_act_q8(const float* x, int64_t M, int64_t K, int64_t ldx, int8_t* xq, float2* xds, int64_t Kp,
                      cudaStream_t stream) {
@@ -235,34 +141,18 @@ void matvec(DType wtype, const void* w, int64_t N, int64_t K, const float* x, co
     const uint8_t* wb = static_cast<const uint8_t*>(w);
     const size_t rb = row_size(wtype, K);
     const unsigned grid = static_cast<unsigned>(ceil_div(N, kRowsPerBlock));
-    switch (wtype) {
-        case DType::Q4_K:
-            mmv_q4_k_kernel<<<grid, kMmvThreads, 0, stream>>>(wb, rb, N, static_cast<int>(K / QK_K), xq, xds, bias, y);
-            break;
-        case DType::Q6_K:
-            mmv_q6_k_kernel<<<grid, kMmvThreads, 0, stream>>>(wb, rb, N, static_cast<int>(K / QK_K), xq, xds, bias, y);
-            break;
-        case DType::Q8_0:
-            mmv_q8_0_kernel<<<grid, kMmvThreads, 0, stream>>>(wb, rb, N, static_cast<int>(K / QK8_0), xq, xds, bias, y);
-            break;
-        case DType::F16:
-        case DType::BF16:
-        case DType::F32: {
+    dispatch_weight_type(wtype, "cuda matmul: unsupported weight type ", [&](auto type) {
+        constexpr DType T = decltype(type)::value;
+        if constexpr (TypeTraits<T>::quantized) {
+            mmv_q_kernel<T><<<grid, kMmvThreads, 0, stream>>>(wb, rb, N, static_cast<int>(K / TypeTraits<T>::block_size),
+                                                              xq, xds, bias, y);
+        } else {
             const bool vec = K % 8 == 0 && reinterpret_cast<uintptr_t>(w) % 16 == 0 &&
                              reinterpret_cast<uintptr_t>(x) % 16 == 0;
-            if (!vec)
-                mmv_float_scalar_kernel<<<grid, kMmvThreads, 0, stream>>>(wb, rb, N, K, wtype, x, bias, y);
-            else if (wtype == DType::F16)
-                mmv_float_kernel<DType::F16><<<grid, kMmvThreads, 0, stream>>>(wb, rb, N, K, x, bias, y);
-            else if (wtype == DType::BF16)
-                mmv_float_kernel<DType::BF16><<<grid, kMmvThreads, 0, stream>>>(wb, rb, N, K, x, bias, y);
-            else
-                mmv_float_kernel<DType::F32><<<grid, kMmvThreads, 0, stream>>>(wb, rb, N, K, x, bias, y);
-            break;
+            if (vec) mmv_float_kernel<T><<<grid, kMmvThreads, 0, stream>>>(wb, rb, N, K, x, bias, y);
+            else mmv_float_scalar_kernel<<<grid, kMmvThreads, 0, stream>>>(wb, rb, N, K, wtype, x, bias, y);
         }
-        default:
-            throw std::invalid_argument(std::string("cuda matmul: unsupported weight type ") + type_info(wtype).name);
-    }
+    });
     MQ_CUDA_CHECK_LAUNCH();
 }
 

@@ -164,21 +164,15 @@ void get_rows(DType type, const void* table, int64_t cols, const int32_t* ids, i
     const uint8_t* t = static_cast<const uint8_t*>(table);
     const bool out_vec = cols % 8 == 0 && (reinterpret_cast<uintptr_t>(out) % 16) == 0;
     const bool vec = cols % 8 == 0 && (reinterpret_cast<uintptr_t>(table) % 16) == 0;
-    const bool quantized = type != DType::F32 && type != DType::F16 && type != DType::BF16;
+    const bool quantized = type_info(type).block_size > 1;
     const int threads = 128;
     if (vec || quantized) {
         // quantized rows always have cols % 32 == 0 (row_size checked it); Q4_K
         // needs a 16-byte aligned table (every upload() is 256-byte aligned)
         const dim3 grid(static_cast<unsigned>(ceil_div(cols / 8, threads)), static_cast<unsigned>(n));
-        switch (type) {
-            case DType::F32: get_rows_kernel<DType::F32><<<grid, threads, 0, stream>>>(t, rb, cols, ids, out, out_vec); break;
-            case DType::F16: get_rows_kernel<DType::F16><<<grid, threads, 0, stream>>>(t, rb, cols, ids, out, out_vec); break;
-            case DType::BF16: get_rows_kernel<DType::BF16><<<grid, threads, 0, stream>>>(t, rb, cols, ids, out, out_vec); break;
-            case DType::Q8_0: get_rows_kernel<DType::Q8_0><<<grid, threads, 0, stream>>>(t, rb, cols, ids, out, out_vec); break;
-            case DType::Q4_K: get_rows_kernel<DType::Q4_K><<<grid, threads, 0, stream>>>(t, rb, cols, ids, out, out_vec); break;
-            case DType::Q6_K: get_rows_kernel<DType::Q6_K><<<grid, threads, 0, stream>>>(t, rb, cols, ids, out, out_vec); break;
-            default: throw std::invalid_argument("cuda get_rows: unsupported table type " + std::string(type_info(type).name));
-        }
+        dispatch_weight_type(type, "cuda get_rows: unsupported table type ", [&](auto tt) {
+            get_rows_kernel<decltype(tt)::value><<<grid, threads, 0, stream>>>(t, rb, cols, ids, out, out_vec);
+        });
     } else {
         const dim3 grid(static_cast<unsigned>(ceil_div(cols, threads)), static_cast<unsigned>(n));
         get_rows_scalar_kernel<<<grid, threads, 0, stream>>>(t, rb, cols, type, ids, out);

@@ -175,20 +175,23 @@ void q_adapt(const float* x, void* y, int64_t k) { F(x, static_cast<Block*>(y), 
 template <typename Block, void (*F)(const Block*, float*, int64_t)>
 void dq_adapt(const void* x, float* y, int64_t k) { F(static_cast<const Block*>(x), y, k); }
 
-struct QuantEntry { DType type; QuantFn quant; DequantFn dequant; };
-const QuantEntry kQuantTable[] = {
-    {DType::F32, q_f32, dq_f32},
-    {DType::F16, q_adapt<uint16_t, quantize_row_f16>, dq_adapt<uint16_t, dequantize_row_f16>},
-    {DType::BF16, q_adapt<uint16_t, quantize_row_bf16>, dq_adapt<uint16_t, dequantize_row_bf16>},
-    {DType::Q8_0, q_adapt<block_q8_0, quantize_row_q8_0_ref>, dq_adapt<block_q8_0, dequantize_row_q8_0>},
-    {DType::Q4_K, q_adapt<block_q4_K, quantize_row_q4_K_ref>, dq_adapt<block_q4_K, dequantize_row_q4_K>},
-    {DType::Q6_K, q_adapt<block_q6_K, quantize_row_q6_K_ref>, dq_adapt<block_q6_K, dequantize_row_q6_K>},
-    {DType::Q8_K, q_adapt<block_q8_K, quantize_row_q8_K_ref>, dq_adapt<block_q8_K, dequantize_row_q8_K>},
-};
+// The reference quantizer of every type (what adding a type must supply; csrc/README.md).
+struct QuantEntry { QuantFn quant; DequantFn dequant; };
+const TypeTable<QuantEntry>& quant_table() {
+    static const TypeTable<QuantEntry> t = {
+        {DType::F32, {q_f32, dq_f32}},
+        {DType::F16, {q_adapt<uint16_t, quantize_row_f16>, dq_adapt<uint16_t, dequantize_row_f16>}},
+        {DType::BF16, {q_adapt<uint16_t, quantize_row_bf16>, dq_adapt<uint16_t, dequantize_row_bf16>}},
+        {DType::Q8_0, {q_adapt<block_q8_0, quantize_row_q8_0_ref>, dq_adapt<block_q8_0, dequantize_row_q8_0>}},
+        {DType::Q4_K, {q_adapt<block_q4_K, quantize_row_q4_K_ref>, dq_adapt<block_q4_K, dequantize_row_q4_K>}},
+        {DType::Q6_K, {q_adapt<block_q6_K, quantize_row_q6_K_ref>, dq_adapt<block_q6_K, dequantize_row_q6_K>}},
+        {DType::Q8_K, {q_adapt<block_q8_K, quantize_row_q8_K_ref>, dq_adapt<block_q8_K, dequantize_row_q8_K>}},
+    };
+    return t;
+}
 
 const QuantEntry& entry(DType t) {
-    for (const auto& e : kQuantTable)
-        if (e.type == t) return e;
+    if (const QuantEntry* e = quant_table().find(t)) return *e;
     throw std::invalid_argument("no quantizer for type id " + std::to_string(static_cast<int>(t)));
 }
 }  // namespace

@@ -1,4 +1,4 @@
-"""Command line: mllama-q {demo,run,chat,bench,convert} ...
+"""Command line: mllama-q {demo,run,chat,serve,bench,convert} ...
 
 Each sub-command lives in its own module and is imported only when used, so
 `mllama-q convert` never loads the runtime and vice versa.
@@ -15,6 +15,7 @@ COMMANDS = {
                                     "('bench kernels': the matmul kernels)"),
     "run": ("mllama_q.cli.run:run_main", "generate an answer to one prompt (and images), streamed"),
     "chat": ("mllama_q.cli.run:chat_main", "interactive chat; /image PATH attaches an image"),
+    "serve": ("mllama_q.cli.serve", "OpenAI- and Ollama-compatible HTTP server (/v1/..., /api/...)"),
 }
 
 

@@ -58,11 +58,17 @@ def _sampling_kwargs(args) -> dict:
 
 
 def _load_model(args, want_vision: bool, err=None):
+    """Model(...) under a "loading FILE" status line (terminals only); -v reports the load time."""
     from mllama_q.model import Model
 
     err = sys.stderr if err is None else err
     with Progress(f"loading {Path(args.model).name}", stream=err, ticker=True):
         model = Model(args.model, device=args.device, n_ctx=args.ctx, n_threads=args.threads, vision=want_vision)
+    load_s = getattr(model, "load_time_s", None)
+    if args.verbose and load_s is not None:
+        text_only = "" if getattr(model, "vision_hparams", None) else ", text only"
+        err.write(f"[loaded {args.model} in {load_s:.2f} s{text_only}]\n")
+        err.flush()
     warn_context(args.ctx, model, err, "-c/--ctx")
     return model
 

@@ -1,6 +1,8 @@
-// X-panel packing and W-row unpacking of the panel GEMM (M >= 16) for Q4_K and
-// Q6_K weights, shared by kernels_avx2.cpp and kernels_avx512.cpp. Only the
-// dot-product micro-kernels differ between the two; this part is plain C++.
+// Panel GEMM (M >= 16) for Q4_K and Q6_K weights, the parts shared by
+// kernels_avx2.cpp and kernels_avx512.cpp: the X-panel packing, the W-row
+// unpacking and the driver panel_gemm<Q4, Micro>, templated on the ISA's
+// micro-kernel (its vector width). Only the micro-kernels differ between the
+// two files; this part is plain C++.
 //
 // X panel (kPanelRows = 16 rows of X), per 256-value block, kPanelBlock bytes:
 //   q    [64 groups][16 rows][4]  Q8_K quants, 4 consecutive k of each row per group
@@ -18,6 +20,7 @@
 #pragma once
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #include "common/fp16.h"
 #include "cpu/kernels.h"
@@ -117,6 +120,65 @@ void unpack_w_q6_K(const uint8_t* row, int64_t nb, WUnpT<Sc>* out) {
         }
         u.d = fp16_to_fp32(wb[b].d);
         u.dmin = 0.0f;
+    }
+}
+
+// The driver. W rows are unpacked Micro::kMaxRows at a time (once per task and
+// kept in L1/L2), then each panel is multiplied by them in groups of 8 / 4 / 2 / 1
+// rows (8 only when kMaxRows >= 8) and the valid rows of out are copied to y.
+// Micro (one per ISA file):
+//   WUnp      WUnpT<int16_t> (AVX2) or WUnpT<int32_t> (AVX-512)
+//   kMaxRows  W rows unpacked at once and the widest micro call (AVX2 4, AVX-512 8)
+//   kLanes    X rows per micro call: 8 (a ymm holds half a panel) or 16 (zmm)
+//   run<Q4, NWR>(wu, nb, panel, part, out): W rows t < NWR (row t: nb unpacked
+//             blocks at wu + t * nb) against panel rows [kLanes * part, kLanes * (part + 1)):
+//             out[t * 16 + i] = dot(W row t, X row i) for those i.
+// The arguments are those of PanelGemmFn (kernels.h).
+template <bool Q4, class Micro>
+void panel_gemm(const void* w, size_t ws, int64_t nw, const void* panels, size_t pstride, int n_panels,
+                int64_t m_rows, int64_t K, float* y, int64_t ldy) {
+    using WUnp = typename Micro::WUnp;
+    constexpr int kMax = Micro::kMaxRows;
+    static_assert(kMax == 4 || kMax == 8, "micro-kernel row groups");
+    static_assert(kPanelRows % Micro::kLanes == 0, "micro-kernel lanes");
+    const int64_t nb = K / QK_K;
+    thread_local std::vector<WUnp> scratch;   // kMax unpacked W rows
+    if (scratch.size() < size_t(kMax * nb)) scratch.resize(size_t(kMax * nb));
+    const uint8_t* wb = static_cast<const uint8_t*>(w);
+    const uint8_t* pp = static_cast<const uint8_t*>(panels);
+    alignas(64) float out[kMax * kPanelRows];
+    for (int64_t j0 = 0; j0 < nw; j0 += kMax) {
+        const int nwr = int(nw - j0 < kMax ? nw - j0 : kMax);
+        for (int t = 0; t < nwr; t++) {
+            if (Q4) unpack_w_q4_K(wb + (j0 + t) * ws, nb, scratch.data() + t * nb);
+            else unpack_w_q6_K(wb + (j0 + t) * ws, nb, scratch.data() + t * nb);
+        }
+        for (int p = 0; p < n_panels; p++) {
+            const uint8_t* P = pp + p * pstride;
+            const int64_t left_rows = m_rows - int64_t(p) * kPanelRows;
+            const int64_t rows = left_rows < kPanelRows ? left_rows : kPanelRows;
+            const int parts = int((rows + Micro::kLanes - 1) / Micro::kLanes);   // skip all-padding parts
+            for (int part = 0; part < parts; part++) {
+                int t0 = 0;   // W rows in groups of 8 / 4 / 2 / 1
+                while (t0 < nwr) {
+                    const int left = nwr - t0;
+                    const WUnp* wu = scratch.data() + t0 * nb;
+                    float* o = out + 16 * t0;
+                    if constexpr (kMax >= 8) {
+                        if (left >= 8) {
+                            Micro::template run<Q4, 8>(wu, nb, P, part, o);
+                            t0 += 8;
+                            continue;
+                        }
+                    }
+                    if (left >= 4) { Micro::template run<Q4, 4>(wu, nb, P, part, o); t0 += 4; }
+                    else if (left >= 2) { Micro::template run<Q4, 2>(wu, nb, P, part, o); t0 += 2; }
+                    else { Micro::template run<Q4, 1>(wu, nb, P, part, o); t0 += 1; }
+                }
+            }
+            for (int64_t i = 0; i < rows; i++)
+                for (int t = 0; t < nwr; t++) y[(int64_t(p) * kPanelRows + i) * ldy + j0 + t] = out[16 * t + i];
+        }
     }
 }
 

@@ -1,0 +1,547 @@
+"""The serving engine: one loaded model, `parallel` slots (sessions), a FIFO queue, and one
+generation thread per running request.
+
+Threads and locking
+-------------------
+- The event loop thread owns the `SlotPool` (which slots are idle, the FIFO of waiting
+  requests); nothing else touches it. Generation threads hand a slot back with
+  `loop.call_soon_threadsafe(pool.release, slot)`.
+- Each running request has one thread that drives its slot's session (`session.generate(...,
+  stream=True)`) and posts events to the request's asyncio queue with `call_soon_threadsafe`
+  (the only cross-thread channel). Running sessions are batched into one forward pass per
+  step by the model's scheduler (the sessions layer); the server only submits from several
+  threads.
+- Cancelling (client gone) sets a `threading.Event` the generation thread checks after every
+  text piece and in the sessions' progress callback, then closes the stream: the sequence
+  leaves the batch at its next step and the slot is released.
+
+Slot choice (llama.cpp tools/server/server-context.cpp `get_available_slot`): among idle
+slots, the one whose cached tokens share the longest common prefix with the new prompt, if that
+prefix is more than `similarity` (llama.cpp's --slot-prompt-similarity, 0.1) of the prompt;
+otherwise the least recently used idle slot (never-used slots first). Open WebUI resends the
+whole conversation and every image each turn, so a follow-up lands on the slot that holds its
+history. Token ids alone cannot tell two images apart (each is one `<|image|>` id), so the
+prefix also stops at the first image whose content digest differs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import inspect
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Callable
+
+import numpy as np
+
+from .errors import APIError
+from .images import RequestImage
+
+log = logging.getLogger("mllama_q.server")
+
+
+@dataclass
+class GenRequest:
+    """One generation, API-neutral (the OpenAI and Ollama routes both build this)."""
+
+    messages: list | None = None  # chat messages; image items are {"type": "image"}
+    prompt: str | None = None  # or a raw prompt (no template)
+    images: list[RequestImage] = field(default_factory=list)  # in prompt order
+    max_new_tokens: int | None = None  # None: until a stop or the context is full
+    sampling: dict = field(default_factory=dict)  # generate() kwargs: temperature, top_k, top_p, min_p,
+    #                                                repetition_penalty, seed (only those given)
+    stop: list[str] | None = None
+    n_ctx: int | None = None  # a smaller context for this request (Ollama num_ctx)
+
+
+@dataclass
+class Prepared:
+    request: GenRequest
+    ids: list[int]  # prompt token ids (image tokens included), for slot choice
+    n_ctx: int  # the context this request may fill
+    max_new_tokens: int  # capped so prompt + answer fit n_ctx
+
+
+class Slot:
+    def __init__(self, slot_id: int, session):
+        self.id = slot_id
+        self.session = session
+        self.digests: list[str] = []  # image digests of the slot's last prompt, in order
+        self._tokens: list[int] = []  # adapter only: what the last turn left (prompt + answer)
+        self.last_used = -1.0
+        self.requests = 0
+        self.busy = False
+        self.last: dict = {}  # outcome of the last request: stop reason, tokens generated
+
+    def status(self) -> dict:
+        """GET /slots entry (llama.cpp's server has the same endpoint)."""
+        return {
+            "id": self.id,
+            "busy": self.busy,
+            "n_tokens": len(self.tokens),
+            "n_images": len(self.digests),
+            "requests": self.requests,
+            "last": self.last,
+        }
+
+    @property
+    def tokens(self):
+        """Token ids in the slot's cache: the session's own (`sess.tokens`, sessions API) or, for
+        the adapter, what the last turn left."""
+        t = getattr(self.session, "tokens", None)
+        return self._tokens if t is None else t
+
+
+def common_prefix(
+    cached: Any, cached_digests: list[str], ids: list[int], digests: list[str], image_token_id: int
+) -> int:
+    """Length of the common prefix of a slot's tokens and a prompt, stopping at the first image
+    token whose image differs (by digest)."""
+    a = np.asarray(cached, dtype=np.int64)
+    b = np.asarray(ids, dtype=np.int64)
+    n = min(a.size, b.size)
+    if n == 0:
+        return 0
+    diff = np.flatnonzero(a[:n] != b[:n])
+    p = int(diff[0]) if diff.size else n
+    for k, pos in enumerate(np.flatnonzero(b[:p] == image_token_id)):
+        if k >= len(cached_digests) or k >= len(digests) or cached_digests[k] != digests[k]:
+            return int(pos)
+    return p
+
+
+class SlotPool:
+    """Idle slots and a FIFO of waiting requests. Event-loop thread only."""
+
+    def __init__(self, slots: list[Slot], image_token_id: int, max_queue: int, similarity: float = 0.1):
+        self.slots = slots
+        self._idle: set[int] = {s.id for s in slots}
+        self._waiters: collections.deque = collections.deque()  # (future, ids, digests)
+        self.image_token_id = image_token_id
+        self.max_queue = max_queue
+        self.similarity = similarity
+
+    @property
+    def n_busy(self) -> int:
+        return len(self.slots) - len(self._idle)
+
+    @property
+    def n_waiting(self) -> int:
+        return len(self._waiters)
+
+    def choose(self, ids: list[int], digests: list[str]) -> tuple[Slot, int]:
+        """(slot, common prefix length) for a prompt among the idle slots."""
+        best, best_lcp, best_sim = None, 0, 0.0
+        for i in sorted(self._idle):
+            s = self.slots[i]
+            tokens = s.tokens
+            if len(tokens) == 0:
+                continue
+            lcp = common_prefix(tokens, s.digests, ids, digests, self.image_token_id)
+            sim = lcp / max(len(ids), 1)
+            if sim > best_sim and sim > self.similarity:
+                best, best_lcp, best_sim = s, lcp, sim
+        if best is None:  # least recently used; never-used slots have last_used -1
+            best = min((self.slots[i] for i in self._idle), key=lambda s: (s.last_used, s.id))
+            best_lcp = 0
+        return best, best_lcp
+
+    def _take(self, ids, digests) -> tuple[Slot, int]:
+        slot, lcp = self.choose(ids, digests)
+        self._idle.discard(slot.id)
+        slot.busy = True
+        return slot, lcp
+
+    async def acquire(self, ids: list[int], digests: list[str]) -> tuple[Slot, int]:
+        if self._idle and not self._waiters:
+            return self._take(ids, digests)
+        if len(self._waiters) >= self.max_queue:
+            raise APIError(
+                503,
+                f"server busy: {self.n_busy} requests running and {len(self._waiters)} queued "
+                f"(the limit, --max-queue); try again later",
+                type="server_busy",
+            )
+        fut = asyncio.get_running_loop().create_future()
+        entry = (fut, ids, digests)
+        self._waiters.append(entry)
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():  # a slot was handed over as we were cancelled
+                self.release(fut.result()[0], used=False)
+            else:
+                try:
+                    self._waiters.remove(entry)
+                except ValueError:
+                    pass
+            raise
+
+    def release(self, slot: Slot, used: bool = True) -> None:
+        if used:
+            slot.last_used = time.monotonic()
+        slot.busy = False
+        self._idle.add(slot.id)
+        while self._waiters and self._idle:
+            fut, ids, digests = self._waiters.popleft()
+            if not fut.done():
+                fut.set_result(self._take(ids, digests))
+
+
+class _Cancelled(BaseException):
+    """Raised from the sessions' progress callback to stop a cancelled request's prefill/encode
+    (a BaseException so no `except Exception` in between swallows it)."""
+
+
+class Run:
+    """One generation in flight. Events, in order: ("start",) once the session accepted the
+    request, ("text", str)*, then ("done", GenerationResult | None) or ("error", APIError).
+
+    The generation thread appends events to a deque and wakes the event loop only when the
+    loop is waiting for one (one `call_soon_threadsafe`, i.e. one self-pipe write, per wake-up
+    instead of per token); the loop then takes everything queued at once."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, slot: Slot, prepared: Prepared, cached_prefix: int):
+        self._loop = loop
+        self._items: collections.deque = collections.deque()
+        self._lock = threading.Lock()
+        self._waiter: asyncio.Future | None = None
+        self._cancel = threading.Event()
+        self.slot = slot
+        self.prepared = prepared
+        self.cached_prefix = cached_prefix  # prefix shared with the slot's cache when it was chosen
+        self.t_start = time.perf_counter()  # generation started (slot acquired)
+        self.finished = False
+
+    # -- generation thread side
+    def post(self, event: tuple) -> None:
+        with self._lock:
+            self._items.append(event)
+            waiter, self._waiter = self._waiter, None
+        if waiter is not None:
+            try:
+                self._loop.call_soon_threadsafe(_wake, waiter)
+            except RuntimeError:  # the event loop is gone (server shutting down)
+                pass
+
+    def check(self, *_args) -> None:
+        """Progress callback for the session: stop promptly when cancelled."""
+        if self._cancel.is_set():
+            raise _Cancelled()
+
+    # -- event loop side
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    async def _take(self) -> list:
+        """Every queued event (at least one), waiting if there is none."""
+        while True:
+            with self._lock:
+                if self._items:
+                    items = list(self._items)
+                    self._items.clear()
+                    return items
+                fut = self._waiter = self._loop.create_future()
+            await fut
+
+    async def next(self) -> tuple:
+        with self._lock:
+            ev = self._items.popleft() if self._items else None
+        if ev is None:
+            items = await self._take()
+            ev = items[0]
+            with self._lock:
+                self._items.extendleft(reversed(items[1:]))
+        if ev[0] in ("done", "error"):
+            self.finished = True
+        return ev
+
+    async def events(self) -> AsyncIterator[tuple]:
+        """The remaining events; text pieces queued together are merged into one (a client that
+        reads slower than the model generates gets fewer, longer chunks)."""
+        while True:
+            items = await self._take()
+            text = [ev[1] for ev in items if ev[0] == "text"]
+            if text:
+                yield ("text", "".join(text))
+            for ev in items:
+                if ev[0] in ("done", "error"):
+                    self.finished = True
+                    yield ev
+                    return
+                if ev[0] != "text":
+                    yield ev
+
+
+def _wake(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+class LockedSession:
+    """TEMPORARY adapter in the shape of the sessions API (CONTRACTS.md B) until it lands:
+    `generate(...)` runs the stateless `model.generate` under one lock shared by every slot, so
+    requests are served one at a time and nothing is cached between turns."""
+
+    def __init__(self, model, lock: threading.Lock):
+        self.model = model
+        self.lock = lock
+
+    def generate(self, **kw):
+        stream = kw.get("stream", False)
+        if not stream:
+            with self.lock:
+                return self.model.generate(**kw)
+        self.lock.acquire()
+        try:
+            s = self.model.generate(**kw)
+        except BaseException:
+            self.lock.release()
+            raise
+        return _LockedStream(s, self.lock)
+
+
+class _LockedStream:
+    def __init__(self, stream, lock):
+        self._s = stream
+        self._lock = lock
+        self._held = True
+        self.result = None
+
+    def _free(self):
+        if self._held:
+            self._held = False
+            self._lock.release()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        try:
+            return next(self._s)
+        except StopIteration:
+            self.result = self._s.result
+            self._free()
+            raise
+        except BaseException:
+            self._free()
+            raise
+
+    def close(self):
+        try:
+            self._s.close()
+        finally:
+            self._free()
+
+
+def load_model(path, *, device: str = "cpu", n_ctx: int = 4096, parallel: int = 1, n_threads=None):
+    """Model(path, ...) with one session per slot when the sessions API is there."""
+    from mllama_q.model import Model
+
+    kw: dict = dict(device=device, n_ctx=n_ctx, n_threads=n_threads)
+    if "max_sessions" in inspect.signature(Model.__init__).parameters:
+        kw["max_sessions"] = parallel
+    try:
+        return Model(path, **kw)
+    except ValueError as e:
+        if "vision=False" not in str(e):
+            raise
+        return Model(path, vision=False, **kw)  # a text-only file
+
+
+class Engine:
+    """Owns the model (loaded in the background: /health answers 503 until it is ready), its
+    slots and the queue."""
+
+    def __init__(
+        self,
+        load: Callable[[], Any] | None = None,
+        *,
+        model=None,
+        parallel: int = 1,
+        max_queue: int = 64,
+        similarity: float = 0.1,
+    ):
+        if (load is None) == (model is None):
+            raise ValueError("give exactly one of load= or model=")
+        if parallel < 1:
+            raise ValueError(f"parallel must be >= 1, got {parallel}")
+        self._load = load
+        self.parallel = parallel
+        self.max_queue = max_queue
+        self.similarity = similarity
+        self.model = None
+        self.pool: SlotPool | None = None
+        self.state = "loading"
+        self.error: str | None = None
+        self.load_s: float | None = None
+        self._progress_kw = False
+        if model is not None:
+            self._ready(model)
+
+    # -- loading
+    def load(self) -> None:
+        """Load the model (blocking; the app runs it in a thread at startup)."""
+        t0 = time.perf_counter()
+        try:
+            model = self._load()
+            self.load_s = time.perf_counter() - t0
+            self._ready(model)
+        except Exception as e:  # reported by /health and the CLI; never a traceback for a bad file
+            self.state = "failed"
+            self.error = str(e) if isinstance(e, (ValueError, OSError)) else f"{type(e).__name__}: {e}"
+            raise
+
+    def _ready(self, model) -> None:
+        if getattr(model, "processor", None) is None:
+            raise ValueError("the model file has no tokenizer metadata: it cannot serve text")
+        self.model = model
+        if hasattr(model, "session"):
+            sessions = [model.session() for _ in range(self.parallel)]
+        else:
+            lock = threading.Lock()
+            sessions = [LockedSession(model, lock) for _ in range(self.parallel)]
+        try:
+            self._progress_kw = "progress" in inspect.signature(sessions[0].generate).parameters
+        except (TypeError, ValueError):
+            self._progress_kw = False
+        slots = [Slot(i, s) for i, s in enumerate(sessions)]
+        self.pool = SlotPool(slots, model.processor.settings.image_token_id, self.max_queue, self.similarity)
+        self.state = "ready"
+
+    def require_ready(self) -> None:
+        if self.state == "loading":
+            raise APIError(
+                503,
+                "the model is still loading; try again shortly (GET /health says when it is ready)",
+                type="unavailable_error",
+            )
+        if self.state != "ready":
+            raise APIError(503, f"the model failed to load: {self.error}", type="unavailable_error")
+
+    @property
+    def n_ctx(self) -> int:
+        return int(self.model.n_ctx)
+
+    @property
+    def has_vision(self) -> bool:
+        return bool(getattr(self.model, "has_vision", False))
+
+    # -- requests
+    def prepare(self, req: GenRequest) -> Prepared:
+        """Tokenise the prompt (no image processing) and check it fits. Blocking: call in a thread."""
+        from mllama_q.generate import prompt_text
+        from mllama_q.sampling import check_value
+
+        self.require_ready()
+        for name, value in req.sampling.items():  # the library's ranges (each API checked its own first)
+            try:
+                check_value(name, value)
+            except ValueError as e:
+                raise APIError(400, str(e), param=name) from None
+        model = self.model
+        if req.images and not self.has_vision:
+            raise APIError(400, "this model has no vision tower: images are not supported", param="images")
+        try:
+            text, add_special = prompt_text(model, messages=req.messages, prompt=req.prompt)
+        except ValueError as e:  # the chat template refused the conversation, or bad messages
+            raise APIError(400, str(e), param="messages" if req.messages is not None else "prompt") from None
+        token = model.processor.settings.image_token
+        if text.count(token) != len(req.images):
+            raise APIError(
+                400,
+                f"the prompt has {text.count(token)} {token} token(s) but {len(req.images)} image(s) were given",
+                param="prompt" if req.prompt is not None else "messages",
+            )
+        ids = model.processor(text=text, add_special_tokens=add_special)["input_ids"][0].tolist()
+        n_ctx = self.n_ctx if req.n_ctx is None else min(req.n_ctx, self.n_ctx)
+        if len(ids) >= n_ctx:
+            raise APIError(
+                400,
+                f"the prompt is {len(ids)} tokens but the context holds {n_ctx} "
+                f"({'--n-ctx' if n_ctx == self.n_ctx else 'num_ctx'}), and at least one more "
+                "is needed to answer: shorten the conversation",
+                code="context_length_exceeded",
+                param="messages" if req.messages is not None else "prompt",
+            )
+        room = n_ctx - len(ids)
+        max_new = room if req.max_new_tokens is None else min(req.max_new_tokens, room)
+        return Prepared(request=req, ids=ids, n_ctx=n_ctx, max_new_tokens=max_new)
+
+    async def start(self, prepared: Prepared) -> Run:
+        """Wait for a slot (FIFO), start the generation thread. Cancelling the caller while it waits
+        leaves the queue."""
+        self.require_ready()
+        digests = [im.digest for im in prepared.request.images]
+        slot, lcp = await self.pool.acquire(prepared.ids, digests)
+        run = Run(asyncio.get_running_loop(), slot, prepared, lcp)
+        try:
+            threading.Thread(target=self._work, args=(run,), name=f"mllama-q-slot{slot.id}", daemon=True).start()
+        except BaseException:
+            self.pool.release(slot, used=False)
+            raise
+        return run
+
+    def _work(self, run: Run) -> None:
+        slot, prep = run.slot, run.prepared
+        req = prep.request
+        result = None
+        n_pieces = 0
+        stop = "error"
+        try:
+            kw: dict = dict(max_new_tokens=prep.max_new_tokens, stop=req.stop, stream=True, **req.sampling)
+            if req.messages is not None:
+                kw["messages"] = req.messages
+            else:
+                kw["prompt"] = req.prompt
+            if req.images:
+                kw["images"] = [im.open() for im in req.images]  # decoded only now: queued requests hold bytes
+            if self._progress_kw:
+                kw["progress"] = run.check
+            run.check()
+            stream = slot.session.generate(**kw)
+            run.post(("start",))
+            try:
+                for piece in stream:
+                    if run.cancelled:
+                        break
+                    if piece:
+                        n_pieces += 1
+                        run.post(("text", piece))
+            finally:
+                if run.cancelled:
+                    stream.close()
+            result = None if run.cancelled else stream.result
+            stop = "cancelled" if result is None else result.stop_reason
+            run.post(("done", result))
+        except (_Cancelled, KeyboardInterrupt):
+            stop = "cancelled"
+            run.post(("done", None))
+        except ValueError as e:  # the request's content (e.g. an image the processor rejects)
+            run.post(("error", APIError(400, str(e))))
+        except MemoryError:
+            run.post(("error", APIError(503, "out of memory while generating; try a shorter request")))
+        except Exception as e:
+            log.exception("generation failed (slot %d)", slot.id)
+            run.post(("error", APIError(500, f"generation failed: {type(e).__name__}: {e}")))
+        finally:
+            slot.requests += 1
+            # generated: the result's count, or for a cancelled run the text pieces sent (about one per token)
+            slot.last = {
+                "stop": stop,
+                "generated": result.completion_tokens if result is not None else n_pieces,
+                "max_new_tokens": prep.max_new_tokens,
+            }
+            slot.digests = [im.digest for im in req.images]
+            slot._tokens = list(prep.ids) + (list(result.tokens) if result is not None else [])
+            try:
+                run._loop.call_soon_threadsafe(self.pool.release, slot)
+            except RuntimeError:  # event loop closed: shutting down
+                pass
