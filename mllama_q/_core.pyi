@@ -128,6 +128,10 @@ def quantize_q8_0_path(x: np.ndarray, path: str) -> npt.NDArray[np.uint8]:
 def quantize_q8_K_path(x: np.ndarray, path: str) -> npt.NDArray[np.uint8]:
     """Q8_K activation bytes as the kernels of `path` make them (test hook)."""
 
+def sample_probs(logits: npt.ArrayLike, history: npt.ArrayLike,
+                 params: tuple[float, int, float, float, float, float]) -> _F32:
+    """The CPU sampler's distribution f32 [V] for one logits row (csrc/cpu/sampling.h); params
+    (temperature, top_k, top_p, min_p, repetition_penalty, u)."""
 def cpu_features() -> dict[str, bool]:
     """Instruction-set extensions of this CPU: avx2, fma, f16c, avx512f/bw/vl/dq/vnni/bf16, avxvnni."""
 
@@ -192,45 +196,109 @@ class Backend:
         nothing visible is zeros."""
     def store_rows_f16(self, src: np.ndarray) -> npt.NDArray[np.uint16]:
         """float32 rows stored as IEEE half bits (the KV cache format)."""
+    def attention_segments(self, q: np.ndarray, segments: list[tuple[int, int, np.ndarray, np.ndarray, int, bool]],
+                           scale: float) -> _F32:
+        """Backend::attention_segments: q [nq, n_head, hd]; each segment (q_row, n_q, k, v, q_offset,
+        causal) attends its rows to its own k/v [n_k, n_kv, hd] (float32 or float16, the same for all).
+        Rows no segment covers are returned as q. Batch-invariant on the CPU."""
+    def sample(self, logits: np.ndarray, histories: list[npt.ArrayLike],
+               params: list[tuple[float, int, float, float, float, float]]) -> npt.NDArray[np.int32]:
+        """Backend::sample: one id per logits row [n, V], with that row's token history (int32) and
+        (temperature, top_k, top_p, min_p, repetition_penalty, u) (transformers' rules, draw u)."""
 
 # ---- the model (bind_model.cpp; csrc/model/) -------------------------------------------------
 
+class StepAborted(RuntimeError):
+    """MllamaModel.step was stopped by abort() between two layers; nothing was committed."""
+
+class ImageKV:
+    """Cross-attention K/V of one encoded image (shared by the sequences that show it)."""
+
+    @property
+    def n_tiles(self) -> int: ...
+    @property
+    def n_patches(self) -> int: ...
+    @property
+    def nbytes(self) -> int:
+        """Backend bytes of its K/V (every cross-attention layer)."""
+
+class ImageJob:
+    """An image being encoded; step() runs one unit (embeddings, one vision layer, the projector,
+    the cross-attention K/V)."""
+
+    def step(self) -> bool:
+        """Run the next unit; False when the image is done."""
+    @property
+    def done(self) -> int: ...
+    @property
+    def total(self) -> int: ...
+    @property
+    def finished(self) -> bool: ...
+    def result(self) -> ImageKV: ...
+
+class SeqSnapshot:
+    """A saved sequence slot state (MllamaModel.seq_snapshot)."""
+
+    @property
+    def nbytes(self) -> int: ...
+
+# (slot, tokens int32 [n], HF cross_attention_mask rows int32 [n, n_img, max_tiles] | None,
+#  logits 0 (none) | 1 (last row) | 2 (every row),
+#  sample (temperature, top_k, top_p, min_p, repetition_penalty, u) | None)
+_StepEntry = tuple[int, np.ndarray, np.ndarray | None, int, tuple[float, int, float, float, float, float] | None]
+
 class MllamaModel:
     """The compiled mllama model. Built by mllama_q.Model from a GGUF file:
-    MllamaModel(tensors, text_hparams, vision_hparams, device, n_ctx, kv_type)
-      tensors: {name: (array, ggml_type, shape)} (mapped GGUF data, not copied)."""
+    MllamaModel(tensors, text_hparams, vision_hparams, device, n_ctx, kv_type, n_seq)
+      tensors: {name: (array, ggml_type, shape)} (mapped GGUF data, not copied)
+      n_seq: sequence slots, each with an n_ctx-token KV cache (csrc/model/mllama.h)."""
 
     def __init__(self, tensors: dict[str, tuple[np.ndarray, int, tuple[int, ...]]], text_hparams: dict[str, Any],
                  vision_hparams: dict[str, Any] | None = None, device: str = "cpu", n_ctx: int = 4096,
-                 kv_type: str = "f16") -> None: ...
-    def reset(self) -> None:
-        """Forget every evaluated token and image."""
-    def encode_images(self, pixel_values: np.ndarray, aspect_ratio_ids: np.ndarray,
-                      aspect_ratio_mask: np.ndarray) -> None:
-        """Run the vision tower and cache the cross-attention K/V of this image set (replaces any
-        previous set)."""
-    def set_cross_attention_states(self, states: np.ndarray) -> None:
-        """Cache cross-attention K/V from ready projector outputs f32 [n_img, n_tiles, n_patches, hidden]."""
-    def eval(self, tokens: np.ndarray, cross_attention_mask: np.ndarray | None = None,
-             all_logits: bool = False) -> _F32:
-        """Evaluate tokens after the cached ones; returns f32 logits [n or 1, vocab]."""
+                 kv_type: str = "f16", n_seq: int = 1) -> None: ...
+    def begin_image(self, pixel_values: np.ndarray, aspect_ratio_id: int,
+                    aspect_ratio_mask: npt.ArrayLike) -> ImageJob:
+        """Start encoding one image: pixel_values f32 [max_tiles, C, H, W], its aspect-ratio id,
+        aspect_ratio_mask [max_tiles]."""
+    def image_from_states(self, states: np.ndarray) -> ImageKV:
+        """Cross-attention K/V from ready projector outputs f32 [n_tiles, n_patches, hidden]."""
+    def seq_len(self, slot: int) -> int:
+        """Tokens in the slot's KV cache."""
+    def seq_truncate(self, slot: int, n: int) -> None:
+        """Keep the slot's first n tokens (n <= seq_len)."""
+    def seq_set_images(self, slot: int, images: list[ImageKV]) -> None:
+        """The images the slot's prompt shows, in prompt order (the mask rows' image axis)."""
+    def seq_n_images(self, slot: int) -> int: ...
+    def seq_snapshot(self, slot: int, first: int) -> SeqSnapshot:
+        """Save the slot's state from token `first` on (cache rows, images, length)."""
+    def seq_restore(self, slot: int, snapshot: SeqSnapshot) -> None: ...
+    def step(self, entries: list[_StepEntry]) -> list[tuple[_F32 | None, int]]:
+        """ONE forward pass over every entry (distinct slots): the tokens are appended to the
+        slots' caches; returns (logits [n, V] / [V] / None, sampled id or -1) per entry. Raises
+        StepAborted after abort()."""
+    def abort(self) -> None:
+        """Stop the running step between two layers (any thread, no lock)."""
+    def clear_abort(self) -> None: ...
     def load_vision(self) -> None:
         """Upload the vision weights and build the encoder now."""
     @property
-    def n_past(self) -> int:
-        """Tokens in the KV cache."""
-    @property
     def n_ctx(self) -> int:
-        """KV cache length in tokens."""
+        """KV cache length of one slot, in tokens."""
     @property
-    def n_images(self) -> int:
-        """Images whose cross-attention K/V are cached."""
+    def n_seq(self) -> int:
+        """Sequence slots."""
+    @property
+    def kv_bytes_per_seq(self) -> int:
+        """Self-attention KV cache bytes of one slot (every layer, K and V)."""
+    @property
+    def image_bytes(self) -> int:
+        """Cross-attention K/V bytes of one image (max_tiles tiles; 0 without vision)."""
     @property
     def has_vision(self) -> bool:
         """vision_hparams were given."""
     @property
     def vision_loaded(self) -> bool:
-        """The vision weights were uploaded and the encoder built (first encode_images)."""
+        """The vision weights were uploaded and the encoder built (first image)."""
     @property
     def device(self) -> str:
         """The backend's name ('cpu', 'cuda:N (...)')."""

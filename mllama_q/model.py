@@ -13,7 +13,9 @@ are never read from disk.
 from __future__ import annotations
 
 import os
+import threading
 import time
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -181,27 +183,70 @@ def required_vision_tensors(vhp: dict) -> list[str]:
     return names
 
 
+def _available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo in bytes (None where there is no such file)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _gib(n: int) -> str:
+    return f"{n / (1 << 30):.2f} GiB"
+
+
 class Model:
-    """An mllama GGUF model on one device.
+    """An mllama GGUF model on one device, serving up to `max_sessions` conversations at once.
 
     Args:
       path: the .gguf file.
       device: "cpu", "cuda" or "cuda:N".
-      n_ctx: maximum number of tokens in one session (self-attention KV cache length).
+      n_ctx: tokens per session (the self-attention KV cache of each; llama.cpp -c, Ollama num_ctx).
+      max_sessions: sessions (KV-cache slots) that can live at once. The KV memory is
+        allocated up front: n_ctx x max_sessions x (the cache of one token); a ValueError says
+        so when it does not fit. See memory().
       n_threads: CPU threads (None: all available cores); sets the process-wide pool.
       vision: False loads the text decoder only (the vision weights stay untouched on disk).
       kv_type: "f16" (default) or "f32" KV cache and cached cross-attention K/V.
+      image_cache: encoded images kept for reuse beyond those the sessions hold (LRU, shared
+        by the sessions; each costs memory()["image_bytes"]).
+      n_batch: most tokens in one forward pass (the batch of decoding sequences plus prompt
+        chunks; llama.cpp's n_ubatch), at most 512.
+      prefill_chunk: most prompt tokens a step takes while other sessions are decoding (so
+        their streams keep flowing); alone, a prompt goes n_batch tokens per step.
 
-    Raises ModelFileError (a ValueError) for a missing, corrupt, truncated or
-    non-mllama file, before any tensor is used.
+    Use as a context manager or call close(): it stops generation, frees the backend memory
+    and unmaps the file.
+
+    Raises ModelFileError (a ValueError) for a missing, corrupt, truncated or non-mllama
+    file, before any tensor is used.
     """
 
     def __init__(self, path, device: str = "cpu", n_ctx: int = 4096, n_threads: int | None = None,
-                 vision: bool = True, kv_type: str = "f16"):
-        if not isinstance(n_ctx, (int, np.integer)) or n_ctx <= 0:
+                 vision: bool = True, kv_type: str = "f16", max_sessions: int = 1, image_cache: int = 4,
+                 n_batch: int = 512, prefill_chunk: int = 64):
+        self._core = None
+        self._scheduler = None
+        if not isinstance(n_ctx, (int, np.integer)) or isinstance(n_ctx, bool) or n_ctx <= 0:
             raise ValueError(f"n_ctx must be a positive integer, got {n_ctx!r}")
+        if (not isinstance(max_sessions, (int, np.integer)) or isinstance(max_sessions, bool)
+                or not 1 <= max_sessions <= 256):
+            raise ValueError(f"max_sessions must be an integer in [1, 256], got {max_sessions!r}")
+        if int(n_ctx) * int(max_sessions) >= 1 << 31:
+            raise ValueError(f"n_ctx x max_sessions = {int(n_ctx) * int(max_sessions)} cache rows is too many")
         if kv_type not in ("f16", "f32"):
             raise ValueError(f"kv_type must be 'f16' or 'f32', got {kv_type!r}")
+        for name, v, lo, hi in (("image_cache", image_cache, 0, 1 << 16), ("n_batch", n_batch, 1, 512),
+                                ("prefill_chunk", prefill_chunk, 1, 512)):
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or not lo <= v <= hi:
+                raise ValueError(f"{name} must be an integer in [{lo}, {hi}], got {v!r}")
+        if int(n_batch) <= int(max_sessions) and int(max_sessions) > 1:
+            raise ValueError(f"n_batch ({n_batch}) must exceed max_sessions ({max_sessions}): every decoding "
+                             "session takes one row of a step")
         if n_threads is not None:
             if not isinstance(n_threads, (int, np.integer)) or n_threads <= 0:
                 raise ValueError(f"n_threads must be a positive integer or None, got {n_threads!r}")
@@ -219,6 +264,17 @@ class Model:
         elif vision and not has_vision_tensors:
             raise ModelFileError(f"{self.path}: the file has no vision tensors (v.*, mm.*); load it with vision=False")
 
+        # The memory budget, explicit and checked before anything is allocated.
+        n_self = thp["n_layer"] - len(thp["cross_attention_layers"])
+        kv_per_session = n_self * 2 * int(n_ctx) * thp["n_kv_head"] * thp["head_dim"] * (2 if kv_type == "f16" else 4)
+        kv_total = kv_per_session * int(max_sessions)
+        avail = _available_memory() if device == "cpu" else None
+        budget = (f"n_ctx={int(n_ctx)} x max_sessions={int(max_sessions)} needs {_gib(kv_total)} of KV cache "
+                  f"({_gib(kv_per_session)} per session, kv_type={kv_type})")
+        if avail is not None and kv_total > avail:
+            raise ValueError(f"{budget}, but only {_gib(avail)} of memory is available: lower n_ctx or "
+                             f"max_sessions, or use kv_type='f16'")
+
         # Hand over the mapped arrays (no copy); the vision ones only when used. The core
         # uploads them and builds the vision encoder at the first encode_images, so a
         # text-only session never reads them; their presence is checked now.
@@ -232,15 +288,19 @@ class Model:
                 raise ModelFileError(f"{self.path}: missing vision tensor(s): {', '.join(missing[:8])}"
                                      + (" ..." if len(missing) > 8 else ""))
         try:
-            self._core = _core.MllamaModel(tensors, thp, vhp, device, int(n_ctx), kv_type)
+            core = _core.MllamaModel(tensors, thp, vhp, device, int(n_ctx), kv_type, int(max_sessions))
         except (RuntimeError, ValueError) as e:
             # Everything the core is given comes from the file (tensors, hyper-parameters) except
-            # the device: a missing / misshaped tensor or an unusable hyper-parameter is the
-            # file's fault, a missing CUDA build or GPU is not.
+            # the device and the memory budget: a missing / misshaped tensor or an unusable
+            # hyper-parameter is the file's fault, a missing CUDA build or GPU, or a budget that
+            # does not fit, is not.
             msg = str(e)
+            if "out of memory" in msg:
+                raise ValueError(f"{budget}: {msg}") from e
             if "cuda" in msg.lower() or "device" in msg.lower():
                 raise
             raise ModelFileError(f"{self.path}: {msg}") from e
+        self._core = core
         self._reader = f  # the GGUFFile (metadata); the tensor arrays keep the mapping alive
         self._tensors = tensors
         self.text_hparams = thp
@@ -248,6 +308,7 @@ class Model:
         self.device = device
         self.kv_type = kv_type
         self.n_ctx = int(n_ctx)
+        self.max_sessions = int(max_sessions)
         # the context length the model was trained for (None if the file does not say); the
         # command line warns when n_ctx exceeds it
         n_train = field_value(f, K.CONTEXT_LENGTH)
@@ -271,37 +332,215 @@ class Model:
             raise
         except (ValueError, TypeError, OverflowError) as e:  # the frontends' checks of what the file says
             raise ModelFileError(f"{self.path}: bad tokenizer / processor / generation metadata ({e})") from e
+
+        from .session import ImageCache, Scheduler
+
+        self._image_cache = ImageCache(int(image_cache))
+        self._scheduler = Scheduler(self, core, int(max_sessions), int(n_batch), int(prefill_chunk),
+                                    self._image_cache)
+        # The low-level API below (reset / encode_images / eval / forward) works on a slot of
+        # its own, taken on first use and given back by reset() (or to a session that needs it).
+        self._ll_lock = threading.Lock()
+        self._ll_slot: int | None = None
+        self._ll_handles: list = []
         self.load_time_s = time.perf_counter() - t_load  # reported by generate() as timings["load_s"]
 
-    # -- session ---------------------------------------------------------------
+    # -- sessions ----------------------------------------------------------------------
+    def session(self):
+        """A new conversation (mllama_q.session.Session): its own KV-cache slot, reused across
+        turns. Raises RuntimeError when all max_sessions slots are held."""
+        from .session import Session
+
+        self._check_open()
+        return Session(self)
+
+    def generate(self, messages: Sequence[Mapping] | None = None, prompt: str | None = None,
+                 images: Sequence | None = None, *, input_ids=None, attention_mask=None, pixel_values=None,
+                 aspect_ratio_ids=None, aspect_ratio_mask=None, cross_attention_mask=None,
+                 max_new_tokens: int = 512, do_sample: bool | None = None, temperature: float | None = None,
+                 top_k: int | None = None, top_p: float | None = None, min_p: float = 0.0,
+                 repetition_penalty: float = 1.0, seed: int | None = None,
+                 stop_strings: Sequence[str] | str | None = None, stop: Sequence[str] | str | None = None,
+                 stream: bool = False, add_generation_prompt: bool = True,
+                 chat_kwargs: Mapping[str, Any] | None = None, progress=None):
+        from .generate import GenerationStream
+        from .session import Session
+
+        self._check_open()
+        sess = Session(self, _temporary=True)   # waits for a slot held by another one-shot call
+        try:
+            out = sess.generate(
+                messages, prompt, images, input_ids=input_ids, attention_mask=attention_mask,
+                pixel_values=pixel_values, aspect_ratio_ids=aspect_ratio_ids, aspect_ratio_mask=aspect_ratio_mask,
+                cross_attention_mask=cross_attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                repetition_penalty=repetition_penalty, seed=seed, stop_strings=stop_strings, stop=stop,
+                stream=stream, add_generation_prompt=add_generation_prompt, chat_kwargs=chat_kwargs,
+                progress=progress)
+        except BaseException:
+            sess.close()
+            raise
+        if not stream:
+            sess.close()
+            return out
+
+        def pieces():
+            try:
+                yield from out
+                return out.result
+            finally:
+                out.close()
+                sess.close()
+
+        def on_close(wait):
+            if wait:
+                out.close()
+                sess.close()
+                return out.result
+            out.__del__()   # cancel without waiting; the slot is freed when the turn ends
+            return None
+
+        return GenerationStream(pieces(), on_close=on_close)
+
+    def memory(self) -> dict:
+        """Memory the model's caches take, in bytes: the self-attention KV cache of one session
+        and of all (allocated at load), the cross-attention K/V of one image, the image cache's
+        capacity (images) and what it holds now."""
+        self._check_open()
+        per = int(self._core.kv_bytes_per_seq)
+        return {"kv_bytes_per_session": per, "kv_bytes_total": per * self.max_sessions,
+                "image_bytes": int(self._core.image_bytes), "image_cache_images": self._image_cache.capacity,
+                "image_cache_bytes": self._image_cache.nbytes()}
+
+    def close(self) -> None:
+        """Stop every generation, free the KV caches, images and backend memory, unmap the file.
+        The Model (and its sessions, tokenizer and processor) cannot be used afterwards."""
+        sched, self._scheduler = self._scheduler, None
+        if sched is not None:
+            sched.close()
+            for s in list(sched._sessions):
+                s._closed = True
+                s._handles, s._keys = [], []
+            sched.core = None
+        if getattr(self, "_image_cache", None) is not None:
+            self._image_cache.clear()
+        self._ll_handles = []
+        self._core = None
+        self._tensors = None
+        # The tokenizer's vocabulary (and token types) are views of the mapping too: the
+        # mapping goes with the last of them (a tokenizer the caller still holds keeps it).
+        self.tokenizer = self.processor = None
+        reader, self._reader = getattr(self, "_reader", None), None
+        close = getattr(reader, "close", None)
+        if callable(close):
+            close()
+        import gc
+
+        gc.collect()   # the mapped arrays go with the last reference to them
+
+    def __enter__(self) -> "Model":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self._core is None or self._scheduler is None:
+            raise RuntimeError("the model is closed")
+
+    def _load_vision(self) -> None:
+        try:
+            self._core.load_vision()  # first use: upload the vision weights, build the encoder
+        except RuntimeError as e:  # a misshaped vision tensor
+            if "tensor" in str(e):
+                raise ModelFileError(f"{self.path}: {e}") from e
+            raise
+
+    # -- the low-level API (one sequence; parity tests, benchmarks) ---------------------
     @property
     def n_past(self) -> int:
-        """Tokens evaluated since the last reset()."""
-        return self._core.n_past
+        """Tokens evaluated by eval() since the last reset()."""
+        self._check_open()
+        slot = self._ll_slot
+        return 0 if slot is None else int(self._core.seq_len(slot))
 
     @property
     def has_vision(self) -> bool:
-        return self._core.has_vision
+        return self._core is not None and self._core.has_vision
+
+    def _ll(self) -> int:
+        """The low-level API's slot (call with _ll_lock held)."""
+        self._check_open()
+        if self._ll_slot is None:
+            from .session import _LOW_LEVEL
+
+            self._ll_slot = self._scheduler.acquire_slot(_LOW_LEVEL)
+            self._ll_handles = []
+        return self._ll_slot
+
+    def _take_back_low_level(self) -> bool:
+        """A session needs the low-level API's slot (called by the scheduler): give it up
+        unless a low-level call is running."""
+        if not self._ll_lock.acquire(blocking=False):
+            return False
+        try:
+            self._ll_slot = None
+            self._ll_handles = []
+            return True
+        finally:
+            self._ll_lock.release()
 
     def reset(self) -> None:
-        """Forget every evaluated token and image."""
-        self._core.reset()
+        """Forget every evaluated token and image (and give the slot back)."""
+        self._check_open()
+        with self._ll_lock:
+            slot, self._ll_slot = self._ll_slot, None
+            self._ll_handles = []
+            if slot is not None:
+                self._scheduler.release_slot(slot)
+
+    def _image_handles(self, pixel_values, aspect_ratio_ids, aspect_ratio_mask) -> list:
+        """Cross-attention K/V of each image (the shared cache, else the vision tower)."""
+        from .session import image_key
+
+        px = np.ascontiguousarray(pixel_values, dtype=np.float32)
+        ids = np.ascontiguousarray(aspect_ratio_ids, dtype=np.int32)
+        msk = np.ascontiguousarray(aspect_ratio_mask, dtype=np.int32)
+        while px.ndim > 5 and px.shape[0] == 1:
+            px = px[0]
+        while ids.ndim > 1 and ids.shape[0] == 1:
+            ids = ids[0]
+        while msk.ndim > 2 and msk.shape[0] == 1:
+            msk = msk[0]
+        if px.ndim != 5:
+            raise ValueError(f"pixel_values must be [n_img, max_tiles, C, H, W] (plus a batch of 1), got {px.shape}")
+        if ids.shape != (px.shape[0],) or msk.shape != px.shape[:2]:
+            raise ValueError("aspect_ratio_ids must be [n_img] and aspect_ratio_mask [n_img, max_tiles]")
+        if not self._core.vision_loaded:
+            self._load_vision()
+        out = []
+        for i in range(px.shape[0]):
+            key = image_key(px[i], int(ids[i]), msk[i])
+            h = self._image_cache.get(key)
+            if h is None:
+                job = self._core.begin_image(px[i], int(ids[i]), msk[i])
+                while job.step():
+                    pass
+                h = job.result()
+                self._image_cache.put(key, h)
+            out.append(h)
+        return out
 
     def encode_images(self, pixel_values, aspect_ratio_ids, aspect_ratio_mask) -> None:
         """Run the vision tower on a set of images (MllamaProcessor's arrays, batch 1) and cache
         the cross-attention K/V every later token reads; replaces the previous image set."""
         if not self.has_vision:
             raise ValueError("this model was loaded with vision=False (or the file has no vision tower)")
-        if not self._core.vision_loaded:
-            try:
-                self._core.load_vision()  # first use: upload the vision weights, build the encoder
-            except RuntimeError as e:  # a misshaped vision tensor
-                if "tensor" in str(e):
-                    raise ModelFileError(f"{self.path}: {e}") from e
-                raise
-        self._core.encode_images(np.ascontiguousarray(pixel_values, dtype=np.float32),
-                                 np.ascontiguousarray(aspect_ratio_ids, dtype=np.int32),
-                                 np.ascontiguousarray(aspect_ratio_mask, dtype=np.int32))
+        with self._ll_lock:
+            slot = self._ll()
+            handles = self._image_handles(pixel_values, aspect_ratio_ids, aspect_ratio_mask)
+            self._core.seq_set_images(slot, handles)
+            self._ll_handles = handles
 
     def eval(self, tokens, cross_attention_mask=None) -> np.ndarray:
         """Evaluate `tokens` after the cached ones; returns float32 logits [vocab] of the last token.
@@ -311,14 +550,17 @@ class Model:
         were encoded, as transformers' generate() does for each new token.
         """
         toks = self._tokens(tokens)
-        if self.n_past + len(toks) > self.n_ctx:
-            raise ValueError(f"{self.n_past} cached + {len(toks)} new tokens exceed the context n_ctx={self.n_ctx}")
         mask = None if cross_attention_mask is None else np.ascontiguousarray(cross_attention_mask, dtype=np.int32)
-        return self._core.eval(toks, mask, False)[0]
+        with self._ll_lock:
+            slot = self._ll()
+            n_past = int(self._core.seq_len(slot))
+            if n_past + len(toks) > self.n_ctx:
+                raise ValueError(f"{n_past} cached + {len(toks)} new tokens exceed the context n_ctx={self.n_ctx}")
+            return self._core.step([(slot, toks, mask, 1, None)])[0][0]
 
     def forward(self, input_ids, pixel_values=None, aspect_ratio_ids=None, aspect_ratio_mask=None,
                 cross_attention_mask=None) -> np.ndarray:
-        """Logits float32 [seq, vocab] for one sequence from an empty cache (resets the session).
+        """Logits float32 [seq, vocab] for one sequence from an empty cache (resets the low-level state).
 
         Arguments as MllamaProcessor returns them (batch 1; a leading batch axis
         of 1 is accepted). Without pixel_values the cross-attention layers are
@@ -327,21 +569,17 @@ class Model:
         toks = self._tokens(input_ids)
         if len(toks) > self.n_ctx:
             raise ValueError(f"prompt of {len(toks)} tokens is longer than the context n_ctx={self.n_ctx}")
+        if pixel_values is not None and (aspect_ratio_ids is None or aspect_ratio_mask is None):
+            raise ValueError("pixel_values needs aspect_ratio_ids and aspect_ratio_mask")
         self.reset()
         if pixel_values is not None:
-            if aspect_ratio_ids is None or aspect_ratio_mask is None:
-                raise ValueError("pixel_values needs aspect_ratio_ids and aspect_ratio_mask")
             self.encode_images(pixel_values, aspect_ratio_ids, aspect_ratio_mask)
         mask = None
         if cross_attention_mask is not None and pixel_values is not None:
             mask = np.ascontiguousarray(cross_attention_mask, dtype=np.int32)
-        return self._core.eval(toks, mask, True)
-
-    def generate(self, *args, **kwargs):
-        """Text generation; see mllama_q.generate.generate."""
-        from .generate import generate
-
-        return generate(self, *args, **kwargs)
+        with self._ll_lock:
+            slot = self._ll()
+            return self._core.step([(slot, toks, mask, 2, None)])[0][0]
 
     @staticmethod
     def _tokens(tokens) -> np.ndarray:
@@ -357,4 +595,20 @@ class Model:
     def __repr__(self) -> str:
         h = self.text_hparams
         return (f"Model({self.path!r}, device={self.device!r}, layers={h['n_layer']}, hidden={h['hidden_size']}, "
-                f"vision={self.vision_hparams is not None}, n_ctx={self.n_ctx})")
+                f"vision={self.vision_hparams is not None}, n_ctx={self.n_ctx}, max_sessions={self.max_sessions})")
+
+
+Model.generate.__doc__ = None  # set below from GENERATE_DOC (one statement of the options)
+
+
+def _set_docs() -> None:
+    from .generate import GENERATE_DOC
+    from .session import Session
+
+    Model.generate.__doc__ = ("Stateless one-shot generation (a temporary session, closed at the end).\n\n"
+                              + GENERATE_DOC)
+    Session.generate.__doc__ = ("Generate the next turn of this conversation; only the tokens past the "
+                                "longest common prefix with session.tokens are prefilled.\n\n" + GENERATE_DOC)
+
+
+_set_docs()

@@ -81,6 +81,7 @@ def apply_repetition_penalty(scores: np.ndarray, history: Iterable[int], penalty
     if penalty == 1.0:
         return scores
     ids = np.unique(np.fromiter(history, dtype=np.int64))
+    ids = ids[(ids >= 0) & (ids < scores.size)]  # the <|image|> token (embedding row vocab_size) has no score
     if ids.size == 0:
         return scores
     out = scores.copy()
@@ -151,6 +152,13 @@ def probabilities(scores: np.ndarray, history: Iterable[int], params: SamplingPa
     out = np.zeros(s.size, dtype=np.float32)
     out[ids] = _softmax(v)
     return out
+
+
+def core_params(params: SamplingParams, u: float) -> tuple:
+    """The parameter tuple the compiled sampler takes (_core: MllamaModel.step, Backend.sample,
+    sample_probs): (temperature, top_k, top_p, min_p, repetition_penalty, u)."""
+    return (float(params.temperature), int(params.top_k), float(params.top_p), float(params.min_p),
+            float(params.repetition_penalty), float(u))
 
 
 class Sampler:

@@ -249,19 +249,10 @@ def test_get_rows_long_rows(be, rng, wtype):
 
 
 def test_get_rows_many_ids(be, rng):
-    """70000 ids: more than one CUDA launch (65535 rows each) and a staging copy larger than the ring."""
+    """70000 ids: more than one CUDA launch (65535 rows each)."""
     t = rng.standard_normal((300, 16)).astype(np.float32)
     ids = rng.integers(0, 300, 70000).astype(np.int32)
     assert np.array_equal(be.get_rows(t, "f32", 300, 16, ids), t[ids])
-
-
-def test_staging_ring_reuse(be, rng):
-    """Many small host arrays: CUDA's pinned staging ring wraps several times (256 B per call, 2 x 256 KiB)."""
-    t = rng.standard_normal((50, 8)).astype(np.float32)
-    for it in range(2500):
-        ids = np.array([it % 50, (7 * it) % 50], np.int32)
-        out = be.get_rows(t, "f32", 50, 8, ids)
-        assert np.array_equal(out, t[ids]), it
 
 
 @pytest.mark.parametrize("rows,cols,scale", [(4, 24, 1.0), (9, 1000, 100.0)])
@@ -576,3 +567,97 @@ def test_norms_every_path(cpu, cpu_path, rng, rows, cols):
     assert rel(cpu.layer_norm(x, w, b, 1e-5), ln) < 1e-6
     assert rel(cpu.rms_norm(x, w, 1e-6), rms) < 1e-6
 
+
+# ---- the batched step's ops: attention over segments, sampling ---------------------------------
+def test_attention_segments_match_the_reference(be, cpu, rng):
+    """One causal segment per sequence (its own KV cache) and non-causal image runs in one call;
+    the CUDA backend also against the CPU one."""
+    n_head, n_kv, hd = 8, 2, 64
+    segs, q_rows = [], 0
+    for n_q, n_k, causal in ((1, 300, True), (5, 40, True), (3, 6404, False), (70, 70, True)):
+        k = rng.standard_normal((n_k, n_kv, hd)).astype(np.float16)
+        v = rng.standard_normal((n_k, n_kv, hd)).astype(np.float16)
+        segs.append((q_rows, n_q, k, v, n_k - n_q if causal else 0, causal))
+        q_rows += n_q
+    q = rng.standard_normal((q_rows, n_head, hd)).astype(np.float32)
+    out = be.attention_segments(q, segs, 0.125)
+    assert np.isfinite(out).all()
+    for q_row, n_q, k, v, off, causal in segs:
+        ref = attention_ref(q[q_row:q_row + n_q], k, v, 0.125, None, causal, off)
+        assert rel(out[q_row:q_row + n_q], ref) < attn_tol(be, n_q, hd)
+    if kind(be) == "cuda":
+        assert rel(out, cpu.attention_segments(q, segs, 0.125)) < 5e-3
+
+
+def test_attention_segments_bad_arguments(be):
+    q = np.zeros((2, 4, 16), np.float32)
+    k = np.zeros((3, 2, 16), np.float32)
+    with pytest.raises(ValueError, match="rows out of range"):
+        be.attention_segments(q, [(1, 2, k, k, 0, False)], 0.25)
+    with pytest.raises(ValueError, match="k/v"):
+        be.attention_segments(q, [(0, 2, k, k.astype(np.float16), 0, False)], 0.25)
+    with pytest.raises(ValueError):
+        be.attention_segments(q, [(0, 2, np.zeros((3, 2, 8), np.float32), k, 0, False)], 0.25)
+
+
+def test_sample_matches_the_cpu_sampler(be, rng):
+    """Backend.sample: greedy (with the repetition penalty) is the CPU sampler's argmax; top-k /
+    top-p / min-p draws over many u follow the CPU sampler's distribution (csrc/cpu/sampling.h,
+    compared with transformers' processors in test_generate.py). On the CPU the draws are that
+    sampler itself: the frequencies check the harness."""
+    from mllama_q.sampling import SamplingParams, core_params
+
+    V = 128256
+    logits = (rng.standard_normal((4, V)) * 3).astype(np.float32)
+    hist = [rng.integers(0, V, 50).astype(np.int32) for _ in range(4)]
+    greedy = [(0.0, 0, 1.0, 0.0, 1.3, 0.0)] * 4
+    want = [int(np.argmax(_core.sample_probs(logits[r], hist[r], greedy[r]))) for r in range(4)]
+    assert be.sample(logits, hist, greedy).tolist() == want
+    p = SamplingParams(temperature=0.8, top_k=40, top_p=0.9, min_p=0.02, repetition_penalty=1.2)
+    probs = _core.sample_probs(logits[0], hist[0], core_params(p, 0.0))
+    n = 3000
+    us = rng.random(n)
+    ids = np.concatenate([be.sample(np.repeat(logits[:1], 100, 0), [hist[0]] * 100,
+                                    [core_params(p, u) for u in us[i:i + 100]]) for i in range(0, n, 100)])
+    freq = np.bincount(ids, minlength=V) / n
+    assert set(np.flatnonzero(freq)) <= set(np.flatnonzero(probs))
+    assert np.abs(freq - probs).max() < 0.04
+
+
+# ---- batch invariance of the CPU attention the text decoder uses (csrc/cpu/attention.h) --------
+# What exact prefix reuse and batching rest on: a query row gets the same bits alone (a
+# decode step), in any chunk of a prefill, next to other sequences' segments, and with keys
+# after its last visible one in the call.
+@pytest.mark.parametrize("kv16", [False, True])
+def test_attention_segments_batch_invariant(cpu, cpu_path, rng, kv16):
+    n_head, n_kv, hd, nk, nq = 8, 2, 64, 700, 40   # 700 keys: three 256-key chunks, the last partial
+    dt = np.float16 if kv16 else np.float32
+    k = rng.standard_normal((nk, n_kv, hd)).astype(dt)
+    v = rng.standard_normal((nk, n_kv, hd)).astype(dt)
+    q = rng.standard_normal((nq, n_head, hd)).astype(np.float32)
+    scale = hd ** -0.5
+    p0 = nk - nq   # position of query 0 (a cached prefix of p0 keys)
+    full = cpu.attention_segments(q, [(0, nq, k, v, p0, True)], scale)
+    assert rel(full, attention_ref(q, k, v, scale, None, True, p0)) < 1e-5
+    for i in (0, 1, 17, nq - 1):   # alone, with exactly its visible keys
+        n_vis = p0 + i + 1
+        kv = (np.ascontiguousarray(k[:n_vis]), np.ascontiguousarray(v[:n_vis]))
+        one = cpu.attention_segments(q[i:i + 1], [(0, 1, *kv, n_vis - 1, True)], scale)
+        assert np.array_equal(one[0], full[i]), i
+    # the prefill in chunks of 3, 16 and 21 queries (keys up to each chunk's last row)
+    start = 0
+    for n in (3, 16, 21):
+        n_k = p0 + start + n
+        part = cpu.attention_segments(np.ascontiguousarray(q[start:start + n]),
+                                      [(0, n, np.ascontiguousarray(k[:n_k]), np.ascontiguousarray(v[:n_k]),
+                                        p0 + start, True)], scale)
+        assert np.array_equal(part, full[start:start + n])
+        start += n
+    # next to another sequence (its own keys, non-causal: a cross-attention run), in one call
+    k2 = rng.standard_normal((300, n_kv, hd)).astype(dt)
+    v2 = rng.standard_normal((300, n_kv, hd)).astype(dt)
+    q2 = rng.standard_normal((5, n_head, hd)).astype(np.float32)
+    both = cpu.attention_segments(np.concatenate([q2, q]), [(0, 5, k2, v2, 0, False), (5, nq, k, v, p0, True)],
+                                  scale)
+    assert np.array_equal(both[5:], full)
+    assert rel(both[:5], attention_ref(q2, k2, v2, scale, None, False, 0)) < 1e-5

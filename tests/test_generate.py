@@ -54,19 +54,55 @@ PARAMS = [
 ]
 
 
+def _core_probs(logits, history, params):
+    """The compiled sampler's distribution (csrc/cpu/sampling.cpp: what Backend.sample draws from)."""
+    from mllama_q import _core
+    from mllama_q.sampling import core_params
+
+    return _core.sample_probs(logits, np.asarray(history, np.int32), core_params(params, 0.0))
+
+
+@pytest.mark.parametrize("impl", ["python", "core"])
 @pytest.mark.parametrize("params", PARAMS)
-def test_probabilities_match_transformers(params):
+def test_probabilities_match_transformers(params, impl):
     # Flat and peaked distributions: top-p takes both its shortcut (the 1024 most likely tokens
-    # hold top_p of the mass) and its full-sort path on these seeds.
+    # hold top_p of the mass) and its full-sort path on these seeds. "python" is
+    # mllama_q.sampling (the reference path), "core" the compiled sampler the scheduler uses.
     rng = np.random.default_rng(0)
+    dist = probabilities if impl == "python" else _core_probs
     for trial in range(5):
         vocab = 128256 if trial == 4 else 32000
         logits = (rng.standard_normal(vocab) * (6.0 if trial == 4 else rng.uniform(0.5, 4))).astype(np.float32)
         history = rng.integers(0, vocab, size=60).tolist()
-        ours = probabilities(logits, history, params)
+        ours = dist(logits, history, params)
         ref = _hf_probs(logits, history, params)
         np.testing.assert_array_equal(ours > 0, ref > 0)
         np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("params", PARAMS + [SamplingParams(temperature=0, repetition_penalty=1.5)])
+def test_core_sampler_draws_like_the_python_sampler(params):
+    """Backend.sample (one row per sequence of a batched step) with the draws u of a seeded numpy
+    RNG picks what mllama_q.sampling.Sampler picks with the same RNG (Sampler's draw is
+    verified against the distribution above): same seed, same tokens, either path."""
+    from mllama_q import _core
+    from mllama_q.sampling import core_params
+
+    be = _core.Backend("cpu")
+    rng = np.random.default_rng(5)
+    logits = (rng.standard_normal((6, 5000)) * 3).astype(np.float32)
+    hist = [rng.integers(0, 5000, size=40).astype(np.int32) for _ in range(6)]
+    ref = Sampler(SamplingParams(**{**params.__dict__, "seed": 11}))
+    draws = np.random.default_rng(11)
+    for _ in range(30):
+        want = [ref(logits[r], hist[r].tolist()) for r in range(6)]
+        us = [0.0 if params.greedy else draws.random() for _ in range(6)]
+        got = be.sample(logits, hist, [core_params(params, u) for u in us])
+        assert got.tolist() == want
+    with pytest.raises(ValueError, match="top_p"):
+        be.sample(logits[:1], hist[:1], [(1.0, 0, 0.0, 0.0, 1.0, 0.5)])
+    with pytest.raises(ValueError, match="draw"):
+        be.sample(logits[:1], hist[:1], [(1.0, 0, 1.0, 0.0, 1.0, 1.0)])
 
 
 def test_greedy_is_argmax_after_repetition_penalty():
@@ -212,7 +248,8 @@ def test_max_new_tokens_and_context_limit(tokenizer):
     n_prompt = len(m.processor(text="x")["input_ids"][0])
     m = FakeModel(tokenizer, script=script, n_ctx=n_prompt + 3)
     res = generate(m, prompt="x", temperature=0, max_new_tokens=100)
-    assert res.stop_reason == "length" and m.n_past <= m.n_ctx and res.completion_tokens == 4
+    # a full context is its own stop reason (issue 9), distinct from max_new_tokens' "length"
+    assert res.stop_reason == "context_full" and m.n_past <= m.n_ctx and res.completion_tokens == 4
     with pytest.raises(ValueError, match="context"):
         generate(FakeModel(tokenizer, n_ctx=n_prompt), prompt="x")
 
@@ -348,7 +385,9 @@ def test_cli_loading_status_on_a_terminal(fake_model_module, monkeypatch):
     monkeypatch.setattr(sys, "stderr", err)
     assert main(["run", "-m", "dir/x.gguf", "-p", "hi", "--temperature", "0"]) == 0
     text = err.getvalue()
-    assert text.startswith("\rloading x.gguf …\x1b[K\r\x1b[K") and "[loaded" not in text
+    # drawn at once (before the load returns), then wiped: spaces over it and a carriage return
+    assert text.startswith("\rloading x.gguf  0 s") and text.endswith("\r" + " " * len("loading x.gguf  0 s") + "\r")
+    assert "[loaded" not in text
 
 
 def test_cli_run_errors_are_one_line(fake_model_module, capsys, tmp_path):

@@ -40,7 +40,7 @@ BLOCK = {"q8_0": (32, 34), "q4_k": (256, 144), "q6_k": (256, 210)}
 # K non-power-of-two multiples of 256; small N for large M to stay fast.
 CASES = [
     (1, 1, 256), (1, 250, 1280), (2, 5, 768), (3, 96, 1280), (7, 250, 256),
-    (16, 96, 768), (64, 5, 1280), (300, 5, 768), (300, 1, 256),
+    (8, 33, 512), (13, 17, 768), (16, 96, 768), (64, 5, 1280), (300, 5, 768), (300, 1, 256),
 ]
 
 
@@ -288,3 +288,55 @@ def test_feature_detection_is_consistent():
     assert ("avx2" in PATHS) == (f["avx2"] and f["fma"] and f["f16c"])
     assert ("avx512" in PATHS) == (
         "avx2" in PATHS and f["avx512f"] and f["avx512bw"] and f["avx512vl"] and f["avx512dq"] and f["avx512vnni"])
+
+
+def test_kernels_run_in_a_forked_child():
+    """A process that used the thread pool and then forks (multiprocessing's fork start method,
+    a pre-forking server, the fuzz runner): the child has none of the pool's worker threads,
+    and its kernels must still run (single-threaded) with the same results, not wait forever."""
+    import os
+    import select
+    import signal
+    import time
+
+    if not hasattr(os, "fork"):
+        pytest.skip("no fork() on this platform")
+    rng = np.random.default_rng(11)
+    w = random_quant_weights(rng, "q4_k", 256, 512)
+    x = rng.standard_normal((64, 512)).astype(np.float32)
+    n0 = _core.num_threads()
+    _core.set_num_threads(2)
+    try:
+        y = _core.matmul(x, w, "q4_k", 256, 512)   # the pool's workers exist and have run a loop
+        r, wfd = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # child: one thread; report the result bytes, never return into pytest
+            try:
+                os.close(r)
+                out = _core.matmul(x, w, "q4_k", 256, 512).tobytes()
+                _core.set_num_threads(2)           # the pool can be sized again in the child
+                out += _core.matmul(x, w, "q4_k", 256, 512).tobytes()
+                with os.fdopen(wfd, "wb") as f:
+                    f.write(out)
+            finally:
+                os._exit(0)
+        os.close(wfd)
+        data, deadline = b"", time.monotonic() + 120
+        with os.fdopen(r, "rb") as f:
+            while time.monotonic() < deadline:
+                if not select.select([f], [], [], 1.0)[0]:
+                    continue
+                chunk = os.read(f.fileno(), 1 << 20)
+                if not chunk:
+                    break
+                data += chunk
+            else:
+                os.kill(pid, signal.SIGKILL)
+        _, status = os.waitpid(pid, 0)
+        assert data, "the forked child's matmul did not finish within 120 s (it waited for workers)"
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+        got = np.frombuffer(data, np.float32).reshape(2, *y.shape)
+        np.testing.assert_array_equal(got[0], y)
+        np.testing.assert_array_equal(got[1], y)
+    finally:
+        _core.set_num_threads(n0)

@@ -458,6 +458,7 @@ def test_follow_up_turn_goes_to_its_slot(server):
             json={"model": MODEL, "messages": messages, "max_tokens": 8, "temperature": 0},
         )
         assert r.status_code == 200, r.text
+        post.usage = r.json()["usage"]
         return int(r.headers["x-mllama-q-slot"]), r.json()["choices"][0]["message"]["content"]
 
     conv = [
@@ -470,12 +471,19 @@ def test_follow_up_turn_goes_to_its_slot(server):
         }
     ]
     slot1, answer = post(conv)
+    first_prompt = post.usage["prompt_tokens"]
+    assert post.usage["prompt_tokens_details"]["cached_tokens"] == 0
     other = [{"role": "user", "content": "Something unrelated entirely, " * 6}]
     slot_other, _ = post(other)
     assert slot_other != slot1  # LRU: the idle slot that does not hold the conversation
     conv2 = conv + [{"role": "assistant", "content": answer}, {"role": "user", "content": "And then?"}]
     slot2, _ = post(conv2)
     assert slot2 == slot1
+    # ... and reuses its cache: turn 1's prompt (image included) is not evaluated again; what
+    # is new is the reply's last token (never fed back), the template's tail and "And then?".
+    usage = post.usage
+    cached = usage["prompt_tokens_details"]["cached_tokens"]
+    assert first_prompt <= cached < usage["prompt_tokens"] < cached + 40, usage
     # The same text with a different image is another conversation: its common prefix with that
     # slot ends at the image, so it goes to the least recently used slot (the other one) instead
     # of the most similar token sequence.

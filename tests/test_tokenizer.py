@@ -52,10 +52,10 @@ def reader(tokenizer_gguf):
 
 
 @pytest.fixture(scope="module")
-def tok(gguf_path) -> Tokenizer:
+def tok(tokenizer_gguf) -> Tokenizer:
     from mllama_q.gguf_file import open_gguf
 
-    return Tokenizer.from_gguf(open_gguf(gguf_path))
+    return Tokenizer.from_gguf(open_gguf(tokenizer_gguf))
 
 
 def test_metadata_matches_llama_cpp_layout(reader, tokenizer_dir, real_chat_template):

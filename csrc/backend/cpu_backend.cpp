@@ -4,7 +4,8 @@
 // GGUF. Matrix products go through the fused kernels in csrc/cpu (SIMD paths
 // chosen at run time); elementwise ops are row- or chunk-parallel on the pool.
 // Attention for a few queries (decode) reads the KV cache in place
-// (csrc/cpu/attention.h); otherwise by the fused flash kernel
+// (csrc/cpu/attention.h), as does attention_segments() for any number of
+// queries (the text decoder: batch-invariant); otherwise by the fused flash kernel
 // (csrc/cpu/attention_flash.h: online softmax over key blocks, scores never
 // leave L1; a 4-tile image has 6432 queries and keys). Both have scalar
 // reference kernels (the scalar CPU path) beside the SIMD ones.
@@ -26,6 +27,7 @@
 #include "cpu/attention_flash.h"
 #include "cpu/matmul.h"
 #include "cpu/rowops.h"
+#include "cpu/sampling.h"
 #include "quants/quants.h"
 
 namespace mq {
@@ -259,23 +261,63 @@ public:
 
     static bool direct_enabled() { return env::cpu_attn_direct(); }   // read at every call (benchmarks flip it)
 
-    void store_rows(const float* src, void* dst, DType dst_type, int64_t n, int64_t width,
-                    int64_t dst_stride) override {
+    void store_rows(const float* src, void* dst, DType dst_type, int64_t n, int64_t width, int64_t dst_stride,
+                    const int32_t* dst_rows) override {
         if (dst_type != DType::F32 && dst_type != DType::F16)
             throw std::invalid_argument("store_rows: destination type must be f32 or f16");
+        if (dst_stride < width) throw std::invalid_argument("store_rows: row stride smaller than the row");
+        if (dst_rows)
+            for (int64_t j = 0; j < n; j++)
+                if (dst_rows[j] < 0) throw std::invalid_argument("store_rows: negative destination row");
         Timed t;
         pool_.parallel_for(n, [&](int64_t j, int) {
+            const int64_t r = dst_rows ? dst_rows[j] : j;
             if (dst_type == DType::F32)
-                std::memcpy(static_cast<float*>(dst) + j * dst_stride, src + j * width, width * sizeof(float));
+                std::memcpy(static_cast<float*>(dst) + r * dst_stride, src + j * width, width * sizeof(float));
             else
-                quantize_row_f16(src + j * width, static_cast<uint16_t*>(dst) + j * dst_stride, width);
+                quantize_row_f16(src + j * width, static_cast<uint16_t*>(dst) + r * dst_stride, width);
         });
         t.done("store_rows", [&] { return std::string(type_info(dst_type).name); }, 0,
                double(n) * width * (4 + type_info(dst_type).type_size));
     }
 
+    void scatter_i32(const int32_t* src, int32_t* dst, const int32_t* idx, int64_t n) override {
+        for (int64_t j = 0; j < n; j++) {
+            if (idx[j] < 0) throw std::invalid_argument("scatter_i32: negative index");
+            dst[idx[j]] = src[j];
+        }
+    }
+
+    void attention_segments(const float* q, float* out, const AttnSegment* segs_host, const AttnSegment*, int n_segs,
+                            DType kv_type, int64_t kv_stride, int n_head, int n_kv_head, int hd,
+                            float scale) override {
+        // Always the direct kernel: its result per row does not depend on the
+        // call's shape (csrc/cpu/attention.h), which the flash kernel's does.
+        for (int s = 0; s < n_segs; s++) {
+            const AttnSegment& g = segs_host[s];
+            if (g.n_q <= 0) continue;
+            if (g.n_k < 0 || g.q_row < 0) throw std::invalid_argument("attention_segments: negative extent");
+            const int64_t off = g.q_row * n_head * hd;
+            cpu::attention_direct(q + off, g.k, g.v, kv_type, kv_stride, out + off, g.n_q, g.n_k, n_head, n_kv_head,
+                                  hd, scale, nullptr, 0, g.causal != 0, g.q_offset, pool_);
+        }
+    }
+
+    // ---- sampling ---------------------------------------------------------
+    void sample(const float* logits, int64_t n_rows, int64_t vocab, const SampleParams* params, const int32_t* hist,
+                int32_t* out_ids) override {
+        if (n_rows <= 0) return;
+        if (vocab <= 0) throw std::invalid_argument("sample: empty vocabulary");
+        for (int64_t r = 0; r < n_rows; r++) cpu::check_sample_params(params[r]);
+        if (int64_t(scratch_.size()) < pool_.size()) scratch_.resize(size_t(pool_.size()));
+        pool_.parallel_for(n_rows, [&](int64_t r, int thread) {
+            out_ids[r] = cpu::sample_row(logits + r * vocab, vocab, params[r], hist, scratch_[size_t(thread)]);
+        });
+    }
+
 private:
     ThreadPool& pool_;
+    std::vector<cpu::SampleScratch> scratch_;   // one per pool thread
 };
 
 }  // namespace

@@ -12,6 +12,7 @@
 #include "backend/backend.h"
 #include "bindings/array_check.h"
 #include "bindings/bindings.h"
+#include "bindings/sample_params_py.h"
 #include "common/threadpool.h"
 
 namespace py = pybind11;
@@ -89,8 +90,12 @@ public:
         const TypeInfo& ti = type_info_by_name(type.c_str());
         require(size_t(table.nbytes()) == row_size(ti.type, cols) * size_t(rows), "table byte count mismatch");
         Weight W = be_->upload(table.data(), ti.type, rows, cols);
+        for (py::ssize_t i = 0; i < ids.size(); i++)   // a device backend cannot check them
+            require(ids.data()[i] >= 0 && ids.data()[i] < rows,
+                    "get_rows: id " + std::to_string(ids.data()[i]) + " out of range [0, " + std::to_string(rows) + ")");
+        auto dids = upload(ids);
         DevBuf out(be_.get(), std::max<int64_t>(ids.size() * cols, 1) * sizeof(float));
-        be_->get_rows(W, ids.data(), ids.size(), out.f());
+        be_->get_rows(W, static_cast<const int32_t*>(dids->p), ids.size(), out.f());
         auto r = download(out, {ids.size(), cols});
         release_weight(W, table.data());
         return r;
@@ -140,8 +145,9 @@ public:
         require(xf.ndim() == 3, "x must be [n_tok, n_head, head_dim]");
         require(pos.size() == xf.shape(0), "pos must have n_tok entries");
         require(ff.size() * 2 == xf.shape(2), "inv_freq must have head_dim/2 entries");
-        auto dx = upload(xf);
-        be_->rope(dx->f(), xf.shape(0), int(xf.shape(1)), int(xf.shape(2)), pos.data(), ff.data());
+        auto dx = upload(xf), dpos = upload(pos), dinv = upload(ff);
+        be_->rope(dx->f(), xf.shape(0), int(xf.shape(1)), int(xf.shape(2)), static_cast<const int32_t*>(dpos->p),
+                  dinv->f());
         return download(*dx, {xf.shape(0), xf.shape(1), xf.shape(2)});
     }
 
@@ -178,10 +184,90 @@ public:
         require(sf.ndim() == 2, "src must be [n, width]");
         auto ds = upload(sf);
         DevBuf dd(be_.get(), std::max<int64_t>(sf.size(), 1) * 2);
-        be_->store_rows(ds->f(), dd.p, DType::F16, sf.shape(0), sf.shape(1), sf.shape(1));
+        be_->store_rows(ds->f(), dd.p, DType::F16, sf.shape(0), sf.shape(1), sf.shape(1), nullptr);
         py::array_t<uint16_t> out({sf.shape(0), sf.shape(1)});
         be_->synchronize();
         if (out.nbytes()) be_->to_host(out.mutable_data(), dd.p, out.nbytes());
+        return out;
+    }
+
+    // Backend::attention_segments over numpy: q [nq, n_head, hd] f32; per segment
+    // (q_row, n_q, k [n_k, n_kv, hd], v, q_offset, causal) with f32 or f16 K/V.
+    py::array_t<float> attention_segments(py::array q, py::list segments, float scale) {
+        auto qf = f32_array(q, "q");
+        require(qf.ndim() == 3, "q must be [nq, n_head, hd]");
+        const int64_t nq = qf.shape(0);
+        const int n_head = int(qf.shape(1)), hd = int(qf.shape(2));
+        auto dq = upload(qf);
+        std::vector<std::unique_ptr<DevBuf>> bufs;
+        std::vector<Backend::AttnSegment> segs;
+        int n_kv = -1, esize = 0;
+        for (auto item : segments) {
+            auto t = item.cast<py::tuple>();
+            require(t.size() == 6, "segments are (q_row, n_q, k, v, q_offset, causal)");
+            py::array k = t[2].cast<py::array>(), v = t[3].cast<py::array>();
+            require_c_contiguous(k, "k");
+            require_c_contiguous(v, "v");
+            require(k.ndim() == 3 && v.ndim() == 3 && k.shape(2) == hd && v.shape(0) == k.shape(0) &&
+                        v.shape(1) == k.shape(1) && v.shape(2) == hd, "k/v must be [n_k, n_kv_head, hd]");
+            require(k.itemsize() == v.itemsize() && (k.itemsize() == 4 || k.itemsize() == 2), "k/v must be f32 or f16");
+            require(n_kv < 0 || (n_kv == int(k.shape(1)) && esize == int(k.itemsize())), "segments must share K/V shape and type");
+            n_kv = int(k.shape(1));
+            esize = int(k.itemsize());
+            Backend::AttnSegment g;
+            g.q_row = t[0].cast<int64_t>();
+            g.n_q = t[1].cast<int64_t>();
+            require(g.q_row >= 0 && g.n_q >= 0 && g.q_row + g.n_q <= nq, "segment rows out of range");
+            bufs.push_back(upload(k));
+            g.k = bufs.back()->p;
+            bufs.push_back(upload(v));
+            g.v = bufs.back()->p;
+            g.n_k = k.shape(0);
+            g.q_offset = t[4].cast<int64_t>();
+            g.causal = t[5].cast<bool>() ? 1 : 0;
+            segs.push_back(g);
+        }
+        require(!segs.empty(), "no segments");
+        DevBuf out(be_.get(), std::max<size_t>(qf.nbytes(), 4));
+        be_->copy(out.p, dq->p, qf.nbytes());   // rows no segment covers keep q (tests check they are untouched)
+        {
+            py::gil_scoped_release nogil;
+            be_->attention_segments(dq->f(), out.f(), segs.data(), nullptr, int(segs.size()),
+                                    esize == 4 ? DType::F32 : DType::F16, int64_t(n_kv) * hd, n_head, n_kv, hd, scale);
+        }
+        return download(out, {nq, n_head, hd});
+    }
+
+    // Backend::sample over numpy: logits [n, V] f32, one history (int32) and one
+    // parameter tuple (temperature, top_k, top_p, min_p, repetition_penalty, u) per row.
+    py::array_t<int32_t> sample(py::array logits, py::list histories, py::list params) {
+        auto lf = f32_array(logits, "logits");
+        require(lf.ndim() == 2, "logits must be [n_rows, vocab]");
+        const int64_t n = lf.shape(0), V = lf.shape(1);
+        require(int64_t(histories.size()) == n && int64_t(params.size()) == n, "one history and one parameter set per row");
+        std::vector<int32_t> hist;
+        std::vector<Backend::SampleParams> ps(static_cast<size_t>(n));
+        for (int64_t r = 0; r < n; r++) {
+            auto h = py::array_t<int32_t, py::array::c_style | py::array::forcecast>(histories[size_t(r)]);
+            ps[size_t(r)] = sample_params_from(params[size_t(r)].cast<py::tuple>());
+            ps[size_t(r)].hist_begin = int32_t(hist.size());
+            ps[size_t(r)].hist_len = int32_t(h.size());
+            hist.insert(hist.end(), h.data(), h.data() + h.size());
+            Backend::check(ps[size_t(r)]);
+        }
+        auto dl = upload(lf);
+        DevBuf dh(be_.get(), std::max<size_t>(hist.size(), 1) * 4), dp(be_.get(), ps.size() * sizeof(Backend::SampleParams));
+        DevBuf di(be_.get(), size_t(n) * 4);
+        if (!hist.empty()) be_->to_device(dh.p, hist.data(), hist.size() * 4);
+        be_->to_device(dp.p, ps.data(), ps.size() * sizeof(Backend::SampleParams));
+        {
+            py::gil_scoped_release nogil;
+            be_->sample(dl->f(), n, V, static_cast<const Backend::SampleParams*>(dp.p),
+                        static_cast<const int32_t*>(dh.p), static_cast<int32_t*>(di.p));
+        }
+        py::array_t<int32_t> out(n);
+        be_->synchronize();
+        be_->to_host(out.mutable_data(), di.p, size_t(n) * 4);
         return out;
     }
 
@@ -209,7 +295,10 @@ void register_backend(py::module_& m) {
         .def("rope", &PyBackend::rope, py::arg("x"), py::arg("pos"), py::arg("inv_freq"))
         .def("attention", &PyBackend::attention, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("scale"),
              py::arg("mask") = py::none(), py::arg("causal") = false, py::arg("q_offset") = 0)
-        .def("store_rows_f16", &PyBackend::store_rows_f16, py::arg("src"));
+        .def("store_rows_f16", &PyBackend::store_rows_f16, py::arg("src"))
+        .def("attention_segments", &PyBackend::attention_segments, py::arg("q"), py::arg("segments"), py::arg("scale"))
+        .def("sample", &PyBackend::sample, py::arg("logits"), py::arg("histories"), py::arg("params"),
+             "One sampled id per logits row (params: (temperature, top_k, top_p, min_p, repetition_penalty, u)).");
 }
 
 }  // namespace mq::bind

@@ -12,6 +12,8 @@
 #include "common/profile.h"
 #include "common/threadpool.h"
 #include "cpu/matmul.h"
+#include "cpu/sampling.h"
+#include "bindings/sample_params_py.h"
 
 namespace py = pybind11;
 
@@ -154,6 +156,28 @@ void register_cpu(py::module_& m) {
         },
         py::arg("x"), py::arg("path"), "Q8_0 activation bytes as the kernels of `path` make them (test hook).");
 
+    // The CPU sampler's distribution (csrc/cpu/sampling.h), for the tests that
+    // compare it with transformers' logits processors.
+    m.def("sample_probs",
+          [](py::array_t<float, py::array::c_style | py::array::forcecast> logits,
+             py::array_t<int32_t, py::array::c_style | py::array::forcecast> history, py::tuple params) {
+              require(logits.ndim() == 1 && logits.size() > 0, "logits must be a non-empty 1-D array");
+              Backend::SampleParams p = sample_params_from(params);
+              p.hist_begin = 0;
+              p.hist_len = int32_t(history.size());
+              Backend::check(p);
+              cpu::SampleScratch sc;
+              std::vector<int32_t> ids;
+              std::vector<float> probs;
+              cpu::sample_distribution(logits.data(), logits.size(), p, history.data(), sc, ids, probs);
+              py::array_t<float> out(logits.size());
+              std::fill(out.mutable_data(), out.mutable_data() + out.size(), 0.0f);
+              for (size_t i = 0; i < ids.size(); i++) out.mutable_data()[ids[i]] = probs[i];
+              return out;
+          },
+          py::arg("logits"), py::arg("history"), py::arg("params"),
+          "Sampling distribution f32 [V] of the CPU sampler; params (temperature, top_k, top_p, min_p, "
+          "repetition_penalty, u).");
     m.def("cpu_features", [] {
         const auto& f = cpu::cpu_features();
         py::dict d;

@@ -4,10 +4,14 @@
 
 #include <cstdlib>
 #include <memory>
+#include <new>
 #include <stdexcept>
 #include <string>
 #if defined(__linux__)
 #include <sched.h>
+#endif
+#if defined(__unix__) || defined(__APPLE__)
+#include <pthread.h>
 #endif
 
 namespace mq {
@@ -121,13 +125,37 @@ int ThreadPool::default_threads() {
     return n > 0 ? static_cast<int>(n) : 1;
 }
 
+void ThreadPool::forget_workers_after_fork() {
+    // The std::thread objects name the parent's threads: destroying a joinable one
+    // calls std::terminate and joining one waits forever, so they move to a vector
+    // that is never destroyed (a few bytes per worker, leaked in the child only).
+    new std::vector<std::thread>(std::move(workers_));
+    workers_.clear();
+    // Another parent thread may have held these at the fork (glibc's mutex and
+    // condition variable need no destruction, so constructing over them is safe).
+    new (&mu_) std::mutex;
+    new (&run_mu_) std::mutex;
+    new (&error_mu_) std::mutex;
+    new (&cv_) std::condition_variable;
+    n_threads_ = 1;
+}
+
 static std::unique_ptr<ThreadPool>& global_slot() {
     static std::unique_ptr<ThreadPool> pool;
     return pool;
 }
 static std::mutex g_pool_mu;
 
+static void global_pool_after_fork_in_child() {
+    new (&g_pool_mu) std::mutex;  // see forget_workers_after_fork
+    if (auto& p = global_slot()) p->forget_workers_after_fork();
+}
+
 ThreadPool& ThreadPool::global() {
+#if defined(__unix__) || defined(__APPLE__)
+    static const int registered = pthread_atfork(nullptr, nullptr, global_pool_after_fork_in_child);
+    (void)registered;
+#endif
     std::lock_guard<std::mutex> lk(g_pool_mu);
     auto& p = global_slot();
     if (!p) p = std::make_unique<ThreadPool>(default_threads());

@@ -7,6 +7,12 @@
 // decode step issues hundreds of short loops and a futex wake per loop costs
 // more than the loop. The first exception thrown by fn is re-thrown on the
 // calling thread after all workers have left the loop.
+//
+// fork(): a child process (multiprocessing's default start method on Linux, a
+// pre-forking server, the fuzz runner) inherits the pool's state but none of its
+// threads; a loop there would wait forever for workers that do not exist. The
+// global pool registers a pthread_atfork child handler that makes the child's
+// pool single-threaded (forget_workers_after_fork).
 #pragma once
 #include <atomic>
 #include <condition_variable>
@@ -34,6 +40,11 @@ public:
     static ThreadPool& global();
     static void set_global_threads(int n);   // rebuilds the global pool (n <= 0: default)
     static int default_threads();
+
+    // Called in the child of fork() (pthread_atfork, registered with the global pool):
+    // the child has only the forking thread, so the workers are gone. Forget them and
+    // run loops on the calling thread until set_global_threads() sizes the pool again.
+    void forget_workers_after_fork();
 
 private:
     void worker(int index);

@@ -156,15 +156,19 @@ void attn_chunk_avx2(const AttnChunk& a, float* s, float* m, float* l, float* ac
             _mm256_storeu_ps(sr + j, e);
             vs = _mm256_add_ps(vs, e);
         }
-        float sum = hsum(vs);
         if (j < n) {   // last partial vector through a padded copy (padding -inf -> 0)
             alignas(32) float tail[8];
             for (int t = 0; t < 8; t++) tail[t] = j + t < n ? sr[j + t] : ninf;
             const __m256 e = exp8_nonpos(_mm256_sub_ps(_mm256_load_ps(tail), vmx));
             _mm256_store_ps(tail, e);
-            for (int t = 0; j + t < n; t++) { sr[j + t] = tail[t]; sum += tail[t]; }
+            for (int t = 0; j + t < n; t++) sr[j + t] = tail[t];
+            // Added as a vector: key j0 + t always lands in lane t % 8, and the
+            // padding adds exact zeros, so a row's sum does not depend on how
+            // many keys after its last visible one the chunk holds (batch
+            // invariance, attention.h).
+            vs = _mm256_add_ps(vs, e);
         }
-        l[r] = sum;
+        l[r] = hsum(vs);
     }
     // 3. acc[r, :] = sum_j p[r, j] v_j
     kPv[a.R - 1](a, s, acc);

@@ -2,19 +2,27 @@
 // called after matmul.cpp has checked the CPU and OS support them.
 //
 // Three kinds of kernels:
-//  * tiles (all types, any M): up to 4 X rows x 4 W rows; for each weight
+//  * tiles (all types, any M): up to 8 X rows x 4 W rows; for each weight
 //    block a W row is unpacked once into registers (nibbles, scale vectors)
-//    and reused for the X rows of the tile. Decode tiles (<= 2 X rows) of the
-//    quantized types take one W row at a time with software prefetch: that
-//    streams W from DRAM fastest here.
+//    and reused for the X rows of the tile. Tiles of one W row (decode, and
+//    Q4_K / Q6_K for any M < 16) use software prefetch: that streams W from
+//    DRAM fastest here.
 //    Integer arithmetic per block (exact, as ggml's vec_dot_*_q8_K):
-//    maddubs(u8 quants, s8 activations) -> int16 pair sums (no saturation:
-//    |15*127*2| and |63*127*2| < 32767), then vpdpwssd with the int16
-//    sub-block scales -> int32 (VNNI), then one float FMA per block.
+//    Q4_K / Q6_K: vpdpbusd(u8 quants, s8 activations) -> int32 sums of 4,
+//    packed to int16 (no saturation: |4*15*128| and |4*63*128| < 32767), then
+//    vpdpwssd with the int16 sub-block scales -> int32, then one float FMA per
+//    block; Q8_0: W shifted to unsigned, vpdpbusd (see Q80Tile).
 //  * panel GEMM (Q4_K, Q6_K with M >= 16): see "panel GEMM" below; about
 //    twice the tile kernels' speed at M = 512.
 //  * activation quantizers (Q8_K, Q8_0) giving ggml's reference bytes.
-// MQ_Q4K_NX/NW, MQ_Q6K_NX/NW: tile sizes (4 x 4 measured best here; 8 x 2 was 25% slower).
+// MQ_Q4K_NX/NW, MQ_Q6K_NX/NW: tile sizes. With the panel GEMM taking M >= 16, the
+// tiles serve M < 16: a batched decode step of several sequences. Tiles of up to 8 X
+// rows x ONE W row (with software prefetch) are fastest there: the W block's unpack
+// (scales, mins, nibbles: ~25 instructions) is shared by 8 rows, and 8 accumulators plus
+// the unpacked block fit the 32 zmm registers, where 4 x 4 (16 accumulators) spilled and
+// 4 x 2 still did. Measured (bench kernels, 2 threads, load ~1): M = 4, 2 x 1 -> 8 x 1:
+// Q4_K 14336x4096 1.27 -> 1.07 ms, 4096x14336 1.35 -> 1.04 ms; Q6_K 128256x4096
+// 15.8 -> 10.4 ms; M = 8: Q6_K 128256x4096 29.5 -> 18.4 ms; M <= 2 unchanged.
 #include <immintrin.h>
 
 #include <cstring>
@@ -25,19 +33,19 @@
 #include "quants/quants.h"
 
 #ifndef MQ_Q4K_NX
-#define MQ_Q4K_NX 4
-#define MQ_Q4K_NW 4
+#define MQ_Q4K_NX 8
+#define MQ_Q4K_NW 1
 #endif
 #ifndef MQ_Q6K_NX
-#define MQ_Q6K_NX 4
-#define MQ_Q6K_NW 4
+#define MQ_Q6K_NX 8
+#define MQ_Q6K_NW 1
 #endif
 
 namespace mq::cpu::detail {
 namespace {
 
-// Decode tiles (<= 2 X rows) take one W row at a time (NWGD = 1 below) with
-// software prefetch (prefetch_w, simd_x86.h).
+// Decode tiles (<= 2 X rows) take one W row at a time (NWGD = 1 below), the quantized
+// K tiles always do (NW = 1); one-W-row tiles use software prefetch (prefetch_w, simd_x86.h).
 
 // ---------------------------------------------------------------- float weights
 // W rows as float32 / fp16 (F16C) / bf16 (bf16 is the top half of a float32).
@@ -175,23 +183,34 @@ void prep_q8_K(const float* x, void* xq, int64_t K) {
     for (int64_t b = 0; b < K / QK_K; b++) quantize_q8_K_block(x + QK_K * b, y + b, false);
 }
 
-// vpermw index vectors: int16 lane t of scale vector v takes sub-block scale
-// idx(v, t) from the 8 (Q4_K) or 16 (Q6_K) int16 scales.
-inline __m512i q4_scale_idx(int a, int b) {   // lanes 0..15 -> a, 16..31 -> b
-    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi16(short(a))), _mm256_set1_epi16(short(b)), 1);
+// vpermw index vectors: int16 lane t of a scale vector takes sub-block scale idx(t)
+// from the 8 (Q4_K) or 16 (Q6_K) int16 scales.
+// For Q4_K's packed sums (Q4KTile): packs_epi32(p, q) puts, in each 128-bit lane L,
+// p's int32 lanes 4L..4L+3 then q's as int16 (lanes 8L+u, u < 4 from p). p and q hold
+// the 4-value dot products of two 64-value chunks (int32 lanes 0..7: the chunk's first
+// sub-block, 8..15: its second), so int16 lane 8L+u belongs to sub-block
+//   L < 2: u < 4 ? p1 : q1      L >= 2: u < 4 ? p2 : q2    (pX: chunk p's first / second).
+inline __m512i q4_packed_scale_idx(int p1, int q1, int p2, int q2) {
+    alignas(64) int16_t t[32];
+    for (int L = 0; L < 4; L++)
+        for (int u = 0; u < 8; u++) t[8 * L + u] = int16_t(L < 2 ? (u < 4 ? p1 : q1) : (u < 4 ? p2 : q2));
+    return _mm512_load_si512(t);
 }
-inline __m512i q6_scale_idx(int v) {          // lanes 8s..8s+7 -> 4v + s
-    return _mm512_inserti64x4(
-        _mm512_castsi256_si512(_mm256_set_m128i(_mm_set1_epi16(short(4 * v + 1)), _mm_set1_epi16(short(4 * v)))),
-        _mm256_set_m128i(_mm_set1_epi16(short(4 * v + 3)), _mm_set1_epi16(short(4 * v + 2))), 1);
+// Q6_K's (Q6KTile): chunks a and b of 64 values hold sub-blocks 4a..4a+3 / 4b..4b+3 of 16
+// values (int32 lanes 4s..4s+3: sub-block 4a+s), so int16 lane 8L+u -> u < 4 ? 4a+L : 4b+L.
+inline __m512i q6_packed_scale_idx(int a, int b) {
+    alignas(64) int16_t t[32];
+    for (int L = 0; L < 4; L++)
+        for (int u = 0; u < 8; u++) t[8 * L + u] = int16_t(u < 4 ? 4 * a + L : 4 * b + L);
+    return _mm512_load_si512(t);
 }
 
 struct Q4KTile {
     template <int NX, int NW>
     static void run(const uint8_t* w, size_t ws, const uint8_t* x, size_t xs, int64_t K, float* y, int64_t ldy) {
         const __m512i m4 = _mm512_set1_epi8(0x0F);
-        const __m512i idx0 = q4_scale_idx(0, 2), idx1 = q4_scale_idx(1, 3);
-        const __m512i idx2 = q4_scale_idx(4, 6), idx3 = q4_scale_idx(5, 7);
+        // chunks of XQ4K / w0..w3: sub-blocks (0, 2), (1, 3), (4, 6), (5, 7)
+        const __m512i idx01 = q4_packed_scale_idx(0, 1, 2, 3), idx23 = q4_packed_scale_idx(4, 5, 6, 7);
         __m512 acc[NX][NW];
         for (int i = 0; i < NX; i++)
             for (int j = 0; j < NW; j++) acc[i][j] = _mm512_setzero_ps();
@@ -199,12 +218,11 @@ struct Q4KTile {
         for (int64_t b = 0; b < nb; b++) {
             for (int j = 0; j < NW; j++) {
                 const block_q4_K* wb = reinterpret_cast<const block_q4_K*>(w + j * ws) + b;
-                if constexpr (NX <= 2) prefetch_w<sizeof(block_q4_K)>(wb);
+                if constexpr (NW == 1) prefetch_w<sizeof(block_q4_K)>(wb);
                 uint64_t sc8, m8;
                 unpack_q4_K_scales(wb->scales, &sc8, &m8);
                 const __m512i s16 = _mm512_castsi128_si512(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(int64_t(sc8))));
-                const __m512i sv0 = _mm512_permutexvar_epi16(idx0, s16), sv1 = _mm512_permutexvar_epi16(idx1, s16);
-                const __m512i sv2 = _mm512_permutexvar_epi16(idx2, s16), sv3 = _mm512_permutexvar_epi16(idx3, s16);
+                const __m512i sv01 = _mm512_permutexvar_epi16(idx01, s16), sv23 = _mm512_permutexvar_epi16(idx23, s16);
                 // dmin * m_s for the 8 sub-blocks, lanes 0..7 (8..15 zero)
                 const __m512 wm = _mm512_zextps256_ps512(_mm256_mul_ps(
                     _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(int64_t(m8)))), _mm256_set1_ps(h2f(wb->dmin))));
@@ -214,11 +232,16 @@ struct Q4KTile {
                 const __m512 dw = _mm512_set1_ps(h2f(wb->d));
                 for (int i = 0; i < NX; i++) {
                     const XQ4K* xb = reinterpret_cast<const XQ4K*>(x + i * xs) + b;
-                    __m512i isum = _mm512_dpwssd_epi32(_mm512_setzero_si512(),
-                                                       _mm512_maddubs_epi16(w0, _mm512_loadu_si512(xb->qs)), sv0);
-                    isum = _mm512_dpwssd_epi32(isum, _mm512_maddubs_epi16(w1, _mm512_loadu_si512(xb->qs + 64)), sv1);
-                    isum = _mm512_dpwssd_epi32(isum, _mm512_maddubs_epi16(w2, _mm512_loadu_si512(xb->qs + 128)), sv2);
-                    isum = _mm512_dpwssd_epi32(isum, _mm512_maddubs_epi16(w3, _mm512_loadu_si512(xb->qs + 192)), sv3);
+                    // 4-value dot products per chunk (vpdpbusd), packed to int16 (|4*15*128| <
+                    // 32767: exact), times the sub-block scales and summed in pairs (vpdpwssd):
+                    // 6 multiplies per block and row instead of maddubs + dpwssd's 8.
+                    const __m512i z = _mm512_setzero_si512();
+                    const __m512i p0 = _mm512_dpbusd_epi32(z, w0, _mm512_loadu_si512(xb->qs));
+                    const __m512i p1 = _mm512_dpbusd_epi32(z, w1, _mm512_loadu_si512(xb->qs + 64));
+                    const __m512i p2 = _mm512_dpbusd_epi32(z, w2, _mm512_loadu_si512(xb->qs + 128));
+                    const __m512i p3 = _mm512_dpbusd_epi32(z, w3, _mm512_loadu_si512(xb->qs + 192));
+                    __m512i isum = _mm512_dpwssd_epi32(z, _mm512_packs_epi32(p0, p1), sv01);
+                    isum = _mm512_dpwssd_epi32(isum, _mm512_packs_epi32(p2, p3), sv23);
                     // + dw * dx * isum  - sum_s (dmin m_s) * (dx bsum pair_s)
                     acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(dw, _mm512_set1_ps(xb->d)), acc[i][j]);
                     acc[i][j] = _mm512_fnmadd_ps(wm, _mm512_zextps256_ps512(_mm256_loadu_ps(xb->dm)), acc[i][j]);
@@ -243,7 +266,7 @@ struct Q6KTile {
     template <int NX, int NW>
     static void run(const uint8_t* w, size_t ws, const uint8_t* x, size_t xs, int64_t K, float* y, int64_t ldy) {
         const __m512i m4 = _mm512_set1_epi8(0x0F), m30 = _mm512_set1_epi8(0x30);
-        const __m512i idx0 = q6_scale_idx(0), idx1 = q6_scale_idx(1), idx2 = q6_scale_idx(2), idx3 = q6_scale_idx(3);
+        const __m512i idx01 = q6_packed_scale_idx(0, 1), idx23 = q6_packed_scale_idx(2, 3);
         __m512 acc[NX][NW];
         for (int i = 0; i < NX; i++)
             for (int j = 0; j < NW; j++) acc[i][j] = _mm512_setzero_ps();
@@ -251,7 +274,7 @@ struct Q6KTile {
         for (int64_t b = 0; b < nb; b++) {
             for (int j = 0; j < NW; j++) {
                 const block_q6_K* wb = reinterpret_cast<const block_q6_K*>(w + j * ws) + b;
-                if constexpr (NX <= 2) prefetch_w<sizeof(block_q6_K)>(wb);
+                if constexpr (NW == 1) prefetch_w<sizeof(block_q6_K)>(wb);
                 __m512i q[4];
                 for (int h = 0; h < 2; h++) {
                     const __m512i ql = _mm512_loadu_si512(wb->ql + 64 * h);
@@ -262,18 +285,21 @@ struct Q6KTile {
                 }
                 const __m256i s16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wb->scales)));
                 const __m512i sz = _mm512_castsi256_si512(s16);
-                const __m512i sv0 = _mm512_permutexvar_epi16(idx0, sz), sv1 = _mm512_permutexvar_epi16(idx1, sz);
-                const __m512i sv2 = _mm512_permutexvar_epi16(idx2, sz), sv3 = _mm512_permutexvar_epi16(idx3, sz);
+                const __m512i sv01 = _mm512_permutexvar_epi16(idx01, sz), sv23 = _mm512_permutexvar_epi16(idx23, sz);
                 // -32 * scales in the low 16 int16 lanes, zero above (|.| <= 4096)
                 const __m512i scm = _mm512_zextsi256_si512(_mm256_sub_epi16(_mm256_setzero_si256(), _mm256_slli_epi16(s16, 5)));
                 const float dw = h2f(wb->d);
                 for (int i = 0; i < NX; i++) {
                     const block_q8_K* xb = reinterpret_cast<const block_q8_K*>(x + i * xs) + b;
-                    __m512i isum = _mm512_dpwssd_epi32(_mm512_setzero_si512(),
-                                                       _mm512_maddubs_epi16(q[0], _mm512_loadu_si512(xb->qs)), sv0);
-                    isum = _mm512_dpwssd_epi32(isum, _mm512_maddubs_epi16(q[1], _mm512_loadu_si512(xb->qs + 64)), sv1);
-                    isum = _mm512_dpwssd_epi32(isum, _mm512_maddubs_epi16(q[2], _mm512_loadu_si512(xb->qs + 128)), sv2);
-                    isum = _mm512_dpwssd_epi32(isum, _mm512_maddubs_epi16(q[3], _mm512_loadu_si512(xb->qs + 192)), sv3);
+                    // as Q4KTile: vpdpbusd per chunk, packed to int16 (|4*63*128| = 32256 <
+                    // 32767: exact), vpdpwssd with the scales
+                    const __m512i z = _mm512_setzero_si512();
+                    const __m512i p0 = _mm512_dpbusd_epi32(z, q[0], _mm512_loadu_si512(xb->qs));
+                    const __m512i p1 = _mm512_dpbusd_epi32(z, q[1], _mm512_loadu_si512(xb->qs + 64));
+                    const __m512i p2 = _mm512_dpbusd_epi32(z, q[2], _mm512_loadu_si512(xb->qs + 128));
+                    const __m512i p3 = _mm512_dpbusd_epi32(z, q[3], _mm512_loadu_si512(xb->qs + 192));
+                    __m512i isum = _mm512_dpwssd_epi32(z, _mm512_packs_epi32(p0, p1), sv01);
+                    isum = _mm512_dpwssd_epi32(isum, _mm512_packs_epi32(p2, p3), sv23);
                     const __m512i bs = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb->bsums)));
                     isum = _mm512_dpwssd_epi32(isum, bs, scm);   // upper lanes of scm are 0
                     acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_set1_ps(dw * xb->d), acc[i][j]);

@@ -14,22 +14,22 @@
 //     kernels, attention split partials) grows on demand and is never freed
 //     per call: after a warm-up step with the largest shapes no allocation happens.
 //
-// Host arrays (ids_host, pos_host, inv_freq_host)
-//   are memcpy'd into a pinned ring buffer and sent with cudaMemcpyAsync on the
-//   backend's stream, so ops never synchronise the host with the device. The
-//   ring has two halves; before reusing a half the host waits on an event
-//   recorded when it was last left (rare: each half holds 256 KiB).
+// Step inputs
+//   Every array an op reads is device memory: the model puts a step's token
+//   ids, positions, cache rows, attention segment tables and sampling
+//   parameters in ONE block (csrc/model/step_block.h) and sends it with one
+//   cudaMemcpyAsync per step; nothing else is staged.
 //
-// Toward CUDA graphs (model integration, later session): all kernels run on one
-// stream and take device pointers only; what still prevents capturing a decode
-// step as-is: (1) host arrays are staged per call (under capture the staged
-// bytes would be frozen into the graph: the model should keep positions / ids
-// in device memory and update them with one copy before replay, or pass device
-// pointers through new entry points); (2) the ring's event wait and scratch
-// growth must not happen inside a capture (warm up with the largest shapes
-// before capturing); (3) the attention split count depends on nk, so a graph
-// for a growing KV cache must be captured for an nk upper bound with a mask, or
-// re-captured per length bucket.
+// Toward CUDA graphs (next step; nothing here is captured yet): all kernels
+// run on one stream and take device pointers only, and the step block's
+// device address is stable, so a decode step can be captured once per batch
+// size and replayed after the block copy. What still prevents it: (1) the
+// attention launches take their key counts (and split counts derived from
+// them) as kernel arguments from the segment table's host mirror: a captured
+// step needs a kernel that reads them from the block's device copy (already
+// in the block, `segs`) with a fixed upper bound; (2) scratch growth
+// (cudaMalloc) must not happen inside a capture: warm up with the largest
+// shapes first. Sampling already reads its parameters and draws on the device.
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
@@ -43,6 +43,7 @@
 #include "common/env.h"
 #include "cuda/cuda_common.cuh"
 #include "cuda/cuda_kernels.h"
+#include "cuda/cuda_sampling.h"
 
 namespace mq::cuda {
 
@@ -55,7 +56,6 @@ void throw_cuda_error(cudaError_t e, const char* what, const char* file, int lin
 namespace {
 
 constexpr size_t kAlign = 256;
-constexpr size_t kRingHalf = 256 * 1024;
 
 size_t round_up(size_t n, size_t a) { return (n + a - 1) / a * a; }
 
@@ -85,12 +85,6 @@ public:
         name_ = std::string("cuda:") + std::to_string(device) + " (" + prop.name + ")";
         num_sms_ = prop.multiProcessorCount;
         MQ_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
-        MQ_CUDA_CHECK(cudaMallocHost(&ring_host_, 2 * kRingHalf));
-        ring_dev_ = static_cast<uint8_t*>(raw_alloc(2 * kRingHalf));
-        for (auto& e : ring_event_) {
-            MQ_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
-            MQ_CUDA_CHECK(cudaEventRecord(e, stream_));
-        }
     }
 
     ~CudaBackend() override {
@@ -99,12 +93,8 @@ public:
         if (stream_) cudaStreamSynchronize(stream_);
         for (auto& kv : live_) cudaFree(kv.first);
         for (auto& kv : cache_) cudaFree(kv.second);
-        for (void* p : {static_cast<void*>(ring_dev_), static_cast<void*>(act_buf_), static_cast<void*>(attn_buf_),
-                        static_cast<void*>(big_stage_)})
+        for (void* p : {act_buf_, attn_buf_, samp_buf_})
             if (p) cudaFree(p);
-        if (ring_host_) cudaFreeHost(ring_host_);
-        for (auto& e : ring_event_)
-            if (e) cudaEventDestroy(e);
         if (stream_) cudaStreamDestroy(stream_);
         cudaGetLastError();
     }
@@ -112,8 +102,11 @@ public:
     std::string name() const override { return name_; }
 
     // ---- memory ---------------------------------------------------------------
+    // alloc/free may be called from any thread (an image's K/V can be released by
+    // Python while another thread's step runs): the pool is locked.
     void* alloc(size_t bytes) override {
         activate();
+        std::lock_guard<std::mutex> lock(mem_mu_);
         const size_t size = round_up(std::max<size_t>(bytes, 1), kAlign);
         void* p = nullptr;
         auto it = cache_.lower_bound(size);
@@ -133,6 +126,7 @@ public:
 
     void free(void* p) override {
         if (!p) return;
+        std::lock_guard<std::mutex> lock(mem_mu_);
         auto it = live_.find(p);
         require(it != live_.end(), "free() of a pointer this backend did not allocate");
         // Stream order makes reuse safe: any later op that gets this block runs
@@ -215,16 +209,13 @@ public:
         gemm(w.type, w.data, N, K, x, M, ldx, bias, y, ldy, stream_);
     }
 
-    void get_rows(const Weight& table, const int32_t* ids_host, int64_t n, float* out) override {
+    void get_rows(const Weight& table, const int32_t* ids, int64_t n, float* out) override {
+        // float32 activations wrapped as a table (the logit rows' gather) are F32 Weights too
         check_weight(table, "get_rows");
         require(n >= 0, "get_rows: negative n");
         if (n == 0) return;
-        require(ids_host && out, "get_rows: null ids or out");
-        for (int64_t i = 0; i < n; ++i)
-            require(ids_host[i] >= 0 && ids_host[i] < table.rows,
-                    "get_rows: id " + std::to_string(ids_host[i]) + " out of range [0, " + std::to_string(table.rows) + ")");
+        require(ids && out, "get_rows: null ids or out");
         activate();
-        const int32_t* ids = static_cast<const int32_t*>(stage(ids_host, static_cast<size_t>(n) * sizeof(int32_t)));
         cuda::get_rows(table.type, table.data, table.cols, ids, n, out, stream_);
     }
 
@@ -260,16 +251,13 @@ public:
         activate();
         cuda::gelu(x, n, stream_);
     }
-    void rope(float* x, int64_t n_tok, int n_head, int head_dim, const int32_t* pos_host,
-              const float* inv_freq_host) override {
+    void rope(float* x, int64_t n_tok, int n_head, int head_dim, const int32_t* pos, const float* inv_freq) override {
         require(n_tok >= 0 && n_head >= 0, "rope: negative shape");
         require(head_dim > 0 && head_dim % 2 == 0, "rope: head_dim must be even and positive");
         if (n_tok == 0 || n_head == 0) return;
-        require(pos_host && inv_freq_host, "rope: null pos or inv_freq");
+        require(pos && inv_freq, "rope: null pos or inv_freq");
         activate();
-        const int32_t* pos = static_cast<const int32_t*>(stage(pos_host, static_cast<size_t>(n_tok) * sizeof(int32_t)));
-        const float* inv = static_cast<const float*>(stage(inv_freq_host, static_cast<size_t>(head_dim / 2) * sizeof(float)));
-        cuda::rope(x, n_tok, n_head, head_dim, pos, inv, stream_);
+        cuda::rope(x, n_tok, n_head, head_dim, pos, inv_freq, stream_);
     }
 
     // ---- attention --------------------------------------------------------------------
@@ -292,12 +280,47 @@ public:
         cuda::attention(a, scratch, num_sms_, stream_);
     }
 
-    void store_rows(const float* src, void* dst, DType dst_type, int64_t n, int64_t width,
-                    int64_t dst_stride) override {
+    void attention_segments(const float* q, float* out, const AttnSegment* segs_host, const AttnSegment*,
+                            int n_segs, DType kv_type, int64_t kv_stride, int n_head, int n_kv_head, int hd,
+                            float scale) override {
+        // One launch per segment from the host mirror (see the file comment: a
+        // graph-capturable step needs one kernel reading the device table).
+        // The CUDA kernels are not batch-invariant (split counts follow nk).
+        for (int i = 0; i < n_segs; i++) {
+            const AttnSegment& g = segs_host[i];
+            if (g.n_q <= 0) continue;
+            const int64_t off = g.q_row * int64_t(n_head) * hd;
+            attention(q + off, g.k, g.v, kv_type, kv_stride, out + off, g.n_q, g.n_k, n_head, n_kv_head, hd, scale,
+                      nullptr, 0, g.causal != 0, g.q_offset);
+        }
+    }
+
+    void store_rows(const float* src, void* dst, DType dst_type, int64_t n, int64_t width, int64_t dst_stride,
+                    const int32_t* dst_rows) override {
         require(dst_type == DType::F32 || dst_type == DType::F16, "store_rows: dst_type must be f32 or f16");
         require(n >= 0 && width >= 0 && dst_stride >= width, "store_rows: bad shape or stride");
         activate();
-        cuda::store_rows(src, dst, dst_type, n, width, dst_stride, stream_);
+        cuda::store_rows(src, dst, dst_type, n, width, dst_stride, dst_rows, stream_);
+    }
+
+    void scatter_i32(const int32_t* src, int32_t* dst, const int32_t* idx, int64_t n) override {
+        require(n >= 0, "scatter_i32: negative n");
+        activate();
+        cuda::scatter_i32(src, dst, idx, n, stream_);
+    }
+
+    void sample(const float* logits, int64_t n_rows, int64_t vocab, const SampleParams* params, const int32_t* hist,
+                int32_t* out_ids) override {
+        require(n_rows >= 0 && vocab > 0 && vocab <= 0x7fffffff, "sample: bad shape");
+        if (n_rows == 0) return;
+        activate();
+        // The penalty needs a copy of the rows (duplicate history ids must see the original
+        // score): [n_rows, vocab] floats of backend scratch, then the sampled rows in place.
+        float* work = static_cast<float*>(grow(samp_buf_, samp_cap_, size_t(n_rows) * vocab * sizeof(float)));
+        MQ_CUDA_CHECK(cudaMemcpyAsync(work, logits, size_t(n_rows) * vocab * sizeof(float), cudaMemcpyDeviceToDevice,
+                                      stream_));
+        cuda::repetition_penalty(logits, work, n_rows, vocab, params, hist, stream_);
+        cuda::sample_rows(work, n_rows, vocab, params, out_ids, stream_);
     }
 
     // The stream every op is queued on (for the model's graph capture and sampling).
@@ -345,7 +368,7 @@ private:
         return p;
     }
 
-    void release_cache() {
+    void release_cache() {   // with mem_mu_ held
         if (cache_.empty()) return;
         cudaStreamSynchronize(stream_);
         for (auto& kv : cache_) cudaFree(kv.second);
@@ -363,7 +386,10 @@ private:
         buf = nullptr;
         cap = 0;
         const size_t size = round_up(std::max(need, need + need / 4), kAlign);
-        buf = raw_alloc(size);
+        {
+            std::lock_guard<std::mutex> lock(mem_mu_);
+            buf = raw_alloc(size);
+        }
         cap = size;
         return buf;
     }
@@ -376,30 +402,6 @@ private:
         xds = reinterpret_cast<float2*>(base + q_bytes);
     }
 
-    // Copy a small host array to device memory without synchronising (see the
-    // file comment). Returns a device pointer valid for ops queued next.
-    const void* stage(const void* host, size_t bytes) {
-        const size_t size = round_up(bytes, kAlign);
-        if (size > kRingHalf) {
-            // Large (rare): a dedicated buffer, copied from pageable memory.
-            void* d = grow(big_stage_, big_stage_cap_, size);
-            MQ_CUDA_CHECK(cudaMemcpyAsync(d, host, bytes, cudaMemcpyHostToDevice, stream_));
-            return d;
-        }
-        if (ring_off_ + size > kRingHalf) {
-            MQ_CUDA_CHECK(cudaEventRecord(ring_event_[ring_half_], stream_));   // copies from this half done
-            ring_half_ ^= 1;
-            MQ_CUDA_CHECK(cudaEventSynchronize(ring_event_[ring_half_]));       // the other half is free again
-            ring_off_ = 0;
-        }
-        const size_t off = ring_half_ * kRingHalf + ring_off_;
-        ring_off_ += size;
-        std::memcpy(static_cast<uint8_t*>(ring_host_) + off, host, bytes);
-        MQ_CUDA_CHECK(cudaMemcpyAsync(ring_dev_ + off, static_cast<uint8_t*>(ring_host_) + off, bytes,
-                                      cudaMemcpyHostToDevice, stream_));
-        return ring_dev_ + off;
-    }
-
     int device_;
     bool poison_ = false;   // MLLAMA_Q_CUDA_POISON=1
     std::string name_;
@@ -409,18 +411,14 @@ private:
     std::unordered_map<void*, size_t> live_;   // pointer -> size of live allocations
     std::multimap<size_t, void*> cache_;       // freed blocks by size
 
+    std::mutex mem_mu_;                        // live_ and cache_
+
     void* act_buf_ = nullptr;   // 8-bit activations
     size_t act_cap_ = 0;
     void* attn_buf_ = nullptr;  // attention split partials
     size_t attn_cap_ = 0;
-    void* big_stage_ = nullptr; // staging for host arrays larger than a ring half
-    size_t big_stage_cap_ = 0;
-
-    void* ring_host_ = nullptr; // pinned, 2 halves of kRingHalf
-    uint8_t* ring_dev_ = nullptr;
-    cudaEvent_t ring_event_[2] = {nullptr, nullptr};
-    int ring_half_ = 0;
-    size_t ring_off_ = 0;
+    void* samp_buf_ = nullptr;  // sampling: penalised copies of the logits rows
+    size_t samp_cap_ = 0;
 };
 
 }  // namespace

@@ -49,8 +49,11 @@ void silu_mul(const float* gate, const float* up, float* out, int64_t n, cudaStr
 void gelu(float* x, int64_t n, cudaStream_t stream);
 void rope(float* x, int64_t n_tok, int n_head, int head_dim, const int32_t* pos, const float* inv_freq,
           cudaStream_t stream);
+// dst row rows[j] (j when rows is nullptr) = src row j, converted to dst_type (F32 or F16).
 void store_rows(const float* src, void* dst, DType dst_type, int64_t n, int64_t width, int64_t dst_stride,
-                cudaStream_t stream);
+                const int32_t* rows, cudaStream_t stream);
+// dst[idx[j]] = src[j], j < n.
+void scatter_i32(const int32_t* src, int32_t* dst, const int32_t* idx, int64_t n, cudaStream_t stream);
 
 // ---- attention (kernels_attention.cu) ----------------------------------------
 struct AttnArgs {

@@ -1,7 +1,7 @@
-// GPU sampling: argmax and top-k / top-p (see cuda_sampling.h).
+// GPU sampling: repetition penalty, argmax and top-k / top-p / min-p (see cuda_sampling.h).
 //
-// Both run in one block of 1024 threads over a logits row (128256 floats for
-// Llama 3 = 512 KiB, L2-resident after the lm_head writes it).
+// One block of 1024 threads per logits row (128256 floats for Llama 3 =
+// 512 KiB, L2-resident after the lm_head writes it).
 // top-k: the k-th largest value is found by a bitwise search over the
 // order-preserving uint32 keys of the floats (32 counting passes), the k
 // candidates are gathered in index order (deterministic), sorted in shared
@@ -68,7 +68,8 @@ __device__ int block_min_int(int v, int* sh) {
 }
 
 // (key << 32) | (~index): the max is the largest value, then the lowest index.
-__global__ void __launch_bounds__(kThreads) argmax_kernel(const float* __restrict__ x, int64_t n, int32_t* out) {
+// Every thread of the block calls it; thread 0 writes out[0].
+__device__ void block_argmax(const float* __restrict__ x, int64_t n, int32_t* out) {
     __shared__ unsigned long long sh[32];
     unsigned long long best = 0;
     for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
@@ -94,15 +95,41 @@ __global__ void __launch_bounds__(kThreads) argmax_kernel(const float* __restric
     }
 }
 
-__global__ void __launch_bounds__(kThreads) topk_sample_kernel(const float* __restrict__ x, int n, int k,
-                                                               float inv_temp, float top_p, const float* u,
-                                                               int32_t* out) {
+__global__ void penalty_kernel(const float* __restrict__ src, float* __restrict__ dst, int64_t vocab,
+                               const Backend::SampleParams* __restrict__ params, const int32_t* __restrict__ hist) {
+    const Backend::SampleParams p = params[blockIdx.y];
+    if (p.repetition_penalty == 1.0f) return;
+    const int32_t* h = hist + p.hist_begin;
+    const float* s = src + int64_t(blockIdx.y) * vocab;
+    float* d = dst + int64_t(blockIdx.y) * vocab;
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < p.hist_len; i += gridDim.x * blockDim.x) {
+        const int32_t id = h[i];
+        if (id < 0 || id >= vocab) continue;   // the <|image|> token has no score
+        const float x = s[id];
+        d[id] = x < 0.0f ? x * p.repetition_penalty : x / p.repetition_penalty;
+    }
+}
+
+__global__ void __launch_bounds__(kThreads) sample_kernel(const float* __restrict__ logits, int n,
+                                                          const Backend::SampleParams* __restrict__ params,
+                                                          int32_t* out_ids) {
     __shared__ uint32_t s_key[kMaxTopK];
     __shared__ int32_t s_idx[kMaxTopK];
     __shared__ float s_p[kMaxTopK];
     __shared__ int sh_i[32];
     __shared__ float sh_f[32];
     const int tid = threadIdx.x;
+    const Backend::SampleParams prm = params[blockIdx.x];
+    const float* x = logits + int64_t(blockIdx.x) * n;
+    int32_t* out = out_ids + blockIdx.x;
+    if (prm.temperature <= 0.0f || prm.top_k == 1) {
+        block_argmax(x, n, out);
+        return;
+    }
+    int k = prm.top_k <= 0 || prm.top_k > kMaxTopK ? kMaxTopK : prm.top_k;
+    if (k > n) k = n;
+    const float inv_temp = 1.0f / prm.temperature, top_p = prm.top_p, min_p = prm.min_p;
+    const float u = static_cast<float>(prm.u);
 
     // 1. T = the k-th largest key: the largest T with count(key >= T) >= k, built bit by bit.
     uint32_t T = 0;
@@ -163,36 +190,35 @@ __global__ void __launch_bounds__(kThreads) topk_sample_kernel(const float* __re
     const float p = tid < k ? __expf((key_to_float(s_key[tid]) - v0) * inv_temp) : 0.0f;
     float total;
     const float cum_incl = block_excl_scan(p, sh_f, total) + p;
-    // smallest prefix whose mass reaches top_p of the total (top_p >= 1: all k)
-    const int cut = block_min_int(tid < k && (top_p < 1.0f && cum_incl >= top_p * total) ? tid : k - 1, sh_i);
+    // smallest prefix whose mass reaches top_p of the total (top_p >= 1: all k); min_p:
+    // p_i >= min_p * p_0 (p is relative to the largest, p_0 = 1), a prefix of the sorted order
+    const bool p_cut = tid < k && top_p < 1.0f && cum_incl >= top_p * total;
+    const bool m_cut = tid < k && tid > 0 && min_p > 0.0f && p < min_p;
+    const int cut = min(block_min_int(p_cut ? tid : k - 1, sh_i), block_min_int(m_cut ? tid - 1 : k - 1, sh_i));
     s_p[tid < kMaxTopK ? tid : 0] = cum_incl;
     __syncthreads();
     const float mass = s_p[cut];
-    const float target = u[0] * mass;
+    const float target = u * mass;
     const int pick = block_min_int(tid <= cut && cum_incl > target ? tid : cut, sh_i);
     if (tid == 0) out[0] = s_idx[pick];
 }
 
 }  // namespace
 
-void sample_argmax(const float* logits, int64_t n, int32_t* out, cudaStream_t stream) {
-    if (n <= 0 || n > 0x7fffffff) throw std::invalid_argument("sample_argmax: n must be in 1 .. 2^31-1");
-    argmax_kernel<<<1, kThreads, 0, stream>>>(logits, n, out);
+void repetition_penalty(const float* src, float* dst, int64_t n_rows, int64_t vocab,
+                        const Backend::SampleParams* params, const int32_t* hist, cudaStream_t stream) {
+    if (n_rows <= 0) return;
+    if (n_rows > 65535) throw std::invalid_argument("repetition_penalty: at most 65535 rows");
+    // 8 blocks per row stride over the history (its length is read on the device)
+    penalty_kernel<<<dim3(8, static_cast<unsigned>(n_rows)), 256, 0, stream>>>(src, dst, vocab, params, hist);
     MQ_CUDA_CHECK_LAUNCH();
 }
 
-void sample_top_k_top_p(const float* logits, int64_t n, const SampleParams& p, const float* u, int32_t* out,
-                        cudaStream_t stream) {
-    if (n <= 0 || n > 0x7fffffff) throw std::invalid_argument("sample_top_k_top_p: n must be in 1 .. 2^31-1");
-    if (p.temperature <= 0.0f || p.top_k == 1) {
-        sample_argmax(logits, n, out, stream);
-        return;
-    }
-    if (!(p.top_p > 0.0f)) throw std::invalid_argument("sample_top_k_top_p: top_p must be > 0");
-    int k = p.top_k <= 0 || p.top_k > kMaxTopK ? kMaxTopK : p.top_k;
-    if (k > n) k = static_cast<int>(n);
-    topk_sample_kernel<<<1, kThreads, 0, stream>>>(logits, static_cast<int>(n), k, 1.0f / p.temperature, p.top_p, u,
-                                                   out);
+void sample_rows(const float* logits, int64_t n_rows, int64_t vocab, const Backend::SampleParams* params,
+                 int32_t* out, cudaStream_t stream) {
+    if (n_rows <= 0) return;
+    if (vocab <= 0 || vocab > 0x7fffffff) throw std::invalid_argument("sample_rows: vocab must be in 1 .. 2^31-1");
+    sample_kernel<<<static_cast<unsigned>(n_rows), kThreads, 0, stream>>>(logits, static_cast<int>(vocab), params, out);
     MQ_CUDA_CHECK_LAUNCH();
 }
 

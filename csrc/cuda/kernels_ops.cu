@@ -131,17 +131,26 @@ __global__ void rope_kernel(float* x, int64_t n_tok, int n_head, int half_dim, c
 }
 
 // ---- KV-cache stores ------------------------------------------------------------------
-__global__ void store_rows_f16_kernel(const float* src, __half* dst, int64_t n, int64_t width, int64_t stride) {
+// Row j of src goes to row rows[j] of dst (row j when rows is null: a step's cache rows
+// slot * n_ctx + pos come from the step block).
+__global__ void store_rows_f16_kernel(const float* src, __half* dst, int64_t n, int64_t width, int64_t stride,
+                                      const int32_t* rows) {
     MQ_GRID_STRIDE(idx, n * width) {
         const int64_t j = idx / width, c = idx % width;
-        dst[j * stride + c] = __float2half_rn(src[idx]);
+        const int64_t r = rows ? rows[j] : j;
+        dst[r * stride + c] = __float2half_rn(src[idx]);
     }
 }
-__global__ void store_rows_f32_kernel(const float* src, float* dst, int64_t n, int64_t width, int64_t stride) {
+__global__ void store_rows_f32_kernel(const float* src, float* dst, int64_t n, int64_t width, int64_t stride,
+                                      const int32_t* rows) {
     MQ_GRID_STRIDE(idx, n * width) {
         const int64_t j = idx / width, c = idx % width;
-        dst[j * stride + c] = src[idx];
+        const int64_t r = rows ? rows[j] : j;
+        dst[r * stride + c] = src[idx];
     }
+}
+__global__ void scatter_i32_kernel(const int32_t* src, int32_t* dst, const int32_t* idx, int64_t n) {
+    MQ_GRID_STRIDE(j, n) dst[idx[j]] = src[j];
 }
 
 int norm_threads(int64_t cols) {
@@ -219,14 +228,19 @@ void rope(float* x, int64_t n_tok, int n_head, int head_dim, const int32_t* pos,
     MQ_CUDA_CHECK_LAUNCH();
 }
 void store_rows(const float* src, void* dst, DType dst_type, int64_t n, int64_t width, int64_t dst_stride,
-                cudaStream_t stream) {
+                const int32_t* rows, cudaStream_t stream) {
     if (n == 0 || width == 0) return;
     if (dst_type == DType::F16)
         store_rows_f16_kernel<<<elt_blocks(n * width), kEltThreads, 0, stream>>>(src, static_cast<__half*>(dst), n,
-                                                                                width, dst_stride);
+                                                                                width, dst_stride, rows);
     else
         store_rows_f32_kernel<<<elt_blocks(n * width), kEltThreads, 0, stream>>>(src, static_cast<float*>(dst), n,
-                                                                                width, dst_stride);
+                                                                                width, dst_stride, rows);
+    MQ_CUDA_CHECK_LAUNCH();
+}
+void scatter_i32(const int32_t* src, int32_t* dst, const int32_t* idx, int64_t n, cudaStream_t stream) {
+    if (n == 0) return;
+    scatter_i32_kernel<<<elt_blocks(n), kEltThreads, 0, stream>>>(src, dst, idx, n);
     MQ_CUDA_CHECK_LAUNCH();
 }
 

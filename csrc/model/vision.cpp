@@ -17,7 +17,6 @@
 #include <cstring>
 #include <limits>
 #include <memory>
-#include <optional>
 #include <stdexcept>
 
 #include "common/profile.h"
@@ -100,11 +99,9 @@ VisionEncoder::VisionEncoder(Backend& be, const TensorMap& tm, const VisionHPara
         class_embd_ = vec_f32(tm, "v.class_embd", D_);
         {
             const Weight& pos = tm.get("v.position_embd.weight", {P_, D_});
-            std::vector<int32_t> ids(P_);
-            for (int64_t i = 0; i < P_; i++) ids[i] = int32_t(i);
             float* buf = static_cast<float*>(be_.alloc(size_t(P_ * D_) * sizeof(float)));
             owned_.push_back(buf);
-            be_.get_rows(pos, ids.data(), P_, buf);
+            rows_f32(pos, 0, P_, buf);
             pos_embd_ = buf;
         }
         auto gate = [&](const std::string& name) {
@@ -143,9 +140,19 @@ const float* VisionEncoder::vec_f32(const TensorMap& tm, const std::string& name
     const Weight& w = tm.get(name, {n});
     float* buf = static_cast<float*>(be_.alloc(size_t(n) * sizeof(float)));
     owned_.push_back(buf);
-    const int32_t zero = 0;
-    be_.get_rows(w, &zero, 1, buf);
+    rows_f32(w, 0, 1, buf);
     return buf;
+}
+
+// out[n, w.cols] = rows first .. first + n - 1 of w as float32 (backend memory).
+// get_rows reads its ids from backend memory: they are uploaded first.
+void VisionEncoder::rows_f32(const Weight& w, int64_t first, int64_t n, float* out) {
+    std::vector<int32_t> ids(static_cast<size_t>(n));
+    for (int64_t i = 0; i < n; i++) ids[i] = int32_t(first + i);
+    Buf dev(be_, n);  // room for n int32 (Buf counts 4-byte floats)
+    be_.to_device(dev.p, ids.data(), size_t(n) * sizeof(int32_t));
+    be_.get_rows(w, reinterpret_cast<const int32_t*>(dev.p), n, out);
+    be_.synchronize();  // dev is freed on return
 }
 
 // An aspect-ratio embedding table: `entries` entries of `per_entry` values each.
@@ -165,9 +172,7 @@ VisionEncoder::Table VisionEncoder::table(const TensorMap& tm, const std::string
 
 // out[per_entry] = entry `id` of the table, as float32 (backend memory).
 void VisionEncoder::table_entry(const Table& tb, int32_t id, float* out) {
-    std::vector<int32_t> ids(size_t(tb.rows_per_entry));
-    for (int64_t i = 0; i < tb.rows_per_entry; i++) ids[i] = int32_t(int64_t(id) * tb.rows_per_entry + i);
-    be_.get_rows(tb.w, ids.data(), tb.rows_per_entry, out);
+    rows_f32(tb.w, int64_t(id) * tb.rows_per_entry, tb.rows_per_entry, out);
 }
 
 VisionEncoder::Layer VisionEncoder::load_layer(const TensorMap& tm, const std::string& pre, bool gated) {
@@ -193,24 +198,101 @@ VisionEncoder::Layer VisionEncoder::load_layer(const TensorMap& tm, const std::s
     return L;
 }
 
+void VisionEncoder::check_image_args(int32_t ar_id, const int32_t* tile_mask) const {
+    if (ar_id < 0 || ar_id > hp_.max_aspect_ratio_id)
+        throw std::invalid_argument("vision encode: aspect_ratio_id " + std::to_string(ar_id) + " out of range [0, " +
+                                    std::to_string(hp_.max_aspect_ratio_id) + "]");
+    for (int64_t t = 0; t < T_; t++)
+        if (tile_mask[t] != 0 && tile_mask[t] != 1)
+            throw std::invalid_argument("vision encode: aspect_ratio_mask values must be 0 or 1");
+}
+
 void VisionEncoder::encode(const float* pixels_host, const int32_t* ar_ids_host, const int32_t* ar_mask_host,
                            int n_img, float* out) {
     if (n_img < 0) throw std::invalid_argument("vision encode: negative image count");
+    for (int b = 0; b < n_img; b++) check_image_args(ar_ids_host[b], ar_mask_host + b * T_);
+    const int64_t tile_px = int64_t(hp_.num_channels) * hp_.image_size * hp_.image_size;
     for (int b = 0; b < n_img; b++) {
-        if (ar_ids_host[b] < 0 || ar_ids_host[b] > hp_.max_aspect_ratio_id)
-            throw std::invalid_argument("vision encode: aspect_ratio_id " + std::to_string(ar_ids_host[b]) +
-                                        " out of range [0, " + std::to_string(hp_.max_aspect_ratio_id) + "]");
-        for (int64_t t = 0; t < T_; t++) {
-            const int32_t m = ar_mask_host[b * T_ + t];
-            if (m != 0 && m != 1) throw std::invalid_argument("vision encode: aspect_ratio_mask values must be 0 or 1");
+        auto job = begin(pixels_host + b * T_ * tile_px, ar_ids_host[b], ar_mask_host + b * T_,
+                         out + int64_t(b) * T_ * P_ * hp_.out_dim);
+        while (job->step()) {
         }
     }
-    if (n_img == 0) return;
-    const int64_t tile_px = int64_t(hp_.num_channels) * hp_.image_size * hp_.image_size;
-    Work w(be_, *this);
-    for (int b = 0; b < n_img; b++)
-        encode_image(pixels_host + b * T_ * tile_px, ar_ids_host[b], ar_mask_host + b * T_,
-                     out + int64_t(b) * T_ * P_ * hp_.out_dim, w);
+}
+
+// The state of one image's encode (Job): activations, the pixels, the padding segments.
+struct VisionEncoder::Job::State {
+    Work w;
+    std::vector<float> px;            // [T, C, H, W] host copy
+    int32_t ar_id = 0;
+    std::vector<int32_t> tile_mask;   // [T]
+    std::vector<Segment> segs;
+    Scratch scratch{};
+    float* out = nullptr;             // backend [T, P, out_dim]
+    State(Backend& be, const VisionEncoder& e) : w(be, e) {}
+};
+
+VisionEncoder::Job::Job(VisionEncoder& enc, std::unique_ptr<State> st, int total)
+    : enc_(enc), st_(std::move(st)), total_(total) {}
+VisionEncoder::Job::~Job() = default;
+
+std::unique_ptr<VisionEncoder::Job> VisionEncoder::begin(const float* px, int32_t ar_id, const int32_t* tile_mask,
+                                                         float* out) {
+    check_image_args(ar_id, tile_mask);
+    const int64_t n_px = T_ * int64_t(hp_.num_channels) * hp_.image_size * hp_.image_size;
+    auto st = std::make_unique<Job::State>(be_, *this);
+    st->px.assign(px, px + n_px);
+    st->ar_id = ar_id;
+    st->tile_mask.assign(tile_mask, tile_mask + T_);
+    st->segs = segments(st->tile_mask.data());
+    Work& w = st->w;
+    st->scratch = Scratch{w.h.p, w.q.p, w.k.p, w.v.p, w.a.p, w.u.p, w.mask.p, &st->segs, 0, true};
+    for (const Segment& g : st->segs) {
+        if (!g.pad) st->scratch.n_real += g.n;
+        st->scratch.identity = st->scratch.identity && g.perm_row == g.row;
+    }
+    st->out = out;
+    const int total = 1 + hp_.num_layers + hp_.num_global_layers + 1;
+    return std::unique_ptr<Job>(new Job(*this, std::move(st), total));
+}
+
+bool VisionEncoder::Job::step() {
+    if (finished()) return false;
+    VisionEncoder& e = enc_;
+    State& st = *st_;
+    const int L = e.hp_.num_layers, G = e.hp_.num_global_layers;
+    const int u = done_;
+    const int64_t S = e.S();
+    auto collect = [&](int at) {
+        for (int64_t i = 0; i < e.K_; i++)
+            if (e.hp_.intermediate_layers[i] == at)
+                e.be_.copy(st.w.inter[i]->p, st.w.x.p, size_t(S * e.D_) * sizeof(float));
+    };
+    if (u == 0) {
+        e.embed(st);
+    } else if (u <= L) {  // local layer u - 1, collecting the intermediate hidden states
+        prof::Region region("vision.local");   // profiling labels (common/profile.h)
+        const int l = u - 1;
+        if (e.hp_.intermediate_at_layer_input) collect(l);
+        e.run_layer(e.local_[l], st.w.x.p, S, st.scratch);
+        if (!e.hp_.intermediate_at_layer_input) collect(l);  // transformers 5.x: hidden_states[l] = output of layer l
+    } else if (u <= L + G) {  // global layer u - L - 1 (layernorm_post before the first)
+        const int l = u - L - 1;
+        if (l == 0) {
+            prof::Region region("vision.post_ln");
+            e.post_layernorm(st);
+        }
+        prof::Region region("vision.global");
+        e.run_layer(e.global_[l], st.w.x.p, S, st.scratch);
+    } else {
+        if (G == 0) {
+            prof::Region region("vision.post_ln");
+            e.post_layernorm(st);
+        }
+        e.project(st);
+    }
+    done_++;
+    return !finished();
 }
 
 // HF's aspect-ratio attention mask (_prepare_aspect_ratio_attention_mask):
@@ -289,24 +371,19 @@ void VisionEncoder::run_layer(const Layer& L, float* x, int64_t S, const Scratch
     be_.add_scaled(x, s.a, L.gate_ffn, S * D_);
 }
 
-void VisionEncoder::encode_image(const float* px, int32_t ar_id, const int32_t* tile_mask, float* out, Work& w) {
+void VisionEncoder::embed(Job::State& st) {
     const int64_t S = T_ * Np_, C = hp_.num_channels, p = hp_.patch_size, W = hp_.image_size;
-    const int64_t CPP = C * p * p, Dc = D_ * (1 + K_), O = hp_.out_dim;
-
-    // Activations, allocated once per encode() call (see Work) and reused by every layer.
-    Buf &x = w.x, &h = w.h, &q = w.q, &k = w.k, &v = w.v, &a = w.a, &u = w.u, &mask = w.mask;
-    auto& inter = w.inter;
-    const std::vector<Segment> segs = segments(tile_mask);
-    Scratch scratch{h.p, q.p, k.p, v.p, a.p, u.p, mask.p, &segs, 0, true};
-    for (const Segment& g : segs) {
-        if (!g.pad) scratch.n_real += g.n;
-        scratch.identity = scratch.identity && g.perm_row == g.row;
-    }
+    const int64_t CPP = C * p * p;
+    const float* px = st.px.data();
+    const int32_t ar_id = st.ar_id;
+    Work& w = st.w;
+    Buf &x = w.x, &h = w.h, &mask = w.mask;
+    const std::vector<Segment>& segs = st.segs;
 
     // ---- embeddings (HF: patch conv, + pre-tile, cls, + gated position, layernorm_pre, pad)
-    // Profiling regions (common/profile.h; no cost when profiling is off):
-    // vision.embed, vision.local, vision.global, vision.post_ln, projector.
-    std::optional<prof::Region> region(std::in_place, "vision.embed");
+    // Profiling regions (common/profile.h; no cost when profiling is off): vision.embed
+    // here, vision.local / vision.post_ln / vision.global in Job::step, projector in project().
+    prof::Region region("vision.embed");
     // Per-aspect-ratio rows: tile_rows [T, P, D], pre/post [T, D].
     Buf &tile_rows = w.tile_rows, &pre_rows = w.pre_rows, &post_rows = w.post_rows;
     table_entry(tile_pos_, ar_id, tile_rows.p);
@@ -355,56 +432,50 @@ void VisionEncoder::encode_image(const float* px, int32_t ar_id, const int32_t* 
 
     // Mask row for padding queries: finfo(float32).min on padding keys, 0 elsewhere,
     // repeated kMaskRows times ([kMaskRows, S]).
-    {
-        const uint64_t t_mask = prof::start();
-        std::vector<float> m(size_t(kMaskRows * S));
-        const float fmin = std::numeric_limits<float>::lowest();
-        for (const Segment& g : segs)
-            for (int64_t j = g.row; j < g.row + g.n; j++) m[j] = g.pad ? fmin : 0.0f;
-        for (int64_t r = 1; r < kMaskRows; r++) std::memcpy(&m[r * S], &m[0], size_t(S) * sizeof(float));
-        if (t_mask) prof::record("mask (host)", "", t_mask, 0, 4.0 * m.size());
-        be_.to_device(mask.p, m.data(), m.size() * sizeof(float));
-    }
+    const uint64_t t_mask = prof::start();
+    std::vector<float> m(size_t(kMaskRows * S));
+    const float fmin = std::numeric_limits<float>::lowest();
+    for (const Segment& g : segs)
+        for (int64_t j = g.row; j < g.row + g.n; j++) m[j] = g.pad ? fmin : 0.0f;
+    for (int64_t r = 1; r < kMaskRows; r++) std::memcpy(&m[r * S], &m[0], size_t(S) * sizeof(float));
+    if (t_mask) prof::record("mask (host)", "", t_mask, 0, 4.0 * m.size());
+    be_.to_device(mask.p, m.data(), m.size() * sizeof(float));
+    be_.synchronize();  // the host staging vectors go out of scope
+}
 
-    // ---- local layers, collecting the intermediate hidden states
-    auto collect = [&](int at) {
-        for (int64_t i = 0; i < K_; i++)
-            if (hp_.intermediate_layers[i] == at) be_.copy(inter[i]->p, x.p, size_t(S * D_) * sizeof(float));
-    };
-    region.emplace("vision.local");
-    for (int l = 0; l < hp_.num_layers; l++) {
-        if (hp_.intermediate_at_layer_input) collect(l);
-        run_layer(local_[l], x.p, S, scratch);
-        if (!hp_.intermediate_at_layer_input) collect(l);  // transformers 5.x: hidden_states[l] = output of layer l
-    }
-
-    // ---- layernorm_post (+ post-tile embedding folded into its bias), global layers
-    region.emplace("vision.post_ln");
-    float* xg = h.p;  // h is free between layers
+// layernorm_post (+ post-tile embedding folded into its bias), before the global layers.
+void VisionEncoder::post_layernorm(Job::State& st) {
+    const int64_t S = T_ * Np_;
+    Work& w = st.w;
+    float* xg = w.h.p;  // h is free between layers
     for (int64_t t = 0; t < T_; t++)
-        be_.layer_norm(x.p + t * Np_ * D_, post_ln_w_, post_bias.p + t * D_, xg + t * Np_ * D_, Np_, D_, kPrePostLnEps);
-    be_.copy(x.p, xg, size_t(S * D_) * sizeof(float));
-    region.emplace("vision.global");
-    for (int l = 0; l < hp_.num_global_layers; l++) run_layer(global_[l], x.p, S, scratch);
+        be_.layer_norm(w.x.p + t * Np_ * D_, post_ln_w_, w.post_bias.p + t * D_, xg + t * Np_ * D_, Np_, D_,
+                       kPrePostLnEps);
+    be_.copy(w.x.p, xg, size_t(S * D_) * sizeof(float));
+}
 
-    // ---- projector on [final (D) | intermediates], rows 0..P-1 of each tile.
+// Projector on [final (D) | intermediates], rows 0..P-1 of each tile, into st.out [T, P, O].
+void VisionEncoder::project(Job::State& st) {
+    const int64_t Dc = D_ * (1 + K_), O = hp_.out_dim;
+    Work& w = st.w;
+    float* out = st.out;
     // HF stacks the K intermediates on a new LAST axis and flattens it:
     // torch.stack(list, dim=-1).reshape(..., D*K), so column D + d*K + i holds
     // intermediate i at feature d (interleaved, not one block per layer). The
     // backend has no strided copy, so the rows are assembled on the host.
-    region.emplace("projector");
+    prof::Region region("projector");   // profiling label (common/profile.h)
     std::vector<float> cat(size_t(kProjRows * Dc)), tmp(size_t(kProjRows * D_));
     Buf& dcat = w.dcat;
     be_.synchronize();
     for (int64_t t = 0; t < T_; t++) {
         for (int64_t r0 = 0; r0 < P_; r0 += kProjRows) {
             const int64_t nr = std::min(kProjRows, P_ - r0), row = t * Np_ + r0;
-            be_.to_host(tmp.data(), x.p + row * D_, size_t(nr * D_) * sizeof(float));
+            be_.to_host(tmp.data(), w.x.p + row * D_, size_t(nr * D_) * sizeof(float));
             uint64_t t_cat = prof::start();
             for (int64_t r = 0; r < nr; r++) std::memcpy(&cat[r * Dc], &tmp[r * D_], size_t(D_) * sizeof(float));
             if (t_cat) prof::record("concat (host)", "", t_cat, 0, 8.0 * nr * D_);
             for (int64_t i = 0; i < K_; i++) {
-                be_.to_host(tmp.data(), inter[i]->p + row * D_, size_t(nr * D_) * sizeof(float));
+                be_.to_host(tmp.data(), w.inter[i]->p + row * D_, size_t(nr * D_) * sizeof(float));
                 t_cat = prof::start();
                 for (int64_t r = 0; r < nr; r++) {
                     float* dst = &cat[r * Dc + D_ + i];

@@ -14,6 +14,7 @@
 // tensors (1 - tanh g, tanh g).
 #pragma once
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -69,8 +70,35 @@ public:
     // ar_ids_host:  int32 [n_img], 1-based aspect-ratio ids as HF (0 = padding image)
     // ar_mask_host: int32 [n_img, max_tiles], 1 = real tile, 0 = padding tile
     // out:          BACKEND float32 [n_img, max_tiles, num_patches, out_dim]
+    // Images are encoded independently (one Job each, run to the end).
     void encode(const float* pixels_host, const int32_t* ar_ids_host, const int32_t* ar_mask_host, int n_img,
                 float* out);
+
+    // One image encoded step by step, so that a caller can interleave other
+    // work (decode steps of other sequences), report progress and stop early:
+    // step() runs the next unit -- the patch/position embeddings, one encoder
+    // layer (local or global), or the projector -- and returns whether units
+    // remain. The job owns its activation buffers (about 430 MB for the 11B)
+    // and a copy of the pixels; `out` (BACKEND f32 [max_tiles, num_patches,
+    // out_dim]) is complete after the last unit. Arguments are checked here.
+    class Job {
+    public:
+        ~Job();
+        int total_steps() const { return total_; }
+        int done_steps() const { return done_; }
+        bool finished() const { return done_ >= total_; }
+        bool step();
+
+    private:
+        friend class VisionEncoder;
+        struct State;
+        Job(VisionEncoder& enc, std::unique_ptr<State> st, int total);
+        VisionEncoder& enc_;
+        std::unique_ptr<State> st_;
+        int total_ = 0, done_ = 0;
+    };
+    //   pixels_host: f32 [max_tiles, C, H, W]; ar_mask_host: int32 [max_tiles]
+    std::unique_ptr<Job> begin(const float* pixels_host, int32_t ar_id, const int32_t* ar_mask_host, float* out);
 
 private:
     struct Layer {
@@ -104,12 +132,17 @@ private:
     };
     Table table(const TensorMap& tm, const std::string& name, int64_t entries, int64_t per_entry) const;
     void table_entry(const Table& tb, int32_t id, float* out);
+    void rows_f32(const Weight& w, int64_t first, int64_t n, float* out);
     const float* vec_f32(const TensorMap& tm, const std::string& name, int64_t n);
     Layer load_layer(const TensorMap& tm, const std::string& prefix, bool gated);
     void run_layer(const Layer& L, float* x, int64_t S, const Scratch& s);
-    struct Work;  // activation buffers of one encode() call (vision.cpp)
+    struct Work;  // activation buffers of one image (vision.cpp)
     int64_t S() const { return T_ * Np_; }  // positions per image (all tiles, padded)
-    void encode_image(const float* pixels_host, int32_t ar_id, const int32_t* tile_mask, float* out, Work& w);
+    void check_image_args(int32_t ar_id, const int32_t* tile_mask) const;
+    // The units of one image (Job::step): embeddings, layers, projector.
+    void embed(Job::State& st);
+    void post_layernorm(Job::State& st);
+    void project(Job::State& st);
 
     Backend& be_;
     VisionHParams hp_;

@@ -22,6 +22,18 @@ What is measured (one sequence, greedy):
   peak RSS        resource.getrusage max RSS (file-backed mmap pages that were touched count),
                   beside the GGUF size and the KV cache size; peak VRAM for --device cuda.
 
+Sessions and batching (instead of the single-sequence run above):
+  --sessions 1,2,4,8   for each N: N sessions in N threads, one text prompt each (--n-prompt
+                  tokens), --n-gen tokens each, greedy, all batched by the model's scheduler.
+                  Aggregate decode tok/s = tokens streamed by all sessions while every one of
+                  them is decoding / the length of that window; and the speed-up over N = 1.
+  --chat          a two-turn chat about one image (--tiles, or --image): turn 1 asks about the
+                  image, turn 2 is a --follow-up-token question; reports each turn's time to
+                  first token (turn 2 prefills only its new tokens and reuses the image's
+                  cross-attention K/V), the tokens reused, and their ratio.
+  Both report the KV-cache bytes of one session, the cross-attention K/V bytes of one image and
+  peak RSS against file size + caches.
+
 The synthetic model (`--synthetic`) is written once into the cache directory
 ($MLLAMA_Q_CACHE or ~/.cache/mllama-q, or --cache-dir) and reused.
 """
@@ -66,6 +78,12 @@ def _parser() -> argparse.ArgumentParser:
     img.add_argument("--image", help="image file (default: a synthetic image of --tiles tiles)")
     img.add_argument("--tiles", type=int, default=4, choices=(0, 1, 2, 3, 4),
                      help="tiles of the synthetic image; 0 = text-only prompt (4)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--sessions", default=None, metavar="N,N,...",
+                      help="aggregate decode speed of N concurrent sessions, for each N (e.g. 1,2,4,8)")
+    mode.add_argument("--chat", action="store_true",
+                      help="time to first token of turn 1 and turn 2 of a chat about one image")
+    p.add_argument("--follow-up", type=int, default=20, help="--chat: tokens of the second question (20)")
     p.add_argument("--no-bandwidth", action="store_true", help="skip the memory bandwidth probe")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     return p
@@ -77,6 +95,14 @@ def _check_args(p: argparse.ArgumentParser, args) -> None:
     check_min(p, "--threads", args.threads, 1)
     check_min(p, "--n-prompt", args.n_prompt, 2)
     check_min(p, "--n-gen", args.n_gen, 0)
+    if args.sessions is not None:
+        try:
+            args.sessions = [int(x) for x in args.sessions.split(",") if x.strip()]
+        except ValueError:
+            p.error(f"--sessions must be a comma-separated list of integers, got {args.sessions!r}")
+        if not args.sessions or min(args.sessions) < 1 or max(args.sessions) > 64:
+            p.error("--sessions values must be in 1 .. 64")
+    check_min(p, "--follow-up", args.follow_up, 1)
     if args.n_ctx < args.n_prompt + args.n_gen:
         p.error(f"--n-ctx must be >= --n-prompt + --n-gen = {args.n_prompt + args.n_gen}, got {args.n_ctx}")
     if args.image is not None and not Path(args.image).is_file():
@@ -348,15 +374,200 @@ def run_bench(args) -> dict:
     return res
 
 
+def _bench_file(args, res: dict) -> Path:
+    """The GGUF to benchmark (generating the synthetic one once), its sizes into `res`."""
+    if args.synthetic:
+        from mllama_q.cli.synthetic import cached_synthetic
+
+        t0 = time.perf_counter()
+        path = cached_synthetic(args.synthetic, args.type, cache_dir=args.cache_dir, progress=not args.json)
+        res.update(synthetic=args.synthetic, type=args.type, synthetic_prepare_s=time.perf_counter() - t0)
+    else:
+        path = Path(args.model)
+    res["model"] = str(path)
+    res.update(decode_weight_bytes(path))
+    return path
+
+
+def _memory(model, res: dict, n_sessions: int, n_images: int) -> None:
+    """Cache sizes (model.memory()) and peak RSS against file + caches."""
+    mem = model.memory()
+    res.update(kv_bytes_per_session=mem["kv_bytes_per_session"], image_kv_bytes=mem["image_bytes"],
+               peak_rss_bytes=peak_rss_bytes())
+    caches = mem["kv_bytes_per_session"] * n_sessions + mem["image_bytes"] * n_images
+    res["caches_bytes"] = caches
+    res["rss_over_file_and_caches_bytes"] = res["peak_rss_bytes"] - res["file_bytes"] - caches
+
+
+def run_sessions_bench(args) -> dict:
+    """Aggregate decode speed of N concurrent sessions (see the module docstring)."""
+    import threading
+
+    from mllama_q.model import Model
+
+    res: dict = {"device": args.device, "mode": "sessions", **machine_info()}
+    path = _bench_file(args, res)
+    n_max = max(args.sessions)
+    t0 = time.perf_counter()
+    with Progress(f"loading {path.name}", ticker=True):
+        model = Model(str(path), device=args.device, n_ctx=args.n_ctx, n_threads=args.threads, vision=False,
+                      max_sessions=n_max, n_batch=max(512, n_max + 1) if n_max >= 512 else 512)
+    res["load_s"] = time.perf_counter() - t0
+    res["threads"] = args.threads or os.cpu_count()
+    ids, _, _ = _prompt_inputs(model, args.n_prompt, None)
+    runs = []
+    for n in args.sessions:
+        sessions = [model.session() for _ in range(n)]
+        stamps: list[list[float]] = [[] for _ in range(n)]
+        results = [None] * n
+        barrier = threading.Barrier(n)
+
+        errors: list[BaseException] = []
+
+        def worker(i):
+            prompt_ids = ids.copy()
+            prompt_ids[-1] = ids[1 + i % (ids.size - 1)]   # distinct prompts
+            barrier.wait()
+            try:
+                st = sessions[i].generate(input_ids=prompt_ids, max_new_tokens=args.n_gen, temperature=0,
+                                          stream=True)
+                for _ in st:
+                    stamps[i].append(time.perf_counter())
+                results[i] = st.result
+            except BaseException as e:   # reported by the main thread
+                errors.append(e)
+
+        with Progress(f"{n} session(s) x {args.n_gen} tokens", ticker=True):
+            threads = [threading.Thread(target=worker, args=(i,)) for i in range(n)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        for sess in sessions:
+            sess.close()
+        if errors:
+            raise errors[0]
+        # the window in which every session was decoding: from the last first token to the first end
+        w0, w1 = max(s[0] for s in stamps if s), min(s[-1] for s in stamps if s)
+        inside = sum(sum(1 for x in s if w0 < x <= w1) for s in stamps)
+        agg = inside / (w1 - w0) if w1 > w0 else float("nan")
+        runs.append({"sessions": n, "aggregate_decode_tok_s": agg, "window_s": w1 - w0, "tokens_in_window": inside,
+                     "completion_tokens": [r.completion_tokens for r in results],
+                     "per_session_decode_tok_s": [r.timings["decode_tokens_per_s"] for r in results]})
+    base = next((r["aggregate_decode_tok_s"] for r in runs if r["sessions"] == 1), None)
+    for r in runs:
+        r["speedup_vs_1"] = r["aggregate_decode_tok_s"] / base if base else None
+    res["runs"] = runs
+    _memory(model, res, n_max, 0)
+    res["loadavg_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    model.close()
+    return res
+
+
+def run_chat_bench(args) -> dict:
+    """Two turns of a chat about one image (see the module docstring)."""
+    from mllama_q.model import Model
+
+    res: dict = {"device": args.device, "mode": "chat", **machine_info()}
+    path = _bench_file(args, res)
+    t0 = time.perf_counter()
+    with Progress(f"loading {path.name}", ticker=True):
+        model = Model(str(path), device=args.device, n_ctx=args.n_ctx, n_threads=args.threads, vision=True)
+    res["load_s"] = time.perf_counter() - t0
+    res["threads"] = args.threads or os.cpu_count()
+    if args.image:
+        from PIL import Image
+        image = Image.open(args.image)
+        image.load()
+    else:
+        tile = int(getattr(getattr(model.processor, "settings", None), "tile_size", 0) or 560)
+        image = synthetic_image(max(args.tiles, 1), tile)
+    from mllama_q.processor import cross_attention_mask
+
+    question = "Describe this picture in detail."
+    follow = " ".join(["and"] * args.follow_up)   # one token each in Llama 3's vocabulary
+    turn1 = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    enc = model.processor(text=_render(model, turn1), images=[image], add_special_tokens=False)
+    # Turn 2: turn 1's prompt and the reply's tokens as generated, then the new message. The chat
+    # template renders exactly this when the reply's text tokenizes back to the same ids, as a real
+    # model's does (a synthetic model's random tokens need not: it would measure the re-tokenization).
+    tail = model.tokenizer.encode("<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n" + follow
+                                  + "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
+                                  add_special_tokens=False)
+    image_kw = {k: enc[k] for k in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask")}
+    n_tiles = [int(x) for x in np.asarray(enc["aspect_ratio_mask"])[0].sum(axis=1)]
+    max_tiles = int(np.asarray(enc["aspect_ratio_mask"]).shape[-1])
+    turns = []
+    with model.session() as sess:
+        with Progress("turn 1 (image encode, prefill, decode)", ticker=True):
+            r1 = sess.generate(input_ids=enc["input_ids"], cross_attention_mask=enc["cross_attention_mask"],
+                               max_new_tokens=args.n_gen, temperature=0, **image_kw)
+        ids2 = [int(t) for t in enc["input_ids"][0]] + r1.tokens + tail
+        mask2 = cross_attention_mask(ids2, model.image_token_id, n_tiles, max_tiles)
+        with Progress("turn 2", ticker=True):
+            r2 = sess.generate(input_ids=[ids2], cross_attention_mask=mask2, max_new_tokens=args.n_gen,
+                               temperature=0, **image_kw)
+        for r in (r1, r2):
+            turns.append({"ttft_s": r.timings["time_to_first_token_s"], "prompt_tokens": r.prompt_tokens,
+                          "cached_tokens": r.cached_tokens, "prefilled_tokens": r.prompt_tokens - r.cached_tokens,
+                          "images_encoded": r.images_encoded, "images_cached": r.images_cached,
+                          "image_encode_s": r.timings["image_encode_s"], "prefill_s": r.timings["prefill_s"],
+                          "decode_tok_s": r.timings["decode_tokens_per_s"]})
+    res["image_tiles"] = sum(n_tiles)
+    res["turns"] = turns
+    res["ttft_ratio"] = turns[1]["ttft_s"] / turns[0]["ttft_s"]
+    _memory(model, res, 1, 1)
+    res["loadavg_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    model.close()
+    return res
+
+
+def _render(model, messages) -> str:
+    """The chat template's prompt text for `messages` (with the assistant header)."""
+    from mllama_q.chat import ChatTemplate
+
+    return ChatTemplate(model.tokenizer.chat_template, model.tokenizer).render(messages, add_generation_prompt=True)
+
+
+def _model_line(res: dict) -> str:
+    synth = f"  (synthetic {res['synthetic']} {res['type']})" if "synthetic" in res else ""
+    return f"model            {res['model']}{synth}"
+
+
+def _device_line(res: dict) -> str:
+    return (f"device           {res['device']}, threads {res['threads']}; {res.get('cpu_model', '?')},"
+            f" {res['cpus']} CPUs, load average {res['loadavg_start']:.1f} at start")
+
+
+def _fmt_sessions(res: dict) -> str:
+    gib = 1 << 30
+    lines = [_model_line(res), _device_line(res) + f", {res['loadavg_end']:.1f} at end"]
+    if res["mode"] == "sessions":
+        for r in res["runs"]:
+            sp = f"  x{r['speedup_vs_1']:.2f} of 1 session" if r.get("speedup_vs_1") else ""
+            lines.append(f"{r['sessions']:3d} session(s)    {r['aggregate_decode_tok_s']:8.2f} tok/s aggregate{sp}"
+                         f"  ({r['tokens_in_window']} tokens in {r['window_s']:.1f} s)")
+    else:
+        for i, t in enumerate(res["turns"]):
+            lines.append(f"turn {i + 1}           first token after {t['ttft_s']:8.2f} s  ({t['prompt_tokens']} prompt "
+                         f"tokens, {t['cached_tokens']} reused, {t['prefilled_tokens']} prefilled; images "
+                         f"{t['images_encoded']} encoded, {t['images_cached']} reused)")
+        lines.append(f"turn 2 / turn 1  {100 * res['ttft_ratio']:8.2f} % of the time to first token"
+                     f"  ({res['image_tiles']}-tile image)")
+    lines.append(f"KV cache         {res['kv_bytes_per_session'] / gib:8.3f} GiB per session; image K/V "
+                 f"{res['image_kv_bytes'] / gib:.3f} GiB per image")
+    lines.append(f"peak RSS         {res['peak_rss_bytes'] / gib:8.2f} GiB = file {res['file_bytes'] / gib:.2f} GiB + "
+                 f"caches {res['caches_bytes'] / gib:.2f} GiB {res['rss_over_file_and_caches_bytes'] / gib:+.2f} GiB")
+    return "\n".join(lines)
+
+
 def _fmt(res: dict) -> str:
     gib = 1 << 30
-    lines = [f"model            {res['model']}" + (f"  (synthetic {res['synthetic']} {res['type']})"
-                                                     if "synthetic" in res else ""),
+    lines = [_model_line(res),
              f"file             {res['file_bytes'] / 1e9:.2f} GB; decode reads "
              f"{res['decode_bytes_per_token'] / 1e9:.3f}"
              f" GB/token; vision {res['vision_bytes'] / 1e9:.2f} GB",
-             f"device           {res['device']}, threads {res['threads']}; {res.get('cpu_model', '?')},"
-             f" {res['cpus']} CPUs, load average {res['loadavg_start']:.1f} at start",
+             _device_line(res),
              f"load             {res['load_s'] * 1e3:9.1f} ms"]
     if "image_encode_s" in res:
         lines.append(f"image encode     {res['image_encode_s'] * 1e3:9.1f} ms  ({res['image_tiles']} tiles,"
@@ -389,14 +600,22 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     _check_args(p, args)
     try:
-        res = run_bench(args)
+        if args.sessions is not None:
+            res = run_sessions_bench(args)
+        elif args.chat:
+            res = run_chat_bench(args)
+        else:
+            res = run_bench(args)
     except KeyboardInterrupt:
         print("mllama-q bench: interrupted", file=sys.stderr)
         return 130
     except (ValueError, RuntimeError, OSError) as e:
         print(f"mllama-q bench: error: {e}", file=sys.stderr)
         return 1
-    print(json.dumps(res, indent=2) if args.json else _fmt(res))
+    if args.json:
+        print(json.dumps(res, indent=2))
+    else:
+        print(_fmt_sessions(res) if "mode" in res else _fmt(res))
     return 0
 
 

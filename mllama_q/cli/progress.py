@@ -71,6 +71,9 @@ class Progress:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = None
+        if self.enabled and delay <= 0:
+            self._draw(self.t0)  # an immediate status (the model load): shown before the wait
+            self._last_draw = -1.0  # the first update() still draws
         if self.enabled and ticker:
             self._thread = threading.Thread(target=self._tick, name="mllama-q-progress", daemon=True)
             self._thread.start()

@@ -5,12 +5,18 @@
 
 `run` wraps the prompt as one user message (images first, then the text, as in the model card's
 examples) and streams the answer to stdout; `--raw` sends the prompt as-is (no chat template;
-put `<|image|>` tokens in it yourself). `chat` keeps the conversation; `/image PATH` attaches an
-image to the next message, `/reset` starts over, `/quit` leaves.
+put `<|image|>` tokens in it yourself). `chat` keeps the conversation in one session
+(mllama_q.session): turn N prefills only the new message and each image is encoded once per
+conversation; `/image PATH` attaches an image to the next message, `/reset` starts over,
+`/quit` leaves; a message can span lines (between two lines of three double quotes, or with
+a trailing backslash); the
+standard library's readline gives line editing and a history (kept in ~/.mllama_q_history on a
+terminal). Ctrl-C during an image encode or the prefill stops it at once and drops that turn
+(its message and images); during the answer it stops the answer.
 
 The model (mllama_q.model.Model) is imported only here, lazily, so `--help` is instant. Every
 option is checked (mllama_q.cli.args) before the model loads; on a terminal, the load and the
-wait for the first token show a status line on stderr (mllama_q.cli.progress).
+long phases (image encode, prefill) show a status line on stderr (mllama_q.cli.progress).
 """
 from __future__ import annotations
 
@@ -20,7 +26,7 @@ import sys
 from pathlib import Path
 
 from mllama_q.cli.args import check_device, check_min, check_sampling, warn_context
-from mllama_q.cli.progress import Progress
+from mllama_q.cli.progress import PhaseProgress, Progress
 
 
 def _add_common(ap: argparse.ArgumentParser) -> None:
@@ -62,7 +68,9 @@ def _load_model(args, want_vision: bool, err=None):
     from mllama_q.model import Model
 
     err = sys.stderr if err is None else err
-    with Progress(f"loading {Path(args.model).name}", stream=err, ticker=True):
+    # The load status shows at once (issue 8: a one-line "loading ..." on a terminal), not
+    # after the 2 s other phases wait: a user who just typed the command sees it is working.
+    with Progress(f"loading {Path(args.model).name}", stream=err, delay=0, ticker=True):
         model = Model(args.model, device=args.device, n_ctx=args.ctx, n_threads=args.threads, vision=want_vision)
     load_s = getattr(model, "load_time_s", None)
     if args.verbose and load_s is not None:
@@ -87,30 +95,46 @@ def _user_message(text: str, n_images: int) -> dict:
     return {"role": "user", "content": [{"type": "image"}] * n_images + [{"type": "text", "text": text}]}
 
 
-def _stream(model, out, err=None, **kw):
-    """Generate with streaming; write pieces to `out`; return the GenerationResult. Until the
-    first piece (image encode + prefill) a status line ticks on `err` if it is a terminal."""
-    stream = model.generate(stream=True, **kw) if hasattr(model, "generate") else None
-    if stream is None:
+def _stream(target, out, err=None, **kw):
+    """Generate with streaming on `target` (a Session or a Model; a model object with only the
+    low-level API goes through mllama_q.generate.generate); write pieces to `out`; return the
+    GenerationResult. Long phases show a status line on `err` when it is a terminal."""
+    err = sys.stderr if err is None else err
+    if hasattr(target, "generate"):
+        gen = target.generate
+    else:
         from mllama_q.generate import generate
 
-        stream = generate(model, stream=True, **kw)
-    # generate() reports nothing before its first piece today, so the wait is one ticking line;
-    # with the core's progress callback (CONTRACTS.md B) pass progress=PhaseProgress(...)
-    # (mllama_q.cli.progress) instead and show the image encode / prefill counts.
+        def gen(**k):
+            k.pop("progress", None)   # the low-level loop reports no phases
+            return generate(target, **k)
     label = "reading the image and the prompt" if kw.get("images") else "reading the prompt"
-    with Progress(label, stream=sys.stderr if err is None else err, ticker=True) as wait:
-        for piece in stream:
-            wait.done()  # clears the status line before the answer appears
-            out.write(piece)
-            out.flush()
+    with PhaseProgress(stream=err) as phases, Progress(label, stream=err, ticker=True) as wait:
+        def progress(phase, done, total):
+            wait.done()   # the phase lines replace the ticker
+            phases(phase, done, total)
+
+        stream = gen(stream=True, progress=progress, **kw)
+        try:
+            for piece in stream:
+                wait.done()  # clears the status lines before the answer appears
+                phases.close()
+                out.write(piece)
+                out.flush()
+        finally:
+            if stream.result is None:
+                stream.close()
     return stream.result
 
 
 def _report(res, err) -> None:
     t = res.timings
+    cache = ""
+    if res.cached_tokens or res.images_cached or res.images_encoded:
+        cache = (f"; cache: {res.cached_tokens} of {res.prompt_tokens} prompt tokens reused, "
+                 f"{res.images_cached} image(s) reused, {res.images_encoded} encoded")
     err.write(
-        f"\n[{res.prompt_tokens} prompt tokens, {res.completion_tokens} generated, stop: {res.stop_reason}; "
+        f"\n[{res.prompt_tokens} prompt tokens, {res.completion_tokens} generated, stop: {res.stop_reason}{cache}; "
         f"image encode {t.get('image_encode_s', 0):.2f} s, prefill {t.get('prefill_s', 0):.2f} s "
         f"({t.get('prefill_tokens_per_s', 0):.1f} tok/s), decode {t.get('decode_tokens_per_s', 0):.2f} tok/s, "
         f"first token after {t.get('time_to_first_token_s', 0):.2f} s]\n")
@@ -162,11 +186,64 @@ def run_main(argv=None) -> int:
 
 CHAT_HELP = """commands: /image PATH  attach an image to your next message
           /reset       forget the conversation
-          /quit        leave (also Ctrl-D)"""
+          /quit        leave (also Ctrl-D)
+          \"\"\"         start (and end) a message of several lines; a line ending in \\ goes on too"""
+
+HISTORY_FILE = "~/.mllama_q_history"
 
 
-def chat_main(argv=None, input_fn=input) -> int:
-    ap = argparse.ArgumentParser(prog="mllama-q chat", description="Interactive chat. " + CHAT_HELP)
+def _readline_history(out):
+    """Line editing and a history for input() (stdlib readline) when stdin is a terminal; returns
+    a function that saves the history (or None)."""
+    if not sys.stdin.isatty():
+        return None
+    try:
+        import readline
+    except ImportError:   # no readline on this platform: plain input()
+        return None
+    import os
+
+    path = os.path.expanduser(HISTORY_FILE)
+    try:
+        readline.read_history_file(path)
+    except OSError:
+        pass
+    readline.set_history_length(1000)
+
+    def save():
+        try:
+            readline.write_history_file(path)
+        except OSError:
+            pass
+    return save
+
+
+def _read_message(input_fn, first: str) -> str:
+    """The rest of a multi-line message: a block between two lines of three double quotes, or
+    lines ending in a backslash."""
+    if first.strip().startswith('"""'):
+        body = first.strip()[3:]
+        lines = []
+        if body.endswith('"""'):
+            return body[:-3]
+        if body:
+            lines.append(body)
+        while True:
+            line = input_fn("... ")
+            if line.rstrip().endswith('"""'):
+                lines.append(line.rstrip()[:-3])
+                return "\n".join(lines)
+            lines.append(line)
+    lines = [first]
+    while lines[-1].endswith("\\"):
+        lines[-1] = lines[-1][:-1]
+        lines.append(input_fn("... "))
+    return "\n".join(lines)
+
+
+def chat_main(argv=None, input_fn=None) -> int:
+    ap = argparse.ArgumentParser(prog="mllama-q chat", description="Interactive chat. " + CHAT_HELP,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_common(ap)
     args = ap.parse_args(argv)
     _check_common(ap, args)
@@ -188,58 +265,90 @@ def chat_main(argv=None, input_fn=input) -> int:
         err.write(f"mllama-q chat: error: {e}\n")
         return 1
 
+    save_history = _readline_history(out) if input_fn is None else None
+    input_fn = input if input_fn is None else input_fn
+    # One session holds the conversation: turn N prefills only its new tokens, images stay encoded.
+    session = model.session() if hasattr(model, "session") else model
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict] = []
     images: list[str] = []     # every image of the conversation, in prompt order
     out.write(f"mllama-q chat ({Path(args.model).name}). {CHAT_HELP}\n")
     out.flush()
-    while True:
-        try:
-            line = input_fn(">>> ")
-        except EOFError:
-            out.write("\n")
-            return 0
-        except KeyboardInterrupt:
-            out.write("\n")
-            return 130
-        text = line.strip()
-        if not text:
-            continue
-        if text in ("/quit", "/exit", "/bye"):
-            return 0
-        if text == "/reset":
-            history, images, pending = [], [], []
-            out.write("(conversation cleared)\n")
-            continue
-        if text in ("/help", "/?"):
-            out.write(CHAT_HELP + "\n")
-            continue
-        if text.startswith("/image"):
-            path = text[len("/image"):].strip().strip("'\"")
+    try:
+        while True:
             try:
-                _check_images([path])
-            except ValueError as e:
-                out.write(f"error: {e}\n")
+                line = input_fn(">>> ")
+                text = line.strip()
+                if text.startswith('"""') or line.endswith("\\"):
+                    line = _read_message(input_fn, line)
+                    text = line.strip()
+            except EOFError:
+                out.write("\n")
+                return 0
+            except KeyboardInterrupt:
+                out.write("\n")
+                return 130
+            if not text:
                 continue
-            pending.append(path)
-            out.write(f"(image attached: {path})\n")
-            continue
-        if text.startswith("/"):
-            out.write(f"unknown command {text.split()[0]!r}. {CHAT_HELP}\n")
-            continue
-        msg = _user_message(line, len(pending))
-        try:
-            res = _stream(model, out, err, messages=system + history + [msg], images=(images + pending) or None,
-                          **_sampling_kwargs(args))
-        except KeyboardInterrupt:
-            out.write("\n(interrupted)\n")
-            continue
-        except (ValueError, RuntimeError) as e:
-            out.write(f"\nerror: {e}\n")
-            continue
-        out.write("\n")
-        if args.verbose:
-            _report(res, err)
-        history += [msg, {"role": "assistant", "content": res.text}]
-        images += pending
-        pending = []
+            if text in ("/quit", "/exit", "/bye"):
+                return 0
+            if text == "/reset":
+                history, images, pending = [], [], []
+                if session is not model:
+                    session.reset()
+                out.write("(conversation cleared)\n")
+                continue
+            if text in ("/help", "/?"):
+                out.write(CHAT_HELP + "\n")
+                continue
+            if text.startswith("/image"):
+                path = text[len("/image"):].strip().strip("'\"")
+                try:
+                    _check_images([path])
+                except ValueError as e:
+                    out.write(f"error: {e}\n")
+                    continue
+                pending.append(path)
+                out.write(f"(image attached: {path})\n")
+                continue
+            if text.startswith("/"):
+                out.write(f"unknown command {text.split()[0]!r}. {CHAT_HELP}\n")
+                continue
+            msg = _user_message(line, len(pending))
+            pieces: list[str] = []
+
+            class _Tee:   # the answer as it is shown, for the history if the turn is interrupted
+                def write(self, s):
+                    pieces.append(s)
+                    out.write(s)
+
+                def flush(self):
+                    out.flush()
+
+            try:
+                res = _stream(session, _Tee(), err, messages=system + history + [msg],
+                              images=(images + pending) or None, **_sampling_kwargs(args))
+            except KeyboardInterrupt:
+                if not pieces:   # during the image encode or the prefill: the turn is dropped
+                    out.write("\n(interrupted: message and its images dropped)\n")
+                    pending = []
+                    continue
+                out.write("\n(interrupted)\n")
+                history += [msg, {"role": "assistant", "content": "".join(pieces)}]
+                images += pending
+                pending = []
+                continue
+            except (ValueError, RuntimeError) as e:
+                out.write(f"\nerror: {e}\n")
+                continue
+            out.write("\n")
+            if args.verbose:
+                _report(res, err)
+            history += [msg, {"role": "assistant", "content": res.text}]
+            images += pending
+            pending = []
+    finally:
+        if save_history:
+            save_history()
+        if session is not model:
+            session.close()

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import inspect
 import logging
 import threading
 import time
@@ -70,7 +69,6 @@ class Slot:
         self.id = slot_id
         self.session = session
         self.digests: list[str] = []  # image digests of the slot's last prompt, in order
-        self._tokens: list[int] = []  # adapter only: what the last turn left (prompt + answer)
         self.last_used = -1.0
         self.requests = 0
         self.busy = False
@@ -89,10 +87,8 @@ class Slot:
 
     @property
     def tokens(self):
-        """Token ids in the slot's cache: the session's own (`sess.tokens`, sessions API) or, for
-        the adapter, what the last turn left."""
-        t = getattr(self.session, "tokens", None)
-        return self._tokens if t is None else t
+        """Token ids in the slot's KV cache (the session's `tokens`, read-only)."""
+        return self.session.tokens
 
 
 def common_prefix(
@@ -285,69 +281,11 @@ def _wake(fut: asyncio.Future) -> None:
         fut.set_result(None)
 
 
-class LockedSession:
-    """TEMPORARY adapter in the shape of the sessions API (CONTRACTS.md B) until it lands:
-    `generate(...)` runs the stateless `model.generate` under one lock shared by every slot, so
-    requests are served one at a time and nothing is cached between turns."""
-
-    def __init__(self, model, lock: threading.Lock):
-        self.model = model
-        self.lock = lock
-
-    def generate(self, **kw):
-        stream = kw.get("stream", False)
-        if not stream:
-            with self.lock:
-                return self.model.generate(**kw)
-        self.lock.acquire()
-        try:
-            s = self.model.generate(**kw)
-        except BaseException:
-            self.lock.release()
-            raise
-        return _LockedStream(s, self.lock)
-
-
-class _LockedStream:
-    def __init__(self, stream, lock):
-        self._s = stream
-        self._lock = lock
-        self._held = True
-        self.result = None
-
-    def _free(self):
-        if self._held:
-            self._held = False
-            self._lock.release()
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        try:
-            return next(self._s)
-        except StopIteration:
-            self.result = self._s.result
-            self._free()
-            raise
-        except BaseException:
-            self._free()
-            raise
-
-    def close(self):
-        try:
-            self._s.close()
-        finally:
-            self._free()
-
-
 def load_model(path, *, device: str = "cpu", n_ctx: int = 4096, parallel: int = 1, n_threads=None):
     """Model(path, ...) with one session per slot when the sessions API is there."""
     from mllama_q.model import Model
 
-    kw: dict = dict(device=device, n_ctx=n_ctx, n_threads=n_threads)
-    if "max_sessions" in inspect.signature(Model.__init__).parameters:
-        kw["max_sessions"] = parallel
+    kw: dict = dict(device=device, n_ctx=n_ctx, n_threads=n_threads, max_sessions=parallel)
     try:
         return Model(path, **kw)
     except ValueError as e:
@@ -382,7 +320,6 @@ class Engine:
         self.state = "loading"
         self.error: str | None = None
         self.load_s: float | None = None
-        self._progress_kw = False
         if model is not None:
             self._ready(model)
 
@@ -402,16 +339,14 @@ class Engine:
     def _ready(self, model) -> None:
         if getattr(model, "processor", None) is None:
             raise ValueError("the model file has no tokenizer metadata: it cannot serve text")
+        n_sessions = int(getattr(model, "max_sessions", 1))
+        if n_sessions < self.parallel:
+            raise ValueError(f"{self.parallel} slots need a model loaded with max_sessions >= {self.parallel}, "
+                             f"not {n_sessions}")
         self.model = model
-        if hasattr(model, "session"):
-            sessions = [model.session() for _ in range(self.parallel)]
-        else:
-            lock = threading.Lock()
-            sessions = [LockedSession(model, lock) for _ in range(self.parallel)]
-        try:
-            self._progress_kw = "progress" in inspect.signature(sessions[0].generate).parameters
-        except (TypeError, ValueError):
-            self._progress_kw = False
+        # One session per slot: its KV cache and images stay between the slot's requests, and
+        # the model's scheduler batches the slots' decode steps (mllama_q/session.py).
+        sessions = [model.session() for _ in range(self.parallel)]
         slots = [Slot(i, s) for i, s in enumerate(sessions)]
         self.pool = SlotPool(slots, model.processor.settings.image_token_id, self.max_queue, self.similarity)
         self.state = "ready"
@@ -503,8 +438,7 @@ class Engine:
                 kw["prompt"] = req.prompt
             if req.images:
                 kw["images"] = [im.open() for im in req.images]  # decoded only now: queued requests hold bytes
-            if self._progress_kw:
-                kw["progress"] = run.check
+            kw["progress"] = run.check   # checked per vision layer / prefill chunk: a cancel stops them
             run.check()
             stream = slot.session.generate(**kw)
             run.post(("start",))
@@ -540,7 +474,6 @@ class Engine:
                 "max_new_tokens": prep.max_new_tokens,
             }
             slot.digests = [im.digest for im in req.images]
-            slot._tokens = list(prep.ids) + (list(result.tokens) if result is not None else [])
             try:
                 run._loop.call_soon_threadsafe(self.pool.release, slot)
             except RuntimeError:  # event loop closed: shutting down
