@@ -135,6 +135,21 @@ def sample_probs(logits: npt.ArrayLike, history: npt.ArrayLike,
 def cpu_features() -> dict[str, bool]:
     """Instruction-set extensions of this CPU: avx2, fma, f16c, avx512f/bw/vl/dq/vnni/bf16, avxvnni."""
 
+def profile_enable(on: bool = True, clock: str = "wall") -> None:
+    """Turn the per-op profiler on or off (also MLLAMA_Q_PROFILE=1 at start). clock: 'wall', or
+    'thread_cpu' (the calling thread's CPU time: immune to other processes, the whole op cost
+    only with one thread)."""
+
+def profile_enabled() -> bool:
+    """Whether the per-op profiler is on."""
+
+def profile_reset() -> None:
+    """Clear the profiler's entries."""
+
+def profile_report() -> list[dict]:
+    """Profiler entries: list of {region, op, detail, calls, seconds, flop, bytes} (ops named 'x:y' are
+    phases of op x, already inside its time)."""
+
 def cpu_path() -> str:
     """The kernel path in use: scalar, avx2 or avx512 (MLLAMA_Q_CPU_PATH or the best supported)."""
 

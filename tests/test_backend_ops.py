@@ -237,6 +237,17 @@ def test_get_rows_odd_width_and_errors(be, rng):
         be.get_rows(t, "f32", 5, 13, np.array([-1], np.int32))
 
 
+@pytest.mark.parametrize("wtype", ["q8_0", "f16", "q4_k"])
+def test_get_rows_long_rows(be, rng, wtype):
+    """Rows longer than one CPU task (64K values) are split at block boundaries."""
+    cols = 3 * 65536 + 256
+    t = random_weight(rng, wtype, 3, cols)
+    ids = np.array([2, 0], np.int32)
+    out = be.get_rows(t, wtype, 3, cols, ids)
+    ref = dequant(t, wtype, 3, cols)[ids]
+    np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6 * np.abs(ref).max())
+
+
 def test_get_rows_many_ids(be, rng):
     """70000 ids: more than one CUDA launch (65535 rows each)."""
     t = rng.standard_normal((300, 16)).astype(np.float32)
@@ -389,8 +400,10 @@ def test_attention_matches_cpu_backend(be, cpu, rng):
 # direct (flash-decoding) attention: nq * n_head / n_kv <= 16 rows per KV group reads K/V in
 # place in chunks of 256 keys (csrc/cpu/attention.cpp), with a scalar kernel and an AVX2 one
 # (used by the avx2 and avx512 paths). Flash attention: more than 16 query rows per KV group
-# go through the fused kernel (csrc/cpu/attention_flash*.cpp: key blocks of 16 / 32 / 64 keys
-# on the scalar / avx2 / avx512 paths, tasks of 32 query rows, online softmax).
+# go through the fused kernel (csrc/cpu/attention_flash*.cpp: query rows as vector lanes; tasks
+# of 16 / 48 / 64 rows and key blocks of 16 / 128 / 128 keys on the scalar / avx2 / avx512
+# paths; score tiles of 4 / 8 keys, P.V tiles of 4 / 8 head dims with smaller tiles for the
+# remainders; online softmax).
 @pytest.fixture(params=list(_core.cpu_paths()))
 def cpu_path(request):
     before = _core.cpu_path()   # restored after: a suite forced to one path stays on it
@@ -417,6 +430,9 @@ FLASH_CASES = [
     (17, 65, 3, 3, 7, True, "min", False),           # odd small hd, 65 keys (one past a block)
     (9, 300, 4, 2, 80, True, "inf", False),          # 18 rows: a task with rows of different queries
     (96, 64, 1, 1, 80, True, None, True),            # causal, exactly one 64-key block
+    (150, 300, 2, 2, 80, False, None, False),        # several row tasks, the last partial; 3 key blocks (128, 128, 44)
+    (100, 257, 4, 1, 36, True, "min", True),         # GQA 4: 400 rows; hd 36 (P.V tile remainders); causal + finfo.min
+    (61, 130, 3, 3, 13, True, "inf", False),         # hd 13 (tiles 8 + 4 + 1 / 4 x 3 + 1), 2-key score remainder
 ]
 
 
@@ -459,6 +475,98 @@ def test_attention_masked_rows(cpu, cpu_path, rng, nq, nk, n_head, n_kv, hd, kv_
     mean = v.astype(np.float64)[: 1 + q_offset + 1].mean(axis=0)   # query 1 sees keys 0 .. 1 + q_offset
     assert rel(out[1], np.repeat(mean, n_head // n_kv, axis=0)) < 1e-5
     assert rel(out, attention_ref(q, k, v, 0.125, mask, True, q_offset)) < 1e-5
+
+
+def test_profiler_records_ops_only_when_on(cpu, rng):
+    # The opt-in per-op profiler (csrc/common/profile.h): off -> nothing recorded;
+    # on -> one entry per (region, op, detail) with the call count, the FLOP of a
+    # matmul (2 M N K) and the attention's phase shares inside its time.
+    from mllama_q import quants
+    x = rng.standard_normal((9, 1280)).astype(np.float32)
+    w = rng.standard_normal(1280).astype(np.float32)
+    _core.profile_enable(False)
+    _core.profile_reset()
+    cpu.layer_norm(x, w, w, 1e-5)
+    assert _core.profile_report() == []
+    _core.profile_enable(True)
+    try:
+        cpu.layer_norm(x, w, w, 1e-5)
+        cpu.layer_norm(x, w, w, 1e-5)
+        wq = quants.quantize(rng.standard_normal((48, 256)).astype(np.float32), "q8_0")
+        cpu.matmul(rng.standard_normal((5, 256)).astype(np.float32), wq, "q8_0", 48, 256)
+        q = rng.standard_normal((70, 2, 80)).astype(np.float32)
+        cpu.attention(q, q, q, 0.1)
+    finally:
+        _core.profile_enable(False)
+    rep = {(e["op"], e["detail"]): e for e in _core.profile_report()}
+    ln = rep[("layer_norm", "cols=1280")]
+    assert ln["calls"] == 2 and ln["seconds"] > 0 and ln["bytes"] == 2 * 8 * 9 * 1280
+    mm = rep[("matmul", "q8_0 48x256")]
+    assert mm["calls"] == 1 and mm["flop"] == 2 * 5 * 48 * 256
+    att = rep[("attention", "heads=2/2 hd=80")]
+    assert att["calls"] == 1 and att["flop"] == 4 * 70 * 70 * 80 * 2
+    phases = [e for (op, _), e in rep.items() if op.startswith("attention:")]
+    assert {e["op"] for e in phases} == {"attention:pack K/V", "attention:score", "attention:softmax", "attention:P.V"}
+    assert 0 < sum(e["seconds"] for e in phases) <= att["seconds"]
+    _core.profile_reset()
+    assert _core.profile_report() == []
+    # the thread-CPU-time clock records the same ops; a bad clock name is an error
+    _core.profile_enable(True, "thread_cpu")
+    try:
+        cpu.layer_norm(x, w, w, 1e-5)
+    finally:
+        _core.profile_enable(False)
+    (e,) = [e for e in _core.profile_report() if e["op"] == "layer_norm"]
+    assert e["calls"] == 1 and 0 < e["seconds"] < 1
+    with pytest.raises(ValueError, match="clock"):
+        _core.profile_enable(True, "cycles")
+    assert not _core.profile_enabled()
+    _core.profile_reset()
+
+
+# ---- row kernels on every CPU path (csrc/cpu/rowops*.cpp: the scalar
+# reference with std::erf / std::exp / double sums, AVX2 and AVX-512 versions
+# with polynomial erf / exp), against float64 references, on lengths that are
+# not multiples of the vector widths.
+def test_gelu_every_path(cpu, cpu_path, rng):
+    import math
+    x = np.concatenate([np.linspace(-14, 14, 20011), rng.standard_normal(4099) * 3,
+                        [0.0, -0.0, 0.353, -0.354, 0.7071, -0.7072, 1e-30, -1e-30]]).astype(np.float32)
+    ref = np.array([0.5 * v * math.erfc(-v / math.sqrt(2)) for v in x.astype(np.float64)])
+    out = cpu.elementwise("gelu", x.reshape(1, -1))[0].astype(np.float64)
+    # relative accuracy everywhere, up to the float32 rounding of x^2 / 2 in
+    # e^{-x^2/2} (~x^2 6e-8 relative) in the negative tail; x < -13 (|gelu| <
+    # 1e-37, where e^{-x^2/2} underflows) only absolutely
+    err = np.abs(out - ref) / np.maximum(np.abs(ref), 1e-36)
+    live = x > -13
+    tol = 1e-6 + 1e-7 * x.astype(np.float64) ** 2
+    assert (err[live] < tol[live]).all(), (x[live][(err / tol)[live].argmax()], (err / tol)[live].max())
+    assert np.abs(out - ref)[~live].max() < 1e-36
+    assert np.all(out[x == 0] == 0)
+
+
+def test_silu_mul_every_path(cpu, cpu_path, rng):
+    g = np.concatenate([np.linspace(-95, 95, 10007), rng.standard_normal(1001) * 4]).astype(np.float32)
+    u = rng.standard_normal(g.size).astype(np.float32)
+    g64, u64 = g.astype(np.float64), u.astype(np.float64)
+    ref = g64 / (1 + np.exp(-g64)) * u64
+    out = cpu.elementwise("silu_mul", g.reshape(1, -1), u.reshape(1, -1))[0].astype(np.float64)
+    err = np.abs(out - ref) / np.maximum(np.abs(ref), 1e-30)
+    live = g > -80
+    assert err[live].max() < 2e-6 and np.abs(out - ref)[~live].max() < 1e-30
+
+
+@pytest.mark.parametrize("rows,cols", [(5, 1283), (3, 37), (2, 7), (4, 1280)])
+def test_norms_every_path(cpu, cpu_path, rng, rows, cols):
+    x = (rng.standard_normal((rows, cols)) * 2 + 3).astype(np.float32)
+    w = rng.standard_normal(cols).astype(np.float32)
+    b = rng.standard_normal(cols).astype(np.float32)
+    x64 = x.astype(np.float64)
+    mean = x64.mean(1, keepdims=True)
+    ln = (x64 - mean) / np.sqrt(((x64 - mean) ** 2).mean(1, keepdims=True) + 1e-5) * w + b
+    rms = x64 / np.sqrt((x64 ** 2).mean(1, keepdims=True) + 1e-6) * w
+    assert rel(cpu.layer_norm(x, w, b, 1e-5), ln) < 1e-6
+    assert rel(cpu.rms_norm(x, w, 1e-6), rms) < 1e-6
 
 
 # ---- the batched step's ops: attention over segments, sampling ---------------------------------

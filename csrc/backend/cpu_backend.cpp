@@ -21,10 +21,12 @@
 #include "backend/backend.h"
 #include "common/env.h"
 #include "common/fp16.h"
+#include "common/profile.h"
 #include "common/threadpool.h"
 #include "cpu/attention.h"
 #include "cpu/attention_flash.h"
 #include "cpu/matmul.h"
+#include "cpu/rowops.h"
 #include "cpu/sampling.h"
 #include "quants/quants.h"
 
@@ -32,6 +34,17 @@ namespace mq {
 namespace {
 
 constexpr int64_t kChunk = 16384;  // elements per task of elementwise ops
+
+// Profiling of one op (common/profile.h): `Timed t; ...; t.done("op", [&] { return detail; }, flop, bytes);`
+// reads the clock and builds the detail string only when profiling is on.
+struct Timed {
+    uint64_t t0 = prof::start();
+    template <class F>
+    void done(const char* op, F&& detail, double flop, double bytes) const {
+        if (t0) prof::record(op, detail(), t0, flop, bytes);
+    }
+};
+std::string str(int64_t v) { return std::to_string(v); }
 
 class CpuBackend final : public Backend {
 public:
@@ -46,9 +59,36 @@ public:
         return p;
     }
     void free(void* p) override { std::free(p); }
-    void to_device(void* dst, const void* src, size_t bytes) override { std::memcpy(dst, src, bytes); }
-    void to_host(void* dst, const void* src, size_t bytes) override { std::memcpy(dst, src, bytes); }
-    void copy(void* dst, const void* src, size_t bytes) override { std::memmove(dst, src, bytes); }
+    // Copies of more than a few MiB (the vision tower moves [6432, 1280]
+    // activations) are split over the pool; overlapping ranges use one memmove.
+    void copy_bytes(void* dst, const void* src, size_t bytes) {
+        constexpr size_t kPart = size_t(1) << 20;
+        const auto* s = static_cast<const uint8_t*>(src);
+        auto* d = static_cast<uint8_t*>(dst);
+        if (bytes < 4 * kPart || pool_.size() == 1 || (d < s + bytes && s < d + bytes)) {
+            std::memmove(dst, src, bytes);
+            return;
+        }
+        pool_.parallel_for(int64_t((bytes + kPart - 1) / kPart), [&](int64_t t, int) {
+            const size_t lo = size_t(t) * kPart;
+            std::memcpy(d + lo, s + lo, std::min(kPart, bytes - lo));
+        });
+    }
+    void to_device(void* dst, const void* src, size_t bytes) override {
+        Timed t;
+        copy_bytes(dst, src, bytes);
+        t.done("copy", [] { return std::string("to_device"); }, 0, 2.0 * bytes);
+    }
+    void to_host(void* dst, const void* src, size_t bytes) override {
+        Timed t;
+        copy_bytes(dst, src, bytes);
+        t.done("copy", [] { return std::string("to_host"); }, 0, 2.0 * bytes);
+    }
+    void copy(void* dst, const void* src, size_t bytes) override {
+        Timed t;
+        copy_bytes(dst, src, bytes);
+        t.done("copy", [] { return std::string("device"); }, 0, 2.0 * bytes);
+    }
     Weight upload(const void* host, DType type, int64_t rows, int64_t cols) override {
         row_size(type, cols);  // validates the row length against the block size
         if (rows < 0) throw std::invalid_argument("upload: negative row count");
@@ -60,12 +100,19 @@ public:
     void matmul(const float* x, int64_t M, int64_t ldx, const Weight& w, const float* bias, float* y,
                 int64_t ldy) override {
         if (ldx < w.cols || ldy < w.rows) throw std::invalid_argument("matmul: row stride smaller than the row");
+        uint64_t t0 = prof::start();
         cpu::matmul(x, M, w.cols, ldx, w.data, w.type, w.rows, y, ldy, pool_);
+        if (t0)
+            prof::record("matmul", std::string(type_info(w.type).name) + " " + std::to_string(w.rows) + "x" +
+                                       std::to_string(w.cols), t0, 2.0 * double(M) * w.rows * w.cols,
+                         double(M) * w.cols * 4 + double(w.rows) * row_size(w.type, w.cols) + double(M) * w.rows * 4);
         if (bias) {
+            t0 = prof::start();
             pool_.parallel_for(M, [&](int64_t m, int) {
                 float* yr = y + m * ldy;
                 for (int64_t n = 0; n < w.rows; n++) yr[n] += bias[n];
             });
+            if (t0) prof::record("bias", "N=" + std::to_string(w.rows), t0, double(M) * w.rows, 8.0 * M * w.rows);
         }
     }
 
@@ -75,38 +122,46 @@ public:
             if (ids[i] < 0 || ids[i] >= table.rows)
                 throw std::invalid_argument("get_rows: id " + std::to_string(ids[i]) + " out of range [0, " +
                                             std::to_string(table.rows) + ")");
-        pool_.parallel_for(n, [&](int64_t i, int) {
-            dequantize_row(table.type, static_cast<const uint8_t*>(table.data) + ids[i] * rs, out + i * table.cols,
-                           table.cols);
+        // Tasks of up to 64K values (whole blocks): a table entry can be one long
+        // row (the vision tile position embedding: 8.2M values per aspect ratio).
+        const TypeInfo& ti = type_info(table.type);
+        const int64_t chunk = std::max<int64_t>(1, 65536 / ti.block_size) * ti.block_size;
+        const int64_t per_row = (table.cols + chunk - 1) / chunk;
+        Timed t;
+        pool_.parallel_for(n * per_row, [&](int64_t task, int) {
+            const int64_t i = task / per_row, c0 = (task % per_row) * chunk;
+            const int64_t len = std::min(chunk, table.cols - c0);
+            dequantize_row(table.type,
+                           static_cast<const uint8_t*>(table.data) + ids[i] * rs + c0 / ti.block_size * ti.type_size,
+                           out + i * table.cols + c0, len);
         });
+        t.done("get_rows", [&] { return std::string(type_info(table.type).name) + " cols=" + str(table.cols); }, 0,
+               double(n) * (rs + 4.0 * table.cols));
     }
 
     // ---- elementwise and normalisation ------------------------------------
     void rms_norm(const float* x, const float* w, float* y, int64_t rows, int64_t cols, float eps) override {
         // HF MllamaTextRMSNorm: x * rsqrt(mean(x^2) + eps) * weight, in float32.
-        pool_.parallel_for(rows, [&](int64_t r, int) {
-            const float* xr = x + r * cols;
-            float* yr = y + r * cols;
-            double ss = 0.0;
-            for (int64_t i = 0; i < cols; i++) ss += double(xr[i]) * xr[i];
-            const float inv = 1.0f / std::sqrt(float(ss / cols) + eps);
-            for (int64_t i = 0; i < cols; i++) yr[i] = (xr[i] * inv) * w[i];
-        });
+        Timed t;
+        const auto& ops = cpu::row_ops();
+        for_rows(rows, cols, [&](int64_t r) { ops.rms_norm(x + r * cols, w, y + r * cols, cols, eps); });
+        t.done("rms_norm", [&] { return "cols=" + str(cols); }, 4.0 * rows * cols, 8.0 * rows * cols);
     }
 
     void layer_norm(const float* x, const float* w, const float* b, float* y, int64_t rows, int64_t cols,
                     float eps) override {
-        pool_.parallel_for(rows, [&](int64_t r, int) {
-            const float* xr = x + r * cols;
-            float* yr = y + r * cols;
-            double s = 0.0;
-            for (int64_t i = 0; i < cols; i++) s += xr[i];
-            const double mean = s / cols;
-            double v = 0.0;
-            for (int64_t i = 0; i < cols; i++) v += (xr[i] - mean) * (xr[i] - mean);
-            const float inv = float(1.0 / std::sqrt(v / cols + eps));
-            const float fm = float(mean);
-            for (int64_t i = 0; i < cols; i++) yr[i] = (xr[i] - fm) * inv * w[i] + b[i];
+        Timed t;
+        const auto& ops = cpu::row_ops();
+        for_rows(rows, cols, [&](int64_t r) { ops.layer_norm(x + r * cols, w, b, y + r * cols, cols, eps); });
+        t.done("layer_norm", [&] { return "cols=" + str(cols); }, 8.0 * rows * cols, 8.0 * rows * cols);
+    }
+
+    // f(r) for every row r < rows, in tasks of about kChunk elements.
+    template <typename F>
+    void for_rows(int64_t rows, int64_t cols, F&& f) {
+        const int64_t per = std::max<int64_t>(1, kChunk / std::max<int64_t>(cols, 1));
+        pool_.parallel_for((rows + per - 1) / per, [&](int64_t t, int) {
+            for (int64_t r = t * per; r < std::min(rows, (t + 1) * per); r++) f(r);
         });
     }
 
@@ -119,27 +174,34 @@ public:
     }
 
     void add(float* y, const float* x, int64_t n) override {
+        Timed t;
         for_chunks(n, [&](int64_t lo, int64_t hi) { for (int64_t i = lo; i < hi; i++) y[i] += x[i]; });
+        t.done("add", [] { return std::string(); }, double(n), 12.0 * n);
     }
     void add_scaled(float* y, const float* x, float s, int64_t n) override {
+        Timed t;
         for_chunks(n, [&](int64_t lo, int64_t hi) { for (int64_t i = lo; i < hi; i++) y[i] += s * x[i]; });
+        t.done("add_scaled", [] { return std::string(); }, 2.0 * n, 12.0 * n);
     }
     void silu_mul(const float* gate, const float* up, float* out, int64_t n) override {
-        for_chunks(n, [&](int64_t lo, int64_t hi) {
-            for (int64_t i = lo; i < hi; i++) out[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
-        });
+        Timed t;
+        const auto& ops = cpu::row_ops();
+        for_chunks(n, [&](int64_t lo, int64_t hi) { ops.silu_mul(gate + lo, up + lo, out + lo, hi - lo); });
+        t.done("silu_mul", [] { return std::string(); }, 0, 12.0 * n);
     }
     void gelu(float* x, int64_t n) override {
         // torch.nn.functional.gelu default (approximate='none'): 0.5 x (1 + erf(x / sqrt 2))
-        for_chunks(n, [&](int64_t lo, int64_t hi) {
-            for (int64_t i = lo; i < hi; i++) x[i] = 0.5f * x[i] * (1.0f + std::erf(x[i] * 0.70710678118654752f));
-        });
+        Timed t;
+        const auto& ops = cpu::row_ops();
+        for_chunks(n, [&](int64_t lo, int64_t hi) { ops.gelu(x + lo, hi - lo); });
+        t.done("gelu", [] { return std::string(); }, 0, 8.0 * n);
     }
 
     void rope(float* x, int64_t n_tok, int n_head, int head_dim, const int32_t* pos,
               const float* inv_freq) override {
         if (head_dim % 2) throw std::invalid_argument("rope: head_dim must be even");
         const int half = head_dim / 2;
+        Timed t;
         pool_.parallel_for(n_tok, [&](int64_t t, int) {
             // Angles in float32 like HF (inv_freq float32 times float position),
             // cos/sin evaluated in double and rounded once.
@@ -158,12 +220,29 @@ public:
                 }
             }
         });
+        t.done("rope", [&] { return "heads=" + str(n_head) + " hd=" + str(head_dim); }, 0,
+               8.0 * n_tok * n_head * head_dim);
     }
 
     // ---- attention ------------------------------------------------------
     void attention(const float* q, const void* k, const void* v, DType kv_type, int64_t kv_stride, float* out,
                    int64_t nq, int64_t nk, int n_head, int n_kv_head, int hd, float scale, const float* mask,
                    int64_t ld_mask, bool causal, int64_t q_offset) override {
+        Timed t;
+        attention_impl(q, k, v, kv_type, kv_stride, out, nq, nk, n_head, n_kv_head, hd, scale, mask, ld_mask, causal,
+                       q_offset);
+        // FLOP of the two products (q·k, p·v) over all nq x nk pairs (causal masking not subtracted)
+        t.done("attention",
+               [&] {
+                   return "heads=" + str(n_head) + "/" + str(n_kv_head) + " hd=" + str(hd) + (mask ? " masked" : "") +
+                          (causal ? " causal" : "");
+               },
+               4.0 * nq * nk * hd * n_head, 4.0 * (2.0 * nq * n_head * hd + 2.0 * nk * n_kv_head * hd));
+    }
+
+    void attention_impl(const float* q, const void* k, const void* v, DType kv_type, int64_t kv_stride, float* out,
+                        int64_t nq, int64_t nk, int n_head, int n_kv_head, int hd, float scale, const float* mask,
+                        int64_t ld_mask, bool causal, int64_t q_offset) {
         if (n_kv_head <= 0 || n_head % n_kv_head) throw std::invalid_argument("attention: n_head must be a multiple of n_kv_head");
         if (kv_type != DType::F32 && kv_type != DType::F16) throw std::invalid_argument("attention: KV type must be f32 or f16");
         if (nq <= 0) return;
@@ -190,6 +269,7 @@ public:
         if (dst_rows)
             for (int64_t j = 0; j < n; j++)
                 if (dst_rows[j] < 0) throw std::invalid_argument("store_rows: negative destination row");
+        Timed t;
         pool_.parallel_for(n, [&](int64_t j, int) {
             const int64_t r = dst_rows ? dst_rows[j] : j;
             if (dst_type == DType::F32)
@@ -197,6 +277,8 @@ public:
             else
                 quantize_row_f16(src + j * width, static_cast<uint16_t*>(dst) + r * dst_stride, width);
         });
+        t.done("store_rows", [&] { return std::string(type_info(dst_type).name); }, 0,
+               double(n) * width * (4 + type_info(dst_type).type_size));
     }
 
     void scatter_i32(const int32_t* src, int32_t* dst, const int32_t* idx, int64_t n) override {

@@ -9,6 +9,7 @@
 #include "bindings/array_check.h"
 #include "bindings/bindings.h"
 #include "backend/backend.h"
+#include "common/profile.h"
 #include "common/threadpool.h"
 #include "cpu/matmul.h"
 #include "cpu/sampling.h"
@@ -192,6 +193,40 @@ void register_cpu(py::module_& m) {
         d["avxvnni"] = f.avxvnni;
         return d;
     });
+
+    // Opt-in per-op profiler (common/profile.h), for bench/vision_profile.py.
+    m.def(
+        "profile_enable",
+        [](bool on, const std::string& clock) {
+            require(clock == "wall" || clock == "thread_cpu", "clock must be 'wall' or 'thread_cpu', got '" + clock + "'");
+            prof::set_clock(clock == "wall" ? prof::Clock::Wall : prof::Clock::ThreadCpu);
+            prof::set_enabled(on);
+        },
+        py::arg("on") = true, py::arg("clock") = "wall",
+        "Turn the per-op profiler on or off (also MLLAMA_Q_PROFILE=1 at start). clock: 'wall', or "
+        "'thread_cpu' (the calling thread's CPU time: immune to other processes, the whole op cost "
+        "only with one thread).");
+    m.def("profile_enabled", &prof::enabled);
+    m.def("profile_reset", &prof::reset, "Clear the profiler's entries.");
+    m.def(
+        "profile_report",
+        [] {
+            py::list out;
+            for (const prof::Entry& e : prof::snapshot()) {
+                py::dict d;
+                d["region"] = e.region;
+                d["op"] = e.op;
+                d["detail"] = e.detail;
+                d["calls"] = e.calls;
+                d["seconds"] = e.seconds;
+                d["flop"] = e.flop;
+                d["bytes"] = e.bytes;
+                out.append(d);
+            }
+            return out;
+        },
+        "Profiler entries: list of {region, op, detail, calls, seconds, flop, bytes} (ops named 'x:y' are "
+        "phases of op x, already inside its time).");
 
     m.def("cpu_path", [] { return std::string(cpu::path_name(cpu::active_path())); });
     m.def("set_cpu_path", &cpu::set_cpu_path, py::arg("name"),

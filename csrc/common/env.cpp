@@ -24,6 +24,11 @@ int num_threads() {
 
 bool cpu_attn_direct() { return !equals("MLLAMA_Q_ATTN_DIRECT", "0"); }
 
+bool profile() {
+    const char* e = std::getenv("MLLAMA_Q_PROFILE");
+    return e && *e && std::strcmp(e, "0") != 0;
+}
+
 bool cuda_gemm_simple() { return equals("MLLAMA_Q_CUDA_GEMM", "simple"); }
 bool cuda_attn_simt() { return equals("MLLAMA_Q_CUDA_ATTN", "simt"); }
 bool cuda_poison() { return equals("MLLAMA_Q_CUDA_POISON", "1"); }

@@ -19,6 +19,10 @@ int num_threads();
 // flash kernel runs instead).
 bool cpu_attn_direct();
 
+// MLLAMA_Q_PROFILE=1 (any value but "" and "0"): the per-op profiler (common/profile.h)
+// starts on; read at the first op.
+bool profile();
+
 // MLLAMA_Q_CUDA_GEMM=simple: CUDA GEMM without the software-pipelined dequantization.
 bool cuda_gemm_simple();
 

@@ -16,7 +16,7 @@
 #include <limits>
 
 #include "cpu/attention.h"
-#include "cpu/simd_exp_avx2.h"
+#include "cpu/simd_avx2.h"
 
 namespace mq::cpu::detail {
 namespace {

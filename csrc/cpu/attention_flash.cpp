@@ -7,38 +7,20 @@
 #include <cmath>
 #include <cstring>
 #include <stdexcept>
+#include <string>
 #include <vector>
 
-#include "quants/quants.h"
+#include "common/profile.h"
 #include "cpu/attention_flash_impl.h"
+#include "cpu/simd_scalar.h"
 #include "cpu/matmul.h"
+#include "quants/quants.h"
 
 namespace mq::cpu {
 namespace detail {
-namespace {
 
-// One lane: the kernel template becomes plain scalar code.
-struct VScalar {
-    using T = float;
-    static constexpr int W = 1;
-    static T load(const float* p) { return *p; }
-    static void store(float* p, T x) { *p = x; }
-    static T set1(float f) { return f; }
-    static T zero() { return 0.0f; }
-    static T fma(T a, T b, T c) { return a * b + c; }
-    static T mul(T a, T b) { return a * b; }
-    static T add(T a, T b) { return a + b; }
-    static T sub(T a, T b) { return a - b; }
-    static T max(T a, T b) { return a > b ? a : b; }
-    static T exp(T x) { return std::exp(x); }    // exp(-inf) = 0
-    static float exp1(float x) { return std::exp(x); }
-    static float hmax(T x) { return x; }
-    static float hsum(T x) { return x; }
-};
-
-}  // namespace
-
-FlashKernel flash_kernel_scalar() { return {1, 16, flash_rows<VScalar, 16, 4, 4, 8>}; }
+// 4 rows per group, 4 groups per task, key blocks of 16, 4 x 4 tiles.
+FlashKernel flash_kernel_scalar() { return {16, flash_rows<VScalar, 4, 4, 16, 4, 4>}; }
 
 }  // namespace detail
 
@@ -58,44 +40,73 @@ void attention_flash(const float* q, const void* k, const void* v, DType kv_type
     if (active_path() == Path::AVX512) kern = detail::flash_kernel_avx512();
     else if (active_path() == Path::AVX2) kern = detail::flash_kernel_avx2();
 #endif
-    const int W = kern.W, KB = kern.KB;
-    const int hdp = (hd + W - 1) / W * W;
-    const int64_t nkp = (nk + KB - 1) / KB * KB, n_blocks = nkp / KB;
+    const bool prof_on = prof::enabled();
     const int G = n_head / n_kv_head;
-    const int64_t rows = nq * G;
-    const int64_t n_tasks = (rows + detail::kFlashRows - 1) / detail::kFlashRows;
-    // kp: [n_blocks][hdp][KB] (K transposed per block), vp: [nkp][hdp]; zero padded
-    std::vector<float> kp(n_blocks * hdp * KB), vp(nkp * hdp);
-    for (int g = 0; g < n_kv_head; g++) {
-        pool.parallel_for(n_blocks, [&](int64_t b, int) {
-            float row[2048];
-            std::vector<float> big;
-            float* rw = row;
-            if (hd > 2048) { big.resize(hd); rw = big.data(); }
-            float* kb = &kp[b * hdp * KB];
-            std::fill(kb, kb + int64_t(hdp) * KB, 0.0f);
-            for (int jj = 0; jj < KB; jj++) {
-                const int64_t j = b * KB + jj;
-                float* vr = &vp[j * hdp];
-                std::fill(vr, vr + hdp, 0.0f);
-                if (j >= nk) continue;
-                const int64_t off = j * kv_stride + int64_t(g) * hd;
-                if (kv_type == DType::F32) {
-                    std::memcpy(rw, static_cast<const float*>(k) + off, size_t(hd) * sizeof(float));
-                    std::memcpy(vr, static_cast<const float*>(v) + off, size_t(hd) * sizeof(float));
-                } else {
-                    dequantize_row_f16(static_cast<const uint16_t*>(k) + off, rw, hd);
-                    dequantize_row_f16(static_cast<const uint16_t*>(v) + off, vr, hd);
+    const int64_t rows = nq * G;   // query rows per KV group
+    const int64_t n_tasks = (rows + kern.rows - 1) / kern.rows;
+    // Per KV group, K and V are first copied (F16 widened) into contiguous
+    // float32 [nk][hd] arrays: read in place, the rows of one head lie
+    // kv_stride apart (5 KiB in the vision tower), so the 32 rows of a key
+    // block fall into a few L1 sets and evict each other (measured: 136 vs
+    // 175 GFLOP/s on one AVX-512 thread). With one task per group (few query
+    // rows, e.g. the vision tower's padding rows) every key is read once
+    // anyway, so float32 K/V are then read in place and all groups run in one
+    // parallel loop.
+    const bool pack = kv_type == DType::F16 || n_tasks > 1;
+    // Profiling (common/profile.h): wall time of the packing, and of the row
+    // tasks split into score / softmax / P·V in proportion to the threads'
+    // time in each (prof_ns: [threads][3]).
+    std::vector<uint64_t> prof_ns(prof_on ? size_t(pool.size()) * 3 : 0, 0);
+    uint64_t pack_ns = 0, rows_ns = 0;
+    auto run_tasks = [&](const float* kg, const float* vg, int64_t stride, int g0, int n_groups) {
+        const uint64_t t0 = prof_on ? prof::op_now_ns() : 0;
+        pool.parallel_for(n_groups * n_tasks, [&](int64_t t, int thread) {
+            const int g = g0 + int(t / n_tasks);
+            const int64_t r0 = (t % n_tasks) * kern.rows;
+            const int64_t goff = pack ? 0 : int64_t(g) * hd;
+            const detail::FlashArgs a{kg + goff, vg + goff, stride, nk, hd, scale, q, n_head, G, g,
+                                      mask, ld_mask, causal, q_offset, out};
+            kern.run(a, r0, int(std::min<int64_t>(kern.rows, rows - r0)), prof_on ? &prof_ns[size_t(thread) * 3] : nullptr);
+        });
+        if (prof_on) rows_ns += prof::op_now_ns() - t0;
+    };
+    if (!pack) {
+        run_tasks(static_cast<const float*>(k), static_cast<const float*>(v), kv_stride, 0, n_kv_head);
+    } else {
+        std::vector<float> kp(size_t(nk) * hd), vp(size_t(nk) * hd);   // [nk][hd] of one group
+        for (int g = 0; g < n_kv_head; g++) {
+            const uint64_t t0 = prof_on ? prof::op_now_ns() : 0;
+            pool.parallel_for((nk + 255) / 256, [&](int64_t t, int) {
+                for (int64_t j = t * 256; j < std::min(nk, t * 256 + 256); j++) {
+                    const int64_t off = j * kv_stride + int64_t(g) * hd;
+                    if (kv_type == DType::F32) {
+                        std::memcpy(&kp[j * hd], static_cast<const float*>(k) + off, size_t(hd) * sizeof(float));
+                        std::memcpy(&vp[j * hd], static_cast<const float*>(v) + off, size_t(hd) * sizeof(float));
+                    } else {
+                        dequantize_row_f16(static_cast<const uint16_t*>(k) + off, &kp[j * hd], hd);
+                        dequantize_row_f16(static_cast<const uint16_t*>(v) + off, &vp[j * hd], hd);
+                    }
                 }
-                for (int d = 0; d < hd; d++) kb[int64_t(d) * KB + jj] = rw[d];
-            }
-        });
-        const detail::FlashArgs a{kp.data(), vp.data(), nk, nkp, hd, hdp, KB, scale, q, n_head, G, g,
-                                  mask, ld_mask, causal, q_offset, out};
-        pool.parallel_for(n_tasks, [&](int64_t t, int) {
-            const int64_t r0 = t * detail::kFlashRows;
-            kern.rows(a, r0, int(std::min<int64_t>(detail::kFlashRows, rows - r0)));
-        });
+            });
+            if (prof_on) pack_ns += prof::op_now_ns() - t0;
+            run_tasks(kp.data(), vp.data(), hd, g, 1);
+        }
+    }
+    if (prof_on) {
+        double ph[3] = {0, 0, 0}, tot = 0;
+        for (size_t i = 0; i < prof_ns.size(); i++) {
+            ph[i % 3] += double(prof_ns[i]);
+            tot += double(prof_ns[i]);
+        }
+        const std::string det = "hd=" + std::to_string(hd);
+        const double f = tot > 0 ? rows_ns * 1e-9 / tot : 0;
+        const double flop = 2.0 * nq * nk * hd * n_head;   // each product
+        if (pack)
+            prof::record_seconds("attention:pack K/V", det, pack_ns * 1e-9, 0,
+                                 (kv_type == DType::F16 ? 12.0 : 16.0) * nk * n_kv_head * hd);
+        prof::record_seconds("attention:score", det, ph[0] * f, flop);
+        prof::record_seconds("attention:softmax", det, ph[1] * f, 0);
+        prof::record_seconds("attention:P.V", det, ph[2] * f, flop);
     }
 }
 

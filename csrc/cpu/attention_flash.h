@@ -1,16 +1,18 @@
 // Fused ("flash") attention for many queries: the backend's large-query path.
 //
-// The vision tower attends 6432 queries to 6432 keys per head (4-tile image);
-// computing S = Q·Kᵀ as a separate matrix product (K = hd = 80, a short dot
-// product) and streaming the 13 MB score block through the cache twice is
-// slow. Here, per KV head group, K is packed transposed into panels
-// [nk/KB][hdp][KB] and V into rows [nkp][hdp] (float32, zero padded, hdp = hd
-// rounded up to the vector width). One task handles up to kFlashRows query
-// rows of the group and sweeps the key blocks of KB keys:
-//   S   = scale * Qb · Kbᵀ + mask       (outer-product micro-kernel, S in L1)
-//   m'  = max(m, rowmax S),  P = e^{S - m'},  α = e^{m - m'}
-//   l   = α l + rowsum P,    O = α O + P · Vb
-// and finally out = O / l (FlashAttention-2's online softmax, Dao 2023).
+// The vision tower attends 6432 queries to 6432 keys per head (4-tile image,
+// hd = 80), ~45% of its FLOPs. The kernel works with the query rows as the
+// vector lanes ("transposed" layout): one task takes up to kFlashRows query
+// rows (query, head) of a KV group, holds Qᵀ [hd][rows] (pre-multiplied by the
+// scale) and Oᵀ [hd][rows], and sweeps the keys in blocks of KB:
+//   Sᵀ[j][r] = Σ_d K[j][d] · Qᵀ[d][r]        (K[j][d] broadcast, Qᵀ rows as vectors)
+//   m' = max(m, max_j Sᵀ[j]),  Pᵀ = e^{Sᵀ - m'},  α = e^{m - m'}
+//   l  = α l + Σ_j Pᵀ[j],      Oᵀ[d] = α Oᵀ[d] + Σ_j V[j][d] · Pᵀ[j]
+// and finally out = O / l (FlashAttention-2's online softmax, Dao 2023,
+// arXiv:2307.08691). Lanes = rows make every softmax step a vertical vector
+// op (no horizontal max / sum per row, one e^x for α per 8 or 16 rows) and
+// let K and V be read row by row as broadcasts: no transposed K copy, only a
+// contiguous float32 copy of each KV group's K and V (F16 widened there).
 // The function is the backend's attention() (backend.h): -inf scores get
 // probability 0, a row with nothing visible gives zeros, rows masked with
 // finfo.min everywhere give the uniform average of V as softmax does.
@@ -27,21 +29,20 @@ namespace mq::cpu {
 //   mask: additive [nq, nk] float32, row stride ld_mask, or nullptr
 //   causal: key j visible to query i only when j <= i + q_offset
 //   out:  [nq, n_head, hd] float32
-// Kernel by active_path(): scalar reference, AVX2, or AVX-512.
+// Kernel by active_path(): scalar reference, AVX2 (+FMA), or AVX-512.
 void attention_flash(const float* q, const void* k, const void* v, DType kv_type, int64_t kv_stride, float* out,
                      int64_t nq, int64_t nk, int n_head, int n_kv_head, int hd, float scale, const float* mask,
                      int64_t ld_mask, bool causal, int64_t q_offset, ThreadPool& pool);
 
 namespace detail {
 
-constexpr int kFlashRows = 32;   // query rows per task
-
 // One task: rows [r0, r0 + nr) of KV group g (row r = query i * G + head-in-group).
 struct FlashArgs {
-    const float* kp;   // [nkp / KB][hdp][KB] packed K of the group
-    const float* vp;   // [nkp][hdp] packed V of the group
-    int64_t nk, nkp;
-    int hd, hdp, KB;
+    const float* k;    // key j of the group at k + j * kv_stride (float32, hd values; packed: kv_stride = hd)
+    const float* v;    // value j at v + j * kv_stride
+    int64_t kv_stride;
+    int64_t nk;
+    int hd;
     float scale;
     const float* q;    // [nq, n_head, hd]
     int n_head, G, g;
@@ -51,10 +52,12 @@ struct FlashArgs {
     int64_t q_offset;
     float* out;        // [nq, n_head, hd]
 };
-// Vector width W and key block KB of a kernel (hdp = hd rounded up to W, nkp to KB).
+// A kernel: `rows` query rows per task at most (nr <= rows). prof: null, or 3
+// nanosecond counters of the calling thread that the kernel adds its score /
+// softmax / P·V time to (profiling on, common/profile.h).
 struct FlashKernel {
-    int W, KB;
-    void (*rows)(const FlashArgs& a, int64_t r0, int nr);
+    int rows;
+    void (*run)(const FlashArgs& a, int64_t r0, int nr, uint64_t* prof);
 };
 FlashKernel flash_kernel_scalar();
 FlashKernel flash_kernel_avx2();

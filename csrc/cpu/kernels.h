@@ -65,6 +65,8 @@ const KernelTable& scalar_kernels();
 #if defined(MQ_X86)
 const KernelTable& avx2_kernels();
 const KernelTable& avx512_kernels();
+void quantize_row_q8_K_avx2(const float* x, block_q8_K* y, int64_t k);
+void quantize_row_q8_0_avx2(const float* x, block_q8_0* y, int64_t k);
 void quantize_row_q8_K_avx512(const float* x, block_q8_K* y, int64_t k);
 void quantize_row_q8_0_avx512(const float* x, block_q8_0* y, int64_t k);
 uint64_t read_sum_avx2(const uint64_t* p, size_t n);

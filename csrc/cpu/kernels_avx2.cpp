@@ -9,6 +9,7 @@
 // types 2 X rows x 4 W rows (see tile_q and MQ_PNX below). Q4_K/Q6_K with
 // M >= 16 take the panel GEMM ("panel GEMM" below): M = 512, 4096 x 4096, one
 // thread: Q4_K 107 -> 89 ms, Q6_K 132 -> 89 ms vs the 8 x 1 tiles.
+// Activation quantizers (Q8_0, Q8_K) in 8 lanes giving ggml's reference bytes.
 #include <immintrin.h>
 
 #include <cstring>
@@ -41,6 +42,88 @@ inline float hsum(__m256 v) {
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
+}
+
+// ---------------------------------------------------------------- activation quantizers
+// X rows in ggml's reference formats, byte for byte (quantize_row_q8_0_ref /
+// quantize_row_q8_K_ref, quants/quants_ref.cpp; test_matmul.py checks every
+// path against ggml's bytes): 8 lanes instead of the reference's scalar loop,
+// which took the AVX2 prefill's activations one float at a time.
+inline float hmax(__m256 v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_movehdup_ps(m));
+    return _mm_cvtss_f32(m);
+}
+// 8 int32 -> 8 int8 stored at p (values already in [-127, 127]).
+inline void store_i8x8(int8_t* p, __m256i v) {
+    const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(p), _mm_packs_epi16(w, w));
+}
+// Q8_0: d = amax / 127, q = roundf(x / d) (ties away from zero, as the
+// reference's roundf: truncate, then step away from zero where |fraction| >= 0.5).
+inline void quantize_q8_0_block(const float* x, block_q8_0* y) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    __m256 v[4];
+    for (int i = 0; i < 4; i++) v[i] = _mm256_loadu_ps(x + 8 * i);
+    const float amax = hmax(_mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v[0]), _mm256_andnot_ps(sign, v[1])),
+                                          _mm256_max_ps(_mm256_andnot_ps(sign, v[2]), _mm256_andnot_ps(sign, v[3]))));
+    const float d = amax / 127.0f;
+    const float id = d != 0.0f ? 1.0f / d : 0.0f;
+    y->d = _cvtss_sh(d, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256 vid = _mm256_set1_ps(id), half = _mm256_set1_ps(0.5f), one = _mm256_set1_ps(1.0f);
+    for (int i = 0; i < 4; i++) {
+        const __m256 p = _mm256_mul_ps(v[i], vid);
+        const __m256 t = _mm256_round_ps(p, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+        const __m256 up = _mm256_cmp_ps(_mm256_andnot_ps(sign, _mm256_sub_ps(p, t)), half, _CMP_GE_OQ);
+        const __m256 r = _mm256_add_ps(t, _mm256_and_ps(up, _mm256_or_ps(one, _mm256_and_ps(p, sign))));
+        store_i8x8(y->qs + 8 * i, _mm256_cvttps_epi32(r));
+    }
+}
+// Q8_K: the signed value of largest magnitude (the first one on ties) maps to
+// -127: iscale = -127 / it, q = min(127, nearest_int(iscale * x)) (round to
+// nearest even, vcvtps2dq in the default MXCSR mode), d = 1 / iscale, bsums per 16.
+inline void quantize_q8_K_block(const float* x, block_q8_K* y) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    __m256 vmax = _mm256_setzero_ps();
+    for (int i = 0; i < 32; i++) vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + 8 * i)));
+    const float amax = hmax(vmax);
+    if (!(amax > 0.0f)) {   // all zero (or NaN): the reference writes an all-zero block
+        std::memset(y, 0, sizeof(*y));
+        return;
+    }
+    float mx = amax;
+    const __m256 va = _mm256_set1_ps(amax);
+    for (int i = 0; i < 32; i++) {
+        const int hit = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_andnot_ps(sign, _mm256_loadu_ps(x + 8 * i)), va, _CMP_EQ_OQ));
+        if (hit) {
+            mx = x[8 * i + __builtin_ctz(hit)];
+            break;
+        }
+    }
+    const float iscale = -127.0f / mx;
+    const __m256 vs = _mm256_set1_ps(iscale);
+    const __m256i q127 = _mm256_set1_epi32(127);
+    for (int j = 0; j < 16; j++) {
+        const __m256i a = _mm256_min_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + 16 * j), vs)), q127);
+        const __m256i b = _mm256_min_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + 16 * j + 8), vs)), q127);
+        store_i8x8(y->qs + 16 * j, a);
+        store_i8x8(y->qs + 16 * j + 8, b);
+        const __m256i s = _mm256_add_epi32(a, b);
+        __m128i t = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+        t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4E));
+        t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xB1));
+        y->bsums[j] = static_cast<int16_t>(_mm_cvtsi128_si32(t));
+    }
+    y->d = 1.0f / iscale;
+}
+void prep_q8_0(const float* x, void* xq, int64_t K) {
+    block_q8_0* y = static_cast<block_q8_0*>(xq);
+    for (int64_t b = 0; b < K / QK8_0; b++) quantize_q8_0_block(x + QK8_0 * b, y + b);
+}
+void prep_q8_K(const float* x, void* xq, int64_t K) {
+    block_q8_K* y = static_cast<block_q8_K*>(xq);
+    for (int64_t b = 0; b < K / QK_K; b++) quantize_q8_K_block(x + QK_K * b, y + b);
 }
 
 // ---------------------------------------------------------------- float weights
@@ -254,7 +337,6 @@ struct Q80Tile {
 // The int32 block sums are the scalar reference's; only float order differs:
 //   Q4_K: y += dx * (d * s1 - dmin * s2)      Q6_K: y += dx * d * (s1 - s2)
 using WUnp = WUnpT<int16_t>;
-void quantize_block_ref(const float* x, block_q8_K* y) { quantize_row_q8_K_ref(x, y, QK_K); }
 
 // NWR W rows (row t: nb unpacked blocks at wu + t * nb) against half `hf` (rows 8hf..8hf+7)
 // of one panel: out[t * 16 + 8 * hf + i] = dot(W row t, X row 8hf + i).
@@ -330,6 +412,9 @@ void tile_q(const void* w, size_t ws, int nw, const void* x, size_t xs, int nx, 
 
 }  // namespace
 
+void quantize_row_q8_K_avx2(const float* x, block_q8_K* y, int64_t k) { prep_q8_K(x, y, k); }
+void quantize_row_q8_0_avx2(const float* x, block_q8_0* y, int64_t k) { prep_q8_0(x, y, k); }
+
 uint64_t read_sum_avx2(const uint64_t* p, size_t n) {
     __m256i s0 = _mm256_setzero_si256(), s1 = s0, s2 = s0, s3 = s0;
     size_t i = 0;
@@ -352,11 +437,11 @@ const KernelTable& avx2_kernels() {
         {DType::F32, {nullptr, nullptr, run_tile<FloatTile<LoadF32>, 2>}},
         {DType::F16, {nullptr, nullptr, run_tile<FloatTile<LoadF16>, 2>}},
         {DType::BF16, {nullptr, nullptr, run_tile<FloatTile<LoadBF16>, 2>}},
-        {DType::Q8_0, {prep_q8_0_ref, bytes_q8_0, tile_q<Q80Tile, MQ_P8NX, MQ_P8NW>}},
-        {DType::Q4_K, {prep_q8_K_ref, bytes_q8_K, tile_q<Q4KTile, MQ_PNX, MQ_PNW>,
-                       prep_panel<true, quantize_block_ref>, panel_bytes, panel_gemm<true, PanelMicro>}},
-        {DType::Q6_K, {prep_q8_K_ref, bytes_q8_K, tile_q<Q6KTile, MQ_PNX, MQ_PNW>,
-                       prep_panel<false, quantize_block_ref>, panel_bytes, panel_gemm<false, PanelMicro>}},
+        {DType::Q8_0, {prep_q8_0, bytes_q8_0, tile_q<Q80Tile, MQ_P8NX, MQ_P8NW>}},
+        {DType::Q4_K, {prep_q8_K, bytes_q8_K, tile_q<Q4KTile, MQ_PNX, MQ_PNW>,
+                       prep_panel<true, quantize_q8_K_block>, panel_bytes, panel_gemm<true, PanelMicro>}},
+        {DType::Q6_K, {prep_q8_K, bytes_q8_K, tile_q<Q6KTile, MQ_PNX, MQ_PNW>,
+                       prep_panel<false, quantize_q8_K_block>, panel_bytes, panel_gemm<false, PanelMicro>}},
     };
     return k;
 }

@@ -106,8 +106,9 @@ static bool avx512_ok(const CpuFeatures& f) {
 static const PathEntry kPaths[] = {
     {Path::Scalar, "scalar", scalar_ok, detail::scalar_kernels, quantize_row_q8_K_ref, quantize_row_q8_0_ref,
      read_sum_portable},
-    {Path::AVX2, "avx2", MQ_X86_ONLY(avx2_ok), MQ_X86_ONLY(detail::avx2_kernels), quantize_row_q8_K_ref,
-     quantize_row_q8_0_ref, MQ_X86_ONLY(detail::read_sum_avx2)},
+    {Path::AVX2, "avx2", MQ_X86_ONLY(avx2_ok), MQ_X86_ONLY(detail::avx2_kernels),
+     MQ_X86_ONLY(detail::quantize_row_q8_K_avx2), MQ_X86_ONLY(detail::quantize_row_q8_0_avx2),
+     MQ_X86_ONLY(detail::read_sum_avx2)},
     {Path::AVX512, "avx512", MQ_X86_ONLY(avx512_ok), MQ_X86_ONLY(detail::avx512_kernels),
      MQ_X86_ONLY(detail::quantize_row_q8_K_avx512), MQ_X86_ONLY(detail::quantize_row_q8_0_avx512),
      MQ_X86_ONLY(detail::read_sum_avx512)},

@@ -8,6 +8,8 @@
 #include <stdexcept>
 #include <string>
 
+#include "common/profile.h"
+
 namespace mq {
 namespace {
 
@@ -33,6 +35,7 @@ bool ImageJob::step() {
         return true;
     }
     // Last unit: the cross-attention K/V of every cross layer (keys ordered tile, vision token).
+    prof::Region region("cross_kv");   // profiling label (common/profile.h)
     auto img = std::make_shared<ImageKV>();
     m_.text_->cross_kv(static_cast<const float*>(states_->data()), int64_t(n_tiles_) * n_patches_, img->kv);
     img->n_tiles = n_tiles_;

@@ -19,6 +19,8 @@
 #include <memory>
 #include <stdexcept>
 
+#include "common/profile.h"
+
 namespace mq {
 namespace {
 
@@ -269,16 +271,24 @@ bool VisionEncoder::Job::step() {
     if (u == 0) {
         e.embed(st);
     } else if (u <= L) {  // local layer u - 1, collecting the intermediate hidden states
+        prof::Region region("vision.local");   // profiling labels (common/profile.h)
         const int l = u - 1;
         if (e.hp_.intermediate_at_layer_input) collect(l);
         e.run_layer(e.local_[l], st.w.x.p, S, st.scratch);
         if (!e.hp_.intermediate_at_layer_input) collect(l);  // transformers 5.x: hidden_states[l] = output of layer l
     } else if (u <= L + G) {  // global layer u - L - 1 (layernorm_post before the first)
         const int l = u - L - 1;
-        if (l == 0) e.post_layernorm(st);
+        if (l == 0) {
+            prof::Region region("vision.post_ln");
+            e.post_layernorm(st);
+        }
+        prof::Region region("vision.global");
         e.run_layer(e.global_[l], st.w.x.p, S, st.scratch);
     } else {
-        if (G == 0) e.post_layernorm(st);
+        if (G == 0) {
+            prof::Region region("vision.post_ln");
+            e.post_layernorm(st);
+        }
         e.project(st);
     }
     done_++;
@@ -371,6 +381,9 @@ void VisionEncoder::embed(Job::State& st) {
     const std::vector<Segment>& segs = st.segs;
 
     // ---- embeddings (HF: patch conv, + pre-tile, cls, + gated position, layernorm_pre, pad)
+    // Profiling regions (common/profile.h; no cost when profiling is off): vision.embed
+    // here, vision.local / vision.post_ln / vision.global in Job::step, projector in project().
+    prof::Region region("vision.embed");
     // Per-aspect-ratio rows: tile_rows [T, P, D], pre/post [T, D].
     Buf &tile_rows = w.tile_rows, &pre_rows = w.pre_rows, &post_rows = w.post_rows;
     table_entry(tile_pos_, ar_id, tile_rows.p);
@@ -393,6 +406,7 @@ void VisionEncoder::embed(Job::State& st) {
     for (int64_t t = 0; t < T_; t++) {
         // cols[gy*grid + gx, (c*p + ky)*p + kx] = pixel[c, gy*p + ky, gx*p + kx]
         // (Conv2d weight [D, C, p, p] flattened row-major matches this column order).
+        const uint64_t t_im2col = prof::start();
         const float* tile = px + t * C * W * W;
         for (int64_t gy = 0; gy < grid_; gy++)
             for (int64_t gx = 0; gx < grid_; gx++) {
@@ -402,6 +416,7 @@ void VisionEncoder::embed(Job::State& st) {
                         std::memcpy(dst + (c * p + ky) * p, tile + (c * W + gy * p + ky) * W + gx * p,
                                     size_t(p) * sizeof(float));
             }
+        if (t_im2col) prof::record("im2col (host)", "", t_im2col, 0, 8.0 * cols.size());
         be_.synchronize();  // the previous tile's matmul may still read `patches`
         be_.to_device(patches.p, cols.data(), cols.size() * sizeof(float));
         float* ht = h.p + t * Np_ * D_;  // tile t, pre-LN embeddings [P, D]
@@ -417,11 +432,13 @@ void VisionEncoder::embed(Job::State& st) {
 
     // Mask row for padding queries: finfo(float32).min on padding keys, 0 elsewhere,
     // repeated kMaskRows times ([kMaskRows, S]).
+    const uint64_t t_mask = prof::start();
     std::vector<float> m(size_t(kMaskRows * S));
     const float fmin = std::numeric_limits<float>::lowest();
     for (const Segment& g : segs)
         for (int64_t j = g.row; j < g.row + g.n; j++) m[j] = g.pad ? fmin : 0.0f;
     for (int64_t r = 1; r < kMaskRows; r++) std::memcpy(&m[r * S], &m[0], size_t(S) * sizeof(float));
+    if (t_mask) prof::record("mask (host)", "", t_mask, 0, 4.0 * m.size());
     be_.to_device(mask.p, m.data(), m.size() * sizeof(float));
     be_.synchronize();  // the host staging vectors go out of scope
 }
@@ -446,6 +463,7 @@ void VisionEncoder::project(Job::State& st) {
     // torch.stack(list, dim=-1).reshape(..., D*K), so column D + d*K + i holds
     // intermediate i at feature d (interleaved, not one block per layer). The
     // backend has no strided copy, so the rows are assembled on the host.
+    prof::Region region("projector");   // profiling label (common/profile.h)
     std::vector<float> cat(size_t(kProjRows * Dc)), tmp(size_t(kProjRows * D_));
     Buf& dcat = w.dcat;
     be_.synchronize();
@@ -453,14 +471,18 @@ void VisionEncoder::project(Job::State& st) {
         for (int64_t r0 = 0; r0 < P_; r0 += kProjRows) {
             const int64_t nr = std::min(kProjRows, P_ - r0), row = t * Np_ + r0;
             be_.to_host(tmp.data(), w.x.p + row * D_, size_t(nr * D_) * sizeof(float));
+            uint64_t t_cat = prof::start();
             for (int64_t r = 0; r < nr; r++) std::memcpy(&cat[r * Dc], &tmp[r * D_], size_t(D_) * sizeof(float));
+            if (t_cat) prof::record("concat (host)", "", t_cat, 0, 8.0 * nr * D_);
             for (int64_t i = 0; i < K_; i++) {
                 be_.to_host(tmp.data(), w.inter[i]->p + row * D_, size_t(nr * D_) * sizeof(float));
+                t_cat = prof::start();
                 for (int64_t r = 0; r < nr; r++) {
                     float* dst = &cat[r * Dc + D_ + i];
                     const float* src = &tmp[r * D_];
                     for (int64_t d = 0; d < D_; d++) dst[d * K_] = src[d];
                 }
+                if (t_cat) prof::record("concat (host)", "", t_cat, 0, 8.0 * nr * D_);
             }
             be_.to_device(dcat.p, cat.data(), size_t(nr * Dc) * sizeof(float));
             be_.matmul(dcat.p, nr, Dc, proj_, proj_b_, out + (t * P_ + r0) * O, O);

@@ -1,0 +1,46 @@
+// FMA peak of one core, for the "% of FMA peak" figures in bench/results.
+//
+//   g++ -O2 bench/fma_peak.cpp -o /tmp/fma_peak && /tmp/fma_peak
+//
+// Ten independent vfmadd231ps chains (ymm, then zmm) in inline assembly,
+// timed in thread CPU time (CLOCK_THREAD_CPUTIME_ID), so other processes on a
+// shared machine do not enter; prints GFLOP/s (2 FLOP per lane per FMA) three
+// times each. The zmm run needs AVX-512F (it faults without it).
+#include <immintrin.h>
+#include <chrono>
+#include <cstdio>
+#include <ctime>
+static double cpu_now(){timespec t; clock_gettime(CLOCK_THREAD_CPUTIME_ID,&t); return t.tv_sec+1e-9*t.tv_nsec;}
+__attribute__((target("avx2,fma"),noinline)) double r256(long iters){
+  double t0=cpu_now();
+  __asm__ volatile(
+   "vxorps %%ymm0,%%ymm0,%%ymm0\n vxorps %%ymm1,%%ymm1,%%ymm1\n vxorps %%ymm2,%%ymm2,%%ymm2\n vxorps %%ymm3,%%ymm3,%%ymm3\n"
+   "vxorps %%ymm4,%%ymm4,%%ymm4\n vxorps %%ymm5,%%ymm5,%%ymm5\n vxorps %%ymm6,%%ymm6,%%ymm6\n vxorps %%ymm7,%%ymm7,%%ymm7\n"
+   "vxorps %%ymm8,%%ymm8,%%ymm8\n vxorps %%ymm9,%%ymm9,%%ymm9\n"
+   "1:\n"
+   "vfmadd231ps %%ymm14,%%ymm15,%%ymm0\n vfmadd231ps %%ymm14,%%ymm15,%%ymm1\n vfmadd231ps %%ymm14,%%ymm15,%%ymm2\n vfmadd231ps %%ymm14,%%ymm15,%%ymm3\n"
+   "vfmadd231ps %%ymm14,%%ymm15,%%ymm4\n vfmadd231ps %%ymm14,%%ymm15,%%ymm5\n vfmadd231ps %%ymm14,%%ymm15,%%ymm6\n vfmadd231ps %%ymm14,%%ymm15,%%ymm7\n"
+   "vfmadd231ps %%ymm14,%%ymm15,%%ymm8\n vfmadd231ps %%ymm14,%%ymm15,%%ymm9\n"
+   "dec %0\n jnz 1b\n" : "+r"(iters) :: "xmm0","xmm1","xmm2","xmm3","xmm4","xmm5","xmm6","xmm7","xmm8","xmm9","cc");
+  double t1=cpu_now();
+  return t1-t0;
+}
+__attribute__((target("avx512f"),noinline)) double r512(long iters){
+  double t0=cpu_now();
+  __asm__ volatile(
+   "vxorps %%zmm0,%%zmm0,%%zmm0\n vxorps %%zmm1,%%zmm1,%%zmm1\n vxorps %%zmm2,%%zmm2,%%zmm2\n vxorps %%zmm3,%%zmm3,%%zmm3\n"
+   "vxorps %%zmm4,%%zmm4,%%zmm4\n vxorps %%zmm5,%%zmm5,%%zmm5\n vxorps %%zmm6,%%zmm6,%%zmm6\n vxorps %%zmm7,%%zmm7,%%zmm7\n"
+   "vxorps %%zmm8,%%zmm8,%%zmm8\n vxorps %%zmm9,%%zmm9,%%zmm9\n"
+   "1:\n"
+   "vfmadd231ps %%zmm14,%%zmm15,%%zmm0\n vfmadd231ps %%zmm14,%%zmm15,%%zmm1\n vfmadd231ps %%zmm14,%%zmm15,%%zmm2\n vfmadd231ps %%zmm14,%%zmm15,%%zmm3\n"
+   "vfmadd231ps %%zmm14,%%zmm15,%%zmm4\n vfmadd231ps %%zmm14,%%zmm15,%%zmm5\n vfmadd231ps %%zmm14,%%zmm15,%%zmm6\n vfmadd231ps %%zmm14,%%zmm15,%%zmm7\n"
+   "vfmadd231ps %%zmm14,%%zmm15,%%zmm8\n vfmadd231ps %%zmm14,%%zmm15,%%zmm9\n"
+   "dec %0\n jnz 1b\n" : "+r"(iters) :: "xmm0","xmm1","xmm2","xmm3","xmm4","xmm5","xmm6","xmm7","xmm8","xmm9","cc");
+  double t1=cpu_now();
+  return t1-t0;
+}
+int main(){ long it=300000000;
+ for(int rep=0;rep<3;rep++){
+  double s=r256(it); printf("ymm FMA: %.1f GFLOP/s (%.2f G instr/s)\n", 10.0*it*16/s/1e9, 10.0*it/s/1e9);
+  s=r512(it); printf("zmm FMA: %.1f GFLOP/s (%.2f G instr/s)\n", 10.0*it*32/s/1e9, 10.0*it/s/1e9);}
+}

@@ -1,0 +1,60 @@
+// 8-lane AVX2 + FMA vector ops for the CPU kernels written once over a vector
+// struct (attention_flash_impl.h, rowops_impl.h) and the AVX2 attention kernels.
+// Include only from *_avx2.cpp files (compiled with AVX2 + FMA); everything
+// here has internal linkage so no copy built for this ISA can be picked by the
+// linker for code compiled for another.
+#pragma once
+#include <immintrin.h>
+
+namespace mq::cpu::detail {
+namespace {
+
+// exp(x) for x <= 0 on 8 lanes (softmax arguments after the row max). x = n·ln2
+// + r with |r| <= ln2/2 (ln2 split hi + lo), e^r by a degree-6 Taylor
+// polynomial (truncation error < 2e-8 there; within 2 ulp of std::exp), 2^n
+// added to the exponent bits. x < -87.3 (including -inf and
+// masked scores near -FLT_MAX) gives exactly 0.
+inline __m256 exp8_nonpos(__m256 x) {
+    const __m256 lo = _mm256_set1_ps(-87.3f);
+    const __m256 xc = _mm256_max_ps(x, lo);
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), xc);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-06f), r);
+    __m256 p = _mm256_set1_ps(1.0f / 720.0f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    const __m256i bits = _mm256_add_epi32(_mm256_castps_si256(p), _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23));
+    return _mm256_andnot_ps(_mm256_cmp_ps(x, lo, _CMP_LT_OQ), _mm256_castsi256_ps(bits));
+}
+
+struct V256 {
+    using T = __m256;
+    static constexpr int W = 8;
+    static T load(const float* p) { return _mm256_loadu_ps(p); }
+    static void store(float* p, T x) { _mm256_storeu_ps(p, x); }
+    static T set1(float f) { return _mm256_set1_ps(f); }
+    static T zero() { return _mm256_setzero_ps(); }
+    static T fma(T a, T b, T c) { return _mm256_fmadd_ps(a, b, c); }
+    static T mul(T a, T b) { return _mm256_mul_ps(a, b); }
+    static T div(T a, T b) { return _mm256_div_ps(a, b); }
+    static T add(T a, T b) { return _mm256_add_ps(a, b); }
+    static T sub(T a, T b) { return _mm256_sub_ps(a, b); }
+    static T max(T a, T b) { return _mm256_max_ps(a, b); }
+    static T abs(T a) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), a); }
+    static T select_lt(T a, T b, T x, T y) { return _mm256_blendv_ps(y, x, _mm256_cmp_ps(a, b, _CMP_LT_OQ)); }  // a < b ? x : y
+    static T exp(T x) { return exp8_nonpos(x); }
+    static float hsum(T x) {
+        __m128 s = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+        s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+        return _mm_cvtss_f32(s);
+    }
+};
+
+}  // namespace
+}  // namespace mq::cpu::detail
