@@ -393,11 +393,55 @@ void panel_micro(const WUnp* wu, int64_t nb, const uint8_t* panel, int hf, float
 
 // The micro-kernel of panel_gemm.h's driver: a ymm holds half a panel (8 rows).
 struct PanelMicro {
-    using WUnp = WUnpT<int16_t>;
     static constexpr int kMaxRows = 4, kLanes = 8;
-    template <bool Q4, int NWR>
+    template <class U, int NWR>
     static void run(const WUnp* wu, int64_t nb, const uint8_t* panel, int part, float* out) {
-        panel_micro<Q4, NWR>(wu, nb, panel, part, out);
+        panel_micro<U::kQ4, NWR>(wu, nb, panel, part, out);
+    }
+};
+
+// ---------------------------------------------------------------- Q8_0 panel GEMM (M >= 16)
+// X panel of Q8_0 quants (panel_gemm.h), half a panel (8 rows) per ymm. Per W
+// row t and 4-k group g: the 4 W codes broadcast, ggml's sign trick for
+// signed x signed bytes (maddubs(|w|, sign(x, w)), as Q80Tile above and
+// ggml's mul_sum_i8_pairs_float), then madd with ones -> int32 per row.
+// No int16 overflow: |pair| <= 2 * 128 * 127 = 32512 (X quants are in
+// [-127, 127]); it cannot take a second pair, so each group gets its madd.
+// Per block: the exact int32 sum of 32 products (dot_q8_0's sumi), then
+// y += (dw * dx) * sumi in float (only the float order differs from dot_q8_0).
+// Work per 32 MACs (8 rows x 4 k): sign, maddubs, madd, add (the 2 x 4 tiles:
+// 6 ops per 32 MACs of one X row, plus horizontal sums).
+template <int NWR>
+void panel_micro_q8_0(const WUnpQ80* wu, int64_t nb, const uint8_t* panel, int hf, float* out) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 facc[NWR];
+    for (int t = 0; t < NWR; t++) facc[t] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t* P = panel + b * kPanelBlockQ80;
+        __m256i s1[NWR];
+        for (int t = 0; t < NWR; t++) s1[t] = _mm256_setzero_si256();
+        for (int g = 0; g < 8; g++) {
+            const __m256i codes = _mm256_load_si256(reinterpret_cast<const __m256i*>(P + 64 * g + 32 * hf));
+            for (int t = 0; t < NWR; t++) {
+                int32_t w4, a4;
+                std::memcpy(&w4, wu[t * nb + b].q + 4 * g, 4);
+                std::memcpy(&a4, wu[t * nb + b].a + 4 * g, 4);
+                const __m256i p = _mm256_maddubs_epi16(_mm256_set1_epi32(a4), _mm256_sign_epi8(codes, _mm256_set1_epi32(w4)));
+                s1[t] = _mm256_add_epi32(s1[t], _mm256_madd_epi16(p, ones));
+            }
+        }
+        const __m256 dx = _mm256_load_ps(reinterpret_cast<const float*>(P + 512) + 8 * hf);
+        for (int t = 0; t < NWR; t++)
+            facc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1[t]), _mm256_mul_ps(_mm256_set1_ps(wu[t * nb + b].d), dx), facc[t]);
+    }
+    for (int t = 0; t < NWR; t++) _mm256_storeu_ps(out + 16 * t + 8 * hf, facc[t]);
+}
+
+struct PanelMicroQ80 {
+    static constexpr int kMaxRows = 4, kLanes = 8;
+    template <class U, int NWR>
+    static void run(const WUnpQ80* wu, int64_t nb, const uint8_t* panel, int part, float* out) {
+        panel_micro_q8_0<NWR>(wu, nb, panel, part, out);
     }
 };
 
@@ -437,11 +481,12 @@ const KernelTable& avx2_kernels() {
         {DType::F32, {nullptr, nullptr, run_tile<FloatTile<LoadF32>, 2>}},
         {DType::F16, {nullptr, nullptr, run_tile<FloatTile<LoadF16>, 2>}},
         {DType::BF16, {nullptr, nullptr, run_tile<FloatTile<LoadBF16>, 2>}},
-        {DType::Q8_0, {prep_q8_0, bytes_q8_0, tile_q<Q80Tile, MQ_P8NX, MQ_P8NW>}},
+        {DType::Q8_0, {prep_q8_0, bytes_q8_0, tile_q<Q80Tile, MQ_P8NX, MQ_P8NW>,
+                       prep_panel_q8_0<quantize_q8_0_block>, panel_bytes_q8_0, panel_gemm<PanelQ80, PanelMicroQ80>}},
         {DType::Q4_K, {prep_q8_K, bytes_q8_K, tile_q<Q4KTile, MQ_PNX, MQ_PNW>,
-                       prep_panel<true, quantize_q8_K_block>, panel_bytes, panel_gemm<true, PanelMicro>}},
+                       prep_panel<true, quantize_q8_K_block>, panel_bytes, panel_gemm<PanelQ4K<int16_t>, PanelMicro>}},
         {DType::Q6_K, {prep_q8_K, bytes_q8_K, tile_q<Q6KTile, MQ_PNX, MQ_PNW>,
-                       prep_panel<false, quantize_q8_K_block>, panel_bytes, panel_gemm<false, PanelMicro>}},
+                       prep_panel<false, quantize_q8_K_block>, panel_bytes, panel_gemm<PanelQ6K<int16_t>, PanelMicro>}},
     };
     return k;
 }
