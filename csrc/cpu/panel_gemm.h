@@ -42,57 +42,60 @@ struct alignas(64) WUnpT {
     float d, dmin;
 };
 
-// QuantizeBlock(x, y): 256 floats -> one Q8_K block (ggml's reference bytes).
-template <bool Q4, void (*QuantizeBlock)(const float*, block_q8_K*)>
-void prep_panel(const float* x, int64_t ldx, int rows, void* panel, int64_t K) {
+// The X-panel packer of both formats: rows [0, rows) of X, every block of K / kBK
+// values quantized by QuantizeBlock (ggml's reference bytes) into a Block, then
+// Pack(q, r, pb) spreads row r's block into the panel block pb (kBytes apart);
+// padding rows (r >= rows) pack an all-zero block: they contribute zeros and are
+// never written out.
+template <class Block, int64_t kBK, size_t kBytes, void (*QuantizeBlock)(const float*, Block*), class Pack>
+void pack_panel(const float* x, int64_t ldx, int rows, void* panel, int64_t K, Pack pack) {
     uint8_t* P = static_cast<uint8_t*>(panel);
-    const int64_t nb = K / QK_K;
+    const int64_t nb = K / kBK;
     for (int r = 0; r < kPanelRows; r++) {
         for (int64_t b = 0; b < nb; b++) {
-            uint8_t* pb = P + b * kPanelBlock;
-            block_q8_K q;
-            if (r < rows) QuantizeBlock(x + r * ldx + QK_K * b, &q);
-            else std::memset(&q, 0, sizeof(q));   // padding row: contributes zeros, never written out
-            for (int g = 0; g < 64; g++) std::memcpy(pb + 64 * g + 4 * r, q.qs + 4 * g, 4);
-            reinterpret_cast<float*>(pb + 4096)[r] = q.d;
-            int16_t* bs = reinterpret_cast<int16_t*>(pb + 4096 + 64);
-            for (int pp = 0; pp < 8; pp++) {
-                int16_t lo = 0, hi = 0;
-                if (Q4) {
-                    if (pp < 4) {
-                        lo = int16_t(q.bsums[4 * pp] + q.bsums[4 * pp + 1]);
-                        hi = int16_t(q.bsums[4 * pp + 2] + q.bsums[4 * pp + 3]);
-                    }
-                } else {
-                    lo = q.bsums[2 * pp];
-                    hi = q.bsums[2 * pp + 1];
-                }
-                bs[32 * pp + 2 * r] = lo;
-                bs[32 * pp + 2 * r + 1] = hi;
-            }
+            Block q;
+            if (r < rows) QuantizeBlock(x + r * ldx + kBK * b, &q);
+            else std::memset(&q, 0, sizeof(q));
+            pack(q, r, P + b * kBytes);
         }
     }
+}
+
+// QuantizeBlock(x, y): 256 floats -> one Q8_K block.
+template <bool Q4, void (*QuantizeBlock)(const float*, block_q8_K*)>
+void prep_panel(const float* x, int64_t ldx, int rows, void* panel, int64_t K) {
+    pack_panel<block_q8_K, QK_K, kPanelBlock, QuantizeBlock>(x, ldx, rows, panel, K, [](const block_q8_K& q, int r, uint8_t* pb) {
+        for (int g = 0; g < 64; g++) std::memcpy(pb + 64 * g + 4 * r, q.qs + 4 * g, 4);
+        reinterpret_cast<float*>(pb + 4096)[r] = q.d;
+        int16_t* bs = reinterpret_cast<int16_t*>(pb + 4096 + 64);
+        for (int pp = 0; pp < 8; pp++) {
+            int16_t lo = 0, hi = 0;
+            if (Q4) {
+                if (pp < 4) {
+                    lo = int16_t(q.bsums[4 * pp] + q.bsums[4 * pp + 1]);
+                    hi = int16_t(q.bsums[4 * pp + 2] + q.bsums[4 * pp + 3]);
+                }
+            } else {
+                lo = q.bsums[2 * pp];
+                hi = q.bsums[2 * pp + 1];
+            }
+            bs[32 * pp + 2 * r] = lo;
+            bs[32 * pp + 2 * r + 1] = hi;
+        }
+    });
 }
 
 size_t panel_bytes(int64_t K) { return size_t(K / QK_K) * kPanelBlock; }
 
 constexpr int kPanelBlockQ80 = 512 + 64;
 
-// QuantizeBlock(x, y): 32 floats -> one Q8_0 block (ggml's reference bytes).
+// QuantizeBlock(x, y): 32 floats -> one Q8_0 block.
 template <void (*QuantizeBlock)(const float*, block_q8_0*)>
 void prep_panel_q8_0(const float* x, int64_t ldx, int rows, void* panel, int64_t K) {
-    uint8_t* P = static_cast<uint8_t*>(panel);
-    const int64_t nb = K / QK8_0;
-    for (int r = 0; r < kPanelRows; r++) {
-        for (int64_t b = 0; b < nb; b++) {
-            uint8_t* pb = P + b * kPanelBlockQ80;
-            block_q8_0 q;
-            if (r < rows) QuantizeBlock(x + r * ldx + QK8_0 * b, &q);
-            else std::memset(&q, 0, sizeof(q));   // padding row: contributes zeros, never written out
-            for (int g = 0; g < 8; g++) std::memcpy(pb + 64 * g + 4 * r, q.qs + 4 * g, 4);
-            reinterpret_cast<float*>(pb + 512)[r] = fp16_to_fp32(q.d);
-        }
-    }
+    pack_panel<block_q8_0, QK8_0, kPanelBlockQ80, QuantizeBlock>(x, ldx, rows, panel, K, [](const block_q8_0& q, int r, uint8_t* pb) {
+        for (int g = 0; g < 8; g++) std::memcpy(pb + 64 * g + 4 * r, q.qs + 4 * g, 4);
+        reinterpret_cast<float*>(pb + 512)[r] = fp16_to_fp32(q.d);
+    });
 }
 
 [[maybe_unused]] size_t panel_bytes_q8_0(int64_t K) { return size_t(K / QK8_0) * kPanelBlockQ80; }
@@ -167,20 +170,18 @@ void unpack_w_q8_0(const uint8_t* row, int64_t nb, WUnpQ80* out) {
 
 // The W formats of the driver: WUnp (one unpacked block), kBlock (values per
 // block), unpack(row, nb, out) (nb blocks of one GGUF row).
-template <typename Sc>
-struct PanelQ4K {
+template <typename Sc, bool Q4>
+struct PanelKQuant {
     using WUnp = WUnpT<Sc>;
     static constexpr int64_t kBlock = QK_K;
-    static constexpr bool kQ4 = true;
-    static void unpack(const uint8_t* row, int64_t nb, WUnp* out) { unpack_w_q4_K(row, nb, out); }
+    static constexpr bool kQ4 = Q4;
+    static void unpack(const uint8_t* row, int64_t nb, WUnp* out) {
+        if (Q4) unpack_w_q4_K(row, nb, out);
+        else unpack_w_q6_K(row, nb, out);
+    }
 };
-template <typename Sc>
-struct PanelQ6K {
-    using WUnp = WUnpT<Sc>;
-    static constexpr int64_t kBlock = QK_K;
-    static constexpr bool kQ4 = false;
-    static void unpack(const uint8_t* row, int64_t nb, WUnp* out) { unpack_w_q6_K(row, nb, out); }
-};
+template <typename Sc> using PanelQ4K = PanelKQuant<Sc, true>;
+template <typename Sc> using PanelQ6K = PanelKQuant<Sc, false>;
 struct PanelQ80 {
     using WUnp = WUnpQ80;
     static constexpr int64_t kBlock = QK8_0;
