@@ -154,6 +154,53 @@ def test_quantized_matmul_vs_float64(path, wtype):
         assert err.max() < 1e-5, (path, wtype, m, n, k, err.max())
 
 
+# The panel route (M >= 16 where a path has one: Q4_K/Q6_K on AVX2 and AVX-512, Q8_0 on
+# AVX2): a second panel of 1 row (M = 17), several panel chunks of 8 panels (M = 300:
+# 19 panels, the last with 12 rows), odd N (W groups of 4 / 2 / 1, two 32-row W
+# chunks for N = 37) and an odd Q8_0 block count (K = 800: 25 blocks).
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("wtype", ["q8_0", "q4_k", "q6_k"])
+def test_panel_sizes_vs_float64_and_scalar(path, wtype):
+    rng = np.random.default_rng(zlib.crc32(f'panel/{path}/{wtype}'.encode()))
+    k = 800 if wtype == "q8_0" else 768
+    for m in (16, 17, 64, 300):
+        for n in (7, 37):
+            x = (rng.standard_normal((m, k)) * rng.uniform(0.1, 10)).astype(np.float32)
+            w = random_quant_weights(rng, wtype, n, k)
+            wd = gq.dequantize(w, QTYPES[wtype]).reshape(n, k).astype(np.float64)
+            y = run(path, x, w, wtype, n, k)
+            xq = q8_0_ref(x) if wtype == "q8_0" else q8_K_ref(x)
+            yq = xq @ wd.T
+            magq = np.abs(xq) @ np.abs(wd).T
+            err = np.abs(y - yq) / np.maximum(magq, 1e-30)
+            assert err.max() < 1e-5, (path, wtype, m, n, err.max())
+            ys = run("scalar", x, w, wtype, n, k)
+            assert (np.abs(y - ys) / np.maximum(magq, 1e-30)).max() < 1e-5, (path, wtype, m, n)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_q8_0_extreme_codes(path):
+    """Q8_0 products at the int8 extremes: every X quant is +-127 (each row constant in
+    magnitude) and every W code is -128, -127 or 127, so each pair of products is
+    +-2 * 128 * 127 = 32512, the most an int16 lane can hold (a kernel that offsets
+    a code by 128 or adds two pairs in int16 saturates and fails here)."""
+    rng = np.random.default_rng(zlib.crc32(f'extreme/{path}'.encode()))
+    n, k = 6, 320
+    w = random_quant_weights(rng, "q8_0", n, k).reshape(-1, 34)
+    w[:, 2:] = rng.choice(np.array([0x80, 0x81, 0x7F], np.uint8), size=(w.shape[0], 32))
+    w[:w.shape[0] // 2, 2:] = 0x80                          # half the blocks all -128
+    w = w.reshape(n, -1)
+    wd = gq.dequantize(w, GT.Q8_0).reshape(n, k).astype(np.float64)
+    for m in (1, 2, 5, 16, 17):
+        x = (rng.choice([-1.0, 1.0], size=(m, k)) * rng.uniform(0.5, 2, size=(m, 1))).astype(np.float32)
+        xq = q8_0_ref(x)
+        assert np.all(np.abs(np.abs(xq) - np.abs(x)) < 1e-3 * np.abs(x))   # |q| = 127 everywhere
+        y = run(path, x, w, "q8_0", n, k)
+        yq = xq @ wd.T
+        magq = np.abs(xq) @ np.abs(wd).T
+        assert (np.abs(y - yq) / magq).max() < 1e-5, (path, m)
+
+
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("wtype", ["f32", "f16", "bf16"])
 def test_float_matmul_vs_float64(path, wtype):

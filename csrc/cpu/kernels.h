@@ -35,11 +35,12 @@ using TileFn = void (*)(const void* w, size_t w_stride, int nw, const void* x, s
 using PrepFn = void (*)(const float* x, void* xq, int64_t K);
 using RowBytesFn = size_t (*)(int64_t K);
 
-// Optional "panel" GEMM for many X rows (K-quants on AVX-512 VNNI): X is
+// Optional "panel" GEMM for many X rows (Q4_K/Q6_K on AVX-512 and AVX2, Q8_0 on AVX2): X is
 // prepared in panels of kPanelRows rows, interleaved so one 64-byte load holds
 // 4 consecutive k of all 16 rows; W rows are unpacked once per task and each
 // group of 4 W codes is broadcast against a panel (vpdpbusd: 64 useful MACs
-// per instruction, no horizontal sums). Same exact int32 block sums as tile().
+// per instruction, AVX2 maddubs: 32; no horizontal sums). Same exact int32
+// block sums as tile().
 constexpr int kPanelRows = 16;
 // Prepare rows [0, rows) (rows <= 16, the rest zero) of X (row stride ldx floats) into one panel.
 using PanelPrepFn = void (*)(const float* x, int64_t ldx, int rows, void* panel, int64_t K);

@@ -6,9 +6,10 @@
 // (-> int32), as ggml's AVX2 vec_dot_q4_K_q8_K / vec_dot_q6_K_q8_K do.
 // 16 ymm registers. Tiles: decode (<= 2 X rows) one W row at a time with
 // software prefetch; larger M: Q4_K/Q6_K 8 X rows x 1 W row, Q8_0 and the float
-// types 2 X rows x 4 W rows (see tile_q and MQ_PNX below). Q4_K/Q6_K with
+// types 2 X rows x 4 W rows (see tile_q and MQ_PNX below). Q4_K/Q6_K/Q8_0 with
 // M >= 16 take the panel GEMM ("panel GEMM" below): M = 512, 4096 x 4096, one
-// thread: Q4_K 107 -> 89 ms, Q6_K 132 -> 89 ms vs the 8 x 1 tiles.
+// thread: Q4_K 107 -> 89 ms, Q6_K 132 -> 89 ms vs the 8 x 1 tiles; Q8_0
+// in the vision encode (M = 6432) vs the 2 x 4 tiles: bench/results/2026-12-03-epyc-zen5-2c-vision.md.
 // Activation quantizers (Q8_0, Q8_K) in 8 lanes giving ggml's reference bytes.
 #include <immintrin.h>
 
@@ -30,6 +31,10 @@ namespace {
 // against 8 X rows shares each W unpack 8 ways (Q4_K 130 -> 111 ms, Q6_K
 // 152 -> 136 ms vs 2 x 4; 4 x 2 spilled and was slower). Q8_0 reuses X across
 // W rows, so it keeps 2 x 4 (4 x 1: 168 -> 183 ms).
+// MQ_Q80_PW: W rows per Q8_0 panel micro call (4 or 8; 8 spills).
+#ifndef MQ_Q80_PW
+#define MQ_Q80_PW 4
+#endif
 #ifndef MQ_PNX
 #define MQ_PNX 8
 #define MQ_PNW 1
@@ -393,11 +398,67 @@ void panel_micro(const WUnp* wu, int64_t nb, const uint8_t* panel, int hf, float
 
 // The micro-kernel of panel_gemm.h's driver: a ymm holds half a panel (8 rows).
 struct PanelMicro {
-    using WUnp = WUnpT<int16_t>;
     static constexpr int kMaxRows = 4, kLanes = 8;
-    template <bool Q4, int NWR>
+    template <class U, int NWR>
     static void run(const WUnp* wu, int64_t nb, const uint8_t* panel, int part, float* out) {
-        panel_micro<Q4, NWR>(wu, nb, panel, part, out);
+        panel_micro<U::kQ4, NWR>(wu, nb, panel, part, out);
+    }
+};
+
+// ---------------------------------------------------------------- Q8_0 panel GEMM (M >= 16)
+// X panel of Q8_0 quants (panel_gemm.h), a whole panel (16 rows, two ymm) per
+// call, so each W broadcast serves 16 rows (M = 1024, one thread, K x N 1280 x
+// 5120: 104.7 -> 140.1 GFLOP/s vs 8 rows per call; 4 W rows x 2 halves of int32
+// sums + 8 float accumulators fill the 16 ymm). Per W
+// row t and 4-k group g: the 4 W codes broadcast, ggml's sign trick for
+// signed x signed bytes (maddubs(|w|, sign(x, w)), as Q80Tile above and
+// ggml's mul_sum_i8_pairs_float), then madd with ones -> int32 per row.
+// No int16 overflow: |pair| <= 2 * 128 * 127 = 32512 (X quants are in
+// [-127, 127]); it cannot take a second pair, so each group gets its madd.
+// Per block: the exact int32 sum of 32 products (dot_q8_0's sumi), then
+// y += (dw * dx) * sumi in float (only the float order differs from dot_q8_0).
+// Work per 32 MACs (8 rows x 4 k): sign, maddubs, madd, add (the 2 x 4 tiles:
+// 6 ops per 32 MACs of one X row, plus horizontal sums).
+template <int NWR>
+void panel_micro_q8_0(const WUnpQ80* wu, int64_t nb, const uint8_t* panel, float* out) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 facc[NWR][2];
+    for (int t = 0; t < NWR; t++) facc[t][0] = facc[t][1] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t* P = panel + b * kPanelBlockQ80;
+        __m256i s1[NWR][2];
+        for (int t = 0; t < NWR; t++) s1[t][0] = s1[t][1] = _mm256_setzero_si256();
+        for (int g = 0; g < 8; g++) {
+            const __m256i c0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(P + 64 * g));
+            const __m256i c1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(P + 64 * g + 32));
+            for (int t = 0; t < NWR; t++) {
+                int32_t w4, a4;
+                std::memcpy(&w4, wu[t * nb + b].q + 4 * g, 4);
+                std::memcpy(&a4, wu[t * nb + b].a + 4 * g, 4);
+                const __m256i wv = _mm256_set1_epi32(w4), av = _mm256_set1_epi32(a4);
+                s1[t][0] = _mm256_add_epi32(s1[t][0], _mm256_madd_epi16(_mm256_maddubs_epi16(av, _mm256_sign_epi8(c0, wv)), ones));
+                s1[t][1] = _mm256_add_epi32(s1[t][1], _mm256_madd_epi16(_mm256_maddubs_epi16(av, _mm256_sign_epi8(c1, wv)), ones));
+            }
+        }
+        const __m256 dx0 = _mm256_load_ps(reinterpret_cast<const float*>(P + 512));
+        const __m256 dx1 = _mm256_load_ps(reinterpret_cast<const float*>(P + 512) + 8);
+        for (int t = 0; t < NWR; t++) {
+            const __m256 dw = _mm256_set1_ps(wu[t * nb + b].d);
+            facc[t][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1[t][0]), _mm256_mul_ps(dw, dx0), facc[t][0]);
+            facc[t][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1[t][1]), _mm256_mul_ps(dw, dx1), facc[t][1]);
+        }
+    }
+    for (int t = 0; t < NWR; t++) {
+        _mm256_storeu_ps(out + 16 * t, facc[t][0]);
+        _mm256_storeu_ps(out + 16 * t + 8, facc[t][1]);
+    }
+}
+
+struct PanelMicroQ80 {
+    static constexpr int kMaxRows = MQ_Q80_PW, kLanes = 16;
+    template <class U, int NWR>
+    static void run(const WUnpQ80* wu, int64_t nb, const uint8_t* panel, int /*part: always 0*/, float* out) {
+        panel_micro_q8_0<NWR>(wu, nb, panel, out);
     }
 };
 
@@ -437,11 +498,12 @@ const KernelTable& avx2_kernels() {
         {DType::F32, {nullptr, nullptr, run_tile<FloatTile<LoadF32>, 2>}},
         {DType::F16, {nullptr, nullptr, run_tile<FloatTile<LoadF16>, 2>}},
         {DType::BF16, {nullptr, nullptr, run_tile<FloatTile<LoadBF16>, 2>}},
-        {DType::Q8_0, {prep_q8_0, bytes_q8_0, tile_q<Q80Tile, MQ_P8NX, MQ_P8NW>}},
+        {DType::Q8_0, {prep_q8_0, bytes_q8_0, tile_q<Q80Tile, MQ_P8NX, MQ_P8NW>,
+                       prep_panel_q8_0<quantize_q8_0_block>, panel_bytes_q8_0, panel_gemm<PanelQ80, PanelMicroQ80>}},
         {DType::Q4_K, {prep_q8_K, bytes_q8_K, tile_q<Q4KTile, MQ_PNX, MQ_PNW>,
-                       prep_panel<true, quantize_q8_K_block>, panel_bytes, panel_gemm<true, PanelMicro>}},
+                       prep_panel<true, quantize_q8_K_block>, panel_bytes, panel_gemm<PanelQ4K<int16_t>, PanelMicro>}},
         {DType::Q6_K, {prep_q8_K, bytes_q8_K, tile_q<Q6KTile, MQ_PNX, MQ_PNW>,
-                       prep_panel<false, quantize_q8_K_block>, panel_bytes, panel_gemm<false, PanelMicro>}},
+                       prep_panel<false, quantize_q8_K_block>, panel_bytes, panel_gemm<PanelQ6K<int16_t>, PanelMicro>}},
     };
     return k;
 }

@@ -463,11 +463,10 @@ void panel_micro(const WUnp* wu, int64_t nb, const uint8_t* panel, float* out) {
 
 // The micro-kernel of panel_gemm.h's driver: a zmm holds a whole panel (16 rows).
 struct PanelMicro {
-    using WUnp = WUnpT<int32_t>;
     static constexpr int kMaxRows = 8, kLanes = 16;
-    template <bool Q4, int NWR>
+    template <class U, int NWR>
     static void run(const WUnp* wu, int64_t nb, const uint8_t* panel, int /*part: always 0*/, float* out) {
-        panel_micro<Q4, NWR>(wu, nb, panel, out);
+        panel_micro<U::kQ4, NWR>(wu, nb, panel, out);
     }
 };
 
@@ -504,9 +503,9 @@ const KernelTable& avx512_kernels() {
         {DType::BF16, {nullptr, nullptr, run_tile<FloatTile<LoadBF16>, 4>}},
         {DType::Q8_0, {prep_xq8_pairs, bytes_xq8_pairs, run_tile<Q80Tile, 4, 4, 1>}},
         {DType::Q4_K, {prep_xq4k, bytes_q8_K, run_tile<Q4KTile, MQ_Q4K_NX, MQ_Q4K_NW, 1>,
-                       prep_panel<true, quantize_block_simd>, panel_bytes, panel_gemm<true, PanelMicro>}},
+                       prep_panel<true, quantize_block_simd>, panel_bytes, panel_gemm<PanelQ4K<int32_t>, PanelMicro>}},
         {DType::Q6_K, {prep_q8_K, bytes_q8_K, run_tile<Q6KTile, MQ_Q6K_NX, MQ_Q6K_NW, 1>,
-                       prep_panel<false, quantize_block_simd>, panel_bytes, panel_gemm<false, PanelMicro>}},
+                       prep_panel<false, quantize_block_simd>, panel_bytes, panel_gemm<PanelQ6K<int32_t>, PanelMicro>}},
     };
     return k;
 }

@@ -201,7 +201,7 @@ static const detail::TypeKernels& type_kernels(Path p, DType t) {
 
 // ------------------------------------------------------------------ driver
 //
-// Panel route (many X rows, K-quants on AVX-512): X in panels of 16 rows;
+// Panel route (many X rows, where the path's table has one): X in panels of 16 rows;
 // tasks are (32 W rows) x (up to 8 panels), W-chunk-major like below.
 static void matmul_panels(const detail::TypeKernels& tk, const float* x, int64_t M, int64_t K, int64_t ldx,
                           const void* w, size_t w_stride, int64_t N, float* y, int64_t ldy, ThreadPool& pool) {

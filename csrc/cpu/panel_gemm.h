@@ -1,10 +1,10 @@
-// Panel GEMM (M >= 16) for Q4_K and Q6_K weights, the parts shared by
-// kernels_avx2.cpp and kernels_avx512.cpp: the X-panel packing, the W-row
-// unpacking and the driver panel_gemm<Q4, Micro>, templated on the ISA's
+// Panel GEMM (M >= 16), the parts shared by kernels_avx2.cpp and
+// kernels_avx512.cpp: the X-panel packing, the W-row unpacking and the driver
+// panel_gemm<U, Micro>, templated on the W format's unpacker U and the ISA's
 // micro-kernel (its vector width). Only the micro-kernels differ between the
 // two files; this part is plain C++.
 //
-// X panel (kPanelRows = 16 rows of X), per 256-value block, kPanelBlock bytes:
+// K-quant X panel (kPanelRows = 16 rows of X), per 256-value block, kPanelBlock bytes:
 //   q    [64 groups][16 rows][4]  Q8_K quants, 4 consecutive k of each row per group
 //   d    [16] float               Q8_K scale of each row
 //   bs   [8 pairs][16 rows][2]    int16 sub-block sums of the quants (Q4_K: 8 sums
@@ -14,9 +14,12 @@
 // for AVX-512 vpmulld), and int16 pairs of the coefficient of the bsums term
 // (Q4_K: the mins m_s; Q6_K: 32 * sc_s).
 //
-// Everything here has internal linkage (anonymous namespace): each ISA file is
-// compiled with its own -m flags and must get its own copy, never one the linker
-// picked from a file built for a wider ISA.
+// Q8_0 X panel, per 32-value block, kPanelBlockQ80 bytes:
+//   q    [8 groups][16 rows][4]   Q8_0 quants (quantize_row_q8_0_ref's bytes)
+//   d    [16] float               each row's block scale (its fp16 d, widened)
+// Q8_0 W rows are unpacked per block into WUnpQ80: the 32 signed codes, their
+// absolute values (the unsigned operand of maddubs) and d as a float.
+//
 #pragma once
 #include <cstdint>
 #include <cstring>
@@ -39,39 +42,63 @@ struct alignas(64) WUnpT {
     float d, dmin;
 };
 
-// QuantizeBlock(x, y): 256 floats -> one Q8_K block (ggml's reference bytes).
-template <bool Q4, void (*QuantizeBlock)(const float*, block_q8_K*)>
-void prep_panel(const float* x, int64_t ldx, int rows, void* panel, int64_t K) {
+// The X-panel packer of both formats: rows [0, rows) of X, every block of K / kBK
+// values quantized by QuantizeBlock (ggml's reference bytes) into a Block, then
+// Pack(q, r, pb) spreads row r's block into the panel block pb (kBytes apart);
+// padding rows (r >= rows) pack an all-zero block: they contribute zeros and are
+// never written out.
+template <class Block, int64_t kBK, size_t kBytes, void (*QuantizeBlock)(const float*, Block*), class Pack>
+void pack_panel(const float* x, int64_t ldx, int rows, void* panel, int64_t K, Pack pack) {
     uint8_t* P = static_cast<uint8_t*>(panel);
-    const int64_t nb = K / QK_K;
+    const int64_t nb = K / kBK;
     for (int r = 0; r < kPanelRows; r++) {
         for (int64_t b = 0; b < nb; b++) {
-            uint8_t* pb = P + b * kPanelBlock;
-            block_q8_K q;
-            if (r < rows) QuantizeBlock(x + r * ldx + QK_K * b, &q);
-            else std::memset(&q, 0, sizeof(q));   // padding row: contributes zeros, never written out
-            for (int g = 0; g < 64; g++) std::memcpy(pb + 64 * g + 4 * r, q.qs + 4 * g, 4);
-            reinterpret_cast<float*>(pb + 4096)[r] = q.d;
-            int16_t* bs = reinterpret_cast<int16_t*>(pb + 4096 + 64);
-            for (int pp = 0; pp < 8; pp++) {
-                int16_t lo = 0, hi = 0;
-                if (Q4) {
-                    if (pp < 4) {
-                        lo = int16_t(q.bsums[4 * pp] + q.bsums[4 * pp + 1]);
-                        hi = int16_t(q.bsums[4 * pp + 2] + q.bsums[4 * pp + 3]);
-                    }
-                } else {
-                    lo = q.bsums[2 * pp];
-                    hi = q.bsums[2 * pp + 1];
-                }
-                bs[32 * pp + 2 * r] = lo;
-                bs[32 * pp + 2 * r + 1] = hi;
-            }
+            Block q;
+            if (r < rows) QuantizeBlock(x + r * ldx + kBK * b, &q);
+            else std::memset(&q, 0, sizeof(q));
+            pack(q, r, P + b * kBytes);
         }
     }
 }
 
+// QuantizeBlock(x, y): 256 floats -> one Q8_K block.
+template <bool Q4, void (*QuantizeBlock)(const float*, block_q8_K*)>
+void prep_panel(const float* x, int64_t ldx, int rows, void* panel, int64_t K) {
+    pack_panel<block_q8_K, QK_K, kPanelBlock, QuantizeBlock>(x, ldx, rows, panel, K, [](const block_q8_K& q, int r, uint8_t* pb) {
+        for (int g = 0; g < 64; g++) std::memcpy(pb + 64 * g + 4 * r, q.qs + 4 * g, 4);
+        reinterpret_cast<float*>(pb + 4096)[r] = q.d;
+        int16_t* bs = reinterpret_cast<int16_t*>(pb + 4096 + 64);
+        for (int pp = 0; pp < 8; pp++) {
+            int16_t lo = 0, hi = 0;
+            if (Q4) {
+                if (pp < 4) {
+                    lo = int16_t(q.bsums[4 * pp] + q.bsums[4 * pp + 1]);
+                    hi = int16_t(q.bsums[4 * pp + 2] + q.bsums[4 * pp + 3]);
+                }
+            } else {
+                lo = q.bsums[2 * pp];
+                hi = q.bsums[2 * pp + 1];
+            }
+            bs[32 * pp + 2 * r] = lo;
+            bs[32 * pp + 2 * r + 1] = hi;
+        }
+    });
+}
+
 size_t panel_bytes(int64_t K) { return size_t(K / QK_K) * kPanelBlock; }
+
+constexpr int kPanelBlockQ80 = 512 + 64;
+
+// QuantizeBlock(x, y): 32 floats -> one Q8_0 block.
+template <void (*QuantizeBlock)(const float*, block_q8_0*)>
+void prep_panel_q8_0(const float* x, int64_t ldx, int rows, void* panel, int64_t K) {
+    pack_panel<block_q8_0, QK8_0, kPanelBlockQ80, QuantizeBlock>(x, ldx, rows, panel, K, [](const block_q8_0& q, int r, uint8_t* pb) {
+        for (int g = 0; g < 8; g++) std::memcpy(pb + 64 * g + 4 * r, q.qs + 4 * g, 4);
+        reinterpret_cast<float*>(pb + 512)[r] = fp16_to_fp32(q.d);
+    });
+}
+
+[[maybe_unused]] size_t panel_bytes_q8_0(int64_t K) { return size_t(K / QK8_0) * kPanelBlockQ80; }
 
 template <typename Sc>
 void unpack_w_q4_K(const uint8_t* row, int64_t nb, WUnpT<Sc>* out) {
@@ -123,25 +150,63 @@ void unpack_w_q6_K(const uint8_t* row, int64_t nb, WUnpT<Sc>* out) {
     }
 }
 
+struct alignas(32) WUnpQ80 {
+    int8_t q[QK8_0];    // the codes
+    uint8_t a[QK8_0];   // |code| (128 for -128), maddubs' unsigned operand
+    float d;
+};
+
+void unpack_w_q8_0(const uint8_t* row, int64_t nb, WUnpQ80* out) {
+    const block_q8_0* wb = reinterpret_cast<const block_q8_0*>(row);
+    for (int64_t b = 0; b < nb; b++) {
+        for (int l = 0; l < QK8_0; l++) {
+            const int v = wb[b].qs[l];
+            out[b].q[l] = int8_t(v);
+            out[b].a[l] = uint8_t(v < 0 ? -v : v);
+        }
+        out[b].d = fp16_to_fp32(wb[b].d);
+    }
+}
+
+// The W formats of the driver: WUnp (one unpacked block), kBlock (values per
+// block), unpack(row, nb, out) (nb blocks of one GGUF row).
+template <typename Sc, bool Q4>
+struct PanelKQuant {
+    using WUnp = WUnpT<Sc>;
+    static constexpr int64_t kBlock = QK_K;
+    static constexpr bool kQ4 = Q4;
+    static void unpack(const uint8_t* row, int64_t nb, WUnp* out) {
+        if (Q4) unpack_w_q4_K(row, nb, out);
+        else unpack_w_q6_K(row, nb, out);
+    }
+};
+template <typename Sc> using PanelQ4K = PanelKQuant<Sc, true>;
+template <typename Sc> using PanelQ6K = PanelKQuant<Sc, false>;
+struct PanelQ80 {
+    using WUnp = WUnpQ80;
+    static constexpr int64_t kBlock = QK8_0;
+    static void unpack(const uint8_t* row, int64_t nb, WUnp* out) { unpack_w_q8_0(row, nb, out); }
+};
+
 // The driver. W rows are unpacked Micro::kMaxRows at a time (once per task and
 // kept in L1/L2), then each panel is multiplied by them in groups of 8 / 4 / 2 / 1
 // rows (8 only when kMaxRows >= 8) and the valid rows of out are copied to y.
-// Micro (one per ISA file):
-//   WUnp      WUnpT<int16_t> (AVX2) or WUnpT<int32_t> (AVX-512)
+// U: one of the W formats above (its WUnp must be the one Micro reads).
+// Micro (one per ISA file and format family):
 //   kMaxRows  W rows unpacked at once and the widest micro call (AVX2 4, AVX-512 8)
 //   kLanes    X rows per micro call: 8 (a ymm holds half a panel) or 16 (zmm)
-//   run<Q4, NWR>(wu, nb, panel, part, out): W rows t < NWR (row t: nb unpacked
+//   run<U, NWR>(wu, nb, panel, part, out): W rows t < NWR (row t: nb unpacked
 //             blocks at wu + t * nb) against panel rows [kLanes * part, kLanes * (part + 1)):
 //             out[t * 16 + i] = dot(W row t, X row i) for those i.
 // The arguments are those of PanelGemmFn (kernels.h).
-template <bool Q4, class Micro>
+template <class U, class Micro>
 void panel_gemm(const void* w, size_t ws, int64_t nw, const void* panels, size_t pstride, int n_panels,
                 int64_t m_rows, int64_t K, float* y, int64_t ldy) {
-    using WUnp = typename Micro::WUnp;
+    using WUnp = typename U::WUnp;
     constexpr int kMax = Micro::kMaxRows;
     static_assert(kMax == 4 || kMax == 8, "micro-kernel row groups");
     static_assert(kPanelRows % Micro::kLanes == 0, "micro-kernel lanes");
-    const int64_t nb = K / QK_K;
+    const int64_t nb = K / U::kBlock;
     thread_local std::vector<WUnp> scratch;   // kMax unpacked W rows
     if (scratch.size() < size_t(kMax * nb)) scratch.resize(size_t(kMax * nb));
     const uint8_t* wb = static_cast<const uint8_t*>(w);
@@ -149,10 +214,7 @@ void panel_gemm(const void* w, size_t ws, int64_t nw, const void* panels, size_t
     alignas(64) float out[kMax * kPanelRows];
     for (int64_t j0 = 0; j0 < nw; j0 += kMax) {
         const int nwr = int(nw - j0 < kMax ? nw - j0 : kMax);
-        for (int t = 0; t < nwr; t++) {
-            if (Q4) unpack_w_q4_K(wb + (j0 + t) * ws, nb, scratch.data() + t * nb);
-            else unpack_w_q6_K(wb + (j0 + t) * ws, nb, scratch.data() + t * nb);
-        }
+        for (int t = 0; t < nwr; t++) U::unpack(wb + (j0 + t) * ws, nb, scratch.data() + t * nb);
         for (int p = 0; p < n_panels; p++) {
             const uint8_t* P = pp + p * pstride;
             const int64_t left_rows = m_rows - int64_t(p) * kPanelRows;
@@ -166,14 +228,14 @@ void panel_gemm(const void* w, size_t ws, int64_t nw, const void* panels, size_t
                     float* o = out + 16 * t0;
                     if constexpr (kMax >= 8) {
                         if (left >= 8) {
-                            Micro::template run<Q4, 8>(wu, nb, P, part, o);
+                            Micro::template run<U, 8>(wu, nb, P, part, o);
                             t0 += 8;
                             continue;
                         }
                     }
-                    if (left >= 4) { Micro::template run<Q4, 4>(wu, nb, P, part, o); t0 += 4; }
-                    else if (left >= 2) { Micro::template run<Q4, 2>(wu, nb, P, part, o); t0 += 2; }
-                    else { Micro::template run<Q4, 1>(wu, nb, P, part, o); t0 += 1; }
+                    if (left >= 4) { Micro::template run<U, 4>(wu, nb, P, part, o); t0 += 4; }
+                    else if (left >= 2) { Micro::template run<U, 2>(wu, nb, P, part, o); t0 += 2; }
+                    else { Micro::template run<U, 1>(wu, nb, P, part, o); t0 += 1; }
                 }
             }
             for (int64_t i = 0; i < rows; i++)
