@@ -12,6 +12,7 @@ them (add_bos_token false, eos_token_ids = the stop list, no eot/eom ids); keys 
 tensors sorted by (block, name) as fs/ggml/gguf.go WriteGGUF. The cross-attention norms are
 permuted back to HF order (Ollama never permuted them). Streams: memory stays small.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -64,8 +65,11 @@ def main(argv=None) -> int:
     for t in sorted(r.tensors, key=lambda t: (block(t.name), t.name)):
         shape = tuple(int(d) for d in reversed([int(x) for x in t.shape]))
         typ = T(int(t.tensor_type))
-        if t.name.startswith(("v.", "mm.")) and len(shape) >= 2 and t.name not in (
-                K.V_TILE_POS_EMBD, K.V_PRE_TILE_EMBD, K.V_POST_TILE_EMBD):
+        if (
+            t.name.startswith(("v.", "mm."))
+            and len(shape) >= 2
+            and t.name not in (K.V_TILE_POS_EMBD, K.V_PRE_TILE_EMBD, K.V_POST_TILE_EMBD)
+        ):
             typ = T.F32 if t.name == K.V_POS_EMBD and args.position_embd == "f32" else T.F16
         plan.append((t.name, shape, typ, t))
     for name, shape, typ, _ in plan:
@@ -83,7 +87,7 @@ def main(argv=None) -> int:
                 data = np.asarray(t.data)
                 step = max(1, (256 << 20) // max(1, data.nbytes // max(1, data.shape[0])))
                 for i in range(0, data.shape[0], step):  # rows in chunks: page cache, little RAM
-                    f.write(np.ascontiguousarray(data[i:i + step]).tobytes())
+                    f.write(np.ascontiguousarray(data[i : i + step]).tobytes())
             else:
                 if src_t in qname:
                     vals = quants.dequantize(np.ascontiguousarray(t.data), qname[src_t], shape)
@@ -100,8 +104,10 @@ def main(argv=None) -> int:
         w.close()
         tmp.unlink(missing_ok=True)
         raise
-    print(f"wrote {args.out} ({os.path.getsize(args.out) / 1e9:.2f} GB) in {time.perf_counter() - t0:.0f} s",
-          file=sys.stderr)
+    print(
+        f"wrote {args.out} ({os.path.getsize(args.out) / 1e9:.2f} GB) in {time.perf_counter() - t0:.0f} s",
+        file=sys.stderr,
+    )
     return 0
 
 

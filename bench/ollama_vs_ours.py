@@ -9,6 +9,7 @@ measured apart, one image encode (a random --tiles-tile image), a 32-token prefi
 of a phase is the steadier figure (other processes stretch wall time, not CPU time), so the
 ratios are taken on it. Prints one JSON object. Make the Ollama blob with bench/ollama_blob.py.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,6 +42,7 @@ def measure(path, args) -> dict:
                 return _orig(*a, **k)
             finally:
                 spent["ollama_layout_s"] += time.perf_counter() - t
+
         setattr(ollama, name, wrapped)
     warnings.simplefilter("ignore", ollama.OllamaLayoutWarning)
     with open(path, "rb") as f:  # warm the page cache
@@ -50,21 +52,27 @@ def measure(path, args) -> dict:
     del m
     spent["ollama_layout_s"] = 0.0
     m, load_w, load_c = _timed(lambda: mllama_q.Model(path, n_threads=args.threads))
-    r = {"file": path, "layout": m.layout.describe(), "file_gb": os.path.getsize(path) / 1e9,
-         "load_s": load_w, "load_cpu_s": load_c, "ollama_layout_s": spent["ollama_layout_s"]}
+    r = {
+        "file": path,
+        "layout": m.layout.describe(),
+        "file_gb": os.path.getsize(path) / 1e9,
+        "load_s": load_w,
+        "load_cpu_s": load_c,
+        "ollama_layout_s": spent["ollama_layout_s"],
+    }
     rng = np.random.default_rng(0)
     T = m.vision_hparams["image_size"]
     grid = {1: (1, 1), 2: (1, 2), 3: (1, 3), 4: (2, 2)}[args.tiles]
     ratios = [(1, 1), (1, 2), (1, 3), (1, 4), (2, 1), (2, 2), (3, 1), (4, 1)]
     px = np.zeros((1, 1, 4, 3, T, T), np.float32)
-    px[0, 0, :args.tiles] = rng.standard_normal((args.tiles, 3, T, T))
+    px[0, 0, : args.tiles] = rng.standard_normal((args.tiles, 3, T, T))
     ar_ids = np.array([[ratios.index(grid) + 1]])
     ar_mask = np.zeros((1, 1, 4), np.int64)
-    ar_mask[0, 0, :args.tiles] = 1
+    ar_mask[0, 0, : args.tiles] = 1
     img = m.image_token_id
     toks = np.array([m.tokenizer.bos_id, img] + list(range(1000, 1030)), np.int32)
     xmask = np.zeros((len(toks), 1, 4), np.int64)
-    xmask[1:, 0, :args.tiles] = 1
+    xmask[1:, 0, : args.tiles] = 1
     m.reset()
     if not args.skip_encode:
         _, r["encode_s"], r["encode_cpu_s"] = _timed(lambda: m.encode_images(px, ar_ids, ar_mask))
@@ -77,6 +85,7 @@ def measure(path, args) -> dict:
         nonlocal t
         for _ in range(args.n_gen):
             t = int(np.argmax(m.eval([t])))
+
     _, dw, dc = _timed(decode)
     r.update(decode_tok_s=args.n_gen / dw, decode_cpu_s_per_tok=dc / args.n_gen)
     return r
@@ -99,14 +108,27 @@ def main(argv=None) -> int:
 
     out = {"loadavg_start": os.getloadavg()[0], "runs": []}
     for path in (args.ours, args.theirs):
-        cmd = [sys.executable, __file__, args.ours, args.theirs, "--child", path, "--threads", str(args.threads),
-               "--tiles", str(args.tiles), "--n-gen", str(args.n_gen)] + (["--skip-encode"] if args.skip_encode else [])
+        cmd = [
+            sys.executable,
+            __file__,
+            args.ours,
+            args.theirs,
+            "--child",
+            path,
+            "--threads",
+            str(args.threads),
+            "--tiles",
+            str(args.tiles),
+            "--n-gen",
+            str(args.n_gen),
+        ] + (["--skip-encode"] if args.skip_encode else [])
         res = subprocess.run(cmd, capture_output=True, text=True, check=True)
         out["runs"].append(json.loads(res.stdout.strip().splitlines()[-1]))
     out["loadavg_end"] = os.getloadavg()[0]
     a, b = out["runs"]
-    out["ratios_ollama_over_ours_cpu"] = {k: b[k] / a[k] for k in ("encode_cpu_s", "prefill_cpu_s",
-                                                                  "decode_cpu_s_per_tok", "load_cpu_s") if k in a}
+    out["ratios_ollama_over_ours_cpu"] = {
+        k: b[k] / a[k] for k in ("encode_cpu_s", "prefill_cpu_s", "decode_cpu_s_per_tok", "load_cpu_s") if k in a
+    }
     print(json.dumps(out, indent=1))
     return 0
 

@@ -4,6 +4,7 @@ writes two synthetic GGUFs, ~0.6 GB, into DIR).
 
     PYTHONPATH=. python bench/vision_f16_vs_q8.py DIR            # MLLAMA_Q_CPU_PATH=avx2 for that path
 """
+
 import json
 import os
 import sys
@@ -14,8 +15,19 @@ import numpy as np
 from mllama_q.cli.synthetic import SynthConfig, write_synthetic_gguf
 
 DIR = sys.argv[1]
-cfg = SynthConfig("vision-small", vocab_size=1024, hidden=4096, intermediate=512, n_layer=2, cross_layers=[1],
-                  n_head=32, n_head_kv=8, v_layers=4, v_global_layers=1, v_intermediate_indices=[1, 2, 3])
+cfg = SynthConfig(
+    "vision-small",
+    vocab_size=1024,
+    hidden=4096,
+    intermediate=512,
+    n_layer=2,
+    cross_layers=[1],
+    n_head=32,
+    n_head_kv=8,
+    v_layers=4,
+    v_global_layers=1,
+    v_intermediate_indices=[1, 2, 3],
+)
 out = {}
 for vt in ("f16", "q8_0"):
     p = os.path.join(DIR, f"vision-small-{vt}.gguf")

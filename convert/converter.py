@@ -11,6 +11,7 @@ so peak RSS is about the interpreter + 2-3 chunks, whatever the model size.
 The file is written as ".NAME.PID.tmp" beside the output and renamed only after
 the last byte is flushed; any exception (incl. KeyboardInterrupt) removes it.
 """
+
 from __future__ import annotations
 
 import os
@@ -37,8 +38,11 @@ def add_metadata(w, ck: Checkpoint, ftype: str) -> None:
     w.add_uint32(K.GENERAL_FILE_TYPE, int(K.FILE_TYPE[ftype]))
     w.add_uint32(K.GENERAL_QUANTIZATION_VERSION, 2)
     gen = ck.generation
-    for key, name, cast in ((K.GENERAL_SAMPLING_TEMP, "temperature", float),
-                            (K.GENERAL_SAMPLING_TOP_P, "top_p", float), (K.GENERAL_SAMPLING_TOP_K, "top_k", int)):
+    for key, name, cast in (
+        (K.GENERAL_SAMPLING_TEMP, "temperature", float),
+        (K.GENERAL_SAMPLING_TOP_P, "top_p", float),
+        (K.GENERAL_SAMPLING_TOP_K, "top_k", int),
+    ):
         if isinstance(gen.get(name), (int, float)) and not isinstance(gen.get(name), bool):
             (w.add_float32 if cast is float else w.add_int32)(key, cast(gen[name]))
     # Text.
@@ -182,8 +186,16 @@ def _stream_tensor_data(ck: Checkpoint, outs: list, sizes: dict, writer, progres
         e = ck.tensors[o.src]
         return _transform(o, ck.file_of(e).read_rows(e, r0, r1).reshape((r1 - r0,) + o.shape[1:]))
 
-    bar = tqdm(total=total_in, unit="B", unit_scale=True, unit_divisor=1024, disable=not progress,
-               desc="convert", dynamic_ncols=True, leave=True)
+    bar = tqdm(
+        total=total_in,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        disable=not progress,
+        desc="convert",
+        dynamic_ncols=True,
+        leave=True,
+    )
     written = 0
     try:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="convert-read") as reader:
@@ -263,8 +275,15 @@ def write_gguf(writer, out_path: Path, write_data) -> int:
     return out_bytes
 
 
-def convert(hf_dir, out_path, ftype: str = "q4_k_m", vision_type: str | None = None, *, force: bool = False,
-            progress: bool = True) -> dict:
+def convert(
+    hf_dir,
+    out_path,
+    ftype: str = "q4_k_m",
+    vision_type: str | None = None,
+    *,
+    force: bool = False,
+    progress: bool = True,
+) -> dict:
     """Convert; returns a summary dict (tensors, bytes read/written, seconds, and `fallbacks`: the
     tensors stored in another type than the mix asked for, from plan.assign_types). Raises ConvertError."""
     import gguf
@@ -295,14 +314,19 @@ def convert(hf_dir, out_path, ftype: str = "q4_k_m", vision_type: str | None = N
         toks = writer.kv_data[0].get(K.TOKENIZER_TOKENS)
         n_tok = len(toks.value) if toks is not None else 0
         if n_tok > ck.text.vocab_size + 8:
-            raise ConvertError(f"{ck.dir / 'tokenizer.json'}: {n_tok} tokens exceed the {ck.text.vocab_size + 8} "
-                               "rows of embed_tokens")
+            raise ConvertError(
+                f"{ck.dir / 'tokenizer.json'}: {n_tok} tokens exceed the {ck.text.vocab_size + 8} rows of embed_tokens"
+            )
         if not ck.image_token_id < ck.text.vocab_size + 8:
-            raise ConvertError(f"{ck.dir / 'config.json'}: image_token_index {ck.image_token_id} is outside "
-                               f"embed_tokens ({ck.text.vocab_size + 8} rows)")
+            raise ConvertError(
+                f"{ck.dir / 'config.json'}: image_token_index {ck.image_token_id} is outside "
+                f"embed_tokens ({ck.text.vocab_size + 8} rows)"
+            )
         if n_tok and not ck.image_token_id < n_tok:  # the processor writes this token for every image
-            raise ConvertError(f"{ck.dir / 'config.json'}: image_token_index {ck.image_token_id} is not a token of "
-                               f"tokenizer.json ({n_tok} tokens)")
+            raise ConvertError(
+                f"{ck.dir / 'config.json'}: image_token_index {ck.image_token_id} is not a token of "
+                f"tokenizer.json ({n_tok} tokens)"
+            )
 
         # Tensor infos only (no data: GGUFWriter would keep added tensors in memory). With
         # raw_dtype set and a non-uint8 numpy dtype, GGUFWriter takes `shape` as the element shape.
@@ -321,5 +345,13 @@ def convert(hf_dir, out_path, ftype: str = "q4_k_m", vision_type: str | None = N
     finally:
         ck.close()
     dt = time.perf_counter() - t0
-    return {"tensors": len(outs), "bytes_in": total_in, "bytes_out": out_bytes, "seconds": dt,
-            "ftype": ftype, "vision_type": vision_type, "output": str(out_path), "fallbacks": fallbacks}
+    return {
+        "tensors": len(outs),
+        "bytes_in": total_in,
+        "bytes_out": out_bytes,
+        "seconds": dt,
+        "ftype": ftype,
+        "vision_type": vision_type,
+        "output": str(out_path),
+        "fallbacks": fallbacks,
+    }

@@ -20,6 +20,7 @@ checkpoint's tokenizer does; Ollama wrote false), v.position_embd.weight F32. Im
 preprocessing keys are left out: the loader then uses the 11B/90B published values, as it does
 for the Ollama file itself. Streaming: one tensor in memory at a time.
 """
+
 from __future__ import annotations
 
 import time
@@ -33,8 +34,15 @@ from .errors import ConvertError
 
 # Tensors of the vision tower that keep their type (gguf_keys: conv kernel, F32 tables).
 _KEEP = (K.V_PATCH_EMBD, K.V_TILE_POS_EMBD, K.V_PRE_TILE_EMBD, K.V_POST_TILE_EMBD)
-_DROP_KEYS = ("GGUF.", K.GENERAL_ARCHITECTURE, K.TOKENIZER_ADD_BOS, K.OLLAMA_EOS_TOKEN_IDS,
-              K.OLLAMA_ROPE_SCALING_TYPE, K.OLLAMA_ROPE_SCALING_FACTOR, K.GENERAL_DESCRIPTION)
+_DROP_KEYS = (
+    "GGUF.",
+    K.GENERAL_ARCHITECTURE,
+    K.TOKENIZER_ADD_BOS,
+    K.OLLAMA_EOS_TOKEN_IDS,
+    K.OLLAMA_ROPE_SCALING_TYPE,
+    K.OLLAMA_ROPE_SCALING_FACTOR,
+    K.GENERAL_DESCRIPTION,
+)
 
 
 def _floats(arr, gtype: int, shape) -> np.ndarray:
@@ -58,8 +66,16 @@ def _out_type(name: str, gtype: int, shape, vision_type: str) -> K.GGMLType:
     return K.tensor_type("vision", "", int(shape[-1]), "f16", vision_type)
 
 
-def convert_from_ollama(source, out_path, vision_type: str = "q8_0", *, projector=None,
-                        ollama_converter: str | None = None, force: bool = False, progress: bool = True) -> dict:
+def convert_from_ollama(
+    source,
+    out_path,
+    vision_type: str = "q8_0",
+    *,
+    projector=None,
+    ollama_converter: str | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> dict:
     """Convert `source` (an Ollama model name, or a blob path; `projector` for a two-file pair
     given by path) to `out_path`; returns a summary dict. Raises ConvertError."""
     import gguf
@@ -123,9 +139,14 @@ def convert_from_ollama(source, out_path, vision_type: str = "q8_0", *, projecto
     w.add_uint32(K.Q_IMAGE_TOKEN_ID, int(image_id if image_id is not None else thp["vocab_size"]))
     w.add_key_value(K.Q_STOP_TOKEN_IDS, [int(i) for i in stop], VT.ARRAY, sub_type=VT.INT32)
     d = K.DEFAULTS_11B
-    llama3 = K.rope_freqs_llama3(hd, float(field_value(f, K.ROPE_FREQ_BASE)), d[K.Q_ROPE_SCALING_FACTOR],
-                                 d[K.Q_ROPE_SCALING_LOW_FREQ_FACTOR], d[K.Q_ROPE_SCALING_HIGH_FREQ_FACTOR],
-                                 d[K.Q_ROPE_SCALING_ORIG_CTX])
+    llama3 = K.rope_freqs_llama3(
+        hd,
+        float(field_value(f, K.ROPE_FREQ_BASE)),
+        d[K.Q_ROPE_SCALING_FACTOR],
+        d[K.Q_ROPE_SCALING_LOW_FREQ_FACTOR],
+        d[K.Q_ROPE_SCALING_HIGH_FREQ_FACTOR],
+        d[K.Q_ROPE_SCALING_ORIG_CTX],
+    )
     rope = np.asarray(tensors[K.ROPE_FREQS][0], dtype=np.float32).reshape(-1)
     if rope.shape == llama3.shape and np.array_equal(rope, llama3):
         w.add_string(K.Q_ROPE_SCALING_TYPE, "llama3")
@@ -143,8 +164,15 @@ def convert_from_ollama(source, out_path, vision_type: str = "q8_0", *, projecto
     for name, t, shape, _ in plan:
         w.add_tensor_info(name, shape, np.dtype(np.float32), K.nbytes(t, shape), raw_dtype=t)
     total = sum(K.nbytes(t, shape) for _, t, shape, _ in plan)
-    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, disable=not progress,
-               desc="convert --from-ollama", dynamic_ncols=True)
+    bar = tqdm(
+        total=total,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        disable=not progress,
+        desc="convert --from-ollama",
+        dynamic_ncols=True,
+    )
     bytes_in = 0
 
     def write_data(fout):
@@ -155,7 +183,7 @@ def convert_from_ollama(source, out_path, vision_type: str = "q8_0", *, projecto
                 a = np.asarray(arr)
                 rows = max(1, (64 << 20) // max(1, a.nbytes // max(1, len(a))))
                 for r in range(0, len(a), rows):
-                    fout.write(memoryview(np.ascontiguousarray(a[r:r + rows])).cast("B"))
+                    fout.write(memoryview(np.ascontiguousarray(a[r : r + rows])).cast("B"))
             else:
                 vals = _floats(arr, gtype, shape)
                 data = encode(vals, t, int(shape[-1]))
@@ -168,5 +196,12 @@ def convert_from_ollama(source, out_path, vision_type: str = "q8_0", *, projecto
         out_bytes = write_gguf(w, out_path, write_data)
     finally:
         bar.close()
-    return {"tensors": len(plan), "bytes_in": bytes_in, "bytes_out": out_bytes, "seconds": time.perf_counter() - t0,
-            "vision_type": vision_type, "layout": layout.describe(), "output": str(out_path)}
+    return {
+        "tensors": len(plan),
+        "bytes_in": bytes_in,
+        "bytes_out": out_bytes,
+        "seconds": time.perf_counter() - t0,
+        "vision_type": vision_type,
+        "layout": layout.describe(),
+        "output": str(out_path),
+    }

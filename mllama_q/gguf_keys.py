@@ -24,6 +24,7 @@ axis quantization blocks run along); `gguf.GGUFReader` reports `tensor.shape`
 in that reversed (ne) order and `tensor.data` in numpy order; mllama_q.gguf_file's
 `TensorInfo.shape` is the numpy order.
 """
+
 from __future__ import annotations
 
 import enum
@@ -252,8 +253,13 @@ GENERAL_DESCRIPTION = "general.description"  # str, required by mllama.cpp
 OLLAMA_V_PROJECTION_DIM = "mllama.vision.projection_dim"  # u32: mm.0 output = text hidden size
 # Its per-layer names (prefix v.blk.N. / v.global.blk.N.) -> ours. Note the swap: mllama.cpp applies
 # ffn_down first (ff_i, = HF mlp.fc1) and ffn_up second (ff_o, = fc2), the reverse of V_FFN_UP/DOWN.
-OLLAMA_PROJECTOR_LAYER_NAMES = {"ln1": "attn_norm", "ln2": "ffn_norm", "attn_out": "attn_output",
-                                "ffn_down": "ffn_up", "ffn_up": "ffn_down"}
+OLLAMA_PROJECTOR_LAYER_NAMES = {
+    "ln1": "attn_norm",
+    "ln2": "ffn_norm",
+    "attn_out": "attn_output",
+    "ffn_down": "ffn_up",
+    "ffn_up": "ffn_down",
+}
 # Optional attention biases mllama.cpp would add (Llama 3.2 Vision has none; mllama-q cannot use them).
 OLLAMA_PROJECTOR_ATTN_BIASES = ("{p}attn_q.bias", "{p}attn_k.bias", "{p}attn_v.bias", "{p}attn_out.bias")
 
@@ -313,8 +319,14 @@ def unpermute_head_vector(v: np.ndarray) -> np.ndarray:
     return unpermute_qk(v, 1)
 
 
-def rope_freqs_llama3(head_dim: int, theta: float, factor: float, low_freq_factor: float,
-                      high_freq_factor: float, original_context_length: int) -> np.ndarray:
+def rope_freqs_llama3(
+    head_dim: int,
+    theta: float,
+    factor: float,
+    low_freq_factor: float,
+    high_freq_factor: float,
+    original_context_length: int,
+) -> np.ndarray:
     """`rope_freqs.weight`: float32 [head_dim/2] divisors of the RoPE frequencies.
 
     The runtime uses inv_freq[i] = theta^(-2i/head_dim) / rope_freqs[i], which equals
@@ -400,15 +412,28 @@ class GGMLType(enum.IntEnum):
 
 # (values per block, bytes per block) of each GGMLType: ggml's ggml_type_traits blck_size /
 # type_size (= gguf-py GGML_QUANT_SIZES).
-BLOCK_SIZES = {GGMLType.F32: (1, 4), GGMLType.F16: (1, 2), GGMLType.BF16: (1, 2), GGMLType.Q8_0: (32, 34),
-               GGMLType.Q4_K: (256, 144), GGMLType.Q6_K: (256, 210)}
+BLOCK_SIZES = {
+    GGMLType.F32: (1, 4),
+    GGMLType.F16: (1, 2),
+    GGMLType.BF16: (1, 2),
+    GGMLType.Q8_0: (32, 34),
+    GGMLType.Q4_K: (256, 144),
+    GGMLType.Q6_K: (256, 210),
+}
 
 # general.file_type values are llama.cpp's `enum llama_ftype` (include/llama.h; gguf-py LlamaFileType).
 FTYPES = ("f32", "f16", "bf16", "q8_0", "q6_k", "q4_k_m", "q4_k_s")
 VISION_TYPES = ("f16", "q8_0", "q4_k")
 
-BASE_TYPE = {"f32": GGMLType.F32, "f16": GGMLType.F16, "bf16": GGMLType.BF16, "q8_0": GGMLType.Q8_0,
-             "q6_k": GGMLType.Q6_K, "q4_k_m": GGMLType.Q4_K, "q4_k_s": GGMLType.Q4_K}
+BASE_TYPE = {
+    "f32": GGMLType.F32,
+    "f16": GGMLType.F16,
+    "bf16": GGMLType.BF16,
+    "q8_0": GGMLType.Q8_0,
+    "q6_k": GGMLType.Q6_K,
+    "q4_k_m": GGMLType.Q4_K,
+    "q4_k_s": GGMLType.Q4_K,
+}
 FLOAT_TYPE = {"f32": GGMLType.F32, "bf16": GGMLType.BF16}  # anything else: F16
 FILE_TYPE = {"f32": 0, "f16": 1, "bf16": 32, "q8_0": 7, "q6_k": 18, "q4_k_m": 15, "q4_k_s": 14}
 VISION_TYPE = {"f16": GGMLType.F16, "q8_0": GGMLType.Q8_0, "q4_k": GGMLType.Q4_K}
@@ -439,12 +464,23 @@ def fallback(t: GGMLType, row: int) -> GGMLType:
 def fallback_reason(wanted: GGMLType, row: int) -> str:
     """Why `fallback(wanted, row)` is not `wanted`, in words for the converter's report."""
     got = fallback(wanted, row)
-    return (f"{got.name} instead of {wanted.name}: rows of {row} values are not a multiple of "
-            f"{wanted.name}'s {BLOCK_SIZES[wanted][0]}-value blocks")
+    return (
+        f"{got.name} instead of {wanted.name}: rows of {row} values are not a multiple of "
+        f"{wanted.name}'s {BLOCK_SIZES[wanted][0]}-value blocks"
+    )
 
 
-def requested_type(kind: str, role: str, ftype: str, vision_type: str | None, *,
-                   layer: int = -1, n_layer: int = 0, v_index: int = -1, n_v: int = 0) -> GGMLType:
+def requested_type(
+    kind: str,
+    role: str,
+    ftype: str,
+    vision_type: str | None,
+    *,
+    layer: int = -1,
+    n_layer: int = 0,
+    v_index: int = -1,
+    n_v: int = 0,
+) -> GGMLType:
     """GGML type the mix asks for, before `fallback` (arguments as tensor_type)."""
     if kind == "f32":
         return GGMLType.F32
@@ -465,8 +501,18 @@ def requested_type(kind: str, role: str, ftype: str, vision_type: str | None, *,
     return t
 
 
-def tensor_type(kind: str, role: str, row: int, ftype: str, vision_type: str | None, *,
-                layer: int = -1, n_layer: int = 0, v_index: int = -1, n_v: int = 0) -> GGMLType:
+def tensor_type(
+    kind: str,
+    role: str,
+    row: int,
+    ftype: str,
+    vision_type: str | None,
+    *,
+    layer: int = -1,
+    n_layer: int = 0,
+    v_index: int = -1,
+    n_v: int = 0,
+) -> GGMLType:
     """GGML type of one output tensor.
 
     kind: "f32" | "conv" | "text" | "vision" (see module doc); role: "output", "attn_v",

@@ -56,6 +56,7 @@ The functions here take a GGUF reader only through gguf_file.field_value and ten
 {name: (array, ggml_type, numpy_shape)} dict model.py hands to the core, so they do not depend
 on which GGUF reader is underneath. Nothing here imports torch.
 """
+
 from __future__ import annotations
 
 import math
@@ -69,8 +70,8 @@ import numpy as np
 from . import gguf_keys as K
 from .gguf_file import ModelFileError, check_tensor_types, field_value, open_gguf, tensor_entry
 
-OURS = "mllama-q"         # mllama_q.format_version present
-ONE_FILE = "ollama"       # Ollama v0.7+: one blob
+OURS = "mllama-q"  # mllama_q.format_version present
+ONE_FILE = "ollama"  # Ollama v0.7+: one blob
 TWO_FILE = "ollama-v0.4"  # Ollama v0.4 - v0.6: text blob (+ projector blob)
 VISION_PREFIXES = K.VISION_PREFIXES
 
@@ -82,17 +83,21 @@ PUBLISHED_STOP_TOKENS = ("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>")
 @dataclass(frozen=True)
 class Converter:
     """One generation of Ollama's one-file converter (see the module doc)."""
+
     name: str
     since: str
     xattn_qk_permuted: bool
     vision_gates_tanh: bool
 
 
-CONVERTERS = {c.name: c for c in (
-    Converter("v0.7.0", "23125648b (2025-05-13)", xattn_qk_permuted=False, vision_gates_tanh=False),
-    Converter("v0.7.1-rc0", "55760195e (2025-05-15)", xattn_qk_permuted=True, vision_gates_tanh=False),
-    Converter("v0.7.1", "adff143bc (2025-05-22)", xattn_qk_permuted=True, vision_gates_tanh=True),
-)}
+CONVERTERS = {
+    c.name: c
+    for c in (
+        Converter("v0.7.0", "23125648b (2025-05-13)", xattn_qk_permuted=False, vision_gates_tanh=False),
+        Converter("v0.7.1-rc0", "55760195e (2025-05-15)", xattn_qk_permuted=True, vision_gates_tanh=False),
+        Converter("v0.7.1", "adff143bc (2025-05-22)", xattn_qk_permuted=True, vision_gates_tanh=True),
+    )
+}
 LATEST = "v0.7.1"
 
 
@@ -103,14 +108,15 @@ class OllamaLayoutWarning(UserWarning):
 @dataclass
 class Layout:
     """What a file (or a text + projector pair) is, and what load has to undo."""
-    kind: str                          # OURS | ONE_FILE | TWO_FILE
-    evidence: str = ""                 # why, in words (messages, `mllama-q list`)
-    converter: str | None = None       # ONE_FILE: a CONVERTERS name
-    assumed: bool = False              # the convention was assumed, not read off the file
+
+    kind: str  # OURS | ONE_FILE | TWO_FILE
+    evidence: str = ""  # why, in words (messages, `mllama-q list`)
+    converter: str | None = None  # ONE_FILE: a CONVERTERS name
+    assumed: bool = False  # the convention was assumed, not read off the file
     permute_xattn_norms: bool = False  # cross-attention q/k rows permuted, norms not
-    tanh_vision_gates: bool = False    # vision global attn/ffn gates stored raw
+    tanh_vision_gates: bool = False  # vision global attn/ffn gates stored raw
     projector_path: str | None = None
-    projector_reader: Any = None       # kept open: its tensor arrays are views of its mapping
+    projector_reader: Any = None  # kept open: its tensor arrays are views of its mapping
     projector_tensors: dict | None = None
 
     @property
@@ -126,9 +132,11 @@ class Layout:
 
     def no_vision_hint(self) -> str:
         if self.kind == TWO_FILE:
-            return ("it is the text blob of Ollama's two-file llama3.2-vision (v0.4 - v0.6): pass projector=PATH "
-                    "(the manifest's application/vnd.ollama.image.projector blob), load the model by its Ollama "
-                    "name, or use vision=False")
+            return (
+                "it is the text blob of Ollama's two-file llama3.2-vision (v0.4 - v0.6): pass projector=PATH "
+                "(the manifest's application/vnd.ollama.image.projector blob), load the model by its Ollama "
+                "name, or use vision=False"
+            )
         return "load it with vision=False"
 
 
@@ -142,16 +150,26 @@ def tensor_entries(f) -> dict:
 # ---------------------------------------------------------------------------
 _TEXT_KEYS = (K.BLOCK_COUNT, K.EMBEDDING_LENGTH, K.HEAD_COUNT, K.CROSS_ATTENTION_LAYERS)
 _TEXT_TENSORS = (K.TOKEN_EMBD, K.OUTPUT_NORM, K.blk(K.ATTN_NORM, 0), K.blk(K.FFN_DOWN, 0))
-_ONE_FILE_VISION = (K.V_PATCH_EMBD, K.vblk(K.V_ATTN_NORM_W, 0), K.vblk(K.V_ATTN_OUTPUT, 0), K.vblk(K.V_FFN_UP_W, 0),
-                    K.MM_PROJ_W)
+_ONE_FILE_VISION = (
+    K.V_PATCH_EMBD,
+    K.vblk(K.V_ATTN_NORM_W, 0),
+    K.vblk(K.V_ATTN_OUTPUT, 0),
+    K.vblk(K.V_FFN_UP_W, 0),
+    K.MM_PROJ_W,
+)
 _P0 = K.V_LOCAL_PREFIX.format(bid=0)
-_PROJECTOR_TENSORS = (K.V_PATCH_EMBD, _P0 + "ln1.weight", _P0 + "attn_out.weight", _P0 + "ffn_down.weight",
-                      K.MM_PROJ_W)
+_PROJECTOR_TENSORS = (K.V_PATCH_EMBD, _P0 + "ln1.weight", _P0 + "attn_out.weight", _P0 + "ffn_down.weight", K.MM_PROJ_W)
 _PROJECTOR_KEYS = (K.V_BLOCK_COUNT, K.V_EMBEDDING_LENGTH, K.V_HEAD_COUNT, K.OLLAMA_V_PROJECTION_DIM)
-_PROJECTOR_LAYER = re.compile(r"^(v\.(?:global\.)?blk\.\d+\.)(" + "|".join(K.OLLAMA_PROJECTOR_LAYER_NAMES)
-                              + r")\.(weight|bias)$")
-_PROJECTOR_BIAS = re.compile("^(?:" + "|".join(re.escape(b).replace(re.escape("{p}"), r"v\.(?:global\.)?blk\.\d+\.")
-                                                for b in K.OLLAMA_PROJECTOR_ATTN_BIASES) + ")$")
+_PROJECTOR_LAYER = re.compile(
+    r"^(v\.(?:global\.)?blk\.\d+\.)(" + "|".join(K.OLLAMA_PROJECTOR_LAYER_NAMES) + r")\.(weight|bias)$"
+)
+_PROJECTOR_BIAS = re.compile(
+    "^(?:"
+    + "|".join(
+        re.escape(b).replace(re.escape("{p}"), r"v\.(?:global\.)?blk\.\d+\.") for b in K.OLLAMA_PROJECTOR_ATTN_BIASES
+    )
+    + ")$"
+)
 
 
 def _present(reader, tensors, keys, names) -> tuple[list[str], list[str]]:
@@ -171,7 +189,8 @@ def _unknown(path, what: str, found, missing, tensors) -> ModelFileError:
         f"{path}: {what}: not mllama-q's layout (no {K.Q_FORMAT_VERSION}) nor one of Ollama's llama3.2-vision "
         f"layouts. Recognised: {', '.join(found) or 'nothing'}; missing: {', '.join(missing)}"
         + (f"; its tensors are named like {', '.join(sample)}" if sample else "")
-        + ". Convert the Hugging Face checkpoint with `mllama-q convert` instead.")
+        + ". Convert the Hugging Face checkpoint with `mllama-q convert` instead."
+    )
 
 
 def detect_layout(reader, path, tensors: dict, projector=None, converter: str | None = None) -> Layout:
@@ -188,8 +207,10 @@ def detect_layout(reader, path, tensors: dict, projector=None, converter: str | 
     version = field_value(reader, K.Q_FORMAT_VERSION)
     if version is not None:
         if projector is not None:
-            raise ModelFileError(f"{path} is mllama-q's own layout, which holds the vision tower itself; "
-                                 "projector= is only for Ollama's two-file llama3.2-vision")
+            raise ModelFileError(
+                f"{path} is mllama-q's own layout, which holds the vision tower itself; "
+                "projector= is only for Ollama's two-file llama3.2-vision"
+            )
         if converter is not None:
             raise ValueError(f"ollama_converter= applies to files written by Ollama; {path} is mllama-q's own")
         return Layout(OURS, evidence=f"{K.Q_FORMAT_VERSION} = {version}")
@@ -197,15 +218,19 @@ def detect_layout(reader, path, tensors: dict, projector=None, converter: str | 
     found, missing = _present(reader, tensors, _TEXT_KEYS, _TEXT_TENSORS)
     if missing:
         if not _present(reader, tensors, _PROJECTOR_KEYS, _PROJECTOR_TENSORS)[1]:
-            raise ModelFileError(f"{path} is the projector (vision) blob of Ollama's two-file llama3.2-vision "
-                                 "(v0.4 - v0.6): load the text model blob with projector= this file, or load "
-                                 "the model by its Ollama name")
+            raise ModelFileError(
+                f"{path} is the projector (vision) blob of Ollama's two-file llama3.2-vision "
+                "(v0.4 - v0.6): load the text model blob with projector= this file, or load "
+                "the model by its Ollama name"
+            )
         raise _unknown(path, "not a Llama 3.2 Vision text model", found, missing, tensors)
 
     if any(n.startswith(VISION_PREFIXES) for n in tensors):
         if projector is not None:
-            raise ModelFileError(f"{path} already holds the vision tower (v.* tensors): projector= is only for the "
-                                 "text blob of Ollama's two-file layout")
+            raise ModelFileError(
+                f"{path} already holds the vision tower (v.* tensors): projector= is only for the "
+                "text blob of Ollama's two-file layout"
+            )
         vf, vm = _present(reader, tensors, (), _ONE_FILE_VISION)
         if vm:
             raise _unknown(path, "unknown vision tower naming", found + vf, vm, tensors)
@@ -214,23 +239,38 @@ def detect_layout(reader, path, tensors: dict, projector=None, converter: str | 
     if converter is not None:
         raise ValueError("ollama_converter= applies to Ollama's one-file blobs; this is a two-file text blob")
     if projector is None:
-        return Layout(TWO_FILE, evidence="no vision tensors and no mllama_q keys: a two-file text blob (or a "
-                      "text-only file)", permute_xattn_norms=True, assumed=True)
+        return Layout(
+            TWO_FILE,
+            evidence="no vision tensors and no mllama_q keys: a two-file text blob (or a text-only file)",
+            permute_xattn_norms=True,
+            assumed=True,
+        )
     ppath = str(projector)
     preader = open_gguf(ppath)
     check_tensor_types(preader)
     ptensors = tensor_entries(preader)
     _check_projector(preader, ppath, ptensors)
-    return Layout(TWO_FILE, evidence=f"text blob + projector {ppath}", permute_xattn_norms=True, assumed=True,
-                  projector_path=ppath, projector_reader=preader, projector_tensors=ptensors)
+    return Layout(
+        TWO_FILE,
+        evidence=f"text blob + projector {ppath}",
+        permute_xattn_norms=True,
+        assumed=True,
+        projector_path=ppath,
+        projector_reader=preader,
+        projector_tensors=ptensors,
+    )
 
 
 def _gate_values(tensors: dict) -> list[float]:
     """The stored vision global-layer gates (1-element F32 tensors), for the raw-vs-tanh test."""
     out = []
     for name, (arr, gtype, shape) in tensors.items():
-        if (name.startswith(K.V_GLOBAL_PREFIX.split("{")[0]) and name.endswith(("attn_gate", "ffn_gate"))
-                and gtype == int(K.GGMLType.F32) and int(np.prod(shape)) == 1):
+        if (
+            name.startswith(K.V_GLOBAL_PREFIX.split("{")[0])
+            and name.endswith(("attn_gate", "ffn_gate"))
+            and gtype == int(K.GGMLType.F32)
+            and int(np.prod(shape)) == 1
+        ):
             out.append(float(np.asarray(arr).reshape(-1)[0]))
     return out
 
@@ -243,9 +283,11 @@ def _one_file(reader, path, tensors, converter: str | None) -> Layout:
         evidence = f"ollama_converter={converter!r} given"
     elif raw:
         converter = "v0.7.1-rc0" if has_eos_ids else "v0.7.0"
-        evidence = (f"vision global gate {raw[0]:+.3f} is outside (-1, 1): stored raw (converter before adff143bc); "
-                    + (f"{K.OLLAMA_EOS_TOKEN_IDS} present: 333e36042 or later" if has_eos_ids
-                       else f"no {K.OLLAMA_EOS_TOKEN_IDS}: before 333e36042"))
+        evidence = f"vision global gate {raw[0]:+.3f} is outside (-1, 1): stored raw (converter before adff143bc); " + (
+            f"{K.OLLAMA_EOS_TOKEN_IDS} present: 333e36042 or later"
+            if has_eos_ids
+            else f"no {K.OLLAMA_EOS_TOKEN_IDS}: before 333e36042"
+        )
     elif has_eos_ids:
         converter = LATEST
         evidence = f"{K.OLLAMA_EOS_TOKEN_IDS} present (converter 333e36042 or later) and every vision gate in (-1, 1)"
@@ -256,10 +298,19 @@ def _one_file(reader, path, tensors, converter: str | None) -> Layout:
             f"{path}: an Ollama llama3.2-vision blob without {K.OLLAMA_EOS_TOKEN_IDS}: loaded as written by Ollama "
             f"{LATEST} or later (cross-attention q/k permuted, vision gates tanh'd). If it was created with "
             "`ollama create` on Ollama v0.7.0, load it with ollama_converter='v0.7.0' (CLI: --ollama-converter "
-            "v0.7.0).", OllamaLayoutWarning, stacklevel=4)
+            "v0.7.0).",
+            OllamaLayoutWarning,
+            stacklevel=4,
+        )
     c = CONVERTERS[converter]
-    return Layout(ONE_FILE, evidence=evidence, converter=converter, assumed=assumed,
-                  permute_xattn_norms=c.xattn_qk_permuted, tanh_vision_gates=not c.vision_gates_tanh)
+    return Layout(
+        ONE_FILE,
+        evidence=evidence,
+        converter=converter,
+        assumed=assumed,
+        permute_xattn_norms=c.xattn_qk_permuted,
+        tanh_vision_gates=not c.vision_gates_tanh,
+    )
 
 
 def _check_projector(preader, ppath, ptensors) -> None:
@@ -268,13 +319,17 @@ def _check_projector(preader, ppath, ptensors) -> None:
     found, missing = _present(preader, ptensors, _PROJECTOR_KEYS, _PROJECTOR_TENSORS)
     if missing:
         if not _present(preader, ptensors, (), _ONE_FILE_VISION)[1]:
-            raise ModelFileError(f"{ppath}: given as the projector but its vision tensors use the one-file naming; "
-                                 "load a one-file blob alone")
+            raise ModelFileError(
+                f"{ppath}: given as the projector but its vision tensors use the one-file naming; "
+                "load a one-file blob alone"
+            )
         raise _unknown(ppath, "not an Ollama llama3.2-vision projector", found, missing, ptensors)
     biases = [n for n in ptensors if _PROJECTOR_BIAS.match(n)]
     if biases:
-        raise ModelFileError(f"{ppath}: attention biases ({biases[0]}, ...) that Llama 3.2 Vision does not have: "
-                             "not a llama3.2-vision projector mllama-q can run")
+        raise ModelFileError(
+            f"{ppath}: attention biases ({biases[0]}, ...) that Llama 3.2 Vision does not have: "
+            "not a llama3.2-vision projector mllama-q can run"
+        )
 
 
 # ---------------------------------------------------------------------------
@@ -351,13 +406,16 @@ def apply_layout(layout: Layout, reader, tensors: dict, thp: dict, vhp: dict | N
             _tanh_vision_gates(tensors, vhp["num_global_layers"])
     if K.ROPE_FREQS not in tensors:  # text_hparams assumed the 11B's llama3 scaling
         hd = thp["head_dim"]
-        thp["rope_inv_freq"] = K.rope_inv_freq(hd, float(field_value(reader, K.ROPE_FREQ_BASE)),
-                                               rope_divisors(reader, tensors, hd))
+        thp["rope_inv_freq"] = K.rope_inv_freq(
+            hd, float(field_value(reader, K.ROPE_FREQ_BASE)), rope_divisors(reader, tensors, hd)
+        )
     if layout.projector_reader is not None and vhp is not None:
         proj_dim = field_value(layout.projector_reader, K.OLLAMA_V_PROJECTION_DIM)
         if proj_dim != thp["hidden_size"]:
-            raise ModelFileError(f"{layout.projector_path}: {K.OLLAMA_V_PROJECTION_DIM} = {proj_dim} but the text "
-                                 f"model is {thp['hidden_size']} wide: the projector belongs to another model size")
+            raise ModelFileError(
+                f"{layout.projector_path}: {K.OLLAMA_V_PROJECTION_DIM} = {proj_dim} but the text "
+                f"model is {thp['hidden_size']} wide: the projector belongs to another model size"
+            )
 
 
 def frontend(layout: Layout, reader, tokenizer, stop_ids: list[int]) -> list[int]:
@@ -377,6 +435,7 @@ def frontend(layout: Layout, reader, tokenizer, stop_ids: list[int]) -> list[int
             raise ModelFileError(f"metadata '{K.OLLAMA_EOS_TOKEN_IDS}' must be a list of token ids") from None
         bad = [i for i in extra if not 0 <= i < tokenizer.n_vocab]
         if bad:
-            raise ModelFileError(f"metadata '{K.OLLAMA_EOS_TOKEN_IDS}' has ids {bad} outside the vocabulary of "
-                                 f"{tokenizer.n_vocab}")
+            raise ModelFileError(
+                f"metadata '{K.OLLAMA_EOS_TOKEN_IDS}' has ids {bad} outside the vocabulary of {tokenizer.n_vocab}"
+            )
     return sorted(set(stop_ids) | set(extra))

@@ -21,6 +21,7 @@ target is 2 s), Ollama already checked each digest when it pulled the blob (serv
 verifyBlob), and a truncated or damaged GGUF is still caught by size and by the GGUF checks.
 `verify=True` (`mllama-q list --verify`) hashes them.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -99,7 +100,7 @@ def _cut_last(s: str, sep: str) -> tuple[str, str, bool]:
     i = s.rfind(sep)
     if i < 0:
         return s, "", False
-    return (s[:i] or _MISSING), (s[i + len(sep):] or _MISSING), True
+    return (s[:i] or _MISSING), (s[i + len(sep) :] or _MISSING), True
 
 
 def parse_name(s: str, fill_defaults: bool = True) -> OllamaName:
@@ -124,8 +125,10 @@ def parse_name(s: str, fill_defaults: bool = True) -> OllamaName:
     name = OllamaName(host, namespace, model, tag)
     for kind, part in zip(("host", "namespace", "model", "tag"), name.parts):
         if not _valid_part(kind, part):
-            raise StoreError(f"{s!r} is not a valid Ollama model name (bad {kind} {part!r}: "
-                             "[host/][namespace/]model[:tag], letters, digits, '_', '-', '.')")
+            raise StoreError(
+                f"{s!r} is not a valid Ollama model name (bad {kind} {part!r}: "
+                "[host/][namespace/]model[:tag], letters, digits, '_', '-', '.')"
+            )
     return name
 
 
@@ -143,9 +146,9 @@ def store_roots() -> list[Path]:
 @dataclass
 class Layer:
     media_type: str
-    digest: str   # the 64 hex digits
+    digest: str  # the 64 hex digits
     size: int
-    path: Path    # root / blobs / sha256-<hex>
+    path: Path  # root / blobs / sha256-<hex>
 
 
 @dataclass
@@ -170,6 +173,7 @@ class Manifest:
 @dataclass
 class Resolved:
     """A model found in the store: its blobs and the defaults its manifest sets."""
+
     name: OllamaName
     manifest: Manifest
     model_path: Path
@@ -254,15 +258,19 @@ def _check_blob(layer: Layer, name: OllamaName) -> None:
         st = p.stat()  # follows symlinks
     except FileNotFoundError:
         kind = "a dangling symlink" if p.is_symlink() else "missing"
-        raise StoreError(f"blob sha256-{layer.digest[:12]}... ({layer.media_type}) of {name} is {kind} ({p}): "
-                         f"the download is incomplete; run `ollama pull {name}`") from None
+        raise StoreError(
+            f"blob sha256-{layer.digest[:12]}... ({layer.media_type}) of {name} is {kind} ({p}): "
+            f"the download is incomplete; run `ollama pull {name}`"
+        ) from None
     except OSError as e:
         raise StoreError(f"blob {p} of {name}: cannot read it ({e.strerror or e})") from None
     if not stat.S_ISREG(st.st_mode):
         raise StoreError(f"blob {p} of {name} is not a regular file")
     if st.st_size != layer.size:
-        raise StoreError(f"blob {p} of {name} is {st.st_size} bytes but the manifest says {layer.size}: "
-                         f"incomplete or damaged; run `ollama pull {name}`")
+        raise StoreError(
+            f"blob {p} of {name} is {st.st_size} bytes but the manifest says {layer.size}: "
+            f"incomplete or damaged; run `ollama pull {name}`"
+        )
 
 
 def sha256_file(path: Path, progress=None, chunk: int = 8 << 20) -> str:
@@ -287,8 +295,10 @@ def verify_blob(layer: Layer, name: OllamaName, progress=None) -> None:
     _check_blob(layer, name)
     got = sha256_file(layer.path, progress)
     if got != layer.digest:
-        raise StoreError(f"blob {layer.path} of {name} has sha256 {got}, not its name's {layer.digest}: "
-                         f"damaged; run `ollama pull {name}`")
+        raise StoreError(
+            f"blob {layer.path} of {name} has sha256 {got}, not its name's {layer.digest}: "
+            f"damaged; run `ollama pull {name}`"
+        )
 
 
 def _small_layer(layer: Layer, name: OllamaName) -> bytes:
@@ -325,11 +335,15 @@ def params_defaults(params: dict, where: str) -> dict:
     temperature, top_p, top_k, min_p, repeat_penalty -> repetition_penalty, seed, stop,
     num_ctx -> n_ctx, num_predict (> 0) -> max_new_tokens. Other options are ignored."""
     out: dict = {}
-    table = (("temperature", "temperature", 0, 100, False), ("top_p", "top_p", 0, 1, False),
-             ("top_k", "top_k", 0, 1 << 31, True), ("min_p", "min_p", 0, 1, False),
-             ("repeat_penalty", "repetition_penalty", 1e-6, 100, False),
-             ("seed", "seed", -(1 << 63), (1 << 64) - 1, True),
-             ("num_ctx", "n_ctx", 1, 1 << 24, True))
+    table = (
+        ("temperature", "temperature", 0, 100, False),
+        ("top_p", "top_p", 0, 1, False),
+        ("top_k", "top_k", 0, 1 << 31, True),
+        ("min_p", "min_p", 0, 1, False),
+        ("repeat_penalty", "repetition_penalty", 1e-6, 100, False),
+        ("seed", "seed", -(1 << 63), (1 << 64) - 1, True),
+        ("num_ctx", "n_ctx", 1, 1 << 24, True),
+    )
     for key, ours, lo, hi, integer in table:
         if key in params and params[key] is not None:
             out[ours] = _number(params[key], key, lo, hi, where, integer)
@@ -340,8 +354,11 @@ def params_defaults(params: dict, where: str) -> dict:
     stop = params.get("stop")
     if stop is not None:
         stop = [stop] if isinstance(stop, str) else stop
-        if (not isinstance(stop, list) or len(stop) > 64
-                or not all(isinstance(s, str) and 0 < len(s) <= 1024 for s in stop)):
+        if (
+            not isinstance(stop, list)
+            or len(stop) > 64
+            or not all(isinstance(s, str) and 0 < len(s) <= 1024 for s in stop)
+        ):
             raise StoreError(f"{where}: stop must be a list of non-empty strings, got {params['stop']!r}")
         out["stop"] = list(stop)
     return out
@@ -373,8 +390,10 @@ def resolve_name(name: str, roots: list[Path] | None = None, verify: bool = Fals
     hit = _find_manifest(n, roots)
     if hit is None:
         where = " or ".join(str(r) for r in roots)
-        raise ModelFileNotFoundError(f"no file {name!r}, and no Ollama model {n} in {where} "
-                                     "(`mllama-q list` shows the models found; $OLLAMA_MODELS sets the store)")
+        raise ModelFileNotFoundError(
+            f"no file {name!r}, and no Ollama model {n} in {where} "
+            "(`mllama-q list` shows the models found; $OLLAMA_MODELS sets the store)"
+        )
     root, mpath = hit
     m = _read_manifest(root, n, mpath)
     models = m.of_type(MEDIA_MODEL)
@@ -419,8 +438,10 @@ def find_model(name_or_path, roots: list[Path] | None = None, verify: bool = Fal
     p = Path(s)
     if p.exists() or p.is_symlink():
         if p.is_dir():
-            raise ModelFileError(f"{s} is a directory, not a GGUF file (an Ollama model is given by name, "
-                                 "a Hugging Face checkpoint is converted with `mllama-q convert`)")
+            raise ModelFileError(
+                f"{s} is a directory, not a GGUF file (an Ollama model is given by name, "
+                "a Hugging Face checkpoint is converted with `mllama-q convert`)"
+            )
         return _blob_manifest(p.resolve() if p.is_symlink() else p) if p.exists() else None
     if s.endswith(".gguf") or s.startswith((os.sep, ".", "~")):
         raise ModelFileNotFoundError(f"model file not found: {s}")
@@ -472,6 +493,7 @@ def _listdir(p: Path) -> list[str]:
 @dataclass
 class StoreEntry:
     """One model of the store, for `mllama-q list`."""
+
     name: OllamaName
     root: Path
     family: str | None = None

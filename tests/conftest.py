@@ -20,6 +20,7 @@ worker) instead of once per module:
 torch and transformers are imported only by the fixtures that need them, so modules that do
 not use them (the CPU op and quantizer tests) run without.
 """
+
 from __future__ import annotations
 
 import json
@@ -154,8 +155,12 @@ def child_env():
         # PYTHONSAFEPATH (Python >= 3.11): `python -c` / `-m` must not put the working directory
         # first on sys.path, or a child started in a source checkout without a built _core
         # imports that tree instead of the installed package (CI runs the tests from the clone).
-        return dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
-                    PYTHONSAFEPATH="1", **extra)
+        return dict(
+            os.environ,
+            PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
+            PYTHONSAFEPATH="1",
+            **extra,
+        )
 
     return make
 

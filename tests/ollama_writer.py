@@ -36,6 +36,7 @@ fc2, gates multiplied as stored, mllama.vision.* keys + projection_dim + general
 
 `bug=` writes a deliberately wrong file for the tests that must fail (see BUGS).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -50,9 +51,9 @@ import numpy as np
 CONVERTERS = ("v0.7.0", "v0.7.1-rc0", "v0.7.1")
 BUGS = (
     None,
-    "norms_permuted",       # cross_attn_q/k_norm permuted like the q/k rows (the loader permutes again)
-    "position_gate_tanh",   # v.position_embd.gate = tanh(g) instead of 1 - tanh(g)
-    "fc_not_swapped",       # projector: fc1 -> ffn_up, fc2 -> ffn_down (not mllama.cpp's order)
+    "norms_permuted",  # cross_attn_q/k_norm permuted like the q/k rows (the loader permutes again)
+    "position_gate_tanh",  # v.position_embd.gate = tanh(g) instead of 1 - tanh(g)
+    "fc_not_swapped",  # projector: fc1 -> ffn_up, fc2 -> ffn_down (not mllama.cpp's order)
 )
 
 # ---------------------------------------------------------------------------
@@ -60,27 +61,51 @@ BUGS = (
 # old string that comes FIRST in the argument list among those matching there wins.
 # ---------------------------------------------------------------------------
 LLAMA_REPLACEMENTS = [  # convert_llama.go Replacements
-    ("lm_head", "output"), ("model.embed_tokens", "token_embd"), ("model.norm", "output_norm"),
-    ("model.layers", "blk"), ("input_layernorm", "attn_norm"), ("self_attn.q_proj", "attn_q"),
-    ("self_attn.k_proj", "attn_k"), ("self_attn.v_proj", "attn_v"), ("self_attn.o_proj", "attn_output"),
-    ("mlp.gate_proj", "ffn_gate"), ("mlp.down_proj", "ffn_down"), ("mlp.up_proj", "ffn_up"),
+    ("lm_head", "output"),
+    ("model.embed_tokens", "token_embd"),
+    ("model.norm", "output_norm"),
+    ("model.layers", "blk"),
+    ("input_layernorm", "attn_norm"),
+    ("self_attn.q_proj", "attn_q"),
+    ("self_attn.k_proj", "attn_k"),
+    ("self_attn.v_proj", "attn_v"),
+    ("self_attn.o_proj", "attn_output"),
+    ("mlp.gate_proj", "ffn_gate"),
+    ("mlp.down_proj", "ffn_down"),
+    ("mlp.up_proj", "ffn_up"),
     ("post_attention_layernorm", "ffn_norm"),
 ]
 MLLAMA_REPLACEMENTS = LLAMA_REPLACEMENTS + [  # convert_mllama.go Replacements
-    ("language_model.", ""), ("gate_attn", "attn_gate"), ("gate_ffn", "ffn_gate"), ("cross_attn.", "cross_attn_"),
-    ("vision_model", "v"), ("class_embedding", "class_embd"), ("patch_embedding", "patch_embd"),
+    ("language_model.", ""),
+    ("gate_attn", "attn_gate"),
+    ("gate_ffn", "ffn_gate"),
+    ("cross_attn.", "cross_attn_"),
+    ("vision_model", "v"),
+    ("class_embedding", "class_embd"),
+    ("patch_embedding", "patch_embd"),
     ("gated_positional_embedding.tile_embedding", "tile_position_embd"),
     ("gated_positional_embedding.embedding", "position_embd.weight"),
-    ("gated_positional_embedding", "position_embd"), ("embedding.weight", "weight"),
+    ("gated_positional_embedding", "position_embd"),
+    ("embedding.weight", "weight"),
     ("pre_tile_positional_embedding", "pre_tile_position_embd"),
-    ("post_tile_positional_embedding", "post_tile_position_embd"), ("layernorm_pre", "pre_ln"),
-    ("layernorm_post", "post_ln"), ("global_transformer.layers", "global.blk"), ("transformer.layers", "blk"),
-    ("mlp.fc1", "ffn_up"), ("mlp.fc2", "ffn_down"), ("multi_modal_projector", "mm.0"),
+    ("post_tile_positional_embedding", "post_tile_position_embd"),
+    ("layernorm_pre", "pre_ln"),
+    ("layernorm_post", "post_ln"),
+    ("global_transformer.layers", "global.blk"),
+    ("transformer.layers", "blk"),
+    ("mlp.fc1", "ffn_up"),
+    ("mlp.fc2", "ffn_down"),
+    ("multi_modal_projector", "mm.0"),
 ]
 # The projector's per-layer names, from llama/mllama.cpp mllama_layers_load (23125648b^): a
 # separate table applied to the one-file names of the v.* layer tensors.
-PROJECTOR_LAYER_RENAMES = {"attn_norm": "ln1", "ffn_norm": "ln2", "attn_output": "attn_out",
-                           "ffn_up": "ffn_down", "ffn_down": "ffn_up"}
+PROJECTOR_LAYER_RENAMES = {
+    "attn_norm": "ln1",
+    "ffn_norm": "ln2",
+    "attn_output": "attn_out",
+    "ffn_up": "ffn_down",
+    "ffn_down": "ffn_up",
+}
 
 
 def go_replace(s: str, pairs) -> str:
@@ -119,11 +144,20 @@ def read_checkpoint(ckpt) -> dict:
 # ---------------------------------------------------------------------------
 # Tokenizer (convert/tokenizer.go)
 # ---------------------------------------------------------------------------
-PRE_DIGESTS = {"d98f9631be1e9607a9848c26c1f9eac1aa9fc21ac6ba82a2fc0741af9780a48f": "llama-bpe",
-               "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855": None}
+PRE_DIGESTS = {
+    "d98f9631be1e9607a9848c26c1f9eac1aa9fc21ac6ba82a2fc0741af9780a48f": "llama-bpe",
+    "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855": None,
+}
 SPECIAL_TYPES = ("bos", "eos", "unk", "sep", "pad", "cls", "mask")  # ModelParameters.specialTokenTypes
-SPECIAL_KEY = {"bos": "bos", "eos": "eos", "cls": "cls", "mask": "mask", "unk": "unknown", "sep": "seperator",
-               "pad": "padding"}  # SpecialVocabulary.Key (the upstream typo included)
+SPECIAL_KEY = {
+    "bos": "bos",
+    "eos": "eos",
+    "cls": "cls",
+    "mask": "mask",
+    "unk": "unknown",
+    "sep": "seperator",
+    "pad": "padding",
+}  # SpecialVocabulary.Key (the upstream typo included)
 TOKEN_NORMAL, TOKEN_CONTROL, TOKEN_USER_DEFINED = 1, 3, 4
 
 
@@ -145,9 +179,13 @@ def ollama_tokenizer(ckpt: Path, eos_ids: bool) -> dict:
         if pt.get("type") == "Split" and (pt.get("pattern") or {}).get("Regex"):
             h.update(pt["pattern"]["Regex"].encode())
     pre = PRE_DIGESTS.get(h.hexdigest(), "default") or "default"
-    kv = {"tokenizer.ggml.pre": (pre, "string"), "tokenizer.ggml.model": ("gpt2", "string"),
-          "tokenizer.ggml.tokens": (toks, "array[string]"), "tokenizer.ggml.scores": (scores, "array[float32]"),
-          "tokenizer.ggml.token_type": (types, "array[int32]")}
+    kv = {
+        "tokenizer.ggml.pre": (pre, "string"),
+        "tokenizer.ggml.model": ("gpt2", "string"),
+        "tokenizer.ggml.tokens": (toks, "array[string]"),
+        "tokenizer.ggml.scores": (scores, "array[float32]"),
+        "tokenizer.ggml.token_type": (types, "array[int32]"),
+    }
     if merges:
         kv["tokenizer.ggml.merges"] = (merges, "array[string]")
     tc = json.loads((ckpt / "tokenizer_config.json").read_text()) if (ckpt / "tokenizer_config.json").is_file() else {}
@@ -214,8 +252,11 @@ def llama3_rope_factors(tc: dict) -> list[float] | None:
 def ollama_kv(ck: dict, converter: str, with_vision_keys: bool = True) -> dict:
     cfg = ck["config"]
     tc, vc = cfg["text_config"], cfg["vision_config"]
-    kv = {"general.architecture": ("mllama", "string"), "general.file_type": (1, "uint32"),
-          "general.quantization_version": (2, "uint32")}
+    kv = {
+        "general.architecture": ("mllama", "string"),
+        "general.file_type": (1, "uint32"),
+        "general.quantization_version": (2, "uint32"),
+    }
     kv.update(ollama_tokenizer(ck["dir"], eos_ids=converter != "v0.7.0"))
     P = "mllama."
     kv[P + "vocab_size"] = (int(tc["vocab_size"]), "uint32")
@@ -248,15 +289,18 @@ def ollama_kv(ck: dict, converter: str, with_vision_keys: bool = True) -> dict:
 
 def vision_kv(vc: dict, num_channels: bool = True) -> dict:
     V = "mllama.vision."
-    kv = {V + "block_count": (int(vc["num_hidden_layers"]), "uint32"),
-          V + "global.block_count": (int(vc["num_global_layers"]), "uint32"),
-          V + "intermediate_layers_indices": ([int(i) for i in vc["intermediate_layers_indices"]], "array[int32]"),
-          V + "embedding_length": (int(vc["hidden_size"]), "uint32"),
-          V + "feed_forward_length": (int(vc["intermediate_size"]), "uint32"),
-          V + "attention.head_count": (int(vc["attention_heads"]), "uint32"),
-          V + "attention.layer_norm_epsilon": (_f32(vc["norm_eps"]), "float32"),
-          V + "image_size": (int(vc["image_size"]), "uint32"), V + "patch_size": (int(vc["patch_size"]), "uint32"),
-          V + "max_num_tiles": (int(vc["max_num_tiles"]), "uint32")}
+    kv = {
+        V + "block_count": (int(vc["num_hidden_layers"]), "uint32"),
+        V + "global.block_count": (int(vc["num_global_layers"]), "uint32"),
+        V + "intermediate_layers_indices": ([int(i) for i in vc["intermediate_layers_indices"]], "array[int32]"),
+        V + "embedding_length": (int(vc["hidden_size"]), "uint32"),
+        V + "feed_forward_length": (int(vc["intermediate_size"]), "uint32"),
+        V + "attention.head_count": (int(vc["attention_heads"]), "uint32"),
+        V + "attention.layer_norm_epsilon": (_f32(vc["norm_eps"]), "float32"),
+        V + "image_size": (int(vc["image_size"]), "uint32"),
+        V + "patch_size": (int(vc["patch_size"]), "uint32"),
+        V + "max_num_tiles": (int(vc["max_num_tiles"]), "uint32"),
+    }
     if num_channels:
         kv[V + "num_channels"] = (int(vc["num_channels"]), "uint32")
     return kv
@@ -270,12 +314,16 @@ def repack_heads(w: np.ndarray, heads: int) -> np.ndarray:
     cols], transpose axes (0, 2, 1, 3), reshape back."""
     rows = w.shape[0]
     axes = (0, 2, 1) + tuple(range(3, w.ndim + 2))
-    return np.ascontiguousarray(w.reshape(heads, 2, rows // heads // 2, *w.shape[1:]).transpose(axes)
-                                .reshape(w.shape))
+    return np.ascontiguousarray(w.reshape(heads, 2, rows // heads // 2, *w.shape[1:]).transpose(axes).reshape(w.shape))
 
 
-ALWAYS_F32 = ("token_types.weight", "v.positional_embedding_vlm", "v.tile_position_embd.weight",
-              "v.pre_tile_position_embd.weight", "v.post_tile_position_embd.weight")
+ALWAYS_F32 = (
+    "token_types.weight",
+    "v.positional_embedding_vlm",
+    "v.tile_position_embd.weight",
+    "v.pre_tile_position_embd.weight",
+    "v.post_tile_position_embd.weight",
+)
 
 
 def kind(name: str, shape, position_embd_f32: bool) -> str:
@@ -291,8 +339,11 @@ def ollama_tensors(ck: dict, converter: str, bug: str | None = None) -> list[tup
     the text model's (rope_freqs first). Kinds are assigned at write time."""
     cfg = ck["config"]
     tc, vc = cfg["text_config"], cfg["vision_config"]
-    H, Hkv, Hv = int(tc["num_attention_heads"]), int(tc.get("num_key_value_heads") or tc["num_attention_heads"]), \
-        int(vc["attention_heads"])
+    H, Hkv, Hv = (
+        int(tc["num_attention_heads"]),
+        int(tc.get("num_key_value_heads") or tc["num_attention_heads"]),
+        int(vc["attention_heads"]),
+    )
     renamed = [(go_replace(k, MLLAMA_REPLACEMENTS), np.asarray(v, dtype=np.float32)) for k, v in ck["tensors"].items()]
     vision, text, out = [], [], []
     for name, t in renamed:
@@ -396,8 +447,11 @@ def write_gguf(path, kv: dict, tensors: list[tuple[str, np.ndarray, str]]) -> Pa
             w.add_key_value(key, list(val), GT.ARRAY, sub_type=sub)
         else:
             w.add_key_value(key, val, types[t])
-    qt = {"q4_k": gguf.GGMLQuantizationType.Q4_K, "q6_k": gguf.GGMLQuantizationType.Q6_K,
-          "q8_0": gguf.GGMLQuantizationType.Q8_0}
+    qt = {
+        "q4_k": gguf.GGMLQuantizationType.Q4_K,
+        "q6_k": gguf.GGMLQuantizationType.Q6_K,
+        "q8_0": gguf.GGMLQuantizationType.Q8_0,
+    }
     for name, arr, k in sorted(tensors, key=lambda x: (_block(x[0]), x[0])):
         if k == "f32":
             w.add_tensor(name, np.ascontiguousarray(arr, dtype=np.float32))
@@ -415,8 +469,14 @@ def write_gguf(path, kv: dict, tensors: list[tuple[str, np.ndarray, str]]) -> Pa
     return path
 
 
-def write_one_file(ckpt, out, converter: str = "v0.7.1", position_embd_f32: bool = False,
-                   quantize: str | None = None, bug: str | None = None) -> Path:
+def write_one_file(
+    ckpt,
+    out,
+    converter: str = "v0.7.1",
+    position_embd_f32: bool = False,
+    quantize: str | None = None,
+    bug: str | None = None,
+) -> Path:
     """One Ollama llama3.2-vision blob from a Hugging Face checkpoint directory (F32 or F16 safetensors)."""
     assert converter in CONVERTERS and bug in BUGS
     ck = read_checkpoint(ckpt)
@@ -429,8 +489,9 @@ def write_one_file(ckpt, out, converter: str = "v0.7.1", position_embd_f32: bool
     return write_gguf(out, kv, [(n, t, kinds[n]) for n, t in ts])
 
 
-def write_two_files(ckpt, text_out, projector_out, quantize: str | None = None,
-                    bug: str | None = None) -> tuple[Path, Path]:
+def write_two_files(
+    ckpt, text_out, projector_out, quantize: str | None = None, bug: str | None = None
+) -> tuple[Path, Path]:
     """The Ollama v0.4 - v0.6 pair: text blob + projector blob (see the module doc)."""
     assert bug in BUGS
     ck = read_checkpoint(ckpt)
@@ -441,8 +502,7 @@ def write_two_files(ckpt, text_out, projector_out, quantize: str | None = None,
     kv = ollama_kv(ck, "v0.7.1", with_vision_keys=False)
     kinds = {n: kind(n, t.shape, False) for n, t in text}
     if quantize:
-        kinds.update(quant_types([(n, t.shape) for n, t in sorted(text, key=lambda x: (_block(x[0]), x[0]))],
-                                 quantize))
+        kinds.update(quant_types([(n, t.shape) for n, t in sorted(text, key=lambda x: (_block(x[0]), x[0]))], quantize))
         kv["general.file_type"] = (15, "uint32")
     write_gguf(text_out, kv, [(n, t, kinds[n]) for n, t in text])
 
@@ -455,9 +515,12 @@ def write_two_files(ckpt, text_out, projector_out, quantize: str | None = None,
         if m:
             n = f"{m.group(1)}{renames[m.group(2)]}.{m.group(3)}"
         proj.append((n, t, "f32" if len(t.shape) == 1 or n in ALWAYS_F32 else "f16"))
-    pkv = {"general.architecture": ("mllama", "string"), "general.file_type": (1, "uint32"),
-           "general.description": ("vision encoder for Mllama", "string"),
-           "mllama.vision.projection_dim": (int(cfg["text_config"]["hidden_size"]), "uint32")}
+    pkv = {
+        "general.architecture": ("mllama", "string"),
+        "general.file_type": (1, "uint32"),
+        "general.description": ("vision encoder for Mllama", "string"),
+        "mllama.vision.projection_dim": (int(cfg["text_config"]["hidden_size"]), "uint32"),
+    }
     pkv.update(vision_kv(cfg["vision_config"], num_channels=False))
     write_gguf(projector_out, pkv, proj)
     return Path(text_out), Path(projector_out)
@@ -466,9 +529,14 @@ def write_two_files(ckpt, text_out, projector_out, quantize: str | None = None,
 # ---------------------------------------------------------------------------
 # A fake Ollama store (manifest/manifest.go WriteManifest, manifest/layer.go NewLayer)
 # ---------------------------------------------------------------------------
-MEDIA = {"model": "application/vnd.ollama.image.model", "projector": "application/vnd.ollama.image.projector",
-         "template": "application/vnd.ollama.image.template", "params": "application/vnd.ollama.image.params",
-         "system": "application/vnd.ollama.image.system", "license": "application/vnd.ollama.image.license"}
+MEDIA = {
+    "model": "application/vnd.ollama.image.model",
+    "projector": "application/vnd.ollama.image.projector",
+    "template": "application/vnd.ollama.image.template",
+    "params": "application/vnd.ollama.image.params",
+    "system": "application/vnd.ollama.image.system",
+    "license": "application/vnd.ollama.image.license",
+}
 
 
 def add_blob(root, data_or_path) -> tuple[str, int]:
@@ -494,29 +562,61 @@ def add_blob(root, data_or_path) -> tuple[str, int]:
     return digest, src.stat().st_size
 
 
-def make_store(root, model_name: str, tag: str = "latest", *, model, projector=None, params: dict | None = None,
-               template: str | None = None, system: str | None = None, license: str | None = None,
-               family: str = "mllama", file_type: str = "F16", host: str = "registry.ollama.ai",
-               namespace: str = "library") -> Path:
+def make_store(
+    root,
+    model_name: str,
+    tag: str = "latest",
+    *,
+    model,
+    projector=None,
+    params: dict | None = None,
+    template: str | None = None,
+    system: str | None = None,
+    license: str | None = None,
+    family: str = "mllama",
+    file_type: str = "F16",
+    host: str = "registry.ollama.ai",
+    namespace: str = "library",
+) -> Path:
     """Write blobs + manifests/<host>/<namespace>/<model>/<tag> the way `ollama pull` leaves them."""
     root = Path(root)
     layers = []
-    for kind_, content in (("model", model), ("projector", projector), ("template", template),
-                           ("system", system), ("params", None if params is None else json.dumps(params)),
-                           ("license", license)):
+    for kind_, content in (
+        ("model", model),
+        ("projector", projector),
+        ("template", template),
+        ("system", system),
+        ("params", None if params is None else json.dumps(params)),
+        ("license", license),
+    ):
         if content is None:
             continue
         data = content.encode() if isinstance(content, str) and kind_ != "model" and kind_ != "projector" else content
         digest, size = add_blob(root, data)
         layers.append({"mediaType": MEDIA[kind_], "digest": f"sha256:{digest}", "size": size})
-    config = json.dumps({"model_format": "gguf", "model_family": family, "model_families": [family],
-                         "model_type": "tiny", "file_type": file_type, "architecture": "amd64", "os": "linux",
-                         "rootfs": {"type": "layers", "diff_ids": [la["digest"] for la in layers]}}).encode()
+    config = json.dumps(
+        {
+            "model_format": "gguf",
+            "model_family": family,
+            "model_families": [family],
+            "model_type": "tiny",
+            "file_type": file_type,
+            "architecture": "amd64",
+            "os": "linux",
+            "rootfs": {"type": "layers", "diff_ids": [la["digest"] for la in layers]},
+        }
+    ).encode()
     cdigest, csize = add_blob(root, config)
-    manifest = {"schemaVersion": 2, "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
-                "config": {"mediaType": "application/vnd.docker.container.image.v1+json",
-                           "digest": f"sha256:{cdigest}", "size": csize},
-                "layers": layers}
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+        "config": {
+            "mediaType": "application/vnd.docker.container.image.v1+json",
+            "digest": f"sha256:{cdigest}",
+            "size": csize,
+        },
+        "layers": layers,
+    }
     mpath = root / "manifests" / host / namespace / model_name / tag
     mpath.parent.mkdir(parents=True, exist_ok=True)
     mpath.write_text(json.dumps(manifest))

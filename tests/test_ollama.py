@@ -7,6 +7,7 @@ the file was made from, with the F16 tolerance of test_model.test_f16_logits_mat
 and every transform the loader undoes has a deliberately wrong variant that must fail that same
 check, so the check is not vacuous.
 """
+
 from __future__ import annotations
 
 import json
@@ -130,8 +131,9 @@ def test_writer_reproduces_ollama_names_and_types(big, tmp_path):
 # ---------------------------------------------------------------------------
 # Parity
 # ---------------------------------------------------------------------------
-@pytest.mark.parametrize("converter,position_f32", [("v0.7.1", False), ("v0.7.1", True), ("v0.7.1-rc0", False),
-                                                    ("v0.7.0", False)])
+@pytest.mark.parametrize(
+    "converter,position_f32", [("v0.7.1", False), ("v0.7.1", True), ("v0.7.1-rc0", False), ("v0.7.0", False)]
+)
 def test_one_file_matches_transformers(big, tmp_path, converter, position_f32):
     p = write_one_file(big["ckpt"], tmp_path / "m.gguf", converter=converter, position_embd_f32=position_f32)
     m = load(p)
@@ -158,8 +160,7 @@ def test_two_file_pair_matches_transformers(big, tmp_path):
 WRONG = {
     "norms permuted twice": dict(write=dict(bug="norms_permuted")),
     "cross q/k taken as not permuted": dict(write=dict(converter="v0.7.1"), load=dict(ollama_converter="v0.7.0")),
-    "cross-attention norms not permuted": dict(write=dict(converter="v0.7.0"),
-                                               load=dict(ollama_converter="v0.7.1")),
+    "cross-attention norms not permuted": dict(write=dict(converter="v0.7.0"), load=dict(ollama_converter="v0.7.1")),
     "vision gates not tanh'd": dict(write=dict(converter="v0.7.1-rc0"), load=dict(ollama_converter="v0.7.1")),
     "vision gates tanh'd twice": dict(write=dict(converter="v0.7.1"), load=dict(ollama_converter="v0.7.1-rc0")),
     "position gate = tanh(g)": dict(write=dict(bug="position_gate_tanh")),
@@ -280,8 +281,9 @@ def test_rope_without_rope_freqs(tmp_path, rope):
     """No rope_freqs.weight in an Ollama file means plain RoPE, or linear scaling from the
     mllama.rope.scaling.* keys (convert_llama.go), never the 11B's llama3 scaling."""
     rp = {"rope_type": rope, "rope_theta": 10000.0} | ({"factor": 4.0} if rope == "linear" else {})
-    ck = make_tiny_checkpoint(tmp_path / "hf", seed=6, dtype="float32", rope_spelling="rope_theta",
-                              text_config={"rope_parameters": rp})
+    ck = make_tiny_checkpoint(
+        tmp_path / "hf", seed=6, dtype="float32", rope_spelling="rope_theta", text_config={"rope_parameters": rp}
+    )
     cj = json.loads((ck / "config.json").read_text())
     if rope == "linear":  # Ollama's converter reads rope_scaling.type, HF's legacy spelling
         cj["text_config"]["rope_scaling"]["type"] = "linear"
@@ -316,7 +318,7 @@ def test_q4_k_m_blob_has_our_q4_k_m_mix_and_runs(big, tmp_path, tiny_checkpoint,
     assert {n: theirs[n] for n in other} == {n: ours[n] for n in other}
     attn_v = [n for n in text if "attn_v.weight" in n]  # blk.0, 2, 4; n_attn_v = 3 text + 6 vision = 9
     assert [theirs[n] for n in attn_v] == ["Q6_K", "Q4_K", "Q4_K"]  # use_more_bits(i, 9): i < 9 // 8
-    assert [ours[n] for n in attn_v] == ["Q4_K", "Q4_K", "Q6_K"]    # use_more_bits(i, 3): i >= 7 * 3 // 8
+    assert [ours[n] for n in attn_v] == ["Q4_K", "Q4_K", "Q6_K"]  # use_more_bits(i, 3): i >= 7 * 3 // 8
     ref_q = hf_with_file_weights(load_hf_model(big["ckpt"]), p)
     m = load(p, kv_type="f32")
     for name in ("text_only", "two_images_4_and_2_tiles"):
@@ -354,8 +356,13 @@ def _rewrite(src, dst, rename=None, drop=(), add_kv=None, drop_kv=()):
 def test_unknown_layouts_name_what_was_recognised(big, tmp_path):
     p = write_one_file(big["ckpt"], tmp_path / "m.gguf")
     # Hugging Face tensor names in a GGUF (a community conversion).
-    hfnames = _rewrite(p, tmp_path / "hf.gguf", rename=lambda n: n.replace("blk.", "language_model.model.layers.")
-                       .replace("token_embd", "language_model.model.embed_tokens"))
+    hfnames = _rewrite(
+        p,
+        tmp_path / "hf.gguf",
+        rename=lambda n: n.replace("blk.", "language_model.model.layers.").replace(
+            "token_embd", "language_model.model.embed_tokens"
+        ),
+    )
     with pytest.raises(ModelFileError) as e:
         load(hfnames)
     msg = str(e.value)
@@ -377,17 +384,26 @@ def test_two_file_misuse(big, tmp_path):
     with pytest.raises(ModelFileError, match="already holds the vision tower"):
         load(one, projector=proj)
     with pytest.raises(ModelFileError, match="one-file naming"):
-        load(text, projector=_rewrite(one, tmp_path / "vonly.gguf",
-                                      drop=[n.name for n in gguf.GGUFReader(str(one)).tensors
-                                            if not n.name.startswith(("v.", "mm."))]))
+        load(
+            text,
+            projector=_rewrite(
+                one,
+                tmp_path / "vonly.gguf",
+                drop=[n.name for n in gguf.GGUFReader(str(one)).tensors if not n.name.startswith(("v.", "mm."))],
+            ),
+        )
     with pytest.raises(ValueError, match="one-file"):
         load(text, projector=proj, ollama_converter="v0.7.0")
 
 
 def test_bad_projector_values(big, tmp_path):
     text, proj = write_two_files(big["ckpt"], tmp_path / "t.gguf", tmp_path / "p.gguf")
-    wide = _rewrite(proj, tmp_path / "wide.gguf", drop_kv=[K.OLLAMA_V_PROJECTION_DIM],
-                    add_kv={K.OLLAMA_V_PROJECTION_DIM: (4096, gguf.GGUFValueType.UINT32)})
+    wide = _rewrite(
+        proj,
+        tmp_path / "wide.gguf",
+        drop_kv=[K.OLLAMA_V_PROJECTION_DIM],
+        add_kv={K.OLLAMA_V_PROJECTION_DIM: (4096, gguf.GGUFValueType.UINT32)},
+    )
     with pytest.raises(ModelFileError, match="projection_dim = 4096"):
         load(text, projector=wide)
     src = gguf.GGUFReader(str(proj))
@@ -411,8 +427,12 @@ def test_bad_projector_values(big, tmp_path):
 
 def test_bad_eos_token_ids(big, tmp_path):
     p = write_one_file(big["ckpt"], tmp_path / "m.gguf")
-    bad = _rewrite(p, tmp_path / "bad.gguf", drop_kv=[K.OLLAMA_EOS_TOKEN_IDS],
-                   add_kv={K.OLLAMA_EOS_TOKEN_IDS: ([1, 10 ** 6], gguf.GGUFValueType.ARRAY)})
+    bad = _rewrite(
+        p,
+        tmp_path / "bad.gguf",
+        drop_kv=[K.OLLAMA_EOS_TOKEN_IDS],
+        add_kv={K.OLLAMA_EOS_TOKEN_IDS: ([1, 10**6], gguf.GGUFValueType.ARRAY)},
+    )
     with pytest.raises(ModelFileError, match="outside the vocabulary"):
         load(bad)
 
@@ -420,9 +440,15 @@ def test_bad_eos_token_ids(big, tmp_path):
 def test_bad_rope_scaling_keys(big, tmp_path):
     p = write_one_file(big["ckpt"], tmp_path / "m.gguf")
     for kind_, factor, match in (("yarn", 2.0, "unsupported"), ("linear", -1.0, "positive")):
-        bad = _rewrite(p, tmp_path / f"r{kind_}.gguf", drop=["rope_freqs.weight"],
-                       add_kv={K.OLLAMA_ROPE_SCALING_TYPE: (kind_, gguf.GGUFValueType.STRING),
-                               K.OLLAMA_ROPE_SCALING_FACTOR: (factor, gguf.GGUFValueType.FLOAT32)})
+        bad = _rewrite(
+            p,
+            tmp_path / f"r{kind_}.gguf",
+            drop=["rope_freqs.weight"],
+            add_kv={
+                K.OLLAMA_ROPE_SCALING_TYPE: (kind_, gguf.GGUFValueType.STRING),
+                K.OLLAMA_ROPE_SCALING_FACTOR: (factor, gguf.GGUFValueType.FLOAT32),
+            },
+        )
         with pytest.raises(ModelFileError, match=match):
             load(bad)
 
@@ -490,8 +516,12 @@ def test_convert_from_ollama_two_file_pair_without_rope_freqs(tmp_path, monkeypa
 
     from mllama_q.cli import main
 
-    ck = tiny_checkpoint(seed=2, dtype="float32", rope_spelling="rope_theta",
-                         text_config={"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}})
+    ck = tiny_checkpoint(
+        seed=2,
+        dtype="float32",
+        rope_spelling="rope_theta",
+        text_config={"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}},
+    )
     ref = _reference(ck, hf_model(ck))
     text, proj = write_two_files(ck, tmp_path / "t.gguf", tmp_path / "p.gguf")
     monkeypatch.setenv("OLLAMA_MODELS", str(tmp_path / "store"))

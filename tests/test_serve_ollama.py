@@ -9,6 +9,7 @@ API on the blob itself, given the system message and sampling explicitly (what t
 layers must turn into). The store is the one tests/ollama_writer.make_store writes, the way
 `ollama pull` leaves it.
 """
+
 from __future__ import annotations
 
 import base64
@@ -56,8 +57,11 @@ def ref(blobs):
 @pytest.fixture(scope="module")
 def greedy(ref):
     """What the model says, greedily, to SYSTEM + USER; and a stop string cut from it."""
-    text = ref.generate(messages=[{"role": "system", "content": SYSTEM}, {"role": "user", "content": USER}],
-                        max_new_tokens=24, temperature=0).text
+    text = ref.generate(
+        messages=[{"role": "system", "content": SYSTEM}, {"role": "user", "content": USER}],
+        max_new_tokens=24,
+        temperature=0,
+    ).text
     assert len(text) >= 8, text
     return text, text[4:8]
 
@@ -66,10 +70,16 @@ def greedy(ref):
 def store_root(tmp_path_factory, blobs, greedy):
     root = tmp_path_factory.mktemp("ollama_models")
     _, stop = greedy
-    make_store(root, "llama3.2-vision", "latest", model=blobs["one"], system=SYSTEM,
-               params={"temperature": 0, "stop": ["<|eot_id|>", stop]}, file_type="Q4_K_M")
-    make_store(root, "llama3.2-vision", "11b", model=blobs["text"], projector=blobs["proj"],
-               params={"temperature": 0})
+    make_store(
+        root,
+        "llama3.2-vision",
+        "latest",
+        model=blobs["one"],
+        system=SYSTEM,
+        params={"temperature": 0, "stop": ["<|eot_id|>", stop]},
+        file_type="Q4_K_M",
+    )
+    make_store(root, "llama3.2-vision", "11b", model=blobs["text"], projector=blobs["proj"], params={"temperature": 0})
     return root
 
 
@@ -103,7 +113,12 @@ def test_listing_is_ollamas(oll, server, store_root):
     assert abs(m.modified_at.timestamp() - path.stat().st_mtime) < 1e-3
     d = m.details
     assert (d.format, d.family, d.families, d.parameter_size, d.quantization_level) == (
-        "gguf", "mllama", ["mllama"], "tiny", "Q4_K_M")  # the config blob's, as Ollama lists them
+        "gguf",
+        "mllama",
+        ["mllama"],
+        "tiny",
+        "Q4_K_M",
+    )  # the config blob's, as Ollama lists them
 
     show = oll.show("llama3.2-vision")
     raw = httpx.post(server.url + "/api/show", json={"model": "llama3.2-vision"}, timeout=30).json()
@@ -123,8 +138,7 @@ def test_chat_gets_the_manifests_system_message_and_params(oll, server, ref, gre
     text, stop = greedy
     expected = text[: text.find(stop)]
     # No system message and no options: the manifest's system message, temperature 0 and stop string.
-    r = oll.chat(model="llama3.2-vision", messages=[{"role": "user", "content": USER}],
-                 options={"num_predict": 24})
+    r = oll.chat(model="llama3.2-vision", messages=[{"role": "user", "content": USER}], options={"num_predict": 24})
     assert r.message.content == expected and r.done_reason == "stop"
     # A conversation that opens with its own system message keeps it alone (Ollama's ChatHandler).
     own = [{"role": "system", "content": "Be verbose."}, {"role": "user", "content": USER}]
@@ -147,8 +161,9 @@ def test_openai_client_by_ollama_names(server, greedy):
         r = client.chat.completions.create(model=name, max_tokens=24, messages=[{"role": "user", "content": USER}])
         assert r.choices[0].message.content == text[: text.find(stop)]
     with pytest.raises(openai.NotFoundError):
-        client.chat.completions.create(model="llama3.2-vision:11b", max_tokens=2,
-                                       messages=[{"role": "user", "content": USER}])
+        client.chat.completions.create(
+            model="llama3.2-vision:11b", max_tokens=2, messages=[{"role": "user", "content": USER}]
+        )
 
 
 def test_two_file_pair_by_name_with_an_image(store_root, blobs, child_env):
@@ -162,20 +177,26 @@ def test_two_file_pair_by_name_with_an_image(store_root, blobs, child_env):
     ref = mllama_q.Model(blobs["text"], projector=blobs["proj"], n_ctx=N_CTX)
     assert ref.has_vision
     msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}]
-    want = ref.generate(messages=msgs, images=[Image.open(io.BytesIO(buf.getvalue()))], max_new_tokens=8,
-                        temperature=0).text
+    want = ref.generate(
+        messages=msgs, images=[Image.open(io.BytesIO(buf.getvalue()))], max_new_tokens=8, temperature=0
+    ).text
     with _serve("llama3.2-vision:11b", child_env(OLLAMA_MODELS=str(store_root))) as s:
         c = ollama.Client(host=s.url, timeout=60)
         assert c.show("llama3.2-vision:11b").capabilities == ["completion", "vision"]
-        r = c.chat(model="llama3.2-vision:11b", options={"num_predict": 8},
-                   messages=[{"role": "user", "content": "What is it?",
-                              "images": [base64.b64encode(buf.getvalue()).decode()]}])
+        r = c.chat(
+            model="llama3.2-vision:11b",
+            options={"num_predict": 8},
+            messages=[
+                {"role": "user", "content": "What is it?", "images": [base64.b64encode(buf.getvalue()).decode()]}
+            ],
+        )
         assert r.message.content == want
 
 
 def _serve_fails(args, env) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mllama_q", "serve", *args], capture_output=True, text=True,
-                          timeout=60, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "mllama_q", "serve", *args], capture_output=True, text=True, timeout=60, env=env
+    )
 
 
 def test_bad_names_and_broken_store_entries_fail_before_listening(store_root, tmp_path, child_env, blobs):
@@ -204,4 +225,5 @@ def test_text_blob_without_its_projector_is_served_text_only_with_a_warning(blob
     with _serve(blobs["text"], child_env()) as s:
         assert any("projector" in ln and "text-only" in ln for ln in s.lines), "".join(s.lines)
         assert httpx.post(s.url + "/api/show", json={"model": "text"}, timeout=30).json()["capabilities"] == [
-            "completion"]
+            "completion"
+        ]

@@ -1165,8 +1165,11 @@ def test_disconnect_of_a_non_streaming_request(server):
     # could fire before a loaded server had even started the run).
     body = json.dumps(long).encode()
     with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
-        sock.sendall(f"POST {CHAT} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        sock.sendall(
+            f"POST {CHAT} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
         t_end = time.monotonic() + 30
         while not any(s["busy"] for s in _slots(server)["slots"]) and time.monotonic() < t_end:
             time.sleep(0.005)

@@ -4,6 +4,7 @@ The store is laid out as `ollama pull` leaves it (tests/ollama_writer.make_store
 manifest/manifest.go and manifest/layer.go); the name rules are checked against the cases of
 Ollama's own types/model/name_test.go (at 9db4bdbad^).
 """
+
 from __future__ import annotations
 
 import json
@@ -31,32 +32,60 @@ PART350 = "3" * 350
 # ---------------------------------------------------------------------------
 # Names: types/model/name_test.go
 # ---------------------------------------------------------------------------
-@pytest.mark.parametrize("name,parts", [
-    ("registry.ollama.ai/library/dolphin-mistral:7b-v2.6-dpo-laser-q6_K",
-     ("registry.ollama.ai", "library", "dolphin-mistral", "7b-v2.6-dpo-laser-q6_K")),
-    ("scheme://host:port/namespace/model:tag", ("host:port", "namespace", "model", "tag")),
-    ("host/namespace/model:tag", ("host", "namespace", "model", "tag")),
-    ("host:port/namespace/model:tag", ("host:port", "namespace", "model", "tag")),
-    ("host/namespace/model", ("host", "namespace", "model", "latest")),
-    ("host:port/namespace/model", ("host:port", "namespace", "model", "latest")),
-    ("namespace/model", ("registry.ollama.ai", "namespace", "model", "latest")),
-    ("model", ("registry.ollama.ai", "library", "model", "latest")),
-    ("h/nn/mm:t", ("h", "nn", "mm", "t")),
-    (f"{PART80}/{PART80}/{PART80}:{PART80}", (PART80, PART80, PART80, PART80)),
-    (f"{PART350}/{PART80}/{PART80}:{PART80}", (PART350, PART80, PART80, PART80)),
-])
+@pytest.mark.parametrize(
+    "name,parts",
+    [
+        (
+            "registry.ollama.ai/library/dolphin-mistral:7b-v2.6-dpo-laser-q6_K",
+            ("registry.ollama.ai", "library", "dolphin-mistral", "7b-v2.6-dpo-laser-q6_K"),
+        ),
+        ("scheme://host:port/namespace/model:tag", ("host:port", "namespace", "model", "tag")),
+        ("host/namespace/model:tag", ("host", "namespace", "model", "tag")),
+        ("host:port/namespace/model:tag", ("host:port", "namespace", "model", "tag")),
+        ("host/namespace/model", ("host", "namespace", "model", "latest")),
+        ("host:port/namespace/model", ("host:port", "namespace", "model", "latest")),
+        ("namespace/model", ("registry.ollama.ai", "namespace", "model", "latest")),
+        ("model", ("registry.ollama.ai", "library", "model", "latest")),
+        ("h/nn/mm:t", ("h", "nn", "mm", "t")),
+        (f"{PART80}/{PART80}/{PART80}:{PART80}", (PART80, PART80, PART80, PART80)),
+        (f"{PART350}/{PART80}/{PART80}:{PART80}", (PART350, PART80, PART80, PART80)),
+    ],
+)
 def test_parse_name_parts_like_ollama(name, parts):  # TestParseNameParts (wantFilepath)
     assert parse_name(name).parts == parts
 
 
 NAME_VALID = {  # testCases (ParseNameBare + IsFullyQualified)
-    "": False, "_why/_the/_lucky:_stiff": True, "h/n/m:t": True, "host/namespace/model:tag": True,
-    "host/namespace/model": False, "namespace/model": False, "model": False,
-    f"{PART80}/{PART80}/{PART80}:{PART80}": True, f"{PART350}/{PART80}/{PART80}:{PART80}": True,
-    "h/nn/mm:t": True, "m": False, "n/m:": False, "h/n/m": False, "@t": False, "m@d": False, "^": False,
-    "mm:": False, "/nn/mm": False, "//": False, "//mm": False, "hh//": False, "//mm:@": False, "00@": False,
-    "@": False, "-hh/nn/mm:tt": False, "hh/-nn/mm:tt": False, "hh/nn/-mm:tt": False, "hh/nn/mm:-tt": False,
-    "host:https/namespace/model:tag": True, "host/name:space/model:tag": False,
+    "": False,
+    "_why/_the/_lucky:_stiff": True,
+    "h/n/m:t": True,
+    "host/namespace/model:tag": True,
+    "host/namespace/model": False,
+    "namespace/model": False,
+    "model": False,
+    f"{PART80}/{PART80}/{PART80}:{PART80}": True,
+    f"{PART350}/{PART80}/{PART80}:{PART80}": True,
+    "h/nn/mm:t": True,
+    "m": False,
+    "n/m:": False,
+    "h/n/m": False,
+    "@t": False,
+    "m@d": False,
+    "^": False,
+    "mm:": False,
+    "/nn/mm": False,
+    "//": False,
+    "//mm": False,
+    "hh//": False,
+    "//mm:@": False,
+    "00@": False,
+    "@": False,
+    "-hh/nn/mm:tt": False,
+    "hh/-nn/mm:tt": False,
+    "hh/nn/-mm:tt": False,
+    "hh/nn/mm:-tt": False,
+    "host:https/namespace/model:tag": True,
+    "host/name:space/model:tag": False,
 }
 
 
@@ -69,8 +98,9 @@ def test_name_validity_like_ollama(name):
             parse_name(name, fill_defaults=False)
 
 
-@pytest.mark.parametrize("name", ["../../etc/passwd", "a/../b", "x:../y", "model:..", "..", "a/b/c/d/e",
-                                  "%2e%2e/m", "m\x00", "m/\u2025"])
+@pytest.mark.parametrize(
+    "name", ["../../etc/passwd", "a/../b", "x:../y", "model:..", "..", "a/b/c/d/e", "%2e%2e/m", "m\x00", "m/\u2025"]
+)
 def test_names_cannot_leave_the_store(tmp_path, monkeypatch, name):
     monkeypatch.setenv("OLLAMA_MODELS", str(tmp_path))
     monkeypatch.chdir(tmp_path)
@@ -86,8 +116,14 @@ def blobs(ollama_blobs):
     return ollama_blobs(1)
 
 
-PARAMS = {"temperature": 0.25, "top_p": 0.8, "top_k": 7, "repeat_penalty": 1.1, "num_ctx": 2048,
-          "stop": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "User:"]}
+PARAMS = {
+    "temperature": 0.25,
+    "top_p": 0.8,
+    "top_k": 7,
+    "repeat_penalty": 1.1,
+    "num_ctx": 2048,
+    "stop": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "User:"],
+}
 
 
 @pytest.fixture
@@ -98,12 +134,27 @@ def root(tmp_path, monkeypatch):
 
 
 def test_model_by_name(blobs, root):
-    make_store(root, "llama3.2-vision", "latest", model=blobs["one"], params=PARAMS, system="Be brief.",
-               template="{{ .Prompt }}", license="LICENSE TEXT")
+    make_store(
+        root,
+        "llama3.2-vision",
+        "latest",
+        model=blobs["one"],
+        params=PARAMS,
+        system="Be brief.",
+        template="{{ .Prompt }}",
+        license="LICENSE TEXT",
+    )
     path, proj, defaults = resolve_model("llama3.2-vision")
     assert os.path.samefile(path, blobs["one"]) and proj is None
-    assert defaults == {"temperature": 0.25, "top_p": 0.8, "top_k": 7, "repetition_penalty": 1.1, "n_ctx": 2048,
-                        "stop": PARAMS["stop"], "system": "Be brief."}
+    assert defaults == {
+        "temperature": 0.25,
+        "top_p": 0.8,
+        "top_k": 7,
+        "repetition_penalty": 1.1,
+        "n_ctx": 2048,
+        "stop": PARAMS["stop"],
+        "system": "Be brief.",
+    }
     m = mllama_q.Model("llama3.2-vision:latest", kv_type="f32")
     ref = mllama_q.Model(blobs["one"], kv_type="f32")
     case = make_cases(ref.image_token_id)["two_images_4_and_2_tiles"]
@@ -181,12 +232,16 @@ BAD_MANIFESTS = {
     "size not a number": (lambda d: d["layers"][0].update(size="7"), "not a byte count"),
     "negative size": (lambda d: d["layers"][0].update(size=-1), "not a byte count"),
     "no media type": (lambda d: d["layers"][0].__delitem__("mediaType"), "without a mediaType"),
-    "no model layer": (lambda d: d.update(layers=[la for la in d["layers"] if not la["mediaType"].endswith("model")]),
-                       "0 model layers"),
+    "no model layer": (
+        lambda d: d.update(layers=[la for la in d["layers"] if not la["mediaType"].endswith("model")]),
+        "0 model layers",
+    ),
     "two model layers": (lambda d: d["layers"].append(dict(d["layers"][0])), "2 model layers"),
     "too many layers": (lambda d: d.update(layers=d["layers"] * 300), "layers"),
-    "adapter": (lambda d: d["layers"].append(dict(d["layers"][0], mediaType="application/vnd.ollama.image.adapter")),
-                "LoRA adapter"),
+    "adapter": (
+        lambda d: d["layers"].append(dict(d["layers"][0], mediaType="application/vnd.ollama.image.adapter")),
+        "LoRA adapter",
+    ),
 }
 
 
@@ -222,8 +277,13 @@ def test_bad_model_blobs(blobs, root, case):
         blob.symlink_to("/dev/zero")
     elif case == "directory":
         blob.mkdir()
-    match = {"missing": "missing", "dangling symlink": "dangling symlink", "truncated": "manifest says",
-             "device": "not a regular file", "directory": "not a regular file"}[case]
+    match = {
+        "missing": "missing",
+        "dangling symlink": "dangling symlink",
+        "truncated": "manifest says",
+        "device": "not a regular file",
+        "directory": "not a regular file",
+    }[case]
     with pytest.raises(StoreError, match=match):
         mllama_q.Model("m")
 
@@ -253,8 +313,12 @@ def test_bad_params_layers(blobs, root, case):
     data, match = BAD_PARAMS[case]
     make_store(root, "m", model=blobs["one"])
     digest, size = add_blob(root, data)
-    _edit(root, lambda d: d["layers"].append({"mediaType": "application/vnd.ollama.image.params",
-                                              "digest": f"sha256:{digest}", "size": size}))
+    _edit(
+        root,
+        lambda d: d["layers"].append(
+            {"mediaType": "application/vnd.ollama.image.params", "digest": f"sha256:{digest}", "size": size}
+        ),
+    )
     with pytest.raises(StoreError, match=match):
         resolve_model("m")
 
@@ -316,7 +380,7 @@ def test_params_stop_string_ends_generation(blobs, root, tmp_path):
     make_store(root, "s", model=blobs["one"], params={"stop": [stop], "temperature": 0})
     m = mllama_q.Model("s", vision=False)
     res = m.generate(prompt="Hello", max_new_tokens=24)
-    assert res.stop_reason == "stop_string" and res.text == text[:text.find(stop)]
+    assert res.stop_reason == "stop_string" and res.text == text[: text.find(stop)]
     assert m.generate(prompt="Hello", max_new_tokens=24, stop=["\x00never"]).text == text  # explicit wins
 
 
@@ -356,13 +420,17 @@ def test_cli_list(blobs, root, tmp_path, monkeypatch, capsys):
 def test_cli_run_by_name(blobs, root, capsys):
     from mllama_q.cli import main
 
-    make_store(root, "llama3.2-vision", "latest", model=blobs["one"], system="Answer in one word.",
-               params={"temperature": 0})
+    make_store(
+        root, "llama3.2-vision", "latest", model=blobs["one"], system="Answer in one word.", params={"temperature": 0}
+    )
     assert main(["run", "llama3.2-vision", "-p", "Hello there", "-n", "6", "--json"]) == 0
     got = json.loads(capsys.readouterr().out)
     m = mllama_q.Model(blobs["one"], vision=False)
-    ref = m.generate(messages=[{"role": "system", "content": "Answer in one word."},
-                               {"role": "user", "content": "Hello there"}], max_new_tokens=6, temperature=0)
+    ref = m.generate(
+        messages=[{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "Hello there"}],
+        max_new_tokens=6,
+        temperature=0,
+    )
     assert got["text"] == ref.text and got["prompt_tokens"] == ref.prompt_tokens
     assert main(["run", "no-such-model", "-p", "x"]) == 1
     assert "no Ollama model no-such-model:latest" in capsys.readouterr().err

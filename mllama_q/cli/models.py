@@ -9,6 +9,7 @@ and layout (mllama-q's own, Ollama's one-file v0.7+ or two-file v0.4-v0.6), and 
 (missing or incomplete blob, bad manifest) if it cannot be used. Every name in the first
 column works as `mllama-q run NAME` / `chat NAME` / `Model(NAME)`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,11 +54,14 @@ def cache_entries(cache: Path) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="mllama-q list", description="llama3.2-vision models in the Ollama store "
-                                 "and mllama-q's cache (size, quantization, layout).")
+    ap = argparse.ArgumentParser(
+        prog="mllama-q list",
+        description="llama3.2-vision models in the Ollama store and mllama-q's cache (size, quantization, layout).",
+    )
     ap.add_argument("--all", action="store_true", help="also list the store's other (non-mllama) models")
-    ap.add_argument("--verify", action="store_true",
-                    help="check every model blob's sha256 against its name (reads all of them)")
+    ap.add_argument(
+        "--verify", action="store_true", help="check every model blob's sha256 against its name (reads all of them)"
+    )
     ap.add_argument("--json", action="store_true", help="one JSON object instead of a table")
     args = ap.parse_args(argv)
     import warnings
@@ -72,15 +76,30 @@ def main(argv=None) -> int:
         if not args.all and e.problem is None and not e.is_mllama:
             hidden += 1
             continue
-        rows.append({"name": str(e.name), "size": e.size, "quantization": e.file_type,
-                     "layout": e.layout if e.is_mllama or e.problem else f"not llama3.2-vision ({e.family})",
-                     "problem": e.problem, "source": "ollama"})
+        rows.append(
+            {
+                "name": str(e.name),
+                "size": e.size,
+                "quantization": e.file_type,
+                "layout": e.layout if e.is_mllama or e.problem else f"not llama3.2-vision ({e.family})",
+                "problem": e.problem,
+                "source": "ollama",
+            }
+        )
     cache = default_cache_dir()
     for e in cache_entries(cache):
         rows.append(dict(e, source="mllama-q cache"))
     if args.json:
-        print(json.dumps({"ollama_stores": [str(r) for r in roots], "cache": str(cache), "models": rows,
-                          "other_ollama_models": hidden}))
+        print(
+            json.dumps(
+                {
+                    "ollama_stores": [str(r) for r in roots],
+                    "cache": str(cache),
+                    "models": rows,
+                    "other_ollama_models": hidden,
+                }
+            )
+        )
         return 0
     out = sys.stdout
     if not rows:
@@ -90,8 +109,10 @@ def main(argv=None) -> int:
         out.write(f"{'NAME':<{w}}  {'SIZE':>8}  {'QUANT':<7}  LAYOUT\n")
         for r in rows:
             status = f"  PROBLEM: {r['problem']}" if r["problem"] else ""
-            out.write(f"{r['name']:<{w}}  {_gb(r['size']):>8}  {(r['quantization'] or '-'):<7}  "
-                      f"{r['layout'] or '-'}{status}\n")
+            out.write(
+                f"{r['name']:<{w}}  {_gb(r['size']):>8}  {(r['quantization'] or '-'):<7}  "
+                f"{r['layout'] or '-'}{status}\n"
+            )
     if hidden:
         out.write(f"({hidden} other Ollama model(s), not llama3.2-vision: --all lists them)\n")
     return 0

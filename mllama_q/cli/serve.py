@@ -266,8 +266,9 @@ class ServerProcess:
         m = Path(model)
         model = str(m.resolve()) if m.exists() else str(model)  # relative to the caller, not to `home`
         cmd = [sys.executable, "-m", "mllama_q", "serve", "-m", model, "--host", "127.0.0.1", "--port", "0", *args]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
-                                     cwd=home)
+        self.proc = subprocess.Popen(
+            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, cwd=home
+        )
         self.lines: list[str] = []
         self.port: int | None = None
         self._listening = threading.Event()

@@ -344,8 +344,9 @@ class Engine:
             raise ValueError("the model file has no tokenizer metadata: it cannot serve text")
         n_sessions = int(getattr(model, "max_sessions", 1))
         if n_sessions < self.parallel:
-            raise ValueError(f"{self.parallel} slots need a model loaded with max_sessions >= {self.parallel}, "
-                             f"not {n_sessions}")
+            raise ValueError(
+                f"{self.parallel} slots need a model loaded with max_sessions >= {self.parallel}, not {n_sessions}"
+            )
         self.model = model
         # One session per slot: its KV cache and images stay between the slot's requests, and
         # the model's scheduler batches the slots' decode steps (mllama_q/session.py).
@@ -452,7 +453,7 @@ class Engine:
                 kw["prompt"] = req.prompt
             if req.images:
                 kw["images"] = [im.open() for im in req.images]  # decoded only now: queued requests hold bytes
-            kw["progress"] = run.check   # checked per vision layer / prefill chunk: a cancel stops them
+            kw["progress"] = run.check  # checked per vision layer / prefill chunk: a cancel stops them
             run.check()
             stream = slot.session.generate(**kw)
             run.post(("start",))

@@ -87,16 +87,26 @@ class ModelInfo:
         host, ns, model, tag = resolved.name.parts
         names = [short, f"{host}/{ns}/{model}:{tag}", f"{ns}/{model}:{tag}"]
         name = name or short
-        info = cls(path=str(resolved.model_path), name=name,
-                   aliases=[*aliases, *(n for n in names if n != name)],
-                   size=m.size, modified=m.modified, digest=m.digest)
+        info = cls(
+            path=str(resolved.model_path),
+            name=name,
+            aliases=[*aliases, *(n for n in names if n != name)],
+            size=m.size,
+            modified=m.modified,
+            digest=m.digest,
+        )
         cfg = resolved.config
         fams = cfg.get("model_families")
-        info._config_details = {k: v for k, v in (
-            ("family", cfg.get("model_family")), ("parameter_size", cfg.get("model_type")),
-            ("quantization_level", cfg.get("file_type")),
-            ("families", fams if isinstance(fams, list) and all(isinstance(f, str) for f in fams) else None),
-        ) if v and (isinstance(v, (str, list)))}
+        info._config_details = {
+            k: v
+            for k, v in (
+                ("family", cfg.get("model_family")),
+                ("parameter_size", cfg.get("model_type")),
+                ("quantization_level", cfg.get("file_type")),
+                ("families", fams if isinstance(fams, list) and all(isinstance(f, str) for f in fams) else None),
+            )
+            if v and (isinstance(v, (str, list)))
+        }
         info.system = resolved.defaults.get("system")
         return info
 
