@@ -398,16 +398,12 @@ def chat_main(argv=None, input_fn=None) -> int:
                     **_sampling_kwargs(args),
                 )
             except KeyboardInterrupt:
-                if not pieces and session is not model and session.n_images > len(images):
-                    # Ctrl-C came after the engine had finished this turn's images and prompt (the
-                    # progress shown lags the engine): the session kept them, so the conversation
-                    # does too, and the next turn reuses the cache instead of starting over.
-                    out.write("\n(interrupted)\n")
-                    history += [msg, {"role": "assistant", "content": ""}]
-                    images += pending
-                    pending = []
-                    continue
-                if not pieces:  # during the image encode or the prefill: the turn is dropped
+                # The session keeps the turn once its answer started, and also when the Ctrl-C came
+                # after the engine had finished the turn's images and prompt (the progress shown
+                # lags the engine): then the conversation keeps it too, so the next turn reuses
+                # the cache instead of starting over.
+                kept = pieces or (session is not model and session.n_images > len(images))
+                if not kept:  # during the image encode or the prefill: the turn is dropped
                     out.write("\n(interrupted: message and its images dropped)\n")
                     pending = []
                     continue
