@@ -289,8 +289,14 @@ def _array(a, name: str, ndim: int, dtype) -> np.ndarray:
         x = x[0]
     if x.ndim != ndim:
         raise ValueError(f"{name} must have {ndim} dimensions (plus an optional batch of 1), got shape {x.shape}")
-    if np.issubdtype(dtype, np.integer) and x.size and not np.issubdtype(x.dtype, np.integer):
-        raise ValueError(f"{name} must hold integers, got dtype {x.dtype}")
+    if np.issubdtype(dtype, np.integer) and x.size:
+        if not np.issubdtype(x.dtype, np.integer):
+            raise ValueError(f"{name} must hold integers, got dtype {x.dtype}")
+        # checked before narrowing: an int64 2**32 + 5 cast to int32 would be a silent 5
+        info = np.iinfo(dtype)
+        lo, hi = int(x.min()), int(x.max())
+        if lo < info.min or hi > info.max:
+            raise ValueError(f"{name} values out of range: {lo if lo < info.min else hi} does not fit {info.dtype}")
     return np.ascontiguousarray(x, dtype=dtype)
 
 

@@ -167,6 +167,8 @@ def test_token_ids_are_not_narrowed(tiny_model):
             m.forward(bad)
         with pytest.raises(ValueError, match="out of range"):
             m._core.step([(0, np.asarray(bad), None, 1, None)])  # the binding checks before narrowing
+        with pytest.raises(ValueError, match="out of range|token ids in"):  # the processor-array path too
+            m.generate(input_ids=np.asarray([bad]), max_new_tokens=1, temperature=0)
     with pytest.raises(ValueError, match="integer"):
         m._core.step([(0, np.array([0.0, 5.0]), None, 1, None)])
     np.testing.assert_array_equal(m.forward(np.array([0, 5], np.uint16)), ref)  # any integer dtype is fine
