@@ -199,6 +199,8 @@ async def collect(request: Request, run) -> tuple[str, object]:
     """Run to the end (non-streaming): (text, GenerationResult). A client that disconnects
     meanwhile cancels the run."""
 
+    run.only_end()  # nothing is sent before the end: the pieces need not wake the loop one by one
+
     async def drain():
         parts = []
         async for ev in run.events():
