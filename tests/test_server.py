@@ -1229,6 +1229,9 @@ def test_stream_chunk_template_is_byte_identical_to_json_dumps(piece, model):
     assert (t._parts is None) == (model == _MARK)  # the template path unless the marker clashes
     want = json.dumps(build("2026-12-03T23:00:00.5Z", piece), ensure_ascii=False, separators=(",", ":"))
     assert t("2026-12-03T23:00:00.5Z", piece) == b"data: " + want.encode() + b"\n\n"
-    one = JSONTemplate(lambda text: {"choices": [{"delta": {"content": text}}], "model": model}, 1)
-    want1 = json.dumps({"choices": [{"delta": {"content": piece}}], "model": model}, ensure_ascii=False, separators=(",", ":"))
-    assert one(piece) == want1.encode()
+
+    def build1(text):
+        return {"choices": [{"delta": {"content": text}}], "model": model}
+
+    want1 = json.dumps(build1(piece), ensure_ascii=False, separators=(",", ":"))
+    assert JSONTemplate(build1, 1)(piece) == want1.encode()
