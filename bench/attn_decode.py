@@ -14,6 +14,7 @@ reports the time per call and the K/V bytes read per second (2 * nk * 8 * 128 * 
 per call). The machine's read bandwidth (measure_read_bandwidth) is printed
 for context.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,8 +36,10 @@ def main() -> None:
         _core.set_num_threads(args.threads)
     n_head, n_kv, hd = 32, 8, 128
     rng = np.random.default_rng(0)
-    print(f"cpu path {_core.cpu_path()}, {_core.num_threads()} threads, "
-          f"read bandwidth {_core.measure_read_bandwidth(0.5, 3) / 1e9:.1f} GB/s")
+    print(
+        f"cpu path {_core.cpu_path()}, {_core.num_threads()} threads, "
+        f"read bandwidth {_core.measure_read_bandwidth(0.5, 3) / 1e9:.1f} GB/s"
+    )
     print(f"{'shape':>14} {'KV MB':>7} | {'flash ms':>8} {'GB/s':>8} | {'direct ms':>9} {'GB/s':>8} | speed-up")
     for name, nk in [("self 512", 512), ("self 2048", 2048), ("self 4096", 4096), ("cross 6404", 6404)]:
         q = rng.standard_normal((1, n_head, hd)).astype(np.float32)
@@ -46,11 +49,13 @@ def main() -> None:
         times = {}
         for label, flag in [("flash", "0"), ("direct", "1")]:
             os.environ["MLLAMA_Q_ATTN_DIRECT"] = flag
-            times[label] = _core.bench_attention(q, k, v, hd ** -0.5, args.iters)
+            times[label] = _core.bench_attention(q, k, v, hd**-0.5, args.iters)
         os.environ.pop("MLLAMA_Q_ATTN_DIRECT")
         fl, di = times["flash"], times["direct"]
-        print(f"{name:>14} {kv_bytes / 1e6:7.1f} | {fl * 1e3:8.3f} {kv_bytes / fl / 1e9:8.1f} | "
-              f"{di * 1e3:9.3f} {kv_bytes / di / 1e9:8.1f} | {fl / di:6.1f}x")
+        print(
+            f"{name:>14} {kv_bytes / 1e6:7.1f} | {fl * 1e3:8.3f} {kv_bytes / fl / 1e9:8.1f} | "
+            f"{di * 1e3:9.3f} {kv_bytes / di / 1e9:8.1f} | {fl / di:6.1f}x"
+        )
 
 
 if __name__ == "__main__":

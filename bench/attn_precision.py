@@ -11,6 +11,7 @@ i.e. the error an exact bf16 / int8 Q·Kᵀ product would add. Issue 13 asks for
 bf16 / int8 only where the accuracy allows: the F32 parity bounds are 1e-5
 (tests/test_backend_ops.py attention) and 1e-4 (tests/test_vision.py tower).
 """
+
 import numpy as np
 
 from mllama_q import _core
@@ -22,7 +23,7 @@ def main() -> None:
     q = rng.standard_normal((nq, H, hd)).astype(np.float32) * 1.5
     k = rng.standard_normal((nk, H, hd)).astype(np.float32) * 1.5
     v = rng.standard_normal((nk, H, hd)).astype(np.float32)
-    scale = hd ** -0.5
+    scale = hd**-0.5
 
     def ref(q, k, v):
         q, k, v = (a.astype(np.float64) for a in (q, k, v))

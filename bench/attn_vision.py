@@ -10,6 +10,7 @@ _core.bench_attention (arrays in place): the fused flash kernel
 FLOP. (bench/results/attn_vision.txt also has the former two-matrix-product
 path, since removed.)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,7 +39,7 @@ def main() -> None:
         k = rng.standard_normal((nk, heads, hd)).astype(np.float32)
         v = rng.standard_normal((nk, heads, hd)).astype(np.float32)
         flop = 4.0 * nq * nk * hd * heads
-        t = _core.bench_attention(q, k, v, hd ** -0.5, args.iters)
+        t = _core.bench_attention(q, k, v, hd**-0.5, args.iters)
         print(f"{nq:>5} x {nk:<5} | {t:8.3f} {flop / t / 1e9:8.1f}")
 
 

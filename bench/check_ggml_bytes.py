@@ -22,6 +22,7 @@ from source) importable by this Python (tools/make_ggml_golden.py find_ggml_lib)
 dependency.
 Exit status 1 when any row differs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,8 +54,10 @@ def check_rows(g: "G.Ggml", n_rows: int, seed: int) -> bool:
             got = quants.quantize(x, t)
             bad = np.nonzero((got != want).any(axis=1))[0]
             ok &= bad.size == 0
-            print(f"{t:5s} path={p:6s}: {len(x) - bad.size}/{len(x)} rows identical to ggml "
-                  f"({n_adv} adversarial + {len(x) - n_adv} random)")
+            print(
+                f"{t:5s} path={p:6s}: {len(x) - bad.size}/{len(x)} rows identical to ggml "
+                f"({n_adv} adversarial + {len(x) - n_adv} random)"
+            )
             for r in bad[:10]:
                 print(f"    differs: row {r} ({labels[r]})")
     _core.set_quant_path("auto")
@@ -81,8 +84,12 @@ def throughput(g: "G.Ggml") -> None:
         _core.set_num_threads(n_threads)
         _core.set_quant_path("auto")
         print(f"all {n_threads} threads, best path ({_core.quant_path()}), MB/s of float32 input:")
-        print("  " + "   ".join(
-            f"{t} {mb / min(_timed(lambda: quants.quantize(x, t)) for _ in range(3)):.1f}" for t in G.TYPES))
+        print(
+            "  "
+            + "   ".join(
+                f"{t} {mb / min(_timed(lambda: quants.quantize(x, t)) for _ in range(3)):.1f}" for t in G.TYPES
+            )
+        )
     finally:
         _core.set_num_threads(n_threads)
         _core.set_quant_path("auto")

@@ -15,6 +15,7 @@
 Needs ~35 GB free in WORKDIR (checked first). Targets on the 2-core dev machine:
 <= 15 min and <= 4 GiB peak RSS.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,32 +35,77 @@ sys.path.insert(0, str(ROOT))
 
 # The published Llama-3.2-11B-Vision-Instruct configuration (config.json, sizes and conventions).
 CONFIG_11B = {
-    "architectures": ["MllamaForConditionalGeneration"], "image_token_index": 128256, "model_type": "mllama",
+    "architectures": ["MllamaForConditionalGeneration"],
+    "image_token_index": 128256,
+    "model_type": "mllama",
     "torch_dtype": "bfloat16",
     "text_config": {
-        "model_type": "mllama_text_model", "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336,
-        "num_hidden_layers": 40, "cross_attention_layers": [3, 8, 13, 18, 23, 28, 33, 38],
-        "num_attention_heads": 32, "num_key_value_heads": 8, "hidden_act": "silu",
-        "max_position_embeddings": 131072, "rms_norm_eps": 1e-05, "rope_theta": 500000.0,
-        "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                         "original_max_position_embeddings": 8192},
-        "tie_word_embeddings": False, "bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009],
-        "pad_token_id": 128004, "torch_dtype": "bfloat16"},
+        "model_type": "mllama_text_model",
+        "vocab_size": 128256,
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 40,
+        "cross_attention_layers": [3, 8, 13, 18, 23, 28, 33, 38],
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "hidden_act": "silu",
+        "max_position_embeddings": 131072,
+        "rms_norm_eps": 1e-05,
+        "rope_theta": 500000.0,
+        "rope_scaling": {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+        "tie_word_embeddings": False,
+        "bos_token_id": 128000,
+        "eos_token_id": [128001, 128008, 128009],
+        "pad_token_id": 128004,
+        "torch_dtype": "bfloat16",
+    },
     "vision_config": {
-        "model_type": "mllama_vision_model", "hidden_size": 1280, "intermediate_size": 5120,
-        "num_hidden_layers": 32, "num_global_layers": 8, "attention_heads": 16, "hidden_act": "gelu",
-        "image_size": 560, "patch_size": 14, "num_channels": 3, "max_num_tiles": 4, "norm_eps": 1e-05,
-        "intermediate_layers_indices": [3, 7, 15, 23, 30], "vision_output_dim": 7680,
+        "model_type": "mllama_vision_model",
+        "hidden_size": 1280,
+        "intermediate_size": 5120,
+        "num_hidden_layers": 32,
+        "num_global_layers": 8,
+        "attention_heads": 16,
+        "hidden_act": "gelu",
+        "image_size": 560,
+        "patch_size": 14,
+        "num_channels": 3,
+        "max_num_tiles": 4,
+        "norm_eps": 1e-05,
+        "intermediate_layers_indices": [3, 7, 15, 23, 30],
+        "vision_output_dim": 7680,
         "supported_aspect_ratios": [[1, 1], [1, 2], [1, 3], [1, 4], [2, 1], [2, 2], [3, 1], [4, 1]],
-        "torch_dtype": "bfloat16"},
+        "torch_dtype": "bfloat16",
+    },
 }
-GENERATION = {"bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009], "pad_token_id": 128004,
-              "do_sample": True, "temperature": 0.6, "top_p": 0.9}
-PREPROCESSOR = {"image_processor_type": "MllamaImageProcessor", "do_convert_rgb": True, "do_resize": True,
-                "size": {"height": 560, "width": 560}, "resample": 2, "do_rescale": True,
-                "rescale_factor": 0.00392156862745098, "do_normalize": True,
-                "image_mean": [0.48145466, 0.4578275, 0.40821073],
-                "image_std": [0.26862954, 0.26130258, 0.27577711], "do_pad": True, "max_image_tiles": 4}
+GENERATION = {
+    "bos_token_id": 128000,
+    "eos_token_id": [128001, 128008, 128009],
+    "pad_token_id": 128004,
+    "do_sample": True,
+    "temperature": 0.6,
+    "top_p": 0.9,
+}
+PREPROCESSOR = {
+    "image_processor_type": "MllamaImageProcessor",
+    "do_convert_rgb": True,
+    "do_resize": True,
+    "size": {"height": 560, "width": 560},
+    "resample": 2,
+    "do_rescale": True,
+    "rescale_factor": 0.00392156862745098,
+    "do_normalize": True,
+    "image_mean": [0.48145466, 0.4578275, 0.40821073],
+    "image_std": [0.26862954, 0.26130258, 0.27577711],
+    "do_pad": True,
+    "max_image_tiles": 4,
+}
 
 POOL = 64 << 20  # bf16 values in the random pool (128 MB)
 PIECE = 16 << 20  # values written per write() call
@@ -71,8 +117,9 @@ def hf_tensors(cfg: dict) -> list:
     from mllama_q.convert.plan import build_plan
 
     text, vision, img = parse_config(cfg, "config.json")
-    ck = Checkpoint(dir=Path("."), text=text, vision=vision, image_token_id=img, preprocessor={}, generation={},
-                    stop_ids=[])
+    ck = Checkpoint(
+        dir=Path("."), text=text, vision=vision, image_token_id=img, preprocessor={}, generation={}, stop_ids=[]
+    )
     seen, out = set(), []
     for o in build_plan(ck):
         if o.src and o.src not in seen:
@@ -97,7 +144,7 @@ def write_shard(path: Path, tensors: list, pool: np.ndarray, rng) -> int:
             while left:
                 n = min(left, PIECE)
                 s = int(rng.integers(0, pool.size - n + 1))
-                f.write(memoryview(pool[s:s + n]).cast("B"))
+                f.write(memoryview(pool[s : s + n]).cast("B"))
                 left -= n
         f.flush()
         os.fsync(f.fileno())
@@ -126,7 +173,7 @@ def write_checkpoint(d: Path, n_shards: int) -> int:
     pool = np.empty(POOL, np.uint16)
     for i in range(0, POOL, 1 << 22):  # bf16 = top half of float32 N(0, 0.02)
         x = (rng.standard_normal(min(1 << 22, POOL - i), dtype=np.float32) * 0.02).view(np.uint32)
-        pool[i:i + x.size] = (x >> 16).astype(np.uint16)
+        pool[i : i + x.size] = (x >> 16).astype(np.uint16)
     tensors = hf_tensors(CONFIG_11B)
     total = sum(int(np.prod(s)) * 2 for _, s in tensors)
     shards, cur, acc = [[] for _ in range(n_shards)], 0, 0
@@ -142,8 +189,9 @@ def write_checkpoint(d: Path, n_shards: int) -> int:
         size += write_shard(d / fname, ts, pool, rng)
         print(f"wrote {fname}: {len(ts)} tensors in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
         weight_map.update({n: fname for n, _ in ts})
-    (d / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    (d / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+    )
     return size
 
 
@@ -169,8 +217,11 @@ def main(argv=None) -> int:
         env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         load_before = os.getloadavg()
         t0 = time.perf_counter()
-        child = subprocess.Popen([sys.executable, "-m", "mllama_q.convert", str(ck), "-o", str(out), "--type", a.type,
-                                  "--force"], cwd=ROOT, env=env)
+        child = subprocess.Popen(
+            [sys.executable, "-m", "mllama_q.convert", str(ck), "-o", str(out), "--type", a.type, "--force"],
+            cwd=ROOT,
+            env=env,
+        )
         _, status, ru = os.wait4(child.pid, 0)
         child.returncode = os.waitstatus_to_exitcode(status)
         wall = time.perf_counter() - t0
@@ -184,14 +235,20 @@ def main(argv=None) -> int:
         for t in r.tensors:
             by_type[t.tensor_type.name] = by_type.get(t.tensor_type.name, 0) + int(t.n_bytes)
         res = {
-            "type": a.type, "tensors": len(r.tensors),
+            "type": a.type,
+            "tensors": len(r.tensors),
             "GB_by_type": {k: round(v / 1e9, 3) for k, v in sorted(by_type.items())},
-            "loadavg_after": os.getloadavg(), "input_GB": round(size / 1e9, 2),
+            "loadavg_after": os.getloadavg(),
+            "input_GB": round(size / 1e9, 2),
             "output_GB": round(out.stat().st_size / 1e9, 2),
-            "wall_s": round(wall, 1), "input_GB_per_s": round(size / 1e9 / wall, 3),
-            "cpu_user_s": round(ru.ru_utime, 1), "cpu_sys_s": round(ru.ru_stime, 1),
-            "peak_rss_GiB": round(ru.ru_maxrss * 1024 / 2**30, 3), "cpus": os.cpu_count(),
-            "checkpoint_write_s": round(t_write, 1), "loadavg_before": load_before,
+            "wall_s": round(wall, 1),
+            "input_GB_per_s": round(size / 1e9 / wall, 3),
+            "cpu_user_s": round(ru.ru_utime, 1),
+            "cpu_sys_s": round(ru.ru_stime, 1),
+            "peak_rss_GiB": round(ru.ru_maxrss * 1024 / 2**30, 3),
+            "cpus": os.cpu_count(),
+            "checkpoint_write_s": round(t_write, 1),
+            "loadavg_before": load_before,
         }
         print(json.dumps(res))
     finally:

@@ -6,6 +6,7 @@ summary in bench/results/ (bench/README.md: the raw JSON is not kept).
 Every number the JSON holds per case is kept: best and median time of ours and of the peer
 (llama.cpp), GFLOP/s and weight GB/s of our best time, the peer's weight buffer.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,12 +28,15 @@ def table(path: str) -> str:
         ours = f"{r['best_ms']:.3f} ({r['median_ms']:.3f})"
         peer = r.get("peer_best_ms")
         if peer:
-            theirs = (f"{peer:.3f} ({r['peer_median_ms']:.3f}) | {peer / r['best_ms']:.2f}x | "
-                      f"{r.get('peer_buffer') or '-'}")
+            theirs = (
+                f"{peer:.3f} ({r['peer_median_ms']:.3f}) | {peer / r['best_ms']:.2f}x | {r.get('peer_buffer') or '-'}"
+            )
         else:
             theirs = "- | - | -"
-        lines.append(f"| {r['type']} | {r['n']}x{r['k']} | {r['m']} | {ours} | {r['gflops']:.0f} | "
-                     f"{r['weight_gbs']:.1f} | {theirs} |")
+        lines.append(
+            f"| {r['type']} | {r['n']}x{r['k']} | {r['m']} | {ours} | {r['gflops']:.0f} | "
+            f"{r['weight_gbs']:.1f} | {theirs} |"
+        )
     return "\n".join(lines)
 
 

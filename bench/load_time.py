@@ -19,6 +19,7 @@ after the run unless --keep.
 
 Run it under the bench lock: `flock /work/locks/bench.lock python bench/load_time.py ...`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -96,8 +97,13 @@ def time_load(path: Path, vision: bool, runs: int) -> list[tuple[float, float, f
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     out = []
     for _ in range(runs):
-        p = subprocess.run([sys.executable, "-c", CHILD, str(path), "1" if vision else "0"], env=env,
-                           capture_output=True, text=True, check=True)
+        p = subprocess.run(
+            [sys.executable, "-c", CHILD, str(path), "1" if vision else "0"],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         out.append(tuple(float(x) for x in p.stdout.strip().splitlines()[-1].split()))
     return out
 
@@ -128,9 +134,11 @@ def main(argv=None) -> int:
         for vision in (False, True):
             ts = time_load(path, vision, args.runs)
             wall, cpu, rss = ([t[i] for t in ts] for i in range(3))
-            print(f"Model(vision={vision}): wall median {statistics.median(wall):.2f} s, min {min(wall):.2f} s; "
-                  f"CPU median {statistics.median(cpu):.2f} s, min {min(cpu):.2f} s; peak RSS +{max(rss):.0f} MiB "
-                  f"(wall/CPU: {', '.join(f'{w:.2f}/{c:.2f}' for w, c, _ in ts)})")
+            print(
+                f"Model(vision={vision}): wall median {statistics.median(wall):.2f} s, min {min(wall):.2f} s; "
+                f"CPU median {statistics.median(cpu):.2f} s, min {min(cpu):.2f} s; peak RSS +{max(rss):.0f} MiB "
+                f"(wall/CPU: {', '.join(f'{w:.2f}/{c:.2f}' for w, c, _ in ts)})"
+            )
     finally:
         if built is not None and not args.keep:
             built.unlink(missing_ok=True)

@@ -26,6 +26,7 @@ Default model: the synthetic 11B q4_k_m (vision tower in Q8_0) from mllama-q's c
 ($MLLAMA_Q_CACHE, made on first use). On a shared machine run it alone (a lock) and
 record `uptime`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,8 +39,6 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mllama_q import _core  # noqa: E402
@@ -48,6 +47,7 @@ from mllama_q import _core  # noqa: E402
 def default_model() -> str:
     """The synthetic 11B q4_k_m (vision tower Q8_0) in mllama-q's cache, generated on first use."""
     from mllama_q.cli.synthetic import cached_synthetic
+
     return str(cached_synthetic("11b", "q4_k_m"))
 
 
@@ -94,6 +94,7 @@ def mm_shape(e: dict, m_cap: int) -> tuple[int, int, int]:
 def torch_rates(entries: list[dict], threads: int, m_cap: int, clock, reps: int = 3) -> dict:
     """GFLOP/s of torch float32 GEMM per matmul shape (mm_shape), best of `reps`."""
     import torch
+
     torch.set_num_threads(threads)
     out = {}
     for e in entries:
@@ -123,7 +124,7 @@ def torch_sdpa_rate(nq: int, nk: int, heads: int, hd: int, threads: int, clock) 
     q = torch.randn(1, heads, nq, hd)
     k = torch.randn(1, heads, nk, hd)
     v = torch.randn(1, heads, nk, hd)
-    F.scaled_dot_product_attention(q[:, :, :64], k, v)   # warm-up
+    F.scaled_dot_product_attention(q[:, :, :64], k, v)  # warm-up
     t0 = clock()
     F.scaled_dot_product_attention(q, k, v)
     s = clock() - t0
@@ -136,8 +137,11 @@ def main() -> None:
     ap.add_argument("--path", default="auto", help="CPU kernel path (MLLAMA_Q_CPU_PATH): auto, scalar, avx2, avx512")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tiles", type=int, default=4, choices=(1, 2, 3, 4))
-    ap.add_argument("--cpu-time", action="store_true",
-                    help="one thread, every time in thread CPU time (ours and torch's): for a busy machine")
+    ap.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="one thread, every time in thread CPU time (ours and torch's): for a busy machine",
+    )
     ap.add_argument("--torch", action="store_true", help="also time torch float32 GEMM / SDPA on the same shapes")
     ap.add_argument("--json", help="write the raw entries and totals here")
     ap.add_argument("--markdown", action="store_true", help="print markdown tables")
@@ -167,13 +171,20 @@ def main() -> None:
     load1 = os.getloadavg()[0]
     flop_total = vision_flops(model.text_hparams, model.vision_hparams, args.tiles)
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).resolve().parents[1]).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
-                           cwd=Path(__file__).resolve().parents[1]).stdout.strip()
-    head = (f"{Path(args.model).name}, path {_core.cpu_path()}, {_core.num_threads()} threads"
-            f"{' (thread CPU time)' if args.cpu_time else ' (wall clock)'}, "
-            f"{args.tiles} tiles, commit {commit}{'+dirty' if dirty else ''}, load avg {load0:.2f} -> {load1:.2f}")
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1]
+    ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    ).stdout.strip()
+    head = (
+        f"{Path(args.model).name}, path {_core.cpu_path()}, {_core.num_threads()} threads"
+        f"{' (thread CPU time)' if args.cpu_time else ' (wall clock)'}, "
+        f"{args.tiles} tiles, commit {commit}{'+dirty' if dirty else ''}, load avg {load0:.2f} -> {load1:.2f}"
+    )
     print(head)
     print(f"encode: {total:.2f} s, {flop_total / total / 1e9:.1f} GFLOP/s ({flop_total / 1e12:.2f} TFLOP)")
 
@@ -214,18 +225,37 @@ def main() -> None:
     print(row(["region", "op", "detail", "calls", "seconds", "share", "GFLOP/s", "GB/s"], w2))
     if md:
         print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |")
-    for e in sorted(entries, key=lambda e: (-e["seconds"])):
+    for e in sorted(entries, key=lambda e: -e["seconds"]):
         if e["seconds"] < 1e-4 * total:
             continue
-        print(row([e["region"] or "-", e["op"], e["detail"] or "-", e["calls"] or "", f"{e['seconds']:.3f}",
-                   f"{100 * e['seconds'] / total:.1f}%", rate(e["flop"], e["seconds"]), rate(e["bytes"], e["seconds"])],
-                  w2))
+        print(
+            row(
+                [
+                    e["region"] or "-",
+                    e["op"],
+                    e["detail"] or "-",
+                    e["calls"] or "",
+                    f"{e['seconds']:.3f}",
+                    f"{100 * e['seconds'] / total:.1f}%",
+                    rate(e["flop"], e["seconds"]),
+                    rate(e["bytes"], e["seconds"]),
+                ],
+                w2,
+            )
+        )
 
-    result = {"header": head, "encode_s": total, "flop": flop_total, "entries": entries,
-              "loadavg": [load0, load1], "path": _core.cpu_path(), "threads": _core.num_threads()}
+    result = {
+        "header": head,
+        "encode_s": total,
+        "flop": flop_total,
+        "entries": entries,
+        "loadavg": [load0, load1],
+        "path": _core.cpu_path(),
+        "threads": _core.num_threads(),
+    }
     if args.torch:
         vh = model.vision_hparams
-        S = vh["max_num_tiles"] * (((vh["image_size"] // vh["patch_size"]) ** 2 + 1 + 7) // 8 * 8)   # positions
+        S = vh["max_num_tiles"] * (((vh["image_size"] // vh["patch_size"]) ** 2 + 1 + 7) // 8 * 8)  # positions
         rates = torch_rates(entries, args.threads, S, clock)
         att = [e for e in entries if e["op"] == "attention" and e["calls"]]
         # the vision attention: S x S over all positions, 16 heads of 80 (from the largest entry)
@@ -256,16 +286,31 @@ def main() -> None:
         att_s = sum(e["seconds"] for e in att)
         if sdpa:
             t_torch += att_flop / sdpa / 1e9
-            print(row([f"attention (SDPA {S}x{S}, {heads}x{hd})", S, f"{sdpa:.1f}", f"{att_flop / att_s / 1e9:.1f}",
-                       f"{att_flop / att_s / 1e9 / sdpa:.2f}x"], w3))
+            print(
+                row(
+                    [
+                        f"attention (SDPA {S}x{S}, {heads}x{hd})",
+                        S,
+                        f"{sdpa:.1f}",
+                        f"{att_flop / att_s / 1e9:.1f}",
+                        f"{att_flop / att_s / 1e9 / sdpa:.2f}x",
+                    ],
+                    w3,
+                )
+            )
         gemm_rate = mm_flop / t_mm_torch / 1e9
         enc_rate = flop_total / total / 1e9
         print(f"\ntorch float32 GEMM rate on the encode's matmul shapes (FLOP-weighted): {gemm_rate:.1f} GFLOP/s")
-        print(f"our encode rate: {enc_rate:.1f} GFLOP/s = {enc_rate / gemm_rate:.2f}x torch's GEMM rate "
-              f"(target >= 1.5x)")
+        print(
+            f"our encode rate: {enc_rate:.1f} GFLOP/s = {enc_rate / gemm_rate:.2f}x torch's GEMM rate (target >= 1.5x)"
+        )
         print(f"the encode at torch's rates (GEMM per shape + SDPA, ops only): {t_torch:.1f} s vs ours {total:.1f} s")
-        result.update(torch_gemm_rates={f"{m}x{k}x{n}": r for (m, k, n), r in rates.items()}, torch_sdpa=sdpa,
-                      torch_gemm_rate=gemm_rate, torch_encode_s=t_torch)
+        result.update(
+            torch_gemm_rates={f"{m}x{k}x{n}": r for (m, k, n), r in rates.items()},
+            torch_sdpa=sdpa,
+            torch_gemm_rate=gemm_rate,
+            torch_encode_s=t_torch,
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
 

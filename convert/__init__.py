@@ -12,6 +12,7 @@ no generic top-level `convert` package lands in site-packages. In a source check
 tools/dev_build.sh links mllama_q/convert -> ../convert for the same import path.
 Never imports torch or transformers.
 """
+
 from __future__ import annotations
 
 from .errors import ConvertError

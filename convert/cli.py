@@ -1,4 +1,5 @@
 """`mllama-q convert HF_DIR -o OUT.gguf --type ...` (also `python -m mllama_q.convert`)."""
+
 from __future__ import annotations
 
 import argparse
@@ -17,15 +18,37 @@ PROG = "mllama-q convert"
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG,
-        description="Convert a Hugging Face Llama 3.2 Vision (Mllama) checkpoint directory to one GGUF file.",
+        description="Convert a Hugging Face Llama 3.2 Vision (Mllama) checkpoint directory to one GGUF file, "
+        "or (--from-ollama) re-quantize the vision tower of a llama3.2-vision that Ollama pulled.",
         epilog="q4_k_m: Q4_K with Q6_K for output.weight and llama.cpp's choice of attn_v / ffn_down layers; "
-               "q4_k_s: Q4_K throughout. Norms, biases, gates and position/tile embeddings stay F32.")
-    p.add_argument("hf_dir", metavar="HF_DIR", help="checkpoint directory (config.json, *.safetensors, tokenizer...)")
+        "q4_k_s: Q4_K throughout. Norms, biases, gates and position/tile embeddings stay F32.",
+    )
+    p.add_argument(
+        "hf_dir", metavar="HF_DIR", nargs="?", help="checkpoint directory (config.json, *.safetensors, tokenizer...)"
+    )
+    p.add_argument(
+        "--from-ollama",
+        metavar="NAME",
+        help="instead of HF_DIR: an Ollama model name (or blob path); "
+        "its text weights are kept, its F16 vision tower becomes --vision-type (default q8_0)",
+    )
+    p.add_argument("--projector", help="--from-ollama with a two-file blob path: its projector blob")
     p.add_argument("-o", "--output", required=True, metavar="OUT.gguf", help="output file")
-    p.add_argument("--type", dest="ftype", type=str.lower, default="q4_k_m", choices=K.FTYPES,
-                   help="text weights (default: %(default)s; any case)")
-    p.add_argument("--vision-type", type=str.lower, default=None, choices=K.VISION_TYPES,
-                   help="vision tower and projector weights (default: q8_0 for quantized --type, else the --type)")
+    p.add_argument(
+        "--type",
+        dest="ftype",
+        type=str.lower,
+        default=None,
+        choices=K.FTYPES,
+        help="text weights (default: q4_k_m; any case; --from-ollama keeps them as they are)",
+    )
+    p.add_argument(
+        "--vision-type",
+        type=str.lower,
+        default=None,
+        choices=K.VISION_TYPES,
+        help="vision tower and projector weights (default: q8_0 for quantized --type, else the --type)",
+    )
     p.add_argument("--force", action="store_true", help="overwrite OUT.gguf if it exists")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return p
@@ -44,8 +67,9 @@ def fallback_notes(fallbacks, ftype: str, vision_type) -> list[str]:
         for n in names:
             folded[re.sub(r"\.\d+\.", ".*.", n)] += 1
         listed = ", ".join(f"{n} (x{c})" if c > 1 else n for n, c in folded.items())
-        lines.append(f"{PROG}: note: {option}: {len(names)} tensor(s) stored as "
-                     f"{K.fallback_reason(wanted, row)}: {listed}")
+        lines.append(
+            f"{PROG}: note: {option}: {len(names)} tensor(s) stored as {K.fallback_reason(wanted, row)}: {listed}"
+        )
     return lines
 
 
@@ -55,13 +79,39 @@ def _sigterm(signum, frame):
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if (args.hf_dir is None) == (args.from_ollama is None):
+        ap.error("give HF_DIR or --from-ollama NAME (one of them)")
+    if args.from_ollama is not None and args.ftype is not None:
+        ap.error("--from-ollama keeps the text weights as Ollama stored them: --type does not apply")
+    if args.from_ollama is None and args.projector is not None:
+        ap.error("--projector goes with --from-ollama")
     from .converter import convert
 
     old = signal.signal(signal.SIGTERM, _sigterm) if _is_main_thread() else None
     try:
-        s = convert(args.hf_dir, args.output, args.ftype, args.vision_type, force=args.force,
-                    progress=not args.quiet)
+        if args.from_ollama is not None:
+            from .from_ollama import convert_from_ollama
+
+            s = convert_from_ollama(
+                args.from_ollama,
+                args.output,
+                args.vision_type or "q8_0",
+                projector=args.projector,
+                force=args.force,
+                progress=not args.quiet,
+            )
+            s["ftype"] = "as stored"
+        else:
+            s = convert(
+                args.hf_dir,
+                args.output,
+                args.ftype or "q4_k_m",
+                args.vision_type,
+                force=args.force,
+                progress=not args.quiet,
+            )
     except ConvertError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 1
@@ -78,9 +128,12 @@ def main(argv=None) -> int:
         print(line, file=sys.stderr)
     if not args.quiet:
         gib = s["bytes_in"] / 2**30
-        print(f"wrote {s['output']}: {s['tensors']} tensors, {s['bytes_out'] / 2**30:.2f} GiB "
-              f"({s['ftype']}, vision {s['vision_type'] or s['ftype']}) from {gib:.2f} GiB in {s['seconds']:.1f} s "
-              f"({gib / max(s['seconds'], 1e-9):.2f} GiB/s)", file=sys.stderr)
+        print(
+            f"wrote {s['output']}: {s['tensors']} tensors, {s['bytes_out'] / 2**30:.2f} GiB "
+            f"({s['ftype']}, vision {s['vision_type'] or s['ftype']}) from {gib:.2f} GiB in {s['seconds']:.1f} s "
+            f"({gib / max(s['seconds'], 1e-9):.2f} GiB/s)",
+            file=sys.stderr,
+        )
     return 0
 
 

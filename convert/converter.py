@@ -11,6 +11,7 @@ so peak RSS is about the interpreter + 2-3 chunks, whatever the model size.
 The file is written as ".NAME.PID.tmp" beside the output and renamed only after
 the last byte is flushed; any exception (incl. KeyboardInterrupt) removes it.
 """
+
 from __future__ import annotations
 
 import os
@@ -37,8 +38,11 @@ def add_metadata(w, ck: Checkpoint, ftype: str) -> None:
     w.add_uint32(K.GENERAL_FILE_TYPE, int(K.FILE_TYPE[ftype]))
     w.add_uint32(K.GENERAL_QUANTIZATION_VERSION, 2)
     gen = ck.generation
-    for key, name, cast in ((K.GENERAL_SAMPLING_TEMP, "temperature", float),
-                            (K.GENERAL_SAMPLING_TOP_P, "top_p", float), (K.GENERAL_SAMPLING_TOP_K, "top_k", int)):
+    for key, name, cast in (
+        (K.GENERAL_SAMPLING_TEMP, "temperature", float),
+        (K.GENERAL_SAMPLING_TOP_P, "top_p", float),
+        (K.GENERAL_SAMPLING_TOP_K, "top_k", int),
+    ):
         if isinstance(gen.get(name), (int, float)) and not isinstance(gen.get(name), bool):
             (w.add_float32 if cast is float else w.add_int32)(key, cast(gen[name]))
     # Text.
@@ -182,8 +186,16 @@ def _stream_tensor_data(ck: Checkpoint, outs: list, sizes: dict, writer, progres
         e = ck.tensors[o.src]
         return _transform(o, ck.file_of(e).read_rows(e, r0, r1).reshape((r1 - r0,) + o.shape[1:]))
 
-    bar = tqdm(total=total_in, unit="B", unit_scale=True, unit_divisor=1024, disable=not progress,
-               desc="convert", dynamic_ncols=True, leave=True)
+    bar = tqdm(
+        total=total_in,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        disable=not progress,
+        desc="convert",
+        dynamic_ncols=True,
+        leave=True,
+    )
     written = 0
     try:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="convert-read") as reader:
@@ -217,8 +229,61 @@ def _stream_tensor_data(ck: Checkpoint, outs: list, sizes: dict, writer, progres
     return total_in
 
 
-def convert(hf_dir, out_path, ftype: str = "q4_k_m", vision_type: str | None = None, *, force: bool = False,
-            progress: bool = True) -> dict:
+def check_output_path(out_path, force: bool) -> Path:
+    """The output path as a Path; ConvertError if it exists (without force), is a directory, or
+    its directory does not exist."""
+    out_path = Path(out_path)
+    if out_path.exists() and not force:
+        raise ConvertError(f"{out_path}: already exists (use --force to overwrite)")
+    if out_path.is_dir():
+        raise ConvertError(f"{out_path}: is a directory")
+    if not out_path.parent.is_dir():
+        raise ConvertError(f"{out_path.parent}: output directory does not exist")
+    return out_path
+
+
+def write_gguf(writer, out_path: Path, write_data) -> int:
+    """Writes `writer` (a gguf.GGUFWriter holding metadata and tensor infos, no data) to a
+    temporary file beside out_path: header, metadata, tensor infos, then write_data(fout) writes
+    the tensor data. The file is fsynced and renamed over out_path, so a failed or interrupted
+    conversion never leaves a partial file under the output name (the temporary one is removed).
+    Returns the bytes written; an OSError while writing (ENOSPC, EIO) is a ConvertError."""
+    tmp = out_path.parent / f".{out_path.name}.{os.getpid()}.tmp"
+    try:
+        writer.write_header_to_file(path=tmp)
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        fout = writer.fout[0]
+        write_data(fout)
+        fout.flush()
+        os.fsync(fout.fileno())
+        out_bytes = fout.tell()
+        writer.close()
+        os.replace(tmp, out_path)
+    except BaseException:
+        # Closing flushes the write buffer, which fails again on a full disk (ENOSPC):
+        # that second error must not skip the removal of the temp file.
+        try:
+            writer.close()
+        except Exception:  # noqa: BLE001  the first error is the one reported
+            pass
+        tmp.unlink(missing_ok=True)
+        err = sys.exc_info()[1]
+        if isinstance(err, OSError) and not isinstance(err, FileNotFoundError):  # e.g. ENOSPC, EIO
+            raise ConvertError(f"{out_path}: conversion failed ({err}); nothing was written") from None
+        raise
+    return out_bytes
+
+
+def convert(
+    hf_dir,
+    out_path,
+    ftype: str = "q4_k_m",
+    vision_type: str | None = None,
+    *,
+    force: bool = False,
+    progress: bool = True,
+) -> dict:
     """Convert; returns a summary dict (tensors, bytes read/written, seconds, and `fallbacks`: the
     tensors stored in another type than the mix asked for, from plan.assign_types). Raises ConvertError."""
     import gguf
@@ -229,18 +294,10 @@ def convert(hf_dir, out_path, ftype: str = "q4_k_m", vision_type: str | None = N
         raise ConvertError(f"unknown --vision-type {vision_type!r}; expected one of {', '.join(K.VISION_TYPES)}")
     if vision_type is None:
         vision_type = K.default_vision_type(ftype)
-    out_path = Path(out_path)
-    if out_path.exists() and not force:
-        raise ConvertError(f"{out_path}: already exists (use --force to overwrite)")
-    if out_path.is_dir():
-        raise ConvertError(f"{out_path}: is a directory")
-    if not out_path.parent.is_dir():
-        raise ConvertError(f"{out_path.parent}: output directory does not exist")
+    out_path = check_output_path(out_path, force)
 
     t0 = time.perf_counter()
     ck = load_checkpoint(hf_dir)
-    tmp = out_path.parent / f".{out_path.name}.{os.getpid()}.tmp"
-    writer = None
     try:
         outs = build_plan(ck)
         check_tensors(ck, outs)
@@ -257,14 +314,19 @@ def convert(hf_dir, out_path, ftype: str = "q4_k_m", vision_type: str | None = N
         toks = writer.kv_data[0].get(K.TOKENIZER_TOKENS)
         n_tok = len(toks.value) if toks is not None else 0
         if n_tok > ck.text.vocab_size + 8:
-            raise ConvertError(f"{ck.dir / 'tokenizer.json'}: {n_tok} tokens exceed the {ck.text.vocab_size + 8} "
-                               "rows of embed_tokens")
+            raise ConvertError(
+                f"{ck.dir / 'tokenizer.json'}: {n_tok} tokens exceed the {ck.text.vocab_size + 8} rows of embed_tokens"
+            )
         if not ck.image_token_id < ck.text.vocab_size + 8:
-            raise ConvertError(f"{ck.dir / 'config.json'}: image_token_index {ck.image_token_id} is outside "
-                               f"embed_tokens ({ck.text.vocab_size + 8} rows)")
+            raise ConvertError(
+                f"{ck.dir / 'config.json'}: image_token_index {ck.image_token_id} is outside "
+                f"embed_tokens ({ck.text.vocab_size + 8} rows)"
+            )
         if n_tok and not ck.image_token_id < n_tok:  # the processor writes this token for every image
-            raise ConvertError(f"{ck.dir / 'config.json'}: image_token_index {ck.image_token_id} is not a token of "
-                               f"tokenizer.json ({n_tok} tokens)")
+            raise ConvertError(
+                f"{ck.dir / 'config.json'}: image_token_index {ck.image_token_id} is not a token of "
+                f"tokenizer.json ({n_tok} tokens)"
+            )
 
         # Tensor infos only (no data: GGUFWriter would keep added tensors in memory). With
         # raw_dtype set and a non-uint8 numpy dtype, GGUFWriter takes `shape` as the element shape.
@@ -273,35 +335,23 @@ def convert(hf_dir, out_path, ftype: str = "q4_k_m", vision_type: str | None = N
             sizes[o.name] = K.nbytes(o.gtype, o.shape)
             writer.add_tensor_info(o.name, o.shape, np.dtype(np.float32), sizes[o.name], raw_dtype=o.gtype)
 
-        writer.write_header_to_file(path=tmp)
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        total_in = _stream_tensor_data(ck, outs, sizes, writer, progress)
-        fout = writer.fout[0]
-        fout.flush()
-        os.fsync(fout.fileno())
-        out_bytes = fout.tell()
-        writer.close()
-        writer = None
-        os.replace(tmp, out_path)
-    except BaseException:
-        if writer is not None:
-            # Closing flushes the write buffer, which fails again on a full disk (ENOSPC):
-            # that second error must not skip the removal of the temp file.
-            try:
-                writer.close()
-            except Exception:  # noqa: BLE001  the first error is the one reported
-                pass
-        try:
-            tmp.unlink()
-        except FileNotFoundError:
-            pass
-        err = sys.exc_info()[1]
-        if isinstance(err, OSError) and not isinstance(err, FileNotFoundError):  # e.g. ENOSPC, EIO
-            raise ConvertError(f"{out_path}: conversion failed ({err}); nothing was written") from None
-        raise
+        total_in = 0
+
+        def write_data(_fout):
+            nonlocal total_in
+            total_in = _stream_tensor_data(ck, outs, sizes, writer, progress)
+
+        out_bytes = write_gguf(writer, out_path, write_data)
     finally:
         ck.close()
     dt = time.perf_counter() - t0
-    return {"tensors": len(outs), "bytes_in": total_in, "bytes_out": out_bytes, "seconds": dt,
-            "ftype": ftype, "vision_type": vision_type, "output": str(out_path), "fallbacks": fallbacks}
+    return {
+        "tensors": len(outs),
+        "bytes_in": total_in,
+        "bytes_out": out_bytes,
+        "seconds": dt,
+        "ftype": ftype,
+        "vision_type": vision_type,
+        "output": str(out_path),
+        "fallbacks": fallbacks,
+    }

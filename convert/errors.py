@@ -1,4 +1,5 @@
 """The converter's one error type: a one-line message naming the file or tensor at fault."""
+
 from __future__ import annotations
 
 

@@ -7,6 +7,7 @@ preprocessor_config.json.
 Missing hyper-parameters take transformers' MllamaTextConfig / MllamaVisionConfig
 defaults (configuration_mllama.py), since that is what HF itself would run.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,36 +21,86 @@ from .errors import ConvertError
 from .safetensors_io import SafetensorsFile, TensorEntry
 
 # transformers MllamaTextConfig / MllamaVisionConfig defaults.
-_TEXT_DEFAULTS = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=40,
-                      num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-5,
-                      max_position_embeddings=131072, cross_attention_layers=[3, 8, 13, 18, 23, 28, 33, 38],
-                      bos_token_id=128000, eos_token_id=128001, pad_token_id=128004, tie_word_embeddings=False,
-                      hidden_act="silu")
+_TEXT_DEFAULTS = dict(
+    vocab_size=128256,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=40,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    rms_norm_eps=1e-5,
+    max_position_embeddings=131072,
+    cross_attention_layers=[3, 8, 13, 18, 23, 28, 33, 38],
+    bos_token_id=128000,
+    eos_token_id=128001,
+    pad_token_id=128004,
+    tie_word_embeddings=False,
+    hidden_act="silu",
+)
 _TEXT_DEFAULT_THETA = 500000.0  # MllamaTextConfig.default_theta
-_VISION_DEFAULTS = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_global_layers=8,
-                        attention_heads=16, num_channels=3, image_size=448, patch_size=14, norm_eps=1e-5,
-                        max_num_tiles=4, intermediate_layers_indices=[3, 7, 15, 23, 30], vision_output_dim=7680,
-                        supported_aspect_ratios=[[1, 1], [1, 2], [1, 3], [1, 4], [2, 1], [2, 2], [3, 1], [4, 1]],
-                        hidden_act="gelu")
+_VISION_DEFAULTS = dict(
+    hidden_size=1280,
+    intermediate_size=5120,
+    num_hidden_layers=32,
+    num_global_layers=8,
+    attention_heads=16,
+    num_channels=3,
+    image_size=448,
+    patch_size=14,
+    norm_eps=1e-5,
+    max_num_tiles=4,
+    intermediate_layers_indices=[3, 7, 15, 23, 30],
+    vision_output_dim=7680,
+    supported_aspect_ratios=[[1, 1], [1, 2], [1, 3], [1, 4], [2, 1], [2, 2], [3, 1], [4, 1]],
+    hidden_act="gelu",
+)
 # MllamaImageProcessor defaults.
-_IMAGE_DEFAULTS = dict(do_convert_rgb=True, do_resize=True, size={"height": 224, "width": 224}, resample=2,
-                       do_rescale=True, rescale_factor=1 / 255, do_normalize=True, image_mean=[0.5, 0.5, 0.5],
-                       image_std=[0.5, 0.5, 0.5], do_pad=True, max_image_tiles=4)
+_IMAGE_DEFAULTS = dict(
+    do_convert_rgb=True,
+    do_resize=True,
+    size={"height": 224, "width": 224},
+    resample=2,
+    do_rescale=True,
+    rescale_factor=1 / 255,
+    do_normalize=True,
+    image_mean=[0.5, 0.5, 0.5],
+    image_std=[0.5, 0.5, 0.5],
+    do_pad=True,
+    max_image_tiles=4,
+)
 
 # config.json names of the hyper-parameters, for mllama_q.hparams' messages.
-TEXT_LABELS = {"vocab_size": "vocab_size", "hidden_size": "hidden_size", "intermediate_size": "intermediate_size",
-               "n_layer": "num_hidden_layers", "n_head": "num_attention_heads", "n_kv_head": "num_key_value_heads",
-               "head_dim": "head_dim (hidden_size / num_attention_heads)", "rms_eps": "rms_norm_eps",
-               "rope_theta": "rope_theta", "cross_attention_layers": "cross_attention_layers",
-               "context_length": "max_position_embeddings", "factor": "rope factor",
-               "low_freq_factor": "rope low_freq_factor", "high_freq_factor": "rope high_freq_factor",
-               "original_context_length": "rope original_max_position_embeddings"}
-VISION_LABELS = {"hidden_size": "hidden_size", "intermediate_size": "intermediate_size",
-                 "num_layers": "num_hidden_layers", "num_global_layers": "num_global_layers",
-                 "n_head": "attention_heads",
-                 "image_size": "image_size", "patch_size": "patch_size", "num_channels": "num_channels",
-                 "max_num_tiles": "max_num_tiles", "norm_eps": "norm_eps",
-                 "intermediate_layers": "intermediate_layers_indices", "out_dim": "vision_output_dim"}
+TEXT_LABELS = {
+    "vocab_size": "vocab_size",
+    "hidden_size": "hidden_size",
+    "intermediate_size": "intermediate_size",
+    "n_layer": "num_hidden_layers",
+    "n_head": "num_attention_heads",
+    "n_kv_head": "num_key_value_heads",
+    "head_dim": "head_dim (hidden_size / num_attention_heads)",
+    "rms_eps": "rms_norm_eps",
+    "rope_theta": "rope_theta",
+    "cross_attention_layers": "cross_attention_layers",
+    "context_length": "max_position_embeddings",
+    "factor": "rope factor",
+    "low_freq_factor": "rope low_freq_factor",
+    "high_freq_factor": "rope high_freq_factor",
+    "original_context_length": "rope original_max_position_embeddings",
+}
+VISION_LABELS = {
+    "hidden_size": "hidden_size",
+    "intermediate_size": "intermediate_size",
+    "num_layers": "num_hidden_layers",
+    "num_global_layers": "num_global_layers",
+    "n_head": "attention_heads",
+    "image_size": "image_size",
+    "patch_size": "patch_size",
+    "num_channels": "num_channels",
+    "max_num_tiles": "max_num_tiles",
+    "norm_eps": "norm_eps",
+    "intermediate_layers": "intermediate_layers_indices",
+    "out_dim": "vision_output_dim",
+}
 
 SAFE_NAME_RE = re.compile(r"^[^/\\\x00]+\.safetensors$")  # a file in the checkpoint directory, no path
 SHARD_RE = re.compile(r"^model-(\d+)-of-(\d+)\.safetensors$")
@@ -141,8 +192,9 @@ def read_json(path: Path, required: bool = True, kind: type | None = dict):
     except RecursionError:
         raise ConvertError(f"{path}: invalid JSON (nested too deeply)") from None
     if kind is not None and not isinstance(data, kind):
-        raise ConvertError(f"{path}: expected a JSON {'object' if kind is dict else kind.__name__}, "
-                           f"got {type(data).__name__}")
+        raise ConvertError(
+            f"{path}: expected a JSON {'object' if kind is dict else kind.__name__}, got {type(data).__name__}"
+        )
     return data
 
 
@@ -251,53 +303,104 @@ def parse_config(cfg: dict, where: str):
         raise ConvertError(f"{w}: hidden_act {act!r} is not supported (expected 'silu')")
     theta, scaling = parse_rope(tc, w)
     text = TextHP(
-        vocab_size=_int(tc, "vocab_size", d, w), hidden=hidden, intermediate=_int(tc, "intermediate_size", d, w),
-        n_layer=n_layer, n_head=n_head, n_head_kv=n_head_kv, head_dim=hidden // n_head,
-        context_length=_int(tc, "max_position_embeddings", d, w), rms_eps=_float(tc, "rms_norm_eps", d, w),
-        rope_theta=theta, rope_scaling=scaling, cross_layers=sorted(cross),
+        vocab_size=_int(tc, "vocab_size", d, w),
+        hidden=hidden,
+        intermediate=_int(tc, "intermediate_size", d, w),
+        n_layer=n_layer,
+        n_head=n_head,
+        n_head_kv=n_head_kv,
+        head_dim=hidden // n_head,
+        context_length=_int(tc, "max_position_embeddings", d, w),
+        rms_eps=_float(tc, "rms_norm_eps", d, w),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        cross_layers=sorted(cross),
         tie_word_embeddings=bool(tc.get("tie_word_embeddings", cfg.get("tie_word_embeddings", False))),
         bos_id=tc.get("bos_token_id", d["bos_token_id"]),
         eos_ids=_ids(tc.get("eos_token_id", d["eos_token_id"]), "eos_token_id", w),
-        pad_id=tc.get("pad_token_id", d["pad_token_id"]))
+        pad_id=tc.get("pad_token_id", d["pad_token_id"]),
+    )
     # Ranges (mllama_q/hparams.py) before anything is planned or sized from them.
-    _hp(HP.check_text, dict(vocab_size=text.vocab_size, hidden_size=hidden, intermediate_size=text.intermediate,
-                            n_layer=n_layer, n_head=n_head, n_kv_head=n_head_kv, head_dim=text.head_dim,
-                            rms_eps=text.rms_eps, rope_theta=theta, cross_attention_layers=cross,
-                            context_length=text.context_length, rope_scaling=scaling), TEXT_LABELS, where=w)
+    _hp(
+        HP.check_text,
+        dict(
+            vocab_size=text.vocab_size,
+            hidden_size=hidden,
+            intermediate_size=text.intermediate,
+            n_layer=n_layer,
+            n_head=n_head,
+            n_kv_head=n_head_kv,
+            head_dim=text.head_dim,
+            rms_eps=text.rms_eps,
+            rope_theta=theta,
+            cross_attention_layers=cross,
+            context_length=text.context_length,
+            rope_scaling=scaling,
+        ),
+        TEXT_LABELS,
+        where=w,
+    )
     w = f"{where} vision_config"
     d = _VISION_DEFAULTS
     ar = vc.get("supported_aspect_ratios") or d["supported_aspect_ratios"]
-    if not (isinstance(ar, list) and ar and all(isinstance(p, list) and len(p) == 2 and
-                                                all(isinstance(x, int) and x > 0 for x in p) for p in ar)):
+    if not (
+        isinstance(ar, list)
+        and ar
+        and all(isinstance(p, list) and len(p) == 2 and all(isinstance(x, int) and x > 0 for x in p) for p in ar)
+    ):
         raise ConvertError(f"{w}: supported_aspect_ratios must be a list of [rows, cols] pairs, got {ar!r}")
     vision = VisionHP(
-        hidden=_int(vc, "hidden_size", d, w), intermediate=_int(vc, "intermediate_size", d, w),
-        n_layer=_int(vc, "num_hidden_layers", d, w), n_global=_int(vc, "num_global_layers", d, w),
-        n_head=_int(vc, "attention_heads", d, w), image_size=_int(vc, "image_size", d, w),
-        patch_size=_int(vc, "patch_size", d, w), n_channels=_int(vc, "num_channels", d, w),
-        max_tiles=_int(vc, "max_num_tiles", d, w), norm_eps=_float(vc, "norm_eps", d, w),
-        inter_layers=_int_list(vc.get("intermediate_layers_indices") or d["intermediate_layers_indices"],
-                               "intermediate_layers_indices", w),
-        output_dim=_int(vc, "vision_output_dim", d, w), aspect_ratios=[list(p) for p in ar])
-    _hp(HP.check_vision, dict(hidden_size=vision.hidden, intermediate_size=vision.intermediate,
-                              num_layers=vision.n_layer, num_global_layers=vision.n_global, n_head=vision.n_head,
-                              image_size=vision.image_size, patch_size=vision.patch_size,
-                              num_channels=vision.n_channels, max_num_tiles=vision.max_tiles, norm_eps=vision.norm_eps,
-                              intermediate_layers=vision.inter_layers, out_dim=vision.output_dim),
-        VISION_LABELS, where=w)
+        hidden=_int(vc, "hidden_size", d, w),
+        intermediate=_int(vc, "intermediate_size", d, w),
+        n_layer=_int(vc, "num_hidden_layers", d, w),
+        n_global=_int(vc, "num_global_layers", d, w),
+        n_head=_int(vc, "attention_heads", d, w),
+        image_size=_int(vc, "image_size", d, w),
+        patch_size=_int(vc, "patch_size", d, w),
+        n_channels=_int(vc, "num_channels", d, w),
+        max_tiles=_int(vc, "max_num_tiles", d, w),
+        norm_eps=_float(vc, "norm_eps", d, w),
+        inter_layers=_int_list(
+            vc.get("intermediate_layers_indices") or d["intermediate_layers_indices"], "intermediate_layers_indices", w
+        ),
+        output_dim=_int(vc, "vision_output_dim", d, w),
+        aspect_ratios=[list(p) for p in ar],
+    )
+    _hp(
+        HP.check_vision,
+        dict(
+            hidden_size=vision.hidden,
+            intermediate_size=vision.intermediate,
+            num_layers=vision.n_layer,
+            num_global_layers=vision.n_global,
+            n_head=vision.n_head,
+            image_size=vision.image_size,
+            patch_size=vision.patch_size,
+            num_channels=vision.n_channels,
+            max_num_tiles=vision.max_tiles,
+            norm_eps=vision.norm_eps,
+            intermediate_layers=vision.inter_layers,
+            out_dim=vision.output_dim,
+        ),
+        VISION_LABELS,
+        where=w,
+    )
     _hp(HP.check_aspect_ratios, vision.aspect_ratios, vision.max_tiles, "supported_aspect_ratios", where=w)
     if vision.n_head == 0 or vision.hidden % vision.n_head or (vision.hidden // vision.n_head) % 2:
         raise ConvertError(f"{w}: hidden_size {vision.hidden} is not attention_heads {vision.n_head} x an even size")
     if vision.patch_size == 0 or vision.image_size % vision.patch_size:
         raise ConvertError(f"{w}: image_size {vision.image_size} is not a multiple of patch_size {vision.patch_size}")
     if vision.output_dim != vision.hidden * (1 + len(vision.inter_layers)):
-        raise ConvertError(f"{w}: vision_output_dim {vision.output_dim} != hidden_size {vision.hidden} x "
-                           f"(1 + {len(vision.inter_layers)} intermediate layers)")
+        raise ConvertError(
+            f"{w}: vision_output_dim {vision.output_dim} != hidden_size {vision.hidden} x "
+            f"(1 + {len(vision.inter_layers)} intermediate layers)"
+        )
     if any(not 0 <= i < vision.n_layer for i in vision.inter_layers):
         raise ConvertError(f"{w}: intermediate_layers_indices {vision.inter_layers} outside [0, {vision.n_layer})")
     if any(r * c > vision.max_tiles for r, c in vision.aspect_ratios):
-        raise ConvertError(f"{w}: supported_aspect_ratios {vision.aspect_ratios} exceed "
-                           f"max_num_tiles {vision.max_tiles}")
+        raise ConvertError(
+            f"{w}: supported_aspect_ratios {vision.aspect_ratios} exceed max_num_tiles {vision.max_tiles}"
+        )
     act = vc.get("hidden_act", d["hidden_act"])
     if act != "gelu":
         raise ConvertError(f"{w}: hidden_act {act!r} is not supported (expected 'gelu')")
@@ -316,8 +419,9 @@ def parse_preprocessor(pp: dict, vision: VisionHP, where: str) -> dict:
     if size["height"] != size["width"]:
         raise ConvertError(f"{where}: non-square tiles {size} are not supported")
     if size["height"] != vision.image_size:
-        raise ConvertError(f"{where}: tile size {size['height']} differs from vision_config image_size "
-                           f"{vision.image_size}")
+        raise ConvertError(
+            f"{where}: tile size {size['height']} differs from vision_config image_size {vision.image_size}"
+        )
     for k in ("image_mean", "image_std"):
         v = out[k]
         if isinstance(v, (int, float)) and not isinstance(v, bool):
@@ -329,12 +433,23 @@ def parse_preprocessor(pp: dict, vision: VisionHP, where: str) -> dict:
         if not isinstance(out[k], bool):
             raise ConvertError(f"{where}: {k} must be true or false, got {out[k]!r}")
     out["tile_size"] = size["height"]
-    _hp(HP.check_image, out["tile_size"], out["max_image_tiles"], out["image_mean"], out["image_std"],
-        out["rescale_factor"], out["resample"], {"tile_size": "size.height", "max_num_tiles": "max_image_tiles"},
-        vision.n_channels, where=where)
+    _hp(
+        HP.check_image,
+        out["tile_size"],
+        out["max_image_tiles"],
+        out["image_mean"],
+        out["image_std"],
+        out["rescale_factor"],
+        out["resample"],
+        {"tile_size": "size.height", "max_num_tiles": "max_image_tiles"},
+        vision.n_channels,
+        where=where,
+    )
     if out["max_image_tiles"] != vision.max_tiles:
-        raise ConvertError(f"{where}: max_image_tiles {out['max_image_tiles']} differs from vision_config "
-                           f"max_num_tiles {vision.max_tiles}")
+        raise ConvertError(
+            f"{where}: max_image_tiles {out['max_image_tiles']} differs from vision_config "
+            f"max_num_tiles {vision.max_tiles}"
+        )
     out["image_mean"] = [float(x) for x in out["image_mean"]]
     out["image_std"] = [float(x) for x in out["image_std"]]
     return out
@@ -347,9 +462,11 @@ def _check_sampling(gen: dict, where: str) -> None:
 
     num = lambda k: isinstance(gen.get(k), (int, float)) and not isinstance(gen.get(k), bool)  # noqa: E731
     try:
-        SamplingParams(temperature=gen["temperature"] if num("temperature") else DEFAULT_TEMPERATURE,
-                       top_p=gen["top_p"] if num("top_p") else DEFAULT_TOP_P,
-                       top_k=gen["top_k"] if num("top_k") else 0)
+        SamplingParams(
+            temperature=gen["temperature"] if num("temperature") else DEFAULT_TEMPERATURE,
+            top_p=gen["top_p"] if num("top_p") else DEFAULT_TOP_P,
+            top_k=gen["top_k"] if num("top_k") else 0,
+        )
     except ValueError as e:
         raise ConvertError(f"{where}: {e}") from None
 
@@ -362,13 +479,13 @@ def normalise_name(name: str) -> str:
     model.language_model.layers.0..., lm_head.weight, model.vision_model..., model.multi_modal_projector...
     """
     if name.startswith("model.language_model."):
-        return "language_model.model." + name[len("model.language_model."):]
+        return "language_model.model." + name[len("model.language_model.") :]
     if name == "lm_head.weight":
         return "language_model.lm_head.weight"
     if name.startswith("model.vision_model."):
-        return name[len("model."):]
+        return name[len("model.") :]
     if name.startswith("model.multi_modal_projector."):
-        return name[len("model."):]
+        return name[len("model.") :]
     return name
 
 
@@ -415,8 +532,15 @@ def load_checkpoint(hf_dir) -> Checkpoint:
     for i in stop_ids:
         _hp(HP.check_token_id, i, text.vocab_size + 8, "eos_token_id", where=str(gen_path))
     _check_sampling(gen, str(gen_path))
-    ck = Checkpoint(dir=hf_dir, text=text, vision=vision, image_token_id=image_token, preprocessor=pre,
-                    generation=gen, stop_ids=stop_ids)
+    ck = Checkpoint(
+        dir=hf_dir,
+        text=text,
+        vision=vision,
+        image_token_id=image_token,
+        preprocessor=pre,
+        generation=gen,
+        stop_ids=stop_ids,
+    )
     try:
         for path in weight_files(hf_dir):
             f = SafetensorsFile(path)

@@ -15,6 +15,7 @@ One `Out` per GGUF tensor. Names, shapes and transforms follow mllama_q/gguf_key
   vision_model.*                                    -> v.*   (see gguf_keys for each)
   multi_modal_projector.{weight,bias}               -> mm.0.{weight,bias}
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -81,8 +82,9 @@ def build_plan(ck: Checkpoint) -> list:
     add(K.TOKEN_EMBD, (t.vocab_size + 8, D), "text", lm + "embed_tokens.weight")
     if t.rope_scaling is not None:
         rs = t.rope_scaling
-        freqs = K.rope_freqs_llama3(hd, t.rope_theta, rs["factor"], rs["low_freq_factor"],
-                                    rs["high_freq_factor"], rs["original_context_length"])
+        freqs = K.rope_freqs_llama3(
+            hd, t.rope_theta, rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"], rs["original_context_length"]
+        )
         add(K.ROPE_FREQS, (hd // 2,), "f32", None, transform=CONST, data=freqs)
     n_self = t.n_layer - len(t.cross_layers)
     v_index = 0
@@ -91,10 +93,15 @@ def build_plan(ck: Checkpoint) -> list:
         add(K.blk(K.ATTN_NORM, bid), (D,), "f32", p + "input_layernorm.weight")
         if bid in t.cross_layers:
             x = p + "cross_attn."
-            add(K.blk(K.XATTN_Q, bid), (q_rows, D), "text", x + "q_proj.weight", transform=PERMUTE_QK,
-                n_head=t.n_head)
-            add(K.blk(K.XATTN_K, bid), (kv_rows, D), "text", x + "k_proj.weight", transform=PERMUTE_QK,
-                n_head=t.n_head_kv)
+            add(K.blk(K.XATTN_Q, bid), (q_rows, D), "text", x + "q_proj.weight", transform=PERMUTE_QK, n_head=t.n_head)
+            add(
+                K.blk(K.XATTN_K, bid),
+                (kv_rows, D),
+                "text",
+                x + "k_proj.weight",
+                transform=PERMUTE_QK,
+                n_head=t.n_head_kv,
+            )
             add(K.blk(K.XATTN_V, bid), (kv_rows, D), "text", x + "v_proj.weight")
             add(K.blk(K.XATTN_O, bid), (D, q_rows), "text", x + "o_proj.weight")
             add(K.blk(K.XATTN_Q_NORM, bid), (hd,), "f32", x + "q_norm.weight", transform=PERMUTE_VEC)
@@ -103,10 +110,15 @@ def build_plan(ck: Checkpoint) -> list:
             add(K.blk(K.XATTN_MLP_GATE, bid), (1,), "f32", p + "cross_attn_mlp_gate")
         else:
             a = p + "self_attn."
-            add(K.blk(K.ATTN_Q, bid), (q_rows, D), "text", a + "q_proj.weight", transform=PERMUTE_QK,
-                n_head=t.n_head)
-            add(K.blk(K.ATTN_K, bid), (kv_rows, D), "text", a + "k_proj.weight", transform=PERMUTE_QK,
-                n_head=t.n_head_kv)
+            add(K.blk(K.ATTN_Q, bid), (q_rows, D), "text", a + "q_proj.weight", transform=PERMUTE_QK, n_head=t.n_head)
+            add(
+                K.blk(K.ATTN_K, bid),
+                (kv_rows, D),
+                "text",
+                a + "k_proj.weight",
+                transform=PERMUTE_QK,
+                n_head=t.n_head_kv,
+            )
             add(K.blk(K.ATTN_V, bid), (kv_rows, D), "text", a + "v_proj.weight", role="attn_v", v_index=v_index)
             add(K.blk(K.ATTN_OUTPUT, bid), (D, q_rows), "text", a + "o_proj.weight")
             v_index += 1
@@ -117,8 +129,10 @@ def build_plan(ck: Checkpoint) -> list:
     assert v_index == n_self
     add(K.OUTPUT_NORM, (D,), "f32", lm + "norm.weight")
     if t.tie_word_embeddings:
-        raise ConvertError(f"{ck.dir / 'config.json'}: tie_word_embeddings=true is not supported "
-                           "(Mllama checkpoints have a separate lm_head)")
+        raise ConvertError(
+            f"{ck.dir / 'config.json'}: tie_word_embeddings=true is not supported "
+            "(Mllama checkpoints have a separate lm_head)"
+        )
     add(K.OUTPUT, (t.vocab_size, D), "text", "language_model.lm_head.weight", role="output")
 
     # Vision tower.
@@ -131,8 +145,10 @@ def build_plan(ck: Checkpoint) -> list:
     add(K.V_POS_EMBD_GATE, (1,), "f32", g + "gate", transform=ONE_MINUS_TANH)
     add(K.V_TILE_POS_EMBD, (A + 1, T_ * P * Dv), "f32", g + "tile_embedding.weight")
     add(K.V_TILE_POS_EMBD_GATE, (1,), "f32", g + "gate", transform=TANH)
-    for which, wname, gname in (("pre", K.V_PRE_TILE_EMBD, K.V_PRE_TILE_EMBD_GATE),
-                                ("post", K.V_POST_TILE_EMBD, K.V_POST_TILE_EMBD_GATE)):
+    for which, wname, gname in (
+        ("pre", K.V_PRE_TILE_EMBD, K.V_PRE_TILE_EMBD_GATE),
+        ("post", K.V_POST_TILE_EMBD, K.V_POST_TILE_EMBD_GATE),
+    ):
         s = f"{vm}{which}_tile_positional_embedding."
         add(wname, (A + 1, T_ * Dv), "f32", s + "embedding.weight")
         add(gname, (1,), "f32", s + "gate", transform=TANH)
@@ -183,12 +199,14 @@ def check_tensors(ck: Checkpoint, outs: list) -> None:
         if tuple(e.shape) != shape and not (shape == (1,) and tuple(e.shape) == ()):
             raise ConvertError(f"{e.path}: tensor {name} has shape {list(e.shape)}, config.json implies {list(shape)}")
         if e.dtype not in SUPPORTED_DTYPES:
-            raise ConvertError(f"{e.path}: tensor {name} has unsupported dtype {e.dtype} "
-                               f"(supported: {', '.join(SUPPORTED_DTYPES)})")
+            raise ConvertError(
+                f"{e.path}: tensor {name} has unsupported dtype {e.dtype} (supported: {', '.join(SUPPORTED_DTYPES)})"
+            )
     for name, e in ck.tensors.items():
         if name not in expected:
-            raise ConvertError(f"{e.path}: unexpected tensor {name} (not part of the Mllama layout "
-                               f"for this config.json)")
+            raise ConvertError(
+                f"{e.path}: unexpected tensor {name} (not part of the Mllama layout for this config.json)"
+            )
 
 
 def assign_types(outs: list, ck: Checkpoint, ftype: str, vision_type: str | None) -> list:

@@ -11,6 +11,7 @@ before returning, so the process's resident set never holds more of the input
 than one chunk (a long-lived whole-file mapping would keep every page read so
 far resident and counted in RSS). The page cache still serves repeated reads.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,8 +28,23 @@ from .errors import ConvertError
 # safetensors dtype -> (numpy storage dtype, bytes per element). BF16 is read as
 # its raw 16-bit pattern and widened in `_to_float32`.
 SUPPORTED_DTYPES = {"F32": (np.dtype("<f4"), 4), "F16": (np.dtype("<f2"), 2), "BF16": (np.dtype("<u2"), 2)}
-KNOWN_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-                "U16": 2, "U32": 4, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+KNOWN_DTYPES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "U16": 2,
+    "U32": 4,
+    "U64": 8,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+}
 
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
 
@@ -109,7 +125,8 @@ class SafetensorsFile:
             if begin < 0 or end < begin or end - begin != numel * KNOWN_DTYPES[dtype] or base + end > self.size:
                 raise ConvertError(
                     f"{p}: corrupt safetensors header (tensor {name}: offsets [{begin}, {end}) do not match "
-                    f"shape {list(shape)} of {dtype} within a {self.size}-byte file)")
+                    f"shape {list(shape)} of {dtype} within a {self.size}-byte file)"
+                )
             out[name] = TensorEntry(name, dtype, shape, base + begin, end - begin, p)
         return out
 
@@ -131,8 +148,10 @@ class SafetensorsFile:
         A 0-d (scalar) tensor reads as shape [1].
         """
         if entry.dtype not in SUPPORTED_DTYPES:
-            raise ConvertError(f"{entry.path}: tensor {entry.name} has unsupported dtype {entry.dtype} "
-                               f"(supported: {', '.join(SUPPORTED_DTYPES)})")
+            raise ConvertError(
+                f"{entry.path}: tensor {entry.name} has unsupported dtype {entry.dtype} "
+                f"(supported: {', '.join(SUPPORTED_DTYPES)})"
+            )
         np_dtype, esize = SUPPORTED_DTYPES[entry.dtype]
         shape = entry.shape if entry.shape else (1,)
         rows = shape[0]

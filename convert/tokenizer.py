@@ -15,6 +15,7 @@ BPE, "llama-bpe" pre-tokenizer) vocabulary:
 
 mllama_q/tokenizer.py rebuilds an identical `tokenizers.Tokenizer` from these keys.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -67,7 +68,7 @@ def _template_adds(post, position: str) -> list[str]:
         return []
     single = post.get("single", [])
     seq_at = next((i for i, piece in enumerate(single) if "Sequence" in piece), len(single))
-    pieces = single[:seq_at] if position == "first" else single[seq_at + 1:]
+    pieces = single[:seq_at] if position == "first" else single[seq_at + 1 :]
     return [p["SpecialToken"]["id"] for p in pieces if "SpecialToken" in p]
 
 
@@ -137,8 +138,13 @@ def add_tokenizer_metadata(writer: gguf.GGUFWriter, hf_dir: Path, max_tokens: in
     for i in range(n_vocab):
         if i in id_to_tok:
             tokens.append(id_to_tok[i])
-            types.append(gguf.TokenType.CONTROL if i in special_ids
-                         else gguf.TokenType.USER_DEFINED if i in user_ids else gguf.TokenType.NORMAL)
+            types.append(
+                gguf.TokenType.CONTROL
+                if i in special_ids
+                else gguf.TokenType.USER_DEFINED
+                if i in user_ids
+                else gguf.TokenType.NORMAL
+            )
         else:  # a hole in the id space (llama.cpp fills it the same way)
             tokens.append(f"[PAD{i}]")
             types.append(gguf.TokenType.UNUSED)

@@ -11,6 +11,7 @@ synthetic models) are `mllama_q.cli`, which the runtime never imports.
 
 `import mllama_q` is cheap: the names below are imported on first use (PEP 562).
 """
+
 from __future__ import annotations
 
 __version__ = "0.1.0"
@@ -46,8 +47,10 @@ def backends() -> dict:
     elif _CUDA_VERIFIED:
         cuda_status = "built and verified on a GPU (bench/RESULTS.md)"
     else:
-        cuda_status = ("built but NOT YET VERIFIED on a GPU: no kernel has run on a device; "
-                       "correctness and speed unknown until bench/RESULTS.md holds measured results")
+        cuda_status = (
+            "built but NOT YET VERIFIED on a GPU: no kernel has run on a device; "
+            "correctness and speed unknown until bench/RESULTS.md holds measured results"
+        )
     return {
         "cpu": {
             "built": True,

@@ -6,6 +6,7 @@ blocks of a tensor as stored in the file (uint8 [rows, row_bytes] or any C-conti
 Type names are the lower-case ggml names of type_info(): f32, f16, bf16, q8_0, q4_k, q6_k
 (q8_k: activations only).
 """
+
 from typing import Any
 
 import numpy as np
@@ -110,8 +111,9 @@ def quant_paths() -> list[str]:
 def matmul(x: np.ndarray, w: np.ndarray, wtype: str, n: int, k: int) -> _F32:
     """Y[M, N] = X[M, K] · Wᵀ on the CPU, with W given as GGUF bytes of N rows of K values."""
 
-def bench_matmul(x: np.ndarray, w: np.ndarray, wtype: str, n: int, k: int, iters: int,
-                 cpu_time: bool = False) -> list[float]:
+def bench_matmul(
+    x: np.ndarray, w: np.ndarray, wtype: str, n: int, k: int, iters: int, cpu_time: bool = False
+) -> list[float]:
     """Time `iters` calls of matmul (no Python in the loop); returns seconds per call (wall
     clock, or process CPU time with cpu_time=True)."""
 
@@ -128,10 +130,12 @@ def quantize_q8_0_path(x: np.ndarray, path: str) -> npt.NDArray[np.uint8]:
 def quantize_q8_K_path(x: np.ndarray, path: str) -> npt.NDArray[np.uint8]:
     """Q8_K activation bytes as the kernels of `path` make them (test hook)."""
 
-def sample_probs(logits: npt.ArrayLike, history: npt.ArrayLike,
-                 params: tuple[float, int, float, float, float, float]) -> _F32:
+def sample_probs(
+    logits: npt.ArrayLike, history: npt.ArrayLike, params: tuple[float, int, float, float, float, float]
+) -> _F32:
     """The CPU sampler's distribution f32 [V] for one logits row (csrc/cpu/sampling.h); params
     (temperature, top_k, top_p, min_p, repetition_penalty, u)."""
+
 def cpu_features() -> dict[str, bool]:
     """Instruction-set extensions of this CPU: avx2, fma, f16c, avx512f/bw/vl/dq/vnni/bf16, avxvnni."""
 
@@ -177,8 +181,7 @@ class Backend:
     @property
     def name(self) -> str:
         """'cpu', or 'cuda:N (device name)'."""
-    def matmul(self, x: np.ndarray, w: np.ndarray, wtype: str, n: int, k: int,
-               bias: np.ndarray | None = None) -> _F32:
+    def matmul(self, x: np.ndarray, w: np.ndarray, wtype: str, n: int, k: int, bias: np.ndarray | None = None) -> _F32:
         """x float32 [M, K] · Wᵀ (+ bias [N]) with W as GGUF bytes of N rows of K values -> [M, N]."""
     def get_rows(self, table: np.ndarray, type: str, rows: int, cols: int, ids: npt.ArrayLike) -> _F32:
         """Rows `ids` (any integer dtype, every id checked in [0, rows) before narrowing to int32;
@@ -192,20 +195,33 @@ class Backend:
     def rope(self, x: np.ndarray, pos: npt.ArrayLike, inv_freq: np.ndarray) -> _F32:
         """Interleaved-pair RoPE of x [n_tok, n_head, hd] at positions pos [n_tok] (integers in
         [0, 2**31))."""
-    def attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float,
-                  mask: np.ndarray | None = None, causal: bool = False, q_offset: int = 0) -> _F32:
+    def attention(
+        self,
+        q: np.ndarray,
+        k: np.ndarray,
+        v: np.ndarray,
+        scale: float,
+        mask: np.ndarray | None = None,
+        causal: bool = False,
+        q_offset: int = 0,
+    ) -> _F32:
         """softmax(scale q·kᵀ + mask) v with GQA: q [nq, n_head, hd], k/v [nk, n_kv, hd] (float16 or
         float32), mask [nq, nk] additive; causal: key j visible iff j <= i + q_offset. A row with
         nothing visible is zeros."""
     def store_rows_f16(self, src: np.ndarray) -> npt.NDArray[np.uint16]:
         """float32 rows stored as IEEE half bits (the KV cache format)."""
-    def attention_segments(self, q: np.ndarray, segments: list[tuple[int, int, np.ndarray, np.ndarray, int, bool]],
-                           scale: float) -> _F32:
+    def attention_segments(
+        self, q: np.ndarray, segments: list[tuple[int, int, np.ndarray, np.ndarray, int, bool]], scale: float
+    ) -> _F32:
         """Backend::attention_segments: q [nq, n_head, hd]; each segment (q_row, n_q, k, v, q_offset,
         causal) attends its rows to its own k/v [n_k, n_kv, hd] (float32 or float16, the same for all).
         Rows no segment covers are returned as q. Batch-invariant on the CPU."""
-    def sample(self, logits: np.ndarray, histories: list[npt.ArrayLike],
-               params: list[tuple[float, int, float, float, float, float]]) -> npt.NDArray[np.int32]:
+    def sample(
+        self,
+        logits: np.ndarray,
+        histories: list[npt.ArrayLike],
+        params: list[tuple[float, int, float, float, float, float]],
+    ) -> npt.NDArray[np.int32]:
         """Backend::sample: one id per logits row [n, V], with that row's token history (int32) and
         (temperature, top_k, top_p, min_p, repetition_penalty, u) (transformers' rules, draw u)."""
 
@@ -256,11 +272,17 @@ class MllamaModel:
       tensors: {name: (array, ggml_type, shape)} (mapped GGUF data, not copied)
       n_seq: sequence slots, each with an n_ctx-token KV cache (csrc/model/mllama.h)."""
 
-    def __init__(self, tensors: dict[str, tuple[np.ndarray, int, tuple[int, ...]]], text_hparams: dict[str, Any],
-                 vision_hparams: dict[str, Any] | None = None, device: str = "cpu", n_ctx: int = 4096,
-                 kv_type: str = "f16", n_seq: int = 1) -> None: ...
-    def begin_image(self, pixel_values: np.ndarray, aspect_ratio_id: int,
-                    aspect_ratio_mask: npt.ArrayLike) -> ImageJob:
+    def __init__(
+        self,
+        tensors: dict[str, tuple[np.ndarray, int, tuple[int, ...]]],
+        text_hparams: dict[str, Any],
+        vision_hparams: dict[str, Any] | None = None,
+        device: str = "cpu",
+        n_ctx: int = 4096,
+        kv_type: str = "f16",
+        n_seq: int = 1,
+    ) -> None: ...
+    def begin_image(self, pixel_values: np.ndarray, aspect_ratio_id: int, aspect_ratio_mask: npt.ArrayLike) -> ImageJob:
         """Start encoding one image: pixel_values f32 [max_tiles, C, H, W], its aspect-ratio id,
         aspect_ratio_mask [max_tiles]."""
     def image_from_states(self, states: np.ndarray) -> ImageKV:
@@ -309,10 +331,16 @@ class MllamaModel:
 class VisionEncoder:
     """Mllama vision tower + projector (test binding over one backend)."""
 
-    def __init__(self, tensors: dict[str, tuple[np.ndarray, int, tuple[int, ...]]], hparams: dict[str, Any],
-                 device: str = "cpu", device_id: int = 0) -> None: ...
-    def encode(self, pixel_values: np.ndarray, aspect_ratio_ids: npt.ArrayLike,
-               aspect_ratio_mask: npt.ArrayLike) -> _F32:
+    def __init__(
+        self,
+        tensors: dict[str, tuple[np.ndarray, int, tuple[int, ...]]],
+        hparams: dict[str, Any],
+        device: str = "cpu",
+        device_id: int = 0,
+    ) -> None: ...
+    def encode(
+        self, pixel_values: np.ndarray, aspect_ratio_ids: npt.ArrayLike, aspect_ratio_mask: npt.ArrayLike
+    ) -> _F32:
         """pixel_values float32 [n_img, max_tiles, C, H, W] -> projector outputs
         [n_img, max_tiles, n_patches, out_dim]."""
     @property

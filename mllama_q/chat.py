@@ -21,6 +21,7 @@ against RENDER_TIMEOUT_S (checked in every call, filter and loop iteration: the 
 template's `for` loops iterate through _bounded_iter). Every failure is a ChatTemplateError,
 raised within milliseconds of the limit.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -43,13 +44,13 @@ DEFAULT_TEMPLATE_PATH = Path(__file__).parent / "assets" / "llama3_2_vision_chat
 # Limits of one render. A real prompt is at most n_ctx tokens (131072 for Llama 3.2, about
 # 0.6 M characters); 4 M characters leave room for any real conversation.
 MAX_OUTPUT_CHARS = 4 << 20
-MAX_INT_BITS = 1 << 16        # integers a template computes (2**65536 is already absurd)
+MAX_INT_BITS = 1 << 16  # integers a template computes (2**65536 is already absurd)
 # Time limit: RENDER_TIMEOUT_S plus RENDER_S_PER_CHAR per character of the conversation (the
 # Llama 3.2 template loops over every character of a string content to look for images: about
 # 1 us each, so a 250k-character message takes ~0.3 s; short conversations render in ~1 ms).
 RENDER_TIMEOUT_S = 2.0
 RENDER_S_PER_CHAR = 20e-6
-MAX_MESSAGE_DEPTH = 32        # nesting of message data handed to the template
+MAX_MESSAGE_DEPTH = 32  # nesting of message data handed to the template
 
 
 def default_template() -> str:
@@ -98,8 +99,9 @@ class _TemplateTimeout(Exception):
 
 
 def _too_big(what: str, n: int):
-    raise ChatTemplateError(f"chat template refused: {what} would hold {n:,} characters or items "
-                            f"(limit {MAX_OUTPUT_CHARS:,})")
+    raise ChatTemplateError(
+        f"chat template refused: {what} would hold {n:,} characters or items (limit {MAX_OUTPUT_CHARS:,})"
+    )
 
 
 def _len(x) -> int:
@@ -165,6 +167,7 @@ def _bounded_join(orig):
         if n > MAX_OUTPUT_CHARS:
             _too_big("~ concatenation", n)
         return orig(items)
+
     return join
 
 
@@ -175,7 +178,7 @@ def _bounded_filter(name: str, f):
 
     def bounded(*args, **kwargs):
         _check_deadline()
-        value, rest = (args[first], args[first + 1:]) if len(args) > first else (None, ())
+        value, rest = (args[first], args[first + 1 :]) if len(args) > first else (None, ())
         _check_int_args(rest, kwargs, name)
         if isinstance(value, str):
             _check_str_op(name, value, rest, kwargs)
@@ -218,8 +221,7 @@ class _BoundedEnvironment(ImmutableSandboxedEnvironment):
                         _too_big("repetition", len(seq) * k)
             if isinstance(left, int) and isinstance(right, int):
                 if left.bit_length() + right.bit_length() > MAX_INT_BITS:
-                    raise ChatTemplateError("chat template refused: integer product beyond "
-                                            f"{MAX_INT_BITS} bits")
+                    raise ChatTemplateError(f"chat template refused: integer product beyond {MAX_INT_BITS} bits")
         elif operator == "**":
             if isinstance(left, int) and isinstance(right, int) and abs(left) > 1 and right > 0:
                 if right * left.bit_length() > MAX_INT_BITS:
@@ -372,23 +374,35 @@ def validate_messages(messages: Sequence[Mapping]) -> None:
         if isinstance(content, (list, tuple)):
             for item in content:
                 if not isinstance(item, Mapping) or item.get("type") not in ("text", "image"):
-                    raise ValueError(f"message {i}: content items must be {{'type': 'text'|'image', ...}}, "
-                                     f"got {reprlib.repr(item)}")
+                    raise ValueError(
+                        f"message {i}: content items must be {{'type': 'text'|'image', ...}}, got {reprlib.repr(item)}"
+                    )
                 if item["type"] == "text" and not isinstance(item.get("text"), str):
                     raise ValueError(f"message {i}: a text item needs a 'text' string")
         elif content is not None and not isinstance(content, str) and "tool_calls" not in m:
             raise ValueError(f"message {i}: content must be a string or a list of items")
 
 
-def render(template: str, messages: Sequence[Mapping], *, add_generation_prompt: bool = False,
-           special_tokens: Mapping[str, str] | None = None, tools: Sequence[Mapping] | None = None,
-           **kwargs) -> str:
+def render(
+    template: str,
+    messages: Sequence[Mapping],
+    *,
+    add_generation_prompt: bool = False,
+    special_tokens: Mapping[str, str] | None = None,
+    tools: Sequence[Mapping] | None = None,
+    **kwargs,
+) -> str:
     """Render one conversation. `special_tokens` (bos_token, eos_token, ...) and `kwargs` (e.g.
     date_string) are template variables, as in transformers' apply_chat_template."""
     validate_messages(messages)
     variables = {**(special_tokens or {}), **kwargs}
-    data = dict(messages=_plain(list(messages)), tools=_plain(list(tools)) if tools is not None else None,
-                documents=None, add_generation_prompt=add_generation_prompt, **_plain(variables))
+    data = dict(
+        messages=_plain(list(messages)),
+        tools=_plain(list(tools)) if tools is not None else None,
+        documents=None,
+        add_generation_prompt=add_generation_prompt,
+        **_plain(variables),
+    )
     tmpl = _compile(template)
     try:
         return _render_bounded(tmpl, data)
@@ -429,5 +443,10 @@ class ChatTemplate:
         _compile(self.template)  # fail early on a broken template
 
     def render(self, messages: Sequence[Mapping], add_generation_prompt: bool = True, **kwargs) -> str:
-        return render(self.template, messages, add_generation_prompt=add_generation_prompt,
-                      special_tokens=self.special_tokens, **kwargs)
+        return render(
+            self.template,
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            special_tokens=self.special_tokens,
+            **kwargs,
+        )

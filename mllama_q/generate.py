@@ -21,6 +21,7 @@ Cross-attention mask of generated tokens: HF's MllamaForConditionalGeneration
 (`_update_model_kwargs_for_generation`) appends, for every new token, a copy of the LAST row
 of the prompt's mask. So a new token sees exactly the images the last prompt token saw.
 """
+
 from __future__ import annotations
 
 import time
@@ -37,16 +38,16 @@ STOP_REASONS = ("stop_token", "stop_string", "length", "context_full", "cancelle
 @dataclass
 class GenerationResult:
     text: str
-    tokens: list[int]                 # generated ids (the stop token excluded)
+    tokens: list[int]  # generated ids (the stop token excluded)
     prompt_tokens: int
     completion_tokens: int
-    stop_reason: str                  # one of STOP_REASONS
+    stop_reason: str  # one of STOP_REASONS
     timings: dict[str, float] = field(default_factory=dict)
     # load_s, image_encode_s, prefill_s, decode_s, total_s, prefill_tokens_per_s,
     # decode_tokens_per_s, time_to_first_token_s
-    cached_tokens: int = 0            # prompt tokens reused from the session's KV cache
-    images_encoded: int = 0           # images of the prompt that ran through the vision tower
-    images_cached: int = 0            # images whose cross-attention K/V were reused
+    cached_tokens: int = 0  # prompt tokens reused from the session's KV cache
+    images_encoded: int = 0  # images of the prompt that ran through the vision tower
+    images_cached: int = 0  # images whose cross-attention K/V were reused
 
 
 class GenerationStream:
@@ -99,16 +100,21 @@ class GenerationStream:
 class Prompt:
     """A tokenised prompt ready for the model (batch dimension dropped)."""
 
-    input_ids: np.ndarray                         # int32 [L]
-    cross_attention_mask: np.ndarray | None       # int64 [L, n_images, max_tiles]
-    pixel_values: np.ndarray | None               # float32 [1, n_images, max_tiles, 3, T, T]
-    aspect_ratio_ids: np.ndarray | None           # int64 [1, n_images]
-    aspect_ratio_mask: np.ndarray | None          # int64 [1, n_images, max_tiles]
+    input_ids: np.ndarray  # int32 [L]
+    cross_attention_mask: np.ndarray | None  # int64 [L, n_images, max_tiles]
+    pixel_values: np.ndarray | None  # float32 [1, n_images, max_tiles, 3, T, T]
+    aspect_ratio_ids: np.ndarray | None  # int64 [1, n_images]
+    aspect_ratio_mask: np.ndarray | None  # int64 [1, n_images, max_tiles]
     text: str
 
 
-def prompt_text(model, messages: Sequence[Mapping] | None = None, prompt: str | None = None,
-                add_generation_prompt: bool = True, chat_kwargs: Mapping[str, Any] | None = None) -> tuple[str, bool]:
+def prompt_text(
+    model,
+    messages: Sequence[Mapping] | None = None,
+    prompt: str | None = None,
+    add_generation_prompt: bool = True,
+    chat_kwargs: Mapping[str, Any] | None = None,
+) -> tuple[str, bool]:
     """(text, add_special_tokens) the processor tokenises: messages rendered with the GGUF's chat
     template (which writes BOS itself: False), or a raw prompt as given (True: MllamaProcessor's
     BOS rules apply). Images are not looked at, so this is cheap (the server counts prompt tokens
@@ -127,9 +133,14 @@ def prompt_text(model, messages: Sequence[Mapping] | None = None, prompt: str | 
     return prompt, True
 
 
-def build_prompt(model, messages: Sequence[Mapping] | None = None, prompt: str | None = None,
-                 images: Sequence | None = None, add_generation_prompt: bool = True,
-                 chat_kwargs: Mapping[str, Any] | None = None) -> Prompt:
+def build_prompt(
+    model,
+    messages: Sequence[Mapping] | None = None,
+    prompt: str | None = None,
+    images: Sequence | None = None,
+    add_generation_prompt: bool = True,
+    chat_kwargs: Mapping[str, Any] | None = None,
+) -> Prompt:
     """messages (rendered with the GGUF's chat template, no extra BOS) or a raw prompt
     (MllamaProcessor's rules: BOS text added unless present, tokenizer adds its BOS)."""
     if messages is not None and images is None:
@@ -141,13 +152,15 @@ def build_prompt(model, messages: Sequence[Mapping] | None = None, prompt: str |
                 raise ValueError("some image items carry an image and some do not; pass images= instead")
             images = embedded
     proc = model.processor
-    text, add_special = prompt_text(model, messages=messages, prompt=prompt,
-                                    add_generation_prompt=add_generation_prompt, chat_kwargs=chat_kwargs)
+    text, add_special = prompt_text(
+        model, messages=messages, prompt=prompt, add_generation_prompt=add_generation_prompt, chat_kwargs=chat_kwargs
+    )
     images = list(images) if images is not None else []
     image_token = proc.settings.image_token
     if text.count(image_token) != len(images):
-        raise ValueError(f"the prompt has {text.count(image_token)} {image_token} token(s) but "
-                         f"{len(images)} image(s) were given")
+        raise ValueError(
+            f"the prompt has {text.count(image_token)} {image_token} token(s) but {len(images)} image(s) were given"
+        )
     enc = proc(text=text, images=images or None, add_special_tokens=add_special)
     ids = enc["input_ids"][0].astype(np.int32)
     cam = enc.get("cross_attention_mask")
@@ -167,9 +180,11 @@ def generation_defaults_from_gguf(reader) -> dict:
     from . import gguf_keys as K
     from .gguf_file import get_float, get_int
 
-    return {"temperature": get_float(reader, K.GENERAL_SAMPLING_TEMP, DEFAULT_TEMPERATURE),
-            "top_p": get_float(reader, K.GENERAL_SAMPLING_TOP_P, DEFAULT_TOP_P),
-            "top_k": get_int(reader, K.GENERAL_SAMPLING_TOP_K, 0)}
+    return {
+        "temperature": get_float(reader, K.GENERAL_SAMPLING_TEMP, DEFAULT_TEMPERATURE),
+        "top_p": get_float(reader, K.GENERAL_SAMPLING_TOP_P, DEFAULT_TOP_P),
+        "top_k": get_int(reader, K.GENERAL_SAMPLING_TOP_K, 0),
+    }
 
 
 def stop_ids_from_gguf(reader, tokenizer=None) -> list[int]:
@@ -235,7 +250,8 @@ Options, with the names llama.cpp's server / Ollama's API use for the same thing
                           (those apply it to the last repeat_last_n = 64 tokens only)
   seed=None               the sampler's random seed (None: random)   seed / seed
   stop_strings=None       a string or a list: generation stops when one appears (it is cut
-                          from the text)                      stop / stop  (`stop=` is accepted
+                          from the text; None: model.generation_defaults["stop"] if set, an
+                          Ollama params layer's)              stop / stop  (`stop=` is accepted
                           as an alias: the name llama.cpp, Ollama and OpenAI use)
   stream=False            True: a GenerationStream that yields text pieces   stream / stream
   add_generation_prompt=True, chat_kwargs=None   passed to the chat template
@@ -278,8 +294,15 @@ def _array(a, name: str, ndim: int, dtype) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=dtype)
 
 
-def prompt_from_arrays(model, input_ids, attention_mask=None, pixel_values=None, aspect_ratio_ids=None,
-                       aspect_ratio_mask=None, cross_attention_mask=None) -> Prompt:
+def prompt_from_arrays(
+    model,
+    input_ids,
+    attention_mask=None,
+    pixel_values=None,
+    aspect_ratio_ids=None,
+    aspect_ratio_mask=None,
+    cross_attention_mask=None,
+) -> Prompt:
     """A Prompt from MllamaProcessor-style arrays (what `model.processor(...)` returns)."""
     ids = _array(input_ids, "input_ids", 1, np.int32)
     if ids.size == 0:
@@ -312,20 +335,49 @@ def prompt_from_arrays(model, input_ids, attention_mask=None, pixel_values=None,
     if cross_attention_mask is not None:
         cam = _array(cross_attention_mask, "cross_attention_mask", 3, np.int64)
         if cam.shape != (ids.size, n_img, pixel_values.shape[2]):
-            raise ValueError(f"cross_attention_mask must be [n_tokens, n_images, max_tiles] = "
-                             f"[{ids.size}, {n_img}, {pixel_values.shape[2]}], got {list(cam.shape)}")
+            raise ValueError(
+                f"cross_attention_mask must be [n_tokens, n_images, max_tiles] = "
+                f"[{ids.size}, {n_img}, {pixel_values.shape[2]}], got {list(cam.shape)}"
+            )
     image_id = getattr(model, "image_token_id", None)
     if image_id is not None and n_img and int(np.sum(ids == image_id)) != n_img:
         raise ValueError(f"input_ids hold {int(np.sum(ids == image_id))} image token(s) for {n_img} image(s)")
-    return Prompt(input_ids=ids, cross_attention_mask=cam, pixel_values=pixel_values,
-                  aspect_ratio_ids=aspect_ratio_ids, aspect_ratio_mask=aspect_ratio_mask, text="")
+    return Prompt(
+        input_ids=ids,
+        cross_attention_mask=cam,
+        pixel_values=pixel_values,
+        aspect_ratio_ids=aspect_ratio_ids,
+        aspect_ratio_mask=aspect_ratio_mask,
+        text="",
+    )
 
 
-def prepare_request(model, messages=None, prompt=None, images=None, *, input_ids=None, attention_mask=None,
-                    pixel_values=None, aspect_ratio_ids=None, aspect_ratio_mask=None, cross_attention_mask=None,
-                    max_new_tokens=512, do_sample=None, temperature=None, top_k=None, top_p=None, min_p=0.0,
-                    repetition_penalty=1.0, seed=None, stop_strings=None, stop=None,
-                    add_generation_prompt=True, chat_kwargs=None, progress=None) -> Request:
+def prepare_request(
+    model,
+    messages=None,
+    prompt=None,
+    images=None,
+    *,
+    input_ids=None,
+    attention_mask=None,
+    pixel_values=None,
+    aspect_ratio_ids=None,
+    aspect_ratio_mask=None,
+    cross_attention_mask=None,
+    max_new_tokens=512,
+    do_sample=None,
+    temperature=None,
+    top_k=None,
+    top_p=None,
+    min_p=0.0,
+    repetition_penalty=1.0,
+    seed=None,
+    stop_strings=None,
+    stop=None,
+    add_generation_prompt=True,
+    chat_kwargs=None,
+    progress=None,
+) -> Request:
     """Checks every argument (ValueError naming the bad one) and builds the prompt."""
     t_start = time.perf_counter()
     d = _defaults(model)
@@ -339,31 +391,47 @@ def prepare_request(model, messages=None, prompt=None, images=None, *, input_ids
         temperature=temperature,
         top_k=d["top_k"] if top_k is None else top_k,
         top_p=d["top_p"] if top_p is None else top_p,
-        min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+    )
     if not _is_int(max_new_tokens) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     if stop_strings is not None and stop is not None:
         raise ValueError("give stop_strings= or its alias stop=, not both")
-    stops = _stop_strings(stop_strings if stop_strings is not None else stop)
+    given = stop_strings if stop_strings is not None else stop
+    stops = _stop_strings(d.get("stop") if given is None else given)  # default: the model's (an Ollama params layer)
     if progress is not None and not callable(progress):
         raise ValueError("progress must be a callable(phase, done, total)")
     if input_ids is not None:
         if messages is not None or prompt is not None or images is not None:
             raise ValueError("give input_ids (processor outputs) or messages= / prompt=, not both")
-        p = prompt_from_arrays(model, input_ids, attention_mask, pixel_values, aspect_ratio_ids, aspect_ratio_mask,
-                               cross_attention_mask)
+        p = prompt_from_arrays(
+            model, input_ids, attention_mask, pixel_values, aspect_ratio_ids, aspect_ratio_mask, cross_attention_mask
+        )
     else:
-        if any(a is not None for a in (attention_mask, pixel_values, aspect_ratio_ids, aspect_ratio_mask,
-                                       cross_attention_mask)):
+        if any(
+            a is not None
+            for a in (attention_mask, pixel_values, aspect_ratio_ids, aspect_ratio_mask, cross_attention_mask)
+        ):
             raise ValueError("processor arrays (pixel_values, ...) need input_ids")
-        p = build_prompt(model, messages=messages, prompt=prompt, images=images,
-                         add_generation_prompt=add_generation_prompt, chat_kwargs=chat_kwargs)
+        p = build_prompt(
+            model,
+            messages=messages,
+            prompt=prompt,
+            images=images,
+            add_generation_prompt=add_generation_prompt,
+            chat_kwargs=chat_kwargs,
+        )
     n_prompt = int(p.input_ids.size)
     if n_prompt >= model.n_ctx:
-        raise ValueError(f"prompt is {n_prompt} tokens, the context holds {model.n_ctx} "
-                         "(at least one more position is needed to generate)")
-    return Request(prompt=p, params=params, max_new_tokens=int(max_new_tokens), stops=stops, progress=progress,
-                   t_start=t_start)
+        raise ValueError(
+            f"prompt is {n_prompt} tokens, the context holds {model.n_ctx} "
+            "(at least one more position is needed to generate)"
+        )
+    return Request(
+        prompt=p, params=params, max_new_tokens=int(max_new_tokens), stops=stops, progress=progress, t_start=t_start
+    )
 
 
 class TextOut:
@@ -374,8 +442,8 @@ class TextOut:
     def __init__(self, tokenizer, stops: list[str]):
         self.decoder = tokenizer.stream_decoder(skip_special_tokens=True)
         self.stops = stops
-        self.text = ""      # everything decoded so far (cut at a stop string once hit)
-        self.emitted = 0    # how much of `text` was handed out
+        self.text = ""  # everything decoded so far (cut at a stop string once hit)
+        self.emitted = 0  # how much of `text` was handed out
         self.stopped = False
 
     def push(self, token_id: int) -> str:
@@ -393,7 +461,7 @@ class TextOut:
         else:
             safe = len(self.text)
         if safe > self.emitted:
-            piece = self.text[self.emitted:safe]
+            piece = self.text[self.emitted : safe]
             self.emitted = safe
             return piece
         return ""
@@ -402,13 +470,18 @@ class TextOut:
         """The rest of the text at the end of generation (held-back text, a final partial character)."""
         if not self.stopped:
             self.text += self.decoder.flush()
-        piece = self.text[self.emitted:]
+        piece = self.text[self.emitted :]
         self.emitted = len(self.text)
         return piece
 
 
-def generate(model, messages: Sequence[Mapping] | None = None, prompt: str | None = None,
-             images: Sequence | None = None, **kwargs):
+def generate(
+    model,
+    messages: Sequence[Mapping] | None = None,
+    prompt: str | None = None,
+    images: Sequence | None = None,
+    **kwargs,
+):
     if hasattr(model, "_scheduler"):
         return model.generate(messages=messages, prompt=prompt, images=images, **kwargs)
     stream = kwargs.pop("stream", False)
@@ -423,8 +496,10 @@ def generate(model, messages: Sequence[Mapping] | None = None, prompt: str | Non
             return done.value
 
 
-generate.__doc__ = ("Generate with any model object: a Model (its scheduler: Model.generate), or anything with "
-                    "the low-level API of this module's docstring (one sequence, step by step).\n\n" + GENERATE_DOC)
+generate.__doc__ = (
+    "Generate with any model object: a Model (its scheduler: Model.generate), or anything with "
+    "the low-level API of this module's docstring (one sequence, step by step).\n\n" + GENERATE_DOC
+)
 
 
 def _held_back(text: str, stops: list[str]) -> int:
@@ -500,6 +575,12 @@ def _run(model, req: Request):
     timings["total_s"] = t_end - req.t_start
     if getattr(model, "load_time_s", None) is not None:  # set by Model if it measures its load
         timings["load_s"] = float(model.load_time_s)
-    return GenerationResult(text=out.text, tokens=generated, prompt_tokens=int(p.input_ids.size),
-                            completion_tokens=len(generated), stop_reason=stop_reason, timings=timings,
-                            images_encoded=n_images)
+    return GenerationResult(
+        text=out.text,
+        tokens=generated,
+        prompt_tokens=int(p.input_ids.size),
+        completion_tokens=len(generated),
+        stop_reason=stop_reason,
+        timings=timings,
+        images_encoded=n_images,
+    )

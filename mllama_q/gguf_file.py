@@ -20,6 +20,7 @@ reference this reader must agree with).
 
 Format: github.com/ggml-org/ggml docs/gguf.md; reference reader: llama.cpp ggml/src/gguf.cpp.
 """
+
 from __future__ import annotations
 
 import os
@@ -41,8 +42,16 @@ class ModelFileNotFoundError(ModelFileError, FileNotFoundError):
 
 # numpy element type of the tensor types gguf-py also gives as typed arrays (gguf_reader.py
 # _build_tensors), plus BF16 as its raw uint16 bits; every other type is rows of block bytes.
-_TENSOR_DTYPES = {0: np.float32, 1: np.float16, 24: np.int8, 25: np.int16, 26: np.int32, 27: np.int64,
-                  28: np.float64, 30: np.uint16}
+_TENSOR_DTYPES = {
+    0: np.float32,
+    1: np.float16,
+    24: np.int8,
+    25: np.int16,
+    26: np.int32,
+    27: np.int64,
+    28: np.float64,
+    30: np.uint16,
+}
 
 _LAYOUTS = None
 
@@ -93,7 +102,7 @@ class TensorInfo:
     @property
     def data(self) -> np.ndarray:
         if self._data is None:
-            raw = self._buffer[self.offset:self.offset + self.nbytes]
+            raw = self._buffer[self.offset : self.offset + self.nbytes]
             dt = _TENSOR_DTYPES.get(self.ggml_type)
             if dt is not None:
                 self._data = raw.view(dt).reshape(self.shape)
@@ -174,8 +183,7 @@ class GGUFFile:
         self.data_offset = int(reader.data_offset)
         buf = reader.buffer
         self.metadata = _Metadata(reader)
-        self.tensors: dict[str, TensorInfo] = {
-            t[0]: TensorInfo(*t, buf) for t in reader.tensors()}
+        self.tensors: dict[str, TensorInfo] = {t[0]: TensorInfo(*t, buf) for t in reader.tensors()}
 
     def metadata_type(self, key: str) -> str:
         """'uint32', 'float32', 'bool', 'string', 'array[string]', 'array[array[int32]]', ..."""
@@ -199,8 +207,10 @@ class GGUFFile:
         self.close()
 
     def __repr__(self) -> str:
-        return (f"GGUFFile({self.path!r}, version={self.version}, {len(self.metadata)} metadata, "
-                f"{len(self.tensors)} tensors)")
+        return (
+            f"GGUFFile({self.path!r}, version={self.version}, {len(self.metadata)} metadata, "
+            f"{len(self.tensors)} tensors)"
+        )
 
 
 def open_gguf(path) -> GGUFFile:
@@ -225,8 +235,10 @@ def check_tensor_types(f: GGUFFile) -> None:
     supported = {int(v["ggml_type"]): name for name, v in _core.type_info().items() if v["weight"]}
     for t in f.tensors.values():
         if t.ggml_type not in supported:
-            raise ModelFileError(f"{f.path}: tensor '{t.name}' has ggml type {t.ggml_type} ({t.type_name}), "
-                                 f"not supported (supported: {', '.join(sorted(supported.values()))})")
+            raise ModelFileError(
+                f"{f.path}: tensor '{t.name}' has ggml type {t.ggml_type} ({t.type_name}), "
+                f"not supported (supported: {', '.join(sorted(supported.values()))})"
+            )
 
 
 # ---------------------------------------------------------------------------
@@ -299,9 +311,13 @@ def get_str(f: GGUFFile, key: str, default: Any = None) -> str:
 
 def get_int_list(f: GGUFFile, key: str, default: Any = None) -> list[int]:
     """An integer array (or scalar) as a list of ints; `default` when absent."""
+
     def ok(v):
-        return (_is_int(v) or (isinstance(v, np.ndarray) and np.issubdtype(v.dtype, np.integer))
-                or (isinstance(v, (list, tuple)) and all(_is_int(x) for x in v)))
+        return (
+            _is_int(v)
+            or (isinstance(v, np.ndarray) and np.issubdtype(v.dtype, np.integer))
+            or (isinstance(v, (list, tuple)) and all(_is_int(x) for x in v))
+        )
 
     v = _typed(f, key, default, ok, "a list of integers")
     return [int(v)] if _is_int(v) else [int(x) for x in v]
@@ -338,8 +354,10 @@ def check_architecture(f: GGUFFile, path=None) -> None:
         raise ModelFileError(f"{path}: no '{K.GENERAL_ARCHITECTURE}' key: not a model GGUF")
     arch = get_str(f, K.GENERAL_ARCHITECTURE)
     if arch != K.ARCH:
-        raise ModelFileError(f"{path}: architecture is {arch!r}, expected '{K.ARCH}' "
-                             "(Llama 3.2 Vision); this runtime reads only mllama files")
+        raise ModelFileError(
+            f"{path}: architecture is {arch!r}, expected '{K.ARCH}' "
+            "(Llama 3.2 Vision); this runtime reads only mllama files"
+        )
 
 
 def require_keys(f: GGUFFile, path, keys: Iterable[str]) -> None:
@@ -351,4 +369,3 @@ def require_keys(f: GGUFFile, path, keys: Iterable[str]) -> None:
 def tensor_entry(t: TensorInfo) -> tuple:
     """(array, ggml_type, numpy shape) for _core: the mapped bytes, never copied."""
     return (t.data, t.ggml_type, t.shape)
-

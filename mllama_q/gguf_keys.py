@@ -24,6 +24,7 @@ axis quantization blocks run along); `gguf.GGUFReader` reports `tensor.shape`
 in that reversed (ne) order and `tensor.data` in numpy order; mllama_q.gguf_file's
 `TensorInfo.shape` is the numpy order.
 """
+
 from __future__ import annotations
 
 import enum
@@ -195,7 +196,9 @@ XATTN_MLP_GATE = "blk.{bid}.cross_attn_mlp_gate"  # [1] F32, RAW g: runtime appl
 VISION_PREFIXES = ("v.", "mm.")
 V_PATCH_EMBD = "v.patch_embd.weight"  # [Dv, C, p, p] conv weight, no bias (F16/BF16/F32, never block-quantized)
 V_CLASS_EMBD = "v.class_embd"  # [Dv] F32
-V_POS_EMBD = "v.position_embd.weight"  # [P, Dv] F32 (gated_positional_embedding.embedding)
+V_POS_EMBD = "v.position_embd.weight"  # [P, Dv] F32 (gated_positional_embedding.embedding); F32 or F16 on read:
+# Ollama's converter wrote it F16 until 96b202d34 (2026-04-02, convert/reader.go added it to the always-F32
+# names), F32 after (a v0.4 projector blob may hold either): the runtime reads both.
 V_POS_EMBD_GATE = "v.position_embd.gate"  # [1] F32 = 1 - tanh(g)   (g = gated_positional_embedding.gate)
 V_TILE_POS_EMBD = "v.tile_position_embd.weight"  # [A+1, T*P*Dv] F32 (gated_positional_embedding.tile_embedding)
 V_TILE_POS_EMBD_GATE = "v.tile_position_embd.gate"  # [1] F32 = tanh(g)  (same g as above)
@@ -229,6 +232,36 @@ V_FFN_GATE = "{p}ffn_gate"  # [1] F32 global layers only, = tanh(gate_ffn)  (not
 
 MM_PROJ_W = "mm.0.weight"  # [D, Dv*(1+len(intermediate_layers_indices))] (multi_modal_projector)
 MM_PROJ_B = "mm.0.bias"  # [D] F32
+
+
+# ---------------------------------------------------------------------------
+# Names only files written by Ollama carry (read by mllama_q.ollama, never written here).
+# Sources: ollama/ollama at 9db4bdbad^ (the last commit with mllama) unless noted.
+# ---------------------------------------------------------------------------
+# i32[]: generation_config.json's eos_token_id list, [128001, 128008, 128009] for the published
+# checkpoints (convert/tokenizer.go parseTokenizer + convert/convert.go ModelParameters.KV, added
+# in 333e36042, 2025-05-16). Ollama's runtime stops on eos_token_id + these (model/models/mllama/model.go).
+OLLAMA_EOS_TOKEN_IDS = "tokenizer.ggml.eos_token_ids"
+TOKENIZER_ADD_BOS = "tokenizer.ggml.add_bos_token"  # bool: Ollama copies tokenizer_config.json's, false if absent
+# Linear rope scaling, written instead of rope_freqs.weight when config.json's rope_scaling.type is
+# "linear" (convert/convert_llama.go KV; the runtime divides positions by the factor, model_text.go).
+OLLAMA_ROPE_SCALING_TYPE = "mllama.rope.scaling.type"  # str: "linear"
+OLLAMA_ROPE_SCALING_FACTOR = "mllama.rope.scaling.factor"  # f32
+# Two-file layout (Ollama v0.4 - v0.6): the projector blob (media type
+# application/vnd.ollama.image.projector), read by llama/mllama.cpp at 23125648b^ (mllama_model_load).
+GENERAL_DESCRIPTION = "general.description"  # str, required by mllama.cpp
+OLLAMA_V_PROJECTION_DIM = "mllama.vision.projection_dim"  # u32: mm.0 output = text hidden size
+# Its per-layer names (prefix v.blk.N. / v.global.blk.N.) -> ours. Note the swap: mllama.cpp applies
+# ffn_down first (ff_i, = HF mlp.fc1) and ffn_up second (ff_o, = fc2), the reverse of V_FFN_UP/DOWN.
+OLLAMA_PROJECTOR_LAYER_NAMES = {
+    "ln1": "attn_norm",
+    "ln2": "ffn_norm",
+    "attn_out": "attn_output",
+    "ffn_down": "ffn_up",
+    "ffn_up": "ffn_down",
+}
+# Optional attention biases mllama.cpp would add (Llama 3.2 Vision has none; mllama-q cannot use them).
+OLLAMA_PROJECTOR_ATTN_BIASES = ("{p}attn_q.bias", "{p}attn_k.bias", "{p}attn_v.bias", "{p}attn_out.bias")
 
 
 def blk(name: str, bid: int) -> str:
@@ -286,8 +319,14 @@ def unpermute_head_vector(v: np.ndarray) -> np.ndarray:
     return unpermute_qk(v, 1)
 
 
-def rope_freqs_llama3(head_dim: int, theta: float, factor: float, low_freq_factor: float,
-                      high_freq_factor: float, original_context_length: int) -> np.ndarray:
+def rope_freqs_llama3(
+    head_dim: int,
+    theta: float,
+    factor: float,
+    low_freq_factor: float,
+    high_freq_factor: float,
+    original_context_length: int,
+) -> np.ndarray:
     """`rope_freqs.weight`: float32 [head_dim/2] divisors of the RoPE frequencies.
 
     The runtime uses inv_freq[i] = theta^(-2i/head_dim) / rope_freqs[i], which equals
@@ -307,6 +346,14 @@ def rope_freqs_llama3(head_dim: int, theta: float, factor: float, low_freq_facto
     mid = 1.0 / ((1.0 - smooth) / factor + smooth)
     out = np.where(wavelen < high_wavelen, 1.0, np.where(wavelen > low_wavelen, factor, mid))
     return out.astype(np.float32)
+
+
+def rope_inv_freq(head_dim: int, theta: float, divisors: np.ndarray) -> list[float]:
+    """RoPE inverse frequencies [head_dim/2] the runtime uses: theta^(-2i/head_dim) / divisors[i],
+    rounded to float32 (divisors: rope_freqs.weight, rope_freqs_llama3(...), all `factor` for
+    linear scaling (HF _compute_linear_scaling_rope_parameters), or ones for plain RoPE)."""
+    base = float(theta) ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    return [float(x) for x in (base / np.asarray(divisors, dtype=np.float64)).astype(np.float32)]
 
 
 # Gate conventions (what the runtime computes with each stored gate value s):
@@ -365,15 +412,28 @@ class GGMLType(enum.IntEnum):
 
 # (values per block, bytes per block) of each GGMLType: ggml's ggml_type_traits blck_size /
 # type_size (= gguf-py GGML_QUANT_SIZES).
-BLOCK_SIZES = {GGMLType.F32: (1, 4), GGMLType.F16: (1, 2), GGMLType.BF16: (1, 2), GGMLType.Q8_0: (32, 34),
-               GGMLType.Q4_K: (256, 144), GGMLType.Q6_K: (256, 210)}
+BLOCK_SIZES = {
+    GGMLType.F32: (1, 4),
+    GGMLType.F16: (1, 2),
+    GGMLType.BF16: (1, 2),
+    GGMLType.Q8_0: (32, 34),
+    GGMLType.Q4_K: (256, 144),
+    GGMLType.Q6_K: (256, 210),
+}
 
 # general.file_type values are llama.cpp's `enum llama_ftype` (include/llama.h; gguf-py LlamaFileType).
 FTYPES = ("f32", "f16", "bf16", "q8_0", "q6_k", "q4_k_m", "q4_k_s")
 VISION_TYPES = ("f16", "q8_0", "q4_k")
 
-BASE_TYPE = {"f32": GGMLType.F32, "f16": GGMLType.F16, "bf16": GGMLType.BF16, "q8_0": GGMLType.Q8_0,
-             "q6_k": GGMLType.Q6_K, "q4_k_m": GGMLType.Q4_K, "q4_k_s": GGMLType.Q4_K}
+BASE_TYPE = {
+    "f32": GGMLType.F32,
+    "f16": GGMLType.F16,
+    "bf16": GGMLType.BF16,
+    "q8_0": GGMLType.Q8_0,
+    "q6_k": GGMLType.Q6_K,
+    "q4_k_m": GGMLType.Q4_K,
+    "q4_k_s": GGMLType.Q4_K,
+}
 FLOAT_TYPE = {"f32": GGMLType.F32, "bf16": GGMLType.BF16}  # anything else: F16
 FILE_TYPE = {"f32": 0, "f16": 1, "bf16": 32, "q8_0": 7, "q6_k": 18, "q4_k_m": 15, "q4_k_s": 14}
 VISION_TYPE = {"f16": GGMLType.F16, "q8_0": GGMLType.Q8_0, "q4_k": GGMLType.Q4_K}
@@ -404,12 +464,23 @@ def fallback(t: GGMLType, row: int) -> GGMLType:
 def fallback_reason(wanted: GGMLType, row: int) -> str:
     """Why `fallback(wanted, row)` is not `wanted`, in words for the converter's report."""
     got = fallback(wanted, row)
-    return (f"{got.name} instead of {wanted.name}: rows of {row} values are not a multiple of "
-            f"{wanted.name}'s {BLOCK_SIZES[wanted][0]}-value blocks")
+    return (
+        f"{got.name} instead of {wanted.name}: rows of {row} values are not a multiple of "
+        f"{wanted.name}'s {BLOCK_SIZES[wanted][0]}-value blocks"
+    )
 
 
-def requested_type(kind: str, role: str, ftype: str, vision_type: str | None, *,
-                   layer: int = -1, n_layer: int = 0, v_index: int = -1, n_v: int = 0) -> GGMLType:
+def requested_type(
+    kind: str,
+    role: str,
+    ftype: str,
+    vision_type: str | None,
+    *,
+    layer: int = -1,
+    n_layer: int = 0,
+    v_index: int = -1,
+    n_v: int = 0,
+) -> GGMLType:
     """GGML type the mix asks for, before `fallback` (arguments as tensor_type)."""
     if kind == "f32":
         return GGMLType.F32
@@ -430,8 +501,18 @@ def requested_type(kind: str, role: str, ftype: str, vision_type: str | None, *,
     return t
 
 
-def tensor_type(kind: str, role: str, row: int, ftype: str, vision_type: str | None, *,
-                layer: int = -1, n_layer: int = 0, v_index: int = -1, n_v: int = 0) -> GGMLType:
+def tensor_type(
+    kind: str,
+    role: str,
+    row: int,
+    ftype: str,
+    vision_type: str | None,
+    *,
+    layer: int = -1,
+    n_layer: int = 0,
+    v_index: int = -1,
+    n_v: int = 0,
+) -> GGMLType:
     """GGML type of one output tensor.
 
     kind: "f32" | "conv" | "text" | "vision" (see module doc); role: "output", "attn_v",

@@ -25,6 +25,7 @@ and -90B-Vision-Instruct on the Hugging Face hub (the 90B differs only in the te
             norm_eps 1e-5, 5 intermediate layers, output 7680
     image   560-px tiles, at most 4, CLIP mean/std, rescale 1/255, bilinear (2)
 """
+
 from __future__ import annotations
 
 import math
@@ -40,30 +41,30 @@ class HParamError(ValueError):
 # name: (lo, hi) inclusive; comment: real value, and why the bound is what it is.
 INT_BOUNDS: dict[str, tuple[int, int]] = {
     # text decoder
-    "text.vocab_size": (1, 1 << 20),           # 128256; 8x. embed/output rows; every logit row is V floats
-    "text.hidden_size": (1, 1 << 16),          # 4096 / 8192; 8x the 90B
-    "text.intermediate_size": (1, 1 << 18),    # 14336 / 28672; 9x the 90B
-    "text.n_layer": (1, 1000),                 # 40 / 100; 10x. the converter plans ~9 tensors per layer
-    "text.n_head": (1, 512),                   # 32 / 64; 8x
-    "text.n_kv_head": (1, 512),                # 8; also <= n_head and divides it
-    "text.head_dim": (2, 1024),                # 128; 8x; even (RoPE rotates pairs)
-    "text.context_length": (1, 1 << 24),       # 131072; 128x (n_ctx is the user's; this is metadata)
+    "text.vocab_size": (1, 1 << 20),  # 128256; 8x. embed/output rows; every logit row is V floats
+    "text.hidden_size": (1, 1 << 16),  # 4096 / 8192; 8x the 90B
+    "text.intermediate_size": (1, 1 << 18),  # 14336 / 28672; 9x the 90B
+    "text.n_layer": (1, 1000),  # 40 / 100; 10x. the converter plans ~9 tensors per layer
+    "text.n_head": (1, 512),  # 32 / 64; 8x
+    "text.n_kv_head": (1, 512),  # 8; also <= n_head and divides it
+    "text.head_dim": (2, 1024),  # 128; 8x; even (RoPE rotates pairs)
+    "text.context_length": (1, 1 << 24),  # 131072; 128x (n_ctx is the user's; this is metadata)
     "text.rope_original_context": (1, 1 << 24),  # 8192 (llama3 rope scaling)
     # vision tower
-    "vision.hidden_size": (1, 1 << 14),        # 1280; 12.8x
+    "vision.hidden_size": (1, 1 << 14),  # 1280; 12.8x
     "vision.intermediate_size": (1, 1 << 16),  # 5120; 12.8x
-    "vision.num_layers": (1, 512),             # 32; 16x
-    "vision.num_global_layers": (0, 512),      # 8; 64x
-    "vision.n_head": (1, 512),                 # 16; 32x
-    "vision.image_size": (1, 2240),            # 560 (the tile size); 4x. pixels per tile = size^2 x 3
-    "vision.patch_size": (1, 2240),            # 14; <= image_size
-    "vision.num_channels": (1, 16),            # 3 (RGB)
-    "vision.max_num_tiles": (1, 64),           # 4; 16x. aspect-ratio grids grow as n log n
-    "vision.out_dim": (1, 1 << 20),            # 7680 = hidden x (1 + 5 intermediate layers)
+    "vision.num_layers": (1, 512),  # 32; 16x
+    "vision.num_global_layers": (0, 512),  # 8; 64x
+    "vision.n_head": (1, 512),  # 16; 32x
+    "vision.image_size": (1, 2240),  # 560 (the tile size); 4x. pixels per tile = size^2 x 3
+    "vision.patch_size": (1, 2240),  # 14; <= image_size
+    "vision.num_channels": (1, 16),  # 3 (RGB)
+    "vision.max_num_tiles": (1, 64),  # 4; 16x. aspect-ratio grids grow as n log n
+    "vision.out_dim": (1, 1 << 20),  # 7680 = hidden x (1 + 5 intermediate layers)
     # image preprocessing (preprocessor_config.json / mllama_q.image.*)
-    "image.tile_size": (1, 2240),              # 560; = vision.image_size
-    "image.max_num_tiles": (1, 64),            # 4; = vision.max_num_tiles
-    "image.resample": (0, 5),                  # 2 (PIL BILINEAR); PIL's filters are 0..5
+    "image.tile_size": (1, 2240),  # 560; = vision.image_size
+    "image.max_num_tiles": (1, 64),  # 4; = vision.max_num_tiles
+    "image.resample": (0, 5),  # 2 (PIL BILINEAR); PIL's filters are 0..5
 }
 # Pixels of one preprocessed image (max_num_tiles x tile_size^2): 11B 4 x 560^2 = 1.25 M
 # (15 MB of float32 pixel_values). 16x: 20 M pixels, 240 MB per image.
@@ -80,15 +81,15 @@ MAX_IMAGES_PER_PROMPT = 16
 
 # name: (lo, hi, lo_open). Every float must also be finite.
 FLOAT_BOUNDS: dict[str, tuple[float, float, bool]] = {
-    "text.rms_eps": (0.0, 1.0, True),          # 1e-5; inf makes every logit equal, 0 divides by 0
-    "text.rope_theta": (1.0, 1e12, True),      # 500000; <= 1 has no rotation (or an inverted one)
-    "text.rope_factor": (0.0, 1e6, True),      # 8 (llama3 scaling)
-    "text.rope_low_freq_factor": (0.0, 1e6, True),   # 1
+    "text.rms_eps": (0.0, 1.0, True),  # 1e-5; inf makes every logit equal, 0 divides by 0
+    "text.rope_theta": (1.0, 1e12, True),  # 500000; <= 1 has no rotation (or an inverted one)
+    "text.rope_factor": (0.0, 1e6, True),  # 8 (llama3 scaling)
+    "text.rope_low_freq_factor": (0.0, 1e6, True),  # 1
     "text.rope_high_freq_factor": (0.0, 1e6, True),  # 4; != low_freq_factor
-    "vision.norm_eps": (0.0, 1.0, True),       # 1e-5
+    "vision.norm_eps": (0.0, 1.0, True),  # 1e-5
     "image.rescale_factor": (0.0, 1e3, True),  # 1/255
-    "image.mean": (-1e3, 1e3, False),          # CLIP 0.48, 0.46, 0.41
-    "image.std": (1e-6, 1e3, False),           # CLIP 0.27, 0.26, 0.28; 0 divides by zero
+    "image.mean": (-1e3, 1e3, False),  # CLIP 0.48, 0.46, 0.41
+    "image.std": (1e-6, 1e3, False),  # CLIP 0.27, 0.26, 0.28; 0 divides by zero
 }
 
 
@@ -158,8 +159,18 @@ def _labels(labels: Mapping[str, str] | None):
 
 
 # ------------------------------------------------------------------ structures
-TEXT_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "n_layer", "n_head", "n_kv_head", "head_dim",
-             "rms_eps", "rope_theta", "cross_attention_layers")
+TEXT_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "n_layer",
+    "n_head",
+    "n_kv_head",
+    "head_dim",
+    "rms_eps",
+    "rope_theta",
+    "cross_attention_layers",
+)
 
 
 def check_text(hp: Mapping[str, Any], labels: Mapping[str, str] | None = None) -> None:
@@ -197,40 +208,68 @@ def check_rope_scaling(rs: Mapping[str, Any], labels: Mapping[str, str] | None =
         raise HParamError(f"{L('high_freq_factor')} must differ from {L('low_freq_factor')} (both {hi})")
 
 
-VISION_KEYS = ("hidden_size", "intermediate_size", "num_layers", "num_global_layers", "n_head", "image_size",
-               "patch_size", "num_channels", "max_num_tiles", "norm_eps", "intermediate_layers", "out_dim")
+VISION_KEYS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_layers",
+    "num_global_layers",
+    "n_head",
+    "image_size",
+    "patch_size",
+    "num_channels",
+    "max_num_tiles",
+    "norm_eps",
+    "intermediate_layers",
+    "out_dim",
+)
 
 
 def check_vision(hp: Mapping[str, Any], labels: Mapping[str, str] | None = None) -> None:
     """The vision tower's hyper-parameters, keyed as mllama_q.model.vision_hparams' dict
     (VISION_KEYS; optional: max_aspect_ratio_id)."""
     L = _labels(labels)
-    for k in ("hidden_size", "intermediate_size", "num_layers", "num_global_layers", "n_head", "image_size",
-              "num_channels", "max_num_tiles", "out_dim"):
+    for k in (
+        "hidden_size",
+        "intermediate_size",
+        "num_layers",
+        "num_global_layers",
+        "n_head",
+        "image_size",
+        "num_channels",
+        "max_num_tiles",
+        "out_dim",
+    ):
         check_int(hp[k], "vision." + k, L(k))
     check_int(hp["patch_size"], "vision.patch_size", L("patch_size"), hi=hp["image_size"])
     if hp["hidden_size"] % hp["n_head"]:
-        raise HParamError(f"{L('hidden_size')} = {hp['hidden_size']} is not a multiple of {L('n_head')} = "
-                          f"{hp['n_head']}")
+        raise HParamError(
+            f"{L('hidden_size')} = {hp['hidden_size']} is not a multiple of {L('n_head')} = {hp['n_head']}"
+        )
     grid = hp["image_size"] // hp["patch_size"]
     if grid * grid > MAX_PATCHES_PER_TILE:
-        raise HParamError(f"{L('image_size')} / {L('patch_size')} = {grid}: {grid * grid} patches per tile, "
-                          f"more than {MAX_PATCHES_PER_TILE}")
+        raise HParamError(
+            f"{L('image_size')} / {L('patch_size')} = {grid}: {grid * grid} patches per tile, "
+            f"more than {MAX_PATCHES_PER_TILE}"
+        )
     check_pixels(hp["image_size"], hp["max_num_tiles"], L("image_size"), L("max_num_tiles"))
     check_float(hp["norm_eps"], "vision.norm_eps", L("norm_eps"))
     check_index_list(hp["intermediate_layers"], hp["num_layers"], L("intermediate_layers"))
     if hp.get("max_aspect_ratio_id") is not None:
         n = len(all_aspect_ratios(hp["max_num_tiles"]))
         if not 1 <= hp["max_aspect_ratio_id"] <= n:
-            raise HParamError(f"{hp['max_aspect_ratio_id']} aspect ratios; {hp['max_num_tiles']} tiles allow "
-                              f"between 1 and {n}")
+            raise HParamError(
+                f"{hp['max_aspect_ratio_id']} aspect ratios; {hp['max_num_tiles']} tiles allow between 1 and {n}"
+            )
 
 
-def check_pixels(tile_size: int, max_tiles: int, tile_label: str = "tile_size",
-                 tiles_label: str = "max_num_tiles") -> None:
+def check_pixels(
+    tile_size: int, max_tiles: int, tile_label: str = "tile_size", tiles_label: str = "max_num_tiles"
+) -> None:
     if tile_size * tile_size * max_tiles > MAX_PIXELS_PER_IMAGE:
-        raise HParamError(f"{tiles_label} = {max_tiles} tiles of {tile_label} = {tile_size} px are "
-                          f"{tile_size * tile_size * max_tiles} pixels per image, more than {MAX_PIXELS_PER_IMAGE}")
+        raise HParamError(
+            f"{tiles_label} = {max_tiles} tiles of {tile_label} = {tile_size} px are "
+            f"{tile_size * tile_size * max_tiles} pixels per image, more than {MAX_PIXELS_PER_IMAGE}"
+        )
 
 
 def all_aspect_ratios(max_num_tiles: int) -> tuple[tuple[int, int], ...]:
@@ -243,8 +282,9 @@ def all_aspect_ratios(max_num_tiles: int) -> tuple[tuple[int, int], ...]:
     return tuple((a, b) for a in range(1, n + 1) for b in range(1, n // a + 1))
 
 
-def check_aspect_ratios(pairs: Iterable, max_num_tiles: int, label: str = "supported_aspect_ratios"
-                        ) -> tuple[tuple[int, int], ...]:
+def check_aspect_ratios(
+    pairs: Iterable, max_num_tiles: int, label: str = "supported_aspect_ratios"
+) -> tuple[tuple[int, int], ...]:
     """(rows, cols) pairs, each >= 1 with rows * cols <= max_num_tiles, distinct (so there are
     at most len(all_aspect_ratios(max_num_tiles)) of them). Returns them as int tuples."""
     allowed = set(all_aspect_ratios(max_num_tiles))
@@ -266,8 +306,16 @@ def check_aspect_ratios(pairs: Iterable, max_num_tiles: int, label: str = "suppo
     return tuple(out)
 
 
-def check_image(tile_size: Any, max_num_tiles: Any, image_mean: Any, image_std: Any, rescale_factor: Any,
-                resample: Any, labels: Mapping[str, str] | None = None, n_channels: int = 3) -> None:
+def check_image(
+    tile_size: Any,
+    max_num_tiles: Any,
+    image_mean: Any,
+    image_std: Any,
+    rescale_factor: Any,
+    resample: Any,
+    labels: Mapping[str, str] | None = None,
+    n_channels: int = 3,
+) -> None:
     """The image preprocessing settings (MllamaImageProcessor's), in the processor's names."""
     L = _labels(labels)
     t = check_int(tile_size, "image.tile_size", L("tile_size"))
@@ -299,5 +347,7 @@ def check_token_id(value: Any, n_embd_rows: int, label: str) -> int:
 def check_image_count(n: int, limit: int = MAX_IMAGES_PER_PROMPT) -> None:
     """Refuse a prompt with more images than the model takes, before any image is decoded."""
     if n > limit:
-        raise HParamError(f"{n} images in one prompt; this model takes at most {limit} "
-                          "(each costs about 0.3 GB of cross-attention state; Meta recommends one)")
+        raise HParamError(
+            f"{n} images in one prompt; this model takes at most {limit} "
+            "(each costs about 0.3 GB of cross-attention state; Meta recommends one)"
+        )

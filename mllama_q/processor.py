@@ -19,6 +19,7 @@ Outputs (one sequence, batch dimension 1, like `MllamaProcessor(..., return_tens
     aspect_ratio_mask    int64 [1, n_images, max_tiles]
     cross_attention_mask int64 [1, L, n_images, max_tiles]
 """
+
 from __future__ import annotations
 
 import io
@@ -61,23 +62,27 @@ class ProcessorSettings:
 
     def __post_init__(self):
         # Range rules: mllama_q/hparams.py (HParamError is a ValueError naming the setting).
-        hparams.check_image(self.tile_size, self.max_num_tiles, self.image_mean, self.image_std,
-                            self.rescale_factor, self.resample)
+        hparams.check_image(
+            self.tile_size, self.max_num_tiles, self.image_mean, self.image_std, self.rescale_factor, self.resample
+        )
         hparams.check_aspect_ratios(self.supported_aspect_ratios, self.max_num_tiles)
         if isinstance(self.max_images, bool) or not isinstance(self.max_images, int) or self.max_images < 1:
             raise ValueError(f"max_images must be a positive integer, got {self.max_images!r}")
 
     @classmethod
-    def from_gguf(cls, reader, tokenizer=None) -> "ProcessorSettings":
+    def from_gguf(cls, reader, tokenizer=None, vision_reader=None) -> "ProcessorSettings":
         """Read the settings from a GGUFFile (mllama_q.gguf_file); keys that are absent fall back to
         11B values.
 
         `tokenizer` (our Tokenizer) supplies the `<|image|>` id and the BOS text when given.
+        `vision_reader`: the file holding the mllama.vision.* keys when it is another one (the
+        projector blob of Ollama's two-file layout).
         """
         from .gguf_file import field_value
 
         def get(const_name, literal):
-            return field_value(reader, _key(const_name, literal))
+            r = vision_reader if vision_reader is not None and literal.startswith("mllama.vision.") else reader
+            return field_value(r, _key(const_name, literal))
 
         kw: dict[str, Any] = {}
         v = get("Q_IMG_TILE_SIZE", "mllama_q.image.tile_size")
@@ -123,8 +128,10 @@ class ProcessorSettings:
                 kw["image_token_id"] = tid
             if "image_token_id" in kw:
                 if not 0 <= kw["image_token_id"] < len(tokenizer.tokens):
-                    raise ValueError(f"image token id {kw['image_token_id']} is not one of the tokenizer's "
-                                     f"{len(tokenizer.tokens)} tokens")
+                    raise ValueError(
+                        f"image token id {kw['image_token_id']} is not one of the tokenizer's "
+                        f"{len(tokenizer.tokens)} tokens"
+                    )
                 kw["image_token"] = tokenizer.id_to_token(kw["image_token_id"])
             if tokenizer.bos_token is not None:
                 kw["bos_token"] = tokenizer.bos_token
@@ -160,8 +167,10 @@ def _check_size(width: int, height: int, what: str) -> None:
     if width <= 0 or height <= 0:
         raise ImageError(f"{what} has zero size: {width}x{height}")
     if width * height > MAX_IMAGE_PIXELS:
-        raise ImageError(f"{what} is {width}x{height} = {width * height:,} pixels, more than the "
-                         f"{MAX_IMAGE_PIXELS:,} this reader decodes (a decompression bomb?); downscale it first")
+        raise ImageError(
+            f"{what} is {width}x{height} = {width * height:,} pixels, more than the "
+            f"{MAX_IMAGE_PIXELS:,} this reader decodes (a decompression bomb?); downscale it first"
+        )
 
 
 def _decode(src, what: str) -> Image.Image:
@@ -198,13 +207,13 @@ def load_image(image) -> Image.Image | np.ndarray:
     elif isinstance(image, np.ndarray):
         # (H, W) grey or (H, W, 3|4) uint8, channels last; kept as an array (see to_rgb).
         if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (3, 4)):
-            raise ImageError(f"numpy images must be uint8 (H, W), (H, W, 3) or (H, W, 4); "
-                             f"got {image.dtype} {image.shape}")
+            raise ImageError(
+                f"numpy images must be uint8 (H, W), (H, W, 3) or (H, W, 4); got {image.dtype} {image.shape}"
+            )
         _check_size(image.shape[1], image.shape[0], "image array")
         return image
     else:
-        raise ImageError(f"unsupported image type {type(image).__name__}: "
-                         "pass a path, bytes, PIL image or uint8 array")
+        raise ImageError(f"unsupported image type {type(image).__name__}: pass a path, bytes, PIL image or uint8 array")
     _check_size(img.width, img.height, "image")
     return img
 
@@ -318,6 +327,7 @@ def preprocess_images(images: Sequence, settings: ProcessorSettings) -> dict[str
 # Cross-attention mask
 # ---------------------------------------------------------------------------------------------
 
+
 def image_token_spans(input_ids: Sequence[int], image_token_id: int) -> list[list[int]]:
     """[start, end) token range each image is visible to (end -1 = to the end).
 
@@ -339,8 +349,9 @@ def image_token_spans(input_ids: Sequence[int], image_token_id: int) -> list[lis
     return spans
 
 
-def cross_attention_mask(input_ids: Sequence[int], image_token_id: int, num_tiles: Sequence[int],
-                         max_num_tiles: int) -> np.ndarray:
+def cross_attention_mask(
+    input_ids: Sequence[int], image_token_id: int, num_tiles: Sequence[int], max_num_tiles: int
+) -> np.ndarray:
     """int64 [1, L, n_images, max_num_tiles]: 1 where token l may attend to tile t of image i.
 
     transformers: processing_mllama.convert_sparse_cross_attention_mask_to_dense (one sample)."""
@@ -358,6 +369,7 @@ def cross_attention_mask(input_ids: Sequence[int], image_token_id: int, num_tile
 # ---------------------------------------------------------------------------------------------
 # Processor
 # ---------------------------------------------------------------------------------------------
+
 
 class Processor:
     """`processor(text=..., images=[...])` -> dict of numpy arrays, as MllamaProcessor returns
@@ -383,12 +395,13 @@ class Processor:
             return text
         n = 0
         while text.startswith(s.image_token):
-            text = text[len(s.image_token):]
+            text = text[len(s.image_token) :]
             n += 1
         return s.image_token * n + s.bos_token + text
 
-    def __call__(self, text: str | None = None, images: Sequence | None = None,
-                 add_special_tokens: bool = True) -> dict[str, Any]:
+    def __call__(
+        self, text: str | None = None, images: Sequence | None = None, add_special_tokens: bool = True
+    ) -> dict[str, Any]:
         """add_special_tokens=False is HF's `processor(..., add_special_tokens=False)`, used for
         prompts rendered by the chat template (which writes BOS itself)."""
         s = self.settings
@@ -402,7 +415,8 @@ class Processor:
             n_tok = text.count(s.image_token)
             if n_tok != len(images):
                 raise ValueError(
-                    f"the prompt has {n_tok} {s.image_token} token(s) but {len(images)} image(s) were given")
+                    f"the prompt has {n_tok} {s.image_token} token(s) but {len(images)} image(s) were given"
+                )
         out: dict[str, Any] = {}
         if text is not None:
             if self.tokenizer is None:
@@ -416,6 +430,7 @@ class Processor:
             num_tiles = img.pop("num_tiles")
             if text is not None:
                 out["cross_attention_mask"] = cross_attention_mask(
-                    out["input_ids"][0].tolist(), s.image_token_id, num_tiles, s.max_num_tiles)
+                    out["input_ids"][0].tolist(), s.image_token_id, num_tiles, s.max_num_tiles
+                )
             out.update(img)
         return out

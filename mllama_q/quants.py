@@ -5,6 +5,7 @@
 
 Sizes come from the extension (`type_info()`), never repeated here.
 """
+
 from __future__ import annotations
 
 import math

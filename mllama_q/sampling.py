@@ -16,6 +16,7 @@ temperature == 0 means greedy: argmax after the repetition penalty (HF's do_samp
 Everything runs in float32 like HF's scores (cumulative sums in float64); filtered tokens are
 dropped (HF: -inf, probability 0).
 """
+
 from __future__ import annotations
 
 import math
@@ -122,7 +123,7 @@ def filter_logits(scores: np.ndarray, params: SamplingParams) -> tuple[np.ndarra
         return np.arange(x.size), np.zeros(x.size, dtype=np.float32)
     ids = None  # None = every token
     if params.top_k > 0 and params.top_k < x.size:
-        kth = x[np.argpartition(x, x.size - params.top_k)[x.size - params.top_k:]].min()
+        kth = x[np.argpartition(x, x.size - params.top_k)[x.size - params.top_k :]].min()
         ids = np.flatnonzero(x >= kth)  # HF: remove s < k-th largest (ties survive)
     if ids is None:
         ids = np.arange(x.size)
@@ -144,7 +145,7 @@ def _top_p_keep(p: np.ndarray, top_p: float, first: int = 1024) -> np.ndarray:
     full sort when they do not hold top_p of the mass."""
     n = p.size
     if n > first:
-        part = np.argpartition(p, n - first)[n - first:]
+        part = np.argpartition(p, n - first)[n - first :]
         order = part[np.argsort(-p[part], kind="stable")]
     else:
         order = np.argsort(-p, kind="stable")
@@ -189,8 +190,14 @@ def core_params(params: SamplingParams, u: float) -> tuple:
     sample_probs): (temperature, top_k, top_p, min_p, repetition_penalty, u)."""
     # top_k >= the vocabulary keeps every token (as 0 does): any value past int32 means the same
     # and must not overflow the core's int32 field.
-    return (float(params.temperature), min(int(params.top_k), 2**31 - 1), float(params.top_p),
-            float(params.min_p), float(params.repetition_penalty), float(u))
+    return (
+        float(params.temperature),
+        min(int(params.top_k), 2**31 - 1),
+        float(params.top_p),
+        float(params.min_p),
+        float(params.repetition_penalty),
+        float(u),
+    )
 
 
 class Sampler:

@@ -47,6 +47,7 @@ Locking story -- the one place where threads meet:
   * Read-only views for other threads (Session.tokens) are immutable tuples that the
     engine swaps in (a reference assignment is atomic in CPython).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -144,13 +145,16 @@ class _Turn:
         self.finished = threading.Event()
         self.cancelled = False
         self.in_step = False
-        self.state = "queued"     # queued -> images -> prefill -> decode -> done
+        self.state = "queued"  # queued -> images -> prefill -> decode -> done
         self.result: GenerationResult | None = None
         model = session._model
         # ids index token_embd (vocab_size + 8 rows; <|image|> = vocab_size)
         self.ids = checked_int32(p.input_ids, "input_ids", 0, int(model.text_hparams["vocab_size"]) + 7)
-        self.mask = None if p.cross_attention_mask is None else checked_int32(p.cross_attention_mask,
-                                                                               "cross_attention_mask", 0, 1)
+        self.mask = (
+            None
+            if p.cross_attention_mask is None
+            else checked_int32(p.cross_attention_mask, "cross_attention_mask", 0, 1)
+        )
         # images: (pixels [T, C, H, W], aspect-ratio id, tile mask [T]) and their keys, prompt order
         self.images: list[tuple[np.ndarray, int, np.ndarray]] = []
         if p.pixel_values is not None:
@@ -159,20 +163,20 @@ class _Turn:
             ar_mask = checked_int32(p.aspect_ratio_mask, "aspect_ratio_mask", 0, 1)
             for i in range(p.pixel_values.shape[1]):
                 self.images.append((p.pixel_values[0, i], int(ar_ids[0, i]), ar_mask[0, i]))
-        self.keys = [image_key(*im) for im in self.images]   # in the caller's thread (~10 ms per image)
+        self.keys = [image_key(*im) for im in self.images]  # in the caller's thread (~10 ms per image)
         self.handles: list[Any] = [None] * len(self.images)
-        self.todo: list[int] = []                            # images still to encode
+        self.todo: list[int] = []  # images still to encode
         self.job = None
         self.units_done = self.units_total = 0
-        self.ctx: np.ndarray | None = None                   # int64 [L] context id per prompt row
-        self.keep = 0                                        # prompt tokens reused from the cache
-        self.pos = 0                                         # next prompt row to prefill
-        self.touched = False                                 # the slot was truncated / overwritten
-        self.snapshot = None                                 # the rows the turn overwrites (core.seq_snapshot)
-        self.saved = None                                    # session state before the turn
+        self.ctx: np.ndarray | None = None  # int64 [L] context id per prompt row
+        self.keep = 0  # prompt tokens reused from the cache
+        self.pos = 0  # next prompt row to prefill
+        self.touched = False  # the slot was truncated / overwritten
+        self.snapshot = None  # the rows the turn overwrites (core.seq_snapshot)
+        self.saved = None  # session state before the turn
         self.rng = np.random.default_rng(req.params.seed)
         self.pending_u: float | None = None
-        self.last = -1                                       # token to feed next (decode)
+        self.last = -1  # token to feed next (decode)
         self.generated: list[int] = []
         self.out: TextOut | None = None
         self.n_decode_steps = 0
@@ -195,7 +199,7 @@ class Scheduler:
     docstring for the locking story."""
 
     def __init__(self, model, core, n_slots: int, n_batch: int, prefill_chunk: int, image_cache: ImageCache):
-        self._model_ref = weakref.ref(model)   # the Model holds the scheduler: no cycle
+        self._model_ref = weakref.ref(model)  # the Model holds the scheduler: no cycle
         self.core = core
         self.n_batch = int(n_batch)
         self.prefill_chunk = int(prefill_chunk)
@@ -203,13 +207,14 @@ class Scheduler:
         self.n_ctx = int(core.n_ctx)
         self._sh = _Shared()
         self._free = list(range(n_slots))
-        self._holders: dict[int, Any] = {}     # slot -> weakref to the Session, or _LOW_LEVEL
+        self._holders: dict[int, Any] = {}  # slot -> weakref to the Session, or _LOW_LEVEL
         self._sessions: weakref.WeakSet = weakref.WeakSet()
         self._ctx_ids: dict[tuple, int] = {}
         # The thread holds the scheduler weakly: an idle, unreferenced Model is freed (and its
         # thread ends); turns in flight hold their sessions, and so the model, alive.
-        self._thread = threading.Thread(target=Scheduler._thread_main, args=(weakref.ref(self), self._sh),
-                                        name="mllama-q-engine", daemon=True)
+        self._thread = threading.Thread(
+            target=Scheduler._thread_main, args=(weakref.ref(self), self._sh), name="mllama-q-engine", daemon=True
+        )
         self._thread.start()
 
     def __del__(self):
@@ -247,22 +252,27 @@ class Scheduler:
                     break
                 live = [h() for h in self._holders.values() if h is not _LOW_LEVEL]
                 me = threading.get_ident()
-                if any(getattr(h, "_temporary", False) and getattr(h, "_owner_thread", None) == me
-                       and _held_for_caller(h) for h in live):
+                if any(
+                    getattr(h, "_temporary", False) and getattr(h, "_owner_thread", None) == me and _held_for_caller(h)
+                    for h in live
+                ):
                     # Waiting would wait for this very thread: its stream keeps the slot until it
                     # is exhausted or closed, also when every token is already computed.
-                    raise RuntimeError("this thread is still generating with this Model (an unfinished stream?): "
-                                       "exhaust it or call its close() before the next call")
+                    raise RuntimeError(
+                        "this thread is still generating with this Model (an unfinished stream?): "
+                        "exhaust it or call its close() before the next call"
+                    )
                 temporary = any(getattr(h, "_temporary", False) for h in live)
-                del live   # no strong reference while waiting: a dropped session's weakref must die
+                del live  # no strong reference while waiting: a dropped session's weakref must die
                 if wait_for_temporary and temporary:
                     self._sh.cv.wait(0.5)
                     continue
                 raise RuntimeError(
                     f"all {len(self._holders)} sessions of this model are in use: close one, or load the model "
-                    f"with a larger max_sessions (each costs n_ctx x the KV cache of one token)")
+                    f"with a larger max_sessions (each costs n_ctx x the KV cache of one token)"
+                )
             self._holders[slot] = entry
-        self._clear_slot(slot)   # outside the lock: it waits for the core's running step
+        self._clear_slot(slot)  # outside the lock: it waits for the core's running step
         return slot
 
     def release_slot(self, slot: int) -> None:
@@ -354,7 +364,7 @@ class Scheduler:
                 return
             if not sched._once():
                 return
-            del sched   # no strong reference while waiting
+            del sched  # no strong reference while waiting
 
     def _once(self) -> bool:
         """One engine iteration; False when the scheduler is stopping (every turn finished)."""
@@ -376,7 +386,7 @@ class Scheduler:
         self.core.clear_abort()
         try:
             self._iterate()
-        except Exception as e:   # a bug or a device error: fail the live turns, keep serving
+        except Exception as e:  # a bug or a device error: fail the live turns, keep serving
             for t in list(self._sh.turns):
                 self._fail(t, e)
         return True
@@ -412,13 +422,13 @@ class Scheduler:
         if not t.images:
             return np.zeros(n, dtype=np.int64)
         keys = tuple(t.keys)
-        if t.mask is None:   # no mask: every vision token visible (HF forward without one)
+        if t.mask is None:  # no mask: every vision token visible (HF forward without one)
             return np.full(n, self._ctx_id(("nomask",) + keys), dtype=np.int64)
         bits = (t.mask.astype(np.int64) << np.arange(t.mask.shape[2], dtype=np.int64)).sum(axis=2)  # [n, n_img]
         uniq, inv = np.unique(bits, axis=0, return_inverse=True)
         ids = []
         for row in uniq:
-            if not row.any():   # sees no tile: attends to every key of every image (HF)
+            if not row.any():  # sees no tile: attends to every key of every image (HF)
                 ids.append(self._ctx_id(("all",) + keys))
             else:
                 ids.append(self._ctx_id(("vis",) + tuple((keys[i], int(b)) for i, b in enumerate(row) if b)))
@@ -432,7 +442,7 @@ class Scheduler:
         n = min(old_tok.size, t.ids.size)
         diff = np.flatnonzero((old_tok[:n] != t.ids[:n]) | (old_ctx[:n] != t.ctx[:n]))
         lcp = int(diff[0]) if diff.size else n
-        t.keep = min(lcp, t.ids.size - 1)   # the last prompt token is always evaluated (its logits)
+        t.keep = min(lcp, t.ids.size - 1)  # the last prompt token is always evaluated (its logits)
         t.pos = t.keep
         t.saved = (s._tok, s._ctx, list(s._handles), list(s._keys))
         t.out = TextOut(self.model.tokenizer, t.req.stops)
@@ -491,12 +501,12 @@ class Scheduler:
         The rows the turn is about to overwrite are saved first, so that cancelling it gives
         the session back exactly as it was."""
         s = t.session
-        t.snapshot = self.core.seq_snapshot(s._slot, t.keep)   # no rows when the prompt extends the cache
+        t.snapshot = self.core.seq_snapshot(s._slot, t.keep)  # no rows when the prompt extends the cache
         if s._keys != t.keys:
             self.core.seq_set_images(s._slot, t.handles)
             s._handles, s._keys = list(t.handles), list(t.keys)
         self.core.seq_truncate(s._slot, t.keep)
-        s._set(s._tok[:t.keep], s._ctx[:t.keep])
+        s._set(s._tok[: t.keep], s._ctx[: t.keep])
         t.touched = True
 
     def _step(self, decode: list[_Turn], prefill: list[_Turn]) -> None:
@@ -506,8 +516,9 @@ class Scheduler:
             if t.pending_u is None:
                 # the same draws as sampling.Sampler: one random() per non-greedy token
                 t.pending_u = 0.0 if t.req.params.greedy else float(t.rng.random())
-            entries.append((t.session._slot, np.asarray([t.last], dtype=np.int32), None, 0,
-                            core_params(t.req.params, t.pending_u)))
+            entries.append(
+                (t.session._slot, np.asarray([t.last], dtype=np.int32), None, 0, core_params(t.req.params, t.pending_u))
+            )
             plan.append((t, 1))
         budget = self.n_batch - len(decode)
         cap = self.prefill_chunk if decode else self.n_batch
@@ -518,9 +529,16 @@ class Scheduler:
             last = t.pos + n == t.ids.size
             if last and t.pending_u is None:
                 t.pending_u = 0.0 if t.req.params.greedy else float(t.rng.random())
-            mask = None if t.mask is None else t.mask[t.pos:t.pos + n]
-            entries.append((t.session._slot, t.ids[t.pos:t.pos + n], mask, 0,
-                            core_params(t.req.params, t.pending_u) if last else None))
+            mask = None if t.mask is None else t.mask[t.pos : t.pos + n]
+            entries.append(
+                (
+                    t.session._slot,
+                    t.ids[t.pos : t.pos + n],
+                    mask,
+                    0,
+                    core_params(t.req.params, t.pending_u) if last else None,
+                )
+            )
             plan.append((t, n))
             budget -= n
         if not entries:
@@ -532,10 +550,10 @@ class Scheduler:
         if abort_now:
             for t, _ in plan:
                 t.in_step = False
-            return   # the cancelled turn is finished at the top of the loop
+            return  # the cancelled turn is finished at the top of the loop
         for t, _ in plan:
             if t.state == "prefill" and not t.touched:
-                self._touch(t)   # from here on the turn's rows past t.keep are being overwritten
+                self._touch(t)  # from here on the turn's rows past t.keep are being overwritten
         from . import _core
 
         try:
@@ -543,7 +561,7 @@ class Scheduler:
         except _core.StepAborted:
             for t, _ in plan:
                 t.in_step = False
-            return   # nothing committed; the cancelled turns finish next iteration, the others retry
+            return  # nothing committed; the cancelled turns finish next iteration, the others retry
         except Exception as e:
             for t, _ in plan:
                 t.in_step = False
@@ -566,7 +584,7 @@ class Scheduler:
             self._post(t, "progress", "prefill", t.pos - t.keep, t.ids.size - t.keep)
             if t.pos == t.ids.size:
                 t.pending_u = None
-                t.snapshot = None   # the prompt is in: a later cancel keeps what was generated
+                t.snapshot = None  # the prompt is in: a later cancel keeps what was generated
                 t.t_first = now
                 t.t_decode0 = now
                 self._sampled(t, int(sampled))
@@ -595,7 +613,7 @@ class Scheduler:
         s = t.session
         t.job = None
         if not t.touched:
-            return   # the slot was not changed yet
+            return  # the slot was not changed yet
         # Rows below t.keep (a common prefix) were never written; those from it on were
         # saved (t.snapshot) when the turn had to overwrite some.
         old_tok, old_ctx, old_handles, old_keys = t.saved
@@ -633,9 +651,16 @@ class Scheduler:
         if getattr(self.model, "load_time_s", None) is not None:
             timings["load_s"] = float(self.model.load_time_s)
         t.result = GenerationResult(
-            text=out.text, tokens=list(t.generated), prompt_tokens=int(t.ids.size),
-            completion_tokens=len(t.generated), stop_reason=reason, timings=timings, cached_tokens=int(t.keep),
-            images_encoded=len(t.images) - t.images_cached, images_cached=t.images_cached)
+            text=out.text,
+            tokens=list(t.generated),
+            prompt_tokens=int(t.ids.size),
+            completion_tokens=len(t.generated),
+            stop_reason=reason,
+            timings=timings,
+            cached_tokens=int(t.keep),
+            images_encoded=len(t.images) - t.images_cached,
+            images_cached=t.images_cached,
+        )
         self._retire(t)
         self._post(t, "done", t.result)
         t.finished.set()
@@ -660,7 +685,7 @@ class Scheduler:
         t.finished.set()
 
 
-_LOW_LEVEL = object()   # slot holder: the low-level Model API (reset/eval/encode_images/forward)
+_LOW_LEVEL = object()  # slot holder: the low-level Model API (reset/eval/encode_images/forward)
 
 
 class Session:
@@ -672,7 +697,7 @@ class Session:
         self._sched: Scheduler = model._scheduler
         self._temporary = _temporary
         self._owner_thread = threading.get_ident()  # a one-shot call's thread (acquire_slot's same-thread check)
-        self._abandoned = False   # set when a one-shot call's stream is dropped unread
+        self._abandoned = False  # set when a one-shot call's stream is dropped unread
         self._closed = True
         self._turn: _Turn | None = None
         self._tok = np.zeros(0, dtype=np.int32)
@@ -684,7 +709,7 @@ class Session:
         with self._sched._sh.cv:
             self._sched._sessions.add(self)
 
-    def _set(self, tok: np.ndarray, ctx: np.ndarray) -> None:   # engine thread
+    def _set(self, tok: np.ndarray, ctx: np.ndarray) -> None:  # engine thread
         # new arrays, never changed in place: other threads may read the old ones
         self._tok, self._ctx = tok, ctx
 
@@ -698,24 +723,60 @@ class Session:
         """Images whose cross-attention K/V this session holds."""
         return len(self._handles)
 
-    def generate(self, messages: Sequence[Mapping] | None = None, prompt: str | None = None,
-                 images: Sequence | None = None, *, input_ids=None, attention_mask=None, pixel_values=None,
-                 aspect_ratio_ids=None, aspect_ratio_mask=None, cross_attention_mask=None,
-                 max_new_tokens: int = 512, do_sample: bool | None = None, temperature: float | None = None,
-                 top_k: int | None = None, top_p: float | None = None, min_p: float = 0.0,
-                 repetition_penalty: float = 1.0, seed: int | None = None,
-                 stop_strings: Sequence[str] | str | None = None, stop: Sequence[str] | str | None = None,
-                 stream: bool = False, add_generation_prompt: bool = True,
-                 chat_kwargs: Mapping[str, Any] | None = None, progress=None):
+    def generate(
+        self,
+        messages: Sequence[Mapping] | None = None,
+        prompt: str | None = None,
+        images: Sequence | None = None,
+        *,
+        input_ids=None,
+        attention_mask=None,
+        pixel_values=None,
+        aspect_ratio_ids=None,
+        aspect_ratio_mask=None,
+        cross_attention_mask=None,
+        max_new_tokens: int = 512,
+        do_sample: bool | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        min_p: float = 0.0,
+        repetition_penalty: float = 1.0,
+        seed: int | None = None,
+        stop_strings: Sequence[str] | str | None = None,
+        stop: Sequence[str] | str | None = None,
+        stream: bool = False,
+        add_generation_prompt: bool = True,
+        chat_kwargs: Mapping[str, Any] | None = None,
+        progress=None,
+    ):
         if self._closed:
             raise RuntimeError("this session is closed")
         req = prepare_request(
-            self._model, messages, prompt, images, input_ids=input_ids, attention_mask=attention_mask,
-            pixel_values=pixel_values, aspect_ratio_ids=aspect_ratio_ids, aspect_ratio_mask=aspect_ratio_mask,
-            cross_attention_mask=cross_attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
-            temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
-            seed=seed, stop_strings=stop_strings, stop=stop, add_generation_prompt=add_generation_prompt,
-            chat_kwargs=chat_kwargs, progress=progress)
+            self._model,
+            messages,
+            prompt,
+            images,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            pixel_values=pixel_values,
+            aspect_ratio_ids=aspect_ratio_ids,
+            aspect_ratio_mask=aspect_ratio_mask,
+            cross_attention_mask=cross_attention_mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            min_p=min_p,
+            repetition_penalty=repetition_penalty,
+            seed=seed,
+            stop_strings=stop_strings,
+            stop=stop,
+            add_generation_prompt=add_generation_prompt,
+            chat_kwargs=chat_kwargs,
+            progress=progress,
+        )
         self._wait_rollback()
         turn = self._sched.submit(self, req)
         gen = self._sched.events(turn, progress)
@@ -768,5 +829,7 @@ class Session:
         self.close()
 
     def __repr__(self) -> str:
-        return (f"Session(slot={self._slot}, tokens={self._tok.size}, images={len(self._handles)}"
-                f"{', closed' if self._closed else ''})")
+        return (
+            f"Session(slot={self._slot}, tokens={self._tok.size}, images={len(self._handles)}"
+            f"{', closed' if self._closed else ''})"
+        )

@@ -17,6 +17,7 @@ BOS is NOT added by the `tokenizers` object itself; `encode(text, add_special_to
 prepends it when the GGUF says so (tokenizer.ggml.add_bos_token), which is what HF's Llama 3
 post-processor does.
 """
+
 from __future__ import annotations
 
 import codecs
@@ -42,8 +43,9 @@ PRE_TOKENIZERS = ("llama-bpe", "llama3", "default")
 
 def _byte_decoder() -> dict[str, int]:
     """Inverse of GPT-2's bytes_to_unicode: the printable char standing for each byte."""
-    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-                 + list(range(ord("®"), ord("ÿ") + 1)))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     chars = {b: b for b in printable}
     n = 0
     for b in range(256):
@@ -84,22 +86,41 @@ def _tokenizer_json(tokens, types: np.ndarray, merges, added: np.ndarray) -> str
     installed `tokenizers` itself from an empty shell, so they are spelled as this version
     expects; vocab and merges (the big parts) are spliced in as ready-made JSON."""
     shell = _HFTokenizer(models.BPE(vocab={}, merges=[], fuse_unk=False, byte_fallback=False, ignore_merges=True))
-    shell.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    shell.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     shell.decoder = decoders.ByteLevel()
     doc = json.loads(shell.to_str())
     # Every token keeps its id in the BPE vocabulary; CONTROL tokens are special added tokens,
     # USER_DEFINED ones plain added tokens (tokenizers matches added tokens before the model).
-    doc["added_tokens"] = [{"id": int(i), "content": tokens[int(i)], "single_word": False, "lstrip": False,
-                            "rstrip": False, "normalized": False, "special": bool(types[i] == CONTROL)}
-                           for i in added]
+    doc["added_tokens"] = [
+        {
+            "id": int(i),
+            "content": tokens[int(i)],
+            "single_word": False,
+            "lstrip": False,
+            "rstrip": False,
+            "normalized": False,
+            "special": bool(types[i] == CONTROL),
+        }
+        for i in added
+    ]
     model = doc.pop("model")
     model.pop("vocab", None)
     model.pop("merges", None)
-    return (json.dumps(doc, ensure_ascii=False)[:-1] + ',"model":' + json.dumps(model)[:-1]
-            + ',"vocab":' + _vocab_json(tokens) + ',"merges":' + _merges_json(merges) + "}}")
+    return (
+        json.dumps(doc, ensure_ascii=False)[:-1]
+        + ',"model":'
+        + json.dumps(model)[:-1]
+        + ',"vocab":'
+        + _vocab_json(tokens)
+        + ',"merges":'
+        + _merges_json(merges)
+        + "}}"
+    )
 
 
 class Tokenizer:
@@ -110,10 +131,22 @@ class Tokenizer:
     lazily decoded string array), types (int array [n_vocab]), hf (the tokenizers.Tokenizer).
     """
 
-    def __init__(self, tokens: Sequence[str], token_types: Sequence[int] | None, merges: Sequence[str], *,
-                 bos_id: int | None = None, eos_id: int | None = None, pad_id: int | None = None,
-                 eot_id: int | None = None, eom_id: int | None = None, add_bos: bool = True,
-                 add_eos: bool = False, chat_template: str | None = None, pre: str = "llama-bpe"):
+    def __init__(
+        self,
+        tokens: Sequence[str],
+        token_types: Sequence[int] | None,
+        merges: Sequence[str],
+        *,
+        bos_id: int | None = None,
+        eos_id: int | None = None,
+        pad_id: int | None = None,
+        eot_id: int | None = None,
+        eom_id: int | None = None,
+        add_bos: bool = True,
+        add_eos: bool = False,
+        chat_template: str | None = None,
+        pre: str = "llama-bpe",
+    ):
         if pre not in PRE_TOKENIZERS:
             raise ValueError(f"unsupported pre-tokenizer {pre!r} (only Llama 3's 'llama-bpe')")
         n = len(tokens)
@@ -159,27 +192,44 @@ class Tokenizer:
         if n == 0:
             raise ModelFileError(f"{f.path}: {K.TOKENIZER_TOKENS} is empty")
         types = field_value(f, K.TOKENIZER_TOKEN_TYPE)
-        if types is not None and not (isinstance(types, np.ndarray) and np.issubdtype(types.dtype, np.integer)
-                                      and types.dtype != np.bool_):
-            raise ModelFileError(f"{f.path}: {K.TOKENIZER_TOKEN_TYPE} must be an array of integers, "
-                                 f"not {f.metadata_type(K.TOKENIZER_TOKEN_TYPE)}")
+        if types is not None and not (
+            isinstance(types, np.ndarray) and np.issubdtype(types.dtype, np.integer) and types.dtype != np.bool_
+        ):
+            raise ModelFileError(
+                f"{f.path}: {K.TOKENIZER_TOKEN_TYPE} must be an array of integers, "
+                f"not {f.metadata_type(K.TOKENIZER_TOKEN_TYPE)}"
+            )
         if types is not None and len(types) != n:
             raise ModelFileError(f"{f.path}: {K.TOKENIZER_TOKEN_TYPE} has {len(types)} entries for {n} tokens")
         ids = {}
-        for name, key in (("bos", K.TOKENIZER_BOS_ID), ("eos", K.TOKENIZER_EOS_ID), ("pad", K.TOKENIZER_PAD_ID),
-                          ("eot", K.TOKENIZER_EOT_ID), ("eom", K.TOKENIZER_EOM_ID)):
+        for name, key in (
+            ("bos", K.TOKENIZER_BOS_ID),
+            ("eos", K.TOKENIZER_EOS_ID),
+            ("pad", K.TOKENIZER_PAD_ID),
+            ("eot", K.TOKENIZER_EOT_ID),
+            ("eom", K.TOKENIZER_EOM_ID),
+        ):
             v = None if key not in f.metadata else get_int(f, key)
             if v is not None and not 0 <= v < n:
                 raise ModelFileError(f"{f.path}: {key} = {v} is outside the {n} tokens of {K.TOKENIZER_TOKENS}")
             ids[name + "_id"] = v
         pre = get_str(f, K.TOKENIZER_PRE, "llama-bpe")
         if pre not in PRE_TOKENIZERS:
-            raise ModelFileError(f"{f.path}: unsupported pre-tokenizer {K.TOKENIZER_PRE} = {pre!r} "
-                                 "(only Llama 3's 'llama-bpe')")
+            raise ModelFileError(
+                f"{f.path}: unsupported pre-tokenizer {K.TOKENIZER_PRE} = {pre!r} (only Llama 3's 'llama-bpe')"
+            )
         template = None if K.TOKENIZER_CHAT_TEMPLATE not in f.metadata else get_str(f, K.TOKENIZER_CHAT_TEMPLATE)
         try:
-            return cls(tokens, types, merges, **ids, add_bos=get_bool(f, K.TOKENIZER_ADD_BOS, True),
-                       add_eos=get_bool(f, K.TOKENIZER_ADD_EOS, False), chat_template=template, pre=pre)
+            return cls(
+                tokens,
+                types,
+                merges,
+                **ids,
+                add_bos=get_bool(f, K.TOKENIZER_ADD_BOS, True),
+                add_eos=get_bool(f, K.TOKENIZER_ADD_EOS, False),
+                chat_template=template,
+                pre=pre,
+            )
         except ModelFileError:
             raise
         except Exception as e:  # tokenizers rejects what it was given (its own exception type)

@@ -14,11 +14,13 @@ worker) instead of once per module:
     hf = hf_model(ckpt, fresh=True)                      # a private copy that may be modified
     tokenizer_dir / tokenizer_gguf / tokenizer           # the real tokenizer: HF dir, GGUF, ours
     child_env(MLLAMA_Q_CPU_PATH="avx2")                  # env for a child python importing this mllama_q
+    ollama_blobs(seed)                                   # Ollama's one-file blob and two-file pair of a checkpoint
     within(30, fn)                                       # fn() in a helper thread; a hang fails the test
 
 torch and transformers are imported only by the fixtures that need them, so modules that do
 not use them (the CPU op and quantizer tests) run without.
 """
+
 from __future__ import annotations
 
 import json
@@ -67,6 +69,26 @@ def tiny_gguf(tmp_path_factory):
             assert_matches_gguf_py(path)  # the runtime's reader sees what gguf-py sees
             written[key] = path
         return written[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def ollama_blobs(tiny_checkpoint, tmp_path_factory):
+    """`ollama_blobs(seed)` -> {"one", "text", "proj"}: the tiny checkpoint of `seed` (published
+    config spelling) written by tests/ollama_writer.py as Ollama's one-file blob and as its
+    two-file text + projector pair; once per session per seed. Read-only."""
+    from ollama_writer import write_one_file, write_two_files
+
+    made: dict = {}
+
+    def make(seed: int) -> dict:
+        if seed not in made:
+            d = tmp_path_factory.mktemp(f"ollama_blobs_s{seed}")
+            ck = tiny_checkpoint(seed=seed, dtype="float32", rope_spelling="rope_theta")
+            text, proj = write_two_files(ck, d / "text.gguf", d / "proj.gguf")
+            made[seed] = {"one": write_one_file(ck, d / "one.gguf"), "text": text, "proj": proj}
+        return made[seed]
 
     return make
 
@@ -133,8 +155,12 @@ def child_env():
         # PYTHONSAFEPATH (Python >= 3.11): `python -c` / `-m` must not put the working directory
         # first on sys.path, or a child started in a source checkout without a built _core
         # imports that tree instead of the installed package (CI runs the tests from the clone).
-        return dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
-                    PYTHONSAFEPATH="1", **extra)
+        return dict(
+            os.environ,
+            PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
+            PYTHONSAFEPATH="1",
+            **extra,
+        )
 
     return make
 

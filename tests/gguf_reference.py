@@ -6,6 +6,7 @@
 Used on every file the tests write (converter outputs, synthetic models, the real tokenizer,
 hand-built files with every value type) and on the real SmolLM2 GGUF. Test-only (gguf-py).
 """
+
 from __future__ import annotations
 
 import numpy as np

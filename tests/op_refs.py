@@ -1,5 +1,6 @@
 """float64 references for the backend ops (tests/test_backend_ops.py, on every backend).
 Test-only: imports torch."""
+
 import numpy as np
 import torch
 import torch.nn.functional as F

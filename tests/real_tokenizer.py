@@ -17,6 +17,7 @@ llama-models' `llama_models/llama3/tokenizer.model` (tiktoken format, 128000 ran
 
 Used by tests only (imports transformers).
 """
+
 from __future__ import annotations
 
 import base64
@@ -32,8 +33,13 @@ LLAMA3_PATTERN = (
 def special_tokens() -> list[str]:
     """Hugging Face's names for ids 128000..128255 (Llama 3.1 / 3.2 tokenizer.json)."""
     named = {
-        0: "<|begin_of_text|>", 1: "<|end_of_text|>", 4: "<|finetune_right_pad_id|>",
-        6: "<|start_header_id|>", 7: "<|end_header_id|>", 8: "<|eom_id|>", 9: "<|eot_id|>",
+        0: "<|begin_of_text|>",
+        1: "<|end_of_text|>",
+        4: "<|finetune_right_pad_id|>",
+        6: "<|start_header_id|>",
+        7: "<|end_header_id|>",
+        8: "<|eom_id|>",
+        9: "<|eot_id|>",
         10: "<|python_tag|>",
     }
     out, r = [], 0
@@ -47,8 +53,9 @@ def special_tokens() -> list[str]:
 
 
 # The same text is bundled with the package as the fallback for GGUFs without a template.
-CHAT_TEMPLATE = (Path(__file__).resolve().parents[1] / "mllama_q" / "assets"
-                 / "llama3_2_vision_chat_template.jinja").read_text(encoding="utf-8")
+CHAT_TEMPLATE = (
+    Path(__file__).resolve().parents[1] / "mllama_q" / "assets" / "llama3_2_vision_chat_template.jinja"
+).read_text(encoding="utf-8")
 
 
 def tiktoken_model_path() -> Path:
@@ -76,6 +83,7 @@ def write_llama32_vision_tokenizer(out_dir: Path) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     specials = special_tokens() + ["<|image|>"]
+
     class _Converter(TikTokenConverter):  # read the ranks ourselves instead of via tiktoken
         @staticmethod
         def load_tiktoken_bpe(path):
@@ -85,20 +93,28 @@ def write_llama32_vision_tokenizer(out_dir: Path) -> Path:
     assert tok.get_vocab_size() == 128000
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
     assert tok.token_to_id("<|begin_of_text|>") == 128000 and tok.token_to_id("<|image|>") == 128256
-    tok.post_processor = processors.Sequence([
-        processors.ByteLevel(trim_offsets=False),
-        processors.TemplateProcessing(
-            single="<|begin_of_text|> $A",
-            pair="<|begin_of_text|> $A <|begin_of_text|>:1 $B:1",
-            special_tokens=[("<|begin_of_text|>", 128000)],
-        ),
-    ])
+    tok.post_processor = processors.Sequence(
+        [
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(
+                single="<|begin_of_text|> $A",
+                pair="<|begin_of_text|> $A <|begin_of_text|>:1 $B:1",
+                special_tokens=[("<|begin_of_text|>", 128000)],
+            ),
+        ]
+    )
     tok.save(str(out_dir / "tokenizer.json"))
 
     config = {
         "added_tokens_decoder": {
-            str(128000 + i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
-                              "single_word": False, "special": True}
+            str(128000 + i): {
+                "content": t,
+                "lstrip": False,
+                "normalized": False,
+                "rstrip": False,
+                "single_word": False,
+                "special": True,
+            }
             for i, t in enumerate(specials)
         },
         "bos_token": "<|begin_of_text|>",
@@ -113,8 +129,11 @@ def write_llama32_vision_tokenizer(out_dir: Path) -> Path:
     }
     (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
     (out_dir / "chat_template.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}, indent=2))
-    (out_dir / "special_tokens_map.json").write_text(json.dumps({
-        "bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "pad_token": "<|finetune_right_pad_id|>"}))
+    (out_dir / "special_tokens_map.json").write_text(
+        json.dumps(
+            {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "pad_token": "<|finetune_right_pad_id|>"}
+        )
+    )
     return out_dir
 
 

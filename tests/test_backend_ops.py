@@ -26,13 +26,14 @@ Tolerances (relative Frobenius error vs float64):
   * attention: f32 with the fast exp -> 1e-5 on the CPU, 1e-4 on CUDA; CUDA's tensor-core
     attention (nq >= 64, hd 64/80/128) rounds q, k, v, p to f16 -> 5e-3.
 """
+
 import os
 import zlib
 
 import numpy as np
 import pytest
 
-os.environ.setdefault("MLLAMA_Q_CUDA_POISON", "1")   # read when the CUDA backend is created
+os.environ.setdefault("MLLAMA_Q_CUDA_POISON", "1")  # read when the CUDA backend is created
 
 import mllama_q  # noqa: E402
 from mllama_q import _core  # noqa: E402
@@ -43,7 +44,7 @@ from op_refs import attention_ref, rel, rope_ref  # noqa: E402
 F = torch.nn.functional
 try:
     import gguf
-except ImportError:   # the GPU machine's image may lack gguf (or its pyyaml dependency)
+except ImportError:  # the GPU machine's image may lack gguf (or its pyyaml dependency)
     gguf = None
 
 CUDA = mllama_q.backends()["cuda"]
@@ -99,8 +100,8 @@ def random_weight(rng, wtype, n, k):
     if wtype == "q4_k":
         nb = k // 256
         blk = rng.integers(0, 256, (n, nb, 144), dtype=np.uint8)
-        blk[..., 0:2] = scales_f16(rng, (n, nb), exp=-8)     # d
-        blk[..., 2:4] = scales_f16(rng, (n, nb), exp=-9)     # dmin
+        blk[..., 0:2] = scales_f16(rng, (n, nb), exp=-8)  # d
+        blk[..., 2:4] = scales_f16(rng, (n, nb), exp=-9)  # dmin
         return blk.reshape(n, nb * 144)
     if wtype == "q6_k":
         nb = k // 256
@@ -117,6 +118,7 @@ def dequant(w, wtype, n, k):
         qt = getattr(gguf.GGMLQuantizationType, wtype.upper())
         return gguf.quants.dequantize(w, qt).reshape(n, k).astype(np.float64)
     from mllama_q import quants
+
     return quants.dequantize(np.ascontiguousarray(w), wtype, (n, k)).astype(np.float64)
 
 
@@ -134,7 +136,7 @@ def test_backend_name(be):
 
 # ---- matmul -----------------------------------------------------------------------
 
-SHAPES = [(256, 64), (1024, 200), (2304, 384), (4096, 129)]   # (K, N): K multiples of 256, odd N for tails
+SHAPES = [(256, 64), (1024, 200), (2304, 384), (4096, 129)]  # (K, N): K multiples of 256, odd N for tails
 
 
 @pytest.mark.parametrize("wtype", WTYPES)
@@ -151,7 +153,7 @@ def test_matmul_vs_reference_and_cpu(be, cpu, rng, wtype, M, K, N):
     ref = x.astype(np.float64) @ dequant(w, wtype, N, K).T
     if bias is not None:
         ref += bias
-    if M == 1 or (kind(be) == "cpu" and wtype in QUANTIZED):   # the CPU backend quantizes x at every M
+    if M == 1 or (kind(be) == "cpu" and wtype in QUANTIZED):  # the CPU backend quantizes x at every M
         tol = 2e-2 if wtype in QUANTIZED else 1e-5
     else:
         tol = 3e-3
@@ -186,8 +188,12 @@ def test_matmul_q8_0_k_not_multiple_of_256(be, rng):
 
 def test_matmul_real_decode_shapes(be, rng):
     """11B decode shapes (M = 1): q/o (4096x4096), k/v (1024x4096), down (4096x14336)."""
-    for wtype, (N, K) in [("q4_k", (4096, 4096)), ("q4_k", (1024, 4096)), ("q6_k", (4096, 14336)),
-                          ("q8_0", (1024, 4096))]:
+    for wtype, (N, K) in [
+        ("q4_k", (4096, 4096)),
+        ("q4_k", (1024, 4096)),
+        ("q6_k", (4096, 14336)),
+        ("q8_0", (1024, 4096)),
+    ]:
         w = random_weight(rng, wtype, N, K)
         x = rng.standard_normal((1, K)).astype(np.float32)
         y = be.matmul(x, w, wtype, N, K, None)
@@ -201,6 +207,7 @@ def test_matmul_rejects_activation_type(be):
 
 
 # ---- get_rows / store_rows ------------------------------------------------------------
+
 
 @pytest.mark.parametrize("wtype", WTYPES)
 def test_get_rows(be, rng, wtype):
@@ -263,6 +270,7 @@ def test_store_rows_f16(be, rng, rows, cols, scale):
 
 # ---- norms and elementwise ----------------------------------------------------------------
 
+
 @pytest.mark.parametrize("rows,cols", [(1, 4096), (7, 4096), (300, 1280), (3, 100)])
 def test_rms_norm(be, rng, rows, cols):
     x = rng.standard_normal((rows, cols)).astype(np.float32) * 3
@@ -278,8 +286,9 @@ def test_layer_norm(be, rng, rows, cols):
     x = (rng.standard_normal((rows, cols)) * 2 + 0.5).astype(np.float32)
     w = rng.standard_normal(cols).astype(np.float32)
     b = rng.standard_normal(cols).astype(np.float32)
-    ref = F.layer_norm(torch.from_numpy(x).double(), (cols,), torch.from_numpy(w).double(),
-                       torch.from_numpy(b).double(), 1e-5)
+    ref = F.layer_norm(
+        torch.from_numpy(x).double(), (cols,), torch.from_numpy(w).double(), torch.from_numpy(b).double(), 1e-5
+    )
     out = be.layer_norm(x, w, b, 1e-5)
     assert np.isfinite(out).all() and rel(out, ref.numpy()) < NORM_TOL[kind(be)]
 
@@ -296,10 +305,13 @@ def test_elementwise(be, rng, cols):
     assert rel(be.elementwise("gelu", a), F.gelu(ta).numpy()) < tol
 
 
-@pytest.mark.parametrize("n_head,hd,pos", [
-    (3, 16, [0, 1, 7, 100, 3000]),
-    (8, 128, [0, 1, 7, 100, 3000, 131000]),
-])
+@pytest.mark.parametrize(
+    "n_head,hd,pos",
+    [
+        (3, 16, [0, 1, 7, 100, 3000]),
+        (8, 128, [0, 1, 7, 100, 3000, 131000]),
+    ],
+)
 def test_rope_interleaved(be, rng, n_head, hd, pos):
     pos = np.array(pos, np.int32)
     x = rng.standard_normal((pos.size, n_head, hd)).astype(np.float32)
@@ -308,6 +320,7 @@ def test_rope_interleaved(be, rng, n_head, hd, pos):
 
 
 # ---- attention ------------------------------------------------------------------------------
+
 
 def attn_tol(be, nq, hd):
     """The CUDA tensor-core kernel (nq >= 64, hd 64/80/128) rounds q, k, v, p to f16."""
@@ -332,28 +345,31 @@ def random_attention(rng, nq, nk, n_head, n_kv, hd, causal, mask_kind, kv16):
         mask = np.where(rng.random((nq, nk)) < 0.3, fill, 0).astype(np.float32)
         mask[:, 0] = 0
         if mask_kind == "inf+pad":
-            mask[:, -nk // 8:] = np.finfo(np.float32).min
-    return q, k, v, hd ** -0.5, mask, (nk - nq if causal else 0)
+            mask[:, -nk // 8 :] = np.finfo(np.float32).min
+    return q, k, v, hd**-0.5, mask, (nk - nq if causal else 0)
 
 
-@pytest.mark.parametrize("nq,nk,n_head,n_kv,hd,causal,mask_kind,kv16", [
-    (1, 37, 8, 2, 64, False, None, False),
-    (5, 5, 4, 4, 32, True, None, False),
-    (6, 40, 8, 2, 128, True, None, True),         # prefill after a cached prefix (q_offset)
-    (33, 70, 4, 1, 80, False, "min", False),
-    (33, 70, 4, 1, 80, False, "inf+pad", False),
-    (700, 700, 2, 2, 16, False, "min", True),     # more queries than one block
-    (700, 700, 2, 2, 16, False, "inf+pad", True),
-    (1, 4096, 32, 8, 128, True, None, True),      # 11B decode over a full f16 cache (CUDA split-K path)
-    (1, 6404, 32, 8, 128, False, None, True),     # cross-attention decode over 4 image tiles
-    (3, 1000, 32, 8, 128, True, None, True),      # few queries, long cache (CUDA split-K path)
-    (512, 512, 32, 8, 128, True, None, True),     # prefill
-    (804, 804, 16, 16, 80, False, "inf+pad", False),  # vision-tower-like: hd 80, padding mask, f32 K/V
-    (9, 50, 6, 3, 20, False, None, False),        # hd not a multiple of 8 (scalar K loads)
-    (300, 300, 4, 2, 96, True, None, True),       # many queries on CUDA's SIMT kernel (hd 96)
-    (64, 1000, 8, 8, 64, False, "inf+pad", True),  # CUDA tensor-core kernel, one query tile, long keys
-    (130, 130, 4, 1, 128, True, None, False),     # CUDA tensor-core kernel, partial tiles, f32 K/V
-])
+@pytest.mark.parametrize(
+    "nq,nk,n_head,n_kv,hd,causal,mask_kind,kv16",
+    [
+        (1, 37, 8, 2, 64, False, None, False),
+        (5, 5, 4, 4, 32, True, None, False),
+        (6, 40, 8, 2, 128, True, None, True),  # prefill after a cached prefix (q_offset)
+        (33, 70, 4, 1, 80, False, "min", False),
+        (33, 70, 4, 1, 80, False, "inf+pad", False),
+        (700, 700, 2, 2, 16, False, "min", True),  # more queries than one block
+        (700, 700, 2, 2, 16, False, "inf+pad", True),
+        (1, 4096, 32, 8, 128, True, None, True),  # 11B decode over a full f16 cache (CUDA split-K path)
+        (1, 6404, 32, 8, 128, False, None, True),  # cross-attention decode over 4 image tiles
+        (3, 1000, 32, 8, 128, True, None, True),  # few queries, long cache (CUDA split-K path)
+        (512, 512, 32, 8, 128, True, None, True),  # prefill
+        (804, 804, 16, 16, 80, False, "inf+pad", False),  # vision-tower-like: hd 80, padding mask, f32 K/V
+        (9, 50, 6, 3, 20, False, None, False),  # hd not a multiple of 8 (scalar K loads)
+        (300, 300, 4, 2, 96, True, None, True),  # many queries on CUDA's SIMT kernel (hd 96)
+        (64, 1000, 8, 8, 64, False, "inf+pad", True),  # CUDA tensor-core kernel, one query tile, long keys
+        (130, 130, 4, 1, 128, True, None, False),  # CUDA tensor-core kernel, partial tiles, f32 K/V
+    ],
+)
 def test_attention(be, rng, nq, nk, n_head, n_kv, hd, causal, mask_kind, kv16):
     q, k, v, scale, mask, q_offset = random_attention(rng, nq, nk, n_head, n_kv, hd, causal, mask_kind, kv16)
     out = be.attention(q, k, v, scale, mask, causal, q_offset)
@@ -362,19 +378,22 @@ def test_attention(be, rng, nq, nk, n_head, n_kv, hd, causal, mask_kind, kv16):
     assert np.array_equal(be.attention(q, k, v, scale, mask, causal, q_offset), out)
 
 
-@pytest.mark.parametrize("nq,nk,n_head,n_kv,hd,kv16", [
-    (2, 3, 2, 2, 8, False),
-    (2, 3, 4, 2, 64, True),       # CUDA: direct SIMT path
-    (2, 3000, 4, 2, 64, True),    # CUDA: split-K SIMT path
-    (64, 200, 4, 2, 64, True),    # CUDA: tensor-core path
-])
+@pytest.mark.parametrize(
+    "nq,nk,n_head,n_kv,hd,kv16",
+    [
+        (2, 3, 2, 2, 8, False),
+        (2, 3, 4, 2, 64, True),  # CUDA: direct SIMT path
+        (2, 3000, 4, 2, 64, True),  # CUDA: split-K SIMT path
+        (64, 200, 4, 2, 64, True),  # CUDA: tensor-core path
+    ],
+)
 def test_attention_fully_masked_row_is_zero(be, rng, nq, nk, n_head, n_kv, hd, kv16):
     q = rng.standard_normal((nq, n_head, hd)).astype(np.float32)
     k = rng.standard_normal((nk, n_kv, hd)).astype(np.float32)
     v = rng.standard_normal((nk, n_kv, hd)).astype(np.float32)
     if kv16:
         k, v = k.astype(np.float16), v.astype(np.float16)
-    scale = hd ** -0.5
+    scale = hd**-0.5
     mask = np.zeros((nq, nk), np.float32)
     mask[1, :] = -np.inf
     out = be.attention(q, k, v, scale, mask)
@@ -406,7 +425,7 @@ def test_attention_matches_cpu_backend(be, cpu, rng):
 # remainders; online softmax).
 @pytest.fixture(params=list(_core.cpu_paths()))
 def cpu_path(request):
-    before = _core.cpu_path()   # restored after: a suite forced to one path stays on it
+    before = _core.cpu_path()  # restored after: a suite forced to one path stays on it
     _core.set_cpu_path(request.param)
     yield request.param
     _core.set_cpu_path(before)
@@ -414,25 +433,25 @@ def cpu_path(request):
 
 # nq * n_head / n_kv <= 16 query rows per KV group: the direct path
 DIRECT_CASES = [
-    (1, 1, 8, 2, 64, False, None, True),            # one key
-    (1, 600, 32, 8, 128, False, None, True),        # 11B decode shape, 3 chunks, last one partial
-    (1, 6404, 32, 8, 128, False, "min", True),      # cross-attention over one image's keys
-    (3, 300, 8, 2, 80, True, "inf", False),         # causal after a cached prefix, -inf mask, 12 rows
-    (2, 513, 16, 2, 128, True, None, True),         # 16 rows (the limit), causal
+    (1, 1, 8, 2, 64, False, None, True),  # one key
+    (1, 600, 32, 8, 128, False, None, True),  # 11B decode shape, 3 chunks, last one partial
+    (1, 6404, 32, 8, 128, False, "min", True),  # cross-attention over one image's keys
+    (3, 300, 8, 2, 80, True, "inf", False),  # causal after a cached prefix, -inf mask, 12 rows
+    (2, 513, 16, 2, 128, True, None, True),  # 16 rows (the limit), causal
     (1, 259, 4, 4, 64, False, "min", False),
-    (2, 45, 6, 3, 36, True, "min", True),           # hd not a multiple of 8 (scalar kernel on every path)
+    (2, 45, 6, 3, 36, True, "min", True),  # hd not a multiple of 8 (scalar kernel on every path)
 ]
 # more rows: the flash kernel
 FLASH_CASES = [
-    (70, 70, 2, 2, 80, False, None, False),          # vision shape (hd 80), partial key block and row task
-    (33, 130, 4, 1, 80, True, "inf", True),          # GQA 4, causal after a cached prefix, -inf mask
-    (40, 200, 8, 2, 128, False, "min", True),        # hd 128, finfo.min mask
-    (17, 65, 3, 3, 7, True, "min", False),           # odd small hd, 65 keys (one past a block)
-    (9, 300, 4, 2, 80, True, "inf", False),          # 18 rows: a task with rows of different queries
-    (96, 64, 1, 1, 80, True, None, True),            # causal, exactly one 64-key block
-    (150, 300, 2, 2, 80, False, None, False),        # several row tasks, the last partial; 3 key blocks (128, 128, 44)
-    (100, 257, 4, 1, 36, True, "min", True),         # GQA 4: 400 rows; hd 36 (P.V tile remainders); causal + finfo.min
-    (61, 130, 3, 3, 13, True, "inf", False),         # hd 13 (tiles 8 + 4 + 1 / 4 x 3 + 1), 2-key score remainder
+    (70, 70, 2, 2, 80, False, None, False),  # vision shape (hd 80), partial key block and row task
+    (33, 130, 4, 1, 80, True, "inf", True),  # GQA 4, causal after a cached prefix, -inf mask
+    (40, 200, 8, 2, 128, False, "min", True),  # hd 128, finfo.min mask
+    (17, 65, 3, 3, 7, True, "min", False),  # odd small hd, 65 keys (one past a block)
+    (9, 300, 4, 2, 80, True, "inf", False),  # 18 rows: a task with rows of different queries
+    (96, 64, 1, 1, 80, True, None, True),  # causal, exactly one 64-key block
+    (150, 300, 2, 2, 80, False, None, False),  # several row tasks, the last partial; 3 key blocks (128, 128, 44)
+    (100, 257, 4, 1, 36, True, "min", True),  # GQA 4: 400 rows; hd 36 (P.V tile remainders); causal + finfo.min
+    (61, 130, 3, 3, 13, True, "inf", False),  # hd 13 (tiles 8 + 4 + 1 / 4 x 3 + 1), 2-key score remainder
 ]
 
 
@@ -449,15 +468,19 @@ def test_attention_cpu_paths(cpu, cpu_path, rng, nq, nk, n_head, n_kv, hd, causa
 MIN = np.finfo(np.float32).min
 
 
-@pytest.mark.parametrize("nq,nk,n_head,n_kv,hd,kv_dtype,rows", [
-    # direct path (3 queries), keys in 3 chunks of 256: query 2 sees only keys in the last
-    # chunk (whole chunks masked out)
-    (3, 700, 8, 2, 128, np.float16, {2: (slice(0, 600), -np.inf)}),
-    # flash path (40 queries): query 2 sees only keys >= 250 (whole key blocks masked out before
-    # the first visible one), query 3 sees keys < 10 (finfo.min after: blocks of only finfo.min
-    # after real scores)
-    (40, 300, 4, 2, 80, np.float32, {2: (slice(0, 250), -np.inf), 3: (slice(10, None), MIN)}),
-], ids=["direct", "flash"])
+@pytest.mark.parametrize(
+    "nq,nk,n_head,n_kv,hd,kv_dtype,rows",
+    [
+        # direct path (3 queries), keys in 3 chunks of 256: query 2 sees only keys in the last
+        # chunk (whole chunks masked out)
+        (3, 700, 8, 2, 128, np.float16, {2: (slice(0, 600), -np.inf)}),
+        # flash path (40 queries): query 2 sees only keys >= 250 (whole key blocks masked out before
+        # the first visible one), query 3 sees keys < 10 (finfo.min after: blocks of only finfo.min
+        # after real scores)
+        (40, 300, 4, 2, 80, np.float32, {2: (slice(0, 250), -np.inf), 3: (slice(10, None), MIN)}),
+    ],
+    ids=["direct", "flash"],
+)
 def test_attention_masked_rows(cpu, cpu_path, rng, nq, nk, n_head, n_kv, hd, kv_dtype, rows):
     """Causal after a cached prefix; query 0 fully -inf (zeros), query 1 fully finfo.min (the
     uniform average of V over its visible keys, as HF's softmax gives), plus `rows`."""
@@ -472,7 +495,7 @@ def test_attention_masked_rows(cpu, cpu_path, rng, nq, nk, n_head, n_kv, hd, kv_
     q_offset = nk - nq
     out = cpu.attention(q, k, v, 0.125, mask, True, q_offset)
     assert np.all(out[0] == 0)
-    mean = v.astype(np.float64)[: 1 + q_offset + 1].mean(axis=0)   # query 1 sees keys 0 .. 1 + q_offset
+    mean = v.astype(np.float64)[: 1 + q_offset + 1].mean(axis=0)  # query 1 sees keys 0 .. 1 + q_offset
     assert rel(out[1], np.repeat(mean, n_head // n_kv, axis=0)) < 1e-5
     assert rel(out, attention_ref(q, k, v, 0.125, mask, True, q_offset)) < 1e-5
 
@@ -482,6 +505,7 @@ def test_profiler_records_ops_only_when_on(cpu, rng):
     # on -> one entry per (region, op, detail) with the call count, the FLOP of a
     # matmul (2 M N K) and the attention's phase shares inside its time.
     from mllama_q import quants
+
     x = rng.standard_normal((9, 1280)).astype(np.float32)
     w = rng.standard_normal(1280).astype(np.float32)
     _core.profile_enable(False)
@@ -530,8 +554,14 @@ def test_profiler_records_ops_only_when_on(cpu, rng):
 # not multiples of the vector widths.
 def test_gelu_every_path(cpu, cpu_path, rng):
     import math
-    x = np.concatenate([np.linspace(-14, 14, 20011), rng.standard_normal(4099) * 3,
-                        [0.0, -0.0, 0.353, -0.354, 0.7071, -0.7072, 1e-30, -1e-30]]).astype(np.float32)
+
+    x = np.concatenate(
+        [
+            np.linspace(-14, 14, 20011),
+            rng.standard_normal(4099) * 3,
+            [0.0, -0.0, 0.353, -0.354, 0.7071, -0.7072, 1e-30, -1e-30],
+        ]
+    ).astype(np.float32)
     ref = np.array([0.5 * v * math.erfc(-v / math.sqrt(2)) for v in x.astype(np.float64)])
     out = cpu.elementwise("gelu", x.reshape(1, -1))[0].astype(np.float64)
     # relative accuracy everywhere, up to the float32 rounding of x^2 / 2 in
@@ -564,7 +594,7 @@ def test_norms_every_path(cpu, cpu_path, rng, rows, cols):
     x64 = x.astype(np.float64)
     mean = x64.mean(1, keepdims=True)
     ln = (x64 - mean) / np.sqrt(((x64 - mean) ** 2).mean(1, keepdims=True) + 1e-5) * w + b
-    rms = x64 / np.sqrt((x64 ** 2).mean(1, keepdims=True) + 1e-6) * w
+    rms = x64 / np.sqrt((x64**2).mean(1, keepdims=True) + 1e-6) * w
     assert rel(cpu.layer_norm(x, w, b, 1e-5), ln) < 1e-6
     assert rel(cpu.rms_norm(x, w, 1e-6), rms) < 1e-6
 
@@ -584,8 +614,8 @@ def test_attention_segments_match_the_reference(be, cpu, rng):
     out = be.attention_segments(q, segs, 0.125)
     assert np.isfinite(out).all()
     for q_row, n_q, k, v, off, causal in segs:
-        ref = attention_ref(q[q_row:q_row + n_q], k, v, 0.125, None, causal, off)
-        assert rel(out[q_row:q_row + n_q], ref) < attn_tol(be, n_q, hd)
+        ref = attention_ref(q[q_row : q_row + n_q], k, v, 0.125, None, causal, off)
+        assert rel(out[q_row : q_row + n_q], ref) < attn_tol(be, n_q, hd)
     if kind(be) == "cuda":
         assert rel(out, cpu.attention_segments(q, segs, 0.125)) < 5e-3
 
@@ -618,8 +648,12 @@ def test_sample_matches_the_cpu_sampler(be, rng):
     probs = _core.sample_probs(logits[0], hist[0], core_params(p, 0.0))
     n = 3000
     us = rng.random(n)
-    ids = np.concatenate([be.sample(np.repeat(logits[:1], 100, 0), [hist[0]] * 100,
-                                    [core_params(p, u) for u in us[i:i + 100]]) for i in range(0, n, 100)])
+    ids = np.concatenate(
+        [
+            be.sample(np.repeat(logits[:1], 100, 0), [hist[0]] * 100, [core_params(p, u) for u in us[i : i + 100]])
+            for i in range(0, n, 100)
+        ]
+    )
     freq = np.bincount(ids, minlength=V) / n
     assert set(np.flatnonzero(freq)) <= set(np.flatnonzero(probs))
     assert np.abs(freq - probs).max() < 0.04
@@ -631,34 +665,35 @@ def test_sample_matches_the_cpu_sampler(be, rng):
 # after its last visible one in the call.
 @pytest.mark.parametrize("kv16", [False, True])
 def test_attention_segments_batch_invariant(cpu, cpu_path, rng, kv16):
-    n_head, n_kv, hd, nk, nq = 8, 2, 64, 700, 40   # 700 keys: three 256-key chunks, the last partial
+    n_head, n_kv, hd, nk, nq = 8, 2, 64, 700, 40  # 700 keys: three 256-key chunks, the last partial
     dt = np.float16 if kv16 else np.float32
     k = rng.standard_normal((nk, n_kv, hd)).astype(dt)
     v = rng.standard_normal((nk, n_kv, hd)).astype(dt)
     q = rng.standard_normal((nq, n_head, hd)).astype(np.float32)
-    scale = hd ** -0.5
-    p0 = nk - nq   # position of query 0 (a cached prefix of p0 keys)
+    scale = hd**-0.5
+    p0 = nk - nq  # position of query 0 (a cached prefix of p0 keys)
     full = cpu.attention_segments(q, [(0, nq, k, v, p0, True)], scale)
     assert rel(full, attention_ref(q, k, v, scale, None, True, p0)) < 1e-5
-    for i in (0, 1, 17, nq - 1):   # alone, with exactly its visible keys
+    for i in (0, 1, 17, nq - 1):  # alone, with exactly its visible keys
         n_vis = p0 + i + 1
         kv = (np.ascontiguousarray(k[:n_vis]), np.ascontiguousarray(v[:n_vis]))
-        one = cpu.attention_segments(q[i:i + 1], [(0, 1, *kv, n_vis - 1, True)], scale)
+        one = cpu.attention_segments(q[i : i + 1], [(0, 1, *kv, n_vis - 1, True)], scale)
         assert np.array_equal(one[0], full[i]), i
     # the prefill in chunks of 3, 16 and 21 queries (keys up to each chunk's last row)
     start = 0
     for n in (3, 16, 21):
         n_k = p0 + start + n
-        part = cpu.attention_segments(np.ascontiguousarray(q[start:start + n]),
-                                      [(0, n, np.ascontiguousarray(k[:n_k]), np.ascontiguousarray(v[:n_k]),
-                                        p0 + start, True)], scale)
-        assert np.array_equal(part, full[start:start + n])
+        part = cpu.attention_segments(
+            np.ascontiguousarray(q[start : start + n]),
+            [(0, n, np.ascontiguousarray(k[:n_k]), np.ascontiguousarray(v[:n_k]), p0 + start, True)],
+            scale,
+        )
+        assert np.array_equal(part, full[start : start + n])
         start += n
     # next to another sequence (its own keys, non-causal: a cross-attention run), in one call
     k2 = rng.standard_normal((300, n_kv, hd)).astype(dt)
     v2 = rng.standard_normal((300, n_kv, hd)).astype(dt)
     q2 = rng.standard_normal((5, n_head, hd)).astype(np.float32)
-    both = cpu.attention_segments(np.concatenate([q2, q]), [(0, 5, k2, v2, 0, False), (5, nq, k, v, p0, True)],
-                                  scale)
+    both = cpu.attention_segments(np.concatenate([q2, q]), [(0, 5, k2, v2, 0, False), (5, nq, k, v, p0, True)], scale)
     assert np.array_equal(both[5:], full)
     assert rel(both[:5], attention_ref(q2, k2, v2, scale, None, False, 0)) < 1e-5

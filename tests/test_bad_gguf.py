@@ -1,5 +1,6 @@
 """Bad model files give a clear Python exception (ModelFileError, a ValueError) before any
 tensor is used: never a crash, a hang or a cryptic error from deep inside a parser."""
+
 from __future__ import annotations
 
 import os
@@ -34,8 +35,7 @@ def _typed_value(v, vtype, sub):
     return v, vtype, sub
 
 
-def rewrite(src, dst, *, arch=None, drop_keys=(), drop_tensors=(), tensor_override=None, set_keys=None,
-            compare=True):
+def rewrite(src, dst, *, arch=None, drop_keys=(), drop_tensors=(), tensor_override=None, set_keys=None, compare=True):
     """Copy a GGUF with gguf-py, optionally changing the architecture, dropping metadata keys or
     tensors, replacing one tensor (tensor_override = (name, array, raw_dtype or None)) or
     setting metadata values: set_keys = {key: (value, GGUFValueType, array sub-type or None)}
@@ -101,7 +101,7 @@ def test_missing_file(tmp_path):
 
 
 def test_directory(tmp_path):
-    expect_error(tmp_path, "not a regular file")
+    expect_error(tmp_path, "is a directory, not a GGUF file")  # mllama_q.store: a path that is no file nor name
 
 
 def test_zero_length(tmp_path):
@@ -122,7 +122,7 @@ def test_unsupported_version(good, tmp_path):
 
 def test_absurd_counts(good, tmp_path):
     data = bytearray(good.read_bytes())
-    data[16:24] = (2 ** 62).to_bytes(8, "little")  # metadata entries
+    data[16:24] = (2**62).to_bytes(8, "little")  # metadata entries
     expect_error(write_bytes(tmp_path / "counts.gguf", bytes(data)), "corrupt or truncated GGUF header")
 
 
@@ -171,8 +171,12 @@ def test_wrong_architecture(tmp_path):
 
 
 def test_architecture_not_a_string(good, tmp_path):
-    p = rewrite(good, tmp_path / "arch.gguf", arch="x",
-                set_keys={K.GENERAL_ARCHITECTURE: ([1, 2], gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.INT32)})
+    p = rewrite(
+        good,
+        tmp_path / "arch.gguf",
+        arch="x",
+        set_keys={K.GENERAL_ARCHITECTURE: ([1, 2], gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.INT32)},
+    )
     expect_error(p, "general.architecture.*must be a string, got an array of 2 int32")
 
 
@@ -197,7 +201,8 @@ def test_mllama_file_without_hyperparameters(tmp_path):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    expect_error(p, "missing metadata key")
+    # mllama_q.ollama.detect_layout: neither our layout nor Ollama's; names what is missing
+    expect_error(p, r"Recognised: nothing; missing: mllama\.block_count, mllama\.embedding_length")
 
 
 def test_missing_required_key(good, tmp_path):
@@ -264,18 +269,32 @@ def test_file_is_not_modified(good):
 # list in O(n^2) (a hang); a 20000-px tile made every image 19 GB of pixel_values; rms_eps = inf
 # made every logit equal; an <|image|> id past the embedding read no row at all.
 ABSURD = [
-    (K.BLOCK_COUNT, 10 ** 9, "block_count"), (K.HEAD_COUNT, 0, "head_count"), (K.HEAD_COUNT_KV, 3, "head_count_kv"),
-    (K.V_BLOCK_COUNT, 10 ** 8, "vision.block_count"), (K.BLOCK_COUNT, 2 ** 31, "block_count"),
-    (K.VOCAB_SIZE, 2 ** 31, "vocab_size"), (K.EMBEDDING_LENGTH, 0, "embedding_length"),
-    (K.RMS_EPS, float("inf"), "rms_epsilon"), (K.RMS_EPS, float("nan"), "rms_epsilon"), (K.RMS_EPS, 0.0, "rms_epsilon"),
-    (K.ROPE_FREQ_BASE, float("inf"), "freq_base"), (K.V_LN_EPS, -1.0, "layer_norm_epsilon"),
-    (K.CROSS_ATTENTION_LAYERS, [1, 1], "not distinct"), (K.CROSS_ATTENTION_LAYERS, [99], "cross_attention_layers"),
-    (K.Q_ROPE_SCALING_FACTOR, float("nan"), "scaling.factor"), (K.Q_ROPE_SCALING_HIGH_FREQ_FACTOR, 1.0, "must differ"),
-    (K.V_PATCH_SIZE, 0, "patch_size"), (K.V_IMAGE_SIZE, 100000, "image_size"),
-    (K.V_MAX_NUM_TILES, 100000, "max_num_tiles"), (K.Q_IMG_MAX_TILES, 100000, "max_image_tiles"),
-    (K.Q_IMG_TILE_SIZE, 20000, "tile_size"), (K.Q_IMG_STD, [0.0, 0.5, 0.5], "std"),
-    (K.Q_IMG_MEAN, [float("nan"), 0.5, 0.5], "mean"), (K.Q_IMG_RESCALE_FACTOR, float("inf"), "rescale_factor"),
-    (K.Q_IMG_RESAMPLE, 77, "resample"), (K.Q_IMAGE_TOKEN_ID, 10 ** 9, "image_token_id"),
+    (K.BLOCK_COUNT, 10**9, "block_count"),
+    (K.HEAD_COUNT, 0, "head_count"),
+    (K.HEAD_COUNT_KV, 3, "head_count_kv"),
+    (K.V_BLOCK_COUNT, 10**8, "vision.block_count"),
+    (K.BLOCK_COUNT, 2**31, "block_count"),
+    (K.VOCAB_SIZE, 2**31, "vocab_size"),
+    (K.EMBEDDING_LENGTH, 0, "embedding_length"),
+    (K.RMS_EPS, float("inf"), "rms_epsilon"),
+    (K.RMS_EPS, float("nan"), "rms_epsilon"),
+    (K.RMS_EPS, 0.0, "rms_epsilon"),
+    (K.ROPE_FREQ_BASE, float("inf"), "freq_base"),
+    (K.V_LN_EPS, -1.0, "layer_norm_epsilon"),
+    (K.CROSS_ATTENTION_LAYERS, [1, 1], "not distinct"),
+    (K.CROSS_ATTENTION_LAYERS, [99], "cross_attention_layers"),
+    (K.Q_ROPE_SCALING_FACTOR, float("nan"), "scaling.factor"),
+    (K.Q_ROPE_SCALING_HIGH_FREQ_FACTOR, 1.0, "must differ"),
+    (K.V_PATCH_SIZE, 0, "patch_size"),
+    (K.V_IMAGE_SIZE, 100000, "image_size"),
+    (K.V_MAX_NUM_TILES, 100000, "max_num_tiles"),
+    (K.Q_IMG_MAX_TILES, 100000, "max_image_tiles"),
+    (K.Q_IMG_TILE_SIZE, 20000, "tile_size"),
+    (K.Q_IMG_STD, [0.0, 0.5, 0.5], "std"),
+    (K.Q_IMG_MEAN, [float("nan"), 0.5, 0.5], "mean"),
+    (K.Q_IMG_RESCALE_FACTOR, float("inf"), "rescale_factor"),
+    (K.Q_IMG_RESAMPLE, 77, "resample"),
+    (K.Q_IMAGE_TOKEN_ID, 10**9, "image_token_id"),
     (K.Q_V_ASPECT_RATIOS, [1, 1, 9, 9], "supported_aspect_ratios"),
     (K.GENERAL_SAMPLING_TEMP, float("nan"), "temperature"),
 ]
@@ -292,8 +311,12 @@ def test_absurd_hyperparameters(good, tmp_path, key, value, match, within):
 
 
 def test_huge_tile_count_without_aspect_ratio_list_is_refused_fast(good, tmp_path, within):
-    p = rewrite(good, tmp_path / "tiles.gguf", drop_keys=(K.Q_V_ASPECT_RATIOS,),
-                set_keys={K.Q_IMG_MAX_TILES: 100000, K.V_MAX_NUM_TILES: 100000})
+    p = rewrite(
+        good,
+        tmp_path / "tiles.gguf",
+        drop_keys=(K.Q_V_ASPECT_RATIOS,),
+        set_keys={K.Q_IMG_MAX_TILES: 100000, K.V_MAX_NUM_TILES: 100000},
+    )
     within(30, lambda: expect_error(p, "max_num_tiles|max_image_tiles"))
 
 
@@ -313,43 +336,62 @@ def _with(i, value):
         tokens = list(tokens)
         tokens[i] = value
         return tokens
+
     return edit
 
 
 # Corrupt tokenizer metadata: a ModelFileError naming the key at load, never an IndexError /
 # AttributeError later (each would otherwise surface at the first encode or decode).
 BAD_TOKENIZER = {
-    "bos past tokens": ({K.TOKENIZER_BOS_ID: (10 ** 6, V.UINT32, None)}, "bos_token_id = 1000000 is outside the"),
-    "eos past tokens": ({K.TOKENIZER_EOS_ID: (2 ** 32 - 1, V.UINT32, None)}, "eos_token_id = 4294967295 is outside"),
+    "bos past tokens": ({K.TOKENIZER_BOS_ID: (10**6, V.UINT32, None)}, "bos_token_id = 1000000 is outside the"),
+    "eos past tokens": ({K.TOKENIZER_EOS_ID: (2**32 - 1, V.UINT32, None)}, "eos_token_id = 4294967295 is outside"),
     "eot negative": ({K.TOKENIZER_EOT_ID: (-1, V.INT32, None)}, "eot_token_id = -1 is outside"),
-    "pad past tokens": ({K.TOKENIZER_PAD_ID: (10 ** 9, V.UINT64, None)}, "padding_token_id = 1000000000"),
+    "pad past tokens": ({K.TOKENIZER_PAD_ID: (10**9, V.UINT64, None)}, "padding_token_id = 1000000000"),
     "bos not an int": ({K.TOKENIZER_BOS_ID: ("0", V.STRING, None)}, "bos_token_id.*must be an integer"),
-    "tokens not strings": ({K.TOKENIZER_TOKENS: ([1, 2, 3], V.ARRAY, V.INT32)},
-                           r"tokenizer\.ggml\.tokens.*must be an array of strings"),
+    "tokens not strings": (
+        {K.TOKENIZER_TOKENS: ([1, 2, 3], V.ARRAY, V.INT32)},
+        r"tokenizer\.ggml\.tokens.*must be an array of strings",
+    ),
     "tokens a string": ({K.TOKENIZER_TOKENS: ("abc", V.STRING, None)}, "must be an array of strings"),
     "tokens nested": ({K.TOKENIZER_TOKENS: ([["a"], ["b"]], V.ARRAY, V.ARRAY)}, "must be an array of strings"),
-    "duplicate token": ({K.TOKENIZER_TOKENS: (lambda t: _with(7, t[6])(t), V.ARRAY, V.STRING)},
-                        r"tokenizer\.ggml\.tokens', element 7 of \d+: duplicate of element 6"),
-    "token not utf-8": ({K.TOKENIZER_TOKENS: (_with(9, b"\xff\xfe"), V.ARRAY, V.STRING)},
-                        r"tokenizer\.ggml\.tokens', element 9 of \d+: the string is not valid UTF-8"),
-    "merges not strings": ({K.TOKENIZER_MERGES: ([1.5, 2.5], V.ARRAY, V.FLOAT32)},
-                           r"tokenizer\.ggml\.merges.*must be an array of strings"),
-    "merge without space": ({K.TOKENIZER_MERGES: (_with(3, "abc"), V.ARRAY, V.STRING)},
-                            r"merges', element 3 of \d+: merge abc has no space"),
-    "merge of unknown tokens": ({K.TOKENIZER_MERGES: (_with(0, "nosuch token"), V.ARRAY, V.STRING)},
-                                "bad tokenizer metadata"),
+    "duplicate token": (
+        {K.TOKENIZER_TOKENS: (lambda t: _with(7, t[6])(t), V.ARRAY, V.STRING)},
+        r"tokenizer\.ggml\.tokens', element 7 of \d+: duplicate of element 6",
+    ),
+    "token not utf-8": (
+        {K.TOKENIZER_TOKENS: (_with(9, b"\xff\xfe"), V.ARRAY, V.STRING)},
+        r"tokenizer\.ggml\.tokens', element 9 of \d+: the string is not valid UTF-8",
+    ),
+    "merges not strings": (
+        {K.TOKENIZER_MERGES: ([1.5, 2.5], V.ARRAY, V.FLOAT32)},
+        r"tokenizer\.ggml\.merges.*must be an array of strings",
+    ),
+    "merge without space": (
+        {K.TOKENIZER_MERGES: (_with(3, "abc"), V.ARRAY, V.STRING)},
+        r"merges', element 3 of \d+: merge abc has no space",
+    ),
+    "merge of unknown tokens": (
+        {K.TOKENIZER_MERGES: (_with(0, "nosuch token"), V.ARRAY, V.STRING)},
+        "bad tokenizer metadata",
+    ),
     "types wrong length": ({K.TOKENIZER_TOKEN_TYPE: ([1, 1, 3], V.ARRAY, V.INT32)}, "token_type has 3 entries for"),
-    "types not ints": ({K.TOKENIZER_TOKEN_TYPE: (lambda t: ["x"] * len(t), V.ARRAY, V.STRING)},
-                       "token_type must be an array of integers, not array.string"),
+    "types not ints": (
+        {K.TOKENIZER_TOKEN_TYPE: (lambda t: ["x"] * len(t), V.ARRAY, V.STRING)},
+        "token_type must be an array of integers, not array.string",
+    ),
     "model not gpt2": ({K.TOKENIZER_MODEL: ("llama", V.STRING, None)}, "tokenizer model is 'llama'; expected 'gpt2'"),
     "model not a string": ({K.TOKENIZER_MODEL: (2, V.UINT32, None)}, "tokenizer.ggml.model.*must be a string"),
     "pre-tokenizer": ({K.TOKENIZER_PRE: ("qwen2", V.STRING, None)}, "unsupported pre-tokenizer"),
     "add_bos not bool": ({K.TOKENIZER_ADD_BOS: (1, V.UINT8, None)}, "add_bos_token.*must be a bool"),
     "chat template not a string": ({K.TOKENIZER_CHAT_TEMPLATE: (7, V.UINT32, None)}, "chat_template.*must be a string"),
-    "image token past tokens": ({K.Q_IMAGE_TOKEN_ID: (10 ** 6, V.UINT32, None)},
-                                r"image_token_id = 1000000 is outside the \d+ embedding rows"),
-    "stop ids not ints": ({K.Q_STOP_TOKEN_IDS: (["a"], V.ARRAY, V.STRING)},
-                          "stop_token_ids.*must be a list of integers"),
+    "image token past tokens": (
+        {K.Q_IMAGE_TOKEN_ID: (10**6, V.UINT32, None)},
+        r"image_token_id = 1000000 is outside the \d+ embedding rows",
+    ),
+    "stop ids not ints": (
+        {K.Q_STOP_TOKEN_IDS: (["a"], V.ARRAY, V.STRING)},
+        "stop_token_ids.*must be a list of integers",
+    ),
 }
 
 

@@ -3,6 +3,7 @@ regression test for a crash, hang, unbounded allocation or silent garbage found 
 and asserts a clear exception (a ValueError subclass naming the argument) instead.
 
 GGUF files themselves are tests/test_bad_gguf.py's; converter inputs are in test_convert.py."""
+
 from __future__ import annotations
 
 import subprocess
@@ -22,8 +23,14 @@ from mllama_q import _core, quants
 def _run_child(env: dict, code: str, timeout: float = 120) -> subprocess.CompletedProcess:
     """Run `code` in a fresh interpreter (a crash or a hang there must not take the test
     session with it); env from the child_env fixture."""
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
-                          timeout=timeout, cwd=tempfile.gettempdir())
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=tempfile.gettempdir(),
+    )
 
 
 # ------------------------------------------------------------------ _core sizes: checked arithmetic
@@ -87,7 +94,9 @@ def test_backend_zero_size_arrays_with_huge_extents():
 def test_set_num_threads_while_kernels_run_is_safe(child_env):
     # Resizing destroyed the pool under kernels running in other threads: a hang (deadlock)
     # or a use-after-free. Now it resizes in place between loops; results stay exact.
-    res = _run_child(child_env(), """
+    res = _run_child(
+        child_env(),
+        """
         import threading, numpy as np
         from mllama_q import _core, quants
         rng = np.random.default_rng(0)
@@ -108,7 +117,9 @@ def test_set_num_threads_while_kernels_run_is_safe(child_env):
         stop = True
         for t in ts: t.join()
         print("done", len(bad), _core.num_threads())
-    """, timeout=120)
+    """,
+        timeout=120,
+    )
     assert res.returncode == 0, res.stderr
     assert res.stdout.split() == ["done", "0", "4"]
 
@@ -145,8 +156,13 @@ def test_token_ids_are_not_narrowed(tiny_model):
     m = tiny_model
     ref = m.forward([0, 5])
     # int64 2**32 + 5 was force-cast to int32 5 and silently gave the logits of token 5
-    for bad in ([0, 2**32 + 5], np.array([0, 2**32 + 5], np.int64), np.array([0, 2**63 - 1], np.int64),
-                np.array([0, 2**64 - 1], np.uint64), [0, -1]):
+    for bad in (
+        [0, 2**32 + 5],
+        np.array([0, 2**32 + 5], np.int64),
+        np.array([0, 2**63 - 1], np.int64),
+        np.array([0, 2**64 - 1], np.uint64),
+        [0, -1],
+    ):
         with pytest.raises(ValueError, match="out of range"):
             m.forward(bad)
         with pytest.raises(ValueError, match="out of range"):
@@ -207,8 +223,9 @@ def test_image_count_is_capped_before_any_image_is_decoded(tiny_model, tmp_path)
     n = 10_000  # ran for minutes and gigabytes
     t0 = time.perf_counter()
     with pytest.raises(ValueError, match=f"{n} images in one prompt; this model takes at most"):
-        m.generate(prompt="<|image|>" * n + "hi", images=[tmp_path / f"missing{i}.png" for i in range(n)],
-                   max_new_tokens=1)
+        m.generate(
+            prompt="<|image|>" * n + "hi", images=[tmp_path / f"missing{i}.png" for i in range(n)], max_new_tokens=1
+        )
     assert time.perf_counter() - t0 < 5  # refused before any file was even looked at
     k = hparams.MAX_IMAGES_PER_PROMPT + 1
     px, ids, mask = _image_inputs(m, n_img=1)
@@ -227,9 +244,11 @@ def test_threads_sharing_a_model_get_their_own_answers(tiny_model):
     from PIL import Image
 
     img = Image.fromarray(np.random.default_rng(3).integers(0, 256, (40, 70, 3), dtype=np.uint8))
-    jobs = [dict(prompt="hello there, how are", max_new_tokens=12, temperature=0),
-            dict(prompt="<|image|>what is in the picture", images=[img], max_new_tokens=12, temperature=0),
-            dict(prompt="one two three", max_new_tokens=12, temperature=0, stream=True)]
+    jobs = [
+        dict(prompt="hello there, how are", max_new_tokens=12, temperature=0),
+        dict(prompt="<|image|>what is in the picture", images=[img], max_new_tokens=12, temperature=0),
+        dict(prompt="one two three", max_new_tokens=12, temperature=0, stream=True),
+    ]
 
     def run(job):
         r = m.generate(**job)
@@ -287,14 +306,22 @@ def test_all_aspect_ratios_match_transformers_and_refuse_huge_counts():
     assert time.perf_counter() - t0 < 1  # O(n^2) over 100000 tiles hung
 
 
-@pytest.mark.parametrize("kw,match", [
-    (dict(max_num_tiles=100000), "max_num_tiles"), (dict(tile_size=20000), "tile_size"),
-    (dict(tile_size=0), "tile_size"), (dict(image_std=(0.0, 0.3, 0.3)), "image_std"),
-    (dict(image_std=(float("nan"), 0.3, 0.3)), "image_std"), (dict(image_mean=(0.5, 0.5)), "image_mean"),
-    (dict(rescale_factor=float("inf")), "rescale_factor"), (dict(resample=99), "resample"),
-    (dict(max_num_tiles=64, tile_size=2240), "pixels per image"),
-    (dict(supported_aspect_ratios=((1, 1), (1, 1))), "repeats"), (dict(max_images=0), "max_images"),
-])
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(max_num_tiles=100000), "max_num_tiles"),
+        (dict(tile_size=20000), "tile_size"),
+        (dict(tile_size=0), "tile_size"),
+        (dict(image_std=(0.0, 0.3, 0.3)), "image_std"),
+        (dict(image_std=(float("nan"), 0.3, 0.3)), "image_std"),
+        (dict(image_mean=(0.5, 0.5)), "image_mean"),
+        (dict(rescale_factor=float("inf")), "rescale_factor"),
+        (dict(resample=99), "resample"),
+        (dict(max_num_tiles=64, tile_size=2240), "pixels per image"),
+        (dict(supported_aspect_ratios=((1, 1), (1, 1))), "repeats"),
+        (dict(max_images=0), "max_images"),
+    ],
+)
 def test_processor_settings_are_range_checked(kw, match):
     from mllama_q.processor import ProcessorSettings
 
@@ -371,8 +398,19 @@ def test_corrupt_and_truncated_images_are_clear_errors(tmp_path):
         preprocess_images([tmp_path / "empty.png"], s)
 
 
-@pytest.mark.parametrize("kind", ["16-bit grey PNG", "16-bit RGB PNG", "palette+alpha PNG", "CMYK JPEG",
-                                  "huge EXIF JPEG", "LA PNG", "1-bit TIFF", "float TIFF"])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "16-bit grey PNG",
+        "16-bit RGB PNG",
+        "palette+alpha PNG",
+        "CMYK JPEG",
+        "huge EXIF JPEG",
+        "LA PNG",
+        "1-bit TIFF",
+        "float TIFF",
+    ],
+)
 def test_odd_image_files_match_transformers(kind, tmp_path):
     """Odd files are decoded by PIL exactly as transformers would get them (it is given the same
     PIL image), then processed identically."""
@@ -409,8 +447,13 @@ def test_odd_image_files_match_transformers(kind, tmp_path):
     path = next(tmp_path.iterdir())
     settings = ProcessorSettings(tile_size=56)
     ours = preprocess_images([path], settings)
-    hf = MllamaImageProcessorPil(size={"height": 56, "width": 56}, max_image_tiles=4, do_convert_rgb=True,
-                                 image_mean=list(settings.image_mean), image_std=list(settings.image_std))
+    hf = MllamaImageProcessorPil(
+        size={"height": 56, "width": 56},
+        max_image_tiles=4,
+        do_convert_rgb=True,
+        image_mean=list(settings.image_mean),
+        image_std=list(settings.image_std),
+    )
     with Image.open(path) as im:
         im.load()
         ref = hf(images=[[im]], return_tensors="np")
@@ -419,21 +462,30 @@ def test_odd_image_files_match_transformers(kind, tmp_path):
 
 
 # ------------------------------------------------------------------ the chat template is untrusted code
-@pytest.mark.parametrize("template", [
-    "{{ 'x' * 1000000000 }}",                       # ate 4 GB
-    "{% for i in range(10**9) %}x{% endfor %}",     # OverflowError traceback from the sandbox
-    "{{ [0] * 10**9 }}", "{{ 3 ** 1000000000 }}", "{{ 'x'|center(1000000000) }}", "{{ 'x'.ljust(10**9) }}",
-    "{{ '{:>1000000000}'.format(1) }}", "{{ '%1000000000s' % 'a' }}", "{{ ('x' * 10**6).replace('x', 'y' * 1000) }}",
-    "{{ (['x' * 10**6] * 1000)|join }}", "{{ ''.join(['x' * 10**6] * 1000) }}",
-    "{% set ns = namespace(s='x') %}{% for i in range(60) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}",
-    "{% set ns = namespace(s='x') %}{% for i in range(60) %}{% set t %}{{ns.s}}{{ns.s}}{% endset %}"
-    "{% set ns.s = t %}{% endfor %}",
-    "{% set ns = namespace(v=3) %}{% for i in range(40) %}{% set ns.v = ns.v * ns.v %}{% endfor %}",
-    "{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}",
-    "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
-    "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",   # time limit
-    "{% set b = [0] * 3000000 %}{% for i in b %}{% for j in b %}{% endfor %}{% endfor %}",  # no calls inside
-])
+@pytest.mark.parametrize(
+    "template",
+    [
+        "{{ 'x' * 1000000000 }}",  # ate 4 GB
+        "{% for i in range(10**9) %}x{% endfor %}",  # OverflowError traceback from the sandbox
+        "{{ [0] * 10**9 }}",
+        "{{ 3 ** 1000000000 }}",
+        "{{ 'x'|center(1000000000) }}",
+        "{{ 'x'.ljust(10**9) }}",
+        "{{ '{:>1000000000}'.format(1) }}",
+        "{{ '%1000000000s' % 'a' }}",
+        "{{ ('x' * 10**6).replace('x', 'y' * 1000) }}",
+        "{{ (['x' * 10**6] * 1000)|join }}",
+        "{{ ''.join(['x' * 10**6] * 1000) }}",
+        "{% set ns = namespace(s='x') %}{% for i in range(60) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}",
+        "{% set ns = namespace(s='x') %}{% for i in range(60) %}{% set t %}{{ns.s}}{{ns.s}}{% endset %}"
+        "{% set ns.s = t %}{% endfor %}",
+        "{% set ns = namespace(v=3) %}{% for i in range(40) %}{% set ns.v = ns.v * ns.v %}{% endfor %}",
+        "{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}",
+        "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
+        "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",  # time limit
+        "{% set b = [0] * 3000000 %}{% for i in b %}{% for j in b %}{% endfor %}{% endfor %}",  # no calls inside
+    ],
+)
 def test_hostile_chat_templates_fail_fast(template, monkeypatch):
     from mllama_q import chat
 
@@ -448,8 +500,11 @@ def test_chat_limits_leave_real_templates_alone():
     from mllama_q import chat
 
     long = "word " * 50000  # 250k characters: a long but real conversation
-    msgs = [{"role": "user", "content": long}, {"role": "assistant", "content": "ok"},
-            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "and this?"}]}]
+    msgs = [
+        {"role": "user", "content": long},
+        {"role": "assistant", "content": "ok"},
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "and this?"}]},
+    ]
     out = chat.ChatTemplate(None).render(msgs, date_string="26 Jul 2024")
     assert long.strip() in out and out.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
     with pytest.raises(ValueError, match="nested deeper"):

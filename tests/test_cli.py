@@ -3,6 +3,7 @@
 trained-context warning; bench's time to first token; terminal progress (mllama_q.cli.progress).
 
 run / chat streaming with a scripted model: tests/test_generate.py."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -111,11 +112,14 @@ def test_bench_rejects_bad_arguments_before_loading(no_model_load, capsys, extra
     assert f"mllama-q bench: error: {message}" in err
 
 
-@pytest.mark.parametrize("extra,message", [
-    (["--threads", "0"], "--threads must be >= 1, got 0"),
-    (["-n", "0"], "-n/--max-new-tokens must be >= 1, got 0"),
-    (["--seed", "-1"], "--seed must be >= 0, got -1"),
-])
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--threads", "0"], "--threads must be >= 1, got 0"),
+        (["-n", "0"], "-n/--max-new-tokens must be >= 1, got 0"),
+        (["--seed", "-1"], "--seed must be >= 0, got -1"),
+    ],
+)
 def test_demo_rejects_bad_arguments_before_loading(no_model_load, capsys, extra, message):
     err = _usage_error(capsys, ["demo"] + extra)
     assert f"mllama-q demo: error: {message}" in err
@@ -145,8 +149,10 @@ def test_convert_reports_fallbacks(tiny_checkpoint, tmp_path, capsys):
     from mllama_q.convert.cli import main as convert_main
 
     out = tmp_path / "m.gguf"
-    assert convert_main([str(tiny_checkpoint(seed=0)), "-o", str(out), "--type", "Q8_0",
-                         "--vision-type", "Q4_K", "-q"]) == 0
+    assert (
+        convert_main([str(tiny_checkpoint(seed=0)), "-o", str(out), "--type", "Q8_0", "--vision-type", "Q4_K", "-q"])
+        == 0
+    )
     err = capsys.readouterr().err
     notes = [line for line in err.splitlines() if line.startswith("mllama-q convert: note: ")]
     assert notes and all("--vision-type q4_k: " in n and "instead of Q4_K: rows of " in n for n in notes)
@@ -235,8 +241,25 @@ def test_bench_time_to_first_token_opens_no_file(short_context_model, monkeypatc
     monkeypatch.setattr(builtins, "open", opener)
     monkeypatch.setattr(Model, "encode_images", encode)
     monkeypatch.setattr(Model, "eval", evaluate)
-    assert bench_model.main(["-m", str(short_context_model), "--n-ctx", "512", "--n-prompt", "8", "--n-gen", "2",
-                             "--tiles", "2", "--no-bandwidth", "--json"]) == 0
+    assert (
+        bench_model.main(
+            [
+                "-m",
+                str(short_context_model),
+                "--n-ctx",
+                "512",
+                "--n-prompt",
+                "8",
+                "--n-gen",
+                "2",
+                "--tiles",
+                "2",
+                "--no-bandwidth",
+                "--json",
+            ]
+        )
+        == 0
+    )
     cap = capsys.readouterr()
     res = json.loads(cap.out)
     assert timed["opened"] == []

@@ -3,6 +3,7 @@ with gguf-py's GGUFReader and compared with the checkpoint (torch / transformers
 references; the expected names, shapes, types and transforms are re-derived here from the
 layout rules, not taken from the converter).
 """
+
 from __future__ import annotations
 
 import json
@@ -39,22 +40,47 @@ CONFIGS = {
     # GQA 4:1, cross-attention first and last layer, 28-px tiles, 2 tiles with custom
     # ratios, f16 checkpoint in shards + index, published rope_theta/rope_scaling spelling.
     "gqa4_sharded": dict(
-        seed=1, dtype="float16", max_shard_size="400KB", rope_spelling="rope_theta",
+        seed=1,
+        dtype="float16",
+        max_shard_size="400KB",
+        rope_spelling="rope_theta",
         chat_template_location="chat_template.jinja",
         text_config=dict(num_attention_heads=8, num_key_value_heads=2, cross_attention_layers=[0, 4]),
-        vision_config=dict(image_size=28, max_num_tiles=2, supported_aspect_ratios=[[1, 1], [1, 2], [2, 1]],
-                           num_global_layers=1, intermediate_layers_indices=[0, 2])),
+        vision_config=dict(
+            image_size=28,
+            max_num_tiles=2,
+            supported_aspect_ratios=[[1, 1], [1, 2], [2, 1]],
+            num_global_layers=1,
+            intermediate_layers_indices=[0, 2],
+        ),
+    ),
     # MHA, rows of 128 / 200 (Q8_0 and F16 fallbacks), plain RoPE, 42-px tiles, 3 tiles,
     # a 256-wide vision tower (real Q4_K blocks with --vision-type q4_k), f32 checkpoint.
     "mha_f32": dict(
-        seed=2, dtype="float32", chat_template_location="tokenizer_config",
-        text_config=dict(hidden_size=128, intermediate_size=200, num_hidden_layers=3, num_attention_heads=4,
-                         num_key_value_heads=4, cross_attention_layers=[2],
-                         rope_parameters=dict(rope_type="default", rope_theta=10000.0)),
-        vision_config=dict(hidden_size=256, intermediate_size=512, attention_heads=4, image_size=42,
-                           max_num_tiles=3, num_hidden_layers=3, num_global_layers=1,
-                           intermediate_layers_indices=[0, 2],
-                           supported_aspect_ratios=[[1, 1], [1, 2], [1, 3], [2, 1], [3, 1]])),
+        seed=2,
+        dtype="float32",
+        chat_template_location="tokenizer_config",
+        text_config=dict(
+            hidden_size=128,
+            intermediate_size=200,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            cross_attention_layers=[2],
+            rope_parameters=dict(rope_type="default", rope_theta=10000.0),
+        ),
+        vision_config=dict(
+            hidden_size=256,
+            intermediate_size=512,
+            attention_heads=4,
+            image_size=42,
+            max_num_tiles=3,
+            num_hidden_layers=3,
+            num_global_layers=1,
+            intermediate_layers_indices=[0, 2],
+            supported_aspect_ratios=[[1, 1], [1, 2], [1, 3], [2, 1], [3, 1]],
+        ),
+    ),
 }
 TYPES = ["f32", "f16", "bf16", "q8_0", "q6_k", "q4_k_m", "q4_k_s"]
 
@@ -114,14 +140,19 @@ TEXT_MAP = [  # (HF regex, GGUF name template, transform)
     (r"language_model\.model\.layers\.(\d+)\.self_attn\.v_proj\.weight", "blk.{}.attn_v.weight", None),
     (r"language_model\.model\.layers\.(\d+)\.self_attn\.o_proj\.weight", "blk.{}.attn_output.weight", None),
     (r"language_model\.model\.layers\.(\d+)\.cross_attn\.q_proj\.weight", "blk.{}.cross_attn_q_proj.weight", "perm_q"),
-    (r"language_model\.model\.layers\.(\d+)\.cross_attn\.k_proj\.weight", "blk.{}.cross_attn_k_proj.weight",
-     "perm_kv"),
+    (r"language_model\.model\.layers\.(\d+)\.cross_attn\.k_proj\.weight", "blk.{}.cross_attn_k_proj.weight", "perm_kv"),
     (r"language_model\.model\.layers\.(\d+)\.cross_attn\.v_proj\.weight", "blk.{}.cross_attn_v_proj.weight", None),
     (r"language_model\.model\.layers\.(\d+)\.cross_attn\.o_proj\.weight", "blk.{}.cross_attn_o_proj.weight", None),
-    (r"language_model\.model\.layers\.(\d+)\.cross_attn\.q_norm\.weight", "blk.{}.cross_attn_q_norm.weight",
-     "perm_vec"),
-    (r"language_model\.model\.layers\.(\d+)\.cross_attn\.k_norm\.weight", "blk.{}.cross_attn_k_norm.weight",
-     "perm_vec"),
+    (
+        r"language_model\.model\.layers\.(\d+)\.cross_attn\.q_norm\.weight",
+        "blk.{}.cross_attn_q_norm.weight",
+        "perm_vec",
+    ),
+    (
+        r"language_model\.model\.layers\.(\d+)\.cross_attn\.k_norm\.weight",
+        "blk.{}.cross_attn_k_norm.weight",
+        "perm_vec",
+    ),
     (r"language_model\.model\.layers\.(\d+)\.cross_attn_attn_gate", "blk.{}.cross_attn_attn_gate", None),
     (r"language_model\.model\.layers\.(\d+)\.cross_attn_mlp_gate", "blk.{}.cross_attn_mlp_gate", None),
     (r"multi_modal_projector\.weight", "mm.0.weight", None),
@@ -205,9 +236,13 @@ def expected_type(name: str, shape, ftype: str, vision_type, cfg) -> T:
     """The mix rules of the issue / llama.cpp, written out independently."""
     tc = cfg["text_config"]
     row = shape[-1]
-    is_f32 = (len(shape) == 1 or name.endswith((".bias", "_gate", ".gate", "position_embd.weight"))
-              or "norm" in name or name in ("v.class_embd", "rope_freqs.weight")
-              or name.endswith("tile_position_embd.weight"))
+    is_f32 = (
+        len(shape) == 1
+        or name.endswith((".bias", "_gate", ".gate", "position_embd.weight"))
+        or "norm" in name
+        or name in ("v.class_embd", "rope_freqs.weight")
+        or name.endswith("tile_position_embd.weight")
+    )
     if is_f32:
         return T.F32
     if name == "v.patch_embd.weight":
@@ -217,8 +252,15 @@ def expected_type(name: str, shape, ftype: str, vision_type, cfg) -> T:
             vision_type = {"f32": "f32", "f16": "f16", "bf16": "bf16"}.get(ftype, "q8_0")
         t = {"f32": T.F32, "f16": T.F16, "bf16": T.BF16, "q8_0": T.Q8_0, "q4_k": T.Q4_K}[vision_type]
     else:
-        t = {"f32": T.F32, "f16": T.F16, "bf16": T.BF16, "q8_0": T.Q8_0, "q6_k": T.Q6_K,
-             "q4_k_m": T.Q4_K, "q4_k_s": T.Q4_K}[ftype]
+        t = {
+            "f32": T.F32,
+            "f16": T.F16,
+            "bf16": T.BF16,
+            "q8_0": T.Q8_0,
+            "q6_k": T.Q6_K,
+            "q4_k_m": T.Q4_K,
+            "q4_k_s": T.Q4_K,
+        }[ftype]
         if ftype == "q4_k_m":
             n_layer = tc["num_hidden_layers"]
             self_layers = [i for i in range(n_layer) if i not in tc["cross_attention_layers"]]
@@ -262,7 +304,7 @@ def check_values(name, t: T, stored: np.ndarray, ref: np.ndarray):
         amax = np.abs(x).reshape(-1, block).max(axis=1)
         worst = np.max(err / np.maximum(amax, 1e-30))
         assert np.all(err <= rel_max * amax + 1e-12), f"{name} {t.name}: max error {worst:.4f} x block amax"
-        rms = np.sqrt(np.sum((y - x) ** 2) / max(np.sum(x ** 2), 1e-30))
+        rms = np.sqrt(np.sum((y - x) ** 2) / max(np.sum(x**2), 1e-30))
         assert rms <= {T.Q8_0: 0.015, T.Q6_K: 0.04, T.Q4_K: 0.12}[t], f"{name} {t.name}: relative RMS error {rms:.4f}"
 
 
@@ -274,13 +316,16 @@ def expected_metadata(ckpt: Path) -> dict:
     rp = tc.get("rope_parameters") or dict(tc.get("rope_scaling") or {}, rope_theta=tc["rope_theta"])
     exp = {
         "general.architecture": "mllama",
-        "mllama.vocab_size": tc["vocab_size"], "mllama.block_count": tc["num_hidden_layers"],
-        "mllama.context_length": tc["max_position_embeddings"], "mllama.embedding_length": tc["hidden_size"],
+        "mllama.vocab_size": tc["vocab_size"],
+        "mllama.block_count": tc["num_hidden_layers"],
+        "mllama.context_length": tc["max_position_embeddings"],
+        "mllama.embedding_length": tc["hidden_size"],
         "mllama.feed_forward_length": tc["intermediate_size"],
         "mllama.attention.head_count": tc["num_attention_heads"],
         "mllama.attention.head_count_kv": tc["num_key_value_heads"],
         "mllama.rope.dimension_count": tc["hidden_size"] // tc["num_attention_heads"],
-        "mllama.rope.freq_base": rp["rope_theta"], "mllama.attention.layer_norm_rms_epsilon": tc["rms_norm_eps"],
+        "mllama.rope.freq_base": rp["rope_theta"],
+        "mllama.attention.layer_norm_rms_epsilon": tc["rms_norm_eps"],
         "mllama.attention.cross_attention_layers": tc["cross_attention_layers"],
         "mllama.vision.block_count": vc["num_hidden_layers"],
         "mllama.vision.global.block_count": vc["num_global_layers"],
@@ -289,27 +334,42 @@ def expected_metadata(ckpt: Path) -> dict:
         "mllama.vision.feed_forward_length": vc["intermediate_size"],
         "mllama.vision.attention.head_count": vc["attention_heads"],
         "mllama.vision.attention.layer_norm_epsilon": vc["norm_eps"],
-        "mllama.vision.image_size": vc["image_size"], "mllama.vision.patch_size": vc["patch_size"],
-        "mllama.vision.max_num_tiles": vc["max_num_tiles"], "mllama.vision.num_channels": vc["num_channels"],
+        "mllama.vision.image_size": vc["image_size"],
+        "mllama.vision.patch_size": vc["patch_size"],
+        "mllama.vision.max_num_tiles": vc["max_num_tiles"],
+        "mllama.vision.num_channels": vc["num_channels"],
         "mllama_q.format_version": 1,
         "mllama_q.image_token_id": cfg["image_token_index"],
         "mllama_q.stop_token_ids": gen["eos_token_id"],
         "mllama_q.vision.supported_aspect_ratios": [x for p in vc["supported_aspect_ratios"] for x in p],
         "mllama_q.vision.output_dim": vc["vision_output_dim"],
         "mllama_q.vision.projection_dim": tc["hidden_size"],
-        "mllama_q.image.tile_size": pre["size"]["height"], "mllama_q.image.max_image_tiles": pre["max_image_tiles"],
-        "mllama_q.image.mean": pre["image_mean"], "mllama_q.image.std": pre["image_std"],
-        "mllama_q.image.rescale_factor": pre["rescale_factor"], "mllama_q.image.resample": pre["resample"],
-        "mllama_q.image.do_convert_rgb": True, "mllama_q.image.do_resize": True, "mllama_q.image.do_rescale": True,
-        "mllama_q.image.do_normalize": True, "mllama_q.image.do_pad": True,
-        "general.sampling.temp": gen["temperature"], "general.sampling.top_p": gen["top_p"],
-        "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "llama-bpe",
+        "mllama_q.image.tile_size": pre["size"]["height"],
+        "mllama_q.image.max_image_tiles": pre["max_image_tiles"],
+        "mllama_q.image.mean": pre["image_mean"],
+        "mllama_q.image.std": pre["image_std"],
+        "mllama_q.image.rescale_factor": pre["rescale_factor"],
+        "mllama_q.image.resample": pre["resample"],
+        "mllama_q.image.do_convert_rgb": True,
+        "mllama_q.image.do_resize": True,
+        "mllama_q.image.do_rescale": True,
+        "mllama_q.image.do_normalize": True,
+        "mllama_q.image.do_pad": True,
+        "general.sampling.temp": gen["temperature"],
+        "general.sampling.top_p": gen["top_p"],
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": "llama-bpe",
     }
     if rp.get("rope_type", "default") == "llama3":
-        exp.update({"mllama_q.rope.scaling.type": "llama3", "mllama_q.rope.scaling.factor": rp["factor"],
-                    "mllama_q.rope.scaling.low_freq_factor": rp["low_freq_factor"],
-                    "mllama_q.rope.scaling.high_freq_factor": rp["high_freq_factor"],
-                    "mllama_q.rope.scaling.original_context_length": rp["original_max_position_embeddings"]})
+        exp.update(
+            {
+                "mllama_q.rope.scaling.type": "llama3",
+                "mllama_q.rope.scaling.factor": rp["factor"],
+                "mllama_q.rope.scaling.low_freq_factor": rp["low_freq_factor"],
+                "mllama_q.rope.scaling.high_freq_factor": rp["high_freq_factor"],
+                "mllama_q.rope.scaling.original_context_length": rp["original_max_position_embeddings"],
+            }
+        )
     else:
         exp["mllama_q.rope.scaling.type"] = "none"
     return exp
@@ -365,8 +425,10 @@ def test_convert_every_type(ckpts, hf_states, tmp_path, config, ftype):
     assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]  # no temp file left
 
 
-@pytest.mark.parametrize("config,ftype,vision_type", [("mha_f32", "q4_k_m", "q4_k"), ("default", "q8_0", "f16"),
-                                                      ("gqa4_sharded", "f16", "q8_0")])
+@pytest.mark.parametrize(
+    "config,ftype,vision_type",
+    [("mha_f32", "q4_k_m", "q4_k"), ("default", "q8_0", "f16"), ("gqa4_sharded", "f16", "q8_0")],
+)
 def test_vision_type(ckpts, hf_states, tmp_path, config, ftype, vision_type):
     out = tmp_path / "v.gguf"
     assert run_convert(ckpts[config], out, ftype, vision_type) == 0
@@ -410,10 +472,15 @@ def test_spec_type_tables_match_gguf_py():
         assert T[t.name] == int(t), t
         assert GGML_QUANT_SIZES[T[t.name]] == K.BLOCK_SIZES[t], t
     assert set(K.BLOCK_SIZES) == set(K.GGMLType)
-    expected_ftype = {"f32": LlamaFileType.ALL_F32, "f16": LlamaFileType.MOSTLY_F16,
-                      "bf16": LlamaFileType.MOSTLY_BF16, "q8_0": LlamaFileType.MOSTLY_Q8_0,
-                      "q6_k": LlamaFileType.MOSTLY_Q6_K, "q4_k_m": LlamaFileType.MOSTLY_Q4_K_M,
-                      "q4_k_s": LlamaFileType.MOSTLY_Q4_K_S}
+    expected_ftype = {
+        "f32": LlamaFileType.ALL_F32,
+        "f16": LlamaFileType.MOSTLY_F16,
+        "bf16": LlamaFileType.MOSTLY_BF16,
+        "q8_0": LlamaFileType.MOSTLY_Q8_0,
+        "q6_k": LlamaFileType.MOSTLY_Q6_K,
+        "q4_k_m": LlamaFileType.MOSTLY_Q4_K_M,
+        "q4_k_s": LlamaFileType.MOSTLY_Q4_K_S,
+    }
     assert K.FILE_TYPE == {k: int(v) for k, v in expected_ftype.items()}
 
 
@@ -527,15 +594,20 @@ def test_attention_scores_equal_hf(ckpts, tmp_path):
     def rms(v, w):
         return v / np.sqrt(np.mean(v * v, axis=-1, keepdims=True) + eps) * w
 
-    qg = rms((xn @ ten[f"blk.{cid}.cross_attn_q_proj.weight"].T).reshape(6, H, hd),
-             ten[f"blk.{cid}.cross_attn_q_norm.weight"])
-    kg = rms((img.numpy() @ ten[f"blk.{cid}.cross_attn_k_proj.weight"].T).reshape(9, Hkv, hd),
-             ten[f"blk.{cid}.cross_attn_k_norm.weight"])
+    qg = rms(
+        (xn @ ten[f"blk.{cid}.cross_attn_q_proj.weight"].T).reshape(6, H, hd),
+        ten[f"blk.{cid}.cross_attn_q_norm.weight"],
+    )
+    kg = rms(
+        (img.numpy() @ ten[f"blk.{cid}.cross_attn_k_proj.weight"].T).reshape(9, Hkv, hd),
+        ten[f"blk.{cid}.cross_attn_k_norm.weight"],
+    )
     gg_x = np.einsum("thd,shd->hts", qg, np.repeat(kg, H // Hkv, axis=1))
     np.testing.assert_allclose(gg_x, hf_x, rtol=1e-5, atol=1e-6 * np.abs(hf_x).max())  # HF RMSNorm runs in float32
     # The gates are stored raw for text and as tanh for vision (Ollama's convention).
-    assert ten[f"blk.{cid}.cross_attn_attn_gate"][0] == pytest.approx(model.model.language_model.layers[cid]
-                                                                      .cross_attn_attn_gate.item())
+    assert ten[f"blk.{cid}.cross_attn_attn_gate"][0] == pytest.approx(
+        model.model.language_model.layers[cid].cross_attn_attn_gate.item()
+    )
 
 
 def test_chunked_streaming_gives_identical_file(ckpts, tmp_path, monkeypatch):
@@ -552,9 +624,13 @@ def test_chunked_streaming_gives_identical_file(ckpts, tmp_path, monkeypatch):
 def test_cli_entry_points(ckpts, tmp_path, child_env):
     """`python -m mllama_q.convert` and `mllama-q convert` (mllama_q.cli) both work."""
     out = tmp_path / "m.gguf"
-    res = subprocess.run([sys.executable, "-m", "mllama_q.convert", str(ckpts["mha_f32"]), "-o", str(out),
-                          "--type", "q8_0"],
-                         cwd=tmp_path, capture_output=True, text=True, env=child_env())
+    res = subprocess.run(
+        [sys.executable, "-m", "mllama_q.convert", str(ckpts["mha_f32"]), "-o", str(out), "--type", "q8_0"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=child_env(),
+    )
     assert res.returncode == 0, res.stderr
     assert "wrote" in res.stderr and out.is_file()
     from mllama_q.cli import main as mq_main
@@ -592,7 +668,7 @@ def _corrupt_header(ck: Path):
     f = ck / "model.safetensors"
     data = bytearray(f.read_bytes())
     n = struct.unpack("<Q", data[:8])[0]
-    data[8:8 + 20] = b"{ this is not json  "
+    data[8 : 8 + 20] = b"{ this is not json  "
     assert n > 20
     f.write_bytes(bytes(data))
 
@@ -609,77 +685,157 @@ BAD_CASES = {
     "missing preprocessor": (lambda ck: (ck / "preprocessor_config.json").unlink(), "preprocessor_config.json"),
     "missing weights": (lambda ck: (ck / "model.safetensors").unlink(), "model.safetensors"),
     "not mllama": (lambda ck: _edit_json(ck / "config.json", lambda d: d.update(model_type="llama")), "model_type"),
-    "shape mismatch": (lambda ck: _edit_json(ck / "config.json",
-                                             lambda d: d["text_config"].update(intermediate_size=384)),
-                       "language_model.model.layers.0.mlp.gate_proj.weight"),
-    "unsupported dtype": (lambda ck: _resave(ck, lambda st: st.update(
-        {"vision_model.class_embedding": st["vision_model.class_embedding"].to(torch.int64)})),
-                          "vision_model.class_embedding"),
-    "missing tensor": (lambda ck: _resave(ck, lambda st: st.pop("language_model.model.layers.1.cross_attn_mlp_gate")),
-                       "language_model.model.layers.1.cross_attn_mlp_gate"),
-    "unexpected tensor": (lambda ck: _resave(ck, lambda st: st.update({"extra.weight": torch.zeros(3)})),
-                          "extra.weight"),
+    "shape mismatch": (
+        lambda ck: _edit_json(ck / "config.json", lambda d: d["text_config"].update(intermediate_size=384)),
+        "language_model.model.layers.0.mlp.gate_proj.weight",
+    ),
+    "unsupported dtype": (
+        lambda ck: _resave(
+            ck,
+            lambda st: st.update({"vision_model.class_embedding": st["vision_model.class_embedding"].to(torch.int64)}),
+        ),
+        "vision_model.class_embedding",
+    ),
+    "missing tensor": (
+        lambda ck: _resave(ck, lambda st: st.pop("language_model.model.layers.1.cross_attn_mlp_gate")),
+        "language_model.model.layers.1.cross_attn_mlp_gate",
+    ),
+    "unexpected tensor": (
+        lambda ck: _resave(ck, lambda st: st.update({"extra.weight": torch.zeros(3)})),
+        "extra.weight",
+    ),
     "corrupt header": (_corrupt_header, "model.safetensors"),
     "truncated file": (_truncate, "model.safetensors"),
-    "bad rope type": (lambda ck: _edit_json(ck / "config.json", lambda d: d["text_config"].update(
-        rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0})), "yarn"),
+    "bad rope type": (
+        lambda ck: _edit_json(
+            ck / "config.json",
+            lambda d: d["text_config"].update(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}),
+        ),
+        "yarn",
+    ),
     # Malformed JSON, wrong value types and out-of-range values (mllama_q/hparams.py): one
     # `error:` line each. Regressions: tracebacks (RecursionError, ValueError from int("x"),
     # AttributeError on a list), and hangs / unbounded memory (2**31 layers planned one by one,
     # a token id of 1e9 sizing the token list).
     "malformed json": (lambda ck: (ck / "config.json").write_text('{"model_type": "mllama",'), "invalid JSON"),
-    "deeply nested json": (lambda ck: (ck / "config.json").write_text("[" * 200000 + "]" * 200000),
-                           "nested too deeply"),
-    "json not an object": (lambda ck: (ck / "preprocessor_config.json").write_text("[1, 2]"),
-                           "expected a JSON object"),
+    "deeply nested json": (
+        lambda ck: (ck / "config.json").write_text("[" * 200000 + "]" * 200000),
+        "nested too deeply",
+    ),
+    "json not an object": (lambda ck: (ck / "preprocessor_config.json").write_text("[1, 2]"), "expected a JSON object"),
     "generation config list": (lambda ck: (ck / "generation_config.json").write_text("[]"), "generation_config.json"),
     "string layer count": (lambda ck: _edit_text(ck, num_hidden_layers="40"), "num_hidden_layers"),
     "float layer count": (lambda ck: _edit_text(ck, num_hidden_layers=5.0), "num_hidden_layers"),
     "2**31 layers": (lambda ck: _edit_text(ck, num_hidden_layers=2**31), "num_hidden_layers = 2147483648"),
-    "2**40 heads": (lambda ck: _edit_text(ck, num_attention_heads=2**40, hidden_size=2**46),
-                    "hidden_size = 70368744177664"),
+    "2**40 heads": (
+        lambda ck: _edit_text(ck, num_attention_heads=2**40, hidden_size=2**46),
+        "hidden_size = 70368744177664",
+    ),
     "vocab 2**40": (lambda ck: _edit_text(ck, vocab_size=2**40), "vocab_size"),
     "rms eps nan": (lambda ck: _edit_text(ck, rms_norm_eps=float("nan")), "rms_norm_eps"),
     "rms eps inf": (lambda ck: _edit_text(ck, rms_norm_eps=float("inf")), "rms_norm_eps"),
     "rms eps zero": (lambda ck: _edit_text(ck, rms_norm_eps=0), "rms_norm_eps"),
-    "rope factor inf": (lambda ck: _edit_text(ck, rope_parameters=dict(
-        rope_type="llama3", rope_theta=5e5, factor=float("inf"), low_freq_factor=1.0, high_freq_factor=4.0,
-        original_max_position_embeddings=8192)), "rope factor"),
+    "rope factor inf": (
+        lambda ck: _edit_text(
+            ck,
+            rope_parameters=dict(
+                rope_type="llama3",
+                rope_theta=5e5,
+                factor=float("inf"),
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=8192,
+            ),
+        ),
+        "rope factor",
+    ),
     "context 2**40": (lambda ck: _edit_text(ck, max_position_embeddings=2**40), "max_position_embeddings"),
     "vision layers 2**31": (lambda ck: _edit_vision(ck, num_hidden_layers=2**31), "num_hidden_layers"),
     "tiles 100000": (lambda ck: _edit_vision(ck, max_num_tiles=100000), "max_num_tiles"),
     "repeated aspect ratio": (lambda ck: _edit_vision(ck, supported_aspect_ratios=[[1, 1], [1, 1]]), "repeats"),
-    "tile 20000 px": (lambda ck: (_edit_vision(ck, image_size=20000), _edit_json(
-        ck / "preprocessor_config.json", lambda d: d.update(size={"height": 20000, "width": 20000}))), "image_size"),
-    "image std zero": (lambda ck: _edit_json(ck / "preprocessor_config.json",
-                                             lambda d: d.update(image_std=[0.0, 0.26, 0.27])), "image_std"),
-    "image mean strings": (lambda ck: _edit_json(ck / "preprocessor_config.json",
-                                                 lambda d: d.update(image_mean=["a", "b", "c"])), "image_mean"),
-    "max_image_tiles 100000": (lambda ck: _edit_json(ck / "preprocessor_config.json",
-                                                     lambda d: d.update(max_image_tiles=100000)), "max_image_tiles"),
-    "do_resize string": (lambda ck: _edit_json(ck / "preprocessor_config.json",
-                                               lambda d: d.update(do_resize="no")), "do_resize"),
-    "image token 1e9": (lambda ck: _edit_json(ck / "config.json", lambda d: d.update(image_token_index=10**9)),
-                        "image_token_index"),
-    "eos id string": (lambda ck: _edit_json(ck / "generation_config.json",
-                                            lambda d: d.update(eos_token_id=["x"])), "eos_token_id"),
-    "eos id 2**40": (lambda ck: _edit_json(ck / "generation_config.json",
-                                           lambda d: d.update(eos_token_id=[2**40])), "eos_token_id"),
-    "temperature nan": (lambda ck: _edit_json(ck / "generation_config.json",
-                                              lambda d: d.update(temperature=float("nan"))), "temperature"),
-    "vocab id 1e9": (lambda ck: _edit_json(ck / "tokenizer.json", lambda d: d["added_tokens"].append(
-        {"id": 10**9, "content": "<|far|>", "special": True})), "1000000000"),
-    "vocab id float": (lambda ck: _edit_json(ck / "tokenizer.json", lambda d: d["added_tokens"].append(
-        {"id": 1e9, "content": "<|far|>", "special": True})), "token id"),
-    "tokenizer model list": (lambda ck: _edit_json(ck / "tokenizer.json", lambda d: d.update(pre_tokenizer=[1])),
-                             "tokenizer.json"),
-    "image token past the tokenizer": (lambda ck: _edit_json(ck / "config.json", lambda d: d.update(
-        image_token_index=d["text_config"]["vocab_size"] + 7)), "is not a token of tokenizer.json"),
-    "rope original context inf": (lambda ck: _edit_text(ck, rope_parameters=dict(
-        rope_type="llama3", rope_theta=5e5, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-        original_max_position_embeddings=float("inf"))), "llama3 rope scaling"),
-    "index escapes the directory": (lambda ck: (ck / "model.safetensors.index.json").write_text(
-        json.dumps({"weight_map": {"x": "../../outside.safetensors"}})), "weight_map"),
+    "tile 20000 px": (
+        lambda ck: (
+            _edit_vision(ck, image_size=20000),
+            _edit_json(ck / "preprocessor_config.json", lambda d: d.update(size={"height": 20000, "width": 20000})),
+        ),
+        "image_size",
+    ),
+    "image std zero": (
+        lambda ck: _edit_json(ck / "preprocessor_config.json", lambda d: d.update(image_std=[0.0, 0.26, 0.27])),
+        "image_std",
+    ),
+    "image mean strings": (
+        lambda ck: _edit_json(ck / "preprocessor_config.json", lambda d: d.update(image_mean=["a", "b", "c"])),
+        "image_mean",
+    ),
+    "max_image_tiles 100000": (
+        lambda ck: _edit_json(ck / "preprocessor_config.json", lambda d: d.update(max_image_tiles=100000)),
+        "max_image_tiles",
+    ),
+    "do_resize string": (
+        lambda ck: _edit_json(ck / "preprocessor_config.json", lambda d: d.update(do_resize="no")),
+        "do_resize",
+    ),
+    "image token 1e9": (
+        lambda ck: _edit_json(ck / "config.json", lambda d: d.update(image_token_index=10**9)),
+        "image_token_index",
+    ),
+    "eos id string": (
+        lambda ck: _edit_json(ck / "generation_config.json", lambda d: d.update(eos_token_id=["x"])),
+        "eos_token_id",
+    ),
+    "eos id 2**40": (
+        lambda ck: _edit_json(ck / "generation_config.json", lambda d: d.update(eos_token_id=[2**40])),
+        "eos_token_id",
+    ),
+    "temperature nan": (
+        lambda ck: _edit_json(ck / "generation_config.json", lambda d: d.update(temperature=float("nan"))),
+        "temperature",
+    ),
+    "vocab id 1e9": (
+        lambda ck: _edit_json(
+            ck / "tokenizer.json",
+            lambda d: d["added_tokens"].append({"id": 10**9, "content": "<|far|>", "special": True}),
+        ),
+        "1000000000",
+    ),
+    "vocab id float": (
+        lambda ck: _edit_json(
+            ck / "tokenizer.json",
+            lambda d: d["added_tokens"].append({"id": 1e9, "content": "<|far|>", "special": True}),
+        ),
+        "token id",
+    ),
+    "tokenizer model list": (
+        lambda ck: _edit_json(ck / "tokenizer.json", lambda d: d.update(pre_tokenizer=[1])),
+        "tokenizer.json",
+    ),
+    "image token past the tokenizer": (
+        lambda ck: _edit_json(
+            ck / "config.json", lambda d: d.update(image_token_index=d["text_config"]["vocab_size"] + 7)
+        ),
+        "is not a token of tokenizer.json",
+    ),
+    "rope original context inf": (
+        lambda ck: _edit_text(
+            ck,
+            rope_parameters=dict(
+                rope_type="llama3",
+                rope_theta=5e5,
+                factor=8.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=float("inf"),
+            ),
+        ),
+        "llama3 rope scaling",
+    ),
+    "index escapes the directory": (
+        lambda ck: (ck / "model.safetensors.index.json").write_text(
+            json.dumps({"weight_map": {"x": "../../outside.safetensors"}})
+        ),
+        "weight_map",
+    ),
 }
 
 
@@ -736,8 +892,9 @@ def test_disk_full_leaves_no_temp_file(ckpts, tmp_path, monkeypatch, capsys):
             return getattr(self.f, name)
 
     for room in (100, 200_000, 2_000_000):  # in the header, the metadata, the tensor data
-        monkeypatch.setattr(gw, "open", lambda path, mode="r", *a, _room=room: FullDisk(open(path, mode, *a), _room),
-                            raising=False)
+        monkeypatch.setattr(
+            gw, "open", lambda path, mode="r", *a, _room=room: FullDisk(open(path, mode, *a), _room), raising=False
+        )
         out = tmp_path / "o.gguf"
         assert run_convert(ckpts["default"], out, "q8_0") == 1
         err = capsys.readouterr().err.strip()
@@ -796,19 +953,44 @@ def test_failure_mid_write_leaves_nothing(ckpts, tmp_path, monkeypatch, capsys, 
 # The plan for the real 11B config (no weights): names, shapes, llama.cpp's Q4_K_M choices
 # ---------------------------------------------------------------------------------------------
 REAL_11B_CONFIG = {  # published Llama-3.2-11B-Vision-Instruct config.json (sizes only)
-    "model_type": "mllama", "image_token_index": 128256,
-    "text_config": {"vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 40,
-                    "cross_attention_layers": [3, 8, 13, 18, 23, 28, 33, 38], "num_attention_heads": 32,
-                    "num_key_value_heads": 8, "max_position_embeddings": 131072, "rms_norm_eps": 1e-05,
-                    "rope_theta": 500000.0, "rope_scaling": {"rope_type": "llama3", "factor": 8.0,
-                                                             "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                                             "original_max_position_embeddings": 8192},
-                    "tie_word_embeddings": False, "eos_token_id": [128001, 128008, 128009]},
-    "vision_config": {"hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32,
-                      "num_global_layers": 8, "attention_heads": 16, "image_size": 560, "patch_size": 14,
-                      "num_channels": 3, "max_num_tiles": 4, "norm_eps": 1e-05,
-                      "intermediate_layers_indices": [3, 7, 15, 23, 30], "vision_output_dim": 7680,
-                      "supported_aspect_ratios": [[1, 1], [1, 2], [1, 3], [1, 4], [2, 1], [2, 2], [3, 1], [4, 1]]},
+    "model_type": "mllama",
+    "image_token_index": 128256,
+    "text_config": {
+        "vocab_size": 128256,
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 40,
+        "cross_attention_layers": [3, 8, 13, 18, 23, 28, 33, 38],
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "max_position_embeddings": 131072,
+        "rms_norm_eps": 1e-05,
+        "rope_theta": 500000.0,
+        "rope_scaling": {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+        "tie_word_embeddings": False,
+        "eos_token_id": [128001, 128008, 128009],
+    },
+    "vision_config": {
+        "hidden_size": 1280,
+        "intermediate_size": 5120,
+        "num_hidden_layers": 32,
+        "num_global_layers": 8,
+        "attention_heads": 16,
+        "image_size": 560,
+        "patch_size": 14,
+        "num_channels": 3,
+        "max_num_tiles": 4,
+        "norm_eps": 1e-05,
+        "intermediate_layers_indices": [3, 7, 15, 23, 30],
+        "vision_output_dim": 7680,
+        "supported_aspect_ratios": [[1, 1], [1, 2], [1, 3], [1, 4], [2, 1], [2, 2], [3, 1], [4, 1]],
+    },
 }
 
 
@@ -817,8 +999,9 @@ def test_real_11b_plan_and_q4_k_m_mix():
     from mllama_q.convert.plan import assign_types, build_plan
 
     text, vision, img = parse_config(REAL_11B_CONFIG, "config.json")
-    ck = Checkpoint(dir=Path("."), text=text, vision=vision, image_token_id=img, preprocessor={}, generation={},
-                    stop_ids=[])
+    ck = Checkpoint(
+        dir=Path("."), text=text, vision=vision, image_token_id=img, preprocessor={}, generation={}, stop_ids=[]
+    )
     outs = build_plan(ck)
     assign_types(outs, ck, "q4_k_m", "q8_0")
     by = {o.name: o for o in outs}

@@ -1,6 +1,7 @@
 """mllama_q/_core.pyi stays in sync with the compiled module: the same public names at module and
 class level, and for every function and method the same parameter names in the same order as
 the signature pybind11 writes into its docstring (csrc/bindings/)."""
+
 from __future__ import annotations
 
 import ast
@@ -18,8 +19,9 @@ STUB = Path(mllama_q.__file__).with_name("_core.pyi")
 def _stub():
     """{name: FunctionDef | ClassDef} of the stub's public top-level definitions."""
     tree = ast.parse(STUB.read_text(encoding="utf-8"))
-    return {n.name: n for n in tree.body
-            if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and not n.name.startswith("_")}
+    return {
+        n.name: n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and not n.name.startswith("_")
+    }
 
 
 def _public(obj) -> set[str]:
@@ -42,7 +44,7 @@ def _split_top(s: str) -> list[str]:
 def _pybind_params(fn, name: str) -> list[str]:
     """Parameter names from pybind11's docstring signature line `name(a: T, b: T = d) -> R`."""
     line = next(ln for ln in (fn.__doc__ or "").splitlines() if ln.startswith(name + "("))
-    inner = line[len(name) + 1: line.rindex(") ->")]
+    inner = line[len(name) + 1 : line.rindex(") ->")]
     return [p.split(":")[0].strip() for p in _split_top(inner) if p.strip()]
 
 
@@ -54,7 +56,8 @@ def test_module_names_match():
     stub = _stub()
     assert set(stub) == _public(_core), (
         f"in _core but not in the stub: {sorted(_public(_core) - set(stub))}; "
-        f"in the stub but not in _core: {sorted(set(stub) - _public(_core))}")
+        f"in the stub but not in _core: {sorted(set(stub) - _public(_core))}"
+    )
 
 
 @pytest.mark.parametrize("name", sorted(n for n, v in _stub().items() if isinstance(v, ast.FunctionDef)))

@@ -5,6 +5,7 @@ mask / pixel arrays, bad quants and backend arguments, hostile chat templates an
 converter configs (family `inputs`): no crash, no hang, no exception other than a ValueError
 (ModelFileError, ImageError, ...). The long run is `python -m tools.fuzz -n 100000` (see
 tools/fuzz/__init__.py)."""
+
 from __future__ import annotations
 
 import sys
@@ -29,8 +30,9 @@ def bounded_run(family: str, seed: int, n: int, tmp_path):
     s = runner.fuzz(family, seed=seed, n=n, jobs=2, timeout=20, out_dir=tmp_path / "failures", progress=False)
     detail = "\n".join(f"case {i}: {kind}: {d[-600:]}" for i, kind, d in s.failures[:5])
     assert s.cases == n
-    assert (s.counts[runner.CRASH], s.counts[runner.HANG], s.counts[runner.UNCLEAN]) == (0, 0, 0), \
+    assert (s.counts[runner.CRASH], s.counts[runner.HANG], s.counts[runner.UNCLEAN]) == (0, 0, 0), (
         s.line() + "\n" + detail
+    )
     return s
 
 
@@ -89,10 +91,18 @@ def test_runner_counts_crashes_hangs_and_unclean(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "tools.fuzz.selftest", fam)
     monkeypatch.setattr(runner, "FAMILIES", runner.FAMILIES + ("selftest",))
     s = runner.fuzz("selftest", n=7, jobs=1, timeout=2, batch=7, out_dir=tmp_path, progress=False)
-    assert (s.counts[runner.OK], s.counts[runner.CLEAN], s.counts[runner.CRASH], s.counts[runner.HANG],
-            s.counts[runner.UNCLEAN]) == (3, 1, 1, 1, 1), s.line()
+    assert (
+        s.counts[runner.OK],
+        s.counts[runner.CLEAN],
+        s.counts[runner.CRASH],
+        s.counts[runner.HANG],
+        s.counts[runner.UNCLEAN],
+    ) == (3, 1, 1, 1, 1), s.line()
     outcomes = {i: kind for i, kind, _ in s.failures}
     assert outcomes == {2: runner.CRASH, 4: runner.HANG, 5: runner.UNCLEAN}
     assert "SIGSEGV" in dict((i, d) for i, _, d in s.failures)[2]
     assert sorted(p.name for p in tmp_path.glob("*.pkl")) == [
-        "selftest-0-2-crash.pkl", "selftest-0-4-hang.pkl", "selftest-0-5-unclean.pkl"]
+        "selftest-0-2-crash.pkl",
+        "selftest-0-4-hang.pkl",
+        "selftest-0-5-unclean.pkl",
+    ]

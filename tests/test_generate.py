@@ -1,5 +1,6 @@
 """Sampling (vs transformers' logits processors) and the generate loop (with a fake model that
 implements the low-level model API and records what generate() asks of it)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -15,6 +16,7 @@ EOT, EOM, EOS = 128009, 128008, 128001
 
 
 # ------------------------------------------------------------------ sampling vs transformers
+
 
 def _hf_scores(logits: np.ndarray, history: list[int], p: SamplingParams) -> np.ndarray:
     """transformers' logits processors, in generate()'s order: float32 scores [V], -inf = filtered."""
@@ -67,7 +69,7 @@ def _hf_probs(logits: np.ndarray, history: list[int], p: SamplingParams) -> np.n
 # torch's float32 softmax failed on an AVX2-only machine: torch's kernel sums the vocabulary
 # lane by lane, sequentially (relative error ~1.2e-5 there, common to every token), which is why
 # the reference is now transformers' processed scores with the softmax taken in float64.
-U = 2.0 ** -24
+U = 2.0**-24
 EXP_ULPS = 4  # numpy documents <= 2.52 ulp for its AVX2 / AVX-512F float32 exp; checked on the inputs
 
 
@@ -95,7 +97,7 @@ def _check_probs(ours: np.ndarray, logits: np.ndarray, history: list[int], param
     exact = _hf_probs(logits, history, params)[keep]
     # support: no filtered token has probability, every kept one has (unless float32 underflows)
     assert not np.any(ours[~keep] > 0), "a token transformers filtered has probability"
-    assert np.all(ours[keep][exact >= 2.0 ** -126] > 0), "a token transformers kept has none"
+    assert np.all(ours[keep][exact >= 2.0**-126] > 0), "a token transformers kept has none"
     # the survivors and their scaled logits are bit-identical to transformers' processed scores
     ids, v = filter_logits(apply_repetition_penalty(logits, history, params.repetition_penalty), params)
     order = np.argsort(ids)
@@ -104,16 +106,17 @@ def _check_probs(ours: np.ndarray, logits: np.ndarray, history: list[int], param
     # the exp accuracy the bound assumes, on these very arguments
     d = z32 - z32.max()
     e32, e64 = np.exp(d), np.exp(d.astype(np.float64))
-    normal = e64 >= 2.0 ** -126
+    normal = e64 >= 2.0**-126
     ulps = np.abs(e32[normal] - e64[normal]) / np.spacing(e64[normal].astype(np.float32))
     assert ulps.max(initial=0) <= EXP_ULPS, f"numpy's float32 exp is off by {ulps.max()} ulp here"
     gap = float(z32.max()) - z32.astype(np.float64)
     rtol = U * (gap + float(np.sum(exact * gap)) + 4 * EXP_ULPS + _pairwise_roundings(int(keep.sum())) + 1)
     err = np.abs(ours[keep].astype(np.float64) - exact)
     worst = int(np.argmax(err - rtol * exact))
-    assert np.all(err <= rtol * exact + 2.0 ** -126), (
+    assert np.all(err <= rtol * exact + 2.0**-126), (
         f"p = {exact[worst]:.6g}, ours {ours[keep][worst]:.6g}: relative error {err[worst] / exact[worst]:.3g} "
-        f"> bound {rtol[worst]:.3g}")
+        f"> bound {rtol[worst]:.3g}"
+    )
 
 
 PARAMS = [
@@ -166,18 +169,26 @@ def test_probability_check_still_catches_real_errors():
     p = SamplingParams(temperature=2.0, top_p=0.95, repetition_penalty=0.95)  # 12,431 survivors
     _check_probs(probabilities(logits, history, p), logits, history, p)  # as is: passes
     assert (probabilities(logits, history, p) > 0).sum() > 1000
-    wrong_t = dataclasses.replace(p, temperature=float(np.float32(2.0) * np.float32(1 + 2.0 ** -19)))
+    wrong_t = dataclasses.replace(p, temperature=float(np.float32(2.0) * np.float32(1 + 2.0**-19)))
     wrong_r = dataclasses.replace(p, repetition_penalty=0.95 * (1 + 1e-4))
     nudged = logits.copy()
     nudged[int(np.argmax(logits))] += 1e-5
-    for bad in (probabilities(logits, history, wrong_t), probabilities(logits, history, wrong_r),
-                probabilities(nudged, history, p)):
+    for bad in (
+        probabilities(logits, history, wrong_t),
+        probabilities(logits, history, wrong_r),
+        probabilities(nudged, history, p),
+    ):
         with pytest.raises(AssertionError):
             _check_probs(bad, logits, history, p)
 
 
-@pytest.mark.parametrize("params", [SamplingParams(temperature=1.0, top_p=1.0, repetition_penalty=1.3),
-                                    SamplingParams(temperature=0.7, top_k=50, repetition_penalty=0.6)])
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=1.0, top_p=1.0, repetition_penalty=1.3),
+        SamplingParams(temperature=0.7, top_k=50, repetition_penalty=0.6),
+    ],
+)
 def test_repetition_penalty_ignores_ids_past_the_logits_like_transformers(params):
     # mllama's <|image|> id is the vocabulary size (the 11B: 128256 with 128256 logits): it was an
     # IndexError. transformers' RepetitionPenaltyLogitsProcessor clamps such ids to a padded
@@ -190,8 +201,9 @@ def test_repetition_penalty_ignores_ids_past_the_logits_like_transformers(params
     s = Sampler(SamplingParams(temperature=0, repetition_penalty=params.repetition_penalty))
     from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
-    want = RepetitionPenaltyLogitsProcessor(params.repetition_penalty)(torch.tensor([history]),
-                                                                       torch.from_numpy(logits.copy())[None])
+    want = RepetitionPenaltyLogitsProcessor(params.repetition_penalty)(
+        torch.tensor([history]), torch.from_numpy(logits.copy())[None]
+    )
     assert s(logits, history) == int(want.argmax())
 
 
@@ -204,15 +216,16 @@ def test_overflowing_temperature_and_nan_logits_give_a_distribution():
     p = SamplingParams(temperature=1e-45, top_p=1.0)
     np.testing.assert_array_equal(probabilities(x, [], p), [0, 0.5, 0, 0.5, 0])
     assert Sampler(p)(x, []) in (1, 3)
-    huge = SamplingParams(temperature=0.6, top_k=5, top_p=0.1, repetition_penalty=2.0 ** 31)
+    huge = SamplingParams(temperature=0.6, top_k=5, top_p=0.1, repetition_penalty=2.0**31)
     np.testing.assert_array_equal(probabilities(np.array([-2.2e29], np.float32), [0], huge), [1.0])  # was NaN
     inf = np.array([1.0, np.inf, 2.0, np.inf], np.float32)
-    np.testing.assert_array_equal(probabilities(inf, [], SamplingParams(temperature=0.7, top_p=1.0)), [0, .5, 0, .5])
+    np.testing.assert_array_equal(probabilities(inf, [], SamplingParams(temperature=0.7, top_p=1.0)), [0, 0.5, 0, 0.5])
     y = np.array([0.5, np.nan, 2.0, -1.0], np.float32)
     ref = np.exp(np.array([0.5, 2.0, -1.0]) - 2.0)
     ref /= ref.sum()
-    np.testing.assert_allclose(probabilities(y, [], SamplingParams(temperature=1.0, top_p=1.0))[[0, 2, 3]], ref,
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        probabilities(y, [], SamplingParams(temperature=1.0, top_p=1.0))[[0, 2, 3]], ref, rtol=1e-6
+    )
     assert probabilities(y, [], SamplingParams(temperature=1.0, top_p=1.0))[1] == 0
     assert Sampler(SamplingParams(temperature=0))(y, []) == 2
     assert {Sampler(SamplingParams(temperature=1.0, top_p=1.0, seed=s))(y, []) for s in range(200)} == {0, 2, 3}
@@ -271,17 +284,30 @@ def test_sampling_follows_the_distribution_and_seed():
     assert set(s3(logits, []) for _ in range(300)) == {0, 1}
 
 
-@pytest.mark.parametrize("kw", [
-    {"temperature": -0.1}, {"temperature": float("nan")}, {"top_k": -1}, {"top_k": 2.5}, {"top_p": 0.0},
-    {"top_p": 1.5}, {"min_p": -0.1}, {"min_p": 2}, {"repetition_penalty": 0}, {"seed": -3}, {"seed": 1.5},
-    {"temperature": True},
-])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"temperature": -0.1},
+        {"temperature": float("nan")},
+        {"top_k": -1},
+        {"top_k": 2.5},
+        {"top_p": 0.0},
+        {"top_p": 1.5},
+        {"min_p": -0.1},
+        {"min_p": 2},
+        {"repetition_penalty": 0},
+        {"seed": -3},
+        {"seed": 1.5},
+        {"temperature": True},
+    ],
+)
 def test_invalid_sampling_params(kw):
     with pytest.raises(ValueError):
         SamplingParams(**kw)
 
 
 # ------------------------------------------------------------------ generate loop with a fake model
+
 
 class FakeModel:
     """Implements the low-level API. Logits: a scripted reply (one token per step, then EOT), or
@@ -334,7 +360,8 @@ def test_greedy_scripted_reply_stops_on_eot(tokenizer):
     prompt_ids = evals[0][1]
     ref_text = m.processor.tokenizer.decode(prompt_ids)
     assert ref_text.startswith("<|begin_of_text|><|start_header_id|>system") and ref_text.endswith(
-        "<|start_header_id|>assistant<|end_header_id|>\n\n")
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
     assert (prompt_ids == 128000).sum() == 1  # the template's BOS only
     assert res.prompt_tokens == prompt_ids.size
     # decode steps feed back exactly the sampled tokens, one at a time
@@ -394,10 +421,21 @@ def test_max_new_tokens_and_context_limit(tokenizer):
 
 def test_images_and_cross_attention_mask_of_decode_tokens(tokenizer):
     rng = np.random.default_rng(0)
-    imgs = [Image.fromarray(rng.integers(0, 255, (50, 90, 3), dtype=np.uint8)),
-            Image.fromarray(rng.integers(0, 255, (70, 20, 3), dtype=np.uint8))]
-    msgs = [{"role": "user", "content": [{"type": "image", "image": imgs[0]}, {"type": "text", "text": "and"},
-                                         {"type": "image", "image": imgs[1]}, {"type": "text", "text": "?"}]}]
+    imgs = [
+        Image.fromarray(rng.integers(0, 255, (50, 90, 3), dtype=np.uint8)),
+        Image.fromarray(rng.integers(0, 255, (70, 20, 3), dtype=np.uint8)),
+    ]
+    msgs = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image", "image": imgs[0]},
+                {"type": "text", "text": "and"},
+                {"type": "image", "image": imgs[1]},
+                {"type": "text", "text": "?"},
+            ],
+        }
+    ]
     script = tokenizer.encode("two images", add_special_tokens=False)
     m = FakeModel(tokenizer, script=script)
     res = generate(m, messages=msgs, temperature=0)
@@ -414,8 +452,17 @@ def test_images_and_cross_attention_mask_of_decode_tokens(tokenizer):
     for c in evals[1:]:
         np.testing.assert_array_equal(c[2], last_row)
     # the same images passed separately give the same prompt
-    msgs_plain = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "and"},
-                                               {"type": "image"}, {"type": "text", "text": "?"}]}]
+    msgs_plain = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image"},
+                {"type": "text", "text": "and"},
+                {"type": "image"},
+                {"type": "text", "text": "?"},
+            ],
+        }
+    ]
     p2 = build_prompt(m, messages=msgs_plain, images=imgs)
     np.testing.assert_array_equal(p2.input_ids, p.input_ids)
     np.testing.assert_array_equal(p2.pixel_values, ref["pixel_values"])
@@ -445,8 +492,15 @@ def test_bad_requests(tokenizer, tmp_path):
         generate(m, prompt="x", messages=[{"role": "user", "content": "y"}])
     with pytest.raises(ValueError):
         generate(m)
-    for kw in ({"max_new_tokens": 0}, {"temperature": -1}, {"top_p": 0}, {"stop": [""]}, {"top_k": -2},
-               {"repetition_penalty": -1.0}, {"min_p": 3}):
+    for kw in (
+        {"max_new_tokens": 0},
+        {"temperature": -1},
+        {"top_p": 0},
+        {"stop": [""]},
+        {"top_k": -2},
+        {"repetition_penalty": -1.0},
+        {"min_p": 3},
+    ):
         with pytest.raises(ValueError):
             generate(m, prompt="x", **kw)
 
@@ -460,6 +514,7 @@ def test_defaults_come_from_model(tokenizer):
 
 # ------------------------------------------------------------------ CLI (run, chat) with the fake model
 
+
 @pytest.fixture
 def fake_model_module(tokenizer, monkeypatch):
     """Installs a stand-in mllama_q.model whose Model answers with a scripted reply."""
@@ -469,12 +524,21 @@ def fake_model_module(tokenizer, monkeypatch):
     made = []
 
     class Model(FakeModel):
-        def __init__(self, path, device="cpu", n_ctx=4096, n_threads=None, vision=True):
+        def __init__(
+            self, path, device="cpu", n_ctx=4096, n_threads=None, vision=True, projector=None, ollama_converter=None
+        ):
             if not str(path).endswith(".gguf"):
                 raise ValueError(f"{path}: not a GGUF file")
-            super().__init__(tokenizer, script=tokenizer.encode("Fine, thanks.", add_special_tokens=False),
-                             n_ctx=n_ctx)
-            self.kw = dict(path=path, device=device, n_ctx=n_ctx, n_threads=n_threads, vision=vision)
+            super().__init__(tokenizer, script=tokenizer.encode("Fine, thanks.", add_special_tokens=False), n_ctx=n_ctx)
+            self.kw = dict(
+                path=path,
+                device=device,
+                n_ctx=n_ctx,
+                n_threads=n_threads,
+                vision=vision,
+                projector=projector,
+                ollama_converter=ollama_converter,
+            )
             self.load_time_s, self.vision_hparams = 0.25, {"image_size": 560} if vision else None
             made.append(self)
 
@@ -494,15 +558,33 @@ def test_cli_run_streams_answer(fake_model_module, capsys, tmp_path):
 
     img = tmp_path / "a.png"
     Image.fromarray(np.full((30, 40, 3), 200, np.uint8)).save(img)
-    rc = main(["run", "-m", "x.gguf", "-i", str(img), "-p", "How are you?", "--temperature", "0",
-               "--threads", "2", "-c", "2048", "-v"])
+    rc = main(
+        [
+            "run",
+            "-m",
+            "x.gguf",
+            "-i",
+            str(img),
+            "-p",
+            "How are you?",
+            "--temperature",
+            "0",
+            "--threads",
+            "2",
+            "-c",
+            "2048",
+            "-v",
+        ]
+    )
     cap = capsys.readouterr()
     assert rc == 0 and cap.out == "Fine, thanks.\n"
     assert "prompt tokens" in cap.err
     assert "[loaded x.gguf in 0.25 s]" in cap.err  # -v reports the load time
     assert "loading" not in cap.err  # the status line is for terminals only
     m = fake_model_module[-1]
-    assert m.kw == dict(path="x.gguf", device="cpu", n_ctx=2048, n_threads=2, vision=True)
+    assert m.kw == dict(
+        path="x.gguf", device="cpu", n_ctx=2048, n_threads=2, vision=True, projector=None, ollama_converter="auto"
+    )
     assert any(c[0] == "encode_images" for c in m.calls)
     prompt = m.tokenizer.decode([c for c in m.calls if c[0] == "eval"][0][1])
     assert "<|start_header_id|>user<|end_header_id|>\n\n<|image|>How are you?<|eot_id|>" in prompt
@@ -548,8 +630,12 @@ def test_cli_run_json(fake_model_module, capsys):
 
     assert main(["run", "-m", "x.gguf", "-p", "hi", "--temperature", "0", "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
-    assert d["text"] == "Fine, thanks." and d["stop_reason"] == "stop_token" and d["completion_tokens"] == len(
-        fake_model_module[-1].tokenizer.encode("Fine, thanks.", add_special_tokens=False))
+    assert (
+        d["text"] == "Fine, thanks."
+        and d["stop_reason"] == "stop_token"
+        and d["completion_tokens"]
+        == len(fake_model_module[-1].tokenizer.encode("Fine, thanks.", add_special_tokens=False))
+    )
 
 
 def test_cli_chat_keeps_history_and_images(fake_model_module, capsys, tmp_path):
@@ -557,8 +643,9 @@ def test_cli_chat_keeps_history_and_images(fake_model_module, capsys, tmp_path):
 
     img = tmp_path / "b.png"
     Image.fromarray(np.full((30, 40, 3), 10, np.uint8)).save(img)
-    lines = iter(["/image " + str(img), "What is it?", "/image /no/such/file.png", "And now?", "/reset",
-                  "Hello", "/quit"])
+    lines = iter(
+        ["/image " + str(img), "What is it?", "/image /no/such/file.png", "And now?", "/reset", "Hello", "/quit"]
+    )
     rc = chat_main(["-m", "x.gguf", "--temperature", "0"], input_fn=lambda _: next(lines))
     out = capsys.readouterr().out
     assert rc == 0
@@ -574,8 +661,9 @@ def _bomb_png(path, w=20000, h=20000):
     import importlib.util
     from pathlib import Path as _P
 
-    spec = importlib.util.spec_from_file_location("fuzz_inputs", _P(__file__).resolve().parents[1] / "tools" /
-                                                  "fuzz" / "inputs.py")
+    spec = importlib.util.spec_from_file_location(
+        "fuzz_inputs", _P(__file__).resolve().parents[1] / "tools" / "fuzz" / "inputs.py"
+    )
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     path.write_bytes(mod.bomb_png(w, h))
@@ -610,15 +698,17 @@ def test_cli_chat_survives_bad_images(fake_model_module, capsys, tmp_path):
         late.write_bytes(b"\x89PNG broken")  # replaced after it was attached
         return "Look at this."
 
-    lines = iter(["First?", "/image " + str(bomb), "/image " + str(late), break_late, "/image " + str(good),
-                  "Second?", "/quit"])
-    rc = chat_main(["-m", "x.gguf", "--temperature", "0"],
-                   input_fn=lambda _: (lambda x: x() if callable(x) else x)(next(lines)))
+    lines = iter(
+        ["First?", "/image " + str(bomb), "/image " + str(late), break_late, "/image " + str(good), "Second?", "/quit"]
+    )
+    rc = chat_main(
+        ["-m", "x.gguf", "--temperature", "0"], input_fn=lambda _: (lambda x: x() if callable(x) else x)(next(lines))
+    )
     out = capsys.readouterr().out
     assert rc == 0
     assert out.count("Fine, thanks.") == 2
-    assert "pixels" in out and "decompression bomb" in out          # the bomb, at /image
-    assert "cannot" in out and "attached image(s) dropped" in out    # the broken file, at its turn
+    assert "pixels" in out and "decompression bomb" in out  # the bomb, at /image
+    assert "cannot" in out and "attached image(s) dropped" in out  # the broken file, at its turn
     m = fake_model_module[-1]
     last = [m.tokenizer.decode(c[1]) for c in m.calls if c[0] == "eval" and c[1].size > 1][-1]
     assert "First?" in last and "Look at this." not in last and last.count("<|image|>") == 1

@@ -1,6 +1,7 @@
 """End to end through the public API: chat messages + real photos -> our processor, chat template,
 generate() loop and the compiled model, against transformers' MllamaProcessor + generate()
 (greedy, F32 tiny checkpoint from the converter; fixtures from conftest.py)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -26,8 +27,11 @@ def setup(tiny_checkpoint, tiny_gguf, hf_model):
     import mllama_q
 
     ckpt = tiny_checkpoint(seed=0, dtype="float32")
-    return {"hf": hf_model(ckpt), "proc": MllamaProcessor.from_pretrained(str(ckpt)),
-            "model": mllama_q.Model(tiny_gguf(ckpt, "f32"), n_ctx=256, kv_type="f32")}
+    return {
+        "hf": hf_model(ckpt),
+        "proc": MllamaProcessor.from_pretrained(str(ckpt)),
+        "model": mllama_q.Model(tiny_gguf(ckpt, "f32"), n_ctx=256, kv_type="f32"),
+    }
 
 
 def _hf_reply(setup, messages, images, n_new, **gen_kw):
@@ -38,15 +42,27 @@ def _hf_reply(setup, messages, images, n_new, **gen_kw):
     inp["attention_mask"] = torch.ones_like(inp["input_ids"])
     with torch.no_grad():
         out = hf.generate(**inp, max_new_tokens=n_new, do_sample=False, **gen_kw)
-    return inp["input_ids"].shape[1], out[0, inp["input_ids"].shape[1]:].tolist()
+    return inp["input_ids"].shape[1], out[0, inp["input_ids"].shape[1] :].tolist()
 
 
 CASES = {
     "text": ([{"role": "user", "content": "Hello, who are you?"}], [], 8),
-    "two_photos": ([{"role": "user", "content": [{"type": "text", "text": "A"}, {"type": "image"},
-                                                 {"type": "text", "text": "B"}, {"type": "image"},
-                                                 {"type": "text", "text": "compare"}]}],
-                   ["dog.jpg", "pasta.jpeg"], 32),
+    "two_photos": (
+        [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "A"},
+                    {"type": "image"},
+                    {"type": "text", "text": "B"},
+                    {"type": "image"},
+                    {"type": "text", "text": "compare"},
+                ],
+            }
+        ],
+        ["dog.jpg", "pasta.jpeg"],
+        32,
+    ),
 }
 
 
@@ -58,16 +74,29 @@ def test_greedy_generate_matches_transformers(setup, name):
     images = [_photo(p) for p in photos]
     n_prompt, ref = _hf_reply(setup, messages, images, n_new)
     m = setup["model"]
-    res = generate(m, messages=messages, images=images or None, temperature=0, max_new_tokens=n_new,
-                   chat_kwargs={"date_string": DATE})
+    res = generate(
+        m,
+        messages=messages,
+        images=images or None,
+        temperature=0,
+        max_new_tokens=n_new,
+        chat_kwargs={"date_string": DATE},
+    )
     stops = set(m.stop_ids)
     cut = next((i for i, t in enumerate(ref) if t in stops), len(ref))
     assert res.prompt_tokens == n_prompt
     assert res.tokens == ref[:cut]
     assert res.text == m.tokenizer.decode(ref[:cut], skip_special_tokens=True)
     # streaming gives the same text, piece by piece
-    st = generate(m, messages=messages, images=images or None, temperature=0, max_new_tokens=n_new,
-                  chat_kwargs={"date_string": DATE}, stream=True)
+    st = generate(
+        m,
+        messages=messages,
+        images=images or None,
+        temperature=0,
+        max_new_tokens=n_new,
+        chat_kwargs={"date_string": DATE},
+        stream=True,
+    )
     assert "".join(st) == res.text and st.result.tokens == res.tokens
 
 
@@ -91,10 +120,17 @@ def test_repetition_penalty_with_an_image_matches_transformers(setup, penalty):
     m = setup["model"]
     assert m.image_token_id == m.text_hparams["vocab_size"]  # as in the real 11B (128256)
     _, ref = _hf_reply(setup, messages, images, 24, repetition_penalty=penalty)
-    res = m.generate(messages=messages, images=images, temperature=0, max_new_tokens=24, repetition_penalty=penalty,
-                     chat_kwargs={"date_string": DATE})
+    res = m.generate(
+        messages=messages,
+        images=images,
+        temperature=0,
+        max_new_tokens=24,
+        repetition_penalty=penalty,
+        chat_kwargs={"date_string": DATE},
+    )
     cut = next((i for i, t in enumerate(ref) if t in set(m.stop_ids)), len(ref))
     assert res.tokens == ref[:cut]
-    plain = m.generate(messages=messages, images=images, temperature=0, max_new_tokens=24,
-                       chat_kwargs={"date_string": DATE})
+    plain = m.generate(
+        messages=messages, images=images, temperature=0, max_new_tokens=24, chat_kwargs={"date_string": DATE}
+    )
     assert plain.tokens != res.tokens  # the penalty changed the reply: the comparison means something

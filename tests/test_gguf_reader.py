@@ -1,5 +1,6 @@
 """Our GGUF reader (csrc/gguf via mllama_q.gguf_file) reads what gguf-py reads, value for value,
 and refuses malformed bytes with a ModelFileError naming the entry and the byte offset."""
+
 from __future__ import annotations
 
 import gc
@@ -39,16 +40,35 @@ def every_type(w, big: bool = True):
     """Every scalar type, arrays of each (incl. empty), big arrays, nested arrays, and tensors of
     every typed dtype plus raw block types, 1-D to 4-D, zero-element ones included."""
     rng = np.random.default_rng(0)
-    for name, vt, val in [("u8", V.UINT8, 200), ("i8", V.INT8, -100), ("u16", V.UINT16, 60000),
-                          ("i16", V.INT16, -30000), ("u32", V.UINT32, 4_000_000_000), ("i32", V.INT32, -2_000_000_000),
-                          ("u64", V.UINT64, 2 ** 64 - 1), ("i64", V.INT64, -(2 ** 63)), ("f32", V.FLOAT32, 1.5),
-                          ("f64", V.FLOAT64, -2.25e300), ("b", V.BOOL, True), ("s", V.STRING, "héllo ✓ \x00 \"q\"")]:
+    for name, vt, val in [
+        ("u8", V.UINT8, 200),
+        ("i8", V.INT8, -100),
+        ("u16", V.UINT16, 60000),
+        ("i16", V.INT16, -30000),
+        ("u32", V.UINT32, 4_000_000_000),
+        ("i32", V.INT32, -2_000_000_000),
+        ("u64", V.UINT64, 2**64 - 1),
+        ("i64", V.INT64, -(2**63)),
+        ("f32", V.FLOAT32, 1.5),
+        ("f64", V.FLOAT64, -2.25e300),
+        ("b", V.BOOL, True),
+        ("s", V.STRING, 'héllo ✓ \x00 "q"'),
+    ]:
         w.add_key_value(f"t.scalar.{name}", val, vt)
-    for name, vt, vals in [("u8", V.UINT8, [0, 255]), ("i8", V.INT8, [-128, 127]), ("u16", V.UINT16, [1, 65535]),
-                           ("i16", V.INT16, [-1, 2]), ("u32", V.UINT32, [7, 2 ** 32 - 1]), ("i32", V.INT32, [-5, 9]),
-                           ("u64", V.UINT64, [2 ** 63]), ("i64", V.INT64, [-7]), ("f32", V.FLOAT32, [0.5, -1.0]),
-                           ("f64", V.FLOAT64, [1e-300]), ("b", V.BOOL, [True, False, True]),
-                           ("s", V.STRING, ["a", "", "b c", "日本"])]:
+    for name, vt, vals in [
+        ("u8", V.UINT8, [0, 255]),
+        ("i8", V.INT8, [-128, 127]),
+        ("u16", V.UINT16, [1, 65535]),
+        ("i16", V.INT16, [-1, 2]),
+        ("u32", V.UINT32, [7, 2**32 - 1]),
+        ("i32", V.INT32, [-5, 9]),
+        ("u64", V.UINT64, [2**63]),
+        ("i64", V.INT64, [-7]),
+        ("f32", V.FLOAT32, [0.5, -1.0]),
+        ("f64", V.FLOAT64, [1e-300]),
+        ("b", V.BOOL, [True, False, True]),
+        ("s", V.STRING, ["a", "", "b c", "日本"]),
+    ]:
         w.add_key_value(f"t.array.{name}", vals, V.ARRAY, sub_type=vt)
     if big:
         w.add_key_value("t.big.u8", rng.integers(0, 256, 1 << 18).tolist(), V.ARRAY, sub_type=V.UINT8)
@@ -96,8 +116,8 @@ def test_matches_gguf_py(files, name):
 def test_values_and_types(files):
     f = open_gguf(files["every_type"])
     md = f.metadata
-    assert md["t.scalar.u64"] == 2 ** 64 - 1 and md["t.scalar.i64"] == -(2 ** 63) and md["t.scalar.b"] is True
-    assert md["t.scalar.s"] == "héllo ✓ \x00 \"q\"" and md["t.scalar.f32"] == 1.5
+    assert md["t.scalar.u64"] == 2**64 - 1 and md["t.scalar.i64"] == -(2**63) and md["t.scalar.b"] is True
+    assert md["t.scalar.s"] == 'héllo ✓ \x00 "q"' and md["t.scalar.f32"] == 1.5
     assert f.metadata_type("t.scalar.u16") == "uint16" and f.metadata_type("t.array.s") == "array[string]"
     assert f.metadata_type("t.nested.i32") == "array[array[int32]]"
     assert f.metadata_type("t.nested.deep") == "array[array[array[array[float32]]]]"
@@ -109,7 +129,7 @@ def test_values_and_types(files):
     assert len(strings) == 100_000 and strings[12_345] == "s12345" and strings[-1] == "s99999"
     assert strings[10:13] == ["s10", "s11", "s12"] and strings[::50_000] == ["s0", "s50000"]
     assert strings[np.int64(7)] == "s7" and strings[-100_000] == "s0"
-    for bad in (100_000, -100_001, 2 ** 70, -(2 ** 70)):
+    for bad in (100_000, -100_001, 2**70, -(2**70)):
         with pytest.raises(IndexError):
             strings[bad]
     with pytest.raises(TypeError):
@@ -152,12 +172,18 @@ def test_mapping_outlives_the_file_object(files):
 
 
 def test_string_array_json(tmp_path):
-    f = open_gguf(write(tmp_path / "s.gguf", lambda w: (
-        w.add_array("v", ["a", 'q"uote', "back\\slash", "ctl\x01\n", "ü"]),
-        w.add_array("m", ["a b", "c d e", "Ġ Ġ"]),
-        w.add_array("dup", ["x", "y", "x"]),
-        w.add_array("nospace", ["ab", "cd"]),
-        w.add_array("bad", [b"ok", b"\xff\xfe"]))))
+    f = open_gguf(
+        write(
+            tmp_path / "s.gguf",
+            lambda w: (
+                w.add_array("v", ["a", 'q"uote', "back\\slash", "ctl\x01\n", "ü"]),
+                w.add_array("m", ["a b", "c d e", "Ġ Ġ"]),
+                w.add_array("dup", ["x", "y", "x"]),
+                w.add_array("nospace", ["ab", "cd"]),
+                w.add_array("bad", [b"ok", b"\xff\xfe"]),
+            ),
+        )
+    )
     import json
 
     assert json.loads(f.metadata["v"].json_vocab()) == {"a": 0, 'q"uote': 1, "back\\slash": 2, "ctl\x01\n": 3, "ü": 4}
@@ -193,6 +219,7 @@ def test_synthetic_and_real_tokenizer_files(tmp_path):
     assert_matches_gguf_py(write_synthetic_gguf(tmp_path / "tiny.gguf", "tiny", "q4_k_m", progress=False))
     try:
         from real_tokenizer import cached_llama32_vision_tokenizer, write_tokenizer_gguf
+
         tok_dir = cached_llama32_vision_tokenizer()
     except ImportError:
         pytest.skip("llama-models / transformers not installed")
@@ -214,13 +241,18 @@ def u32(key, v):
 
 
 def tinfo(name, dims, gtype=0, offset=0) -> bytes:
-    return (gstr(name) + struct.pack("<I", len(dims)) + b"".join(struct.pack("<Q", d) for d in dims)
-            + struct.pack("<IQ", gtype, offset))
+    return (
+        gstr(name)
+        + struct.pack("<I", len(dims))
+        + b"".join(struct.pack("<Q", d) for d in dims)
+        + struct.pack("<IQ", gtype, offset)
+    )
 
 
 def gguf_bytes(kvs=(), tensors=(), data=b"", version=3, n_kv=None, n_tensors=None, align=32) -> bytes:
-    head = b"GGUF" + struct.pack("<IQQ", version, len(tensors) if n_tensors is None else n_tensors,
-                                 len(kvs) if n_kv is None else n_kv)
+    head = b"GGUF" + struct.pack(
+        "<IQQ", version, len(tensors) if n_tensors is None else n_tensors, len(kvs) if n_kv is None else n_kv
+    )
     body = head + b"".join(kvs) + b"".join(tensors)
     return body + b"\0" * ((-len(body)) % align) + data
 
@@ -242,57 +274,87 @@ MALFORMED = {
     "version 1": (gguf_bytes(version=1), "unsupported GGUF version 1"),
     "version 99": (gguf_bytes(version=99), "unsupported GGUF version 99"),
     "big-endian": (gguf_bytes(version=0x03000000), "big-endian GGUF file"),
-    "kv count": (gguf_bytes([u32("a", 1)], n_kv=2 ** 40),
-                 "corrupt or truncated GGUF header: 0 tensors and 1099511627776"),
-    "tensor count": (gguf_bytes(n_tensors=2 ** 61), "corrupt or truncated GGUF header: 2305843009213693952 tensors"),
-    "huge array": (gguf_bytes([kv("a.b", 9, struct.pack("<IQ", 4, 2 ** 62))]),
-                   r"metadata key 'a.b' \(entry 0 at byte 24\): array of 4611686018427387904"
-                   r" uint32 elements cannot fit"),
-    "huge string array": (gguf_bytes([u32("x", 1), kv("tok", 9, struct.pack("<IQ", 8, 2 ** 40))]),
-                          r"metadata key 'tok' \(entry 1 at byte \d+\): array of 1099511627776 string elements"),
-    "huge nested array": (gguf_bytes([kv("n", 9, struct.pack("<IQ", 9, 2 ** 50))]), "array of 1125899906842624 array"),
-    "huge string": (gguf_bytes([kv("k", 8, struct.pack("<Q", 2 ** 63))]),
-                    r"metadata key 'k' .*string value of 9223372036854775808 bytes"
-                    r" needs 9223372036854775808 bytes at byte"),
-    "string element": (gguf_bytes([kv("arr", 9, struct.pack("<IQ", 8, 3) + gstr("a") + struct.pack("<Q", 10 ** 9))]),
-                       r"metadata key 'arr' .*, element 1 of 3: string of 1000000000 bytes"),
-    "huge key": (gguf_bytes([struct.pack("<Q", 2 ** 64 - 1)]) + bytes(40),
-                 r"metadata entry 0 at byte 24: key of 18446744073709551615 bytes"),
-    "value type": (gguf_bytes([kv("k", 13, b"")]) + bytes(8),
-                   r"metadata key 'k' .*unknown value type 13 \(valid: 0-12\)"),
+    "kv count": (
+        gguf_bytes([u32("a", 1)], n_kv=2**40),
+        "corrupt or truncated GGUF header: 0 tensors and 1099511627776",
+    ),
+    "tensor count": (gguf_bytes(n_tensors=2**61), "corrupt or truncated GGUF header: 2305843009213693952 tensors"),
+    "huge array": (
+        gguf_bytes([kv("a.b", 9, struct.pack("<IQ", 4, 2**62))]),
+        r"metadata key 'a.b' \(entry 0 at byte 24\): array of 4611686018427387904"
+        r" uint32 elements cannot fit",
+    ),
+    "huge string array": (
+        gguf_bytes([u32("x", 1), kv("tok", 9, struct.pack("<IQ", 8, 2**40))]),
+        r"metadata key 'tok' \(entry 1 at byte \d+\): array of 1099511627776 string elements",
+    ),
+    "huge nested array": (gguf_bytes([kv("n", 9, struct.pack("<IQ", 9, 2**50))]), "array of 1125899906842624 array"),
+    "huge string": (
+        gguf_bytes([kv("k", 8, struct.pack("<Q", 2**63))]),
+        r"metadata key 'k' .*string value of 9223372036854775808 bytes"
+        r" needs 9223372036854775808 bytes at byte",
+    ),
+    "string element": (
+        gguf_bytes([kv("arr", 9, struct.pack("<IQ", 8, 3) + gstr("a") + struct.pack("<Q", 10**9))]),
+        r"metadata key 'arr' .*, element 1 of 3: string of 1000000000 bytes",
+    ),
+    "huge key": (
+        gguf_bytes([struct.pack("<Q", 2**64 - 1)]) + bytes(40),
+        r"metadata entry 0 at byte 24: key of 18446744073709551615 bytes",
+    ),
+    "value type": (
+        gguf_bytes([kv("k", 13, b"")]) + bytes(8),
+        r"metadata key 'k' .*unknown value type 13 \(valid: 0-12\)",
+    ),
     "element type": (gguf_bytes([kv("k", 9, struct.pack("<IQ", 99, 1))]), "unknown array element type 99"),
     "too deep": (gguf_bytes([kv("deep", 9, nested(17))]), r"metadata key 'deep' .*arrays nested more than 16 deep"),
     "bool": (gguf_bytes([kv("flag", 7, b"\x02")]), r"metadata key 'flag' .*bool byte 2 is neither 0 nor 1"),
     "bool array": (gguf_bytes([kv("flags", 9, struct.pack("<IQ", 7, 3) + b"\x00\x01\x05")]), "bool byte 5"),
-    "duplicate key": (gguf_bytes([u32("k", 1), u32("j", 2), u32("k", 3)]),
-                      r"duplicate metadata key 'k' \(entries 0 and 2\) \(at byte \d+"),
+    "duplicate key": (
+        gguf_bytes([u32("k", 1), u32("j", 2), u32("k", 3)]),
+        r"duplicate metadata key 'k' \(entries 0 and 2\) \(at byte \d+",
+    ),
     "empty key": (gguf_bytes([u32("", 1)]), r"metadata entry 0 at byte 24: empty key"),
     "key utf-8": (gguf_bytes([u32(b"\xc3\x28", 1)]), "key is not valid UTF-8"),
-    "alignment type": (gguf_bytes([kv("general.alignment", 10, struct.pack("<Q", 32))]),
-                       "metadata key 'general.alignment': must be a uint32, not uint64"),
+    "alignment type": (
+        gguf_bytes([kv("general.alignment", 10, struct.pack("<Q", 32))]),
+        "metadata key 'general.alignment': must be a uint32, not uint64",
+    ),
     "alignment 48": (gguf_bytes([u32("general.alignment", 48)]), "48 is not a power of two"),
     "alignment 0": (gguf_bytes([u32("general.alignment", 0)]), "0 is not a power of two"),
     "n_dims": (gguf_bytes(tensors=[tinfo("w", [1] * 5)]), r"tensor 'w' \(entry 0 at byte 24\): 5 dimensions"),
-    "dim 2^63": (gguf_bytes(tensors=[tinfo("w", [2 ** 63])]), "dimension 0 = 9223372036854775808 is >= 2"),
-    "element overflow": (gguf_bytes(tensors=[tinfo("w", [2 ** 32, 2 ** 32])]), "element count of its shape overflows"),
+    "dim 2^63": (gguf_bytes(tensors=[tinfo("w", [2**63])]), "dimension 0 = 9223372036854775808 is >= 2"),
+    "element overflow": (gguf_bytes(tensors=[tinfo("w", [2**32, 2**32])]), "element count of its shape overflows"),
     "removed type": (gguf_bytes(tensors=[tinfo("w", [4], 4)]), r"tensor 'w' .*unknown ggml type 4"),
-    "unknown type": (gguf_bytes(tensors=[tinfo("w", [4], 2 ** 31 + 5)]), "unknown ggml type 2147483653"),
-    "partial block": (gguf_bytes(tensors=[tinfo("w", [33, 2], 8)]),
-                      "rows of 33 values are not whole q8_0 blocks of 32"),
-    "byte size overflow": (gguf_bytes(tensors=[tinfo("w", [2 ** 62, 2], 0)]), "element count of its shape overflows"),
-    "empty but huge": (gguf_bytes(tensors=[tinfo("w", [0, 2 ** 62], 0)]), "element count of its shape overflows"),
-    "misaligned": (gguf_bytes(tensors=[tinfo("w", [4], 0, 4)], data=DATA16),
-                   "data offset 4 is not a multiple of the alignment 32"),
-    "past end": (gguf_bytes(tensors=[tinfo("w", [1000], 0, 0)], data=DATA16),
-                 r"tensor 'w' .*its 4000 bytes of data at offset 0 in the data"
-                 r" section .* run past the end of the file"),
-    "offset huge": (gguf_bytes(tensors=[tinfo("w", [4], 0, 2 ** 63)], data=DATA16), "run past the end of the file"),
-    "duplicate tensor": (gguf_bytes(tensors=[OK_TENSOR, tinfo("v", [4], 0, 32), OK_TENSOR], data=bytes(64)),
-                         r"duplicate tensor name 'w' \(entries 0 and 2\)"),
-    "tensor name utf-8": (gguf_bytes(tensors=[tinfo(b"\xed\xa0\x80", [4])], data=DATA16),
-                          "tensor name is not valid UTF-8"),
-    "truncated scalar": (b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + gstr("k") + struct.pack("<I", 10) + bytes(3),
-                         r"metadata key 'k' \(entry 0 at byte 24\): uint64 needs 8 bytes at byte 37, only 3 remain"),
+    "unknown type": (gguf_bytes(tensors=[tinfo("w", [4], 2**31 + 5)]), "unknown ggml type 2147483653"),
+    "partial block": (
+        gguf_bytes(tensors=[tinfo("w", [33, 2], 8)]),
+        "rows of 33 values are not whole q8_0 blocks of 32",
+    ),
+    "byte size overflow": (gguf_bytes(tensors=[tinfo("w", [2**62, 2], 0)]), "element count of its shape overflows"),
+    "empty but huge": (gguf_bytes(tensors=[tinfo("w", [0, 2**62], 0)]), "element count of its shape overflows"),
+    "misaligned": (
+        gguf_bytes(tensors=[tinfo("w", [4], 0, 4)], data=DATA16),
+        "data offset 4 is not a multiple of the alignment 32",
+    ),
+    "past end": (
+        gguf_bytes(tensors=[tinfo("w", [1000], 0, 0)], data=DATA16),
+        r"tensor 'w' .*its 4000 bytes of data at offset 0 in the data"
+        r" section .* run past the end of the file",
+    ),
+    "offset huge": (gguf_bytes(tensors=[tinfo("w", [4], 0, 2**63)], data=DATA16), "run past the end of the file"),
+    "duplicate tensor": (
+        gguf_bytes(tensors=[OK_TENSOR, tinfo("v", [4], 0, 32), OK_TENSOR], data=bytes(64)),
+        r"duplicate tensor name 'w' \(entries 0 and 2\)",
+    ),
+    "tensor name utf-8": (
+        gguf_bytes(tensors=[tinfo(b"\xed\xa0\x80", [4])], data=DATA16),
+        "tensor name is not valid UTF-8",
+    ),
+    "truncated scalar": (
+        b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + gstr("k") + struct.pack("<I", 10) + bytes(3),
+        r"metadata key 'k' \(entry 0 at byte 24\): uint64 needs 8 bytes at byte 37, only 3 remain",
+    ),
 }
 
 
@@ -309,11 +371,22 @@ def test_malformed(tmp_path, name):
 def test_valid_edge_cases(tmp_path):
     """What the malformed cases border on is accepted, and read as gguf-py reads it."""
     p = tmp_path / "edge.gguf"
-    p.write_bytes(gguf_bytes([kv("deep", 9, nested(16)), u32("general.alignment", 1), kv("flag", 7, b"\x01"),
-                              kv("empty", 9, struct.pack("<IQ", 5, 0)), kv("empty.nested", 9, struct.pack("<IQ", 9, 0)),
-                              kv("empty.strings", 9, struct.pack("<IQ", 8, 0)), kv("empty.str", 8, gstr(""))],
-                             [tinfo("w", [4], 0, 0), tinfo("z", [0, 2 ** 40], 0, 16), tinfo("s", [], 0, 16)],
-                             data=bytes(20), align=1))
+    p.write_bytes(
+        gguf_bytes(
+            [
+                kv("deep", 9, nested(16)),
+                u32("general.alignment", 1),
+                kv("flag", 7, b"\x01"),
+                kv("empty", 9, struct.pack("<IQ", 5, 0)),
+                kv("empty.nested", 9, struct.pack("<IQ", 9, 0)),
+                kv("empty.strings", 9, struct.pack("<IQ", 8, 0)),
+                kv("empty.str", 8, gstr("")),
+            ],
+            [tinfo("w", [4], 0, 0), tinfo("z", [0, 2**40], 0, 16), tinfo("s", [], 0, 16)],
+            data=bytes(20),
+            align=1,
+        )
+    )
     assert_matches_gguf_py(p)
     f = open_gguf(p)
     assert f.alignment == 1 and f.tensors["z"].nbytes == 0 and f.tensors["s"].shape == ()
@@ -354,10 +427,12 @@ def test_runtime_never_imports_gguf_py(tmp_path, child_env):
     from mllama_q.cli.synthetic import write_synthetic_gguf
 
     path = write_synthetic_gguf(tmp_path / "tiny.gguf", "tiny", "q4_k_m", progress=False)
-    code = ("import sys\nfrom mllama_q.model import Model\n"
-            f"m = Model({str(path)!r})\n"
-            "m.generate(prompt='Hello', max_new_tokens=2, temperature=0)\n"
-            "bad = sorted(k for k in sys.modules if k.split('.')[0] in ('gguf', 'torch', 'transformers'))\n"
-            "assert not bad, bad\nprint('ok')\n")
+    code = (
+        "import sys\nfrom mllama_q.model import Model\n"
+        f"m = Model({str(path)!r})\n"
+        "m.generate(prompt='Hello', max_new_tokens=2, temperature=0)\n"
+        "bad = sorted(k for k in sys.modules if k.split('.')[0] in ('gguf', 'torch', 'transformers'))\n"
+        "assert not bad, bad\nprint('ok')\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], env=child_env(), capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

@@ -18,6 +18,7 @@ Float weights (F32/F16/BF16) use X as is and the float32 bound of check 2.
 Test weights are random VALID blocks (random quant bytes, controlled finite
 fp16 scales) so these tests do not depend on any quantizer.
 """
+
 from __future__ import annotations
 
 import subprocess
@@ -39,8 +40,17 @@ BLOCK = {"q8_0": (32, 34), "q4_k": (256, 144), "q6_k": (256, 210)}
 # (M, N, K): every M of the spec, N with tile remainders (1, 5 = 4+1, 250 = 62*4+2),
 # K non-power-of-two multiples of 256; small N for large M to stay fast.
 CASES = [
-    (1, 1, 256), (1, 250, 1280), (2, 5, 768), (3, 96, 1280), (7, 250, 256),
-    (8, 33, 512), (13, 17, 768), (16, 96, 768), (64, 5, 1280), (300, 5, 768), (300, 1, 256),
+    (1, 1, 256),
+    (1, 250, 1280),
+    (2, 5, 768),
+    (3, 96, 1280),
+    (7, 250, 256),
+    (8, 33, 512),
+    (13, 17, 768),
+    (16, 96, 768),
+    (64, 5, 1280),
+    (300, 5, 768),
+    (300, 1, 256),
 ]
 
 
@@ -61,15 +71,15 @@ def random_quant_weights(rng, qtype: str, n: int, k: int) -> np.ndarray:
 
     def put_f16(col, lo, hi):
         v = (rng.uniform(lo, hi, nb) * rng.choice([-1.0, 1.0], nb)).astype(np.float16)
-        raw[:, col:col + 2] = v.view(np.uint8).reshape(nb, 2)
+        raw[:, col : col + 2] = v.view(np.uint8).reshape(nb, 2)
 
     if qtype == "q8_0":
-        put_f16(0, 1e-3, 1e-2)                                # d
+        put_f16(0, 1e-3, 1e-2)  # d
     elif qtype == "q4_k":
-        put_f16(0, 1e-4, 1e-3)                                # d
-        put_f16(2, 1e-4, 1e-3)                                # dmin
+        put_f16(0, 1e-4, 1e-3)  # d
+        put_f16(2, 1e-4, 1e-3)  # dmin
     else:
-        put_f16(ts - 2, 1e-4, 1e-3)                           # d (last field)
+        put_f16(ts - 2, 1e-4, 1e-3)  # d (last field)
     return raw.reshape(n, -1)
 
 
@@ -81,20 +91,20 @@ def float_weights(rng, wtype: str, n: int, k: int):
     if wtype == "f16":
         h = f.astype(np.float16)
         return h.view(np.uint8).reshape(n, -1), h.astype(np.float64)
-    b = (f.view(np.uint32) >> 16).astype(np.uint16)             # bf16 = top half of the float
+    b = (f.view(np.uint32) >> 16).astype(np.uint16)  # bf16 = top half of the float
     return b.view(np.uint8).reshape(n, -1), (b.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
 
 
 def q8_K_blocks(x: np.ndarray):
     """ggml's quantize_row_q8_K_ref transcribed (float32 maths): (d [nb], qs [nb, 256], bsums [nb, 16])."""
     b = x.reshape(-1, 256).astype(np.float32)
-    imax = np.abs(b).argmax(axis=1)                            # first index of the largest |x|
+    imax = np.abs(b).argmax(axis=1)  # first index of the largest |x|
     mx = b[np.arange(len(b)), imax]
     d = np.zeros(len(b), np.float32)
     qs = np.zeros(b.shape, np.int8)
     nz = mx != 0
     iscale = (np.float32(-127.0) / mx[nz]).astype(np.float32)
-    q = np.minimum(np.rint((iscale[:, None] * b[nz]).astype(np.float32)), 127)   # nearest_int: ties to even
+    q = np.minimum(np.rint((iscale[:, None] * b[nz]).astype(np.float32)), 127)  # nearest_int: ties to even
     qs[nz] = q.astype(np.int8)
     d[nz] = (np.float32(1.0) / iscale).astype(np.float32)
     bsums = qs.reshape(-1, 16, 16).astype(np.int16).sum(axis=2, dtype=np.int16)
@@ -119,8 +129,8 @@ def act_step_bound(x: np.ndarray, block: int, fp16_scale: bool) -> np.ndarray:
     m, k = x.shape
     amax = np.abs(x.astype(np.float64)).reshape(m, k // block, block).max(axis=2)
     step = amax / 127.0
-    c = 0.5 + (127 * 2.0 ** -11 if fp16_scale else 1e-6)
-    return np.repeat(step * c, block, axis=1)                 # [m, k]
+    c = 0.5 + (127 * 2.0**-11 if fp16_scale else 1e-6)
+    return np.repeat(step * c, block, axis=1)  # [m, k]
 
 
 def run(path, x, w, wtype, n, k):
@@ -131,8 +141,8 @@ def run(path, x, w, wtype, n, k):
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("wtype", ["q4_k", "q6_k", "q8_0"])
 def test_quantized_matmul_vs_float64(path, wtype):
-    rng = np.random.default_rng(zlib.crc32(f'{path}/{wtype}'.encode()))
-    for m, n, k in CASES + ([(9, 5, 96), (3, 7, 800)] if wtype == "q8_0" else []):   # odd Q8_0 block counts
+    rng = np.random.default_rng(zlib.crc32(f"{path}/{wtype}".encode()))
+    for m, n, k in CASES + ([(9, 5, 96), (3, 7, 800)] if wtype == "q8_0" else []):  # odd Q8_0 block counts
         x = (rng.standard_normal((m, k)) * rng.uniform(0.1, 10)).astype(np.float32)
         w = random_quant_weights(rng, wtype, n, k)
         wd = gq.dequantize(w, QTYPES[wtype]).reshape(n, k).astype(np.float64)
@@ -161,7 +171,7 @@ def test_quantized_matmul_vs_float64(path, wtype):
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("wtype", ["q8_0", "q4_k", "q6_k"])
 def test_panel_sizes_vs_float64_and_scalar(path, wtype):
-    rng = np.random.default_rng(zlib.crc32(f'panel/{path}/{wtype}'.encode()))
+    rng = np.random.default_rng(zlib.crc32(f"panel/{path}/{wtype}".encode()))
     k = 800 if wtype == "q8_0" else 768
     for m in (16, 17, 64, 300):
         for n in (7, 37):
@@ -184,17 +194,17 @@ def test_q8_0_extreme_codes(path):
     magnitude) and every W code is -128, -127 or 127, so each pair of products is
     +-2 * 128 * 127 = 32512, the most an int16 lane can hold (a kernel that offsets
     a code by 128 or adds two pairs in int16 saturates and fails here)."""
-    rng = np.random.default_rng(zlib.crc32(f'extreme/{path}'.encode()))
+    rng = np.random.default_rng(zlib.crc32(f"extreme/{path}".encode()))
     n, k = 6, 320
     w = random_quant_weights(rng, "q8_0", n, k).reshape(-1, 34)
     w[:, 2:] = rng.choice(np.array([0x80, 0x81, 0x7F], np.uint8), size=(w.shape[0], 32))
-    w[:w.shape[0] // 2, 2:] = 0x80                          # half the blocks all -128
+    w[: w.shape[0] // 2, 2:] = 0x80  # half the blocks all -128
     w = w.reshape(n, -1)
     wd = gq.dequantize(w, GT.Q8_0).reshape(n, k).astype(np.float64)
     for m in (1, 2, 5, 16, 17):
         x = (rng.choice([-1.0, 1.0], size=(m, k)) * rng.uniform(0.5, 2, size=(m, 1))).astype(np.float32)
         xq = q8_0_ref(x)
-        assert np.all(np.abs(np.abs(xq) - np.abs(x)) < 1e-3 * np.abs(x))   # |q| = 127 everywhere
+        assert np.all(np.abs(np.abs(xq) - np.abs(x)) < 1e-3 * np.abs(x))  # |q| = 127 everywhere
         y = run(path, x, w, "q8_0", n, k)
         yq = xq @ wd.T
         magq = np.abs(xq) @ np.abs(wd).T
@@ -204,7 +214,7 @@ def test_q8_0_extreme_codes(path):
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("wtype", ["f32", "f16", "bf16"])
 def test_float_matmul_vs_float64(path, wtype):
-    rng = np.random.default_rng(zlib.crc32(f'{path}/{wtype}'.encode()))
+    rng = np.random.default_rng(zlib.crc32(f"{path}/{wtype}".encode()))
     # K values that are not multiples of 8 / 16 exercise the SIMD tails.
     for m, n, k in CASES + [(5, 7, 100), (2, 3, 257), (1, 9, 7)]:
         x = rng.standard_normal((m, k)).astype(np.float32)
@@ -213,7 +223,7 @@ def test_float_matmul_vs_float64(path, wtype):
         y64 = x.astype(np.float64) @ wd.T
         mag = np.abs(x.astype(np.float64)) @ np.abs(wd).T
         # float32 products are exact in float64; summation error <= K * 2^-24 * sum|x w|
-        bound = k * 2.0 ** -24 * mag
+        bound = k * 2.0**-24 * mag
         assert np.all(np.abs(y - y64) <= bound), (path, wtype, m, n, k)
         # and in practice far below that worst case (pairwise / lane-split sums)
         assert (np.abs(y - y64) / np.maximum(mag, 1e-30)).max() < 1e-5
@@ -243,12 +253,12 @@ def test_activation_q8_K_bytes_match_ggml(path):
     including zero blocks, ties of |max| with both signs, and huge/tiny magnitudes."""
     rng = np.random.default_rng(11)
     x = rng.standard_normal(256 * 8).astype(np.float32)
-    x[256:512] = 0                                              # zero block
-    x[512:768] *= 1e-30                                         # tiny
-    x[768:1024] *= 1e30                                         # huge
-    x[1024 + 5], x[1024 + 9] = -7.0, 7.0                        # |max| tie: the first (negative) wins
-    x[1280:1536] = np.round(x[1280:1536] * 4) / 4               # many exact .5 ties after scaling
-    x[1536:1792] = 3.0                                          # constant block
+    x[256:512] = 0  # zero block
+    x[512:768] *= 1e-30  # tiny
+    x[768:1024] *= 1e30  # huge
+    x[1024 + 5], x[1024 + 9] = -7.0, 7.0  # |max| tie: the first (negative) wins
+    x[1280:1536] = np.round(x[1280:1536] * 4) / 4  # many exact .5 ties after scaling
+    x[1536:1792] = 3.0  # constant block
     raw = _core.quantize_q8_K_path(x, path)
     blk = raw.reshape(-1, 292)
     d, qs, bsums = q8_K_blocks(x)
@@ -266,11 +276,11 @@ def test_activation_q8_0_bytes_match_ggml(path):
     x[32:64] = 0
     x[64:96] *= 1e-30
     x[96:128] *= 1e30
-    x[128:160] = np.arange(-16, 16) * 0.5                     # amax 8 -> many x*id exactly at .5
+    x[128:160] = np.arange(-16, 16) * 0.5  # amax 8 -> many x*id exactly at .5
     x[160:192] = np.float32(127 / 2) * np.sign(rng.standard_normal(32))
     x[192:2048] = np.round(x[192:2048] * 8) / 8
     raw = _core.quantize_q8_0_path(x, path)
-    with np.errstate(over="ignore"):                           # the 1e30 block's scale is inf in fp16
+    with np.errstate(over="ignore"):  # the 1e30 block's scale is inf in fp16
         ref = gq.quantize(x.reshape(1, -1), GT.Q8_0).reshape(-1)
     np.testing.assert_array_equal(raw, ref)
 
@@ -288,7 +298,7 @@ def test_matmul_m0_and_thread_counts():
         y3 = _core.matmul(x, w, "q4_k", 9, 512)
     finally:
         _core.set_num_threads(n0)
-    np.testing.assert_array_equal(y1, y3)   # each output is computed by one thread: no order change
+    np.testing.assert_array_equal(y1, y3)  # each output is computed by one thread: no order change
 
 
 def test_bad_input_raises_value_error():
@@ -327,8 +337,14 @@ def test_unsupported_forced_path_from_env_is_a_clear_error(child_env):
     )
     # The child imports this process's mllama_q (child_env), not a source tree without _core
     # that happens to be its working directory.
-    out = subprocess.run([sys.executable, "-c", code], env=child_env(MLLAMA_Q_CPU_PATH="neon"), capture_output=True,
-                         text=True, timeout=60, cwd=tempfile.gettempdir())
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env=child_env(MLLAMA_Q_CPU_PATH="neon"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tempfile.gettempdir(),
+    )
     assert "VE MLLAMA_Q_CPU_PATH: unknown CPU path 'neon'" in out.stdout, out.stdout + out.stderr
 
 
@@ -337,7 +353,8 @@ def test_feature_detection_is_consistent():
     assert PATHS[0] == "scalar"
     assert ("avx2" in PATHS) == (f["avx2"] and f["fma"] and f["f16c"])
     assert ("avx512" in PATHS) == (
-        "avx2" in PATHS and f["avx512f"] and f["avx512bw"] and f["avx512vl"] and f["avx512dq"] and f["avx512vnni"])
+        "avx2" in PATHS and f["avx512f"] and f["avx512bw"] and f["avx512vl"] and f["avx512dq"] and f["avx512vnni"]
+    )
 
 
 def test_kernels_run_in_a_forked_child():
@@ -357,14 +374,14 @@ def test_kernels_run_in_a_forked_child():
     n0 = _core.num_threads()
     _core.set_num_threads(2)
     try:
-        y = _core.matmul(x, w, "q4_k", 256, 512)   # the pool's workers exist and have run a loop
+        y = _core.matmul(x, w, "q4_k", 256, 512)  # the pool's workers exist and have run a loop
         r, wfd = os.pipe()
         pid = os.fork()
         if pid == 0:  # child: one thread; report the result bytes, never return into pytest
             try:
                 os.close(r)
                 out = _core.matmul(x, w, "q4_k", 256, 512).tobytes()
-                _core.set_num_threads(2)           # the pool can be sized again in the child
+                _core.set_num_threads(2)  # the pool can be sized again in the child
                 out += _core.matmul(x, w, "q4_k", 256, 512).tobytes()
                 with os.fdopen(wfd, "wb") as f:
                     f.write(out)

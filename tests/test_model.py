@@ -11,6 +11,7 @@ F32 model (bounded by the weight quantization error measured with gguf-py's
 dequantizer) and against the same HF model with gguf-py's dequantized weights
 loaded (bounded by the runtime's own arithmetic).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -105,8 +106,7 @@ def quantized_matrix_names(path) -> list[str]:
 # Prompts (0, 1, 2 images; 1-4 tiles; text before and after each image)
 # ---------------------------------------------------------------------------
 RATIOS = [(1, 1), (1, 2), (1, 3), (1, 4), (2, 1), (2, 2), (3, 1), (4, 1)]  # tiny_models' list; id = index + 1
-CASE_NAMES = ["text_only", "one_image_1_tile", "one_image_3_tiles", "two_images_4_and_2_tiles",
-              "two_images_adjacent"]
+CASE_NAMES = ["text_only", "one_image_1_tile", "one_image_3_tiles", "two_images_4_and_2_tiles", "two_images_adjacent"]
 
 
 def make_case(rng, tokens: list[int], grids: list[tuple[int, int]], img: int) -> dict:
@@ -125,8 +125,9 @@ def make_case(rng, tokens: list[int], grids: list[tuple[int, int]], img: int) ->
         msk[0, i, :nt] = 1
     # transformers' own processor functions build the mask (the reference).
     spans = get_cross_attention_token_mask(tokens, img)
-    xmask = convert_sparse_cross_attention_mask_to_dense([spans], [[g[0] * g[1] for g in grids]], MAX_TILES,
-                                                         len(tokens))
+    xmask = convert_sparse_cross_attention_mask_to_dense(
+        [spans], [[g[0] * g[1] for g in grids]], MAX_TILES, len(tokens)
+    )
     case.update(pixel_values=px, aspect_ratio_ids=ids, aspect_ratio_mask=msk, cross_attention_mask=xmask)
     return case
 
@@ -138,8 +139,7 @@ def make_cases(img: int) -> dict[str, dict]:
         "text_only": make_case(rng, [0, 17, 250, 33, 9, 120, 61, 200, 5, 77, 300, 42], [], I),
         "one_image_1_tile": make_case(rng, [0, 20, 21, I, 30, 31, 32, 33, 34], [(1, 1)], I),
         "one_image_3_tiles": make_case(rng, [0, I, 40, 41, 42, 43, 44, 45, 46, 47], [(3, 1)], I),
-        "two_images_4_and_2_tiles": make_case(rng, [0, 50, 51, I, 52, 53, 54, I, 55, 56, 57, 58],
-                                              [(2, 2), (1, 2)], I),
+        "two_images_4_and_2_tiles": make_case(rng, [0, 50, 51, I, 52, 53, 54, I, 55, 56, 57, 58], [(2, 2), (1, 2)], I),
         "two_images_adjacent": make_case(rng, [0, 60, I, I, 61, 62, 63], [(1, 4), (2, 1)], I),
     }
 
@@ -153,8 +153,13 @@ def hf_logits(model, case: dict) -> np.ndarray:
 def our_logits(m: mllama_q.Model, case: dict) -> np.ndarray:
     if "pixel_values" not in case:
         return m.forward(case["input_ids"])
-    return m.forward(case["input_ids"], case["pixel_values"], case["aspect_ratio_ids"], case["aspect_ratio_mask"],
-                     case["cross_attention_mask"])
+    return m.forward(
+        case["input_ids"],
+        case["pixel_values"],
+        case["aspect_ratio_ids"],
+        case["aspect_ratio_mask"],
+        case["cross_attention_mask"],
+    )
 
 
 def rel_err(ours: np.ndarray, ref: np.ndarray) -> float:
@@ -173,8 +178,16 @@ def tiny(tiny_checkpoint, tiny_gguf, hf_model):
     img = int(hf.config.image_token_index)
     cases = make_cases(img)
     refs = {name: hf_logits(hf, c) for name, c in cases.items()}
-    return {"ckpt": ckpt, "hf": hf, "files": files, "img": img, "vocab": int(hf.config.text_config.vocab_size),
-            "cases": cases, "refs": refs, "hf_fresh": lambda: hf_model(ckpt, fresh=True)}
+    return {
+        "ckpt": ckpt,
+        "hf": hf,
+        "files": files,
+        "img": img,
+        "vocab": int(hf.config.text_config.vocab_size),
+        "cases": cases,
+        "refs": refs,
+        "hf_fresh": lambda: hf_model(ckpt, fresh=True),
+    }
 
 
 def load(tiny, wtype, **kw):
@@ -282,7 +295,7 @@ def test_eval_incremental_equals_forward(tiny):
     m.encode_images(case["pixel_values"], case["aspect_ratio_ids"], case["aspect_ratio_mask"])
     got = [m.eval(ids[:5], xm[:5])]
     for i in range(5, len(ids)):
-        got.append(m.eval(ids[i:i + 1], xm[i:i + 1]))
+        got.append(m.eval(ids[i : i + 1], xm[i : i + 1]))
     assert m.n_past == len(ids)
     tol = 1e-5 * np.abs(full).max()
     np.testing.assert_allclose(got[0], full[4], rtol=0, atol=tol)
@@ -293,9 +306,15 @@ def hf_greedy(model, case, n_new):
     kw = {k: torch.from_numpy(v) for k, v in case.items()}
     kw["attention_mask"] = torch.ones_like(kw["input_ids"])  # explicit: no padding inferred from pad ids
     with torch.no_grad():
-        out = model.generate(**kw, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False,
-                             eos_token_id=None, pad_token_id=model.config.text_config.pad_token_id)
-    return out[0, case["input_ids"].shape[1]:].tolist()
+        out = model.generate(
+            **kw,
+            max_new_tokens=n_new,
+            min_new_tokens=n_new,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=model.config.text_config.pad_token_id,
+        )
+    return out[0, case["input_ids"].shape[1] :].tolist()
 
 
 def our_greedy(m, case, n_new):
@@ -374,8 +393,13 @@ def test_bad_tokens_and_masks(tiny):
         m.forward([[1, 2], [3, 4]])
     c = tiny["cases"]["one_image_1_tile"]
     with pytest.raises(ValueError, match="cross_attention_mask"):
-        m.forward(c["input_ids"], c["pixel_values"], c["aspect_ratio_ids"], c["aspect_ratio_mask"],
-                  c["cross_attention_mask"][:, :3])
+        m.forward(
+            c["input_ids"],
+            c["pixel_values"],
+            c["aspect_ratio_ids"],
+            c["aspect_ratio_mask"],
+            c["cross_attention_mask"][:, :3],
+        )
     with pytest.raises(ValueError, match="pixel_values"):
         m.forward(c["input_ids"], c["pixel_values"][..., :28], c["aspect_ratio_ids"], c["aspect_ratio_mask"])
 
@@ -391,8 +415,10 @@ def test_generate_end_to_end_matches_transformers(tiny):
     text = "<|image|>Describe the picture"
     res = m.generate(prompt=text, images=[img], max_new_tokens=12, temperature=0)
     enc = m.processor(text=text, images=[img])
-    case = {k: np.asarray(enc[k]) for k in ("input_ids", "pixel_values", "aspect_ratio_ids", "aspect_ratio_mask",
-                                            "cross_attention_mask")}
+    case = {
+        k: np.asarray(enc[k])
+        for k in ("input_ids", "pixel_values", "aspect_ratio_ids", "aspect_ratio_mask", "cross_attention_mask")
+    }
     assert case["pixel_values"].shape[1:3] == (1, MAX_TILES)
     ref = hf_greedy(tiny["hf"], case, 12)
     n = len(res.tokens)
@@ -433,10 +459,18 @@ def test_other_shapes_hd128_gqa4_two_tiles(tiny_checkpoint, tiny_gguf, hf_model)
     """head_dim 128 and 4:1 GQA as in the 11B, a different cross-attention layer set and a
     2-tile vision config with its own aspect-ratio list (read from the file's mllama_q keys)."""
     ckpt = tiny_checkpoint(
-        seed=5, dtype="float32",
-        text_config={"hidden_size": 512, "num_attention_heads": 4, "num_key_value_heads": 1,
-                     "intermediate_size": 256, "num_hidden_layers": 4, "cross_attention_layers": [0, 2]},
-        vision_config={"max_num_tiles": 2, "supported_aspect_ratios": [[1, 1], [1, 2], [2, 1]]})
+        seed=5,
+        dtype="float32",
+        text_config={
+            "hidden_size": 512,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 1,
+            "intermediate_size": 256,
+            "num_hidden_layers": 4,
+            "cross_attention_layers": [0, 2],
+        },
+        vision_config={"max_num_tiles": 2, "supported_aspect_ratios": [[1, 1], [1, 2], [2, 1]]},
+    )
     hf = hf_model(ckpt)
     path = tiny_gguf(ckpt, "f32")
     m = mllama_q.Model(path, kv_type="f32")
@@ -447,10 +481,15 @@ def test_other_shapes_hd128_gqa4_two_tiles(tiny_checkpoint, tiny_gguf, hf_model)
     px = np.zeros((1, 2, 2, 3, TILE, TILE), np.float32)
     px[0, 0, :2] = rng.standard_normal((2, 3, TILE, TILE))
     px[0, 1, :1] = rng.standard_normal((1, 3, TILE, TILE))
-    case = {"input_ids": np.asarray([tokens]), "pixel_values": px, "aspect_ratio_ids": np.asarray([[3, 1]]),
-            "aspect_ratio_mask": np.asarray([[[1, 1], [1, 0]]]),
-            "cross_attention_mask": convert_sparse_cross_attention_mask_to_dense(
-                [get_cross_attention_token_mask(tokens, img)], [[2, 1]], 2, len(tokens))}
+    case = {
+        "input_ids": np.asarray([tokens]),
+        "pixel_values": px,
+        "aspect_ratio_ids": np.asarray([[3, 1]]),
+        "aspect_ratio_mask": np.asarray([[[1, 1], [1, 0]]]),
+        "cross_attention_mask": convert_sparse_cross_attention_mask_to_dense(
+            [get_cross_attention_token_mask(tokens, img)], [[2, 1]], 2, len(tokens)
+        ),
+    }
     err = rel_err(our_logits(m, case), hf_logits(hf, case))
     assert err < 1e-4, err
     text = {"input_ids": np.asarray([[0, 5, 6, 7, 8]])}

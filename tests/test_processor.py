@@ -1,5 +1,6 @@
 """mllama_q.processor vs transformers' MllamaImageProcessor / MllamaProcessor with the
 Llama-3.2-11B-Vision-Instruct preprocessor_config.json (PIL backend: torchvision is not needed)."""
+
 from __future__ import annotations
 
 import json
@@ -20,10 +21,17 @@ from mllama_q.tokenizer import Tokenizer
 
 REF_DIR = Path(__file__).resolve().parents[1] / ".." / ".." / "shared" / "reference" / "llama-3.2-11b-vision-instruct"
 PREPROCESSOR_CONFIG = {
-    "do_convert_rgb": True, "do_resize": True, "size": {"height": 560, "width": 560}, "resample": 2,
-    "do_rescale": True, "rescale_factor": 0.00392156862745098, "do_normalize": True,
-    "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
-    "do_pad": True, "max_image_tiles": 4,
+    "do_convert_rgb": True,
+    "do_resize": True,
+    "size": {"height": 560, "width": 560},
+    "resample": 2,
+    "do_rescale": True,
+    "rescale_factor": 0.00392156862745098,
+    "do_normalize": True,
+    "image_mean": [0.48145466, 0.4578275, 0.40821073],
+    "image_std": [0.26862954, 0.26130258, 0.27577711],
+    "do_pad": True,
+    "max_image_tiles": 4,
 }
 
 
@@ -86,12 +94,32 @@ def _make_image(rng, mode: str, w: int, h: int) -> Image.Image:
 # HF only resizes an image that exceeds its canvas or is smaller than a tile on both sides, so
 # the list mixes sizes that are resized (up and down) with sizes that are only padded.
 CASES = [
-    ("RGB", 560, 560), ("RGB", 1, 1), ("RGB", 3, 700), ("RGB", 2000, 45), ("RGB", 333, 1200),
-    ("RGB", 1120, 1120), ("RGB", 561, 559), ("RGB", 100, 150), ("RGB", 1600, 900), ("RGB", 900, 1600),
-    ("RGBA", 640, 480), ("RGBA", 37, 91), ("RGBA", 1900, 1300), ("L", 2000, 500), ("L", 13, 13),
-    ("LA", 1300, 1777), ("LA_rand", 500, 260), ("P", 420, 1300), ("P_transparency", 1500, 2100),
-    ("CMYK", 256, 512), ("I;16", 300, 300), ("I;16", 1200, 610), ("I", 90, 400), ("1", 2500, 640),
-    ("YCbCr", 1700, 560), ("F", 128, 64),
+    ("RGB", 560, 560),
+    ("RGB", 1, 1),
+    ("RGB", 3, 700),
+    ("RGB", 2000, 45),
+    ("RGB", 333, 1200),
+    ("RGB", 1120, 1120),
+    ("RGB", 561, 559),
+    ("RGB", 100, 150),
+    ("RGB", 1600, 900),
+    ("RGB", 900, 1600),
+    ("RGBA", 640, 480),
+    ("RGBA", 37, 91),
+    ("RGBA", 1900, 1300),
+    ("L", 2000, 500),
+    ("L", 13, 13),
+    ("LA", 1300, 1777),
+    ("LA_rand", 500, 260),
+    ("P", 420, 1300),
+    ("P_transparency", 1500, 2100),
+    ("CMYK", 256, 512),
+    ("I;16", 300, 300),
+    ("I;16", 1200, 610),
+    ("I", 90, 400),
+    ("1", 2500, 640),
+    ("YCbCr", 1700, 560),
+    ("F", 128, 64),
 ]
 
 
@@ -110,8 +138,12 @@ def test_random_sizes_and_several_images(hf_image_processor):
     modes = ["RGB", "RGBA", "L", "P", "CMYK", "LA"]
     for _ in range(6):
         n = int(rng.integers(1, 4))
-        imgs = [_make_image(rng, modes[int(rng.integers(len(modes)))], int(rng.integers(1, 1800)),
-                            int(rng.integers(1, 1800))) for _ in range(n)]
+        imgs = [
+            _make_image(
+                rng, modes[int(rng.integers(len(modes)))], int(rng.integers(1, 1800)), int(rng.integers(1, 1800))
+            )
+            for _ in range(n)
+        ]
         ours = preprocess_images(imgs, ProcessorSettings())
         ref, ref_tiles = _hf_images(hf_image_processor, imgs)
         _assert_same(ours, ref)
@@ -147,8 +179,9 @@ def test_custom_settings_match_transformers():
     for tile, max_tiles in ((224, 4), (32, 6), (14, 2)):
         cfg = dict(PREPROCESSOR_CONFIG, size={"height": tile, "width": tile}, max_image_tiles=max_tiles)
         hf = MllamaImageProcessorPil(**cfg)
-        s = ProcessorSettings(tile_size=tile, max_num_tiles=max_tiles,
-                              supported_aspect_ratios=all_aspect_ratios(max_tiles))
+        s = ProcessorSettings(
+            tile_size=tile, max_num_tiles=max_tiles, supported_aspect_ratios=all_aspect_ratios(max_tiles)
+        )
         imgs = [_make_image(rng, "RGB", int(rng.integers(5, 400)), int(rng.integers(5, 400))) for _ in range(3)]
         ours = preprocess_images(imgs, s)
         ref, _ = _hf_images(hf, imgs)
@@ -157,12 +190,14 @@ def test_custom_settings_match_transformers():
 
 # ------------------------------------------------------------------ full processor (text + images)
 
+
 @pytest.fixture(scope="module")
 def hf_processor(tokenizer_dir, hf_image_processor):
     from transformers import AutoTokenizer, MllamaProcessor
 
-    return MllamaProcessor(image_processor=hf_image_processor,
-                           tokenizer=AutoTokenizer.from_pretrained(str(tokenizer_dir)))
+    return MllamaProcessor(
+        image_processor=hf_image_processor, tokenizer=AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    )
 
 
 @pytest.fixture(scope="module")
@@ -176,8 +211,11 @@ def our_processor(tokenizer_gguf):
 
 PROMPTS = [
     ("<|image|>If I had to write a haiku for this one", 1),
-    ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n<|image|>What is this?<|eot_id|>"
-     "<|start_header_id|>assistant<|end_header_id|>\n\n", 1),
+    (
+        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n<|image|>What is this?<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n",
+        1,
+    ),
     ("Compare <|image|> with <|image|> please.", 2),
     ("<|image|><|image|>Two adjacent images, then text <|image|> and a third.", 3),
     ("Text only, no images at all.", 0),
@@ -260,8 +298,13 @@ def test_settings_from_gguf_keys(tmp_path):
 
     s = ProcessorSettings.from_gguf(open_gguf(path))
     assert s.tile_size == 112 and s.max_num_tiles == 2 and s.supported_aspect_ratios == ((1, 1), (1, 2), (2, 1))
-    cfg = dict(PREPROCESSOR_CONFIG, size={"height": 112, "width": 112}, max_image_tiles=2,
-               image_mean=[0.5, 0.4, 0.3], image_std=[0.2, 0.25, 0.3])
+    cfg = dict(
+        PREPROCESSOR_CONFIG,
+        size={"height": 112, "width": 112},
+        max_image_tiles=2,
+        image_mean=[0.5, 0.4, 0.3],
+        image_std=[0.2, 0.25, 0.3],
+    )
     rng = np.random.default_rng(5)
     imgs = [_make_image(rng, "RGB", 300, 90), _make_image(rng, "RGBA", 50, 200)]
     ref, _ = _hf_images(MllamaImageProcessorPil(**cfg), imgs)
@@ -279,9 +322,11 @@ def test_settings_from_gguf_keys(tmp_path):
 def test_numpy_images_match_transformers(hf_image_processor):
     """uint8 HWC arrays (RGB and RGBA) take transformers' array branch of convert_to_rgb."""
     rng = np.random.default_rng(11)
-    arrays = [rng.integers(0, 256, size=(300, 700, 3), dtype=np.uint8),
-              rng.integers(0, 256, size=(1300, 500, 4), dtype=np.uint8),
-              rng.integers(0, 256, size=(45, 60, 4), dtype=np.uint8)]
+    arrays = [
+        rng.integers(0, 256, size=(300, 700, 3), dtype=np.uint8),
+        rng.integers(0, 256, size=(1300, 500, 4), dtype=np.uint8),
+        rng.integers(0, 256, size=(45, 60, 4), dtype=np.uint8),
+    ]
     ours = preprocess_images(arrays, ProcessorSettings())
     ref, _ = _hf_images(hf_image_processor, arrays)
     _assert_same(ours, ref)

@@ -9,6 +9,7 @@ References (never numbers our own code produced):
     numpy's IEEE conversion, bf16 and q8_0 also against gguf-py's quantizers;
   * quantization error: ggml's tests/test-quantize-fns.cpp thresholds.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -63,9 +64,9 @@ def _random_rows(seed: int, rows: int, cols: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     scale = 10.0 ** rng.uniform(-4, 3, size=(rows, 1))
     x = rng.standard_normal((rows, cols)) * scale
-    x[0] = 0.0                                  # all-zero row
-    x[1] = np.abs(x[1])                         # positive row (Q4_K min = 0)
-    x[2, ::7] *= 50                             # outliers
+    x[0] = 0.0  # all-zero row
+    x[1] = np.abs(x[1])  # positive row (Q4_K min = 0)
+    x[2, ::7] *= 50  # outliers
     return x.astype(np.float32)
 
 
@@ -86,10 +87,10 @@ def _random_blocks(qtype: str, n_blocks: int, seed: int) -> np.ndarray:
     raw = rng.integers(0, 256, size=(n_blocks, size), dtype=np.uint8)
     half_fields = {"q8_0": [0], "q4_k": [0, 2], "q6_k": [208], "f16": list(range(0, size, 2))}.get(qtype, [])
     for off in half_fields:
-        h = raw[:, off:off + 2].copy().view(np.uint16)
+        h = raw[:, off : off + 2].copy().view(np.uint16)
         exp_all_ones = (h & 0x7C00) == 0x7C00
-        h[exp_all_ones] &= 0xBFFF                # inf/nan -> finite (clear the top exponent bit)
-        raw[:, off:off + 2] = h.view(np.uint8)
+        h[exp_all_ones] &= 0xBFFF  # inf/nan -> finite (clear the top exponent bit)
+        raw[:, off : off + 2] = h.view(np.uint8)
     return raw
 
 
@@ -116,7 +117,7 @@ MAX_QUANTIZATION_TOTAL_ERROR = 0.002
 def test_quantization_error_within_ggml_threshold(qtype):
     n = 32 * 128
     # generate_data(0.0, n, dst): dst[i] = 0.1 + 2.0f*cosf(i + 0.0f), summed in double, stored as float
-    c = np.cos(np.arange(n, dtype=np.float32))                     # float32 like cosf
+    c = np.cos(np.arange(n, dtype=np.float32))  # float32 like cosf
     x = (0.1 + (np.float32(2.0) * c).astype(np.float64)).astype(np.float32)
     y = quants.dequantize(quants.quantize(x[None], qtype), qtype, (1, n))[0]
     diff = x.astype(np.float64) - y.astype(np.float64)
@@ -136,8 +137,8 @@ def golden():
 def test_bytes_identical_to_ggml(golden, qtype, path):
     x, labels = golden_gen.make_rows(qtype, int(golden["seed"]), int(golden[f"{qtype}/random_rows"]))
     assert golden_gen.digest(x) == str(golden[f"{qtype}/input_sha256"]), (
-        "regenerated input rows differ from those the golden bytes were made from "
-        "(tools/make_ggml_golden.py changed?)")
+        "regenerated input rows differ from those the golden bytes were made from (tools/make_ggml_golden.py changed?)"
+    )
     want = golden[f"{qtype}/bytes"]
     try:
         _core.set_quant_path(path)
@@ -147,7 +148,8 @@ def test_bytes_identical_to_ggml(golden, qtype, path):
     assert got.shape == want.shape
     bad = np.nonzero((got != want).any(axis=1))[0]
     assert bad.size == 0, f"{bad.size}/{len(x)} {qtype} rows differ from ggml, e.g. " + "; ".join(
-        labels[r] for r in bad[:10])
+        labels[r] for r in bad[:10]
+    )
 
 
 # ------------------------------------------------------------------ f16 / bf16 edge cases
@@ -175,7 +177,7 @@ def test_bf16_matches_gguf_quantizer():
     rows.append(rng.integers(0, 2**32, size=65536, dtype=np.uint64).astype(np.uint32).view(np.float32))
     x = np.concatenate(rows).astype(np.float32)
     ours = quants.quantize(x[None], "bf16")[0]
-    ref = gguf.quants.quantize(x[None], GT.BF16)[0]   # "same as ggml_compute_fp32_to_bf16"
+    ref = gguf.quants.quantize(x[None], GT.BF16)[0]  # "same as ggml_compute_fp32_to_bf16"
     np.testing.assert_array_equal(ours, ref)
 
 
@@ -191,7 +193,7 @@ def test_quantize_keeps_leading_dims_and_matches_rows():
     assert q.shape == (2, 3, quants.row_bytes("q4_k", 512)) and q.dtype == np.uint8
     np.testing.assert_array_equal(q.reshape(6, -1), quants.quantize(x.reshape(6, 512), "q4_k"))
     np.testing.assert_array_equal(q[1, 2], quants.quantize(x[1, 2], "q4_k"))
-    y = quants.dequantize(q, "Q4_K", x.shape)     # type names are case-insensitive
+    y = quants.dequantize(q, "Q4_K", x.shape)  # type names are case-insensitive
     assert y.shape == x.shape
 
 

@@ -480,10 +480,12 @@ def test_follow_up_turn_goes_to_its_slot(server):
     slot2, _ = post(conv2)
     assert slot2 == slot1
     # ... and reuses its cache: turn 1's prompt (image included) is not evaluated again; what
-    # is new is the reply's last token (never fed back), the template's tail and "And then?".
+    # is new is the reply from where its re-tokenized text first differs from the sampled ids (a
+    # random model's 8 tokens can re-tokenize into more: up to ~4 per token seen), the template's
+    # tail and "And then?".
     usage = post.usage
     cached = usage["prompt_tokens_details"]["cached_tokens"]
-    assert first_prompt <= cached < usage["prompt_tokens"] < cached + 40, usage
+    assert first_prompt <= cached < usage["prompt_tokens"] < cached + 8 * 4 + 25, usage
     # The same text with a different image is another conversation: its common prefix with that
     # slot ends at the image, so it goes to the least recently used slot (the other one) instead
     # of the most similar token sequence.
@@ -1165,8 +1167,11 @@ def test_disconnect_of_a_non_streaming_request(server):
     # could fire before a loaded server had even started the run).
     body = json.dumps(long).encode()
     with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
-        sock.sendall(f"POST {CHAT} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        sock.sendall(
+            f"POST {CHAT} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
         t_end = time.monotonic() + 30
         while not any(s["busy"] for s in _slots(server)["slots"]) and time.monotonic() < t_end:
             time.sleep(0.005)

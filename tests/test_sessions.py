@@ -6,6 +6,7 @@ batching must not change), transformers' generate (via the first turn, which tes
 and test_generate_model.py compare), and transformers' processor functions for the
 cross-attention masks.
 """
+
 from __future__ import annotations
 
 import os
@@ -86,9 +87,11 @@ def test_prefix_reuse_equals_a_fresh_run_exactly(files):
     mask = xmask(seq, img, grids)
     for s in (0, 1):
         core.seq_set_images(s, handles)
-    got = [core.step([(0, np.int32(seq[:4]), mask[:4], 2, None)])[0][0],
-           core.step([(0, np.int32(seq[4:19]), mask[4:19], 2, None)])[0][0]]
-    got += [core.step([(0, np.int32(seq[i:i + 1]), None, 1, None)])[0][0][None] for i in range(19, 24)]
+    got = [
+        core.step([(0, np.int32(seq[:4]), mask[:4], 2, None)])[0][0],
+        core.step([(0, np.int32(seq[4:19]), mask[4:19], 2, None)])[0][0],
+    ]
+    got += [core.step([(0, np.int32(seq[i : i + 1]), None, 1, None)])[0][0][None] for i in range(19, 24)]
     got.append(core.step([(0, np.int32(seq[24:]), mask[24:], 2, None)])[0][0])
     got = np.concatenate(got)
     fresh = core.step([(1, np.int32(seq), mask, 2, None)])[0][0]
@@ -137,7 +140,7 @@ def test_batched_steps_equal_each_sequence_alone(files, wtype):
     }
     decode = {k: [int(t) for t in rng.integers(1, 300, 6)] for k in seqs}
 
-    def rows(k):   # tokens and mask rows of the full sequence (prompt + decoded)
+    def rows(k):  # tokens and mask rows of the full sequence (prompt + decoded)
         toks, _, grids = seqs[k]
         full = toks + decode[k]
         return full, (None if grids is None else xmask(full, img, grids))
@@ -155,8 +158,15 @@ def test_batched_steps_equal_each_sequence_alone(files, wtype):
     pos = {k: 0 for k in seqs}
     # (sequence, tokens this step) per step: A starts alone, B joins at step 1 with a prefill
     # chunk, C at step 2; each decodes one token per step once its prompt is in.
-    plan = [{"A": 12}, {"A": 1, "B": 5}, {"A": 1, "B": 4, "C": 7}, {"A": 1, "B": 1, "C": 5},
-            {"A": 1, "B": 1, "C": 1}, {"A": 1, "B": 1, "C": 1}, {"B": 1, "C": 1}]
+    plan = [
+        {"A": 12},
+        {"A": 1, "B": 5},
+        {"A": 1, "B": 4, "C": 7},
+        {"A": 1, "B": 1, "C": 5},
+        {"A": 1, "B": 1, "C": 1},
+        {"A": 1, "B": 1, "C": 1},
+        {"B": 1, "C": 1},
+    ]
     tol = 0.0 if wtype == "f32" else 2e-2
     for step in plan:
         entries, keys = [], []
@@ -185,7 +195,7 @@ def test_core_step_checks_its_entries(files):
     with pytest.raises(ValueError, match="twice"):
         core.step([(0, np.int32([1]), None, 1, None), (0, np.int32([2]), None, 1, None)])
     with pytest.raises(ValueError, match="out of range"):
-        core.step([(0, np.int32([1, 10 ** 6]), None, 1, None)])
+        core.step([(0, np.int32([1, 10**6]), None, 1, None)])
     with pytest.raises(ValueError, match="logits"):
         core.step([(0, np.int32([1]), None, 3, None)])
     with pytest.raises(ValueError, match="top_p"):
@@ -194,7 +204,7 @@ def test_core_step_checks_its_entries(files):
         core.step([(0, np.zeros(m.n_ctx + 1, np.int32), None, 0, None)])
     with pytest.raises(ValueError, match="seq_truncate"):
         core.seq_truncate(0, 3)
-    assert core.seq_len(0) == 0 and core.seq_len(1) == 0   # nothing was committed
+    assert core.seq_len(0) == 0 and core.seq_len(1) == 0  # nothing was committed
     m.close()
 
 
@@ -216,7 +226,7 @@ def test_second_turn_reuses_the_first(files):
         assert r1.prompt_tokens <= r2.cached_tokens < r2.prompt_tokens
         fresh = m.generate(messages=msgs2, images=[img], max_new_tokens=8, temperature=0)
         assert fresh.tokens == r2.tokens and fresh.cached_tokens == 0
-        assert fresh.images_cached == 1   # the shared image cache
+        assert fresh.images_cached == 1  # the shared image cache
     m.close()
 
 
@@ -225,11 +235,11 @@ def test_session_tokens_and_divergent_prompts(files):
     with m.session() as s:
         r = s.generate(prompt="<|begin_of_text|>one two three four five", max_new_tokens=3, temperature=0)
         toks = s.tokens
-        assert isinstance(toks, tuple) and len(toks) == r.prompt_tokens + 2   # the last token is not fed
-        assert toks[:r.prompt_tokens] == tuple(m.processor(text="one two three four five")["input_ids"][0])
+        assert isinstance(toks, tuple) and len(toks) == r.prompt_tokens + 2  # the last token is not fed
+        assert toks[: r.prompt_tokens] == tuple(m.processor(text="one two three four five")["input_ids"][0])
         r2 = s.generate(prompt="<|begin_of_text|>one two six", max_new_tokens=3, temperature=0)
-        assert 0 < r2.cached_tokens < r.prompt_tokens   # the common prefix only
-        assert s.tokens[:r2.cached_tokens] == toks[:r2.cached_tokens]
+        assert 0 < r2.cached_tokens < r.prompt_tokens  # the common prefix only
+        assert s.tokens[: r2.cached_tokens] == toks[: r2.cached_tokens]
         fresh = m.generate(prompt="<|begin_of_text|>one two six", max_new_tokens=3, temperature=0)
         assert fresh.tokens == r2.tokens
         s.reset()
@@ -242,18 +252,19 @@ def test_sessions_driven_from_threads_match_sequential_runs(files):
     """Four sessions in four threads, started at different times (text only, one image, two
     images, sampled with a seed): every reply equals the same request run alone."""
     m = load(files, max_sessions=4, n_ctx=256)
-    reqs = [dict(messages=[chat("Hello there, who are you?")], max_new_tokens=12, temperature=0),
-            dict(messages=[chat("What is this?", 1)], images=[photo(2)], max_new_tokens=10, temperature=0),
-            dict(messages=[chat("Compare them", 2)], images=[photo(3), photo(4, 70, 20)], max_new_tokens=9,
-                 temperature=0),
-            dict(messages=[chat("Tell me a story")], max_new_tokens=11, temperature=1.0, top_k=20, seed=7)]
+    reqs = [
+        dict(messages=[chat("Hello there, who are you?")], max_new_tokens=12, temperature=0),
+        dict(messages=[chat("What is this?", 1)], images=[photo(2)], max_new_tokens=10, temperature=0),
+        dict(messages=[chat("Compare them", 2)], images=[photo(3), photo(4, 70, 20)], max_new_tokens=9, temperature=0),
+        dict(messages=[chat("Tell me a story")], max_new_tokens=11, temperature=1.0, top_k=20, seed=7),
+    ]
     alone = [m.generate(**r).tokens for r in reqs]
     results = [None] * len(reqs)
     started = [threading.Event() for _ in reqs]
 
     def worker(i):
         if i:
-            started[i - 1].wait(30)   # start once the previous one is producing text
+            started[i - 1].wait(30)  # start once the previous one is producing text
         with m.session() as s:
             st = s.generate(stream=True, **reqs[i])
             for n, _ in enumerate(st):
@@ -308,18 +319,21 @@ def test_interrupting_an_image_encode_or_a_prefill_leaves_the_session_as_before(
                 seen.append((ph, done, total))
                 if ph == phase and done >= limit:
                     raise KeyboardInterrupt
+
             return cb
 
         msgs2 = msgs + [{"role": "assistant", "content": r1.text}, chat("Look at this", 1)]
         with pytest.raises(KeyboardInterrupt):
-            s.generate(messages=msgs2, images=[photo(5)], max_new_tokens=4, temperature=0,
-                       progress=stop_at("image_encode", 3))
+            s.generate(
+                messages=msgs2, images=[photo(5)], max_new_tokens=4, temperature=0, progress=stop_at("image_encode", 3)
+            )
         assert s.tokens == before and s.n_images == 0
         assert [p for p in seen if p[0] == "image_encode"][-1][1] == 3
         seen.clear()
-        with pytest.raises(KeyboardInterrupt):   # the encode runs to its end this time, the prefill is cut
-            s.generate(messages=msgs2, images=[photo(5)], max_new_tokens=4, temperature=0,
-                       progress=stop_at("prefill", 8))
+        with pytest.raises(KeyboardInterrupt):  # the encode runs to its end this time, the prefill is cut
+            s.generate(
+                messages=msgs2, images=[photo(5)], max_new_tokens=4, temperature=0, progress=stop_at("prefill", 8)
+            )
         # Progress events reach the caller asynchronously: on this tiny model the scheduler may
         # have finished the first encode before the interrupt reached it, and the image is
         # then in the shared cache (not in the session) and is not encoded again.
@@ -342,12 +356,16 @@ def test_interrupting_an_image_encode_or_a_prefill_leaves_the_session_as_before(
 def test_progress_reports_units_and_chunks(files):
     m = load(files, n_ctx=256, n_batch=16)
     seen = []
-    m.generate(messages=[chat("What is in this picture? Describe it carefully.", 1)], images=[photo(6)],
-               max_new_tokens=2, progress=lambda *a: seen.append(a))
+    m.generate(
+        messages=[chat("What is in this picture? Describe it carefully.", 1)],
+        images=[photo(6)],
+        max_new_tokens=2,
+        progress=lambda *a: seen.append(a),
+    )
     enc = [p for p in seen if p[0] == "image_encode"]
     pre = [p for p in seen if p[0] == "prefill"]
     vh = m.vision_hparams
-    units = 1 + vh["num_layers"] + vh["num_global_layers"] + 2   # embed, layers, projector, K/V
+    units = 1 + vh["num_layers"] + vh["num_global_layers"] + 2  # embed, layers, projector, K/V
     assert [p[1] for p in enc] == list(range(1, units + 1)) and {p[2] for p in enc} == {units}
     assert len(pre) >= 2 and pre[-1][1] == pre[-1][2] and all(a[1] < b[1] for a, b in zip(pre, pre[1:]))
     m.close()
@@ -358,11 +376,11 @@ def test_image_cache_is_shared_and_bounded(files):
     a, b = m.session(), m.session()
     r = a.generate(messages=[chat("Hi", 1)], images=[photo(7)], max_new_tokens=1)
     assert (r.images_encoded, r.images_cached) == (1, 0)
-    r = b.generate(messages=[chat("Hi", 1)], images=[photo(7)], max_new_tokens=1)   # from the LRU
+    r = b.generate(messages=[chat("Hi", 1)], images=[photo(7)], max_new_tokens=1)  # from the LRU
     assert (r.images_encoded, r.images_cached) == (0, 1)
-    b.generate(messages=[chat("Hi", 1)], images=[photo(8)], max_new_tokens=1)       # evicts photo 7
+    b.generate(messages=[chat("Hi", 1)], images=[photo(8)], max_new_tokens=1)  # evicts photo 7
     b.reset()
-    r = b.generate(messages=[chat("Hi", 1)], images=[photo(7)], max_new_tokens=1)   # session a holds it
+    r = b.generate(messages=[chat("Hi", 1)], images=[photo(7)], max_new_tokens=1)  # session a holds it
     assert (r.images_encoded, r.images_cached) == (0, 1)
     mem = m.memory()
     assert mem["image_cache_images"] == 1 and mem["image_cache_bytes"] == mem["image_bytes"] > 0
@@ -379,8 +397,14 @@ def test_processor_outputs_and_transformers_vocabulary(files):
     img = photo(9)
     ref = m.generate(prompt=text, images=[img], max_new_tokens=6, temperature=0)
     enc = m.processor(text=text, images=[img])
-    assert set(enc) >= {"input_ids", "attention_mask", "pixel_values", "aspect_ratio_ids", "aspect_ratio_mask",
-                        "cross_attention_mask"}
+    assert set(enc) >= {
+        "input_ids",
+        "attention_mask",
+        "pixel_values",
+        "aspect_ratio_ids",
+        "aspect_ratio_mask",
+        "cross_attention_mask",
+    }
     got = m.generate(**enc, max_new_tokens=6, do_sample=False)
     assert got.tokens == ref.tokens and got.prompt_tokens == enc["input_ids"].shape[1]
     with pytest.raises(ValueError, match="batch"):
@@ -391,8 +415,12 @@ def test_processor_outputs_and_transformers_vocabulary(files):
         m.generate(**{**enc, "cross_attention_mask": enc["cross_attention_mask"][:, :3]})
     no_image = np.where(enc["input_ids"] == m.image_token_id, 100, enc["input_ids"])
     with pytest.raises(ValueError, match="image token"):
-        m.generate(input_ids=no_image, pixel_values=enc["pixel_values"],
-                   aspect_ratio_ids=enc["aspect_ratio_ids"], aspect_ratio_mask=enc["aspect_ratio_mask"])
+        m.generate(
+            input_ids=no_image,
+            pixel_values=enc["pixel_values"],
+            aspect_ratio_ids=enc["aspect_ratio_ids"],
+            aspect_ratio_mask=enc["aspect_ratio_mask"],
+        )
     with pytest.raises(ValueError, match="not both"):
         m.generate(prompt="x", stop="a", stop_strings="b")
     with pytest.raises(ValueError, match="not both"):
@@ -428,8 +456,15 @@ def test_memory_budget_is_explicit(files, monkeypatch):
     with pytest.raises(ValueError, match=r"n_ctx=100 x max_sessions=2 needs"):
         load(files, max_sessions=2, n_ctx=100)
     monkeypatch.undo()
-    for kw in ({"max_sessions": 0}, {"max_sessions": 1.5}, {"n_batch": 0}, {"n_batch": 513},
-               {"prefill_chunk": 0}, {"image_cache": -1}, {"max_sessions": 8, "n_batch": 8}):
+    for kw in (
+        {"max_sessions": 0},
+        {"max_sessions": 1.5},
+        {"n_batch": 0},
+        {"n_batch": 513},
+        {"prefill_chunk": 0},
+        {"image_cache": -1},
+        {"max_sessions": 8, "n_batch": 8},
+    ):
         with pytest.raises(ValueError):
             load(files, **kw)
 
@@ -467,7 +502,7 @@ def test_chat_cli_on_a_session(files, tmp_path, capsys, monkeypatch):
     calls = {"n": 0}
     real_call = progress_mod.PhaseProgress.__call__
 
-    def interrupt_second_image(self, phase, done, total):   # Ctrl-C during the 2nd image's encode
+    def interrupt_second_image(self, phase, done, total):  # Ctrl-C during the 2nd image's encode
         if phase == "image_encode":
             calls["n"] += 1
             if calls["n"] > total + 1:
@@ -475,18 +510,35 @@ def test_chat_cli_on_a_session(files, tmp_path, capsys, monkeypatch):
         return real_call(self, phase, done, total)
 
     monkeypatch.setattr(progress_mod.PhaseProgress, "__call__", interrupt_second_image)
-    lines = iter(["/image " + str(a), "What is it?", '"""', "And now,", 'in two lines?"""',
-                  "/image " + str(b), "Compare", "Last one?", "/quit"])
-    rc = chat_main(["-m", str(files["f32"]), "--temperature", "0", "-n", "3", "-c", "512", "-v"],
-                   input_fn=lambda _: next(lines))
+    lines = iter(
+        [
+            "/image " + str(a),
+            "What is it?",
+            '"""',
+            "And now,",
+            'in two lines?"""',
+            "/image " + str(b),
+            "Compare",
+            "Last one?",
+            "/quit",
+        ]
+    )
+    rc = chat_main(
+        ["-m", str(files["f32"]), "--temperature", "0", "-n", "3", "-c", "512", "-v"], input_fn=lambda _: next(lines)
+    )
     cap = capsys.readouterr()
     assert rc == 0
     reports = [ln for ln in cap.err.splitlines() if ln.startswith("[") and " prompt tokens" in ln]
-    assert len(reports) == 3   # turns 1, 2 and 4 (turn 3 was interrupted)
+    assert len(reports) == 3  # turns 1, 2 and 4 (turn 3 was interrupted)
     assert "0 image(s) reused, 1 encoded" in reports[0]
+    # The progress the CLI shows lags the engine: on this tiny model the Ctrl-C may land after
+    # turn 3's image and prompt were done. Then the session keeps them and so does the
+    # conversation (turn 4 sees both images, reused); else turn 3 and its image are dropped.
+    dropped = "(interrupted: message and its images dropped)" in cap.out
+    assert dropped or "(interrupted)" in cap.out
+    assert "1 image(s) reused, 0 encoded" in reports[1]
+    assert ("1 image(s) reused, 0 encoded" if dropped else "2 image(s) reused, 0 encoded") in reports[2]
     prompt_tokens = [int(r[1:].split(" prompt")[0]) for r in reports]
-    for prev, r in zip(prompt_tokens, reports[1:]):   # turn 1's image, never encoded again
-        assert "1 image(s) reused, 0 encoded" in r
+    for prev, r in zip(prompt_tokens, reports[1:]):  # no image encoded again
         reused = int(r.split("cache: ")[1].split(" of ")[0])
-        assert reused >= prev   # (at least) the whole previous prompt came from the cache
-    assert "(interrupted: message and its images dropped)" in cap.out
+        assert reused >= prev  # (at least) the whole previous prompt came from the cache

@@ -6,6 +6,7 @@ References:
     list our synthetic code computes;
   * values: gguf-py's `gguf.quants.dequantize` (ggml's block layouts) for the random blocks.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -63,13 +64,22 @@ def test_same_hyperparameters_as_the_converter(converted_tiny, synthetic_like_co
         a = field.contents()
         b = synthetic_like_converted.fields[key].contents()
         if isinstance(a, list) or isinstance(a, float):
-            np.testing.assert_allclose(np.asarray(b, dtype=np.float64), np.asarray(a, dtype=np.float64),
-                                       rtol=1e-6, err_msg=key)
+            np.testing.assert_allclose(
+                np.asarray(b, dtype=np.float64), np.asarray(a, dtype=np.float64), rtol=1e-6, err_msg=key
+            )
         else:
             assert b == a, key
     # and the tokenizer keys the runtime needs are all present
-    for key in (K.TOKENIZER_MODEL, K.TOKENIZER_PRE, K.TOKENIZER_TOKENS, K.TOKENIZER_TOKEN_TYPE,
-                K.TOKENIZER_MERGES, K.TOKENIZER_BOS_ID, K.TOKENIZER_EOS_ID, K.TOKENIZER_CHAT_TEMPLATE):
+    for key in (
+        K.TOKENIZER_MODEL,
+        K.TOKENIZER_PRE,
+        K.TOKENIZER_TOKENS,
+        K.TOKENIZER_TOKEN_TYPE,
+        K.TOKENIZER_MERGES,
+        K.TOKENIZER_BOS_ID,
+        K.TOKENIZER_EOS_ID,
+        K.TOKENIZER_CHAT_TEMPLATE,
+    ):
         assert key in synthetic_like_converted.fields, key
 
 
@@ -93,9 +103,17 @@ def test_real_11b_vocabulary_layout():
 
     tokens, types, merges, ids = _vocab(CONFIGS["11b"])
     assert len(tokens) == 128257 and len(set(tokens)) == len(tokens)
-    assert ids == {"<|begin_of_text|>": 128000, "<|end_of_text|>": 128001, "<|finetune_right_pad_id|>": 128004,
-                   "<|start_header_id|>": 128006, "<|end_header_id|>": 128007, "<|eom_id|>": 128008,
-                   "<|eot_id|>": 128009, "<|python_tag|>": 128010, "<|image|>": 128256}
+    assert ids == {
+        "<|begin_of_text|>": 128000,
+        "<|end_of_text|>": 128001,
+        "<|finetune_right_pad_id|>": 128004,
+        "<|start_header_id|>": 128006,
+        "<|end_header_id|>": 128007,
+        "<|eom_id|>": 128008,
+        "<|eot_id|>": 128009,
+        "<|python_tag|>": 128010,
+        "<|image|>": 128256,
+    }
     assert tokens[128005] == "<|reserved_special_token_2|>" and tokens[128011] == "<|reserved_special_token_3|>"
     assert types[127999] == gguf.TokenType.NORMAL and types[128000] == gguf.TokenType.CONTROL
     # every merge joins two existing tokens into an existing token

@@ -1,5 +1,6 @@
 """Tokenizer: HF dir -> GGUF metadata (convert/tokenizer.py) -> rebuilt tokenizer (mllama_q/tokenizer.py)
 must give the ids of transformers' tokenizer for the real Llama 3 vocabulary."""
+
 from __future__ import annotations
 
 import json
@@ -27,14 +28,14 @@ CORPUS = [
     "हिन्दी में वाक्य। ไทย ภาษาไทย",
     "Emoji 😀🎉👩‍👩‍👧‍👦 🇫🇷 ❤️ 🤖 and symbols ∑∫√∞ ≠ ≤ ≥ → ← ✓",
     "def f(x):\n    return {'a': [1, 2, 3], \"b\": x ** 2}  # comment\n\nclass A:\n\tpass\n",
-    "SELECT * FROM t WHERE id=5; -- sql\n<html><body class=\"x\">&amp;</body></html>",
+    'SELECT * FROM t WHERE id=5; -- sql\n<html><body class="x">&amp;</body></html>',
     "URLs https://example.com/path?q=1&r=two#frag and e-mails a.b@c.org",
     "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n<|image|>Describe.<|eot_id|>",
     "<|image|><|image|>Two images then text<|eom_id|><|python_tag|>x<|finetune_right_pad_id|>",
     "text<|reserved_special_token_5|>more<|image|>",
-    "Unicode edge: \u00a0nbsp \u200bzwsp \ufeffbom e\u0301 combining, \U0001F600\U0001F600",
+    "Unicode edge: \u00a0nbsp \u200bzwsp \ufeffbom e\u0301 combining, \U0001f600\U0001f600",
     "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
-    "!!!???...,,,;;;:::''\"\"\"```~~~^^^",
+    '!!!???...,,,;;;:::\'\'"""```~~~^^^',
     "MiXeD CaSe WoRdS and CamelCaseIdentifiers snake_case_names kebab-case-names",
 ]
 
@@ -108,7 +109,8 @@ def test_decode_round_trip(tok, hf_tok):
         assert tok.decode(ids) == text
         assert tok.decode(ids) == hf_tok.decode(ids, clean_up_tokenization_spaces=False)
         assert tok.decode(ids, skip_special_tokens=True) == hf_tok.decode(
-            ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+            ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
+        )
 
 
 def test_stream_decoder_is_valid_utf8_and_complete(tok):
@@ -157,14 +159,29 @@ def test_bad_inputs(tok, tmp_path):
 CONVERSATIONS = [
     [{"role": "user", "content": "Hello there"}],
     [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in this image?"}]}],
-    [{"role": "system", "content": "You are terse."},
-     {"role": "user", "content": [{"type": "text", "text": "Compare "}, {"type": "image"},
-                                  {"type": "text", "text": " and "}, {"type": "image"}]}],
-    [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe."}]},
-     {"role": "assistant", "content": [{"type": "text", "text": "A dog on grass."}]},
-     {"role": "user", "content": "And its colour? ünïcødé 😀"}],
-    [{"role": "system", "content": "  Be nice.  "}, {"role": "user", "content": "Hi"},
-     {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"}],
+    [
+        {"role": "system", "content": "You are terse."},
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "Compare "},
+                {"type": "image"},
+                {"type": "text", "text": " and "},
+                {"type": "image"},
+            ],
+        },
+    ],
+    [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe."}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "A dog on grass."}]},
+        {"role": "user", "content": "And its colour? ünïcødé 😀"},
+    ],
+    [
+        {"role": "system", "content": "  Be nice.  "},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "Bye"},
+    ],
 ]
 
 
@@ -177,8 +194,9 @@ def test_chat_template_matches_apply_chat_template(tok, hf_tok, conv, gen):
     ours = chat.render(conv, add_generation_prompt=gen, date_string="26 Jul 2024")
     ref = hf_tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=gen, date_string="26 Jul 2024")
     assert ours == ref
-    ref_ids = hf_tok.apply_chat_template(conv, tokenize=True, add_generation_prompt=gen, date_string="26 Jul 2024",
-                                         return_dict=False)
+    ref_ids = hf_tok.apply_chat_template(
+        conv, tokenize=True, add_generation_prompt=gen, date_string="26 Jul 2024", return_dict=False
+    )
     assert tok.encode(ours, add_special_tokens=False) == list(ref_ids)
 
 
@@ -208,8 +226,12 @@ def test_chat_template_errors(tok):
     with pytest.raises(ValueError):
         chat.render([{"role": "user", "content": [{"type": "video"}]}])
     with pytest.raises(ChatTemplateError, match="single tool-calls"):
-        chat.render([{"role": "user", "content": "x"},
-                     {"role": "assistant", "tool_calls": [{"function": {"name": "a", "arguments": {}}}] * 2}])
+        chat.render(
+            [
+                {"role": "user", "content": "x"},
+                {"role": "assistant", "tool_calls": [{"function": {"name": "a", "arguments": {}}}] * 2},
+            ]
+        )
     with pytest.raises(ChatTemplateError, match="compile"):
         ChatTemplate("{% if %}", tok)
 

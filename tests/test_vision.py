@@ -6,6 +6,7 @@ computed by transformers in float64 on a tiny random checkpoint whose gates and
 zero-/one-initialised parameters are all randomised (transformers initialises the
 gates to zero, which would make the tile/position paths vanish from the output).
 """
+
 import gguf
 import numpy as np
 import pytest
@@ -38,8 +39,12 @@ def tiny(tiny_checkpoint, tiny_gguf, hf_model):
     """The tiny checkpoint, its float64 HF reference model and GGUFs from our converter."""
     ckpt = tiny_checkpoint(seed=5, dtype="float32", vision_config=VISION)
     files = {ftype: tiny_gguf(ckpt, ftype) for ftype in ("f32", "f16", "q8_0")}
-    return {"ckpt": ckpt, "model": hf_model(ckpt, dtype="float64"), "files": files,
-            "hf": lambda fresh=False, **kw: hf_model(ckpt, fresh=fresh, **{"dtype": "float64", **kw})}
+    return {
+        "ckpt": ckpt,
+        "model": hf_model(ckpt, dtype="float64"),
+        "files": files,
+        "hf": lambda fresh=False, **kw: hf_model(ckpt, fresh=fresh, **{"dtype": "float64", **kw}),
+    }
 
 
 def _field(r, key):
@@ -50,16 +55,26 @@ def _load(path, **over):
     """(tensors dict for _core.VisionEncoder, hparams dict) from a GGUF via gguf.GGUFReader
     (memory-mapped tensor data handed over without copying)."""
     r = gguf.GGUFReader(path)
-    tensors = {t.name: (t.data, int(t.tensor_type), tuple(int(x) for x in reversed(t.shape)))
-               for t in r.tensors if t.name.startswith(("v.", "mm."))}
-    hp = {"hidden_size": _field(r, K.V_EMBEDDING_LENGTH), "intermediate_size": _field(r, K.V_FEED_FORWARD_LENGTH),
-              "num_layers": _field(r, K.V_BLOCK_COUNT), "num_global_layers": _field(r, K.V_GLOBAL_BLOCK_COUNT),
-              "n_head": _field(r, K.V_HEAD_COUNT), "image_size": _field(r, K.V_IMAGE_SIZE),
-              "patch_size": _field(r, K.V_PATCH_SIZE), "num_channels": _field(r, K.V_NUM_CHANNELS),
-              "max_num_tiles": _field(r, K.V_MAX_NUM_TILES),
-              "max_aspect_ratio_id": len(_field(r, K.Q_V_ASPECT_RATIOS)) // 2, "norm_eps": _field(r, K.V_LN_EPS),
-              "intermediate_layers": list(_field(r, K.V_INTERMEDIATE_LAYERS)),
-              "out_dim": _field(r, K.Q_V_PROJECTION_DIM)}
+    tensors = {
+        t.name: (t.data, int(t.tensor_type), tuple(int(x) for x in reversed(t.shape)))
+        for t in r.tensors
+        if t.name.startswith(("v.", "mm."))
+    }
+    hp = {
+        "hidden_size": _field(r, K.V_EMBEDDING_LENGTH),
+        "intermediate_size": _field(r, K.V_FEED_FORWARD_LENGTH),
+        "num_layers": _field(r, K.V_BLOCK_COUNT),
+        "num_global_layers": _field(r, K.V_GLOBAL_BLOCK_COUNT),
+        "n_head": _field(r, K.V_HEAD_COUNT),
+        "image_size": _field(r, K.V_IMAGE_SIZE),
+        "patch_size": _field(r, K.V_PATCH_SIZE),
+        "num_channels": _field(r, K.V_NUM_CHANNELS),
+        "max_num_tiles": _field(r, K.V_MAX_NUM_TILES),
+        "max_aspect_ratio_id": len(_field(r, K.Q_V_ASPECT_RATIOS)) // 2,
+        "norm_eps": _field(r, K.V_LN_EPS),
+        "intermediate_layers": list(_field(r, K.V_INTERMEDIATE_LAYERS)),
+        "out_dim": _field(r, K.Q_V_PROJECTION_DIM),
+    }
     hp.update(over)
     return tensors, hp
 
@@ -88,9 +103,11 @@ def _reference(model, px, ids, mask):
     as MllamaModel.forward computes them) for one batch of len(ids) images."""
     dt = model.dtype
     with torch.no_grad():
-        vis = model.model.vision_model(pixel_values=torch.from_numpy(px)[None].to(dt),
-                                       aspect_ratio_ids=torch.from_numpy(ids)[None].long(),
-                                       aspect_ratio_mask=torch.from_numpy(mask)[None].long())
+        vis = model.model.vision_model(
+            pixel_values=torch.from_numpy(px)[None].to(dt),
+            aspect_ratio_ids=torch.from_numpy(ids)[None].long(),
+            aspect_ratio_mask=torch.from_numpy(mask)[None].long(),
+        )
         states = model.model.multi_modal_projector(vis.last_hidden_state)
     return states[0].numpy()  # [n_img, T, P, out_dim]
 
@@ -110,8 +127,14 @@ def _same_weights_model(tiny, path):
     model = tiny["hf"](fresh=True)  # modified below
     vm = model.model.vision_model
     heads = model.config.vision_config.attention_heads
-    hf_name = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-               "attn_output": "self_attn.o_proj", "ffn_up": "mlp.fc1", "ffn_down": "mlp.fc2"}
+    hf_name = {
+        "attn_q": "self_attn.q_proj",
+        "attn_k": "self_attn.k_proj",
+        "attn_v": "self_attn.v_proj",
+        "attn_output": "self_attn.o_proj",
+        "ffn_up": "mlp.fc1",
+        "ffn_down": "mlp.fc2",
+    }
     r = gguf.GGUFReader(path)
     with torch.no_grad():
         for t in r.tensors:
@@ -160,9 +183,11 @@ def test_tile_table_shapes(tiny, case):
     tensors, hp = _load(tiny["files"]["f32"])
     T, D = hp["max_num_tiles"], hp["hidden_size"]
     alt = dict(tensors)
-    for name, shape in (("v.tile_position_embd.weight", (-1, T, 17, D)),
-                        ("v.pre_tile_position_embd.weight", (-1, T, D)),
-                        ("v.post_tile_position_embd.weight", (-1, T, D))):
+    for name, shape in (
+        ("v.tile_position_embd.weight", (-1, T, 17, D)),
+        ("v.pre_tile_position_embd.weight", (-1, T, D)),
+        ("v.post_tile_position_embd.weight", (-1, T, D)),
+    ):
         a = tensors[name][0].reshape(shape)
         alt[name] = (a, GGML_F32, a.shape)
     out = _core.VisionEncoder(alt, hp).encode(case["px"], case["ids"], case["mask"])
@@ -184,11 +209,13 @@ def test_layer_input_convention(tiny, case):
     ref_installed = _reference(installed, case["px"], case["ids"], case["mask"])
     enc = _core.VisionEncoder(tensors, dict(hp, intermediate_at_layer_input=False))
     out = enc.encode(case["px"], case["ids"], case["mask"])
-    if _rel(ref_installed, case["ref"]) > 1e-2:   # transformers 5.x: outputs
+    if _rel(ref_installed, case["ref"]) > 1e-2:  # transformers 5.x: outputs
         assert _rel(out, ref_installed) < 1e-4
-    else:                                          # a transformers that collects inputs
-        enc = _core.VisionEncoder(tensors, dict(hp, intermediate_layers=[i + 1 for i in hp["intermediate_layers"]],
-                                                intermediate_at_layer_input=True))
+    else:  # a transformers that collects inputs
+        enc = _core.VisionEncoder(
+            tensors,
+            dict(hp, intermediate_layers=[i + 1 for i in hp["intermediate_layers"]], intermediate_at_layer_input=True),
+        )
         assert _rel(enc.encode(case["px"], case["ids"], case["mask"]), ref_installed) < 1e-4
     assert _rel(out, case["ref"]) > 1e-2
 
@@ -256,11 +283,22 @@ def test_chunked_sizes(tiny_checkpoint, tiny_gguf, hf_model):
     S = 4 x 296 = 1184 positions (MLP chunks of 1024 rows), projector chunks of
     256 of the 290 rows, and an image with 3 empty tiles has 6 + 3 x 296 = 894
     padding query rows (masked attention chunks of 512)."""
-    vc = {"image_size": 238, "hidden_size": 32, "intermediate_size": 64, "attention_heads": 2, "num_hidden_layers": 3,
-              "num_global_layers": 1, "intermediate_layers_indices": [1, 2], "initializer_range": 0.15}
-    ckpt = tiny_checkpoint(seed=9, dtype="float32", vision_config=vc,
-                           text_config={"hidden_size": 64, "intermediate_size": 64, "num_hidden_layers": 2,
-                                        "cross_attention_layers": [1]})
+    vc = {
+        "image_size": 238,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "attention_heads": 2,
+        "num_hidden_layers": 3,
+        "num_global_layers": 1,
+        "intermediate_layers_indices": [1, 2],
+        "initializer_range": 0.15,
+    }
+    ckpt = tiny_checkpoint(
+        seed=9,
+        dtype="float32",
+        vision_config=vc,
+        text_config={"hidden_size": 64, "intermediate_size": 64, "num_hidden_layers": 2, "cross_attention_layers": [1]},
+    )
     path = tiny_gguf(ckpt, "f32")
     model = hf_model(ckpt, dtype="float64")
     rng = np.random.default_rng(3)

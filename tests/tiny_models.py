@@ -32,6 +32,7 @@ sign; norm weights get 1 + U(-0.3, 0.3); biases and the embedding padding row ge
 Every option is a keyword; `text_config` / `vision_config` dicts override the defaults key
 by key (transformers' MllamaTextConfig / MllamaVisionConfig names). Test-only: imports torch.
 """
+
 from __future__ import annotations
 
 import copy
@@ -50,8 +51,14 @@ TEXT_DEFAULTS = dict(
     cross_attention_layers=[1, 3],
     rms_norm_eps=1e-5,
     max_position_embeddings=131072,
-    rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
-                         high_freq_factor=4.0, original_max_position_embeddings=8192),
+    rope_parameters=dict(
+        rope_type="llama3",
+        rope_theta=500000.0,
+        factor=8.0,
+        low_freq_factor=1.0,
+        high_freq_factor=4.0,
+        original_max_position_embeddings=8192,
+    ),
     tie_word_embeddings=False,
     hidden_act="silu",
     initializer_range=0.02,
@@ -77,17 +84,30 @@ VISION_DEFAULTS = dict(
 # Index 11 is Meta's <|image|> slot; HF's checkpoints keep it a reserved token and append
 # <|image|> after the whole vocabulary instead.
 SPECIAL_TOKENS = [
-    "<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
-    "<|finetune_right_pad_id|>", "<|reserved_special_token_2|>", "<|start_header_id|>", "<|end_header_id|>",
-    "<|eom_id|>", "<|eot_id|>", "<|python_tag|>", "<|reserved_special_token_3|>",
-    "<|reserved_special_token_4|>", "<|reserved_special_token_5|>", "<|reserved_special_token_6|>",
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|reserved_special_token_0|>",
+    "<|reserved_special_token_1|>",
+    "<|finetune_right_pad_id|>",
+    "<|reserved_special_token_2|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eom_id|>",
+    "<|eot_id|>",
+    "<|python_tag|>",
+    "<|reserved_special_token_3|>",
+    "<|reserved_special_token_4|>",
+    "<|reserved_special_token_5|>",
+    "<|reserved_special_token_6|>",
     "<|reserved_special_token_7|>",
 ]
 BOS, EOS, PAD, EOM, EOT = 0, 1, 4, 8, 9  # indices into SPECIAL_TOKENS
 
 # Llama 3's pre-tokenizer split pattern (tokenizer.json of the published checkpoints).
-LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 
 # The Llama 3.2 Vision chat format (llama_models/llama3_2/vision_prompt_format.md), compact.
 CHAT_TEMPLATE = (
@@ -131,13 +151,20 @@ def build_tiny_tokenizer(n_merges: int = 60):
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE(ignore_merges=True))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel(add_prefix_space=True, trim_offsets=True, use_regex=True)
-    trainer = trainers.BpeTrainer(vocab_size=256 + n_merges, min_frequency=1, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[])
+    trainer = trainers.BpeTrainer(
+        vocab_size=256 + n_merges,
+        min_frequency=1,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=[],
+    )
     tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
     return tok, tok.get_vocab_size()
 
@@ -174,19 +201,27 @@ def _save_tokenizer(out_dir: Path, tokenizer_dir, chat_template_location: str):
         ids = {name: n_bpe + i for i, name in enumerate(SPECIAL_TOKENS)}
         bos = SPECIAL_TOKENS[BOS]
         tok.post_processor = processors.TemplateProcessing(
-            single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, ids[bos])])
+            single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, ids[bos])]
+        )
         assert tok.token_to_id("<|image|>") == vocab_size
         tok.save(str(out_dir / "tokenizer.json"))
         tc = {
             "tokenizer_class": "PreTrainedTokenizerFast",
-            "bos_token": SPECIAL_TOKENS[BOS], "eos_token": SPECIAL_TOKENS[EOT],
-            "pad_token": SPECIAL_TOKENS[PAD], "model_input_names": ["input_ids", "attention_mask"],
-            "clean_up_tokenization_spaces": True, "model_max_length": 131072,
+            "bos_token": SPECIAL_TOKENS[BOS],
+            "eos_token": SPECIAL_TOKENS[EOT],
+            "pad_token": SPECIAL_TOKENS[PAD],
+            "model_input_names": ["input_ids", "attention_mask"],
+            "clean_up_tokenization_spaces": True,
+            "model_max_length": 131072,
         }
         (out_dir / "tokenizer_config.json").write_text(json.dumps(tc, indent=2), encoding="utf-8")
-        (out_dir / "special_tokens_map.json").write_text(json.dumps(
-            {"bos_token": SPECIAL_TOKENS[BOS], "eos_token": SPECIAL_TOKENS[EOT], "pad_token": SPECIAL_TOKENS[PAD]},
-            indent=2), encoding="utf-8")
+        (out_dir / "special_tokens_map.json").write_text(
+            json.dumps(
+                {"bos_token": SPECIAL_TOKENS[BOS], "eos_token": SPECIAL_TOKENS[EOT], "pad_token": SPECIAL_TOKENS[PAD]},
+                indent=2,
+            ),
+            encoding="utf-8",
+        )
     _place_chat_template(out_dir, chat_template_location)
     return vocab_size, ids
 
@@ -228,11 +263,20 @@ def randomise_constant_init(model, seed: int) -> None:
                     p[pad].copy_(torch.randn(p.shape[1], generator=g) * 0.02)
 
 
-def make_tiny_checkpoint(out_dir, *, seed: int = 0, text_config: dict | None = None,
-                         vision_config: dict | None = None, dtype: str = "bfloat16",
-                         max_shard_size=None, rope_spelling: str = "rope_parameters",
-                         chat_template_location: str = "published", tokenizer_dir=None,
-                         generation: dict | None = None, preprocessor: dict | None = None) -> Path:
+def make_tiny_checkpoint(
+    out_dir,
+    *,
+    seed: int = 0,
+    text_config: dict | None = None,
+    vision_config: dict | None = None,
+    dtype: str = "bfloat16",
+    max_shard_size=None,
+    rope_spelling: str = "rope_parameters",
+    chat_template_location: str = "published",
+    tokenizer_dir=None,
+    generation: dict | None = None,
+    preprocessor: dict | None = None,
+) -> Path:
     """Build, randomise and save a tiny MllamaForConditionalGeneration; returns out_dir.
 
     seed:           torch seed for the weights and the randomised gates/norms/biases.
@@ -284,16 +328,29 @@ def make_tiny_checkpoint(out_dir, *, seed: int = 0, text_config: dict | None = N
         raise ValueError(f"rope_spelling {rope_spelling!r}")
     cfg_path.write_text(json.dumps(cj, indent=2), encoding="utf-8")
 
-    gen = {"bos_token_id": tc["bos_token_id"], "eos_token_id": tc["eos_token_id"], "pad_token_id": tc["pad_token_id"],
-           "do_sample": True, "temperature": 0.6, "top_p": 0.9}
+    gen = {
+        "bos_token_id": tc["bos_token_id"],
+        "eos_token_id": tc["eos_token_id"],
+        "pad_token_id": tc["pad_token_id"],
+        "do_sample": True,
+        "temperature": 0.6,
+        "top_p": 0.9,
+    }
     gen.update(generation or {})
     (out_dir / "generation_config.json").write_text(json.dumps(gen, indent=2), encoding="utf-8")
     pre = {
-        "image_processor_type": "MllamaImageProcessor", "do_convert_rgb": True, "do_resize": True,
-        "size": {"height": vc["image_size"], "width": vc["image_size"]}, "resample": 2, "do_rescale": True,
-        "rescale_factor": 1 / 255, "do_normalize": True,
-        "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
-        "do_pad": True, "max_image_tiles": vc["max_num_tiles"],
+        "image_processor_type": "MllamaImageProcessor",
+        "do_convert_rgb": True,
+        "do_resize": True,
+        "size": {"height": vc["image_size"], "width": vc["image_size"]},
+        "resample": 2,
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "do_pad": True,
+        "max_image_tiles": vc["max_num_tiles"],
     }
     pre.update(preprocessor or {})
     (out_dir / "preprocessor_config.json").write_text(json.dumps(pre, indent=2), encoding="utf-8")
@@ -317,14 +374,15 @@ def load_hf_model(ckpt_dir, dtype: str = "float32", intermediate: str = "layer_i
     import torch
     from transformers import MllamaForConditionalGeneration
 
-    model = MllamaForConditionalGeneration.from_pretrained(
-        ckpt_dir, dtype=getattr(torch, dtype)).eval()
+    model = MllamaForConditionalGeneration.from_pretrained(ckpt_dir, dtype=getattr(torch, dtype)).eval()
     if intermediate == "layer_input" and _hf_collects_layer_outputs(model):
         vm = model.model.vision_model
         idx = list(vm.intermediate_layers_indices)
         if min(idx) < 1:
-            raise ValueError("intermediate_layers_indices must be >= 1 for a layer-input reference "
-                             f"on this transformers version, got {idx}")
+            raise ValueError(
+                "intermediate_layers_indices must be >= 1 for a layer-input reference "
+                f"on this transformers version, got {idx}"
+            )
         vm.intermediate_layers_indices = [i - 1 for i in idx]
     elif intermediate not in ("layer_input", "installed"):
         raise ValueError(f"intermediate must be 'layer_input' or 'installed', got {intermediate!r}")
@@ -356,5 +414,14 @@ def read_hf_state(ckpt_dir) -> dict:
     return out
 
 
-__all__ = ["make_tiny_checkpoint", "load_hf_model", "read_hf_state", "randomise_constant_init",
-           "build_tiny_tokenizer", "TEXT_DEFAULTS", "VISION_DEFAULTS", "SPECIAL_TOKENS", "CHAT_TEMPLATE"]
+__all__ = [
+    "make_tiny_checkpoint",
+    "load_hf_model",
+    "read_hf_state",
+    "randomise_constant_init",
+    "build_tiny_tokenizer",
+    "TEXT_DEFAULTS",
+    "VISION_DEFAULTS",
+    "SPECIAL_TOKENS",
+    "CHAT_TEMPLATE",
+]

@@ -26,6 +26,7 @@ llama_cpp package importable by this Python (the golden data came from
 llama-cpp-python 0.3.36 built from source with GGML_NATIVE=OFF). It is never a
 dependency of mllama-q.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,7 +44,7 @@ GOLDEN_PATH = ROOT / "tests" / "data" / "ggml_golden.npz"
 GOLDEN_SEED = 20261122
 # random rows per type (plus all adversarial rows); f16/bf16 rows are 512 bytes each
 GOLDEN_RANDOM_ROWS = {"q8_0": 1000, "q4_k": 1000, "q6_k": 1000, "f16": 300, "bf16": 300, "q8_k": 300}
-COLS = 256                     # values per row: one K-quant super-block, 8 q8_0 blocks
+COLS = 256  # values per row: one K-quant super-block, 8 q8_0 blocks
 
 # ggml's enum ggml_type ids (ggml.h), which GGUF stores on disk.
 GGML_TYPE_ID = {"f16": 1, "q8_0": 8, "q4_k": 12, "q6_k": 14, "q8_k": 15, "bf16": 30}
@@ -109,10 +110,10 @@ def adversarial_rows(qtype: str) -> list[tuple[str, np.ndarray]]:
     add("ramp 0..255", i)
     add("ramp -255..0", -i)
     # Ties: values exactly halfway between quantization levels.
-    add("half-integers, max 127", np.where(i == 0, 127.0, (i % 64) - 31.5))      # q8_0: d = 1 exactly
+    add("half-integers, max 127", np.where(i == 0, 127.0, (i % 64) - 31.5))  # q8_0: d = 1 exactly
     add("half-integers, max -127", np.where(i == 5, -127.0, 0.5 - (i % 50)))
-    add("half-integers 0..15.5", (i % 32) * 0.5)                                   # q4_K grid ties
-    add("half-integers -32..31.5", (i % 128) * 0.5 - 32.0)                         # q6_K grid ties
+    add("half-integers 0..15.5", (i % 32) * 0.5)  # q4_K grid ties
+    add("half-integers -32..31.5", (i % 128) * 0.5 - 32.0)  # q6_K grid ties
     add("quarter grid", (i % 17) * 0.25 - 2.0)
     add("two levels", np.where(i % 3 == 0, 2.0, 1.0))
     add("two levels negative", np.where(i % 3 == 0, -2.0, -1.0))
@@ -128,8 +129,8 @@ def adversarial_rows(qtype: str) -> list[tuple[str, np.ndarray]]:
     for s in (1e-30, 1e-38, 1e-40, 1e-44):
         add(f"tiny {s:g}", s * sign * frac)
     add("huge among tiny", np.where(i == 77, 1e30, 1e-30 * sign * frac))
-    add("tiny with zeros", np.where(i % 2 == 0, 0.0, 1e-38 * sign * frac))   # q8_0: 0 * (id = inf) = NaN
-    for s in (3.6e-37, 3.8e-37):                                            # q8_0: id = 1/d near float max
+    add("tiny with zeros", np.where(i % 2 == 0, 0.0, 1e-38 * sign * frac))  # q8_0: 0 * (id = inf) = NaN
+    for s in (3.6e-37, 3.8e-37):  # q8_0: id = 1/d near float max
         add(f"near id overflow {s:g}", np.where(i % 32 == 0, s, s * sign * frac))
     add("tiny among ones", np.where(i % 9 == 0, 1e-30, sign * frac))
     # Scale fields at the edges of fp16: d overflows (inf) or becomes subnormal / 0.
@@ -149,13 +150,43 @@ def f16_special_rows() -> list[tuple[str, np.ndarray]]:
     """f16 / bf16 conversion edge cases (inf, nan, overflow, subnormals, ties)."""
     u32 = lambda a: np.asarray(a, dtype=np.uint32).view(np.float32)  # noqa: E731
     specials = [
-        0.0, -0.0, np.inf, -np.inf, 1.0, -1.0,
-        65504.0, -65504.0, 65519.99, 65520.0, -65520.0, 1e5, 3e38, -3e38,
-        2.0**-14, 2.0**-24, 2.0**-25, 3 * 2.0**-26, 2.0**-25 + 2.0**-40, 3 * 2.0**-25, 5 * 2.0**-25,
-        2.0**-14 - 2.0**-25, 6.1e-5, 1e-8, 1e-40, 1e-45, -1e-45,
-        1 + 2.0**-11, 1 + 3 * 2.0**-11, 1 + 2.0**-11 + 2.0**-23, -(1 + 2.0**-11),   # f16 ties
-        1 + 2.0**-8, 1 + 3 * 2.0**-8, 1 + 2.0**-8 + 2.0**-23, -(1 + 3 * 2.0**-8),     # bf16 ties
-        float(np.finfo(np.float32).max), float(np.finfo(np.float32).tiny),
+        0.0,
+        -0.0,
+        np.inf,
+        -np.inf,
+        1.0,
+        -1.0,
+        65504.0,
+        -65504.0,
+        65519.99,
+        65520.0,
+        -65520.0,
+        1e5,
+        3e38,
+        -3e38,
+        2.0**-14,
+        2.0**-24,
+        2.0**-25,
+        3 * 2.0**-26,
+        2.0**-25 + 2.0**-40,
+        3 * 2.0**-25,
+        5 * 2.0**-25,
+        2.0**-14 - 2.0**-25,
+        6.1e-5,
+        1e-8,
+        1e-40,
+        1e-45,
+        -1e-45,
+        1 + 2.0**-11,
+        1 + 3 * 2.0**-11,
+        1 + 2.0**-11 + 2.0**-23,
+        -(1 + 2.0**-11),  # f16 ties
+        1 + 2.0**-8,
+        1 + 3 * 2.0**-8,
+        1 + 2.0**-8 + 2.0**-23,
+        -(1 + 3 * 2.0**-8),  # bf16 ties
+        float(np.finfo(np.float32).max),
+        float(np.finfo(np.float32).tiny),
     ]
     nan_bits = [0x7FC00000, 0xFFC00000, 0x7F800001, 0xFF800001, 0x7FBFFFFF, 0x7FC0FFFF, 0x7F80FFFF, 0x7FFFFFFF]
     bf16_edge = [0x7F7F8000, 0x7F7FFFFF, 0x3F808000, 0x3F818000, 0x00008000, 0x80018000]
@@ -200,7 +231,7 @@ def random_rows(qtype: str, seed: int, count: int) -> list[tuple[str, np.ndarray
             g = np.where(st.uniform(COLS) < 0.9, 0.0, g)
         elif fam == "offset":
             g = g + 3.0
-        elif fam == "grid":   # multiples of 1/4: many rounding ties
+        elif fam == "grid":  # multiples of 1/4: many rounding ties
             g = st.ints(COLS, -64, 64) * 0.25
         elif fam == "subblock-scales":
             g = g * (2.0 ** -st.ints(COLS // 16, 0, 12).astype(np.float64)).repeat(16)
@@ -233,8 +264,9 @@ def find_ggml_lib(path: str | None = None) -> str:
     for c in cands:
         if c and os.path.exists(c):
             return c
-    raise FileNotFoundError("libggml-base.so not found: pass --lib, set MLLAMA_Q_GGML_LIB, or install "
-                            "llama-cpp-python into this Python")
+    raise FileNotFoundError(
+        "libggml-base.so not found: pass --lib, set MLLAMA_Q_GGML_LIB, or install llama-cpp-python into this Python"
+    )
 
 
 class Ggml:
@@ -245,8 +277,15 @@ class Ggml:
         self.lib = ctypes.CDLL(self.path)
         f = self.lib.ggml_quantize_chunk
         f.restype = ctypes.c_size_t
-        f.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
-                      ctypes.c_int64, ctypes.c_void_p]
+        f.argtypes = [
+            ctypes.c_int,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.c_int64,
+            ctypes.c_int64,
+            ctypes.c_int64,
+            ctypes.c_void_p,
+        ]
         self.lib.ggml_row_size.restype = ctypes.c_size_t
         self.lib.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
         # ggml_quantize_chunk has no Q8_K case: call its reference quantizer directly.

@@ -46,11 +46,11 @@ public:
     virtual std::string name() const = 0;
 
     // ---- memory ---------------------------------------------------------
-    virtual void* alloc(size_t bytes) = 0;                 // throws on out-of-memory
+    virtual void* alloc(size_t bytes) = 0;  // throws on out-of-memory
     virtual void free(void* p) = 0;
     virtual void to_device(void* dst, const void* src_host, size_t bytes) = 0;
     virtual void to_host(void* dst_host, const void* src, size_t bytes) = 0;
-    virtual void copy(void* dst, const void* src, size_t bytes) = 0;   // backend -> backend
+    virtual void copy(void* dst, const void* src, size_t bytes) = 0;  // backend -> backend
     // Make a host GGUF buffer usable by the kernels. CPU: zero-copy (returns a
     // view of `host`, which must outlive the Weight). CUDA: copied once to VRAM.
     virtual Weight upload(const void* host, DType type, int64_t rows, int64_t cols) = 0;
@@ -59,8 +59,8 @@ public:
     // ---- linear algebra -------------------------------------------------
     // y[M, N] = x[M, K] · Wᵀ (+ bias[N] when bias != nullptr), K = w.cols, N = w.rows.
     // ldx / ldy: row strides in floats.
-    virtual void matmul(const float* x, int64_t M, int64_t ldx, const Weight& w, const float* bias,
-                        float* y, int64_t ldy) = 0;
+    virtual void matmul(const float* x, int64_t M, int64_t ldx, const Weight& w, const float* bias, float* y,
+                        int64_t ldy) = 0;
     // out[i, :] = row ids[i] of `table`, converted to float32. out: [n, table.cols].
     //   ids: backend int32 [n], each in [0, table.rows) (the caller checks them
     //   before the upload: a device backend cannot). A float32 activation
@@ -72,19 +72,18 @@ public:
     // y[r, :] = x[r, :] / sqrt(mean(x[r, :]^2) + eps) * w          x, y: [rows, cols]; w: [cols]
     virtual void rms_norm(const float* x, const float* w, float* y, int64_t rows, int64_t cols, float eps) = 0;
     // y[r, :] = (x - mean) / sqrt(var + eps) * w + b               (biased variance, as torch)
-    virtual void layer_norm(const float* x, const float* w, const float* b, float* y, int64_t rows,
-                            int64_t cols, float eps) = 0;
-    virtual void add(float* y, const float* x, int64_t n) = 0;                 // y += x
-    virtual void add_scaled(float* y, const float* x, float s, int64_t n) = 0;  // y += s * x
+    virtual void layer_norm(const float* x, const float* w, const float* b, float* y, int64_t rows, int64_t cols,
+                            float eps) = 0;
+    virtual void add(float* y, const float* x, int64_t n) = 0;                             // y += x
+    virtual void add_scaled(float* y, const float* x, float s, int64_t n) = 0;             // y += s * x
     virtual void silu_mul(const float* gate, const float* up, float* out, int64_t n) = 0;  // out = silu(gate) * up
-    virtual void gelu(float* x, int64_t n) = 0;                                // exact (erf) GELU, in place
+    virtual void gelu(float* x, int64_t n) = 0;                                            // exact (erf) GELU, in place
     // Rotary embedding in llama.cpp's interleaved-pair layout (the converter
     // permutes HF's rotate-half Q/K rows into it): for each token t, head h and
     // pair i < head_dim/2, rotate (x[2i], x[2i+1]) by angle pos[t] * inv_freq[i].
     //   x: [n_tok, n_head, head_dim] in place; pos: backend int32 [n_tok];
     //   inv_freq: backend f32 [head_dim / 2]
-    virtual void rope(float* x, int64_t n_tok, int n_head, int head_dim, const int32_t* pos,
-                      const float* inv_freq) = 0;
+    virtual void rope(float* x, int64_t n_tok, int n_head, int head_dim, const int32_t* pos, const float* inv_freq) = 0;
 
     // ---- attention ------------------------------------------------------
     // out[i, h, :] = softmax_j(scale * q[i, h, :] · k[j, g, :] + mask[i, j]) · v[j, g, :]
@@ -96,9 +95,9 @@ public:
     //   causal: key j is visible to query i only when j <= i + q_offset
     //   out:  [nq, n_head, hd] float32
     // A row whose keys are all masked (-inf) yields zeros, never NaN.
-    virtual void attention(const float* q, const void* k, const void* v, DType kv_type, int64_t kv_stride,
-                           float* out, int64_t nq, int64_t nk, int n_head, int n_kv_head, int hd, float scale,
-                           const float* mask, int64_t ld_mask, bool causal, int64_t q_offset) = 0;
+    virtual void attention(const float* q, const void* k, const void* v, DType kv_type, int64_t kv_stride, float* out,
+                           int64_t nq, int64_t nk, int n_head, int n_kv_head, int hd, float scale, const float* mask,
+                           int64_t ld_mask, bool causal, int64_t q_offset) = 0;
     // Several independent attentions in one call (the rows of a batched
     // decoder step, each sequence with its own KV cache or image keys):
     // segment s computes, for its query rows i < n_q (rows q_row + i of q and
@@ -124,15 +123,15 @@ public:
         int32_t causal = 0;
         int32_t pad_ = 0;
     };
-    virtual void attention_segments(const float* q, float* out, const AttnSegment* segs_host,
-                                    const AttnSegment* segs, int n_segs, DType kv_type, int64_t kv_stride,
-                                    int n_head, int n_kv_head, int hd, float scale) = 0;
+    virtual void attention_segments(const float* q, float* out, const AttnSegment* segs_host, const AttnSegment* segs,
+                                    int n_segs, DType kv_type, int64_t kv_stride, int n_head, int n_kv_head, int hd,
+                                    float scale) = 0;
     // dst[r_j, :] = src[j, :] converted to dst_type (F32 or F16), for writing the KV cache,
     // with r_j = dst_rows[j] (backend int32 [n]; a step's cache rows slot * n_ctx + pos),
     // or r_j = j when dst_rows is nullptr.
     //   src: [n, width] float32; dst: rows of width values of dst_type, row stride dst_stride elements.
-    virtual void store_rows(const float* src, void* dst, DType dst_type, int64_t n, int64_t width,
-                            int64_t dst_stride, const int32_t* dst_rows) = 0;
+    virtual void store_rows(const float* src, void* dst, DType dst_type, int64_t n, int64_t width, int64_t dst_stride,
+                            const int32_t* dst_rows) = 0;
     // dst[idx[j]] = src[j] for j < n (int32 scatter: a step's token ids into the
     // per-sequence token histories the sampler reads). All backend memory.
     virtual void scatter_i32(const int32_t* src, int32_t* dst, const int32_t* idx, int64_t n) = 0;

@@ -103,9 +103,11 @@ public:
         uint64_t t0 = prof::start();
         cpu::matmul(x, M, w.cols, ldx, w.data, w.type, w.rows, y, ldy, pool_);
         if (t0)
-            prof::record("matmul", std::string(type_info(w.type).name) + " " + std::to_string(w.rows) + "x" +
-                                       std::to_string(w.cols), t0, 2.0 * double(M) * w.rows * w.cols,
-                         double(M) * w.cols * 4 + double(w.rows) * row_size(w.type, w.cols) + double(M) * w.rows * 4);
+            prof::record(
+                "matmul",
+                std::string(type_info(w.type).name) + " " + std::to_string(w.rows) + "x" + std::to_string(w.cols), t0,
+                2.0 * double(M) * w.rows * w.cols,
+                double(M) * w.cols * 4 + double(w.rows) * row_size(w.type, w.cols) + double(M) * w.rows * 4);
         if (bias) {
             t0 = prof::start();
             pool_.parallel_for(M, [&](int64_t m, int) {
@@ -135,8 +137,9 @@ public:
                            static_cast<const uint8_t*>(table.data) + ids[i] * rs + c0 / ti.block_size * ti.type_size,
                            out + i * table.cols + c0, len);
         });
-        t.done("get_rows", [&] { return std::string(type_info(table.type).name) + " cols=" + str(table.cols); }, 0,
-               double(n) * (rs + 4.0 * table.cols));
+        t.done(
+            "get_rows", [&] { return std::string(type_info(table.type).name) + " cols=" + str(table.cols); }, 0,
+            double(n) * (rs + 4.0 * table.cols));
     }
 
     // ---- elementwise and normalisation ------------------------------------
@@ -175,12 +178,16 @@ public:
 
     void add(float* y, const float* x, int64_t n) override {
         Timed t;
-        for_chunks(n, [&](int64_t lo, int64_t hi) { for (int64_t i = lo; i < hi; i++) y[i] += x[i]; });
+        for_chunks(n, [&](int64_t lo, int64_t hi) {
+            for (int64_t i = lo; i < hi; i++) y[i] += x[i];
+        });
         t.done("add", [] { return std::string(); }, double(n), 12.0 * n);
     }
     void add_scaled(float* y, const float* x, float s, int64_t n) override {
         Timed t;
-        for_chunks(n, [&](int64_t lo, int64_t hi) { for (int64_t i = lo; i < hi; i++) y[i] += s * x[i]; });
+        for_chunks(n, [&](int64_t lo, int64_t hi) {
+            for (int64_t i = lo; i < hi; i++) y[i] += s * x[i];
+        });
         t.done("add_scaled", [] { return std::string(); }, 2.0 * n, 12.0 * n);
     }
     void silu_mul(const float* gate, const float* up, float* out, int64_t n) override {
@@ -197,8 +204,7 @@ public:
         t.done("gelu", [] { return std::string(); }, 0, 8.0 * n);
     }
 
-    void rope(float* x, int64_t n_tok, int n_head, int head_dim, const int32_t* pos,
-              const float* inv_freq) override {
+    void rope(float* x, int64_t n_tok, int n_head, int head_dim, const int32_t* pos, const float* inv_freq) override {
         if (head_dim % 2) throw std::invalid_argument("rope: head_dim must be even");
         const int half = head_dim / 2;
         Timed t;
@@ -220,8 +226,9 @@ public:
                 }
             }
         });
-        t.done("rope", [&] { return "heads=" + str(n_head) + " hd=" + str(head_dim); }, 0,
-               8.0 * n_tok * n_head * head_dim);
+        t.done(
+            "rope", [&] { return "heads=" + str(n_head) + " hd=" + str(head_dim); }, 0,
+            8.0 * n_tok * n_head * head_dim);
     }
 
     // ---- attention ------------------------------------------------------
@@ -232,26 +239,29 @@ public:
         attention_impl(q, k, v, kv_type, kv_stride, out, nq, nk, n_head, n_kv_head, hd, scale, mask, ld_mask, causal,
                        q_offset);
         // FLOP of the two products (q·k, p·v) over all nq x nk pairs (causal masking not subtracted)
-        t.done("attention",
-               [&] {
-                   return "heads=" + str(n_head) + "/" + str(n_kv_head) + " hd=" + str(hd) + (mask ? " masked" : "") +
-                          (causal ? " causal" : "");
-               },
-               4.0 * nq * nk * hd * n_head, 4.0 * (2.0 * nq * n_head * hd + 2.0 * nk * n_kv_head * hd));
+        t.done(
+            "attention",
+            [&] {
+                return "heads=" + str(n_head) + "/" + str(n_kv_head) + " hd=" + str(hd) + (mask ? " masked" : "") +
+                       (causal ? " causal" : "");
+            },
+            4.0 * nq * nk * hd * n_head, 4.0 * (2.0 * nq * n_head * hd + 2.0 * nk * n_kv_head * hd));
     }
 
     void attention_impl(const float* q, const void* k, const void* v, DType kv_type, int64_t kv_stride, float* out,
                         int64_t nq, int64_t nk, int n_head, int n_kv_head, int hd, float scale, const float* mask,
                         int64_t ld_mask, bool causal, int64_t q_offset) {
-        if (n_kv_head <= 0 || n_head % n_kv_head) throw std::invalid_argument("attention: n_head must be a multiple of n_kv_head");
-        if (kv_type != DType::F32 && kv_type != DType::F16) throw std::invalid_argument("attention: KV type must be f32 or f16");
+        if (n_kv_head <= 0 || n_head % n_kv_head)
+            throw std::invalid_argument("attention: n_head must be a multiple of n_kv_head");
+        if (kv_type != DType::F32 && kv_type != DType::F16)
+            throw std::invalid_argument("attention: KV type must be f32 or f16");
         if (nq <= 0) return;
         // Decode (a few queries): read the KV cache in place, no conversion
         // buffers (csrc/cpu/attention.h). MLLAMA_Q_ATTN_DIRECT=0 forces the
         // flash kernel below (for benchmarks comparing the two).
         if (cpu::attention_direct_supported(nq, n_head, n_kv_head, hd) && direct_enabled()) {
-            cpu::attention_direct(q, k, v, kv_type, kv_stride, out, nq, nk, n_head, n_kv_head, hd, scale, mask,
-                                  ld_mask, causal, q_offset, pool_);
+            cpu::attention_direct(q, k, v, kv_type, kv_stride, out, nq, nk, n_head, n_kv_head, hd, scale, mask, ld_mask,
+                                  causal, q_offset, pool_);
             return;
         }
         // Many queries: the fused flash kernel (csrc/cpu/attention_flash.h).
@@ -259,7 +269,7 @@ public:
                              causal, q_offset, pool_);
     }
 
-    static bool direct_enabled() { return env::cpu_attn_direct(); }   // read at every call (benchmarks flip it)
+    static bool direct_enabled() { return env::cpu_attn_direct(); }  // read at every call (benchmarks flip it)
 
     void store_rows(const float* src, void* dst, DType dst_type, int64_t n, int64_t width, int64_t dst_stride,
                     const int32_t* dst_rows) override {
@@ -274,11 +284,11 @@ public:
             const int64_t r = dst_rows ? dst_rows[j] : j;
             if (dst_type == DType::F32)
                 std::memcpy(static_cast<float*>(dst) + r * dst_stride, src + j * width, width * sizeof(float));
-            else
-                quantize_row_f16(src + j * width, static_cast<uint16_t*>(dst) + r * dst_stride, width);
+            else quantize_row_f16(src + j * width, static_cast<uint16_t*>(dst) + r * dst_stride, width);
         });
-        t.done("store_rows", [&] { return std::string(type_info(dst_type).name); }, 0,
-               double(n) * width * (4 + type_info(dst_type).type_size));
+        t.done(
+            "store_rows", [&] { return std::string(type_info(dst_type).name); }, 0,
+            double(n) * width * (4 + type_info(dst_type).type_size));
     }
 
     void scatter_i32(const int32_t* src, int32_t* dst, const int32_t* idx, int64_t n) override {
@@ -289,8 +299,7 @@ public:
     }
 
     void attention_segments(const float* q, float* out, const AttnSegment* segs_host, const AttnSegment*, int n_segs,
-                            DType kv_type, int64_t kv_stride, int n_head, int n_kv_head, int hd,
-                            float scale) override {
+                            DType kv_type, int64_t kv_stride, int n_head, int n_kv_head, int hd, float scale) override {
         // Always the direct kernel: its result per row does not depend on the
         // call's shape (csrc/cpu/attention.h), which the flash kernel's does.
         for (int s = 0; s < n_segs; s++) {
@@ -298,8 +307,8 @@ public:
             if (g.n_q <= 0) continue;
             if (g.n_k < 0 || g.q_row < 0) throw std::invalid_argument("attention_segments: negative extent");
             const int64_t off = g.q_row * n_head * hd;
-            cpu::attention_direct(q + off, g.k, g.v, kv_type, kv_stride, out + off, g.n_q, g.n_k, n_head, n_kv_head,
-                                  hd, scale, nullptr, 0, g.causal != 0, g.q_offset, pool_);
+            cpu::attention_direct(q + off, g.k, g.v, kv_type, kv_stride, out + off, g.n_q, g.n_k, n_head, n_kv_head, hd,
+                                  scale, nullptr, 0, g.causal != 0, g.q_offset, pool_);
         }
     }
 
@@ -317,7 +326,7 @@ public:
 
 private:
     ThreadPool& pool_;
-    std::vector<cpu::SampleScratch> scratch_;   // one per pool thread
+    std::vector<cpu::SampleScratch> scratch_;  // one per pool thread
 };
 
 }  // namespace

@@ -117,7 +117,8 @@ public:
 
     py::array_t<float> layer_norm(py::array x, py::array w, py::array b, float eps) {
         auto xf = f32_array(x, "x"), wf = f32_array(w, "w"), bf = f32_array(b, "b");
-        require(xf.ndim() == 2 && wf.size() == xf.shape(1) && bf.size() == xf.shape(1), "x must be [rows, cols], w and b [cols]");
+        require(xf.ndim() == 2 && wf.size() == xf.shape(1) && bf.size() == xf.shape(1),
+                "x must be [rows, cols], w and b [cols]");
         auto dx = upload(xf), dw = upload(wf), dbb = upload(bf);
         DevBuf dy(be_.get(), std::max<size_t>(xf.nbytes(), 4));
         be_->layer_norm(dx->f(), dw->f(), dbb->f(), dy.f(), xf.shape(0), xf.shape(1), eps);
@@ -136,10 +137,16 @@ public:
             require(bf.size() == n, "a and b must have the same number of elements");
             dbb = upload(bf);
         }
-        if (op == "add") { require(bool(dbb), "add needs b"); be_->add(da->f(), dbb->f(), n); }
-        else if (op == "add_scaled") { require(bool(dbb), "add_scaled needs b"); be_->add_scaled(da->f(), dbb->f(), s, n); }
-        else if (op == "silu_mul") { require(bool(dbb), "silu_mul needs b"); be_->silu_mul(da->f(), dbb->f(), da->f(), n); }
-        else if (op == "gelu") be_->gelu(da->f(), n);
+        if (op == "add") {
+            require(bool(dbb), "add needs b");
+            be_->add(da->f(), dbb->f(), n);
+        } else if (op == "add_scaled") {
+            require(bool(dbb), "add_scaled needs b");
+            be_->add_scaled(da->f(), dbb->f(), s, n);
+        } else if (op == "silu_mul") {
+            require(bool(dbb), "silu_mul needs b");
+            be_->silu_mul(da->f(), dbb->f(), da->f(), n);
+        } else if (op == "gelu") be_->gelu(da->f(), n);
         else throw std::invalid_argument("unknown elementwise op " + op);
         return download(*da, shape);
     }
@@ -152,8 +159,7 @@ public:
         require(ff.size() * 2 == xf.shape(2), "inv_freq must have head_dim/2 entries");
         const int n_head = dim_int(xf, 1, "x n_head"), hd = dim_int(xf, 2, "x head_dim");
         auto dx = upload(xf), dpos = upload(p32), dinv = upload(ff);
-        if (xf.size() > 0)
-            be_->rope(dx->f(), xf.shape(0), n_head, hd, static_cast<const int32_t*>(dpos->p), dinv->f());
+        if (xf.size() > 0) be_->rope(dx->f(), xf.shape(0), n_head, hd, static_cast<const int32_t*>(dpos->p), dinv->f());
         return download(*dx, {xf.shape(0), xf.shape(1), xf.shape(2)});
     }
 
@@ -164,7 +170,8 @@ public:
         require(qf.ndim() == 3 && k.ndim() == 3 && v.ndim() == 3, "q, k, v must be 3-D");
         require_c_contiguous(k, "k");
         require_c_contiguous(v, "v");
-        require(k.itemsize() == v.itemsize() && (k.itemsize() == 4 || k.itemsize() == 2), "k and v must both be float32 or both float16");
+        require(k.itemsize() == v.itemsize() && (k.itemsize() == 4 || k.itemsize() == 2),
+                "k and v must both be float32 or both float16");
         const DType kvt = k.itemsize() == 4 ? DType::F32 : DType::F16;
         const int64_t nq = qf.shape(0), nk = k.shape(0);
         const int n_head = dim_int(qf, 1, "q n_head"), hd = dim_int(qf, 2, "q head_dim"),
@@ -219,9 +226,11 @@ public:
             require_c_contiguous(k, "k");
             require_c_contiguous(v, "v");
             require(k.ndim() == 3 && v.ndim() == 3 && k.shape(2) == hd && v.shape(0) == k.shape(0) &&
-                        v.shape(1) == k.shape(1) && v.shape(2) == hd, "k/v must be [n_k, n_kv_head, hd]");
+                        v.shape(1) == k.shape(1) && v.shape(2) == hd,
+                    "k/v must be [n_k, n_kv_head, hd]");
             require(k.itemsize() == v.itemsize() && (k.itemsize() == 4 || k.itemsize() == 2), "k/v must be f32 or f16");
-            require(n_kv < 0 || (n_kv == int(k.shape(1)) && esize == int(k.itemsize())), "segments must share K/V shape and type");
+            require(n_kv < 0 || (n_kv == int(k.shape(1)) && esize == int(k.itemsize())),
+                    "segments must share K/V shape and type");
             n_kv = int(k.shape(1));
             esize = int(k.itemsize());
             Backend::AttnSegment g;
@@ -239,7 +248,7 @@ public:
         }
         require(!segs.empty(), "no segments");
         DevBuf out(be_.get(), std::max<size_t>(qf.nbytes(), 4));
-        be_->copy(out.p, dq->p, qf.nbytes());   // rows no segment covers keep q (tests check they are untouched)
+        be_->copy(out.p, dq->p, qf.nbytes());  // rows no segment covers keep q (tests check they are untouched)
         {
             py::gil_scoped_release nogil;
             be_->attention_segments(dq->f(), out.f(), segs.data(), nullptr, int(segs.size()),
@@ -254,7 +263,8 @@ public:
         auto lf = f32_array(logits, "logits");
         require(lf.ndim() == 2, "logits must be [n_rows, vocab]");
         const int64_t n = lf.shape(0), V = lf.shape(1);
-        require(int64_t(histories.size()) == n && int64_t(params.size()) == n, "one history and one parameter set per row");
+        require(int64_t(histories.size()) == n && int64_t(params.size()) == n,
+                "one history and one parameter set per row");
         std::vector<int32_t> hist;
         std::vector<Backend::SampleParams> ps(static_cast<size_t>(n));
         for (int64_t r = 0; r < n; r++) {
@@ -266,7 +276,8 @@ public:
             Backend::check(ps[size_t(r)]);
         }
         auto dl = upload(lf);
-        DevBuf dh(be_.get(), std::max<size_t>(hist.size(), 1) * 4), dp(be_.get(), ps.size() * sizeof(Backend::SampleParams));
+        DevBuf dh(be_.get(), std::max<size_t>(hist.size(), 1) * 4),
+            dp(be_.get(), ps.size() * sizeof(Backend::SampleParams));
         DevBuf di(be_.get(), size_t(n) * 4);
         if (!hist.empty()) be_->to_device(dh.p, hist.data(), hist.size() * 4);
         be_->to_device(dp.p, ps.data(), ps.size() * sizeof(Backend::SampleParams));
@@ -302,7 +313,8 @@ void register_backend(py::module_& m) {
              py::arg("ids"))
         .def("rms_norm", &PyBackend::rms_norm, py::arg("x"), py::arg("w"), py::arg("eps"))
         .def("layer_norm", &PyBackend::layer_norm, py::arg("x"), py::arg("w"), py::arg("b"), py::arg("eps"))
-        .def("elementwise", &PyBackend::elementwise, py::arg("op"), py::arg("a"), py::arg("b") = py::none(), py::arg("s") = 0.0f)
+        .def("elementwise", &PyBackend::elementwise, py::arg("op"), py::arg("a"), py::arg("b") = py::none(),
+             py::arg("s") = 0.0f)
         .def("rope", &PyBackend::rope, py::arg("x"), py::arg("pos"), py::arg("inv_freq"))
         .def("attention", &PyBackend::attention, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("scale"),
              py::arg("mask") = py::none(), py::arg("causal") = false, py::arg("q_offset") = 0)

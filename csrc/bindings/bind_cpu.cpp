@@ -6,14 +6,14 @@
 #include <ctime>
 #include <vector>
 
+#include "backend/backend.h"
 #include "bindings/array_check.h"
 #include "bindings/bindings.h"
-#include "backend/backend.h"
+#include "bindings/sample_params_py.h"
 #include "common/profile.h"
 #include "common/threadpool.h"
 #include "cpu/matmul.h"
 #include "cpu/sampling.h"
-#include "bindings/sample_params_py.h"
 
 namespace py = pybind11;
 
@@ -30,7 +30,7 @@ void register_cpu(py::module_& m) {
         require(x.shape(1) == k, "x has " + std::to_string(x.shape(1)) + " columns, expected K=" + std::to_string(k));
         const TypeInfo& ti = type_info_by_name(wtype.c_str());
         require(ti.weight, std::string(ti.name) + " is an activation format, not a weight type");
-        const size_t rs = row_size(ti.type, k);   // throws if k is not a multiple of the block
+        const size_t rs = row_size(ti.type, k);  // throws if k is not a multiple of the block
         const size_t expect = checked_bytes(n, rs, "w bytes");
         require(static_cast<size_t>(w.nbytes()) == expect,
                 "w has " + std::to_string(w.nbytes()) + " bytes, expected " + std::to_string(expect) +
@@ -99,11 +99,13 @@ void register_cpu(py::module_& m) {
             require_c_contiguous(q, "q");
             require_c_contiguous(k, "k");
             require_c_contiguous(v, "v");
-            require(k.itemsize() == v.itemsize() && (k.itemsize() == 4 || k.itemsize() == 2), "k and v must both be float32 or both float16");
+            require(k.itemsize() == v.itemsize() && (k.itemsize() == 4 || k.itemsize() == 2),
+                    "k and v must both be float32 or both float16");
             const int64_t nq = q.shape(0), nk = k.shape(0);
             const int n_head = dim_int(q, 1, "q n_head"), hd = dim_int(q, 2, "q head_dim"),
                       n_kv = dim_int(k, 1, "k n_kv_head");
-            require(k.shape(2) == hd && v.shape(0) == nk && v.shape(1) == n_kv && v.shape(2) == hd, "k/v shape mismatch");
+            require(k.shape(2) == hd && v.shape(0) == nk && v.shape(1) == n_kv && v.shape(2) == hd,
+                    "k/v shape mismatch");
             require(n_head > 0 && n_kv > 0 && hd > 0 && nk > 0 && n_head % n_kv == 0,
                     "need n_head, n_kv_head, head_dim and the key count > 0, n_head a multiple of n_kv_head");
             require(iters > 0, "iters must be positive");
@@ -115,7 +117,7 @@ void register_cpu(py::module_& m) {
                 be->attention(static_cast<const float*>(q.data()), k.data(), v.data(), kvt, int64_t(n_kv) * hd,
                               out.data(), nq, nk, n_head, n_kv, hd, scale, nullptr, 0, false, 0);
             };
-            call();   // warm-up
+            call();  // warm-up
             const auto t0 = std::chrono::steady_clock::now();
             for (int i = 0; i < iters; i++) call();
             return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / iters;
@@ -164,32 +166,39 @@ void register_cpu(py::module_& m) {
 
     // The CPU sampler's distribution (csrc/cpu/sampling.h), for the tests that
     // compare it with transformers' logits processors.
-    m.def("sample_probs",
-          [](py::array_t<float, py::array::c_style | py::array::forcecast> logits,
-             py::array_t<int32_t, py::array::c_style | py::array::forcecast> history, py::tuple params) {
-              require(logits.ndim() == 1 && logits.size() > 0, "logits must be a non-empty 1-D array");
-              Backend::SampleParams p = sample_params_from(params);
-              p.hist_begin = 0;
-              p.hist_len = int32_t(history.size());
-              Backend::check(p);
-              cpu::SampleScratch sc;
-              std::vector<int32_t> ids;
-              std::vector<float> probs;
-              cpu::sample_distribution(logits.data(), logits.size(), p, history.data(), sc, ids, probs);
-              py::array_t<float> out(logits.size());
-              std::fill(out.mutable_data(), out.mutable_data() + out.size(), 0.0f);
-              for (size_t i = 0; i < ids.size(); i++) out.mutable_data()[ids[i]] = probs[i];
-              return out;
-          },
-          py::arg("logits"), py::arg("history"), py::arg("params"),
-          "Sampling distribution f32 [V] of the CPU sampler; params (temperature, top_k, top_p, min_p, "
-          "repetition_penalty, u).");
+    m.def(
+        "sample_probs",
+        [](py::array_t<float, py::array::c_style | py::array::forcecast> logits,
+           py::array_t<int32_t, py::array::c_style | py::array::forcecast> history, py::tuple params) {
+            require(logits.ndim() == 1 && logits.size() > 0, "logits must be a non-empty 1-D array");
+            Backend::SampleParams p = sample_params_from(params);
+            p.hist_begin = 0;
+            p.hist_len = int32_t(history.size());
+            Backend::check(p);
+            cpu::SampleScratch sc;
+            std::vector<int32_t> ids;
+            std::vector<float> probs;
+            cpu::sample_distribution(logits.data(), logits.size(), p, history.data(), sc, ids, probs);
+            py::array_t<float> out(logits.size());
+            std::fill(out.mutable_data(), out.mutable_data() + out.size(), 0.0f);
+            for (size_t i = 0; i < ids.size(); i++) out.mutable_data()[ids[i]] = probs[i];
+            return out;
+        },
+        py::arg("logits"), py::arg("history"), py::arg("params"),
+        "Sampling distribution f32 [V] of the CPU sampler; params (temperature, top_k, top_p, min_p, "
+        "repetition_penalty, u).");
     m.def("cpu_features", [] {
         const auto& f = cpu::cpu_features();
         py::dict d;
-        d["avx2"] = f.avx2; d["fma"] = f.fma; d["f16c"] = f.f16c;
-        d["avx512f"] = f.avx512f; d["avx512bw"] = f.avx512bw; d["avx512vl"] = f.avx512vl;
-        d["avx512dq"] = f.avx512dq; d["avx512vnni"] = f.avx512vnni; d["avx512bf16"] = f.avx512bf16;
+        d["avx2"] = f.avx2;
+        d["fma"] = f.fma;
+        d["f16c"] = f.f16c;
+        d["avx512f"] = f.avx512f;
+        d["avx512bw"] = f.avx512bw;
+        d["avx512vl"] = f.avx512vl;
+        d["avx512dq"] = f.avx512dq;
+        d["avx512vnni"] = f.avx512vnni;
+        d["avx512bf16"] = f.avx512bf16;
         d["avxvnni"] = f.avxvnni;
         return d;
     });
@@ -198,7 +207,8 @@ void register_cpu(py::module_& m) {
     m.def(
         "profile_enable",
         [](bool on, const std::string& clock) {
-            require(clock == "wall" || clock == "thread_cpu", "clock must be 'wall' or 'thread_cpu', got '" + clock + "'");
+            require(clock == "wall" || clock == "thread_cpu",
+                    "clock must be 'wall' or 'thread_cpu', got '" + clock + "'");
             prof::set_clock(clock == "wall" ? prof::Clock::Wall : prof::Clock::ThreadCpu);
             prof::set_enabled(on);
         },

@@ -98,8 +98,8 @@ public:
         if (overflow) PyErr_Clear();
         if (!overflow && i < 0) i += static_cast<long long>(size());
         if (overflow || i < 0 || static_cast<uint64_t>(i) >= count_)
-            throw py::index_error("index " + py::str(index).cast<std::string>() + " out of range for " + key_ +
-                                  " (" + std::to_string(count_) + " strings)");
+            throw py::index_error("index " + py::str(index).cast<std::string>() + " out of range for " + key_ + " (" +
+                                  std::to_string(count_) + " strings)");
         return get(static_cast<size_t>(i));
     }
 
@@ -160,7 +160,8 @@ public:
                     const size_t sp = s.find(' ');
                     if (sp == std::string_view::npos)
                         throw FormatError(where(i) + ": merge " + std::string(s.substr(0, 80)) +
-                                          " has no space between its two parts (at byte " + std::to_string(offset(i)) + ")");
+                                          " has no space between its two parts (at byte " + std::to_string(offset(i)) +
+                                          ")");
                     o += '[';
                     checked_json(o, i, s.substr(0, sp));
                     o += ',';
@@ -290,9 +291,7 @@ void register_gguf(py::module_& m) {
             try {
                 mfe = py::module_::import("mllama_q.gguf_file").attr("ModelFileError");
                 cls = mfe.ptr();
-            } catch (py::error_already_set&) {
-                PyErr_Clear();
-            }
+            } catch (py::error_already_set&) { PyErr_Clear(); }
             PyErr_SetString(cls, e.what());
         }
     });
@@ -303,11 +302,14 @@ void register_gguf(py::module_& m) {
         .def("__getitem__", &StringArray::getitem)
         .def("__iter__", [](const StringArray& s) { return py::iter(s.tolist()); })
         .def("tolist", &StringArray::tolist, "Every string as a Python list.")
-        .def("raw", [](const StringArray& s, size_t i) {
-            if (i >= s.size()) throw py::index_error("string index out of range");
-            const auto b = s.raw(i);
-            return py::bytes(b.data(), b.size());
-        }, py::arg("i"), "The undecoded bytes of element i.")
+        .def(
+            "raw",
+            [](const StringArray& s, size_t i) {
+                if (i >= s.size()) throw py::index_error("string index out of range");
+                const auto b = s.raw(i);
+                return py::bytes(b.data(), b.size());
+            },
+            py::arg("i"), "The undecoded bytes of element i.")
         .def("json_list", &StringArray::json_list, "JSON list of the strings.")
         .def("json_vocab", &StringArray::json_vocab,
              "JSON object {string: index}; ModelFileError on a repeated string.")
@@ -321,75 +323,103 @@ void register_gguf(py::module_& m) {
         .def_property_readonly("alignment", [](const Reader& r) { return open_reader(r).f->alignment; })
         .def_property_readonly("data_offset", [](const Reader& r) { return open_reader(r).f->data_offset; })
         .def_property_readonly("size", [](const Reader& r) { return open_reader(r).f->map().size(); })
-        .def_property_readonly("buffer", [](const Reader& r) { return open_reader(r).buffer; },
-                               "Read-only uint8 array over the whole mapped file.")
-        .def("keys", [](const Reader& r) {
-            const File& f = *open_reader(r).f;
-            py::list out(f.kvs.size());
-            for (size_t i = 0; i < f.kvs.size(); i++) out[i] = decode(f.kvs[i].key, f.path() + ": key", f.kvs[i].offset);
-            return out;
-        }, "Metadata keys in file order.")
-        .def("kv_type", [](const Reader& r, size_t i) {
-            const File& f = *open_reader(r).f;
-            if (i >= f.kvs.size()) throw py::index_error("metadata index out of range");
-            return type_string(f, f.kvs[i].value);
-        }, py::arg("i"), "Type of metadata entry i: 'uint32', 'string', 'array[string]', 'array[array[int32]]', ...")
-        .def("kv_offset", [](const Reader& r, size_t i) {
-            const File& f = *open_reader(r).f;
-            if (i >= f.kvs.size()) throw py::index_error("metadata index out of range");
-            return f.kvs[i].offset;
-        }, py::arg("i"), "Byte offset of metadata entry i (its key's length field).")
-        .def("kv_value", [](const Reader& r, size_t i) {
-            const File& f = *open_reader(r).f;
-            if (i >= f.kvs.size()) throw py::index_error("metadata index out of range");
-            return to_py(r, f.kvs[i].value, std::string(f.kvs[i].key));
-        }, py::arg("i"), "Value of metadata entry i: int / float / bool / str, a read-only numpy view (numeric arrays), "
-           "a GGUFStringArray (string arrays) or a list (nested arrays).")
-        .def("tensors", [](const Reader& r) {
-            const File& f = *open_reader(r).f;
-            py::list out(f.tensors.size());
-            for (size_t i = 0; i < f.tensors.size(); i++) {
-                const TensorInfo& t = f.tensors[i];
-                py::tuple ne(t.n_dims);
-                for (uint32_t j = 0; j < t.n_dims; j++) ne[j] = py::int_(t.ne[j]);
-                out[i] = py::make_tuple(decode(t.name, f.path() + ": tensor name", t.info_offset), t.type, ne, t.offset,
-                                        t.nbytes, t.n_elements, t.info_offset);
+        .def_property_readonly(
+            "buffer", [](const Reader& r) { return open_reader(r).buffer; },
+            "Read-only uint8 array over the whole mapped file.")
+        .def(
+            "keys",
+            [](const Reader& r) {
+                const File& f = *open_reader(r).f;
+                py::list out(f.kvs.size());
+                for (size_t i = 0; i < f.kvs.size(); i++)
+                    out[i] = decode(f.kvs[i].key, f.path() + ": key", f.kvs[i].offset);
+                return out;
+            },
+            "Metadata keys in file order.")
+        .def(
+            "kv_type",
+            [](const Reader& r, size_t i) {
+                const File& f = *open_reader(r).f;
+                if (i >= f.kvs.size()) throw py::index_error("metadata index out of range");
+                return type_string(f, f.kvs[i].value);
+            },
+            py::arg("i"), "Type of metadata entry i: 'uint32', 'string', 'array[string]', 'array[array[int32]]', ...")
+        .def(
+            "kv_offset",
+            [](const Reader& r, size_t i) {
+                const File& f = *open_reader(r).f;
+                if (i >= f.kvs.size()) throw py::index_error("metadata index out of range");
+                return f.kvs[i].offset;
+            },
+            py::arg("i"), "Byte offset of metadata entry i (its key's length field).")
+        .def(
+            "kv_value",
+            [](const Reader& r, size_t i) {
+                const File& f = *open_reader(r).f;
+                if (i >= f.kvs.size()) throw py::index_error("metadata index out of range");
+                return to_py(r, f.kvs[i].value, std::string(f.kvs[i].key));
+            },
+            py::arg("i"),
+            "Value of metadata entry i: int / float / bool / str, a read-only numpy view (numeric arrays), "
+            "a GGUFStringArray (string arrays) or a list (nested arrays).")
+        .def(
+            "tensors",
+            [](const Reader& r) {
+                const File& f = *open_reader(r).f;
+                py::list out(f.tensors.size());
+                for (size_t i = 0; i < f.tensors.size(); i++) {
+                    const TensorInfo& t = f.tensors[i];
+                    py::tuple ne(t.n_dims);
+                    for (uint32_t j = 0; j < t.n_dims; j++) ne[j] = py::int_(t.ne[j]);
+                    out[i] = py::make_tuple(decode(t.name, f.path() + ": tensor name", t.info_offset), t.type, ne,
+                                            t.offset, t.nbytes, t.n_elements, t.info_offset);
+                }
+                return out;
+            },
+            "Tensor table in file order: (name, ggml_type, ne in GGUF order, absolute offset, nbytes, "
+            "n_elements, table entry offset).")
+        .def(
+            "close",
+            [](Reader& r) {
+                r.f.reset();
+                r.buffer = py::none();
+            },
+            "Drop this reader's reference to the mapping (arrays taken from it stay valid).");
+
+    m.def(
+        "gguf_open",
+        [](const std::string& path) {
+            std::shared_ptr<const File> f;
+            {
+                py::gil_scoped_release nogil;
+                f = File::parse(Mapping::open(path));
             }
+            Reader r;
+            r.f = f;
+            auto* keep = new std::shared_ptr<const Mapping>(f->map_ptr());
+            py::capsule owner(keep, [](void* p) { delete static_cast<std::shared_ptr<const Mapping>*>(p); });
+            py::array buf(py::dtype("uint8"), {static_cast<py::ssize_t>(f->map().size())}, {py::ssize_t(1)},
+                          f->map().data(), owner);
+            // PROT_READ pages: a write through the array would fault, so numpy must refuse it.
+            py::detail::array_proxy(buf.ptr())->flags &= ~py::detail::npy_api::NPY_ARRAY_WRITEABLE_;
+            r.buffer = buf;
+            return r;
+        },
+        py::arg("path"),
+        "Map and parse a GGUF file; raises mllama_q.gguf_file.ModelFileError naming the entry and byte "
+        "offset of the first problem.");
+
+    m.def(
+        "ggml_type_layouts",
+        [] {
+            py::dict out;
+            size_t n = 0;
+            const TypeLayout* t = all_type_layouts(&n);
+            for (size_t i = 0; i < n; i++)
+                out[py::int_(t[i].id)] = py::make_tuple(t[i].name, t[i].block_size, t[i].type_size);
             return out;
-        }, "Tensor table in file order: (name, ggml_type, ne in GGUF order, absolute offset, nbytes, "
-           "n_elements, table entry offset).")
-        .def("close", [](Reader& r) {
-            r.f.reset();
-            r.buffer = py::none();
-        }, "Drop this reader's reference to the mapping (arrays taken from it stay valid).");
-
-    m.def("gguf_open", [](const std::string& path) {
-        std::shared_ptr<const File> f;
-        {
-            py::gil_scoped_release nogil;
-            f = File::parse(Mapping::open(path));
-        }
-        Reader r;
-        r.f = f;
-        auto* keep = new std::shared_ptr<const Mapping>(f->map_ptr());
-        py::capsule owner(keep, [](void* p) { delete static_cast<std::shared_ptr<const Mapping>*>(p); });
-        py::array buf(py::dtype("uint8"), {static_cast<py::ssize_t>(f->map().size())}, {py::ssize_t(1)},
-                      f->map().data(), owner);
-        // PROT_READ pages: a write through the array would fault, so numpy must refuse it.
-        py::detail::array_proxy(buf.ptr())->flags &= ~py::detail::npy_api::NPY_ARRAY_WRITEABLE_;
-        r.buffer = buf;
-        return r;
-    }, py::arg("path"),
-       "Map and parse a GGUF file; raises mllama_q.gguf_file.ModelFileError naming the entry and byte "
-       "offset of the first problem.");
-
-    m.def("ggml_type_layouts", [] {
-        py::dict out;
-        size_t n = 0;
-        const TypeLayout* t = all_type_layouts(&n);
-        for (size_t i = 0; i < n; i++) out[py::int_(t[i].id)] = py::make_tuple(t[i].name, t[i].block_size, t[i].type_size);
-        return out;
-    }, "{ggml type id: (name, block size, bytes per block)} for every type a GGUF may carry.");
+        },
+        "{ggml type id: (name, block size, bytes per block)} for every type a GGUF may carry.");
 }
 
 }  // namespace mq::bind

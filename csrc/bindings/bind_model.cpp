@@ -29,8 +29,7 @@ std::unique_ptr<Backend> make_backend(const std::string& device) {
         int idx = -1;
         try {
             idx = std::stoi(device.substr(5));
-        } catch (const std::exception&) {
-        }
+        } catch (const std::exception&) {}
         if (idx < 0) throw std::invalid_argument("bad device '" + device + "' (expected 'cpu', 'cuda' or 'cuda:N')");
         return make_cuda_backend(idx);
     }
@@ -53,13 +52,13 @@ A squeeze_batch(A a, int ndim, const char* what) {
 // A handle to one image's cross-attention K/V (shared by every slot that
 // shows the image). Keeps the model (and so its backend) alive.
 struct PyImage {
-    py::object owner;              // declared first: destroyed after img (whose buffers the backend frees)
+    py::object owner;  // declared first: destroyed after img (whose buffers the backend frees)
     std::shared_ptr<ImageKV> img;
 };
 
 // A saved slot state (MllamaModel::seq_snapshot). Keeps the model alive.
 struct PySnapshot {
-    py::object owner;              // declared first: destroyed after snap
+    py::object owner;  // declared first: destroyed after snap
     std::shared_ptr<MllamaModel::Snapshot> snap;
 };
 
@@ -67,7 +66,7 @@ class PyMllamaModel;
 
 // An image being encoded, one unit (vision layer) per step().
 struct PyImageJob {
-    py::object owner;              // declared first: destroyed after job
+    py::object owner;  // declared first: destroyed after job
     std::unique_ptr<ImageJob> job;
     PyMllamaModel* model = nullptr;
     bool step();
@@ -119,7 +118,7 @@ public:
     PyImageJob begin_image(py::object self, py::array pixel_values, int aspect_ratio_id, py::array aspect_ratio_mask) {
         load_vision();
         require(vhp_.has_value(), "the model was loaded without its vision encoder (vision=False)");
-        F32 px = squeeze_batch(F32(pixel_values), 4, "pixel_values");   // [T, C, H, W]
+        F32 px = squeeze_batch(F32(pixel_values), 4, "pixel_values");  // [T, C, H, W]
         require(px.shape(0) > 0, "pixel_values holds no tile");
         require_finite(px.data(), px.size(), "pixel_values");
         require(aspect_ratio_id >= 0 && aspect_ratio_id <= vhp_->max_aspect_ratio_id,
@@ -294,7 +293,8 @@ PyImage PyImageJob::result() {
 
 void register_model(py::module_& m) {
     py::register_exception<StepAborted>(m, "StepAborted", PyExc_RuntimeError);
-    py::class_<PyImage>(m, "ImageKV", "Cross-attention K/V of one encoded image (shared by the sequences that show it).")
+    py::class_<PyImage>(m, "ImageKV",
+                        "Cross-attention K/V of one encoded image (shared by the sequences that show it).")
         .def_property_readonly("n_tiles", [](const PyImage& p) { return p.img->n_tiles; })
         .def_property_readonly("n_patches", [](const PyImage& p) { return p.img->n_patches; })
         .def_property_readonly("nbytes", [](const PyImage& p) { return p.img->kv.bytes; });
@@ -315,26 +315,31 @@ void register_model(py::module_& m) {
                       int>(),
              py::arg("tensors"), py::arg("text_hparams"), py::arg("vision_hparams") = py::none(),
              py::arg("device") = "cpu", py::arg("n_ctx") = 4096, py::arg("kv_type") = "f16", py::arg("n_seq") = 1)
-        .def("begin_image",
-             [](py::object self, py::array px, int ar_id, py::array ar_mask) {
-                 return self.cast<PyMllamaModel&>().begin_image(self, px, ar_id, ar_mask);
-             },
-             py::arg("pixel_values"), py::arg("aspect_ratio_id"), py::arg("aspect_ratio_mask"),
-             "Start encoding one image: pixel_values f32 [max_tiles, C, H, W], its aspect-ratio id, "
-             "aspect_ratio_mask [max_tiles]. Returns an ImageJob.")
-        .def("image_from_states",
-             [](py::object self, py::array states) { return self.cast<PyMllamaModel&>().image_from_states(self, states); },
-             py::arg("states"), "Cross-attention K/V from ready projector outputs f32 [n_tiles, n_patches, hidden].")
+        .def(
+            "begin_image",
+            [](py::object self, py::array px, int ar_id, py::array ar_mask) {
+                return self.cast<PyMllamaModel&>().begin_image(self, px, ar_id, ar_mask);
+            },
+            py::arg("pixel_values"), py::arg("aspect_ratio_id"), py::arg("aspect_ratio_mask"),
+            "Start encoding one image: pixel_values f32 [max_tiles, C, H, W], its aspect-ratio id, "
+            "aspect_ratio_mask [max_tiles]. Returns an ImageJob.")
+        .def(
+            "image_from_states",
+            [](py::object self, py::array states) {
+                return self.cast<PyMllamaModel&>().image_from_states(self, states);
+            },
+            py::arg("states"), "Cross-attention K/V from ready projector outputs f32 [n_tiles, n_patches, hidden].")
         .def("seq_len", &PyMllamaModel::seq_len, py::arg("slot"))
         .def("seq_truncate", &PyMllamaModel::seq_truncate, py::arg("slot"), py::arg("n"))
         .def("seq_set_images", &PyMllamaModel::seq_set_images, py::arg("slot"), py::arg("images"))
         .def("seq_n_images", &PyMllamaModel::seq_n_images, py::arg("slot"))
-        .def("seq_snapshot",
-             [](py::object self, int slot, int64_t first) {
-                 return self.cast<PyMllamaModel&>().seq_snapshot(self, slot, first);
-             },
-             py::arg("slot"), py::arg("first"),
-             "Save the slot's state from token `first` on (cache rows, images, length) for seq_restore.")
+        .def(
+            "seq_snapshot",
+            [](py::object self, int slot, int64_t first) {
+                return self.cast<PyMllamaModel&>().seq_snapshot(self, slot, first);
+            },
+            py::arg("slot"), py::arg("first"),
+            "Save the slot's state from token `first` on (cache rows, images, length) for seq_restore.")
         .def("seq_restore", &PyMllamaModel::seq_restore, py::arg("slot"), py::arg("snapshot"))
         .def("step", &PyMllamaModel::step, py::arg("entries"),
              "One forward pass over every entry (slot, tokens, mask, logits, sample); see bind_model.cpp.")

@@ -16,7 +16,7 @@ namespace mq::bind {
 namespace {
 // Rows per task: enough work per task to amortise scheduling (~64K values).
 int64_t rows_per_task(int64_t cols) { return cols >= 65536 ? 1 : 65536 / (cols > 0 ? cols : 1); }
-}
+}  // namespace
 
 void register_quants(py::module_& m) {
     m.def(
@@ -42,8 +42,7 @@ void register_quants(py::module_& m) {
             }
             return out;
         },
-        py::arg("x"), py::arg("type"),
-        "Quantize float32 [rows, cols] to GGUF blocks: uint8 [rows, row_bytes].");
+        py::arg("x"), py::arg("type"), "Quantize float32 [rows, cols] to GGUF blocks: uint8 [rows, row_bytes].");
 
     m.def(
         "dequantize",
@@ -54,9 +53,8 @@ void register_quants(py::module_& m) {
             const size_t rs = row_size(ti.type, cols);
             const size_t expect = checked_bytes(rows, rs, "dequantize data bytes");
             require(static_cast<size_t>(data.nbytes()) == expect,
-                    "data has " + std::to_string(data.nbytes()) + " bytes, expected " +
-                        std::to_string(expect) + " for " + std::to_string(rows) + " rows of " +
-                        std::to_string(cols) + " " + type + " values");
+                    "data has " + std::to_string(data.nbytes()) + " bytes, expected " + std::to_string(expect) +
+                        " for " + std::to_string(rows) + " rows of " + std::to_string(cols) + " " + type + " values");
             checked_mul(rows, cols, "dequantize output [rows, cols]");
             py::array_t<float> out({rows, cols});
             if (rows == 0 || cols == 0) return out;  // 2**40 rows of 0 values: no 2**40-step loop
@@ -75,8 +73,9 @@ void register_quants(py::module_& m) {
         py::arg("data"), py::arg("type"), py::arg("rows"), py::arg("cols"),
         "Dequantize GGUF blocks (any dtype, C-contiguous bytes) to float32 [rows, cols].");
 
-    m.def("quant_path", [] { return std::string(quant_path()); },
-          "Instruction set of the Q4_K/Q6_K quantizer searches (scalar|avx2).");
+    m.def(
+        "quant_path", [] { return std::string(quant_path()); },
+        "Instruction set of the Q4_K/Q6_K quantizer searches (scalar|avx2).");
     m.def("set_quant_path", &set_quant_path, py::arg("name"),
           "Force the quantizer path: auto|scalar|avx2|avx512 (ValueError if unsupported). Same bytes on every path.");
     m.def("quant_paths", &quant_paths, "Quantizer paths this CPU can run.");

@@ -27,8 +27,7 @@ namespace {
 
 class PyVisionEncoder {
 public:
-    PyVisionEncoder(py::dict tensors, py::dict hparams, const std::string& device, int device_id)
-        : tensors_(tensors) {
+    PyVisionEncoder(py::dict tensors, py::dict hparams, const std::string& device, int device_id) : tensors_(tensors) {
         if (device == "cpu") be_ = make_cpu_backend(ThreadPool::global());
         else if (device == "cuda") be_ = make_cuda_backend(device_id);
         else throw std::invalid_argument("unknown device '" + device + "' (expected 'cpu' or 'cuda')");
@@ -65,7 +64,8 @@ public:
         const int64_t P = enc_->num_patches(), O = enc_->out_dim();
         const int64_t n_out = checked_product({n_img, hp.max_num_tiles, P, O}, "vision output size");
         py::array_t<float> out({py::ssize_t(n_img), py::ssize_t(hp.max_num_tiles), py::ssize_t(P), py::ssize_t(O)});
-        float* dout = static_cast<float*>(be_->alloc(checked_bytes(std::max<int64_t>(n_out, 1), sizeof(float), "vision output bytes")));
+        float* dout = static_cast<float*>(
+            be_->alloc(checked_bytes(std::max<int64_t>(n_out, 1), sizeof(float), "vision output bytes")));
         try {
             py::gil_scoped_release nogil;
             enc_->encode(static_cast<const float*>(pixel_values.data()), ar_ids.data(), ar_mask.data(), int(n_img),
@@ -90,8 +90,7 @@ private:
 }  // namespace
 
 void register_vision(py::module_& m) {
-    py::class_<PyVisionEncoder>(m, "VisionEncoder",
-                                "Mllama vision tower + projector (test binding over one backend).")
+    py::class_<PyVisionEncoder>(m, "VisionEncoder", "Mllama vision tower + projector (test binding over one backend).")
         .def(py::init<py::dict, py::dict, const std::string&, int>(), py::arg("tensors"), py::arg("hparams"),
              py::arg("device") = "cpu", py::arg("device_id") = 0)
         .def_property_readonly("num_patches", &PyVisionEncoder::num_patches)

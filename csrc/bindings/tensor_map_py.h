@@ -34,7 +34,8 @@ inline TensorMap tensor_map_from_py(const pybind11::dict& tensors, Backend& be) 
             throw std::invalid_argument("tensor '" + name + "': expected (array, ggml_type int, shape tuple)");
         }
         require_c_contiguous(arr, ("tensor '" + name + "'").c_str());
-        require(is_supported_type(type_id), "tensor '" + name + "' has unsupported ggml type " + std::to_string(type_id));
+        require(is_supported_type(type_id),
+                "tensor '" + name + "' has unsupported ggml type " + std::to_string(type_id));
         require(!shape.empty(), "tensor '" + name + "' has an empty shape");
         const DType t = static_cast<DType>(type_id);
         int64_t rows = 1;

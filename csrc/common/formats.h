@@ -14,16 +14,16 @@
 
 namespace mq {
 
-constexpr int QK8_0 = 32;        // values per Q8_0 block
-constexpr int QK_K = 256;        // values per K-quant super-block
-constexpr int K_SCALE_SIZE = 12; // packed 6-bit scales+mins of Q4_K
+constexpr int QK8_0 = 32;         // values per Q8_0 block
+constexpr int QK_K = 256;         // values per K-quant super-block
+constexpr int K_SCALE_SIZE = 12;  // packed 6-bit scales+mins of Q4_K
 
-using half_bits = uint16_t;      // IEEE-754 binary16, raw bits
+using half_bits = uint16_t;  // IEEE-754 binary16, raw bits
 
 // Q8_0: 32 values = d * qs[i].  34 bytes (8.5 bits/weight).
 struct block_q8_0 {
-    half_bits d;         // scale
-    int8_t qs[QK8_0];    // quants
+    half_bits d;       // scale
+    int8_t qs[QK8_0];  // quants
 };
 static_assert(sizeof(block_q8_0) == sizeof(half_bits) + QK8_0, "wrong q8_0 block size/padding");
 
@@ -58,7 +58,8 @@ struct block_q8_K {
     int8_t qs[QK_K];           // quants
     int16_t bsums[QK_K / 16];  // sums of quants in groups of 16
 };
-static_assert(sizeof(block_q8_K) == sizeof(float) + QK_K + QK_K / 16 * sizeof(int16_t), "wrong q8_K block size/padding");
+static_assert(sizeof(block_q8_K) == sizeof(float) + QK_K + QK_K / 16 * sizeof(int16_t),
+              "wrong q8_K block size/padding");
 
 // ---------------------------------------------------------------- the type table
 // Every tensor type mllama-q knows, one line each. This is THE list: the DType
@@ -67,12 +68,12 @@ static_assert(sizeof(block_q8_K) == sizeof(float) + QK_K + QK_K / 16 * sizeof(in
 // are generated from or indexed by it.
 //   X(Enum, name, ggml id, values per block, bytes per block)
 // Weight types: what GGUF tensors and the matmul kernels' W may be.
-#define MQ_WEIGHT_TYPES(X)                            \
-    X(F32, "f32", 0, 1, 4)                            \
-    X(F16, "f16", 1, 1, 2)                            \
-    X(BF16, "bf16", 30, 1, 2)                         \
-    X(Q8_0, "q8_0", 8, QK8_0, sizeof(block_q8_0))     \
-    X(Q4_K, "q4_k", 12, QK_K, sizeof(block_q4_K))     \
+#define MQ_WEIGHT_TYPES(X)                        \
+    X(F32, "f32", 0, 1, 4)                        \
+    X(F16, "f16", 1, 1, 2)                        \
+    X(BF16, "bf16", 30, 1, 2)                     \
+    X(Q8_0, "q8_0", 8, QK8_0, sizeof(block_q8_0)) \
+    X(Q4_K, "q4_k", 12, QK_K, sizeof(block_q4_K)) \
     X(Q6_K, "q6_k", 14, QK_K, sizeof(block_q6_K))
 // Activation formats: X rows quantized inside a matmul, never a weight.
 #define MQ_ACTIVATION_TYPES(X) X(Q8_K, "q8_k", 15, QK_K, sizeof(block_q8_K))
@@ -103,20 +104,22 @@ constexpr int type_index(DType t) {
 // Static description of one type (run time).
 struct TypeInfo {
     DType type;
-    const char* name;      // lower-case, as used by gguf-py / our Python API ("q4_k")
-    int block_size;        // values per block (1 for float types)
-    int type_size;         // bytes per block
-    bool weight;           // a weight type (false: an activation format)
+    const char* name;  // lower-case, as used by gguf-py / our Python API ("q4_k")
+    int block_size;    // values per block (1 for float types)
+    int type_size;     // bytes per block
+    bool weight;       // a weight type (false: an activation format)
 };
 
 // The same at compile time (usable in CUDA device code): TypeTraits<DType::Q4_K>::block_size.
-template <DType T> struct TypeTraits;
-#define MQ_X_TRAITS(E, NAME, ID, BS, TS, W)                                      \
-    template <> struct TypeTraits<DType::E> {                                    \
-        static constexpr int block_size = BS;                                    \
-        static constexpr int type_size = static_cast<int>(TS);                   \
-        static constexpr bool weight = W;                                        \
-        static constexpr bool quantized = BS > 1;   /* integer quants + scales */ \
+template <DType T>
+struct TypeTraits;
+#define MQ_X_TRAITS(E, NAME, ID, BS, TS, W)                                     \
+    template <>                                                                 \
+    struct TypeTraits<DType::E> {                                               \
+        static constexpr int block_size = BS;                                   \
+        static constexpr int type_size = static_cast<int>(TS);                  \
+        static constexpr bool weight = W;                                       \
+        static constexpr bool quantized = BS > 1; /* integer quants + scales */ \
     };
 #define MQ_X_TRAITS_W(E, NAME, ID, BS, TS) MQ_X_TRAITS(E, NAME, ID, BS, TS, true)
 #define MQ_X_TRAITS_A(E, NAME, ID, BS, TS) MQ_X_TRAITS(E, NAME, ID, BS, TS, false)
@@ -128,7 +131,7 @@ MQ_ACTIVATION_TYPES(MQ_X_TRAITS_A)
 
 // Table lookup; throws std::invalid_argument for an unknown/unsupported type id.
 const TypeInfo& type_info(DType t);
-const TypeInfo& type_info_by_name(const char* name);   // throws for unknown names
+const TypeInfo& type_info_by_name(const char* name);  // throws for unknown names
 bool is_supported_type(int32_t ggml_type_id);
 // Bytes of one row of `n` values; throws if n is not a multiple of the block size.
 size_t row_size(DType t, int64_t n);
@@ -188,10 +191,10 @@ decltype(auto) dispatch_weight_type(DType t, const char* what, F&& f) {
 // (4, 5, 31-33, 36-38) are absent. The supported types above are checked against this
 // table at compile time (formats.cpp), so their sizes are declared once.
 struct TypeLayout {
-    int32_t id;            // ggml_type
-    const char* name;      // lower-case ggml name ("q4_k", "iq2_xxs")
-    int block_size;        // values per block
-    int type_size;         // bytes per block
+    int32_t id;        // ggml_type
+    const char* name;  // lower-case ggml name ("q4_k", "iq2_xxs")
+    int block_size;    // values per block
+    int type_size;     // bytes per block
 };
 // nullptr for an id no ggml version defines.
 const TypeLayout* type_layout(int32_t ggml_type_id);

@@ -8,8 +8,16 @@
 
 namespace mq {
 
-inline uint32_t f32_bits(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
-inline float f32_from_bits(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
+inline uint32_t f32_bits(float f) {
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    return u;
+}
+inline float f32_from_bits(uint32_t u) {
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
 
 // binary16 -> binary32 (exact: every half is representable as a float).
 inline float fp16_to_fp32(uint16_t h) {
@@ -30,8 +38,8 @@ inline uint16_t fp32_to_fp16(float f) {
     const uint32_t x = f32_bits(f);
     const uint16_t sign = static_cast<uint16_t>((x >> 16) & 0x8000);
     const uint32_t ax = x & 0x7fffffffu;
-    if (ax > 0x7f800000u) return sign | 0x7e00;       // NaN
-    if (ax >= 0x477ff000u) return sign | 0x7c00;      // >= 65520 rounds to inf
+    if (ax > 0x7f800000u) return sign | 0x7e00;   // NaN
+    if (ax >= 0x477ff000u) return sign | 0x7c00;  // >= 65520 rounds to inf
     if (ax < 0x38800000u) {
         // Result is a half subnormal (or 0 / the smallest normal after rounding).
         // Adding 0.5f puts units of 2^-24 in the low mantissa bits of the sum,

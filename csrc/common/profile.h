@@ -29,7 +29,7 @@
 namespace mq::prof {
 
 namespace detail {
-extern std::atomic<int> g_state;   // -1: not read from the environment yet, 0 off, 1 on
+extern std::atomic<int> g_state;  // -1: not read from the environment yet, 0 off, 1 on
 int init_from_env();
 }  // namespace detail
 
@@ -42,15 +42,17 @@ void set_enabled(bool on);
 // Monotonic wall-clock nanoseconds (never 0): cheap (vDSO), for splitting an op
 // into phases (shares only, see record_seconds).
 static inline uint64_t now_ns() {
-    return uint64_t(std::chrono::duration_cast<std::chrono::nanoseconds>(
-                        std::chrono::steady_clock::now().time_since_epoch()).count()) | 1u;
+    return uint64_t(
+               std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+                   .count()) |
+           1u;
 }
 // The clock of op times: wall clock (default), or the calling thread's CPU time
 // (a system call per read), which other processes on a busy machine do not
 // inflate; the latter is the op's whole cost only with a one-thread pool.
 enum class Clock { Wall, ThreadCpu };
 void set_clock(Clock c);
-uint64_t op_now_ns();   // nanoseconds on the op clock (never 0)
+uint64_t op_now_ns();  // nanoseconds on the op clock (never 0)
 // Start of a timed op: op_now_ns() when profiling is on, else 0.
 static inline uint64_t start() { return enabled() ? op_now_ns() : 0; }
 
@@ -65,7 +67,7 @@ struct Entry {
     int64_t calls = 0;
     double seconds = 0, flop = 0, bytes = 0;
 };
-std::vector<Entry> snapshot();   // in first-recorded order
+std::vector<Entry> snapshot();  // in first-recorded order
 void reset();
 
 // Region label for the ops recorded while it lives (innermost wins). `name`

@@ -16,8 +16,8 @@
 
 namespace mq {
 
-static constexpr uint64_t kOpen = 1ull << 31;   // admit_: loop open for joining
-static constexpr int kMaxThreads = 1024;         // more is a typo, not a machine
+static constexpr uint64_t kOpen = 1ull << 31;  // admit_: loop open for joining
+static constexpr int kMaxThreads = 1024;       // more is a typo, not a machine
 
 ThreadPool::ThreadPool(int n_threads) : n_threads_(n_threads < 1 ? 1 : n_threads) { start_workers(); }
 
@@ -90,7 +90,10 @@ void ThreadPool::worker(int index, uint64_t seen) {
         uint64_t a = admit_.load(std::memory_order_acquire);
         bool joined = false;
         while ((a & 0xffffffff00000000ull) == id && (a & kOpen)) {
-            if (admit_.compare_exchange_weak(a, a + 1, std::memory_order_acq_rel)) { joined = true; break; }
+            if (admit_.compare_exchange_weak(a, a + 1, std::memory_order_acq_rel)) {
+                joined = true;
+                break;
+            }
         }
         if (!joined) continue;
         run_tasks(index);
@@ -125,8 +128,7 @@ void ThreadPool::parallel_for(int64_t n_tasks, const std::function<void(int64_t,
     // Close the loop, then wait for the workers that joined it (they may still
     // be finishing a task); late workers see it closed and skip it.
     uint64_t a = admit_.load(std::memory_order_acquire);
-    while (!admit_.compare_exchange_weak(a, a & ~kOpen, std::memory_order_acq_rel)) {
-    }
+    while (!admit_.compare_exchange_weak(a, a & ~kOpen, std::memory_order_acq_rel)) {}
     const int joined = static_cast<int>(a & 0x7fffffffull);
     while (active_.load(std::memory_order_acquire) != joined) {
 #if defined(__x86_64__) || defined(_M_X64)
@@ -189,7 +191,8 @@ ThreadPool& ThreadPool::global() {
 
 void ThreadPool::set_global_threads(int n) {
     if (n > kMaxThreads)
-        throw std::invalid_argument("n_threads must be <= " + std::to_string(kMaxThreads) + ", got " + std::to_string(n));
+        throw std::invalid_argument("n_threads must be <= " + std::to_string(kMaxThreads) + ", got " +
+                                    std::to_string(n));
     // In place, never a new pool: backends keep a reference to global() and
     // other threads may be inside one of its loops right now (see resize).
     global().resize(n > 0 ? n : default_threads());

@@ -47,7 +47,7 @@ public:
     // Process-wide pool. Sized from MLLAMA_Q_NUM_THREADS if set, else the
     // number of CPUs this process may run on.
     static ThreadPool& global();
-    static void set_global_threads(int n);   // resizes the global pool in place (n <= 0: default)
+    static void set_global_threads(int n);  // resizes the global pool in place (n <= 0: default)
     static int default_threads();
 
     // Called in the child of fork() (pthread_atfork, registered with the global pool):
@@ -58,15 +58,15 @@ public:
 private:
     void worker(int index, uint64_t seen);
     void run_tasks(int thread);
-    void start_workers();   // spawns n_threads_ - 1 workers; run_mu_ held (or constructing)
-    void stop_workers();    // stops and joins them; run_mu_ held (or destroying)
+    void start_workers();  // spawns n_threads_ - 1 workers; run_mu_ held (or constructing)
+    void stop_workers();   // stops and joins them; run_mu_ held (or destroying)
 
     std::atomic<int> n_threads_;
     std::vector<std::thread> workers_;
     std::mutex mu_;
     std::condition_variable cv_;
     std::atomic<uint64_t> generation_{0};
-    std::atomic<int> active_{0};            // workers that joined the current loop and finished it
+    std::atomic<int> active_{0};  // workers that joined the current loop and finished it
     // Current loop's admission word: bits 63..32 loop id (low bits of the
     // generation), bit 31 open, bits 30..0 number of workers that joined.
     // A worker joins only while the loop is open; the caller closes it when
@@ -80,7 +80,7 @@ private:
     std::exception_ptr error_;
     std::mutex error_mu_;
     std::atomic<bool> stop_{false};
-    std::mutex run_mu_;                     // one parallel_for (or resize) at a time per pool
+    std::mutex run_mu_;  // one parallel_for (or resize) at a time per pool
 };
 
 }  // namespace mq

@@ -34,7 +34,10 @@ void attn_chunk_scalar(const AttnChunk& a, float* s, float* m, float* l, float* 
     for (int64_t j = 0; j < n; j++) {
         load_row(a.k, a.f16, j * a.kv_stride, hd, row);
         for (int r = 0; r < a.R; r++) {
-            if (j > a.last[r]) { s[r * n + j] = ninf; continue; }
+            if (j > a.last[r]) {
+                s[r * n + j] = ninf;
+                continue;
+            }
             float dot = 0.0f;
             for (int d = 0; d < hd; d++) dot += a.qrows[r][d] * row[d];
             s[r * n + j] = dot * a.scale + (a.mrows[r] ? a.mrows[r][j] : 0.0f);
@@ -112,8 +115,8 @@ void attention_direct(const float* q, const void* k, const void* v, DType kv_typ
     const size_t esize = f16 ? 2 : 4;
     // avx2 and avx512 paths use the AVX2 kernel (memory-bound: wider vectors would not help much)
 #ifdef MQ_X86
-    const detail::AttnChunkFn chunk_fn = (active_path() == Path::Scalar || hd % 8 != 0)
-                                             ? detail::attn_chunk_scalar : detail::attn_chunk_avx2;
+    const detail::AttnChunkFn chunk_fn =
+        (active_path() == Path::Scalar || hd % 8 != 0) ? detail::attn_chunk_scalar : detail::attn_chunk_avx2;
 #else
     const detail::AttnChunkFn chunk_fn = detail::attn_chunk_scalar;
 #endif
@@ -121,7 +124,7 @@ void attention_direct(const float* q, const void* k, const void* v, DType kv_typ
     const int64_t R = nq * G, BR = kAttnDirectMaxRows;
     const int64_t n_rb = (R + BR - 1) / BR;
     const int64_t n_chunks = (nk + kAttnChunk - 1) / kAttnChunk;
-    const int64_t per_row = hd + 2;   // [acc (hd) | m | l]
+    const int64_t per_row = hd + 2;  // [acc (hd) | m | l]
     auto last_of = [&](int64_t r) { return causal ? std::min(r / G + q_offset, nk - 1) : nk - 1; };
     // Chunk c of block (g, b): the chunk kernel on rows [b*BR, b*BR + nr), partials to dst[row][per_row].
     auto run_chunk = [&](int g, int64_t b, int64_t c, float* dst, int64_t dst_row_stride) {
@@ -136,10 +139,18 @@ void attention_direct(const float* q, const void* k, const void* v, DType kv_typ
             mrows[rr] = mask ? mask + i * ld_mask + j0 : nullptr;
             last[rr] = last_of(r) - j0;
         }
-        const int64_t off = j0 * kv_stride + int64_t(g) * hd;   // elements
-        detail::AttnChunk a{qrows, mrows, last, int(nr),
-                            static_cast<const char*>(k) + off * esize, static_cast<const char*>(v) + off * esize,
-                            f16, kv_stride, n, hd, scale};
+        const int64_t off = j0 * kv_stride + int64_t(g) * hd;  // elements
+        detail::AttnChunk a{qrows,
+                            mrows,
+                            last,
+                            int(nr),
+                            static_cast<const char*>(k) + off * esize,
+                            static_cast<const char*>(v) + off * esize,
+                            f16,
+                            kv_stride,
+                            n,
+                            hd,
+                            scale};
         alignas(64) float s[kAttnDirectMaxRows * kAttnChunk];
         float m[kAttnDirectMaxRows], l[kAttnDirectMaxRows];
         alignas(64) float acc[kAttnDirectMaxRows * kAttnDirectMaxHd];
@@ -154,7 +165,7 @@ void attention_direct(const float* q, const void* k, const void* v, DType kv_typ
     // Chunks past the last key any row of block b can see are not computed (m = -inf).
     auto block_chunks = [&](int64_t b) {
         const int64_t r_last = std::min(R, (b + 1) * BR) - 1;
-        return last_of(r_last) / kAttnChunk + 1;   // last_of is non-decreasing in r
+        return last_of(r_last) / kAttnChunk + 1;  // last_of is non-decreasing in r
     };
     auto out_row = [&](int g, int64_t r) { return out + ((r / G) * n_head + int64_t(g) * G + r % G) * hd; };
     const float ninf = -std::numeric_limits<float>::infinity();
@@ -166,7 +177,7 @@ void attention_direct(const float* q, const void* k, const void* v, DType kv_typ
         pool.parallel_for(n_blocks, [&](int64_t t, int) {
             const int g = int(t / n_rb);
             const int64_t b = t % n_rb, nr = std::min(BR, R - b * BR), nc = block_chunks(b);
-            std::vector<float> part(size_t(nc) * BR * per_row);   // [chunk][row][per_row]
+            std::vector<float> part(size_t(nc) * BR * per_row);  // [chunk][row][per_row]
             for (int64_t c = 0; c < nc; c++) run_chunk(g, b, c, &part[c * BR * per_row], per_row);
             for (int64_t rr = 0; rr < nr; rr++)
                 merge_row(&part[rr * per_row], nc, BR * per_row, hd, out_row(g, b * BR + rr));
@@ -175,7 +186,7 @@ void attention_direct(const float* q, const void* k, const void* v, DType kv_typ
     }
     // Few row blocks (decode): tasks over (group, row block, chunk), then a merge pass.
     const int64_t n_tasks = n_blocks * n_chunks;
-    std::vector<float> part(size_t(n_tasks) * BR * per_row);   // [group][block][chunk][row][per_row]
+    std::vector<float> part(size_t(n_tasks) * BR * per_row);  // [group][block][chunk][row][per_row]
     pool.parallel_for(n_tasks, [&](int64_t t, int) {
         const int64_t gb = t / n_chunks, c = t % n_chunks;
         const int g = int(gb / n_rb);

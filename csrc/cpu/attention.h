@@ -42,8 +42,8 @@ constexpr int64_t kAttnChunk = 256;         // keys per task
 // takes the direct route for such small (decode) shapes and the flash kernel
 // for larger ones; attention_direct() itself takes any nq.
 inline bool attention_direct_supported(int64_t nq, int n_head, int n_kv_head, int hd) {
-    return n_kv_head > 0 && n_head % n_kv_head == 0 && nq * (n_head / n_kv_head) <= kAttnDirectMaxRows &&
-           hd > 0 && hd <= kAttnDirectMaxHd;
+    return n_kv_head > 0 && n_head % n_kv_head == 0 && nq * (n_head / n_kv_head) <= kAttnDirectMaxRows && hd > 0 &&
+           hd <= kAttnDirectMaxHd;
 }
 
 //   q:    [nq, n_head, hd] float32

@@ -22,7 +22,9 @@ namespace mq::cpu::detail {
 namespace {
 
 inline __m256 load8(const void* base, bool f16, int64_t off) {
-    if (f16) return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(base) + off)));
+    if (f16)
+        return _mm256_cvtph_ps(
+            _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(base) + off)));
     return _mm256_loadu_ps(static_cast<const float*>(base) + off);
 }
 
@@ -82,7 +84,7 @@ void attn_chunk_avx2(const AttnChunk& a, float* s, float* m, float* l, float* ac
     const float ninf = -std::numeric_limits<float>::infinity();
     const int64_t n = a.n;
     const int hd = a.hd;
-    alignas(32) float kb[8 * kAttnDirectMaxHd];   // [8, hd] float32 keys of one block
+    alignas(32) float kb[8 * kAttnDirectMaxHd];  // [8, hd] float32 keys of one block
     // 1. s[r, j] = scale * q_r · k_j + mask[r, j]; -inf after last[r]
     // Key rows are kv_stride apart (2 KiB in the 11B cache), so every row
     // starts a new page run the hardware prefetcher does not follow: prefetch
@@ -103,7 +105,7 @@ void attn_chunk_avx2(const AttnChunk& a, float* s, float* m, float* l, float* ac
             for (int64_t b = 0; b < row_bytes; b += 64) _mm_prefetch(vbytes + j * stride_bytes + b, _MM_HINT_T1);
         const float* kr[8];
         for (int t = 0; t < 8; t++) {
-            const int64_t j = j0 + std::min(t, nb - 1);   // a short last block repeats its last key
+            const int64_t j = j0 + std::min(t, nb - 1);  // a short last block repeats its last key
             if (a.f16) {
                 float* dst = kb + t * hd;
                 for (int d = 0; d < hd; d += 8) _mm256_store_ps(dst + d, load8(a.k, true, j * a.kv_stride + d));
@@ -128,7 +130,8 @@ void attn_chunk_avx2(const AttnChunk& a, float* s, float* m, float* l, float* ac
             // horizontal sums of c[0..7] into lanes 0..7
             const __m256 h0 = _mm256_hadd_ps(_mm256_hadd_ps(c[0], c[1]), _mm256_hadd_ps(c[2], c[3]));
             const __m256 h1 = _mm256_hadd_ps(_mm256_hadd_ps(c[4], c[5]), _mm256_hadd_ps(c[6], c[7]));
-            const __m256 dots = _mm256_add_ps(_mm256_permute2f128_ps(h0, h1, 0x20), _mm256_permute2f128_ps(h0, h1, 0x31));
+            const __m256 dots =
+                _mm256_add_ps(_mm256_permute2f128_ps(h0, h1, 0x20), _mm256_permute2f128_ps(h0, h1, 0x31));
             alignas(32) float sc[8];
             _mm256_store_ps(sc, _mm256_mul_ps(dots, _mm256_set1_ps(a.scale)));
             for (int t = 0; t < nb; t++)
@@ -156,7 +159,7 @@ void attn_chunk_avx2(const AttnChunk& a, float* s, float* m, float* l, float* ac
             _mm256_storeu_ps(sr + j, e);
             vs = _mm256_add_ps(vs, e);
         }
-        if (j < n) {   // last partial vector through a padded copy (padding -inf -> 0)
+        if (j < n) {  // last partial vector through a padded copy (padding -inf -> 0)
             alignas(32) float tail[8];
             for (int t = 0; t < 8; t++) tail[t] = j + t < n ? sr[j + t] : ninf;
             const __m256 e = exp8_nonpos(_mm256_sub_ps(_mm256_load_ps(tail), vmx));

@@ -12,8 +12,8 @@
 
 #include "common/profile.h"
 #include "cpu/attention_flash_impl.h"
-#include "cpu/simd_scalar.h"
 #include "cpu/matmul.h"
+#include "cpu/simd_scalar.h"
 #include "quants/quants.h"
 
 namespace mq::cpu {
@@ -27,8 +27,10 @@ FlashKernel flash_kernel_scalar() { return {16, flash_rows<VScalar, 4, 4, 16, 4,
 void attention_flash(const float* q, const void* k, const void* v, DType kv_type, int64_t kv_stride, float* out,
                      int64_t nq, int64_t nk, int n_head, int n_kv_head, int hd, float scale, const float* mask,
                      int64_t ld_mask, bool causal, int64_t q_offset, ThreadPool& pool) {
-    if (n_kv_head <= 0 || n_head % n_kv_head) throw std::invalid_argument("attention_flash: n_head must be a multiple of n_kv_head");
-    if (kv_type != DType::F32 && kv_type != DType::F16) throw std::invalid_argument("attention_flash: KV type must be f32 or f16");
+    if (n_kv_head <= 0 || n_head % n_kv_head)
+        throw std::invalid_argument("attention_flash: n_head must be a multiple of n_kv_head");
+    if (kv_type != DType::F32 && kv_type != DType::F16)
+        throw std::invalid_argument("attention_flash: KV type must be f32 or f16");
     if (hd <= 0) throw std::invalid_argument("attention_flash: head size must be positive");
     if (nq <= 0) return;
     if (nk <= 0) {
@@ -42,7 +44,7 @@ void attention_flash(const float* q, const void* k, const void* v, DType kv_type
 #endif
     const bool prof_on = prof::enabled();
     const int G = n_head / n_kv_head;
-    const int64_t rows = nq * G;   // query rows per KV group
+    const int64_t rows = nq * G;  // query rows per KV group
     const int64_t n_tasks = (rows + kern.rows - 1) / kern.rows;
     // Per KV group, K and V are first copied (F16 widened) into contiguous
     // float32 [nk][hd] arrays: read in place, the rows of one head lie
@@ -64,16 +66,17 @@ void attention_flash(const float* q, const void* k, const void* v, DType kv_type
             const int g = g0 + int(t / n_tasks);
             const int64_t r0 = (t % n_tasks) * kern.rows;
             const int64_t goff = pack ? 0 : int64_t(g) * hd;
-            const detail::FlashArgs a{kg + goff, vg + goff, stride, nk, hd, scale, q, n_head, G, g,
-                                      mask, ld_mask, causal, q_offset, out};
-            kern.run(a, r0, int(std::min<int64_t>(kern.rows, rows - r0)), prof_on ? &prof_ns[size_t(thread) * 3] : nullptr);
+            const detail::FlashArgs a{kg + goff, vg + goff, stride, nk,      hd,     scale,    q,  n_head,
+                                      G,         g,         mask,   ld_mask, causal, q_offset, out};
+            kern.run(a, r0, int(std::min<int64_t>(kern.rows, rows - r0)),
+                     prof_on ? &prof_ns[size_t(thread) * 3] : nullptr);
         });
         if (prof_on) rows_ns += prof::op_now_ns() - t0;
     };
     if (!pack) {
         run_tasks(static_cast<const float*>(k), static_cast<const float*>(v), kv_stride, 0, n_kv_head);
     } else {
-        std::vector<float> kp(size_t(nk) * hd), vp(size_t(nk) * hd);   // [nk][hd] of one group
+        std::vector<float> kp(size_t(nk) * hd), vp(size_t(nk) * hd);  // [nk][hd] of one group
         for (int g = 0; g < n_kv_head; g++) {
             const uint64_t t0 = prof_on ? prof::op_now_ns() : 0;
             pool.parallel_for((nk + 255) / 256, [&](int64_t t, int) {
@@ -100,7 +103,7 @@ void attention_flash(const float* q, const void* k, const void* v, DType kv_type
         }
         const std::string det = "hd=" + std::to_string(hd);
         const double f = tot > 0 ? rows_ns * 1e-9 / tot : 0;
-        const double flop = 2.0 * nq * nk * hd * n_head;   // each product
+        const double flop = 2.0 * nq * nk * hd * n_head;  // each product
         if (pack)
             prof::record_seconds("attention:pack K/V", det, pack_ns * 1e-9, 0,
                                  (kv_type == DType::F16 ? 12.0 : 16.0) * nk * n_kv_head * hd);

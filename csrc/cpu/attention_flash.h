@@ -38,19 +38,19 @@ namespace detail {
 
 // One task: rows [r0, r0 + nr) of KV group g (row r = query i * G + head-in-group).
 struct FlashArgs {
-    const float* k;    // key j of the group at k + j * kv_stride (float32, hd values; packed: kv_stride = hd)
-    const float* v;    // value j at v + j * kv_stride
+    const float* k;  // key j of the group at k + j * kv_stride (float32, hd values; packed: kv_stride = hd)
+    const float* v;  // value j at v + j * kv_stride
     int64_t kv_stride;
     int64_t nk;
     int hd;
     float scale;
-    const float* q;    // [nq, n_head, hd]
+    const float* q;  // [nq, n_head, hd]
     int n_head, G, g;
     const float* mask;
     int64_t ld_mask;
     bool causal;
     int64_t q_offset;
-    float* out;        // [nq, n_head, hd]
+    float* out;  // [nq, n_head, hd]
 };
 // A kernel: `rows` query rows per task at most (nr <= rows). prof: null, or 3
 // nanosecond counters of the calling thread that the kernel adds its score /

@@ -116,7 +116,7 @@ void flash_rows(const FlashArgs& a, int64_t r0, int nr, uint64_t* prof) {
     float* l = m + RT;
     int64_t qi[RT], last[RT];
     int64_t max_last = -1, min_last = a.nk;
-    std::fill(qt, qt + size_t(hd) * RT * 2, 0.0f);   // qt (pad rows stay 0) and ot
+    std::fill(qt, qt + size_t(hd) * RT * 2, 0.0f);  // qt (pad rows stay 0) and ot
     for (int r = 0; r < RT; r++) {
         m[r] = ninf;
         l[r] = 0.0f;
@@ -130,9 +130,9 @@ void flash_rows(const FlashArgs& a, int64_t r0, int nr, uint64_t* prof) {
         min_last = std::min(min_last, last[r]);
     }
     const int n_groups = (nr + RG - 1) / RG;
-    const int64_t n_blocks = max_last < 0 ? 0 : max_last / KB + 1;   // later blocks are invisible to every row
+    const int64_t n_blocks = max_last < 0 ? 0 : max_last / KB + 1;  // later blocks are invisible to every row
     uint64_t tp = prof ? prof::now_ns() : 0;
-    auto lap = [&](int phase) {   // profiling: time since the last lap -> counter `phase`
+    auto lap = [&](int phase) {  // profiling: time since the last lap -> counter `phase`
         if (!prof) return;
         const uint64_t t = prof::now_ns();
         prof[phase] += t - tp;

@@ -23,14 +23,14 @@
 
 namespace mq::cpu::detail {
 
-constexpr int kMaxTileW = 4;   // W rows per tile() call
+constexpr int kMaxTileW = 4;  // W rows per tile() call
 
 // Y tile: y[i * ldy + j] = dot(X row i, W row j), i < nx, j < nw.
 //   w: nw rows of W, row j at (const uint8_t*)w + j * w_stride   (GGUF bytes)
 //   x: nx prepared X rows, row i at (const uint8_t*)x + i * x_stride
 //   K: values per row (a multiple of the weight block size)
-using TileFn = void (*)(const void* w, size_t w_stride, int nw, const void* x, size_t x_stride, int nx,
-                        int64_t K, float* y, int64_t ldy);
+using TileFn = void (*)(const void* w, size_t w_stride, int nw, const void* x, size_t x_stride, int nx, int64_t K,
+                        float* y, int64_t ldy);
 // Prepare one X row of K floats into xq (x_row_bytes(K) bytes).
 using PrepFn = void (*)(const float* x, void* xq, int64_t K);
 using RowBytesFn = size_t (*)(int64_t K);
@@ -49,11 +49,11 @@ using PanelGemmFn = void (*)(const void* w, size_t w_stride, int64_t nw, const v
                              int n_panels, int64_t m_rows, int64_t K, float* y, int64_t ldy);
 
 struct TypeKernels {
-    PrepFn prep_x = nullptr;          // null: tile() reads float32 X directly
-    RowBytesFn x_row_bytes = nullptr; // bytes of one prepared X row (when prep_x)
+    PrepFn prep_x = nullptr;           // null: tile() reads float32 X directly
+    RowBytesFn x_row_bytes = nullptr;  // bytes of one prepared X row (when prep_x)
     TileFn tile = nullptr;
-    PanelPrepFn prep_panel = nullptr; // panel route (optional, used for M >= kPanelMinRows)
-    RowBytesFn panel_bytes = nullptr; // bytes of one prepared panel for K
+    PanelPrepFn prep_panel = nullptr;  // panel route (optional, used for M >= kPanelMinRows)
+    RowBytesFn panel_bytes = nullptr;  // bytes of one prepared panel for K
     PanelGemmFn panel_gemm = nullptr;
 };
 constexpr int kPanelMinRows = 16;
@@ -85,8 +85,7 @@ uint64_t read_sum_avx512(const uint64_t* p, size_t n);
 // registers. Remainder groups get the smaller sizes.
 namespace {
 template <class Impl, int NX>
-inline void run_nw(int nw, const uint8_t* w, size_t ws, const uint8_t* x, size_t xs, int64_t K, float* y,
-                   int64_t ldy) {
+inline void run_nw(int nw, const uint8_t* w, size_t ws, const uint8_t* x, size_t xs, int64_t K, float* y, int64_t ldy) {
     switch (nw) {
         case 4: Impl::template run<NX, 4>(w, ws, x, xs, K, y, ldy); break;
         case 3: Impl::template run<NX, 3>(w, ws, x, xs, K, y, ldy); break;
@@ -102,8 +101,7 @@ inline void run_x_group(int nw, const uint8_t* w, size_t ws, const uint8_t* x, s
     for (int j = 0; j < nw; j += G) run_nw<Impl, NX>(nw - j < G ? nw - j : G, w + j * ws, ws, x, xs, K, y + j, ldy);
 }
 template <class Impl, int NXG, int NWG = kMaxTileW, int NWGD = NWG>
-void run_tile(const void* w, size_t ws, int nw, const void* x, size_t xs, int nx, int64_t K, float* y,
-              int64_t ldy) {
+void run_tile(const void* w, size_t ws, int nw, const void* x, size_t xs, int nx, int64_t K, float* y, int64_t ldy) {
     static_assert(NXG >= 1 && NXG <= 8 && NWG >= 1 && NWG <= kMaxTileW, "tile sizes");
     const uint8_t* wb = static_cast<const uint8_t*>(w);
     const uint8_t* xb = static_cast<const uint8_t*>(x);
@@ -111,13 +109,22 @@ void run_tile(const void* w, size_t ws, int nw, const void* x, size_t xs, int nx
     for (; i + NXG <= nx; i += NXG) run_x_group<Impl, NXG, NWG, NWGD>(nw, wb, ws, xb + i * xs, xs, K, y + i * ldy, ldy);
     // remainder (< NXG rows): groups of 4, 2, 1 (each only if smaller than NXG)
     if constexpr (NXG > 4) {
-        if (nx - i >= 4) { run_x_group<Impl, 4, NWG, NWGD>(nw, wb, ws, xb + i * xs, xs, K, y + i * ldy, ldy); i += 4; }
+        if (nx - i >= 4) {
+            run_x_group<Impl, 4, NWG, NWGD>(nw, wb, ws, xb + i * xs, xs, K, y + i * ldy, ldy);
+            i += 4;
+        }
     }
     if constexpr (NXG > 2) {
-        if (nx - i >= 2) { run_x_group<Impl, 2, NWG, NWGD>(nw, wb, ws, xb + i * xs, xs, K, y + i * ldy, ldy); i += 2; }
+        if (nx - i >= 2) {
+            run_x_group<Impl, 2, NWG, NWGD>(nw, wb, ws, xb + i * xs, xs, K, y + i * ldy, ldy);
+            i += 2;
+        }
     }
     if constexpr (NXG > 1) {
-        if (nx - i >= 1) { run_x_group<Impl, 1, NWG, NWGD>(nw, wb, ws, xb + i * xs, xs, K, y + i * ldy, ldy); i += 1; }
+        if (nx - i >= 1) {
+            run_x_group<Impl, 1, NWG, NWGD>(nw, wb, ws, xb + i * xs, xs, K, y + i * ldy, ldy);
+            i += 1;
+        }
     }
 }
 }  // namespace
@@ -135,7 +142,6 @@ static inline void prep_q8_0_ref(const float* x, void* xq, int64_t K) {
 }
 static inline size_t bytes_q8_K(int64_t K) { return size_t(K / QK_K) * sizeof(block_q8_K); }
 static inline size_t bytes_q8_0(int64_t K) { return size_t(K / QK8_0) * sizeof(block_q8_0); }
-
 
 // Q4_K's 12 packed bytes -> 8 six-bit scales and 8 six-bit mins, as two
 // little-endian 64-bit words (byte j = value j). Same values as

@@ -94,14 +94,15 @@ inline void quantize_q8_K_block(const float* x, block_q8_K* y) {
     __m256 vmax = _mm256_setzero_ps();
     for (int i = 0; i < 32; i++) vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + 8 * i)));
     const float amax = hmax(vmax);
-    if (!(amax > 0.0f)) {   // all zero (or NaN): the reference writes an all-zero block
+    if (!(amax > 0.0f)) {  // all zero (or NaN): the reference writes an all-zero block
         std::memset(y, 0, sizeof(*y));
         return;
     }
     float mx = amax;
     const __m256 va = _mm256_set1_ps(amax);
     for (int i = 0; i < 32; i++) {
-        const int hit = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_andnot_ps(sign, _mm256_loadu_ps(x + 8 * i)), va, _CMP_EQ_OQ));
+        const int hit =
+            _mm256_movemask_ps(_mm256_cmp_ps(_mm256_andnot_ps(sign, _mm256_loadu_ps(x + 8 * i)), va, _CMP_EQ_OQ));
         if (hit) {
             mx = x[8 * i + __builtin_ctz(hit)];
             break;
@@ -112,7 +113,8 @@ inline void quantize_q8_K_block(const float* x, block_q8_K* y) {
     const __m256i q127 = _mm256_set1_epi32(127);
     for (int j = 0; j < 16; j++) {
         const __m256i a = _mm256_min_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + 16 * j), vs)), q127);
-        const __m256i b = _mm256_min_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + 16 * j + 8), vs)), q127);
+        const __m256i b =
+            _mm256_min_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + 16 * j + 8), vs)), q127);
         store_i8x8(y->qs + 16 * j, a);
         store_i8x8(y->qs + 16 * j + 8, b);
         const __m256i s = _mm256_add_epi32(a, b);
@@ -139,7 +141,8 @@ struct LoadF32 {
 };
 struct LoadF16 {
     static __m256 load(const uint8_t* p, int64_t k) {
-        return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(reinterpret_cast<const uint16_t*>(p) + k)));
+        return _mm256_cvtph_ps(
+            _mm_loadu_si128(reinterpret_cast<const __m128i*>(reinterpret_cast<const uint16_t*>(p) + k)));
     }
     static float at(const uint8_t* p, int64_t k) { return h2f(reinterpret_cast<const uint16_t*>(p)[k]); }
 };
@@ -175,7 +178,8 @@ struct FloatTile {
         for (int i = 0; i < NX; i++)
             for (int j = 0; j < NW; j++) {
                 float s = hsum(acc[i][j]);
-                for (int64_t t = k; t < K; t++) s += L::at(w + j * ws, t) * reinterpret_cast<const float*>(x + i * xs)[t];
+                for (int64_t t = k; t < K; t++)
+                    s += L::at(w + j * ws, t) * reinterpret_cast<const float*>(x + i * xs)[t];
                 y[i * ldy + j] = s;
             }
     }
@@ -211,17 +215,22 @@ struct Q4KTile {
                     const __m256i shi = _mm256_cvtepu8_epi16(_mm_shuffle_epi8(scv, _mm_set1_epi8(char(2 * g + 1))));
                     for (int i = 0; i < NX; i++) {
                         const int8_t* xq = reinterpret_cast<const block_q8_K*>(x + i * xs)[b].qs + 64 * g;
-                        const __m256i p0 = _mm256_maddubs_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq)));
-                        const __m256i p1 = _mm256_maddubs_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 32)));
-                        isum[i] = _mm256_add_epi32(isum[i], _mm256_add_epi32(_mm256_madd_epi16(p0, slo), _mm256_madd_epi16(p1, shi)));
+                        const __m256i p0 =
+                            _mm256_maddubs_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq)));
+                        const __m256i p1 =
+                            _mm256_maddubs_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 32)));
+                        isum[i] = _mm256_add_epi32(
+                            isum[i], _mm256_add_epi32(_mm256_madd_epi16(p0, slo), _mm256_madd_epi16(p1, shi)));
                     }
                 }
-                const __m256i mdup = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(mv, mv));   // m0,m0,m1,m1,..
+                const __m256i mdup = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(mv, mv));  // m0,m0,m1,m1,..
                 const __m256 dw = _mm256_set1_ps(h2f(wb->d)), dmw = _mm256_set1_ps(h2f(wb->dmin));
                 for (int i = 0; i < NX; i++) {
                     const block_q8_K* xb = reinterpret_cast<const block_q8_K*>(x + i * xs) + b;
-                    const __m256i mins = _mm256_madd_epi16(mdup, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb->bsums)));
-                    const __m256 f = _mm256_fnmadd_ps(dmw, _mm256_cvtepi32_ps(mins), _mm256_mul_ps(dw, _mm256_cvtepi32_ps(isum[i])));
+                    const __m256i mins =
+                        _mm256_madd_epi16(mdup, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb->bsums)));
+                    const __m256 f =
+                        _mm256_fnmadd_ps(dmw, _mm256_cvtepi32_ps(mins), _mm256_mul_ps(dw, _mm256_cvtepi32_ps(isum[i])));
                     acc[i][j] = _mm256_fmadd_ps(f, _mm256_set1_ps(xb->d), acc[i][j]);
                 }
             }
@@ -253,10 +262,11 @@ struct Q6KTile {
                 const __m128i scv = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wb->scales));
                 __m256i isum[NX];
                 for (int i = 0; i < NX; i++) isum[i] = _mm256_setzero_si256();
-                const __m256i s16 = _mm256_cvtepi8_epi16(scv);   // the 16 sub-block scales as int16
+                const __m256i s16 = _mm256_cvtepi8_epi16(scv);  // the 16 sub-block scales as int16
                 for (int h = 0; h < 2; h++) {
                     // scales 8h..8h+7 in both 128-bit halves
-                    const __m256i sh = h ? _mm256_permute2x128_si256(s16, s16, 0x11) : _mm256_permute2x128_si256(s16, s16, 0x00);
+                    const __m256i sh =
+                        h ? _mm256_permute2x128_si256(s16, s16, 0x11) : _mm256_permute2x128_si256(s16, s16, 0x00);
                     const __m256i ql0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb->ql + 64 * h));
                     const __m256i ql1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb->ql + 64 * h + 32));
                     const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb->qh + 32 * h));
@@ -273,7 +283,8 @@ struct Q6KTile {
                         const __m256i sv = _mm256_shuffle_epi8(sh, sel);
                         for (int i = 0; i < NX; i++) {
                             const int8_t* xq = reinterpret_cast<const block_q8_K*>(x + i * xs)[b].qs + 128 * h + 32 * g;
-                            const __m256i p = _mm256_maddubs_epi16(q[g], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq)));
+                            const __m256i p =
+                                _mm256_maddubs_epi16(q[g], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq)));
                             isum[i] = _mm256_add_epi32(isum[i], _mm256_madd_epi16(p, sv));
                         }
                     }
@@ -282,7 +293,8 @@ struct Q6KTile {
                 for (int i = 0; i < NX; i++) {
                     const block_q8_K* xb = reinterpret_cast<const block_q8_K*>(x + i * xs) + b;
                     // remove the +32 offset of the unsigned quants: 32 * sum_j sc_j * bsum_j
-                    const __m256i corr = _mm256_madd_epi16(s16, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb->bsums)));
+                    const __m256i corr =
+                        _mm256_madd_epi16(s16, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb->bsums)));
                     const __m256i tot = _mm256_sub_epi32(isum[i], _mm256_slli_epi32(corr, 5));
                     acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(tot), _mm256_set1_ps(dw * xb->d), acc[i][j]);
                 }
@@ -305,7 +317,7 @@ struct Q80Tile {
             for (int j = 0; j < NW; j++) acc[i][j] = _mm256_setzero_ps();
         const int64_t nb = K / QK8_0;
         for (int64_t b = 0; b < nb; b++) {
-            __m256 dx[NX];   // X block scales, broadcast (one vector multiply per tile entry below)
+            __m256 dx[NX];  // X block scales, broadcast (one vector multiply per tile entry below)
             __m256i xv[NX];
             for (int i = 0; i < NX; i++) {
                 const block_q8_0* xb = reinterpret_cast<const block_q8_0*>(x + i * xs) + b;
@@ -329,7 +341,6 @@ struct Q80Tile {
     }
 };
 
-
 // ---------------------------------------------------------------- panel GEMM (M >= 16)
 // X panel layout, W unpacking and the driver: panel_gemm.h (shared with the AVX-512 file).
 // One ymm holds 4 k of 8 rows, so a panel is worked as two halves of 8 rows.
@@ -348,9 +359,9 @@ using WUnp = WUnpT<int16_t>;
 // of one panel: out[t * 16 + 8 * hf + i] = dot(W row t, X row 8hf + i).
 template <bool Q4, int NWR>
 void panel_micro(const WUnp* wu, int64_t nb, const uint8_t* panel, int hf, float* out) {
-    constexpr int NSUB = Q4 ? 8 : 16;   // sub-blocks per block
-    constexpr int GPS = 64 / NSUB;      // 4-byte groups per sub-block
-    constexpr int CH = Q4 ? 8 : 2;      // groups added in int16 before one madd
+    constexpr int NSUB = Q4 ? 8 : 16;  // sub-blocks per block
+    constexpr int GPS = 64 / NSUB;     // 4-byte groups per sub-block
+    constexpr int CH = Q4 ? 8 : 2;     // groups added in int16 before one madd
     __m256 facc[NWR];
     for (int t = 0; t < NWR; t++) facc[t] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
@@ -379,7 +390,8 @@ void panel_micro(const WUnp* wu, int64_t nb, const uint8_t* panel, int hf, float
         for (int pp = 0; pp < NSUB / 2; pp++) {
             const __m256i bsv = _mm256_load_si256(reinterpret_cast<const __m256i*>(P + 4096 + 64 + 64 * pp + 32 * hf));
             for (int t = 0; t < NWR; t++)
-                s2[t] = _mm256_add_epi32(s2[t], _mm256_madd_epi16(bsv, _mm256_set1_epi32(int32_t(wu[t * nb + b].cm2[pp]))));
+                s2[t] =
+                    _mm256_add_epi32(s2[t], _mm256_madd_epi16(bsv, _mm256_set1_epi32(int32_t(wu[t * nb + b].cm2[pp]))));
         }
         const __m256 dx = _mm256_load_ps(reinterpret_cast<const float*>(P + 4096) + 8 * hf);
         for (int t = 0; t < NWR; t++) {
@@ -437,8 +449,10 @@ void panel_micro_q8_0(const WUnpQ80* wu, int64_t nb, const uint8_t* panel, float
                 std::memcpy(&w4, wu[t * nb + b].q + 4 * g, 4);
                 std::memcpy(&a4, wu[t * nb + b].a + 4 * g, 4);
                 const __m256i wv = _mm256_set1_epi32(w4), av = _mm256_set1_epi32(a4);
-                s1[t][0] = _mm256_add_epi32(s1[t][0], _mm256_madd_epi16(_mm256_maddubs_epi16(av, _mm256_sign_epi8(c0, wv)), ones));
-                s1[t][1] = _mm256_add_epi32(s1[t][1], _mm256_madd_epi16(_mm256_maddubs_epi16(av, _mm256_sign_epi8(c1, wv)), ones));
+                s1[t][0] = _mm256_add_epi32(
+                    s1[t][0], _mm256_madd_epi16(_mm256_maddubs_epi16(av, _mm256_sign_epi8(c0, wv)), ones));
+                s1[t][1] = _mm256_add_epi32(
+                    s1[t][1], _mm256_madd_epi16(_mm256_maddubs_epi16(av, _mm256_sign_epi8(c1, wv)), ones));
             }
         }
         const __m256 dx0 = _mm256_load_ps(reinterpret_cast<const float*>(P + 512));
@@ -499,12 +513,15 @@ const KernelTable& avx2_kernels() {
         {DType::F32, {nullptr, nullptr, run_tile<FloatTile<LoadF32>, 2>}},
         {DType::F16, {nullptr, nullptr, run_tile<FloatTile<LoadF16>, 2>}},
         {DType::BF16, {nullptr, nullptr, run_tile<FloatTile<LoadBF16>, 2>}},
-        {DType::Q8_0, {prep_q8_0, bytes_q8_0, tile_q<Q80Tile, MQ_P8NX, MQ_P8NW>,
-                       prep_panel_q8_0<quantize_q8_0_block>, panel_bytes_q8_0, panel_gemm<PanelQ80, PanelMicroQ80>}},
-        {DType::Q4_K, {prep_q8_K, bytes_q8_K, tile_q<Q4KTile, MQ_PNX, MQ_PNW>,
-                       prep_panel<true, quantize_q8_K_block>, panel_bytes, panel_gemm<PanelQ4K<int16_t>, PanelMicro>}},
-        {DType::Q6_K, {prep_q8_K, bytes_q8_K, tile_q<Q6KTile, MQ_PNX, MQ_PNW>,
-                       prep_panel<false, quantize_q8_K_block>, panel_bytes, panel_gemm<PanelQ6K<int16_t>, PanelMicro>}},
+        {DType::Q8_0,
+         {prep_q8_0, bytes_q8_0, tile_q<Q80Tile, MQ_P8NX, MQ_P8NW>, prep_panel_q8_0<quantize_q8_0_block>,
+          panel_bytes_q8_0, panel_gemm<PanelQ80, PanelMicroQ80>}},
+        {DType::Q4_K,
+         {prep_q8_K, bytes_q8_K, tile_q<Q4KTile, MQ_PNX, MQ_PNW>, prep_panel<true, quantize_q8_K_block>, panel_bytes,
+          panel_gemm<PanelQ4K<int16_t>, PanelMicro>}},
+        {DType::Q6_K,
+         {prep_q8_K, bytes_q8_K, tile_q<Q6KTile, MQ_PNX, MQ_PNW>, prep_panel<false, quantize_q8_K_block>, panel_bytes,
+          panel_gemm<PanelQ6K<int16_t>, PanelMicro>}},
     };
     return k;
 }

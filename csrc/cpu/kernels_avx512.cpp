@@ -62,7 +62,8 @@ struct LoadF32 {
 struct LoadF16 {
     static constexpr int kBytes = 2, kPrefetch = 2048;
     static __m512 load(const uint8_t* p, int64_t k) {
-        return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(reinterpret_cast<const uint16_t*>(p) + k)));
+        return _mm512_cvtph_ps(
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(reinterpret_cast<const uint16_t*>(p) + k)));
     }
     static __m512 load_tail(const uint8_t* p, int64_t k, __mmask16 m) {
         return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, reinterpret_cast<const uint16_t*>(p) + k));
@@ -99,7 +100,7 @@ struct FloatTile {
                 for (int j = 0; j < NW; j++) acc[i][j] = _mm512_fmadd_ps(wv[j], xv, acc[i][j]);
             }
         }
-        if (k < K) {   // K % 16 values left: masked loads read nothing past the row
+        if (k < K) {  // K % 16 values left: masked loads read nothing past the row
             const __mmask16 m = static_cast<__mmask16>((1u << (K - k)) - 1);
             __m512 wv[NW];
             for (int j = 0; j < NW; j++) wv[j] = L::load_tail(w + j * ws, k, m);
@@ -129,7 +130,7 @@ inline void quantize_q8_K_block(const float* x, block_q8_K* y, bool q4_order) {
     __m512 vmax = _mm512_setzero_ps();
     for (int i = 0; i < 16; i++) vmax = _mm512_max_ps(vmax, _mm512_andnot_ps(sign, _mm512_loadu_ps(x + 16 * i)));
     const float amax = _mm512_reduce_max_ps(vmax);
-    if (!(amax > 0.0f)) {   // all zero (or NaN): the reference writes an all-zero block
+    if (!(amax > 0.0f)) {  // all zero (or NaN): the reference writes an all-zero block
         std::memset(y, 0, sizeof(*y));
         return;
     }
@@ -146,7 +147,7 @@ inline void quantize_q8_K_block(const float* x, block_q8_K* y, bool q4_order) {
     const float iscale = -127.0f / mx;
     const __m512 vs = _mm512_set1_ps(iscale);
     const __m512i q127 = _mm512_set1_epi32(127);
-    static const int slot[8] = {0, 2, 1, 3, 4, 6, 5, 7};   // sub-block j -> position (q4 order)
+    static const int slot[8] = {0, 2, 1, 3, 4, 6, 5, 7};  // sub-block j -> position (q4 order)
     for (int i = 0; i < 16; i++) {
         __m512i v = _mm512_cvt_roundps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + 16 * i), vs),
                                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -224,8 +225,9 @@ struct Q4KTile {
                 const __m512i s16 = _mm512_castsi128_si512(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(int64_t(sc8))));
                 const __m512i sv01 = _mm512_permutexvar_epi16(idx01, s16), sv23 = _mm512_permutexvar_epi16(idx23, s16);
                 // dmin * m_s for the 8 sub-blocks, lanes 0..7 (8..15 zero)
-                const __m512 wm = _mm512_zextps256_ps512(_mm256_mul_ps(
-                    _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(int64_t(m8)))), _mm256_set1_ps(h2f(wb->dmin))));
+                const __m512 wm = _mm512_zextps256_ps512(
+                    _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(int64_t(m8)))),
+                                  _mm256_set1_ps(h2f(wb->dmin))));
                 const __m512i q0 = _mm512_loadu_si512(wb->qs), q1 = _mm512_loadu_si512(wb->qs + 64);
                 const __m512i w0 = _mm512_and_si512(q0, m4), w1 = _mm512_and_si512(_mm512_srli_epi16(q0, 4), m4);
                 const __m512i w2 = _mm512_and_si512(q1, m4), w3 = _mm512_and_si512(_mm512_srli_epi16(q1, 4), m4);
@@ -243,7 +245,8 @@ struct Q4KTile {
                     __m512i isum = _mm512_dpwssd_epi32(z, _mm512_packs_epi32(p0, p1), sv01);
                     isum = _mm512_dpwssd_epi32(isum, _mm512_packs_epi32(p2, p3), sv23);
                     // + dw * dx * isum  - sum_s (dmin m_s) * (dx bsum pair_s)
-                    acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(dw, _mm512_set1_ps(xb->d)), acc[i][j]);
+                    acc[i][j] =
+                        _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(dw, _mm512_set1_ps(xb->d)), acc[i][j]);
                     acc[i][j] = _mm512_fnmadd_ps(wm, _mm512_zextps256_ps512(_mm256_loadu_ps(xb->dm)), acc[i][j]);
                 }
             }
@@ -280,14 +283,17 @@ struct Q6KTile {
                     const __m512i ql = _mm512_loadu_si512(wb->ql + 64 * h);
                     const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb->qh + 32 * h));
                     const __m512i H = _mm512_inserti64x4(_mm512_castsi256_si512(qh), _mm256_srli_epi16(qh, 2), 1);
-                    q[2 * h] = _mm512_or_si512(_mm512_and_si512(ql, m4), _mm512_and_si512(_mm512_slli_epi16(H, 4), m30));
-                    q[2 * h + 1] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(ql, 4), m4), _mm512_and_si512(H, m30));
+                    q[2 * h] =
+                        _mm512_or_si512(_mm512_and_si512(ql, m4), _mm512_and_si512(_mm512_slli_epi16(H, 4), m30));
+                    q[2 * h + 1] =
+                        _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(ql, 4), m4), _mm512_and_si512(H, m30));
                 }
                 const __m256i s16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wb->scales)));
                 const __m512i sz = _mm512_castsi256_si512(s16);
                 const __m512i sv01 = _mm512_permutexvar_epi16(idx01, sz), sv23 = _mm512_permutexvar_epi16(idx23, sz);
                 // -32 * scales in the low 16 int16 lanes, zero above (|.| <= 4096)
-                const __m512i scm = _mm512_zextsi256_si512(_mm256_sub_epi16(_mm256_setzero_si256(), _mm256_slli_epi16(s16, 5)));
+                const __m512i scm =
+                    _mm512_zextsi256_si512(_mm256_sub_epi16(_mm256_setzero_si256(), _mm256_slli_epi16(s16, 5)));
                 const float dw = h2f(wb->d);
                 for (int i = 0; i < NX; i++) {
                     const block_q8_K* xb = reinterpret_cast<const block_q8_K*>(x + i * xs) + b;
@@ -300,8 +306,9 @@ struct Q6KTile {
                     const __m512i p3 = _mm512_dpbusd_epi32(z, q[3], _mm512_loadu_si512(xb->qs + 192));
                     __m512i isum = _mm512_dpwssd_epi32(z, _mm512_packs_epi32(p0, p1), sv01);
                     isum = _mm512_dpwssd_epi32(isum, _mm512_packs_epi32(p2, p3), sv23);
-                    const __m512i bs = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb->bsums)));
-                    isum = _mm512_dpwssd_epi32(isum, bs, scm);   // upper lanes of scm are 0
+                    const __m512i bs =
+                        _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb->bsums)));
+                    isum = _mm512_dpwssd_epi32(isum, bs, scm);  // upper lanes of scm are 0
                     acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_set1_ps(dw * xb->d), acc[i][j]);
                 }
             }
@@ -317,9 +324,9 @@ struct Q6KTile {
 // starting the int32 accumulator at -16 * sum(x) in each of the block's 8 lanes.
 // X rows are prepared per pair of Q8_0 blocks (64 values) as:
 struct XQ8Pair {
-    int8_t qs[64];       // quants of blocks 2p, 2p+1 (ggml's quantize_row_q8_0_ref)
-    int32_t corr[16];    // -16 * sum(qs of the block), lanes 0..7 block 2p, 8..15 block 2p+1
-    float d[16];         // block scale (fp16-rounded as in Q8_0), same lane split
+    int8_t qs[64];     // quants of blocks 2p, 2p+1 (ggml's quantize_row_q8_0_ref)
+    int32_t corr[16];  // -16 * sum(qs of the block), lanes 0..7 block 2p, 8..15 block 2p+1
+    float d[16];       // block scale (fp16-rounded as in Q8_0), same lane split
 };
 static_assert(sizeof(XQ8Pair) == 192, "XQ8Pair layout");
 
@@ -352,7 +359,7 @@ void prep_xq8_pairs(const float* x, void* xq, int64_t K) {
     XQ8Pair* out = static_cast<XQ8Pair*>(xq);
     for (int64_t p = 0; p < (nblk + 1) / 2; p++) {
         block_q8_0 blk[2];
-        std::memset(blk, 0, sizeof(blk));   // odd tail: block 2p+1 is all zero (scale 0)
+        std::memset(blk, 0, sizeof(blk));  // odd tail: block 2p+1 is all zero (scale 0)
         quantize_q8_0_block(x + 64 * p, &blk[0]);
         if (2 * p + 1 < nblk) quantize_q8_0_block(x + 64 * p + 32, &blk[1]);
         for (int h = 0; h < 2; h++) {
@@ -383,14 +390,17 @@ struct Q80Tile {
                 if constexpr (NX <= 2) prefetch_w<2 * sizeof(block_q8_0)>(wb);
                 const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb[0].qs));
                 // never read past the row: the odd last block pairs with zeros
-                const __m256i hi = full ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb[1].qs)) : _mm256_setzero_si256();
+                const __m256i hi =
+                    full ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb[1].qs)) : _mm256_setzero_si256();
                 const __m512i wu = _mm512_xor_si512(_mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1), sgn);
-                const __m512 dw = _mm512_cvtph_ps(_mm256_set_m128i(_mm_set1_epi16(short(full ? wb[1].d : 0)),
-                                                                   _mm_set1_epi16(short(wb[0].d))));
+                const __m512 dw = _mm512_cvtph_ps(
+                    _mm256_set_m128i(_mm_set1_epi16(short(full ? wb[1].d : 0)), _mm_set1_epi16(short(wb[0].d))));
                 for (int i = 0; i < NX; i++) {
                     const XQ8Pair* xp = reinterpret_cast<const XQ8Pair*>(x + i * xs) + p;
-                    const __m512i dot = _mm512_dpbusd_epi32(_mm512_loadu_si512(xp->corr), wu, _mm512_loadu_si512(xp->qs));
-                    acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(dw, _mm512_loadu_ps(xp->d)), acc[i][j]);
+                    const __m512i dot =
+                        _mm512_dpbusd_epi32(_mm512_loadu_si512(xp->corr), wu, _mm512_loadu_si512(xp->qs));
+                    acc[i][j] =
+                        _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(dw, _mm512_loadu_ps(xp->d)), acc[i][j]);
                 }
             }
         }
@@ -398,7 +408,6 @@ struct Q80Tile {
             for (int j = 0; j < NW; j++) y[i * ldy + j] = _mm512_reduce_add_ps(acc[i][j]);
     }
 };
-
 
 // ---------------------------------------------------------------- panel GEMM (M >= 16)
 // X panel layout, W unpacking (int32 sub-block scales here) and the driver: panel_gemm.h.
@@ -415,8 +424,8 @@ void quantize_block_simd(const float* x, block_q8_K* y) { quantize_q8_K_block(x,
 // out[t * 16 + i] = dot(W row t, X row i).
 template <bool Q4, int NWR>
 void panel_micro(const WUnp* wu, int64_t nb, const uint8_t* panel, float* out) {
-    constexpr int NSUB = Q4 ? 8 : 16;        // sub-blocks per block
-    constexpr int GPS = 64 / NSUB;           // 4-byte groups per sub-block
+    constexpr int NSUB = Q4 ? 8 : 16;  // sub-blocks per block
+    constexpr int GPS = 64 / NSUB;     // 4-byte groups per sub-block
     __m512 facc[NWR];
     for (int t = 0; t < NWR; t++) facc[t] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
@@ -502,10 +511,12 @@ const KernelTable& avx512_kernels() {
         {DType::F16, {nullptr, nullptr, run_tile<FloatTile<LoadF16>, 4>}},
         {DType::BF16, {nullptr, nullptr, run_tile<FloatTile<LoadBF16>, 4>}},
         {DType::Q8_0, {prep_xq8_pairs, bytes_xq8_pairs, run_tile<Q80Tile, 4, 4, 1>}},
-        {DType::Q4_K, {prep_xq4k, bytes_q8_K, run_tile<Q4KTile, MQ_Q4K_NX, MQ_Q4K_NW, 1>,
-                       prep_panel<true, quantize_block_simd>, panel_bytes, panel_gemm<PanelQ4K<int32_t>, PanelMicro>}},
-        {DType::Q6_K, {prep_q8_K, bytes_q8_K, run_tile<Q6KTile, MQ_Q6K_NX, MQ_Q6K_NW, 1>,
-                       prep_panel<false, quantize_block_simd>, panel_bytes, panel_gemm<PanelQ6K<int32_t>, PanelMicro>}},
+        {DType::Q4_K,
+         {prep_xq4k, bytes_q8_K, run_tile<Q4KTile, MQ_Q4K_NX, MQ_Q4K_NW, 1>, prep_panel<true, quantize_block_simd>,
+          panel_bytes, panel_gemm<PanelQ4K<int32_t>, PanelMicro>}},
+        {DType::Q6_K,
+         {prep_q8_K, bytes_q8_K, run_tile<Q6KTile, MQ_Q6K_NX, MQ_Q6K_NW, 1>, prep_panel<false, quantize_block_simd>,
+          panel_bytes, panel_gemm<PanelQ6K<int32_t>, PanelMicro>}},
     };
     return k;
 }

@@ -40,17 +40,17 @@ static CpuFeatures detect() {
     if (!__get_cpuid(1, &a, &b, &c, &d)) return f;
     const bool osxsave = (c >> 27) & 1;
     const bool avx = (c >> 28) & 1;
-    if (!osxsave || !avx) return f;   // no AVX state saved by the OS: SIMD paths unusable
+    if (!osxsave || !avx) return f;  // no AVX state saved by the OS: SIMD paths unusable
     const uint64_t xcr0 = read_xcr0();
-    const bool os_avx = (xcr0 & 0x6) == 0x6;        // XMM + YMM state
-    const bool os_avx512 = (xcr0 & 0xe6) == 0xe6;   // + opmask, ZMM_Hi256, Hi16_ZMM
+    const bool os_avx = (xcr0 & 0x6) == 0x6;       // XMM + YMM state
+    const bool os_avx512 = (xcr0 & 0xe6) == 0xe6;  // + opmask, ZMM_Hi256, Hi16_ZMM
     if (!os_avx) return f;
     f.fma = (c >> 12) & 1;
     f.f16c = (c >> 29) & 1;
     if (__get_cpuid_count(7, 0, &a, &b, &c, &d)) {
         f.avx2 = (b >> 5) & 1;
         const bool bmi2 = (b >> 8) & 1;
-        f.avx2 = f.avx2 && bmi2;   // the AVX2 files are compiled with -mbmi2
+        f.avx2 = f.avx2 && bmi2;  // the AVX2 files are compiled with -mbmi2
         if (os_avx512) {
             f.avx512f = (b >> 16) & 1;
             f.avx512dq = (b >> 17) & 1;
@@ -86,7 +86,7 @@ struct PathEntry {
     // The activation quantizers the path's matmul uses (quantize_row_*_path, for tests).
     void (*quantize_q8_K)(const float* x, block_q8_K* y, int64_t k);
     void (*quantize_q8_0)(const float* x, block_q8_0* y, int64_t k);
-    uint64_t (*read_sum)(const uint64_t* p, size_t n);   // bandwidth probe loop
+    uint64_t (*read_sum)(const uint64_t* p, size_t n);  // bandwidth probe loop
 };
 
 static bool scalar_ok(const CpuFeatures&) { return true; }
@@ -139,7 +139,7 @@ std::vector<std::string> available_paths() {
     return out;
 }
 
-static std::string path_names() {   // "scalar, avx2 or avx512"
+static std::string path_names() {  // "scalar, avx2 or avx512"
     std::string s;
     const size_t n = sizeof(kPaths) / sizeof(kPaths[0]);
     for (size_t i = 0; i < n; i++) s += std::string(i == 0 ? "" : i + 1 == n ? " or " : ", ") + kPaths[i].name;
@@ -173,7 +173,7 @@ Path active_path() {
     Path chosen = best_path();
     if (const char* env = env::cpu_path()) {
         const std::string s(env);
-        if (!s.empty() && s != "auto") chosen = parse_path(s, "MLLAMA_Q_CPU_PATH");   // throws: clear error
+        if (!s.empty() && s != "auto") chosen = parse_path(s, "MLLAMA_Q_CPU_PATH");  // throws: clear error
     }
     g_path.store(static_cast<int>(chosen), std::memory_order_release);
     return chosen;
@@ -214,9 +214,9 @@ static void matmul_panels(const detail::TypeKernels& tk, const float* x, int64_t
         const int rows = static_cast<int>(std::min<int64_t>(PR, M - p * PR));
         tk.prep_panel(x + p * PR * ldx, ldx, rows, base + p * pb, K);
     });
-    const int64_t pc = 8;                                   // panels per task (128 X rows)
+    const int64_t pc = 8;  // panels per task (128 X rows)
     const int64_t n_pchunks = (n_panels + pc - 1) / pc;
-    const int64_t nb = 32;                                  // W rows per task
+    const int64_t nb = 32;  // W rows per task
     const int64_t n_nchunks = (N + nb - 1) / nb;
     const uint8_t* wb = static_cast<const uint8_t*>(w);
     pool.parallel_for(n_nchunks * n_pchunks, [&](int64_t t, int) {
@@ -243,8 +243,7 @@ void matmul(const float* x, int64_t M, int64_t K, int64_t ldx, const void* w, DT
     if (K % ti.block_size != 0)
         throw std::invalid_argument("matmul: K=" + std::to_string(K) + " is not a multiple of the " + ti.name +
                                     " block size " + std::to_string(ti.block_size));
-    if (ldx < K || ldy < N)
-        throw std::invalid_argument("matmul: row strides must satisfy ldx >= K and ldy >= N");
+    if (ldx < K || ldy < N) throw std::invalid_argument("matmul: row strides must satisfy ldx >= K and ldy >= N");
     if (M == 0 || N == 0) return;
     if (!x || !w || !y) throw std::invalid_argument("matmul: null buffer");
 
@@ -261,7 +260,7 @@ void matmul(const float* x, int64_t M, int64_t K, int64_t ldx, const void* w, DT
     size_t x_stride = static_cast<size_t>(ldx) * sizeof(float);
     if (tk.prep_x) {
         x_stride = tk.x_row_bytes(K);
-        x_stride = (x_stride + 63) & ~size_t(63);   // 64-byte aligned rows
+        x_stride = (x_stride + 63) & ~size_t(63);  // 64-byte aligned rows
         // new[] of uint8_t is not 64-byte aligned: over-allocate and align.
         xq_buf.reset(new uint8_t[x_stride * M + 64]);
         uint8_t* base = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(xq_buf.get()) + 63) & ~uintptr_t(63));
@@ -303,13 +302,15 @@ void matmul(const float* x, int64_t M, int64_t K, int64_t ldx, const void* w, DT
 
 void quantize_row_q8_K_path(const float* x, block_q8_K* y, int64_t k, Path path) {
     if (k % QK_K != 0) throw std::invalid_argument("quantize_row_q8_K_path: k must be a multiple of 256");
-    if (!path_supported(path)) throw std::invalid_argument(std::string("CPU path ") + path_name(path) + " not supported");
+    if (!path_supported(path))
+        throw std::invalid_argument(std::string("CPU path ") + path_name(path) + " not supported");
     entry(path).quantize_q8_K(x, y, k);
 }
 
 void quantize_row_q8_0_path(const float* x, block_q8_0* y, int64_t k, Path path) {
     if (k % QK8_0 != 0) throw std::invalid_argument("quantize_row_q8_0_path: k must be a multiple of 32");
-    if (!path_supported(path)) throw std::invalid_argument(std::string("CPU path ") + path_name(path) + " not supported");
+    if (!path_supported(path))
+        throw std::invalid_argument(std::string("CPU path ") + path_name(path) + " not supported");
     entry(path).quantize_q8_0(x, y, k);
 }
 
@@ -350,7 +351,12 @@ uint64_t read_sum(const uint64_t* p, size_t n) { return entry(best_path()).read_
 static uint64_t read_sum_portable(const uint64_t* p, size_t n) {
     uint64_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
     size_t i = 0;
-    for (; i + 4 <= n; i += 4) { s0 += p[i]; s1 += p[i + 1]; s2 += p[i + 2]; s3 += p[i + 3]; }
+    for (; i + 4 <= n; i += 4) {
+        s0 += p[i];
+        s1 += p[i + 1];
+        s2 += p[i + 2];
+        s3 += p[i + 3];
+    }
     for (; i < n; i++) s0 += p[i];
     return s0 + s1 + s2 + s3;
 }

@@ -28,26 +28,25 @@ struct CpuFeatures {
 };
 const CpuFeatures& cpu_features();
 
-Path best_path();                 // fastest path this CPU supports
-Path active_path();               // path in use (forced or best)
-void set_cpu_path(const std::string& name);   // "", "auto", "scalar", "avx2", "avx512"; throws if unsupported
+Path best_path();                            // fastest path this CPU supports
+Path active_path();                          // path in use (forced or best)
+void set_cpu_path(const std::string& name);  // "", "auto", "scalar", "avx2", "avx512"; throws if unsupported
 const char* path_name(Path p);
-Path path_by_name(const std::string& name);   // throws for unknown or unsupported names
+Path path_by_name(const std::string& name);  // throws for unknown or unsupported names
 std::vector<std::string> available_paths();
 
 // Throws std::invalid_argument on unsupported wtype or K not a multiple of its block.
-void matmul(const float* x, int64_t M, int64_t K, int64_t ldx,
-            const void* w, DType wtype, int64_t N,
-            float* y, int64_t ldy, ThreadPool& pool);
+void matmul(const float* x, int64_t M, int64_t K, int64_t ldx, const void* w, DType wtype, int64_t N, float* y,
+            int64_t ldy, ThreadPool& pool);
 
 // The Q8_K activation quantizer that `path` uses inside matmul (bytes as
 // ggml's quantize_row_q8_K_ref, natural value order). For tests.
 void quantize_row_q8_K_path(const float* x, block_q8_K* y, int64_t k, Path path);
-void quantize_row_q8_0_path(const float* x, block_q8_0* y, int64_t k, Path path);   // same for Q8_0
+void quantize_row_q8_0_path(const float* x, block_q8_0* y, int64_t k, Path path);  // same for Q8_0
 
 // Memory read bandwidth in bytes/s: every thread of `pool` sums its share of
 // a `bytes` buffer; best of `repeats` passes. For benchmark context.
 double measure_read_bandwidth(size_t bytes, int repeats, ThreadPool& pool);
-uint64_t read_sum(const uint64_t* p, size_t n);   // sum of n words, widest loads available
+uint64_t read_sum(const uint64_t* p, size_t n);  // sum of n words, widest loads available
 
 }  // namespace mq::cpu

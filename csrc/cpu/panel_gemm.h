@@ -64,25 +64,26 @@ void pack_panel(const float* x, int64_t ldx, int rows, void* panel, int64_t K, P
 // QuantizeBlock(x, y): 256 floats -> one Q8_K block.
 template <bool Q4, void (*QuantizeBlock)(const float*, block_q8_K*)>
 void prep_panel(const float* x, int64_t ldx, int rows, void* panel, int64_t K) {
-    pack_panel<block_q8_K, QK_K, kPanelBlock, QuantizeBlock>(x, ldx, rows, panel, K, [](const block_q8_K& q, int r, uint8_t* pb) {
-        for (int g = 0; g < 64; g++) std::memcpy(pb + 64 * g + 4 * r, q.qs + 4 * g, 4);
-        reinterpret_cast<float*>(pb + 4096)[r] = q.d;
-        int16_t* bs = reinterpret_cast<int16_t*>(pb + 4096 + 64);
-        for (int pp = 0; pp < 8; pp++) {
-            int16_t lo = 0, hi = 0;
-            if (Q4) {
-                if (pp < 4) {
-                    lo = int16_t(q.bsums[4 * pp] + q.bsums[4 * pp + 1]);
-                    hi = int16_t(q.bsums[4 * pp + 2] + q.bsums[4 * pp + 3]);
+    pack_panel<block_q8_K, QK_K, kPanelBlock, QuantizeBlock>(
+        x, ldx, rows, panel, K, [](const block_q8_K& q, int r, uint8_t* pb) {
+            for (int g = 0; g < 64; g++) std::memcpy(pb + 64 * g + 4 * r, q.qs + 4 * g, 4);
+            reinterpret_cast<float*>(pb + 4096)[r] = q.d;
+            int16_t* bs = reinterpret_cast<int16_t*>(pb + 4096 + 64);
+            for (int pp = 0; pp < 8; pp++) {
+                int16_t lo = 0, hi = 0;
+                if (Q4) {
+                    if (pp < 4) {
+                        lo = int16_t(q.bsums[4 * pp] + q.bsums[4 * pp + 1]);
+                        hi = int16_t(q.bsums[4 * pp + 2] + q.bsums[4 * pp + 3]);
+                    }
+                } else {
+                    lo = q.bsums[2 * pp];
+                    hi = q.bsums[2 * pp + 1];
                 }
-            } else {
-                lo = q.bsums[2 * pp];
-                hi = q.bsums[2 * pp + 1];
+                bs[32 * pp + 2 * r] = lo;
+                bs[32 * pp + 2 * r + 1] = hi;
             }
-            bs[32 * pp + 2 * r] = lo;
-            bs[32 * pp + 2 * r + 1] = hi;
-        }
-    });
+        });
 }
 
 size_t panel_bytes(int64_t K) { return size_t(K / QK_K) * kPanelBlock; }
@@ -92,10 +93,11 @@ constexpr int kPanelBlockQ80 = 512 + 64;
 // QuantizeBlock(x, y): 32 floats -> one Q8_0 block.
 template <void (*QuantizeBlock)(const float*, block_q8_0*)>
 void prep_panel_q8_0(const float* x, int64_t ldx, int rows, void* panel, int64_t K) {
-    pack_panel<block_q8_0, QK8_0, kPanelBlockQ80, QuantizeBlock>(x, ldx, rows, panel, K, [](const block_q8_0& q, int r, uint8_t* pb) {
-        for (int g = 0; g < 8; g++) std::memcpy(pb + 64 * g + 4 * r, q.qs + 4 * g, 4);
-        reinterpret_cast<float*>(pb + 512)[r] = fp16_to_fp32(q.d);
-    });
+    pack_panel<block_q8_0, QK8_0, kPanelBlockQ80, QuantizeBlock>(
+        x, ldx, rows, panel, K, [](const block_q8_0& q, int r, uint8_t* pb) {
+            for (int g = 0; g < 8; g++) std::memcpy(pb + 64 * g + 4 * r, q.qs + 4 * g, 4);
+            reinterpret_cast<float*>(pb + 512)[r] = fp16_to_fp32(q.d);
+        });
 }
 
 [[maybe_unused]] size_t panel_bytes_q8_0(int64_t K) { return size_t(K / QK8_0) * kPanelBlockQ80; }
@@ -128,7 +130,7 @@ void unpack_w_q6_K(const uint8_t* row, int64_t nb, WUnpT<Sc>* out) {
     const block_q6_K* wb = reinterpret_cast<const block_q6_K*>(row);
     for (int64_t b = 0; b < nb; b++) {
         WUnpT<Sc>& u = out[b];
-        for (int h = 0; h < 2; h++) {   // value order as ggml's dequantize_row_q6_K
+        for (int h = 0; h < 2; h++) {  // value order as ggml's dequantize_row_q6_K
             const uint8_t* ql = wb[b].ql + 64 * h;
             const uint8_t* qh = wb[b].qh + 32 * h;
             uint8_t* o = u.q + 128 * h;
@@ -151,8 +153,8 @@ void unpack_w_q6_K(const uint8_t* row, int64_t nb, WUnpT<Sc>* out) {
 }
 
 struct alignas(32) WUnpQ80 {
-    int8_t q[QK8_0];    // the codes
-    uint8_t a[QK8_0];   // |code| (128 for -128), maddubs' unsigned operand
+    int8_t q[QK8_0];   // the codes
+    uint8_t a[QK8_0];  // |code| (128 for -128), maddubs' unsigned operand
     float d;
 };
 
@@ -180,8 +182,10 @@ struct PanelKQuant {
         else unpack_w_q6_K(row, nb, out);
     }
 };
-template <typename Sc> using PanelQ4K = PanelKQuant<Sc, true>;
-template <typename Sc> using PanelQ6K = PanelKQuant<Sc, false>;
+template <typename Sc>
+using PanelQ4K = PanelKQuant<Sc, true>;
+template <typename Sc>
+using PanelQ6K = PanelKQuant<Sc, false>;
 struct PanelQ80 {
     using WUnp = WUnpQ80;
     static constexpr int64_t kBlock = QK8_0;
@@ -200,14 +204,14 @@ struct PanelQ80 {
 //             out[t * 16 + i] = dot(W row t, X row i) for those i.
 // The arguments are those of PanelGemmFn (kernels.h).
 template <class U, class Micro>
-void panel_gemm(const void* w, size_t ws, int64_t nw, const void* panels, size_t pstride, int n_panels,
-                int64_t m_rows, int64_t K, float* y, int64_t ldy) {
+void panel_gemm(const void* w, size_t ws, int64_t nw, const void* panels, size_t pstride, int n_panels, int64_t m_rows,
+                int64_t K, float* y, int64_t ldy) {
     using WUnp = typename U::WUnp;
     constexpr int kMax = Micro::kMaxRows;
     static_assert(kMax == 4 || kMax == 8, "micro-kernel row groups");
     static_assert(kPanelRows % Micro::kLanes == 0, "micro-kernel lanes");
     const int64_t nb = K / U::kBlock;
-    thread_local std::vector<WUnp> scratch;   // kMax unpacked W rows
+    thread_local std::vector<WUnp> scratch;  // kMax unpacked W rows
     if (scratch.size() < size_t(kMax * nb)) scratch.resize(size_t(kMax * nb));
     const uint8_t* wb = static_cast<const uint8_t*>(w);
     const uint8_t* pp = static_cast<const uint8_t*>(panels);
@@ -219,9 +223,9 @@ void panel_gemm(const void* w, size_t ws, int64_t nw, const void* panels, size_t
             const uint8_t* P = pp + p * pstride;
             const int64_t left_rows = m_rows - int64_t(p) * kPanelRows;
             const int64_t rows = left_rows < kPanelRows ? left_rows : kPanelRows;
-            const int parts = int((rows + Micro::kLanes - 1) / Micro::kLanes);   // skip all-padding parts
+            const int parts = int((rows + Micro::kLanes - 1) / Micro::kLanes);  // skip all-padding parts
             for (int part = 0; part < parts; part++) {
-                int t0 = 0;   // W rows in groups of 8 / 4 / 2 / 1
+                int t0 = 0;  // W rows in groups of 8 / 4 / 2 / 1
                 while (t0 < nwr) {
                     const int left = nwr - t0;
                     const WUnp* wu = scratch.data() + t0 * nb;
@@ -233,9 +237,16 @@ void panel_gemm(const void* w, size_t ws, int64_t nw, const void* panels, size_t
                             continue;
                         }
                     }
-                    if (left >= 4) { Micro::template run<U, 4>(wu, nb, P, part, o); t0 += 4; }
-                    else if (left >= 2) { Micro::template run<U, 2>(wu, nb, P, part, o); t0 += 2; }
-                    else { Micro::template run<U, 1>(wu, nb, P, part, o); t0 += 1; }
+                    if (left >= 4) {
+                        Micro::template run<U, 4>(wu, nb, P, part, o);
+                        t0 += 4;
+                    } else if (left >= 2) {
+                        Micro::template run<U, 2>(wu, nb, P, part, o);
+                        t0 += 2;
+                    } else {
+                        Micro::template run<U, 1>(wu, nb, P, part, o);
+                        t0 += 1;
+                    }
                 }
             }
             for (int64_t i = 0; i < rows; i++)

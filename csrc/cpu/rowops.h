@@ -22,7 +22,7 @@ struct RowOps {
     void (*rms_norm)(const float* x, const float* w, float* y, int64_t n, float eps);
 };
 
-const RowOps& row_ops();   // the kernels of active_path()
+const RowOps& row_ops();  // the kernels of active_path()
 
 namespace detail {
 const RowOps& row_ops_scalar();

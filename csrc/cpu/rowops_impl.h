@@ -37,7 +37,7 @@ inline typename V::T gelu_vec(typename V::T x) {
     p = V::fma(p, w, V::set1(0.112837739f));
     p = V::fma(p, w, V::set1(-0.376126379f));
     p = V::fma(p, w, V::set1(1.12837923f));
-    const T herf = V::mul(half, V::mul(z, p));                  // erf(z) / 2
+    const T herf = V::mul(half, V::mul(z, p));  // erf(z) / 2
     const T t = V::div(one, V::fma(z, half, one));
     T q = V::set1(0.0359634236f);
     q = V::fma(q, t, V::set1(-0.0337033793f));
@@ -48,9 +48,9 @@ inline typename V::T gelu_vec(typename V::T x) {
     q = V::fma(q, t, V::set1(0.276511222f));
     q = V::fma(q, t, V::set1(0.282645643f));
     q = V::fma(q, t, V::set1(-2.29015168e-05f));
-    const T herfc = V::mul(half, V::mul(V::exp(V::sub(V::zero(), w)), q));   // erfc(z) / 2
+    const T herfc = V::mul(half, V::mul(V::exp(V::sub(V::zero(), w)), q));  // erfc(z) / 2
     const T small = V::set1(0.5f);
-    const T phi_pos = V::select_lt(z, small, V::add(half, herf), V::sub(one, herfc));   // Φ(|x|)
+    const T phi_pos = V::select_lt(z, small, V::add(half, herf), V::sub(one, herfc));  // Φ(|x|)
     const T phi_neg = V::select_lt(z, small, V::sub(half, herf), herfc);               // Φ(-|x|)
     return V::mul(x, V::select_lt(x, V::zero(), phi_neg, phi_pos));
 }
@@ -120,7 +120,13 @@ void layer_norm_simd(const float* x, const float* w, const float* b, float* y, i
     for (int64_t t = i; t < n; t++) s += x[t];
     const float mean = float(s / double(n));
     const T vm = V::set1(mean);
-    double ss = row_sum<V>(x, n, [&](T v) { const T d = V::sub(v, vm); return V::mul(d, d); }, &i);
+    double ss = row_sum<V>(
+        x, n,
+        [&](T v) {
+            const T d = V::sub(v, vm);
+            return V::mul(d, d);
+        },
+        &i);
     for (int64_t t = i; t < n; t++) ss += double(x[t] - mean) * double(x[t] - mean);
     const float inv = float(1.0 / std::sqrt(ss / double(n) + double(eps)));
     const T vi = V::set1(inv);

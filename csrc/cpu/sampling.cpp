@@ -60,12 +60,11 @@ int32_t argmax(const float* s, int64_t n) {
 // Filters of sampling.py's filter_logits on s [vocab] (penalised): sc.ids / sc.v hold the
 // survivors (ids and temperature-scaled logits) in draw order; returns their count.
 int64_t filter(const float* s, int64_t vocab, const Backend::SampleParams& p, SampleScratch& sc) {
-    auto& x = sc.v;   // scaled logits [vocab]
+    auto& x = sc.v;  // scaled logits [vocab]
     x.resize(size_t(vocab));
     if (p.temperature != 1.0f)
         for (int64_t i = 0; i < vocab; i++) x[i] = s[i] / p.temperature;
-    else
-        std::copy(s, s + vocab, x.begin());
+    else std::copy(s, s + vocab, x.begin());
     auto& ids = sc.ids;
     ids.clear();
     if (p.top_k > 0 && p.top_k < vocab) {
@@ -110,7 +109,7 @@ int64_t filter(const float* s, int64_t vocab, const Backend::SampleParams& p, Sa
         for (int64_t i = 0; i < m; i++) {
             const double pd = double(pr[order[i]]);
             c += pd;
-            if (c - pd < double(p.top_p)) {   // sampling.py: above = cumsum(pd) - pd
+            if (c - pd < double(p.top_p)) {  // sampling.py: above = cumsum(pd) - pd
                 kid.push_back(ids[order[i]]);
                 kv.push_back(v[order[i]]);
             }
@@ -145,7 +144,6 @@ int64_t filter(const float* s, int64_t vocab, const Backend::SampleParams& p, Sa
 
 void check_sample_params(const Backend::SampleParams& p) { Backend::check(p); }
 
-
 void sample_distribution(const float* logits, int64_t vocab, const Backend::SampleParams& p, const int32_t* hist,
                          SampleScratch& sc, std::vector<int32_t>& ids, std::vector<float>& probs) {
     const float* s = penalised(logits, vocab, p, hist, sc);
@@ -165,7 +163,7 @@ int32_t sample_row(const float* logits, int64_t vocab, const Backend::SamplePara
     const float* s = penalised(logits, vocab, p, hist, sc);
     if (p.temperature == 0.0f) return argmax(s, vocab);
     const int64_t n = filter(s, vocab, p, sc);
-    if (n <= 0) return argmax(s, vocab);   // every logit NaN: nothing survived
+    if (n <= 0) return argmax(s, vocab);  // every logit NaN: nothing survived
     sc.p.resize(size_t(n));
     softmax(sc.v.data(), n, sc.p.data());
     // sampling.py Sampler: cdf = cumsum(p as float64); r = u * cdf[-1]; first index with cdf > r

@@ -28,7 +28,7 @@ namespace mq::cpu {
 struct SampleScratch {
     std::vector<float> s, v, p;
     std::vector<int32_t> ids, order;
-    std::vector<uint32_t> seen;   // generation-stamped "id in history" marks [vocab]
+    std::vector<uint32_t> seen;  // generation-stamped "id in history" marks [vocab]
     uint32_t stamp = 0;
 };
 

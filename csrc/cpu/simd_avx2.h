@@ -46,7 +46,9 @@ struct V256 {
     static T sub(T a, T b) { return _mm256_sub_ps(a, b); }
     static T max(T a, T b) { return _mm256_max_ps(a, b); }
     static T abs(T a) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), a); }
-    static T select_lt(T a, T b, T x, T y) { return _mm256_blendv_ps(y, x, _mm256_cmp_ps(a, b, _CMP_LT_OQ)); }  // a < b ? x : y
+    static T select_lt(T a, T b, T x, T y) {
+        return _mm256_blendv_ps(y, x, _mm256_cmp_ps(a, b, _CMP_LT_OQ));
+    }  // a < b ? x : y
     static T exp(T x) { return exp8_nonpos(x); }
     static float hsum(T x) {
         __m128 s = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));

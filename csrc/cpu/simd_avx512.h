@@ -21,7 +21,7 @@ struct V512 {
     static T sub(T a, T b) { return _mm512_sub_ps(a, b); }
     static T max(T a, T b) { return _mm512_max_ps(a, b); }
     static T abs(T a) { return _mm512_abs_ps(a); }
-    static T select_lt(T a, T b, T x, T y) {   // a < b ? x : y
+    static T select_lt(T a, T b, T x, T y) {  // a < b ? x : y
         return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a, b, _CMP_LT_OQ), y, x);
     }
     // exp(x) for x <= 0: simd_avx2.h's exp8_nonpos on 16 lanes; x < -87.3

@@ -23,7 +23,7 @@ struct VScalar {
     static T max(T a, T b) { return a > b ? a : b; }
     static T abs(T a) { return std::fabs(a); }
     static T select_lt(T a, T b, T x, T y) { return a < b ? x : y; }
-    static T exp(T x) { return std::exp(x); }    // exp(-inf) = 0
+    static T exp(T x) { return std::exp(x); }  // exp(-inf) = 0
     static float hsum(T x) { return x; }
 };
 

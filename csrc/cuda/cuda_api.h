@@ -4,7 +4,7 @@
 #include <string>
 
 namespace mq::cuda {
-bool built();                 // compiled with CUDA
-int device_count();           // usable devices now (0 without driver/GPU); never throws
+bool built();                         // compiled with CUDA
+int device_count();                   // usable devices now (0 without driver/GPU); never throws
 std::string device_name(int device);  // "" when unavailable
 }  // namespace mq::cuda

@@ -49,8 +49,8 @@ namespace mq::cuda {
 
 void throw_cuda_error(cudaError_t e, const char* what, const char* file, int line) {
     cudaGetLastError();  // clear a non-sticky error so the next call starts clean
-    throw std::runtime_error(std::string("CUDA error ") + cudaGetErrorName(e) + " (" + cudaGetErrorString(e) +
-                             ") in " + what + " at " + file + ":" + std::to_string(line));
+    throw std::runtime_error(std::string("CUDA error ") + cudaGetErrorName(e) + " (" + cudaGetErrorString(e) + ") in " +
+                             what + " at " + file + ":" + std::to_string(line));
 }
 
 namespace {
@@ -72,8 +72,8 @@ public:
             throw std::runtime_error("no usable CUDA device (driver missing or no GPU)");
         }
         if (device < 0 || device >= n)
-            throw std::runtime_error("CUDA device " + std::to_string(device) + " does not exist (" +
-                                     std::to_string(n) + " device(s))");
+            throw std::runtime_error("CUDA device " + std::to_string(device) + " does not exist (" + std::to_string(n) +
+                                     " device(s))");
         MQ_CUDA_CHECK(cudaSetDevice(device_));
         cudaDeviceProp prop;
         MQ_CUDA_CHECK(cudaGetDeviceProperties(&prop, device_));
@@ -159,8 +159,9 @@ public:
     Weight upload(const void* host, DType type, int64_t rows, int64_t cols) override {
         require(host != nullptr, "upload() of a null buffer");
         require(rows >= 0 && cols >= 0, "upload(): negative shape");
-        require(type_info(type).weight, std::string(type_info(type).name) + " is an activation format, not a weight type");
-        const size_t bytes = static_cast<size_t>(rows) * row_size(type, cols);   // throws on a bad cols
+        require(type_info(type).weight,
+                std::string(type_info(type).name) + " is an activation format, not a weight type");
+        const size_t bytes = static_cast<size_t>(rows) * row_size(type, cols);  // throws on a bad cols
         Weight w;
         w.type = type;
         w.rows = rows;
@@ -273,16 +274,16 @@ public:
         require(!mask || ld_mask >= nk, "attention: ld_mask < nk");
         if (nq == 0) return;
         activate();
-        AttnArgs a{q, k, v, kv_type, kv_stride, out, nq, nk, n_head, n_kv_head, hd, scale, mask, ld_mask, causal, q_offset};
+        AttnArgs a{q,      k,         v,  kv_type, kv_stride, out,     nq,     nk,
+                   n_head, n_kv_head, hd, scale,   mask,      ld_mask, causal, q_offset};
         const size_t need = attention_scratch_floats(a, num_sms_);
         float* scratch = nullptr;
         if (need) scratch = static_cast<float*>(grow(attn_buf_, attn_cap_, need * sizeof(float)));
         cuda::attention(a, scratch, num_sms_, stream_);
     }
 
-    void attention_segments(const float* q, float* out, const AttnSegment* segs_host, const AttnSegment*,
-                            int n_segs, DType kv_type, int64_t kv_stride, int n_head, int n_kv_head, int hd,
-                            float scale) override {
+    void attention_segments(const float* q, float* out, const AttnSegment* segs_host, const AttnSegment*, int n_segs,
+                            DType kv_type, int64_t kv_stride, int n_head, int n_kv_head, int hd, float scale) override {
         // One launch per segment from the host mirror (see the file comment: a
         // graph-capturable step needs one kernel reading the device table).
         // The CUDA kernels are not batch-invariant (split counts follow nk).
@@ -317,8 +318,8 @@ public:
         // The penalty needs a copy of the rows (duplicate history ids must see the original
         // score): [n_rows, vocab] floats of backend scratch, then the sampled rows in place.
         float* work = static_cast<float*>(grow(samp_buf_, samp_cap_, size_t(n_rows) * vocab * sizeof(float)));
-        MQ_CUDA_CHECK(cudaMemcpyAsync(work, logits, size_t(n_rows) * vocab * sizeof(float), cudaMemcpyDeviceToDevice,
-                                      stream_));
+        MQ_CUDA_CHECK(
+            cudaMemcpyAsync(work, logits, size_t(n_rows) * vocab * sizeof(float), cudaMemcpyDeviceToDevice, stream_));
         cuda::repetition_penalty(logits, work, n_rows, vocab, params, hist, stream_);
         cuda::sample_rows(work, n_rows, vocab, params, out_ids, stream_);
     }
@@ -333,7 +334,7 @@ private:
         require(w.data != nullptr, std::string(op) + ": weight has no data (not uploaded?)");
         require(type_info(w.type).weight, std::string(op) + ": unsupported weight type " + type_info(w.type).name);
         require(w.rows >= 0 && w.cols > 0, std::string(op) + ": bad weight shape");
-        row_size(w.type, w.cols);   // throws std::invalid_argument when cols is not a multiple of the block
+        row_size(w.type, w.cols);  // throws std::invalid_argument when cols is not a multiple of the block
         // The loads of each type need Dequant8<T>::kAlign (Q4_K blocks are read with 16-byte loads,
         // Q6_K / Q8_0 / 16-bit types with 2-byte loads; upload() gives 256-byte alignment, a Weight
         // that views into the middle of one must keep this).
@@ -368,7 +369,7 @@ private:
         return p;
     }
 
-    void release_cache() {   // with mem_mu_ held
+    void release_cache() {  // with mem_mu_ held
         if (cache_.empty()) return;
         cudaStreamSynchronize(stream_);
         for (auto& kv : cache_) cudaFree(kv.second);
@@ -403,17 +404,17 @@ private:
     }
 
     int device_;
-    bool poison_ = false;   // MLLAMA_Q_CUDA_POISON=1
+    bool poison_ = false;  // MLLAMA_Q_CUDA_POISON=1
     std::string name_;
     int num_sms_ = 1;
     cudaStream_t stream_ = nullptr;
 
-    std::unordered_map<void*, size_t> live_;   // pointer -> size of live allocations
-    std::multimap<size_t, void*> cache_;       // freed blocks by size
+    std::unordered_map<void*, size_t> live_;  // pointer -> size of live allocations
+    std::multimap<size_t, void*> cache_;      // freed blocks by size
 
-    std::mutex mem_mu_;                        // live_ and cache_
+    std::mutex mem_mu_;  // live_ and cache_
 
-    void* act_buf_ = nullptr;   // 8-bit activations
+    void* act_buf_ = nullptr;  // 8-bit activations
     size_t act_cap_ = 0;
     void* attn_buf_ = nullptr;  // attention split partials
     size_t attn_cap_ = 0;

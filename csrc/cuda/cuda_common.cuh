@@ -34,9 +34,9 @@ namespace mq::cuda {
 // inside a kernel surface at the next synchronising call, which is checked too).
 [[noreturn]] void throw_cuda_error(cudaError_t e, const char* what, const char* file, int line);
 
-#define MQ_CUDA_CHECK(call)                                                         \
-    do {                                                                            \
-        cudaError_t mq_err_ = (call);                                               \
+#define MQ_CUDA_CHECK(call)                                                                           \
+    do {                                                                                              \
+        cudaError_t mq_err_ = (call);                                                                 \
         if (mq_err_ != cudaSuccess) ::mq::cuda::throw_cuda_error(mq_err_, #call, __FILE__, __LINE__); \
     } while (0)
 #define MQ_CUDA_CHECK_LAUNCH() MQ_CUDA_CHECK(cudaGetLastError())
@@ -107,24 +107,39 @@ __device__ __forceinline__ void q4k_scale_min(uint32_t w0, uint32_t w1, uint32_t
 // It is split in two so that a pipelined loader can issue the global loads of
 // the next tile (fetch -> Raw, registers) and do the arithmetic later (decode):
 //   run(row, k, out) == decode(fetch(row, k), k, out).
-template <DType T> struct Dequant8;
+template <DType T>
+struct Dequant8;
 
-template <> struct Dequant8<DType::F32> {
-    static constexpr int kAlign = 4;   // bytes of alignment a row start needs (see the top of the file)
-    struct Raw { float4 a, b; };
+template <>
+struct Dequant8<DType::F32> {
+    static constexpr int kAlign = 4;  // bytes of alignment a row start needs (see the top of the file)
+    struct Raw {
+        float4 a, b;
+    };
     __device__ __forceinline__ static Raw fetch(const uint8_t* row, int64_t k) {
         const float4* p = reinterpret_cast<const float4*>(row + k * 4);
         return Raw{__ldg(p), __ldg(p + 1)};
     }
     __device__ __forceinline__ static void decode(const Raw& r, int64_t, float* out) {
-        out[0] = r.a.x; out[1] = r.a.y; out[2] = r.a.z; out[3] = r.a.w;
-        out[4] = r.b.x; out[5] = r.b.y; out[6] = r.b.z; out[7] = r.b.w;
+        out[0] = r.a.x;
+        out[1] = r.a.y;
+        out[2] = r.a.z;
+        out[3] = r.a.w;
+        out[4] = r.b.x;
+        out[5] = r.b.y;
+        out[6] = r.b.z;
+        out[7] = r.b.w;
     }
-    __device__ __forceinline__ static void run(const uint8_t* row, int64_t k, float* out) { decode(fetch(row, k), k, out); }
+    __device__ __forceinline__ static void run(const uint8_t* row, int64_t k, float* out) {
+        decode(fetch(row, k), k, out);
+    }
 };
-template <> struct Dequant8<DType::F16> {
+template <>
+struct Dequant8<DType::F16> {
     static constexpr int kAlign = 2;
-    struct Raw { uint4 u; };
+    struct Raw {
+        uint4 u;
+    };
     __device__ __forceinline__ static Raw fetch(const uint8_t* row, int64_t k) {
         return Raw{__ldg(reinterpret_cast<const uint4*>(row + k * 2))};
     }
@@ -136,11 +151,16 @@ template <> struct Dequant8<DType::F16> {
             out[2 * i + 1] = half_to_float(static_cast<uint16_t>(w[i] >> 16));
         }
     }
-    __device__ __forceinline__ static void run(const uint8_t* row, int64_t k, float* out) { decode(fetch(row, k), k, out); }
+    __device__ __forceinline__ static void run(const uint8_t* row, int64_t k, float* out) {
+        decode(fetch(row, k), k, out);
+    }
 };
-template <> struct Dequant8<DType::BF16> {
+template <>
+struct Dequant8<DType::BF16> {
     static constexpr int kAlign = 2;
-    struct Raw { uint4 u; };
+    struct Raw {
+        uint4 u;
+    };
     __device__ __forceinline__ static Raw fetch(const uint8_t* row, int64_t k) {
         return Raw{__ldg(reinterpret_cast<const uint4*>(row + k * 2))};
     }
@@ -152,11 +172,16 @@ template <> struct Dequant8<DType::BF16> {
             out[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
         }
     }
-    __device__ __forceinline__ static void run(const uint8_t* row, int64_t k, float* out) { decode(fetch(row, k), k, out); }
+    __device__ __forceinline__ static void run(const uint8_t* row, int64_t k, float* out) {
+        decode(fetch(row, k), k, out);
+    }
 };
-template <> struct Dequant8<DType::Q8_0> {
+template <>
+struct Dequant8<DType::Q8_0> {
     static constexpr int kAlign = 2;
-    struct Raw { uint32_t d, q0, q1; };
+    struct Raw {
+        uint32_t d, q0, q1;
+    };
     __device__ __forceinline__ static Raw fetch(const uint8_t* row, int64_t k) {
         const uint8_t* blk = row + (k / QK8_0) * sizeof(block_q8_0);
         const int l = static_cast<int>(k % QK8_0);  // 0, 8, 16, 24
@@ -170,14 +195,20 @@ template <> struct Dequant8<DType::Q8_0> {
             out[4 + i] = d * static_cast<float>(static_cast<int8_t>(r.q1 >> (8 * i)));
         }
     }
-    __device__ __forceinline__ static void run(const uint8_t* row, int64_t k, float* out) { decode(fetch(row, k), k, out); }
+    __device__ __forceinline__ static void run(const uint8_t* row, int64_t k, float* out) {
+        decode(fetch(row, k), k, out);
+    }
 };
-template <> struct Dequant8<DType::Q4_K> {
+template <>
+struct Dequant8<DType::Q4_K> {
     static constexpr int kAlign = 16;
     // value = d * sc[j] * q - dmin * m[j], sub-block j = (k % 256) / 32; the
     // 32 bytes qs[32g .. 32g+31] (g = j / 2) hold sub-block 2g in the low
     // nibbles and 2g+1 in the high nibbles (dequantize_row_q4_K, ggml-quants.c).
-    struct Raw { uint4 hdr; uint2 q; };   // d, dmin, scales[12]; 8 bytes of qs
+    struct Raw {
+        uint4 hdr;
+        uint2 q;
+    };  // d, dmin, scales[12]; 8 bytes of qs
     __device__ __forceinline__ static Raw fetch(const uint8_t* row, int64_t k) {
         const uint8_t* blk = row + (k / QK_K) * sizeof(block_q4_K);
         const int jj = static_cast<int>(k % QK_K);
@@ -199,23 +230,30 @@ template <> struct Dequant8<DType::Q4_K> {
             out[4 + i] = d1 * static_cast<float>((r.q.y >> (8 * i + shift)) & 0xF) - m1;
         }
     }
-    __device__ __forceinline__ static void run(const uint8_t* row, int64_t k, float* out) { decode(fetch(row, k), k, out); }
+    __device__ __forceinline__ static void run(const uint8_t* row, int64_t k, float* out) {
+        decode(fetch(row, k), k, out);
+    }
 };
-template <> struct Dequant8<DType::Q6_K> {
+template <>
+struct Dequant8<DType::Q6_K> {
     static constexpr int kAlign = 2;
     // Value index jj = 128h + 32q + l (q = quarter 0..3, l < 32): low 4 bits in
     // ql[64h + l + 32*(q&1)] (low nibble for q < 2, high nibble for q >= 2),
     // high 2 bits at bit 2q of qh[32h + l]; scale scales[8h + l/16 + 2q]
     // (dequantize_row_q6_K, ggml-quants.c).
-    struct Raw { uint32_t lo0, lo1, hi0, hi1, d; int sc; };
+    struct Raw {
+        uint32_t lo0, lo1, hi0, hi1, d;
+        int sc;
+    };
     __device__ __forceinline__ static Raw fetch(const uint8_t* row, int64_t k) {
         const uint8_t* blk = row + (k / QK_K) * sizeof(block_q6_K);
         const int jj = static_cast<int>(k % QK_K);
         const int h = jj / 128, q = (jj % 128) / 32, l = jj % 32;
         const uint8_t* ql = blk + 64 * h + l + 32 * (q & 1);
         const uint8_t* qh = blk + QK_K / 2 + 32 * h + l;
-        return Raw{load_u32_a2(ql), load_u32_a2(ql + 4), load_u32_a2(qh), load_u32_a2(qh + 4), load_u16(blk + 208),
-                   static_cast<int8_t>(__ldg(blk + QK_K / 2 + QK_K / 4 + 8 * h + l / 16 + 2 * q))};
+        return Raw{load_u32_a2(ql),     load_u32_a2(ql + 4),
+                   load_u32_a2(qh),     load_u32_a2(qh + 4),
+                   load_u16(blk + 208), static_cast<int8_t>(__ldg(blk + QK_K / 2 + QK_K / 4 + 8 * h + l / 16 + 2 * q))};
     }
     __device__ __forceinline__ static void decode(const Raw& r, int64_t k, float* out) {
         const int q = static_cast<int>(k % 128) / 32;
@@ -223,13 +261,17 @@ template <> struct Dequant8<DType::Q6_K> {
         const int lshift = (q >> 1) * 4, hshift = 2 * q;
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
-            const int v0 = static_cast<int>(((r.lo0 >> (8 * i + lshift)) & 0xF) | (((r.hi0 >> (8 * i + hshift)) & 3) << 4)) - 32;
-            const int v1 = static_cast<int>(((r.lo1 >> (8 * i + lshift)) & 0xF) | (((r.hi1 >> (8 * i + hshift)) & 3) << 4)) - 32;
+            const int v0 =
+                static_cast<int>(((r.lo0 >> (8 * i + lshift)) & 0xF) | (((r.hi0 >> (8 * i + hshift)) & 3) << 4)) - 32;
+            const int v1 =
+                static_cast<int>(((r.lo1 >> (8 * i + lshift)) & 0xF) | (((r.hi1 >> (8 * i + hshift)) & 3) << 4)) - 32;
             out[i] = d * static_cast<float>(v0);
             out[4 + i] = d * static_cast<float>(v1);
         }
     }
-    __device__ __forceinline__ static void run(const uint8_t* row, int64_t k, float* out) { decode(fetch(row, k), k, out); }
+    __device__ __forceinline__ static void run(const uint8_t* row, int64_t k, float* out) {
+        decode(fetch(row, k), k, out);
+    }
 };
 
 // ---- quantized dot products of the matrix-vector kernel ------------------------
@@ -242,15 +284,19 @@ template <> struct Dequant8<DType::Q6_K> {
 //   lane(t)                  what lane t (0 .. kLanes-1) of a block precomputes, once
 //   dot(ln, blk, b, xq, xds) its part of sum_i w_i x_i over block b (bytes at blk)
 // Integer products with dp4a (4 int8 MACs per instruction), scales in float.
-template <DType T> struct MmvDot;
+template <DType T>
+struct MmvDot;
 
-template <> struct MmvDot<DType::Q4_K> {
+template <>
+struct MmvDot<DType::Q4_K> {
     // 4 lanes per 256-value super-block: lane g owns the 32-byte nibble group g,
     // i.e. sub-blocks 2g (low nibbles of qs[32g .. 32g+31]) and 2g+1 (high
     // nibbles); 16-byte loads of qs, header and activations. Over a sub-block j
     //   sum_i w_i x_i = d*sc_j * d_x * sum(q * xq) - dmin*m_j * sum(x)   with sum(x) = xds.y.
     static constexpr int kLaneShift = 2, kLanes = 1 << kLaneShift, kUnroll = 2;
-    struct Lane { int g; };
+    struct Lane {
+        int g;
+    };
     __device__ __forceinline__ static Lane lane(int t) { return Lane{t}; }
     __device__ __forceinline__ static float dot(const Lane& ln, const uint8_t* blk, int b, const int8_t* xq,
                                                 const float2* xds) {
@@ -290,14 +336,17 @@ template <> struct MmvDot<DType::Q4_K> {
     }
 };
 
-template <> struct MmvDot<DType::Q6_K> {
+template <>
+struct MmvDot<DType::Q6_K> {
     // 8 lanes per super-block: lane t has half h = t / 4 and positions l0 .. l0+7
     // with l0 = 8 * (t % 4); it covers value indices 128h + 32q + l0 + i for the
     // four quarters q (layout: Dequant8<Q6_K> above). 6-bit q - 32 is formed per
     // byte (__vsub4) and multiplied with dp4a; 16-bit loads (210-byte blocks are
     // only 2-byte aligned).
     static constexpr int kLaneShift = 3, kLanes = 1 << kLaneShift, kUnroll = 2;
-    struct Lane { int h, l0; };
+    struct Lane {
+        int h, l0;
+    };
     __device__ __forceinline__ static Lane lane(int t) { return Lane{t >> 2, (t & 3) * 8}; }
     __device__ __forceinline__ static float dot(const Lane& ln, const uint8_t* blk, int b, const int8_t* xq,
                                                 const float2* xds) {
@@ -327,10 +376,13 @@ template <> struct MmvDot<DType::Q6_K> {
     }
 };
 
-template <> struct MmvDot<DType::Q8_0> {
+template <>
+struct MmvDot<DType::Q8_0> {
     // 4 lanes per 32-value block (8 quants each); 16-bit loads (34-byte blocks).
     static constexpr int kLaneShift = 2, kLanes = 1 << kLaneShift, kUnroll = 4;
-    struct Lane { int l0; };
+    struct Lane {
+        int l0;
+    };
     __device__ __forceinline__ static Lane lane(int t) { return Lane{t * 8}; }
     __device__ __forceinline__ static float dot(const Lane& ln, const uint8_t* blk, int b, const int8_t* xq,
                                                 const float2* xds) {

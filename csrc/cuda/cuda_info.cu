@@ -15,7 +15,10 @@ int device_count() {
 }
 std::string device_name(int device) {
     cudaDeviceProp p;
-    if (cudaGetDeviceProperties(&p, device) != cudaSuccess) { cudaGetLastError(); return ""; }
+    if (cudaGetDeviceProperties(&p, device) != cudaSuccess) {
+        cudaGetLastError();
+        return "";
+    }
     return p.name;
 }
 }  // namespace mq::cuda

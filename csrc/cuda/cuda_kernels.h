@@ -25,14 +25,14 @@ inline int64_t act_q8_kp(int64_t K) { return (K + 255) / 256 * 256; }
 
 // y[N] = W[N, K] · x[K] (+ bias). For quantized W, xq/xds must hold x quantized
 // by quantize_act_q8 (M = 1); for float W, x is used directly.
-void matvec(DType wtype, const void* w, int64_t N, int64_t K, const float* x, const int8_t* xq,
-            const float2* xds, const float* bias, float* y, cudaStream_t stream);
+void matvec(DType wtype, const void* w, int64_t N, int64_t K, const float* x, const int8_t* xq, const float2* xds,
+            const float* bias, float* y, cudaStream_t stream);
 bool matvec_uses_q8(DType wtype);
 
 // y[M, N] = x[M, K] · Wᵀ (+ bias) on the tensor cores (mma.sync m16n8k16,
 // f16 operands, f32 accumulation), W tiles dequantized into shared memory.
-void gemm(DType wtype, const void* w, int64_t N, int64_t K, const float* x, int64_t M, int64_t ldx,
-          const float* bias, float* y, int64_t ldy, cudaStream_t stream);
+void gemm(DType wtype, const void* w, int64_t N, int64_t K, const float* x, int64_t M, int64_t ldx, const float* bias,
+          float* y, int64_t ldy, cudaStream_t stream);
 // GEMM variant for A/B measurements (default on; MLLAMA_Q_CUDA_GEMM=simple turns it off):
 // dequantize slice k+1 after the mma of slice k instead of before it.
 void gemm_set_prefetch(bool on);
@@ -57,16 +57,16 @@ void scatter_i32(const int32_t* src, int32_t* dst, const int32_t* idx, int64_t n
 
 // ---- attention (kernels_attention.cu) ----------------------------------------
 struct AttnArgs {
-    const float* q;      // [nq, n_head, hd]
-    const void* k;       // [nk, n_kv_head, hd] (row stride kv_stride elements)
+    const float* q;  // [nq, n_head, hd]
+    const void* k;   // [nk, n_kv_head, hd] (row stride kv_stride elements)
     const void* v;
-    DType kv_type;       // F32 or F16
+    DType kv_type;  // F32 or F16
     int64_t kv_stride;
-    float* out;          // [nq, n_head, hd]
+    float* out;  // [nq, n_head, hd]
     int64_t nq, nk;
     int n_head, n_kv_head, hd;
     float scale;
-    const float* mask;   // [nq, nk] row stride ld_mask, or nullptr
+    const float* mask;  // [nq, nk] row stride ld_mask, or nullptr
     int64_t ld_mask;
     bool causal;
     int64_t q_offset;

@@ -28,7 +28,8 @@ __device__ __forceinline__ float key_to_float(uint32_t k) {
     return __uint_as_float((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k);
 }
 
-template <typename T> __device__ __forceinline__ T warp_incl_scan(T v) {
+template <typename T>
+__device__ __forceinline__ T warp_incl_scan(T v) {
     const int lane = threadIdx.x & 31;
 #pragma unroll
     for (int o = 1; o < 32; o <<= 1) {
@@ -38,7 +39,8 @@ template <typename T> __device__ __forceinline__ T warp_incl_scan(T v) {
     return v;
 }
 // Exclusive prefix sum over the block (blockDim.x == kThreads); `total` gets the sum.
-template <typename T> __device__ T block_excl_scan(T v, T* sh, T& total) {
+template <typename T>
+__device__ T block_excl_scan(T v, T* sh, T& total) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const T inc = warp_incl_scan(v);
     __syncthreads();
@@ -104,15 +106,15 @@ __global__ void penalty_kernel(const float* __restrict__ src, float* __restrict_
     float* d = dst + int64_t(blockIdx.y) * vocab;
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < p.hist_len; i += gridDim.x * blockDim.x) {
         const int32_t id = h[i];
-        if (id < 0 || id >= vocab) continue;   // the <|image|> token has no score
+        if (id < 0 || id >= vocab) continue;  // the <|image|> token has no score
         const float x = s[id];
         d[id] = x < 0.0f ? x * p.repetition_penalty : x / p.repetition_penalty;
     }
 }
 
-__global__ void __launch_bounds__(kThreads) sample_kernel(const float* __restrict__ logits, int n,
-                                                          const Backend::SampleParams* __restrict__ params,
-                                                          int32_t* out_ids) {
+__global__ void __launch_bounds__(kThreads)
+    sample_kernel(const float* __restrict__ logits, int n, const Backend::SampleParams* __restrict__ params,
+                  int32_t* out_ids) {
     __shared__ uint32_t s_key[kMaxTopK];
     __shared__ int32_t s_idx[kMaxTopK];
     __shared__ float s_p[kMaxTopK];
@@ -156,13 +158,21 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const float* __restric
     for (int i = lo; i < hi; ++i) {
         const uint32_t kk = order_key(x[i]);
         if (kk > T) {
-            s_key[pos_gt] = kk; s_idx[pos_gt] = i; ++pos_gt;   // n_gt < k <= kMaxTopK
+            s_key[pos_gt] = kk;
+            s_idx[pos_gt] = i;
+            ++pos_gt;  // n_gt < k <= kMaxTopK
         } else if (kk == T) {
-            if (pos_eq < k) { s_key[pos_eq] = kk; s_idx[pos_eq] = i; }
+            if (pos_eq < k) {
+                s_key[pos_eq] = kk;
+                s_idx[pos_eq] = i;
+            }
             ++pos_eq;
         }
     }
-    for (int i = k + tid; i < kMaxTopK; i += kThreads) { s_key[i] = 0u; s_idx[i] = 0x7fffffff; }
+    for (int i = k + tid; i < kMaxTopK; i += kThreads) {
+        s_key[i] = 0u;
+        s_idx[i] = 0x7fffffff;
+    }
     __syncthreads();
 
     // 3. Bitonic sort of kMaxTopK entries: larger key first, then lower index.
@@ -171,10 +181,14 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const float* __restric
             const int i = tid, j = tid ^ stride;
             if (i < kMaxTopK && j > i) {
                 const bool j_first = s_key[j] > s_key[i] || (s_key[j] == s_key[i] && s_idx[j] < s_idx[i]);
-                const bool ascending = (i & size) == 0;   // "ascending" = in the final (best-first) order
+                const bool ascending = (i & size) == 0;  // "ascending" = in the final (best-first) order
                 if (j_first == ascending) {
-                    const uint32_t tk = s_key[i]; s_key[i] = s_key[j]; s_key[j] = tk;
-                    const int32_t ti = s_idx[i]; s_idx[i] = s_idx[j]; s_idx[j] = ti;
+                    const uint32_t tk = s_key[i];
+                    s_key[i] = s_key[j];
+                    s_key[j] = tk;
+                    const int32_t ti = s_idx[i];
+                    s_idx[i] = s_idx[j];
+                    s_idx[j] = ti;
                 }
             }
             __syncthreads();
@@ -183,7 +197,7 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const float* __restric
 
     // 4. Softmax over the k candidates (relative to the largest), nucleus cut, pick.
     const float v0 = key_to_float(s_key[0]);
-    if (v0 == -INFINITY) {   // every logit is -inf or NaN: nothing to weigh
+    if (v0 == -INFINITY) {  // every logit is -inf or NaN: nothing to weigh
         if (tid == 0) out[0] = s_idx[0];
         return;
     }
@@ -214,8 +228,8 @@ void repetition_penalty(const float* src, float* dst, int64_t n_rows, int64_t vo
     MQ_CUDA_CHECK_LAUNCH();
 }
 
-void sample_rows(const float* logits, int64_t n_rows, int64_t vocab, const Backend::SampleParams* params,
-                 int32_t* out, cudaStream_t stream) {
+void sample_rows(const float* logits, int64_t n_rows, int64_t vocab, const Backend::SampleParams* params, int32_t* out,
+                 cudaStream_t stream) {
     if (n_rows <= 0) return;
     if (vocab <= 0 || vocab > 0x7fffffff) throw std::invalid_argument("sample_rows: vocab must be in 1 .. 2^31-1");
     sample_kernel<<<static_cast<unsigned>(n_rows), kThreads, 0, stream>>>(logits, static_cast<int>(vocab), params, out);

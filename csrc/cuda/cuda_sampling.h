@@ -39,7 +39,7 @@ void repetition_penalty(const float* src, float* dst, int64_t n_rows, int64_t vo
 // p_max), renormalised, and the token whose cumulative probability interval
 // holds u (as transformers' and llama.cpp's samplers do, up to the RNG).
 //   logits: [n_rows, vocab] float32, device; out: int32 [n_rows], device
-void sample_rows(const float* logits, int64_t n_rows, int64_t vocab, const Backend::SampleParams* params,
-                 int32_t* out, cudaStream_t stream);
+void sample_rows(const float* logits, int64_t n_rows, int64_t vocab, const Backend::SampleParams* params, int32_t* out,
+                 cudaStream_t stream);
 
 }  // namespace mq::cuda

@@ -35,21 +35,31 @@ namespace mq::cuda {
 
 namespace {
 
-constexpr int R = 4;            // items per warp
-constexpr int AW = 4;           // warps per block
+constexpr int R = 4;   // items per warp
+constexpr int AW = 4;  // warps per block
 constexpr int kAttnThreads = 32 * AW;
 
 __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
-template <typename KT> struct KV;
-template <> struct KV<float> {
+template <typename KT>
+struct KV;
+template <>
+struct KV<float> {
     __device__ __forceinline__ static void load8(const float* p, float* o) {
         const float4 a = __ldg(reinterpret_cast<const float4*>(p)), b = __ldg(reinterpret_cast<const float4*>(p) + 1);
-        o[0] = a.x; o[1] = a.y; o[2] = a.z; o[3] = a.w; o[4] = b.x; o[5] = b.y; o[6] = b.z; o[7] = b.w;
+        o[0] = a.x;
+        o[1] = a.y;
+        o[2] = a.z;
+        o[3] = a.w;
+        o[4] = b.x;
+        o[5] = b.y;
+        o[6] = b.z;
+        o[7] = b.w;
     }
     __device__ __forceinline__ static float load1(const float* p) { return __ldg(p); }
 };
-template <> struct KV<__half> {
+template <>
+struct KV<__half> {
     __device__ __forceinline__ static void load8(const __half* p, float* o) {
         const uint4 u = __ldg(reinterpret_cast<const uint4*>(p));
         const uint32_t w[4] = {u.x, u.y, u.z, u.w};
@@ -73,10 +83,10 @@ struct Launch {
 //       (hd <= 32 * DC; instantiated for 2, 3, 4, 8 = hd up to 64, 96, 128, 256)
 //   KT  K/V element type (float or __half)
 template <int DC, typename KT>
-__global__ void __launch_bounds__(kAttnThreads) attn_kernel(const AttnArgs a, const Launch L, bool kv_vec,
-                                                            float* __restrict__ part) {
-    __shared__ __align__(16) float qs[AW][R][DC * 32];   // scaled q of the warp's items
-    __shared__ float ps[AW][R][32];                       // softmax numerators of the current 32 keys
+__global__ void __launch_bounds__(kAttnThreads)
+    attn_kernel(const AttnArgs a, const Launch L, bool kv_vec, float* __restrict__ part) {
+    __shared__ __align__(16) float qs[AW][R][DC * 32];  // scaled q of the warp's items
+    __shared__ float ps[AW][R][32];                     // softmax numerators of the current 32 keys
 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int hd = a.hd;
@@ -98,14 +108,15 @@ __global__ void __launch_bounds__(kAttnThreads) attn_kernel(const AttnArgs a, co
         hh[r] = g * group + static_cast<int>(valid[r] ? it % group : 0);
         if (valid[r]) imax = qi[r] > imax ? qi[r] : imax;
     }
-    if (imax < 0) return;   // whole warp past the end (uniform per warp; no block barriers below)
+    if (imax < 0) return;  // whole warp past the end (uniform per warp; no block barriers below)
 
 #pragma unroll
     for (int r = 0; r < R; ++r)
 #pragma unroll
         for (int c = 0; c < DC; ++c) {
             const int d = lane + 32 * c;
-            qs[warp][r][d] = (valid[r] && d < hd) ? a.q[(static_cast<int64_t>(qi[r]) * a.n_head + hh[r]) * hd + d] * a.scale : 0.0f;
+            qs[warp][r][d] =
+                (valid[r] && d < hd) ? a.q[(static_cast<int64_t>(qi[r]) * a.n_head + hh[r]) * hd + d] * a.scale : 0.0f;
         }
     __syncwarp();
 
@@ -150,7 +161,10 @@ __global__ void __launch_bounds__(kAttnThreads) attn_kernel(const AttnArgs a, co
             }
 #pragma unroll
             for (int r = 0; r < R; ++r) {
-                if (!valid[r]) { s[r] = -INFINITY; continue; }
+                if (!valid[r]) {
+                    s[r] = -INFINITY;
+                    continue;
+                }
                 if (a.mask) s[r] += a.mask[static_cast<int64_t>(qi[r]) * a.ld_mask + j];
                 if (a.causal && j > qi[r] + a.q_offset) s[r] = -INFINITY;
             }
@@ -185,7 +199,7 @@ __global__ void __launch_bounds__(kAttnThreads) attn_kernel(const AttnArgs a, co
                 }
             }
         }
-        __syncwarp();   // ps is rewritten by the next chunk
+        __syncwarp();  // ps is rewritten by the next chunk
     }
 
     const int64_t rows = a.nq * a.n_head;
@@ -215,7 +229,8 @@ __global__ void __launch_bounds__(kAttnThreads) attn_kernel(const AttnArgs a, co
 
 // Merge S partial results per (query, head) row: one warp per row.
 //   part: o [S, rows, hd] then (m, l) [S, rows] as float2 (hd even, see scratch size)
-__global__ void attn_combine_kernel(const float* __restrict__ part, int S, int64_t rows, int hd, float* __restrict__ out) {
+__global__ void attn_combine_kernel(const float* __restrict__ part, int S, int64_t rows, int hd,
+                                    float* __restrict__ out) {
     const int lane = threadIdx.x & 31;
     const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
     if (row >= rows) return;
@@ -230,7 +245,7 @@ __global__ void attn_combine_kernel(const float* __restrict__ part, int S, int64
     float Lsum = 0.0f;
     for (int s = 0; s < S; ++s) {
         const float2 v = ml[static_cast<int64_t>(s) * rows + row];
-        Lsum += v.y * __expf(v.x - M);   // v.x = -inf -> weight 0
+        Lsum += v.y * __expf(v.x - M);  // v.x = -inf -> weight 0
     }
     const float inv = Lsum > 0.0f ? 1.0f / Lsum : 0.0f;
     for (int d = lane; d < hd; d += 32) {
@@ -254,7 +269,7 @@ int head_chunks(int hd) {
 // Choose the work split (see the header comment). num_sms from the device.
 void plan(const AttnArgs& a, int num_sms, Launch& L, dim3& grid) {
     const int group = a.n_head / a.n_kv_head;
-    const int64_t item_groups = ceil_div(a.nq * group, R);          // warps needed per KV head without key split
+    const int64_t item_groups = ceil_div(a.nq * group, R);  // warps needed per KV head without key split
     const int64_t warps_no_split = item_groups * a.n_kv_head;
     if (warps_no_split >= 4LL * num_sms || a.nk <= 64) {
         L.ws = 1;
@@ -277,10 +292,8 @@ void plan(const AttnArgs& a, int num_sms, Launch& L, dim3& grid) {
 
 template <int DC>
 void launch_dc(const AttnArgs& a, const Launch& L, dim3 grid, bool kv_vec, float* part, cudaStream_t stream) {
-    if (a.kv_type == DType::F16)
-        attn_kernel<DC, __half><<<grid, kAttnThreads, 0, stream>>>(a, L, kv_vec, part);
-    else
-        attn_kernel<DC, float><<<grid, kAttnThreads, 0, stream>>>(a, L, kv_vec, part);
+    if (a.kv_type == DType::F16) attn_kernel<DC, __half><<<grid, kAttnThreads, 0, stream>>>(a, L, kv_vec, part);
+    else attn_kernel<DC, float><<<grid, kAttnThreads, 0, stream>>>(a, L, kv_vec, part);
     MQ_CUDA_CHECK_LAUNCH();
 }
 
@@ -307,11 +320,11 @@ void attention(const AttnArgs& a, float* scratch, int num_sms, cudaStream_t stre
     dim3 grid;
     plan(a, num_sms, L, grid);
     const size_t elt = a.kv_type == DType::F16 ? 2 : 4;
-    const bool kv_vec = a.hd % 8 == 0 && a.kv_stride % 8 == 0 && reinterpret_cast<uintptr_t>(a.k) % 16 == 0 &&
-                        elt * 8 % 16 == 0;
+    const bool kv_vec =
+        a.hd % 8 == 0 && a.kv_stride % 8 == 0 && reinterpret_cast<uintptr_t>(a.k) % 16 == 0 && elt * 8 % 16 == 0;
     // the (m, l) float2 array starts at S * rows * hd floats: keep it 8-byte aligned
     if (L.splits > 1 && (static_cast<int64_t>(L.splits) * a.nq * a.n_head * a.hd) % 2 != 0)
-        throw std::logic_error("attention scratch misaligned");   // cannot happen: S is a multiple of AW = 4
+        throw std::logic_error("attention scratch misaligned");  // cannot happen: S is a multiple of AW = 4
     switch (head_chunks(a.hd)) {
         case 2: launch_dc<2>(a, L, grid, kv_vec, scratch, stream); break;
         case 3: launch_dc<3>(a, L, grid, kv_vec, scratch, stream); break;
@@ -320,8 +333,8 @@ void attention(const AttnArgs& a, float* scratch, int num_sms, cudaStream_t stre
     }
     if (L.splits > 1) {
         const int64_t rows = a.nq * a.n_head;
-        attn_combine_kernel<<<static_cast<unsigned>(ceil_div(rows, 4)), 128, 0, stream>>>(scratch, L.splits, rows,
-                                                                                          a.hd, a.out);
+        attn_combine_kernel<<<static_cast<unsigned>(ceil_div(rows, 4)), 128, 0, stream>>>(scratch, L.splits, rows, a.hd,
+                                                                                          a.out);
         MQ_CUDA_CHECK_LAUNCH();
     }
 }

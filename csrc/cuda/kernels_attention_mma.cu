@@ -31,8 +31,8 @@ namespace mq::cuda {
 
 namespace {
 
-constexpr int BQ = 64;      // query rows per block (16 per warp)
-constexpr int BKV = 64;     // keys per tile
+constexpr int BQ = 64;   // query rows per block (16 per warp)
+constexpr int BKV = 64;  // keys per tile
 constexpr int kThreads = 128;
 constexpr float kLog2e = 1.4426950408889634f;
 
@@ -52,9 +52,9 @@ __device__ __forceinline__ uint4 load8_h(const float* p) {
 template <int HD, typename KT>
 __global__ void __launch_bounds__(kThreads) flash_attn_mma_kernel(const AttnArgs a) {
     constexpr int LD = HD + 8;
-    constexpr int KS = HD / 16;   // k-steps of q·k, and pairs of 8-wide d tiles of p·v
-    constexpr int NT = BKV / 8;   // n-tiles of S per warp
-    constexpr int CH = HD / 8;    // 16-byte chunks per row
+    constexpr int KS = HD / 16;  // k-steps of q·k, and pairs of 8-wide d tiles of p·v
+    constexpr int NT = BKV / 8;  // n-tiles of S per warp
+    constexpr int CH = HD / 8;   // 16-byte chunks per row
     __shared__ __align__(16) __half Ks[BKV][LD];
     __shared__ __align__(16) __half Vs[BKV][LD];
 
@@ -73,7 +73,8 @@ __global__ void __launch_bounds__(kThreads) flash_attn_mma_kernel(const AttnArgs
         uint4 v = make_uint4(0, 0, 0, 0);
         if (i < a.nq) {
             const float* qp = a.q + (i * a.n_head + h) * HD + cc;
-            const float4 x = __ldg(reinterpret_cast<const float4*>(qp)), y = __ldg(reinterpret_cast<const float4*>(qp) + 1);
+            const float4 x = __ldg(reinterpret_cast<const float4*>(qp)),
+                         y = __ldg(reinterpret_cast<const float4*>(qp) + 1);
             v = make_uint4(pack_half2(x.x * qscale, x.y * qscale), pack_half2(x.z * qscale, x.w * qscale),
                            pack_half2(y.x * qscale, y.y * qscale), pack_half2(y.z * qscale, y.w * qscale));
         }
@@ -147,7 +148,8 @@ __global__ void __launch_bounds__(kThreads) flash_attn_mma_kernel(const AttnArgs
                     v = mv == -INFINITY ? -INFINITY : v + fmaxf(mv * kLog2e, -FLT_MAX);
                 }
                 s[t][e] = v;
-                if (e < 2) mxa = fmaxf(mxa, v); else mxb = fmaxf(mxb, v);
+                if (e < 2) mxa = fmaxf(mxa, v);
+                else mxb = fmaxf(mxb, v);
             }
         // the 4 lanes of a quad hold the same two rows
         mxa = fmaxf(mxa, __shfl_xor_sync(0xffffffffu, mxa, 1));
@@ -162,7 +164,12 @@ __global__ void __launch_bounds__(kThreads) flash_attn_mma_kernel(const AttnArgs
         la *= aa;
         lb *= ab;
 #pragma unroll
-        for (int t = 0; t < 2 * KS; ++t) { o[t][0] *= aa; o[t][1] *= aa; o[t][2] *= ab; o[t][3] *= ab; }
+        for (int t = 0; t < 2 * KS; ++t) {
+            o[t][0] *= aa;
+            o[t][1] *= aa;
+            o[t][2] *= ab;
+            o[t][3] *= ab;
+        }
 #pragma unroll
         for (int t = 0; t < NT; ++t) {
             s[t][0] = mna == -INFINITY ? 0.0f : exp2f(s[t][0] - mna);
@@ -192,7 +199,7 @@ __global__ void __launch_bounds__(kThreads) flash_attn_mma_kernel(const AttnArgs
                 mma_m16n8k16(o[2 * dp + 1], pa, r[2], r[3]);
             }
         }
-        __syncthreads();   // Ks / Vs are overwritten by the next tile
+        __syncthreads();  // Ks / Vs are overwritten by the next tile
     }
 
     // ---- out = O / l ----------------------------------------------------------------------------
@@ -205,19 +212,19 @@ __global__ void __launch_bounds__(kThreads) flash_attn_mma_kernel(const AttnArgs
     for (int t = 0; t < 2 * KS; ++t) {
         const int d = 8 * t + 2 * (lane & 3);
         if (ia < a.nq)
-            *reinterpret_cast<float2*>(a.out + (ia * a.n_head + h) * HD + d) = make_float2(o[t][0] * inva, o[t][1] * inva);
+            *reinterpret_cast<float2*>(a.out + (ia * a.n_head + h) * HD + d) =
+                make_float2(o[t][0] * inva, o[t][1] * inva);
         if (ib < a.nq)
-            *reinterpret_cast<float2*>(a.out + (ib * a.n_head + h) * HD + d) = make_float2(o[t][2] * invb, o[t][3] * invb);
+            *reinterpret_cast<float2*>(a.out + (ib * a.n_head + h) * HD + d) =
+                make_float2(o[t][2] * invb, o[t][3] * invb);
     }
 }
 
 template <int HD>
 void launch_hd(const AttnArgs& a, cudaStream_t stream) {
     const dim3 grid(static_cast<unsigned>(ceil_div(a.nq, BQ)), static_cast<unsigned>(a.n_head));
-    if (a.kv_type == DType::F16)
-        flash_attn_mma_kernel<HD, __half><<<grid, kThreads, 0, stream>>>(a);
-    else
-        flash_attn_mma_kernel<HD, float><<<grid, kThreads, 0, stream>>>(a);
+    if (a.kv_type == DType::F16) flash_attn_mma_kernel<HD, __half><<<grid, kThreads, 0, stream>>>(a);
+    else flash_attn_mma_kernel<HD, float><<<grid, kThreads, 0, stream>>>(a);
     MQ_CUDA_CHECK_LAUNCH();
 }
 

@@ -58,18 +58,17 @@ constexpr int WM = 32, MI = WM / 16;
 //   x_vec  x rows are 16-byte aligned with K % 8 == 0 (float4 loads), else scalar
 //   w_vec  (float W only) rows 16-byte aligned with K % 8 == 0, else per element
 template <DType T, int BM, bool PF>
-__global__ void __launch_bounds__(kGemmThreads) gemm_kernel(const uint8_t* __restrict__ w, size_t row_bytes,
-                                                            int64_t N, int64_t K, const float* __restrict__ x,
-                                                            int64_t M, int64_t ldx, const float* __restrict__ bias,
-                                                            float* __restrict__ y, int64_t ldy, bool x_vec,
-                                                            bool w_vec) {
+__global__ void __launch_bounds__(kGemmThreads)
+    gemm_kernel(const uint8_t* __restrict__ w, size_t row_bytes, int64_t N, int64_t K, const float* __restrict__ x,
+                int64_t M, int64_t ldx, const float* __restrict__ bias, float* __restrict__ y, int64_t ldy, bool x_vec,
+                bool w_vec) {
     using DQ = Dequant8<T>;
     constexpr bool kQuant = TypeTraits<T>::quantized;
     constexpr int WARPS_M = BM / WM, WARPS_N = 8 / WARPS_M;
     constexpr int WN = BN / WARPS_N, NJ = WN / 8;
-    constexpr int XCH = BM / 64;   // x chunks of 8 per thread per slice (W: always 2)
-    __shared__ __align__(16) __half As[2][BM][LDS];   // x slice, [row of x][k]
-    __shared__ __align__(16) __half Bs[2][BN][LDS];   // W slice, [row of W][k]
+    constexpr int XCH = BM / 64;                     // x chunks of 8 per thread per slice (W: always 2)
+    __shared__ __align__(16) __half As[2][BM][LDS];  // x slice, [row of x][k]
+    __shared__ __align__(16) __half Bs[2][BN][LDS];  // W slice, [row of W][k]
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int wm = warp / WARPS_N, wn = warp % WARPS_N;
@@ -80,12 +79,12 @@ __global__ void __launch_bounds__(kGemmThreads) gemm_kernel(const uint8_t* __res
     // Per-thread load assignment: chunks of 8 consecutive k values; 4 threads
     // cover one 32-wide row of the slice; thread t owns rows t/4 + 64 i.
     const int a_row = tid / 4, a_col = (tid % 4) * 8;
-    float4 x_raw[XCH][2];          // raw x (vector path)
+    float4 x_raw[XCH][2];  // raw x (vector path)
     bool x_ok[XCH];
-    typename DQ::Raw w_raw[2];     // raw W blocks (vector path)
+    typename DQ::Raw w_raw[2];  // raw W blocks (vector path)
     bool w_ok[2];
-    uint4 a_reg[XCH];              // 8 halves of x, per chunk
-    uint4 b_reg[2];                // 8 halves of W, twice
+    uint4 a_reg[XCH];  // 8 halves of x, per chunk
+    uint4 b_reg[2];    // 8 halves of W, twice
 
     // 1. global loads only
     auto fetch_slice = [&](int kt) {
@@ -115,7 +114,14 @@ __global__ void __launch_bounds__(kGemmThreads) gemm_kernel(const uint8_t* __res
             float v[8];
             if (x_ok[c]) {
                 const float4 p = x_raw[c][0], q = x_raw[c][1];
-                v[0] = p.x; v[1] = p.y; v[2] = p.z; v[3] = p.w; v[4] = q.x; v[5] = q.y; v[6] = q.z; v[7] = q.w;
+                v[0] = p.x;
+                v[1] = p.y;
+                v[2] = p.z;
+                v[3] = p.w;
+                v[4] = q.x;
+                v[5] = q.y;
+                v[6] = q.z;
+                v[7] = q.w;
             } else {
 #pragma unroll
                 for (int i = 0; i < 8; ++i) v[i] = (m < M && k + i < K) ? x[m * ldx + k + i] : 0.0f;
@@ -164,7 +170,7 @@ __global__ void __launch_bounds__(kGemmThreads) gemm_kernel(const uint8_t* __res
         const int buf = kt & 1;
         const bool more = kt + 1 < nk;
         if (more) {
-            fetch_slice(kt + 1);                 // global loads in flight during the mma below
+            fetch_slice(kt + 1);  // global loads in flight during the mma below
             if constexpr (!PF) pack_slice(kt + 1);
         }
 
@@ -183,8 +189,10 @@ __global__ void __launch_bounds__(kGemmThreads) gemm_kernel(const uint8_t* __res
                 const int mat = lane >> 3;
                 uint32_t r[4];
                 ldmatrix_x4(r, &Bs[buf][wn * WN + 16 * p + (mat >> 1) * 8 + (lane & 7)][16 * ks + (mat & 1) * 8]);
-                bf[2 * p][0] = r[0]; bf[2 * p][1] = r[1];
-                bf[2 * p + 1][0] = r[2]; bf[2 * p + 1][1] = r[3];
+                bf[2 * p][0] = r[0];
+                bf[2 * p][1] = r[1];
+                bf[2 * p + 1][0] = r[2];
+                bf[2 * p + 1][1] = r[3];
             }
 #pragma unroll
             for (int i = 0; i < MI; ++i)
@@ -194,7 +202,7 @@ __global__ void __launch_bounds__(kGemmThreads) gemm_kernel(const uint8_t* __res
 
         if (more) {
             if constexpr (PF) pack_slice(kt + 1);
-            store_slice(buf ^ 1);   // the other buffer: last read before the previous barrier
+            store_slice(buf ^ 1);  // the other buffer: last read before the previous barrier
         }
         __syncthreads();
     }
@@ -215,9 +223,7 @@ __global__ void __launch_bounds__(kGemmThreads) gemm_kernel(const uint8_t* __res
 // -1: not yet decided (read MLLAMA_Q_CUDA_GEMM on first use); 0 / 1 set by gemm_set_prefetch.
 int g_prefetch = -1;
 bool prefetch_enabled() {
-    if (g_prefetch < 0) {
-        g_prefetch = env::cuda_gemm_simple() ? 0 : 1;
-    }
+    if (g_prefetch < 0) { g_prefetch = env::cuda_gemm_simple() ? 0 : 1; }
     return g_prefetch == 1;
 }
 
@@ -225,8 +231,8 @@ bool prefetch_enabled() {
 
 void gemm_set_prefetch(bool on) { g_prefetch = on ? 1 : 0; }
 
-void gemm(DType wtype, const void* w, int64_t N, int64_t K, const float* x, int64_t M, int64_t ldx,
-          const float* bias, float* y, int64_t ldy, cudaStream_t stream) {
+void gemm(DType wtype, const void* w, int64_t N, int64_t K, const float* x, int64_t M, int64_t ldx, const float* bias,
+          float* y, int64_t ldy, cudaStream_t stream) {
     if (M == 0 || N == 0) return;
     if (ceil_div(M, 128) > 65535) throw std::invalid_argument("cuda matmul: M too large for one launch");
     const uint8_t* wb = static_cast<const uint8_t*>(w);

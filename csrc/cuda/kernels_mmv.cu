@@ -26,7 +26,7 @@ namespace mq::cuda {
 
 namespace {
 
-constexpr int kRowsPerBlock = 4;   // one warp per row
+constexpr int kRowsPerBlock = 4;  // one warp per row
 constexpr int kMmvThreads = 32 * kRowsPerBlock;
 
 // ---- activation quantization ------------------------------------------------------
@@ -59,10 +59,9 @@ __device__ __forceinline__ void store_row_result(float acc, const float* bias, f
 // blocks lane / kLanes, lane / kLanes + 32 / kLanes, ... (MmvDot<T>). Index
 // arithmetic as the former per-type kernels had it (same SASS).
 template <DType T>
-__global__ void __launch_bounds__(kMmvThreads) mmv_q_kernel(const uint8_t* __restrict__ w, size_t row_bytes,
-                                                            int64_t N, int nb, const int8_t* __restrict__ xq,
-                                                            const float2* __restrict__ xds,
-                                                            const float* __restrict__ bias, float* __restrict__ y) {
+__global__ void __launch_bounds__(kMmvThreads)
+    mmv_q_kernel(const uint8_t* __restrict__ w, size_t row_bytes, int64_t N, int nb, const int8_t* __restrict__ xq,
+                 const float2* __restrict__ xds, const float* __restrict__ bias, float* __restrict__ y) {
     using D = MmvDot<T>;
     static_assert(32 % D::kLanes == 0, "lanes per block must divide the warp");
     const int lane = threadIdx.x & 31;
@@ -71,7 +70,7 @@ __global__ void __launch_bounds__(kMmvThreads) mmv_q_kernel(const uint8_t* __res
     const uint8_t* row = w + n * row_bytes;
     const typename D::Lane ln = D::lane(lane & (D::kLanes - 1));
     float acc = 0.0f;
-#pragma unroll (D::kUnroll)
+#pragma unroll(D::kUnroll)
     for (int b = lane >> D::kLaneShift; b < nb; b += 32 / D::kLanes)
         acc += D::dot(ln, row + static_cast<size_t>(b) * TypeTraits<T>::type_size, b, xq, xds);
     store_row_result(acc, bias, y, n);
@@ -80,10 +79,9 @@ __global__ void __launch_bounds__(kMmvThreads) mmv_q_kernel(const uint8_t* __res
 // ---- float weights (F16, BF16, F32) ----------------------------------------------------
 // Requires K % 8 == 0 and 16-byte aligned rows and x.
 template <DType T>
-__global__ void __launch_bounds__(kMmvThreads) mmv_float_kernel(const uint8_t* __restrict__ w, size_t row_bytes,
-                                                                int64_t N, int64_t K, const float* __restrict__ x,
-                                                                const float* __restrict__ bias,
-                                                                float* __restrict__ y) {
+__global__ void __launch_bounds__(kMmvThreads)
+    mmv_float_kernel(const uint8_t* __restrict__ w, size_t row_bytes, int64_t N, int64_t K, const float* __restrict__ x,
+                     const float* __restrict__ bias, float* __restrict__ y) {
     const int lane = threadIdx.x & 31;
     const int64_t n = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / 32;
     if (n >= N) return;
@@ -102,11 +100,9 @@ __global__ void __launch_bounds__(kMmvThreads) mmv_float_kernel(const uint8_t* _
 }
 
 // Any float type, any K and alignment (slow path, rarely used).
-__global__ void __launch_bounds__(kMmvThreads) mmv_float_scalar_kernel(const uint8_t* __restrict__ w,
-                                                                       size_t row_bytes, int64_t N, int64_t K,
-                                                                       DType t, const float* __restrict__ x,
-                                                                       const float* __restrict__ bias,
-                                                                       float* __restrict__ y) {
+__global__ void __launch_bounds__(kMmvThreads)
+    mmv_float_scalar_kernel(const uint8_t* __restrict__ w, size_t row_bytes, int64_t N, int64_t K, DType t,
+                            const float* __restrict__ x, const float* __restrict__ bias, float* __restrict__ y) {
     const int lane = threadIdx.x & 31;
     const int64_t n = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / 32;
     if (n >= N) return;
@@ -122,14 +118,14 @@ bool matvec_uses_q8(DType t) {
     const int i = type_index(t);
     if (i < 0) return false;
     const TypeInfo& ti = type_info(t);
-    return ti.weight && ti.block_size > 1;   // the quantized weight types (mmv_q_kernel)
+    return ti.weight && ti.block_size > 1;  // the quantized weight types (mmv_q_kernel)
 }
 
 void quantize_act_q8(const float* x, int64_t M, int64_t K, int64_t ldx, int8_t* xq, float2* xds, int64_t Kp,
                      cudaStream_t stream) {
     const int64_t blocks32 = M * (Kp / 32);
     if (blocks32 == 0) return;
-    constexpr int threads = 256;   // 8 warps = 8 blocks of 32 values
+    constexpr int threads = 256;  // 8 warps = 8 blocks of 32 values
     quantize_act_q8_kernel<<<static_cast<unsigned>(ceil_div(blocks32, threads / 32)), threads, 0, stream>>>(
         x, M, K, ldx, xq, xds, Kp);
     MQ_CUDA_CHECK_LAUNCH();
@@ -144,11 +140,11 @@ void matvec(DType wtype, const void* w, int64_t N, int64_t K, const float* x, co
     dispatch_weight_type(wtype, "cuda matmul: unsupported weight type ", [&](auto type) {
         constexpr DType T = decltype(type)::value;
         if constexpr (TypeTraits<T>::quantized) {
-            mmv_q_kernel<T><<<grid, kMmvThreads, 0, stream>>>(wb, rb, N, static_cast<int>(K / TypeTraits<T>::block_size),
-                                                              xq, xds, bias, y);
+            mmv_q_kernel<T><<<grid, kMmvThreads, 0, stream>>>(
+                wb, rb, N, static_cast<int>(K / TypeTraits<T>::block_size), xq, xds, bias, y);
         } else {
-            const bool vec = K % 8 == 0 && reinterpret_cast<uintptr_t>(w) % 16 == 0 &&
-                             reinterpret_cast<uintptr_t>(x) % 16 == 0;
+            const bool vec =
+                K % 8 == 0 && reinterpret_cast<uintptr_t>(w) % 16 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
             if (vec) mmv_float_kernel<T><<<grid, kMmvThreads, 0, stream>>>(wb, rb, N, K, x, bias, y);
             else mmv_float_scalar_kernel<<<grid, kMmvThreads, 0, stream>>>(wb, rb, N, K, wtype, x, bias, y);
         }

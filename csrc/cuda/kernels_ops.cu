@@ -22,8 +22,8 @@ unsigned elt_blocks(int64_t n) {
 // out[i, :] = dequantized row ids[i] of table. grid.y = row i, threads over
 // chunks of 8 values (cols % 8 == 0, every quantized type satisfies it).
 template <DType T>
-__global__ void get_rows_kernel(const uint8_t* table, size_t row_bytes, int64_t cols, const int32_t* ids,
-                                float* out, bool out_vec) {
+__global__ void get_rows_kernel(const uint8_t* table, size_t row_bytes, int64_t cols, const int32_t* ids, float* out,
+                                bool out_vec) {
     const int64_t i = blockIdx.y;
     const uint8_t* row = table + static_cast<size_t>(ids[i]) * row_bytes;
     float* o = out + i * cols;
@@ -31,7 +31,7 @@ __global__ void get_rows_kernel(const uint8_t* table, size_t row_bytes, int64_t 
          c += static_cast<int64_t>(gridDim.x) * blockDim.x * 8) {
         float v[8];
         Dequant8<T>::run(row, c, v);
-        if (out_vec) {   // cols % 8 == 0 and out 16-byte aligned
+        if (out_vec) {  // cols % 8 == 0 and out 16-byte aligned
             float4* o4 = reinterpret_cast<float4*>(o + c);
             o4[0] = make_float4(v[0], v[1], v[2], v[3]);
             o4[1] = make_float4(v[4], v[5], v[6], v[7]);
@@ -67,8 +67,7 @@ __global__ void rms_norm_kernel(const float* x, const float* w, float* y, int64_
 
 // torch.nn.LayerNorm: (x - mean) / sqrt(var + eps) * w + b, biased variance.
 // Two-pass (mean, then sum of squared deviations) for accuracy.
-__global__ void layer_norm_kernel(const float* x, const float* w, const float* b, float* y, int64_t cols,
-                                  float eps) {
+__global__ void layer_norm_kernel(const float* x, const float* w, const float* b, float* y, int64_t cols, float eps) {
     __shared__ float red[32];
     const float* xr = x + blockIdx.x * cols;
     float* yr = y + blockIdx.x * cols;
@@ -85,7 +84,7 @@ __global__ void layer_norm_kernel(const float* x, const float* w, const float* b
 }
 
 // ---- elementwise ----------------------------------------------------------------
-#define MQ_GRID_STRIDE(i, n) \
+#define MQ_GRID_STRIDE(i, n)                                                               \
     for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < (n); \
          i += static_cast<int64_t>(gridDim.x) * blockDim.x)
 
@@ -120,10 +119,10 @@ __global__ void rope_kernel(float* x, int64_t n_tok, int n_head, int half_dim, c
     MQ_GRID_STRIDE(idx, n) {
         const int i = static_cast<int>(idx % half_dim);
         const int64_t t = idx / (static_cast<int64_t>(half_dim) * n_head);
-        const float ang = static_cast<float>(pos[t]) * inv_freq[i];   // float32 product, as HF
+        const float ang = static_cast<float>(pos[t]) * inv_freq[i];  // float32 product, as HF
         double sd, cd;
-        sincos(static_cast<double>(ang), &sd, &cd);   // --use_fast_math would turn sincosf into
-        const float s = static_cast<float>(sd), c = static_cast<float>(cd);   // __sincosf: wrong at large angles
+        sincos(static_cast<double>(ang), &sd, &cd);                          // --use_fast_math would turn sincosf into
+        const float s = static_cast<float>(sd), c = static_cast<float>(cd);  // __sincosf: wrong at large angles
         float2* p = reinterpret_cast<float2*>(x) + idx;
         const float2 v = *p;
         *p = make_float2(v.x * c - v.y * s, v.x * s + v.y * c);
@@ -232,10 +231,10 @@ void store_rows(const float* src, void* dst, DType dst_type, int64_t n, int64_t 
     if (n == 0 || width == 0) return;
     if (dst_type == DType::F16)
         store_rows_f16_kernel<<<elt_blocks(n * width), kEltThreads, 0, stream>>>(src, static_cast<__half*>(dst), n,
-                                                                                width, dst_stride, rows);
+                                                                                 width, dst_stride, rows);
     else
         store_rows_f32_kernel<<<elt_blocks(n * width), kEltThreads, 0, stream>>>(src, static_cast<float*>(dst), n,
-                                                                                width, dst_stride, rows);
+                                                                                 width, dst_stride, rows);
     MQ_CUDA_CHECK_LAUNCH();
 }
 void scatter_i32(const int32_t* src, int32_t* dst, const int32_t* idx, int64_t n, cudaStream_t stream) {

@@ -57,14 +57,14 @@ namespace mq::gguf {
 
 namespace {
 
-constexpr int kMaxDepth = 16;           // nested array levels accepted
-constexpr uint64_t kHeaderBytes = 24;   // magic, version, n_tensors, n_kv
-constexpr uint64_t kMinKVBytes = 8 + 1 + 4 + 1;         // key length, >= 1 key byte, type, >= 1 value byte
-constexpr uint64_t kMinTensorBytes = 8 + 4 + 4 + 8;     // name length, n_dims, type, offset
-constexpr uint64_t kMinArrayBytes = 4 + 8;              // element type, count (an empty nested array)
+constexpr int kMaxDepth = 16;                        // nested array levels accepted
+constexpr uint64_t kHeaderBytes = 24;                // magic, version, n_tensors, n_kv
+constexpr uint64_t kMinKVBytes = 8 + 1 + 4 + 1;      // key length, >= 1 key byte, type, >= 1 value byte
+constexpr uint64_t kMinTensorBytes = 8 + 4 + 4 + 8;  // name length, n_dims, type, offset
+constexpr uint64_t kMinArrayBytes = 4 + 8;           // element type, count (an empty nested array)
 
-const char* const kTypeNames[kValueTypeCount] = {"uint8", "int8",   "uint16", "int16",  "uint32", "int32", "float32",
-                                                  "bool",  "string", "array",  "uint64", "int64",  "float64"};
+const char* const kTypeNames[kValueTypeCount] = {"uint8", "int8",   "uint16", "int16",  "uint32", "int32",  "float32",
+                                                 "bool",  "string", "array",  "uint64", "int64",  "float64"};
 const size_t kTypeSizes[kValueTypeCount] = {1, 1, 2, 2, 4, 4, 4, 1, 0, 0, 8, 8, 8};
 
 std::string quoted(std::string_view s) {
@@ -110,8 +110,8 @@ private:
     uint64_t left() const { return size_ - pos_; }
 
     [[noreturn]] void fail(const std::string& what, uint64_t at) const {
-        throw FormatError(path_ + ": corrupt GGUF file: " + (ctx_.empty() ? "" : ctx_ + ": ") + what +
-                          " (at byte " + std::to_string(at) + ")");
+        throw FormatError(path_ + ": corrupt GGUF file: " + (ctx_.empty() ? "" : ctx_ + ": ") + what + " (at byte " +
+                          std::to_string(at) + ")");
     }
     [[noreturn]] void truncated(const std::string& what, uint64_t need, uint64_t at) const {
         throw FormatError(path_ + ": corrupt or truncated GGUF file: " + (ctx_.empty() ? "" : ctx_ + ": ") + what +
@@ -199,7 +199,9 @@ Value Parser::value(ValueType t, int depth) {
     v.count = rd<uint64_t>("array length");
     v.offset = pos_;
     const uint32_t et = static_cast<uint32_t>(v.type);
-    const uint64_t min_elem = v.type == ValueType::STRING ? 8 : v.type == ValueType::ARRAY ? kMinArrayBytes : kTypeSizes[et];
+    const uint64_t min_elem = v.type == ValueType::STRING  ? 8
+                              : v.type == ValueType::ARRAY ? kMinArrayBytes
+                                                           : kTypeSizes[et];
     if (v.count > left() / min_elem)
         fail("array of " + std::to_string(v.count) + " " + kTypeNames[et] + " elements cannot fit in the " +
                  std::to_string(left()) + " bytes left (each takes at least " + std::to_string(min_elem) + ")",
@@ -256,8 +258,8 @@ void Parser::unique(size_t n, Name name_of, Offset offset_of, const char* what) 
         if (name_of(order[i]) == name_of(order[i - 1])) {
             ctx_.clear();
             const size_t later = std::max(order[i], order[i - 1]), earlier = std::min(order[i], order[i - 1]);
-            fail(std::string("duplicate ") + what + " " + quoted(name_of(later)) + " (entries " + std::to_string(earlier) +
-                     " and " + std::to_string(later) + ")",
+            fail(std::string("duplicate ") + what + " " + quoted(name_of(later)) + " (entries " +
+                     std::to_string(earlier) + " and " + std::to_string(later) + ")",
                  offset_of(later));
         }
     }
@@ -273,8 +275,9 @@ void Parser::metadata(uint64_t n_kv) {
         f_.kvs.push_back(kv);
     }
     ctx_.clear();
-    unique(f_.kvs.size(), [&](size_t i) { return f_.kvs[i].key; }, [&](size_t i) { return f_.kvs[i].offset; },
-           "metadata key");
+    unique(
+        f_.kvs.size(), [&](size_t i) { return f_.kvs[i].key; }, [&](size_t i) { return f_.kvs[i].offset; },
+        "metadata key");
 }
 
 void Parser::alignment() {
@@ -282,7 +285,8 @@ void Parser::alignment() {
         if (kv.key != "general.alignment") continue;
         ctx_ = "metadata key 'general.alignment'";
         if (kv.value.is_array || kv.value.type != ValueType::U32)
-            fail(std::string("must be a uint32, not ") + (kv.value.is_array ? "an array" : kTypeNames[uint32_t(kv.value.type)]),
+            fail(std::string("must be a uint32, not ") +
+                     (kv.value.is_array ? "an array" : kTypeNames[uint32_t(kv.value.type)]),
                  kv.offset);
         uint32_t a;
         std::memcpy(&a, d_ + kv.value.offset, 4);
@@ -341,8 +345,9 @@ void Parser::tensor_table(uint64_t n_tensors) {
         f_.tensors.push_back(ti);
     }
     ctx_.clear();
-    unique(f_.tensors.size(), [&](size_t i) { return f_.tensors[i].name; },
-           [&](size_t i) { return f_.tensors[i].info_offset; }, "tensor name");
+    unique(
+        f_.tensors.size(), [&](size_t i) { return f_.tensors[i].name; },
+        [&](size_t i) { return f_.tensors[i].info_offset; }, "tensor name");
 }
 
 void Parser::tensor_ranges() {
@@ -361,8 +366,9 @@ void Parser::tensor_ranges() {
                  ti.info_offset);
         if (rel > size_ || f_.data_offset > size_ - rel || ti.nbytes > size_ - rel - f_.data_offset) {
             const bool start_out = rel > size_ || f_.data_offset > size_ - rel;
-            throw FormatError(path_ + ": corrupt or truncated GGUF file: " + ctx_ + ": its " + std::to_string(ti.nbytes) +
-                              " bytes of data at offset " + std::to_string(rel) + " in the data section (byte " +
+            throw FormatError(path_ + ": corrupt or truncated GGUF file: " + ctx_ + ": its " +
+                              std::to_string(ti.nbytes) + " bytes of data at offset " + std::to_string(rel) +
+                              " in the data section (byte " +
                               (start_out ? std::string("past the end") : std::to_string(f_.data_offset + rel)) +
                               ") run past the end of the file (" + std::to_string(size_) + " bytes)");
         }
@@ -373,7 +379,8 @@ void Parser::tensor_ranges() {
 
 void Parser::run() {
     if (size_ < kHeaderBytes)
-        throw FormatError(path_ + ": not a GGUF file (" + std::to_string(size_) + " bytes, too small for a GGUF header)");
+        throw FormatError(path_ + ": not a GGUF file (" + std::to_string(size_) +
+                          " bytes, too small for a GGUF header)");
     if (std::memcmp(d_, "GGUF", 4) != 0) {
         std::string m;
         for (int i = 0; i < 4; i++) {
@@ -448,7 +455,8 @@ size_t utf8_error_at(std::string_view s) {
             if ((p[i + k] & 0xC0) != 0x80) return i;
             cp = (cp << 6) | (p[i + k] & 0x3F);
         }
-        if ((len == 3 && (cp < 0x800 || (cp >= 0xD800 && cp <= 0xDFFF))) || (len == 4 && (cp < 0x10000 || cp > 0x10FFFF)))
+        if ((len == 3 && (cp < 0x800 || (cp >= 0xD800 && cp <= 0xDFFF))) ||
+            (len == 4 && (cp < 0x10000 || cp > 0x10FFFF)))
             return i;  // overlong, surrogate or beyond Unicode
         i += len;
     }

@@ -31,12 +31,23 @@ struct FormatError : std::runtime_error {
 
 // GGUF metadata value types (docs/gguf.md gguf_metadata_value_type).
 enum class ValueType : uint32_t {
-    U8 = 0, I8 = 1, U16 = 2, I16 = 3, U32 = 4, I32 = 5, F32 = 6, BOOL = 7,
-    STRING = 8, ARRAY = 9, U64 = 10, I64 = 11, F64 = 12,
+    U8 = 0,
+    I8 = 1,
+    U16 = 2,
+    I16 = 3,
+    U32 = 4,
+    I32 = 5,
+    F32 = 6,
+    BOOL = 7,
+    STRING = 8,
+    ARRAY = 9,
+    U64 = 10,
+    I64 = 11,
+    F64 = 12,
 };
 constexpr uint32_t kValueTypeCount = 13;
 const char* value_type_name(ValueType t);  // gguf-py's GGUFValueType names, lower-case ("uint32")
-size_t value_type_size(ValueType t);        // bytes of one scalar; 0 for STRING and ARRAY
+size_t value_type_size(ValueType t);       // bytes of one scalar; 0 for STRING and ARRAY
 
 // A read-only mapping of a whole file; unmapped when the last reference goes.
 class Mapping {
@@ -77,18 +88,18 @@ struct Value {
 };
 
 struct KV {
-    std::string_view key;   // into the mapping (valid UTF-8, checked)
-    uint64_t offset = 0;    // of the key's length field
+    std::string_view key;  // into the mapping (valid UTF-8, checked)
+    uint64_t offset = 0;   // of the key's length field
     Value value;
 };
 
 struct TensorInfo {
-    std::string_view name;  // into the mapping (valid UTF-8, checked)
-    uint64_t info_offset = 0;   // of the entry in the tensor table (its name's length field)
-    uint32_t n_dims = 0;        // <= 4
-    int64_t ne[4] = {1, 1, 1, 1};   // GGUF order: ne[0] is the row (fastest) axis
-    int32_t type = 0;           // ggml type id (formats.h type_layout knows it)
-    uint64_t offset = 0;        // ABSOLUTE byte offset of the data in the file
+    std::string_view name;         // into the mapping (valid UTF-8, checked)
+    uint64_t info_offset = 0;      // of the entry in the tensor table (its name's length field)
+    uint32_t n_dims = 0;           // <= 4
+    int64_t ne[4] = {1, 1, 1, 1};  // GGUF order: ne[0] is the row (fastest) axis
+    int32_t type = 0;              // ggml type id (formats.h type_layout knows it)
+    uint64_t offset = 0;           // ABSOLUTE byte offset of the data in the file
     uint64_t n_elements = 0;
     uint64_t nbytes = 0;
 };
@@ -103,10 +114,10 @@ public:
     const std::string& path() const { return map_->path(); }
 
     uint32_t version = 0;
-    uint64_t alignment = 32;    // general.alignment, default 32 (docs/gguf.md)
-    uint64_t data_offset = 0;   // start of the tensor data section (aligned end of the tensor table)
-    std::vector<KV> kvs;        // file order
-    std::vector<TensorInfo> tensors;  // file order
+    uint64_t alignment = 32;               // general.alignment, default 32 (docs/gguf.md)
+    uint64_t data_offset = 0;              // start of the tensor data section (aligned end of the tensor table)
+    std::vector<KV> kvs;                   // file order
+    std::vector<TensorInfo> tensors;       // file order
     std::vector<uint64_t> string_offsets;  // length field of every string of a top-level string array
     std::vector<Value> children;           // elements of nested arrays (in expand()ed Files only)
 

@@ -30,12 +30,12 @@ struct RowCtx {
 bool ImageJob::step() {
     if (finished()) return false;
     if (vjob_) {
-        if (!vjob_->step()) vjob_.reset();   // the vision activations (~430 MB on the 11B) go now
+        if (!vjob_->step()) vjob_.reset();  // the vision activations (~430 MB on the 11B) go now
         done_++;
         return true;
     }
     // Last unit: the cross-attention K/V of every cross layer (keys ordered tile, vision token).
-    prof::Region region("cross_kv");   // profiling label (common/profile.h)
+    prof::Region region("cross_kv");  // profiling label (common/profile.h)
     auto img = std::make_shared<ImageKV>();
     m_.text_->cross_kv(static_cast<const float*>(states_->data()), int64_t(n_tiles_) * n_patches_, img->kv);
     img->n_tiles = n_tiles_;
@@ -46,9 +46,8 @@ bool ImageJob::step() {
     return false;
 }
 
-std::unique_ptr<ImageJob> MllamaModel::begin_image(const float* pixels_host, int32_t ar_id,
-                                                   const int32_t* ar_mask_host, int n_tiles, int channels, int height,
-                                                   int width) {
+std::unique_ptr<ImageJob> MllamaModel::begin_image(const float* pixels_host, int32_t ar_id, const int32_t* ar_mask_host,
+                                                   int n_tiles, int channels, int height, int width) {
     if (!vision_) throw std::invalid_argument("the model was loaded without its vision encoder (vision=False)");
     const VisionHParams& vh = vision_->hparams();
     if (n_tiles != vh.max_num_tiles || channels != vh.num_channels || height != vh.image_size || width != vh.image_size)
@@ -118,8 +117,9 @@ int64_t MllamaModel::seq_len(int s) const { return slot(s).len; }
 
 void MllamaModel::seq_truncate(int s, int64_t n) {
     Slot& sl = slot(s);
-    if (n < 0 || n > sl.len) throw std::invalid_argument("seq_truncate: " + str(n) + " is not in [0, " + str(sl.len) + "]");
-    if (n < sl.len) sl.last_mask.clear();   // the mask row of the new last token is not kept
+    if (n < 0 || n > sl.len)
+        throw std::invalid_argument("seq_truncate: " + str(n) + " is not in [0, " + str(sl.len) + "]");
+    if (n < sl.len) sl.last_mask.clear();  // the mask row of the new last token is not kept
     sl.len = n;
 }
 
@@ -208,7 +208,8 @@ void MllamaModel::step_once(std::vector<Entry>& es) {
         for (int64_t i = 0; i < e.n; i++)
             if (e.tokens[i] < 0 || int64_t(e.tokens[i]) >= hp.vocab_size + 8)
                 throw std::invalid_argument("token id " + str(e.tokens[i]) + " out of range");
-        if (e.logits < 0 || e.logits > 2 || (e.logits && !e.logits_out)) throw std::invalid_argument("step: bad logits request");
+        if (e.logits < 0 || e.logits > 2 || (e.logits && !e.logits_out))
+            throw std::invalid_argument("step: bad logits request");
         if (e.sample) {
             if (!e.id_out) throw std::invalid_argument("step: no place for the sampled id");
             Backend::check(e.params);
@@ -228,7 +229,7 @@ void MllamaModel::step_once(std::vector<Entry>& es) {
 
     TextDecoder::Step st;
     std::vector<int32_t> tokens;
-    std::vector<std::shared_ptr<CrossKV>> keep;   // concatenations used by this step stay alive
+    std::vector<std::shared_ptr<CrossKV>> keep;  // concatenations used by this step stay alive
     std::vector<int64_t> entry_row0(es.size());
     for (size_t oi : order) {
         Entry& e = es[oi];
@@ -273,7 +274,7 @@ void MllamaModel::step_once(std::vector<Entry>& es) {
                 }
             if (n_with == 1) {
                 const uint32_t b = c.bits[size_t(only)];
-                if ((b & (b + 1)) == 0) {   // tiles 0 .. k-1
+                if ((b & (b + 1)) == 0) {  // tiles 0 .. k-1
                     const ImageKV& img = *sl.images[size_t(only)];
                     kv = &img.kv;
                     key0 = 0;
@@ -285,7 +286,7 @@ void MllamaModel::step_once(std::vector<Entry>& es) {
                 if (sl.concat[k].first == c.bits) {
                     auto hit = sl.concat[k];
                     sl.concat.erase(sl.concat.begin() + long(k));
-                    sl.concat.push_back(hit);   // most recent last
+                    sl.concat.push_back(hit);  // most recent last
                     keep.push_back(hit.second);
                     kv = hit.second.get();
                     key0 = 0;
@@ -297,7 +298,10 @@ void MllamaModel::step_once(std::vector<Entry>& es) {
                 const ImageKV& img = *sl.images[size_t(im)];
                 const uint32_t b = c.bits[size_t(im)];
                 for (int t = 0; t < T;) {
-                    if (!((b >> t) & 1u)) { t++; continue; }
+                    if (!((b >> t) & 1u)) {
+                        t++;
+                        continue;
+                    }
                     int t1 = t;
                     while (t1 < T && ((b >> t1) & 1u)) t1++;
                     parts.push_back({&img.kv, int64_t(t) * img.n_patches, int64_t(t1 - t) * img.n_patches});
@@ -330,7 +334,7 @@ void MllamaModel::step_once(std::vector<Entry>& es) {
     // ---- logit rows: the sampled ones first (TextDecoder::Step), then the others
     struct Out {
         size_t entry;
-        int64_t row;   // within the entry
+        int64_t row;  // within the entry
     };
     std::vector<Out> outs;
     for (size_t oi : order) {
@@ -346,7 +350,7 @@ void MllamaModel::step_once(std::vector<Entry>& es) {
         Entry& e = es[oi];
         if (e.logits == 0) continue;
         for (int64_t r = e.logits == 2 ? 0 : e.n - 1; r < e.n; r++) {
-            if (e.sample && r == e.n - 1) continue;   // already a (sampled) logit row
+            if (e.sample && r == e.n - 1) continue;  // already a (sampled) logit row
             st.logit_rows.push_back(entry_row0[oi] + r);
             outs.push_back({oi, r});
         }

@@ -51,14 +51,14 @@ public:
     int total_steps() const { return total_; }
     int done_steps() const { return done_; }
     bool finished() const { return bool(result_); }
-    bool step();                                   // false when finished
+    bool step();  // false when finished
     std::shared_ptr<ImageKV> result() const { return result_; }
 
 private:
     friend class MllamaModel;
     explicit ImageJob(MllamaModel& m) : m_(m) {}
     MllamaModel& m_;
-    std::unique_ptr<BackendBuffer> states_;        // f32 [T, P, D] (the projector output)
+    std::unique_ptr<BackendBuffer> states_;  // f32 [T, P, D] (the projector output)
     std::unique_ptr<VisionEncoder::Job> vjob_;
     int n_tiles_ = 0;
     int64_t n_patches_ = 0;
@@ -117,17 +117,17 @@ public:
     // ---- one batched step -------------------------------------------------------
     struct Entry {
         int slot = 0;
-        const int32_t* tokens = nullptr;   // host int32 [n], appended after the slot's seq_len tokens
+        const int32_t* tokens = nullptr;  // host int32 [n], appended after the slot's seq_len tokens
         int64_t n = 0;
         // host int32 [n, n_img, n_tiles]: HF cross_attention_mask rows of these
         // tokens, or nullptr: repeat the slot's last mask row (HF generate); if
         // it never had one, every vision token is visible (HF forward without a mask).
         const int32_t* mask = nullptr;
-        int logits = 0;                    // 0: none, 1: the last row's, 2: every row's
-        float* logits_out = nullptr;       // host f32 [logits == 2 ? n : 1, vocab]
-        bool sample = false;               // sample a token after the last row
-        Backend::SampleParams params;      // (hist fields filled in here)
-        int32_t* id_out = nullptr;         // host, the sampled id
+        int logits = 0;                // 0: none, 1: the last row's, 2: every row's
+        float* logits_out = nullptr;   // host f32 [logits == 2 ? n : 1, vocab]
+        bool sample = false;           // sample a token after the last row
+        Backend::SampleParams params;  // (hist fields filled in here)
+        int32_t* id_out = nullptr;     // host, the sampled id
     };
     // Every entry (distinct slots) in ONE forward pass; on success each slot's
     // seq_len grows by its n. A single entry may be longer than kMaxBatch rows
@@ -146,12 +146,13 @@ private:
     struct Slot {
         int64_t len = 0;
         std::vector<std::shared_ptr<ImageKV>> images;
-        std::vector<int32_t> last_mask;   // [n_img * n_tiles] of the last row evaluated with a mask
+        std::vector<int32_t> last_mask;  // [n_img * n_tiles] of the last row evaluated with a mask
         // Key concatenations for visible sets spanning several images (at most
         // kConcatKeep, most recent last): visible-tile bit masks -> keys.
         std::vector<std::pair<std::vector<uint32_t>, std::shared_ptr<CrossKV>>> concat;
     };
     static constexpr size_t kConcatKeep = 2;
+
 public:
     struct Snapshot {
         TextDecoder::SavedRows rows;
@@ -164,7 +165,7 @@ private:
     void step_chunked(Entry& e);
     void step_once(std::vector<Entry>& entries);
 
-    std::unique_ptr<Backend> be_;   // declared first: destroyed last
+    std::unique_ptr<Backend> be_;  // declared first: destroyed last
     TensorMap tm_;
     TensorMap vision_tm_;
     std::unique_ptr<TextDecoder> text_;

@@ -39,9 +39,7 @@ public:
         return int(off_.size()) - 1;
     }
     // Allocates the host mirror for the planned layout (contents zeroed).
-    void begin() {
-        host_.assign(size_ + 64, 0);
-    }
+    void begin() { host_.assign(size_ + 64, 0); }
     template <class T>
     T* host(int slot) {
         return reinterpret_cast<T*>(host_.data() + off_[size_t(slot)]);

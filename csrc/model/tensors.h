@@ -46,8 +46,9 @@ public:
             ok = (s < 0 || t.shape[i] == s);
             i++;
         }
-        if (!ok) throw std::runtime_error("tensor '" + name + "' has shape " + fmt(t.shape) + ", expected " +
-                                          fmt(std::vector<int64_t>(shape)));
+        if (!ok)
+            throw std::runtime_error("tensor '" + name + "' has shape " + fmt(t.shape) + ", expected " +
+                                     fmt(std::vector<int64_t>(shape)));
         return t.w;
     }
 

@@ -20,7 +20,8 @@ size_t kv_elem_size(DType t) { return t == DType::F16 ? 2 : 4; }
 // Norm weights are read by the backend as float32 vectors.
 const Weight& f32_vec(const TensorMap& tm, const std::string& name, int64_t n) {
     const Weight& w = tm.get(name, {n});
-    if (w.type != DType::F32) throw std::runtime_error("tensor '" + name + "' must be f32 (norm weights are read as float32)");
+    if (w.type != DType::F32)
+        throw std::runtime_error("tensor '" + name + "' must be f32 (norm weights are read as float32)");
     return w;
 }
 
@@ -34,9 +35,9 @@ float tanh_gate(const TensorMap& tm, const std::string& name) {
 
 TextDecoder::TextDecoder(Backend& be, const TensorMap& tm, const TextHParams& hp, int64_t n_ctx, DType kv_type,
                          int n_seq)
-    : be_(be), hp_(hp), n_ctx_(n_ctx), kv_type_(kv_type), n_seq_(n_seq), inv_freq_(&be), hist_(&be),
-      x_(&be), h_(&be), q_(&be), k_(&be), v_(&be), attn_(&be), ffn_a_(&be), ffn_b_(&be), logits_(&be), xl_(&be),
-      ids_(&be), block_(std::make_unique<StepBlock>(be)) {
+    : be_(be), hp_(hp), n_ctx_(n_ctx), kv_type_(kv_type), n_seq_(n_seq), inv_freq_(&be), hist_(&be), x_(&be), h_(&be),
+      q_(&be), k_(&be), v_(&be), attn_(&be), ffn_a_(&be), ffn_b_(&be), logits_(&be), xl_(&be), ids_(&be),
+      block_(std::make_unique<StepBlock>(be)) {
     if (kv_type != DType::F16 && kv_type != DType::F32) throw std::invalid_argument("kv_type must be f16 or f32");
     if (n_ctx <= 0) throw std::invalid_argument("n_ctx must be positive");
     if (n_seq <= 0) throw std::invalid_argument("the number of sequences must be positive");
@@ -48,9 +49,11 @@ TextDecoder::TextDecoder(Backend& be, const TensorMap& tm, const TextHParams& hp
     if (hp.n_head % hp.n_kv_head) throw std::invalid_argument("head_count must be a multiple of head_count_kv");
     if (hp.head_dim % 2) throw std::invalid_argument("head_dim must be even (RoPE rotates pairs)");
     if (int64_t(hp.rope_inv_freq.size()) * 2 != hp.head_dim)
-        throw std::invalid_argument("rope_inv_freq must have head_dim/2 = " + std::to_string(hp.head_dim / 2) + " entries");
+        throw std::invalid_argument("rope_inv_freq must have head_dim/2 = " + std::to_string(hp.head_dim / 2) +
+                                    " entries");
     for (int c : hp.cross_attention_layers)
-        if (c < 0 || c >= hp.n_layer) throw std::invalid_argument("cross-attention layer index " + std::to_string(c) + " out of range");
+        if (c < 0 || c >= hp.n_layer)
+            throw std::invalid_argument("cross-attention layer index " + std::to_string(c) + " out of range");
 
     const int64_t D = hp.hidden_size, F = hp.intermediate_size, hd = hp.head_dim;
     const int64_t qdim = int64_t(hp.n_head) * hd, kvdim = int64_t(hp.n_kv_head) * hd;
@@ -58,8 +61,8 @@ TextDecoder::TextDecoder(Backend& be, const TensorMap& tm, const TextHParams& hp
     // token_embd has vocab + 8 rows in HF (embed_tokens: vocab_size + 8; <|image|> = row vocab_size).
     tok_embd_ = tm.get("token_embd.weight", {-1, D});
     if (tok_embd_.rows < hp.vocab_size)
-        throw std::runtime_error("token_embd.weight has " + std::to_string(tok_embd_.rows) + " rows, fewer than vocab_size " +
-                                 std::to_string(hp.vocab_size));
+        throw std::runtime_error("token_embd.weight has " + std::to_string(tok_embd_.rows) +
+                                 " rows, fewer than vocab_size " + std::to_string(hp.vocab_size));
     output_norm_ = f32_vec(tm, "output_norm.weight", D);
     output_ = tm.get("output.weight", {hp.vocab_size, D});
 
@@ -194,8 +197,10 @@ void TextDecoder::save_rows(int slot, int64_t first, int64_t n, SavedRows& out) 
     for (const Layer& L : layers_) {
         if (L.is_cross) continue;
         BackendBuffer kb(&be_), vb(&be_);
-        be_.copy(kb.reserve(size_t(n) * row), static_cast<const uint8_t*>(L.self.k_cache.data()) + base, size_t(n) * row);
-        be_.copy(vb.reserve(size_t(n) * row), static_cast<const uint8_t*>(L.self.v_cache.data()) + base, size_t(n) * row);
+        be_.copy(kb.reserve(size_t(n) * row), static_cast<const uint8_t*>(L.self.k_cache.data()) + base,
+                 size_t(n) * row);
+        be_.copy(vb.reserve(size_t(n) * row), static_cast<const uint8_t*>(L.self.v_cache.data()) + base,
+                 size_t(n) * row);
         out.k.push_back(std::move(kb));
         out.v.push_back(std::move(vb));
         out.bytes += 2 * size_t(n) * row;
@@ -278,12 +283,12 @@ void TextDecoder::step(const Step& st, float* logits_host, int32_t* ids_host, co
     const int n_q = int(st.seqs.size()), n_c = int(st.cross.size());
     StepBlock& b = *block_;
     b.clear();
-    const int a_tok = b.plan<int32_t>(size_t(R));                       // token ids [R]
-    const int a_pos = b.plan<int32_t>(size_t(R));                       // positions [R]
-    const int a_row = b.plan<int32_t>(size_t(R));                       // cache rows slot * n_ctx + pos [R]
+    const int a_tok = b.plan<int32_t>(size_t(R));                         // token ids [R]
+    const int a_pos = b.plan<int32_t>(size_t(R));                         // positions [R]
+    const int a_row = b.plan<int32_t>(size_t(R));                         // cache rows slot * n_ctx + pos [R]
     const int a_lrow = b.plan<int32_t>(size_t(std::max<int64_t>(L, 1)));  // logit rows [L]
     const int a_samp = b.plan<Backend::SampleParams>(size_t(std::max<int64_t>(S, 1)));
-    const int a_self = b.plan<Backend::AttnSegment>(size_t(n_self_) * n_q);   // [self layer][sequence]
+    const int a_self = b.plan<Backend::AttnSegment>(size_t(n_self_) * n_q);             // [self layer][sequence]
     const int a_cross = b.plan<Backend::AttnSegment>(cross_idx_.size() * size_t(n_c));  // [cross layer][run]
     b.begin();
     int32_t* tok = b.host<int32_t>(a_tok);
@@ -325,13 +330,13 @@ void TextDecoder::step(const Step& st, float* logits_host, int32_t* ids_host, co
             for (int j = 0; j < n_q; j++) {
                 const SeqRows& q = st.seqs[j];
                 Backend::AttnSegment& g = self_seg[size_t(si) * n_q + j];
-                const size_t base = size_t(q.slot) * n_ctx_ * kvdim * es;   // the slot's first cache row
+                const size_t base = size_t(q.slot) * n_ctx_ * kvdim * es;  // the slot's first cache row
                 g.q_row = q.row0;
                 g.n_q = q.n;
                 g.k = static_cast<const uint8_t*>(Ly.self.k_cache.data()) + base;
                 g.v = static_cast<const uint8_t*>(Ly.self.v_cache.data()) + base;
                 g.n_k = q.n_past + q.n;
-                g.q_offset = q.n_past;   // causal: row i (position n_past + i) sees cache rows j <= n_past + i
+                g.q_offset = q.n_past;  // causal: row i (position n_past + i) sees cache rows j <= n_past + i
                 g.causal = 1;
             }
             si++;

@@ -22,13 +22,13 @@
 namespace mq {
 
 struct TextHParams {
-    int64_t vocab_size = 0;        // rows of output.weight (128256)
-    int64_t hidden_size = 0;       // D (4096)
-    int64_t intermediate_size = 0; // F (14336)
-    int n_layer = 0;               // all decoder layers, self + cross (40)
-    int n_head = 0;                // H (32)
-    int n_kv_head = 0;             // Hkv (8)
-    int head_dim = 0;              // hd (128) = D / H
+    int64_t vocab_size = 0;         // rows of output.weight (128256)
+    int64_t hidden_size = 0;        // D (4096)
+    int64_t intermediate_size = 0;  // F (14336)
+    int n_layer = 0;                // all decoder layers, self + cross (40)
+    int n_head = 0;                 // H (32)
+    int n_kv_head = 0;              // Hkv (8)
+    int head_dim = 0;               // hd (128) = D / H
     float rms_eps = 1e-5f;
     std::vector<int> cross_attention_layers;  // layer indices that are cross-attention layers
     // RoPE inverse frequencies [head_dim / 2], llama3 scaling already applied
@@ -44,9 +44,19 @@ public:
     ~BackendBuffer() { release(); }
     BackendBuffer(const BackendBuffer&) = delete;
     BackendBuffer& operator=(const BackendBuffer&) = delete;
-    BackendBuffer(BackendBuffer&& o) noexcept : be_(o.be_), p_(o.p_), bytes_(o.bytes_) { o.p_ = nullptr; o.bytes_ = 0; }
+    BackendBuffer(BackendBuffer&& o) noexcept : be_(o.be_), p_(o.p_), bytes_(o.bytes_) {
+        o.p_ = nullptr;
+        o.bytes_ = 0;
+    }
     BackendBuffer& operator=(BackendBuffer&& o) noexcept {
-        if (this != &o) { release(); be_ = o.be_; p_ = o.p_; bytes_ = o.bytes_; o.p_ = nullptr; o.bytes_ = 0; }
+        if (this != &o) {
+            release();
+            be_ = o.be_;
+            p_ = o.p_;
+            bytes_ = o.bytes_;
+            o.p_ = nullptr;
+            o.bytes_ = 0;
+        }
         return *this;
     }
     // Makes the buffer at least `bytes` long (contents are lost when it grows).
@@ -80,9 +90,9 @@ private:
 // kv_type (HF MllamaTextCrossAttention: K = k_norm(k_proj(states)) per head,
 // V = v_proj(states)), keys in HF's order (image, tile, vision token).
 struct CrossKV {
-    std::vector<BackendBuffer> k, v;   // [n_cross_layers]
+    std::vector<BackendBuffer> k, v;  // [n_cross_layers]
     int64_t n_keys = 0;
-    size_t bytes = 0;                   // all layers, K and V
+    size_t bytes = 0;  // all layers, K and V
 };
 
 // Thrown by TextDecoder::step when the abort flag was raised: the step's rows
@@ -127,8 +137,8 @@ public:
     // back (MllamaModel::seq_snapshot).
     struct SavedRows {
         int64_t first = 0, n = 0;
-        std::vector<BackendBuffer> k, v;   // per self layer [n, Hkv*hd] of kv_type
-        BackendBuffer hist;                // int32 [n]
+        std::vector<BackendBuffer> k, v;  // per self layer [n, Hkv*hd] of kv_type
+        BackendBuffer hist;               // int32 [n]
         size_t bytes = 0;
     };
     void save_rows(int slot, int64_t first, int64_t n, SavedRows& out);
@@ -137,27 +147,27 @@ public:
     // ---- one batched step ---------------------------------------------------
     // R rows (tokens) of several sequences go through all layers as ONE batch
     // (every matmul has M = R: the weights are read once for all sequences).
-    struct SeqRows {           // one sequence's rows [row0, row0 + n) of the batch
+    struct SeqRows {  // one sequence's rows [row0, row0 + n) of the batch
         int slot;
         int64_t row0, n;
-        int64_t n_past;        // tokens already in its cache (positions n_past ..)
+        int64_t n_past;  // tokens already in its cache (positions n_past ..)
     };
-    struct CrossRun {          // rows [row0, row0 + n) attend keys [key0, key0 + n_keys) of kv
+    struct CrossRun {  // rows [row0, row0 + n) attend keys [key0, key0 + n_keys) of kv
         int64_t row0, n;
         const CrossKV* kv;
         int64_t key0, n_keys;
-        bool mlp;              // add the cross layer's MLP output (false: HF full_text_row_masked_out_mask = 0)
+        bool mlp;  // add the cross layer's MLP output (false: HF full_text_row_masked_out_mask = 0)
     };
     struct Step {
-        const int32_t* tokens = nullptr;   // host int32 [R]
+        const int32_t* tokens = nullptr;  // host int32 [R]
         int64_t R = 0;
-        std::vector<SeqRows> seqs;         // cover rows [0, R) in order
+        std::vector<SeqRows> seqs;  // cover rows [0, R) in order
         // Rows [0, n_cross_rows) belong to sequences with images and are all
         // covered by `cross` runs; the other rows skip the cross-attention
         // layers (HF MllamaTextModel skips them for text-only input).
         std::vector<CrossRun> cross;
         int64_t n_cross_rows = 0;
-        std::vector<int64_t> logit_rows;   // rows whose logits are computed
+        std::vector<int64_t> logit_rows;  // rows whose logits are computed
         // Sampling for the first sample.size() logit rows (hist_begin/hist_len
         // are filled in by step(): the row's sequence history up to that row).
         std::vector<Backend::SampleParams> sample;
@@ -173,7 +183,7 @@ public:
 private:
     struct SelfLayer {
         Weight attn_norm, wq, wk, wv, wo;
-        BackendBuffer k_cache, v_cache;   // [n_seq * n_ctx, Hkv*hd] of kv_type (slot-major)
+        BackendBuffer k_cache, v_cache;  // [n_seq * n_ctx, Hkv*hd] of kv_type (slot-major)
     };
     struct CrossLayer {
         Weight attn_norm, wq, wk, wv, wo, q_norm, k_norm;
@@ -181,7 +191,7 @@ private:
     };
     struct Layer {
         bool is_cross = false;
-        int cross_index = -1;   // index into CrossKV::k/v
+        int cross_index = -1;  // index into CrossKV::k/v
         SelfLayer self;
         CrossLayer cross;
         Weight ffn_norm, ffn_gate, ffn_up, ffn_down;
@@ -196,10 +206,10 @@ private:
     int n_seq_;
     Weight tok_embd_, output_norm_, output_;
     std::vector<Layer> layers_;
-    std::vector<int> cross_idx_;      // layer index of each cross-attention layer
+    std::vector<int> cross_idx_;  // layer index of each cross-attention layer
     int n_self_ = 0;
-    BackendBuffer inv_freq_;          // f32 [head_dim / 2]
-    BackendBuffer hist_;              // int32 [n_seq * n_ctx]: every sequence's tokens (sampling history)
+    BackendBuffer inv_freq_;  // f32 [head_dim / 2]
+    BackendBuffer hist_;      // int32 [n_seq * n_ctx]: every sequence's tokens (sampling history)
 
     // Scratch activations for one batch of R tokens (grown as needed).
     BackendBuffer x_, h_, q_, k_, v_, attn_, ffn_a_, ffn_b_, logits_, xl_, ids_;

@@ -45,20 +45,20 @@ struct Buf {
 // Backend activation buffers of one encode() call, shared by its images (11B
 // sizes: about 430 MB; no buffer above 34 MB).
 struct VisionEncoder::Work {
-    Buf x, h, q, k, v, a;             // [S, D]: residual stream, scratch, q/k/v, attention out
-    Buf u;                            // [min(S, kMlpRows), F]: MLP hidden rows
-    Buf mask;                         // [kMaskRows, S]: the padding-query mask row, repeated
+    Buf x, h, q, k, v, a;                     // [S, D]: residual stream, scratch, q/k/v, attention out
+    Buf u;                                    // [min(S, kMlpRows), F]: MLP hidden rows
+    Buf mask;                                 // [kMaskRows, S]: the padding-query mask row, repeated
     std::vector<std::unique_ptr<Buf>> inter;  // K x [S, D]: intermediate hidden states
-    Buf tile_rows;                    // [T, P, D]: tile position embedding of the aspect ratio
-    Buf pre_rows, post_rows;          // [T, D]: pre/post tile embeddings of the aspect ratio
-    Buf pre_bias, post_bias;          // [T, D]
-    Buf patches;                      // [n_patch, C*p*p]: im2col of one tile
-    Buf dcat;                         // [kProjRows, Dc]: projector input rows
+    Buf tile_rows;                            // [T, P, D]: tile position embedding of the aspect ratio
+    Buf pre_rows, post_rows;                  // [T, D]: pre/post tile embeddings of the aspect ratio
+    Buf pre_bias, post_bias;                  // [T, D]
+    Buf patches;                              // [n_patch, C*p*p]: im2col of one tile
+    Buf dcat;                                 // [kProjRows, Dc]: projector input rows
     Work(Backend& be, const VisionEncoder& e)
-        : x(be, e.S() * e.D_), h(be, e.S() * e.D_), q(be, e.S() * e.D_), k(be, e.S() * e.D_),
-          v(be, e.S() * e.D_), a(be, e.S() * e.D_), u(be, std::min(kMlpRows, e.S()) * e.F_),
-          mask(be, kMaskRows * e.S()), tile_rows(be, e.T_ * e.P_ * e.D_), pre_rows(be, e.T_ * e.D_),
-          post_rows(be, e.T_ * e.D_), pre_bias(be, e.T_ * e.D_), post_bias(be, e.T_ * e.D_),
+        : x(be, e.S() * e.D_), h(be, e.S() * e.D_), q(be, e.S() * e.D_), k(be, e.S() * e.D_), v(be, e.S() * e.D_),
+          a(be, e.S() * e.D_), u(be, std::min(kMlpRows, e.S()) * e.F_), mask(be, kMaskRows * e.S()),
+          tile_rows(be, e.T_ * e.P_ * e.D_), pre_rows(be, e.T_ * e.D_), post_rows(be, e.T_ * e.D_),
+          pre_bias(be, e.T_ * e.D_), post_bias(be, e.T_ * e.D_),
           patches(be, e.n_patch_ * e.hp_.num_channels * e.hp_.patch_size * e.hp_.patch_size),
           dcat(be, kProjRows * e.D_ * (1 + e.K_)) {
         for (int64_t i = 0; i < e.K_; i++) inter.push_back(std::make_unique<Buf>(be, e.S() * e.D_));
@@ -119,7 +119,8 @@ VisionEncoder::VisionEncoder(Backend& be, const TensorMap& tm, const VisionHPara
         pre_ln_b_ = vec_f32(tm, "v.pre_ln.bias", D_);
         post_ln_w_ = vec_f32(tm, "v.post_ln.weight", D_);
         post_ln_b_ = vec_f32(tm, "v.post_ln.bias", D_);
-        for (int l = 0; l < hp.num_layers; l++) local_.push_back(load_layer(tm, "v.blk." + std::to_string(l) + ".", false));
+        for (int l = 0; l < hp.num_layers; l++)
+            local_.push_back(load_layer(tm, "v.blk." + std::to_string(l) + ".", false));
         for (int l = 0; l < hp.num_global_layers; l++)
             global_.push_back(load_layer(tm, "v.global.blk." + std::to_string(l) + ".", true));
         proj_ = tm.get("mm.0.weight", {int64_t(hp.out_dim), D_ * (1 + K_)});
@@ -207,28 +208,27 @@ void VisionEncoder::check_image_args(int32_t ar_id, const int32_t* tile_mask) co
             throw std::invalid_argument("vision encode: aspect_ratio_mask values must be 0 or 1");
 }
 
-void VisionEncoder::encode(const float* pixels_host, const int32_t* ar_ids_host, const int32_t* ar_mask_host,
-                           int n_img, float* out) {
+void VisionEncoder::encode(const float* pixels_host, const int32_t* ar_ids_host, const int32_t* ar_mask_host, int n_img,
+                           float* out) {
     if (n_img < 0) throw std::invalid_argument("vision encode: negative image count");
     for (int b = 0; b < n_img; b++) check_image_args(ar_ids_host[b], ar_mask_host + b * T_);
     const int64_t tile_px = int64_t(hp_.num_channels) * hp_.image_size * hp_.image_size;
     for (int b = 0; b < n_img; b++) {
         auto job = begin(pixels_host + b * T_ * tile_px, ar_ids_host[b], ar_mask_host + b * T_,
                          out + int64_t(b) * T_ * P_ * hp_.out_dim);
-        while (job->step()) {
-        }
+        while (job->step()) {}
     }
 }
 
 // The state of one image's encode (Job): activations, the pixels, the padding segments.
 struct VisionEncoder::Job::State {
     Work w;
-    std::vector<float> px;            // [T, C, H, W] host copy
+    std::vector<float> px;  // [T, C, H, W] host copy
     int32_t ar_id = 0;
-    std::vector<int32_t> tile_mask;   // [T]
+    std::vector<int32_t> tile_mask;  // [T]
     std::vector<Segment> segs;
     Scratch scratch{};
-    float* out = nullptr;             // backend [T, P, out_dim]
+    float* out = nullptr;  // backend [T, P, out_dim]
     State(Backend& be, const VisionEncoder& e) : w(be, e) {}
 };
 
@@ -270,13 +270,13 @@ bool VisionEncoder::Job::step() {
     };
     if (u == 0) {
         e.embed(st);
-    } else if (u <= L) {  // local layer u - 1, collecting the intermediate hidden states
-        prof::Region region("vision.local");   // profiling labels (common/profile.h)
+    } else if (u <= L) {                      // local layer u - 1, collecting the intermediate hidden states
+        prof::Region region("vision.local");  // profiling labels (common/profile.h)
         const int l = u - 1;
         if (e.hp_.intermediate_at_layer_input) collect(l);
         e.run_layer(e.local_[l], st.w.x.p, S, st.scratch);
         if (!e.hp_.intermediate_at_layer_input) collect(l);  // transformers 5.x: hidden_states[l] = output of layer l
-    } else if (u <= L + G) {  // global layer u - L - 1 (layernorm_post before the first)
+    } else if (u <= L + G) {                                 // global layer u - L - 1 (layernorm_post before the first)
         const int l = u - L - 1;
         if (l == 0) {
             prof::Region region("vision.post_ln");
@@ -349,23 +349,22 @@ void VisionEncoder::run_layer(const Layer& L, float* x, int64_t S, const Scratch
     }
     const float scale = 1.0f / std::sqrt(float(hd_));
     if (s.n_real > 0)
-        be_.attention(qp, s.k, s.v, DType::F32, D_, s.a, s.n_real, S, hp_.n_head, hp_.n_head, int(hd_), scale,
-                      nullptr, S, false, 0);
+        be_.attention(qp, s.k, s.v, DType::F32, D_, s.a, s.n_real, S, hp_.n_head, hp_.n_head, int(hd_), scale, nullptr,
+                      S, false, 0);
     for (int64_t r0 = s.n_real; r0 < S; r0 += kMaskRows) {
         const int64_t nr = std::min(kMaskRows, S - r0);
-        be_.attention(qp + r0 * D_, s.k, s.v, DType::F32, D_, s.a + r0 * D_, nr, S, hp_.n_head, hp_.n_head,
-                      int(hd_), scale, s.mask, S, false, 0);
+        be_.attention(qp + r0 * D_, s.k, s.v, DType::F32, D_, s.a + r0 * D_, nr, S, hp_.n_head, hp_.n_head, int(hd_),
+                      scale, s.mask, S, false, 0);
     }
     be_.matmul(s.a, S, D_, L.o, nullptr, s.h, D_);  // o_proj, rows in the gathered order
     // x + g * attn (gate 1 for local layers: x + 1*h == x + h exactly)
-    for (const Segment& g : *s.segs)
-        be_.add_scaled(x + g.row * D_, s.h + g.perm_row * D_, L.gate_attn, g.n * D_);
+    for (const Segment& g : *s.segs) be_.add_scaled(x + g.row * D_, s.h + g.perm_row * D_, L.gate_attn, g.n * D_);
 
     be_.layer_norm(x, L.ln2_w, L.ln2_b, s.h, S, D_, eps);
     for (int64_t r0 = 0; r0 < S; r0 += kMlpRows) {
         const int64_t nr = std::min(kMlpRows, S - r0);
-        be_.matmul(s.h + r0 * D_, nr, D_, L.up, L.up_b, s.u, F_);  // fc1 [nr, F]
-        be_.gelu(s.u, nr * F_);                                     // exact erf GELU (ACT2FN["gelu"])
+        be_.matmul(s.h + r0 * D_, nr, D_, L.up, L.up_b, s.u, F_);      // fc1 [nr, F]
+        be_.gelu(s.u, nr * F_);                                        // exact erf GELU (ACT2FN["gelu"])
         be_.matmul(s.u, nr, F_, L.down, L.down_b, s.a + r0 * D_, D_);  // fc2 [nr, D]
     }
     be_.add_scaled(x, s.a, L.gate_ffn, S * D_);
@@ -463,7 +462,7 @@ void VisionEncoder::project(Job::State& st) {
     // torch.stack(list, dim=-1).reshape(..., D*K), so column D + d*K + i holds
     // intermediate i at feature d (interleaved, not one block per layer). The
     // backend has no strided copy, so the rows are assembled on the host.
-    prof::Region region("projector");   // profiling label (common/profile.h)
+    prof::Region region("projector");  // profiling label (common/profile.h)
     std::vector<float> cat(size_t(kProjRows * Dc)), tmp(size_t(kProjRows * D_));
     Buf& dcat = w.dcat;
     be_.synchronize();

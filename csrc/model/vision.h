@@ -24,19 +24,19 @@
 namespace mq {
 
 struct VisionHParams {
-    int hidden_size;            // Dv (1280)
-    int intermediate_size;      // Fv (5120)
-    int num_layers;             // local layers (32)
-    int num_global_layers;      // gated global layers (8)
-    int n_head;                 // 16 (head dim = hidden_size / n_head = 80)
-    int image_size;             // tile side in pixels (560)
-    int patch_size;             // 14
-    int num_channels;           // 3
-    int max_num_tiles;          // 4
-    int max_aspect_ratio_id;    // len(supported_aspect_ratios) (8); embedding tables have +1 rows
-    float norm_eps;             // eps of the encoder layers' LayerNorms (pre/post LN always use 1e-5 as HF)
+    int hidden_size;                       // Dv (1280)
+    int intermediate_size;                 // Fv (5120)
+    int num_layers;                        // local layers (32)
+    int num_global_layers;                 // gated global layers (8)
+    int n_head;                            // 16 (head dim = hidden_size / n_head = 80)
+    int image_size;                        // tile side in pixels (560)
+    int patch_size;                        // 14
+    int num_channels;                      // 3
+    int max_num_tiles;                     // 4
+    int max_aspect_ratio_id;               // len(supported_aspect_ratios) (8); embedding tables have +1 rows
+    float norm_eps;                        // eps of the encoder layers' LayerNorms (pre/post LN always use 1e-5 as HF)
     std::vector<int> intermediate_layers;  // [3, 7, 15, 23, 30]
-    int out_dim;                // text hidden size = projector output (4096)
+    int out_dim;                           // text hidden size = projector output (4096)
     // Which hidden state an entry i of intermediate_layers names.
     //   true (default): the INPUT of local layer i ("the states entering local
     //     layers 3, 7, 15, 23, 30"), as Meta's reference code computes it
@@ -103,10 +103,10 @@ public:
 private:
     struct Layer {
         const float *ln1_w, *ln1_b, *ln2_w, *ln2_b;  // backend f32 [Dv] (owned copies, see vec_)
-        Weight q, k, v, o;                            // [Dv, Dv]
-        Weight up, down;                              // [Fv, Dv], [Dv, Fv]
-        const float *up_b, *down_b;                   // backend f32 [Fv], [Dv]
-        float gate_attn = 1.0f, gate_ffn = 1.0f;      // tanh(g) for global layers, 1 for local
+        Weight q, k, v, o;                           // [Dv, Dv]
+        Weight up, down;                             // [Fv, Dv], [Dv, Fv]
+        const float *up_b, *down_b;                  // backend f32 [Fv], [Dv]
+        float gate_attn = 1.0f, gate_ffn = 1.0f;     // tanh(g) for global layers, 1 for local
     };
 
     // A run of rows [row, row + n) of one image's S positions that are all real
@@ -120,13 +120,13 @@ private:
     struct Scratch {
         float *h, *q, *k, *v, *a, *u, *mask;
         const std::vector<Segment>* segs;
-        int64_t n_real;   // real rows (they come first in the gathered order)
-        bool identity;    // gathered order == natural order (no copies needed)
+        int64_t n_real;  // real rows (they come first in the gathered order)
+        bool identity;   // gathered order == natural order (no copies needed)
     };
 
     std::vector<Segment> segments(const int32_t* tile_mask) const;
 
-    struct Table {              // aspect-ratio embedding table (see table())
+    struct Table {  // aspect-ratio embedding table (see table())
         Weight w;
         int64_t rows_per_entry = 1;
     };
@@ -136,7 +136,7 @@ private:
     const float* vec_f32(const TensorMap& tm, const std::string& name, int64_t n);
     Layer load_layer(const TensorMap& tm, const std::string& prefix, bool gated);
     void run_layer(const Layer& L, float* x, int64_t S, const Scratch& s);
-    struct Work;  // activation buffers of one image (vision.cpp)
+    struct Work;                            // activation buffers of one image (vision.cpp)
     int64_t S() const { return T_ * Np_; }  // positions per image (all tiles, padded)
     void check_image_args(int32_t ar_id, const int32_t* tile_mask) const;
     // The units of one image (Job::step): embeddings, layers, projector.
@@ -147,12 +147,12 @@ private:
     Backend& be_;
     VisionHParams hp_;
     int64_t D_, F_, hd_, grid_, n_patch_, P_, Np_, T_, K_;  // sizes, see vision.cpp
-    std::vector<void*> owned_;       // backend buffers this encoder allocated
+    std::vector<void*> owned_;                              // backend buffers this encoder allocated
 
-    Weight patch_;                   // [Dv, C*p*p] view of the conv weight
+    Weight patch_;                           // [Dv, C*p*p] view of the conv weight
     Table pre_tile_, post_tile_, tile_pos_;  // per aspect-ratio id: [T, D], [T, D], [T, P, D]
-    const float* class_embd_ = nullptr;   // backend [Dv]
-    const float* pos_embd_ = nullptr;     // backend [P, Dv]
+    const float* class_embd_ = nullptr;      // backend [Dv]
+    const float* pos_embd_ = nullptr;        // backend [P, Dv]
     float g_pos_ = 0, g_tile_ = 0, g_pre_ = 0, g_post_ = 0;
     const float *pre_ln_w_, *pre_ln_b_, *post_ln_w_, *post_ln_b_;
     std::vector<Layer> local_, global_;

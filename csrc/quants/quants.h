@@ -40,7 +40,7 @@ void dequantize_row(DType t, const void* x, float* y, int64_t k);
 // the best; an unknown or unsupported name throws std::invalid_argument.
 const char* quant_path();
 void set_quant_path(const std::string& name);
-std::vector<std::string> quant_paths();   // paths this CPU can run
+std::vector<std::string> quant_paths();  // paths this CPU can run
 
 // Q4_K packs 8 six-bit scales and 8 six-bit mins into 12 bytes; j in [0, 8).
 inline void get_scale_min_k4(int j, const uint8_t* q, uint8_t* d, uint8_t* m) {

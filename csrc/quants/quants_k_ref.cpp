@@ -46,8 +46,8 @@ namespace {
 
 void check_k(int64_t k, const char* name) {
     if (k < 0 || k % QK_K != 0)
-        throw std::invalid_argument(std::string(name) + ": row length " + std::to_string(k) +
-                                    " is not a multiple of " + std::to_string(QK_K));
+        throw std::invalid_argument(std::string(name) + ": row length " + std::to_string(k) + " is not a multiple of " +
+                                    std::to_string(QK_K));
 }
 
 // ggml's GROUP_MAX_EPS: below this a group counts as all zero.
@@ -78,15 +78,19 @@ typedef int32_t i32x8 __attribute__((vector_size(32)));
 
 // Per-lane select: m is a comparison result (all ones / all zeros per lane).
 template <class F, class I>
-MQ_INLINE F select(const I& m, const F& a, const F& b) { return reinterpret_cast<F>((m & reinterpret_cast<I>(a)) | (~m & reinterpret_cast<I>(b))); }
+MQ_INLINE F select(const I& m, const F& a, const F& b) {
+    return reinterpret_cast<F>((m & reinterpret_cast<I>(a)) | (~m & reinterpret_cast<I>(b)));
+}
 template <class I>
-MQ_INLINE I select_i(const I& m, const I& a, const I& b) { return (m & a) | (~m & b); }
+MQ_INLINE I select_i(const I& m, const I& a, const I& b) {
+    return (m & a) | (~m & b);
+}
 
 // ggml's nearest_int per lane (quants.h), then clamped to [lo, hi], as float.
 // The float -> int -> float round trip is exact for the clamped range.
 template <class F, class I>
 MQ_INLINE F nearest_clamped(const F& v, int lo, int hi) {
-    const F t = v + 12582912.0f;                                   // 1.5 * 2^23
+    const F t = v + 12582912.0f;  // 1.5 * 2^23
     I i = (reinterpret_cast<I>(t) & 0x007fffff) - 0x00400000;
     i = select_i<I>(i < lo, I{} + lo, i);
     i = select_i<I>(i > hi, I{} + hi, i);
@@ -112,14 +116,14 @@ MQ_INLINE void q4k_search_lanes(const F* x, const F* w, F* L, F& scale_out, F& t
     F sum_w = w[0];
     F sum_x = sum_w * x[0];
     for (int i = 1; i < n; ++i) {
-        min = select(x[i] < min, x[i], min);   // ggml: if (x[i] < min) min = x[i];
+        min = select(x[i] < min, x[i], min);  // ggml: if (x[i] < min) min = x[i];
         max = select(x[i] > max, x[i], max);
         sum_w += w[i];
         sum_x += w[i] * x[i];
     }
     min = select(min > 0, zero, min);  // the offset only ever shifts down
     const F min0 = min;
-    const I flat = max == min;     // ggml returns early: all quants 0, scale 0
+    const I flat = max == min;  // ggml returns early: all quants 0, scale 0
     F iscale = nmax / (max - min);
     F scale = 1 / iscale;
     F best_error = zero;
@@ -138,7 +142,7 @@ MQ_INLINE void q4k_search_lanes(const F* x, const F* w, F* L, F& scale_out, F& t
         for (int i = 0; i < n; ++i) {
             const F l = nearest_clamped<F, I>(iscale * (x[i] - min), 0, nmax);
             Laux[i] = l;
-            const F wl = w[i] * l;   // ggml: w*l*l = (w*l)*l, w*l*x = (w*l)*x
+            const F wl = w[i] * l;  // ggml: w*l*l = (w*l)*l, w*l*x = (w*l)*x
             sum_l += wl;
             sum_l2 += wl * l;
             sum_xl += wl * x[i];
@@ -182,7 +186,7 @@ MQ_INLINE void q6k_search_lanes(const F* x, F* L, F& scale_out) {
     F max = zero, amax = zero;
     for (int i = 0; i < n; ++i) {
         const F ax = reinterpret_cast<F>(reinterpret_cast<I>(x[i]) & 0x7fffffff);  // fabsf
-        const I bigger = ax > amax;   // ggml: if (ax > amax) { amax = ax; max = x[i]; }
+        const I bigger = ax > amax;  // ggml: if (ax > amax) { amax = ax; max = x[i]; }
         amax = select(bigger, ax, amax);
         max = select(bigger, x[i], max);
     }
@@ -383,8 +387,8 @@ void q6k_finish_block(const float* x, const float* scales, int8_t* L, block_q6_K
             const uint8_t* Lu = reinterpret_cast<const uint8_t*>(L) + j + l;
             ql[l + 0] = static_cast<uint8_t>((Lu[0] & 0xF) | ((Lu[64] & 0xF) << 4));
             ql[l + 32] = static_cast<uint8_t>((Lu[32] & 0xF) | ((Lu[96] & 0xF) << 4));
-            qh[l] = static_cast<uint8_t>((Lu[0] >> 4) | ((Lu[32] >> 4) << 2) | ((Lu[64] >> 4) << 4) |
-                                         ((Lu[96] >> 4) << 6));
+            qh[l] =
+                static_cast<uint8_t>((Lu[0] >> 4) | ((Lu[32] >> 4) << 2) | ((Lu[64] >> 4) << 4) | ((Lu[96] >> 4) << 6));
         }
     }
 }
@@ -449,9 +453,7 @@ int initial_isa() {
     const char* env = env::cpu_path();
     try {
         return parse_isa(env ? env : "");
-    } catch (const std::invalid_argument&) {
-        return best_isa();
-    }
+    } catch (const std::invalid_argument&) { return best_isa(); }
 }
 
 std::atomic<int>& current_isa() {

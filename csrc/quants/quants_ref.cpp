@@ -21,8 +21,8 @@ namespace mq {
 
 static void check_k(int64_t k, int64_t block, const char* name) {
     if (k < 0 || k % block != 0)
-        throw std::invalid_argument(std::string(name) + ": row length " + std::to_string(k) +
-                                    " is not a multiple of " + std::to_string(block));
+        throw std::invalid_argument(std::string(name) + ": row length " + std::to_string(k) + " is not a multiple of " +
+                                    std::to_string(block));
 }
 
 // ---------------------------------------------------------------- Q8_0
@@ -33,9 +33,9 @@ static void check_k(int64_t k, int64_t block, const char* name) {
 // vectorizes. v - t is exact (t = trunc(v) has v's sign and |v| - |t| < 1).
 // The inf/NaN case is real: when amax < ~3.7e-37, id = 1/d overflows to inf.
 static inline int8_t round_to_int8_like_ggml(float v) {
-    const bool in_range = std::fabs(v) < 2147483648.0f;   // false for inf and NaN
+    const bool in_range = std::fabs(v) < 2147483648.0f;  // false for inf and NaN
     const float vv = in_range ? v : 0.0f;
-    const int t = static_cast<int>(vv);                     // truncation toward zero
+    const int t = static_cast<int>(vv);  // truncation toward zero
     const float f = vv - static_cast<float>(t);
     const int r = t + (f >= 0.5f) - (f <= -0.5f);
     return static_cast<int8_t>(static_cast<uint8_t>(in_range ? r : 0));
@@ -76,7 +76,10 @@ void quantize_row_q8_K_ref(const float* x, block_q8_K* y, int64_t k) {
         float max = 0.0f, amax = 0.0f;
         for (int j = 0; j < QK_K; j++) {
             const float ax = std::fabs(x[j]);
-            if (ax > amax) { amax = ax; max = x[j]; }
+            if (ax > amax) {
+                amax = ax;
+                max = x[j];
+            }
         }
         if (amax == 0.0f) {
             y[i].d = 0.0f;
@@ -171,12 +174,19 @@ void q_f32(const float* x, void* y, int64_t k) { std::memcpy(y, x, k * sizeof(fl
 void dq_f32(const void* x, float* y, int64_t k) { std::memcpy(y, x, k * sizeof(float)); }
 
 template <typename Block, void (*F)(const float*, Block*, int64_t)>
-void q_adapt(const float* x, void* y, int64_t k) { F(x, static_cast<Block*>(y), k); }
+void q_adapt(const float* x, void* y, int64_t k) {
+    F(x, static_cast<Block*>(y), k);
+}
 template <typename Block, void (*F)(const Block*, float*, int64_t)>
-void dq_adapt(const void* x, float* y, int64_t k) { F(static_cast<const Block*>(x), y, k); }
+void dq_adapt(const void* x, float* y, int64_t k) {
+    F(static_cast<const Block*>(x), y, k);
+}
 
 // The reference quantizer of every type (what adding a type must supply; csrc/README.md).
-struct QuantEntry { QuantFn quant; DequantFn dequant; };
+struct QuantEntry {
+    QuantFn quant;
+    DequantFn dequant;
+};
 const TypeTable<QuantEntry>& quant_table() {
     static const TypeTable<QuantEntry> t = {
         {DType::F32, {q_f32, dq_f32}},

@@ -1,21 +1,27 @@
-"""Command line: mllama-q {demo,run,chat,serve,bench,convert} ...
+"""Command line: mllama-q {demo,run,chat,serve,list,bench,convert} ...
 
 Each sub-command lives in its own module and is imported only when used, so
 `mllama-q convert` never loads the runtime and vice versa.
 """
+
 from __future__ import annotations
 
 import sys
 
 COMMANDS = {
-    "demo": ("mllama_q.cli.demo", "run the whole pipeline on a tiny synthetic model and a bundled photo "
-                              "(--selfcheck: kernel self-check)"),
+    "demo": (
+        "mllama_q.cli.demo",
+        "run the whole pipeline on a tiny synthetic model and a bundled photo (--selfcheck: kernel self-check)",
+    ),
     "convert": ("mllama_q.convert.cli", "convert a Hugging Face Mllama checkpoint to one GGUF file"),
-    "bench": ("mllama_q.cli.bench", "model speed: load, image encode, prefill, decode, memory "
-                                    "('bench kernels': the matmul kernels)"),
+    "bench": (
+        "mllama_q.cli.bench",
+        "model speed: load, image encode, prefill, decode, memory ('bench kernels': the matmul kernels)",
+    ),
     "run": ("mllama_q.cli.run:run_main", "generate an answer to one prompt (and images), streamed"),
     "chat": ("mllama_q.cli.run:chat_main", "interactive chat; /image PATH attaches an image"),
     "serve": ("mllama_q.cli.serve", "OpenAI- and Ollama-compatible HTTP server (/v1/..., /api/...)"),
+    "list": ("mllama_q.cli.models", "llama3.2-vision models found in the Ollama store and mllama-q's cache"),
 }
 
 
@@ -38,6 +44,7 @@ def main(argv=None) -> int:
         return 0
     if argv[0] in ("-V", "--version"):
         from mllama_q import __version__
+
         print(f"mllama-q {__version__}")
         return 0
     cmd, rest = argv[0], argv[1:]

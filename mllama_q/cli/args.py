@@ -6,6 +6,7 @@ Every check reports through argparse's `parser.error`: the usage line, then
 `PROG: error: MESSAGE`, exit status 2 (argparse's status for a bad command line). The
 sampling ranges are those of mllama_q.sampling.LIMITS (one table for the API and the CLI).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,6 +23,34 @@ SAMPLING_FLAGS = {
     "repetition_penalty": ("repeat_penalty", "--repeat-penalty"),
     "seed": ("seed", "--seed"),
 }
+
+
+def add_model_options(ap: argparse.ArgumentParser) -> None:
+    """MODEL (positional) or -m MODEL: a .gguf file or an Ollama model name (mllama_q.store), and
+    --projector / --ollama-converter for the files Ollama wrote (mllama_q.ollama); shared by every
+    command that loads a model (run, chat, serve). model_option() picks the one given."""
+    from mllama_q.ollama import CONVERTERS
+
+    ap.add_argument("model_arg", nargs="?", metavar="MODEL", help="a .gguf file or an Ollama model name")
+    ap.add_argument("-m", "--model", metavar="MODEL", help="the same as MODEL")
+    ap.add_argument(
+        "--projector",
+        metavar="PATH",
+        help="Ollama's two-file layout: the projector blob (found by itself from a model name)",
+    )
+    ap.add_argument(
+        "--ollama-converter",
+        choices=("auto", *CONVERTERS),
+        default="auto",
+        help="which Ollama converter wrote a one-file blob, when the file cannot tell (default auto)",
+    )
+
+
+def model_option(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """args.model := MODEL or -m MODEL (exactly one of them)."""
+    if (args.model is None) == (args.model_arg is None):
+        ap.error("give the model once: MODEL or -m MODEL")
+    args.model = args.model or args.model_arg
 
 
 def lower(s: str) -> str:
@@ -46,14 +75,17 @@ def check_device(ap: argparse.ArgumentParser, device: str, flag: str = "--device
 
     cuda = backends()["cuda"]
     if not cuda["built"]:
-        ap.error(f"{flag} {device}: this mllama-q was built without CUDA (reinstall with nvcc on PATH); "
-                 "use --device cpu")
+        ap.error(
+            f"{flag} {device}: this mllama-q was built without CUDA (reinstall with nvcc on PATH); use --device cpu"
+        )
     index, devices = int(m.group(1) or 0), cuda["devices"]
     if not devices:
         ap.error(f"{flag} {device}: no usable CUDA device (no GPU or no driver found); use --device cpu")
     if index >= len(devices):
-        ap.error(f"{flag} {device}: no such device; this machine has {len(devices)} CUDA device(s): "
-                 + ", ".join(f"cuda:{i} ({name})" for i, name in enumerate(devices)))
+        ap.error(
+            f"{flag} {device}: no such device; this machine has {len(devices)} CUDA device(s): "
+            + ", ".join(f"cuda:{i} ({name})" for i, name in enumerate(devices))
+        )
 
 
 def check_sampling(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -79,6 +111,8 @@ def warn_context(n_ctx: int, model, err, flag: str = "--ctx") -> None:
     mllama.context_length, Model.n_ctx_train): positions past it were never seen in training."""
     trained = getattr(model, "n_ctx_train", None)
     if trained and n_ctx > trained:
-        err.write(f"warning: {flag} {n_ctx} is above the model's trained context of {trained} tokens "
-                  "(mllama.context_length); answers past that length may degrade\n")
+        err.write(
+            f"warning: {flag} {n_ctx} is above the model's trained context of {trained} tokens "
+            "(mllama.context_length); answers past that length may degrade\n"
+        )
         err.flush()

@@ -19,6 +19,7 @@ several calls made from C++ (no Python in the timed loop).
 bench/run_ggml_peer.sh (needs ggml headers and libraries; see that script) and
 prints the ratio. It is a comparison tool only, never a dependency.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -65,9 +66,9 @@ def random_weights(rng: np.random.Generator, wtype: str, n: int, k: int) -> np.n
     raw = np.frombuffer(rng.bytes(n * row), dtype=np.uint8).reshape(-1, ts).copy()
     d = np.frombuffer(np.float16(1e-3).tobytes(), dtype=np.uint8)
     if wtype == "q6_k":
-        raw[:, ts - 2:] = d           # d is the last field
+        raw[:, ts - 2 :] = d  # d is the last field
     else:
-        raw[:, 0:2] = d               # q8_0: d; q4_k: d then dmin
+        raw[:, 0:2] = d  # q8_0: d; q4_k: d then dmin
         if wtype == "q4_k":
             raw[:, 2:4] = d
     return raw.reshape(n, row)
@@ -90,9 +91,21 @@ def run_peer(args, types, shapes, ms):
     if not script.exists():
         print(f"--peer: {script} not found (it lives in the source tree, not the installed package)")
         return None
-    cmd = [str(script), "--threads", str(args.threads), "--types", ",".join(types),
-           "--shapes", ",".join(f"{n}x{k}" for n, k in shapes), "--m", ",".join(map(str, ms)),
-           "--iters-m1", str(args.iters_m1), "--iters-big", str(args.iters_big)]
+    cmd = [
+        str(script),
+        "--threads",
+        str(args.threads),
+        "--types",
+        ",".join(types),
+        "--shapes",
+        ",".join(f"{n}x{k}" for n, k in shapes),
+        "--m",
+        ",".join(map(str, ms)),
+        "--iters-m1",
+        str(args.iters_m1),
+        "--iters-big",
+        str(args.iters_big),
+    ]
     if args.cpu_time:
         cmd.append("--cpu-time")
     env = dict(os.environ)
@@ -127,14 +140,21 @@ def bench_kernels(argv) -> int:
     ap.add_argument("--m", default="1,512", help="comma list of X row counts M")
     ap.add_argument("--quick", action="store_true", help="two small shapes, fewer repetitions")
     ap.add_argument("--json", metavar="PATH", help="also write the results as JSON")
-    ap.add_argument("--max-weight-gib", type=float, default=0.5,
-                    help="skip F32 weights larger than this (default 0.5: F32 only on the smaller shapes)")
+    ap.add_argument(
+        "--max-weight-gib",
+        type=float,
+        default=0.5,
+        help="skip F32 weights larger than this (default 0.5: F32 only on the smaller shapes)",
+    )
     ap.add_argument("--iters-m1", type=int, default=50)
     ap.add_argument("--iters-big", type=int, default=3)
     ap.add_argument("--bw-gib", type=float, default=1.0, help="buffer size of the bandwidth probe")
     ap.add_argument("--path", default="auto", help="force a kernel path (auto, scalar, avx2, avx512)")
-    ap.add_argument("--cpu-time", action="store_true",
-                    help="time with process CPU time instead of wall time (use with --threads 1 on a busy machine)")
+    ap.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="time with process CPU time instead of wall time (use with --threads 1 on a busy machine)",
+    )
     ap.add_argument("--peer", action="store_true", help="also time llama.cpp (bench/run_ggml_peer.sh)")
     ap.add_argument("--peer-lib", default="", help="directory of the ggml libraries for --peer")
     args = ap.parse_args(argv)
@@ -161,8 +181,10 @@ def bench_kernels(argv) -> int:
     print(f"measured memory read bandwidth: {bw / 1e9:.1f} GB/s ({args.bw_gib:g} GiB buffer, all threads, best of 5)")
     if args.cpu_time:
         print("timing: process CPU time per call (not wall time)")
-    print("weights: random valid blocks; time = best of "
-          f"{args.iters_m1} (M=1) / {args.iters_big} (M>1) calls, median in brackets")
+    print(
+        "weights: random valid blocks; time = best of "
+        f"{args.iters_m1} (M=1) / {args.iters_big} (M>1) calls, median in brackets"
+    )
     print("GB/s = bytes of W / time (above the DRAM figure means W was partly in the 32 MiB L3)")
 
     # The peer runs type by type just before ours, so both see similar machine load.
@@ -176,30 +198,39 @@ def bench_kernels(argv) -> int:
     rng = np.random.default_rng(0)
     for t in types:
         if peer is not None:
-            peer_shapes = [(n, k) for n, k in shapes
-                           if not (t == "f32" and n * k * 4 > args.max_weight_gib * 2**30)]
+            peer_shapes = [(n, k) for n, k in shapes if not (t == "f32" and n * k * 4 > args.max_weight_gib * 2**30)]
             got = run_peer(args, [t], peer_shapes, ms) if peer_shapes else {}
             peer.update(got or {})
         for n, k in shapes:
             wbytes = n * k * {"f32": 4, "f16": 2, "bf16": 2}.get(t, 0)
             if t == "f32" and wbytes > args.max_weight_gib * 2**30:
-                print(f"{t:<5} {f'{n}x{k}':>13}    - skipped: {wbytes / 2**30:.1f} GiB of F32 weights "
-                      f"(> --max-weight-gib {args.max_weight_gib:g})")
+                print(
+                    f"{t:<5} {f'{n}x{k}':>13}    - skipped: {wbytes / 2**30:.1f} GiB of F32 weights "
+                    f"(> --max-weight-gib {args.max_weight_gib:g})"
+                )
                 continue
             w = random_weights(rng, t, n, k)
             for m in ms:
                 x = rng.standard_normal((m, k), dtype=np.float32)
                 iters = args.iters_m1 if m == 1 else args.iters_big
-                _core.bench_matmul(x, w, t, n, k, 1)   # warm-up (page faults, caches)
+                _core.bench_matmul(x, w, t, n, k, 1)  # warm-up (page faults, caches)
                 times = _core.bench_matmul(x, w, t, n, k, iters, args.cpu_time)
                 best, med = min(times), statistics.median(times)
                 rec = {
-                    "type": t, "n": n, "k": k, "m": m, "best_ms": best * 1e3, "median_ms": med * 1e3,
-                    "gflops": 2.0 * m * n * k / best / 1e9, "weight_gbs": w.nbytes / best / 1e9,
+                    "type": t,
+                    "n": n,
+                    "k": k,
+                    "m": m,
+                    "best_ms": best * 1e3,
+                    "median_ms": med * 1e3,
+                    "gflops": 2.0 * m * n * k / best / 1e9,
+                    "weight_gbs": w.nbytes / best / 1e9,
                     "weight_bytes": int(w.nbytes),
                 }
-                line = (f"{t:<5} {f'{n}x{k}':>13} {m:>4} {best * 1e3:>9.3f} {f'({med * 1e3:.3f})':>10} "
-                        f"{rec['gflops']:>8.1f} {rec['weight_gbs']:>7.1f} {100 * w.nbytes / best / bw:>4.0f}%")
+                line = (
+                    f"{t:<5} {f'{n}x{k}':>13} {m:>4} {best * 1e3:>9.3f} {f'({med * 1e3:.3f})':>10} "
+                    f"{rec['gflops']:>8.1f} {rec['weight_gbs']:>7.1f} {100 * w.nbytes / best / bw:>4.0f}%"
+                )
                 if peer is not None:
                     p = peer.get((t, n, k, m))
                     if p:
@@ -210,8 +241,11 @@ def bench_kernels(argv) -> int:
             del w
     if args.json:
         out = {
-            "cpu": _cpu_name(), "threads": args.threads, "path": _core.cpu_path(),
-            "read_bandwidth_gbs": bw / 1e9, "results": results,
+            "cpu": _cpu_name(),
+            "threads": args.threads,
+            "path": _core.cpu_path(),
+            "read_bandwidth_gbs": bw / 1e9,
+            "results": results,
         }
         Path(args.json).write_text(json.dumps(out, indent=1))
         print(f"wrote {args.json}")

@@ -37,6 +37,7 @@ Sessions and batching (instead of the single-sequence run above):
 The synthetic model (`--synthetic`) is written once into the cache directory
 ($MLLAMA_Q_CACHE or ~/.cache/mllama-q, or --cache-dir) and reused.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,16 +59,26 @@ TILE_GRIDS = {1: (1, 1), 2: (1, 2), 3: (1, 3), 4: (2, 2)}  # tiles -> (rows, col
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mllama-q bench", description="Benchmark a model (load, image encode, "
-                                "prefill, decode, memory).",
-                                epilog="'mllama-q bench kernels --help' lists the options of the matmul kernel "
-                                "benchmark.")
+    p = argparse.ArgumentParser(
+        prog="mllama-q bench",
+        description="Benchmark a model (load, image encode, prefill, decode, memory).",
+        epilog="'mllama-q bench kernels --help' lists the options of the matmul kernel benchmark.",
+    )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("-m", "--model", help="GGUF file")
-    src.add_argument("--synthetic", type=lower, choices=("tiny", "11b", "90b"),
-                     help="generate (once, cached) a synthetic model with real shapes and random weights")
-    p.add_argument("--type", type=lower, default="q4_k_m", choices=K.FTYPES,
-                   help="--synthetic: weight type mix, as mllama-q convert --type (default q4_k_m)")
+    src.add_argument(
+        "--synthetic",
+        type=lower,
+        choices=("tiny", "11b", "90b"),
+        help="generate (once, cached) a synthetic model with real shapes and random weights",
+    )
+    p.add_argument(
+        "--type",
+        type=lower,
+        default="q4_k_m",
+        choices=K.FTYPES,
+        help="--synthetic: weight type mix, as mllama-q convert --type (default q4_k_m)",
+    )
     p.add_argument("--cache-dir", help="--synthetic: where the generated file is kept")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
@@ -76,13 +87,23 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--n-gen", type=int, default=32, help="decoded tokens (32)")
     img = p.add_mutually_exclusive_group()
     img.add_argument("--image", help="image file (default: a synthetic image of --tiles tiles)")
-    img.add_argument("--tiles", type=int, default=4, choices=(0, 1, 2, 3, 4),
-                     help="tiles of the synthetic image; 0 = text-only prompt (4)")
+    img.add_argument(
+        "--tiles",
+        type=int,
+        default=4,
+        choices=(0, 1, 2, 3, 4),
+        help="tiles of the synthetic image; 0 = text-only prompt (4)",
+    )
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--sessions", default=None, metavar="N,N,...",
-                      help="aggregate decode speed of N concurrent sessions, for each N (e.g. 1,2,4,8)")
-    mode.add_argument("--chat", action="store_true",
-                      help="time to first token of turn 1 and turn 2 of a chat about one image")
+    mode.add_argument(
+        "--sessions",
+        default=None,
+        metavar="N,N,...",
+        help="aggregate decode speed of N concurrent sessions, for each N (e.g. 1,2,4,8)",
+    )
+    mode.add_argument(
+        "--chat", action="store_true", help="time to first token of turn 1 and turn 2 of a chat about one image"
+    )
     p.add_argument("--follow-up", type=int, default=20, help="--chat: tokens of the second question (20)")
     p.add_argument("--no-bandwidth", action="store_true", help="skip the memory bandwidth probe")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
@@ -118,6 +139,7 @@ def measure_read_bandwidth(n_threads: int | None = None, gib: float = 1.0) -> tu
     """(bytes/s, method). Prefers the extension's probe (kernels helper), else numpy."""
     try:
         from mllama_q import _core
+
         probe = getattr(_core, "measure_read_bandwidth", None)
     except ImportError:
         probe = None
@@ -162,8 +184,13 @@ def decode_weight_bytes(path) -> dict:
             step += nb // rows
         else:
             step += nb
-    return {"decode_bytes_per_token": step, "tensor_bytes": total, "vision_bytes": vision,
-            "cross_kv_proj_bytes": xkv, "file_bytes": os.path.getsize(path)}
+    return {
+        "decode_bytes_per_token": step,
+        "tensor_bytes": total,
+        "vision_bytes": vision,
+        "cross_kv_proj_bytes": xkv,
+        "file_bytes": os.path.getsize(path),
+    }
 
 
 def synthetic_image(tiles: int, tile_size: int, seed: int = 0):
@@ -215,8 +242,12 @@ def _nvidia_smi_used_bytes() -> int | None:
     import subprocess
 
     try:
-        out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, timeout=20).stdout
+        out = subprocess.run(
+            ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         return None
     for line in out.splitlines():
@@ -280,8 +311,13 @@ def run_bench(args) -> dict:
 
     t0 = time.perf_counter()
     with Progress(f"loading {path.name}", ticker=True):
-        model = Model(str(path), device=args.device, n_ctx=args.n_ctx, n_threads=args.threads,
-                      vision=(args.image is not None or args.tiles > 0))
+        model = Model(
+            str(path),
+            device=args.device,
+            n_ctx=args.n_ctx,
+            n_threads=args.threads,
+            vision=(args.image is not None or args.tiles > 0),
+        )
     res["load_s"] = time.perf_counter() - t0
     res["threads"] = args.threads or getattr(model, "n_threads", None) or os.cpu_count()
     warn_context(args.n_ctx, model, sys.stderr, "--n-ctx")
@@ -289,6 +325,7 @@ def run_bench(args) -> dict:
     image = None
     if args.image:
         from PIL import Image
+
         image = Image.open(args.image)
         image.load()
     elif args.tiles > 0:
@@ -345,8 +382,13 @@ def run_bench(args) -> dict:
     res["logits_finite"] = finite
 
     res["peak_rss_bytes"] = peak_rss_bytes()
-    kv = kv_cache_bytes(model.text_hparams, model.vision_hparams, args.n_ctx, 1 if image is not None else 0,
-                        4 if getattr(model, "kv_type", "f16") == "f32" else 2)
+    kv = kv_cache_bytes(
+        model.text_hparams,
+        model.vision_hparams,
+        args.n_ctx,
+        1 if image is not None else 0,
+        4 if getattr(model, "kv_type", "f16") == "f32" else 2,
+    )
     res["kv_cache_bytes"] = kv
     # Weights the run maps and reads: the file minus the vision tower when no image was used
     # (Model(vision=False) never touches it) minus the unread rows of token_embd (only the
@@ -392,8 +434,11 @@ def _bench_file(args, res: dict) -> Path:
 def _memory(model, res: dict, n_sessions: int, n_images: int) -> None:
     """Cache sizes (model.memory()) and peak RSS against file + caches."""
     mem = model.memory()
-    res.update(kv_bytes_per_session=mem["kv_bytes_per_session"], image_kv_bytes=mem["image_bytes"],
-               peak_rss_bytes=peak_rss_bytes())
+    res.update(
+        kv_bytes_per_session=mem["kv_bytes_per_session"],
+        image_kv_bytes=mem["image_bytes"],
+        peak_rss_bytes=peak_rss_bytes(),
+    )
     caches = mem["kv_bytes_per_session"] * n_sessions + mem["image_bytes"] * n_images
     res["caches_bytes"] = caches
     res["rss_over_file_and_caches_bytes"] = res["peak_rss_bytes"] - res["file_bytes"] - caches
@@ -410,8 +455,15 @@ def run_sessions_bench(args) -> dict:
     n_max = max(args.sessions)
     t0 = time.perf_counter()
     with Progress(f"loading {path.name}", ticker=True):
-        model = Model(str(path), device=args.device, n_ctx=args.n_ctx, n_threads=args.threads, vision=False,
-                      max_sessions=n_max, n_batch=max(512, n_max + 1) if n_max >= 512 else 512)
+        model = Model(
+            str(path),
+            device=args.device,
+            n_ctx=args.n_ctx,
+            n_threads=args.threads,
+            vision=False,
+            max_sessions=n_max,
+            n_batch=max(512, n_max + 1) if n_max >= 512 else 512,
+        )
     res["load_s"] = time.perf_counter() - t0
     res["threads"] = args.threads or os.cpu_count()
     ids, _, _ = _prompt_inputs(model, args.n_prompt, None)
@@ -426,15 +478,14 @@ def run_sessions_bench(args) -> dict:
 
         def worker(i):
             prompt_ids = ids.copy()
-            prompt_ids[-1] = ids[1 + i % (ids.size - 1)]   # distinct prompts
+            prompt_ids[-1] = ids[1 + i % (ids.size - 1)]  # distinct prompts
             barrier.wait()
             try:
-                st = sessions[i].generate(input_ids=prompt_ids, max_new_tokens=args.n_gen, temperature=0,
-                                          stream=True)
+                st = sessions[i].generate(input_ids=prompt_ids, max_new_tokens=args.n_gen, temperature=0, stream=True)
                 for _ in st:
                     stamps[i].append(time.perf_counter())
                 results[i] = st.result
-            except BaseException as e:   # reported by the main thread
+            except BaseException as e:  # reported by the main thread
                 errors.append(e)
 
         with Progress(f"{n} session(s) x {args.n_gen} tokens", ticker=True):
@@ -451,9 +502,16 @@ def run_sessions_bench(args) -> dict:
         w0, w1 = max(s[0] for s in stamps if s), min(s[-1] for s in stamps if s)
         inside = sum(sum(1 for x in s if w0 < x <= w1) for s in stamps)
         agg = inside / (w1 - w0) if w1 > w0 else float("nan")
-        runs.append({"sessions": n, "aggregate_decode_tok_s": agg, "window_s": w1 - w0, "tokens_in_window": inside,
-                     "completion_tokens": [r.completion_tokens for r in results],
-                     "per_session_decode_tok_s": [r.timings["decode_tokens_per_s"] for r in results]})
+        runs.append(
+            {
+                "sessions": n,
+                "aggregate_decode_tok_s": agg,
+                "window_s": w1 - w0,
+                "tokens_in_window": inside,
+                "completion_tokens": [r.completion_tokens for r in results],
+                "per_session_decode_tok_s": [r.timings["decode_tokens_per_s"] for r in results],
+            }
+        )
     base = next((r["aggregate_decode_tok_s"] for r in runs if r["sessions"] == 1), None)
     for r in runs:
         r["speedup_vs_1"] = r["aggregate_decode_tok_s"] / base if base else None
@@ -477,6 +535,7 @@ def run_chat_bench(args) -> dict:
     res["threads"] = args.threads or os.cpu_count()
     if args.image:
         from PIL import Image
+
         image = Image.open(args.image)
         image.load()
     else:
@@ -485,34 +544,51 @@ def run_chat_bench(args) -> dict:
     from mllama_q.processor import cross_attention_mask
 
     question = "Describe this picture in detail."
-    follow = " ".join(["and"] * args.follow_up)   # one token each in Llama 3's vocabulary
+    follow = " ".join(["and"] * args.follow_up)  # one token each in Llama 3's vocabulary
     turn1 = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
     enc = model.processor(text=_render(model, turn1), images=[image], add_special_tokens=False)
     # Turn 2: turn 1's prompt and the reply's tokens as generated, then the new message. The chat
     # template renders exactly this when the reply's text tokenizes back to the same ids, as a real
     # model's does (a synthetic model's random tokens need not: it would measure the re-tokenization).
-    tail = model.tokenizer.encode("<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n" + follow
-                                  + "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
-                                  add_special_tokens=False)
+    tail = model.tokenizer.encode(
+        "<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n"
+        + follow
+        + "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
+        add_special_tokens=False,
+    )
     image_kw = {k: enc[k] for k in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask")}
     n_tiles = [int(x) for x in np.asarray(enc["aspect_ratio_mask"])[0].sum(axis=1)]
     max_tiles = int(np.asarray(enc["aspect_ratio_mask"]).shape[-1])
     turns = []
     with model.session() as sess:
         with Progress("turn 1 (image encode, prefill, decode)", ticker=True):
-            r1 = sess.generate(input_ids=enc["input_ids"], cross_attention_mask=enc["cross_attention_mask"],
-                               max_new_tokens=args.n_gen, temperature=0, **image_kw)
+            r1 = sess.generate(
+                input_ids=enc["input_ids"],
+                cross_attention_mask=enc["cross_attention_mask"],
+                max_new_tokens=args.n_gen,
+                temperature=0,
+                **image_kw,
+            )
         ids2 = [int(t) for t in enc["input_ids"][0]] + r1.tokens + tail
         mask2 = cross_attention_mask(ids2, model.image_token_id, n_tiles, max_tiles)
         with Progress("turn 2", ticker=True):
-            r2 = sess.generate(input_ids=[ids2], cross_attention_mask=mask2, max_new_tokens=args.n_gen,
-                               temperature=0, **image_kw)
+            r2 = sess.generate(
+                input_ids=[ids2], cross_attention_mask=mask2, max_new_tokens=args.n_gen, temperature=0, **image_kw
+            )
         for r in (r1, r2):
-            turns.append({"ttft_s": r.timings["time_to_first_token_s"], "prompt_tokens": r.prompt_tokens,
-                          "cached_tokens": r.cached_tokens, "prefilled_tokens": r.prompt_tokens - r.cached_tokens,
-                          "images_encoded": r.images_encoded, "images_cached": r.images_cached,
-                          "image_encode_s": r.timings["image_encode_s"], "prefill_s": r.timings["prefill_s"],
-                          "decode_tok_s": r.timings["decode_tokens_per_s"]})
+            turns.append(
+                {
+                    "ttft_s": r.timings["time_to_first_token_s"],
+                    "prompt_tokens": r.prompt_tokens,
+                    "cached_tokens": r.cached_tokens,
+                    "prefilled_tokens": r.prompt_tokens - r.cached_tokens,
+                    "images_encoded": r.images_encoded,
+                    "images_cached": r.images_cached,
+                    "image_encode_s": r.timings["image_encode_s"],
+                    "prefill_s": r.timings["prefill_s"],
+                    "decode_tok_s": r.timings["decode_tokens_per_s"],
+                }
+            )
     res["image_tiles"] = sum(n_tiles)
     res["turns"] = turns
     res["ttft_ratio"] = turns[1]["ttft_s"] / turns[0]["ttft_s"]
@@ -535,8 +611,10 @@ def _model_line(res: dict) -> str:
 
 
 def _device_line(res: dict) -> str:
-    return (f"device           {res['device']}, threads {res['threads']}; {res.get('cpu_model', '?')},"
-            f" {res['cpus']} CPUs, load average {res['loadavg_start']:.1f} at start")
+    return (
+        f"device           {res['device']}, threads {res['threads']}; {res.get('cpu_model', '?')},"
+        f" {res['cpus']} CPUs, load average {res['loadavg_start']:.1f} at start"
+    )
 
 
 def _fmt_sessions(res: dict) -> str:
@@ -545,46 +623,66 @@ def _fmt_sessions(res: dict) -> str:
     if res["mode"] == "sessions":
         for r in res["runs"]:
             sp = f"  x{r['speedup_vs_1']:.2f} of 1 session" if r.get("speedup_vs_1") else ""
-            lines.append(f"{r['sessions']:3d} session(s)    {r['aggregate_decode_tok_s']:8.2f} tok/s aggregate{sp}"
-                         f"  ({r['tokens_in_window']} tokens in {r['window_s']:.1f} s)")
+            lines.append(
+                f"{r['sessions']:3d} session(s)    {r['aggregate_decode_tok_s']:8.2f} tok/s aggregate{sp}"
+                f"  ({r['tokens_in_window']} tokens in {r['window_s']:.1f} s)"
+            )
     else:
         for i, t in enumerate(res["turns"]):
-            lines.append(f"turn {i + 1}           first token after {t['ttft_s']:8.2f} s  ({t['prompt_tokens']} prompt "
-                         f"tokens, {t['cached_tokens']} reused, {t['prefilled_tokens']} prefilled; images "
-                         f"{t['images_encoded']} encoded, {t['images_cached']} reused)")
-        lines.append(f"turn 2 / turn 1  {100 * res['ttft_ratio']:8.2f} % of the time to first token"
-                     f"  ({res['image_tiles']}-tile image)")
-    lines.append(f"KV cache         {res['kv_bytes_per_session'] / gib:8.3f} GiB per session; image K/V "
-                 f"{res['image_kv_bytes'] / gib:.3f} GiB per image")
-    lines.append(f"peak RSS         {res['peak_rss_bytes'] / gib:8.2f} GiB = file {res['file_bytes'] / gib:.2f} GiB + "
-                 f"caches {res['caches_bytes'] / gib:.2f} GiB {res['rss_over_file_and_caches_bytes'] / gib:+.2f} GiB")
+            lines.append(
+                f"turn {i + 1}           first token after {t['ttft_s']:8.2f} s  ({t['prompt_tokens']} prompt "
+                f"tokens, {t['cached_tokens']} reused, {t['prefilled_tokens']} prefilled; images "
+                f"{t['images_encoded']} encoded, {t['images_cached']} reused)"
+            )
+        lines.append(
+            f"turn 2 / turn 1  {100 * res['ttft_ratio']:8.2f} % of the time to first token"
+            f"  ({res['image_tiles']}-tile image)"
+        )
+    lines.append(
+        f"KV cache         {res['kv_bytes_per_session'] / gib:8.3f} GiB per session; image K/V "
+        f"{res['image_kv_bytes'] / gib:.3f} GiB per image"
+    )
+    lines.append(
+        f"peak RSS         {res['peak_rss_bytes'] / gib:8.2f} GiB = file {res['file_bytes'] / gib:.2f} GiB + "
+        f"caches {res['caches_bytes'] / gib:.2f} GiB {res['rss_over_file_and_caches_bytes'] / gib:+.2f} GiB"
+    )
     return "\n".join(lines)
 
 
 def _fmt(res: dict) -> str:
     gib = 1 << 30
-    lines = [_model_line(res),
-             f"file             {res['file_bytes'] / 1e9:.2f} GB; decode reads "
-             f"{res['decode_bytes_per_token'] / 1e9:.3f}"
-             f" GB/token; vision {res['vision_bytes'] / 1e9:.2f} GB",
-             _device_line(res),
-             f"load             {res['load_s'] * 1e3:9.1f} ms"]
+    lines = [
+        _model_line(res),
+        f"file             {res['file_bytes'] / 1e9:.2f} GB; decode reads "
+        f"{res['decode_bytes_per_token'] / 1e9:.3f}"
+        f" GB/token; vision {res['vision_bytes'] / 1e9:.2f} GB",
+        _device_line(res),
+        f"load             {res['load_s'] * 1e3:9.1f} ms",
+    ]
     if "image_encode_s" in res:
-        lines.append(f"image encode     {res['image_encode_s'] * 1e3:9.1f} ms  ({res['image_tiles']} tiles,"
-                     f" {res['image_encode_GFLOPs']:.2f} GFLOP/s incl. projector and cross-attn K/V)")
-    lines.append(f"prefill          {res['prefill_s'] * 1e3:9.1f} ms  {res['prefill_tok_s']:8.1f} tok/s"
-                 f"  ({res['n_prompt']} tokens)")
+        lines.append(
+            f"image encode     {res['image_encode_s'] * 1e3:9.1f} ms  ({res['image_tiles']} tiles,"
+            f" {res['image_encode_GFLOPs']:.2f} GFLOP/s incl. projector and cross-attn K/V)"
+        )
+    lines.append(
+        f"prefill          {res['prefill_s'] * 1e3:9.1f} ms  {res['prefill_tok_s']:8.1f} tok/s"
+        f"  ({res['n_prompt']} tokens)"
+    )
     lines.append(f"time to 1st tok  {res['ttft_s'] * 1e3:9.1f} ms")
     if "decode_tok_s" in res:
-        lines.append(f"decode           {res['decode_tok_s']:9.2f} tok/s  (steady {res['decode_tok_s_steady']:.2f};"
-                     f" {res['n_gen']} tokens)")
+        lines.append(
+            f"decode           {res['decode_tok_s']:9.2f} tok/s  (steady {res['decode_tok_s_steady']:.2f};"
+            f" {res['n_gen']} tokens)"
+        )
         lines.append(f"decode weights   {res['decode_weight_read_GBps']:9.2f} GB/s read")
     if "mem_read_GBps" in res:
         frac = f"  -> decode at {100 * res['decode_bw_fraction']:.0f}% of it" if "decode_bw_fraction" in res else ""
         lines.append(f"memory bandwidth {res['mem_read_GBps']:9.2f} GB/s  ({res['mem_read_method']}){frac}")
     mem = f"peak RSS         {res['peak_rss_bytes'] / gib:9.2f} GiB"
-    mem += (f"  = weights in use {res['weights_in_use_bytes'] / gib:.2f} GiB + KV {res['kv_cache_bytes'] / gib:.2f} GiB"
-            f" {res['rss_over_weights_and_kv_bytes'] / gib:+.2f} GiB  (file {res['file_bytes'] / gib:.2f} GiB)")
+    mem += (
+        f"  = weights in use {res['weights_in_use_bytes'] / gib:.2f} GiB + KV {res['kv_cache_bytes'] / gib:.2f} GiB"
+        f" {res['rss_over_weights_and_kv_bytes'] / gib:+.2f} GiB  (file {res['file_bytes'] / gib:.2f} GiB)"
+    )
     lines.append(mem)
     if "peak_vram_bytes" in res:
         lines.append(f"peak VRAM        {res['peak_vram_bytes'] / gib:9.2f} GiB")

@@ -15,6 +15,7 @@ draw_demo_scene() below (a landscape with a house, a tree and the sun), so it ca
 third-party licence; llama-models' sample photos were not bundled because that package's
 licence metadata only points to the Llama community licences.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -65,8 +66,10 @@ def demo_image():
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mllama-q demo", description="Run the whole pipeline (synthetic tiny "
-                                "model + bundled photo by default) and print timings.")
+    p = argparse.ArgumentParser(
+        prog="mllama-q demo",
+        description="Run the whole pipeline (synthetic tiny model + bundled photo by default) and print timings.",
+    )
     p.add_argument("--selfcheck", action="store_true", help="run the kernel self-check instead")
     p.add_argument("-m", "--model", help="a GGUF file (default: the tiny synthetic model)")
     p.add_argument("-i", "--image", help="an image file (default: the bundled photo)")
@@ -129,14 +132,22 @@ def _run(args) -> int:
     print(f"image : {image_name} ({image.width}x{image.height} {image.mode})")
     print(f"prompt: {args.prompt}")
     if synthetic:
-        print("note  : the weights are random, so the answer below is gibberish by design; the demo shows\n"
-              "        that tokenizer, processor, vision tower, cross-attention decoder and sampler all run.\n"
-              "        Convert a real checkpoint (mllama-q convert) and pass --model for a real answer.")
+        print(
+            "note  : the weights are random, so the answer below is gibberish by design; the demo shows\n"
+            "        that tokenizer, processor, vision tower, cross-attention decoder and sampler all run.\n"
+            "        Convert a real checkpoint (mllama-q convert) and pass --model for a real answer."
+        )
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": args.prompt}]}]
     print("answer: ", end="", flush=True)
     t0 = time.perf_counter()
-    stream = model.generate(messages=messages, images=[image], max_new_tokens=args.max_new_tokens,
-                            temperature=0.8, seed=args.seed, stream=True)
+    stream = model.generate(
+        messages=messages,
+        images=[image],
+        max_new_tokens=args.max_new_tokens,
+        temperature=0.8,
+        seed=args.seed,
+        stream=True,
+    )
     for piece in stream:
         print(piece, end="", flush=True)
     timings["generate"] = time.perf_counter() - t0
@@ -155,8 +166,9 @@ def _run(args) -> int:
             elif k.endswith("_s"):
                 print(f"  {k[:-2]:<22} {v * 1e3:9.1f} ms")
     if result is not None:
-        print(f"tokens: {result.prompt_tokens} prompt, {result.completion_tokens} generated "
-              f"(stop: {result.stop_reason})")
+        print(
+            f"tokens: {result.prompt_tokens} prompt, {result.completion_tokens} generated (stop: {result.stop_reason})"
+        )
     return 0
 
 

@@ -20,6 +20,7 @@ done, total))` (CONTRACTS.md B), to one Progress per phase.
 This is the only module that draws progress for the `mllama-q` commands (CONTRACTS.md C);
 the runtime library never imports it.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -27,9 +28,9 @@ import sys
 import threading
 import time
 
-DELAY_S = 2.0          # phases shorter than this show nothing
-MIN_INTERVAL_S = 0.1   # at most ten redraws a second
-TICK_S = 0.5           # redraw period of a ticker (phases without counts)
+DELAY_S = 2.0  # phases shorter than this show nothing
+MIN_INTERVAL_S = 0.1  # at most ten redraws a second
+TICK_S = 0.5  # redraw period of a ticker (phases without counts)
 
 # Labels for the phases the core reports (generate's progress callback).
 PHASE_LABELS = {"image_encode": "encoding image", "prefill": "reading the prompt", "load": "loading"}
@@ -66,7 +67,7 @@ class Progress:
         self._done_count: int | None = None
         self._total: int | None = None
         self._last_draw = -1.0
-        self._width = 0          # characters of the line now on screen (0: nothing drawn)
+        self._width = 0  # characters of the line now on screen (0: nothing drawn)
         self._finished = False
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -167,8 +168,7 @@ class PhaseProgress:
         if phase != self.phase:
             self.close()
             self.phase = phase
-            self._p = Progress(self.labels.get(phase, phase.replace("_", " ")), stream=self.stream,
-                               delay=self.delay)
+            self._p = Progress(self.labels.get(phase, phase.replace("_", " ")), stream=self.stream, delay=self.delay)
         self._p.update(done, total)
 
     def close(self) -> None:

@@ -1,7 +1,10 @@
 """`mllama-q run` and `mllama-q chat`.
 
-    mllama-q run -m MODEL.gguf [-i IMAGE ...] -p PROMPT [sampling options]
-    mllama-q chat -m MODEL.gguf [-i IMAGE ...] [sampling options]
+    mllama-q run [-m] MODEL [-i IMAGE ...] -p PROMPT [sampling options]
+    mllama-q chat [-m] MODEL [-i IMAGE ...] [sampling options]
+
+MODEL is a .gguf file or an Ollama model name (llama3.2-vision, llama3.2-vision:11b, ...) found
+in the local Ollama store (mllama_q.store; `mllama-q list` shows what is there).
 
 `run` wraps the prompt as one user message (images first, then the text, as in the model card's
 examples) and streams the answer to stdout; `--raw` sends the prompt as-is (no chat template;
@@ -18,6 +21,7 @@ The model (mllama_q.model.Model) is imported only here, lazily, so `--help` is i
 option is checked (mllama_q.cli.args) before the model loads; on a terminal, the load and the
 long phases (image encode, prefill) show a status line on stderr (mllama_q.cli.progress).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,18 +29,24 @@ import json
 import sys
 from pathlib import Path
 
-from mllama_q.cli.args import check_device, check_min, check_sampling, warn_context
+from mllama_q.cli.args import add_model_options, check_device, check_min, check_sampling, model_option, warn_context
 from mllama_q.cli.progress import PhaseProgress, Progress
 
 
 def _add_common(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("-m", "--model", required=True, help="the .gguf file")
-    ap.add_argument("-i", "--image", action="append", default=[], metavar="IMAGE",
-                    help="an image file (repeat for several)")
+    add_model_options(ap)
+    ap.add_argument(
+        "-i", "--image", action="append", default=[], metavar="IMAGE", help="an image file (repeat for several)"
+    )
     ap.add_argument("--system", default=None, help="system message")
     ap.add_argument("-n", "--max-new-tokens", type=int, default=512, help="at most this many new tokens (512)")
-    ap.add_argument("--temperature", "--temp", type=float, default=None,
-                    help="0 = greedy (default: the model's generation config, 0.6)")
+    ap.add_argument(
+        "--temperature",
+        "--temp",
+        type=float,
+        default=None,
+        help="0 = greedy (default: the model's generation config, 0.6)",
+    )
     ap.add_argument("--top-k", type=int, default=None, help="0 = off (default: the model's, off)")
     ap.add_argument("--top-p", type=float, default=None, help="1 = off (default: the model's, 0.9)")
     ap.add_argument("--min-p", type=float, default=0.0, help="0 = off (default 0)")
@@ -49,6 +59,17 @@ def _add_common(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("-v", "--verbose", action="store_true", help="print token counts and timings to stderr")
 
 
+def _parse(ap: argparse.ArgumentParser, argv):
+    args = ap.parse_args(argv)
+    model_option(ap, args)
+    return args
+
+
+def _system(args, model) -> str | None:
+    """--system, else the system message of the model's Ollama manifest (if any)."""
+    return args.system or (getattr(model, "store_defaults", None) or {}).get("system")
+
+
 def _check_common(ap: argparse.ArgumentParser, args) -> None:
     """Every option, before anything slow: argparse errors (exit 2) in the CLI's own words."""
     check_device(ap, args.device)
@@ -58,9 +79,16 @@ def _check_common(ap: argparse.ArgumentParser, args) -> None:
 
 
 def _sampling_kwargs(args) -> dict:
-    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repeat_penalty, seed=args.seed,
-                stop=args.stop or None)
+    return dict(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        repetition_penalty=args.repeat_penalty,
+        seed=args.seed,
+        stop=args.stop or None,
+    )
 
 
 def _load_model(args, want_vision: bool, err=None):
@@ -71,7 +99,15 @@ def _load_model(args, want_vision: bool, err=None):
     # The load status shows at once (issue 8: a one-line "loading ..." on a terminal), not
     # after the 2 s other phases wait: a user who just typed the command sees it is working.
     with Progress(f"loading {Path(args.model).name}", stream=err, delay=0, ticker=True):
-        model = Model(args.model, device=args.device, n_ctx=args.ctx, n_threads=args.threads, vision=want_vision)
+        model = Model(
+            args.model,
+            device=args.device,
+            n_ctx=args.ctx,
+            n_threads=args.threads,
+            vision=want_vision,
+            projector=args.projector,
+            ollama_converter=args.ollama_converter,
+        )
     load_s = getattr(model, "load_time_s", None)
     if args.verbose and load_s is not None:
         text_only = "" if getattr(model, "vision_hparams", None) else ", text only"
@@ -111,12 +147,14 @@ def _stream(target, out, err=None, **kw):
         from mllama_q.generate import generate
 
         def gen(**k):
-            k.pop("progress", None)   # the low-level loop reports no phases
+            k.pop("progress", None)  # the low-level loop reports no phases
             return generate(target, **k)
+
     label = "reading the image and the prompt" if kw.get("images") else "reading the prompt"
     with PhaseProgress(stream=err) as phases, Progress(label, stream=err, ticker=True) as wait:
+
         def progress(phase, done, total):
-            wait.done()   # the phase lines replace the ticker
+            wait.done()  # the phase lines replace the ticker
             phases(phase, done, total)
 
         stream = gen(stream=True, progress=progress, **kw)
@@ -136,13 +174,16 @@ def _report(res, err) -> None:
     t = res.timings
     cache = ""
     if res.cached_tokens or res.images_cached or res.images_encoded:
-        cache = (f"; cache: {res.cached_tokens} of {res.prompt_tokens} prompt tokens reused, "
-                 f"{res.images_cached} image(s) reused, {res.images_encoded} encoded")
+        cache = (
+            f"; cache: {res.cached_tokens} of {res.prompt_tokens} prompt tokens reused, "
+            f"{res.images_cached} image(s) reused, {res.images_encoded} encoded"
+        )
     err.write(
         f"\n[{res.prompt_tokens} prompt tokens, {res.completion_tokens} generated, stop: {res.stop_reason}{cache}; "
         f"image encode {t.get('image_encode_s', 0):.2f} s, prefill {t.get('prefill_s', 0):.2f} s "
         f"({t.get('prefill_tokens_per_s', 0):.1f} tok/s), decode {t.get('decode_tokens_per_s', 0):.2f} tok/s, "
-        f"first token after {t.get('time_to_first_token_s', 0):.2f} s]\n")
+        f"first token after {t.get('time_to_first_token_s', 0):.2f} s]\n"
+    )
     err.flush()
 
 
@@ -150,10 +191,13 @@ def run_main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="mllama-q run", description="Answer one prompt (with optional images).")
     _add_common(ap)
     ap.add_argument("-p", "--prompt", required=True, help="the prompt text ('-' reads stdin)")
-    ap.add_argument("--raw", action="store_true",
-                    help="no chat template: the prompt goes to the model as-is (MllamaProcessor rules)")
+    ap.add_argument(
+        "--raw",
+        action="store_true",
+        help="no chat template: the prompt goes to the model as-is (MllamaProcessor rules)",
+    )
     ap.add_argument("--json", action="store_true", help="print one JSON object (text, counts, timings) instead")
-    args = ap.parse_args(argv)
+    args = _parse(ap, argv)
     _check_common(ap, args)
     out, err = sys.stdout, sys.stderr
     try:
@@ -164,17 +208,26 @@ def run_main(argv=None) -> int:
         if args.raw:
             kw.update(prompt=prompt, images=images or None)
         else:
-            msgs = ([{"role": "system", "content": args.system}] if args.system else []) + [
-                _user_message(prompt, len(images))]
+            system = _system(args, model)
+            msgs = ([{"role": "system", "content": system}] if system else []) + [_user_message(prompt, len(images))]
             kw.update(messages=msgs, images=images or None)
         if args.json:
             from mllama_q.generate import generate
 
             with Progress("generating", stream=err, ticker=True):
                 res = generate(model, **kw)
-            out.write(json.dumps({"text": res.text, "prompt_tokens": res.prompt_tokens,
-                                  "completion_tokens": res.completion_tokens, "stop_reason": res.stop_reason,
-                                  "timings": res.timings}) + "\n")
+            out.write(
+                json.dumps(
+                    {
+                        "text": res.text,
+                        "prompt_tokens": res.prompt_tokens,
+                        "completion_tokens": res.completion_tokens,
+                        "stop_reason": res.stop_reason,
+                        "timings": res.timings,
+                    }
+                )
+                + "\n"
+            )
             return 0
         res = _stream(model, out, err, **kw)
         out.write("\n")
@@ -204,7 +257,7 @@ def _readline_history(out):
         return None
     try:
         import readline
-    except ImportError:   # no readline on this platform: plain input()
+    except ImportError:  # no readline on this platform: plain input()
         return None
     import os
 
@@ -220,6 +273,7 @@ def _readline_history(out):
             readline.write_history_file(path)
         except OSError:
             pass
+
     return save
 
 
@@ -247,10 +301,13 @@ def _read_message(input_fn, first: str) -> str:
 
 
 def chat_main(argv=None, input_fn=None) -> int:
-    ap = argparse.ArgumentParser(prog="mllama-q chat", description="Interactive chat. " + CHAT_HELP,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="mllama-q chat",
+        description="Interactive chat. " + CHAT_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     _add_common(ap)
-    args = ap.parse_args(argv)
+    args = _parse(ap, argv)
     _check_common(ap, args)
     out, err = sys.stdout, sys.stderr
     try:
@@ -274,9 +331,10 @@ def chat_main(argv=None, input_fn=None) -> int:
     input_fn = input if input_fn is None else input_fn
     # One session holds the conversation: turn N prefills only its new tokens, images stay encoded.
     session = model.session() if hasattr(model, "session") else model
-    system = [{"role": "system", "content": args.system}] if args.system else []
+    system_text = _system(args, model)
+    system = [{"role": "system", "content": system_text}] if system_text else []
     history: list[dict] = []
-    images: list[str] = []     # every image of the conversation, in prompt order
+    images: list[str] = []  # every image of the conversation, in prompt order
     out.write(f"mllama-q chat ({Path(args.model).name}). {CHAT_HELP}\n")
     out.flush()
     try:
@@ -307,7 +365,7 @@ def chat_main(argv=None, input_fn=None) -> int:
                 out.write(CHAT_HELP + "\n")
                 continue
             if text.startswith("/image"):
-                path = text[len("/image"):].strip().strip("'\"")
+                path = text[len("/image") :].strip().strip("'\"")
                 try:
                     _check_images([path], already=len(images) + len(pending))
                 except ValueError as e:
@@ -322,7 +380,7 @@ def chat_main(argv=None, input_fn=None) -> int:
             msg = _user_message(line, len(pending))
             pieces: list[str] = []
 
-            class _Tee:   # the answer as it is shown, for the history if the turn is interrupted
+            class _Tee:  # the answer as it is shown, for the history if the turn is interrupted
                 def write(self, s):
                     pieces.append(s)
                     out.write(s)
@@ -331,10 +389,25 @@ def chat_main(argv=None, input_fn=None) -> int:
                     out.flush()
 
             try:
-                res = _stream(session, _Tee(), err, messages=system + history + [msg],
-                              images=(images + pending) or None, **_sampling_kwargs(args))
+                res = _stream(
+                    session,
+                    _Tee(),
+                    err,
+                    messages=system + history + [msg],
+                    images=(images + pending) or None,
+                    **_sampling_kwargs(args),
+                )
             except KeyboardInterrupt:
-                if not pieces:   # during the image encode or the prefill: the turn is dropped
+                if not pieces and session is not model and session.n_images > len(images):
+                    # Ctrl-C came after the engine had finished this turn's images and prompt (the
+                    # progress shown lags the engine): the session kept them, so the conversation
+                    # does too, and the next turn reuses the cache instead of starting over.
+                    out.write("\n(interrupted)\n")
+                    history += [msg, {"role": "assistant", "content": ""}]
+                    images += pending
+                    pending = []
+                    continue
+                if not pieces:  # during the image encode or the prefill: the turn is dropped
                     out.write("\n(interrupted: message and its images dropped)\n")
                     pending = []
                     continue

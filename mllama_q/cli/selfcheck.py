@@ -12,6 +12,7 @@ Checks per format (W: N x K random normal, X: M x K random normal):
   * the round-trip error of the format itself (W vs dequantize(quantize(W)))
     is printed for information.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,8 +45,14 @@ def _check_one(fmt, rng, n, k, m):
     x64 = rng.standard_normal((64, k)).astype(np.float32)
     t64 = min(_core.bench_matmul(x64, wq, fmt, n, k, 3))
     return {
-        "fmt": fmt, "ok": err < limit, "err": err, "limit": limit, "roundtrip": roundtrip,
-        "quant_s": t_quant, "m1_ms": t1 * 1e3, "m1_gbs": wq.nbytes / t1 / 1e9,
+        "fmt": fmt,
+        "ok": err < limit,
+        "err": err,
+        "limit": limit,
+        "roundtrip": roundtrip,
+        "quant_s": t_quant,
+        "m1_ms": t1 * 1e3,
+        "m1_gbs": wq.nbytes / t1 / 1e9,
         "m64_gflops": 2 * 64 * n * k / t64 / 1e9,
     }
 
@@ -66,29 +73,39 @@ def main(argv=None) -> int:
     _core.set_cpu_path(args.path)
     be = mllama_q.backends()
     print(f"mllama-q {mllama_q.__version__} self-check")
-    print(f"CPU kernels: path {be['cpu']['active_path']} (available: {', '.join(be['cpu']['paths'])}), "
-          f"{be['cpu']['threads']} threads; CUDA built: {be['cuda']['built']}, usable: {be['cuda']['usable']}")
-    print(f"W: {args.n} x {args.k} random normal, X: 8 x {args.k}; error = max|Y - Y_ref| / max|Y_ref|, "
-          "Y_ref = float64 dequantize(W) @ X.T")
-    print(f"{'format':<6} {'matmul err':>10} {'limit':>7} {'W round-trip':>12} {'quantize s':>10} "
-          f"{'M=1 ms':>8} {'W GB/s':>7} {'M=64 GFLOP/s':>12}  result")
+    print(
+        f"CPU kernels: path {be['cpu']['active_path']} (available: {', '.join(be['cpu']['paths'])}), "
+        f"{be['cpu']['threads']} threads; CUDA built: {be['cuda']['built']}, usable: {be['cuda']['usable']}"
+    )
+    print(
+        f"W: {args.n} x {args.k} random normal, X: 8 x {args.k}; error = max|Y - Y_ref| / max|Y_ref|, "
+        "Y_ref = float64 dequantize(W) @ X.T"
+    )
+    print(
+        f"{'format':<6} {'matmul err':>10} {'limit':>7} {'W round-trip':>12} {'quantize s':>10} "
+        f"{'M=1 ms':>8} {'W GB/s':>7} {'M=64 GFLOP/s':>12}  result"
+    )
     rng = np.random.default_rng(0)
     failed, missing = [], []
     for fmt in FORMATS:
         try:
             r = _check_one(fmt, rng, args.n, args.k, 8)
-        except RuntimeError as e:   # a quantizer not built into this version of the core
+        except RuntimeError as e:  # a quantizer not built into this version of the core
             if "not implemented" not in str(e):
                 raise
             missing.append(fmt)
-            print(f"{fmt:<6} {'-':>10} {'-':>7} {'-':>12} {'-':>10} {'-':>8} {'-':>7} {'-':>12}  "
-                  f"SKIPPED: quantizer not available ({e})")
+            print(
+                f"{fmt:<6} {'-':>10} {'-':>7} {'-':>12} {'-':>10} {'-':>8} {'-':>7} {'-':>12}  "
+                f"SKIPPED: quantizer not available ({e})"
+            )
             continue
         status = "ok" if r["ok"] else "FAIL"
         if not r["ok"]:
             failed.append(fmt)
-        print(f"{fmt:<6} {r['err']:>10.2e} {r['limit']:>7.0e} {r['roundtrip']:>12.2e} {r['quant_s']:>10.3f} "
-              f"{r['m1_ms']:>8.3f} {r['m1_gbs']:>7.1f} {r['m64_gflops']:>12.1f}  {status}")
+        print(
+            f"{fmt:<6} {r['err']:>10.2e} {r['limit']:>7.0e} {r['roundtrip']:>12.2e} {r['quant_s']:>10.3f} "
+            f"{r['m1_ms']:>8.3f} {r['m1_gbs']:>7.1f} {r['m64_gflops']:>12.1f}  {status}"
+        )
     if failed:
         print(f"self-check FAILED for: {', '.join(failed)}")
         return 1

@@ -1,7 +1,12 @@
 """`mllama-q serve`: an OpenAI- and Ollama-compatible HTTP server for one model.
 
-    mllama-q serve -m MODEL.gguf [--host 127.0.0.1] [--port 8080] [--parallel 2] [--n-ctx 4096]
+    mllama-q serve [-m] MODEL [--host 127.0.0.1] [--port 8080] [--parallel 2] [--n-ctx 4096]
                    [--api-key KEY] [--device cpu|cuda] [--alias NAME ...]
+
+MODEL is a .gguf file or an Ollama model name (llama3.2-vision[:TAG]) found in the local Ollama
+store, as for `mllama-q run` (mllama_q.store): the model is then listed under that name (and
+Ollama's digest, size and details), and its manifest's system message and parameters are the
+defaults of every request that does not set them, as in Ollama's own server.
 
 The socket is bound first (so a busy port fails at once and `--port 0` picks a free one, which
 the start-up line reports), then the model loads in the background while /health answers 503.
@@ -21,6 +26,8 @@ import threading
 import time
 from pathlib import Path
 
+from mllama_q.cli.args import add_model_options
+
 
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
@@ -30,7 +37,7 @@ def _parser() -> argparse.ArgumentParser:
             "Ollama API (/api/chat, /api/generate, /api/tags, ...), so their clients work unchanged."
         ),
     )
-    ap.add_argument("-m", "--model", required=True, metavar="MODEL", help="the .gguf file")
+    add_model_options(ap)
     ap.add_argument(
         "--host",
         default="127.0.0.1",
@@ -62,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="NAME",
-        help="the model's name in the APIs (default: the file name without .gguf); repeat to "
+        help="the model's name in the APIs (default: the Ollama name, or the file name without .gguf); repeat to "
         "accept more names, e.g. --alias llama3.2-vision for apps configured for Ollama",
     )
     ap.add_argument(
@@ -94,7 +101,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def _check(ap, args) -> None:
     """Option checks before anything loads (mllama_q.cli.args: argparse errors, exit status 2)."""
-    from mllama_q.cli.args import check_device, check_min
+    from mllama_q.cli.args import check_device, check_min, model_option
+
+    model_option(ap, args)
 
     if not 0 <= args.port <= 65535:
         ap.error(f"--port must be in 0..65535, got {args.port}")
@@ -142,7 +151,15 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     _check(ap, args)
     err = sys.stderr
-    if not os.path.isfile(args.model):
+    from mllama_q.gguf_file import ModelFileError
+    from mllama_q.store import find_model
+
+    try:  # a file, or an Ollama name resolved (and its manifest and blobs checked) before the port opens
+        found = find_model(args.model)
+    except ModelFileError as e:
+        err.write(f"mllama-q serve: error: {e}\n")
+        return 1
+    if found is None and not os.path.isfile(args.model):
         err.write(f"mllama-q serve: error: model file not found: {args.model}\n")
         return 1
     logging.basicConfig(
@@ -167,13 +184,22 @@ def main(argv=None) -> int:
 
     engine = Engine(
         load=lambda: load_model(
-            args.model, device=args.device, n_ctx=args.n_ctx, parallel=args.parallel, n_threads=args.threads
+            args.model,
+            device=args.device,
+            n_ctx=args.n_ctx,
+            parallel=args.parallel,
+            n_threads=args.threads,
+            projector=args.projector,
+            ollama_converter=args.ollama_converter,
         ),
         parallel=args.parallel,
         max_queue=args.max_queue,
     )
     names = args.alias or [None]
-    info = ModelInfo.from_path(args.model, name=names[0], aliases=names[1:])
+    if found is not None:
+        info = ModelInfo.from_store(found, name=names[0], aliases=names[1:])
+    else:
+        info = ModelInfo.from_path(args.model, name=names[0], aliases=names[1:])
     config = ServerConfig(
         api_key=args.api_key,
         max_body_bytes=int(args.max_body_mb * 2**20),
@@ -240,8 +266,9 @@ class ServerProcess:
         m = Path(model)
         model = str(m.resolve()) if m.exists() else str(model)  # relative to the caller, not to `home`
         cmd = [sys.executable, "-m", "mllama_q", "serve", "-m", model, "--host", "127.0.0.1", "--port", "0", *args]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
-                                     cwd=home)
+        self.proc = subprocess.Popen(
+            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, cwd=home
+        )
         self.lines: list[str] = []
         self.port: int | None = None
         self._listening = threading.Event()

@@ -25,6 +25,7 @@ does not matter for speed measurements (every byte is still read from its own ad
 
 Public API: write_synthetic_gguf(path, size, qtype, seed, progress), CONFIGS, synthetic_config.
 """
+
 from __future__ import annotations
 
 import os
@@ -50,6 +51,7 @@ POOL_BYTES = 8 << 20  # random blocks kept per type; tensors are cut from this p
 @dataclass
 class SynthConfig:
     """The hyper-parameters of a synthetic model (HF config names in comments)."""
+
     name: str
     # text_config
     vocab_size: int  # rows of output.weight; token_embd has vocab_size + 8 rows
@@ -73,7 +75,8 @@ class SynthConfig:
     patch_size: int = 14
     max_tiles: int = 4
     aspect_ratios: list = field(
-        default_factory=lambda: [[1, 1], [1, 2], [1, 3], [1, 4], [2, 1], [2, 2], [3, 1], [4, 1]])
+        default_factory=lambda: [[1, 1], [1, 2], [1, 3], [1, 4], [2, 1], [2, 2], [3, 1], [4, 1]]
+    )
     v_eps: float = 1e-5
 
     @property
@@ -95,21 +98,58 @@ class SynthConfig:
 #       K-quant types (Q4_K/Q6_K) are really exercised, and 56-pixel tiles of 4x4 patches; the
 #       same dimensions as the parity tests' tiny checkpoint (tests/tiny_models.py defaults).
 CONFIGS = {
-    "11b": SynthConfig("synthetic-11b", vocab_size=128256, hidden=4096, intermediate=14336, n_layer=40,
-                       cross_layers=[3, 8, 13, 18, 23, 28, 33, 38], n_head=32, n_head_kv=8),
-    "90b": SynthConfig("synthetic-90b", vocab_size=128256, hidden=8192, intermediate=28672, n_layer=100,
-                       cross_layers=list(range(3, 100, 5)), n_head=64, n_head_kv=8),
-    "tiny": SynthConfig("synthetic-tiny", vocab_size=1024, hidden=256, intermediate=512, n_layer=5,
-                        cross_layers=[1, 3], n_head=4, n_head_kv=2,
-                        v_hidden=64, v_intermediate=128, v_layers=4, v_global_layers=2, v_heads=4,
-                        v_intermediate_indices=[1, 3], image_size=56, patch_size=14),
+    "11b": SynthConfig(
+        "synthetic-11b",
+        vocab_size=128256,
+        hidden=4096,
+        intermediate=14336,
+        n_layer=40,
+        cross_layers=[3, 8, 13, 18, 23, 28, 33, 38],
+        n_head=32,
+        n_head_kv=8,
+    ),
+    "90b": SynthConfig(
+        "synthetic-90b",
+        vocab_size=128256,
+        hidden=8192,
+        intermediate=28672,
+        n_layer=100,
+        cross_layers=list(range(3, 100, 5)),
+        n_head=64,
+        n_head_kv=8,
+    ),
+    "tiny": SynthConfig(
+        "synthetic-tiny",
+        vocab_size=1024,
+        hidden=256,
+        intermediate=512,
+        n_layer=5,
+        cross_layers=[1, 3],
+        n_head=4,
+        n_head_kv=2,
+        v_hidden=64,
+        v_intermediate=128,
+        v_layers=4,
+        v_global_layers=2,
+        v_heads=4,
+        v_intermediate_indices=[1, 3],
+        image_size=56,
+        patch_size=14,
+    ),
 }
 
 # Llama 3 special tokens (ids 128000.. in the real vocabulary; Hugging Face's names) and the
 # extra <|image|> token that follows them. The tiny vocabulary places them at its end.
-_NAMED_SPECIALS = {0: "<|begin_of_text|>", 1: "<|end_of_text|>", 4: "<|finetune_right_pad_id|>",
-                   6: "<|start_header_id|>", 7: "<|end_header_id|>", 8: "<|eom_id|>", 9: "<|eot_id|>",
-                   10: "<|python_tag|>"}
+_NAMED_SPECIALS = {
+    0: "<|begin_of_text|>",
+    1: "<|end_of_text|>",
+    4: "<|finetune_right_pad_id|>",
+    6: "<|start_header_id|>",
+    7: "<|end_header_id|>",
+    8: "<|eom_id|>",
+    9: "<|eot_id|>",
+    10: "<|python_tag|>",
+}
 
 
 def synthetic_config(size) -> SynthConfig:
@@ -126,8 +166,9 @@ def synthetic_config(size) -> SynthConfig:
 # ---------------------------------------------------------------------------
 def _bytes_to_unicode() -> list[str]:
     """GPT-2's byte -> printable character table (openai/gpt-2 encoder.py bytes_to_unicode)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) \
-        + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     table, n = {}, 0
     for b in range(256):
         if b in printable:
@@ -162,7 +203,7 @@ def _filler_pieces(n: int) -> tuple[list[str], list[str]]:
     prev = [""]
     for length in range(2, 6):
         cur = []
-        for stem in (prev if length > 2 else list(letters)):
+        for stem in prev if length > 2 else list(letters):
             for c in letters:
                 for prefix, cap in (("", False), ("Ġ", False), ("", True), ("Ġ", True)):
                     base = stem.capitalize() if cap else stem
@@ -268,8 +309,10 @@ def tensor_plan(cfg: SynthConfig, qtype: str, vision_type: str | None = None) ->
     add(K.V_POST_LN_B, (Dv,), "f32", "zeros")
     for is_global, count in ((False, cfg.v_layers), (True, cfg.v_global_layers)):
         for i in range(count):
+
             def vn(n):
                 return K.vblk(n, i, is_global)
+
             add(vn(K.V_ATTN_NORM_W), (Dv,), "f32", "ones")
             add(vn(K.V_ATTN_NORM_B), (Dv,), "f32", "zeros")
             for n in (K.V_ATTN_Q, K.V_ATTN_K, K.V_ATTN_V, K.V_ATTN_OUTPUT):
@@ -287,8 +330,17 @@ def tensor_plan(cfg: SynthConfig, qtype: str, vision_type: str | None = None) ->
     add(K.MM_PROJ_B, (D,), "f32", "zeros")
 
     for s in specs:
-        s.ggml_type = K.tensor_type(s.kind, s.role, s.shape[-1], qtype, vision_type, layer=s.layer,
-                                      n_layer=cfg.n_layer, v_index=s.v_index, n_v=len(self_layers))
+        s.ggml_type = K.tensor_type(
+            s.kind,
+            s.role,
+            s.shape[-1],
+            qtype,
+            vision_type,
+            layer=s.layer,
+            n_layer=cfg.n_layer,
+            v_index=s.v_index,
+            n_v=len(self_layers),
+        )
     return specs
 
 
@@ -415,8 +467,7 @@ def _add_metadata(w: gguf.GGUFWriter, cfg: SynthConfig, qtype: str) -> None:
     w.add_array(K.Q_IMG_STD, [float(v) for v in d[K.Q_IMG_STD]])
     w.add_float32(K.Q_IMG_RESCALE_FACTOR, d[K.Q_IMG_RESCALE_FACTOR])
     w.add_uint32(K.Q_IMG_RESAMPLE, d[K.Q_IMG_RESAMPLE])
-    for key in (K.Q_IMG_DO_CONVERT_RGB, K.Q_IMG_DO_RESIZE, K.Q_IMG_DO_RESCALE, K.Q_IMG_DO_NORMALIZE,
-                K.Q_IMG_DO_PAD):
+    for key in (K.Q_IMG_DO_CONVERT_RGB, K.Q_IMG_DO_RESIZE, K.Q_IMG_DO_RESCALE, K.Q_IMG_DO_NORMALIZE, K.Q_IMG_DO_PAD):
         w.add_bool(key, True)
 
     tokens, types, merges, ids = _vocab(cfg)
@@ -459,13 +510,14 @@ class _Pool:
         left = nbytes
         while left:
             n = min(left, pool.size - pos)
-            f.write(memoryview(pool[pos:pos + n]))
+            f.write(memoryview(pool[pos : pos + n]))
             left -= n
             pos = 0
 
 
-def write_synthetic_gguf(path, size: str = "11b", qtype: str = "q4_k_m", seed: int = 0,
-                         progress: bool = True, vision_type: str | None = None) -> Path:
+def write_synthetic_gguf(
+    path, size: str = "11b", qtype: str = "q4_k_m", seed: int = 0, progress: bool = True, vision_type: str | None = None
+) -> Path:
     """Write a complete synthetic `mllama` GGUF to `path` and return the path.
 
     size: "tiny" | "11b" | "90b" (or a SynthConfig); qtype: a `mllama-q convert --type` (q4_k_m, q4_k_s, q6_k, q8_0,
@@ -497,8 +549,15 @@ def write_synthetic_gguf(path, size: str = "11b", qtype: str = "q4_k_m", seed: i
         bar = None
         if progress:
             from tqdm import tqdm
-            bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"synthetic {cfg.name} {qtype}",
-                       file=sys.stderr, leave=False)
+
+            bar = tqdm(
+                total=total,
+                unit="B",
+                unit_scale=True,
+                desc=f"synthetic {cfg.name} {qtype}",
+                file=sys.stderr,
+                leave=False,
+            )
         for s in specs:
             nb = _nbytes(s.ggml_type, s.shape)
             w.write_padding(f, f.tell())  # tensor data starts aligned (general.alignment = 32)
@@ -521,8 +580,11 @@ def write_synthetic_gguf(path, size: str = "11b", qtype: str = "q4_k_m", seed: i
         tmp.unlink(missing_ok=True)
         raise
     if progress:
-        print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, {len(specs)} tensors) "
-              f"in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+        print(
+            f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, {len(specs)} tensors) "
+            f"in {time.perf_counter() - t0:.1f} s",
+            file=sys.stderr,
+        )
     return path
 
 
@@ -533,8 +595,7 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mllama-q"
 
 
-def cached_synthetic(size: str, qtype: str = "q4_k_m", cache_dir=None, seed: int = 0,
-                     progress: bool = True) -> Path:
+def cached_synthetic(size: str, qtype: str = "q4_k_m", cache_dir=None, seed: int = 0, progress: bool = True) -> Path:
     """Path of a cached synthetic model, generated on first use (cache: $MLLAMA_Q_CACHE or
     ~/.cache/mllama-q). The file name carries the format version, so a layout change regenerates."""
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import logging
 import threading
 import time
@@ -281,17 +282,19 @@ def _wake(fut: asyncio.Future) -> None:
         fut.set_result(None)
 
 
-def load_model(path, *, device: str = "cpu", n_ctx: int = 4096, parallel: int = 1, n_threads=None):
-    """Model(path, ...) with one session per slot when the sessions API is there."""
+def load_model(path, *, device: str = "cpu", n_ctx: int = 4096, parallel: int = 1, n_threads=None, **model_kw):
+    """Model(path, ...) with one session per slot. `path`: a file or an Ollama model name;
+    model_kw: Model's other options (projector=, ollama_converter=)."""
     from mllama_q.model import Model
 
-    kw: dict = dict(device=device, n_ctx=n_ctx, n_threads=n_threads, max_sessions=parallel)
+    kw: dict = dict(device=device, n_ctx=n_ctx, n_threads=n_threads, max_sessions=parallel, **model_kw)
     try:
         return Model(path, **kw)
     except ValueError as e:
         if "vision=False" not in str(e):
             raise
-        return Model(path, vision=False, **kw)  # a text-only file
+        log.warning("%s; serving it as a text-only model (images are refused)", e)
+        return Model(path, vision=False, **kw)  # a text-only file (or a two-file text blob without its projector)
 
 
 class Engine:
@@ -341,8 +344,9 @@ class Engine:
             raise ValueError("the model file has no tokenizer metadata: it cannot serve text")
         n_sessions = int(getattr(model, "max_sessions", 1))
         if n_sessions < self.parallel:
-            raise ValueError(f"{self.parallel} slots need a model loaded with max_sessions >= {self.parallel}, "
-                             f"not {n_sessions}")
+            raise ValueError(
+                f"{self.parallel} slots need a model loaded with max_sessions >= {self.parallel}, not {n_sessions}"
+            )
         self.model = model
         # One session per slot: its KV cache and images stay between the slot's requests, and
         # the model's scheduler batches the slots' decode steps (mllama_q/session.py).
@@ -376,6 +380,7 @@ class Engine:
         from mllama_q.sampling import check_value
 
         self.require_ready()
+        req = self._with_default_system(req)
         for name, value in req.sampling.items():  # the library's ranges (each API checked its own first)
             try:
                 check_value(name, value)
@@ -410,6 +415,16 @@ class Engine:
         max_new = room if req.max_new_tokens is None else min(req.max_new_tokens, room)
         return Prepared(request=req, ids=ids, n_ctx=n_ctx, max_new_tokens=max_new)
 
+    def _with_default_system(self, req: GenRequest) -> GenRequest:
+        """The model's system message (an Ollama manifest's system layer) opens every conversation
+        that does not open with its own, as in Ollama (server/routes.go ChatHandler, and
+        GenerateHandler's req.System-else-m.System, at 9db4bdbad^). Raw prompts get none."""
+        system = (getattr(self.model, "store_defaults", None) or {}).get("system")
+        first = req.messages[0] if req.messages else None
+        if not system or first is None or (isinstance(first, dict) and first.get("role") == "system"):
+            return req
+        return dataclasses.replace(req, messages=[{"role": "system", "content": system}, *req.messages])
+
     async def start(self, prepared: Prepared) -> Run:
         """Wait for a slot (FIFO), start the generation thread. Cancelling the caller while it waits
         leaves the queue."""
@@ -438,7 +453,7 @@ class Engine:
                 kw["prompt"] = req.prompt
             if req.images:
                 kw["images"] = [im.open() for im in req.images]  # decoded only now: queued requests hold bytes
-            kw["progress"] = run.check   # checked per vision layer / prefill chunk: a cancel stops them
+            kw["progress"] = run.check  # checked per vision layer / prefill chunk: a cancel stops them
             run.check()
             stream = slot.session.generate(**kw)
             run.post(("start",))

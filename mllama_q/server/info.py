@@ -63,6 +63,8 @@ class ModelInfo:
     digest: str = ""
     details: dict = field(default_factory=dict)
     capabilities: list[str] = field(default_factory=list)
+    system: str | None = None  # the Ollama manifest's system message (/api/show "system")
+    _config_details: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_path(cls, path, name: str | None = None, aliases=()) -> "ModelInfo":
@@ -73,6 +75,40 @@ class ModelInfo:
         # a minute, so this identifies the file by path, size and modification time instead.
         digest = hashlib.sha256(f"{p.resolve()}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()
         return cls(path=str(p), name=name, aliases=list(aliases), size=st.st_size, modified=st.st_mtime, digest=digest)
+
+    @classmethod
+    def from_store(cls, resolved, name: str | None = None, aliases=()) -> "ModelInfo":
+        """A model of the Ollama store (mllama_q.store.Resolved), listed as Ollama lists it
+        (server/model_list_cache.go buildModelListSummary at ollama 9db4bdbad^): its short name
+        ("llama3.2-vision:latest"), the manifest's sha256 as digest and its mtime as modified_at,
+        every layer's size, and the details of the manifest's config blob where it has them."""
+        m = resolved.manifest
+        short = str(resolved.name)
+        host, ns, model, tag = resolved.name.parts
+        names = [short, f"{host}/{ns}/{model}:{tag}", f"{ns}/{model}:{tag}"]
+        name = name or short
+        info = cls(
+            path=str(resolved.model_path),
+            name=name,
+            aliases=[*aliases, *(n for n in names if n != name)],
+            size=m.size,
+            modified=m.modified,
+            digest=m.digest,
+        )
+        cfg = resolved.config
+        fams = cfg.get("model_families")
+        info._config_details = {
+            k: v
+            for k, v in (
+                ("family", cfg.get("model_family")),
+                ("parameter_size", cfg.get("model_type")),
+                ("quantization_level", cfg.get("file_type")),
+                ("families", fams if isinstance(fams, list) and all(isinstance(f, str) for f in fams) else None),
+            )
+            if v and (isinstance(v, (str, list)))
+        }
+        info.system = resolved.defaults.get("system")
+        return info
 
     def describe(self, model) -> None:
         """Details and capabilities from the loaded model."""
@@ -91,7 +127,10 @@ class ModelInfo:
             "parameter_size": human_number(n_params),
             "quantization_level": inv.get(int(ftype), f"type {ftype}").upper() if ftype is not None else "unknown",
         }
+        self.details.update(self._config_details)  # what Ollama itself would list
         self.capabilities = ["completion"] + (["vision"] if getattr(model, "has_vision", False) else [])
+        if self.system is None:
+            self.system = (getattr(model, "store_defaults", None) or {}).get("system")
         self._meta = meta
         self._n_params = n_params
 

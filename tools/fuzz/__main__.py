@@ -1,4 +1,5 @@
 """`python -m tools.fuzz`: see tools/fuzz/__init__.py."""
+
 from tools.fuzz.runner import main
 
 raise SystemExit(main())

@@ -28,6 +28,7 @@ vision on or off and, if it loads, a 3-token forward pass and a tokenizer round 
 ModelFileError is a clean failure: any other exception is re-raised as `Unclean`
 (not a ValueError), so the runner counts it.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -59,10 +60,26 @@ class Unclean(Exception):
 def _micro_config():
     from mllama_q.cli.synthetic import SynthConfig
 
-    return SynthConfig("fuzz-micro", vocab_size=320, hidden=64, intermediate=128, n_layer=2, cross_layers=[1],
-                       n_head=2, n_head_kv=1, v_hidden=32, v_intermediate=64, v_layers=2, v_global_layers=1,
-                       v_heads=2, v_intermediate_indices=[1], image_size=28, patch_size=14, max_tiles=2,
-                       aspect_ratios=[[1, 1], [1, 2], [2, 1]])
+    return SynthConfig(
+        "fuzz-micro",
+        vocab_size=320,
+        hidden=64,
+        intermediate=128,
+        n_layer=2,
+        cross_layers=[1],
+        n_head=2,
+        n_head_kv=1,
+        v_hidden=32,
+        v_intermediate=64,
+        v_layers=2,
+        v_global_layers=1,
+        v_heads=2,
+        v_intermediate_indices=[1],
+        image_size=28,
+        patch_size=14,
+        max_tiles=2,
+        aspect_ratios=[[1, 1], [1, 2], [2, 1]],
+    )
 
 
 def _write_types(path: Path) -> None:
@@ -71,13 +88,34 @@ def _write_types(path: Path) -> None:
     V, T = gguf.GGUFValueType, gguf.GGMLQuantizationType
     rng = np.random.default_rng(0)
     w = gguf.GGUFWriter(str(path), "fuzz")
-    for i, (vt, val) in enumerate([(V.UINT8, 7), (V.INT8, -3), (V.UINT16, 700), (V.INT16, -700), (V.UINT32, 70000),
-                                   (V.INT32, -70000), (V.FLOAT32, 0.25), (V.BOOL, True), (V.STRING, "ünï"),
-                                   (V.UINT64, 2 ** 40), (V.INT64, -(2 ** 40)), (V.FLOAT64, 1e-9)]):
+    for i, (vt, val) in enumerate(
+        [
+            (V.UINT8, 7),
+            (V.INT8, -3),
+            (V.UINT16, 700),
+            (V.INT16, -700),
+            (V.UINT32, 70000),
+            (V.INT32, -70000),
+            (V.FLOAT32, 0.25),
+            (V.BOOL, True),
+            (V.STRING, "ünï"),
+            (V.UINT64, 2**40),
+            (V.INT64, -(2**40)),
+            (V.FLOAT64, 1e-9),
+        ]
+    ):
         w.add_key_value(f"s.{i}", val, vt)
-    for i, (vt, val) in enumerate([(V.UINT8, [1, 2, 3]), (V.INT32, [5, -5]), (V.FLOAT32, [1.5, 2.5]),
-                                   (V.BOOL, [True, False]), (V.STRING, ["a", "bb", "", "c d"]),
-                                   (V.UINT64, [9]), (V.FLOAT64, [3.0])]):
+    for i, (vt, val) in enumerate(
+        [
+            (V.UINT8, [1, 2, 3]),
+            (V.INT32, [5, -5]),
+            (V.FLOAT32, [1.5, 2.5]),
+            (V.BOOL, [True, False]),
+            (V.STRING, ["a", "bb", "", "c d"]),
+            (V.UINT64, [9]),
+            (V.FLOAT64, [3.0]),
+        ]
+    ):
         w.add_key_value(f"a.{i}", val, V.ARRAY, sub_type=vt)
     w.add_key_value("n.0", [[1, 2], [3]], V.ARRAY, sub_type=V.ARRAY)
     w.add_key_value("n.1", [["x"], ["y", "z"]], V.ARRAY, sub_type=V.ARRAY)
@@ -135,6 +173,7 @@ class Field:
 class Layout:
     """Where everything is in a VALID seed (parsed here with struct, independently of the
     reader under test)."""
+
     data: bytes
     version: int
     kvs: list  # (start, end, key)
@@ -157,7 +196,7 @@ def _walk(data: bytes) -> Layout:
         nonlocal pos
         n = struct.unpack_from("<Q", data, pos)[0]
         fields.append(Field(pos, 8, kind))
-        s = data[pos + 8:pos + 8 + n]
+        s = data[pos + 8 : pos + 8 + n]
         pos += 8 + n
         return s
 
@@ -204,8 +243,9 @@ def _walk(data: bytes) -> Layout:
         pos += 8
         tis.append((start, pos, name))
     data_start = pos + (-pos) % alignment
-    return Layout(data, version, kvs, tis, fields, 24, ti_start, pos, data_start, alignment,
-                  hashlib.sha256(data).hexdigest()[:16])
+    return Layout(
+        data, version, kvs, tis, fields, 24, ti_start, pos, data_start, alignment, hashlib.sha256(data).hexdigest()[:16]
+    )
 
 
 _SEEDS: dict[str, Layout] = {}
@@ -253,13 +293,13 @@ def _op_str(op) -> str:
 
 def apply(lay: Layout, ops) -> bytes:
     """ops, in order, on the seed's bytes:
-        ("set", offset, bytes)         overwrite (may extend past the end)
-        ("cut", n)                     keep the first n bytes
-        ("insert", offset, bytes) / ("delete", offset, n)
-        ("rebuild", version, kvs, tis, n_kv, n_tensors, alignment)
-                                       header + metadata entries + tensor-table entries (each an
-                                       index into the seed's entries or raw bytes) + padding to
-                                       `alignment` + the seed's tensor data; counts as given"""
+    ("set", offset, bytes)         overwrite (may extend past the end)
+    ("cut", n)                     keep the first n bytes
+    ("insert", offset, bytes) / ("delete", offset, n)
+    ("rebuild", version, kvs, tis, n_kv, n_tensors, alignment)
+                                   header + metadata entries + tensor-table entries (each an
+                                   index into the seed's entries or raw bytes) + padding to
+                                   `alignment` + the seed's tensor data; counts as given"""
     data = bytearray(lay.data)
     for op in ops:
         kind = op[0]
@@ -267,22 +307,22 @@ def apply(lay: Layout, ops) -> bytes:
             _, off, b = op
             if off > len(data):
                 data.extend(bytes(off - len(data)))
-            data[off:off + len(b)] = b
+            data[off : off + len(b)] = b
         elif kind == "cut":
-            del data[op[1]:]
+            del data[op[1] :]
         elif kind == "insert":
-            data[op[1]:op[1]] = op[2]
+            data[op[1] : op[1]] = op[2]
         elif kind == "delete":
-            del data[op[1]:op[1] + op[2]]
+            del data[op[1] : op[1] + op[2]]
         elif kind == "rebuild":
             _, version, kvs, tis, n_kv, n_t, align = op
             body = bytearray(b"GGUF" + struct.pack("<IQQ", version, n_t, n_kv))
             for k in kvs:
-                body += k if isinstance(k, (bytes, bytearray)) else lay.data[lay.kvs[k][0]:lay.kvs[k][1]]
+                body += k if isinstance(k, (bytes, bytearray)) else lay.data[lay.kvs[k][0] : lay.kvs[k][1]]
             for t in tis:
-                body += t if isinstance(t, (bytes, bytearray)) else lay.data[lay.tis[t][0]:lay.tis[t][1]]
+                body += t if isinstance(t, (bytes, bytearray)) else lay.data[lay.tis[t][0] : lay.tis[t][1]]
             body += bytes((-len(body)) % max(1, align))
-            data = body + lay.data[lay.data_start:]
+            data = body + lay.data[lay.data_start :]
         else:
             raise ValueError(f"unknown op {kind!r}")
     return bytes(data)
@@ -290,9 +330,45 @@ def apply(lay: Layout, ops) -> bytes:
 
 def _interesting(rng, size: int, orig: int, file_size: int) -> int:
     top = (1 << (8 * size)) - 1
-    pool = [0, 1, 2, 3, 4, 7, 8, 12, 13, 16, 31, 32, 33, 63, 64, 255, 256, 4095, 65535, 65536,
-            2 ** 31 - 1, 2 ** 31, 2 ** 32 - 1, 2 ** 32, 2 ** 40, 2 ** 62, 2 ** 63 - 1, 2 ** 63, 2 ** 64 - 1,
-            orig + 1, orig - 1, orig * 2, orig + file_size, file_size, file_size // 2, top, top - 1]
+    pool = [
+        0,
+        1,
+        2,
+        3,
+        4,
+        7,
+        8,
+        12,
+        13,
+        16,
+        31,
+        32,
+        33,
+        63,
+        64,
+        255,
+        256,
+        4095,
+        65535,
+        65536,
+        2**31 - 1,
+        2**31,
+        2**32 - 1,
+        2**32,
+        2**40,
+        2**62,
+        2**63 - 1,
+        2**63,
+        2**64 - 1,
+        orig + 1,
+        orig - 1,
+        orig * 2,
+        orig + file_size,
+        file_size,
+        file_size // 2,
+        top,
+        top - 1,
+    ]
     if rng.random() < 0.2:
         return int(rng.integers(0, top, endpoint=True, dtype=np.uint64))
     return int(pool[rng.integers(len(pool))]) & top
@@ -310,8 +386,11 @@ def _random_value(rng, depth: int = 0) -> tuple[int, bytes]:
         vt = 4
     if vt == 8:
         n = int(rng.choice([0, 1, 5, 300]))
-        return vt, _str(bytes(rng.integers(32, 127, n, dtype=np.uint8)) if rng.random() < 0.8
-                        else bytes(rng.integers(0, 256, n, dtype=np.uint8)))
+        return vt, _str(
+            bytes(rng.integers(32, 127, n, dtype=np.uint8))
+            if rng.random() < 0.8
+            else bytes(rng.integers(0, 256, n, dtype=np.uint8))
+        )
     if vt == 9:
         et = int(rng.choice([0, 4, 5, 6, 7, 8, 9, 11]))
         n = int(rng.choice([0, 1, 2, 3, 16, 1000]))
@@ -342,11 +421,15 @@ def _random_array(rng, depth: int) -> bytes:
 
 def _extreme(rng, vt: int) -> bytes:
     if vt in (6, 12):
-        return struct.pack(VT_FMT[vt], float(rng.choice([0.0, -0.0, -1.0, math.nan, math.inf, -math.inf, 1e-45,
-                                                          3.4e38, 1e300 if vt == 12 else 1e38])))
+        return struct.pack(
+            VT_FMT[vt],
+            float(
+                rng.choice([0.0, -0.0, -1.0, math.nan, math.inf, -math.inf, 1e-45, 3.4e38, 1e300 if vt == 12 else 1e38])
+            ),
+        )
     size = VT_SIZES[vt]
     top = (1 << (8 * size)) - 1
-    pool = [0, 1, top, top // 2, top // 2 + 1, 2, 3, 10 ** 6 & top]
+    pool = [0, 1, top, top // 2, top // 2 + 1, 2, 3, 10**6 & top]
     v = pool[int(rng.integers(len(pool)))]  # (rng.choice would turn 2^64 - 1 into a float)
     return v.to_bytes(size, "little")
 
@@ -363,11 +446,11 @@ def _mutate(rng, lay: Layout) -> tuple[list, str]:
         kind = kinds[int(rng.integers(len(kinds)))]
         group = [f for f in lay.fields if f.kind == kind]
         f = group[int(rng.integers(len(group)))]
-        orig = int.from_bytes(lay.data[f.offset:f.offset + f.size], "little")
+        orig = int.from_bytes(lay.data[f.offset : f.offset + f.size], "little")
         if f.kind.startswith("value_") and rng.random() < 0.6:
             new = _extreme(rng, int(f.kind.split("_")[1]))
         elif f.kind in ("vtype", "etype", "ggml_type") and rng.random() < 0.7:
-            ids = list(range(0, 42)) + [2 ** 31 - 1, 2 ** 32 - 1]
+            ids = list(range(0, 42)) + [2**31 - 1, 2**32 - 1]
             new = ids[int(rng.integers(len(ids)))].to_bytes(4, "little")
         else:
             new = _interesting(rng, f.size, orig, size).to_bytes(f.size, "little")
@@ -438,7 +521,7 @@ def _rebuild(rng, lay: Layout) -> tuple:
         vt, payload = _random_value(rng)
         kvs[i] = _str(key) + struct.pack("<I", vt) + payload
     elif what == 7:  # general.alignment added or changed (offsets then no longer line up)
-        aligns = [0, 1, 2, 3, 8, 16, 64, 4096, 2 ** 31, 2 ** 32 - 1]
+        aligns = [0, 1, 2, 3, 8, 16, 64, 4096, 2**31, 2**32 - 1]
         align = aligns[int(rng.integers(len(aligns)))]
         kvs = [k for k in kvs if lay.kvs[k][2] != "general.alignment"]
         kvs.insert(int(rng.integers(len(kvs) + 1)), _str("general.alignment") + struct.pack("<II", 4, align))
@@ -454,7 +537,7 @@ def _rebuild(rng, lay: Layout) -> tuple:
         kvs.insert(int(rng.integers(len(kvs) + 1)), blob)
     n_kv, n_t = len(kvs), len(tis)
     if rng.random() < 0.1:
-        n_kv = max(0, n_kv + [-1, 1, 2 ** 20][int(rng.integers(3))])
+        n_kv = max(0, n_kv + [-1, 1, 2**20][int(rng.integers(3))])
     return ("rebuild", version, kvs, tis, n_kv, n_t, align)
 
 
@@ -547,15 +630,18 @@ def _agrees_with_gguf_py(path: str) -> None:
     try:
         ref = gguf.GGUFReader(path)
     except Exception:  # noqa: BLE001 - gguf-py refuses what we accept: see the reader's list
-        return          # (it fails on files it cannot view, e.g. tensors past the end, differently)
+        return  # (it fails on files it cannot view, e.g. tensors past the end, differently)
     if list(ours.tensors) != [t.name for t in ref.tensors] or list(ours.metadata) != [
-            k for k in ref.fields if not k.startswith("GGUF.")]:
+        k for k in ref.fields if not k.startswith("GGUF.")
+    ]:
         raise Unclean("our reader and gguf-py list different keys or tensors")
     for t in ref.tensors:
         o = ours.tensors[t.name]
         if (o.offset, o.nbytes, o.ggml_type) != (int(t.data_offset), int(t.n_bytes), int(t.tensor_type)):
-            raise Unclean(f"tensor {t.name!r}: ours {(o.offset, o.nbytes, o.ggml_type)}, gguf-py "
-                          f"{(int(t.data_offset), int(t.n_bytes), int(t.tensor_type))}")
+            raise Unclean(
+                f"tensor {t.name!r}: ours {(o.offset, o.nbytes, o.ggml_type)}, gguf-py "
+                f"{(int(t.data_offset), int(t.n_bytes), int(t.tensor_type))}"
+            )
     for k, fld in ref.fields.items():
         if k.startswith("GGUF."):
             continue
@@ -589,8 +675,9 @@ def _flat(v):
 
 
 def _nan_equal(a, b) -> bool:
-    return len(a) == len(b) and all(x == y or (isinstance(x, float) and math.isnan(x) and math.isnan(y))
-                                    for x, y in zip(a, b))
+    return len(a) == len(b) and all(
+        x == y or (isinstance(x, float) and math.isnan(x) and math.isnan(y)) for x, y in zip(a, b)
+    )
 
 
 def _check_model(path: str, vision: bool) -> None:

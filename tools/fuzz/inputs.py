@@ -42,6 +42,7 @@ Run by the common runner (tools/fuzz/runner.py), which counts ok / clean / uncle
 hang per kind (kind_of) and builds the config checkpoint first in a child (prepare):
     python -m tools.fuzz --family inputs -n 10000 --seed 0
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -113,10 +114,49 @@ def run(case: dict) -> None:
 # ---------------------------------------------------------------------------------------------
 # values
 # ---------------------------------------------------------------------------------------------
-EXTREME_INTS = [0, 1, -1, 2, 3, 7, 255, 256, 2**15, 2**16 + 1, 2**31 - 1, 2**31, 2**32, 2**32 + 5, 2**40, 2**62,
-                2**63 - 1, -(2**63), 2**64, 10**9, 10**30, -(10**9)]
-EXTREME_FLOATS = [0.0, -0.0, 1e-45, 1e-30, 1e-6, 0.5, 1.0, 1.5, 2.0, 1e6, 1e30, 1e300, -1.0, -1e30, float("nan"),
-                  float("inf"), float("-inf")]
+EXTREME_INTS = [
+    0,
+    1,
+    -1,
+    2,
+    3,
+    7,
+    255,
+    256,
+    2**15,
+    2**16 + 1,
+    2**31 - 1,
+    2**31,
+    2**32,
+    2**32 + 5,
+    2**40,
+    2**62,
+    2**63 - 1,
+    -(2**63),
+    2**64,
+    10**9,
+    10**30,
+    -(10**9),
+]
+EXTREME_FLOATS = [
+    0.0,
+    -0.0,
+    1e-45,
+    1e-30,
+    1e-6,
+    0.5,
+    1.0,
+    1.5,
+    2.0,
+    1e6,
+    1e30,
+    1e300,
+    -1.0,
+    -1e30,
+    float("nan"),
+    float("inf"),
+    float("-inf"),
+]
 
 
 def odd_value(rng: random.Random) -> Any:
@@ -126,8 +166,29 @@ def odd_value(rng: random.Random) -> Any:
         return rng.choice(EXTREME_INTS)
     if r < 0.6:
         return rng.choice(EXTREME_FLOATS)
-    return rng.choice([None, True, False, "", "abc", "40", "1e9", "nan", [], [1, 2], [[1, 2]], {}, {"a": 1},
-                       "x" * 10000, [None], [float("nan")] * 3, [2**40] * 3, [-1], list(range(300))])
+    return rng.choice(
+        [
+            None,
+            True,
+            False,
+            "",
+            "abc",
+            "40",
+            "1e9",
+            "nan",
+            [],
+            [1, 2],
+            [[1, 2]],
+            {},
+            {"a": 1},
+            "x" * 10000,
+            [None],
+            [float("nan")] * 3,
+            [2**40] * 3,
+            [-1],
+            list(range(300)),
+        ]
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,8 +284,11 @@ def _image_case(rng: random.Random):
         return bytes(rng.getrandbits(8) for _ in range(rng.choice([0, 1, 8, 64, 1000]))), "random bytes"
     if v < 0.2:
         valid = rng.random() < 0.3  # a complete stream costs the generator ~1 s per 10^8 pixels: few sizes
-        w, h = rng.choice([(9500, 9500), (20000, 20000)]) if valid else (rng.choice([9500, 12000, 20000, 65535]),
-                                                                          rng.choice([9500, 20000, 65535]))
+        w, h = (
+            rng.choice([(9500, 9500), (20000, 20000)])
+            if valid
+            else (rng.choice([9500, 12000, 20000, 65535]), rng.choice([9500, 20000, 65535]))
+        )
         return bomb_png(w, h, valid_stream=valid), "bomb"
     if v < 0.24:  # headers claiming 2**31 - 1 pixels a side, PNG and GIF
         if rng.random() < 0.5:
@@ -243,8 +307,12 @@ def _image_case(rng: random.Random):
         exif = b"Exif\0\0II*\0" + bytes(rng.getrandbits(8) for _ in range(rng.choice([100, 60000])))
         return _encoded(rng, "JPEG", "RGB", w, h, exif=exif), "huge exif"
     if v < 0.75:
-        return _random_pil(rng, rng.choice(["1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "I", "I;16", "F",
-                                            "YCbCr", "P_transparency"]), w, h), "PIL image"
+        return _random_pil(
+            rng,
+            rng.choice(["1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "I", "I;16", "F", "YCbCr", "P_transparency"]),
+            w,
+            h,
+        ), "PIL image"
     if v < 0.8:
         shape = rng.choice([(0, 5, 3), (5, 0), (4, 4, 2), (4, 4, 5), (3, 3, 3, 3), (6, 7), (6, 7, 4), (2, 2, 3)])
         dt = rng.choice([np.uint8, np.uint8, np.float32, np.int64, np.bool_])
@@ -274,9 +342,14 @@ def _run_image(rng: random.Random) -> None:
 # sampling and generate
 # ---------------------------------------------------------------------------------------------
 def _sampling_kwargs(rng: random.Random) -> dict:
-    good = {"temperature": rng.choice([0, 0.6, 1.0, 1.7]), "top_k": rng.choice([0, 1, 5, 50]),
-            "top_p": rng.choice([0.1, 0.9, 1.0]), "min_p": rng.choice([0.0, 0.05, 0.5]),
-            "repetition_penalty": rng.choice([1.0, 1.3, 0.7]), "seed": rng.choice([None, 0, 7])}
+    good = {
+        "temperature": rng.choice([0, 0.6, 1.0, 1.7]),
+        "top_k": rng.choice([0, 1, 5, 50]),
+        "top_p": rng.choice([0.1, 0.9, 1.0]),
+        "min_p": rng.choice([0.0, 0.05, 0.5]),
+        "repetition_penalty": rng.choice([1.0, 1.3, 0.7]),
+        "seed": rng.choice([None, 0, 7]),
+    }
     for k in rng.sample(list(good), rng.randrange(0, 3)):
         good[k] = odd_value(rng)
     return good
@@ -290,8 +363,7 @@ def _run_sampling(rng: random.Random) -> None:
     V = rng.choice([1, 2, 10, 1000, 32000])
     logits = (nrng.standard_normal(V) * rng.choice([0.1, 1, 30, 1e30])).astype(np.float32)
     if rng.random() < 0.2:
-        logits[nrng.integers(0, V, size=max(1, V // rng.choice([1, 2, 10])))] = rng.choice(
-            [np.nan, np.inf, -np.inf])
+        logits[nrng.integers(0, V, size=max(1, V // rng.choice([1, 2, 10])))] = rng.choice([np.nan, np.inf, -np.inf])
     if rng.random() < 0.1:
         logits = logits.reshape(1, -1) if rng.random() < 0.5 else logits[:0]
     history = [int(x) for x in nrng.integers(0, V + 9, size=rng.choice([0, 1, 30]))]
@@ -345,17 +417,34 @@ def _run_generate(rng: random.Random) -> None:
     images = [_tiny_image(rng) for _ in range(min(n_img, 3))] + [None] * max(0, n_img - 3)
     v = rng.random()
     if v < 0.4:
-        kw["prompt"] = rng.choice(["hi", "", "<|image|>" * max(n_img, rng.choice([0, 1])) + "what?",
-                                   "x" * 5000, "\0\ud800"[:1], "<|begin_of_text|><|eot_id|>"])
+        kw["prompt"] = rng.choice(
+            [
+                "hi",
+                "",
+                "<|image|>" * max(n_img, rng.choice([0, 1])) + "what?",
+                "x" * 5000,
+                "\0\ud800"[:1],
+                "<|begin_of_text|><|eot_id|>",
+            ]
+        )
         if n_img:
             kw["images"] = images
     elif v < 0.85:
         content = [{"type": "image"}] * n_img + [{"type": "text", "text": rng.choice(["hi", "", "x" * 300])}]
         msgs = [{"role": "user", "content": content if rng.random() < 0.8 else "plain"}]
         if rng.random() < 0.3:
-            msgs = rng.choice([[], None, [{}], [{"role": 1}], [{"role": "user", "content": 5}], "hi",
-                               [{"role": "user", "content": [{"type": "video"}]}],
-                               [{"role": "user", "content": _nested(rng.choice([10, 40, 2000]))}]])
+            msgs = rng.choice(
+                [
+                    [],
+                    None,
+                    [{}],
+                    [{"role": 1}],
+                    [{"role": "user", "content": 5}],
+                    "hi",
+                    [{"role": "user", "content": [{"type": "video"}]}],
+                    [{"role": "user", "content": _nested(rng.choice([10, 40, 2000]))}],
+                ]
+            )
         kw["messages"] = msgs
         if n_img:
             kw["images"] = images
@@ -412,13 +501,21 @@ def _run_tokens(rng: random.Random) -> None:
         m.forward(toks)
         return
     if v < 0.45:
-        m.reset()   # gives the low-level slot back: the raw step below may use any slot
+        m.reset()  # gives the low-level slot back: the raw step below may use any slot
         slot = rng.choice([0, 0, 0, m._core.n_seq, -1, 2**31])
         m._core.step([(slot, toks, None, rng.choice([0, 1, 1, 2, -1]), None)])
         return
     n_img = rng.choice([1, 1, 2, 0, 17])
-    px_shape = rng.choice([(1, n_img, T, 3, S, S), (n_img, T, 3, S, S), (1, n_img, T, 3, S, S - 1),
-                           (1, n_img, T + 1, 3, S, S), (n_img, T, 3, S), (1, 1, n_img, T, 3, S, S)])
+    px_shape = rng.choice(
+        [
+            (1, n_img, T, 3, S, S),
+            (n_img, T, 3, S, S),
+            (1, n_img, T, 3, S, S - 1),
+            (1, n_img, T + 1, 3, S, S),
+            (n_img, T, 3, S),
+            (1, 1, n_img, T, 3, S, S),
+        ]
+    )
     nrng = np.random.default_rng(rng.getrandbits(32))
     px = nrng.standard_normal(px_shape).astype(rng.choice([np.float32, np.float32, np.float64, np.float16]))
     if rng.random() < 0.25 and px.size:
@@ -426,8 +523,9 @@ def _run_tokens(rng: random.Random) -> None:
     ids = _odd_int_array(rng, rng.choice([(1, n_img), (n_img,), (1, n_img + 1)]), 1, vh["max_aspect_ratio_id"])
     msk = _odd_int_array(rng, rng.choice([(1, n_img, T), (n_img, T), (1, n_img, T - 1)]), 0, 1)
     tokens = np.concatenate([[0], np.full(n_img, m.image_token_id), nrng.integers(0, V, 3)]).astype(np.int64)
-    cam = _odd_int_array(rng, rng.choice([(1, len(tokens), n_img, T), (len(tokens), n_img, T),
-                                          (1, len(tokens), n_img, T + 1)]), 0, 1)
+    cam = _odd_int_array(
+        rng, rng.choice([(1, len(tokens), n_img, T), (len(tokens), n_img, T), (1, len(tokens), n_img, T + 1)]), 0, 1
+    )
     if v < 0.8:
         m.forward(tokens, px, ids, msk, cam)
     else:
@@ -465,8 +563,9 @@ def _run_quants(rng: random.Random) -> None:
         (quants.quantize if rng.random() < 0.7 else lambda a, t: _core.quantize(a, t))(x, qt)
         return
     if v < 0.8:
-        shape = tuple(_odd_extent(rng) if rng.random() < 0.4 else rng.choice([0, 1, 2, 256])
-                      for _ in range(rng.choice([1, 2, 3])))
+        shape = tuple(
+            _odd_extent(rng) if rng.random() < 0.4 else rng.choice([0, 1, 2, 256]) for _ in range(rng.choice([1, 2, 3]))
+        )
         nbytes = rng.choice([0, 1, 34, 144, 210, 1024, 4096])
         data = nrng.integers(0, 256, nbytes, dtype=np.uint8)
         if rng.random() < 0.2:
@@ -484,8 +583,19 @@ def _run_backend(rng: random.Random) -> None:
 
     b = _core.Backend("cpu")
     nrng = np.random.default_rng(rng.getrandbits(32))
-    op = rng.choice(["get_rows", "matmul", "core_matmul", "rms_norm", "layer_norm", "elementwise", "rope",
-                     "attention", "store_rows_f16"])
+    op = rng.choice(
+        [
+            "get_rows",
+            "matmul",
+            "core_matmul",
+            "rms_norm",
+            "layer_norm",
+            "elementwise",
+            "rope",
+            "attention",
+            "store_rows_f16",
+        ]
+    )
     f = lambda *s: nrng.standard_normal(s).astype(np.float32)  # noqa: E731
     if op == "get_rows":
         rows, cols = rng.choice([(4, 32), (0, 32), (2**62, 4), (4, 0), (2**40, 0), (-1, 32), (3, 31)])
@@ -512,25 +622,40 @@ def _run_backend(rng: random.Random) -> None:
         (b.rms_norm(x, w, eps) if op == "rms_norm" else b.layer_norm(x, w, f(w.size), eps))
     elif op == "elementwise":
         a = f(*rng.choice([(5,), (0,), (2, 3)]))
-        b.elementwise(rng.choice(["add", "add_scaled", "silu_mul", "gelu", "nope", ""]), a,
-                      f(*rng.choice([a.shape, (a.size + 1,)])) if rng.random() < 0.7 else None,
-                      rng.choice([0.0, float("nan"), 1e30]))
+        b.elementwise(
+            rng.choice(["add", "add_scaled", "silu_mul", "gelu", "nope", ""]),
+            a,
+            f(*rng.choice([a.shape, (a.size + 1,)])) if rng.random() < 0.7 else None,
+            rng.choice([0.0, float("nan"), 1e30]),
+        )
     elif op == "rope":
         shape = rng.choice([(2, 2, 8), (0, 2, 8), (1, 2**33, 0), (2, 2, 7), (2, 8)])
         x = np.zeros(shape, np.float32)
         pos = _odd_int_array(rng, (shape[0] if shape else 1,), 0, 100)
         b.rope(x, pos, f(rng.choice([4, 3, 0])))
     elif op == "attention":
-        nq, nk, nh, nkv, hd = (rng.choice([1, 3, 0]), rng.choice([1, 5, 0]), rng.choice([2, 4, 0, 3]),
-                               rng.choice([1, 2, 0]), rng.choice([8, 0, 2]))
+        nq, nk, nh, nkv, hd = (
+            rng.choice([1, 3, 0]),
+            rng.choice([1, 5, 0]),
+            rng.choice([2, 4, 0, 3]),
+            rng.choice([1, 2, 0]),
+            rng.choice([8, 0, 2]),
+        )
         if rng.random() < 0.15:
             nh, hd = 2**40, 0
         q = np.zeros((nq, nh, hd), np.float32)
         kv_t = rng.choice([np.float32, np.float16, np.float64])
         k = np.zeros((nk, nkv, hd), kv_t)
         mask = f(nq, nk) if rng.random() < 0.3 else None
-        b.attention(q, k, k.copy(), rng.choice([1.0, float("nan")]), mask, rng.random() < 0.5,
-                    rng.choice([0, -3, 2**40, -(2**40)]))
+        b.attention(
+            q,
+            k,
+            k.copy(),
+            rng.choice([1.0, float("nan")]),
+            mask,
+            rng.random() < 0.5,
+            rng.choice([0, -3, 2**40, -(2**40)]),
+        )
     else:
         b.store_rows_f16(f(*rng.choice([(2, 4), (0, 4), (4,)])))
 
@@ -539,20 +664,42 @@ def _run_backend(rng: random.Random) -> None:
 # chat templates
 # ---------------------------------------------------------------------------------------------
 CHAT_PIECES = [
-    "{{ 'x' * N }}", "{{ [0] * N }}", "{{ 'ab' ~ 'c' * N }}", "{% for i in range(N) %}x{% endfor %}",
+    "{{ 'x' * N }}",
+    "{{ [0] * N }}",
+    "{{ 'ab' ~ 'c' * N }}",
+    "{% for i in range(N) %}x{% endfor %}",
     "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
     "{% set b = [0] * 100000 %}{% for i in b %}{% for j in b %}{% endfor %}{% endfor %}",
     "{% set ns = namespace(s='x') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s }}",
     "{% set ns = namespace(v=3) %}{% for i in range(64) %}{% set ns.v = ns.v * ns.v %}{% endfor %}",
-    "{{ 3 ** N }}", "{{ 'x'|center(N) }}", "{{ 'x'.ljust(N) }}", "{{ '{:>N}'.format(1) }}", "{{ '%Ns' % 'a' }}",
-    "{{ ('x' * 100000).replace('x', 'y' * 1000) }}", "{{ (['x' * 100000] * 1000)|join }}",
-    "{{ ('a\n' * 100000)|indent('x' * 1000) }}", "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
-    "{{ messages|tojson(indent=N) }}", "{{ raise_exception('no') }}", "{{ messages[0].__class__ }}",
-    "{{ ''.__class__.__mro__ }}", "{{ range(10)|batch(N)|list }}", "{{ (messages * N)|length }}",
-    "{{ 'x'.zfill(N) }}", "{{ ('\t' * 1000).expandtabs(N) }}", "{{ messages[N] }}", "{{ 1 / 0 }}",
-    "{% for m in messages %}{{ m.role }}: {{ m.content }}{% endfor %}", "{{ bos_token }}{{ undefined_x.y }}",
-    "{% if ", "{{ namespace(_x=1) }}", "{{ strftime_now('%Y' * N) }}", "{{ 'x'|wordwrap(N) }}",
-    "{{ lipsum(N) }}", "{{ (range(100)|list) * N }}", "{{ cycler(*range(N)) }}",
+    "{{ 3 ** N }}",
+    "{{ 'x'|center(N) }}",
+    "{{ 'x'.ljust(N) }}",
+    "{{ '{:>N}'.format(1) }}",
+    "{{ '%Ns' % 'a' }}",
+    "{{ ('x' * 100000).replace('x', 'y' * 1000) }}",
+    "{{ (['x' * 100000] * 1000)|join }}",
+    "{{ ('a\n' * 100000)|indent('x' * 1000) }}",
+    "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
+    "{{ messages|tojson(indent=N) }}",
+    "{{ raise_exception('no') }}",
+    "{{ messages[0].__class__ }}",
+    "{{ ''.__class__.__mro__ }}",
+    "{{ range(10)|batch(N)|list }}",
+    "{{ (messages * N)|length }}",
+    "{{ 'x'.zfill(N) }}",
+    "{{ ('\t' * 1000).expandtabs(N) }}",
+    "{{ messages[N] }}",
+    "{{ 1 / 0 }}",
+    "{% for m in messages %}{{ m.role }}: {{ m.content }}{% endfor %}",
+    "{{ bos_token }}{{ undefined_x.y }}",
+    "{% if ",
+    "{{ namespace(_x=1) }}",
+    "{{ strftime_now('%Y' * N) }}",
+    "{{ 'x'|wordwrap(N) }}",
+    "{{ lipsum(N) }}",
+    "{{ (range(100)|list) * N }}",
+    "{{ cycler(*range(N)) }}",
 ]
 
 
@@ -564,8 +711,14 @@ def _run_chat(rng: random.Random) -> None:
     tmpl = "".join(rng.choice(CHAT_PIECES).replace("N", str(n)) for _ in range(rng.choice([1, 1, 2, 3])))
     msgs = [{"role": "user", "content": rng.choice(["hi", "x" * 1000, [{"type": "text", "text": "t"}]])}]
     if rng.random() < 0.2:
-        msgs = rng.choice([[{"role": "user", "content": _nested(rng.choice([5, 40, 3000]))}],
-                           [{"role": "user", "content": "a", "extra": {"deep": _nested(100)}}], [], [5]])
+        msgs = rng.choice(
+            [
+                [{"role": "user", "content": _nested(rng.choice([5, 40, 3000]))}],
+                [{"role": "user", "content": "a", "extra": {"deep": _nested(100)}}],
+                [],
+                [5],
+            ]
+        )
     chat.render(tmpl, msgs, add_generation_prompt=rng.random() < 0.5, special_tokens={"bos_token": "<s>"})
 
 
@@ -573,11 +726,26 @@ def _run_chat(rng: random.Random) -> None:
 # converter configs
 # ---------------------------------------------------------------------------------------------
 FUZZ_CKPT_CONFIG = dict(  # as small as a complete checkpoint gets: conversions take ~0.2 s
-    seed=5, dtype="float32", max_shard_size=None,
-    text_config=dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=2,
-                     num_key_value_heads=1, cross_attention_layers=[1]),
-    vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_global_layers=1,
-                       attention_heads=2, image_size=28, intermediate_layers_indices=[0, 1]),
+    seed=5,
+    dtype="float32",
+    max_shard_size=None,
+    text_config=dict(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        cross_attention_layers=[1],
+    ),
+    vision_config=dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_global_layers=1,
+        attention_heads=2,
+        image_size=28,
+        intermediate_layers_indices=[0, 1],
+    ),
 )
 CKPT_VERSION = 1
 
@@ -633,7 +801,7 @@ def _mutate_json(rng: random.Random, text: str) -> str:
             return '{"a": ' * rng.choice([50, 5000]) + "1" + "}" * rng.choice([50, 5000])
         if choice == 3:
             return "\ufeff" + text
-        return rng.choice(["", "null", "[]", "1e999", "NaN", '"x"', "9" * 5000, "{\"a\": 1, \"a\": [}"])
+        return rng.choice(["", "null", "[]", "1e999", "NaN", '"x"', "9" * 5000, '{"a": 1, "a": [}'])
     data = json.loads(text)
     for _ in range(rng.choice([1, 1, 2, 3])):
         paths = [p for p, _ in _paths(data) if p]
@@ -668,8 +836,17 @@ def _run_config(rng: random.Random) -> None:
                 shutil.copy(f, ck / f.name)
             elif f.name != "done":
                 os.symlink(f, ck / f.name)
-        targets = [n for n in ("config.json", "preprocessor_config.json", "generation_config.json", "tokenizer.json",
-                               "tokenizer_config.json") if (ck / n).exists()]
+        targets = [
+            n
+            for n in (
+                "config.json",
+                "preprocessor_config.json",
+                "generation_config.json",
+                "tokenizer.json",
+                "tokenizer_config.json",
+            )
+            if (ck / n).exists()
+        ]
         for name in rng.sample(targets, rng.choice([1, 1, 2])):
             p = ck / name
             if rng.random() < 0.05:
@@ -698,5 +875,13 @@ def _run_config(rng: random.Random) -> None:
         m.forward([0, 1])
 
 
-_RUN = {"image": _run_image, "sampling": _run_sampling, "generate": _run_generate, "tokens": _run_tokens,
-        "quants": _run_quants, "backend": _run_backend, "chat": _run_chat, "config": _run_config}
+_RUN = {
+    "image": _run_image,
+    "sampling": _run_sampling,
+    "generate": _run_generate,
+    "tokens": _run_tokens,
+    "quants": _run_quants,
+    "backend": _run_backend,
+    "chat": _run_chat,
+    "config": _run_config,
+}

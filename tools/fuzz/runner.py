@@ -17,6 +17,7 @@ makes the library allocate without bound fails as an unclean MemoryError instead
 the machine down; their stdout is discarded and their stderr kept for crash reports.
 The parent never runs library code itself (no kernel thread pool exists when it forks).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,8 +52,8 @@ class Summary:
     counts: collections.Counter = field(default_factory=collections.Counter)
     wall_s: float = 0.0
     failures: list = field(default_factory=list)  # (index, outcome, detail) of every failing case
-    by_kind: dict = field(default_factory=dict)   # kind -> Counter of outcomes (families with kind_of)
-    interrupted: bool = False                     # stopped early (Ctrl-C / SIGTERM): the counts so far
+    by_kind: dict = field(default_factory=dict)  # kind -> Counter of outcomes (families with kind_of)
+    interrupted: bool = False  # stopped early (Ctrl-C / SIGTERM): the counts so far
 
     @property
     def failed(self) -> int:
@@ -60,14 +61,18 @@ class Summary:
 
     def line(self) -> str:
         rate = self.cases / self.wall_s if self.wall_s > 0 else 0.0
-        return (f"{self.family}: {self.cases} cases in {self.wall_s:.0f} s ({rate:.1f} cases/s): "
-                f"{self.counts[OK]} ok, {self.counts[CLEAN]} clean errors, {self.counts[UNCLEAN]} unclean, "
-                f"{self.counts[CRASH]} crashes, {self.counts[HANG]} hangs"
-                + (" (interrupted)" if self.interrupted else ""))
+        return (
+            f"{self.family}: {self.cases} cases in {self.wall_s:.0f} s ({rate:.1f} cases/s): "
+            f"{self.counts[OK]} ok, {self.counts[CLEAN]} clean errors, {self.counts[UNCLEAN]} unclean, "
+            f"{self.counts[CRASH]} crashes, {self.counts[HANG]} hangs" + (" (interrupted)" if self.interrupted else "")
+        )
 
     def kinds_line(self) -> str:
-        return ", ".join(f"{k} {sum(c.values())} ({c[OK]} ok, {c[CLEAN]} clean, {c[UNCLEAN]} unclean, "
-                         f"{c[CRASH]} crash, {c[HANG]} hang)" for k, c in sorted(self.by_kind.items()))
+        return ", ".join(
+            f"{k} {sum(c.values())} ({c[OK]} ok, {c[CLEAN]} clean, {c[UNCLEAN]} unclean, "
+            f"{c[CRASH]} crash, {c[HANG]} hang)"
+            for k, c in sorted(self.by_kind.items())
+        )
 
 
 def outcome_of(exc: BaseException) -> str:
@@ -122,8 +127,7 @@ def _child(mod, batch, wfd: int, mem_bytes: int, stderr_path: str) -> None:
                 mod.run(case)
             except BaseException as e:  # noqa: BLE001 - everything is an outcome here
                 outcome = outcome_of(e)
-                detail = (traceback.format_exc()[-4000:] if outcome == UNCLEAN
-                          else f"{type(e).__name__}: {str(e)[:300]}")
+                detail = traceback.format_exc()[-4000:] if outcome == UNCLEAN else f"{type(e).__name__}: {str(e)[:300]}"
             out.write(json.dumps(["done", index, outcome, detail]) + "\n")
             out.flush()
     finally:
@@ -153,17 +157,30 @@ def _save(out_dir: Path, family: str, seed: int, index: int, outcome: str, detai
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / f"{family}-{seed}-{index}-{outcome}"
     with open(stem.with_suffix(".pkl"), "wb") as f:
-        pickle.dump({"family": family, "seed": seed, "index": index, "outcome": outcome, "detail": detail,
-                     "case": case}, f)
+        pickle.dump(
+            {"family": family, "seed": seed, "index": index, "outcome": outcome, "detail": detail, "case": case}, f
+        )
     stem.with_suffix(".txt").write_text(
-        f"{family} seed {seed} case {index}: {outcome}\n{_describe(case)}\n\n{detail}\n")
+        f"{family} seed {seed} case {index}: {outcome}\n{_describe(case)}\n\n{detail}\n"
+    )
     mat = getattr(case, "materialize", None)
     if callable(mat):
         stem.with_suffix(getattr(mod, "FILE_SUFFIX", ".bin")).write_bytes(mat())
 
 
-def fuzz(family: str, seed: int = 0, n: int = 1000, *, jobs: int = 2, timeout: float = 20.0, batch: int = 32,
-         out_dir=None, mem_mb: int = 3072, progress: bool = True, only=None) -> Summary:
+def fuzz(
+    family: str,
+    seed: int = 0,
+    n: int = 1000,
+    *,
+    jobs: int = 2,
+    timeout: float = 20.0,
+    batch: int = 32,
+    out_dir=None,
+    mem_mb: int = 3072,
+    progress: bool = True,
+    only=None,
+) -> Summary:
     """Run n cases of `family` (cases `only` if given: an iterable of indices); returns the Summary."""
     mod = load_family(family)
     summary = Summary(family, seed)
@@ -293,8 +310,10 @@ def replay(path) -> int:
     with open(path, "rb") as f:
         saved = pickle.load(f)
     mod = load_family(saved["family"])
-    print(f"{saved['family']} seed {saved['seed']} case {saved['index']} (saved as {saved['outcome']}):\n"
-          f"{_describe(saved['case'])}")
+    print(
+        f"{saved['family']} seed {saved['seed']} case {saved['index']} (saved as {saved['outcome']}):\n"
+        f"{_describe(saved['case'])}"
+    )
     try:
         mod.run(saved["case"])
     except BaseException as e:  # noqa: BLE001
@@ -328,8 +347,18 @@ def main(argv=None) -> int:
     only = [int(x) for x in args.only.split(",")] if args.only else None
     summaries = []
     for fam in args.family or FAMILIES:
-        s = fuzz(fam, args.seed, args.cases, jobs=args.jobs, timeout=args.timeout, batch=args.batch,
-                 out_dir=args.out, mem_mb=args.mem_mb, progress=not args.quiet, only=only)
+        s = fuzz(
+            fam,
+            args.seed,
+            args.cases,
+            jobs=args.jobs,
+            timeout=args.timeout,
+            batch=args.batch,
+            out_dir=args.out,
+            mem_mb=args.mem_mb,
+            progress=not args.quiet,
+            only=only,
+        )
         summaries.append(s)
         print(s.line(), flush=True)
         if s.by_kind:
