@@ -407,3 +407,23 @@ def test_kernels_run_in_a_forked_child():
         np.testing.assert_array_equal(got[1], y)
     finally:
         _core.set_num_threads(n0)
+
+
+# AVX-512 Q4_K tiles: two blocks per step (X as block pairs) up to K = 4096, one block per
+# step above; both sides of that limit, odd block counts (K = 1280: 5 blocks, 4352: 17) and
+# every tile row count M = 1..8 (8 x 1 tiles, remainders of 4, 2, 1), on every path.
+@pytest.mark.parametrize("path", PATHS)
+def test_q4_k_tiles_around_pair_limit_vs_float64_and_scalar(path):
+    rng = np.random.default_rng(zlib.crc32(f"q4pair/{path}".encode()))
+    for k in (1280, 4096, 4352):
+        w = random_quant_weights(rng, "q4_k", 9, k)
+        wd = gq.dequantize(w, QTYPES["q4_k"]).reshape(9, k).astype(np.float64)
+        x = rng.standard_normal((8, k)).astype(np.float32)
+        for m in range(1, 9):
+            y = run(path, x[:m], w, "q4_k", 9, k)
+            yq = q8_K_ref(x[:m]) @ wd.T
+            magq = np.abs(q8_K_ref(x[:m])) @ np.abs(wd).T
+            assert (np.abs(y - yq) / np.maximum(magq, 1e-30)).max() < 1e-5, (path, m, k)
+            if path != "scalar":
+                ys = run("scalar", x[:m], w, "q4_k", 9, k)
+                assert (np.abs(y - ys) / np.maximum(magq, 1e-30)).max() < 1e-5, (path, m, k)
