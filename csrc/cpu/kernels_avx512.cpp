@@ -158,7 +158,7 @@ inline void quantize_q8_K_block(const float* x, block_q8_K* y, bool q4_order) {
     }
     y->d = 1.0f / iscale;
 }
-// Q4_K's activations for K > kQ4PairMaxK (Q4KTile::run_blocks): Q8_K quants in the nibble order above, and instead of
+// Q4_K's activations for K > kPairMaxK (Q4KTile::run_blocks): Q8_K quants in the nibble order above, and instead of
 // bsums the 8 floats dx * (bsum_2s + bsum_2s+1), so the mins term of a block,
 // sum_s (dmin * m_s) * (dx * bsum pair_s), is one float FMA per X row.
 struct XQ4K {
@@ -179,7 +179,7 @@ void prep_xq4k_blocks(const float* x, void* xq, int64_t K) {
         std::memcpy(y[b].dm, dm, sizeof(dm));
     }
 }
-// Q4_K's activations for K <= kQ4PairMaxK (Q4KTile::run_pairs), per PAIR of blocks (b = 2p, 2p + 1): the Q8_K quants of both blocks
+// Q4_K's activations for K <= kPairMaxK (Q4KTile::run_pairs), per PAIR of blocks (b = 2p, 2p + 1): the Q8_K quants of both blocks
 // in the nibble order above, and the two blocks' float factors laid out in the int32 lanes
 // Q4KTile's block-pair sum comes out in (lanes 4L + 0, 1: block 2p; 4L + 2, 3: block 2p + 1,
 // see q4_pair_scale_idx), so that one cvt + mul + FMA serve two blocks. An odd last block
@@ -216,12 +216,10 @@ void prep_xq4k_pairs(const float* x, void* xq, int64_t K) {
 // (measured, one thread: M = 4 Q4_K 4096x14336 2.0 -> 4.1 ms; the cause, likely the X
 // rows' re-streaming from L2 for every W row, is not pinned down), so the X layout and the
 // tile loop are chosen by K (prep_xq4k and Q4KTile::run see the same K).
-constexpr int64_t kQ4PairMaxK = 4096;
-size_t bytes_xq4k(int64_t K) {
-    return K <= kQ4PairMaxK ? size_t((K / QK_K + 1) / 2) * sizeof(XQ4KPair) : bytes_q8_K(K);
-}
+constexpr int64_t kPairMaxK = 4096;
+size_t bytes_xq4k(int64_t K) { return K <= kPairMaxK ? size_t((K / QK_K + 1) / 2) * sizeof(XQ4KPair) : bytes_q8_K(K); }
 void prep_xq4k(const float* x, void* xq, int64_t K) {
-    if (K <= kQ4PairMaxK) {
+    if (K <= kPairMaxK) {
         prep_xq4k_pairs(x, xq, K);
     } else {
         prep_xq4k_blocks(x, xq, K);
@@ -230,6 +228,46 @@ void prep_xq4k(const float* x, void* xq, int64_t K) {
 void prep_q8_K(const float* x, void* xq, int64_t K) {
     block_q8_K* y = static_cast<block_q8_K*>(xq);
     for (int64_t b = 0; b < K / QK_K; b++) quantize_q8_K_block(x + QK_K * b, y + b, false);
+}
+
+// Q6_K's activations for K <= kPairMaxK (Q6KTile::run_pairs), per pair of blocks 2p + h:
+// quants in natural order by 64-value chunk k (qs[2k + h]); bsums placed where Q6KTile's
+// bsum term must land (int16 lane 8L + 4h + r: sub-block 4L + r of block 2p + h, so the
+// vpdpwssd with the -32 * scales puts block 2p + h in int32 lanes 4L + 2h, 4L + 2h + 1, the
+// pair sum's lanes); dx as XQ4KPair. An odd last block pairs with an all-zero block.
+struct XQ6KPair {
+    int8_t qs[8][64];
+    int16_t bs[32];
+    float dx[16];
+};
+static_assert(sizeof(XQ6KPair) == 640, "XQ6KPair layout");
+void prep_xq6k_pairs(const float* x, void* xq, int64_t K) {
+    XQ6KPair* y = static_cast<XQ6KPair*>(xq);
+    const int64_t nb = K / QK_K;
+    for (int64_t p = 0; p < (nb + 1) / 2; p++) {
+        XQ6KPair& o = y[p];
+        for (int h = 0; h < 2; h++) {
+            block_q8_K q;
+            if (2 * p + h < nb) {
+                quantize_q8_K_block(x + QK_K * (2 * p + h), &q, false);
+            } else {
+                std::memset(&q, 0, sizeof(q));
+            }
+            for (int k = 0; k < 4; k++) std::memcpy(o.qs[2 * k + h], q.qs + 64 * k, 64);
+            for (int L = 0; L < 4; L++)
+                for (int r = 0; r < 4; r++) o.bs[8 * L + 4 * h + r] = q.bsums[4 * L + r];
+            for (int l = 0; l < 16; l++)
+                if (((l >> 1) & 1) == h) o.dx[l] = q.d;
+        }
+    }
+}
+size_t bytes_xq6k(int64_t K) { return K <= kPairMaxK ? size_t((K / QK_K + 1) / 2) * sizeof(XQ6KPair) : bytes_q8_K(K); }
+void prep_xq6k(const float* x, void* xq, int64_t K) {
+    if (K <= kPairMaxK) {
+        prep_xq6k_pairs(x, xq, K);
+    } else {
+        prep_q8_K(x, xq, K);
+    }
 }
 
 // vpermw index vectors: int16 lane t of a scale vector takes sub-block scale idx(t)
@@ -265,6 +303,16 @@ inline __m512i q6_packed_scale_idx(int a, int b) {
         for (int u = 0; u < 8; u++) t[8 * L + u] = int16_t(u < 4 ? 4 * a + L : 4 * b + L);
     return _mm512_load_si512(t);
 }
+// Q6_K's block-pair sums (Q6KTile::run_pairs): chunk k of blocks 2p (pa) and 2p + 1 (pc),
+// packs_epi32(pa, pc): int16 lane 8L+u -> scale (u < 4 ? 0 : 16) + 4k + L of the 32 int16
+// scales [16 of block 2p | 16 of block 2p + 1]; k = 4: the bsum term's lanes (XQ6KPair::bs),
+// 8L + 4h + r -> 16h + 4L + r.
+inline __m512i q6_pair_scale_idx(int k) {
+    alignas(64) int16_t t[32];
+    for (int L = 0; L < 4; L++)
+        for (int u = 0; u < 8; u++) t[8 * L + u] = int16_t((u < 4 ? 0 : 16) + (k < 4 ? 4 * k + L : 4 * L + (u & 3)));
+    return _mm512_load_si512(t);
+}
 
 // W side of one Q4_K block for Q4KTile (an absent block, the odd last one's partner,
 // is all zero): nibble vectors w[c] of chunks c = sub-blocks (0, 2), (1, 3), (4, 6),
@@ -297,13 +345,13 @@ inline Q4KW load_q4k_w(const block_q4_K* wb, __m512i m4) {
 struct Q4KTile {
     template <int NX, int NW>
     static void run(const uint8_t* w, size_t ws, const uint8_t* x, size_t xs, int64_t K, float* y, int64_t ldy) {
-        if (K <= kQ4PairMaxK) {
+        if (K <= kPairMaxK) {
             run_pairs<NX, NW>(w, ws, x, xs, K, y, ldy);
         } else {
             run_blocks<NX, NW>(w, ws, x, xs, K, y, ldy);
         }
     }
-    // One block per step, X as XQ4K (K > kQ4PairMaxK).
+    // One block per step, X as XQ4K (K > kPairMaxK).
     template <int NX, int NW>
     static void run_blocks(const uint8_t* w, size_t ws, const uint8_t* x, size_t xs, int64_t K, float* y, int64_t ldy) {
         const __m512i m4 = _mm512_set1_epi8(0x0F);
@@ -351,7 +399,7 @@ struct Q4KTile {
         for (int i = 0; i < NX; i++)
             for (int j = 0; j < NW; j++) y[i * ldy + j] = _mm512_reduce_add_ps(acc[i][j]);
     }
-    // Two blocks per step, X as XQ4KPair (K <= kQ4PairMaxK).
+    // Two blocks per step, X as XQ4KPair (K <= kPairMaxK).
     template <int NX, int NW>
     static void run_pairs(const uint8_t* w, size_t ws, const uint8_t* x, size_t xs, int64_t K, float* y, int64_t ldy) {
         const __m512i m4 = _mm512_set1_epi8(0x0F);
@@ -414,6 +462,80 @@ struct Q4KTile {
 struct Q6KTile {
     template <int NX, int NW>
     static void run(const uint8_t* w, size_t ws, const uint8_t* x, size_t xs, int64_t K, float* y, int64_t ldy) {
+        if (K <= kPairMaxK) {
+            run_pairs<NX, NW>(w, ws, x, xs, K, y, ldy);
+        } else {
+            run_blocks<NX, NW>(w, ws, x, xs, K, y, ldy);
+        }
+    }
+    // W side of one block (all zero for an absent one): the 4 chunks' 6-bit quants.
+    static void load_w(const block_q6_K* wb, __m512i q[4]) {
+        const __m512i m4 = _mm512_set1_epi8(0x0F), m30 = _mm512_set1_epi8(0x30);
+        for (int h = 0; h < 2; h++) {
+            if (!wb) {
+                q[2 * h] = q[2 * h + 1] = _mm512_setzero_si512();
+                continue;
+            }
+            const __m512i ql = _mm512_loadu_si512(wb->ql + 64 * h);
+            const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb->qh + 32 * h));
+            const __m512i H = _mm512_inserti64x4(_mm512_castsi256_si512(qh), _mm256_srli_epi16(qh, 2), 1);
+            q[2 * h] = _mm512_or_si512(_mm512_and_si512(ql, m4), _mm512_and_si512(_mm512_slli_epi16(H, 4), m30));
+            q[2 * h + 1] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(ql, 4), m4), _mm512_and_si512(H, m30));
+        }
+    }
+    // Two blocks per step, X as XQ6KPair (K <= kPairMaxK): as Q4KTile::run_pairs, one cvt +
+    // mul + FMA per two blocks and X row.
+    template <int NX, int NW>
+    static void run_pairs(const uint8_t* w, size_t ws, const uint8_t* x, size_t xs, int64_t K, float* y, int64_t ldy) {
+        __m512i sidx[5];
+        for (int k = 0; k < 5; k++) sidx[k] = q6_pair_scale_idx(k);
+        const __m512i didx = _mm512_set_epi32(2, 2, 0, 0, 2, 2, 0, 0, 2, 2, 0, 0, 2, 2, 0, 0);
+        __m512 acc[NX][NW];
+        for (int i = 0; i < NX; i++)
+            for (int j = 0; j < NW; j++) acc[i][j] = _mm512_setzero_ps();
+        const int64_t nb = K / QK_K;
+        for (int64_t p = 0; p < (nb + 1) / 2; p++) {
+            const bool two = 2 * p + 1 < nb;
+            for (int j = 0; j < NW; j++) {
+                const block_q6_K* wb = reinterpret_cast<const block_q6_K*>(w + j * ws) + 2 * p;
+                if constexpr (NW == 1) prefetch_w<2 * sizeof(block_q6_K)>(wb);
+                __m512i qa[4], qc[4];
+                load_w(wb, qa);
+                load_w(two ? wb + 1 : nullptr, qc);
+                const __m128i sa = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wb->scales));
+                const __m128i sc =
+                    two ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(wb[1].scales)) : _mm_setzero_si128();
+                const __m512i s32 = _mm512_cvtepi8_epi16(_mm256_inserti128_si256(_mm256_castsi128_si256(sa), sc, 1));
+                __m512i sv[4];
+                for (int k = 0; k < 4; k++) sv[k] = _mm512_permutexvar_epi16(sidx[k], s32);
+                // -32 * scales in the bsum lanes (|.| <= 4096)
+                const __m512i scm = _mm512_permutexvar_epi16(
+                    sidx[4], _mm512_sub_epi16(_mm512_setzero_si512(), _mm512_slli_epi16(s32, 5)));
+                const int da = wb->d, dc = two ? wb[1].d : 0;
+                const __m512 dw =
+                    _mm512_permutexvar_ps(didx, _mm512_castps128_ps512(_mm_cvtph_ps(_mm_set_epi32(0, 0, dc, da))));
+                for (int i = 0; i < NX; i++) {
+                    const XQ6KPair* xp = reinterpret_cast<const XQ6KPair*>(x + i * xs) + p;
+                    const __m512i z = _mm512_setzero_si512();
+                    __m512i isum = z;
+                    for (int k = 0; k < 4; k++) {
+                        const __m512i pa = _mm512_dpbusd_epi32(z, qa[k], _mm512_loadu_si512(xp->qs[2 * k]));
+                        const __m512i pc = _mm512_dpbusd_epi32(z, qc[k], _mm512_loadu_si512(xp->qs[2 * k + 1]));
+                        const __m512i pk = _mm512_packs_epi32(pa, pc);  // |4*63*128| < 32767: exact
+                        isum = k == 0 ? _mm512_madd_epi16(pk, sv[k]) : _mm512_dpwssd_epi32(isum, pk, sv[k]);
+                    }
+                    isum = _mm512_dpwssd_epi32(isum, _mm512_loadu_si512(xp->bs), scm);
+                    acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(dw, _mm512_loadu_ps(xp->dx)),
+                                                acc[i][j]);
+                }
+            }
+        }
+        for (int i = 0; i < NX; i++)
+            for (int j = 0; j < NW; j++) y[i * ldy + j] = _mm512_reduce_add_ps(acc[i][j]);
+    }
+    // One block per step, X as block_q8_K (K > kPairMaxK).
+    template <int NX, int NW>
+    static void run_blocks(const uint8_t* w, size_t ws, const uint8_t* x, size_t xs, int64_t K, float* y, int64_t ldy) {
         const __m512i m4 = _mm512_set1_epi8(0x0F), m30 = _mm512_set1_epi8(0x30);
         const __m512i idx01 = q6_packed_scale_idx(0, 1), idx23 = q6_packed_scale_idx(2, 3);
         __m512 acc[NX][NW];
@@ -661,7 +783,7 @@ const KernelTable& avx512_kernels() {
          {prep_xq4k, bytes_xq4k, run_tile<Q4KTile, MQ_Q4K_NX, MQ_Q4K_NW, 1>, prep_panel<true, quantize_block_simd>,
           panel_bytes, panel_gemm<PanelQ4K<int32_t>, PanelMicro>}},
         {DType::Q6_K,
-         {prep_q8_K, bytes_q8_K, run_tile<Q6KTile, MQ_Q6K_NX, MQ_Q6K_NW, 1>, prep_panel<false, quantize_block_simd>,
+         {prep_xq6k, bytes_xq6k, run_tile<Q6KTile, MQ_Q6K_NX, MQ_Q6K_NW, 1>, prep_panel<false, quantize_block_simd>,
           panel_bytes, panel_gemm<PanelQ6K<int32_t>, PanelMicro>}},
     };
     return k;
