@@ -179,11 +179,35 @@ void prep_xq4k_blocks(const float* x, void* xq, int64_t K) {
         std::memcpy(y[b].dm, dm, sizeof(dm));
     }
 }
+// X rows as pairs of Q8_K blocks (XQ4KPair, XQ6KPair: qs[8][64] with chunk k of block
+// 2p + h at qs[2k + h], dx[16] with lane l the scale of block 2p + ((l >> 1) & 1), the
+// lanes of the tiles' pair sums); fill(o, h, q) writes the type's bsum-derived fields of
+// block 2p + h. An odd last block pairs with an all-zero block (dx = 0, bsums 0).
+template <class Pair, class Fill>
+void prep_block_pairs(const float* x, void* xq, int64_t K, bool q4_order, Fill fill) {
+    Pair* y = static_cast<Pair*>(xq);
+    const int64_t nb = K / QK_K;
+    for (int64_t p = 0; p < (nb + 1) / 2; p++) {
+        Pair& o = y[p];
+        for (int h = 0; h < 2; h++) {
+            block_q8_K q;
+            if (2 * p + h < nb) {
+                quantize_q8_K_block(x + QK_K * (2 * p + h), &q, q4_order);
+            } else {
+                std::memset(&q, 0, sizeof(q));
+            }
+            for (int k = 0; k < 4; k++) std::memcpy(o.qs[2 * k + h], q.qs + 64 * k, 64);
+            for (int l = 0; l < 16; l++)
+                if (((l >> 1) & 1) == h) o.dx[l] = q.d;
+            fill(o, h, q);
+        }
+    }
+}
 // Q4_K's activations for K <= kPairMaxK (Q4KTile::run_pairs), per PAIR of blocks (b = 2p, 2p + 1): the Q8_K quants of both blocks
 // in the nibble order above, and the two blocks' float factors laid out in the int32 lanes
 // Q4KTile's block-pair sum comes out in (lanes 4L + 0, 1: block 2p; 4L + 2, 3: block 2p + 1,
 // see q4_pair_scale_idx), so that one cvt + mul + FMA serve two blocks. An odd last block
-// pairs with an all-zero block (dx = 0, dm = 0). Shapes: qs[2][256], dx[16], dm[16].
+// pairs with an all-zero block (dx = 0, dm = 0); prep_block_pairs fills qs and dx.
 struct XQ4KPair {
     // quants of blocks 2p + h, sub-blocks in order 0 2 1 3 4 6 5 7, by 64-value chunk k:
     // qs[2k + h] (the order the kernel reads them in: one sequential stream per row)
@@ -193,23 +217,9 @@ struct XQ4KPair {
 };
 static_assert(sizeof(XQ4KPair) == 640, "XQ4KPair layout");
 void prep_xq4k_pairs(const float* x, void* xq, int64_t K) {
-    XQ4KPair* y = static_cast<XQ4KPair*>(xq);
-    const int64_t nb = K / QK_K;
-    for (int64_t p = 0; p < (nb + 1) / 2; p++) {
-        XQ4KPair& o = y[p];
-        for (int h = 0; h < 2; h++) {
-            block_q8_K q;
-            if (2 * p + h < nb) {
-                quantize_q8_K_block(x + QK_K * (2 * p + h), &q, true);
-            } else {
-                std::memset(&q, 0, sizeof(q));
-            }
-            for (int k = 0; k < 4; k++) std::memcpy(o.qs[2 * k + h], q.qs + 64 * k, 64);
-            for (int s = 0; s < 8; s++) o.dm[8 * h + s] = q.d * float(q.bsums[2 * s] + q.bsums[2 * s + 1]);
-            for (int l = 0; l < 16; l++)
-                if (((l >> 1) & 1) == h) o.dx[l] = q.d;
-        }
-    }
+    prep_block_pairs<XQ4KPair>(x, xq, K, true, [](XQ4KPair& o, int h, const block_q8_K& q) {
+        for (int s = 0; s < 8; s++) o.dm[8 * h + s] = q.d * float(q.bsums[2 * s] + q.bsums[2 * s + 1]);
+    });
 }
 // The block-pair tiles are faster while a tile's X rows stay in L1 (K = 4096: M = 4 / 8
 // rows of 5 KiB); at K = 14336 (72 KiB for M = 4) they were slower than the one-block tiles
@@ -242,24 +252,10 @@ struct XQ6KPair {
 };
 static_assert(sizeof(XQ6KPair) == 640, "XQ6KPair layout");
 void prep_xq6k_pairs(const float* x, void* xq, int64_t K) {
-    XQ6KPair* y = static_cast<XQ6KPair*>(xq);
-    const int64_t nb = K / QK_K;
-    for (int64_t p = 0; p < (nb + 1) / 2; p++) {
-        XQ6KPair& o = y[p];
-        for (int h = 0; h < 2; h++) {
-            block_q8_K q;
-            if (2 * p + h < nb) {
-                quantize_q8_K_block(x + QK_K * (2 * p + h), &q, false);
-            } else {
-                std::memset(&q, 0, sizeof(q));
-            }
-            for (int k = 0; k < 4; k++) std::memcpy(o.qs[2 * k + h], q.qs + 64 * k, 64);
-            for (int L = 0; L < 4; L++)
-                for (int r = 0; r < 4; r++) o.bs[8 * L + 4 * h + r] = q.bsums[4 * L + r];
-            for (int l = 0; l < 16; l++)
-                if (((l >> 1) & 1) == h) o.dx[l] = q.d;
-        }
-    }
+    prep_block_pairs<XQ6KPair>(x, xq, K, false, [](XQ6KPair& o, int h, const block_q8_K& q) {
+        for (int L = 0; L < 4; L++)
+            for (int r = 0; r < 4; r++) o.bs[8 * L + 4 * h + r] = q.bsums[4 * L + r];
+    });
 }
 size_t bytes_xq6k(int64_t K) { return K <= kPairMaxK ? size_t((K / QK_K + 1) / 2) * sizeof(XQ6KPair) : bytes_q8_K(K); }
 void prep_xq6k(const float* x, void* xq, int64_t K) {
@@ -312,6 +308,31 @@ inline __m512i q6_pair_scale_idx(int k) {
     for (int L = 0; L < 4; L++)
         for (int u = 0; u < 8; u++) t[8 * L + u] = int16_t((u < 4 ? 0 : 16) + (k < 4 ? 4 * k + L : 4 * L + (u & 3)));
     return _mm512_load_si512(t);
+}
+
+// Block-pair tiles (Q4KTile / Q6KTile::run_pairs), per X row: the int32 pair sum of two
+// blocks' 4 chunks (wa / wc: u8 quants of blocks 2p / 2p + 1; qs: the XQ*Pair quants; sv:
+// the chunks' int16 scale vectors, see q4_pair_scale_idx): vpdpbusd per chunk and block,
+// packed to int16 (|4*15*128|, |4*63*128| < 32767: exact), times the sub-block scales,
+// summed in pairs: block 2p in int32 lanes 4L + 0, 1, block 2p + 1 in 4L + 2, 3.
+inline __m512i pair_isum(const __m512i* wa, const __m512i* wc, const int8_t (*qs)[64], const __m512i* sv) {
+    const __m512i z = _mm512_setzero_si512();
+    __m512i isum = z;
+    for (int k = 0; k < 4; k++) {
+        const __m512i pa = _mm512_dpbusd_epi32(z, wa[k], _mm512_loadu_si512(qs[2 * k]));
+        const __m512i pc = _mm512_dpbusd_epi32(z, wc[k], _mm512_loadu_si512(qs[2 * k + 1]));
+        const __m512i pk = _mm512_packs_epi32(pa, pc);
+        isum = k == 0 ? _mm512_madd_epi16(pk, sv[k]) : _mm512_dpwssd_epi32(isum, pk, sv[k]);
+    }
+    return isum;
+}
+// fp16 pairs (lo | hi << 16) of blocks 2p (a) and 2p + 1 (c) -> floats [a.lo, a.hi, c.lo, c.hi],
+// and the lo values in the pair sum's lanes (lane l: block 2p + ((l >> 1) & 1)).
+inline __m512 pair_f4(uint32_t a, uint32_t c) {
+    return _mm512_castps128_ps512(_mm_cvtph_ps(_mm_set_epi32(0, 0, int(c), int(a))));
+}
+inline __m512 pair_lanes_lo(__m512 f4) {
+    return _mm512_permutexvar_ps(_mm512_set_epi32(2, 2, 0, 0, 2, 2, 0, 0, 2, 2, 0, 0, 2, 2, 0, 0), f4);
 }
 
 // W side of one Q4_K block for Q4KTile (an absent block, the odd last one's partner,
@@ -405,8 +426,7 @@ struct Q4KTile {
         const __m512i m4 = _mm512_set1_epi8(0x0F);
         const __m512i sidx[4] = {q4_pair_scale_idx(0, 2), q4_pair_scale_idx(1, 3), q4_pair_scale_idx(4, 6),
                                  q4_pair_scale_idx(5, 7)};
-        // [d0, dmin0, d1, dmin1] -> lane l: d of block (l >> 1) & 1 / dmin of block l >> 3
-        const __m512i didx = _mm512_set_epi32(2, 2, 0, 0, 2, 2, 0, 0, 2, 2, 0, 0, 2, 2, 0, 0);
+        // [d0, dmin0, d1, dmin1] -> lane l: dmin of block l >> 3
         const __m512i midx = _mm512_set_epi32(3, 3, 3, 3, 3, 3, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1);
         __m512 acc[NX][NW];
         for (int i = 0; i < NX; i++)
@@ -421,23 +441,14 @@ struct Q4KTile {
                 const __m512i s16 = _mm512_castsi256_si512(_mm256_cvtepu8_epi16(_mm_set_epi64x(c.sc, a.sc)));
                 __m512i sv[4];
                 for (int k = 0; k < 4; k++) sv[k] = _mm512_permutexvar_epi16(sidx[k], s16);
-                const __m512 f4 = _mm512_castps128_ps512(_mm_cvtph_ps(_mm_set_epi32(0, 0, int(c.dd), int(a.dd))));
-                const __m512 dw = _mm512_permutexvar_ps(didx, f4);
+                const __m512 f4 = pair_f4(a.dd, c.dd);
+                const __m512 dw = pair_lanes_lo(f4);
                 // lanes 8h + s: dmin * m_s of block 2p + h
                 const __m512 wm = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_set_epi64x(c.m, a.m))),
                                                 _mm512_permutexvar_ps(midx, f4));
                 for (int i = 0; i < NX; i++) {
                     const XQ4KPair* xp = reinterpret_cast<const XQ4KPair*>(x + i * xs) + p;
-                    // 4-value dot products per chunk of each block (vpdpbusd), packed to int16
-                    // (|4*15*128| < 32767: exact), times the sub-block scales, summed in pairs
-                    const __m512i z = _mm512_setzero_si512();
-                    __m512i isum = z;
-                    for (int k = 0; k < 4; k++) {
-                        const __m512i pa = _mm512_dpbusd_epi32(z, a.w[k], _mm512_loadu_si512(xp->qs[2 * k]));
-                        const __m512i pc = _mm512_dpbusd_epi32(z, c.w[k], _mm512_loadu_si512(xp->qs[2 * k + 1]));
-                        const __m512i pk = _mm512_packs_epi32(pa, pc);
-                        isum = k == 0 ? _mm512_madd_epi16(pk, sv[k]) : _mm512_dpwssd_epi32(isum, pk, sv[k]);
-                    }
+                    const __m512i isum = pair_isum(a.w, c.w, xp->qs, sv);
                     // + dw * dx * isum  - sum_s (dmin m_s) * (dx bsum pair_s), both blocks
                     acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(dw, _mm512_loadu_ps(xp->dx)),
                                                 acc[i][j]);
@@ -489,7 +500,6 @@ struct Q6KTile {
     static void run_pairs(const uint8_t* w, size_t ws, const uint8_t* x, size_t xs, int64_t K, float* y, int64_t ldy) {
         __m512i sidx[5];
         for (int k = 0; k < 5; k++) sidx[k] = q6_pair_scale_idx(k);
-        const __m512i didx = _mm512_set_epi32(2, 2, 0, 0, 2, 2, 0, 0, 2, 2, 0, 0, 2, 2, 0, 0);
         __m512 acc[NX][NW];
         for (int i = 0; i < NX; i++)
             for (int j = 0; j < NW; j++) acc[i][j] = _mm512_setzero_ps();
@@ -511,19 +521,10 @@ struct Q6KTile {
                 // -32 * scales in the bsum lanes (|.| <= 4096)
                 const __m512i scm = _mm512_permutexvar_epi16(
                     sidx[4], _mm512_sub_epi16(_mm512_setzero_si512(), _mm512_slli_epi16(s32, 5)));
-                const int da = wb->d, dc = two ? wb[1].d : 0;
-                const __m512 dw =
-                    _mm512_permutexvar_ps(didx, _mm512_castps128_ps512(_mm_cvtph_ps(_mm_set_epi32(0, 0, dc, da))));
+                const __m512 dw = pair_lanes_lo(pair_f4(wb->d, two ? wb[1].d : 0));
                 for (int i = 0; i < NX; i++) {
                     const XQ6KPair* xp = reinterpret_cast<const XQ6KPair*>(x + i * xs) + p;
-                    const __m512i z = _mm512_setzero_si512();
-                    __m512i isum = z;
-                    for (int k = 0; k < 4; k++) {
-                        const __m512i pa = _mm512_dpbusd_epi32(z, qa[k], _mm512_loadu_si512(xp->qs[2 * k]));
-                        const __m512i pc = _mm512_dpbusd_epi32(z, qc[k], _mm512_loadu_si512(xp->qs[2 * k + 1]));
-                        const __m512i pk = _mm512_packs_epi32(pa, pc);  // |4*63*128| < 32767: exact
-                        isum = k == 0 ? _mm512_madd_epi16(pk, sv[k]) : _mm512_dpwssd_epi32(isum, pk, sv[k]);
-                    }
+                    __m512i isum = pair_isum(qa, qc, xp->qs, sv);
                     isum = _mm512_dpwssd_epi32(isum, _mm512_loadu_si512(xp->bs), scm);
                     acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(dw, _mm512_loadu_ps(xp->dx)),
                                                 acc[i][j]);
