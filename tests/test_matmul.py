@@ -360,6 +360,26 @@ def test_feature_detection_is_consistent():
     assert PATHS == [p for p in ("scalar", "avx2", "avxvnni", "avx512") if p in PATHS]  # the table's order
 
 
+@pytest.mark.parametrize("name", ["avx2", "avxvnni", "avx512"])
+def test_forcing_a_path_this_cpu_lacks_is_a_clear_error(name, child_env):
+    """A known path this CPU (or build) cannot run is refused with the paths it can, from
+    set_cpu_path and from MLLAMA_Q_CPU_PATH (e.g. avxvnni on a CPU without AVX-VNNI)."""
+    if name in PATHS:
+        pytest.skip(f"this CPU runs {name}")
+    with pytest.raises(ValueError, match=f"CPU path '{name}' is not supported by this CPU/build"):
+        _core.set_cpu_path(name)
+    code = "from mllama_q import _core\ntry:\n    _core.cpu_path()\nexcept ValueError as e:\n    print('VE', e)\n"
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env=child_env(MLLAMA_Q_CPU_PATH=name),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tempfile.gettempdir(),
+    )
+    assert f"VE MLLAMA_Q_CPU_PATH: CPU path '{name}' is not supported" in out.stdout, out.stdout + out.stderr
+
+
 @pytest.mark.skipif("avxvnni" not in PATHS, reason="no avxvnni path: this CPU has no AVX-VNNI (or AVX2)")
 @pytest.mark.parametrize("wtype", ["q8_0", "q4_k", "q6_k"])
 def test_avxvnni_same_floats_as_avx2(wtype):

@@ -225,7 +225,8 @@ struct Q4KTile {
                             _mm256_maddubs_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq)));
                         const __m256i p1 =
                             _mm256_maddubs_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 32)));
-                        isum[i] = madd16_add(madd16_add(isum[i], p0, slo), p1, shi);
+                        // (vpdpwssd into the fresh product, not into isum: no chain of them across g)
+                        isum[i] = _mm256_add_epi32(isum[i], madd16_add(_mm256_madd_epi16(p0, slo), p1, shi));
                     }
                 }
                 const __m256i mdup = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(mv, mv));  // m0,m0,m1,m1,..
