@@ -7,7 +7,7 @@
 // vpdpwssd on ymm and exports avxvnni_kernels() instead of avx2_kernels(). The
 // integer sums are the same in both builds, so are the float results.
 //
-// Same scheme as the AVX-512 file with 256-bit vectors and no VNNI:
+// Same scheme as the AVX-512 file with 256-bit vectors and (the avx2 build) no VNNI:
 // maddubs (u8 x s8 -> int16 pairs) then madd with the int16 sub-block scales
 // (-> int32), as ggml's AVX2 vec_dot_q4_K_q8_K / vec_dot_q6_K_q8_K do.
 // 16 ymm registers. Tiles: decode (<= 2 X rows) one W row at a time with
