@@ -43,8 +43,9 @@ class GenerationResult:
     completion_tokens: int
     stop_reason: str  # one of STOP_REASONS
     timings: dict[str, float] = field(default_factory=dict)
-    # load_s, image_encode_s, prefill_s, decode_s, total_s, prefill_tokens_per_s,
-    # decode_tokens_per_s, time_to_first_token_s
+    # load_s, prepare_s (the caller's thread: image decode and resize, chat template,
+    # tokenizer), queue_s (sessions: waiting for the engine), image_encode_s, prefill_s,
+    # decode_s, total_s, prefill_tokens_per_s, decode_tokens_per_s, time_to_first_token_s
     cached_tokens: int = 0  # prompt tokens reused from the session's KV cache
     images_encoded: int = 0  # images of the prompt that ran through the vision tower
     images_cached: int = 0  # images whose cross-attention K/V were reused
@@ -277,7 +278,8 @@ class Request:
     max_new_tokens: int
     stops: list[str]
     progress: Any = None
-    t_start: float = 0.0
+    t_start: float = 0.0  # perf_counter() when the call began
+    t_ready: float = 0.0  # ... and when the prompt was built (images decoded and resized, tokenised)
 
 
 def _array(a, name: str, ndim: int, dtype) -> np.ndarray:
@@ -436,7 +438,13 @@ def prepare_request(
             "(at least one more position is needed to generate)"
         )
     return Request(
-        prompt=p, params=params, max_new_tokens=int(max_new_tokens), stops=stops, progress=progress, t_start=t_start
+        prompt=p,
+        params=params,
+        max_new_tokens=int(max_new_tokens),
+        stops=stops,
+        progress=progress,
+        t_start=t_start,
+        t_ready=time.perf_counter(),
     )
 
 
@@ -525,7 +533,7 @@ def _run(model, req: Request):
     p, params = req.prompt, req.params
     stop_ids = set(int(i) for i in model.stop_ids)
     sampler = Sampler(params)
-    timings: dict[str, float] = {}
+    timings: dict[str, float] = {"prepare_s": req.t_ready - req.t_start}
 
     model.reset()
     n_images = 0 if p.pixel_values is None else int(p.pixel_values.shape[1])

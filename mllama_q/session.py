@@ -646,7 +646,8 @@ class Scheduler:
             "decode_tokens_per_s": t.n_decode_steps / max(now - t.t_decode0, 1e-9) if t.n_decode_steps else 0.0,
             "time_to_first_token_s": first - t0,
             "total_s": now - t0,
-            "queue_s": begin - t0,
+            "prepare_s": t.req.t_ready - t0,
+            "queue_s": begin - t.req.t_ready,
         }
         if getattr(self.model, "load_time_s", None) is not None:
             timings["load_s"] = float(self.model.load_time_s)

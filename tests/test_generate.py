@@ -367,7 +367,7 @@ def test_greedy_scripted_reply_stops_on_eot(tokenizer):
     # decode steps feed back exactly the sampled tokens, one at a time
     assert [int(c[1][0]) for c in evals[1:]] == script
     assert m.calls[0] == ("reset",) and not any(c[0] == "encode_images" for c in m.calls)
-    for key in ("image_encode_s", "prefill_s", "decode_s", "decode_tokens_per_s", "time_to_first_token_s"):
+    for key in ("prepare_s", "image_encode_s", "prefill_s", "decode_s", "decode_tokens_per_s", "time_to_first_token_s"):
         assert key in res.timings
 
 

@@ -503,6 +503,17 @@ def _slots(server):
     return httpx.get(server.url + "/slots", timeout=10).json()
 
 
+def _until(cond, timeout=30.0, poll=0.02):
+    """Polls cond() until it returns a true value or `timeout` seconds pass; returns its last
+    value (the caller asserts on it, so a timeout fails with what was seen last)."""
+    t_end = time.monotonic() + timeout
+    while True:
+        v = cond()
+        if v or time.monotonic() >= t_end:
+            return v
+        time.sleep(poll)
+
+
 def test_disconnect_mid_stream_frees_the_slot(server):
     body = {
         "model": MODEL,
@@ -519,13 +530,12 @@ def test_disconnect_mid_stream_frees_the_slot(server):
             next(it)
             next(it)  # the role chunk and at least one token
         # leaving the block closes the connection mid-stream
-    t_end = time.monotonic() + 30
-    while time.monotonic() < t_end:
-        st = {s["id"]: s for s in _slots(server)["slots"]}
-        if st[slot]["requests"] > before[slot] and not st[slot]["busy"]:
-            break
-        time.sleep(0.02)
-    s = st[slot]
+
+    def slot_state():
+        s = {x["id"]: x for x in _slots(server)["slots"]}[slot]
+        return s if s["requests"] > before[slot] and not s["busy"] else None
+
+    s = _until(slot_state) or {x["id"]: x for x in _slots(server)["slots"]}[slot]
     assert s["requests"] == before[slot] + 1 and not s["busy"]
     assert s["last"]["stop"] == "cancelled" and s["last"]["generated"] < s["last"]["max_new_tokens"]
     # Ollama NDJSON stream too
@@ -539,15 +549,12 @@ def test_disconnect_mid_stream_frees_the_slot(server):
             slot = int(r.headers["x-mllama-q-slot"])
             lines = r.iter_lines()
             next(lines)
-    t_end = time.monotonic() + 30
-    while time.monotonic() < t_end and (_slots(server)["slots"][slot]["busy"]):
-        time.sleep(0.02)
+    _until(lambda: not _slots(server)["slots"][slot]["busy"])
     last = _slots(server)["slots"][slot]["last"]
     assert last["stop"] == "cancelled" and last["generated"] < last["max_new_tokens"]
-    t_end = time.monotonic() + 30  # the access log line is written when the response ends
-    while time.monotonic() < t_end and not server.log_lines("client-disconnected"):
-        time.sleep(0.02)
-    assert any("POST /api/chat" in ln for ln in server.log_lines("client-disconnected"))
+    # the access log line is written when the response ends
+    logged = _until(lambda: server.log_lines("client-disconnected"))
+    assert any("POST /api/chat" in ln for ln in logged)
 
 
 def test_queued_requests_beyond_the_slots(server, ref):
@@ -908,9 +915,7 @@ def test_health_while_loading(tiny_path):
         assert r.status_code == 503 and "loading" in r.json()["error"]
         assert c.get("/api/tags").json() == {"models": []}
         gate.set()
-        t_end = time.monotonic() + 60
-        while c.get("/health").status_code != 200 and time.monotonic() < t_end:
-            time.sleep(0.02)
+        _until(lambda: c.get("/health").status_code == 200, timeout=60)
         assert c.get("/health").json() == {"status": "ok"}
         assert c.post("/v1/chat/completions", json=body).status_code == 200
 
@@ -1145,13 +1150,13 @@ def test_library_and_other_commands_do_not_load_the_server_stack(child_env):
 
 
 def _wait_idle(server, timeout=30):
-    t_end = time.monotonic() + timeout
-    while time.monotonic() < t_end:
+    def idle():
         st = _slots(server)
-        if st["queued"] == 0 and not any(s["busy"] for s in st["slots"]):
-            return st
-        time.sleep(0.02)
-    raise AssertionError(f"slots still busy: {_slots(server)}")
+        return st if st["queued"] == 0 and not any(s["busy"] for s in st["slots"]) else None
+
+    st = _until(idle, timeout)
+    assert st, f"slots still busy: {_slots(server)}"
+    return st
 
 
 def test_disconnect_of_a_non_streaming_request(server):
@@ -1172,10 +1177,8 @@ def test_disconnect_of_a_non_streaming_request(server):
             f"Content-Length: {len(body)}\r\n\r\n".encode()
             + body
         )
-        t_end = time.monotonic() + 30
-        while not any(s["busy"] for s in _slots(server)["slots"]) and time.monotonic() < t_end:
-            time.sleep(0.005)
-        assert any(s["busy"] for s in _slots(server)["slots"]), "the run never started"
+        started = _until(lambda: any(s["busy"] for s in _slots(server)["slots"]), poll=0.005)
+        assert started, "the run never started"
     st = _wait_idle(server)
     assert any(
         s["last"].get("stop") == "cancelled" and s["last"]["generated"] < s["last"]["max_new_tokens"]
@@ -1199,9 +1202,7 @@ def test_disconnect_while_queued(tiny_path):
             next(lines)
             with pytest.raises(httpx.ReadTimeout):  # queued behind it; the client gives up
                 httpx.post(srv.url + CHAT, json={**long, "max_tokens": 3}, timeout=httpx.Timeout(30, read=0.3))
-            t_end = time.monotonic() + 10
-            while _slots(srv)["queued"] and time.monotonic() < t_end:
-                time.sleep(0.01)
+            _until(lambda: not _slots(srv)["queued"], timeout=10, poll=0.01)
             st = _slots(srv)
             assert st["queued"] == 0 and st["slots"][0]["busy"] and st["slots"][0]["requests"] == 0
         st = _wait_idle(srv)

@@ -218,6 +218,11 @@ def test_second_turn_reuses_the_first(files):
     with m.session() as s:
         r1 = s.generate(messages=msgs, images=[img], max_new_tokens=8, temperature=0)
         assert (r1.cached_tokens, r1.images_encoded, r1.images_cached) == (0, 1, 0)
+        # the time to first token splits into the caller's preparation (image resize,
+        # template, tokenizer), the wait for the engine, the image encode and the prefill
+        phases = [r1.timings[k] for k in ("prepare_s", "queue_s", "image_encode_s", "prefill_s")]
+        assert min(phases) >= 0 and phases[0] > 0 and phases[2] > 0
+        assert sum(phases) == pytest.approx(r1.timings["time_to_first_token_s"], abs=1e-6)
         n1 = len(s.tokens)
         assert n1 == r1.prompt_tokens + r1.completion_tokens - (r1.stop_reason == "length")
         msgs2 = msgs + [{"role": "assistant", "content": r1.text}, chat("And the colours?")]
