@@ -446,3 +446,25 @@ def test_kernels_run_in_a_forked_child():
         np.testing.assert_array_equal(got[1], y)
     finally:
         _core.set_num_threads(n0)
+
+
+# AVX-512 Q4_K / Q6_K tiles: two blocks per step (X as block pairs) up to K = 4096, one
+# block per step above; both sides of that limit, odd block counts (K = 1280: 5 blocks,
+# 4352: 17) and every tile row count M = 1..8 (8 x 1 tiles, remainders of 4, 2, 1), on
+# every path, against the float64 product of the reference activation quants and scalar.
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("wtype", ["q4_k", "q6_k"])
+def test_k_quant_tiles_around_pair_limit_vs_float64_and_scalar(path, wtype):
+    rng = np.random.default_rng(zlib.crc32(f"pair/{path}/{wtype}".encode()))
+    for k in (1280, 4096, 4352):
+        w = random_quant_weights(rng, wtype, 9, k)
+        wd = gq.dequantize(w, QTYPES[wtype]).reshape(9, k).astype(np.float64)
+        x = rng.standard_normal((8, k)).astype(np.float32)
+        for m in range(1, 9):
+            xq = q8_K_ref(x[:m])
+            magq = np.abs(xq) @ np.abs(wd).T
+            y = run(path, x[:m], w, wtype, 9, k)
+            assert (np.abs(y - xq @ wd.T) / np.maximum(magq, 1e-30)).max() < 1e-5, (path, wtype, m, k)
+            if path != "scalar":
+                ys = run("scalar", x[:m], w, wtype, 9, k)
+                assert (np.abs(y - ys) / np.maximum(magq, 1e-30)).max() < 1e-5, (path, wtype, m, k)
