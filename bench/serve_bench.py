@@ -8,6 +8,9 @@ overhead     tokens/s of one streaming generation through HTTP (OpenAI SSE, Olla
              non-streaming) against the same generation through the Python API
              (`Model.generate(stream=True)`), both greedy, same prompt, same token count.
              Issue 11's target: HTTP >= 90 % of the Python API for the tiny model.
+             Also the CPU time per token (all threads: the model's compute threads included)
+             of each path: the Python API's process; the server process plus the client (this
+             process). On a shared machine it moves less with the load than tokens/s does.
 concurrency  aggregate generated tokens/s with C clients streaming at once (each its own
              conversation; C slots): total completion tokens / wall time from the first request
              to the last [DONE] (prompts included), and in the steady state (every client past
@@ -25,6 +28,7 @@ import argparse
 import base64
 import io
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -107,6 +111,13 @@ def _stream_ollama(url: str, body: dict, client: httpx.Client) -> dict:
     return {"ttft": ttft or wall, "wall": wall, "tokens": final["eval_count"], "text": "".join(parts)}
 
 
+def _cpu_s(pid: int) -> float:
+    """CPU time (user + system, every thread, exited ones too) of another process so far."""
+    st = Path(f"/proc/{pid}/stat").read_text()
+    f = st[st.rindex(")") + 2 :].split()
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _chat_body(n_gen: int, content, stream=True) -> dict:
     return {
         "model": "bench",
@@ -129,35 +140,55 @@ def overhead(args) -> dict:
     model = Model(path, n_ctx=args.n_ctx)
     body = _chat_body(args.n_gen, PROMPT)
     runs: dict = {"python_api": [], "openai_sse": [], "ollama_ndjson": [], "openai_nonstream": []}
+    cpu: dict = {k: [] for k in runs}  # CPU us per token: python_api, or (server, client) for HTTP
     with (
         ServerProcess(path, "--parallel", "1", "--n-ctx", str(args.n_ctx), "--alias", "bench") as srv,
         httpx.Client(timeout=600) as client,
     ):
         model.generate(messages=msgs, max_new_tokens=8, temperature=0)  # warm-up both
         _stream_openai(srv.url, {**body, "max_tokens": 8}, client)
+        pid = srv.proc.pid
+
+        def http_cpu(key, c0, s0, n):  # (server, client) CPU us per token of one HTTP run
+            cpu[key].append(((_cpu_s(pid) - s0) / n * 1e6, (time.process_time() - c0) / n * 1e6))
+
         for _ in range(args.repeat):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             s = model.generate(messages=msgs, max_new_tokens=args.n_gen, temperature=0, stream=True)
             text = "".join(s)
             n_tok = s.result.completion_tokens
             runs["python_api"].append(n_tok / (time.perf_counter() - t0))
+            cpu["python_api"].append((time.process_time() - c0) / n_tok * 1e6)
+            c0, s0 = time.process_time(), _cpu_s(pid)
             r = _stream_openai(srv.url, body, client)
+            http_cpu("openai_sse", c0, s0, n_tok)
             assert r["tokens"] == n_tok and r["text"] == text, "HTTP and Python API disagree"
             runs["openai_sse"].append(r["tokens"] / r["wall"])
+            c0, s0 = time.process_time(), _cpu_s(pid)
             o = _stream_ollama(
                 srv.url,
                 {"model": "bench", "messages": msgs, "options": {"num_predict": args.n_gen, "temperature": 0}},
                 client,
             )
+            http_cpu("ollama_ndjson", c0, s0, n_tok)
             assert o["tokens"] == n_tok and o["text"] == text
             runs["ollama_ndjson"].append(o["tokens"] / o["wall"])
-            t0 = time.perf_counter()
+            s0, c0, t0 = _cpu_s(pid), time.process_time(), time.perf_counter()
             j = client.post(srv.url + "/v1/chat/completions", json={**body, "stream": False}).json()
             runs["openai_nonstream"].append(j["usage"]["completion_tokens"] / (time.perf_counter() - t0))
+            http_cpu("openai_nonstream", c0, s0, n_tok)
     out: dict = {"n_gen": n_tok, "repeat": args.repeat}
     for k, v in runs.items():
         out[f"{k}_tok_s"] = statistics.median(v)
         out[f"{k}_tok_s_all"] = [round(x, 1) for x in v]
+        if k == "python_api":
+            out["python_api_cpu_us_per_token"] = statistics.median(cpu[k])
+        else:
+            out[f"{k}_cpu_us_per_token"] = {
+                "server": statistics.median(c[0] for c in cpu[k]),
+                "client": statistics.median(c[1] for c in cpu[k]),
+                "total": statistics.median(c[0] + c[1] for c in cpu[k]),
+            }
         if k != "python_api":
             # each HTTP run is paired with the Python API run just before it: the median of those
             # ratios is less sensitive to the machine's load drifting during the benchmark

@@ -32,6 +32,11 @@ Locking story -- the one place where threads meet:
     themselves (chat template, tokenizer, image preprocessing and hashing), hand it over
     through `Scheduler._inbox`, then only read their own turn's event queue (text pieces,
     progress, the end). Progress callbacks therefore run in the caller's thread.
+  * Session.start(sink, ...) (event-driven callers such as the server, which would
+    otherwise need one thread per turn just to move each piece along) replaces the
+    turn's queue by `sink`: the engine thread itself calls sink(event) for every event,
+    outside the lock. A sink must be quick and must not raise (it delays every session's
+    next step); its turn is cancelled with the returned handle's cancel().
   * `Scheduler._cv` (a Condition over one lock) guards the inbox, the live turns, each
     turn's `cancelled` and `in_step` flags, and the slot table. It is held for bookkeeping
     only, never while computing.
@@ -136,12 +141,13 @@ class ImageCache:
 class _Turn:
     """One generate() call in flight (engine-owned except `events`, `cancelled`, `finished`)."""
 
-    def __init__(self, session: "Session", req: Request, stop_ids: set[int]):
+    def __init__(self, session: "Session", req: Request, stop_ids: set[int], sink=None):
         p = req.prompt
         self.session = session
         self.req = req
         self.stop_ids = stop_ids
         self.events: queue.SimpleQueue = queue.SimpleQueue()
+        self.post = self.events.put if sink is None else sink  # engine thread: post(event tuple)
         self.finished = threading.Event()
         self.cancelled = False
         self.in_step = False
@@ -288,8 +294,8 @@ class Scheduler:
         self.core.seq_set_images(slot, [])
 
     # -- turns (caller threads) ----------------------------------------------------
-    def submit(self, session: "Session", req: Request) -> _Turn:
-        turn = _Turn(session, req, set(int(i) for i in self.model.stop_ids))
+    def submit(self, session: "Session", req: Request, sink=None) -> _Turn:
+        turn = _Turn(session, req, set(int(i) for i in self.model.stop_ids), sink)
         with self._sh.cv:
             if self._sh.stop:
                 raise RuntimeError("the model is closed")
@@ -406,7 +412,7 @@ class Scheduler:
             self._step(decode, prefill)
 
     def _post(self, t: _Turn, *ev) -> None:
-        t.events.put(ev)
+        t.post(ev)
 
     def _ctx_id(self, key: tuple) -> int:
         i = self._ctx_ids.get(key)
@@ -686,6 +692,23 @@ class Scheduler:
         t.finished.set()
 
 
+class TurnHandle:
+    """A turn started with Session.start."""
+
+    def __init__(self, sched: Scheduler, turn: _Turn):
+        self._sched, self._turn = sched, turn
+
+    def cancel(self, wait: bool = False) -> GenerationResult | None:
+        """Stop the turn: it leaves the batch at the next step (a running prefill or image
+        encode is aborted between two layers); its sink then gets ("done", result with
+        stop_reason "cancelled") unless it had finished. Never blocks unless `wait`."""
+        return self._sched.cancel(self._turn, wait)
+
+    @property
+    def finished(self) -> bool:
+        return self._turn.finished.is_set()
+
+
 _LOW_LEVEL = object()  # slot holder: the low-level Model API (reset/eval/encode_images/forward)
 
 
@@ -788,6 +811,22 @@ class Session:
                 next(gen)
             except StopIteration as done:
                 return done.value
+
+    def start(self, sink, messages=None, prompt=None, images=None, **kwargs) -> "TurnHandle":
+        """Start a turn without a thread to read it: the same arguments as generate() (except
+        stream and progress), but the engine thread calls `sink(event)` for each event, in
+        order: ("progress", phase, done, total)*, ("piece", text)*, then ("done",
+        GenerationResult) or ("error", exception) once, after the session is free for its next
+        turn. `sink` runs on the engine thread: it must be quick and must not raise. Blocking
+        like generate() until the request is built (template, tokenizer, images); returns at
+        once after that."""
+        if "progress" in kwargs:
+            raise TypeError("Session.start: progress events go to the sink, not to a progress callback")
+        if self._closed:
+            raise RuntimeError("this session is closed")
+        req = prepare_request(self._model, messages, prompt, images, **kwargs)
+        self._wait_rollback()
+        return TurnHandle(self._sched, self._sched.submit(self, req, sink))
 
     def _wait_rollback(self) -> None:
         """A turn cancelled by a second Ctrl-C may still be rolling back: wait for it."""

@@ -1208,3 +1208,31 @@ def test_disconnect_while_queued(tiny_path):
         st = _wait_idle(srv)
         assert st["slots"][0]["requests"] == 1 and st["slots"][0]["last"]["stop"] == "cancelled"
         assert any("client-disconnected" in ln for ln in srv.log_lines("POST /v1/chat/completions 499"))
+
+
+_MARK = "\x00mllama-q-hole\x000\x00mllama-q-hole\x00"  # transport's hole marker, as a value
+
+
+@pytest.mark.parametrize(
+    "piece",
+    ["", "plain", 'a "quote" and \\ backslash', "new\nline\ttab\x01\x1f\x7f", "é中文🙂", "\u2028\u2029", _MARK],
+)
+@pytest.mark.parametrize("model", ["tiny", _MARK])  # a name that clashes with the marker: the whole-object path
+def test_stream_chunk_template_is_byte_identical_to_json_dumps(piece, model):
+    """The streamed chunks are built from a template (transport.JSONTemplate); their bytes must be
+    the stdlib json.dumps of the whole chunk, whatever the text holds."""
+    from mllama_q.server.transport import JSONTemplate
+
+    def build(created_at, text):
+        return {"model": model, "created_at": created_at, "message": {"content": text}, "usage": None, "done": False}
+
+    t = JSONTemplate(build, 2, b"data: ", b"\n\n")
+    assert (t._parts is None) == (model == _MARK)  # the template path unless the marker clashes
+    want = json.dumps(build("2026-12-03T23:00:00.5Z", piece), ensure_ascii=False, separators=(",", ":"))
+    assert t("2026-12-03T23:00:00.5Z", piece) == b"data: " + want.encode() + b"\n\n"
+
+    def build1(text):
+        return {"choices": [{"delta": {"content": text}}], "model": model}
+
+    want1 = json.dumps(build1(piece), ensure_ascii=False, separators=(",", ":"))
+    assert JSONTemplate(build1, 1)(piece) == want1.encode()

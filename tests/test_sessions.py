@@ -547,3 +547,48 @@ def test_chat_cli_on_a_session(files, tmp_path, capsys, monkeypatch):
     for prev, r in zip(prompt_tokens, reports[1:]):  # no image encoded again
         reused = int(r.split("cache: ")[1].split(" of ")[0])
         assert reused >= prev  # (at least) the whole previous prompt came from the cache
+
+
+def test_start_with_a_sink_delivers_the_streamed_events(files):
+    """Session.start (the server's path): the engine thread calls the sink with the pieces and
+    the result of the same turn generate(stream=True) gives; its handle cancels; bad values are
+    refused as generate refuses them."""
+    m = load(files, max_sessions=1, n_ctx=256)
+    msgs = [chat("Tell me about the sea", 1)]
+    img = photo(3)
+    with m.session() as s:
+        st = s.generate(messages=msgs, images=[img], max_new_tokens=12, temperature=0, stream=True)
+        pieces = list(st)
+        s.reset()
+        events, done = [], threading.Event()
+
+        def sink(ev):
+            events.append((ev, threading.get_ident()))
+            if ev[0] in ("done", "error"):
+                done.set()
+
+        handle = s.start(sink, messages=msgs, images=[img], max_new_tokens=12, temperature=0)
+        assert done.wait(60)
+        assert handle.finished
+        kinds = [ev[0] for ev, _ in events]
+        assert kinds[-1] == "done" and "error" not in kinds
+        assert [ev[1] for ev, _ in events if ev[0] == "piece"] == pieces
+        assert events[-1][0][1].tokens == st.result.tokens and events[-1][0][1].text == st.result.text
+        assert {tid for _, tid in events} == {m._scheduler._thread.ident}  # no thread of its own
+        assert s._turn is None  # the session is free when the sink hears the end
+
+        # cancelled from another thread, without waiting: the sink hears "cancelled"
+        events.clear()
+        done.clear()
+        handle = s.start(sink, messages=[chat("Tell me about the sea")], max_new_tokens=200, temperature=0)
+        handle.cancel()
+        assert done.wait(60)
+        assert events[-1][0][0] == "done" and events[-1][0][1].stop_reason == "cancelled"
+
+        with pytest.raises(TypeError, match="progress"):
+            s.start(sink, messages=msgs, images=[img], progress=print)
+        with pytest.raises(ValueError):
+            s.start(sink, messages=msgs, images=[img], temperature=-1.0)
+        with pytest.raises(TypeError):
+            s.start(sink, messages=msgs, images=[img], stream=True)
+    m.close()

@@ -1,19 +1,29 @@
-"""The serving engine: one loaded model, `parallel` slots (sessions), a FIFO queue, and one
-generation thread per running request.
+"""The serving engine: one loaded model, `parallel` slots (sessions), a FIFO queue, and the
+hand-over of each request's events from the model's engine thread to the event loop.
 
 Threads and locking
 -------------------
 - The event loop thread owns the `SlotPool` (which slots are idle, the FIFO of waiting
-  requests); nothing else touches it. Generation threads hand a slot back with
+  requests); nothing else touches it. Other threads hand a slot back with
   `loop.call_soon_threadsafe(pool.release, slot)`.
-- Each running request has one thread that drives its slot's session (`session.generate(...,
-  stream=True)`) and posts events to the request's asyncio queue with `call_soon_threadsafe`
-  (the only cross-thread channel). Running sessions are batched into one forward pass per
-  step by the model's scheduler (the sessions layer); the server only submits from several
-  threads.
-- Cancelling (client gone) sets a `threading.Event` the generation thread checks after every
-  text piece and in the sessions' progress callback, then closes the stream: the sequence
-  leaves the batch at its next step and the slot is released.
+- Each request gets a short-lived setup thread that builds its turn (image decoding, chat
+  template, tokenizer: blocking work) and starts it with `session.start(run.on_event, ...)`,
+  then ends. From then on the model's engine thread (the sessions scheduler, which batches
+  the running sessions into one forward pass per step) calls `Run.on_event` itself for every
+  event: no thread per request sits between the scheduler and the event loop, so a token
+  costs one cross-thread hand-over, not two.
+- `Run._lock` guards the run's event deque, its waiter future, its started flag and its
+  turn handle; it is held for a few list operations only and never while calling out (the
+  scheduler calls `on_event` outside its own lock, so the two locks never nest). The engine
+  thread wakes the loop (`call_soon_threadsafe`, one self-pipe write) only when the loop
+  waits for that run's next event, so pieces that queue while the loop is busy cost nothing
+  extra and go out merged.
+- Cancelling (client gone) happens on the event loop: `Run.cancel` sets a flag (pieces are no
+  longer queued) and cancels the turn without waiting (`TurnHandle.cancel`: the sequence
+  leaves the batch at its next step, a running prefill or image encode is aborted between two
+  layers); the scheduler then ends the turn and the slot is released. A cancel that comes
+  while the setup thread is still building the turn is seen by it when it hands the turn
+  over.
 
 Slot choice (llama.cpp tools/server/server-context.cpp `get_available_slot`): among idle
 slots, the one whose cached tokens share the longest common prefix with the new prompt, if that
@@ -189,34 +199,55 @@ class SlotPool:
 
 
 class _Cancelled(BaseException):
-    """Raised from the sessions' progress callback to stop a cancelled request's prefill/encode
-    (a BaseException so no `except Exception` in between swallows it)."""
+    """Raised in the setup thread when the run was cancelled before its turn was submitted (a
+    BaseException so no `except Exception` in between swallows it)."""
 
 
 class Run:
     """One generation in flight. Events, in order: ("start",) once the session accepted the
     request, ("text", str)*, then ("done", GenerationResult | None) or ("error", APIError).
 
-    The generation thread appends events to a deque and wakes the event loop only when the
-    loop is waiting for one (one `call_soon_threadsafe`, i.e. one self-pipe write, per wake-up
-    instead of per token); the loop then takes everything queued at once."""
+    Events are appended to a deque (by the setup thread, or by the model's engine thread
+    through `on_event`); the loop is woken only when it is waiting for one (one
+    `call_soon_threadsafe`, i.e. one self-pipe write, per wake-up instead of per token) and
+    then takes everything queued at once. See the module docstring for the locking."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, slot: Slot, prepared: Prepared, cached_prefix: int):
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        slot: Slot,
+        prepared: Prepared,
+        cached_prefix: int,
+        on_end: Callable[["Run", str, Any], None] | None = None,
+    ):
         self._loop = loop
         self._items: collections.deque = collections.deque()
         self._lock = threading.Lock()
         self._waiter: asyncio.Future | None = None
         self._cancel = threading.Event()
+        self._started = False  # ("start",) queued
+        self._turn = None  # the session's TurnHandle once the turn is submitted
+        self._on_end = on_end  # called once with (run, stop, result) in the thread that ends the run
+        self._wake_on_text = True  # False: a reader that wants only the end (non-streaming)
+        self.n_pieces = 0
         self.slot = slot
         self.prepared = prepared
         self.cached_prefix = cached_prefix  # prefix shared with the slot's cache when it was chosen
         self.t_start = time.perf_counter()  # generation started (slot acquired)
         self.finished = False
 
-    # -- generation thread side
-    def post(self, event: tuple) -> None:
+    # -- setup thread / engine thread side
+    def post(self, event: tuple, from_turn: bool = False) -> None:
+        """Queue an event. ("start",) goes first exactly once: the turn's own events (from_turn,
+        engine thread) can come before the setup thread queues it, and imply it."""
         with self._lock:
-            self._items.append(event)
+            if (from_turn or event[0] == "start") and not self._started:
+                self._started = True
+                self._items.append(("start",))
+            if event[0] != "start":
+                self._items.append(event)
+            if event[0] == "text" and not self._wake_on_text:
+                return
             waiter, self._waiter = self._waiter, None
         if waiter is not None:
             try:
@@ -224,8 +255,36 @@ class Run:
             except RuntimeError:  # the event loop is gone (server shutting down)
                 pass
 
+    def attach(self, turn) -> None:
+        """The setup thread hands over the started turn (a TurnHandle); a cancel that came
+        while it was being built cancels it now."""
+        with self._lock:
+            self._turn = turn
+        if self._cancel.is_set():
+            turn.cancel()
+
+    def on_event(self, ev: tuple) -> None:
+        """The session's sink (Session.start): runs on the model's engine thread."""
+        kind = ev[0]
+        if kind == "piece":
+            if ev[1] and not self._cancel.is_set():
+                self.n_pieces += 1
+                self.post(("text", ev[1]), from_turn=True)
+        elif kind == "done":
+            result = None if self._cancel.is_set() else ev[1]
+            self.end(("done", result), "cancelled" if result is None else result.stop_reason, result, True)
+        elif kind == "error":
+            self.end(("error", api_error(ev[1], self.slot.id)), "error", None, True)
+        # ("progress", ...): nothing to send; a cancel reaches the turn directly
+
+    def end(self, event: tuple, stop: str, result, from_turn: bool = False) -> None:
+        """The last event, after the slot's bookkeeping (on_end)."""
+        if self._on_end is not None:
+            self._on_end(self, stop, result)
+        self.post(event, from_turn)
+
     def check(self, *_args) -> None:
-        """Progress callback for the session: stop promptly when cancelled."""
+        """Raise _Cancelled when the run was cancelled (the setup thread checks it)."""
         if self._cancel.is_set():
             raise _Cancelled()
 
@@ -235,7 +294,17 @@ class Run:
         return self._cancel.is_set()
 
     def cancel(self) -> None:
-        self._cancel.set()
+        with self._lock:
+            self._cancel.set()
+            turn = self._turn
+        if turn is not None:
+            turn.cancel()  # never blocks: the sequence leaves the batch at the next step
+
+    def only_end(self) -> None:
+        """The reader wants only the final event (a non-streaming response): text pieces still
+        queue, but no longer wake the loop one by one."""
+        with self._lock:
+            self._wake_on_text = False
 
     async def _take(self) -> list:
         """Every queued event (at least one), waiting if there is none."""
@@ -275,6 +344,16 @@ class Run:
                     return
                 if ev[0] != "text":
                     yield ev
+
+
+def api_error(e: BaseException, slot_id: int) -> APIError:
+    """A failure while generating as the HTTP error a client gets."""
+    if isinstance(e, ValueError):  # the request's content (e.g. an image the processor rejects)
+        return APIError(400, str(e))
+    if isinstance(e, MemoryError):
+        return APIError(503, "out of memory while generating; try a shorter request")
+    log.error("generation failed (slot %d)", slot_id, exc_info=e)
+    return APIError(500, f"generation failed: {type(e).__name__}: {e}")
 
 
 def _wake(fut: asyncio.Future) -> None:
@@ -426,70 +505,56 @@ class Engine:
         return dataclasses.replace(req, messages=[{"role": "system", "content": system}, *req.messages])
 
     async def start(self, prepared: Prepared) -> Run:
-        """Wait for a slot (FIFO), start the generation thread. Cancelling the caller while it waits
-        leaves the queue."""
+        """Wait for a slot (FIFO), start the request's setup thread. Cancelling the caller while it
+        waits leaves the queue."""
         self.require_ready()
         digests = [im.digest for im in prepared.request.images]
         slot, lcp = await self.pool.acquire(prepared.ids, digests)
-        run = Run(asyncio.get_running_loop(), slot, prepared, lcp)
+        run = Run(asyncio.get_running_loop(), slot, prepared, lcp, on_end=self._ended)
         try:
-            threading.Thread(target=self._work, args=(run,), name=f"mllama-q-slot{slot.id}", daemon=True).start()
+            threading.Thread(target=self._setup, args=(run,), name=f"mllama-q-slot{slot.id}", daemon=True).start()
         except BaseException:
             self.pool.release(slot, used=False)
             raise
         return run
 
-    def _work(self, run: Run) -> None:
+    def _setup(self, run: Run) -> None:
+        """Setup thread: build the turn and hand it to the session; the model's engine thread
+        delivers its events to run.on_event from then on."""
         slot, prep = run.slot, run.prepared
         req = prep.request
-        result = None
-        n_pieces = 0
-        stop = "error"
         try:
-            kw: dict = dict(max_new_tokens=prep.max_new_tokens, stop=req.stop, stream=True, **req.sampling)
+            kw: dict = dict(max_new_tokens=prep.max_new_tokens, stop=req.stop, **req.sampling)
             if req.messages is not None:
                 kw["messages"] = req.messages
             else:
                 kw["prompt"] = req.prompt
             if req.images:
                 kw["images"] = [im.open() for im in req.images]  # decoded only now: queued requests hold bytes
-            kw["progress"] = run.check  # checked per vision layer / prefill chunk: a cancel stops them
             run.check()
-            stream = slot.session.generate(**kw)
-            run.post(("start",))
-            try:
-                for piece in stream:
-                    if run.cancelled:
-                        break
-                    if piece:
-                        n_pieces += 1
-                        run.post(("text", piece))
-            finally:
-                if run.cancelled:
-                    stream.close()
-            result = None if run.cancelled else stream.result
-            stop = "cancelled" if result is None else result.stop_reason
-            run.post(("done", result))
+            turn = slot.session.start(run.on_event, **kw)
         except (_Cancelled, KeyboardInterrupt):
-            stop = "cancelled"
-            run.post(("done", None))
-        except ValueError as e:  # the request's content (e.g. an image the processor rejects)
-            run.post(("error", APIError(400, str(e))))
-        except MemoryError:
-            run.post(("error", APIError(503, "out of memory while generating; try a shorter request")))
+            run.end(("done", None), "cancelled", None)
+            return
         except Exception as e:
-            log.exception("generation failed (slot %d)", slot.id)
-            run.post(("error", APIError(500, f"generation failed: {type(e).__name__}: {e}")))
-        finally:
-            slot.requests += 1
-            # generated: the result's count, or for a cancelled run the text pieces sent (about one per token)
-            slot.last = {
-                "stop": stop,
-                "generated": result.completion_tokens if result is not None else n_pieces,
-                "max_new_tokens": prep.max_new_tokens,
-            }
-            slot.digests = [im.digest for im in req.images]
-            try:
-                run._loop.call_soon_threadsafe(self.pool.release, slot)
-            except RuntimeError:  # event loop closed: shutting down
-                pass
+            run.end(("error", api_error(e, slot.id)), "error", None)
+            return
+        run.attach(turn)
+        run.post(("start",))
+
+    def _ended(self, run: Run, stop: str, result) -> None:
+        """A run's last event (engine or setup thread): the slot's record, then the slot goes back
+        to the pool on the event loop."""
+        slot, prep = run.slot, run.prepared
+        slot.requests += 1
+        # generated: the result's count, or for a cancelled run the text pieces sent (about one per token)
+        slot.last = {
+            "stop": stop,
+            "generated": result.completion_tokens if result is not None else run.n_pieces,
+            "max_new_tokens": prep.max_new_tokens,
+        }
+        slot.digests = [im.digest for im in prep.request.images]
+        try:
+            run._loop.call_soon_threadsafe(self.pool.release, slot)
+        except RuntimeError:  # event loop closed: shutting down
+            pass

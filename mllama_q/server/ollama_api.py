@@ -36,7 +36,17 @@ from .errors import APIError, bad_request
 from .fields import Fields
 from .images import ImageLimits, check_image_count, image_from_base64
 from .info import rfc3339
-from .transport import RunStream, api_route, collect, ollama_error, read_json, render_events, start_generation
+from .transport import (
+    JSONTemplate,
+    RunStream,
+    api_route,
+    collect,
+    dump_json,
+    ollama_error,
+    read_json,
+    render_events,
+    start_generation,
+)
 
 # The Ollama API level answered by /api/version: the last release that served mllama
 # (v0.30.0 removed it). Clients gate features on this number.
@@ -212,12 +222,12 @@ def _metrics(result, run, t_request: float) -> dict:
 
 
 def _line(obj) -> bytes:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+    return dump_json(obj) + b"\n"
 
 
 async def _ndjson(request: Request, run, model: str, chat: bool, t_request: float):
-    def chunk(piece: str, **extra) -> dict:
-        body = {"model": model, "created_at": rfc3339()}
+    def chunk(piece: str, created_at: str | None = None, **extra) -> dict:
+        body = {"model": model, "created_at": rfc3339() if created_at is None else created_at}
         if chat:
             body["message"] = {"role": "assistant", "content": piece}
         else:
@@ -238,8 +248,10 @@ async def _ndjson(request: Request, run, model: str, chat: bool, t_request: floa
             )
         ]
 
+    # the text chunks: _line(chunk(piece)) with its time, encoded but for those two once
+    line = JSONTemplate(lambda created_at, piece: chunk(piece, created_at), 2, suffix=b"\n")
     async for b in render_events(
-        request, run, lambda piece: _line(chunk(piece)), lambda e: _line(e.ollama_body()), done
+        request, run, lambda piece: line(rfc3339(), piece), lambda e: _line(e.ollama_body()), done
     ):
         yield b
 

@@ -24,7 +24,6 @@ are refused with a 400 naming them rather than silently ignored; unknown fields 
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 import uuid
 
@@ -35,7 +34,17 @@ from .engine import GenRequest
 from .errors import APIError, bad_request
 from .fields import Fields
 from .images import ImageLimits, check_image_count, image_from_url
-from .transport import RunStream, api_route, collect, openai_error, read_json, render_events, start_generation
+from .transport import (
+    JSONTemplate,
+    RunStream,
+    api_route,
+    collect,
+    dump_json,
+    openai_error,
+    read_json,
+    render_events,
+    start_generation,
+)
 
 FINISH_REASON = {"stop_token": "stop", "stop_string": "stop", "length": "length", "context_full": "length"}
 MAX_STOP = 16  # OpenAI allows 4; llama.cpp has no limit
@@ -214,7 +223,7 @@ def _usage(result) -> dict:
 
 
 def _sse(obj) -> bytes:
-    return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+    return b"data: " + dump_json(obj) + b"\n\n"
 
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -241,13 +250,13 @@ class _Ids:
 async def _stream_body(request: Request, run, ids: _Ids, include_usage: bool, chat: bool):
     usage_null = {"usage": None} if include_usage else {}
 
+    def _choice(piece, finish) -> dict:
+        if chat:
+            return {"index": 0, "delta": piece, "logprobs": None, "finish_reason": finish}
+        return {"index": 0, "text": piece, "logprobs": None, "finish_reason": finish}
+
     def chunk(piece, finish=None, **kw) -> bytes:
-        c = (
-            {"index": 0, "delta": piece, "logprobs": None, "finish_reason": finish}
-            if chat
-            else {"index": 0, "text": piece, "logprobs": None, "finish_reason": finish}
-        )
-        return _sse(ids.make(choices=[c], **{**usage_null, **kw}))
+        return _sse(ids.make(choices=[_choice(piece, finish)], **{**usage_null, **kw}))
 
     def done(result) -> list[bytes]:
         out = [chunk({} if chat else "", FINISH_REASON.get(result.stop_reason, "stop"))]
@@ -255,11 +264,16 @@ async def _stream_body(request: Request, run, ids: _Ids, include_usage: bool, ch
             out.append(_sse(ids.make(choices=[], usage=_usage(result))))
         return out + [b"data: [DONE]\n\n"]
 
+    # the text chunks: chunk({"content": piece}) (chat) or chunk(piece), encoded but for the piece once
+    text = JSONTemplate(
+        lambda piece: ids.make(choices=[_choice({"content": piece} if chat else piece, None)], **usage_null),
+        1,
+        b"data: ",
+        b"\n\n",
+    )
     if chat:
         yield chunk({"role": "assistant", "content": ""})
-    async for b in render_events(
-        request, run, lambda piece: chunk({"content": piece} if chat else piece), lambda e: _sse(e.openai_body()), done
-    ):
+    async for b in render_events(request, run, text, lambda e: _sse(e.openai_body()), done):
         yield b
 
 

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import logging
 import traceback
-from typing import AsyncIterator, Awaitable, Callable
+from json.encoder import encode_basestring  # what json.dumps(str, ensure_ascii=False) calls
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
@@ -24,6 +26,53 @@ STATS_KEY = "mllama_q.stats"  # per-request figures for the access log line (sco
 
 class ClientGone(Exception):
     """The client disconnected before the response started."""
+
+
+def dump_json(obj) -> bytes:
+    """Compact JSON as both APIs send it (UTF-8, no ASCII escaping)."""
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+_HOLE = "\x00mllama-q-hole\x00"
+
+
+class JSONTemplate:
+    """`prefix + dump_json(build(*values)) + suffix` for string `values`, with the constant parts
+    encoded once: a streamed chunk differs from the last only in its text (and Ollama's
+    timestamp), so only those are encoded per chunk. The bytes are identical to encoding the
+    whole object (the holes are found by encoding it with marker strings; the same C string
+    encoder fills them); should a marker clash with the object's other content, every call
+    encodes the whole object instead."""
+
+    def __init__(self, build: Callable[..., Any], n: int, prefix: bytes = b"", suffix: bytes = b""):
+        self._build, self._prefix, self._suffix = build, prefix, suffix
+        marks = [f"{_HOLE}{i}{_HOLE}" for i in range(n)]
+        text = dump_json(build(*marks)).decode()
+        self._parts = None
+        if text.count(encode_basestring(_HOLE)[1:-1]) != 2 * n:
+            return  # the marker also occurs elsewhere in the object
+        parts: list[str] = []
+        for m in marks:
+            head, sep, text = text.partition(encode_basestring(m))
+            if not sep:
+                return  # (the holes out of order)
+            parts.append(head)
+        parts.append(text)
+        self._parts = [p.encode() for p in parts]
+        self._parts[0] = prefix + self._parts[0]
+        self._parts[-1] += suffix
+
+    def __call__(self, *values: str) -> bytes:
+        parts = self._parts
+        if parts is None:
+            return self._prefix + dump_json(self._build(*values)) + self._suffix
+        if len(parts) == 2:  # one hole, the common case: no loop
+            return parts[0] + encode_basestring(values[0]).encode() + parts[1]
+        out = [parts[0]]
+        for v, p in zip(values, parts[1:]):
+            out.append(encode_basestring(v).encode())
+            out.append(p)
+        return b"".join(out)
 
 
 def stats(request: Request) -> dict:
@@ -198,6 +247,8 @@ async def start_generation(request: Request, engine, req):
 async def collect(request: Request, run) -> tuple[str, object]:
     """Run to the end (non-streaming): (text, GenerationResult). A client that disconnects
     meanwhile cancels the run."""
+
+    run.only_end()  # nothing is sent before the end: the pieces need not wake the loop one by one
 
     async def drain():
         parts = []
