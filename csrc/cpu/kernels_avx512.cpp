@@ -10,8 +10,9 @@
 //    Integer arithmetic per block (exact, as ggml's vec_dot_*_q8_K):
 //    Q4_K / Q6_K: vpdpbusd(u8 quants, s8 activations) -> int32 sums of 4,
 //    packed to int16 (no saturation: |4*15*128| and |4*63*128| < 32767), then
-//    vpdpwssd with the int16 sub-block scales -> int32, then one float FMA per
-//    block; Q8_0: W shifted to unsigned, vpdpbusd (see Q80Tile).
+//    vpdpwssd with the int16 sub-block scales -> int32, then the float FMAs, for
+//    K <= kPairMaxK once per PAIR of blocks (the two blocks' sums share one vector:
+//    XQ4KPair, XQ6KPair, pair_isum); Q8_0: W shifted to unsigned, vpdpbusd (see Q80Tile).
 //  * panel GEMM (Q4_K, Q6_K with M >= 16): see "panel GEMM" below; about
 //    twice the tile kernels' speed at M = 512.
 //  * activation quantizers (Q8_K, Q8_0) giving ggml's reference bytes.
@@ -361,8 +362,9 @@ inline Q4KW load_q4k_w(const block_q4_K* wb, __m512i m4) {
 
 // Two blocks (one XQ4KPair) per step, so the float work (int32 -> float, scale, mins) of
 // both blocks is one vector's: per block and X row 4 vpdpbusd + 2 packs + 2 vpdpwssd (the
-// exact int32 sums) + 2 float ops, where one block per step took 6 (measured: M = 4 Q4_K
-// 14336x4096 1 thread, see bench/results/2026-12-03-epyc-zen5-2c-sessions.md section 4).
+// exact int32 sums) + 2 float ops, where one block per step took 5 (measured, one thread:
+// M = 4 Q4_K 14336x4096 1.72 -> 1.48 ms, Q6_K 128256x4096 16.6 -> 13.7 ms; the table is
+// in bench/results/2026-12-03-epyc-zen5-2c-sessions.md section 4).
 struct Q4KTile {
     template <int NX, int NW>
     static void run(const uint8_t* w, size_t ws, const uint8_t* x, size_t xs, int64_t K, float* y, int64_t ldy) {
