@@ -100,7 +100,7 @@ def quant_path() -> str:
     """Instruction set of the Q4_K/Q6_K quantizer searches (scalar|avx2)."""
 
 def set_quant_path(name: str) -> None:
-    """Force the quantizer path: auto|scalar|avx2|avx512 (ValueError if unsupported). Same bytes
+    """Force the quantizer path: auto|scalar|avx2|avxvnni|avx512 (ValueError if unsupported). Same bytes
     on every path."""
 
 def quant_paths() -> list[str]:
@@ -155,10 +155,10 @@ def profile_report() -> list[dict]:
     phases of op x, already inside its time)."""
 
 def cpu_path() -> str:
-    """The kernel path in use: scalar, avx2 or avx512 (MLLAMA_Q_CPU_PATH or the best supported)."""
+    """The kernel path in use: scalar, avx2, avxvnni or avx512 (MLLAMA_Q_CPU_PATH or the best supported)."""
 
 def set_cpu_path(name: str) -> None:
-    """Force a kernel path: 'auto', 'scalar', 'avx2' or 'avx512' (ValueError if unsupported)."""
+    """Force a kernel path: 'auto', 'scalar', 'avx2', 'avxvnni' or 'avx512' (ValueError if unsupported)."""
 
 def cpu_paths() -> list[str]:
     """Kernel paths this CPU can run."""

@@ -355,6 +355,45 @@ def test_feature_detection_is_consistent():
     assert ("avx512" in PATHS) == (
         "avx2" in PATHS and f["avx512f"] and f["avx512bw"] and f["avx512vl"] and f["avx512dq"] and f["avx512vnni"]
     )
+    # (A compiler without -mavxvnni, GCC < 11, builds without the path: this then fails, on purpose.)
+    assert ("avxvnni" in PATHS) == ("avx2" in PATHS and f["avxvnni"])
+    assert PATHS == [p for p in ("scalar", "avx2", "avxvnni", "avx512") if p in PATHS]  # the table's order
+
+
+@pytest.mark.parametrize("name", ["avx2", "avxvnni", "avx512"])
+def test_forcing_a_path_this_cpu_lacks_is_a_clear_error(name, child_env):
+    """A known path this CPU (or build) cannot run is refused with the paths it can, from
+    set_cpu_path and from MLLAMA_Q_CPU_PATH (e.g. avxvnni on a CPU without AVX-VNNI)."""
+    if name in PATHS:
+        pytest.skip(f"this CPU runs {name}")
+    with pytest.raises(ValueError, match=f"CPU path '{name}' is not supported by this CPU/build"):
+        _core.set_cpu_path(name)
+    code = "from mllama_q import _core\ntry:\n    _core.cpu_path()\nexcept ValueError as e:\n    print('VE', e)\n"
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env=child_env(MLLAMA_Q_CPU_PATH=name),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tempfile.gettempdir(),
+    )
+    assert f"VE MLLAMA_Q_CPU_PATH: CPU path '{name}' is not supported" in out.stdout, out.stdout + out.stderr
+
+
+@pytest.mark.skipif("avxvnni" not in PATHS, reason="no avxvnni path: this CPU has no AVX-VNNI (or AVX2)")
+@pytest.mark.parametrize("wtype", ["q8_0", "q4_k", "q6_k"])
+def test_avxvnni_same_floats_as_avx2(wtype):
+    """The avxvnni path is the AVX2 kernels with vpdpbusd / vpdpwssd for the int8 multiply-adds:
+    the same int32 block sums (the AVX2 sequence never saturates on these formats) and the same
+    float operations, so the same bits, on the tiles (M < 16, decode M <= 2) and the panels
+    (M >= 16). (Correctness against gguf-py's dequantization: the tests above, on every path.)"""
+    rng = np.random.default_rng(zlib.crc32(f"vnni/{wtype}".encode()))
+    k = 800 if wtype == "q8_0" else 768
+    for m in (1, 2, 3, 8, 13, 16, 17, 300):
+        n = 37
+        x = (rng.standard_normal((m, k)) * rng.uniform(0.1, 10)).astype(np.float32)
+        w = random_quant_weights(rng, wtype, n, k)
+        np.testing.assert_array_equal(run("avxvnni", x, w, wtype, n, k), run("avx2", x, w, wtype, n, k))
 
 
 def test_kernels_run_in_a_forked_child():
@@ -407,3 +446,25 @@ def test_kernels_run_in_a_forked_child():
         np.testing.assert_array_equal(got[1], y)
     finally:
         _core.set_num_threads(n0)
+
+
+# AVX-512 Q4_K / Q6_K tiles: two blocks per step (X as block pairs) up to K = 4096, one
+# block per step above; both sides of that limit, odd block counts (K = 1280: 5 blocks,
+# 4352: 17) and every tile row count M = 1..8 (8 x 1 tiles, remainders of 4, 2, 1), on
+# every path, against the float64 product of the reference activation quants and scalar.
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("wtype", ["q4_k", "q6_k"])
+def test_k_quant_tiles_around_pair_limit_vs_float64_and_scalar(path, wtype):
+    rng = np.random.default_rng(zlib.crc32(f"pair/{path}/{wtype}".encode()))
+    for k in (1280, 4096, 4352):
+        w = random_quant_weights(rng, wtype, 9, k)
+        wd = gq.dequantize(w, QTYPES[wtype]).reshape(9, k).astype(np.float64)
+        x = rng.standard_normal((8, k)).astype(np.float32)
+        for m in range(1, 9):
+            xq = q8_K_ref(x[:m])
+            magq = np.abs(xq) @ np.abs(wd).T
+            y = run(path, x[:m], w, wtype, 9, k)
+            assert (np.abs(y - xq @ wd.T) / np.maximum(magq, 1e-30)).max() < 1e-5, (path, wtype, m, k)
+            if path != "scalar":
+                ys = run("scalar", x[:m], w, wtype, 9, k)
+                assert (np.abs(y - ys) / np.maximum(magq, 1e-30)).max() < 1e-5, (path, wtype, m, k)

@@ -113,7 +113,7 @@ void attention_direct(const float* q, const void* k, const void* v, DType kv_typ
     }
     const bool f16 = kv_type == DType::F16;
     const size_t esize = f16 ? 2 : 4;
-    // avx2 and avx512 paths use the AVX2 kernel (memory-bound: wider vectors would not help much)
+    // avx2, avxvnni and avx512 paths use the AVX2 kernel (memory-bound: wider vectors would not help much)
 #ifdef MQ_X86
     const detail::AttnChunkFn chunk_fn =
         (active_path() == Path::Scalar || hd % 8 != 0) ? detail::attn_chunk_scalar : detail::attn_chunk_avx2;

@@ -39,8 +39,9 @@ void attention_flash(const float* q, const void* k, const void* v, DType kv_type
     }
     detail::FlashKernel kern = detail::flash_kernel_scalar();
 #ifdef MQ_X86
-    if (active_path() == Path::AVX512) kern = detail::flash_kernel_avx512();
-    else if (active_path() == Path::AVX2) kern = detail::flash_kernel_avx2();
+    const Path fp = float_path(active_path());
+    if (fp == Path::AVX512) kern = detail::flash_kernel_avx512();
+    else if (fp == Path::AVX2) kern = detail::flash_kernel_avx2();
 #endif
     const bool prof_on = prof::enabled();
     const int G = n_head / n_kv_head;

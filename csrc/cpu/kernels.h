@@ -1,5 +1,6 @@
 // Internal interface between the matmul driver (matmul.cpp) and the per-ISA
-// kernel files (kernels_scalar.cpp, kernels_avx2.cpp, kernels_avx512.cpp).
+// kernel files (kernels_scalar.cpp, kernels_avx2.cpp (also built as the avxvnni
+// path by kernels_avxvnni.cpp), kernels_avx512.cpp).
 //
 // The driver owns threading and tiling; a CPU path supplies ONE KernelTable:
 // per weight type (a TypeTable indexed by DType, as ggml's type_traits_cpu) a
@@ -72,6 +73,9 @@ void quantize_row_q8_K_avx512(const float* x, block_q8_K* y, int64_t k);
 void quantize_row_q8_0_avx512(const float* x, block_q8_0* y, int64_t k);
 uint64_t read_sum_avx2(const uint64_t* p, size_t n);
 uint64_t read_sum_avx512(const uint64_t* p, size_t n);
+#endif
+#if defined(MQ_AVXVNNI_BUILD)
+const KernelTable& avxvnni_kernels();  // kernels_avx2.cpp built with AVX-VNNI (its quantizers: the _avx2 ones)
 #endif
 
 // Helpers shared by the kernel files. They are `static` (or in an unnamed

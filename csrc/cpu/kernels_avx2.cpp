@@ -1,7 +1,13 @@
 // AVX2 + FMA + F16C kernels. Compiled with those flags; only called after
 // matmul.cpp has checked the CPU and OS support them.
 //
-// Same scheme as the AVX-512 file with 256-bit vectors and no VNNI:
+// This file is also the avxvnni path: kernels_avxvnni.cpp compiles it a second
+// time with -mavxvnni and MQ_AVXVNNI defined, which swaps the int8
+// multiply-adds (simd_avx2.h: dot_u8s8_add, madd16_add; kVnni) for vpdpbusd /
+// vpdpwssd on ymm and exports avxvnni_kernels() instead of avx2_kernels(). The
+// integer sums are the same in both builds, so are the float results.
+//
+// Same scheme as the AVX-512 file with 256-bit vectors and (the avx2 build) no VNNI:
 // maddubs (u8 x s8 -> int16 pairs) then madd with the int16 sub-block scales
 // (-> int32), as ggml's AVX2 vec_dot_q4_K_q8_K / vec_dot_q6_K_q8_K do.
 // 16 ymm registers. Tiles: decode (<= 2 X rows) one W row at a time with
@@ -18,6 +24,7 @@
 
 #include "cpu/kernels.h"
 #include "cpu/panel_gemm.h"
+#include "cpu/simd_avx2.h"
 #include "cpu/simd_x86.h"
 #include "quants/quants.h"
 
@@ -219,8 +226,8 @@ struct Q4KTile {
                             _mm256_maddubs_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq)));
                         const __m256i p1 =
                             _mm256_maddubs_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 32)));
-                        isum[i] = _mm256_add_epi32(
-                            isum[i], _mm256_add_epi32(_mm256_madd_epi16(p0, slo), _mm256_madd_epi16(p1, shi)));
+                        // (vpdpwssd into the fresh product, not into isum: no chain of them across g)
+                        isum[i] = _mm256_add_epi32(isum[i], madd16_add(_mm256_madd_epi16(p0, slo), p1, shi));
                     }
                 }
                 const __m256i mdup = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(mv, mv));  // m0,m0,m1,m1,..
@@ -285,7 +292,7 @@ struct Q6KTile {
                             const int8_t* xq = reinterpret_cast<const block_q8_K*>(x + i * xs)[b].qs + 128 * h + 32 * g;
                             const __m256i p =
                                 _mm256_maddubs_epi16(q[g], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq)));
-                            isum[i] = _mm256_add_epi32(isum[i], _mm256_madd_epi16(p, sv));
+                            isum[i] = madd16_add(isum[i], p, sv);
                         }
                     }
                 }
@@ -306,12 +313,12 @@ struct Q6KTile {
 };
 
 // ---------------------------------------------------------------- Q8_0 x Q8_0
-// Signed x signed bytes with maddubs: |w| (unsigned) times x carrying w's sign.
+// Signed x signed bytes with maddubs / vpdpbusd: |w| (unsigned) times x carrying w's sign.
+// No int16 saturation on AVX2: |pair| <= 2 * 128 * 127 = 32512 (X quants are in [-127, 127]).
 template <bool PF>
 struct Q80Tile {
     template <int NX, int NW>
     static void run(const uint8_t* w, size_t ws, const uint8_t* x, size_t xs, int64_t K, float* y, int64_t ldy) {
-        const __m256i ones = _mm256_set1_epi16(1);
         __m256 acc[NX][NW];
         for (int i = 0; i < NX; i++)
             for (int j = 0; j < NW; j++) acc[i][j] = _mm256_setzero_ps();
@@ -331,7 +338,7 @@ struct Q80Tile {
                 const __m256i aw = _mm256_sign_epi8(wq, wq);
                 const __m256 dw = _mm256_set1_ps(h2f(wb->d));
                 for (int i = 0; i < NX; i++) {
-                    const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv[i], wq)), ones);
+                    const __m256i p = dot_u8s8_add(_mm256_setzero_si256(), aw, _mm256_sign_epi8(xv[i], wq));
                     acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(dw, dx[i]), acc[i][j]);
                 }
             }
@@ -351,6 +358,9 @@ struct Q80Tile {
 //   No overflow: Q4_K |pair| <= 2*15*128 = 3840, CH = 8 -> 30720; Q6_K |pair|
 //   <= 2*63*128 = 16128, CH = 2 -> 32256 (both < 32767). That is ~9 (Q4_K) /
 //   12 (Q6_K) multiply-port ops per 256 MACs where the tiles need 16.
+//   AVX-VNNI (kVnni): vpdpbusd sums a whole sub-block in int32 (no overflow:
+//   |sum| <= 32 * 63 * 128), then one vpmulld with the scale: 8 + 1 (Q4_K) /
+//   4 + 1 (Q6_K) ops per sub-block and W row; the same int32 s1 as the AVX2 build.
 // The int32 block sums are the scalar reference's; only float order differs:
 //   Q4_K: y += dx * (d * s1 - dmin * s2)      Q6_K: y += dx * d * (s1 - s2)
 using WUnp = WUnpT<int16_t>;
@@ -361,7 +371,10 @@ template <bool Q4, int NWR>
 void panel_micro(const WUnp* wu, int64_t nb, const uint8_t* panel, int hf, float* out) {
     constexpr int NSUB = Q4 ? 8 : 16;  // sub-blocks per block
     constexpr int GPS = 64 / NSUB;     // 4-byte groups per sub-block
-    constexpr int CH = Q4 ? 8 : 2;     // groups added in int16 before one madd
+    // Groups summed before the sub-block scale is applied: AVX2 adds maddubs' int16 pair
+    // sums (CH groups, the most that cannot overflow int16, then one madd with the scale);
+    // AVX-VNNI adds vpdpbusd's int32 sums over the whole sub-block, then one vpmulld.
+    constexpr int CH = kVnni ? GPS : Q4 ? 8 : 2;
     __m256 facc[NWR];
     for (int t = 0; t < NWR; t++) facc[t] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
@@ -378,11 +391,16 @@ void panel_micro(const WUnp* wu, int64_t nb, const uint8_t* panel, int hf, float
                     for (int t = 0; t < NWR; t++) {
                         int32_t w4;
                         std::memcpy(&w4, wu[t * nb + b].q + 4 * g, 4);
-                        a[t] = _mm256_add_epi16(a[t], _mm256_maddubs_epi16(_mm256_set1_epi32(w4), codes));
+                        if constexpr (kVnni) a[t] = dot_u8s8_add(a[t], _mm256_set1_epi32(w4), codes);
+                        else a[t] = _mm256_add_epi16(a[t], _mm256_maddubs_epi16(_mm256_set1_epi32(w4), codes));
                     }
                 }
-                for (int t = 0; t < NWR; t++)
-                    s1[t] = _mm256_add_epi32(s1[t], _mm256_madd_epi16(a[t], _mm256_set1_epi16(wu[t * nb + b].sc[s])));
+                for (int t = 0; t < NWR; t++) {
+                    if constexpr (kVnni)
+                        s1[t] =
+                            _mm256_add_epi32(s1[t], _mm256_mullo_epi32(a[t], _mm256_set1_epi32(wu[t * nb + b].sc[s])));
+                    else s1[t] = madd16_add(s1[t], a[t], _mm256_set1_epi16(wu[t * nb + b].sc[s]));
+                }
             }
         }
         __m256i s2[NWR];
@@ -390,8 +408,7 @@ void panel_micro(const WUnp* wu, int64_t nb, const uint8_t* panel, int hf, float
         for (int pp = 0; pp < NSUB / 2; pp++) {
             const __m256i bsv = _mm256_load_si256(reinterpret_cast<const __m256i*>(P + 4096 + 64 + 64 * pp + 32 * hf));
             for (int t = 0; t < NWR; t++)
-                s2[t] =
-                    _mm256_add_epi32(s2[t], _mm256_madd_epi16(bsv, _mm256_set1_epi32(int32_t(wu[t * nb + b].cm2[pp]))));
+                s2[t] = madd16_add(s2[t], bsv, _mm256_set1_epi32(int32_t(wu[t * nb + b].cm2[pp])));
         }
         const __m256 dx = _mm256_load_ps(reinterpret_cast<const float*>(P + 4096) + 8 * hf);
         for (int t = 0; t < NWR; t++) {
@@ -431,10 +448,9 @@ struct PanelMicro {
 // Per block: the exact int32 sum of 32 products (dot_q8_0's sumi), then
 // y += (dw * dx) * sumi in float (only the float order differs from dot_q8_0).
 // Work per 32 MACs (8 rows x 4 k): sign, maddubs, madd, add (the 2 x 4 tiles:
-// 6 ops per 32 MACs of one X row, plus horizontal sums).
+// 6 ops per 32 MACs of one X row, plus horizontal sums); AVX-VNNI: sign, vpdpbusd.
 template <int NWR>
 void panel_micro_q8_0(const WUnpQ80* wu, int64_t nb, const uint8_t* panel, float* out) {
-    const __m256i ones = _mm256_set1_epi16(1);
     __m256 facc[NWR][2];
     for (int t = 0; t < NWR; t++) facc[t][0] = facc[t][1] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
@@ -449,10 +465,8 @@ void panel_micro_q8_0(const WUnpQ80* wu, int64_t nb, const uint8_t* panel, float
                 std::memcpy(&w4, wu[t * nb + b].q + 4 * g, 4);
                 std::memcpy(&a4, wu[t * nb + b].a + 4 * g, 4);
                 const __m256i wv = _mm256_set1_epi32(w4), av = _mm256_set1_epi32(a4);
-                s1[t][0] = _mm256_add_epi32(
-                    s1[t][0], _mm256_madd_epi16(_mm256_maddubs_epi16(av, _mm256_sign_epi8(c0, wv)), ones));
-                s1[t][1] = _mm256_add_epi32(
-                    s1[t][1], _mm256_madd_epi16(_mm256_maddubs_epi16(av, _mm256_sign_epi8(c1, wv)), ones));
+                s1[t][0] = dot_u8s8_add(s1[t][0], av, _mm256_sign_epi8(c0, wv));
+                s1[t][1] = dot_u8s8_add(s1[t][1], av, _mm256_sign_epi8(c1, wv));
             }
         }
         const __m256 dx0 = _mm256_load_ps(reinterpret_cast<const float*>(P + 512));
@@ -488,6 +502,7 @@ void tile_q(const void* w, size_t ws, int nw, const void* x, size_t xs, int nx, 
 
 }  // namespace
 
+#if !defined(MQ_AVXVNNI)  // the avxvnni path uses these (no int8 multiply-adds in them)
 void quantize_row_q8_K_avx2(const float* x, block_q8_K* y, int64_t k) { prep_q8_K(x, y, k); }
 void quantize_row_q8_0_avx2(const float* x, block_q8_0* y, int64_t k) { prep_q8_0(x, y, k); }
 
@@ -507,8 +522,13 @@ uint64_t read_sum_avx2(const uint64_t* p, size_t n) {
     for (; i < n; i++) r += p[i];
     return r;
 }
+#endif
 
+#if defined(MQ_AVXVNNI)
+const KernelTable& avxvnni_kernels() {
+#else
 const KernelTable& avx2_kernels() {
+#endif
     static const KernelTable k = {
         {DType::F32, {nullptr, nullptr, run_tile<FloatTile<LoadF32>, 2>}},
         {DType::F16, {nullptr, nullptr, run_tile<FloatTile<LoadF16>, 2>}},

@@ -10,8 +10,9 @@
 //    Integer arithmetic per block (exact, as ggml's vec_dot_*_q8_K):
 //    Q4_K / Q6_K: vpdpbusd(u8 quants, s8 activations) -> int32 sums of 4,
 //    packed to int16 (no saturation: |4*15*128| and |4*63*128| < 32767), then
-//    vpdpwssd with the int16 sub-block scales -> int32, then one float FMA per
-//    block; Q8_0: W shifted to unsigned, vpdpbusd (see Q80Tile).
+//    vpdpwssd with the int16 sub-block scales -> int32, then the float FMAs, for
+//    K <= kPairMaxK once per PAIR of blocks (the two blocks' sums share one vector:
+//    XQ4KPair, XQ6KPair, pair_isum); Q8_0: W shifted to unsigned, vpdpbusd (see Q80Tile).
 //  * panel GEMM (Q4_K, Q6_K with M >= 16): see "panel GEMM" below; about
 //    twice the tile kernels' speed at M = 512.
 //  * activation quantizers (Q8_K, Q8_0) giving ggml's reference bytes.
@@ -158,7 +159,7 @@ inline void quantize_q8_K_block(const float* x, block_q8_K* y, bool q4_order) {
     }
     y->d = 1.0f / iscale;
 }
-// Q4_K's activations: Q8_K quants in the nibble order above, and instead of
+// Q4_K's activations for K > kPairMaxK (Q4KTile::run_blocks): Q8_K quants in the nibble order above, and instead of
 // bsums the 8 floats dx * (bsum_2s + bsum_2s+1), so the mins term of a block,
 // sum_s (dmin * m_s) * (dx * bsum pair_s), is one float FMA per X row.
 struct XQ4K {
@@ -167,7 +168,7 @@ struct XQ4K {
     float dm[8];      // dx * (bsums[2s] + bsums[2s+1])
 };
 static_assert(sizeof(XQ4K) == sizeof(block_q8_K), "XQ4K has block_q8_K's size (prepared in place)");
-void prep_xq4k(const float* x, void* xq, int64_t K) {
+void prep_xq4k_blocks(const float* x, void* xq, int64_t K) {
     XQ4K* y = static_cast<XQ4K*>(xq);
     for (int64_t b = 0; b < K / QK_K; b++) {
         block_q8_K* q = reinterpret_cast<block_q8_K*>(y + b);
@@ -179,14 +180,96 @@ void prep_xq4k(const float* x, void* xq, int64_t K) {
         std::memcpy(y[b].dm, dm, sizeof(dm));
     }
 }
+// X rows as pairs of Q8_K blocks (XQ4KPair, XQ6KPair: qs[8][64] with chunk k of block
+// 2p + h at qs[2k + h], dx[16] with lane l the scale of block 2p + ((l >> 1) & 1), the
+// lanes of the tiles' pair sums); fill(o, h, q) writes the type's bsum-derived fields of
+// block 2p + h. An odd last block pairs with an all-zero block (dx = 0, bsums 0).
+template <class Pair, class Fill>
+void prep_block_pairs(const float* x, void* xq, int64_t K, bool q4_order, Fill fill) {
+    Pair* y = static_cast<Pair*>(xq);
+    const int64_t nb = K / QK_K;
+    for (int64_t p = 0; p < (nb + 1) / 2; p++) {
+        Pair& o = y[p];
+        for (int h = 0; h < 2; h++) {
+            block_q8_K q;
+            if (2 * p + h < nb) {
+                quantize_q8_K_block(x + QK_K * (2 * p + h), &q, q4_order);
+            } else {
+                std::memset(&q, 0, sizeof(q));
+            }
+            for (int k = 0; k < 4; k++) std::memcpy(o.qs[2 * k + h], q.qs + 64 * k, 64);
+            for (int l = 0; l < 16; l++)
+                if (((l >> 1) & 1) == h) o.dx[l] = q.d;
+            fill(o, h, q);
+        }
+    }
+}
+// Q4_K's activations for K <= kPairMaxK (Q4KTile::run_pairs), per PAIR of blocks (b = 2p, 2p + 1): the Q8_K quants of both blocks
+// in the nibble order above, and the two blocks' float factors laid out in the int32 lanes
+// Q4KTile's block-pair sum comes out in (lanes 4L + 0, 1: block 2p; 4L + 2, 3: block 2p + 1,
+// see q4_pair_scale_idx), so that one cvt + mul + FMA serve two blocks. An odd last block
+// pairs with an all-zero block (dx = 0, dm = 0); prep_block_pairs fills qs and dx.
+struct XQ4KPair {
+    // quants of blocks 2p + h, sub-blocks in order 0 2 1 3 4 6 5 7, by 64-value chunk k:
+    // qs[2k + h] (the order the kernel reads them in: one sequential stream per row)
+    int8_t qs[8][64];
+    float dx[16];  // lane l: the Q8_K scale dx of block 2p + ((l >> 1) & 1)
+    float dm[16];  // lanes 8h + s: dx * (bsums[2s] + bsums[2s+1]) of block 2p + h
+};
+static_assert(sizeof(XQ4KPair) == 640, "XQ4KPair layout");
+void prep_xq4k_pairs(const float* x, void* xq, int64_t K) {
+    prep_block_pairs<XQ4KPair>(x, xq, K, true, [](XQ4KPair& o, int h, const block_q8_K& q) {
+        for (int s = 0; s < 8; s++) o.dm[8 * h + s] = q.d * float(q.bsums[2 * s] + q.bsums[2 * s + 1]);
+    });
+}
+// The block-pair tiles are faster while a tile's X rows stay in L1 (K = 4096: M = 4 / 8
+// rows of 5 KiB); at K = 14336 (72 KiB for M = 4) they were slower than the one-block tiles
+// (measured, one thread: M = 4 Q4_K 4096x14336 2.0 -> 4.1 ms; the cause, likely the X
+// rows' re-streaming from L2 for every W row, is not pinned down), so the X layout and the
+// tile loop are chosen by K (prep_xq4k and Q4KTile::run see the same K).
+constexpr int64_t kPairMaxK = 4096;
+size_t bytes_xq4k(int64_t K) { return K <= kPairMaxK ? size_t((K / QK_K + 1) / 2) * sizeof(XQ4KPair) : bytes_q8_K(K); }
+void prep_xq4k(const float* x, void* xq, int64_t K) {
+    if (K <= kPairMaxK) {
+        prep_xq4k_pairs(x, xq, K);
+    } else {
+        prep_xq4k_blocks(x, xq, K);
+    }
+}
 void prep_q8_K(const float* x, void* xq, int64_t K) {
     block_q8_K* y = static_cast<block_q8_K*>(xq);
     for (int64_t b = 0; b < K / QK_K; b++) quantize_q8_K_block(x + QK_K * b, y + b, false);
 }
 
+// Q6_K's activations for K <= kPairMaxK (Q6KTile::run_pairs), per pair of blocks 2p + h:
+// quants in natural order by 64-value chunk k (qs[2k + h]); bsums placed where Q6KTile's
+// bsum term must land (int16 lane 8L + 4h + r: sub-block 4L + r of block 2p + h, so the
+// vpdpwssd with the -32 * scales puts block 2p + h in int32 lanes 4L + 2h, 4L + 2h + 1, the
+// pair sum's lanes); dx as XQ4KPair. An odd last block pairs with an all-zero block.
+struct XQ6KPair {
+    int8_t qs[8][64];
+    int16_t bs[32];
+    float dx[16];
+};
+static_assert(sizeof(XQ6KPair) == 640, "XQ6KPair layout");
+void prep_xq6k_pairs(const float* x, void* xq, int64_t K) {
+    prep_block_pairs<XQ6KPair>(x, xq, K, false, [](XQ6KPair& o, int h, const block_q8_K& q) {
+        for (int L = 0; L < 4; L++)
+            for (int r = 0; r < 4; r++) o.bs[8 * L + 4 * h + r] = q.bsums[4 * L + r];
+    });
+}
+size_t bytes_xq6k(int64_t K) { return K <= kPairMaxK ? size_t((K / QK_K + 1) / 2) * sizeof(XQ6KPair) : bytes_q8_K(K); }
+void prep_xq6k(const float* x, void* xq, int64_t K) {
+    if (K <= kPairMaxK) {
+        prep_xq6k_pairs(x, xq, K);
+    } else {
+        prep_q8_K(x, xq, K);
+    }
+}
+
 // vpermw index vectors: int16 lane t of a scale vector takes sub-block scale idx(t)
 // from the 8 (Q4_K) or 16 (Q6_K) int16 scales.
-// For Q4_K's packed sums (Q4KTile): packs_epi32(p, q) puts, in each 128-bit lane L,
+// For Q4_K's packed sums (Q4KTile::run_blocks): packs_epi32(p, q) puts, in each 128-bit lane L,
 // p's int32 lanes 4L..4L+3 then q's as int16 (lanes 8L+u, u < 4 from p). p and q hold
 // the 4-value dot products of two 64-value chunks (int32 lanes 0..7: the chunk's first
 // sub-block, 8..15: its second), so int16 lane 8L+u belongs to sub-block
@@ -197,6 +280,18 @@ inline __m512i q4_packed_scale_idx(int p1, int q1, int p2, int q2) {
         for (int u = 0; u < 8; u++) t[8 * L + u] = int16_t(L < 2 ? (u < 4 ? p1 : q1) : (u < 4 ? p2 : q2));
     return _mm512_load_si512(t);
 }
+// For Q4_K's block-pair sums (Q4KTile::run_pairs): packs_epi32(p, q) puts, in each 128-bit lane L,
+// p's int32 lanes 4L..4L+3 then q's as int16 (lanes 8L+u, u < 4 from p). p and q hold the
+// 4-value dot products of chunk c of blocks 2p / 2p + 1 (int32 lanes 0..7: the chunk's
+// first sub-block f, 8..15: its second g), so int16 lane 8L+u takes, from the 16 int16
+// scales [8 of block 2p | 8 of block 2p + 1], scale (u < 4 ? 0 : 8) + (L < 2 ? f : g); the
+// vpdpwssd pair sums then land block 2p in int32 lanes 4L + 0, 1 and 2p + 1 in 4L + 2, 3.
+inline __m512i q4_pair_scale_idx(int f, int g) {
+    alignas(64) int16_t t[32];
+    for (int L = 0; L < 4; L++)
+        for (int u = 0; u < 8; u++) t[8 * L + u] = int16_t((u < 4 ? 0 : 8) + (L < 2 ? f : g));
+    return _mm512_load_si512(t);
+}
 // Q6_K's (Q6KTile): chunks a and b of 64 values hold sub-blocks 4a..4a+3 / 4b..4b+3 of 16
 // values (int32 lanes 4s..4s+3: sub-block 4a+s), so int16 lane 8L+u -> u < 4 ? 4a+L : 4b+L.
 inline __m512i q6_packed_scale_idx(int a, int b) {
@@ -205,10 +300,83 @@ inline __m512i q6_packed_scale_idx(int a, int b) {
         for (int u = 0; u < 8; u++) t[8 * L + u] = int16_t(u < 4 ? 4 * a + L : 4 * b + L);
     return _mm512_load_si512(t);
 }
+// Q6_K's block-pair sums (Q6KTile::run_pairs): chunk k of blocks 2p (pa) and 2p + 1 (pc),
+// packs_epi32(pa, pc): int16 lane 8L+u -> scale (u < 4 ? 0 : 16) + 4k + L of the 32 int16
+// scales [16 of block 2p | 16 of block 2p + 1]; k = 4: the bsum term's lanes (XQ6KPair::bs),
+// 8L + 4h + r -> 16h + 4L + r.
+inline __m512i q6_pair_scale_idx(int k) {
+    alignas(64) int16_t t[32];
+    for (int L = 0; L < 4; L++)
+        for (int u = 0; u < 8; u++) t[8 * L + u] = int16_t((u < 4 ? 0 : 16) + (k < 4 ? 4 * k + L : 4 * L + (u & 3)));
+    return _mm512_load_si512(t);
+}
 
+// Block-pair tiles (Q4KTile / Q6KTile::run_pairs), per X row: the int32 pair sum of two
+// blocks' 4 chunks (wa / wc: u8 quants of blocks 2p / 2p + 1; qs: the XQ*Pair quants; sv:
+// the chunks' int16 scale vectors, see q4_pair_scale_idx): vpdpbusd per chunk and block,
+// packed to int16 (|4*15*128|, |4*63*128| < 32767: exact), times the sub-block scales,
+// summed in pairs: block 2p in int32 lanes 4L + 0, 1, block 2p + 1 in 4L + 2, 3.
+inline __m512i pair_isum(const __m512i* wa, const __m512i* wc, const int8_t (*qs)[64], const __m512i* sv) {
+    const __m512i z = _mm512_setzero_si512();
+    __m512i isum = z;
+    for (int k = 0; k < 4; k++) {
+        const __m512i pa = _mm512_dpbusd_epi32(z, wa[k], _mm512_loadu_si512(qs[2 * k]));
+        const __m512i pc = _mm512_dpbusd_epi32(z, wc[k], _mm512_loadu_si512(qs[2 * k + 1]));
+        const __m512i pk = _mm512_packs_epi32(pa, pc);
+        isum = k == 0 ? _mm512_madd_epi16(pk, sv[k]) : _mm512_dpwssd_epi32(isum, pk, sv[k]);
+    }
+    return isum;
+}
+// fp16 pairs (lo | hi << 16) of blocks 2p (a) and 2p + 1 (c) -> floats [a.lo, a.hi, c.lo, c.hi],
+// and the lo values in the pair sum's lanes (lane l: block 2p + ((l >> 1) & 1)).
+inline __m512 pair_f4(uint32_t a, uint32_t c) {
+    return _mm512_castps128_ps512(_mm_cvtph_ps(_mm_set_epi32(0, 0, int(c), int(a))));
+}
+inline __m512 pair_lanes_lo(__m512 f4) {
+    return _mm512_permutexvar_ps(_mm512_set_epi32(2, 2, 0, 0, 2, 2, 0, 0, 2, 2, 0, 0, 2, 2, 0, 0), f4);
+}
+
+// W side of one Q4_K block for Q4KTile (an absent block, the odd last one's partner,
+// is all zero): nibble vectors w[c] of chunks c = sub-blocks (0, 2), (1, 3), (4, 6),
+// (5, 7), the 8 scales / 8 mins as bytes, and d | dmin << 16 (fp16 bits).
+struct Q4KW {
+    __m512i w[4];
+    uint64_t sc = 0, m = 0;
+    uint32_t dd = 0;
+};
+inline Q4KW load_q4k_w(const block_q4_K* wb, __m512i m4) {
+    Q4KW o;
+    if (!wb) {
+        for (auto& v : o.w) v = _mm512_setzero_si512();
+        return o;
+    }
+    unpack_q4_K_scales(wb->scales, &o.sc, &o.m);
+    std::memcpy(&o.dd, &wb->d, 4);  // d, dmin: adjacent fp16 fields
+    const __m512i q0 = _mm512_loadu_si512(wb->qs), q1 = _mm512_loadu_si512(wb->qs + 64);
+    o.w[0] = _mm512_and_si512(q0, m4);
+    o.w[1] = _mm512_and_si512(_mm512_srli_epi16(q0, 4), m4);
+    o.w[2] = _mm512_and_si512(q1, m4);
+    o.w[3] = _mm512_and_si512(_mm512_srli_epi16(q1, 4), m4);
+    return o;
+}
+
+// Two blocks (one XQ4KPair) per step, so the float work (int32 -> float, scale, mins) of
+// both blocks is one vector's: per block and X row 4 vpdpbusd + 2 packs + 2 vpdpwssd (the
+// exact int32 sums) + 2 float ops, where one block per step took 5 (measured, one thread:
+// M = 4 Q4_K 14336x4096 1.72 -> 1.48 ms, Q6_K 128256x4096 16.6 -> 13.7 ms; the table is
+// in bench/results/2026-12-03-epyc-zen5-2c-sessions.md section 4).
 struct Q4KTile {
     template <int NX, int NW>
     static void run(const uint8_t* w, size_t ws, const uint8_t* x, size_t xs, int64_t K, float* y, int64_t ldy) {
+        if (K <= kPairMaxK) {
+            run_pairs<NX, NW>(w, ws, x, xs, K, y, ldy);
+        } else {
+            run_blocks<NX, NW>(w, ws, x, xs, K, y, ldy);
+        }
+    }
+    // One block per step, X as XQ4K (K > kPairMaxK).
+    template <int NX, int NW>
+    static void run_blocks(const uint8_t* w, size_t ws, const uint8_t* x, size_t xs, int64_t K, float* y, int64_t ldy) {
         const __m512i m4 = _mm512_set1_epi8(0x0F);
         // chunks of XQ4K / w0..w3: sub-blocks (0, 2), (1, 3), (4, 6), (5, 7)
         const __m512i idx01 = q4_packed_scale_idx(0, 1, 2, 3), idx23 = q4_packed_scale_idx(4, 5, 6, 7);
@@ -254,6 +422,45 @@ struct Q4KTile {
         for (int i = 0; i < NX; i++)
             for (int j = 0; j < NW; j++) y[i * ldy + j] = _mm512_reduce_add_ps(acc[i][j]);
     }
+    // Two blocks per step, X as XQ4KPair (K <= kPairMaxK).
+    template <int NX, int NW>
+    static void run_pairs(const uint8_t* w, size_t ws, const uint8_t* x, size_t xs, int64_t K, float* y, int64_t ldy) {
+        const __m512i m4 = _mm512_set1_epi8(0x0F);
+        const __m512i sidx[4] = {q4_pair_scale_idx(0, 2), q4_pair_scale_idx(1, 3), q4_pair_scale_idx(4, 6),
+                                 q4_pair_scale_idx(5, 7)};
+        // [d0, dmin0, d1, dmin1] -> lane l: dmin of block l >> 3
+        const __m512i midx = _mm512_set_epi32(3, 3, 3, 3, 3, 3, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1);
+        __m512 acc[NX][NW];
+        for (int i = 0; i < NX; i++)
+            for (int j = 0; j < NW; j++) acc[i][j] = _mm512_setzero_ps();
+        const int64_t nb = K / QK_K;
+        for (int64_t p = 0; p < (nb + 1) / 2; p++) {
+            const bool two = 2 * p + 1 < nb;
+            for (int j = 0; j < NW; j++) {
+                const block_q4_K* wb = reinterpret_cast<const block_q4_K*>(w + j * ws) + 2 * p;
+                if constexpr (NW == 1) prefetch_w<2 * sizeof(block_q4_K)>(wb);
+                const Q4KW a = load_q4k_w(wb, m4), c = load_q4k_w(two ? wb + 1 : nullptr, m4);
+                const __m512i s16 = _mm512_castsi256_si512(_mm256_cvtepu8_epi16(_mm_set_epi64x(c.sc, a.sc)));
+                __m512i sv[4];
+                for (int k = 0; k < 4; k++) sv[k] = _mm512_permutexvar_epi16(sidx[k], s16);
+                const __m512 f4 = pair_f4(a.dd, c.dd);
+                const __m512 dw = pair_lanes_lo(f4);
+                // lanes 8h + s: dmin * m_s of block 2p + h
+                const __m512 wm = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_set_epi64x(c.m, a.m))),
+                                                _mm512_permutexvar_ps(midx, f4));
+                for (int i = 0; i < NX; i++) {
+                    const XQ4KPair* xp = reinterpret_cast<const XQ4KPair*>(x + i * xs) + p;
+                    const __m512i isum = pair_isum(a.w, c.w, xp->qs, sv);
+                    // + dw * dx * isum  - sum_s (dmin m_s) * (dx bsum pair_s), both blocks
+                    acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(dw, _mm512_loadu_ps(xp->dx)),
+                                                acc[i][j]);
+                    acc[i][j] = _mm512_fnmadd_ps(wm, _mm512_loadu_ps(xp->dm), acc[i][j]);
+                }
+            }
+        }
+        for (int i = 0; i < NX; i++)
+            for (int j = 0; j < NW; j++) y[i * ldy + j] = _mm512_reduce_add_ps(acc[i][j]);
+    }
 };
 
 // ---------------------------------------------------------------- Q6_K x Q8_K
@@ -268,6 +475,70 @@ struct Q4KTile {
 struct Q6KTile {
     template <int NX, int NW>
     static void run(const uint8_t* w, size_t ws, const uint8_t* x, size_t xs, int64_t K, float* y, int64_t ldy) {
+        if (K <= kPairMaxK) {
+            run_pairs<NX, NW>(w, ws, x, xs, K, y, ldy);
+        } else {
+            run_blocks<NX, NW>(w, ws, x, xs, K, y, ldy);
+        }
+    }
+    // W side of one block (all zero for an absent one): the 4 chunks' 6-bit quants.
+    static void load_w(const block_q6_K* wb, __m512i q[4]) {
+        const __m512i m4 = _mm512_set1_epi8(0x0F), m30 = _mm512_set1_epi8(0x30);
+        for (int h = 0; h < 2; h++) {
+            if (!wb) {
+                q[2 * h] = q[2 * h + 1] = _mm512_setzero_si512();
+                continue;
+            }
+            const __m512i ql = _mm512_loadu_si512(wb->ql + 64 * h);
+            const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb->qh + 32 * h));
+            const __m512i H = _mm512_inserti64x4(_mm512_castsi256_si512(qh), _mm256_srli_epi16(qh, 2), 1);
+            q[2 * h] = _mm512_or_si512(_mm512_and_si512(ql, m4), _mm512_and_si512(_mm512_slli_epi16(H, 4), m30));
+            q[2 * h + 1] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(ql, 4), m4), _mm512_and_si512(H, m30));
+        }
+    }
+    // Two blocks per step, X as XQ6KPair (K <= kPairMaxK): as Q4KTile::run_pairs, one cvt +
+    // mul + FMA per two blocks and X row.
+    template <int NX, int NW>
+    static void run_pairs(const uint8_t* w, size_t ws, const uint8_t* x, size_t xs, int64_t K, float* y, int64_t ldy) {
+        __m512i sidx[5];
+        for (int k = 0; k < 5; k++) sidx[k] = q6_pair_scale_idx(k);
+        __m512 acc[NX][NW];
+        for (int i = 0; i < NX; i++)
+            for (int j = 0; j < NW; j++) acc[i][j] = _mm512_setzero_ps();
+        const int64_t nb = K / QK_K;
+        for (int64_t p = 0; p < (nb + 1) / 2; p++) {
+            const bool two = 2 * p + 1 < nb;
+            for (int j = 0; j < NW; j++) {
+                const block_q6_K* wb = reinterpret_cast<const block_q6_K*>(w + j * ws) + 2 * p;
+                if constexpr (NW == 1) prefetch_w<2 * sizeof(block_q6_K)>(wb);
+                __m512i qa[4], qc[4];
+                load_w(wb, qa);
+                load_w(two ? wb + 1 : nullptr, qc);
+                const __m128i sa = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wb->scales));
+                const __m128i sc =
+                    two ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(wb[1].scales)) : _mm_setzero_si128();
+                const __m512i s32 = _mm512_cvtepi8_epi16(_mm256_inserti128_si256(_mm256_castsi128_si256(sa), sc, 1));
+                __m512i sv[4];
+                for (int k = 0; k < 4; k++) sv[k] = _mm512_permutexvar_epi16(sidx[k], s32);
+                // -32 * scales in the bsum lanes (|.| <= 4096)
+                const __m512i scm = _mm512_permutexvar_epi16(
+                    sidx[4], _mm512_sub_epi16(_mm512_setzero_si512(), _mm512_slli_epi16(s32, 5)));
+                const __m512 dw = pair_lanes_lo(pair_f4(wb->d, two ? wb[1].d : 0));
+                for (int i = 0; i < NX; i++) {
+                    const XQ6KPair* xp = reinterpret_cast<const XQ6KPair*>(x + i * xs) + p;
+                    __m512i isum = pair_isum(qa, qc, xp->qs, sv);
+                    isum = _mm512_dpwssd_epi32(isum, _mm512_loadu_si512(xp->bs), scm);
+                    acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(dw, _mm512_loadu_ps(xp->dx)),
+                                                acc[i][j]);
+                }
+            }
+        }
+        for (int i = 0; i < NX; i++)
+            for (int j = 0; j < NW; j++) y[i * ldy + j] = _mm512_reduce_add_ps(acc[i][j]);
+    }
+    // One block per step, X as block_q8_K (K > kPairMaxK).
+    template <int NX, int NW>
+    static void run_blocks(const uint8_t* w, size_t ws, const uint8_t* x, size_t xs, int64_t K, float* y, int64_t ldy) {
         const __m512i m4 = _mm512_set1_epi8(0x0F), m30 = _mm512_set1_epi8(0x30);
         const __m512i idx01 = q6_packed_scale_idx(0, 1), idx23 = q6_packed_scale_idx(2, 3);
         __m512 acc[NX][NW];
@@ -512,10 +783,10 @@ const KernelTable& avx512_kernels() {
         {DType::BF16, {nullptr, nullptr, run_tile<FloatTile<LoadBF16>, 4>}},
         {DType::Q8_0, {prep_xq8_pairs, bytes_xq8_pairs, run_tile<Q80Tile, 4, 4, 1>}},
         {DType::Q4_K,
-         {prep_xq4k, bytes_q8_K, run_tile<Q4KTile, MQ_Q4K_NX, MQ_Q4K_NW, 1>, prep_panel<true, quantize_block_simd>,
+         {prep_xq4k, bytes_xq4k, run_tile<Q4KTile, MQ_Q4K_NX, MQ_Q4K_NW, 1>, prep_panel<true, quantize_block_simd>,
           panel_bytes, panel_gemm<PanelQ4K<int32_t>, PanelMicro>}},
         {DType::Q6_K,
-         {prep_q8_K, bytes_q8_K, run_tile<Q6KTile, MQ_Q6K_NX, MQ_Q6K_NW, 1>, prep_panel<false, quantize_block_simd>,
+         {prep_xq6k, bytes_xq6k, run_tile<Q6KTile, MQ_Q6K_NX, MQ_Q6K_NW, 1>, prep_panel<false, quantize_block_simd>,
           panel_bytes, panel_gemm<PanelQ6K<int32_t>, PanelMicro>}},
     };
     return k;

@@ -75,11 +75,12 @@ const CpuFeatures& cpu_features() {
 
 // ------------------------------------------------------------------ paths
 // THE list of CPU paths, slowest first (best_path() takes the last one this
-// CPU runs). Adding a path (say "avxvnni"): a Path value (matmul.h), a kernel
-// file with its KernelTable (kernels.h), and one row here.
+// CPU runs). Adding a path: a Path value (matmul.h), a kernel file with its
+// KernelTable (kernels.h), and one row here.
 struct PathEntry {
     Path path;
     const char* name;
+    Path floats;  // the path whose float kernels (row ops, attention) it runs (float_path())
     // The CPU and OS can run the path's file; null: not in this build (SIMD paths off x86).
     bool (*supported)(const CpuFeatures&);
     const detail::KernelTable& (*kernels)();
@@ -102,18 +103,31 @@ static bool avx512_ok(const CpuFeatures& f) {
 #else
 #define MQ_X86_ONLY(...) nullptr
 #endif
+#if defined(MQ_X86) && defined(MQ_AVXVNNI_BUILD)
+// AVX-VNNI: CPUID.(EAX=7,ECX=1):EAX bit 4 (cpu_features().avxvnni), VEX-encoded, so
+// the YMM state the AVX2 check already asks of the OS is all it needs.
+static bool avxvnni_ok(const CpuFeatures& f) { return avx2_ok(f) && f.avxvnni; }
+#define MQ_AVXVNNI_ONLY(...) __VA_ARGS__
+#else
+#define MQ_AVXVNNI_ONLY(...) nullptr
+#endif
 
 static const PathEntry kPaths[] = {
-    {Path::Scalar, "scalar", scalar_ok, detail::scalar_kernels, quantize_row_q8_K_ref, quantize_row_q8_0_ref,
-     read_sum_portable},
-    {Path::AVX2, "avx2", MQ_X86_ONLY(avx2_ok), MQ_X86_ONLY(detail::avx2_kernels),
+    {Path::Scalar, "scalar", Path::Scalar, scalar_ok, detail::scalar_kernels, quantize_row_q8_K_ref,
+     quantize_row_q8_0_ref, read_sum_portable},
+    {Path::AVX2, "avx2", Path::AVX2, MQ_X86_ONLY(avx2_ok), MQ_X86_ONLY(detail::avx2_kernels),
      MQ_X86_ONLY(detail::quantize_row_q8_K_avx2), MQ_X86_ONLY(detail::quantize_row_q8_0_avx2),
      MQ_X86_ONLY(detail::read_sum_avx2)},
-    {Path::AVX512, "avx512", MQ_X86_ONLY(avx512_ok), MQ_X86_ONLY(detail::avx512_kernels),
+    // Before avx512: AVX-512 CPUs have AVX-VNNI too and take avx512; AVX2-only ones with it take this.
+    {Path::AVXVNNI, "avxvnni", Path::AVX2, MQ_AVXVNNI_ONLY(avxvnni_ok), MQ_AVXVNNI_ONLY(detail::avxvnni_kernels),
+     MQ_X86_ONLY(detail::quantize_row_q8_K_avx2), MQ_X86_ONLY(detail::quantize_row_q8_0_avx2),
+     MQ_X86_ONLY(detail::read_sum_avx2)},
+    {Path::AVX512, "avx512", Path::AVX512, MQ_X86_ONLY(avx512_ok), MQ_X86_ONLY(detail::avx512_kernels),
      MQ_X86_ONLY(detail::quantize_row_q8_K_avx512), MQ_X86_ONLY(detail::quantize_row_q8_0_avx512),
      MQ_X86_ONLY(detail::read_sum_avx512)},
 };
 #undef MQ_X86_ONLY
+#undef MQ_AVXVNNI_ONLY
 
 static const PathEntry& entry(Path p) {
     for (const PathEntry& e : kPaths)
@@ -124,6 +138,7 @@ static bool path_supported(const PathEntry& e) { return e.supported && e.support
 static bool path_supported(Path p) { return path_supported(entry(p)); }
 
 const char* path_name(Path p) { return entry(p).name; }
+Path float_path(Path p) { return entry(p).floats; }
 
 Path best_path() {
     Path best = Path::Scalar;
@@ -139,7 +154,7 @@ std::vector<std::string> available_paths() {
     return out;
 }
 
-static std::string path_names() {  // "scalar, avx2 or avx512"
+static std::string path_names() {  // "scalar, avx2, avxvnni or avx512"
     std::string s;
     const size_t n = sizeof(kPaths) / sizeof(kPaths[0]);
     for (size_t i = 0; i < n; i++) s += std::string(i == 0 ? "" : i + 1 == n ? " or " : ", ") + kPaths[i].name;

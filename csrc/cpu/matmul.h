@@ -5,8 +5,9 @@
 //   Y : float32 [M, N], row-major, row stride ldy (floats)
 //
 // Fused: W is never dequantized into a full float matrix. Paths (scalar
-// reference, AVX2, AVX-512) are chosen at run time from CPU features; the
-// MLLAMA_Q_CPU_PATH environment variable (scalar|avx2|avx512) or
+// reference, AVX2, AVX-VNNI (AVX2 with vpdpbusd on ymm), AVX-512) are chosen at
+// run time from CPU features; the MLLAMA_Q_CPU_PATH environment variable
+// (scalar|avx2|avxvnni|avx512) or
 // set_cpu_path() forces one (tests use this to cover each path).
 #pragma once
 #include <cstdint>
@@ -19,7 +20,8 @@
 namespace mq::cpu {
 
 // The kernel paths; their names, CPU checks and kernel tables are the path table in matmul.cpp.
-enum class Path : int { Scalar = 0, AVX2 = 1, AVX512 = 2 };
+// The values are ids (the table's order, not theirs, ranks the paths).
+enum class Path : int { Scalar = 0, AVX2 = 1, AVX512 = 2, AVXVNNI = 3 };
 
 struct CpuFeatures {
     bool avx2 = false, fma = false, f16c = false;
@@ -28,12 +30,16 @@ struct CpuFeatures {
 };
 const CpuFeatures& cpu_features();
 
-Path best_path();                            // fastest path this CPU supports
-Path active_path();                          // path in use (forced or best)
-void set_cpu_path(const std::string& name);  // "", "auto", "scalar", "avx2", "avx512"; throws if unsupported
+Path best_path();    // fastest path this CPU supports
+Path active_path();  // path in use (forced or best)
+// "", "auto", "scalar", "avx2", "avxvnni", "avx512"; throws if unsupported
+void set_cpu_path(const std::string& name);
 const char* path_name(Path p);
 Path path_by_name(const std::string& name);  // throws for unknown or unsupported names
 std::vector<std::string> available_paths();
+// The path whose float kernels (row ops, attention) path p uses: its own, except
+// avxvnni's, which are AVX2's (AVX-VNNI adds only int8 multiply-adds).
+Path float_path(Path p);
 
 // Throws std::invalid_argument on unsupported wtype or K not a multiple of its block.
 void matmul(const float* x, int64_t M, int64_t K, int64_t ldx, const void* w, DType wtype, int64_t N, float* y,

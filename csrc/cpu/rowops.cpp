@@ -47,8 +47,9 @@ const RowOps& row_ops_scalar() {
 
 const RowOps& row_ops() {
 #if defined(MQ_X86)
-    if (active_path() == Path::AVX512) return detail::row_ops_avx512();
-    if (active_path() == Path::AVX2) return detail::row_ops_avx2();
+    const Path p = float_path(active_path());
+    if (p == Path::AVX512) return detail::row_ops_avx512();
+    if (p == Path::AVX2) return detail::row_ops_avx2();
 #endif
     return detail::row_ops_scalar();
 }

@@ -1,6 +1,7 @@
 // 8-lane AVX2 + FMA vector ops for the CPU kernels written once over a vector
-// struct (attention_flash_impl.h, rowops_impl.h) and the AVX2 attention kernels.
-// Include only from *_avx2.cpp files (compiled with AVX2 + FMA); everything
+// struct (attention_flash_impl.h, rowops_impl.h), the AVX2 attention kernels and
+// the int8 multiply-adds of the AVX2 / AVX-VNNI matmul kernels (kernels_avx2.cpp).
+// Include only from *_avx2.cpp / *_avxvnni.cpp files (compiled with AVX2 + FMA); everything
 // here has internal linkage so no copy built for this ISA can be picked by the
 // linker for code compiled for another.
 #pragma once
@@ -30,6 +31,40 @@ inline __m256 exp8_nonpos(__m256 x) {
     p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
     const __m256i bits = _mm256_add_epi32(_mm256_castps_si256(p), _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23));
     return _mm256_andnot_ps(_mm256_cmp_ps(x, lo, _CMP_LT_OQ), _mm256_castsi256_ps(bits));
+}
+
+// ---- int8 multiply-adds of the quantized kernels. kernels_avx2.cpp is compiled twice: as the avx2
+// path, and by kernels_avxvnni.cpp with MQ_AVXVNNI defined and -mavxvnni as the avxvnni path
+// (Alder Lake and later Intel cores, Zen 4 and later: the VEX-encoded vpdpbusd / vpdpwssd on ymm,
+// without AVX-512). Only these helpers (and what the kernels build on kVnni) differ between the two;
+// both give the same int32 results wherever the AVX2 sequence does not saturate (see dot_u8s8_add).
+#if defined(MQ_AVXVNNI)
+constexpr bool kVnni = true;
+#else
+constexpr bool kVnni = false;
+#endif
+
+// acc + per int32 lane l: sum over k < 4 of u[4l + k] (unsigned bytes) * s[4l + k] (signed bytes).
+// AVX2: vpmaddubsw (pairs -> int16, SATURATING) + vpmaddwd with ones + vpaddd, exact only while
+// every pair sum u0*s0 + u1*s1 fits in int16 (each caller states its bound); AVX-VNNI: one
+// vpdpbusd, which never saturates, so the two agree exactly wherever the AVX2 one is exact.
+inline __m256i dot_u8s8_add(__m256i acc, __m256i u, __m256i s) {
+#if defined(MQ_AVXVNNI)
+    return _mm256_dpbusd_avx_epi32(acc, u, s);
+#else
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+#endif
+}
+
+// acc + per int32 lane a[2l] * b[2l] + a[2l + 1] * b[2l + 1] (int16 pairs): vpmaddwd + vpaddd, or one
+// vpdpwssd (AVX-VNNI). The same bits (both wrap in int32; the int16 products cannot overflow a pair sum
+// unless both pairs are -32768 * -32768, which no caller produces).
+inline __m256i madd16_add(__m256i acc, __m256i a, __m256i b) {
+#if defined(MQ_AVXVNNI)
+    return _mm256_dpwssd_avx_epi32(acc, a, b);
+#else
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b));
+#endif
 }
 
 struct V256 {

@@ -432,18 +432,20 @@ bool isa_supported(int isa) {
 
 int best_isa() { return isa_supported(kAVX2) ? kAVX2 : kScalar; }
 
-// "avx512" (a kernel path name) selects the AVX2 quantizer on CPUs with AVX-512.
+// "avxvnni" / "avx512" (kernel path names) select the AVX2 quantizer (it has no
+// int8 multiply-adds for VNNI to speed up), on CPUs with AVX2 / AVX-512.
 int parse_isa(const std::string& name) {
     if (name.empty() || name == "auto") return best_isa();
     if (name == "scalar") return kScalar;
     bool ok = false;
 #ifdef MQ_QUANT_X86
     __builtin_cpu_init();
-    if (name == "avx2") ok = __builtin_cpu_supports("avx2");
+    if (name == "avx2" || name == "avxvnni") ok = __builtin_cpu_supports("avx2");
     else if (name == "avx512") ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx2");
 #endif
-    if (name != "avx2" && name != "avx512")
-        throw std::invalid_argument("unknown quantizer path '" + name + "' (expected auto, scalar, avx2, avx512)");
+    if (name != "avx2" && name != "avxvnni" && name != "avx512")
+        throw std::invalid_argument("unknown quantizer path '" + name +
+                                    "' (expected auto, scalar, avx2, avxvnni, avx512)");
     if (!ok) throw std::invalid_argument("quantizer path '" + name + "' is not supported by this CPU");
     return kAVX2;
 }
