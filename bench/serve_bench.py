@@ -111,6 +111,11 @@ def _stream_ollama(url: str, body: dict, client: httpx.Client) -> dict:
     return {"ttft": ttft or wall, "wall": wall, "tokens": final["eval_count"], "text": "".join(parts)}
 
 
+def _interval_args(args) -> list[str]:
+    """The server's --stream-interval-ms when the benchmark sets it (else the server's default)."""
+    return [] if args.stream_interval_ms is None else ["--stream-interval-ms", str(args.stream_interval_ms)]
+
+
 def _cpu_s(pid: int) -> float:
     """CPU time (user + system, every thread, exited ones too) of another process so far."""
     st = Path(f"/proc/{pid}/stat").read_text()
@@ -141,8 +146,11 @@ def overhead(args) -> dict:
     body = _chat_body(args.n_gen, PROMPT)
     runs: dict = {"python_api": [], "openai_sse": [], "ollama_ndjson": [], "openai_nonstream": []}
     cpu: dict = {k: [] for k in runs}  # CPU us per token: python_api, or (server, client) for HTTP
+    chunks: list[int] = []  # text chunks of each OpenAI SSE run (fewer than tokens: merged pieces)
     with (
-        ServerProcess(path, "--parallel", "1", "--n-ctx", str(args.n_ctx), "--alias", "bench") as srv,
+        ServerProcess(
+            path, "--parallel", "1", "--n-ctx", str(args.n_ctx), "--alias", "bench", *_interval_args(args)
+        ) as srv,
         httpx.Client(timeout=600) as client,
     ):
         model.generate(messages=msgs, max_new_tokens=8, temperature=0)  # warm-up both
@@ -164,6 +172,7 @@ def overhead(args) -> dict:
             http_cpu("openai_sse", c0, s0, n_tok)
             assert r["tokens"] == n_tok and r["text"] == text, "HTTP and Python API disagree"
             runs["openai_sse"].append(r["tokens"] / r["wall"])
+            chunks.append(len(r["chunk_times"]))
             c0, s0 = time.process_time(), _cpu_s(pid)
             o = _stream_ollama(
                 srv.url,
@@ -177,7 +186,8 @@ def overhead(args) -> dict:
             j = client.post(srv.url + "/v1/chat/completions", json={**body, "stream": False}).json()
             runs["openai_nonstream"].append(j["usage"]["completion_tokens"] / (time.perf_counter() - t0))
             http_cpu("openai_nonstream", c0, s0, n_tok)
-    out: dict = {"n_gen": n_tok, "repeat": args.repeat}
+    out: dict = {"n_gen": n_tok, "repeat": args.repeat, "stream_interval_ms": args.stream_interval_ms}
+    out["openai_sse_text_chunks"] = chunks
     for k, v in runs.items():
         out[f"{k}_tok_s"] = statistics.median(v)
         out[f"{k}_tok_s_all"] = [round(x, 1) for x in v]
@@ -213,6 +223,7 @@ def concurrency(args) -> dict:
         "--alias",
         "bench",
         *(["--threads", str(args.threads)] if args.threads else []),
+        *_interval_args(args),
     ) as srv:
         with httpx.Client(timeout=3600) as c:
             _stream_openai(srv.url, _chat_body(2, "warm up"), c)
@@ -307,6 +318,7 @@ def followup(args) -> dict:
             "--alias",
             "bench",
             *(["--threads", str(args.threads)] if args.threads else []),
+            *_interval_args(args),
         ) as srv,
         httpx.Client(timeout=3600) as c,
     ):
@@ -345,6 +357,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=1, help="concurrency: repeat the client counts; keep the best")
     ap.add_argument("--tiles", type=int, default=4, choices=[1, 2, 4])
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--stream-interval-ms", type=float, default=None, help="the server's option (default: its default)")
     ap.add_argument("--json", default=None, help="also write the result here")
     args = ap.parse_args(argv)
     args.synthetic = args.synthetic or ("tiny" if args.mode == "overhead" else "11b")

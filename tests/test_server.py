@@ -938,9 +938,41 @@ def test_cli_exits_on_a_bad_model(tmp_path, child_env):
         s.stop()
     assert any("mllama-q serve: error:" in ln and "bad.gguf" in ln for ln in s.lines), "".join(s.lines)
     args = [sys.executable, "-m", "mllama_q", "serve", "-m", str(bad)]
-    for extra in (["--port", "70000"], ["--parallel", "0"], ["--n-ctx", "4"]):
+    for extra in (["--port", "70000"], ["--parallel", "0"], ["--n-ctx", "4"], ["--stream-interval-ms", "-1"]):
         r = subprocess.run(args + extra, capture_output=True, text=True, timeout=60, env=child_env())
         assert r.returncode == 2 and "error" in r.stderr, extra
+
+
+def test_stream_interval_merges_fast_tokens(tiny_path, ref):
+    """--stream-interval-ms: a model faster than the interval gets its tokens merged into chunks
+    at least that far apart, the first one is not held back to the end, and the text is still
+    exactly the Python API's."""
+    interval = 0.25
+    messages = [{"role": "user", "content": "Go on forever."}]
+    want = _expect(ref, messages, max_new_tokens=1500)
+    # the reference must run for several intervals, or the chunk counts below would not tell
+    # merging from not merging
+    assert want.completion_tokens == 1500, want.stop_reason
+    body = {"model": MODEL, "messages": messages, "max_tokens": 1500, "temperature": 0, "stream": True}
+    with LiveServer(
+        tiny_path, "--n-ctx", str(N_CTX), "--alias", MODEL, "--stream-interval-ms", str(interval * 1e3)
+    ) as s:
+        t0 = time.monotonic()
+        with httpx.stream("POST", s.url + "/v1/chat/completions", json=body, timeout=120) as r:
+            pieces = []
+            for ln in r.iter_lines():
+                if ln.startswith("data: {"):
+                    c = json.loads(ln[len("data: ") :])["choices"][0]["delta"].get("content")
+                    if c:
+                        pieces.append(c)
+        wall = time.monotonic() - t0
+    assert "".join(pieces) == want.text
+    # one chunk per token would be 1500 chunks; merged, there is at most one per interval
+    # (+1: the first goes out at once, +1: the end may flush a last partial interval)
+    assert len(pieces) <= 2 + wall / interval, (len(pieces), wall)
+    # the first chunk went out before the generation ended (it is never delayed), so it holds
+    # fewer than all the tokens
+    assert len(pieces) >= 2 and len(pieces[0]) < len(want.text)
 
 
 def test_busy_port(tiny_path, child_env):

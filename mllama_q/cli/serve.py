@@ -95,6 +95,14 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--max-images", type=int, default=4, metavar="N", help="images per request, history included (default 4)"
     )
+    ap.add_argument(
+        "--stream-interval-ms",
+        type=float,
+        default=5.0,
+        metavar="MS",
+        help="shortest time between two streamed chunks: tokens generated faster are sent together "
+        "(the first is never delayed; default 5, 0: one chunk per token)",
+    )
     ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return ap
 
@@ -119,6 +127,8 @@ def _check(ap, args) -> None:
     for flag, value in (("--max-body-mb", args.max_body_mb), ("--max-image-mb", args.max_image_mb)):
         if not value > 0:
             ap.error(f"{flag} must be > 0, got {value}")
+    if not 0 <= args.stream_interval_ms <= 1000:
+        ap.error(f"--stream-interval-ms must be in 0..1000, got {args.stream_interval_ms}")
     check_device(ap, args.device)
     if args.api_key is not None and not args.api_key.strip():
         args.api_key = None
@@ -194,6 +204,7 @@ def main(argv=None) -> int:
         ),
         parallel=args.parallel,
         max_queue=args.max_queue,
+        stream_interval=args.stream_interval_ms / 1000,
     )
     names = args.alias or [None]
     if found is not None:

@@ -219,8 +219,10 @@ class Run:
         prepared: Prepared,
         cached_prefix: int,
         on_end: Callable[["Run", str, Any], None] | None = None,
+        stream_interval: float = 0.0,
     ):
         self._loop = loop
+        self._interval = stream_interval  # seconds: the shortest time between two streamed chunks
         self._items: collections.deque = collections.deque()
         self._lock = threading.Lock()
         self._waiter: asyncio.Future | None = None
@@ -331,11 +333,26 @@ class Run:
 
     async def events(self) -> AsyncIterator[tuple]:
         """The remaining events; text pieces queued together are merged into one (a client that
-        reads slower than the model generates gets fewer, longer chunks)."""
+        reads slower than the model generates gets fewer, longer chunks).
+
+        Chunks go out at most every `stream_interval` seconds: after a text chunk, the loop
+        sleeps out the rest of the interval before it looks again, and what queued meanwhile
+        goes out as one chunk. Each chunk costs the server ~50-100 us of CPU (loop wake-up, h11,
+        the loopback send; bench/results/2026-12-03-epyc-zen5-2c-serve.md 1c) on the cores the
+        model computes on, and the client as much again to parse it; a model faster than one
+        token per interval would otherwise pay that per token. The first chunk is never delayed
+        (the time to first token is unchanged) and a model slower than the interval (any real
+        checkpoint on a CPU) still gets one chunk per token."""
+        last = None  # loop time of the previous text chunk
         while True:
+            if last is not None and self._interval > 0:
+                wait = last + self._interval - self._loop.time()
+                if wait > 0:
+                    await asyncio.sleep(wait)  # a timer on the loop: no cross-thread wake-up
             items = await self._take()
             text = [ev[1] for ev in items if ev[0] == "text"]
             if text:
+                last = self._loop.time()
                 yield ("text", "".join(text))
             for ev in items:
                 if ev[0] in ("done", "error"):
@@ -388,6 +405,7 @@ class Engine:
         parallel: int = 1,
         max_queue: int = 64,
         similarity: float = 0.1,
+        stream_interval: float = 0.0,
     ):
         if (load is None) == (model is None):
             raise ValueError("give exactly one of load= or model=")
@@ -397,6 +415,9 @@ class Engine:
         self.parallel = parallel
         self.max_queue = max_queue
         self.similarity = similarity
+        if not 0 <= stream_interval <= 1:
+            raise ValueError(f"stream_interval must be in 0..1 seconds, got {stream_interval}")
+        self.stream_interval = stream_interval  # Run.events: shortest time between streamed chunks
         self.model = None
         self.pool: SlotPool | None = None
         self.state = "loading"
@@ -510,7 +531,9 @@ class Engine:
         self.require_ready()
         digests = [im.digest for im in prepared.request.images]
         slot, lcp = await self.pool.acquire(prepared.ids, digests)
-        run = Run(asyncio.get_running_loop(), slot, prepared, lcp, on_end=self._ended)
+        run = Run(
+            asyncio.get_running_loop(), slot, prepared, lcp, on_end=self._ended, stream_interval=self.stream_interval
+        )
         try:
             threading.Thread(target=self._setup, args=(run,), name=f"mllama-q-slot{slot.id}", daemon=True).start()
         except BaseException:
