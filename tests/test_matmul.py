@@ -164,9 +164,9 @@ def test_quantized_matmul_vs_float64(path, wtype):
         assert err.max() < 1e-5, (path, wtype, m, n, k, err.max())
 
 
-# The panel route (M >= 16 where a path has one: Q4_K/Q6_K on AVX2 and AVX-512, Q8_0 on
-# AVX2): a second panel of 1 row (M = 17), several panel chunks of 8 panels (M = 300:
-# 19 panels, the last with 12 rows), odd N (W groups of 4 / 2 / 1, two 32-row W
+# The panel route (M >= 16 where a path has one: Q4_K/Q6_K/Q8_0 on AVX2 and AVX-512, whose
+# Q8_0 panel shifts W by 128): a second panel of 1 row (M = 17), several panel chunks of 8
+# panels (M = 300: 19 panels, the last with 12 rows), odd N (W groups of 4 / 2 / 1, two 32-row W
 # chunks for N = 37) and an odd Q8_0 block count (K = 800: 25 blocks).
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("wtype", ["q8_0", "q4_k", "q6_k"])

@@ -13,7 +13,7 @@
 //    vpdpwssd with the int16 sub-block scales -> int32, then the float FMAs, for
 //    K <= kPairMaxK once per PAIR of blocks (the two blocks' sums share one vector:
 //    XQ4KPair, XQ6KPair, pair_isum); Q8_0: W shifted to unsigned, vpdpbusd (see Q80Tile).
-//  * panel GEMM (Q4_K, Q6_K with M >= 16): see "panel GEMM" below; about
+//  * panel GEMM (Q4_K, Q6_K, Q8_0 with M >= 16): see "panel GEMM" below; about
 //    twice the tile kernels' speed at M = 512.
 //  * activation quantizers (Q8_K, Q8_0) giving ggml's reference bytes.
 // MQ_Q4K_NX/NW, MQ_Q6K_NX/NW: tile sizes. With the panel GEMM taking M >= 16, the
@@ -750,6 +750,53 @@ struct PanelMicro {
     }
 };
 
+// ---------------------------------------------------------------- Q8_0 panel GEMM (M >= 16)
+// X panel of Q8_0 quants (panel_gemm.h): one zmm holds a group of the whole panel
+// (16 rows x 4 consecutive k), so each 4-byte W broadcast serves 16 rows, and one
+// vpdpbusd does 64 multiply-adds (the Q80Tile above: one vpdpbusd + cvt + mul + FMA
+// per 64 MACs of one X row and W row). W is unpacked to u = w + 128 (PanelQ80U):
+// sum_k u_k x_k = sum_k w_k x_k + 128 sum_k x_k, and c = 128 * sum_k x_k of each
+// row is one more vpdpbusd per group (0x80 bytes x the codes), shared by every W
+// row of the call. Exact int32 sums (|u x| <= 255 * 127, 32 of them: < 2^21), the
+// same as dot_q8_0's sumi; then y += (dw * dx) * sumi in float (only the float
+// order differs from the scalar reference). NWR = 8: 8 int32 + 8 float
+// accumulators, the codes and c: 18 of the 32 zmm.
+template <int NWR>
+void panel_micro_q8_0(const WUnpQ80U* wu, int64_t nb, const uint8_t* panel, float* out) {
+    const __m512i k128 = _mm512_set1_epi8(char(0x80));
+    __m512 facc[NWR];
+    for (int t = 0; t < NWR; t++) facc[t] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t* P = panel + b * kPanelBlockQ80;
+        __m512i s1[NWR];
+        for (int t = 0; t < NWR; t++) s1[t] = _mm512_setzero_si512();
+        __m512i c = _mm512_setzero_si512();
+        for (int g = 0; g < 8; g++) {
+            const __m512i codes = _mm512_load_si512(P + 64 * g);
+            c = _mm512_dpbusd_epi32(c, k128, codes);
+            for (int t = 0; t < NWR; t++) {
+                int32_t u4;
+                std::memcpy(&u4, wu[t * nb + b].u + 4 * g, 4);
+                s1[t] = _mm512_dpbusd_epi32(s1[t], _mm512_set1_epi32(u4), codes);
+            }
+        }
+        const __m512 dx = _mm512_load_ps(reinterpret_cast<const float*>(P + 512));
+        for (int t = 0; t < NWR; t++) {
+            const __m512 f = _mm512_cvtepi32_ps(_mm512_sub_epi32(s1[t], c));
+            facc[t] = _mm512_fmadd_ps(f, _mm512_mul_ps(_mm512_set1_ps(wu[t * nb + b].d), dx), facc[t]);
+        }
+    }
+    for (int t = 0; t < NWR; t++) _mm512_storeu_ps(out + 16 * t, facc[t]);
+}
+
+struct PanelMicroQ80 {
+    static constexpr int kMaxRows = 8, kLanes = 16;
+    template <class U, int NWR>
+    static void run(const WUnpQ80U* wu, int64_t nb, const uint8_t* panel, int /*part: always 0*/, float* out) {
+        panel_micro_q8_0<NWR>(wu, nb, panel, out);
+    }
+};
+
 }  // namespace
 
 void quantize_row_q8_K_avx512(const float* x, block_q8_K* y, int64_t k) { prep_q8_K(x, y, k); }
@@ -781,7 +828,9 @@ const KernelTable& avx512_kernels() {
         {DType::F32, {nullptr, nullptr, run_tile<FloatTile<LoadF32>, 4>}},
         {DType::F16, {nullptr, nullptr, run_tile<FloatTile<LoadF16>, 4>}},
         {DType::BF16, {nullptr, nullptr, run_tile<FloatTile<LoadBF16>, 4>}},
-        {DType::Q8_0, {prep_xq8_pairs, bytes_xq8_pairs, run_tile<Q80Tile, 4, 4, 1>}},
+        {DType::Q8_0,
+         {prep_xq8_pairs, bytes_xq8_pairs, run_tile<Q80Tile, 4, 4, 1>, prep_panel_q8_0<quantize_q8_0_block>,
+          panel_bytes_q8_0, panel_gemm<PanelQ80U, PanelMicroQ80>}},
         {DType::Q4_K,
          {prep_xq4k, bytes_xq4k, run_tile<Q4KTile, MQ_Q4K_NX, MQ_Q4K_NW, 1>, prep_panel<true, quantize_block_simd>,
           panel_bytes, panel_gemm<PanelQ4K<int32_t>, PanelMicro>}},

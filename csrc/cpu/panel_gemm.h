@@ -17,8 +17,9 @@
 // Q8_0 X panel, per 32-value block, kPanelBlockQ80 bytes:
 //   q    [8 groups][16 rows][4]   Q8_0 quants (quantize_row_q8_0_ref's bytes)
 //   d    [16] float               each row's block scale (its fp16 d, widened)
-// Q8_0 W rows are unpacked per block into WUnpQ80: the 32 signed codes, their
-// absolute values (the unsigned operand of maddubs) and d as a float.
+// Q8_0 W rows are unpacked per block into WUnpQ80 (AVX2): the 32 signed codes, their
+// absolute values (the unsigned operand of maddubs) and d as a float; or into
+// WUnpQ80U (AVX-512): the codes + 128 and d.
 //
 #pragma once
 #include <cstdint>
@@ -190,6 +191,25 @@ struct PanelQ80 {
     using WUnp = WUnpQ80;
     static constexpr int64_t kBlock = QK8_0;
     static void unpack(const uint8_t* row, int64_t nb, WUnp* out) { unpack_w_q8_0(row, nb, out); }
+};
+
+// Q8_0 W rows for vpdpbusd (AVX-512 VNNI: unsigned x signed bytes, no vpsignb on zmm):
+// the codes shifted to unsigned, u = w + 128 (an XOR with 0x80), and d as a float; the
+// micro-kernel takes the extra 128 * sum(x) off per block.
+struct WUnpQ80U {
+    uint8_t u[QK8_0];  // w + 128
+    float d;
+};
+struct PanelQ80U {
+    using WUnp = WUnpQ80U;
+    static constexpr int64_t kBlock = QK8_0;
+    static void unpack(const uint8_t* row, int64_t nb, WUnp* out) {
+        const block_q8_0* wb = reinterpret_cast<const block_q8_0*>(row);
+        for (int64_t b = 0; b < nb; b++) {
+            for (int l = 0; l < QK8_0; l++) out[b].u[l] = uint8_t(wb[b].qs[l]) ^ 0x80u;
+            out[b].d = fp16_to_fp32(wb[b].d);
+        }
+    }
 };
 
 // The driver. W rows are unpacked Micro::kMaxRows at a time (once per task and
