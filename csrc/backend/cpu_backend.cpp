@@ -302,6 +302,8 @@ public:
                             DType kv_type, int64_t kv_stride, int n_head, int n_kv_head, int hd, float scale) override {
         // Always the direct kernel: its result per row does not depend on the
         // call's shape (csrc/cpu/attention.h), which the flash kernel's does.
+        Timed t;
+        double flop = 0;  // the two products over every (query, key) pair (causal not subtracted)
         for (int s = 0; s < n_segs; s++) {
             const AttnSegment& g = segs_host[s];
             if (g.n_q <= 0) continue;
@@ -309,7 +311,11 @@ public:
             const int64_t off = g.q_row * n_head * hd;
             cpu::attention_direct(q + off, g.k, g.v, kv_type, kv_stride, out + off, g.n_q, g.n_k, n_head, n_kv_head, hd,
                                   scale, nullptr, 0, g.causal != 0, g.q_offset, pool_);
+            flop += 4.0 * g.n_q * g.n_k * hd * n_head;
         }
+        t.done(
+            "attention_segments", [&] { return "heads=" + str(n_head) + "/" + str(n_kv_head) + " hd=" + str(hd); },
+            flop, 0);
     }
 
     // ---- sampling ---------------------------------------------------------
