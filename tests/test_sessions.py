@@ -302,7 +302,7 @@ def test_too_many_sessions_and_one_shot_calls(files):
     with m.session() as c:
         # one token is sampled, whether or not it is a stop token (the tiny model's choice)
         r = c.generate(prompt="x", max_new_tokens=1, seed=0)
-        assert r.prompt_tokens == 3 and r.completion_tokens + (r.stop_reason == "stop_token") == 1
+        assert r.prompt_tokens == 3 and (r.completion_tokens, r.stop_reason) in ((1, "length"), (0, "stop_token"))
     assert m.n_past == 0
     a.close()
     with pytest.raises(RuntimeError, match="closed"):
