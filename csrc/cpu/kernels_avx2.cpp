@@ -365,6 +365,13 @@ struct Q80Tile {
 //   Q4_K: y += dx * (d * s1 - dmin * s2)      Q6_K: y += dx * d * (s1 - s2)
 using WUnp = WUnpT<int16_t>;
 
+// An empty asm that takes v in a ymm register and may change it: GCC must then add each
+// group's products into the accumulator in order. Without it GCC 12 -O3 reassociates the
+// int16 sums of the CH unrolled groups (all CH x NWR maddubs products first, then one add
+// tree: 32 live ymm for Q4_K) and spilled them to the stack. Q4_K M = 256, one thread, this
+// Zen 4: 154-162 -> 188-197 GFLOP/s (bench/results/2026-12-04-epyc-zen4-2c-peer.md section 4).
+inline void keep_in_register(__m256i& v) { asm("" : "+x"(v)); }
+
 // NWR W rows (row t: nb unpacked blocks at wu + t * nb) against half `hf` (rows 8hf..8hf+7)
 // of one panel: out[t * 16 + 8 * hf + i] = dot(W row t, X row 8hf + i).
 template <bool Q4, int NWR>
@@ -393,6 +400,7 @@ void panel_micro(const WUnp* wu, int64_t nb, const uint8_t* panel, int hf, float
                         std::memcpy(&w4, wu[t * nb + b].q + 4 * g, 4);
                         if constexpr (kVnni) a[t] = dot_u8s8_add(a[t], _mm256_set1_epi32(w4), codes);
                         else a[t] = _mm256_add_epi16(a[t], _mm256_maddubs_epi16(_mm256_set1_epi32(w4), codes));
+                        keep_in_register(a[t]);  // in order: no add tree over the unrolled groups
                     }
                 }
                 for (int t = 0; t < NWR; t++) {
