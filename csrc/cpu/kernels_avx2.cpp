@@ -228,6 +228,7 @@ struct Q4KTile {
                             _mm256_maddubs_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 32)));
                         // (vpdpwssd into the fresh product, not into isum: no chain of them across g)
                         isum[i] = _mm256_add_epi32(isum[i], madd16_add(_mm256_madd_epi16(p0, slo), p1, shi));
+                        keep_in_register(isum[i]);
                     }
                 }
                 const __m256i mdup = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(mv, mv));  // m0,m0,m1,m1,..
@@ -293,6 +294,7 @@ struct Q6KTile {
                             const __m256i p =
                                 _mm256_maddubs_epi16(q[g], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq)));
                             isum[i] = madd16_add(isum[i], p, sv);
+                            keep_in_register(isum[i]);
                         }
                     }
                 }
@@ -365,13 +367,6 @@ struct Q80Tile {
 //   Q4_K: y += dx * (d * s1 - dmin * s2)      Q6_K: y += dx * d * (s1 - s2)
 using WUnp = WUnpT<int16_t>;
 
-// An empty asm that takes v in a ymm register and may change it: GCC must then add each
-// group's products into the accumulator in order. Without it GCC 12 -O3 reassociates the
-// int16 sums of the CH unrolled groups (all CH x NWR maddubs products first, then one add
-// tree: 32 live ymm for Q4_K) and spilled them to the stack. Q4_K M = 256, one thread, this
-// Zen 4: 154-162 -> 188-197 GFLOP/s (bench/results/2026-12-04-epyc-zen4-2c-peer.md section 4).
-inline void keep_in_register(__m256i& v) { asm("" : "+x"(v)); }
-
 // NWR W rows (row t: nb unpacked blocks at wu + t * nb) against half `hf` (rows 8hf..8hf+7)
 // of one panel: out[t * 16 + 8 * hf + i] = dot(W row t, X row 8hf + i).
 template <bool Q4, int NWR>
@@ -415,8 +410,10 @@ void panel_micro(const WUnp* wu, int64_t nb, const uint8_t* panel, int hf, float
         for (int t = 0; t < NWR; t++) s2[t] = _mm256_setzero_si256();
         for (int pp = 0; pp < NSUB / 2; pp++) {
             const __m256i bsv = _mm256_load_si256(reinterpret_cast<const __m256i*>(P + 4096 + 64 + 64 * pp + 32 * hf));
-            for (int t = 0; t < NWR; t++)
+            for (int t = 0; t < NWR; t++) {
                 s2[t] = madd16_add(s2[t], bsv, _mm256_set1_epi32(int32_t(wu[t * nb + b].cm2[pp])));
+                keep_in_register(s2[t]);
+            }
         }
         const __m256 dx = _mm256_load_ps(reinterpret_cast<const float*>(P + 4096) + 8 * hf);
         for (int t = 0; t < NWR; t++) {

@@ -44,6 +44,14 @@ constexpr bool kVnni = true;
 constexpr bool kVnni = false;
 #endif
 
+// An empty asm that takes v in a ymm register and may change it: GCC must then add each
+// step's products into the accumulator in order. Without it GCC 12 -O3 reassociates integer
+// sums over unrolled loops (all the products first, then one add tree: in the K-quant panel
+// micro-kernel 32 live ymm for Q4_K) and spills them to the stack. Q4_K panel, M = 256, one
+// thread, Zen 4: 154-162 -> 188-197 GFLOP/s (bench/results/2026-12-04-epyc-zen4-2c-peer.md
+// section 4). Integer adds: the results are the same bits either way.
+inline void keep_in_register(__m256i& v) { asm("" : "+x"(v)); }
+
 // acc + per int32 lane l: sum over k < 4 of u[4l + k] (unsigned bytes) * s[4l + k] (signed bytes).
 // AVX2: vpmaddubsw (pairs -> int16, SATURATING) + vpmaddwd with ones + vpaddd, exact only while
 // every pair sum u0*s0 + u1*s1 fits in int16 (each caller states its bound); AVX-VNNI: one
