@@ -14,6 +14,8 @@
 //              sign trick, what the Q8_0 kernels need (kernels_avx2.cpp PanelMicroQ80)
 //   u8 seq     vpmaddubsw + vpaddw: unsigned codes x signed bytes summed in int16, what the
 //              Q4_K panel's inner loop needs (4-bit codes leave room in int16)
+// And zmm vpdpbusd (AVX-512 VNNI; 6 independent chains, 64 multiply-adds each): the rate the
+// AVX-512 tiles and panels are judged against (it faults without AVX512_VNNI).
 #include <immintrin.h>
 #include <chrono>
 #include <cstdio>
@@ -66,10 +68,22 @@ __attribute__((target("avx2"),noinline)) double q8seq(long iters){
 __attribute__((target("avx2"),noinline)) double u8seq(long iters){
   I8_LOOP(U8SEQ(0,6) U8SEQ(1,7) U8SEQ(2,8) U8SEQ(3,9) U8SEQ(4,10) U8SEQ(5,11))
 }
+#define DPSEQ(A) "vpdpbusd %%zmm14,%%zmm15,%%zmm" #A "\n"
+__attribute__((target("avx512f,avx512vnni"),noinline)) double dpseq(long iters){
+  double t0=cpu_now();
+  __asm__ volatile(
+   "vpxord %%zmm0,%%zmm0,%%zmm0\n vpxord %%zmm1,%%zmm1,%%zmm1\n vpxord %%zmm2,%%zmm2,%%zmm2\n"
+   "vpxord %%zmm3,%%zmm3,%%zmm3\n vpxord %%zmm4,%%zmm4,%%zmm4\n vpxord %%zmm5,%%zmm5,%%zmm5\n"
+   "1:\n" DPSEQ(0) DPSEQ(1) DPSEQ(2) DPSEQ(3) DPSEQ(4) DPSEQ(5) "dec %0\n jnz 1b\n" : "+r"(iters) ::
+   "xmm0","xmm1","xmm2","xmm3","xmm4","xmm5","cc");
+  return cpu_now()-t0;
+}
 int main(){ long it=300000000;
  for(int rep=0;rep<3;rep++){
   double s=r256(it); printf("ymm FMA: %.1f GFLOP/s (%.2f G instr/s)\n", 10.0*it*16/s/1e9, 10.0*it/s/1e9);
   s=r512(it); printf("zmm FMA: %.1f GFLOP/s (%.2f G instr/s)\n", 10.0*it*32/s/1e9, 10.0*it/s/1e9);
   s=q8seq(it/2); printf("ymm int8, q8_0 seq (sign+maddubs+madd+add): %.1f GOP/s\n", 6.0*(it/2)*64/s/1e9);
-  s=u8seq(it/2); printf("ymm int8, u8 seq (maddubs+addw): %.1f GOP/s\n", 6.0*(it/2)*64/s/1e9);}
+  s=u8seq(it/2); printf("ymm int8, u8 seq (maddubs+addw): %.1f GOP/s\n", 6.0*(it/2)*64/s/1e9);
+  if(__builtin_cpu_supports("avx512vnni")){
+   s=dpseq(it/2); printf("zmm vpdpbusd: %.1f GOP/s (%.2f G instr/s)\n", 6.0*(it/2)*128/s/1e9, 6.0*(it/2)/s/1e9);}}
 }
