@@ -18,7 +18,8 @@
 // sub-block product d * sc, exact: fp16 x 6-bit integer fits float's 24 bits).
 //
 //   g++ -O3 -std=c++17 -mavx512f -mavx512bw -mavx512vl -mavx512dq -mavx512vnni -mavx2 -mfma -mf16c -mbmi2 \
-//       -Icsrc bench/q4k_lane_proto.cpp csrc/quants/*.cpp csrc/common/formats.cpp -o /tmp/q4k_lane -pthread
+//       -DMQ_X86 -Icsrc bench/q4k_lane_proto.cpp csrc/quants/*.cpp csrc/common/formats.cpp csrc/common/env.cpp \
+//       -o /tmp/q4k_lane -pthread   [-DLANE_CHAINS=1|2|4|8: independent vpdpbusd chains per row, default 2]
 //   /tmp/q4k_lane [N K M threads]      (default 14336 4096 4 1)
 //
 // Result (AMD EPYC Zen 4, 2 cores, 2026-12-04; bench/results/2026-12-04-epyc-zen4-2c-peer.md
@@ -44,9 +45,9 @@ namespace {
 
 // ggml's Q4_K block pair with the quants in the lane layout (same 288 bytes as two blocks).
 struct LanePair {
-    uint8_t qs[4][64];        // P[r], see the file comment
-    uint8_t scales[2][12];    // each block's packed 6-bit scales / mins, as in the file
-    uint32_t dd[2];           // d | dmin << 16 (fp16 bits) of each block
+    uint8_t qs[4][64];      // P[r], see the file comment
+    uint8_t scales[2][12];  // each block's packed 6-bit scales / mins, as in the file
+    uint32_t dd[2];         // d | dmin << 16 (fp16 bits) of each block
 };
 static_assert(sizeof(LanePair) == 2 * sizeof(block_q4_K), "same bytes as two blocks");
 
@@ -101,7 +102,8 @@ void prep_lane_x(const float* x, int64_t K, LaneX* out) {
 }
 
 template <int NX>
-__attribute__((noinline)) void lane_tile(const LanePair* w, int64_t np, const LaneX* x, size_t xs_pairs, float* y, int64_t ldy) {
+__attribute__((noinline)) void lane_tile(const LanePair* w, int64_t np, const LaneX* x, size_t xs_pairs, float* y,
+                                         int64_t ldy) {
     const __m512i m4 = _mm512_set1_epi8(0x0F);
     const __m512i lo_idx = _mm512_set_epi32(2, 2, 2, 2, 2, 2, 2, 2, 0, 0, 0, 0, 0, 0, 0, 0);
     const __m512i hi_idx = _mm512_set_epi32(3, 3, 3, 3, 3, 3, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1);
@@ -120,10 +122,12 @@ __attribute__((noinline)) void lane_tile(const LanePair* w, int64_t np, const La
         unpack_q4_K_scales(wp.scales[0], &sa, &ma);
         unpack_q4_K_scales(wp.scales[1], &sc, &mc);
         const __m512 f4 = pair_f4(wp.dd[0], wp.dd[1]);  // [d0, dmin0, d1, dmin1]
-        const __m512 ws = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_set_epi64x(int64_t(sc), int64_t(sa)))),
-                                        _mm512_permutexvar_ps(lo_idx, f4));
-        const __m512 wm = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_set_epi64x(int64_t(mc), int64_t(ma)))),
-                                        _mm512_permutexvar_ps(hi_idx, f4));
+        const __m512 ws =
+            _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_set_epi64x(int64_t(sc), int64_t(sa)))),
+                          _mm512_permutexvar_ps(lo_idx, f4));
+        const __m512 wm =
+            _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_set_epi64x(int64_t(mc), int64_t(ma)))),
+                          _mm512_permutexvar_ps(hi_idx, f4));
         for (int i = 0; i < NX; i++) {
             const LaneX& xp = x[i * xs_pairs + p];
 #ifndef LANE_CHAINS
@@ -157,8 +161,7 @@ template <class F>
 void parallel_rows(int64_t N, int threads, F f) {
     if (threads == 1) return f(0, N);  // no thread start in the timed region
     std::vector<std::thread> ts;
-    for (int t = 0; t < threads; t++)
-        ts.emplace_back([=] { f(N * t / threads, N * (t + 1) / threads); });
+    for (int t = 0; t < threads; t++) ts.emplace_back([=] { f(N * t / threads, N * (t + 1) / threads); });
     for (auto& t : ts) t.join();
 }
 
@@ -241,8 +244,8 @@ int main(int argc, char** argv) {
         eb = std::max(eb, std::fabs(yb[k] - yref[k]));
         scale = std::max(scale, std::fabs(yref[k]));
     }
-    printf("N=%lld K=%lld M=%d threads=%d  max |err| / max |y|: today %.2e, lane %.2e\n", (long long)N,
-           (long long)K, M, threads, ea / scale, eb / scale);
+    printf("N=%lld K=%lld M=%d threads=%d  max |err| / max |y|: today %.2e, lane %.2e\n", (long long)N, (long long)K, M,
+           threads, ea / scale, eb / scale);
     // alternate the two kernels, best of 7 each
     double ta = 1e9, tb = 1e9;
     const int inner = std::max<int64_t>(1, 20000000 / (N * K));  // ~>= 10 ms per timed call
@@ -255,7 +258,8 @@ int main(int argc, char** argv) {
         tb = std::min(tb, (now() - t0) / inner);
     }
     const double gop = 2.0 * double(N) * double(K) * M * 1e-9;
-    printf("today (Q4KTile::run_pairs): %.3f ms  %.1f GOP/s\nlane layout:                %.3f ms  %.1f GOP/s  (%.2fx)\n",
-           ta * 1e3, gop / ta, tb * 1e3, gop / tb, ta / tb);
+    printf(
+        "today (Q4KTile::run_pairs): %.3f ms  %.1f GOP/s\nlane layout:                %.3f ms  %.1f GOP/s  (%.2fx)\n",
+        ta * 1e3, gop / ta, tb * 1e3, gop / tb, ta / tb);
     return 0;
 }
