@@ -23,10 +23,9 @@
 //   /tmp/q4k_lane [N K M threads]      (default 14336 4096 4 1)
 //
 // Result (AMD EPYC Zen 4, 2 cores, 2026-12-04; bench/results/2026-12-04-epyc-zen4-2c-peer.md
-// section 5): NOT a win where it matters. In L2 (N = 256, K = 4096, one thread) M = 4: today
-// ~200 GOP/s, lane ~160 (0.75-0.81x) whatever the chain count; M = 8: 1.06-1.10x. From DRAM
-// (N = 14336, 2 threads): M = 4 0.99-1.06x, M = 8 1.08-1.09x, M = 1 0.88-0.96x. The per-row
-// instruction count is not what bounds today's M = 4 tile; kept as a record of the experiment.
+// section 5): not worth a second layout. In L2 (N = 256, K = 4096, one thread) M = 4: today
+// ~200 GOP/s, lane 1.04-1.23x of that; from DRAM (N = 14336, 2 threads) M = 4 1.01-1.07x,
+// M = 8 1.01-1.19x, and M = 1 (decode) 0.77-0.96x. Kept as the record of the experiment.
 #include "cpu/kernels_avx512.cpp"  // Q4KTile, prep_xq4k, quantize_q8_K_block: the product's code as built
 
 #include <algorithm>
@@ -77,7 +76,7 @@ void repack_row(const block_q4_K* w, int64_t nb, LanePair* out) {
 }
 
 // X row per block pair, matching LanePair: XV[t] byte 4 * lane + b = quant (h, s, 4t + b).
-struct LaneX {
+struct alignas(64) LaneX {  // 64-byte aligned rows, as the product aligns its X rows (matmul.cpp)
     int8_t xv[8][64];
     float dx[16];  // lane 8h + s: dx of block h
     float dm[16];  // lane 8h + s: dx * (bsums[2s] + bsums[2s + 1]) of block h
@@ -184,7 +183,12 @@ int main(int argc, char** argv) {
     for (int64_t n = 0; n < N; n++) repack_row(w.data() + n * nb, nb, wl.data() + n * np);
     // X: the product's prepared rows (XQ4KPair) and the lane layout
     const size_t xb = bytes_xq4k(K);
-    std::vector<uint8_t> xq(xb * M);
+    // X rows 64-byte aligned, as matmul.cpp aligns them (xb is a multiple of 64: 640 B per pair)
+    std::vector<LaneX> xq_store(xb * M / sizeof(LaneX) + 1);
+    struct {
+        uint8_t* p;
+        uint8_t* data() { return p; }
+    } xq{reinterpret_cast<uint8_t*>(xq_store.data())};
     for (int i = 0; i < M; i++) prep_xq4k(xf.data() + i * K, xq.data() + i * xb, K);
     std::vector<LaneX> xl(size_t(M * np));
     for (int i = 0; i < M; i++) prep_lane_x(xf.data() + i * K, K, xl.data() + i * np);
