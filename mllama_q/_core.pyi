@@ -139,6 +139,10 @@ def sample_probs(
 def cpu_features() -> dict[str, bool]:
     """Instruction-set extensions of this CPU: avx2, fma, f16c, avx512f/bw/vl/dq/vnni/bf16, avxvnni."""
 
+def avxvnni_evex_build() -> bool:
+    """True only in the developer check build (CMake MLLAMA_Q_AVXVNNI_EVEX, csrc/README.md): the
+    avxvnni path built EVEX-encoded, so AVX-512 VNNI CPUs run it."""
+
 def profile_enable(on: bool = True, clock: str = "wall") -> None:
     """Turn the per-op profiler on or off (also MLLAMA_Q_PROFILE=1 at start). clock: 'wall', or
     'thread_cpu' (the calling thread's CPU time: immune to other processes, the whole op cost

@@ -187,6 +187,17 @@ void register_cpu(py::module_& m) {
         py::arg("logits"), py::arg("history"), py::arg("params"),
         "Sampling distribution f32 [V] of the CPU sampler; params (temperature, top_k, top_p, min_p, "
         "repetition_penalty, u).");
+    m.def(
+        "avxvnni_evex_build",
+        [] {
+#if defined(MQ_AVXVNNI_EVEX)
+            return true;
+#else
+            return false;
+#endif
+        },
+        "True only in the developer check build (CMake MLLAMA_Q_AVXVNNI_EVEX): the avxvnni path built "
+        "EVEX-encoded, so AVX-512 VNNI CPUs run it.");
     m.def("cpu_features", [] {
         const auto& f = cpu::cpu_features();
         py::dict d;

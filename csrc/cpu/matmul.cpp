@@ -106,7 +106,14 @@ static bool avx512_ok(const CpuFeatures& f) {
 #if defined(MQ_X86) && defined(MQ_AVXVNNI_BUILD)
 // AVX-VNNI: CPUID.(EAX=7,ECX=1):EAX bit 4 (cpu_features().avxvnni), VEX-encoded, so
 // the YMM state the AVX2 check already asks of the OS is all it needs.
+#if defined(MQ_AVXVNNI_EVEX)
+// The developer check build (CMake MLLAMA_Q_AVXVNNI_EVEX): the same kernels with the EVEX
+// encoding of vpdpbusd / vpdpwssd on ymm, which AVX512_VNNI + AVX512VL CPUs run (f.avx512* are
+// set only when the OS saves the AVX-512 state). best_path() still takes avx512 there.
+static bool avxvnni_ok(const CpuFeatures& f) { return avx2_ok(f) && f.avx512vl && f.avx512vnni; }
+#else
 static bool avxvnni_ok(const CpuFeatures& f) { return avx2_ok(f) && f.avxvnni; }
+#endif
 #define MQ_AVXVNNI_ONLY(...) __VA_ARGS__
 #else
 #define MQ_AVXVNNI_ONLY(...) nullptr

@@ -57,7 +57,9 @@ inline void keep_in_register(__m256i& v) { asm("" : "+x"(v)); }
 // every pair sum u0*s0 + u1*s1 fits in int16 (each caller states its bound); AVX-VNNI: one
 // vpdpbusd, which never saturates, so the two agree exactly wherever the AVX2 one is exact.
 inline __m256i dot_u8s8_add(__m256i acc, __m256i u, __m256i s) {
-#if defined(MQ_AVXVNNI)
+#if defined(MQ_AVXVNNI) && defined(MQ_AVXVNNI_EVEX)  // developer check build (CMake MLLAMA_Q_AVXVNNI_EVEX): EVEX
+    return _mm256_dpbusd_epi32(acc, u, s);
+#elif defined(MQ_AVXVNNI)
     return _mm256_dpbusd_avx_epi32(acc, u, s);
 #else
     return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
@@ -68,7 +70,9 @@ inline __m256i dot_u8s8_add(__m256i acc, __m256i u, __m256i s) {
 // vpdpwssd (AVX-VNNI). The same bits (both wrap in int32; the int16 products cannot overflow a pair sum
 // unless both pairs are -32768 * -32768, which no caller produces).
 inline __m256i madd16_add(__m256i acc, __m256i a, __m256i b) {
-#if defined(MQ_AVXVNNI)
+#if defined(MQ_AVXVNNI) && defined(MQ_AVXVNNI_EVEX)
+    return _mm256_dpwssd_epi32(acc, a, b);
+#elif defined(MQ_AVXVNNI)
     return _mm256_dpwssd_avx_epi32(acc, a, b);
 #else
     return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b));
