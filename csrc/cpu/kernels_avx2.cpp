@@ -496,6 +496,69 @@ struct PanelMicroQ80 {
     }
 };
 
+#if defined(MQ_AVXVNNI)
+// The avxvnni build's Q8_0 panel: vpdpbusd takes unsigned x signed bytes, so W goes in as
+// u = w + 128 (PanelQ80U, as the AVX-512 panel) and the extra 128 * sum(x) of each X row and
+// block comes off in int32: sum(u * x) - 128 * sum(x) = sum(w * x), the same exact sumi as the
+// sign trick, then the same float operations (so the same bits as the avx2 path). Per 4-k group
+// and W row: 1 broadcast + 2 vpdpbusd, where the sign trick takes 2 broadcasts, 2 vpsignb and 2
+// vpdpbusd. 128 * sum(x) per row (two ymm of 8 rows) is one more vpdpbusd of 0x80 bytes per
+// group and half panel, done after the W rows' pass so that only 16 sums + 2 X vectors + 1
+// broadcast are live in the hot loop (16 ymm without AVX-512). EVEX proxy measurement (Zen 4,
+// -DMLLAMA_Q_AVXVNNI_EVEX=ON): bench/results/2026-12-04-epyc-zen4-2c-vision.md section 6.
+template <int NWR>
+void panel_micro_q8_0_u(const WUnpQ80U* wu, int64_t nb, const uint8_t* panel, float* out) {
+    const __m256i k128 = _mm256_set1_epi8(static_cast<char>(0x80));
+    __m256 facc[NWR][2];
+    for (int t = 0; t < NWR; t++) facc[t][0] = facc[t][1] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t* P = panel + b * kPanelBlockQ80;
+        __m256i s1[NWR][2];  // int32 sum(u * x), lanes = the panel's rows 0..7 / 8..15
+        for (int t = 0; t < NWR; t++) s1[t][0] = s1[t][1] = _mm256_setzero_si256();
+        for (int g = 0; g < 8; g++) {
+            const __m256i c0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(P + 64 * g));
+            const __m256i c1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(P + 64 * g + 32));
+            for (int t = 0; t < NWR; t++) {
+                int32_t u4;
+                std::memcpy(&u4, wu[t * nb + b].u + 4 * g, 4);
+                const __m256i uv = _mm256_set1_epi32(u4);
+                s1[t][0] = dot_u8s8_add(s1[t][0], uv, c0);
+                s1[t][1] = dot_u8s8_add(s1[t][1], uv, c1);
+            }
+        }
+        __m256i x128[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};  // 128 * sum(x) per row
+        for (int g = 0; g < 8; g++) {
+            x128[0] = dot_u8s8_add(x128[0], k128, _mm256_load_si256(reinterpret_cast<const __m256i*>(P + 64 * g)));
+            x128[1] = dot_u8s8_add(x128[1], k128, _mm256_load_si256(reinterpret_cast<const __m256i*>(P + 64 * g + 32)));
+        }
+        const __m256 dx0 = _mm256_load_ps(reinterpret_cast<const float*>(P + 512));
+        const __m256 dx1 = _mm256_load_ps(reinterpret_cast<const float*>(P + 512) + 8);
+        for (int t = 0; t < NWR; t++) {
+            const __m256 dw = _mm256_set1_ps(wu[t * nb + b].d);
+            const __m256i i0 = _mm256_sub_epi32(s1[t][0], x128[0]), i1 = _mm256_sub_epi32(s1[t][1], x128[1]);
+            facc[t][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i0), _mm256_mul_ps(dw, dx0), facc[t][0]);
+            facc[t][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i1), _mm256_mul_ps(dw, dx1), facc[t][1]);
+        }
+    }
+    for (int t = 0; t < NWR; t++) {
+        _mm256_storeu_ps(out + 16 * t, facc[t][0]);
+        _mm256_storeu_ps(out + 16 * t + 8, facc[t][1]);
+    }
+}
+struct PanelMicroQ80U {
+    static constexpr int kMaxRows = MQ_Q80_PW, kLanes = 16;
+    template <class U, int NWR>
+    static void run(const WUnpQ80U* wu, int64_t nb, const uint8_t* panel, int /*part: always 0*/, float* out) {
+        panel_micro_q8_0_u<NWR>(wu, nb, panel, out);
+    }
+};
+using PanelQ80Path = PanelQ80U;  // the W format and micro-kernel of this build's Q8_0 panel
+using PanelMicroQ80Path = PanelMicroQ80U;
+#else
+using PanelQ80Path = PanelQ80;
+using PanelMicroQ80Path = PanelMicroQ80;
+#endif
+
 // Decode-sized calls (nx <= 2 X rows) stream W: one W row at a time with
 // prefetch. Larger calls keep 4-row W groups and no prefetch (W is re-read
 // from cache for every pair of X rows).
@@ -540,7 +603,7 @@ const KernelTable& avx2_kernels() {
         {DType::BF16, {nullptr, nullptr, run_tile<FloatTile<LoadBF16>, 2>}},
         {DType::Q8_0,
          {prep_q8_0, bytes_q8_0, tile_q<Q80Tile, MQ_P8NX, MQ_P8NW>, prep_panel_q8_0<quantize_q8_0_block>,
-          panel_bytes_q8_0, panel_gemm<PanelQ80, PanelMicroQ80>}},
+          panel_bytes_q8_0, panel_gemm<PanelQ80Path, PanelMicroQ80Path>}},
         {DType::Q4_K,
          {prep_q8_K, bytes_q8_K, tile_q<Q4KTile, MQ_PNX, MQ_PNW>, prep_panel<true, quantize_q8_K_block>, panel_bytes,
           panel_gemm<PanelQ4K<int16_t>, PanelMicro>}},
