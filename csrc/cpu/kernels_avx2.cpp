@@ -21,6 +21,7 @@
 #include <immintrin.h>
 
 #include <cstring>
+#include <type_traits>
 
 #include "cpu/kernels.h"
 #include "cpu/panel_gemm.h"
@@ -444,35 +445,63 @@ struct PanelMicro {
 // X panel of Q8_0 quants (panel_gemm.h), a whole panel (16 rows, two ymm) per
 // call, so each W broadcast serves 16 rows (M = 1024, one thread, K x N 1280 x
 // 5120: 104.7 -> 140.1 GFLOP/s vs 8 rows per call; 4 W rows x 2 halves of int32
-// sums + 8 float accumulators fill the 16 ymm). Per W
-// row t and 4-k group g: the 4 W codes broadcast, ggml's sign trick for
-// signed x signed bytes (maddubs(|w|, sign(x, w)), as Q80Tile above and
-// ggml's mul_sum_i8_pairs_float), then madd with ones -> int32 per row.
-// No int16 overflow: |pair| <= 2 * 128 * 127 = 32512 (X quants are in
-// [-127, 127]); it cannot take a second pair, so each group gets its madd.
-// Per block: the exact int32 sum of 32 products (dot_q8_0's sumi), then
-// y += (dw * dx) * sumi in float (only the float order differs from dot_q8_0).
-// Work per 32 MACs (8 rows x 4 k): sign, maddubs, madd, add (the 2 x 4 tiles:
-// 6 ops per 32 MACs of one X row, plus horizontal sums); AVX-VNNI: sign, vpdpbusd.
-template <int NWR>
-void panel_micro_q8_0(const WUnpQ80* wu, int64_t nb, const uint8_t* panel, float* out) {
+// sums + 8 float accumulators fill the 16 ymm). Per W row t and 4-k group g:
+//   kUnsigned = false (the avx2 build): the 4 W codes broadcast, ggml's sign trick for
+//     signed x signed bytes (maddubs(|w|, sign(x, w)), as Q80Tile above and ggml's
+//     mul_sum_i8_pairs_float), then madd with ones -> int32 per row. No int16 overflow:
+//     |pair| <= 2 * 128 * 127 = 32512 (X quants are in [-127, 127]); it cannot take a
+//     second pair, so each group gets its madd. Work per 32 MACs (8 rows x 4 k): sign,
+//     maddubs, madd, add (the 2 x 4 tiles: 6 ops per 32 MACs of one X row).
+//   kUnsigned = true (the avxvnni build): vpdpbusd takes unsigned x signed bytes, so W goes
+//     in as u = w + 128 (PanelQ80U, as the AVX-512 panel) and 128 * sum(x) of each X row
+//     and block comes off in int32: sum(u * x) - 128 * sum(x) = sum(w * x). Per group and
+//     W row 1 broadcast + 2 vpdpbusd, where the sign trick takes 2 broadcasts, 2 vpsignb
+//     and 2 vpdpbusd. The 128 * sum(x) sums (one vpdpbusd of 0x80 bytes per group and half
+//     panel) are made after the W rows' pass, so only 16 sums + 2 X vectors + 1 broadcast
+//     are live in the hot loop (16 ymm without AVX-512). EVEX proxy (Zen 4, CMake
+//     MLLAMA_Q_AVXVNNI_EVEX): Q8_0 M = 512 177-188 -> 218-235 GFLOP/s,
+//     bench/results/2026-12-04-epyc-zen4-2c-vision.md section 6.
+// Per block: the exact int32 sum of 32 products (dot_q8_0's sumi; the same in both forms),
+// then y += (dw * dx) * sumi in float (only the float order differs from dot_q8_0), so the
+// avxvnni path gives the avx2 path's bits.
+template <bool kUnsigned, int NWR>
+void panel_micro_q8_0(const std::conditional_t<kUnsigned, WUnpQ80U, WUnpQ80>* wu, int64_t nb, const uint8_t* panel,
+                      float* out) {
     __m256 facc[NWR][2];
     for (int t = 0; t < NWR; t++) facc[t][0] = facc[t][1] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t* P = panel + b * kPanelBlockQ80;
-        __m256i s1[NWR][2];
+        __m256i s1[NWR][2];  // int32 sums, lanes = the panel's rows 0..7 / 8..15
         for (int t = 0; t < NWR; t++) s1[t][0] = s1[t][1] = _mm256_setzero_si256();
         for (int g = 0; g < 8; g++) {
             const __m256i c0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(P + 64 * g));
             const __m256i c1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(P + 64 * g + 32));
             for (int t = 0; t < NWR; t++) {
-                int32_t w4, a4;
-                std::memcpy(&w4, wu[t * nb + b].q + 4 * g, 4);
-                std::memcpy(&a4, wu[t * nb + b].a + 4 * g, 4);
-                const __m256i wv = _mm256_set1_epi32(w4), av = _mm256_set1_epi32(a4);
-                s1[t][0] = dot_u8s8_add(s1[t][0], av, _mm256_sign_epi8(c0, wv));
-                s1[t][1] = dot_u8s8_add(s1[t][1], av, _mm256_sign_epi8(c1, wv));
+                if constexpr (kUnsigned) {
+                    int32_t u4;
+                    std::memcpy(&u4, wu[t * nb + b].u + 4 * g, 4);
+                    const __m256i uv = _mm256_set1_epi32(u4);
+                    s1[t][0] = dot_u8s8_add(s1[t][0], uv, c0);
+                    s1[t][1] = dot_u8s8_add(s1[t][1], uv, c1);
+                } else {
+                    int32_t w4, a4;
+                    std::memcpy(&w4, wu[t * nb + b].q + 4 * g, 4);
+                    std::memcpy(&a4, wu[t * nb + b].a + 4 * g, 4);
+                    const __m256i wv = _mm256_set1_epi32(w4), av = _mm256_set1_epi32(a4);
+                    s1[t][0] = dot_u8s8_add(s1[t][0], av, _mm256_sign_epi8(c0, wv));
+                    s1[t][1] = dot_u8s8_add(s1[t][1], av, _mm256_sign_epi8(c1, wv));
+                }
             }
+        }
+        if constexpr (kUnsigned) {
+            const __m256i k128 = _mm256_set1_epi8(static_cast<char>(0x80));
+            __m256i x128[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};  // 128 * sum(x) per row
+            for (int g = 0; g < 8; g++)
+                for (int h = 0; h < 2; h++)
+                    x128[h] = dot_u8s8_add(x128[h], k128,
+                                           _mm256_load_si256(reinterpret_cast<const __m256i*>(P + 64 * g + 32 * h)));
+            for (int t = 0; t < NWR; t++)
+                for (int h = 0; h < 2; h++) s1[t][h] = _mm256_sub_epi32(s1[t][h], x128[h]);
         }
         const __m256 dx0 = _mm256_load_ps(reinterpret_cast<const float*>(P + 512));
         const __m256 dx1 = _mm256_load_ps(reinterpret_cast<const float*>(P + 512) + 8);
@@ -488,76 +517,17 @@ void panel_micro_q8_0(const WUnpQ80* wu, int64_t nb, const uint8_t* panel, float
     }
 }
 
-struct PanelMicroQ80 {
+template <bool kUnsigned>
+struct PanelMicroQ80T {
     static constexpr int kMaxRows = MQ_Q80_PW, kLanes = 16;
     template <class U, int NWR>
-    static void run(const WUnpQ80* wu, int64_t nb, const uint8_t* panel, int /*part: always 0*/, float* out) {
-        panel_micro_q8_0<NWR>(wu, nb, panel, out);
+    static void run(const typename U::WUnp* wu, int64_t nb, const uint8_t* panel, int /*part: always 0*/, float* out) {
+        panel_micro_q8_0<kUnsigned, NWR>(wu, nb, panel, out);
     }
 };
-
-#if defined(MQ_AVXVNNI)
-// The avxvnni build's Q8_0 panel: vpdpbusd takes unsigned x signed bytes, so W goes in as
-// u = w + 128 (PanelQ80U, as the AVX-512 panel) and the extra 128 * sum(x) of each X row and
-// block comes off in int32: sum(u * x) - 128 * sum(x) = sum(w * x), the same exact sumi as the
-// sign trick, then the same float operations (so the same bits as the avx2 path). Per 4-k group
-// and W row: 1 broadcast + 2 vpdpbusd, where the sign trick takes 2 broadcasts, 2 vpsignb and 2
-// vpdpbusd. 128 * sum(x) per row (two ymm of 8 rows) is one more vpdpbusd of 0x80 bytes per
-// group and half panel, done after the W rows' pass so that only 16 sums + 2 X vectors + 1
-// broadcast are live in the hot loop (16 ymm without AVX-512). EVEX proxy measurement (Zen 4,
-// -DMLLAMA_Q_AVXVNNI_EVEX=ON): bench/results/2026-12-04-epyc-zen4-2c-vision.md section 6.
-template <int NWR>
-void panel_micro_q8_0_u(const WUnpQ80U* wu, int64_t nb, const uint8_t* panel, float* out) {
-    const __m256i k128 = _mm256_set1_epi8(static_cast<char>(0x80));
-    __m256 facc[NWR][2];
-    for (int t = 0; t < NWR; t++) facc[t][0] = facc[t][1] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < nb; b++) {
-        const uint8_t* P = panel + b * kPanelBlockQ80;
-        __m256i s1[NWR][2];  // int32 sum(u * x), lanes = the panel's rows 0..7 / 8..15
-        for (int t = 0; t < NWR; t++) s1[t][0] = s1[t][1] = _mm256_setzero_si256();
-        for (int g = 0; g < 8; g++) {
-            const __m256i c0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(P + 64 * g));
-            const __m256i c1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(P + 64 * g + 32));
-            for (int t = 0; t < NWR; t++) {
-                int32_t u4;
-                std::memcpy(&u4, wu[t * nb + b].u + 4 * g, 4);
-                const __m256i uv = _mm256_set1_epi32(u4);
-                s1[t][0] = dot_u8s8_add(s1[t][0], uv, c0);
-                s1[t][1] = dot_u8s8_add(s1[t][1], uv, c1);
-            }
-        }
-        __m256i x128[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};  // 128 * sum(x) per row
-        for (int g = 0; g < 8; g++) {
-            x128[0] = dot_u8s8_add(x128[0], k128, _mm256_load_si256(reinterpret_cast<const __m256i*>(P + 64 * g)));
-            x128[1] = dot_u8s8_add(x128[1], k128, _mm256_load_si256(reinterpret_cast<const __m256i*>(P + 64 * g + 32)));
-        }
-        const __m256 dx0 = _mm256_load_ps(reinterpret_cast<const float*>(P + 512));
-        const __m256 dx1 = _mm256_load_ps(reinterpret_cast<const float*>(P + 512) + 8);
-        for (int t = 0; t < NWR; t++) {
-            const __m256 dw = _mm256_set1_ps(wu[t * nb + b].d);
-            const __m256i i0 = _mm256_sub_epi32(s1[t][0], x128[0]), i1 = _mm256_sub_epi32(s1[t][1], x128[1]);
-            facc[t][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i0), _mm256_mul_ps(dw, dx0), facc[t][0]);
-            facc[t][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i1), _mm256_mul_ps(dw, dx1), facc[t][1]);
-        }
-    }
-    for (int t = 0; t < NWR; t++) {
-        _mm256_storeu_ps(out + 16 * t, facc[t][0]);
-        _mm256_storeu_ps(out + 16 * t + 8, facc[t][1]);
-    }
-}
-struct PanelMicroQ80U {
-    static constexpr int kMaxRows = MQ_Q80_PW, kLanes = 16;
-    template <class U, int NWR>
-    static void run(const WUnpQ80U* wu, int64_t nb, const uint8_t* panel, int /*part: always 0*/, float* out) {
-        panel_micro_q8_0_u<NWR>(wu, nb, panel, out);
-    }
-};
-using PanelQ80Path = PanelQ80U;  // the W format and micro-kernel of this build's Q8_0 panel
-using PanelMicroQ80Path = PanelMicroQ80U;
-#else
-using PanelQ80Path = PanelQ80;
-using PanelMicroQ80Path = PanelMicroQ80;
-#endif
+// This build's Q8_0 panel: its W format and micro-kernel (see above).
+using PanelQ80Path = std::conditional_t<kVnni, PanelQ80U, PanelQ80>;
+using PanelMicroQ80Path = PanelMicroQ80T<kVnni>;
 
 // Decode-sized calls (nx <= 2 X rows) stream W: one W row at a time with
 // prefetch. Larger calls keep 4-row W groups and no prefetch (W is re-read
