@@ -642,9 +642,13 @@ def _fmt_sessions(res: dict) -> str:
         f"KV cache         {res['kv_bytes_per_session'] / gib:8.3f} GiB per session; image K/V "
         f"{res['image_kv_bytes'] / gib:.3f} GiB per image"
     )
+    over = res["rss_over_file_and_caches_bytes"]
+    # Below file + caches is the usual case (mmap: weights never read, here the vision tower, are
+    # not resident), so say it in words rather than as "+ -2.37 GiB".
+    rel = f"{over / gib:.2f} GiB over" if over >= 0 else f"{-over / gib:.2f} GiB under"
     lines.append(
-        f"peak RSS         {res['peak_rss_bytes'] / gib:8.2f} GiB = file {res['file_bytes'] / gib:.2f} GiB + "
-        f"caches {res['caches_bytes'] / gib:.2f} GiB {res['rss_over_file_and_caches_bytes'] / gib:+.2f} GiB"
+        f"peak RSS         {res['peak_rss_bytes'] / gib:8.2f} GiB  ({rel} file {res['file_bytes'] / gib:.2f} GiB"
+        f" + caches {res['caches_bytes'] / gib:.2f} GiB)"
     )
     return "\n".join(lines)
 
