@@ -185,11 +185,8 @@ int main(int argc, char** argv) {
     const size_t xb = bytes_xq4k(K);
     // X rows 64-byte aligned, as matmul.cpp aligns them (xb is a multiple of 64: 640 B per pair)
     std::vector<LaneX> xq_store(xb * M / sizeof(LaneX) + 1);
-    struct {
-        uint8_t* p;
-        uint8_t* data() { return p; }
-    } xq{reinterpret_cast<uint8_t*>(xq_store.data())};
-    for (int i = 0; i < M; i++) prep_xq4k(xf.data() + i * K, xq.data() + i * xb, K);
+    uint8_t* xq = reinterpret_cast<uint8_t*>(xq_store.data());
+    for (int i = 0; i < M; i++) prep_xq4k(xf.data() + i * K, xq + i * xb, K);
     std::vector<LaneX> xl(size_t(M * np));
     for (int i = 0; i < M; i++) prep_lane_x(xf.data() + i * K, K, xl.data() + i * np);
     // reference: double sums over the same quants (ggml's vec_dot_q4_K_q8_K maths)
@@ -222,10 +219,10 @@ int main(int argc, char** argv) {
         for (int64_t n = n0; n < n1; n++) {
             const uint8_t* wr = reinterpret_cast<const uint8_t*>(w.data()) + n * rowb;
             switch (M) {
-                case 1: Q4KTile::run_pairs<1, 1>(wr, rowb, xq.data(), xb, K, ya.data() + n, N); break;
-                case 2: Q4KTile::run_pairs<2, 1>(wr, rowb, xq.data(), xb, K, ya.data() + n, N); break;
-                case 4: Q4KTile::run_pairs<4, 1>(wr, rowb, xq.data(), xb, K, ya.data() + n, N); break;
-                default: Q4KTile::run_pairs<8, 1>(wr, rowb, xq.data(), xb, K, ya.data() + n, N); break;
+                case 1: Q4KTile::run_pairs<1, 1>(wr, rowb, xq, xb, K, ya.data() + n, N); break;
+                case 2: Q4KTile::run_pairs<2, 1>(wr, rowb, xq, xb, K, ya.data() + n, N); break;
+                case 4: Q4KTile::run_pairs<4, 1>(wr, rowb, xq, xb, K, ya.data() + n, N); break;
+                default: Q4KTile::run_pairs<8, 1>(wr, rowb, xq, xb, K, ya.data() + n, N); break;
             }
         }
     };
