@@ -12,9 +12,9 @@ Protocol (one pipe per child, JSON lines child -> parent):
 The parent watches every child with select(): a child that dies while a case is started is a
 CRASH of that case (signal or exit status recorded), a case started more than `timeout`
 seconds ago is a HANG (the child is killed). The rest of that child's batch goes on in a new
-child. Children run with an address-space limit (RLIMIT_AS, default 3 GiB) so an input that
-makes the library allocate without bound fails as an unclean MemoryError instead of taking
-the machine down; their stdout is discarded and their stderr kept for crash reports.
+child. Children run with an address-space limit (RLIMIT_AS: what they inherited plus a budget,
+default 3 GiB) so an input that makes the library allocate without bound fails as an unclean
+MemoryError instead of taking the machine down; their stdout is discarded and their stderr kept for crash reports.
 The parent never runs library code itself (no kernel thread pool exists when it forks).
 """
 
@@ -107,12 +107,23 @@ def load_family(name: str):
 
 
 # --------------------------------------------------------------------------- child
+def _address_space_bytes() -> int:
+    """This process's virtual address space now (VmSize: /proc/self/statm's first field, pages)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[0]) * resource.getpagesize()
+
+
 def _child(mod, batch, wfd: int, mem_bytes: int, stderr_path: str) -> None:
     """Runs in the forked child; never returns."""
     try:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and kills us
         if mem_bytes:
-            resource.setrlimit(resource.RLIMIT_AS, (mem_bytes, mem_bytes))
+            # The budget is for what the case maps, on top of the address space inherited from the
+            # parent: a parent that imported a CUDA build of torch (a test run's worker) already
+            # maps several GiB of libraries, and an absolute limit below that made every mapping
+            # in the child fail ("failed to map segment", hangs) before any case ran.
+            limit = _address_space_bytes() + mem_bytes
+            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, 1)
         err = open(stderr_path, "w")  # noqa: SIM115 - lives until os._exit
@@ -332,7 +343,7 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=max(1, os.cpu_count() or 1), help="children at once (cores)")
     ap.add_argument("--timeout", type=float, default=20.0, help="seconds before a case is a hang (20)")
     ap.add_argument("--batch", type=int, default=32, help="cases per child process (32)")
-    ap.add_argument("--mem-mb", type=int, default=3072, help="address-space limit per child, MiB (0 = none)")
+    ap.add_argument("--mem-mb", type=int, default=3072, help="per-child address-space budget, MiB (0 = no limit)")
     ap.add_argument("--out", default="fuzz-failures", help="directory for failing cases (fuzz-failures)")
     ap.add_argument("--only", default=None, help="comma-separated case indices to run")
     ap.add_argument("--replay", default=None, help="a saved .pkl case: run it in this process")
