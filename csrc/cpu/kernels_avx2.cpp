@@ -456,9 +456,9 @@ struct PanelMicro {
 //     in as u = w + 128 (PanelQ80U, as the AVX-512 panel) and 128 * sum(x) of each X row
 //     and block comes off in int32: sum(u * x) - 128 * sum(x) = sum(w * x). Per group and
 //     W row 1 broadcast + 2 vpdpbusd, where the sign trick takes 2 broadcasts, 2 vpsignb
-//     and 2 vpdpbusd. The 128 * sum(x) sums (one vpdpbusd of 0x80 bytes per group and half
-//     panel) are made after the W rows' pass, so only 16 sums + 2 X vectors + 1 broadcast
-//     are live in the hot loop (16 ymm without AVX-512). EVEX proxy (Zen 4, CMake
+//     and 2 vpdpbusd. The 128 * sum(x) sums are the panel's c field (prep_panel_q8_0),
+//     loaded after the W rows' pass, so only 16 sums + 2 X vectors + 1 broadcast are live
+//     in the hot loop (16 ymm without AVX-512). EVEX proxy (Zen 4, CMake
 //     MLLAMA_Q_AVXVNNI_EVEX): Q8_0 M = 512 177-188 -> 218-235 GFLOP/s,
 //     bench/results/2026-12-04-epyc-zen4-2c-vision.md section 6.
 // Per block: the exact int32 sum of 32 products (dot_q8_0's sumi; the same in both forms),
@@ -494,17 +494,14 @@ void panel_micro_q8_0(const std::conditional_t<kUnsigned, WUnpQ80U, WUnpQ80>* wu
             }
         }
         if constexpr (kUnsigned) {
-            const __m256i k128 = _mm256_set1_epi8(static_cast<char>(0x80));
-            __m256i x128[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};  // 128 * sum(x) per row
-            for (int g = 0; g < 8; g++)
-                for (int h = 0; h < 2; h++)
-                    x128[h] = dot_u8s8_add(x128[h], k128,
-                                           _mm256_load_si256(reinterpret_cast<const __m256i*>(P + 64 * g + 32 * h)));
+            const __m256i x128[2] = {// 128 * sum(x) per row: the panel's c field
+                                     _mm256_load_si256(reinterpret_cast<const __m256i*>(P + kQ80PanelC)),
+                                     _mm256_load_si256(reinterpret_cast<const __m256i*>(P + kQ80PanelC + 32))};
             for (int t = 0; t < NWR; t++)
                 for (int h = 0; h < 2; h++) s1[t][h] = _mm256_sub_epi32(s1[t][h], x128[h]);
         }
-        const __m256 dx0 = _mm256_load_ps(reinterpret_cast<const float*>(P + 512));
-        const __m256 dx1 = _mm256_load_ps(reinterpret_cast<const float*>(P + 512) + 8);
+        const __m256 dx0 = _mm256_load_ps(reinterpret_cast<const float*>(P + kQ80PanelD));
+        const __m256 dx1 = _mm256_load_ps(reinterpret_cast<const float*>(P + kQ80PanelD) + 8);
         for (int t = 0; t < NWR; t++) {
             const __m256 dw = _mm256_set1_ps(wu[t * nb + b].d);
             facc[t][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1[t][0]), _mm256_mul_ps(dw, dx0), facc[t][0]);

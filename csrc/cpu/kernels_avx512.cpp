@@ -766,31 +766,30 @@ struct PanelMicro {
 // vpdpbusd does 64 multiply-adds (the Q80Tile above: one vpdpbusd + cvt + mul + FMA
 // per 64 MACs of one X row and W row). W is unpacked to u = w + 128 (PanelQ80U):
 // sum_k u_k x_k = sum_k w_k x_k + 128 sum_k x_k, and c = 128 * sum_k x_k of each
-// row is one more vpdpbusd per group (0x80 bytes x the codes), shared by every W
-// row of the call. Exact int32 sums (|u x| <= 255 * 127, 32 of them: < 2^21), the
-// same as dot_q8_0's sumi; then y += (dw * dx) * sumi in float (only the float
-// order differs from the scalar reference). NWR = 8: 8 int32 + 8 float
+// row and block is stored in the panel (its c field, made by prep_panel_q8_0), one
+// load per block shared by every W row of the call. Exact int32 sums (|u x| <=
+// 255 * 127, 32 of them: < 2^21), the same as dot_q8_0's sumi; then
+// y += (dw * dx) * sumi in float (only the float order differs from the scalar
+// reference). NWR = 8: 8 int32 + 8 float
 // accumulators, the codes and c: 18 of the 32 zmm.
 template <int NWR>
 void panel_micro_q8_0(const WUnpQ80U* wu, int64_t nb, const uint8_t* panel, float* out) {
-    const __m512i k128 = _mm512_set1_epi8(char(0x80));
     __m512 facc[NWR];
     for (int t = 0; t < NWR; t++) facc[t] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t* P = panel + b * kPanelBlockQ80;
         __m512i s1[NWR];
         for (int t = 0; t < NWR; t++) s1[t] = _mm512_setzero_si512();
-        __m512i c = _mm512_setzero_si512();
         for (int g = 0; g < 8; g++) {
             const __m512i codes = _mm512_load_si512(P + 64 * g);
-            c = _mm512_dpbusd_epi32(c, k128, codes);
             for (int t = 0; t < NWR; t++) {
                 int32_t u4;
                 std::memcpy(&u4, wu[t * nb + b].u + 4 * g, 4);
                 s1[t] = _mm512_dpbusd_epi32(s1[t], _mm512_set1_epi32(u4), codes);
             }
         }
-        const __m512 dx = _mm512_load_ps(reinterpret_cast<const float*>(P + 512));
+        const __m512 dx = _mm512_load_ps(reinterpret_cast<const float*>(P + kQ80PanelD));
+        const __m512i c = _mm512_load_si512(P + kQ80PanelC);
         for (int t = 0; t < NWR; t++) {
             const __m512 f = _mm512_cvtepi32_ps(_mm512_sub_epi32(s1[t], c));
             facc[t] = _mm512_fmadd_ps(f, _mm512_mul_ps(_mm512_set1_ps(wu[t * nb + b].d), dx), facc[t]);

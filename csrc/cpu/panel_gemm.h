@@ -17,6 +17,10 @@
 // Q8_0 X panel, per 32-value block, kPanelBlockQ80 bytes:
 //   q    [8 groups][16 rows][4]   Q8_0 quants (quantize_row_q8_0_ref's bytes)
 //   d    [16] float               each row's block scale (its fp16 d, widened)
+//   c    [16] int32               128 * the sum of each row's 32 quants: the term the
+//                                 unsigned-W micro-kernels (u = w + 128) take off each
+//                                 block's int32 sum; made once here instead of once per
+//                                 micro call (8 vpdpbusd per block and call)
 // Q8_0 W rows are unpacked per block into WUnpQ80 (AVX2): the 32 signed codes, their
 // absolute values (the unsigned operand of maddubs) and d as a float; or into
 // WUnpQ80U (AVX-512): the codes + 128 and d.
@@ -89,7 +93,8 @@ void prep_panel(const float* x, int64_t ldx, int rows, void* panel, int64_t K) {
 
 size_t panel_bytes(int64_t K) { return size_t(K / QK_K) * kPanelBlock; }
 
-constexpr int kPanelBlockQ80 = 512 + 64;
+// Byte offsets of the Q8_0 panel block's fields (layout above).
+constexpr int kQ80PanelD = 512, kQ80PanelC = 512 + 64, kPanelBlockQ80 = 512 + 64 + 64;
 
 // QuantizeBlock(x, y): 32 floats -> one Q8_0 block.
 template <void (*QuantizeBlock)(const float*, block_q8_0*)>
@@ -97,7 +102,10 @@ void prep_panel_q8_0(const float* x, int64_t ldx, int rows, void* panel, int64_t
     pack_panel<block_q8_0, QK8_0, kPanelBlockQ80, QuantizeBlock>(
         x, ldx, rows, panel, K, [](const block_q8_0& q, int r, uint8_t* pb) {
             for (int g = 0; g < 8; g++) std::memcpy(pb + 64 * g + 4 * r, q.qs + 4 * g, 4);
-            reinterpret_cast<float*>(pb + 512)[r] = fp16_to_fp32(q.d);
+            reinterpret_cast<float*>(pb + kQ80PanelD)[r] = fp16_to_fp32(q.d);
+            int32_t sum = 0;
+            for (int l = 0; l < QK8_0; l++) sum += q.qs[l];
+            reinterpret_cast<int32_t*>(pb + kQ80PanelC)[r] = 128 * sum;
         });
 }
 
