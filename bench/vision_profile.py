@@ -145,9 +145,20 @@ def main() -> None:
         help="one thread, every time in thread CPU time (ours and torch's): for a busy machine",
     )
     ap.add_argument("--torch", action="store_true", help="also time torch float32 GEMM / SDPA on the same shapes")
+    ap.add_argument(
+        "--torch-isa",
+        choices=("native", "avx2"),
+        default="native",
+        help="avx2: restrict torch to AVX2 (MKL_ENABLE_INSTRUCTIONS, ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA), "
+        "for an AVX2-only machine's comparison on an AVX-512 CPU with --path avx2 / avxvnni",
+    )
     ap.add_argument("--json", help="write the raw entries and totals here")
     ap.add_argument("--markdown", action="store_true", help="print markdown tables")
     args = ap.parse_args()
+    if args.torch_isa == "avx2":
+        # Read by MKL / ATen / oneDNN when torch is first imported (below, in torch_rates).
+        assert "torch" not in sys.modules
+        os.environ.update(MKL_ENABLE_INSTRUCTIONS="AVX2", ATEN_CPU_CAPABILITY="avx2", ONEDNN_MAX_CPU_ISA="AVX2")
 
     from mllama_q.cli.bench_model import _prompt_inputs, synthetic_image, vision_flops
     from mllama_q.model import Model
@@ -302,6 +313,9 @@ def main() -> None:
             )
         gemm_rate = mm_flop / t_mm_torch / 1e9
         enc_rate = flop_total / total / 1e9
+        import torch
+
+        print(f"\ntorch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}")
         print(f"\ntorch float32 GEMM rate on the encode's matmul shapes (FLOP-weighted): {gemm_rate:.1f} GFLOP/s")
         print(
             f"our encode rate: {enc_rate:.1f} GFLOP/s = {enc_rate / gemm_rate:.2f}x torch's GEMM rate (target >= 1.5x)"
@@ -312,6 +326,7 @@ def main() -> None:
             torch_sdpa=sdpa,
             torch_gemm_rate=gemm_rate,
             torch_encode_s=t_torch,
+            torch_cpu_capability=torch.backends.cpu.get_cpu_capability(),
         )
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
