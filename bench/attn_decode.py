@@ -1,6 +1,6 @@
 """Benchmark: decode attention of the 11B text decoder on the CPU backend.
 
-    PYTHONPATH=. python bench/attn_decode.py [--iters 20] [--threads N] [--path scalar|avx2|avxvnni|avx512]
+    PYTHONPATH=. python bench/attn_decode.py [--iters 20] [--threads N] [--path scalar|avx2|avxvnni|avx512|amx]
 
 One query (nq = 1), 32 query heads over 8 KV heads of 128 (Llama 3.2 11B),
 F16 K/V as the KV cache holds them: self-attention over nk = 512, 2048, 4096
@@ -29,7 +29,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--threads", type=int, default=0, help="thread pool size (0: default)")
-    ap.add_argument("--path", default="auto", help="CPU kernel path: auto, scalar, avx2, avxvnni, avx512")
+    ap.add_argument("--path", default="auto", help="CPU kernel path: auto, scalar, avx2, avxvnni, avx512, amx")
     args = ap.parse_args()
     _core.set_cpu_path(args.path)
     if args.threads:

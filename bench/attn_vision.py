@@ -1,6 +1,7 @@
 """Benchmark: many-query attention of the 11B vision tower on the CPU backend.
 
-    PYTHONPATH=. python bench/attn_vision.py [--iters 1] [--threads N] [--path auto|scalar|avx2|avxvnni|avx512] [--full]
+    PYTHONPATH=. python bench/attn_vision.py [--iters 1] [--threads N] [--full]
+        [--path auto|scalar|avx2|avxvnni|avx512|amx]
 
 16 heads of 80 (no GQA), F32 K/V as the vision encoder has them. Shapes:
 nq = 512 and (with --full) nq = 6432 queries against nk = 6432 keys (one
@@ -24,7 +25,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--iters", type=int, default=1)
     ap.add_argument("--threads", type=int, default=0, help="thread pool size (0: default)")
-    ap.add_argument("--path", default="auto", help="CPU kernel path: auto, scalar, avx2, avxvnni, avx512")
+    ap.add_argument("--path", default="auto", help="CPU kernel path: auto, scalar, avx2, avxvnni, avx512, amx")
     ap.add_argument("--full", action="store_true", help="also nq = 6432")
     args = ap.parse_args()
     _core.set_cpu_path(args.path)

@@ -1,6 +1,6 @@
 """Profile one image encode (vision tower + projector + cross-attention K/V) op by op.
 
-    PYTHONPATH=. python bench/vision_profile.py [--model F.gguf] [--path auto|avx2|avxvnni|avx512|scalar]
+    PYTHONPATH=. python bench/vision_profile.py [--model F.gguf] [--path auto|avx2|avxvnni|avx512|amx|scalar]
         [--threads 2] [--tiles 4] [--torch] [--json OUT.json] [--markdown]
 
 Runs Model.encode_images once on a synthetic image with the CPU backend's
@@ -135,7 +135,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", help="GGUF file (default: the cached synthetic 11B q4_k_m, made on first use)")
     ap.add_argument(
-        "--path", default="auto", help="CPU kernel path (MLLAMA_Q_CPU_PATH): auto, scalar, avx2, avxvnni, avx512"
+        "--path", default="auto", help="CPU kernel path (MLLAMA_Q_CPU_PATH): auto, scalar, avx2, avxvnni, avx512, amx"
     )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tiles", type=int, default=4, choices=(1, 2, 3, 4))

@@ -100,7 +100,7 @@ def quant_path() -> str:
     """Instruction set of the Q4_K/Q6_K quantizer searches (scalar|avx2)."""
 
 def set_quant_path(name: str) -> None:
-    """Force the quantizer path: auto|scalar|avx2|avxvnni|avx512 (ValueError if unsupported). Same bytes
+    """Force the quantizer path: auto|scalar|avx2|avxvnni|avx512|amx (ValueError if unsupported). Same bytes
     on every path."""
 
 def quant_paths() -> list[str]:
@@ -137,7 +137,8 @@ def sample_probs(
     (temperature, top_k, top_p, min_p, repetition_penalty, u)."""
 
 def cpu_features() -> dict[str, bool]:
-    """Instruction-set extensions of this CPU: avx2, fma, f16c, avx512f/bw/vl/dq/vnni/bf16, avxvnni."""
+    """Instruction-set extensions of this CPU: avx2, fma, f16c, avx512f/bw/vl/dq/vnni/bf16, avxvnni, amx (AMX-TILE +
+    AMX-INT8 usable: the OS saves the tile state and granted it to this process)."""
 
 def avxvnni_evex_build() -> bool:
     """True only in the developer check build (CMake MLLAMA_Q_AVXVNNI_EVEX, csrc/README.md): the
@@ -159,10 +160,10 @@ def profile_report() -> list[dict]:
     phases of op x, already inside its time)."""
 
 def cpu_path() -> str:
-    """The kernel path in use: scalar, avx2, avxvnni or avx512 (MLLAMA_Q_CPU_PATH or the best supported)."""
+    """The kernel path in use: scalar, avx2, avxvnni, avx512 or amx (MLLAMA_Q_CPU_PATH or the best supported)."""
 
 def set_cpu_path(name: str) -> None:
-    """Force a kernel path: 'auto', 'scalar', 'avx2', 'avxvnni' or 'avx512' (ValueError if unsupported)."""
+    """Force a kernel path: 'auto', 'scalar', 'avx2', 'avxvnni', 'avx512' or 'amx' (ValueError if unsupported)."""
 
 def cpu_paths() -> list[str]:
     """Kernel paths this CPU can run."""

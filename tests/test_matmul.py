@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -359,10 +360,25 @@ def test_feature_detection_is_consistent():
     # The developer check build (CMake MLLAMA_Q_AVXVNNI_EVEX) runs avxvnni on AVX-512 VNNI CPUs too.
     evex = _core.avxvnni_evex_build() and f["avx512vl"] and f["avx512vnni"]
     assert ("avxvnni" in PATHS) == ("avx2" in PATHS and (f["avxvnni"] or evex))
-    assert PATHS == [p for p in ("scalar", "avx2", "avxvnni", "avx512") if p in PATHS]  # the table's order
+    # (A compiler without -mamx-int8, GCC < 11, builds without the amx path: this then fails, on purpose.)
+    assert ("amx" in PATHS) == ("avx512" in PATHS and f["amx"])
+    assert PATHS == [p for p in ("scalar", "avx2", "avxvnni", "avx512", "amx") if p in PATHS]  # the table's order
 
 
-@pytest.mark.parametrize("name", ["avx2", "avxvnni", "avx512"])
+@pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="needs Linux's /proc/cpuinfo")
+def test_amx_detection_matches_the_kernel():
+    """cpu_features()['amx'] (CPUID + XCR0 + the arch_prctl tile permission) against the
+    kernel's own view: the amx_tile and amx_int8 flags Linux lists once it enables the tile
+    state. A refused permission on an AMX CPU would leave the path off silently: this fails."""
+    flags = set()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            break
+    assert _core.cpu_features()["amx"] == ({"amx_tile", "amx_int8"} <= flags)
+
+
+@pytest.mark.parametrize("name", ["avx2", "avxvnni", "avx512", "amx"])
 def test_forcing_a_path_this_cpu_lacks_is_a_clear_error(name, child_env):
     """A known path this CPU (or build) cannot run is refused with the paths it can, from
     set_cpu_path and from MLLAMA_Q_CPU_PATH (e.g. avxvnni on a CPU without AVX-VNNI)."""
@@ -396,6 +412,23 @@ def test_avxvnni_same_floats_as_avx2(wtype):
         x = (rng.standard_normal((m, k)) * rng.uniform(0.1, 10)).astype(np.float32)
         w = random_quant_weights(rng, wtype, n, k)
         np.testing.assert_array_equal(run("avxvnni", x, w, wtype, n, k), run("avx2", x, w, wtype, n, k))
+
+
+@pytest.mark.skipif("amx" not in PATHS, reason="no amx path: this CPU has no AMX-INT8 (or AVX-512 VNNI)")
+@pytest.mark.parametrize("wtype", ["q8_0", "q4_k", "q6_k"])
+def test_amx_same_floats_as_avx512(wtype):
+    """The amx path is the avx512 path with the Q8_0 panel (M >= 16) on AMX tiles: TDPBSSD's
+    int32 block sums are dot_q8_0's, and the float epilogue is the avx512 panel's in the same
+    order, so the same bits; W row counts around the 16-row tile groups (the rest goes to the
+    avx512 panel), K of 1 and 2 blocks and odd block counts (the even / odd tile pipeline).
+    Q4_K / Q6_K: the avx512 kernels themselves (a check of the path's table)."""
+    rng = np.random.default_rng(zlib.crc32(f"amx/{wtype}".encode()))
+    ks = (32, 64, 800, 1280) if wtype == "q8_0" else (768,)
+    for k in ks:
+        for m, n in ((16, 16), (17, 37), (31, 15), (300, 48), (40, 33)):
+            x = (rng.standard_normal((m, k)) * rng.uniform(0.1, 10)).astype(np.float32)
+            w = random_quant_weights(rng, wtype, n, k)
+            np.testing.assert_array_equal(run("amx", x, w, wtype, n, k), run("avx512", x, w, wtype, n, k))
 
 
 def test_kernels_run_in_a_forked_child():

@@ -211,6 +211,7 @@ void register_cpu(py::module_& m) {
         d["avx512vnni"] = f.avx512vnni;
         d["avx512bf16"] = f.avx512bf16;
         d["avxvnni"] = f.avxvnni;
+        d["amx"] = f.amx;
         return d;
     });
 
@@ -251,7 +252,7 @@ void register_cpu(py::module_& m) {
 
     m.def("cpu_path", [] { return std::string(cpu::path_name(cpu::active_path())); });
     m.def("set_cpu_path", &cpu::set_cpu_path, py::arg("name"),
-          "Force a kernel path: 'auto', 'scalar', 'avx2', 'avxvnni' or 'avx512'.");
+          "Force a kernel path: 'auto', 'scalar', 'avx2', 'avxvnni', 'avx512' or 'amx'.");
     m.def("cpu_paths", &cpu::available_paths, "Kernel paths this CPU can run.");
     m.def("num_threads", [] { return ThreadPool::global().size(); });
     m.def("set_num_threads", &ThreadPool::set_global_threads, py::arg("n"), py::call_guard<py::gil_scoped_release>(),

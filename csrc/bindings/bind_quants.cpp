@@ -77,7 +77,8 @@ void register_quants(py::module_& m) {
         "quant_path", [] { return std::string(quant_path()); },
         "Instruction set of the Q4_K/Q6_K quantizer searches (scalar|avx2).");
     m.def("set_quant_path", &set_quant_path, py::arg("name"),
-          "Force the quantizer path: auto|scalar|avx2|avxvnni|avx512 (ValueError if unsupported). Same bytes on every "
+          "Force the quantizer path: auto|scalar|avx2|avxvnni|avx512|amx (ValueError if unsupported). Same bytes on "
+          "every "
           "path.");
     m.def("quant_paths", &quant_paths, "Quantizer paths this CPU can run.");
 }

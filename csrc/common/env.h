@@ -8,7 +8,7 @@
 
 namespace mq::env {
 
-// MLLAMA_Q_CPU_PATH: forced CPU kernel path ("scalar", "avx2", "avxvnni", "avx512"; "" or "auto": the
+// MLLAMA_Q_CPU_PATH: forced CPU kernel path ("scalar", "avx2", "avxvnni", "avx512", "amx"; "" or "auto": the
 // best supported). Also picks the Q4_K/Q6_K quantizer's instruction set. nullptr if unset.
 const char* cpu_path();
 

@@ -164,6 +164,15 @@ public:
         const int i = type_index(t);
         return i >= 0 && has_[i] ? &entries_[i] : nullptr;
     }
+    // A copy with type t's entry set to e (a path that differs from another in one entry).
+    TypeTable with(DType t, const Entry& e) const {
+        TypeTable c = *this;
+        const int i = type_index(t);
+        if (i < 0) throw std::logic_error("TypeTable: unknown type");
+        c.entries_[i] = e;
+        c.has_[i] = true;
+        return c;
+    }
 
 private:
     Entry entries_[kNumTypes] = {};

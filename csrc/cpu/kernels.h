@@ -77,6 +77,9 @@ uint64_t read_sum_avx512(const uint64_t* p, size_t n);
 #if defined(MQ_AVXVNNI_BUILD)
 const KernelTable& avxvnni_kernels();  // kernels_avx2.cpp built with AVX-VNNI (its quantizers: the _avx2 ones)
 #endif
+#if defined(MQ_AMX_BUILD)
+const KernelTable& amx_kernels();  // avx512's table with the Q8_0 panel on AMX tiles (kernels_amx.cpp)
+#endif
 
 // Helpers shared by the kernel files. They are `static` (or in an unnamed
 // namespace) on purpose: each ISA file compiles them with its own flags, and

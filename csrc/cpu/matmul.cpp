@@ -20,6 +20,10 @@
 #if defined(MQ_X86)
 #include <cpuid.h>
 #endif
+#if defined(MQ_X86) && defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 namespace mq::cpu {
 
@@ -30,6 +34,18 @@ static uint64_t read_xcr0() {
     // xgetbv with ecx = 0: which register states the OS saves on context switch.
     __asm__ volatile("xgetbv" : "=a"(eax), "=d"(edx) : "c"(0));
     return (uint64_t(edx) << 32) | eax;
+}
+
+// Linux (5.16+) hands the AMX tile data state to a process only on request: without it the
+// first tile instruction faults (SIGILL). ARCH_REQ_XCOMP_PERM = 0x1023 with feature 18
+// (XTILEDATA), kernel Documentation/arch/x86/xstate.rst; process-wide, threads included.
+// Other OSes: not attempted (the amx path then stays off).
+static bool request_amx_permission() {
+#if defined(__linux__) && defined(SYS_arch_prctl)
+    return syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+#else
+    return false;
+#endif
 }
 #endif
 
@@ -58,6 +74,10 @@ static CpuFeatures detect() {
             f.avx512vl = (b >> 31) & 1;
             f.avx512vnni = (c >> 11) & 1;
         }
+        // AMX-TILE: EDX bit 24, AMX-INT8: bit 25; the OS must save XTILECFG + XTILEDATA
+        // (XCR0 bits 17 and 18) and grant the tile data.
+        const bool amx_cpu = ((d >> 24) & 1) && ((d >> 25) & 1);
+        f.amx = amx_cpu && (xcr0 & 0x60000) == 0x60000 && request_amx_permission();
         unsigned a1, b1, c1, d1;
         if (__get_cpuid_count(7, 1, &a1, &b1, &c1, &d1)) {
             f.avxvnni = (a1 >> 4) & 1;
@@ -118,6 +138,13 @@ static bool avxvnni_ok(const CpuFeatures& f) { return avx2_ok(f) && f.avxvnni; }
 #else
 #define MQ_AVXVNNI_ONLY(...) nullptr
 #endif
+#if defined(MQ_X86) && defined(MQ_AMX_BUILD)
+// The avx512 path plus the Q8_0 panel on AMX tiles (kernels_amx.cpp).
+static bool amx_ok(const CpuFeatures& f) { return avx512_ok(f) && f.amx; }
+#define MQ_AMX_ONLY(...) __VA_ARGS__
+#else
+#define MQ_AMX_ONLY(...) nullptr
+#endif
 
 static const PathEntry kPaths[] = {
     {Path::Scalar, "scalar", Path::Scalar, scalar_ok, detail::scalar_kernels, quantize_row_q8_K_ref,
@@ -132,9 +159,13 @@ static const PathEntry kPaths[] = {
     {Path::AVX512, "avx512", Path::AVX512, MQ_X86_ONLY(avx512_ok), MQ_X86_ONLY(detail::avx512_kernels),
      MQ_X86_ONLY(detail::quantize_row_q8_K_avx512), MQ_X86_ONLY(detail::quantize_row_q8_0_avx512),
      MQ_X86_ONLY(detail::read_sum_avx512)},
+    {Path::AMX, "amx", Path::AVX512, MQ_AMX_ONLY(amx_ok), MQ_AMX_ONLY(detail::amx_kernels),
+     MQ_X86_ONLY(detail::quantize_row_q8_K_avx512), MQ_X86_ONLY(detail::quantize_row_q8_0_avx512),
+     MQ_X86_ONLY(detail::read_sum_avx512)},
 };
 #undef MQ_X86_ONLY
 #undef MQ_AVXVNNI_ONLY
+#undef MQ_AMX_ONLY
 
 static const PathEntry& entry(Path p) {
     for (const PathEntry& e : kPaths)
@@ -161,7 +192,7 @@ std::vector<std::string> available_paths() {
     return out;
 }
 
-static std::string path_names() {  // "scalar, avx2, avxvnni or avx512"
+static std::string path_names() {  // "scalar, avx2, avxvnni, avx512 or amx"
     std::string s;
     const size_t n = sizeof(kPaths) / sizeof(kPaths[0]);
     for (size_t i = 0; i < n; i++) s += std::string(i == 0 ? "" : i + 1 == n ? " or " : ", ") + kPaths[i].name;

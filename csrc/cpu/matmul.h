@@ -21,18 +21,20 @@ namespace mq::cpu {
 
 // The kernel paths; their names, CPU checks and kernel tables are the path table in matmul.cpp.
 // The values are ids (the table's order, not theirs, ranks the paths).
-enum class Path : int { Scalar = 0, AVX2 = 1, AVX512 = 2, AVXVNNI = 3 };
+enum class Path : int { Scalar = 0, AVX2 = 1, AVX512 = 2, AVXVNNI = 3, AMX = 4 };
 
 struct CpuFeatures {
     bool avx2 = false, fma = false, f16c = false;
     bool avx512f = false, avx512bw = false, avx512vl = false, avx512dq = false, avx512vnni = false;
     bool avx512bf16 = false, avxvnni = false;
+    // AMX-TILE + AMX-INT8 with the tile state saved by the OS and (Linux) granted to this process.
+    bool amx = false;
 };
 const CpuFeatures& cpu_features();
 
 Path best_path();    // fastest path this CPU supports
 Path active_path();  // path in use (forced or best)
-// "", "auto", "scalar", "avx2", "avxvnni", "avx512"; throws if unsupported
+// "", "auto", "scalar", "avx2", "avxvnni", "avx512", "amx"; throws if unsupported
 void set_cpu_path(const std::string& name);
 const char* path_name(Path p);
 Path path_by_name(const std::string& name);  // throws for unknown or unsupported names

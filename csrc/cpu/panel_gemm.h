@@ -91,7 +91,7 @@ void prep_panel(const float* x, int64_t ldx, int rows, void* panel, int64_t K) {
         });
 }
 
-size_t panel_bytes(int64_t K) { return size_t(K / QK_K) * kPanelBlock; }
+[[maybe_unused]] size_t panel_bytes(int64_t K) { return size_t(K / QK_K) * kPanelBlock; }
 
 // Byte offsets of the Q8_0 panel block's fields (layout above).
 constexpr int kQ80PanelD = 512, kQ80PanelC = 512 + 64, kPanelBlockQ80 = 512 + 64 + 64;

@@ -34,8 +34,8 @@ void quantize_row(DType t, const float* x, void* y, int64_t k);
 void dequantize_row(DType t, const void* x, float* y, int64_t k);
 
 // Instruction set used by the Q4_K / Q6_K searches: "scalar" (baseline vector
-// code, 4 lanes) or "avx2" (8 lanes; also what "avxvnni" and "avx512" select). Every
-// path gives the same bytes. Starts as MLLAMA_Q_CPU_PATH (scalar|avx2|avxvnni|avx512) when
+// code, 4 lanes) or "avx2" (8 lanes; also what "avxvnni", "avx512" and "amx" select). Every
+// path gives the same bytes. Starts as MLLAMA_Q_CPU_PATH (scalar|avx2|avxvnni|avx512|amx) when
 // set and supported, else the best the CPU has. set_quant_path("auto") picks
 // the best; an unknown or unsupported name throws std::invalid_argument.
 const char* quant_path();

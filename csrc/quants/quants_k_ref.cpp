@@ -432,8 +432,8 @@ bool isa_supported(int isa) {
 
 int best_isa() { return isa_supported(kAVX2) ? kAVX2 : kScalar; }
 
-// "avxvnni" / "avx512" (kernel path names) select the AVX2 quantizer (it has no
-// int8 multiply-adds for VNNI to speed up), on CPUs with AVX2 / AVX-512.
+// "avxvnni" / "avx512" / "amx" (kernel path names) select the AVX2 quantizer (it has no
+// int8 multiply-adds for VNNI or AMX to speed up), on CPUs with AVX2 / AVX-512.
 int parse_isa(const std::string& name) {
     if (name.empty() || name == "auto") return best_isa();
     if (name == "scalar") return kScalar;
@@ -441,11 +441,12 @@ int parse_isa(const std::string& name) {
 #ifdef MQ_QUANT_X86
     __builtin_cpu_init();
     if (name == "avx2" || name == "avxvnni") ok = __builtin_cpu_supports("avx2");
-    else if (name == "avx512") ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx2");
+    else if (name == "avx512" || name == "amx")
+        ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx2");
 #endif
-    if (name != "avx2" && name != "avxvnni" && name != "avx512")
+    if (name != "avx2" && name != "avxvnni" && name != "avx512" && name != "amx")
         throw std::invalid_argument("unknown quantizer path '" + name +
-                                    "' (expected auto, scalar, avx2, avxvnni, avx512)");
+                                    "' (expected auto, scalar, avx2, avxvnni, avx512, amx)");
     if (!ok) throw std::invalid_argument("quantizer path '" + name + "' is not supported by this CPU");
     return kAVX2;
 }

@@ -149,7 +149,7 @@ def bench_kernels(argv) -> int:
     ap.add_argument("--iters-m1", type=int, default=50)
     ap.add_argument("--iters-big", type=int, default=3)
     ap.add_argument("--bw-gib", type=float, default=1.0, help="buffer size of the bandwidth probe")
-    ap.add_argument("--path", default="auto", help="force a kernel path (auto, scalar, avx2, avxvnni, avx512)")
+    ap.add_argument("--path", default="auto", help="force a kernel path (auto, scalar, avx2, avxvnni, avx512, amx)")
     ap.add_argument(
         "--cpu-time",
         action="store_true",

@@ -3,7 +3,7 @@ matrix with every weight format, multiply with the CPU kernels, compare with
 a float64 numpy reference and print a small throughput table. Takes a few
 seconds; exit code 0 when every available format checks out.
 
-    python -m mllama_q.cli.selfcheck [--threads N] [--path auto|scalar|avx2|avxvnni|avx512]
+    python -m mllama_q.cli.selfcheck [--threads N] [--path auto|scalar|avx2|avxvnni|avx512|amx]
 
 Checks per format (W: N x K random normal, X: M x K random normal):
   * kernel vs float64 dequantize(W) @ X.T: only the on-the-fly 8-bit
@@ -60,7 +60,7 @@ def _check_one(fmt, rng, n, k, m):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="mllama-q demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--path", default="auto", help="kernel path: auto, scalar, avx2, avxvnni, avx512")
+    ap.add_argument("--path", default="auto", help="kernel path: auto, scalar, avx2, avxvnni, avx512, amx")
     ap.add_argument("--n", type=int, default=1024, help="rows of W")
     ap.add_argument("--k", type=int, default=4096, help="columns of W (a multiple of 256)")
     args = ap.parse_args(argv)
