@@ -818,10 +818,7 @@ uint64_t read_sum_avx512(const uint64_t* p, size_t n) {
     size_t i = 0;
     for (; i + 32 <= n; i += 32) {
         // same software prefetch as the decode kernels, so the probe is not the weaker streamer
-        _mm_prefetch(reinterpret_cast<const char*>(p + i) + kWPrefetch, _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(p + i) + kWPrefetch + 64, _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(p + i) + kWPrefetch + 128, _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(p + i) + kWPrefetch + 192, _MM_HINT_T0);
+        prefetch_w<256>(p + i);
         s0 = _mm512_add_epi64(s0, _mm512_loadu_si512(p + i));
         s1 = _mm512_add_epi64(s1, _mm512_loadu_si512(p + i + 8));
         s2 = _mm512_add_epi64(s2, _mm512_loadu_si512(p + i + 16));
