@@ -682,10 +682,14 @@ def _fmt(res: dict) -> str:
     if "mem_read_GBps" in res:
         frac = f"  -> decode at {100 * res['decode_bw_fraction']:.0f}% of it" if "decode_bw_fraction" in res else ""
         lines.append(f"memory bandwidth {res['mem_read_GBps']:9.2f} GB/s  ({res['mem_read_method']}){frac}")
+    # The rest can be negative (KV pages never touched are not resident): in words, as the
+    # sessions line does, not as "+ -0.73 GiB".
+    rest = res["rss_over_weights_and_kv_bytes"]
+    rel = f"{rest / gib:.2f} GiB over" if rest >= 0 else f"{-rest / gib:.2f} GiB under"
     mem = f"peak RSS         {res['peak_rss_bytes'] / gib:9.2f} GiB"
     mem += (
-        f"  = weights in use {res['weights_in_use_bytes'] / gib:.2f} GiB + KV {res['kv_cache_bytes'] / gib:.2f} GiB"
-        f" {res['rss_over_weights_and_kv_bytes'] / gib:+.2f} GiB  (file {res['file_bytes'] / gib:.2f} GiB)"
+        f"  ({rel} weights in use {res['weights_in_use_bytes'] / gib:.2f} GiB + KV"
+        f" {res['kv_cache_bytes'] / gib:.2f} GiB; file {res['file_bytes'] / gib:.2f} GiB)"
     )
     lines.append(mem)
     if "peak_vram_bytes" in res:
