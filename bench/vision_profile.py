@@ -315,7 +315,8 @@ def main() -> None:
         enc_rate = flop_total / total / 1e9
         import torch
 
-        print(f"\ntorch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}")
+        capability = torch.backends.cpu.get_cpu_capability()
+        print(f"\ntorch {torch.__version__}, CPU capability {capability}")
         print(f"\ntorch float32 GEMM rate on the encode's matmul shapes (FLOP-weighted): {gemm_rate:.1f} GFLOP/s")
         print(
             f"our encode rate: {enc_rate:.1f} GFLOP/s = {enc_rate / gemm_rate:.2f}x torch's GEMM rate (target >= 1.5x)"
@@ -326,7 +327,7 @@ def main() -> None:
             torch_sdpa=sdpa,
             torch_gemm_rate=gemm_rate,
             torch_encode_s=t_torch,
-            torch_cpu_capability=torch.backends.cpu.get_cpu_capability(),
+            torch_cpu_capability=capability,
         )
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))

@@ -23,7 +23,6 @@
 #include <immintrin.h>
 
 #include <cstddef>
-#include <cstring>
 #include <vector>
 
 #include "common/fp16.h"

@@ -617,6 +617,12 @@ def _device_line(res: dict) -> str:
     )
 
 
+def _over_under(nbytes: int) -> str:
+    """A signed RSS difference in words ("0.73 GiB under"), not as "+ -0.73 GiB"."""
+    gib = 1 << 30
+    return f"{nbytes / gib:.2f} GiB over" if nbytes >= 0 else f"{-nbytes / gib:.2f} GiB under"
+
+
 def _fmt_sessions(res: dict) -> str:
     gib = 1 << 30
     lines = [_model_line(res), _device_line(res) + f", {res['loadavg_end']:.1f} at end"]
@@ -642,10 +648,9 @@ def _fmt_sessions(res: dict) -> str:
         f"KV cache         {res['kv_bytes_per_session'] / gib:8.3f} GiB per session; image K/V "
         f"{res['image_kv_bytes'] / gib:.3f} GiB per image"
     )
-    over = res["rss_over_file_and_caches_bytes"]
     # Below file + caches is the usual case (mmap: weights never read, here the vision tower, are
-    # not resident), so say it in words rather than as "+ -2.37 GiB".
-    rel = f"{over / gib:.2f} GiB over" if over >= 0 else f"{-over / gib:.2f} GiB under"
+    # not resident).
+    rel = _over_under(res["rss_over_file_and_caches_bytes"])
     lines.append(
         f"peak RSS         {res['peak_rss_bytes'] / gib:8.2f} GiB  ({rel} file {res['file_bytes'] / gib:.2f} GiB"
         f" + caches {res['caches_bytes'] / gib:.2f} GiB)"
@@ -682,10 +687,8 @@ def _fmt(res: dict) -> str:
     if "mem_read_GBps" in res:
         frac = f"  -> decode at {100 * res['decode_bw_fraction']:.0f}% of it" if "decode_bw_fraction" in res else ""
         lines.append(f"memory bandwidth {res['mem_read_GBps']:9.2f} GB/s  ({res['mem_read_method']}){frac}")
-    # The rest can be negative (KV pages never touched are not resident): in words, as the
-    # sessions line does, not as "+ -0.73 GiB".
-    rest = res["rss_over_weights_and_kv_bytes"]
-    rel = f"{rest / gib:.2f} GiB over" if rest >= 0 else f"{-rest / gib:.2f} GiB under"
+    # The rest can be negative (KV pages never touched are not resident).
+    rel = _over_under(res["rss_over_weights_and_kv_bytes"])
     mem = f"peak RSS         {res['peak_rss_bytes'] / gib:9.2f} GiB"
     mem += (
         f"  ({rel} weights in use {res['weights_in_use_bytes'] / gib:.2f} GiB + KV"
