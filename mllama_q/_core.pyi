@@ -138,7 +138,11 @@ def sample_probs(
 
 def cpu_features() -> dict[str, bool]:
     """Instruction-set extensions of this CPU: avx2, fma, f16c, avx512f/bw/vl/dq/vnni/bf16, avxvnni, amx (AMX-TILE +
-    AMX-INT8 usable: the OS saves the tile state and granted it to this process)."""
+    AMX-INT8 usable: the OS saves the tile state and granted it to this process), amx_bf16 (AMX-BF16 as well)."""
+
+def amx_attention(hd: int) -> bool:
+    """True when the amx path's flash attention runs head size hd on AMX-BF16 tiles on this CPU and build
+    (csrc/cpu/attention_flash_amx.cpp); otherwise the amx path takes the AVX-512 kernel."""
 
 def avxvnni_evex_build() -> bool:
     """True only in the developer check build (CMake MLLAMA_Q_AVXVNNI_EVEX, csrc/README.md): the

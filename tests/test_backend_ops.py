@@ -422,7 +422,9 @@ def test_attention_matches_cpu_backend(be, cpu, rng):
 # go through the fused kernel (csrc/cpu/attention_flash*.cpp: query rows as vector lanes; tasks
 # of 16 / 48 / 64 rows and key blocks of 16 / 128 / 128 keys on the scalar / avx2 / avx512
 # paths; score tiles of 4 / 8 keys, P.V tiles of 4 / 8 head dims with smaller tiles for the
-# remainders; online softmax).
+# remainders; online softmax). The amx path, on a CPU with AMX-BF16, runs head sizes that are
+# multiples of 16 on AMX tiles instead (csrc/cpu/attention_flash_amx.cpp: tasks of 256 rows in
+# sub-blocks of 32, keys in chunks of 256, bf16 pieces of the float32 operands).
 @pytest.fixture(params=list(_core.cpu_paths()))
 def cpu_path(request):
     before = _core.cpu_path()  # restored after: a suite forced to one path stays on it
@@ -498,6 +500,51 @@ def test_attention_masked_rows(cpu, cpu_path, rng, nq, nk, n_head, n_kv, hd, kv_
     mean = v.astype(np.float64)[: 1 + q_offset + 1].mean(axis=0)  # query 1 sees keys 0 .. 1 + q_offset
     assert rel(out[1], np.repeat(mean, n_head // n_kv, axis=0)) < 1e-5
     assert rel(out, attention_ref(q, k, v, 0.125, mask, True, q_offset)) < 1e-5
+
+
+def test_amx_attention_detection():
+    """_core.amx_attention(hd): the amx path's flash attention on AMX-BF16 tiles
+    (csrc/cpu/attention_flash_amx.cpp) runs where the amx path does, the CPU has AMX-BF16 and
+    AVX512-BF16 (checked against the flags Linux lists) and hd is a multiple of 16 up to 256."""
+    f = _core.cpu_features()
+    with open("/proc/cpuinfo") as fh:
+        flags = set(next((ln for ln in fh if ln.startswith("flags")), "").split())
+    have = "amx" in _core.cpu_paths() and {"amx_bf16", "avx512_bf16"} <= flags
+    assert f["amx_bf16"] == ("amx_bf16" in flags and f["amx"])
+    # (A compiler without -mamx-bf16, GCC < 11, builds without the kernel: this then fails, on purpose.)
+    assert _core.amx_attention(80) == have and _core.amx_attention(128) == have and _core.amx_attention(256) == have
+    assert not any(_core.amx_attention(hd) for hd in (0, 8, 36, 72, 272))
+
+
+@pytest.mark.skipif(not _core.amx_attention(80), reason="no AMX-BF16 attention on this CPU / build")
+@pytest.mark.parametrize(
+    "nq,nk,n_head,n_kv,hd,causal,mask_kind,kv16",
+    [
+        (300, 1000, 2, 1, 80, False, "inf+pad", False),  # 600 rows per group: 3 tasks, the last partial;
+        # 4 key chunks, the last with 24 padding keys; the vision tower's padding mask
+        (257, 700, 4, 2, 128, True, "min", True),  # causal after a cached prefix, GQA 2, f16 K/V
+    ],
+)
+def test_amx_attention_close_to_the_float32_kernel(cpu, rng, nq, nk, n_head, n_kv, hd, causal, mask_kind, kv16):
+    """The amx kernel splits every float32 operand into bf16 pieces (Q, K: three, 6 products;
+    P, V: two, 3 products), so its error stays near float32's: within the F32 bound and within
+    10x the AVX-512 float32 kernel's error on the same data (measured 6-7x: the two-piece P and V;
+    one bf16 rounding of Q and K would be ~1000x, and three-product scores exceed the bound at
+    these scores of std 2.25, bench/attn_precision.py's numpy model)."""
+    q, k, v, scale, mask, q_offset = random_attention(rng, nq, nk, n_head, n_kv, hd, causal, mask_kind, kv16)
+    q, k = q * 1.5, k * (1.5 if k.dtype == np.float32 else np.float16(1.5))  # scores of std 2.25
+    ref = attention_ref(q, k, v, scale, mask, causal, q_offset)
+    before = _core.cpu_path()
+    try:
+        _core.set_cpu_path("avx512")
+        e512 = rel(cpu.attention(q, k, v, scale, mask, causal, q_offset), ref)
+        _core.set_cpu_path("amx")
+        out = cpu.attention(q, k, v, scale, mask, causal, q_offset)
+    finally:
+        _core.set_cpu_path(before)
+    assert np.isfinite(out).all()
+    e = rel(out, ref)
+    assert e < 1e-5 and e < 10 * e512, (e, e512)
 
 
 def test_profiler_records_ops_only_when_on(cpu, rng):

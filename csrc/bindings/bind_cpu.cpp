@@ -12,6 +12,7 @@
 #include "bindings/sample_params_py.h"
 #include "common/profile.h"
 #include "common/threadpool.h"
+#include "cpu/attention_flash.h"
 #include "cpu/matmul.h"
 #include "cpu/sampling.h"
 
@@ -212,9 +213,13 @@ void register_cpu(py::module_& m) {
         d["avx512bf16"] = f.avx512bf16;
         d["avxvnni"] = f.avxvnni;
         d["amx"] = f.amx;
+        d["amx_bf16"] = f.amx_bf16;
         return d;
     });
 
+    m.def("amx_attention", &cpu::amx_attention_supported, py::arg("hd"),
+          "True when the amx path's flash attention runs head size hd on AMX-BF16 tiles on this CPU and build "
+          "(csrc/cpu/attention_flash_amx.cpp); otherwise the amx path takes the AVX-512 kernel.");
     // Opt-in per-op profiler (common/profile.h), for bench/vision_profile.py.
     m.def(
         "profile_enable",

@@ -24,6 +24,16 @@ FlashKernel flash_kernel_scalar() { return {16, flash_rows<VScalar, 4, 4, 16, 4,
 
 }  // namespace detail
 
+bool amx_attention_supported(int hd) {
+#ifdef MQ_AMX_BF16_BUILD
+    const CpuFeatures& f = cpu_features();
+    return f.amx_bf16 && f.avx512bf16 && hd % 16 == 0 && hd > 0 && hd <= 256;
+#else
+    (void)hd;
+    return false;
+#endif
+}
+
 void attention_flash(const float* q, const void* k, const void* v, DType kv_type, int64_t kv_stride, float* out,
                      int64_t nq, int64_t nk, int n_head, int n_kv_head, int hd, float scale, const float* mask,
                      int64_t ld_mask, bool causal, int64_t q_offset, ThreadPool& pool) {
@@ -43,6 +53,14 @@ void attention_flash(const float* q, const void* k, const void* v, DType kv_type
     if (fp == Path::AVX512) kern = detail::flash_kernel_avx512();
     else if (fp == Path::AVX2) kern = detail::flash_kernel_avx2();
 #endif
+#ifdef MQ_AMX_BF16_BUILD
+    // The amx path where the CPU has AMX-BF16 (attention_flash_amx.cpp: its tiles hold 16
+    // head dims; other head sizes take the AVX-512 kernel above), for 128 query rows per KV
+    // group or more: its packing of K/V (~10x the float copy) costs more than it saves for a
+    // few rows (the vision tower's 28 padding rows: 1.4 s of a 45 s encode).
+    if (active_path() == Path::AMX && amx_attention_supported(hd) && nq * (n_head / n_kv_head) >= 128)
+        kern = detail::flash_kernel_amx();
+#endif
     const bool prof_on = prof::enabled();
     const int G = n_head / n_kv_head;
     const int64_t rows = nq * G;  // query rows per KV group
@@ -55,45 +73,69 @@ void attention_flash(const float* q, const void* k, const void* v, DType kv_type
     // rows, e.g. the vision tower's padding rows) every key is read once
     // anyway, so float32 K/V are then read in place and all groups run in one
     // parallel loop.
-    const bool pack = kv_type == DType::F16 || n_tasks > 1;
+    // Kernels with their own layout (kern.pack) always pack, per group.
+    const bool pack = kv_type == DType::F16 || n_tasks > 1 || kern.pack;
     // Profiling (common/profile.h): wall time of the packing, and of the row
     // tasks split into score / softmax / P·V in proportion to the threads'
     // time in each (prof_ns: [threads][3]).
     std::vector<uint64_t> prof_ns(prof_on ? size_t(pool.size()) * 3 : 0, 0);
     uint64_t pack_ns = 0, rows_ns = 0;
-    auto run_tasks = [&](const float* kg, const float* vg, int64_t stride, int g0, int n_groups) {
+    auto run_tasks = [&](const float* kg, const float* vg, int64_t stride, int g0, int n_groups,
+                         const uint16_t* packed) {
         const uint64_t t0 = prof_on ? prof::op_now_ns() : 0;
         pool.parallel_for(n_groups * n_tasks, [&](int64_t t, int thread) {
             const int g = g0 + int(t / n_tasks);
             const int64_t r0 = (t % n_tasks) * kern.rows;
             const int64_t goff = pack ? 0 : int64_t(g) * hd;
-            const detail::FlashArgs a{kg + goff, vg + goff, stride, nk,      hd,     scale,    q,  n_head,
-                                      G,         g,         mask,   ld_mask, causal, q_offset, out};
+            const detail::FlashArgs a{kg + goff, vg + goff, stride, nk,      hd,     scale,    q,   n_head,
+                                      G,         g,         mask,   ld_mask, causal, q_offset, out, packed};
             kern.run(a, r0, int(std::min<int64_t>(kern.rows, rows - r0)),
                      prof_on ? &prof_ns[size_t(thread) * 3] : nullptr);
         });
         if (prof_on) rows_ns += prof::op_now_ns() - t0;
     };
     if (!pack) {
-        run_tasks(static_cast<const float*>(k), static_cast<const float*>(v), kv_stride, 0, n_kv_head);
+        run_tasks(static_cast<const float*>(k), static_cast<const float*>(v), kv_stride, 0, n_kv_head, nullptr);
     } else {
-        std::vector<float> kp(size_t(nk) * hd), vp(size_t(nk) * hd);  // [nk][hd] of one group
+        // float32 rows of one group: [nk][hd] copies (F16 widened), or (F32 K/V for a kernel
+        // with its own layout, which reads them once to pack) the rows in place
+        const bool copy = kv_type == DType::F16 || !kern.pack;
+        std::vector<float> kp(copy ? size_t(nk) * hd : 0), vp(copy ? size_t(nk) * hd : 0);
+        // (64-byte aligned: the amx kernel loads whole cache lines as tile rows)
+        std::vector<uint16_t> packed_buf(kern.pack ? kern.packed_elems(nk, hd) + 32 : 0);
+        uint16_t* packed =
+            reinterpret_cast<uint16_t*>((reinterpret_cast<uintptr_t>(packed_buf.data()) + 63) & ~uintptr_t(63));
         for (int g = 0; g < n_kv_head; g++) {
             const uint64_t t0 = prof_on ? prof::op_now_ns() : 0;
-            pool.parallel_for((nk + 255) / 256, [&](int64_t t, int) {
-                for (int64_t j = t * 256; j < std::min(nk, t * 256 + 256); j++) {
-                    const int64_t off = j * kv_stride + int64_t(g) * hd;
-                    if (kv_type == DType::F32) {
-                        std::memcpy(&kp[j * hd], static_cast<const float*>(k) + off, size_t(hd) * sizeof(float));
-                        std::memcpy(&vp[j * hd], static_cast<const float*>(v) + off, size_t(hd) * sizeof(float));
-                    } else {
-                        dequantize_row_f16(static_cast<const uint16_t*>(k) + off, &kp[j * hd], hd);
-                        dequantize_row_f16(static_cast<const uint16_t*>(v) + off, &vp[j * hd], hd);
+            const float* kg = kp.data();
+            const float* vg = vp.data();
+            int64_t stride = hd;
+            if (copy) {
+                pool.parallel_for((nk + 255) / 256, [&](int64_t t, int) {
+                    for (int64_t j = t * 256; j < std::min(nk, t * 256 + 256); j++) {
+                        const int64_t off = j * kv_stride + int64_t(g) * hd;
+                        if (kv_type == DType::F32) {
+                            std::memcpy(&kp[j * hd], static_cast<const float*>(k) + off, size_t(hd) * sizeof(float));
+                            std::memcpy(&vp[j * hd], static_cast<const float*>(v) + off, size_t(hd) * sizeof(float));
+                        } else {
+                            dequantize_row_f16(static_cast<const uint16_t*>(k) + off, &kp[j * hd], hd);
+                            dequantize_row_f16(static_cast<const uint16_t*>(v) + off, &vp[j * hd], hd);
+                        }
                     }
-                }
-            });
+                });
+            } else {
+                kg = static_cast<const float*>(k) + int64_t(g) * hd;
+                vg = static_cast<const float*>(v) + int64_t(g) * hd;
+                stride = kv_stride;
+            }
+            if (kern.pack) {
+                const int64_t nkp = (nk + 31) / 32 * 32;
+                pool.parallel_for((nkp + 255) / 256, [&](int64_t t, int) {
+                    kern.pack(kg, vg, stride, nk, hd, t * 256, std::min(nkp, t * 256 + 256), packed);
+                });
+            }
             if (prof_on) pack_ns += prof::op_now_ns() - t0;
-            run_tasks(kp.data(), vp.data(), hd, g, 1);
+            run_tasks(kg, vg, stride, g, 1, kern.pack ? packed : nullptr);
         }
     }
     if (prof_on) {

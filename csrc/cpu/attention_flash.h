@@ -17,6 +17,7 @@
 // probability 0, a row with nothing visible gives zeros, rows masked with
 // finfo.min everywhere give the uniform average of V as softmax does.
 #pragma once
+#include <cstddef>
 #include <cstdint>
 
 #include "common/formats.h"
@@ -29,10 +30,15 @@ namespace mq::cpu {
 //   mask: additive [nq, nk] float32, row stride ld_mask, or nullptr
 //   causal: key j visible to query i only when j <= i + q_offset
 //   out:  [nq, n_head, hd] float32
-// Kernel by active_path(): scalar reference, AVX2 (+FMA), or AVX-512.
+// Kernel by active_path(): scalar reference, AVX2 (+FMA), AVX-512, or (amx) AMX-BF16.
 void attention_flash(const float* q, const void* k, const void* v, DType kv_type, int64_t kv_stride, float* out,
                      int64_t nq, int64_t nk, int n_head, int n_kv_head, int hd, float scale, const float* mask,
                      int64_t ld_mask, bool causal, int64_t q_offset, ThreadPool& pool);
+
+// True when the amx path's attention kernel (attention_flash_amx.cpp) runs this head size
+// on this CPU and build: AMX-BF16 + AVX512-BF16, hd a multiple of 16 up to 256. The amx
+// path then takes it for every flash-attention call; otherwise the AVX-512 kernel.
+bool amx_attention_supported(int hd);
 
 namespace detail {
 
@@ -51,6 +57,8 @@ struct FlashArgs {
     bool causal;
     int64_t q_offset;
     float* out;  // [nq, n_head, hd]
+    // The group's K/V in the kernel's own layout (FlashKernel::pack), or null.
+    const uint16_t* packed = nullptr;
 };
 // A kernel: `rows` query rows per task at most (nr <= rows). prof: null, or 3
 // nanosecond counters of the calling thread that the kernel adds its score /
@@ -58,10 +66,20 @@ struct FlashArgs {
 struct FlashKernel {
     int rows;
     void (*run)(const FlashArgs& a, int64_t r0, int nr, uint64_t* prof);
+    // Kernels with their own K/V layout (amx: bf16 pieces in tile order): its size in
+    // 16-bit elements for nk keys of head size hd, and the packing of keys [j0, j1) (j0 a
+    // multiple of 32) from a group's float32 rows (key j at k + j * ks); null for the
+    // float kernels, which read the float32 rows.
+    size_t (*packed_elems)(int64_t nk, int hd) = nullptr;
+    void (*pack)(const float* k, const float* v, int64_t ks, int64_t nk, int hd, int64_t j0, int64_t j1,
+                 uint16_t* dst) = nullptr;
 };
 FlashKernel flash_kernel_scalar();
 FlashKernel flash_kernel_avx2();
 FlashKernel flash_kernel_avx512();
+// The amx path's kernel (attention_flash_amx.cpp): Q·Kᵀ and P·V on AMX-BF16 tiles with
+// float32 operands split into bf16 pieces; needs hd % 16 == 0, hd <= 256.
+FlashKernel flash_kernel_amx();
 
 }  // namespace detail
 }  // namespace mq::cpu

@@ -78,6 +78,7 @@ static CpuFeatures detect() {
         // (XCR0 bits 17 and 18) and grant the tile data.
         const bool amx_cpu = ((d >> 24) & 1) && ((d >> 25) & 1);
         f.amx = amx_cpu && (xcr0 & 0x60000) == 0x60000 && request_amx_permission();
+        f.amx_bf16 = f.amx && ((d >> 22) & 1);
         unsigned a1, b1, c1, d1;
         if (__get_cpuid_count(7, 1, &a1, &b1, &c1, &d1)) {
             f.avxvnni = (a1 >> 4) & 1;

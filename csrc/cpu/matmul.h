@@ -29,6 +29,8 @@ struct CpuFeatures {
     bool avx512bf16 = false, avxvnni = false;
     // AMX-TILE + AMX-INT8 with the tile state saved by the OS and (Linux) granted to this process.
     bool amx = false;
+    // AMX-BF16 (CPUID.(EAX=7,ECX=0):EDX bit 22) on top of `amx`: the amx path's attention.
+    bool amx_bf16 = false;
 };
 const CpuFeatures& cpu_features();
 
