@@ -423,7 +423,7 @@ def test_attention_matches_cpu_backend(be, cpu, rng):
 # of 16 / 48 / 64 rows and key blocks of 16 / 128 / 128 keys on the scalar / avx2 / avx512
 # paths; score tiles of 4 / 8 keys, P.V tiles of 4 / 8 head dims with smaller tiles for the
 # remainders; online softmax). The amx path, on a CPU with AMX-BF16, runs head sizes that are
-# multiples of 16 on AMX tiles instead (csrc/cpu/attention_flash_amx.cpp: tasks of 256 rows in
+# multiples of 16 on AMX tiles instead (csrc/cpu/attention_flash_amx.cpp: tasks of 512 rows in
 # sub-blocks of 32, keys in chunks of 256, bf16 pieces of the float32 operands).
 @pytest.fixture(params=list(_core.cpu_paths()))
 def cpu_path(request):
@@ -520,7 +520,7 @@ def test_amx_attention_detection():
 @pytest.mark.parametrize(
     "nq,nk,n_head,n_kv,hd,causal,mask_kind,kv16",
     [
-        (300, 1000, 2, 1, 80, False, "inf+pad", False),  # 600 rows per group: 3 tasks, the last partial;
+        (300, 1000, 2, 1, 80, False, "inf+pad", False),  # 600 rows per group: 2 tasks, the last partial;
         # 4 key chunks, the last with 24 padding keys; the vision tower's padding mask
         (257, 700, 4, 2, 128, True, "min", True),  # causal after a cached prefix, GQA 2, f16 K/V
     ],
