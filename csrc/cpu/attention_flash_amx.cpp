@@ -344,34 +344,24 @@ void amx_rows(const FlashArgs& a, int64_t r0, int nr, uint64_t* prof) {
                 const uint16_t* pl = ph + 32 * 32;
                 const uint16_t* vh = vp + (size_t(j0 / 32 + kb) * 2 * DT + dt) * 512;
                 const uint16_t* vl = vh + size_t(DT) * 512;
+                // one product of the A tiles loaded (tmm4-5: a P' piece) with a V' piece at vb
+                auto term = [&](const uint16_t* vb) {
+                    _tile_stream_loadd(6, vb, 64);
+                    _tile_dpbf16ps(0, 4, 6);
+                    _tile_dpbf16ps(2, 5, 6);
+                    if (two) {
+                        _tile_stream_loadd(7, vb + 512, 64);
+                        _tile_dpbf16ps(1, 4, 7);
+                        _tile_dpbf16ps(3, 5, 7);
+                    }
+                };
                 _tile_loadd(4, ph, 64);
                 _tile_loadd(5, ph + 16 * 32, 64);
-                _tile_stream_loadd(6, vh, 64);
-                _tile_dpbf16ps(0, 4, 6);
-                _tile_dpbf16ps(2, 5, 6);
-                if (two) {
-                    _tile_stream_loadd(7, vh + 512, 64);
-                    _tile_dpbf16ps(1, 4, 7);
-                    _tile_dpbf16ps(3, 5, 7);
-                }
-                _tile_stream_loadd(6, vl, 64);
-                _tile_dpbf16ps(0, 4, 6);
-                _tile_dpbf16ps(2, 5, 6);
-                if (two) {
-                    _tile_stream_loadd(7, vl + 512, 64);
-                    _tile_dpbf16ps(1, 4, 7);
-                    _tile_dpbf16ps(3, 5, 7);
-                }
+                term(vh);
+                term(vl);
                 _tile_loadd(4, pl, 64);
                 _tile_loadd(5, pl + 16 * 32, 64);
-                _tile_stream_loadd(6, vh, 64);
-                _tile_dpbf16ps(0, 4, 6);
-                _tile_dpbf16ps(2, 5, 6);
-                if (two) {
-                    _tile_stream_loadd(7, vh + 512, 64);
-                    _tile_dpbf16ps(1, 4, 7);
-                    _tile_dpbf16ps(3, 5, 7);
-                }
+                term(vh);
             }
             _tile_stored(0, ob + dt * 16, ldo);
             _tile_stored(2, ob + 16 * hd + dt * 16, ldo);
