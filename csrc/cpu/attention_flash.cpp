@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "common/align.h"
 #include "common/profile.h"
 #include "cpu/attention_flash_impl.h"
 #include "cpu/matmul.h"
@@ -103,8 +104,7 @@ void attention_flash(const float* q, const void* k, const void* v, DType kv_type
         std::vector<float> kp(copy ? size_t(nk) * hd : 0), vp(copy ? size_t(nk) * hd : 0);
         // (64-byte aligned: the amx kernel loads whole cache lines as tile rows)
         std::vector<uint16_t> packed_buf(kern.pack ? kern.packed_elems(nk, hd) + 32 : 0);
-        uint16_t* packed =
-            reinterpret_cast<uint16_t*>((reinterpret_cast<uintptr_t>(packed_buf.data()) + 63) & ~uintptr_t(63));
+        uint16_t* packed = align64(packed_buf.data());
         for (int g = 0; g < n_kv_head; g++) {
             const uint64_t t0 = prof_on ? prof::op_now_ns() : 0;
             const float* kg = kp.data();
@@ -129,9 +129,8 @@ void attention_flash(const float* q, const void* k, const void* v, DType kv_type
                 stride = kv_stride;
             }
             if (kern.pack) {
-                const int64_t nkp = (nk + 31) / 32 * 32;
-                pool.parallel_for((nkp + 255) / 256, [&](int64_t t, int) {
-                    kern.pack(kg, vg, stride, nk, hd, t * 256, std::min(nkp, t * 256 + 256), packed);
+                pool.parallel_for((nk + 255) / 256, [&](int64_t t, int) {
+                    kern.pack(kg, vg, stride, nk, hd, t * 256, std::min(nk, t * 256 + 256), packed);
                 });
             }
             if (prof_on) pack_ns += prof::op_now_ns() - t0;

@@ -68,8 +68,9 @@ struct FlashKernel {
     void (*run)(const FlashArgs& a, int64_t r0, int nr, uint64_t* prof);
     // Kernels with their own K/V layout (amx: bf16 pieces in tile order): its size in
     // 16-bit elements for nk keys of head size hd, and the packing of keys [j0, j1) (j0 a
-    // multiple of 32) from a group's float32 rows (key j at k + j * ks); null for the
-    // float kernels, which read the float32 rows.
+    // multiple of 256; the range ending at nk also writes the layout's padding) from a
+    // group's float32 rows (key j at k + j * ks); null for the float kernels, which read the
+    // float32 rows.
     size_t (*packed_elems)(int64_t nk, int hd) = nullptr;
     void (*pack)(const float* k, const float* v, int64_t ks, int64_t nk, int hd, int64_t j0, int64_t j1,
                  uint16_t* dst) = nullptr;

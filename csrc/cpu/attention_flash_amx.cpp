@@ -43,6 +43,7 @@
 #include <limits>
 #include <vector>
 
+#include "common/align.h"
 #include "common/profile.h"
 #include "cpu/attention_flash.h"
 #include "cpu/simd_avx512.h"
@@ -64,10 +65,8 @@ struct alignas(64) TileConfig {
     uint8_t rows[16] = {16, 16, 16, 16, 16, 16, 16, 16};
 };
 
-template <class T>
-T* align64(T* p) {
-    return reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(p) + 63) & ~uintptr_t(63));
-}
+// Keys in the packed layout: nk rounded up to a whole key step of 32.
+inline int64_t padded_keys(int64_t nk) { return (nk + 31) / 32 * 32; }
 
 inline __m512 bf16_to_f32(__m256bh h) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)h), 16));
@@ -91,7 +90,7 @@ inline void split2(__m512 x, __m256i& h, __m256i& l) {
 }
 
 size_t amx_packed_elems(int64_t nk, int hd) {
-    const int64_t nkp = (nk + 31) / 32 * 32;
+    const int64_t nkp = padded_keys(nk);
     return size_t(nkp) * 6 * hd + size_t(nkp) * 2 * hd;  // K' then V'
 }
 
@@ -114,13 +113,15 @@ inline void transpose16x16_epi32(__m512i r[16]) {
     }
 }
 
-// Keys [j0, j1) (multiples of 32) of a group's float32 K / V rows (key j at k + j * ks) into
-// the packed K' / V' (dst: amx_packed_elems(nk, hd) bf16); keys >= nk become zeros. Per 16
+// Keys [j0, j1) (j0 a multiple of 32) of a group's float32 K / V rows (key j at k + j * ks)
+// into the packed K' / V' (dst: amx_packed_elems(nk, hd) bf16); a range ending at nk goes on
+// to the padded end, whose keys become zeros. Per 16
 // keys: their K' rows and V pieces (ext, vv), then per step of 32 extended values one 16 x 16
 // transpose of bf16 pairs (tile row p = pair p of the 16 keys), and per pair of keys and 16
 // dims one interleave of the two value rows (tile row = [16 dims][2 keys]).
 void amx_pack(const float* k, const float* v, int64_t ks, int64_t nk, int hd, int64_t j0, int64_t j1, uint16_t* dst) {
-    const int64_t nkp = (nk + 31) / 32 * 32;
+    const int64_t nkp = padded_keys(nk);
+    if (j1 == nk) j1 = nkp;
     const int E = 6 * hd, ES = E / 32, DT = hd / 16;
     uint16_t* kp = dst;
     uint16_t* vp = dst + size_t(nkp) * E;
@@ -184,7 +185,7 @@ void amx_pack(const float* k, const float* v, int64_t ks, int64_t nk, int hd, in
 void amx_rows(const FlashArgs& a, int64_t r0, int nr, uint64_t* prof) {
     constexpr float ninf = -std::numeric_limits<float>::infinity();
     const int hd = a.hd, E = 6 * hd, ES = E / 32, DT = hd / 16;
-    const int64_t nk = a.nk, nkp = (nk + 31) / 32 * 32;
+    const int64_t nk = a.nk, nkp = padded_keys(nk);
     const uint16_t* kp = a.packed;
     const uint16_t* vp = a.packed + size_t(nkp) * E;
     const int nrp = (nr + 31) / 32 * 32;  // rows in whole sub-blocks (pad rows: zero Q')
@@ -242,8 +243,8 @@ void amx_rows(const FlashArgs& a, int64_t r0, int nr, uint64_t* prof) {
     auto softmax_row = [&](int rb, float* sb, int r, int64_t j0, int nkc) {
         const int row = rb + r;
         float* sr = sb + size_t(r) * kChunk;
-        // keys j0 + j visible for j < vis: real (< nk), causal (<= last)
-        const int64_t vis = std::clamp<int64_t>(std::min<int64_t>(nk - 1, last[row]) - j0 + 1, 0, nkc);
+        // keys j0 + j visible for j < vis: last[row] <= nk - 1 excludes the padding keys too
+        const int64_t vis = std::clamp<int64_t>(last[row] - j0 + 1, 0, nkc);
         const float* mr = (a.mask && row < nr) ? a.mask + qi[row] * a.ld_mask + j0 : nullptr;
         __m512 mx = _mm512_set1_ps(ninf);
         if (mr || vis < nkc) {

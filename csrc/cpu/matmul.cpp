@@ -13,6 +13,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "common/align.h"
 #include "common/env.h"
 #include "cpu/kernels.h"
 #include "quants/quants.h"
@@ -263,7 +264,7 @@ static void matmul_panels(const detail::TypeKernels& tk, const float* x, int64_t
     const int64_t n_panels = (M + PR - 1) / PR;
     const size_t pb = (tk.panel_bytes(K) + 63) & ~size_t(63);
     std::unique_ptr<uint8_t[]> buf(new uint8_t[pb * n_panels + 64]);
-    uint8_t* base = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(buf.get()) + 63) & ~uintptr_t(63));
+    uint8_t* base = align64(buf.get());
     pool.parallel_for(n_panels, [&](int64_t p, int) {
         const int rows = static_cast<int>(std::min<int64_t>(PR, M - p * PR));
         tk.prep_panel(x + p * PR * ldx, ldx, rows, base + p * pb, K);
@@ -317,7 +318,7 @@ void matmul(const float* x, int64_t M, int64_t K, int64_t ldx, const void* w, DT
         x_stride = (x_stride + 63) & ~size_t(63);  // 64-byte aligned rows
         // new[] of uint8_t is not 64-byte aligned: over-allocate and align.
         xq_buf.reset(new uint8_t[x_stride * M + 64]);
-        uint8_t* base = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(xq_buf.get()) + 63) & ~uintptr_t(63));
+        uint8_t* base = align64(xq_buf.get());
         const int64_t rows_per_task = std::max<int64_t>(1, 16384 / K);
         const int64_t n_tasks = (M + rows_per_task - 1) / rows_per_task;
         pool.parallel_for(n_tasks, [&](int64_t t, int) {
