@@ -108,11 +108,13 @@ def quant_paths() -> list[str]:
 
 # ---- CPU kernels and the thread pool (bind_cpu.cpp; csrc/cpu/) ------------------------------
 
-def matmul(x: np.ndarray, w: np.ndarray, wtype: str, n: int, k: int) -> _F32:
-    """Y[M, N] = X[M, K] · Wᵀ on the CPU, with W given as GGUF bytes of N rows of K values."""
+def matmul(x: np.ndarray, w: np.ndarray, wtype: str, n: int, k: int, route: str = "auto") -> _F32:
+    """Y[M, N] = X[M, K] · Wᵀ on the CPU, with W given as GGUF bytes of N rows of K values.
+    route: "auto" (the panel GEMM from 16 rows where the type has one), "tiles" (the per-row
+    kernels) or "panel" for any M (csrc/cpu/matmul.h Route)."""
 
 def bench_matmul(
-    x: np.ndarray, w: np.ndarray, wtype: str, n: int, k: int, iters: int, cpu_time: bool = False
+    x: np.ndarray, w: np.ndarray, wtype: str, n: int, k: int, iters: int, cpu_time: bool = False, route: str = "auto"
 ) -> list[float]:
     """Time `iters` calls of matmul (no Python in the loop); returns seconds per call (wall
     clock, or process CPU time with cpu_time=True)."""
@@ -273,7 +275,14 @@ class SeqSnapshot:
 # (slot, tokens int32 [n], HF cross_attention_mask rows int32 [n, n_img, max_tiles] | None,
 #  logits 0 (none) | 1 (last row) | 2 (every row),
 #  sample (temperature, top_k, top_p, min_p, repetition_penalty, u) | None)
-_StepEntry = tuple[int, np.ndarray, np.ndarray | None, int, tuple[float, int, float, float, float, float] | None]
+_Sample = tuple[float, int, float, float, float, float]
+# (slot, tokens, mask, logits 0|1|2, sample | None[, decode: bool]): decode rows (a generating
+# sequence's next token) take the per-row kernels, prompt rows (the default) the prompt ones,
+# whatever shares the step, so a sequence's logits do not depend on its batch.
+_StepEntry = (
+    tuple[int, np.ndarray, np.ndarray | None, int, _Sample | None]
+    | tuple[int, np.ndarray, np.ndarray | None, int, _Sample | None, bool]
+)
 
 class MllamaModel:
     """The compiled mllama model. Built by mllama_q.Model from a GGUF file:

@@ -14,8 +14,15 @@ known by their pixel content (a hash of the processed pixels, aspect ratio and t
 their cross-attention K/V come from the session, or from a bounded LRU shared by all
 sessions (`Model(image_cache=...)`), and are never encoded twice while held.
 
-Reuse is exact: the CPU kernels are batch-invariant (csrc/cpu/attention.h), so at F32 a
-reused prefix gives the same logits as recomputing it. Reuse follows transformers'
+Batching and reuse do not change a sequence's logits: on the CPU every row's result depends
+only on that row and its class -- decode rows (a generating turn's next token) by the per-row
+kernels, prompt rows by the prompt kernels, whatever else shares the step
+(Backend::matmul_rows, csrc/cpu/attention.h) -- so a turn batched with others, or whose
+prompt is chunked differently or starts from a reused prefix, gives the same bits as the
+same turn run alone. A reused prefix that holds generated tokens (computed as decode rows)
+equals a recomputation of it (as prompt rows) bit for bit at F32; with quantized weights the
+two classes sum an element's float terms in different orders (within float32 rounding of
+each other). Reuse follows transformers'
 semantics: a token that sees no image but has images in its prompt attends to all of them
 (modeling_mllama._prepare_cross_attention_mask), so the tokens before a prompt's first image
 depend on every image of the prompt, and a turn that adds an image re-prefills the text of
@@ -523,7 +530,14 @@ class Scheduler:
                 # the same draws as sampling.Sampler: one random() per non-greedy token
                 t.pending_u = 0.0 if t.req.params.greedy else float(t.rng.random())
             entries.append(
-                (t.session._slot, np.asarray([t.last], dtype=np.int32), None, 0, core_params(t.req.params, t.pending_u))
+                (
+                    t.session._slot,
+                    np.asarray([t.last], dtype=np.int32),
+                    None,
+                    0,
+                    core_params(t.req.params, t.pending_u),
+                    True,  # decode rows: the same kernels as when the turn runs alone (TextDecoder::step)
+                )
             )
             plan.append((t, 1))
         budget = self.n_batch - len(decode)

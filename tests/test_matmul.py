@@ -189,6 +189,43 @@ def test_panel_sizes_vs_float64_and_scalar(path, wtype):
             assert (np.abs(y - ys) / np.maximum(magq, 1e-30)).max() < 1e-5, (path, wtype, m, n)
 
 
+# Batch invariance (csrc/cpu/matmul.h Route), what the text decoder's sessions and the server
+# rely on: whichever route computes a row, its bits do not depend on M or on the other rows
+# (here: every subset of rows equals the same rows computed with all the others), and "auto"
+# is the panel from 16 rows on, the tiles below. The panel for fewer than 16 rows (a padded
+# panel: the decoder's short prompt chunks) stays within the kernels' float32 bound. K = 768
+# and 4608 (the AVX-512 tiles' block pairs and single blocks, kPairMaxK = 4096).
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("wtype", ["q4_k", "q6_k", "q8_0", "f16"])
+def test_routes_are_batch_invariant(path, wtype):
+    rng = np.random.default_rng(zlib.crc32(f"route/{path}/{wtype}".encode()))
+    _core.set_cpu_path(path)
+    n = 13
+    for k in (768, 4608):
+        x = (rng.standard_normal((40, k)) * rng.uniform(0.1, 10)).astype(np.float32)
+        if wtype == "f16":
+            w, wd = float_weights(rng, wtype, n, k)
+        else:
+            w = random_quant_weights(rng, wtype, n, k)
+            wd = gq.dequantize(w, QTYPES[wtype]).reshape(n, k).astype(np.float64)
+        full = {r: _core.matmul(x, w, wtype, n, k, route=r) for r in ("tiles", "panel")}
+        for rows in (slice(0, 1), slice(7, 10), slice(3, 20), slice(1, 40)):
+            for r in ("tiles", "panel"):
+                got = _core.matmul(np.ascontiguousarray(x[rows]), w, wtype, n, k, route=r)
+                assert np.array_equal(got, full[r][rows]), (path, wtype, k, r, rows)
+            auto = _core.matmul(np.ascontiguousarray(x[rows]), w, wtype, n, k)
+            assert np.array_equal(auto, full["panel" if rows.stop - rows.start >= 16 else "tiles"][rows])
+        if wtype != "f16":
+            xq = q8_0_ref(x) if wtype == "q8_0" else q8_K_ref(x)
+            yq = xq @ wd.T
+            magq = np.abs(xq) @ np.abs(wd).T
+            for r in ("tiles", "panel"):
+                err = np.abs(full[r] - yq) / np.maximum(magq, 1e-30)
+                assert err.max() < 1e-5, (path, wtype, k, r, err.max())
+        else:
+            assert np.array_equal(full["tiles"], full["panel"])  # one kernel for float types
+
+
 @pytest.mark.parametrize("path", PATHS)
 def test_q8_0_extreme_codes(path):
     """Q8_0 products at the int8 extremes: every X quant is +-127 (each row constant in
@@ -324,6 +361,8 @@ def test_bad_input_raises_value_error():
         _core.matmul(x, w, "q5_k", 4, 256)
     with pytest.raises(ValueError, match="activation format"):
         _core.matmul(x, w, "q8_k", 4, 256)
+    with pytest.raises(ValueError, match="route must be"):
+        _core.matmul(x, w, "q4_k", 4, 256, route="fast")
     with pytest.raises(ValueError, match="unknown CPU path"):
         _core.set_cpu_path("sse9")
 

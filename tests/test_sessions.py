@@ -121,14 +121,15 @@ def test_prefix_reuse_equals_a_fresh_run_exactly(files):
 
 @pytest.mark.parametrize("wtype", ["f32", "q4_k"])
 def test_batched_steps_equal_each_sequence_alone(files, wtype):
-    """Three sequences of different lengths -- text only, one image, two images -- started at
-    different steps, decoded together (one forward pass per step, each with its own
-    positions, KV cache, cross-attention keys or none), next to a newcomer's prefill chunk.
-    Every logit row equals the same sequence run alone: bit-identical at F32; within the
-    8-bit activation tolerance for Q4_K (the quantized kernels round activations per row
-    either way, but a batch of 16+ rows takes the panel kernel, whose float sums run in
-    another order)."""
-    m = load(files, wtype, max_sessions=4)
+    """Four sequences of different lengths -- two text only, one image, two images -- started
+    at different steps, decoded together (one forward pass per step, each with its own
+    positions, KV cache, cross-attention keys or none), next to newcomers' prefill chunks
+    (with and without images: a step's rows are then prompt / decode / prompt). Every logit
+    row is bit-identical to the same sequence run alone (its prompt in one step, then one
+    decode step per token), at F32 and for Q4_K: decode rows take the per-row kernels and
+    prompt rows the panel GEMM whatever the step's size (Backend::matmul_rows), so the
+    8-bit activation kernels' two float orders never mix within a row's history."""
+    m = load(files, wtype, max_sessions=5)
     core, img = m._core, m.image_token_id
     rng = np.random.default_rng(9)
     px, ids, msk = pixels(rng, [(2, 2), (1, 1)])
@@ -137,6 +138,7 @@ def test_batched_steps_equal_each_sequence_alone(files, wtype):
         "A": ([0, 17, 250, 33, 9, 120, 61, 200, 5, 77, 300, 42], [], None),
         "B": ([0, 20, 21, img, 30, 31, 32, 33, 34], [h[0]], [(2, 2)]),
         "C": ([0, 60, img, 61, img, 62, 63, 64, 65, 66, 67, 68], h, [(2, 2), (1, 1)]),
+        "D": ([0] + [int(t) for t in rng.integers(1, 300, 19)], [], None),
     }
     decode = {k: [int(t) for t in rng.integers(1, 300, 6)] for k in seqs}
 
@@ -146,44 +148,49 @@ def test_batched_steps_equal_each_sequence_alone(files, wtype):
         return full, (None if grids is None else xmask(full, img, grids))
 
     alone = {}
-    for k, (_, hs, _) in seqs.items():
-        core.seq_truncate(3, 0)
-        core.seq_set_images(3, hs)
+    for k, (toks, hs, _) in seqs.items():
+        core.seq_truncate(4, 0)
+        core.seq_set_images(4, hs)
         full, mk = rows(k)
-        alone[k] = core.step([(3, np.int32(full), mk, 2, None)])[0][0]
-    slot = {"A": 0, "B": 1, "C": 2}
+        n = len(toks)
+        lg = [core.step([(4, np.int32(full[:n]), None if mk is None else mk[:n], 2, None)])[0][0]]
+        for i in range(n, len(full)):
+            e = (4, np.int32(full[i : i + 1]), None if mk is None else mk[i : i + 1], 2, None, True)
+            lg.append(core.step([e])[0][0])
+        alone[k] = np.concatenate(lg)
+    slot = {"A": 0, "B": 1, "C": 2, "D": 3}
     for k, s in slot.items():
         core.seq_truncate(s, 0)
         core.seq_set_images(s, seqs[k][1])
     pos = {k: 0 for k in seqs}
     # (sequence, tokens this step) per step: A starts alone, B joins at step 1 with a prefill
-    # chunk, C at step 2; each decodes one token per step once its prompt is in.
+    # chunk, C at step 2, D (text) at step 3 while C's prompt ends; each decodes one token per
+    # step once its prompt is in.
     plan = [
         {"A": 12},
         {"A": 1, "B": 5},
         {"A": 1, "B": 4, "C": 7},
-        {"A": 1, "B": 1, "C": 5},
-        {"A": 1, "B": 1, "C": 1},
-        {"A": 1, "B": 1, "C": 1},
-        {"B": 1, "C": 1},
+        {"A": 1, "B": 1, "C": 5, "D": 3},
+        {"A": 1, "B": 1, "C": 1, "D": 17},
+        {"A": 1, "B": 1, "C": 1, "D": 1},
+        {"B": 1, "C": 1, "D": 1},
+        {"C": 1, "D": 1},
+        {"D": 1},
+        {"D": 1},
     ]
-    tol = 0.0 if wtype == "f32" else 2e-2
     for step in plan:
         entries, keys = [], []
         for k, n in step.items():
             full, mk = rows(k)
             a, b = pos[k], pos[k] + n
-            entries.append((slot[k], np.int32(full[a:b]), None if mk is None else mk[a:b], 2, None))
+            dec = a >= len(seqs[k][0])
+            entries.append((slot[k], np.int32(full[a:b]), None if mk is None else mk[a:b], 2, None, dec))
             keys.append((k, a, b))
         out = core.step(entries)
         for (k, a, b), (lg, _) in zip(keys, out):
-            ref = alone[k][a:b]
-            if tol == 0:
-                assert np.array_equal(lg, ref), (k, a, b)
-            else:
-                err = np.abs(lg - ref).max() / np.abs(ref).max()
-                assert err < tol, (k, a, b, err)
+            assert np.array_equal(lg, alone[k][a:b]), (k, a, b)
             pos[k] = b
+    assert all(pos[k] > len(seqs[k][0]) for k in seqs)  # every sequence decoded
     m.close()
 
 
@@ -202,6 +209,10 @@ def test_core_step_checks_its_entries(files):
         core.step([(0, np.int32([1]), None, 0, (1.0, 0, 1.5, 0.0, 1.0, 0.5))])
     with pytest.raises(ValueError, match="n_ctx"):
         core.step([(0, np.zeros(m.n_ctx + 1, np.int32), None, 0, None)])
+    with pytest.raises(ValueError, match="decode must be"):
+        core.step([(0, np.int32([1]), None, 1, None, 1)])
+    with pytest.raises(ValueError, match="entries are"):
+        core.step([(0, np.int32([1]), None, 1, None, True, 0)])
     with pytest.raises(ValueError, match="seq_truncate"):
         core.seq_truncate(0, 3)
     assert core.seq_len(0) == 0 and core.seq_len(1) == 0  # nothing was committed

@@ -61,6 +61,16 @@ public:
     // ldx / ldy: row strides in floats.
     virtual void matmul(const float* x, int64_t M, int64_t ldx, const Weight& w, const float* bias, float* y,
                         int64_t ldy) = 0;
+    // The same product (no bias) for rows of a decoder step that are all decode rows (a
+    // generating sequence's next token: decode = true) or all prompt rows. Batch
+    // invariance (what prefix reuse and batching rely on, as for attention_segments): on
+    // a backend that promises it, each row's result depends only on that row and its
+    // class, never on M or on the other rows. The CPU computes decode rows by the per-row
+    // tile kernels and prompt rows by the panel GEMM whatever their number (cpu::Route),
+    // so a sequence gets the same bits alone (Model.generate) as batched with others (a
+    // server's step). CUDA does not promise it yet (its plain matmul).
+    virtual void matmul_rows(const float* x, int64_t M, int64_t ldx, const Weight& w, float* y, int64_t ldy,
+                             bool decode) = 0;
     // out[i, :] = row ids[i] of `table`, converted to float32. out: [n, table.cols].
     //   ids: backend int32 [n], each in [0, table.rows) (the caller checks them
     //   before the upload: a device backend cannot). A float32 activation

@@ -99,9 +99,18 @@ public:
     // ---- linear algebra -------------------------------------------------
     void matmul(const float* x, int64_t M, int64_t ldx, const Weight& w, const float* bias, float* y,
                 int64_t ldy) override {
+        matmul_route(x, M, ldx, w, bias, y, ldy, cpu::Route::Auto);
+    }
+    // Decode rows by the per-row tiles, prompt rows by the panel GEMM, for any M (backend.h).
+    void matmul_rows(const float* x, int64_t M, int64_t ldx, const Weight& w, float* y, int64_t ldy,
+                     bool decode) override {
+        matmul_route(x, M, ldx, w, nullptr, y, ldy, decode ? cpu::Route::Tiles : cpu::Route::Panel);
+    }
+    void matmul_route(const float* x, int64_t M, int64_t ldx, const Weight& w, const float* bias, float* y, int64_t ldy,
+                      cpu::Route route) {
         if (ldx < w.cols || ldy < w.rows) throw std::invalid_argument("matmul: row stride smaller than the row");
         uint64_t t0 = prof::start();
-        cpu::matmul(x, M, w.cols, ldx, w.data, w.type, w.rows, y, ldy, pool_);
+        cpu::matmul(x, M, w.cols, ldx, w.data, w.type, w.rows, y, ldy, pool_, route);
         if (t0)
             prof::record(
                 "matmul",

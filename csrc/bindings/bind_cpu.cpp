@@ -39,10 +39,18 @@ void register_cpu(py::module_& m) {
         return ti.type;
     };
 
+    auto parse_route = [](const std::string& route) {
+        require(route == "auto" || route == "tiles" || route == "panel",
+                "route must be 'auto', 'tiles' or 'panel' (got '" + route + "')");
+        return route == "tiles" ? cpu::Route::Tiles : route == "panel" ? cpu::Route::Panel : cpu::Route::Auto;
+    };
+
     m.def(
         "matmul",
-        [check](py::array x, py::array w, const std::string& wtype, int64_t n, int64_t k) {
+        [check, parse_route](py::array x, py::array w, const std::string& wtype, int64_t n, int64_t k,
+                             const std::string& route) {
             const DType t = check(x, w, wtype, n, k);
+            const cpu::Route r = parse_route(route);
             const int64_t M = x.shape(0);
             checked_mul(M, n, "matmul output [M, N]");
             py::array_t<float> y({M, n});
@@ -52,17 +60,20 @@ void register_cpu(py::module_& m) {
             float* yp = y.mutable_data();
             {
                 py::gil_scoped_release nogil;
-                cpu::matmul(xp, M, k, k, wp, t, n, yp, n, ThreadPool::global());
+                cpu::matmul(xp, M, k, k, wp, t, n, yp, n, ThreadPool::global(), r);
             }
             return y;
         },
-        py::arg("x"), py::arg("w"), py::arg("wtype"), py::arg("n"), py::arg("k"),
-        "Y[M,N] = X[M,K] · Wᵀ with W given as GGUF bytes of N rows of K values.");
+        py::arg("x"), py::arg("w"), py::arg("wtype"), py::arg("n"), py::arg("k"), py::arg("route") = "auto",
+        "Y[M,N] = X[M,K] · Wᵀ with W given as GGUF bytes of N rows of K values. route: 'auto' (by M), "
+        "'tiles' (the per-row kernels) or 'panel' (the panel GEMM) for any M (cpu::Route).");
 
     m.def(
         "bench_matmul",
-        [check](py::array x, py::array w, const std::string& wtype, int64_t n, int64_t k, int iters, bool cpu_time) {
+        [check, parse_route](py::array x, py::array w, const std::string& wtype, int64_t n, int64_t k, int iters,
+                             bool cpu_time, const std::string& route) {
             const DType t = check(x, w, wtype, n, k);
+            const cpu::Route r = parse_route(route);
             require(iters >= 1, "iters must be >= 1");
             const int64_t M = x.shape(0);
             std::vector<float> y(static_cast<size_t>(checked_mul(M, n, "matmul output [M, N]")));
@@ -79,14 +90,14 @@ void register_cpu(py::module_& m) {
                 };
                 for (int it = 0; it < iters; it++) {
                     const double t0 = now();
-                    cpu::matmul(xp, M, k, k, wp, t, n, y.data(), n, ThreadPool::global());
+                    cpu::matmul(xp, M, k, k, wp, t, n, y.data(), n, ThreadPool::global(), r);
                     times.push_back(now() - t0);
                 }
             }
             return times;
         },
         py::arg("x"), py::arg("w"), py::arg("wtype"), py::arg("n"), py::arg("k"), py::arg("iters"),
-        py::arg("cpu_time") = false,
+        py::arg("cpu_time") = false, py::arg("route") = "auto",
         "Time `iters` calls of matmul (no Python in the loop); returns seconds per call "
         "(wall clock, or process CPU time with cpu_time=True).");
 

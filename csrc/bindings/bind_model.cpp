@@ -187,7 +187,8 @@ public:
     }
 
     // entries: [(slot, tokens int32 [n], mask int32 [n, n_img, T] | None, logits 0|1|2,
-    //            sample (temperature, top_k, top_p, min_p, repetition_penalty, u) | None)]
+    //            sample (temperature, top_k, top_p, min_p, repetition_penalty, u) | None
+    //            [, decode: bool = False (decode rows, else prompt rows: MllamaModel::Entry)])]
     // -> [(logits f32 [n, V] | [V] | None, sampled id | -1)] in the same order.
     py::list step(py::list entries) {
         const int64_t V = model_->text_hparams().vocab_size;
@@ -201,7 +202,7 @@ public:
         std::vector<MllamaModel::Entry> es(entries.size());
         for (size_t i = 0; i < entries.size(); i++) {
             auto t = entries[i].cast<py::tuple>();
-            require(t.size() == 5, "step entries are (slot, tokens, mask, logits, sample)");
+            require(t.size() == 5 || t.size() == 6, "step entries are (slot, tokens, mask, logits, sample[, decode])");
             MllamaModel::Entry& e = es[i];
             e.slot = int_in_range(t[0], "slot", 0, model_->n_seq() - 1);
             // ids index token_embd (vocab_size + 8 rows, <|image|> = vocab_size); checked before narrowing
@@ -237,6 +238,10 @@ public:
                 e.sample = true;
                 e.params = sample_params_from(t[4].cast<py::tuple>());
                 e.id_out = &held[i].id;
+            }
+            if (t.size() == 6) {
+                require(py::isinstance<py::bool_>(t[5]), "decode must be True or False");
+                e.decode = t[5].cast<bool>();
             }
         }
         {

@@ -290,7 +290,7 @@ static void matmul_panels(const detail::TypeKernels& tk, const float* x, int64_t
 // re-read from cache for every X chunk. Inside a task the kernel takes 4 W
 // rows at a time (kMaxTileW, kept in L1) against all mb X rows (from L2).
 void matmul(const float* x, int64_t M, int64_t K, int64_t ldx, const void* w, DType wtype, int64_t N, float* y,
-            int64_t ldy, ThreadPool& pool) {
+            int64_t ldy, ThreadPool& pool, Route route) {
     const TypeInfo& ti = type_info(wtype);
     if (M < 0 || N < 0 || K <= 0)
         throw std::invalid_argument("matmul: need M >= 0, N >= 0, K > 0 (got M=" + std::to_string(M) +
@@ -304,7 +304,8 @@ void matmul(const float* x, int64_t M, int64_t K, int64_t ldx, const void* w, DT
 
     const detail::TypeKernels& tk = type_kernels(active_path(), wtype);
     const size_t w_stride = row_size(wtype, K);
-    if (tk.panel_gemm && M >= detail::kPanelMinRows) {
+    const bool panel = route == Route::Panel || (route == Route::Auto && M >= detail::kPanelMinRows);
+    if (tk.panel_gemm && panel) {
         matmul_panels(tk, x, M, K, ldx, w, w_stride, N, y, ldy, pool);
         return;
     }

@@ -45,9 +45,23 @@ std::vector<std::string> available_paths();
 // avxvnni's, which are AVX2's (AVX-VNNI adds only int8 multiply-adds).
 Path float_path(Path p);
 
+// Which kernels compute the rows of a matmul. The quantized types have two: the per-row
+// tiles (decode: W streamed once for a few X rows) and the panel GEMM (16 X rows per
+// micro-kernel call: prefill, the vision tower). Each gives every row the same bits
+// whatever M is and whatever the other rows are (the X rows are quantized one by one and
+// every output element has its own accumulators), but the two sum an element's float
+// terms in different orders, so a row's bits depend on which of them computed it.
+//   Auto:  the panel from kPanelMinRows rows on (where the path's table has one), else the tiles
+//   Tiles: the tiles for any M (the text decoder's decode rows)
+//   Panel: the panel for any M, padding a last panel of fewer rows (the decoder's prompt
+//          rows); types without a panel kernel take the tiles
+// The text decoder routes its rows by role, not by M (TextDecoder::step), so a sequence's
+// logits do not depend on what it was batched with (session.py, the server).
+enum class Route { Auto, Tiles, Panel };
+
 // Throws std::invalid_argument on unsupported wtype or K not a multiple of its block.
 void matmul(const float* x, int64_t M, int64_t K, int64_t ldx, const void* w, DType wtype, int64_t N, float* y,
-            int64_t ldy, ThreadPool& pool);
+            int64_t ldy, ThreadPool& pool, Route route = Route::Auto);
 
 // The Q8_K activation quantizer that `path` uses inside matmul (bytes as
 // ggml's quantize_row_q8_K_ref, natural value order). For tests.

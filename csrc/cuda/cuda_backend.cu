@@ -184,6 +184,10 @@ public:
     }
 
     // ---- linear algebra ---------------------------------------------------------
+    // No batch-invariance promise yet (backend.h): decode and prompt rows alike.
+    void matmul_rows(const float* x, int64_t M, int64_t ldx, const Weight& w, float* y, int64_t ldy, bool) override {
+        matmul(x, M, ldx, w, nullptr, y, ldy);
+    }
     void matmul(const float* x, int64_t M, int64_t ldx, const Weight& w, const float* bias, float* y,
                 int64_t ldy) override {
         require(M >= 0, "matmul: negative M");

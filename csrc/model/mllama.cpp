@@ -222,10 +222,17 @@ void MllamaModel::step_once(std::vector<Entry>& es) {
         }
     }
 
-    // ---- the batch: sequences with images first (their rows run the cross layers)
+    // ---- the batch: sequences with images first (their rows run the cross layers); within
+    // those, prompt rows before decode rows, and after them decode rows before prompt rows,
+    // so that the decode rows are one run in every matmul (TextDecoder::step) and in the
+    // sampled logit rows (which come first, in this order)
     std::vector<size_t> order(es.size());
     for (size_t i = 0; i < es.size(); i++) order[i] = i;
-    std::stable_partition(order.begin(), order.end(), [&](size_t i) { return !slot(es[i].slot).images.empty(); });
+    auto rank = [&](size_t i) {
+        const bool img = !slot(es[i].slot).images.empty();
+        return img ? (es[i].decode ? 1 : 0) : (es[i].decode ? 2 : 3);
+    };
+    std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) { return rank(a) < rank(b); });
 
     TextDecoder::Step st;
     std::vector<int32_t> tokens;
@@ -237,7 +244,7 @@ void MllamaModel::step_once(std::vector<Entry>& es) {
         const int64_t row0 = int64_t(tokens.size());
         entry_row0[oi] = row0;
         tokens.insert(tokens.end(), e.tokens, e.tokens + e.n);
-        st.seqs.push_back({e.slot, row0, e.n, sl.len});
+        st.seqs.push_back({e.slot, row0, e.n, sl.len, e.decode});
         if (sl.images.empty()) continue;
         // Cross-attention runs: consecutive rows with the same context.
         const int n_img = int(sl.images.size()), T = sl.images.front()->n_tiles;

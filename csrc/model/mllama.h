@@ -128,6 +128,10 @@ public:
         bool sample = false;           // sample a token after the last row
         Backend::SampleParams params;  // (hist fields filled in here)
         int32_t* id_out = nullptr;     // host, the sampled id
+        // Decode rows (a generating sequence's next token) or prompt rows: each class has
+        // its own kernels whatever the step's size (Backend::matmul_rows), so a sequence's
+        // logits do not depend on what shares its steps.
+        bool decode = false;
     };
     // Every entry (distinct slots) in ONE forward pass; on success each slot's
     // seq_len grows by its n. A single entry may be longer than kMaxBatch rows

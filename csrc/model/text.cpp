@@ -229,18 +229,26 @@ void TextDecoder::load_rows(int slot, const SavedRows& in) {
     be_.synchronize();
 }
 
-// SwiGLU MLP of rms_norm(x) into h_: [n, D] (HF MllamaTextMLP).
-void TextDecoder::mlp(Layer& L, int64_t n) {
+void TextDecoder::matmul_runs(const std::vector<RowRun>& runs, int64_t n_rows, const float* x, int64_t ldx,
+                              const Weight& w, float* y, int64_t ldy) {
+    for (const RowRun& r : runs) {
+        if (r.row0 >= n_rows) break;
+        be_.matmul_rows(x + r.row0 * ldx, std::min(r.n, n_rows - r.row0), ldx, w, y + r.row0 * ldy, ldy, r.decode);
+    }
+}
+
+// SwiGLU MLP of rms_norm(x) into h_: [n, D] (HF MllamaTextMLP), rows [0, n) of the step's runs.
+void TextDecoder::mlp(Layer& L, const std::vector<RowRun>& runs, int64_t n) {
     const int64_t D = hp_.hidden_size, F = hp_.intermediate_size;
     float* x = static_cast<float*>(x_.data());
     float* h = h_.f32(n * D);
     float* g = ffn_a_.f32(n * F);
     float* u = ffn_b_.f32(n * F);
     be_.rms_norm(x, static_cast<const float*>(L.ffn_norm.data), h, n, D, hp_.rms_eps);
-    be_.matmul(h, n, D, L.ffn_gate, nullptr, g, F);
-    be_.matmul(h, n, D, L.ffn_up, nullptr, u, F);
+    matmul_runs(runs, n, h, D, L.ffn_gate, g, F);
+    matmul_runs(runs, n, h, D, L.ffn_up, u, F);
     be_.silu_mul(g, u, g, n * F);
-    be_.matmul(g, n, F, L.ffn_down, nullptr, h, D);
+    matmul_runs(runs, n, g, F, L.ffn_down, h, D);
 }
 
 void TextDecoder::step(const Step& st, float* logits_host, int32_t* ids_host, const std::atomic<bool>* abort) {
@@ -353,6 +361,14 @@ void TextDecoder::step(const Step& st, float* logits_host, int32_t* ids_host, co
     be_.scatter_i32(tok_d, static_cast<int32_t*>(hist_.data()), row_d, R);
     const float scale = 1.0f / std::sqrt(float(hd));
     const int64_t nc = st.n_cross_rows;
+    // Row classes: decode rows by the per-row kernels, prompt rows by the prompt kernels,
+    // whatever else shares the step (Backend::matmul_rows). MllamaModel orders a step's
+    // sequences so that its decode rows are one run.
+    std::vector<RowRun> runs;
+    for (const SeqRows& q : st.seqs) {
+        if (!runs.empty() && runs.back().decode == q.decode) runs.back().n += q.n;
+        else runs.push_back({q.row0, q.n, q.decode});
+    }
 
     int si = 0;
     for (Layer& Ly : layers_) {
@@ -374,14 +390,14 @@ void TextDecoder::step(const Step& st, float* logits_host, int32_t* ids_host, co
             float* q = q_.f32(nc * qdim);
             float* a = attn_.f32(nc * qdim);
             be_.rms_norm(x, static_cast<const float*>(c.attn_norm.data), h, nc, D, hp_.rms_eps);
-            be_.matmul(h, nc, D, c.wq, nullptr, a, qdim);
+            matmul_runs(runs, nc, h, D, c.wq, a, qdim);
             be_.rms_norm(a, static_cast<const float*>(c.q_norm.data), q, nc * hp_.n_head, hd, hp_.rms_eps);  // per head
             const size_t off = size_t(Ly.cross_index) * n_c;
             be_.attention_segments(q, a, cross_seg + off, b.dev<Backend::AttnSegment>(a_cross) + off, n_c, kv_type_,
                                    kvdim, hp_.n_head, hp_.n_kv_head, int(hd), scale);
-            be_.matmul(a, nc, qdim, c.wo, nullptr, h, D);
+            matmul_runs(runs, nc, a, qdim, c.wo, h, D);
             be_.add_scaled(x, h, c.attn_gate, nc * D);
-            mlp(Ly, nc);
+            mlp(Ly, runs, nc);
             const float* hm = static_cast<const float*>(h_.data());
             for (const CrossRun& r : st.cross)
                 if (r.mlp) be_.add_scaled(x + r.row0 * D, hm + r.row0 * D, c.mlp_gate, r.n * D);
@@ -395,9 +411,9 @@ void TextDecoder::step(const Step& st, float* logits_host, int32_t* ids_host, co
         float* v = v_.f32(R * kvdim);
         float* a = attn_.f32(R * qdim);
         be_.rms_norm(x, static_cast<const float*>(s.attn_norm.data), h, R, D, hp_.rms_eps);
-        be_.matmul(h, R, D, s.wq, nullptr, q, qdim);   // q: [R, H, hd]
-        be_.matmul(h, R, D, s.wk, nullptr, k, kvdim);  // k: [R, Hkv, hd]
-        be_.matmul(h, R, D, s.wv, nullptr, v, kvdim);  // v: [R, Hkv, hd]
+        matmul_runs(runs, R, h, D, s.wq, q, qdim);   // q: [R, H, hd]
+        matmul_runs(runs, R, h, D, s.wk, k, kvdim);  // k: [R, Hkv, hd]
+        matmul_runs(runs, R, h, D, s.wv, v, kvdim);  // v: [R, Hkv, hd]
         // RoPE in interleaved-pair mode: the converter permuted HF's rotate-half rows (gguf_keys.permute_qk).
         be_.rope(q, R, hp_.n_head, int(hd), pos_d, static_cast<const float*>(inv_freq_.data()));
         be_.rope(k, R, hp_.n_kv_head, int(hd), pos_d, static_cast<const float*>(inv_freq_.data()));
@@ -407,9 +423,9 @@ void TextDecoder::step(const Step& st, float* logits_host, int32_t* ids_host, co
         const size_t off = size_t(si) * n_q;
         be_.attention_segments(q, a, self_seg + off, b.dev<Backend::AttnSegment>(a_self) + off, n_q, kv_type_, kvdim,
                                hp_.n_head, hp_.n_kv_head, int(hd), scale);
-        be_.matmul(a, R, qdim, s.wo, nullptr, h, D);
+        matmul_runs(runs, R, a, qdim, s.wo, h, D);
         be_.add(x, h, R * D);
-        mlp(Ly, R);
+        mlp(Ly, runs, R);
         be_.add(x, static_cast<const float*>(h_.data()), R * D);
         si++;
     }
@@ -424,7 +440,16 @@ void TextDecoder::step(const Step& st, float* logits_host, int32_t* ids_host, co
     float* hl = h_.f32(L * D);
     float* lg = logits_.f32(L * V);
     be_.rms_norm(xl, static_cast<const float*>(output_norm_.data), hl, L, D, hp_.rms_eps);
-    be_.matmul(hl, L, D, output_, nullptr, lg, V);
+    // the logit rows' runs (row i of xl is a decode row when row logit_rows[i] is)
+    std::vector<RowRun> lruns;
+    for (int64_t i = 0; i < L; i++) {
+        bool dec = false;
+        for (const SeqRows& q : st.seqs)
+            if (st.logit_rows[i] >= q.row0 && st.logit_rows[i] < q.row0 + q.n) dec = q.decode;
+        if (!lruns.empty() && lruns.back().decode == dec) lruns.back().n++;
+        else lruns.push_back({i, 1, dec});
+    }
+    matmul_runs(lruns, L, hl, D, output_, lg, V);
     if (logits_host) {
         be_.synchronize();
         be_.to_host(logits_host, lg, size_t(L) * V * sizeof(float));

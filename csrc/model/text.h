@@ -150,7 +150,8 @@ public:
     struct SeqRows {  // one sequence's rows [row0, row0 + n) of the batch
         int slot;
         int64_t row0, n;
-        int64_t n_past;  // tokens already in its cache (positions n_past ..)
+        int64_t n_past;       // tokens already in its cache (positions n_past ..)
+        bool decode = false;  // decode rows (a generating sequence's next token), else prompt rows
     };
     struct CrossRun {  // rows [row0, row0 + n) attend keys [key0, key0 + n_keys) of kv
         int64_t row0, n;
@@ -197,7 +198,16 @@ private:
         Weight ffn_norm, ffn_gate, ffn_up, ffn_down;
     };
 
-    void mlp(Layer& L, int64_t n);
+    // Consecutive rows of one class (SeqRows::decode): every matmul of a step runs once per
+    // run (Backend::matmul_rows), so each row is computed by its class's kernels.
+    struct RowRun {
+        int64_t row0, n;
+        bool decode;
+    };
+    // y[r, :] = x[r, :] · Wᵀ for rows r < n_rows (runs cut there). x, y: [n_rows, ldx / ldy].
+    void matmul_runs(const std::vector<RowRun>& runs, int64_t n_rows, const float* x, int64_t ldx, const Weight& w,
+                     float* y, int64_t ldy);
+    void mlp(Layer& L, const std::vector<RowRun>& runs, int64_t n);
 
     Backend& be_;
     TextHParams hp_;
