@@ -39,6 +39,8 @@ from pathlib import Path
 
 import httpx
 
+from mllama_q.cli.bench_model import steady_rate
+
 PROMPT = "Write a long story about a lighthouse keeper and the sea, with many details."
 
 
@@ -251,18 +253,16 @@ def concurrency(args) -> dict:
             t_last = max(r[2] for r in results)
             tokens = sum(r[1]["tokens"] for r in results)
             # steady state: the window in which every client is past its prompt and still
-            # generating; chunks received in it (one per token unless a client lags, which at
-            # these rates it does not) over its length
-            w0 = max(r[1]["chunk_times"][0] for r in results)
-            w1 = min(r[1]["chunk_times"][-1] for r in results)
-            in_window = sum(sum(1 for t in r[1]["chunk_times"] if w0 < t <= w1) for r in results)
+            # generating, each client's chunk rate in it (one chunk per token unless a client
+            # lags, which at these rates it does not), summed (bench_model.steady_rate)
+            steady, window, _ = steady_rate([r[1]["chunk_times"] for r in results])
             run = {
                 "clients": n,
                 "tokens": tokens,
                 "wall_s": t_last - t_first,
                 "aggregate_tok_s": tokens / (t_last - t_first),
-                "steady_window_s": w1 - w0,
-                "steady_aggregate_tok_s": in_window / (w1 - w0) if w1 > w0 else None,
+                "steady_window_s": window,
+                "steady_aggregate_tok_s": steady if window > 0 else None,
                 "mean_ttft_s": statistics.mean(r[1]["ttft"] for r in results),
                 "per_client_tok_s": [r[1]["tokens"] / r[1]["wall"] for r in results],
             }

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import math
 import re
 
 import pytest
@@ -387,3 +388,25 @@ def test_backends_state_cuda_is_unverified():
     cuda = b["cuda"]
     assert cuda["verified"] is False
     assert ("NOT YET VERIFIED" in cuda["status"]) if cuda["built"] else cuda["status"].startswith("not built")
+
+
+def test_sessions_rate_counts_whole_steps():
+    """The sessions / serve benchmarks' steady rate: N streams decoding in lock step (one token
+    each per step of `dt` seconds, arriving in a fixed order within the step, some starting or
+    ending steps earlier) produce N / dt tokens/s; counting all tokens in the common window
+    over its length gave N / dt minus the last step's late arrivals."""
+    from mllama_q.cli.bench_model import steady_rate
+
+    dt, eps = 0.25, 1e-3
+    for n in (1, 2, 4, 8):
+        starts = [i % 3 for i in range(n)]  # streams join at steps 0, 1, 2
+        stamps = [[(starts[i] + j) * dt + i * eps for j in range(32)] for i in range(n)]
+        rate, window, tokens = steady_rate(stamps)
+        assert rate == pytest.approx(n / dt, rel=1e-9), n
+        assert window == pytest.approx(stamps[0][-1] - max(s[0] for s in stamps))
+        assert tokens == sum(sum(1 for t in s if max(x[0] for x in stamps) <= t <= stamps[0][-1]) for s in stamps)
+        # the old estimate (every token in the window / its length) falls short for n > 1
+        old = sum(sum(1 for t in s if max(x[0] for x in stamps) < t <= stamps[0][-1]) for s in stamps) / window
+        assert (old < 0.99 * n / dt) == (n > 1)
+    assert math.isnan(steady_rate([[0.0, 0.25], [1.0, 1.25]])[0])  # never decoding together
+    assert math.isnan(steady_rate([])[0])
