@@ -277,8 +277,9 @@ class SeqSnapshot:
 #  sample (temperature, top_k, top_p, min_p, repetition_penalty, u) | None)
 _Sample = tuple[float, int, float, float, float, float]
 # (slot, tokens, mask, logits 0|1|2, sample | None[, decode: bool]): decode rows (a generating
-# sequence's next token) take the per-row kernels, prompt rows (the default) the prompt ones,
-# whatever shares the step, so a sequence's logits do not depend on its batch.
+# sequence's next token) take the per-row kernels, prompt rows the prompt ones, whatever shares
+# the step, so a sequence's logits do not depend on its batch. Without the flag: decode rows
+# when the entry has one token (Model.eval's next token), else prompt rows.
 _StepEntry = (
     tuple[int, np.ndarray, np.ndarray | None, int, _Sample | None]
     | tuple[int, np.ndarray, np.ndarray | None, int, _Sample | None, bool]

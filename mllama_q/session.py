@@ -557,6 +557,7 @@ class Scheduler:
                     mask,
                     0,
                     core_params(t.req.params, t.pending_u) if last else None,
+                    False,  # prompt rows, even a chunk of one token (the prompt kernels, as alone)
                 )
             )
             plan.append((t, n))

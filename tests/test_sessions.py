@@ -194,6 +194,31 @@ def test_batched_steps_equal_each_sequence_alone(files, wtype):
     m.close()
 
 
+def test_entries_default_to_their_row_class(files):
+    """A one-token entry without the decode flag is a decode row (Model.eval's next token keeps
+    the per-row kernels: on the panel GEMM a lone row would cost a 16-row panel), a longer one
+    prompt rows; the flag overrides both. At Q4_K the two classes give different bits, so the
+    logits tell which kernels ran."""
+    m = load(files, "q4_k", max_sessions=2)
+    core = m._core
+    prompt = np.int32([0, 17, 250, 33, 9])
+
+    def run(entry_tail, toks):
+        core.seq_truncate(0, 0)
+        core.step([(0, prompt, None, 0, None)])
+        return core.step([(0, np.int32(toks), None, 2, None, *entry_tail)])[0][0]
+
+    one_default, one_dec, one_prompt = run((), [120]), run((True,), [120]), run((False,), [120])
+    assert np.array_equal(one_default, one_dec) and not np.array_equal(one_dec, one_prompt)
+    two_default, two_dec, two_prompt = run((), [120, 61]), run((True,), [120, 61]), run((False,), [120, 61])
+    assert np.array_equal(two_default, two_prompt) and not np.array_equal(two_dec, two_prompt)
+    m.close()
+    m = load(files, "q4_k")  # the low-level API on a model of its own
+    m.eval(prompt)
+    assert np.array_equal(m.eval([120]), one_dec[0])
+    m.close()
+
+
 def test_core_step_checks_its_entries(files):
     m = load(files, max_sessions=2)
     core = m._core

@@ -188,7 +188,8 @@ public:
 
     // entries: [(slot, tokens int32 [n], mask int32 [n, n_img, T] | None, logits 0|1|2,
     //            sample (temperature, top_k, top_p, min_p, repetition_penalty, u) | None
-    //            [, decode: bool = False (decode rows, else prompt rows: MllamaModel::Entry)])]
+    //            [, decode: bool (decode rows, else prompt rows: MllamaModel::Entry);
+    //               absent: decode when the entry has one token (Model.eval's next token)])]
     // -> [(logits f32 [n, V] | [V] | None, sampled id | -1)] in the same order.
     py::list step(py::list entries) {
         const int64_t V = model_->text_hparams().vocab_size;
@@ -239,6 +240,7 @@ public:
                 e.params = sample_params_from(t[4].cast<py::tuple>());
                 e.id_out = &held[i].id;
             }
+            e.decode = e.n == 1;
             if (t.size() == 6) {
                 require(py::isinstance<py::bool_>(t[5]), "decode must be True or False");
                 e.decode = t[5].cast<bool>();
