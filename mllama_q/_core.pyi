@@ -140,7 +140,12 @@ def sample_probs(
 
 def cpu_features() -> dict[str, bool]:
     """Instruction-set extensions of this CPU: avx2, fma, f16c, avx512f/bw/vl/dq/vnni/bf16, avxvnni, amx (AMX-TILE +
-    AMX-INT8 usable: the OS saves the tile state and granted it to this process), amx_bf16 (AMX-BF16 as well)."""
+    AMX-INT8 usable: the OS saves the tile state and granted it to this process), amx_bf16 (AMX-BF16 as well),
+    amd (CPUID vendor AuthenticAMD or HygonGenuine)."""
+
+def w_prefetch_bytes() -> int:
+    """How far ahead (bytes) the decode tiles prefetch the weights into L2: 8192 on AMD (Zen),
+    2048 elsewhere (csrc/cpu/matmul.cpp default_w_prefetch)."""
 
 def amx_attention(hd: int) -> bool:
     """True when the amx path's flash attention runs head size hd on AMX-BF16 tiles on this CPU and build

@@ -405,6 +405,22 @@ def test_feature_detection_is_consistent():
 
 
 @pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="needs Linux's /proc/cpuinfo")
+def test_vendor_detection_and_prefetch_distance():
+    """The CPUID vendor the decode prefetch distance is chosen by agrees with the kernel's
+    /proc/cpuinfo vendor_id; Zen cores (AMD, Hygon) get 8192 bytes, the others 2048."""
+    vendors = {
+        line.split(":", 1)[1].strip()
+        for line in Path("/proc/cpuinfo").read_text().splitlines()
+        if line.startswith("vendor_id")
+    }
+    if not vendors:
+        pytest.skip("no vendor_id in /proc/cpuinfo (not x86)")
+    amd = vendors <= {"AuthenticAMD", "HygonGenuine"}
+    assert _core.cpu_features()["amd"] == amd
+    assert _core.w_prefetch_bytes() == (8192 if amd else 2048)
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="needs Linux's /proc/cpuinfo")
 def test_amx_detection_matches_the_kernel():
     """cpu_features()['amx'] (CPUID + XCR0 + the arch_prctl tile permission) against the
     kernel's own view: the amx_tile and amx_int8 flags Linux lists once it enables the tile

@@ -225,8 +225,12 @@ void register_cpu(py::module_& m) {
         d["avxvnni"] = f.avxvnni;
         d["amx"] = f.amx;
         d["amx_bf16"] = f.amx_bf16;
+        d["amd"] = f.amd;
         return d;
     });
+    m.def("w_prefetch_bytes", &cpu::w_prefetch_bytes,
+          "How far ahead (bytes) the decode tiles prefetch the weights: 8192 on AMD (Zen), 2048 elsewhere "
+          "(csrc/cpu/matmul.cpp default_w_prefetch).");
 
     m.def("amx_attention", &cpu::amx_attention_supported, py::arg("hd"),
           "True when the amx path's flash attention runs head size hd on AMX-BF16 tiles on this CPU and build "

@@ -24,6 +24,10 @@
 
 namespace mq::cpu::detail {
 
+// Bytes ahead of the decode tiles' W reads that they prefetch (matmul.cpp: by CPU vendor,
+// set once when the library loads; read by simd_x86.h prefetch_w).
+extern int g_w_prefetch;
+
 constexpr int kMaxTileW = 4;  // W rows per tile() call
 
 // Y tile: y[i * ldy + j] = dot(X row i, W row j), i < nx, j < nw.

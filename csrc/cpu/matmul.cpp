@@ -54,6 +54,13 @@ static CpuFeatures detect() {
     CpuFeatures f;
 #if defined(MQ_X86)
     unsigned a, b, c, d;
+    if (__get_cpuid(0, &a, &b, &c, &d)) {
+        char v[13] = {};
+        std::memcpy(v, &b, 4);  // the vendor string is EBX, EDX, ECX
+        std::memcpy(v + 4, &d, 4);
+        std::memcpy(v + 8, &c, 4);
+        f.amd = std::strcmp(v, "AuthenticAMD") == 0 || std::strcmp(v, "HygonGenuine") == 0;
+    }
     if (!__get_cpuid(1, &a, &b, &c, &d)) return f;
     const bool osxsave = (c >> 27) & 1;
     const bool avx = (c >> 28) & 1;
@@ -93,6 +100,26 @@ static CpuFeatures detect() {
 const CpuFeatures& cpu_features() {
     static const CpuFeatures f = detect();
     return f;
+}
+
+// The decode tiles' W prefetch distance (simd_x86.h), measured on the 11B q4_k_m decode step
+// (2 threads, synthetic model, kernel builds alternated in one sitting):
+//   Intel Xeon guest (AMX, 2026-12-04): 2048 B 257-264 ms, 4096 268-273, 8192 278 (all T1)
+//   AMD EPYC Zen 4 guest (2026-12-05): 2048 B 162-174 ms, 4096 116-140, 8192 94-102 (one 140),
+//     16384 97-101, 32768 100-102 (all T1); 4 sequences 217-227 ms at 2048, 189-203 at 8192
+// (bench/results/2026-12-05-epyc-zen4-2c-decode.md). Zen keeps more lines in flight than the
+// Intel guest, whose fill buffers an early prefetch holds; other vendors take Intel's value.
+static int default_w_prefetch() {
+#ifdef MQ_WPF
+    return MQ_WPF;
+#else
+    return cpu_features().amd ? 8192 : 2048;
+#endif
+}
+int w_prefetch_bytes() { return detail::g_w_prefetch; }
+
+namespace detail {
+int g_w_prefetch = default_w_prefetch();
 }
 
 // ------------------------------------------------------------------ paths

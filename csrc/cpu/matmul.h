@@ -31,7 +31,13 @@ struct CpuFeatures {
     bool amx = false;
     // AMX-BF16 (CPUID.(EAX=7,ECX=0):EDX bit 22) on top of `amx`: the amx path's attention.
     bool amx_bf16 = false;
+    // CPUID vendor AuthenticAMD or HygonGenuine (Zen cores): the decode tiles' prefetch distance.
+    bool amd = false;
 };
+
+// How far ahead (bytes) the decode tiles prefetch W into L2 (simd_x86.h prefetch_w): by vendor,
+// fixed at load time; the compile-time MQ_WPF overrides it (for sweeps).
+int w_prefetch_bytes();
 const CpuFeatures& cpu_features();
 
 Path best_path();    // fastest path this CPU supports
